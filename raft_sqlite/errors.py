@@ -1,0 +1,60 @@
+"""Typed exceptions. Every error the library raises on purpose derives from :class:`RaftSqliteError`
+(wrong argument *types* raise ``TypeError``/``ValueError`` as usual in Python)."""
+
+
+class RaftSqliteError(Exception):
+    """Base class of all raft_sqlite errors."""
+
+
+class CorruptionError(RaftSqliteError):
+    """Stored data failed validation (CRC, sidecar checksum, digest, structure). The message names
+    the file, group and index/segment/snapshot concerned."""
+
+
+class RecoveryRefused(RaftSqliteError):
+    """Opening was refused because the data's shape is not acceptable under the chosen
+    :class:`~raft_sqlite.RecoveryPolicy`."""
+
+
+class NodeIdentityMismatch(RaftSqliteError):
+    """The data_dir belongs to another node_id/cluster_id, or was written by a newer format."""
+
+
+class LogGapError(RaftSqliteError):
+    """Appended entries are not contiguous with the log (or among themselves)."""
+
+
+class LogConflictError(RaftSqliteError):
+    """An append overlaps existing entries, terms decrease, or a truncation would cut committed
+    entries. The caller resolves conflicts explicitly with ``truncate_after``."""
+
+
+class LogCompactedError(RaftSqliteError):
+    """The requested index is below ``first_index``: it was compacted into a snapshot."""
+
+
+class LogUnavailableError(RaftSqliteError):
+    """The requested index is above ``last_index``."""
+
+
+class MetadataError(RaftSqliteError):
+    """A term/vote/commit-index update would violate Raft's rules (term decrease, second vote in a
+    term, commit index going backwards or beyond the log)."""
+
+
+class CompactionError(RaftSqliteError):
+    """Compaction refused: no DURABLE snapshot covers the requested range."""
+
+
+class SnapshotError(RaftSqliteError):
+    """A snapshot could not be written, read or installed (including a missing or unknown registered
+    structure)."""
+
+
+class BackupError(RaftSqliteError):
+    """A backup could not be taken, or a restore was refused."""
+
+
+class StorageFault(RaftSqliteError):
+    """The disk failed (I/O error, disk full). The store is now fail-stop: it refuses every further
+    write until it is closed and reopened; the outcome of the failed write is unknown until then."""

@@ -1,0 +1,59 @@
+"""Fsync modes and the pragmas they map to: configuration as data (one table, read by the code,
+written into the ``settings`` table of every store and printed by ``raft-sqlite status``)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class FsyncMode(str, enum.Enum):
+    """How durable a write is when the call that made it returns (see :data:`FSYNC_MODES`)."""
+
+    OFF = "OFF"
+    NORMAL = "NORMAL"
+    FULL = "FULL"
+    EXTRA = "EXTRA"
+
+
+#: Pragmas every connection gets, whatever the mode. The WAL is kept small and reused: a commit
+#: whose fdatasync extends the WAL file costs about twice one that overwrites it, so there is no
+#: ``journal_size_limit`` (it would shrink the WAL below its working size) and the WAL file persists
+#: across opens (SQLITE_FCNTL_PERSIST_WAL).
+COMMON_PRAGMAS: dict[str, str] = {
+    "journal_mode": "WAL",
+    "wal_autocheckpoint": "1000",
+    "cache_size": "-32768",
+    "temp_store": "MEMORY",
+}
+
+#: mode -> (pragmas, periodic WAL sync, fsync data_dir on create/rename/remove, guarantee)
+FSYNC_MODES: dict[FsyncMode, dict] = {
+    FsyncMode.OFF: {
+        "pragmas": {"synchronous": "OFF", "fullfsync": "OFF", "checkpoint_fullfsync": "OFF"},
+        "interval_sync": False, "dir_sync": False,
+        "guarantee": "survives a process crash; power loss may lose recent writes (tests only)",
+    },
+    FsyncMode.NORMAL: {
+        "pragmas": {"synchronous": "NORMAL", "fullfsync": "OFF", "checkpoint_fullfsync": "OFF"},
+        "interval_sync": True, "dir_sync": False,
+        "guarantee": "survives a process crash; power loss loses at most one fsync_interval",
+    },
+    FsyncMode.FULL: {
+        "pragmas": {"synchronous": "FULL", "fullfsync": "OFF", "checkpoint_fullfsync": "OFF"},
+        "interval_sync": False, "dir_sync": False,
+        "guarantee": "survives power loss",
+    },
+    FsyncMode.EXTRA: {
+        "pragmas": {"synchronous": "EXTRA", "fullfsync": "ON", "checkpoint_fullfsync": "ON"},
+        "interval_sync": False, "dir_sync": True,
+        "guarantee": "as FULL, plus an fsync of data_dir after files are created, renamed or removed",
+    },
+}
+
+#: PRAGMA synchronous reads back as a number.
+SYNCHRONOUS_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
+
+
+def pragmas_for(mode: FsyncMode) -> dict[str, str]:
+    """All pragmas (common + mode specific) applied to a store's connections, in order."""
+    return {**COMMON_PRAGMAS, **FSYNC_MODES[FsyncMode(mode)]["pragmas"]}

@@ -1,0 +1,259 @@
+"""The Raft log of one group, on the store's record stream (:mod:`raft_sqlite.wal`)."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple, Sequence
+
+from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
+                     LogUnavailableError)
+
+
+class EntryKind(enum.IntEnum):
+    """What an entry carries. The store treats every kind alike; Raft layers give them meaning."""
+
+    NORMAL = 0
+    CONFIG = 1
+    NOOP = 2
+
+
+_KINDS = {int(k): k for k in EntryKind}
+
+
+class LogEntry(NamedTuple):
+    """One Raft log entry. ``data`` is the opaque payload (bytes)."""
+
+    index: int
+    term: int
+    data: bytes
+    kind: EntryKind = EntryKind.NORMAL
+
+
+def _int(name: str, v) -> int:
+    if type(v) is not int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        v = int(v)
+    return v
+
+
+def validate_entries(entries: Sequence) -> list[LogEntry]:
+    """Type-check and normalise entries to a contiguous, term-monotone list of LogEntry (without
+    looking at the log). Raises TypeError/ValueError, LogGapError or LogConflictError."""
+    if isinstance(entries, (LogEntry, bytes, str)):
+        raise TypeError("append() takes a sequence of LogEntry")
+    out = []
+    prev = None
+    for e in entries:
+        if type(e) is not LogEntry:
+            if not isinstance(e, tuple):
+                raise TypeError(f"log entries must be LogEntry, not {type(e).__name__}")
+            e = LogEntry(*e)
+        index, term, data, kind = e
+        index, term = _int("index", index), _int("term", term)
+        if index < 1:
+            raise ValueError(f"log index must be >= 1, got {index}")
+        if term < 0:
+            raise ValueError(f"term must be >= 0, got {term}")
+        if type(data) is not bytes:
+            if not isinstance(data, (bytearray, memoryview)):
+                raise TypeError(f"entry {index}: data must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+        k = _KINDS.get(kind) if not isinstance(kind, bool) else None
+        if k is None:
+            raise ValueError(f"entry {index}: unknown kind {kind!r}")
+        if prev is not None:
+            if index != prev.index + 1:
+                raise LogGapError(f"entries are not contiguous: {index} follows {prev.index}")
+            if term < prev.term:
+                raise LogConflictError(f"entry {index}: term {term} is below the previous entry's {prev.term}")
+        e = LogEntry(index, term, data, k)
+        out.append(e)
+        prev = e
+    return out
+
+
+class PersistentRaftLog:
+    """The durable Raft log of one group: ``store.log(group)``.
+
+    A new log has ``first_index == 1`` and ``last_index == 0``. After compaction or a snapshot install
+    ``first_index`` is one above the snapshot's index; an empty log then has
+    ``last_index == first_index - 1``. Every write is durable per the store's fsync mode when it
+    returns (or when the enclosing ``store.transaction()`` exits).
+    """
+
+    def __init__(self, store, name: str):
+        self._store = store
+        self.group = name
+
+    def _g(self):
+        return self._store._groups[self.group]
+
+    @property
+    def first_index(self) -> int:
+        """Index of the first entry still held (``snapshot_index + 1`` after compaction)."""
+        return self._g().first_index
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last entry (``first_index - 1`` when the log is empty)."""
+        return self._g().last_index
+
+    @property
+    def last_term(self) -> int:
+        """Term of the last entry (the snapshot's term when the log is empty, 0 at first)."""
+        return self._g().last_term
+
+    @property
+    def snapshot_index(self) -> int:
+        """Index of the newest DURABLE snapshot (0 if none)."""
+        return self._g().snapshot_index
+
+    def append(self, entries: Sequence[LogEntry]) -> int:
+        """Append ``entries`` and return the new ``last_index``.
+
+        Entries must be contiguous, start at ``last_index + 1`` and have non-decreasing terms not
+        below the last entry's term. A gap raises :class:`LogGapError`; an index at or below
+        ``last_index`` raises :class:`LogConflictError` (resolve with :meth:`truncate_after`); a term
+        decrease raises :class:`LogConflictError`; wrong types raise TypeError/ValueError. Nothing is
+        written on error. Concurrent appends (any groups, any threads) share one commit and one fsync.
+        """
+        es = validate_entries(entries)
+        if not es:
+            return self._store._pending_group(self.group).last_index
+        first, term0, last = es[0].index, es[0].term, es[-1]
+        name = self.group
+
+        def check(g):
+            if first > g.last_index + 1:
+                raise LogGapError(f"group {name!r}: append at {first} leaves a gap after last index {g.last_index}")
+            if first <= g.last_index:
+                raise LogConflictError(f"group {name!r}: append at {first} overlaps the log (last index "
+                                       f"{g.last_index}); call truncate_after() to resolve conflicts")
+            if term0 < g.last_term:
+                raise LogConflictError(f"group {name!r}: entry {first} has term {term0}, below the last "
+                                       f"entry's term {g.last_term}")
+            g.last_index, g.last_term = last.index, last.term
+            return last.index
+
+        def write(conn, g, _):
+            g.seg = self._store._wal.append(conn, g.gid, g.seg, es)
+
+        return self._store._run(name, check, write)
+
+    def get(self, index: int) -> LogEntry:
+        """The entry at ``index`` (its CRC verified). Raises :class:`LogCompactedError` below
+        ``first_index``, :class:`LogUnavailableError` above ``last_index``."""
+        index = _int("index", index)
+        g = self._check_range(index)
+        e = self._store._read(lambda c: self._store._reader_wal.get(c, g.gid, index))
+        if e is None:
+            self._check_range(index)
+            raise LogUnavailableError(f"group {self.group!r}: entry {index} is gone (concurrently truncated)")
+        return e
+
+    def term(self, index: int) -> int:
+        """The term of the entry at ``index``. ``term(snapshot_index)`` answers with the snapshot's term
+        (``term(0) == 0`` on a log without snapshot); otherwise as :meth:`get`."""
+        index = _int("index", index)
+        g = self._g()
+        if index == g.snapshot_index and index < g.first_index:
+            return g.snapshot_term
+        if index == g.last_index and index >= g.first_index:
+            return g.last_term
+        return self.get(index).term
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[LogEntry]:
+        """Entries ``lo <= index < hi`` in order. With ``max_bytes``, stops before the payload total
+        would exceed it, but returns at least one entry when ``lo < hi``. ``lo`` below ``first_index``
+        raises :class:`LogCompactedError`; ``hi - 1`` above ``last_index`` raises
+        :class:`LogUnavailableError`."""
+        lo, hi = _int("lo", lo), _int("hi", hi)
+        if max_bytes is not None:
+            max_bytes = _int("max_bytes", max_bytes)
+        if hi < lo:
+            raise ValueError(f"entries(lo={lo}, hi={hi}): hi must be >= lo")
+        g = self._check_range(lo)
+        if hi - 1 > g.last_index:
+            raise LogUnavailableError(f"group {self.group!r}: entries up to {hi - 1} requested, last index is "
+                                      f"{g.last_index}")
+        if lo == hi:
+            return []
+        out = self._store._read(lambda c: list(self._store._reader_wal.scan(c, g.gid, lo, hi, max_bytes)))
+        if not out or (out[-1].index < hi - 1 and (max_bytes is None)):
+            self._check_range(lo)
+            raise LogUnavailableError(f"group {self.group!r}: entries {lo}..{hi - 1} are gone (concurrently "
+                                      "truncated or compacted)")
+        return out
+
+    def _check_range(self, index: int):
+        g = self._g()
+        if index < g.first_index:
+            raise LogCompactedError(f"group {self.group!r}: index {index} is compacted (first index "
+                                    f"{g.first_index})")
+        if index > g.last_index:
+            raise LogUnavailableError(f"group {self.group!r}: index {index} is above the last index "
+                                      f"{g.last_index}")
+        return g
+
+    def truncate_after(self, index: int) -> None:
+        """Remove every entry ``> index`` (conflict resolution). Refuses with
+        :class:`LogConflictError` to cut at or below the commit index, and with
+        :class:`LogCompactedError` below the snapshot. A no-op when ``index >= last_index``."""
+        index = _int("index", index)
+        name = self.group
+        store = self._store
+
+        def check(g):
+            if index >= g.last_index:
+                return False
+            if index < g.commit:
+                raise LogConflictError(f"group {name!r}: truncate_after({index}) would remove committed "
+                                       f"entries (commit index {g.commit})")
+            if index < g.first_index - 1:
+                raise LogCompactedError(f"group {name!r}: truncate_after({index}) is below the first index "
+                                        f"{g.first_index}")
+            g.last_index = index
+            if index == g.snapshot_index:
+                g.last_term = g.snapshot_term
+            return True
+
+        def write(conn, g, truncating):
+            if not truncating:
+                return
+            g.seg = store._wal.truncate_after(conn, g.gid, index)
+            if index != g.snapshot_index:
+                g.last_term = store._reader_wal.term(conn, g.gid, index)
+
+        store._run(name, check, write)
+
+    def compact(self, up_to: int) -> None:
+        """Discard entries ``<= up_to``: ``first_index`` becomes ``up_to + 1`` at once; records are
+        physically deleted by whole sealed segments. Refuses with :class:`CompactionError` unless a
+        DURABLE snapshot covers ``up_to`` (and ``up_to <= last_index``). Compacting below
+        ``first_index`` is a no-op."""
+        up_to = _int("up_to", up_to)
+        name = self.group
+        store = self._store
+
+        def check(g):
+            if up_to < g.first_index:
+                return False
+            if up_to > g.snapshot_index:
+                raise CompactionError(f"group {name!r}: compact({up_to}) refused: the newest durable snapshot "
+                                      f"covers only up to {g.snapshot_index}")
+            if up_to > g.last_index:
+                raise CompactionError(f"group {name!r}: compact({up_to}) is beyond the last index {g.last_index}")
+            g.first_index = up_to + 1
+            return True
+
+        def write(conn, g, moved):
+            if moved:
+                conn.execute("UPDATE groups SET first_index=? WHERE group_id=?", (g.first_index, g.gid))
+
+        store._run(name, check, write)
+        store._compact_segments(name)
+
+    def __repr__(self):
+        g = self._g()
+        return f"<PersistentRaftLog {self.group!r} first={g.first_index} last={g.last_index}>"

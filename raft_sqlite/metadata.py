@@ -1,0 +1,109 @@
+"""Raft hard state of one group: current term, vote, commit index (``store.metadata(group)``)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+from .errors import MetadataError
+from .log import _int
+
+
+class HardState(NamedTuple):
+    """The persisted Raft state of a group."""
+
+    current_term: int
+    voted_for: str | int | None
+    commit_index: int
+
+
+def meta_crc(group_id: int, term: int, voted_for, commit: int) -> int:
+    """CRC32 stored with a ``raft_meta`` row (over group, term, typed vote and commit index)."""
+    return zlib.crc32(f"{group_id}|{term}|{type(voted_for).__name__}:{voted_for}|{commit}".encode())
+
+
+def check_vote(v):
+    if v is None or type(v) is str or (type(v) is int):
+        return v
+    raise TypeError(f"voted_for must be a str, an int or None, not {type(v).__name__}")
+
+
+class RaftMetadataStore:
+    """``current_term`` (0 at first), ``voted_for`` (None) and ``commit_index`` (0) of one group.
+
+    Rules (violations raise :class:`MetadataError` and write nothing): the term never decreases; a
+    vote, once cast in a term, cannot change or be cleared in that term (repeating it is a no-op);
+    the commit index never decreases and never exceeds the log's ``last_index``.
+    """
+
+    def __init__(self, store, name: str):
+        self._store = store
+        self.group = name
+
+    def _g(self):
+        return self._store._groups[self.group]
+
+    @property
+    def current_term(self) -> int:
+        """The latest term this node has seen (0 at first)."""
+        return self._g().term
+
+    @property
+    def voted_for(self):
+        """The candidate voted for in ``current_term``, or None."""
+        return self._g().vote
+
+    @property
+    def commit_index(self) -> int:
+        """The highest index known to be committed (0 at first)."""
+        return self._g().commit
+
+    @property
+    def hard_state(self) -> HardState:
+        """``HardState(current_term, voted_for, commit_index)`` read at one instant."""
+        g = self._g()
+        return HardState(g.term, g.vote, g.commit)
+
+    def set_term_and_vote(self, term: int, voted_for=None) -> None:
+        """Atomically persist ``term`` and ``voted_for``. A higher term replaces both (the vote may be
+        None); the same term may only repeat the vote already cast, or cast the first one."""
+        term = _int("term", term)
+        voted_for = check_vote(voted_for)
+        if term < 0:
+            raise ValueError(f"term must be >= 0, got {term}")
+        name = self.group
+
+        def check(g):
+            if term < g.term:
+                raise MetadataError(f"group {name!r}: term may not decrease ({g.term} -> {term})")
+            if term == g.term:
+                if voted_for == g.vote and type(voted_for) is type(g.vote):
+                    return False
+                if g.vote is not None:
+                    raise MetadataError(f"group {name!r}: already voted for {g.vote!r} in term {term}; "
+                                        f"cannot vote for {voted_for!r}")
+            g.term, g.vote = term, voted_for
+            return True
+
+        self._store._run(name, check, self._store._write_meta)
+
+    def set_commit_index(self, index: int) -> None:
+        """Persist the commit index: never lower than the current one, never above ``last_index``."""
+        index = _int("index", index)
+        name = self.group
+
+        def check(g):
+            if index < g.commit:
+                raise MetadataError(f"group {name!r}: commit index may not decrease ({g.commit} -> {index})")
+            if index > g.last_index:
+                raise MetadataError(f"group {name!r}: commit index {index} is beyond the last index "
+                                    f"{g.last_index}")
+            if index == g.commit:
+                return False
+            g.commit = index
+            return True
+
+        self._store._run(name, check, self._store._write_meta)
+
+    def __repr__(self):
+        return f"<RaftMetadataStore {self.group!r} {self.hard_state}>"

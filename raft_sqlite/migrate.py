@@ -1,0 +1,86 @@
+"""Bring a node's database files to the schema this code knows, through alembic.
+
+Opening a store that is already current costs one ``SELECT`` per file (the alembic version is compared
+with :data:`raft_sqlite.schema.MAIN_HEAD`/``CHUNKS_HEAD``); alembic and SQLAlchemy's engine are loaded
+only when a file must actually be created or upgraded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+
+import apsw
+
+from . import schema
+from .errors import NodeIdentityMismatch
+
+BRANCHES = {schema.MAIN_DB: ("main", schema.MAIN_HEAD), schema.CHUNKS_DB: ("chunks", schema.CHUNKS_HEAD)}
+
+
+def current_revision(conn: apsw.Connection) -> str | None:
+    """The alembic revision recorded in an open database, or None for a fresh file."""
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone()
+    if row is None:
+        return None
+    rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    return rows[0][0] if rows else None
+
+
+def _script_directory():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(importlib.resources.files("raft_sqlite.migrations")))
+    return cfg, ScriptDirectory.from_config(cfg)
+
+
+def heads() -> dict[str, str]:
+    """Head revision per branch as the migration scripts say (used by tests and `status`)."""
+    _, script = _script_directory()
+    return {next(iter(script.get_revision(h).branch_labels)): h for h in script.get_heads()}
+
+
+def needs_upgrade(conn: apsw.Connection, db_name: str) -> bool:
+    """Fast check: is the file behind ``conn`` (one of :data:`BRANCHES`) at its head revision?"""
+    return current_revision(conn) != BRANCHES[db_name][1]
+
+
+def upgrade(path: str, db_name: str) -> bool:
+    """Upgrade the database file at ``path`` (one of :data:`BRANCHES`) to its head with alembic.
+
+    Alembic runs through SQLAlchemy's pysqlite driver, i.e. the stdlib's copy of SQLite, not apsw's:
+    two SQLite libraries in one process must never have the same file open at once (closing one drops
+    the other's POSIX locks and may delete the -shm file), so the caller closes its apsw connections to
+    ``path`` first. Returns True when alembic ran. Raises :class:`NodeIdentityMismatch` if the file
+    carries a revision this code does not know (written by a newer raft_sqlite).
+    """
+    branch, head = BRANCHES[db_name]
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as probe:
+        row = probe.execute("SELECT name FROM sqlite_master WHERE name='alembic_version'").fetchone()
+        rev = probe.execute("SELECT version_num FROM alembic_version").fetchone()[0] if row else None
+    if rev == head:
+        return False
+    cfg, script = _script_directory()
+    if rev is not None:
+        try:
+            script.get_revision(rev)
+        except Exception as exc:  # alembic raises several types for unknown revisions
+            raise NodeIdentityMismatch(
+                f"{path}: schema revision {rev!r} is newer than this raft_sqlite knows (head {head!r}); "
+                "upgrade raft_sqlite to open it") from exc
+    from alembic import command
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    try:
+        with engine.begin() as sa_conn:
+            cfg.attributes["connection"] = sa_conn
+            command.upgrade(cfg, f"{branch}@head")
+    finally:
+        engine.dispose()
+    return True

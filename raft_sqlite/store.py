@@ -1,0 +1,596 @@
+"""NodeStore: one node's data_dir, its connections, group commit and recovery on open."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+import time
+import zlib
+from dataclasses import dataclass, replace
+
+import apsw
+
+from . import migrate, schema
+from .errors import (CompactionError, CorruptionError, LogConflictError, NodeIdentityMismatch,
+                     RaftSqliteError, RecoveryRefused, StorageFault)
+from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
+from .log import LogEntry, PersistentRaftLog, _KINDS
+from .metadata import RaftMetadataStore, meta_crc
+from .recovery import RecoveryPolicy, RecoveryReport
+from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
+
+log = logging.getLogger("raft_sqlite.store")
+
+_FAULT_ERRORS = (apsw.IOError, apsw.FullError, apsw.CantOpenError, apsw.CorruptError, apsw.NotADBError,
+                 apsw.ProtocolError, apsw.ReadOnlyError, apsw.BusyError, apsw.LockedError, apsw.NoMemError)
+
+
+def node_crc(node_id: str, cluster_id: str, fmt: int, created_at: float) -> int:
+    """CRC32 stored with the node record."""
+    return zlib.crc32(f"{node_id}|{cluster_id}|{fmt}|{created_at!r}".encode())
+
+
+class _Group:
+    """In-memory state of one group. Published objects are never mutated: the committer works on
+    copies and publishes them after a successful commit."""
+
+    __slots__ = ("gid", "name", "first_index", "last_index", "last_term", "snapshot_index", "snapshot_term",
+                 "term", "vote", "commit", "seg", "recovered_partially")
+
+    def __init__(self, gid, name, first_index=1, last_index=0, last_term=0, snapshot_index=0, snapshot_term=0,
+                 term=0, vote=None, commit=0, seg=None, recovered_partially=False):
+        self.gid, self.name = gid, name
+        self.first_index, self.last_index, self.last_term = first_index, last_index, last_term
+        self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
+        self.term, self.vote, self.commit = term, vote, commit
+        self.seg, self.recovered_partially = seg, recovered_partially
+
+    def copy(self) -> "_Group":
+        g = _Group.__new__(_Group)
+        for k in _Group.__slots__:
+            setattr(g, k, getattr(self, k))
+        if g.seg is not None:
+            g.seg = replace(g.seg)
+        return g
+
+
+class _Request:
+    __slots__ = ("ops", "done", "result", "error")
+
+    def __init__(self, ops):
+        self.ops = ops  # list of (group name, check, write)
+        self.done = False
+        self.result = None
+        self.error = None
+
+
+@dataclass
+class StoreStats:
+    """Counters kept by the store (read by metrics and benchmarks)."""
+
+    commits: int = 0
+    requests: int = 0
+    commit_seconds: float = 0.0
+    max_batch: int = 0
+    interval_syncs: int = 0
+
+
+class NodeStore:
+    """One Raft node's durable storage in ``data_dir`` (see :meth:`open`)."""
+
+    def __init__(self):  # use NodeStore.open()
+        self._closed = True
+
+    # ------------------------------------------------------------------ open / close
+    @classmethod
+    def open(cls, data_dir, node_id: str, *, cluster_id: str, fsync: FsyncMode = FsyncMode.FULL,
+             fsync_interval: float = 0.05, recovery: RecoveryPolicy = RecoveryPolicy.STRICT,
+             vfs: str | None = None, segment_policy: SegmentPolicy | None = None,
+             slow_commit_warning: float = 1.0) -> "NodeStore":
+        """Open (creating if needed) the store of node ``node_id`` in ``data_dir``.
+
+        Creates ``data_dir`` with mode 0700 and its database files with mode 0600, brings the schema to
+        the current version (alembic runs only when needed), writes the node record on creation and
+        refuses (:class:`NodeIdentityMismatch`) a data_dir of another node or cluster or of a newer
+        format. Then validates the local data under ``recovery`` (see :class:`RecoveryPolicy`) and
+        records a recovery event. ``fsync`` picks the durability of every write
+        (:data:`raft_sqlite.fsync.FSYNC_MODES`); with ``NORMAL`` the WAL is synced every
+        ``fsync_interval`` seconds by a background thread. ``vfs`` names a registered apsw VFS (the
+        seam for fault-injection tests). Use as a context manager, or call :meth:`close`.
+        """
+        if not isinstance(node_id, str) or not node_id:
+            raise TypeError("node_id must be a non-empty str")
+        if not isinstance(cluster_id, str) or not cluster_id:
+            raise TypeError("cluster_id must be a non-empty str")
+        self = cls()
+        self.data_dir = os.fspath(data_dir)
+        self.node_id, self.cluster_id = node_id, cluster_id
+        self.fsync = FsyncMode(fsync)
+        self.fsync_interval = float(fsync_interval)
+        self.recovery_policy = RecoveryPolicy(recovery)
+        self.vfs = vfs
+        self.slow_commit_warning = slow_commit_warning
+        self.stats = StoreStats()
+        self.on_commit = None  # optional callback(seconds, requests) for metrics
+        self._wal = WalWriter(segment_policy)
+        self._reader_wal = WalReader(lambda i, t, d, k: LogEntry(i, t, d, _KINDS[k]))
+        self._compactor = WalCompactor()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Request] = []
+        self._leading = False
+        self._fault: BaseException | None = None
+        self._tx = threading.local()
+        self._readers: list[apsw.Connection] = []
+        self._all_readers: list[apsw.Connection] = []
+        self._groups: dict[str, _Group] = {}
+        self._views: dict[tuple[str, str], object] = {}
+        self._syncer = None
+        self._closed = False
+        self._conn = None
+        self.chunks_conn = None
+        try:
+            self._open_files()
+            self._recover()
+        except BaseException:
+            self._close_connections()
+            raise
+        if FSYNC_MODES[self.fsync]["interval_sync"]:
+            self._syncer = _IntervalSyncer(self)
+            self._syncer.start()
+        return self
+
+    @property
+    def path(self) -> str:
+        """Path of the main database file (``raft.db``)."""
+        return os.path.join(self.data_dir, schema.MAIN_DB)
+
+    @property
+    def chunks_path(self) -> str:
+        """Path of the snapshot chunk database file (``chunks.db``)."""
+        return os.path.join(self.data_dir, schema.CHUNKS_DB)
+
+    def _connect(self, path: str, *, query_only: bool = False) -> apsw.Connection:
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOMUTEX
+        conn = apsw.Connection(path, flags=flags, vfs=self.vfs, statementcachesize=64)
+        conn.setbusytimeout(10_000)
+        for k, v in pragmas_for(self.fsync).items():
+            conn.execute(f"PRAGMA {k}={v}").fetchall()
+        if query_only:
+            conn.execute("PRAGMA query_only=1")
+        else:
+            one = ctypes.c_int(1)  # keep the WAL file across opens: it is reused, never re-created
+            conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(one))
+        return conn
+
+    def _open_files(self) -> None:
+        created_dir = not os.path.isdir(self.data_dir)
+        if created_dir:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.data_dir, 0o700)
+        created = False
+        for name in (schema.MAIN_DB, schema.CHUNKS_DB):
+            p = os.path.join(self.data_dir, name)
+            if not os.path.exists(p):
+                os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+                created = True
+        if created and FSYNC_MODES[self.fsync]["dir_sync"]:
+            self.sync_dir()
+        try:
+            self._conn = self._open_current(self.path, schema.MAIN_DB)
+            self.chunks_conn = self._open_current(self.chunks_path, schema.CHUNKS_DB)
+        except apsw.Error as exc:
+            raise self._translate(exc, "open") from exc
+
+    def _open_current(self, path: str, db_name: str) -> apsw.Connection:
+        """An apsw connection on ``path`` with the schema at head (alembic runs only if it is not)."""
+        conn = self._connect(path)
+        if not migrate.needs_upgrade(conn, db_name):
+            return conn
+        conn.close()  # never let pysqlite (alembic) and apsw hold the same file open at once
+        migrate.upgrade(path, db_name)
+        return self._connect(path)
+
+    def sync_dir(self) -> None:
+        """fsync ``data_dir`` itself (EXTRA mode does this after creating, renaming or removing files)."""
+        fd = os.open(self.data_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _recover(self) -> None:
+        report = RecoveryReport(policy=self.recovery_policy.value)
+        self.recovery_report = report
+        c = self._conn
+        now = time.time()
+        row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
+        new_node = row is None
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if new_node:
+                c.execute("INSERT INTO node(id, node_id, cluster_id, format_version, created_at, crc32) "
+                          "VALUES (1,?,?,?,?,?)", (self.node_id, self.cluster_id, schema.FORMAT_VERSION, now,
+                                                    node_crc(self.node_id, self.cluster_id, schema.FORMAT_VERSION,
+                                                             now)))
+                report.outcome = "created"
+            else:
+                nid, cid, fmt, created_at, crc = row
+                if node_crc(nid, cid, fmt, created_at) != crc:
+                    raise CorruptionError(f"{self.path}: node record fails its CRC check")
+                if fmt > schema.FORMAT_VERSION:
+                    raise NodeIdentityMismatch(f"{self.path}: data format {fmt} is newer than this raft_sqlite "
+                                               f"supports ({schema.FORMAT_VERSION})")
+                if nid != self.node_id or cid != self.cluster_id:
+                    raise NodeIdentityMismatch(
+                        f"{self.data_dir} belongs to node {nid!r} of cluster {cid!r}, not node {self.node_id!r} "
+                        f"of cluster {self.cluster_id!r}")
+            settings = {"fsync_mode": self.fsync.value, "fsync_interval": str(self.fsync_interval),
+                        "recovery_policy": self.recovery_policy.value,
+                        **{f"pragma.{k}": v for k, v in pragmas_for(self.fsync).items()}}
+            c.executemany("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", list(settings.items()))
+            from . import validate
+            validate.recover_groups(self, c, report)
+            report.duration = time.monotonic() - report.started
+            c.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) "
+                      "VALUES (?,?,?,?,?,?)", (now, "open", report.policy, report.outcome, report.duration,
+                                               report.to_json()))
+            c.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(apsw.Error):
+                c.execute("ROLLBACK")
+            if isinstance(exc, apsw.Error):
+                raise self._translate(exc, "open") from exc
+            raise
+        log.info("%s: %s", self.data_dir, report.summary())
+        for d in report.dropped:
+            log.warning("%s: dropped %s", self.data_dir, d)
+        if FSYNC_MODES[self.fsync]["dir_sync"]:
+            self.sync_dir()  # the WAL file now exists
+
+    def close(self) -> None:
+        """Stop background work and close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._syncer is not None:
+            self._syncer.stop()
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+        self._close_connections()
+
+    def _close_connections(self):
+        for c in self._all_readers + [self._conn, self.chunks_conn]:
+            if c is not None:
+                with contextlib.suppress(apsw.Error):
+                    c.close()
+        self._all_readers.clear()
+        self._readers.clear()
+
+    def __enter__(self) -> "NodeStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ groups and views
+    def groups(self) -> list[str]:
+        """Names of the groups this node hosts."""
+        return sorted(self._groups)
+
+    def _ensure_group(self, group) -> str:
+        name = group if isinstance(group, str) else None
+        if name is None:
+            if isinstance(group, int) and not isinstance(group, bool):
+                name = str(group)
+            else:
+                raise TypeError(f"group must be a str (or int), not {type(group).__name__}")
+        if name in self._groups:
+            return name
+        self._check_open()
+        req = _Request([(name, None, None)])
+        self._submit(req)
+        return name
+
+    def log(self, group="default") -> PersistentRaftLog:
+        """The :class:`PersistentRaftLog` of ``group`` (created on first use)."""
+        return self._view("log", group, PersistentRaftLog)
+
+    def metadata(self, group="default") -> RaftMetadataStore:
+        """The :class:`RaftMetadataStore` of ``group`` (created on first use)."""
+        return self._view("meta", group, RaftMetadataStore)
+
+    def snapshots(self, group="default"):
+        """The :class:`~raft_sqlite.snapshot.SnapshotManager` of ``group``."""
+        from .snapshot import SnapshotManager
+        return self._view("snap", group, SnapshotManager)
+
+    def state_machine(self, group="default"):
+        """The :class:`~raft_sqlite.statemachine.StateMachineSnapshotManager` of ``group``."""
+        from .statemachine import StateMachineSnapshotManager
+        return self._view("sm", group, StateMachineSnapshotManager)
+
+    def _view(self, kind, group, factory):
+        name = self._ensure_group(group)
+        v = self._views.get((kind, name))
+        if v is None:
+            v = self._views.setdefault((kind, name), factory(self, name))
+        return v
+
+    # ------------------------------------------------------------------ write path
+    def _check_open(self):
+        if self._closed:
+            raise RaftSqliteError("the store is closed")
+        if self._fault is not None:
+            raise StorageFault(f"{self.data_dir}: the store is fail-stopped after a storage fault "
+                               f"({self._fault}); close and reopen it, then reload state from what it shows")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group writes (log and metadata, any groups) into one atomic commit with one fsync.
+
+        Inside the block, write calls validate at once against the state the transaction has built
+        (a bad call raises and is not added) and return as usual, but nothing is durable until the
+        block exits; if the block raises, nothing is written. Reads inside the block see the last
+        *committed* state. Transactions do not nest.
+        """
+        if getattr(self._tx, "tx", None) is not None:
+            raise RaftSqliteError("store.transaction() does not nest")
+        self._check_open()
+        tx = _Tx(self)
+        self._tx.tx = tx
+        try:
+            yield tx
+        except BaseException:
+            self._tx.tx = None
+            raise
+        self._tx.tx = None
+        if tx.ops:
+            self._submit(_Request(tx.ops))
+
+    def _pending_group(self, name: str) -> _Group:
+        tx = getattr(self._tx, "tx", None)
+        return tx.group(name) if tx is not None else self._groups[name]
+
+    def _run(self, name: str, check, write):
+        """Run one write op (validate with ``check(g)``, then ``write(conn, g, check_result)``)."""
+        tx = getattr(self._tx, "tx", None)
+        if tx is not None:
+            return tx.add(name, check, write)
+        self._check_open()
+        req = _Request([(name, check, write)])
+        self._submit(req)
+        return req.result[0]
+
+    def _submit(self, req: _Request) -> None:
+        cond = self._cond
+        with cond:
+            self._queue.append(req)
+            while not req.done:
+                if not self._leading:
+                    self._leading = True
+                    batch, self._queue = self._queue, []
+                    break
+                cond.wait()
+        if not req.done:
+            try:
+                self._execute(batch)
+            finally:
+                with cond:
+                    self._leading = False
+                    cond.notify_all()
+        if req.error is not None:
+            raise req.error
+
+    def _execute(self, batch: list[_Request]) -> None:
+        """Leader: apply every request of ``batch`` in one transaction, commit (one fsync), publish."""
+        conn = self._conn
+        if self._fault is not None or self._closed:
+            for r in batch:
+                r.error = StorageFault(f"{self.data_dir}: the store is fail-stopped after a storage fault "
+                                       f"({self._fault}); reopen it") if not self._closed else \
+                    RaftSqliteError("the store is closed")
+                r.done = True
+            return
+        t0 = time.perf_counter()
+        work: dict[str, _Group] = {}
+        ok: list[_Request] = []
+        many = len(batch) > 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for r in batch:
+                mine: dict[str, _Group] = {}
+                try:
+                    if many:
+                        conn.execute("SAVEPOINT req")
+                    results = []
+                    for name, check, write in r.ops:
+                        g = mine.get(name)
+                        if g is None:
+                            base = work.get(name) or self._groups.get(name)
+                            if base is None:
+                                base = self._create_group(conn, name)
+                            g = mine[name] = base.copy()
+                        if check is None:
+                            results.append(None)
+                            continue
+                        res = check(g)
+                        write(conn, g, res)
+                        results.append(res)
+                    if many:
+                        conn.execute("RELEASE req")
+                except (RaftSqliteError, TypeError, ValueError, apsw.ConstraintError) as exc:
+                    if isinstance(exc, _FAULT_ERRORS):
+                        raise
+                    if many:
+                        conn.execute("ROLLBACK TO req")
+                        conn.execute("RELEASE req")
+                    else:
+                        conn.execute("ROLLBACK")
+                        conn.execute("BEGIN IMMEDIATE")
+                    r.error = self._translate(exc, "write") if isinstance(exc, apsw.Error) else exc
+                    continue
+                r.result = results
+                work.update(mine)
+                ok.append(r)
+            conn.execute("COMMIT")
+        except apsw.Error as exc:
+            self._fault = exc
+            with contextlib.suppress(apsw.Error):
+                conn.execute("ROLLBACK")
+            err = self._translate(exc, "commit")
+            log.error("%s: storage fault during commit, store is now fail-stop: %s", self.data_dir, exc)
+            for r in batch:
+                r.error = err
+                r.done = True
+            return
+        self._groups.update(work)
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st.commits += 1
+        st.requests += len(batch)
+        st.commit_seconds += dt
+        if len(batch) > st.max_batch:
+            st.max_batch = len(batch)
+        if self._syncer is not None:
+            self._syncer.dirty = True
+        for r in batch:
+            r.done = True
+        if dt > self.slow_commit_warning:
+            log.warning("%s: slow commit: %.3f s for %d requests", self.data_dir, dt, len(batch))
+        if self.on_commit is not None:
+            self.on_commit(dt, len(batch))
+
+    def _translate(self, exc: apsw.Error, what: str) -> RaftSqliteError:
+        if isinstance(exc, apsw.ConstraintError):
+            msg = str(exc)
+            if "no durable snapshot" in msg:
+                return CompactionError(msg)
+            return LogConflictError(f"{what}: constraint failed: {msg}")
+        if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+            return CorruptionError(f"{self.data_dir}: SQLite reports corruption during {what}: {exc}")
+        return StorageFault(f"{self.data_dir}: storage fault during {what} ({type(exc).__name__}: {exc}); "
+                            "the outcome of the write is unknown until the store is reopened")
+
+    def _create_group(self, conn, name: str) -> _Group:
+        conn.execute("INSERT INTO groups(name, created_at) VALUES (?,?)", (name, time.time()))
+        gid = conn.last_insert_rowid()
+        conn.execute("INSERT INTO raft_meta(group_id, current_term, voted_for, commit_index, crc32) "
+                     "VALUES (?,?,?,?,?)", (gid, 0, None, 0, meta_crc(gid, 0, None, 0)))
+        return _Group(gid, name)
+
+    def _write_meta(self, conn, g: _Group, changed) -> None:
+        if changed:
+            conn.execute("UPDATE raft_meta SET current_term=?, voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
+                         (g.term, g.vote, g.commit, meta_crc(g.gid, g.term, g.vote, g.commit), g.gid))
+
+    def _compact_segments(self, name: str) -> int:
+        """Physically delete the sealed segments of ``name`` that lie below ``first_index``, one
+        segment per commit so that appends are never stalled for long. Returns records removed."""
+        removed = 0
+        while True:
+            g = self._groups[name]
+            segs = self._read(lambda c: self._compactor.removable(c, g.gid, g.first_index - 1))
+            if not segs:
+                return removed
+            box = []
+
+            def write(conn, g, _, seg=segs[0]):
+                box.append(self._compactor.remove(conn, g.gid, seg))
+
+            self._run(name, lambda g: None, write)
+            removed += box[0] if box else 0
+
+    # ------------------------------------------------------------------ read path
+    def _read(self, fn):
+        """Run ``fn(conn)`` on a pooled read connection (WAL readers never block the writer)."""
+        if self._closed:
+            raise RaftSqliteError("the store is closed")
+        try:
+            conn = self._readers.pop()
+        except IndexError:
+            conn = self._connect(self.path, query_only=True)
+            self._all_readers.append(conn)
+        try:
+            return fn(conn)
+        except apsw.Error as exc:
+            raise self._translate(exc, "read") from exc
+        finally:
+            self._readers.append(conn)
+
+    def pragmas(self) -> dict[str, object]:
+        """The pragma values in force on the write connection, read back from SQLite."""
+        names = ("journal_mode", "synchronous", "fullfsync", "checkpoint_fullfsync", "wal_autocheckpoint",
+                 "journal_size_limit", "cache_size", "page_size")
+        with self._cond:
+            return {n: self._conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
+
+    @property
+    def fault(self) -> BaseException | None:
+        """The storage error that made the store fail-stop, or None."""
+        return self._fault
+
+
+class _Tx:
+    """The state of one ``store.transaction()`` block."""
+
+    def __init__(self, store: NodeStore):
+        self.store = store
+        self.ops: list = []
+        self.view: dict[str, _Group] = {}
+
+    def group(self, name: str) -> _Group:
+        g = self.view.get(name)
+        if g is None:
+            g = self.view[name] = self.store._groups[name].copy()
+        return g
+
+    def add(self, name, check, write):
+        g = self.group(name)
+        trial = g.copy()
+        res = check(trial)
+        self.view[name] = trial
+        self.ops.append((name, check, write))
+        return res
+
+
+class _IntervalSyncer(threading.Thread):
+    """NORMAL mode: fdatasync the WAL every ``fsync_interval`` seconds when there were commits."""
+
+    def __init__(self, store: NodeStore):
+        super().__init__(name=f"raft_sqlite-sync-{store.node_id}", daemon=True)
+        self.store = store
+        self.dirty = False
+        self._stop_evt = threading.Event()
+
+    def run(self):
+        s = self.store
+        wal = s.path + "-wal"
+        while not self._stop_evt.wait(s.fsync_interval):
+            if self.dirty:
+                self.sync(wal)
+
+    def sync(self, wal: str) -> None:
+        self.dirty = False
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fdatasync(fd)
+            self.store.stats.interval_syncs += 1
+        except OSError as exc:
+            self.store._fault = exc
+            log.error("%s: WAL sync failed, store is now fail-stop: %s", self.store.data_dir, exc)
+        finally:
+            os.close(fd)
+
+    def stop(self):
+        self._stop_evt.set()
+        self.join()
+        if self.dirty:
+            self.sync(self.store.path + "-wal")
+

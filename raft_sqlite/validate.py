@@ -1,0 +1,143 @@
+"""Validation of a store's log and metadata, used on open (before anything is replayed) and by
+``raft-sqlite verify``.
+
+"Data shape" problems (each refused under STRICT): a gap in the log between ``first_index`` and
+``last_index``; ``first_index > 1`` without a DURABLE snapshot at ``first_index - 1`` or above; a commit
+index beyond the last index; a snapshot chain with a broken link; a schema newer than the code.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+from .errors import CorruptionError, RecoveryRefused
+from .metadata import meta_crc
+from .recovery import RecoveryPolicy
+from .wal import _HEADER, _U32, SPAN, load_open_segment
+
+log = logging.getLogger("raft_sqlite.recovery")
+
+
+def _problem(store, report, exc_type, msg, *, drop_ok: bool):
+    """Record a problem; raise unless the policy allows dropping what it affects."""
+    report.problems.append(msg)
+    log.debug("%s: %s", store.data_dir, msg)
+    if not drop_ok:
+        raise exc_type(f"{msg} (recovery policy {store.recovery_policy.value})")
+
+
+def recover_groups(store, conn, report) -> None:
+    """Load every group's state into ``store._groups`` after validating it (inside the open
+    transaction on ``conn``). Raises :class:`CorruptionError`/:class:`RecoveryRefused` per policy."""
+    from .store import _Group
+
+    policy = store.recovery_policy
+    path = store.path
+    rows = conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
+                        "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32 "
+                        "FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
+    for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc in rows:
+        report.groups += 1
+        where = f"{path}: group {name!r}"
+        if term is None:
+            raise CorruptionError(f"{where}: metadata row is missing")
+        if meta_crc(gid, term, vote, commit) != mcrc:
+            _problem(store, report, CorruptionError, f"{where}: metadata (term/vote/commit) fails its CRC check",
+                     drop_ok=policy is RecoveryPolicy.PARTIAL)
+            # PARTIAL: keep the values but never trust the vote; the node must rejoin as catch-up follower
+            vote, partial = None, 1
+            report.dropped.append({"group": name, "what": "vote", "reason": "metadata CRC mismatch"})
+        durable = conn.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
+                               (gid,)).fetchone()[0] or 0
+        if durable != snap_idx:
+            _problem(store, report, RecoveryRefused,
+                     f"{where}: snapshot index {snap_idx} in the group record disagrees with the newest durable "
+                     f"snapshot {durable}", drop_ok=False)
+        if first > 1 and snap_idx < first - 1:
+            _problem(store, report, RecoveryRefused,
+                     f"{where}: first index {first} is above 1 but no durable snapshot covers {first - 1}",
+                     drop_ok=False)
+        last, last_term, bad_at = _scan(store, conn, report, gid, name, first)
+        if bad_at is not None:
+            # bad_at: first index that is corrupt or missing; the valid prefix ends at bad_at - 1
+            if policy is RecoveryPolicy.STRICT or (policy is RecoveryPolicy.TRUNCATE_TAIL and bad_at <= commit):
+                raise CorruptionError(f"{report.problems[-1]} (recovery policy {policy.value})")
+            new_last = bad_at - 1
+            if new_last < commit:
+                commit, partial = new_last, 1
+            _drop_tail(conn, gid, new_last, commit)
+            report.dropped.append({"group": name, "what": "log tail", "from_index": bad_at, "to_index": last})
+            log.warning("%s: dropped log entries %d..%d (%s)", where, bad_at, last, report.problems[-1])
+            report.outcome = "partial" if partial else "truncated"
+            last = new_last
+            last_term = (conn.execute("SELECT term FROM log_entries WHERE key=?", (gid * SPAN + last,)).fetchone()
+                         or (snap_term,))[0] if last >= first else snap_term
+        if last < first - 1:
+            last = first - 1
+        if commit > last:
+            _problem(store, report, RecoveryRefused, f"{where}: commit index {commit} is beyond the last index {last}",
+                     drop_ok=policy is RecoveryPolicy.PARTIAL)
+            commit, partial = last, 1
+            report.outcome = "partial"
+        if partial:
+            conn.execute("UPDATE groups SET recovered_partially=1 WHERE group_id=?", (gid,))
+            conn.execute("UPDATE raft_meta SET voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
+                         (vote, commit, meta_crc(gid, term, vote, commit), gid))
+        seg = load_open_segment(conn, gid)
+        store._groups[name] = _Group(gid, name, first, last, last_term if last >= first else snap_term,
+                                     snap_idx, snap_term, term, vote, commit, seg, bool(partial))
+
+
+def _scan(store, conn, report, gid, name, first):
+    """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
+    Returns ``(last_index, last_term, first_bad_index_or_None)``."""
+    base = gid * SPAN
+    expect = first
+    last_term = 0
+    segs = {sid: (lo, hi, cks) for sid, lo, hi, cks in conn.execute(
+        "SELECT segment_id, first_index, last_index, checksum FROM log_segments WHERE group_id=? AND "
+        "last_index IS NOT NULL AND last_index >= ?", (gid, first))}
+    running = {}
+    pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
+    nbytes = 0
+    where = f"{store.path}: group {name!r}"
+    for idx, term, kind, payload, crc, seg in conn.execute(
+            "SELECT idx, term, kind, payload, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
+            "ORDER BY key", (base + first, base + SPAN)):
+        if idx != expect:
+            report.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")
+            return expect - 1, last_term, expect
+        if crc32(payload, crc32(pack(gid, idx, term, kind))) != crc:
+            report.problems.append(f"{where}: CRC mismatch in log entry {idx} (segment {seg})")
+            return expect - 1, last_term, idx
+        if term < last_term:
+            report.problems.append(f"{where}: term decreases at log entry {idx}")
+            return expect - 1, last_term, idx
+        nbytes += len(payload)
+        if seg in segs:
+            running[seg] = crc32(upack(crc), running.get(seg, 0))
+        last_term = term
+        expect += 1
+    report.entries_validated += expect - first
+    report.bytes_validated += nbytes
+    for sid, (lo, hi, cks) in segs.items():
+        if lo < first:
+            continue  # partly compacted: the verify command checks it whole
+        report.segments_validated += 1
+        if running.get(sid, 0) != cks:
+            report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum")
+            return lo - 1, last_term, lo
+    return expect - 1, last_term, None
+
+
+def _drop_tail(conn, gid: int, keep_through: int, commit: int) -> None:
+    base = gid * SPAN
+    conn.execute("UPDATE raft_meta SET commit_index=min(commit_index, ?) WHERE group_id=?", (commit, gid))
+    conn.execute("UPDATE groups SET truncate_permit=? WHERE group_id=?", (keep_through, gid))
+    conn.execute("DELETE FROM log_entries WHERE key > ? AND key < ?", (base + keep_through, base + SPAN))
+    conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (gid,))
+    conn.execute("DELETE FROM log_segments WHERE group_id=? AND first_index > ?", (gid, keep_through))
+    conn.execute("UPDATE log_segments SET last_index=NULL, entry_count=NULL, bytes=NULL, sealed_at=NULL, "
+                 "checksum=NULL WHERE group_id=? AND last_index > ?", (gid, keep_through))
+

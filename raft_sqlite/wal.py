@@ -1,0 +1,213 @@
+"""The append-only record stream in the ``log_entries`` table.
+
+A record is one log entry: ``(group_id, idx, term, kind, payload)`` plus ``crc32`` computed over the
+little-endian header ``<q group_id><q idx><q term><B kind>`` followed by the payload. Records are grouped
+into *segments* (rotation units, per group): a new segment starts when the open one reaches
+``max_entries``, ``max_bytes`` of payload, or ``max_age`` seconds. Sealing a segment writes its row in
+``log_segments`` with counts, bytes and the sidecar checksum (CRC32 over the record CRCs packed as
+little-endian uint32, in index order). Appends touch one b-tree page (the entry's): segment rows are
+written only at rotation, truncation and compaction.
+
+These classes run inside the store's write transaction (see :class:`raft_sqlite.store.NodeStore`); they
+do not commit. Validation of Raft rules lives in :mod:`raft_sqlite.log`.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+
+from . import schema
+from .errors import CorruptionError
+
+_HEADER = struct.Struct("<qqqB")
+_U32 = struct.Struct("<I")
+SPAN = schema.KEY_SPAN
+
+
+def record_crc(group_id: int, idx: int, term: int, kind: int, payload: bytes) -> int:
+    """CRC32 of one record (header + payload)."""
+    return zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind)))
+
+
+def chain_crc(crc: int, record_crc_value: int) -> int:
+    """Fold one record CRC into a segment's sidecar checksum."""
+    return zlib.crc32(_U32.pack(record_crc_value), crc)
+
+
+@dataclass
+class SegmentPolicy:
+    """When the open segment of a group is sealed and a new one started."""
+
+    max_entries: int = 16384
+    max_bytes: int = 64 << 20
+    max_age: float = 3600.0
+
+
+@dataclass
+class OpenSegment:
+    """In-memory state of a group's open (unsealed) segment."""
+
+    segment_id: int
+    first_index: int
+    count: int = 0
+    nbytes: int = 0
+    created_at: float = 0.0
+    checksum: int = 0
+
+
+class WalWriter:
+    """Writes records and maintains segments for the store (one instance per store)."""
+
+    INSERT = ("INSERT INTO log_entries(key, group_id, idx, term, kind, payload, crc32, segment) "
+              "VALUES (?,?,?,?,?,?,?,?)")
+
+    def __init__(self, policy: SegmentPolicy | None = None, on_rotate=None):
+        self.policy = policy or SegmentPolicy()
+        self.on_rotate = on_rotate
+
+    def _start(self, conn, group_id: int, first_index: int) -> OpenSegment:
+        now = time.time()
+        conn.execute("INSERT INTO log_segments(group_id, first_index, created_at) VALUES (?,?,?)",
+                     (group_id, first_index, now))
+        return OpenSegment(conn.last_insert_rowid(), first_index, 0, 0, now, 0)
+
+    def seal(self, conn, group_id: int, seg: OpenSegment) -> None:
+        """Seal ``seg``: write its last index, counts, bytes and sidecar checksum."""
+        conn.execute(
+            "UPDATE log_segments SET last_index=?, entry_count=?, bytes=?, sealed_at=?, checksum=? "
+            "WHERE segment_id=?",
+            (seg.first_index + seg.count - 1, seg.count, seg.nbytes, time.time(), seg.checksum,
+             seg.segment_id))
+        if self.on_rotate is not None:
+            self.on_rotate(group_id)
+
+    def append(self, conn, group_id: int, seg: OpenSegment | None, entries) -> OpenSegment:
+        """Insert ``entries`` (validated LogEntry objects, contiguous) for ``group_id``; returns the
+        open segment after the write (possibly a new one)."""
+        p = self.policy
+        base = group_id * SPAN
+        rows = []
+        if seg is None:
+            seg = self._start(conn, group_id, entries[0].index)
+        now = time.time()
+        for e in entries:
+            payload = e.data
+            n = len(payload)
+            if seg.count and (seg.count >= p.max_entries or seg.nbytes + n > p.max_bytes
+                              or now - seg.created_at >= p.max_age):
+                if rows:
+                    conn.executemany(self.INSERT, rows)
+                    rows = []
+                self.seal(conn, group_id, seg)
+                seg = self._start(conn, group_id, e.index)
+            crc = zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, e.index, e.term, e.kind)))
+            rows.append((base + e.index, group_id, e.index, e.term, e.kind, payload, crc, seg.segment_id))
+            seg.count += 1
+            seg.nbytes += n
+            seg.checksum = zlib.crc32(_U32.pack(crc), seg.checksum)
+        if len(rows) == 1:
+            conn.execute(self.INSERT, rows[0])
+        else:
+            conn.executemany(self.INSERT, rows)
+        return seg
+
+    def truncate_after(self, conn, group_id: int, index: int) -> OpenSegment | None:
+        """Delete records ``> index`` and the segments that held only those; the segment holding
+        ``index`` (if any) becomes the open one again. Returns the open segment."""
+        base = group_id * SPAN
+        conn.execute("UPDATE groups SET truncate_permit=? WHERE group_id=?", (index, group_id))
+        conn.execute("DELETE FROM log_entries WHERE key > ? AND key < ?", (base + index, base + SPAN))
+        conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (group_id,))
+        conn.execute("DELETE FROM log_segments WHERE group_id=? AND first_index > ?", (group_id, index))
+        conn.execute("UPDATE log_segments SET last_index=NULL, entry_count=NULL, bytes=NULL, sealed_at=NULL,"
+                     " checksum=NULL WHERE group_id=? AND last_index > ?", (group_id, index))
+        return load_open_segment(conn, group_id)
+
+
+def load_open_segment(conn, group_id: int) -> OpenSegment | None:
+    """Rebuild the in-memory state of the group's open segment from its records (at open, and after
+    truncation). Only the open segment is read: its size is bounded by the segment policy."""
+    row = conn.execute("SELECT segment_id, first_index, created_at FROM log_segments "
+                       "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1",
+                       (group_id,)).fetchone()
+    if row is None:
+        return None
+    seg = OpenSegment(row[0], row[1], 0, 0, row[2], 0)
+    base = group_id * SPAN
+    for idx, n, crc in conn.execute(
+            "SELECT idx, length(payload), crc32 FROM log_entries WHERE key >= ? AND key < ? ORDER BY key",
+            (base + seg.first_index, base + SPAN)):
+        if idx != seg.first_index + seg.count:
+            raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: open segment {seg.segment_id} has a gap "
+                                  f"at index {seg.first_index + seg.count} (found {idx})")
+        seg.count += 1
+        seg.nbytes += n
+        seg.checksum = chain_crc(seg.checksum, crc)
+    return seg
+
+
+class WalReader:
+    """Reads records back, verifying each record's CRC32 (a mismatch raises
+    :class:`CorruptionError` naming file, group and index)."""
+
+    SELECT_ONE = "SELECT term, kind, payload, crc32 FROM log_entries WHERE key=?"
+    SELECT_RANGE = "SELECT idx, term, kind, payload, crc32 FROM log_entries WHERE key >= ? AND key < ? ORDER BY key"
+
+    def __init__(self, entry_type):
+        self.entry_type = entry_type
+
+    def get(self, conn, group_id: int, idx: int):
+        """The entry at ``idx`` or None if there is no record."""
+        row = conn.execute(self.SELECT_ONE, (group_id * SPAN + idx,)).fetchone()
+        if row is None:
+            return None
+        term, kind, payload, crc = row
+        if record_crc(group_id, idx, term, kind, payload) != crc:
+            raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
+        return self.entry_type(idx, term, payload, kind)
+
+    def term(self, conn, group_id: int, idx: int) -> int | None:
+        """The term at ``idx`` (the record's CRC is verified), or None if there is no record."""
+        e = self.get(conn, group_id, idx)
+        return None if e is None else e.term
+
+    def scan(self, conn, group_id: int, lo: int, hi: int, max_bytes: int | None = None):
+        """Yield entries ``lo <= idx < hi`` in order, verifying each CRC; stops early (after at least
+        one entry) once ``max_bytes`` of payload would be exceeded, or at the first missing index."""
+        base = group_id * SPAN
+        total = 0
+        expect = lo
+        make = self.entry_type
+        for idx, term, kind, payload, crc in conn.execute(self.SELECT_RANGE, (base + lo, base + hi)):
+            if idx != expect:
+                return
+            if zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind))) != crc:
+                raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
+            total += len(payload)
+            if max_bytes is not None and total > max_bytes and idx > lo:
+                return
+            yield make(idx, term, payload, kind)
+            expect += 1
+
+
+class WalCompactor:
+    """Deletes whole sealed segments of a group whose every record is ``<= up_to``; the caller
+    guarantees (and the database trigger enforces) that a DURABLE snapshot covers ``up_to``."""
+
+    def removable(self, conn, group_id: int, up_to: int) -> list[tuple[int, int, int]]:
+        """Sealed segments ``(segment_id, first_index, last_index)`` entirely at or below ``up_to``."""
+        return conn.execute("SELECT segment_id, first_index, last_index FROM log_segments WHERE group_id=? "
+                            "AND last_index IS NOT NULL AND last_index <= ? ORDER BY first_index",
+                            (group_id, up_to)).fetchall()
+
+    def remove(self, conn, group_id: int, segment: tuple[int, int, int]) -> int:
+        """Delete one sealed segment's records and row; returns the number of records removed."""
+        seg_id, first, last = segment
+        base = group_id * SPAN
+        conn.execute("DELETE FROM log_entries WHERE key >= ? AND key <= ?", (base + first, base + last))
+        n = conn.changes()
+        conn.execute("DELETE FROM log_segments WHERE segment_id=?", (seg_id,))
+        return n
