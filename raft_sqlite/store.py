@@ -128,6 +128,11 @@ class NodeStore:
         self._groups: dict[str, _Group] = {}
         self._views: dict[tuple[str, str], object] = {}
         self._syncer = None
+        #: Held by a hot backup while it copies; snapshot retention/orphan removal take it before
+        #: deleting chunks, so a backup's chunks.db holds every chunk its raft.db manifests name.
+        self.gc_lock = threading.RLock()
+        #: Serialises use of ``chunks_conn`` (the snapshot chunk database's write connection).
+        self.chunks_lock = threading.RLock()
         self._closed = False
         self._conn = None
         self.chunks_conn = None
