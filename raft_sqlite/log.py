@@ -6,7 +6,7 @@ import enum
 from typing import NamedTuple, Sequence
 
 from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
-                     LogUnavailableError)
+                     LogUnavailableError, RaftSqliteError)
 
 
 class EntryKind(enum.IntEnum):
@@ -87,6 +87,8 @@ class PersistentRaftLog:
         self.group = name
 
     def _g(self):
+        if self._store._closed:
+            raise RaftSqliteError("the store is closed")
         return self._store._groups[self.group]
 
     @property
@@ -141,6 +143,33 @@ class PersistentRaftLog:
 
         return self._store._run(name, check, write)
 
+    def append_next(self, term: int, payloads: Sequence[bytes], kind: EntryKind = EntryKind.NORMAL) -> int:
+        """Append ``payloads`` as new entries of ``term`` right after whatever the log ends with when the
+        write is applied, and return the new ``last_index`` (the entries hold
+        ``last_index - len(payloads) + 1 .. last_index``). This is the leader's path: many threads may
+        propose at once without coordinating indexes, and their entries still share one commit and one
+        fsync. Same durability and errors as :meth:`append` (a term below the last entry's term raises
+        :class:`LogConflictError`)."""
+        proto = validate_entries([LogEntry(1 + i, term, p, kind) for i, p in enumerate(payloads)])
+        if not proto:
+            return self._store._pending_group(self.group).last_index
+        term = proto[0].term
+        name = self.group
+        box = []
+
+        def check(g):
+            if term < g.last_term:
+                raise LogConflictError(f"group {name!r}: term {term} is below the last entry's term {g.last_term}")
+            base = g.last_index
+            box[:] = [LogEntry(base + e.index, e.term, e.data, e.kind) for e in proto]
+            g.last_index, g.last_term = base + len(proto), term
+            return g.last_index
+
+        def write(conn, g, _):
+            g.seg = self._store._wal.append(conn, g.gid, g.seg, box)
+
+        return self._store._run(name, check, write)
+
     def get(self, index: int) -> LogEntry:
         """The entry at ``index`` (its CRC verified). Raises :class:`LogCompactedError` below
         ``first_index``, :class:`LogUnavailableError` above ``last_index``."""
@@ -173,7 +202,9 @@ class PersistentRaftLog:
             max_bytes = _int("max_bytes", max_bytes)
         if hi < lo:
             raise ValueError(f"entries(lo={lo}, hi={hi}): hi must be >= lo")
-        g = self._check_range(lo)
+        g = self._g()
+        if lo < g.first_index:
+            raise LogCompactedError(f"group {self.group!r}: index {lo} is compacted (first index {g.first_index})")
         if hi - 1 > g.last_index:
             raise LogUnavailableError(f"group {self.group!r}: entries up to {hi - 1} requested, last index is "
                                       f"{g.last_index}")

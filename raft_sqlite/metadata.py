@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-from .errors import MetadataError
+from .errors import MetadataError, RaftSqliteError
 from .log import _int
 
 
@@ -41,6 +41,8 @@ class RaftMetadataStore:
         self.group = name
 
     def _g(self):
+        if self._store._closed:
+            raise RaftSqliteError("the store is closed")
         return self._store._groups[self.group]
 
     @property
