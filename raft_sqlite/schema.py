@@ -42,7 +42,7 @@ class AnyValue(TypeDecorator):
 #: Data format written into the node record. A store whose format is newer is refused.
 FORMAT_VERSION = 1
 #: alembic head revisions this code knows (checked against the migrations by the tests).
-MAIN_HEAD = "0001_main"
+MAIN_HEAD = "0002_main_views"
 CHUNKS_HEAD = "0001_chunks"
 MAIN_DB = "raft.db"
 CHUNKS_DB = "chunks.db"
@@ -198,3 +198,91 @@ SELECT g.group_id, g.name, m.current_term, m.voted_for, m.commit_index, g.first_
        (SELECT count(*) FROM log_segments s WHERE s.group_id = g.group_id) AS segments
 FROM groups g LEFT JOIN raft_meta m ON m.group_id = g.group_id
 """
+
+# ---------------------------------------------------------------------------------------------- views
+# Read-only views for ad-hoc inspection (``raft-sqlite sql``, notebooks), created by migration
+# 0002_main_views. Times are UTC; ``*_age_s`` columns are seconds before the query ran. The views of
+# backups and recovery events are named ``backup_history`` and ``recovery_log`` because the tables
+# ``backups`` and ``recovery_events`` already own those names.
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_G_LO = f"g.group_id * {KEY_SPAN}"
+_G_HI = f"(g.group_id + 1) * {KEY_SPAN}"
+
+#: view name -> SELECT (``CREATE VIEW <name> AS <select>``), in creation order.
+VIEWS: dict[str, str] = {
+    # One row per group: Raft hard state, log bounds, entries held, payload bytes stored (sealed segments'
+    # byte counts plus the open segment's rows: bounded cost), segments, ages of the oldest segment and of
+    # the newest durable snapshot.
+    "group_status": f"""
+SELECT g.group_id, g.name, m.current_term, m.voted_for, m.commit_index, g.first_index,
+       max(g.first_index - 1, COALESCE((SELECT max(e.idx) FROM log_entries e
+                                        WHERE e.key >= {_G_LO} AND e.key < {_G_HI}), 0)) AS last_index,
+       max(g.first_index - 1, COALESCE((SELECT max(e.idx) FROM log_entries e
+                                        WHERE e.key >= {_G_LO} AND e.key < {_G_HI}), 0)) - g.first_index + 1
+           AS entries,
+       COALESCE((SELECT sum(s.bytes) FROM log_segments s
+                 WHERE s.group_id = g.group_id AND s.last_index IS NOT NULL), 0)
+       + COALESCE((SELECT sum(length(e.payload)) FROM log_entries e
+                   WHERE e.key >= {_G_LO} + COALESCE((SELECT max(s.first_index) FROM log_segments s
+                                                      WHERE s.group_id = g.group_id AND s.last_index IS NULL),
+                                                     {KEY_SPAN})
+                     AND e.key < {_G_HI}), 0) AS stored_bytes,
+       g.snapshot_index, g.snapshot_term, g.recovered_partially,
+       (SELECT count(*) FROM log_segments s WHERE s.group_id = g.group_id) AS segments,
+       {_NOW} - (SELECT min(s.created_at) FROM log_segments s WHERE s.group_id = g.group_id)
+           AS oldest_segment_age_s,
+       {_NOW} - (SELECT max(sn.finished_at) FROM snapshots sn
+                 WHERE sn.group_id = g.group_id AND sn.status = 'DURABLE') AS newest_snapshot_age_s
+FROM groups g LEFT JOIN raft_meta m ON m.group_id = g.group_id""",
+    # One row per snapshot manifest with its chain: base_id is the FULL snapshot the chain starts from
+    # (NULL: the chain is broken), chain_depth the number of DELTA links above it.
+    "snapshot_chain": f"""
+WITH RECURSIVE chain(snapshot_id, cur_id, cur_kind, cur_parent, depth) AS (
+    SELECT snapshot_id, snapshot_id, kind, parent_id, 0 FROM snapshots
+    UNION ALL
+    SELECT c.snapshot_id, p.snapshot_id, p.kind, p.parent_id, c.depth + 1
+    FROM chain c JOIN snapshots p ON p.snapshot_id = c.cur_parent
+    WHERE c.cur_kind = 'DELTA' AND c.depth < 100000)
+SELECT s.snapshot_id, g.name AS group_name, s.group_id, s.idx, s.term, s.kind, s.parent_id, s.status,
+       s.size, s.chunk_count, b.cur_id AS base_id, b.depth AS chain_depth,
+       s.idx = g.snapshot_index AND s.status = 'DURABLE' AS is_newest,
+       datetime(s.created_at, 'unixepoch') AS created_utc,
+       s.finished_at - s.created_at AS duration_s,
+       {_NOW} - s.finished_at AS age_s
+FROM snapshots s JOIN groups g ON g.group_id = s.group_id
+LEFT JOIN chain b ON b.snapshot_id = s.snapshot_id AND b.cur_kind = 'FULL'""",
+    # One row per log segment; the open segment's counts are computed from its rows.
+    "segments": f"""
+SELECT s.segment_id, g.name AS group_name, s.group_id, s.first_index,
+       COALESCE(s.last_index, (SELECT max(e.idx) FROM log_entries e
+                               WHERE e.key >= {_G_LO} + s.first_index AND e.key < {_G_HI})) AS last_index,
+       CASE WHEN s.last_index IS NULL THEN 'open' ELSE 'sealed' END AS state,
+       COALESCE(s.entry_count, (SELECT count(*) FROM log_entries e
+                                WHERE e.key >= {_G_LO} + s.first_index AND e.key < {_G_HI})) AS entry_count,
+       COALESCE(s.bytes, (SELECT COALESCE(sum(length(e.payload)), 0) FROM log_entries e
+                          WHERE e.key >= {_G_LO} + s.first_index AND e.key < {_G_HI})) AS bytes,
+       datetime(s.created_at, 'unixepoch') AS created_utc, datetime(s.sealed_at, 'unixepoch') AS sealed_utc,
+       {_NOW} - s.created_at AS age_s,
+       CASE WHEN s.checksum IS NULL THEN NULL ELSE printf('%08x', s.checksum) END AS checksum_hex,
+       s.last_index IS NOT NULL AND s.last_index < g.first_index AS compactable
+FROM log_segments s JOIN groups g ON g.group_id = s.group_id""",
+    # The ``backups`` table with readable times and ages.
+    "backup_history": f"""
+SELECT backup_id, path, datetime(created_at, 'unixepoch') AS created_utc, size, duration AS duration_s,
+       {_NOW} - created_at AS age_s, manifest_sha256
+FROM backups""",
+    # The ``recovery_events`` table with the JSON details unpacked (NULL where details is not JSON).
+    "recovery_log": """
+SELECT event_id, datetime(at, 'unixepoch') AS at_utc, kind, policy, outcome,
+       round(duration * 1000.0, 3) AS duration_ms,
+       CASE WHEN json_valid(details) THEN json_extract(details, '$.groups') END AS groups,
+       CASE WHEN json_valid(details) THEN json_extract(details, '$.entries_validated') END AS entries_validated,
+       CASE WHEN json_valid(details) THEN json_extract(details, '$.bytes_validated') END AS bytes_validated,
+       CASE WHEN json_valid(details) THEN json_extract(details, '$.segments_validated') END AS segments_validated,
+       CASE WHEN json_valid(details) THEN json_extract(details, '$.snapshots_validated') END
+           AS snapshots_validated,
+       CASE WHEN json_valid(details) THEN json_array_length(details, '$.dropped') END AS dropped,
+       CASE WHEN json_valid(details) THEN json_array_length(details, '$.problems') END AS problems,
+       details
+FROM recovery_events""",
+}
