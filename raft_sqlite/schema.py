@@ -138,7 +138,11 @@ snapshots = Table(
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
     Column("crc32", BigInteger, nullable=True),  # over the manifest fields
+    # local: taken from this node's state machine (a WRITING one is an orphan after a crash, removed on
+    # open); install: streamed from a leader (a WRITING one is resumable across restarts)
+    Column("source", Text, nullable=False, server_default="local"),
     CheckConstraint("kind IN ('FULL', 'DELTA')", name="snapshot_kind"),
+    CheckConstraint("source IN ('local', 'install')", name="snapshot_source"),
     CheckConstraint("status IN ('WRITING', 'DURABLE')", name="snapshot_status"),
     Index("snapshots_group", "group_id", "status", "idx"),
 )
