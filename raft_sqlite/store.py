@@ -139,7 +139,9 @@ class NodeStore:
         try:
             self._open_files()
             self._recover()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StorageFault):
+                self._fault = exc  # close without SQLite's checkpoint-on-close (see _close_connections)
             self._close_connections()
             raise
         if FSYNC_MODES[self.fsync]["interval_sync"]:
@@ -268,8 +270,15 @@ class NodeStore:
         self._close_connections()
 
     def _close_connections(self):
+        # After a storage fault, never let SQLite checkpoint on close: that writes the database and
+        # fsyncs the WAL again, and a retried fsync can report success for data the kernel dropped
+        # when the first one failed (fail-stop: no I/O at all until the store is reopened).
+        faulted = self._fault is not None
         for c in self._all_readers + [self._conn, self.chunks_conn]:
             if c is not None:
+                if faulted:
+                    with contextlib.suppress(apsw.Error):
+                        c.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
                 with contextlib.suppress(apsw.Error):
                     c.close()
         self._all_readers.clear()

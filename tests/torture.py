@@ -1,0 +1,562 @@
+"""Reusable pieces of the crash and disk-fault torture suite (issue 6).
+
+* :class:`Workload`: a deterministic workload per Raft group, generated from a seed together with its
+  *model*: ``states(g)[k]`` is exactly what group ``g`` must hold after its first ``k`` operations
+  (``k == 0``: the group does not exist). Operations: group creation, single and batched appends,
+  ``truncate_after`` conflicts (alone, or resolved with an append of a newer term in one transaction),
+  ``set_term_and_vote``, ``set_commit_index`` and multi-write transactions; snapshot + compaction and
+  hot-backup steps are added when :mod:`raft_sqlite.snapshot` / :mod:`raft_sqlite.backup` exist.
+* :func:`run_workload` / :func:`run_threaded`: execute it on a store and record, per group, how many
+  operations were *acknowledged* (their call returned).
+* :func:`check_store`: reopen a data_dir with the normal VFS under STRICT recovery and compare every
+  group with the model: after ``acked`` operations the group must be in state ``acked`` or, if an
+  operation was in flight, ``acked + 1`` (its outcome is unknown). Anything else is a *lost* write;
+  a refused open is *unopenable*.
+* :func:`powerloss_run`: one power-loss experiment with :class:`~tests.support.faultvfs.FaultVFS`.
+* :func:`writer_main`: the SIGKILL campaign's writer process (prints every acknowledged operation).
+* :class:`Tally` / :func:`print_table`: the summary table each campaign prints.
+
+How a store is put under the fault VFS: ``NodeStore.open`` runs alembic (through the stdlib ``sqlite3``
+module, not through any apsw VFS) when it *creates* a store, so campaigns create a template store
+with the normal VFS once (:func:`make_template`: open + close), copy it for every run, and only then
+open the copy with ``vfs=<fault vfs name>``. The copy's files count as durable as found. To put
+checkpoints and WAL restarts (the most delicate moments of WAL mode) inside a small workload, the
+harness lowers ``wal_autocheckpoint`` on the store's write connection (``checkpoint_every``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import apsw
+
+from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy, StorageFault
+from raft_sqlite.wal import SegmentPolicy
+
+try:
+    from tests.support import faultvfs
+except ImportError:  # pragma: no cover - tests/ itself on sys.path
+    from support import faultvfs
+
+NODE, CLUSTER = "n1", "c1"
+#: small segments so that rotation, sealing and sidecar checksums are inside every crash window
+SEGMENTS = SegmentPolicy(max_entries=12)
+
+
+def have_module(name: str) -> bool:
+    """True if ``raft_sqlite.<name>`` exists and imports (snapshot/backup land in parallel)."""
+    try:
+        __import__(f"raft_sqlite.{name}")
+    except Exception:  # noqa: BLE001 - missing or half-written module: leave its steps out
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- model
+class GState(NamedTuple):
+    """What one group holds (``exists`` False: the group does not exist yet)."""
+
+    exists: bool
+    first: int = 1
+    entries: tuple = ()  # ((index, term, data), ...) from first to last
+    term: int = 0
+    vote: object = None
+    commit: int = 0
+
+    @property
+    def last(self) -> int:
+        return self.entries[-1][0] if self.entries else self.first - 1
+
+
+ABSENT = GState(False)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One workload operation on ``group``; ``kind`` is one of :data:`OP_KINDS`."""
+
+    kind: str
+    group: str
+    args: tuple = ()
+
+    def __str__(self):
+        a = ", ".join(_short(x) for x in self.args)
+        return f"{self.kind}({self.group}: {a})"
+
+
+def _short(x) -> str:
+    if isinstance(x, Op):
+        return str(x)
+    if isinstance(x, list):
+        return f"[{len(x)} entries {x[0].index}..{x[-1].index} t{x[-1].term}]" if x else "[]"
+    return repr(x)
+
+
+OP_KINDS = ("create", "append", "append_batch", "truncate", "term_vote", "commit", "tx")
+
+
+def _payload(rng: random.Random, tag: str) -> bytes:
+    r = rng.random()
+    n = rng.randint(1, 200) if r < 0.85 else rng.randint(1000, 5000) if r < 0.97 else rng.randint(9000, 20000)
+    head = tag.encode()
+    return head + rng.randbytes(max(0, n - len(head)))
+
+
+class _Gen:
+    """Generates one group's operations while keeping its model up to date."""
+
+    def __init__(self, group: str, rng: random.Random):
+        self.g, self.rng = group, rng
+        self.first, self.entries, self.term, self.vote, self.commit = 1, [], 0, None, 0
+
+    @property
+    def last(self) -> int:
+        return self.entries[-1][0] if self.entries else self.first - 1
+
+    @property
+    def last_term(self) -> int:
+        return self.entries[-1][1] if self.entries else 0
+
+    def state(self) -> GState:
+        return GState(True, self.first, tuple(self.entries), self.term, self.vote, self.commit)
+
+    def apply(self, op: Op) -> None:
+        k, a = op.kind, op.args
+        if k in ("append", "append_batch"):
+            self.entries.extend((e.index, e.term, e.data) for e in a[0])
+        elif k == "truncate":
+            del self.entries[a[0] - self.first + 1:]
+        elif k == "term_vote":
+            self.term, self.vote = a
+        elif k == "commit":
+            self.commit = a[0]
+        elif k == "tx":
+            for sub in a:
+                self.apply(sub)
+
+    def _entries(self, n: int, serial: int) -> list[LogEntry]:
+        i0 = self.last + 1
+        return [LogEntry(i0 + j, self.term, _payload(self.rng, f"{self.g}:{i0 + j}:{serial}:")) for j in range(n)]
+
+    def _term_vote(self) -> Op:
+        r = self.rng.random()
+        if self.vote is None and self.term > 0 and r < 0.3:
+            return Op("term_vote", self.g, (self.term, self.rng.choice(["n1", "n2", 3])))
+        return Op("term_vote", self.g, (self.term + 1, self.rng.choice([None, "n1", "n2", 2])))
+
+    def next(self, serial: int) -> Op:
+        """The next operation (and apply it to the model)."""
+        rng = self.rng
+        if self.term == 0:
+            op = Op("term_vote", self.g, (1, "n1"))
+        else:
+            r = rng.random()
+            if r < 0.28:
+                op = Op("append", self.g, (self._entries(1, serial),))
+            elif r < 0.46:
+                op = Op("append_batch", self.g, (self._entries(rng.randint(2, 9), serial),))
+            elif r < 0.56:
+                op = self._term_vote()
+            elif r < 0.70 and self.last > self.commit:
+                op = Op("commit", self.g, (rng.randint(self.commit + 1, self.last),))
+            elif r < 0.80 and self.last > self.commit:
+                op = Op("truncate", self.g, (rng.randint(max(self.commit, self.first - 1), self.last - 1),))
+            elif r < 0.90 and self.last > self.commit:
+                # conflict resolution by a new leader: truncate, then append entries of a newer term, atomically
+                cut = rng.randint(max(self.commit, self.first - 1), self.last - 1)
+                self.apply(Op("truncate", self.g, (cut,)))  # temporarily, to build the append
+                tv = Op("term_vote", self.g, (self.term + 1, None))
+                self.apply(tv)
+                app = Op("append_batch", self.g, (self._entries(rng.randint(1, 4), serial),))
+                op = Op("tx", self.g, (Op("truncate", self.g, (cut,)), tv, app))
+                self.apply(app)
+                return op
+            else:
+                subs = [Op("append_batch", self.g, (self._entries(rng.randint(1, 5), serial),))]
+                self.apply(subs[0])
+                if rng.random() < 0.5:
+                    subs.append(Op("commit", self.g, (rng.randint(self.commit, self.last),)))
+                else:
+                    subs.append(self._term_vote())
+                self.apply(subs[1])
+                return Op("tx", self.g, tuple(subs))
+        self.apply(op)
+        return op
+
+
+class Workload:
+    """A deterministic workload: ``ops(g)`` (group ``g``'s operations, the first creates it),
+    ``states(g)[k]`` (its model after ``k`` operations) and ``order`` (a seeded interleaving of all
+    groups' operations as ``(group, k)`` pairs, k 1-based)."""
+
+    def __init__(self, seed: int, groups=("a", "b", "c"), ops_per_group: int = 12):
+        self.seed, self.groups = seed, tuple(groups)
+        self._ops: dict[str, list[Op]] = {}
+        self._states: dict[str, list[GState]] = {}
+        for gi, g in enumerate(self.groups):
+            gen = _Gen(g, random.Random(f"{seed}/{g}"))
+            ops, states = [Op("create", g)], [ABSENT, gen.state()]
+            for serial in range(1, ops_per_group):
+                ops.append(gen.next(serial))
+                states.append(gen.state())
+            self._ops[g], self._states[g] = ops, states
+        rng = random.Random(f"{seed}/order")
+        left = {g: len(self._ops[g]) for g in self.groups}
+        done = {g: 0 for g in self.groups}
+        self.order: list[tuple[str, int]] = []
+        while any(left.values()):
+            g = rng.choice([g for g in self.groups if left[g]])
+            done[g] += 1
+            left[g] -= 1
+            self.order.append((g, done[g]))
+
+    def ops(self, g: str) -> list[Op]:
+        return self._ops[g]
+
+    def states(self, g: str) -> list[GState]:
+        return self._states[g]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def execute(store: NodeStore, op: Op) -> None:
+    """Perform ``op`` on ``store`` (raises whatever the store raises)."""
+    k, g, a = op.kind, op.group, op.args
+    if k == "create":
+        store.log(g)
+    elif k in ("append", "append_batch"):
+        store.log(g).append(a[0])
+    elif k == "truncate":
+        store.log(g).truncate_after(a[0])
+    elif k == "term_vote":
+        store.metadata(g).set_term_and_vote(*a)
+    elif k == "commit":
+        store.metadata(g).set_commit_index(a[0])
+    elif k == "tx":
+        with store.transaction():
+            for sub in a:
+                execute(store, sub)
+    else:  # pragma: no cover
+        raise ValueError(op)
+
+
+def open_store(path, *, fsync=FsyncMode.FULL, vfs=None, checkpoint_every: int | None = None, **kw) -> NodeStore:
+    """Open node n1/c1 at ``path`` the way the campaigns do (small segments, STRICT recovery)."""
+    s = NodeStore.open(path, NODE, cluster_id=CLUSTER, fsync=fsync, vfs=vfs, segment_policy=SEGMENTS,
+                       recovery=RecoveryPolicy.STRICT, **kw)
+    if checkpoint_every is not None:
+        s._conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_every)}")
+    return s
+
+
+def run_workload(store: NodeStore, wl: Workload, acked: dict, on_ack=None, upto: int | None = None) -> None:
+    """Run ``wl.order`` (its first ``upto`` steps) on ``store``; ``acked[g]`` counts returned ops."""
+    for g, k in wl.order[:upto]:
+        execute(store, wl.ops(g)[k - 1])
+        acked[g] = k
+        if on_ack is not None:
+            on_ack(g, k)
+
+
+def run_threaded(store: NodeStore, wl: Workload, acked: dict, on_ack=None) -> list[BaseException]:
+    """One thread per group (their commits coalesce in the group committer). Returns the errors that
+    stopped threads (empty if every group finished)."""
+    errors: list[BaseException] = []
+
+    def one(g):
+        try:
+            for k, op in enumerate(wl.ops(g), 1):
+                execute(store, op)
+                acked[g] = k
+                if on_ack is not None:
+                    on_ack(g, k)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(g,)) for g in wl.groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def make_template(path) -> str:
+    """Create (once) an empty store at ``path`` with the normal VFS (alembic runs here) and close it."""
+    path = os.fspath(path)
+    if not os.path.exists(os.path.join(path, "raft.db")):
+        open_store(path).close()
+    return path
+
+
+def copy_store(template: str, dst: str) -> str:
+    """Copy a closed store's files (not -shm) to a fresh ``dst``."""
+    os.makedirs(dst, mode=0o700)
+    for name in os.listdir(template):
+        if not name.endswith("-shm"):
+            shutil.copy2(os.path.join(template, name), os.path.join(dst, name))
+    return dst
+
+
+def read_state(store: NodeStore, g: str) -> GState:
+    """What ``store`` holds for group ``g`` (entries read through ``entries()``: CRCs verified)."""
+    if g not in store.groups():
+        return ABSENT
+    lg, md = store.log(g), store.metadata(g)
+    first, last = lg.first_index, lg.last_index
+    es = tuple((e.index, e.term, e.data) for e in lg.entries(first, last + 1)) if last >= first else ()
+    hs = md.hard_state
+    return GState(True, first, es, hs.current_term, hs.voted_for, hs.commit_index)
+
+
+def _diff(got: GState, want: GState) -> str:
+    if got.exists != want.exists:
+        return f"exists={got.exists}, expected {want.exists}"
+    out = []
+    for f in ("first", "last", "term", "vote", "commit"):
+        a, b = getattr(got, f), getattr(want, f)
+        if a != b or type(a) is not type(b):
+            out.append(f"{f}={a!r} (expected {b!r})")
+    if got.entries != want.entries:
+        bad = next((i for i, (x, y) in enumerate(zip(got.entries, want.entries)) if x != y), None)
+        if bad is not None:
+            out.append(f"entry {got.entries[bad][0]} differs")
+        else:
+            out.append(f"{len(got.entries)} entries, expected {len(want.entries)}")
+    return ", ".join(out) or "equal"
+
+
+@dataclass
+class Verdict:
+    """Outcome of checking one crash state."""
+
+    ok: bool
+    unopenable: bool = False
+    lost: int = 0  # groups whose state matched none of the allowed model states
+    acked: int = 0  # acknowledged operations checked
+    detail: str = ""
+    in_flight_applied: int = 0  # groups where the in-flight op turned out durable
+
+
+def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, fsync=FsyncMode.FULL) -> Verdict:
+    """Reopen ``path`` with the normal VFS (STRICT) and compare each group with the model.
+
+    Group ``g`` must be in state ``k`` for some ``floor[g] <= k <= acked[g] + 1`` (``floor``
+    defaults to ``acked``: every acknowledged operation is there; the one in flight may be)."""
+    floor = acked if floor is None else floor
+    try:
+        store = open_store(path, fsync=fsync)
+    except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
+        return Verdict(False, unopenable=True, acked=sum(acked.values()),
+                       detail=f"reopen failed: {type(exc).__name__}: {exc}")
+    v = Verdict(True, acked=sum(acked.values()))
+    try:
+        extra = set(store.groups()) - set(wl.groups)
+        if extra:
+            v.ok, v.detail = False, f"unexpected groups {sorted(extra)}"
+        for g in wl.groups:
+            states = wl.states(g)
+            try:
+                got = read_state(store, g)
+            except Exception as exc:  # noqa: BLE001
+                v.ok, v.lost = False, v.lost + 1
+                v.detail += f" group {g}: read failed: {type(exc).__name__}: {exc};"
+                continue
+            lo, hi = floor.get(g, 0), min(acked.get(g, 0) + 1, len(states) - 1)
+            match = [k for k in range(lo, hi + 1) if states[k] == got and
+                     type(states[k].vote) is type(got.vote)]
+            if not match:
+                v.ok, v.lost = False, v.lost + 1
+                v.detail += (f" group {g}: acked {acked.get(g, 0)} (floor {lo}) but state matches no model state "
+                             f"in {lo}..{hi}; vs state {acked.get(g, 0)}: {_diff(got, states[acked.get(g, 0)])};")
+            elif match[-1] > acked.get(g, 0):
+                v.in_flight_applied += 1
+    finally:
+        store.close()
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- tallies
+@dataclass
+class Tally:
+    """Counters of one campaign (one row of the summary table)."""
+
+    name: str
+    crash_states: int = 0
+    kills: int = 0
+    faults: int = 0
+    acked_checked: int = 0
+    lost: int = 0
+    unopenable: int = 0
+    in_flight_applied: int = 0
+    seconds: float = 0.0
+    failures: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def add(self, v: Verdict, where: str) -> None:
+        self.acked_checked += v.acked
+        self.lost += v.lost
+        self.unopenable += v.unopenable
+        self.in_flight_applied += v.in_flight_applied
+        if not v.ok and len(self.failures) < 20:
+            self.failures.append(f"{where}: {v.detail}")
+
+    def assert_clean(self) -> None:
+        assert self.lost == 0 and self.unopenable == 0 and not self.failures, \
+            f"{self.name}: lost={self.lost} unopenable={self.unopenable}\n" + "\n".join(self.failures)
+
+
+COLUMNS = ("campaign", "crash states", "kills", "faults injected", "acked writes checked", "lost",
+           "unopenable", "in-flight applied", "seconds")
+
+
+def table(tallies: list[Tally]) -> str:
+    """The summary table as markdown."""
+    rows = [[t.name, t.crash_states, t.kills, t.faults, t.acked_checked, t.lost, t.unopenable,
+             t.in_flight_applied, f"{t.seconds:.1f}"] for t in tallies]
+    widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *rows)]
+    fmt = "| " + " | ".join("{:>%d}" % w for w in widths) + " |"
+    lines = [fmt.format(*COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(title: str, tallies: list[Tally]) -> None:
+    """Print the summary (visible with ``pytest -s``) and notes."""
+    print(f"\n{title}\n{table(tallies)}", flush=True)
+    for t in tallies:
+        for n in t.notes:
+            print(f"  {t.name}: {n}")
+
+
+# ---------------------------------------------------------------------------------------------- power loss
+_vfs_names = itertools.count()
+
+
+def new_vfs(root: str) -> faultvfs.FaultVFS:
+    """A fresh FaultVFS (unique name) tracking the files under ``root``."""
+    return faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=root)
+
+
+class SyncTracker:
+    """NORMAL mode: the store's interval syncer calls ``os.fdatasync`` on the WAL directly (not through
+    SQLite, so not through the VFS). This wraps the syncer so that a completed interval sync also makes
+    the WAL's pending writes durable in the fault VFS's model (nothing after a power cut), and records
+    ``acked`` as it was when the sync started: the documented loss window's floor."""
+
+    def __init__(self, store: NodeStore, vfs: faultvfs.FaultVFS, acked: dict):
+        self.floor = {g: 0 for g in acked}
+        self.syncs = 0
+        syncer = store._syncer
+        if syncer is None:
+            return
+        orig = syncer.sync
+
+        def sync(wal):
+            before = dict(acked)
+            with vfs._lock:
+                if vfs.crashed:
+                    return
+                orig(wal)
+                st = vfs._files.get(os.path.realpath(wal))
+                if st is not None and st.durable is not None:
+                    st.durable = faultvfs._apply(st.durable, st.pending)
+                    st.pending = []
+            self.floor = before
+            self.syncs += 1
+
+        syncer.sync = sync
+
+
+@dataclass
+class RunResult:
+    crashed: bool
+    acked: dict
+    error: BaseException | None
+    floor: dict | None = None
+    vfs: faultvfs.FaultVFS | None = None
+    counters: dict | None = None
+
+
+def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.FULL, crash: dict | None = None,
+                  checkpoint_every: int | None = 40, threaded: bool = False, slow_ops: float = 0.0) -> RunResult:
+    """Copy ``template`` to ``run_dir/live``, open it through a fresh FaultVFS armed with ``crash``
+    (``{"at_sync": n}`` / ``{"at_write": n}``, or None for a dry run), run ``wl`` and close. The
+    returned RunResult holds the VFS (call ``write_crash_image``; then ``vfs.unregister()``)."""
+    live = copy_store(template, os.path.join(run_dir, "live"))
+    vfs = new_vfs(live)
+    if crash:
+        vfs.arm_crash(**crash)
+    acked = {g: 0 for g in wl.groups}
+    store, err, tracker = None, None, None
+    try:
+        store = open_store(live, fsync=fsync, vfs=vfs.name, checkpoint_every=checkpoint_every,
+                           fsync_interval=0.002)
+        tracker = SyncTracker(store, vfs, acked)
+        if threaded:
+            errs = run_threaded(store, wl, acked)
+            if errs:
+                raise errs[0]
+        else:
+            run_workload(store, wl, acked, on_ack=(lambda g, k: time.sleep(slow_ops)) if slow_ops else None)
+        store.close()
+    except (RaftSqliteError, apsw.Error) as exc:
+        err = exc
+    finally:
+        if store is not None:
+            store.close()
+    return RunResult(vfs.crashed, acked, err, tracker.floor if tracker else {g: 0 for g in wl.groups}, vfs,
+                     dict(vfs.counters))
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL writer
+def writer_main(argv=None) -> None:
+    """``python -c 'from tests.torture import writer_main; writer_main()' DIR SEED OPS MODE THREADED``:
+    run the workload on DIR and print ``A <group> <k>`` (flushed) after each acknowledged op, then
+    ``DONE``. Exits 3 on an error."""
+    argv = sys.argv[1:] if argv is None else argv
+    path, seed, ops, mode, threaded = argv[0], int(argv[1]), int(argv[2]), FsyncMode(argv[3]), argv[4] == "1"
+    wl = Workload(seed, ops_per_group=ops)
+    out = sys.stdout
+    lock = threading.Lock()
+
+    def ack(g, k):
+        with lock:
+            out.write(f"A {g} {k}\n")
+            out.flush()
+
+    acked = {g: 0 for g in wl.groups}
+    try:
+        with open_store(path, fsync=mode, checkpoint_every=60, fsync_interval=0.005) as s:
+            out.write("OPEN\n")
+            out.flush()
+            if threaded:
+                errs = run_threaded(s, wl, acked, ack)
+                if errs:
+                    raise errs[0]
+            else:
+                run_workload(s, wl, acked, ack)
+    except Exception as exc:  # noqa: BLE001
+        out.write(f"ERROR {type(exc).__name__}: {exc}\n")
+        out.flush()
+        sys.exit(3)
+    out.write("DONE\n")
+    out.flush()
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence injected-fault reports that apsw can only send to sys.unraisablehook."""
+    with faultvfs.quiet_injected_faults():
+        yield
