@@ -45,6 +45,12 @@ def validate_entries(entries: Sequence) -> list[LogEntry]:
     out = []
     prev = None
     for e in entries:
+        if (type(e) is LogEntry and type(e[0]) is int and type(e[1]) is int and type(e[2]) is bytes
+                and type(e[3]) is EntryKind and e[0] >= 1 and e[1] >= 0
+                and (prev is None or (e[0] == prev[0] + 1 and e[1] >= prev[1]))):
+            out.append(e)  # fast path: already a well-typed LogEntry that fits
+            prev = e
+            continue
         if type(e) is not LogEntry:
             if not isinstance(e, tuple):
                 raise TypeError(f"log entries must be LogEntry, not {type(e).__name__}")
@@ -139,8 +145,9 @@ class PersistentRaftLog:
             return last.index
 
         def write(conn, g, _):
-            g.seg = self._store._wal.append(conn, g.gid, g.seg, es)
+            g.seg = self._store._wal.append(conn, g.gid, g.seg, es, defer=True)
 
+        write.deferred = True
         return self._store._run(name, check, write)
 
     def append_next(self, term: int, payloads: Sequence[bytes], kind: EntryKind = EntryKind.NORMAL) -> int:
@@ -166,8 +173,9 @@ class PersistentRaftLog:
             return g.last_index
 
         def write(conn, g, _):
-            g.seg = self._store._wal.append(conn, g.gid, g.seg, box)
+            g.seg = self._store._wal.append(conn, g.gid, g.seg, box, defer=True)
 
+        write.deferred = True
         return self._store._run(name, check, write)
 
     def get(self, index: int) -> LogEntry:

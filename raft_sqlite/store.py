@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -9,7 +10,8 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass, replace
+from _thread import allocate_lock as _allocate_lock
+from dataclasses import dataclass
 
 import apsw
 
@@ -49,22 +51,30 @@ class _Group:
         self.seg, self.recovered_partially = seg, recovered_partially
 
     def copy(self) -> "_Group":
-        g = _Group.__new__(_Group)
-        for k in _Group.__slots__:
-            setattr(g, k, getattr(self, k))
-        if g.seg is not None:
-            g.seg = replace(g.seg)
-        return g
+        seg = self.seg
+        return _Group(self.gid, self.name, self.first_index, self.last_index, self.last_term, self.snapshot_index,
+                      self.snapshot_term, self.term, self.vote, self.commit, None if seg is None else seg.copy(),
+                      self.recovered_partially)
+
+
+class _Replay(Exception):
+    """Internal: drop ``req`` from the batch (its SQL already ran) and replay the rest."""
+
+    def __init__(self, req, error):
+        super().__init__(str(error))
+        self.req, self.error = req, error
 
 
 class _Request:
-    __slots__ = ("ops", "done", "result", "error")
+    __slots__ = ("ops", "done", "result", "error", "wake")
 
     def __init__(self, ops):
         self.ops = ops  # list of (group name, check, write)
         self.done = False
         self.result = None
         self.error = None
+        self.wake = _allocate_lock()
+        self.wake.acquire()
 
 
 @dataclass
@@ -118,9 +128,10 @@ class NodeStore:
         self._wal = WalWriter(segment_policy)
         self._reader_wal = WalReader(lambda i, t, d, k: LogEntry(i, t, d, _KINDS[k]))
         self._compactor = WalCompactor()
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: list[_Request] = []
-        self._leading = False
+        self._mu = threading.Lock()
+        self._last_batch = 1
+        self._commit_ema = 0.0  # exponential moving average of commit seconds
+        self._queue: collections.deque[_Request] = collections.deque()
         self._fault: BaseException | None = None
         self._tx = threading.local()
         self._readers: list[apsw.Connection] = []
@@ -264,9 +275,8 @@ class NodeStore:
         self._closed = True
         if self._syncer is not None:
             self._syncer.stop()
-        with self._cond:
-            while self._leading:
-                self._cond.wait()
+        while self._queue:  # let the current leader finish its commit
+            time.sleep(0.001)
         self._close_connections()
 
     def _close_connections(self):
@@ -380,27 +390,54 @@ class NodeStore:
         return req.result[0]
 
     def _submit(self, req: _Request) -> None:
-        cond = self._cond
-        with cond:
-            self._queue.append(req)
-            while not req.done:
-                if not self._leading:
-                    self._leading = True
-                    batch, self._queue = self._queue, []
-                    break
-                cond.wait()
-        if not req.done:
-            try:
-                self._execute(batch)
-            finally:
-                with cond:
-                    self._leading = False
-                    cond.notify_all()
+        """Group commit (a writer queue, as in LevelDB): the writer at the front of the queue leads; it
+        takes every request queued at that moment, applies them in one transaction, commits once (one
+        fsync), then wakes each follower individually and hands leadership to the new front."""
+        q = self._queue
+        with self._mu:
+            q.append(req)
+            lead = len(q) == 1
+        if not lead:
+            req.wake.acquire()  # released when our request is done, or when we are the new front
+            if req.done:
+                if req.error is not None:
+                    raise req.error
+                return
+        target = self._last_batch
+        if len(q) < target:
+            # Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings): the previous batch had
+            # more writers than are queued now, and they are most likely just being woken; yield the GIL
+            # for at most a fraction of one commit's time so that they join this commit.
+            deadline = time.perf_counter() + min(0.25 * self._commit_ema, 0.0004)
+            while len(q) < target and time.perf_counter() < deadline:
+                time.sleep(0)
+        with self._mu:
+            batch = list(q)
+        self._last_batch = len(batch)
+        try:
+            self._execute(batch)
+        finally:
+            with self._mu:
+                for _ in batch:
+                    q.popleft()
+                nxt = q[0] if q else None
+            for r in batch:
+                if r is not req:
+                    r.done = True
+                    r.wake.release()
+            if nxt is not None:
+                nxt.wake.release()
         if req.error is not None:
             raise req.error
 
     def _execute(self, batch: list[_Request]) -> None:
-        """Leader: apply every request of ``batch`` in one transaction, commit (one fsync), publish."""
+        """Leader: apply every request of ``batch`` in one transaction, commit (one fsync), publish.
+
+        Checks run first and write nothing when they refuse. Append rows are not inserted one request at
+        a time: they are collected and inserted with one ``executemany`` at commit (or before any other
+        statement), and a lone single-row append runs as one autocommit statement. A request that fails
+        after some of its SQL ran makes the leader roll back and replay the batch without it.
+        """
         conn = self._conn
         if self._fault is not None or self._closed:
             for r in batch:
@@ -410,59 +447,33 @@ class NodeStore:
                 r.done = True
             return
         t0 = time.perf_counter()
-        work: dict[str, _Group] = {}
-        ok: list[_Request] = []
-        many = len(batch) > 1
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for r in batch:
-                mine: dict[str, _Group] = {}
-                try:
-                    if many:
-                        conn.execute("SAVEPOINT req")
-                    results = []
-                    for name, check, write in r.ops:
-                        g = mine.get(name)
-                        if g is None:
-                            base = work.get(name) or self._groups.get(name)
-                            if base is None:
-                                base = self._create_group(conn, name)
-                            g = mine[name] = base.copy()
-                        if check is None:
-                            results.append(None)
-                            continue
-                        res = check(g)
-                        write(conn, g, res)
-                        results.append(res)
-                    if many:
-                        conn.execute("RELEASE req")
-                except (RaftSqliteError, TypeError, ValueError, apsw.ConstraintError) as exc:
-                    if isinstance(exc, _FAULT_ERRORS):
-                        raise
-                    if many:
-                        conn.execute("ROLLBACK TO req")
-                        conn.execute("RELEASE req")
-                    else:
+        live = [r for r in batch if not r.done]
+        while True:
+            try:
+                work = self._apply(conn, live)
+                break
+            except _Replay as rep:
+                with contextlib.suppress(apsw.Error):
+                    if not conn.getautocommit():
                         conn.execute("ROLLBACK")
-                        conn.execute("BEGIN IMMEDIATE")
-                    r.error = self._translate(exc, "write") if isinstance(exc, apsw.Error) else exc
-                    continue
-                r.result = results
-                work.update(mine)
-                ok.append(r)
-            conn.execute("COMMIT")
-        except apsw.Error as exc:
-            self._fault = exc
-            with contextlib.suppress(apsw.Error):
-                conn.execute("ROLLBACK")
-            err = self._translate(exc, "commit")
-            log.error("%s: storage fault during commit, store is now fail-stop: %s", self.data_dir, exc)
-            for r in batch:
-                r.error = err
-                r.done = True
-            return
+                exc = rep.error
+                rep.req.error = self._translate(exc, "write") if isinstance(exc, apsw.Error) else exc
+                rep.req.done = True
+                live = [r for r in live if r is not rep.req]
+            except apsw.Error as exc:
+                self._fault = exc
+                with contextlib.suppress(apsw.Error):
+                    if not conn.getautocommit():
+                        conn.execute("ROLLBACK")
+                err = self._translate(exc, "commit")
+                log.error("%s: storage fault during commit, store is now fail-stop: %s", self.data_dir, exc)
+                for r in batch:
+                    r.error = err
+                    r.done = True
+                return
         self._groups.update(work)
         dt = time.perf_counter() - t0
+        self._commit_ema = 0.9 * self._commit_ema + 0.1 * dt
         st = self.stats
         st.commits += 1
         st.requests += len(batch)
@@ -477,6 +488,70 @@ class NodeStore:
             log.warning("%s: slow commit: %.3f s for %d requests", self.data_dir, dt, len(batch))
         if self.on_commit is not None:
             self.on_commit(dt, len(batch))
+
+    def _apply(self, conn, batch: list[_Request]) -> dict:
+        """Run the requests of ``batch`` and commit; returns the group states to publish. Raises
+        :class:`_Replay` when one request must be dropped after SQL ran for it."""
+        wal = self._wal
+        rows = wal.pending
+        rows.clear()
+        tx = [False, 0]  # [BEGIN issued, number of times SQL was started]
+
+        def sql():
+            if not tx[0]:
+                conn.execute("BEGIN IMMEDIATE")
+                tx[0] = True
+            tx[1] += 1
+            if rows:
+                wal.flush(conn)
+
+        wal.before_sql = sql
+        work: dict[str, _Group] = {}
+        for r in batch:
+            r.error = None
+            mine: dict[str, _Group] = {}
+            results = []
+            mark, touched = len(rows), tx[1]
+            try:
+                for name, check, write in r.ops:
+                    if name is None:  # a raw op on the write connection (no group)
+                        sql()
+                        results.append(write(conn, None, None))
+                        continue
+                    g = mine.get(name)
+                    if g is None:
+                        base = work.get(name) or self._groups.get(name)
+                        if base is None:
+                            sql()
+                            base = self._create_group(conn, name)
+                        g = mine[name] = base.copy()
+                    if check is None:
+                        results.append(None)
+                        continue
+                    res = check(g)
+                    if not getattr(write, "deferred", False):
+                        sql()
+                    write(conn, g, res)
+                    results.append(res)
+            except (RaftSqliteError, TypeError, ValueError, apsw.ConstraintError) as exc:
+                if tx[1] != touched:
+                    raise _Replay(r, exc) from exc
+                del rows[mark:]  # only deferred rows of this request: drop them
+                r.error = exc
+                continue
+            r.result = results
+            work.update(mine)
+        if tx[0]:
+            wal.flush(conn)
+            conn.execute("COMMIT")
+        elif len(rows) == 1:
+            conn.execute(wal.INSERT, rows[0])  # one autocommit statement: its own durable transaction
+            rows.clear()
+        elif rows:
+            conn.execute("BEGIN IMMEDIATE")
+            wal.flush(conn)
+            conn.execute("COMMIT")
+        return work
 
     def _translate(self, exc: apsw.Error, what: str) -> RaftSqliteError:
         if isinstance(exc, apsw.ConstraintError):
@@ -539,13 +614,31 @@ class NodeStore:
         """The pragma values in force on the write connection, read back from SQLite."""
         names = ("journal_mode", "synchronous", "fullfsync", "checkpoint_fullfsync", "wal_autocheckpoint",
                  "journal_size_limit", "cache_size", "page_size")
-        with self._cond:
-            return {n: self._conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
+        return self._raw(lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names})
+
+    def _raw(self, fn):
+        """Run ``fn(conn)`` on the write connection inside the committer's next transaction (serialised
+        with every write); returns its result."""
+        self._check_open()
+        req = _Request([(None, None, lambda conn, g, r: fn(conn))])
+        self._submit(req)
+        return req.result[0]
 
     @property
     def fault(self) -> BaseException | None:
         """The storage error that made the store fail-stop, or None."""
         return self._fault
+
+    @property
+    def restored_from(self) -> dict | None:
+        """None unless this data_dir was made by :func:`raft_sqlite.restore`; then the newest restore
+        event as a dict: ``kind`` (``"node_replacement"`` | ``"quorum_loss_restore"``), ``at`` (unix time
+        of the restore), ``backup_path``, ``backup_created_at`` (the instant the backup describes) and
+        ``groups`` {name: {term, voted_for, commit_index, last_index, snapshot_index} at the backup}.
+        After a node replacement the node may have voted, after that point, in any term from the
+        group's backup ``term`` on: it must not grant votes until it has caught up (see docs/backup.md)."""
+        from .backup import read_restore_event
+        return self._read(read_restore_event)
 
 
 class _Tx:

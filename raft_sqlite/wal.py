@@ -14,7 +14,9 @@ do not commit. Validation of Raft rules lives in :mod:`raft_sqlite.log`.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -32,6 +34,14 @@ def record_crc(group_id: int, idx: int, term: int, kind: int, payload: bytes) ->
     return zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind)))
 
 
+def _crc_array(rows) -> bytes:
+    """The record CRCs (column 6 of insert rows) packed as little-endian uint32, for the sidecar."""
+    a = array.array("I", [r[6] for r in rows])
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
 def chain_crc(crc: int, record_crc_value: int) -> int:
     """Fold one record CRC into a segment's sidecar checksum."""
     return zlib.crc32(_U32.pack(record_crc_value), crc)
@@ -46,16 +56,22 @@ class SegmentPolicy:
     max_age: float = 3600.0
 
 
-@dataclass
 class OpenSegment:
     """In-memory state of a group's open (unsealed) segment."""
 
-    segment_id: int
-    first_index: int
-    count: int = 0
-    nbytes: int = 0
-    created_at: float = 0.0
-    checksum: int = 0
+    __slots__ = ("segment_id", "first_index", "count", "nbytes", "created_at", "checksum")
+
+    def __init__(self, segment_id, first_index, count=0, nbytes=0, created_at=0.0, checksum=0):
+        self.segment_id, self.first_index, self.count = segment_id, first_index, count
+        self.nbytes, self.created_at, self.checksum = nbytes, created_at, checksum
+
+    def copy(self) -> "OpenSegment":
+        return OpenSegment(self.segment_id, self.first_index, self.count, self.nbytes, self.created_at,
+                           self.checksum)
+
+    def __repr__(self):
+        return (f"OpenSegment(id={self.segment_id}, first={self.first_index}, count={self.count}, "
+                f"bytes={self.nbytes})")
 
 
 class WalWriter:
@@ -67,6 +83,26 @@ class WalWriter:
     def __init__(self, policy: SegmentPolicy | None = None, on_rotate=None):
         self.policy = policy or SegmentPolicy()
         self.on_rotate = on_rotate
+        #: rows of deferred appends, inserted by :meth:`flush` (the store flushes before any other
+        #: statement and at commit, so every batch's appends become one executemany)
+        self.pending: list[tuple] = []
+        #: called before this writer runs any statement itself (the store begins its transaction and
+        #: flushes pending rows there)
+        self.before_sql = None
+
+    def flush(self, conn) -> None:
+        """Insert the pending rows."""
+        rows = self.pending
+        if rows:
+            if len(rows) == 1:
+                conn.execute(self.INSERT, rows[0])
+            else:
+                conn.executemany(self.INSERT, rows)
+            rows.clear()
+
+    def _sql(self):
+        if self.before_sql is not None:
+            self.before_sql()
 
     def _start(self, conn, group_id: int, first_index: int) -> OpenSegment:
         now = time.time()
@@ -84,15 +120,41 @@ class WalWriter:
         if self.on_rotate is not None:
             self.on_rotate(group_id)
 
-    def append(self, conn, group_id: int, seg: OpenSegment | None, entries) -> OpenSegment:
+    def append(self, conn, group_id: int, seg: OpenSegment | None, entries, defer: bool = False) -> OpenSegment:
         """Insert ``entries`` (validated LogEntry objects, contiguous) for ``group_id``; returns the
-        open segment after the write (possibly a new one)."""
+        open segment after the write (possibly a new one). With ``defer`` the rows are queued in
+        :attr:`pending` when no segment work is needed."""
+        p = self.policy
+        if seg is None:
+            self._sql()
+            seg = self._start(conn, group_id, entries[0].index)
+        now = time.time()
+        nbytes = 0
+        for e in entries:
+            nbytes += len(e.data)
+        if (seg.count + len(entries) > p.max_entries or seg.nbytes + nbytes > p.max_bytes
+                or (seg.count and now - seg.created_at >= p.max_age)):
+            return self._append_rotating(conn, group_id, seg, entries, now)
+        base = group_id * SPAN
+        pack, crc32, sid = _HEADER.pack, zlib.crc32, seg.segment_id
+        rows = [(base + i, group_id, i, t, k, d, crc32(d, crc32(pack(group_id, i, t, k))), sid)
+                for i, t, d, k in entries]
+        if defer:
+            self.pending.extend(rows)
+        elif len(rows) == 1:
+            conn.execute(self.INSERT, rows[0])
+        else:
+            conn.executemany(self.INSERT, rows)
+        seg.count += len(rows)
+        seg.nbytes += nbytes
+        seg.checksum = zlib.crc32(_crc_array(rows), seg.checksum)
+        return seg
+
+    def _append_rotating(self, conn, group_id, seg, entries, now):
+        self._sql()
         p = self.policy
         base = group_id * SPAN
         rows = []
-        if seg is None:
-            seg = self._start(conn, group_id, entries[0].index)
-        now = time.time()
         for e in entries:
             payload = e.data
             n = len(payload)
@@ -103,15 +165,12 @@ class WalWriter:
                     rows = []
                 self.seal(conn, group_id, seg)
                 seg = self._start(conn, group_id, e.index)
-            crc = zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, e.index, e.term, e.kind)))
+            crc = record_crc(group_id, e.index, e.term, e.kind, payload)
             rows.append((base + e.index, group_id, e.index, e.term, e.kind, payload, crc, seg.segment_id))
             seg.count += 1
             seg.nbytes += n
-            seg.checksum = zlib.crc32(_U32.pack(crc), seg.checksum)
-        if len(rows) == 1:
-            conn.execute(self.INSERT, rows[0])
-        else:
-            conn.executemany(self.INSERT, rows)
+            seg.checksum = chain_crc(seg.checksum, crc)
+        conn.executemany(self.INSERT, rows)
         return seg
 
     def truncate_after(self, conn, group_id: int, index: int) -> OpenSegment | None:
