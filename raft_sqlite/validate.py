@@ -37,8 +37,12 @@ def recover_groups(store, conn, report) -> None:
     rows = conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
                         "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32 "
                         "FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
+    bad_snapshot_groups = recover_snapshots(store, conn, report)
     for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc in rows:
         report.groups += 1
+        if gid in bad_snapshot_groups:
+            partial = 1
+            report.outcome = "partial"
         where = f"{path}: group {name!r}"
         if term is None:
             raise CorruptionError(f"{where}: metadata row is missing")
@@ -87,6 +91,81 @@ def recover_groups(store, conn, report) -> None:
         seg = load_open_segment(conn, gid)
         store._groups[name] = _Group(gid, name, first, last, last_term if last >= first else snap_term,
                                      snap_idx, snap_term, term, vote, commit, seg, bool(partial))
+
+
+def recover_snapshots(store, conn, report) -> set[int]:
+    """Snapshot part of the recovery on open (inside the open transaction on ``conn``).
+
+    * A WRITING **local** snapshot is an orphan of a crash (its writer is gone): its manifest is
+      deleted and its chunks removed.
+    * A WRITING **install** (streamed from a leader) is kept for resumption
+      (``store.snapshots(g).install(index, term)`` continues at the bytes durably received), unless a
+      durable snapshot at or above its index exists: then it is stale and removed.
+    * Every DURABLE manifest is checked cheaply (no blob is read): manifest CRC32, chunks present with
+      contiguous sequence numbers, chunk count and total size as recorded, delta links (parent durable,
+      same group, not newer). Chunk CRCs and the sha256 are checked on every read of a snapshot and by
+      ``raft-sqlite verify``. A problem raises :class:`CorruptionError` unless the policy is PARTIAL,
+      which records it and marks the group recovered_partially (returned as a set of group ids).
+    * Chunks in chunks.db owned by no manifest (a crash between deleting a manifest and its chunks)
+      are removed.
+    """
+    from .snapshot import _SEQ_SPAN, SnapshotStore, manifest_fields_crc
+
+    policy = store.recovery_policy
+    names = dict(conn.execute("SELECT group_id, name FROM groups").fetchall())
+    rows = conn.execute("SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, "
+                        "checksum, structures, source, crc32 FROM snapshots ORDER BY snapshot_id").fetchall()
+    by_id = {r[0]: r for r in rows}
+    gsnap = dict(conn.execute("SELECT group_id, snapshot_index FROM groups").fetchall())
+    doomed, bad = [], set()
+    sstore = SnapshotStore.of(store)
+    chunks = store.chunks_conn
+    for r in rows:
+        sid, gid, idx, term, kind, parent, status, size, count, checksum, structures, source, crc = r
+        where = f"{store.path}: group {names.get(gid, gid)!r}: snapshot {sid} (index {idx})"
+        if status == "WRITING":
+            if source == "local" or idx <= gsnap.get(gid, 0):
+                doomed.append(sid)
+                report.dropped.append({"group": names.get(gid), "what": "orphan snapshot" if source == "local"
+                                       else "stale partial install", "snapshot_id": sid, "index": idx})
+                log.info("%s: removing %s", where, report.dropped[-1]["what"])
+            continue
+        report.snapshots_validated += 1
+        problem = None
+        if manifest_fields_crc(sid, gid, idx, term, kind, parent, status, size, count, checksum, structures,
+                               source) != crc:
+            problem = "manifest fails its CRC check"
+        elif kind == "DELTA" and (parent not in by_id or by_id[parent][6] != "DURABLE" or by_id[parent][1] != gid
+                                  or by_id[parent][2] > idx or parent >= sid):
+            problem = f"broken chain link to parent {parent}"
+        else:
+            shape = chunks.execute("SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? "
+                                   "ORDER BY key", (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN)).fetchall()
+            if [q for q, _ in shape] != list(range(len(shape))) or len(shape) != count:
+                problem = f"chunks missing ({len(shape)} present, {count} recorded)"
+            elif sum(n for _, n in shape) != size:
+                problem = f"chunks hold {sum(n for _, n in shape)} bytes, manifest says {size}"
+        if problem is not None:
+            _problem(store, report, CorruptionError, f"{where}: {problem}",
+                     drop_ok=policy is RecoveryPolicy.PARTIAL)
+            bad.add(gid)
+    for sid in doomed:
+        conn.execute("DELETE FROM snapshots WHERE snapshot_id=? AND status='WRITING'", (sid,))
+    keep = set(by_id) - set(doomed)
+    with store.gc_lock, store.chunks_lock:
+        stray = [sid for sid in sstore.chunk_snapshot_ids(chunks) if sid not in keep]
+        if stray:
+            chunks.execute("BEGIN IMMEDIATE")
+            try:
+                for sid in stray:
+                    chunks.execute("DELETE FROM snapshot_chunks WHERE key >= ? AND key < ?",
+                                   (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN))
+                chunks.execute("COMMIT")
+            except BaseException:
+                chunks.execute("ROLLBACK")
+                raise
+            log.info("%s: removed chunks of %d orphan snapshot(s): %s", store.chunks_path, len(stray), stray)
+    return bad
 
 
 def _scan(store, conn, report, gid, name, first):

@@ -1,0 +1,297 @@
+"""Snapshots of a state machine made of named data structures: ``store.state_machine(group)``.
+
+A *structure* is any object with
+
+* ``snapshot() -> bytes``: its whole state;
+* ``restore(data: bytes)``: replace its state with ``data`` (from ``snapshot()``);
+* optionally ``delta() -> bytes | None``: what changed since its last ``snapshot()``/``delta()``/
+  ``restore()``/``apply_delta()`` (None asks for a full one), and ``apply_delta(data: bytes)``.
+
+Each of those calls restarts the structure's change tracking from its current state.
+
+Stream format of one snapshot: the structures' blobs one after the other (each written and dropped
+before the next is asked for, so memory holds one structure at a time), then a trailer: the JSON table
+``{"format": 1, "kind", "index", "term", "structures": [{"name", "mode": "full"|"delta", "offset",
+"length", "sha256"}]}``, its length (``<I``) and the magic ``RSSMTBL1``. The table is also stored in the
+manifest's ``structures`` column; the trailer makes the stream self-describing, which is what an
+InstallSnapshot needs (a leader streams the bytes, the follower checks the table before accepting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import threading
+
+from .errors import CorruptionError, SnapshotError
+from .snapshot import SnapshotChain, SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotWriter
+
+log = logging.getLogger("raft_sqlite.statemachine")
+
+MAGIC = b"RSSMTBL1"
+_TRAILER = struct.Struct("<I8s")
+FORMAT = 1
+
+
+def read_table(stream, size: int, where: str) -> dict:
+    """Parse the structure table from the trailer of a state-machine snapshot stream of ``size``
+    bytes (seekable). Raises :class:`SnapshotError` if the stream is not one."""
+    if size < _TRAILER.size:
+        raise SnapshotError(f"{where}: not a state-machine snapshot (only {size} bytes)")
+    stream.seek(size - _TRAILER.size)
+    n, magic = _TRAILER.unpack(stream.read(_TRAILER.size))
+    if magic != MAGIC or n > size - _TRAILER.size:
+        raise SnapshotError(f"{where}: not a state-machine snapshot (no structure table)")
+    stream.seek(size - _TRAILER.size - n)
+    try:
+        table = json.loads(stream.read(n))
+    except ValueError as exc:
+        raise SnapshotError(f"{where}: structure table is not valid JSON ({exc})") from None
+    if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("structures"), list):
+        raise SnapshotError(f"{where}: unknown structure table format")
+    end = 0
+    for e in table["structures"]:
+        if not isinstance(e, dict) or {"name", "mode", "offset", "length", "sha256"} - set(e) \
+                or e["mode"] not in ("full", "delta") or e["offset"] != end:
+            raise SnapshotError(f"{where}: malformed structure entry {e!r}")
+        end += e["length"]
+    if end != size - _TRAILER.size - n:
+        raise SnapshotError(f"{where}: structure table does not describe the stream")
+    return table
+
+
+class StateMachineSnapshotManager:
+    """Registry of named structures of one group's state machine, and their snapshots.
+
+    :meth:`capture` snapshots every registered structure (FULL or DELTA per the chain policy of
+    :class:`~raft_sqlite.snapshot.SnapshotManager`: ``store.snapshots(group).max_chain_length``);
+    :meth:`restore` loads the newest valid chain into them; :meth:`install` receives a leader's
+    snapshot. Restore and install refuse (:class:`SnapshotError`) a snapshot whose structures differ
+    from the registered ones, in either direction: nothing is ever silently skipped.
+    """
+
+    def __init__(self, store, group: str):
+        self._store = store
+        self.group = group
+        self.snapshots: SnapshotManager = store.snapshots(group)
+        self._structures: dict[str, object] = {}
+        self._lock = threading.RLock()
+        # id of the snapshot the structures' change tracking is relative to (None: unknown, next
+        # capture is FULL)
+        self._base_id: int | None = None
+
+    # ------------------------------------------------------------ registry
+    def register(self, name: str, structure) -> None:
+        """Register ``structure`` under ``name`` (a non-empty str, unique in the group). It must have
+        callable ``snapshot`` and ``restore``; ``delta`` and ``apply_delta`` come together or not at
+        all. Registering changes what a snapshot must contain, so the next capture is FULL."""
+        if not isinstance(name, str) or not name:
+            raise TypeError("structure name must be a non-empty str")
+        for attr in ("snapshot", "restore"):
+            if not callable(getattr(structure, attr, None)):
+                raise TypeError(f"structure {name!r} has no callable {attr}()")
+        if callable(getattr(structure, "delta", None)) != callable(getattr(structure, "apply_delta", None)):
+            raise TypeError(f"structure {name!r}: delta() and apply_delta() come together")
+        with self._lock:
+            if name in self._structures:
+                raise ValueError(f"group {self.group!r}: a structure named {name!r} is already registered")
+            self._structures[name] = structure
+            self._base_id = None
+
+    def unregister(self, name: str) -> None:
+        """Remove the structure ``name`` (KeyError if unknown); the next capture is FULL."""
+        with self._lock:
+            del self._structures[name]
+            self._base_id = None
+
+    def names(self) -> list[str]:
+        """Registered structure names, sorted (the order they are written in)."""
+        return sorted(self._structures)
+
+    # ------------------------------------------------------------ capture
+    def capture(self, index: int, term: int, *, kind: SnapshotKind | None = None) -> SnapshotMeta:
+        """Snapshot every registered structure as of log entry ``index``/``term`` and return the
+        DURABLE :class:`SnapshotMeta` (preconditions as :meth:`SnapshotManager.write`).
+
+        ``kind`` None follows the chain policy: a DELTA on the newest snapshot when its chain is
+        shorter than ``max_chain_length``, when that snapshot is the one the structures' change
+        tracking is relative to (captured or restored by this manager) and when it holds the same
+        structures; otherwise FULL. ``kind=FULL`` forces a full snapshot (e.g. to stream to a
+        follower). In a DELTA, a structure without ``delta()`` or whose ``delta()`` returns None is
+        stored whole. If the capture fails, the next one is FULL. Blocks while another capture of
+        the group runs."""
+        mgr = self.snapshots
+        with mgr.capture_lock, self._lock:
+            if not self._structures:
+                raise SnapshotError(f"group {self.group!r}: no structure is registered")
+            parent = None
+            want = SnapshotKind(kind) if kind is not None else None
+            if want is not SnapshotKind.FULL:
+                k, head = mgr.next_kind()
+                if k is SnapshotKind.DELTA and head is not None and head.id == self._base_id \
+                        and head.index <= index and sorted(e["name"] for e in (head.structures or {}).get(
+                            "structures", [])) == self.names():
+                    parent = head
+                elif want is SnapshotKind.DELTA:
+                    raise SnapshotError(f"group {self.group!r}: a DELTA is not possible now (no suitable parent)")
+            skind = SnapshotKind.DELTA if parent is not None else SnapshotKind.FULL
+            self._base_id = None  # until this capture is durable
+            w = mgr.write(index, term, kind=skind, parent=parent)
+            with w:
+                entries = []
+                for name in self.names():
+                    s = self._structures[name]
+                    data, mode = None, "full"
+                    if parent is not None and callable(getattr(s, "delta", None)):
+                        data = s.delta()
+                        mode = "delta"
+                    if data is None:
+                        data, mode = s.snapshot(), "full"
+                    if not isinstance(data, (bytes, bytearray, memoryview)):
+                        raise SnapshotError(f"group {self.group!r}: structure {name!r} returned "
+                                            f"{type(data).__name__}, not bytes")
+                    off = w.offset
+                    w.write(data)
+                    entries.append({"name": name, "mode": mode, "offset": off, "length": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()})
+                    del data
+                table = {"format": FORMAT, "kind": skind.value, "index": index, "term": term, "structures": entries}
+                raw = json.dumps(table, sort_keys=True).encode()
+                w.write(raw)
+                w.write(_TRAILER.pack(len(raw), MAGIC))
+                w.structures = table
+            self._base_id = w.meta.id
+            return w.meta
+
+    # ------------------------------------------------------------ restore
+    def _check_names(self, table: dict, meta: SnapshotMeta) -> None:
+        have = [e["name"] for e in table["structures"]]
+        reg = set(self._structures)
+        missing = sorted(reg - set(have))
+        unknown = sorted(set(have) - reg)
+        if missing or unknown or len(have) != len(set(have)):
+            raise SnapshotError(
+                f"group {self.group!r}: snapshot {meta.id} (index {meta.index}) does not match the registered "
+                f"structures: missing {missing}, unknown {unknown}" + (", duplicated names" if len(have) != len(set(have))
+                                                                       else ""))
+
+    def _verified_table(self, meta: SnapshotMeta, first: bool) -> dict:
+        """Read ``meta`` completely (CRC per chunk, sha256) and return its checked table."""
+        where = f"{self._store.chunks_path}: group {self.group!r}: snapshot {meta.id}"
+        with self.snapshots.open(meta) as r:
+            for _ in r.chunks():
+                pass
+            table = read_table(r, meta.size, where)
+        if meta.structures is not None and meta.structures != table:
+            raise CorruptionError(f"{where}: structure table in the stream differs from the manifest")
+        if (table.get("index"), table.get("term")) != (meta.index, meta.term):
+            raise CorruptionError(f"{where}: stream was taken at {table.get('index')}/{table.get('term')}, manifest "
+                                  f"says {meta.index}/{meta.term}")
+        self._check_names(table, meta)
+        for e in table["structures"]:
+            if e["mode"] == "delta":
+                if first:
+                    raise SnapshotError(f"{where}: the base of a chain holds a delta for {e['name']!r}")
+                if not callable(getattr(self._structures[e["name"]], "apply_delta", None)):
+                    raise SnapshotError(f"{where}: structure {e['name']!r} has a delta but no apply_delta()")
+        return table
+
+    def restore(self) -> SnapshotMeta | None:
+        """Load the newest valid snapshot chain into the registered structures and return the
+        chain's newest :class:`SnapshotMeta` (replay the log from its ``index + 1``); None (nothing
+        touched) if the group has no snapshot.
+
+        Every snapshot of the chain is verified first (links, CRC32 per chunk, sha256, structure
+        table) before any structure is touched; a chain that fails with corruption is skipped for
+        the next older one (logged at WARNING). A structure set that differs from the registered one
+        raises :class:`SnapshotError` at once. Then the base is restored and the deltas applied in
+        order, each structure blob checked against its sha256. If a structure's ``restore``/
+        ``apply_delta`` raises, the structures are left partly restored and the error propagates."""
+        mgr = self.snapshots
+        with self._lock:
+            chains = mgr.chains()
+            if not chains:
+                return None
+            first_err = None
+            for ch in chains:
+                try:
+                    chain = SnapshotChain.load(mgr, ch[-1])
+                    tables = [(m, self._verified_table(m, i == 0)) for i, m in enumerate(chain)]
+                except (CorruptionError, SnapshotError) as exc:
+                    if isinstance(exc, SnapshotError) and "does not match the registered" in str(exc):
+                        raise
+                    log.warning("group %r: snapshot chain ending at %d is unusable: %s", self.group, ch[-1].id, exc)
+                    first_err = first_err or exc
+                    continue
+                self._base_id = None
+                for m, table in tables:
+                    self._apply(m, table)
+                self._base_id = chain.head.id
+                if ch is not chains[0]:
+                    log.warning("group %r: restored an older snapshot chain (head %d at index %d)", self.group,
+                                chain.head.id, chain.head.index)
+                return chain.head
+            raise SnapshotError(f"group {self.group!r}: no valid snapshot chain: {first_err}") from first_err
+
+    def _apply(self, meta: SnapshotMeta, table: dict) -> None:
+        with self.snapshots.open(meta) as r:
+            for e in table["structures"]:
+                r.seek(e["offset"])
+                data = r.read(e["length"])
+                if len(data) != e["length"] or hashlib.sha256(data).hexdigest() != e["sha256"]:
+                    raise CorruptionError(f"group {self.group!r}: snapshot {meta.id}: structure {e['name']!r} "
+                                          "fails its sha256 check")
+                s = self._structures[e["name"]]
+                if e["mode"] == "full":
+                    s.restore(data)
+                else:
+                    s.apply_delta(data)
+                del data
+
+    # ------------------------------------------------------------ install
+    def install(self, index: int, term: int, *, restore: bool = True) -> SnapshotWriter:
+        """A writer for a state-machine snapshot streamed from a leader (see
+        :meth:`SnapshotManager.install` for resumption and what happens to the log). The stream must
+        be a FULL state-machine snapshot (e.g. the leader's ``capture(..., kind=FULL)`` read with
+        ``store.snapshots(group).open(meta)``). Before the install is accepted its structure table
+        is checked: a registered structure missing from it, an unknown one in it, or a delta entry
+        makes the install fail with :class:`SnapshotError` and nothing of it is kept. After a clean
+        finalize the structures are restored from it when ``restore`` is true."""
+        where = f"group {self.group!r}: install at {index}"
+
+        def check(w: SnapshotWriter):
+            with w.stream() as r:
+                for _ in r.chunks():  # CRC per chunk + sha256 of what was received
+                    pass
+                table = read_table(r, w.durable_offset, where)
+            if (table.get("index"), table.get("term")) != (index, term):
+                raise SnapshotError(f"{where}: the stream was taken at {table.get('index')}/{table.get('term')}")
+            if table.get("kind") != SnapshotKind.FULL.value or any(e["mode"] != "full" for e in table["structures"]):
+                raise SnapshotError(f"{where}: only a FULL state-machine snapshot can be installed")
+            with self._lock:
+                self._check_names(table, SnapshotMeta(w.id, self.group, index, term, SnapshotKind.FULL, w.offset))
+            w.structures = table
+
+        w = self.snapshots.install(index, term, before_finalize=check)
+        if restore:
+            orig = w.finish
+
+            def finish():
+                meta = orig()
+                with self._lock:
+                    self._base_id = None
+                    got = self.restore()
+                if got is None or got.id != meta.id:
+                    raise SnapshotError(f"{where}: restored snapshot {got and got.id}, not the installed {meta.id}")
+                return meta
+
+            w.finish = finish
+        return w
+
+    def __repr__(self):
+        return f"<StateMachineSnapshotManager {self.group!r} structures={self.names()}>"
+
+
+__all__ = ["FORMAT", "MAGIC", "StateMachineSnapshotManager", "read_table"]
