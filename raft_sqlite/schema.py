@@ -233,10 +233,10 @@ SELECT g.group_id, g.name, m.current_term, m.voted_for, m.commit_index, g.first_
                      AND e.key < {_G_HI}), 0) AS stored_bytes,
        g.snapshot_index, g.snapshot_term, g.recovered_partially,
        (SELECT count(*) FROM log_segments s WHERE s.group_id = g.group_id) AS segments,
-       {_NOW} - (SELECT min(s.created_at) FROM log_segments s WHERE s.group_id = g.group_id)
+       round({_NOW} - (SELECT min(s.created_at) FROM log_segments s WHERE s.group_id = g.group_id), 3)
            AS oldest_segment_age_s,
-       {_NOW} - (SELECT max(sn.finished_at) FROM snapshots sn
-                 WHERE sn.group_id = g.group_id AND sn.status = 'DURABLE') AS newest_snapshot_age_s
+       round({_NOW} - (SELECT max(sn.finished_at) FROM snapshots sn
+                       WHERE sn.group_id = g.group_id AND sn.status = 'DURABLE'), 3) AS newest_snapshot_age_s
 FROM groups g LEFT JOIN raft_meta m ON m.group_id = g.group_id""",
     # One row per snapshot manifest with its chain: base_id is the FULL snapshot the chain starts from
     # (NULL: the chain is broken), chain_depth the number of DELTA links above it.
@@ -252,7 +252,7 @@ SELECT s.snapshot_id, g.name AS group_name, s.group_id, s.idx, s.term, s.kind, s
        s.idx = g.snapshot_index AND s.status = 'DURABLE' AS is_newest,
        datetime(s.created_at, 'unixepoch') AS created_utc,
        s.finished_at - s.created_at AS duration_s,
-       {_NOW} - s.finished_at AS age_s
+       round({_NOW} - s.finished_at, 3) AS age_s
 FROM snapshots s JOIN groups g ON g.group_id = s.group_id
 LEFT JOIN chain b ON b.snapshot_id = s.snapshot_id AND b.cur_kind = 'FULL'""",
     # One row per log segment; the open segment's counts are computed from its rows.
@@ -266,14 +266,14 @@ SELECT s.segment_id, g.name AS group_name, s.group_id, s.first_index,
        COALESCE(s.bytes, (SELECT COALESCE(sum(length(e.payload)), 0) FROM log_entries e
                           WHERE e.key >= {_G_LO} + s.first_index AND e.key < {_G_HI})) AS bytes,
        datetime(s.created_at, 'unixepoch') AS created_utc, datetime(s.sealed_at, 'unixepoch') AS sealed_utc,
-       {_NOW} - s.created_at AS age_s,
+       round({_NOW} - s.created_at, 3) AS age_s,
        CASE WHEN s.checksum IS NULL THEN NULL ELSE printf('%08x', s.checksum) END AS checksum_hex,
        s.last_index IS NOT NULL AND s.last_index < g.first_index AS compactable
 FROM log_segments s JOIN groups g ON g.group_id = s.group_id""",
     # The ``backups`` table with readable times and ages.
     "backup_history": f"""
 SELECT backup_id, path, datetime(created_at, 'unixepoch') AS created_utc, size, duration AS duration_s,
-       {_NOW} - created_at AS age_s, manifest_sha256
+       round({_NOW} - created_at, 3) AS age_s, manifest_sha256
 FROM backups""",
     # The ``recovery_events`` table with the JSON details unpacked (NULL where details is not JSON).
     "recovery_log": """

@@ -1,0 +1,305 @@
+"""Prometheus metrics for a node's store (optional extra ``metrics``: needs ``prometheus_client``).
+
+The library itself never imports this module; importing it without prometheus_client raises an
+ImportError that says what to install. Two ways to get metrics:
+
+* In the node process: ``m = StoreMetrics(store)`` attaches to an open :class:`~raft_sqlite.NodeStore`
+  and fills ``m.registry`` (a ``prometheus_client.CollectorRegistry``; pass your own, e.g.
+  ``prometheus_client.REGISTRY``, to merge with other metrics). Expose it with
+  ``prometheus_client.start_http_server(9100, registry=m.registry)`` or mount
+  ``prometheus_client.make_wsgi_app(m.registry)`` in your web app.
+* For a stopped node: ``raft-sqlite metrics DATA_DIR`` (:func:`render_data_dir`) prints the text
+  format of everything that is stored in the files (no per-commit counters: those live only in a
+  running process).
+
+Cost: the append path pays one callback per commit (``store.on_commit``) plus a counter update per
+append batch; every state metric (entries, bytes, segments, snapshots, backups, recovery) is read from
+the database when Prometheus scrapes, on a pooled read connection, with bounded queries.
+
+Metrics (labels in braces):
+
+==============================================  =========  ======================================================
+``raft_sqlite_commit_seconds``                  histogram  duration of each group commit (BEGIN..COMMIT, the fsync)
+``raft_sqlite_group_commit_batch_size``         histogram  write requests coalesced into one commit
+``raft_sqlite_entries_appended_total``          counter    log entries appended (all groups) since attach
+``raft_sqlite_bytes_appended_total``            counter    payload bytes appended since attach
+``raft_sqlite_segment_rotations_total``         counter    segments sealed since attach
+``raft_sqlite_validation_errors_total{kind}``   counter    problems found by recovery on open and by
+                                                           :meth:`StoreMetrics.observe_verify` (kinds of
+                                                           :data:`raft_sqlite.verify.PROBLEM_KINDS`)
+``raft_sqlite_log_entries{group}``              gauge      entries in the log (``last - first + 1``)
+``raft_sqlite_log_stored_bytes{group}``         gauge      payload bytes stored (incl. compacted, not yet deleted)
+``raft_sqlite_log_first_index{group}``          gauge      first index
+``raft_sqlite_log_last_index{group}``           gauge      last index
+``raft_sqlite_commit_index{group}``             gauge      Raft commit index
+``raft_sqlite_current_term{group}``             gauge      Raft current term
+``raft_sqlite_segments{group}``                 gauge      log segments (open + sealed)
+``raft_sqlite_oldest_segment_age_seconds{group}`` gauge    age of the oldest segment still stored
+``raft_sqlite_snapshot_index{group}``           gauge      index of the newest DURABLE snapshot (0: none)
+``raft_sqlite_snapshot_duration_seconds{group}`` gauge     time the newest DURABLE snapshot took to write
+``raft_sqlite_snapshot_bytes{group}``           gauge      size of the newest DURABLE snapshot
+``raft_sqlite_snapshot_age_seconds{group}``     gauge      age of the newest DURABLE snapshot
+``raft_sqlite_recovered_partially{group}``      gauge      1 if the group was recovered under PARTIAL
+``raft_sqlite_backups``                         gauge      backups recorded in the store
+``raft_sqlite_backup_age_seconds``              gauge      age of the newest backup (absent: never backed up)
+``raft_sqlite_backup_duration_seconds``         gauge      duration of the newest backup
+``raft_sqlite_backup_bytes``                    gauge      size of the newest backup
+``raft_sqlite_recovery_duration_seconds``       gauge      duration of the last recovery on open
+``raft_sqlite_recovery_outcome{outcome}``       gauge      1 for the last recovery's outcome, 0 for the others
+==============================================  =========  ======================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+try:
+    import prometheus_client  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError("raft_sqlite.metrics needs prometheus_client: pip install 'raft_sqlite[metrics]'") from exc
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import schema
+from .errors import RaftSqliteError
+from .wal import SPAN
+
+COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RECOVERY_OUTCOMES = ("created", "clean", "truncated", "partial")
+
+
+def classify_problem(message: str) -> str:
+    """Map a recovery problem message (:attr:`RecoveryReport.problems`) to a validation error kind."""
+    m = message.lower()
+    for needle, kind in (("sidecar", "sidecar"), ("crc mismatch", "record_crc"), ("gap", "gap"),
+                         ("term decreases", "term"), ("metadata", "metadata"), ("node record", "node"),
+                         ("chunk", "snapshot_chunk"), ("snapshot", "snapshot")):
+        if needle in m:
+            return kind
+    return "shape"
+
+
+class _StateCollector:
+    """Reads the stored state at scrape time through ``read(fn)`` (fn(conn) -> value)."""
+
+    def __init__(self, read, *, include_validation: bool = False):
+        self._read = read
+        self._include_validation = include_validation
+
+    def describe(self):
+        return []  # state metrics are dynamic: skip registry collision checks at registration
+
+    def collect(self):
+        try:
+            rows = self._read(_read_state)
+        except (RaftSqliteError, OSError):
+            return  # store closed or unreadable: no state metrics this scrape
+        yield from _families(rows, self._include_validation)
+
+
+def _read_state(conn) -> dict:
+    now = time.time()
+    conn.execute("BEGIN")
+    try:
+        groups = []
+        for gid, name, first, snap_idx, partial, term, commit in conn.execute(
+                "SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.recovered_partially, "
+                "m.current_term, m.commit_index FROM groups g LEFT JOIN raft_meta m USING (group_id) "
+                "ORDER BY g.group_id").fetchall():
+            base = gid * SPAN
+            maxidx = conn.execute("SELECT max(idx) FROM log_entries WHERE key >= ? AND key < ?",
+                                  (base, base + SPAN)).fetchone()[0] or 0
+            nseg, oldest, sealed_bytes = conn.execute(
+                "SELECT count(*), min(created_at), COALESCE(sum(bytes), 0) FROM log_segments WHERE group_id=?",
+                (gid,)).fetchone()
+            open_first = conn.execute("SELECT max(first_index) FROM log_segments WHERE group_id=? AND "
+                                      "last_index IS NULL", (gid,)).fetchone()[0]
+            open_bytes = 0 if open_first is None else conn.execute(
+                "SELECT COALESCE(sum(length(payload)), 0) FROM log_entries WHERE key >= ? AND key < ?",
+                (base + open_first, base + SPAN)).fetchone()[0]
+            snap = conn.execute("SELECT size, created_at, finished_at FROM snapshots WHERE group_id=? AND "
+                                "status='DURABLE' ORDER BY idx DESC, snapshot_id DESC LIMIT 1", (gid,)).fetchone()
+            last = max(first - 1, maxidx)
+            groups.append({"name": name, "first": first, "last": last, "entries": last - first + 1,
+                           "bytes": sealed_bytes + open_bytes, "term": term or 0, "commit": commit or 0,
+                           "segments": nseg, "oldest_age": None if oldest is None else now - oldest,
+                           "snap_index": snap_idx, "partial": partial, "snap": snap})
+        backups = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
+        last_backup = conn.execute("SELECT created_at, duration, size FROM backups ORDER BY created_at DESC "
+                                   "LIMIT 1").fetchone()
+        ev = conn.execute("SELECT outcome, duration, details FROM recovery_events WHERE kind='open' "
+                          "ORDER BY event_id DESC LIMIT 1").fetchone()
+    finally:
+        conn.execute("COMMIT")
+    return {"now": now, "groups": groups, "backups": backups, "last_backup": last_backup, "recovery": ev}
+
+
+def _families(st: dict, include_validation: bool):
+    now = st["now"]
+
+    def gauge(name, doc, value):
+        f = GaugeMetricFamily(name, doc, labels=["group"])
+        for g in st["groups"]:
+            v = value(g)
+            if v is not None:
+                f.add_metric([g["name"]], float(v))
+        return f
+
+    yield gauge("raft_sqlite_log_entries", "Entries in the log (last_index - first_index + 1).",
+                lambda g: g["entries"])
+    yield gauge("raft_sqlite_log_stored_bytes", "Payload bytes of log records stored (including compacted "
+                "records awaiting whole-segment deletion).", lambda g: g["bytes"])
+    yield gauge("raft_sqlite_log_first_index", "First index of the log.", lambda g: g["first"])
+    yield gauge("raft_sqlite_log_last_index", "Last index of the log.", lambda g: g["last"])
+    yield gauge("raft_sqlite_commit_index", "Raft commit index.", lambda g: g["commit"])
+    yield gauge("raft_sqlite_current_term", "Raft current term.", lambda g: g["term"])
+    yield gauge("raft_sqlite_segments", "Log segments stored (open + sealed).", lambda g: g["segments"])
+    yield gauge("raft_sqlite_oldest_segment_age_seconds", "Age of the oldest log segment still stored.",
+                lambda g: g["oldest_age"])
+    yield gauge("raft_sqlite_snapshot_index", "Index of the newest DURABLE snapshot (0: none).",
+                lambda g: g["snap_index"])
+    yield gauge("raft_sqlite_snapshot_duration_seconds", "Time the newest DURABLE snapshot took to write.",
+                lambda g: None if g["snap"] is None or g["snap"][2] is None else g["snap"][2] - g["snap"][1])
+    yield gauge("raft_sqlite_snapshot_bytes", "Size of the newest DURABLE snapshot.",
+                lambda g: None if g["snap"] is None else g["snap"][0])
+    yield gauge("raft_sqlite_snapshot_age_seconds", "Age of the newest DURABLE snapshot.",
+                lambda g: None if g["snap"] is None or g["snap"][2] is None else now - g["snap"][2])
+    yield gauge("raft_sqlite_recovered_partially", "1 if the group was recovered under the PARTIAL policy.",
+                lambda g: 1 if g["partial"] else 0)
+    yield GaugeMetricFamily("raft_sqlite_backups", "Backups recorded in the store.", value=st["backups"])
+    lb = st["last_backup"]
+    if lb is not None:
+        yield GaugeMetricFamily("raft_sqlite_backup_age_seconds", "Age of the newest backup.", value=now - lb[0])
+        yield GaugeMetricFamily("raft_sqlite_backup_duration_seconds", "Duration of the newest backup.",
+                                value=lb[1])
+        yield GaugeMetricFamily("raft_sqlite_backup_bytes", "Size of the newest backup.", value=lb[2])
+    ev = st["recovery"]
+    if ev is not None:
+        outcome, duration, details = ev
+        yield GaugeMetricFamily("raft_sqlite_recovery_duration_seconds", "Duration of the last recovery on open.",
+                                value=duration or 0.0)
+        f = GaugeMetricFamily("raft_sqlite_recovery_outcome", "1 for the outcome of the last recovery on open.",
+                              labels=["outcome"])
+        for o in sorted(set(RECOVERY_OUTCOMES) | {outcome}):
+            f.add_metric([o], 1.0 if o == outcome else 0.0)
+        yield f
+        if include_validation:
+            c = CounterMetricFamily("raft_sqlite_validation_errors", "Problems found by the last recovery on "
+                                    "open, by kind.", labels=["kind"])
+            counts: dict[str, int] = {}
+            try:
+                for p in (json.loads(details).get("problems", []) if details else []):
+                    k = classify_problem(str(p))
+                    counts[k] = counts.get(k, 0) + 1
+            except (ValueError, AttributeError):
+                pass
+            for k in sorted(counts):
+                c.add_metric([k], counts[k])
+            yield c
+
+
+class StoreMetrics:
+    """Prometheus metrics of one open :class:`~raft_sqlite.NodeStore` (see the module docstring for the
+    list). Attaching sets ``store.on_commit`` (a callback already there is still called) and counts
+    appended entries, bytes and segment rotations, published when their commit succeeds. ``registry``
+    defaults to a new ``CollectorRegistry``; :meth:`detach` undoes the hooks. One instance per store."""
+
+    def __init__(self, store, registry: CollectorRegistry | None = None):
+        self.store = store
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.commit_seconds = Histogram("raft_sqlite_commit_seconds", "Duration of each group commit "
+                                        "(transaction + fsync per the fsync mode).", buckets=COMMIT_BUCKETS,
+                                        registry=r)
+        self.batch_size = Histogram("raft_sqlite_group_commit_batch_size", "Write requests coalesced into one "
+                                    "commit.", buckets=BATCH_BUCKETS, registry=r)
+        self.entries_appended = Counter("raft_sqlite_entries_appended", "Log entries appended (all groups).",
+                                        registry=r)
+        self.bytes_appended = Counter("raft_sqlite_bytes_appended", "Payload bytes appended (all groups).",
+                                      registry=r)
+        self.segment_rotations = Counter("raft_sqlite_segment_rotations", "Log segments sealed (rotations).",
+                                         registry=r)
+        self.validation_errors = Counter("raft_sqlite_validation_errors", "Problems found by validation "
+                                         "(recovery on open, verify), by kind.", ["kind"], registry=r)
+        for p in getattr(store.recovery_report, "problems", []):
+            self.validation_errors.labels(classify_problem(str(p))).inc()
+        self._collector = _StateCollector(store._read)
+        r.register(self._collector)
+        self._lock = threading.Lock()
+        self._pending = [0, 0, 0]  # entries, bytes, rotations written by the commit in progress
+        self._prev_on_commit = store.on_commit
+        wal = store._wal
+        self._orig_append = wal.append
+        self._prev_on_rotate = wal.on_rotate
+        orig_append, pending = self._orig_append, self._pending
+
+        def append(conn, group_id, seg, entries, *args, **kwargs):
+            res = orig_append(conn, group_id, seg, entries, *args, **kwargs)
+            pending[0] += len(entries)
+            pending[1] += sum(len(e.data) for e in entries)
+            return res
+
+        def on_rotate(group_id):
+            pending[2] += 1
+            if self._prev_on_rotate is not None:
+                self._prev_on_rotate(group_id)
+
+        wal.append = append
+        wal.on_rotate = on_rotate
+        store.on_commit = self._on_commit
+
+    def _on_commit(self, seconds: float, requests: int) -> None:
+        p = self._pending
+        n, b, rot = p
+        p[0] = p[1] = p[2] = 0
+        self.commit_seconds.observe(seconds)
+        self.batch_size.observe(requests)
+        if n:
+            self.entries_appended.inc(n)
+            self.bytes_appended.inc(b)
+        if rot:
+            self.segment_rotations.inc(rot)
+        if self._prev_on_commit is not None:
+            self._prev_on_commit(seconds, requests)
+
+    def observe_verify(self, report) -> None:
+        """Count the problems of a :class:`raft_sqlite.verify.VerifyReport` by kind."""
+        for kind, n in report.counts_by_kind().items():
+            self.validation_errors.labels(kind).inc(n)
+
+    def detach(self) -> None:
+        """Remove the hooks from the store (the registry keeps the values collected so far, but state
+        metrics stop being collected)."""
+        wal = self.store._wal
+        wal.__dict__.pop("append", None)
+        wal.on_rotate = self._prev_on_rotate
+        self.store.on_commit = self._prev_on_commit
+        try:
+            self.registry.unregister(self._collector)
+        except KeyError:
+            pass
+
+    def text(self) -> str:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self.registry).decode()
+
+
+def render_data_dir(data_dir) -> str:
+    """Prometheus text format of what ``data_dir``'s files hold (``raft-sqlite metrics``): the state
+    metrics plus ``raft_sqlite_validation_errors_total`` from the last recovery event. Reads through a
+    read-only connection; never writes."""
+    from .verify import open_readonly
+
+    path = os.path.join(os.fspath(data_dir), schema.MAIN_DB)
+    conn = open_readonly(path)
+    try:
+        reg = CollectorRegistry()
+        reg.register(_StateCollector(lambda fn: fn(conn), include_validation=True))
+        return generate_latest(reg).decode()
+    finally:
+        conn.close()

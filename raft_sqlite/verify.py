@@ -1,0 +1,412 @@
+"""Full validation of a node's ``data_dir`` without opening it as a store: ``raft-sqlite verify``.
+
+:func:`verify` reads the database files through read-only connections (``SQLITE_OPEN_READONLY`` and
+``PRAGMA query_only``), so it writes nothing, takes no write lock and may run while the node runs. It
+checks more than the recovery done on open (which validates only what it must replay):
+
+* ``PRAGMA integrity_check`` of ``raft.db`` and ``chunks.db`` (kind ``integrity``);
+* the node record's CRC and format version (``node``), the schema revision (``schema``);
+* every group's metadata CRC (``metadata``);
+* the CRC32 of every log record still stored, including records below ``first_index`` that wait for
+  whole-segment deletion (``record_crc``); contiguity and coverage of ``first_index..last_index``
+  (``gap``); terms never decreasing (``term``);
+* every sealed segment: its sidecar checksum (CRC32 over the record CRCs packed ``<I`` in index order),
+  entry count and byte count (``sidecar``/``segment``); records naming no known segment;
+* the log's shape against snapshots and commit index (``shape``): the group's snapshot index equals the
+  newest DURABLE snapshot, ``first_index - 1`` is covered by it, ``commit_index <= last_index``;
+* every snapshot chunk's CRC32, chunk sequence and count, size and sha256 of DURABLE snapshots
+  (``snapshot_chunk``, ``snapshot``), the manifest CRC when :mod:`raft_sqlite.snapshot` provides
+  ``manifest_crc``, and delta chains (``snapshot_chain``).
+
+Anything found is a :class:`Problem` in the returned :class:`VerifyReport`; harmless oddities (orphan
+chunks of an abandoned snapshot, a snapshot finished while verify ran) are ``warnings``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import apsw
+
+from . import migrate, schema
+from .metadata import meta_crc
+from .wal import _HEADER, _U32, SPAN
+
+#: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
+PROBLEM_KINDS = ("integrity", "node", "schema", "metadata", "record_crc", "gap", "term", "sidecar", "segment",
+                 "shape", "snapshot_chunk", "snapshot", "snapshot_chain")
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class NotAStoreError(FileNotFoundError):
+    """``data_dir`` does not exist or holds no ``raft.db``."""
+
+
+def open_readonly(path: str) -> apsw.Connection:
+    """A read-only apsw connection on the SQLite file ``path`` that can never write: opened with
+    ``SQLITE_OPEN_READONLY`` and ``PRAGMA query_only=1``. Safe beside a running node (it is one more WAL
+    reader; it never checkpoints). Raises :class:`NotAStoreError` if the file does not exist and
+    ``apsw.NotADBError`` if it is not a database."""
+    if not os.path.isfile(path):
+        raise NotAStoreError(f"{path}: no such database file")
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    conn.setbusytimeout(5000)
+    conn.execute("PRAGMA query_only=1")
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # NotADBError on a garbage file
+    return conn
+
+
+@dataclass
+class Problem:
+    """One thing that failed validation."""
+
+    kind: str  #: one of :data:`PROBLEM_KINDS`
+    file: str  #: database file name (``raft.db`` / ``chunks.db``)
+    message: str
+    group: str | None = None
+    index: int | None = None  #: log index, segment id or snapshot id, as the message says
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` checked and found. ``ok`` is True when there are no problems."""
+
+    data_dir: str
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    integrity: dict[str, str] = field(default_factory=dict)
+    groups: int = 0
+    entries_checked: int = 0
+    bytes_checked: int = 0
+    segments_checked: int = 0
+    snapshots_checked: int = 0
+    chunks_checked: int = 0
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts_by_kind(self) -> dict[str, int]:
+        """Number of problems per kind."""
+        out: dict[str, int] = {}
+        for p in self.problems:
+            out[p.kind] = out.get(p.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def summary(self) -> str:
+        state = "OK" if self.ok else f"{len(self.problems)} PROBLEM(S)"
+        return (f"verify {state}: groups={self.groups} entries={self.entries_checked} bytes={self.bytes_checked} "
+                f"segments={self.segments_checked} snapshots={self.snapshots_checked} chunks={self.chunks_checked} "
+                f"warnings={len(self.warnings)} in {self.duration:.2f} s")
+
+
+def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
+    """Validate everything stored in ``data_dir`` (see the module docstring) and return a
+    :class:`VerifyReport`; never writes. ``progress(stage, done, total)`` is called as work proceeds
+    (``total`` counts log records + snapshot chunks + 2 integrity checks). Raises
+    :class:`NotAStoreError` if ``data_dir`` holds no ``raft.db``; a file SQLite cannot read at all is
+    reported as an ``integrity`` problem, not raised."""
+    data_dir = os.fspath(data_dir)
+    main_path = os.path.join(data_dir, schema.MAIN_DB)
+    chunks_path = os.path.join(data_dir, schema.CHUNKS_DB)
+    if not os.path.isdir(data_dir):
+        raise NotAStoreError(f"{data_dir}: no such directory")
+    if not os.path.isfile(main_path):
+        raise NotAStoreError(f"{data_dir}: not a raft_sqlite data_dir (no {schema.MAIN_DB})")
+    t0 = time.monotonic()
+    rep = VerifyReport(data_dir)
+    v = _Verifier(rep, progress)
+    try:
+        v.run(main_path, chunks_path)
+    finally:
+        v.close()
+        rep.duration = time.monotonic() - t0
+    return rep
+
+
+class _Verifier:
+    def __init__(self, rep: VerifyReport, progress):
+        self.rep = rep
+        self.progress = progress
+        self.done = 0
+        self.total = 2
+        self.main = None
+        self.chunks = None
+
+    def close(self):
+        for c in (self.main, self.chunks):
+            if c is not None:
+                c.close()
+
+    def tick(self, stage: str, n: int = 1, force: bool = False):
+        before = self.done
+        self.done += n
+        if self.progress is not None and (force or self.done // 2000 != before // 2000):
+            self.progress(stage, self.done, self.total)
+
+    def problem(self, kind, file, message, group=None, index=None):
+        self.rep.problems.append(Problem(kind, file, message, group, index))
+
+    def _integrity(self, path: str, name: str) -> apsw.Connection | None:
+        conn = None
+        try:
+            conn = open_readonly(path)
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check(100)")]
+        except NotAStoreError:
+            self.rep.integrity[name] = "missing"
+            self.problem("integrity", name, f"{path}: file is missing")
+            return None
+        except apsw.Error as exc:
+            if conn is not None:
+                conn.close()
+            self.rep.integrity[name] = f"unreadable: {exc}"
+            self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
+            return None
+        self.rep.integrity[name] = "ok" if rows == ["ok"] else "; ".join(rows)
+        if rows != ["ok"]:
+            self.problem("integrity", name, f"{path}: integrity_check: {'; '.join(rows[:5])}")
+        return conn
+
+    def run(self, main_path: str, chunks_path: str):
+        self.main = self._integrity(main_path, schema.MAIN_DB)
+        if self.main is None:
+            return
+        c = self.main
+        try:
+            self.total += c.execute("SELECT count(*) FROM log_entries").fetchone()[0]
+        except apsw.Error as exc:
+            self.problem("schema", schema.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
+            return
+        self.tick("integrity raft.db", force=True)
+        self.chunks = self._integrity(chunks_path, schema.CHUNKS_DB)
+        started = time.time()
+        if self.chunks is not None:
+            try:
+                self.total += self.chunks.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0]
+            except apsw.Error as exc:
+                self.problem("schema", schema.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
+                self.chunks.close()
+                self.chunks = None
+        if self.chunks is not None:
+            # chunks first, then raft.db: a snapshot finalized in between is skipped (see _snapshots)
+            self.chunks.execute("BEGIN")
+            self.chunks.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        self.tick("integrity chunks.db", force=True)
+        c.execute("BEGIN")  # one consistent read of raft.db
+        try:
+            self._node(main_path)
+            self._groups(main_path)
+            self._snapshots(main_path, chunks_path, started)
+        finally:
+            c.execute("COMMIT")
+            if self.chunks is not None:
+                self.chunks.execute("COMMIT")
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
+
+    def _node(self, path):
+        from .store import node_crc
+
+        c = self.main
+        rev = migrate.current_revision(c)
+        if rev != schema.MAIN_HEAD:
+            self.rep.warnings.append(f"{path}: schema revision {rev!r}, this code's head is {schema.MAIN_HEAD!r} "
+                                     "(upgraded on the next open)" if rev else f"{path}: no schema revision")
+        row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
+        if row is None:
+            self.problem("node", schema.MAIN_DB, f"{path}: the node record is missing")
+            return
+        nid, cid, fmt, created, crc = row
+        if node_crc(nid, cid, fmt, created) != crc:
+            self.problem("node", schema.MAIN_DB, f"{path}: the node record fails its CRC check")
+        if fmt > schema.FORMAT_VERSION:
+            self.problem("node", schema.MAIN_DB,
+                         f"{path}: data format {fmt} is newer than this code supports ({schema.FORMAT_VERSION})")
+
+    def _groups(self, path):
+        c = self.main
+        rows = c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
+                         "m.commit_index, m.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) "
+                         "ORDER BY g.group_id").fetchall()
+        for gid, name, first, snap_idx, term, vote, commit, mcrc in rows:
+            self.rep.groups += 1
+            where = f"{path}: group {name!r}"
+            if term is None:
+                self.problem("metadata", schema.MAIN_DB, f"{where}: metadata row is missing", name)
+                commit = 0
+            elif meta_crc(gid, term, vote, commit) != mcrc:
+                self.problem("metadata", schema.MAIN_DB,
+                             f"{where}: metadata (term={term}, vote={vote!r}, commit={commit}) fails its CRC check",
+                             name)
+            durable = c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
+                                (gid,)).fetchone()[0] or 0
+            if durable != snap_idx:
+                self.problem("shape", schema.MAIN_DB, f"{where}: snapshot index {snap_idx} in the group record "
+                             f"disagrees with the newest durable snapshot {durable}", name)
+            if first > 1 and snap_idx < first - 1:
+                self.problem("shape", schema.MAIN_DB, f"{where}: first index {first} is above 1 but no durable "
+                             f"snapshot covers {first - 1}", name, first)
+            last = self._log(where, gid, name, first)
+            if commit > last:
+                self.problem("shape", schema.MAIN_DB,
+                             f"{where}: commit index {commit} is beyond the last index {last}", name, commit)
+
+    def _log(self, where, gid, name, first) -> int:
+        """Check every stored record of the group and its segments; returns the last index."""
+        c = self.main
+        base = gid * SPAN
+        segs = {sid: [lo, hi, cnt, nbytes, cks] for sid, lo, hi, cnt, nbytes, cks in c.execute(
+            "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum FROM log_segments "
+            "WHERE group_id=?", (gid,))}
+        running: dict[int, list[int]] = {}  # segment -> [crc, count, bytes]
+        pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
+        prev = None
+        lowest = None
+        last_term = 0
+        n = 0
+        for idx, term, kind, payload, crc, seg in c.execute(
+                "SELECT idx, term, kind, payload, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
+                "ORDER BY key", (base, base + SPAN)):
+            n += 1
+            if lowest is None:
+                lowest = idx
+            if prev is not None and idx != prev + 1:
+                self.problem("gap", schema.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
+                             name, prev + 1)
+            prev = idx
+            if crc32(payload, crc32(pack(gid, idx, term, kind))) != crc:
+                self.problem("record_crc", schema.MAIN_DB, f"{where}: CRC mismatch in log entry {idx} (segment {seg})",
+                             name, idx)
+            if term < last_term:
+                self.problem("term", schema.MAIN_DB, f"{where}: term decreases at log entry {idx} "
+                             f"({last_term} -> {term})", name, idx)
+            last_term = max(last_term, term)
+            r = running.get(seg)
+            if r is None:
+                r = running[seg] = [0, 0, 0]
+                if seg not in segs:
+                    self.problem("segment", schema.MAIN_DB,
+                                 f"{where}: log entry {idx} names segment {seg}, which does not exist", name, idx)
+            r[0] = crc32(upack(crc), r[0])
+            r[1] += 1
+            r[2] += len(payload)
+            s = segs.get(seg)
+            if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
+                self.problem("segment", schema.MAIN_DB, f"{where}: log entry {idx} lies outside its segment {seg} "
+                             f"({s[0]}..{s[1]})", name, idx)
+            self.rep.bytes_checked += len(payload)
+            self.tick("log")
+        self.rep.entries_checked += n
+        last = max(first - 1, prev or 0)
+        if n and lowest > first:
+            self.problem("gap", schema.MAIN_DB, f"{where}: log entries {first}..{lowest - 1} are missing (first "
+                         f"index {first}, first stored record {lowest})", name, first)
+        for sid, (lo, hi, cnt, nbytes, cks) in sorted(segs.items()):
+            if hi is None:
+                continue  # the open segment: no sidecar yet
+            self.rep.segments_checked += 1
+            crc, got, gbytes = running.get(sid, (0, 0, 0))
+            if got != cnt or got != hi - lo + 1:
+                self.problem("segment", schema.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {got} records, "
+                             f"its row says {cnt}", name, sid)
+            elif crc != cks:
+                self.problem("sidecar", schema.MAIN_DB,
+                             f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum", name, sid)
+            if got == cnt and gbytes != nbytes:
+                self.problem("segment", schema.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {gbytes} payload "
+                             f"bytes, its row says {nbytes}", name, sid)
+        return last
+
+    def _snapshots(self, path, chunks_path, started):
+        c = self.main
+        try:
+            from .snapshot import manifest_crc  # provided by the snapshot module, if it defines one
+        except ImportError:
+            manifest_crc = None
+        rows = c.execute("SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
+                         "s.chunk_count, s.checksum, s.finished_at, s.crc32 FROM snapshots s "
+                         "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id").fetchall()
+        by_id = {r[0]: r for r in rows}
+        seen_chunks = set()
+        for sid, name, gid, idx, kind, parent, status, size, count, checksum, finished, crc in rows:
+            where = f"{path}: group {name!r} snapshot {sid} (index {idx}, {kind})"
+            self.rep.snapshots_checked += 1
+            if name is None:
+                self.problem("snapshot", schema.MAIN_DB, f"{path}: snapshot {sid} belongs to unknown group {gid}",
+                             None, sid)
+            if manifest_crc is not None and status == "DURABLE":
+                try:
+                    ok = manifest_crc(c, sid) == crc
+                except (TypeError, ValueError, apsw.Error) as exc:  # the snapshot module's signature may differ
+                    self.rep.warnings.append(f"{where}: manifest CRC not checked ({exc})")
+                    ok = True
+                if not ok:
+                    self.problem("snapshot", schema.MAIN_DB, f"{where}: manifest fails its CRC check", name, sid)
+            if kind == "DELTA":
+                p = by_id.get(parent)
+                if p is None:
+                    self.problem("snapshot_chain", schema.MAIN_DB, f"{where}: parent snapshot {parent} is missing",
+                                 name, sid)
+                elif p[2] != gid or p[3] > idx or (status == "DURABLE" and p[6] != "DURABLE"):
+                    self.problem("snapshot_chain", schema.MAIN_DB, f"{where}: parent snapshot {parent} (group "
+                                 f"{p[1]!r}, index {p[3]}, {p[6]}) cannot be its base", name, sid)
+            if self.chunks is None:
+                continue
+            if status == "DURABLE" and finished is not None and finished >= started - 1.0:
+                self.rep.warnings.append(f"{where}: finished while verify ran; chunks not checked")
+                continue
+            h = hashlib.sha256()
+            total = 0
+            seqs = []
+            bad = 0
+            for seq, data, ccrc in self.chunks.execute(
+                    "SELECT seq, data, crc32 FROM snapshot_chunks WHERE key >= ? AND key < ? ORDER BY key",
+                    (sid << 32, (sid + 1) << 32)):
+                seqs.append(seq)
+                self.rep.chunks_checked += 1
+                self.tick("snapshots")
+                if zlib.crc32(data) != ccrc:
+                    bad += 1
+                    self.problem("snapshot_chunk", schema.CHUNKS_DB, f"{chunks_path}: snapshot {sid} chunk {seq} "
+                                 "fails its CRC32 check", name, sid)
+                h.update(data)
+                total += len(data)
+            seen_chunks.add(sid)
+            if status != "DURABLE":
+                self.rep.warnings.append(f"{where}: status {status} (being written, or abandoned by a crash)")
+                continue
+            if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                self.problem("snapshot", schema.CHUNKS_DB, f"{where}: chunk sequence has gaps", name, sid)
+            if len(seqs) != count:
+                self.problem("snapshot", schema.CHUNKS_DB, f"{where}: {len(seqs)} chunks stored, manifest says "
+                             f"{count}", name, sid)
+            elif not bad:
+                if total != size:
+                    self.problem("snapshot", schema.CHUNKS_DB, f"{where}: chunks hold {total} bytes, manifest says "
+                                 f"{size}", name, sid)
+                elif checksum and h.hexdigest() != checksum:
+                    self.problem("snapshot", schema.CHUNKS_DB, f"{where}: sha256 of the chunks does not match the "
+                                 "manifest", name, sid)
+        if self.chunks is not None:
+            orphans = [r[0] for r in self.chunks.execute("SELECT DISTINCT snapshot_id FROM snapshot_chunks")
+                       if r[0] not in by_id]
+            for sid in orphans:
+                n = self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)).fetchone()[0]
+                self.rep.warnings.append(f"{chunks_path}: {n} orphan chunk(s) of snapshot {sid} (no manifest; "
+                                         "removed by snapshot retention)")
+                self.tick("snapshots", n)
