@@ -218,7 +218,7 @@ class PersistentRaftLog:
                                       f"{g.last_index}")
         if lo == hi:
             return []
-        out = self._store._read(lambda c: list(self._store._reader_wal.scan(c, g.gid, lo, hi, max_bytes)))
+        out = self._store._read(lambda c: self._store._reader_wal.scan(c, g.gid, lo, hi, max_bytes))
         if not out or (out[-1].index < hi - 1 and (max_bytes is None)):
             self._check_range(lo)
             raise LogUnavailableError(f"group {self.group!r}: entries {lo}..{hi - 1} are gone (concurrently "

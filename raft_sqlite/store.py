@@ -19,7 +19,7 @@ from . import migrate, schema
 from .errors import (CompactionError, CorruptionError, LogConflictError, NodeIdentityMismatch,
                      RaftSqliteError, RecoveryRefused, StorageFault)
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
-from .log import LogEntry, PersistentRaftLog, _KINDS
+from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore, meta_crc
 from .recovery import RecoveryPolicy, RecoveryReport
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
@@ -126,7 +126,7 @@ class NodeStore:
         self.stats = StoreStats()
         self.on_commit = None  # optional callback(seconds, requests) for metrics
         self._wal = WalWriter(segment_policy)
-        self._reader_wal = WalReader(lambda i, t, d, k: LogEntry(i, t, d, _KINDS[k]))
+        self._reader_wal = WalReader()
         self._compactor = WalCompactor()
         self._mu = threading.Lock()
         self._last_batch = 1
@@ -592,6 +592,46 @@ class NodeStore:
 
             self._run(name, lambda g: None, write)
             removed += box[0] if box else 0
+
+    # ------------------------------------------------------------------ replay (start-up)
+    def iter_replay(self, group="default", *, upto: int | None = None, chunk: int = 8192):
+        """Yield the log entries a state machine must apply at start-up, in index order: those after the
+        newest durable snapshot (``snapshot_index + 1``, or ``first_index``) up to ``upto`` (default: the
+        commit index; pass ``log.last_index`` to include uncommitted entries). Entries are read ``chunk``
+        at a time (bounded memory). Their CRCs were verified when the store was opened (and entries
+        written since were written by this process), so they are not checked a second time."""
+        name = self._ensure_group(group)
+        g = self._groups[name]
+        hi = g.commit if upto is None else min(int(upto), g.last_index)
+        lo = max(g.first_index, g.snapshot_index + 1)
+        from .log import _KINDS, LogEntry
+
+        sql = "SELECT idx, term, kind, payload FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key"
+        base = g.gid * schema.KEY_SPAN
+        while lo <= hi:
+            top = min(hi, lo + chunk - 1)
+            rows = self._read(lambda c: c.execute(sql, (base + lo, base + top)).fetchall())
+            if len(rows) != top - lo + 1:
+                raise CorruptionError(f"{self.path}: group {name!r}: entries {lo}..{top} are not all present")
+            for idx, term, kind, payload in rows:
+                yield LogEntry(idx, term, payload, _KINDS[kind])
+            lo = top + 1
+
+    def replay(self, group="default", apply=None, *, upto: int | None = None) -> int:
+        """Start-up replay for ``group``: if structures are registered with
+        :meth:`state_machine`, first load the newest valid snapshot chain into them; then call
+        ``apply(entry)`` for every entry of :meth:`iter_replay` in order. Returns the index of the last
+        entry applied (the snapshot index when there was nothing to replay)."""
+        name = self._ensure_group(group)
+        sm = self._views.get(("sm", name))
+        if sm is not None and getattr(sm, "structures", None):
+            sm.restore()
+        last = self._groups[name].snapshot_index
+        for e in self.iter_replay(name, upto=upto):
+            if apply is not None:
+                apply(e)
+            last = e.index
+        return last
 
     # ------------------------------------------------------------------ read path
     def _read(self, fn):

@@ -215,18 +215,17 @@ class WalReader:
     SELECT_ONE = "SELECT term, kind, payload, crc32 FROM log_entries WHERE key=?"
     SELECT_RANGE = "SELECT idx, term, kind, payload, crc32 FROM log_entries WHERE key >= ? AND key < ? ORDER BY key"
 
-    def __init__(self, entry_type):
-        self.entry_type = entry_type
-
     def get(self, conn, group_id: int, idx: int):
         """The entry at ``idx`` or None if there is no record."""
+        from .log import _KINDS, LogEntry
+
         row = conn.execute(self.SELECT_ONE, (group_id * SPAN + idx,)).fetchone()
         if row is None:
             return None
         term, kind, payload, crc = row
         if record_crc(group_id, idx, term, kind, payload) != crc:
             raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
-        return self.entry_type(idx, term, payload, kind)
+        return LogEntry(idx, term, payload, _KINDS[kind])
 
     def term(self, conn, group_id: int, idx: int) -> int | None:
         """The term at ``idx`` (the record's CRC is verified), or None if there is no record."""
@@ -234,22 +233,29 @@ class WalReader:
         return None if e is None else e.term
 
     def scan(self, conn, group_id: int, lo: int, hi: int, max_bytes: int | None = None):
-        """Yield entries ``lo <= idx < hi`` in order, verifying each CRC; stops early (after at least
-        one entry) once ``max_bytes`` of payload would be exceeded, or at the first missing index."""
+        """Entries ``lo <= idx < hi`` in order as a list, verifying each CRC; stops early (after at
+        least one entry) once ``max_bytes`` of payload would be exceeded, or at the first missing index."""
+        from .log import _KINDS, LogEntry
+
         base = group_id * SPAN
+        out = []
+        append = out.append
         total = 0
         expect = lo
-        make = self.entry_type
+        pack, crc32 = _HEADER.pack, zlib.crc32
+        limit = max_bytes if max_bytes is not None else -1
         for idx, term, kind, payload, crc in conn.execute(self.SELECT_RANGE, (base + lo, base + hi)):
             if idx != expect:
-                return
-            if zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind))) != crc:
+                break
+            if crc32(payload, crc32(pack(group_id, idx, term, kind))) != crc:
                 raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
-            total += len(payload)
-            if max_bytes is not None and total > max_bytes and idx > lo:
-                return
-            yield make(idx, term, payload, kind)
+            if limit >= 0:
+                total += len(payload)
+                if total > limit and idx > lo:
+                    break
+            append(LogEntry(idx, term, payload, _KINDS[kind]))
             expect += 1
+        return out
 
 
 class WalCompactor:
