@@ -145,6 +145,8 @@ snapshots = Table(
     CheckConstraint("source IN ('local', 'install')", name="snapshot_source"),
     CheckConstraint("status IN ('WRITING', 'DURABLE')", name="snapshot_status"),
     Index("snapshots_group", "group_id", "status", "idx"),
+    # ids are never reused (chunk keys, chain links and caches name snapshots by id)
+    sqlite_autoincrement=True,
 )
 
 backups = Table(
