@@ -1,0 +1,900 @@
+"""Hot backups of a live store and restore from them.
+
+A backup is a folder ``backup_dir/<node_id>/<UTC timestamp>/`` holding a copy of every database file of
+the node (``raft.db``, ``chunks.db``) and ``manifest.json``, written last and atomically. A folder
+without a valid manifest is *incomplete* (the backup was interrupted) and is never restored.
+
+Point in time. The copy runs through SQLite's online backup API (``apsw.Connection.backup``) in steps,
+from two private read-only connections, one per file, each holding an open *read transaction* for the
+whole copy. In WAL mode a read transaction pins one committed snapshot of its file: commits made
+meanwhile by the store's write connection go to the WAL and are invisible to it, and the backup never
+restarts (it restarts only when the source connection observes a change, which a pinned snapshot
+never does). Both read transactions are opened back to back while holding ``store.gc_lock``, so:
+
+* ``raft.db`` is copied exactly as it was at instant T1 (one committed transaction boundary: per
+  group a contiguous log prefix consistent with its term/vote/commit metadata);
+* ``chunks.db`` is copied as it was at T2 >= T1, and no snapshot chunk was deleted between T1 and T2
+  (deleting chunks requires ``gc_lock``). A snapshot's chunks are committed before its manifest is
+  committed DURABLE in ``raft.db``, so every DURABLE snapshot in the copied ``raft.db`` finds all its
+  chunks in the copied ``chunks.db`` (checked on the copy before the manifest is written). Extra chunks
+  (snapshots that became DURABLE after T1, or WRITING leftovers) are orphans that opening the restored
+  store ignores or removes.
+
+The cost: while a read transaction is open, checkpoints cannot pass its snapshot, so the store's WAL
+grows by whatever is committed during the copy and is reset by the first checkpoint after it.
+
+Restore (:func:`restore`) verifies the whole backup (manifest, names, sizes, sha256) before writing
+anything, copies into a fresh ``data_dir``, records a ``node_replacement`` or ``quorum_loss_restore``
+event in the restored ``raft.db`` and opens the result with STRICT recovery as a check. See
+``docs/backup.md`` for the two restore modes and the double-vote hazard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Self
+
+import apsw
+
+from . import schema
+from .errors import BackupError, RaftSqliteError
+
+log = logging.getLogger("raft_sqlite.backup")
+
+#: The manifest file of a backup folder; written last (temp file, fsync, rename, fsync dir).
+MANIFEST = "manifest.json"
+#: Version of the manifest layout itself.
+MANIFEST_VERSION = 1
+#: Database files a backup holds (in copy order) and the only names a manifest may list.
+DB_FILES = (schema.MAIN_DB, schema.CHUNKS_DB)
+#: Keys a manifest must have (restore refuses a manifest without them).
+REQUIRED_KEYS = ("manifest_version", "node_id", "cluster_id", "format_version", "library_version",
+                 "created_at", "created_at_unix", "groups", "files")
+#: Event kinds a restore records in the restored store's ``recovery_events`` table.
+NODE_REPLACEMENT = "node_replacement"
+QUORUM_LOSS_RESTORE = "quorum_loss_restore"
+RESTORE_EVENT_KINDS = (NODE_REPLACEMENT, QUORUM_LOSS_RESTORE)
+
+_TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+_TS_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z(-\d+)?$")
+_LOCK_NAME = ".backup.lock"
+_MAX_MANIFEST_BYTES = 16 << 20
+_BUF = 4 << 20
+
+QUORUM_LOSS_EXPLANATION = (
+    "a quorum-loss restore re-bootstraps the cluster from this backup: the Raft layer will force a new "
+    "membership with this node as its only voter, and every entry committed after the backup point is "
+    "lost for good. Run it only when a majority of the group's members is permanently gone; pass "
+    "allow_quorum_loss=True (CLI: --quorum-loss) to state that this is the case. If a majority is still "
+    "alive, restore without it: that is a node replacement (the node rejoins and catches up)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupInfo:
+    """A complete backup: ``path`` of its folder and its parsed ``manifest`` (see :data:`REQUIRED_KEYS`);
+    ``size`` is the sum of the copied files' sizes, ``duration`` the seconds the backup took."""
+
+    path: str
+    manifest: dict
+    size: int = 0
+    duration: float = 0.0
+    #: seconds per phase: ``copy`` (online backup steps), ``sha256`` and ``fsync`` (run on helper threads,
+    #: overlapping the copy of the next file and each other), ``wait`` (for them after the last copy)
+    phases: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreInfo:
+    """The outcome of :func:`restore`: the restored ``data_dir``, the ``backup_path`` it came from,
+    ``kind`` (``"node_replacement"`` or ``"quorum_loss_restore"``), the backup's ``manifest``, the
+    ``event`` details recorded in the restored store, and ``duration`` in seconds."""
+
+    data_dir: str
+    backup_path: str
+    kind: str
+    manifest: dict
+    event: dict
+    duration: float = 0.0
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _fsync_path(path: str, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: str, progress: ProgressFn | None = None, phase: str = "sha256") -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    total = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(_BUF)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+            if progress is not None:
+                progress(phase, n, total)
+    return n, h.hexdigest()
+
+
+def _utc_stamp(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime(_TS_FORMAT)
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stamp_time(name: str) -> float | None:
+    if not _TS_RE.match(name):
+        return None
+    return _dt.datetime.strptime(name.split("-")[0], _TS_FORMAT).replace(tzinfo=_dt.UTC).timestamp()
+
+
+def _safe_component(node_id: str) -> str:
+    if (not node_id or node_id in (".", "..") or "/" in node_id or "\\" in node_id or "\0" in node_id
+            or node_id.startswith(".")):
+        raise BackupError(f"node_id {node_id!r} cannot be used as a backup folder name")
+    return node_id
+
+
+def _write_json_atomically(folder: str, name: str, obj: dict) -> bytes:
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    tmp = os.path.join(folder, f".{name}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(folder, name))
+    _fsync_path(folder, directory=True)
+    return data
+
+
+def read_restore_event(conn) -> dict | None:
+    """The newest restore event (``node_replacement`` / ``quorum_loss_restore``) recorded in the raft.db
+    behind ``conn``, as ``{"kind", "at", **details}``, or None if the store was never restored.
+    (:attr:`NodeStore.restored_from <raft_sqlite.NodeStore.restored_from>` reads it.)"""
+    row = conn.execute("SELECT event_id, kind, at, details FROM recovery_events WHERE kind IN (?, ?) "
+                       "ORDER BY event_id DESC LIMIT 1", RESTORE_EVENT_KINDS).fetchone()
+    if row is None:
+        return None
+    details = json.loads(row[3]) if row[3] else {}
+    return {**details, "event_id": row[0], "kind": row[1], "at": row[2]}
+
+
+# ---------------------------------------------------------------------------------------------- backup
+class HotBackupManager:
+    """Point-in-time backups of one open :class:`~raft_sqlite.NodeStore` into ``backup_dir``.
+
+    ``backup()`` writes ``backup_dir/<node_id>/<UTC timestamp>/`` while the store keeps serving (see
+    the module docstring for why the copy is one instant); ``prune()`` applies retention; ``list()``
+    lists this node's backups. ``pages_per_step`` pages are copied per backup step and the copier sleeps
+    ``step_pause`` seconds between steps, leaving the disk and the CPU to the store's committer.
+
+    At most one backup of a node runs at a time, across threads and processes (an ``flock`` on
+    ``backup_dir/<node_id>/.backup.lock``); a second concurrent ``backup()`` raises :class:`BackupError`
+    at once instead of waiting.
+    """
+
+    def __init__(self, store, backup_dir, *, pages_per_step: int = 1024, step_pause: float = 0.0005):
+        if pages_per_step < 1:
+            raise ValueError("pages_per_step must be >= 1")
+        self.store = store
+        self.backup_dir = os.path.abspath(os.fspath(backup_dir))
+        self.node_dir = os.path.join(self.backup_dir, _safe_component(store.node_id))
+        self.pages_per_step = int(pages_per_step)
+        self.step_pause = float(step_pause)
+
+    # -------------------------------------------------------------- exclusion
+    @contextlib.contextmanager
+    def _exclusive(self):
+        try:
+            os.makedirs(self.node_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise BackupError(f"cannot create backup folder {self.node_dir}: {exc}") from exc
+        fd = os.open(os.path.join(self.node_dir, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise BackupError(f"another backup or prune of node {self.store.node_id!r} is running "
+                                      f"in {self.node_dir}") from None
+                raise
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    # -------------------------------------------------------------- backup
+    def backup(self, *, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> BackupInfo:
+        """Take a point-in-time backup of the store and return its :class:`BackupInfo`.
+
+        Copies ``raft.db`` then ``chunks.db`` through the online backup API into a new folder
+        ``backup_dir/<node_id>/<UTC timestamp>/`` (files 0600, folders 0700), checks on the copy that
+        every DURABLE snapshot has all its chunks, fsyncs the files, then writes ``manifest.json`` last
+        and atomically: node_id, cluster_id, format_version, library_version, created_at (the instant
+        the copy describes, ISO 8601 UTC, and ``created_at_unix``), per group term / voted_for /
+        commit_index / first_index / last_index / snapshot index and latest snapshot (read from the
+        copy itself) and ``files`` ``[{name, size, sha256}]``. Finally records the backup in the
+        store's ``backups`` table (a failure there is logged, the backup stays valid).
+
+        ``progress(phase, done_bytes, total_bytes)`` is called as the copy advances (phase is the file
+        name, or ``"sha256:<file>"`` while checksumming). Setting ``cancel`` aborts between steps.
+        On any failure (including cancel) the partial folder is removed and :class:`BackupError` (or
+        the store's :class:`~raft_sqlite.StorageFault`) is raised; a crash leaves a folder without
+        manifest, which is never used and which the next :meth:`prune` removes.
+        """
+        t0 = time.monotonic()
+        self.store._check_open()
+        with self._exclusive():
+            folder = self._new_folder()
+            try:
+                phases = {"copy": 0.0, "sha256": 0.0, "fsync": 0.0, "wait": 0.0}
+                manifest, size = self._copy(folder, progress, cancel, phases)
+            except BaseException as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
+                    raise
+                if isinstance(exc, apsw.Error):
+                    raise self.store._translate(exc, "backup") from exc
+                if isinstance(exc, OSError):
+                    raise BackupError(f"backup into {folder} failed: {exc}") from exc
+                raise
+            _fsync_path(self.node_dir, directory=True)
+        duration = time.monotonic() - t0
+        info = BackupInfo(folder, manifest, size, duration, phases)
+        self._record(info)
+        log.info("%s: backup %s done: %d bytes in %.2f s", self.store.data_dir, folder, size, duration)
+        return info
+
+    def _new_folder(self) -> str:
+        now = time.time()
+        base = _utc_stamp(now)
+        for i in range(1000):
+            name = base if i == 0 else f"{base}-{i}"
+            p = os.path.join(self.node_dir, name)
+            try:
+                os.mkdir(p, 0o700)
+            except FileExistsError:
+                continue
+            os.chmod(p, 0o700)
+            return p
+        raise BackupError(f"cannot find a free folder name under {self.node_dir}")
+
+    def _copy(self, folder: str, progress, cancel, phases: dict) -> tuple[dict, int]:
+        store = self.store
+        sources: list[apsw.Connection] = []
+        try:
+            main_src = store._connect(store.path, query_only=True)
+            sources.append(main_src)
+            chunks_src = store._connect(store.chunks_path, query_only=True)
+            sources.append(chunks_src)
+            # Pin one committed snapshot of each file (a WAL read transaction) while no chunk can be
+            # deleted: raft.db at T1, chunks.db at T2 >= T1, nothing garbage-collected in between.
+            with store.gc_lock:
+                main_src.execute("BEGIN")
+                main_src.execute("SELECT count(*) FROM node").fetchall()
+                chunks_src.execute("BEGIN")
+                chunks_src.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                at = time.time()
+            facts = None
+            chunk_counts = None
+            checks: list[_FileCheck] = []
+            for name, src in ((schema.MAIN_DB, main_src), (schema.CHUNKS_DB, chunks_src)):
+                dest_path = os.path.join(folder, name)
+                t = time.perf_counter()
+                self._online_copy(src, dest_path, name, progress, cancel)
+                src.execute("COMMIT")  # release the snapshot: the store's checkpoints may proceed
+                phases["copy"] += time.perf_counter() - t
+                dest = apsw.Connection(dest_path, flags=apsw.SQLITE_OPEN_READONLY)
+                try:
+                    if name == schema.MAIN_DB:
+                        facts = _describe(dest)
+                    else:
+                        chunk_counts = dict(dest.execute(
+                            "SELECT snapshot_id, count(*) FROM snapshot_chunks GROUP BY snapshot_id").fetchall())
+                finally:
+                    dest.close()
+                for extra in (dest_path + "-journal", dest_path + "-wal", dest_path + "-shm"):
+                    if os.path.exists(extra):
+                        raise BackupError(f"backup copy left {extra} behind")
+                # checksum + fsync of this file run on helper threads while the next file is copied
+                checks.append(_FileCheck(dest_path, name, progress))
+            files = []
+            t = time.perf_counter()
+            for c in checks:
+                files.append(c.result())
+            phases["sha256"] += max((c.hash_seconds for c in checks), default=0.0)
+            phases["fsync"] += max((c.sync_seconds for c in checks), default=0.0)
+            phases["wait"] = time.perf_counter() - t
+            total = sum(f["size"] for f in files)
+        finally:
+            for c in sources:
+                with contextlib.suppress(apsw.Error):
+                    c.close()
+        node_id, cluster_id, fmt, groups, durable = facts
+        if node_id != store.node_id or cluster_id != store.cluster_id:
+            raise BackupError(f"copied raft.db names node {node_id!r}/{cluster_id!r}, not the store's")
+        for sid, need in durable:
+            have = chunk_counts.get(sid, 0)
+            if have < need:
+                raise BackupError(f"backup copy is inconsistent: DURABLE snapshot {sid} has {have} of its {need} "
+                                  "chunks in the copied chunks.db")
+        from . import __version__
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "node_id": node_id,
+            "cluster_id": cluster_id,
+            "format_version": fmt,
+            "library_version": __version__,
+            "created_at": _iso(at),
+            "created_at_unix": at,
+            "source_data_dir": os.path.abspath(store.data_dir),
+            "groups": groups,
+            "files": files,
+        }
+        _fsync_path(folder, directory=True)
+        _write_json_atomically(folder, MANIFEST, manifest)
+        return manifest, total
+
+    def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress, cancel) -> None:
+        os.close(os.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        dest = apsw.Connection(dest_path)
+        try:
+            # No journal, no syncs while copying: an interrupted copy is an incomplete backup anyway (no
+            # manifest), and the finished file gets one fsync.
+            dest.execute("PRAGMA synchronous=OFF").fetchall()
+            dest.execute("PRAGMA journal_mode=OFF").fetchall()
+            page_size = src.execute("PRAGMA page_size").fetchone()[0]
+            with dest.backup("main", src, "main") as b:
+                while not b.done:
+                    b.step(self.pages_per_step)
+                    if progress is not None:
+                        progress(name, (b.pagecount - b.remaining) * page_size, b.pagecount * page_size)
+                    if cancel is not None and cancel.is_set():
+                        raise BackupError("backup cancelled")
+                    if self.step_pause and not b.done:
+                        time.sleep(self.step_pause)
+            # The copied header says WAL (bytes 18/19 = 2); make the copy a self-contained rollback-journal
+            # file so it can be read (and hashed) without a -wal/-shm. Opening it as a store turns WAL on.
+            dest.execute("PRAGMA journal_mode=DELETE").fetchall()
+        finally:
+            dest.close()
+
+    def _record(self, info: BackupInfo) -> None:
+        with open(os.path.join(info.path, MANIFEST), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        row = (info.path, info.manifest["created_at_unix"], info.size, info.duration, digest)
+
+        def write(conn):
+            conn.execute("INSERT INTO backups(path, created_at, size, duration, manifest_sha256) VALUES (?,?,?,?,?)",
+                         row)
+        try:
+            self.store._raw(write)
+        except RaftSqliteError as exc:
+            log.warning("%s: backup %s is complete but could not be recorded in the store: %s",
+                        self.store.data_dir, info.path, exc)
+
+    # -------------------------------------------------------------- listing and retention
+    def list(self, *, verify: bool = False) -> list[dict]:
+        """This node's backups, newest first (see :func:`list_backups`)."""
+        return [b for b in list_backups(self.backup_dir, verify=verify) if b["node_id"] == self.store.node_id]
+
+    def last_backup(self) -> dict | None:
+        """The newest backup recorded in the store's ``backups`` table as ``{path, created_at, age, size,
+        duration}``, or None."""
+        row = self.store._read(lambda c: c.execute(
+            "SELECT path, created_at, size, duration FROM backups ORDER BY created_at DESC LIMIT 1").fetchone())
+        if row is None:
+            return None
+        return {"path": row[0], "created_at": row[1], "age": time.time() - row[1], "size": row[2],
+                "duration": row[3]}
+
+    def prune(self, *, keep: int | None = None, max_age: float | None = None) -> list[str]:
+        """Apply retention to this node's backups and return the folders removed.
+
+        Complete backups beyond the ``keep`` newest, and complete backups older than ``max_age``
+        seconds, are removed, but the newest complete backup is always kept (retention never leaves a
+        node without a backup). Incomplete folders (no manifest: interrupted backups) are always removed:
+        prune holds the same lock as :meth:`backup`, so none of them is in progress. Folders whose
+        manifest is unreadable (*corrupt*) are left for the operator and logged.
+        """
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be >= 1 (the newest backup is always kept)")
+        removed = []
+        with self._exclusive():
+            entries = _scan_node_dir(self.node_dir, verify=False)
+            complete = sorted((e for e in entries if e["status"] == "complete"), key=lambda e: e["created_at"],
+                              reverse=True)
+            doomed = [e for e in entries if e["status"] == "incomplete"]
+            now = time.time()
+            for i, e in enumerate(complete):
+                if i == 0:
+                    continue
+                if (keep is not None and i >= keep) or (max_age is not None and now - e["created_at"] > max_age):
+                    doomed.append(e)
+            for e in entries:
+                if e["status"] == "corrupt":
+                    log.warning("backup %s is corrupt (%s); prune leaves it for the operator", e["path"], e["error"])
+            for e in doomed:
+                shutil.rmtree(e["path"])
+                removed.append(e["path"])
+                log.info("pruned %s backup %s", e["status"], e["path"])
+            if removed:
+                _fsync_path(self.node_dir, directory=True)
+        return removed
+
+
+class _FileCheck:
+    """sha256 and fsync of one finished copy, each on its own thread (hashlib and fsync release the
+    GIL), so that they overlap each other and the copy of the next file."""
+
+    def __init__(self, path: str, name: str, progress):
+        self.path, self.name = path, name
+        self.hash_seconds = self.sync_seconds = 0.0
+        self._out: dict = {}
+        self._threads = [threading.Thread(target=self._guard, args=(k, fn), daemon=True)
+                         for k, fn in (("hash", self._hash), ("sync", self._sync))]
+        self._progress = progress
+        for th in self._threads:
+            th.start()
+
+    def _guard(self, key, fn):
+        try:
+            self._out[key] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._out[key] = exc
+
+    def _hash(self):
+        t = time.perf_counter()
+        r = _sha256_file(self.path, self._progress, f"sha256:{self.name}")
+        self.hash_seconds = time.perf_counter() - t
+        return r
+
+    def _sync(self):
+        t = time.perf_counter()
+        _fsync_path(self.path)
+        self.sync_seconds = time.perf_counter() - t
+
+    def result(self) -> dict:
+        """``{name, size, sha256}`` once both threads are done (re-raises their error)."""
+        for th in self._threads:
+            th.join()
+        for k in ("hash", "sync"):
+            if isinstance(self._out.get(k), BaseException):
+                raise self._out[k]
+        size, digest = self._out["hash"]
+        return {"name": self.name, "size": size, "sha256": digest}
+
+
+def _describe(conn) -> tuple:
+    """Facts a manifest records, read from a (copied) raft.db."""
+    node_id, cluster_id, fmt = conn.execute("SELECT node_id, cluster_id, format_version FROM node").fetchone()
+    groups = []
+    for gid, name, term, vote, commit, first, last, sidx, sterm in conn.execute(
+            "SELECT group_id, name, current_term, voted_for, commit_index, first_index, last_index, "
+            "snapshot_index, snapshot_term FROM group_status ORDER BY group_id").fetchall():
+        snap = conn.execute("SELECT snapshot_id, idx, term, kind, size FROM snapshots WHERE group_id=? AND "
+                            "status='DURABLE' ORDER BY idx DESC, snapshot_id DESC LIMIT 1", (gid,)).fetchone()
+        groups.append({
+            "name": name, "group_id": gid, "term": term, "voted_for": vote, "commit_index": commit,
+            "first_index": first, "last_index": last, "snapshot_index": sidx, "snapshot_term": sterm,
+            "latest_snapshot": None if snap is None else dict(zip(("id", "index", "term", "kind", "size"), snap)),
+        })
+    durable = conn.execute("SELECT snapshot_id, chunk_count FROM snapshots WHERE status='DURABLE'").fetchall()
+    return node_id, cluster_id, fmt, groups, durable
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+class HotBackupScheduler:
+    """Periodic hot backups of ``store`` on a background thread, with retention.
+
+    Every ``interval`` seconds (first one after ``interval``, or at once with ``run_at_start=True``)
+    the thread takes a backup with a :class:`HotBackupManager` and then prunes with ``keep`` /
+    ``max_age`` (see :meth:`HotBackupManager.prune`). Backups never overlap: a tick that finds another
+    backup of the node running is skipped and counted in ``skipped``. Failures are logged on
+    ``raft_sqlite.backup`` and counted in ``failures`` (``last_error`` keeps the latest); they are
+    never raised into other threads. ``stop()`` cancels a backup in progress (between steps) and joins.
+    """
+
+    def __init__(self, store, backup_dir, interval: float, *, keep: int | None = None,
+                 max_age: float | None = None, run_at_start: bool = False, **manager_kw):
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.manager = HotBackupManager(store, backup_dir, **manager_kw)
+        self.interval = float(interval)
+        self.keep, self.max_age = keep, max_age
+        self.run_at_start = run_at_start
+        self.successes = 0
+        self.failures = 0
+        self.skipped = 0
+        self.last_error: BaseException | None = None
+        self.last_backup: BackupInfo | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> HotBackupScheduler:
+        """Start the background thread (once). Returns self."""
+        if self._thread is not None:
+            raise RuntimeError("scheduler already started")
+        self._thread = threading.Thread(target=self._loop, name=f"raft_sqlite-backup-{self.manager.store.node_id}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        if not self.run_at_start and self._stop.wait(self.interval):
+            return
+        while not self._stop.is_set():
+            self.run_once()
+            if self._stop.wait(self.interval):
+                return
+
+    def run_once(self) -> BackupInfo | None:
+        """One tick: backup then prune. Returns the new backup, or None when it failed or was skipped."""
+        try:
+            info = self.manager.backup(cancel=self._stop)
+        except BackupError as exc:
+            if "is running" in str(exc):
+                self.skipped += 1
+                log.info("scheduled backup skipped: %s", exc)
+                return None
+            return self._failed(exc)
+        except Exception as exc:  # noqa: BLE001 - never raised into the caller's thread
+            return self._failed(exc)
+        self.successes += 1
+        self.last_backup = info
+        try:
+            self.manager.prune(keep=self.keep, max_age=self.max_age)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc, what="prune")
+        return info
+
+    def _failed(self, exc: BaseException, what: str = "backup") -> None:
+        if self._stop.is_set() and "cancelled" in str(exc):
+            return
+        self.failures += 1
+        self.last_error = exc
+        log.error("scheduled %s of node %r failed (%d failures so far): %s", what, self.manager.store.node_id,
+                  self.failures, exc, exc_info=exc)
+        return
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread, cancelling a backup in progress, and wait for it. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def _scan_node_dir(node_dir: str, *, verify: bool) -> list[dict]:
+    out = []
+    try:
+        names = sorted(os.listdir(node_dir))
+    except FileNotFoundError:
+        return out
+    node_id = os.path.basename(node_dir)
+    now = time.time()
+    for name in names:
+        p = os.path.join(node_dir, name)
+        if name.startswith(".") or not os.path.isdir(p) or os.path.islink(p):
+            continue
+        e = {"path": p, "node_id": node_id, "created_at": _stamp_time(name), "status": "incomplete",
+             "size": None, "error": None}
+        if os.path.exists(os.path.join(p, MANIFEST)):
+            try:
+                m = verify_backup(p, checksums=verify)
+            except BackupError as exc:
+                e.update(status="corrupt", error=str(exc))
+            else:
+                e.update(status="complete", created_at=m["created_at_unix"], node_id=m["node_id"],
+                         cluster_id=m["cluster_id"], size=sum(f["size"] for f in m["files"]),
+                         groups=len(m["groups"]))
+        elif e["created_at"] is None:
+            continue  # not a backup folder
+        if e["created_at"] is None:
+            e["created_at"] = os.stat(p).st_mtime
+        e["age"] = now - e["created_at"]
+        out.append(e)
+    return out
+
+
+def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
+    """Every backup under ``backup_dir`` (all nodes), newest first.
+
+    Each is a dict with ``path``, ``node_id``, ``created_at`` (unix seconds), ``age`` (seconds),
+    ``size`` (bytes, complete backups), ``status`` and ``error``. ``status`` is ``"complete"`` (manifest
+    valid, every file present with its recorded size; with ``verify=True`` also its sha256),
+    ``"incomplete"`` (no manifest: interrupted, never restorable) or ``"corrupt"`` (a manifest that does
+    not verify; ``error`` says why). A missing ``backup_dir`` lists as empty.
+    """
+    root = os.path.abspath(os.fspath(backup_dir))
+    out = []
+    try:
+        nodes = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return out
+    for n in nodes:
+        p = os.path.join(root, n)
+        if not n.startswith(".") and os.path.isdir(p) and not os.path.islink(p):
+            out.extend(_scan_node_dir(p, verify=verify))
+    out.sort(key=lambda e: e["created_at"], reverse=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- restore
+def _file_name_problem(name) -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"file name {name!r} is not a non-empty string"
+    if "\0" in name:
+        return f"file name {name!r} contains NUL"
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return f"file name {name!r} is absolute: it escapes the backup folder"
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts:
+        return f"file name {name!r} contains '..': it escapes the backup folder"
+    if len(parts) > 1 or name in (".",):
+        return f"file name {name!r} is not a plain file name in the backup folder"
+    if name not in DB_FILES:
+        return f"file name {name!r} is not a database file of a node ({', '.join(DB_FILES)})"
+    return None
+
+
+def verify_backup(backup_path, *, checksums: bool = True) -> dict:
+    """Validate the backup folder ``backup_path`` and return its manifest; write nothing.
+
+    Checks: ``manifest.json`` exists (else the backup is incomplete), is a JSON object of at most 16 MiB
+    with every key of :data:`REQUIRED_KEYS` and sane types, a ``format_version`` this code can open; its
+    ``files`` name exactly ``raft.db`` and ``chunks.db``, each as a plain name inside the folder (absolute
+    names, ``..``, sub-paths and symlinks are refused: they would escape the backup), each a regular
+    file of the recorded size and (with ``checksums``, the default) sha256. Raises :class:`BackupError`
+    naming the problem.
+    """
+    folder = os.path.abspath(os.fspath(backup_path))
+    if not os.path.isdir(folder):
+        raise BackupError(f"{folder} is not a backup folder")
+    mpath = os.path.join(folder, MANIFEST)
+    try:
+        st = os.lstat(mpath)
+    except FileNotFoundError:
+        raise BackupError(f"{folder}: no {MANIFEST}: the backup is incomplete (interrupted) and cannot be "
+                          "used") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BackupError(f"{mpath} is not a regular file")
+    if st.st_size > _MAX_MANIFEST_BYTES:
+        raise BackupError(f"{mpath} is implausibly large ({st.st_size} bytes)")
+    try:
+        with open(mpath, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BackupError(f"{mpath} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BackupError(f"{mpath} is not a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BackupError(f"{mpath} lacks required keys: {', '.join(missing)}")
+    if manifest["manifest_version"] != MANIFEST_VERSION:
+        raise BackupError(f"{mpath}: manifest version {manifest['manifest_version']!r} is not supported "
+                          f"(this raft_sqlite reads {MANIFEST_VERSION})")
+    for k in ("node_id", "cluster_id"):
+        if not isinstance(manifest[k], str) or not manifest[k]:
+            raise BackupError(f"{mpath}: {k} must be a non-empty string")
+    fmt = manifest["format_version"]
+    if type(fmt) is not int:
+        raise BackupError(f"{mpath}: format_version must be an integer")
+    if fmt > schema.FORMAT_VERSION:
+        raise BackupError(f"{mpath}: data format {fmt} is newer than this raft_sqlite supports "
+                          f"({schema.FORMAT_VERSION}); restore with a newer raft_sqlite")
+    if not isinstance(manifest["created_at_unix"], (int, float)) or not isinstance(manifest["groups"], list):
+        raise BackupError(f"{mpath}: created_at_unix must be a number and groups a list")
+    files = manifest["files"]
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise BackupError(f"{mpath}: files must be a list of objects")
+    seen = set()
+    for f in files:
+        problem = _file_name_problem(f.get("name"))
+        if problem:
+            raise BackupError(f"{mpath}: {problem}")
+        if f["name"] in seen:
+            raise BackupError(f"{mpath}: file {f['name']!r} is listed twice")
+        seen.add(f["name"])
+        if type(f.get("size")) is not int or f["size"] < 0:
+            raise BackupError(f"{mpath}: file {f['name']!r}: size must be a non-negative integer")
+        if not isinstance(f.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
+            raise BackupError(f"{mpath}: file {f['name']!r}: sha256 must be 64 lowercase hex digits")
+    if seen != set(DB_FILES):
+        raise BackupError(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+    real_folder = os.path.realpath(folder)
+    for f in files:
+        p = os.path.join(folder, f["name"])
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise BackupError(f"{folder}: {f['name']} is missing") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise BackupError(f"{folder}: {f['name']} is a symlink: it may escape the backup folder")
+        if not stat.S_ISREG(st.st_mode):
+            raise BackupError(f"{folder}: {f['name']} is not a regular file")
+        if os.path.dirname(os.path.realpath(p)) != real_folder:
+            raise BackupError(f"{folder}: {f['name']} resolves outside the backup folder")
+        if st.st_size != f["size"]:
+            raise BackupError(f"{folder}: {f['name']} has {st.st_size} bytes, the manifest says {f['size']}")
+    if checksums:
+        for f in files:
+            _, digest = _sha256_file(os.path.join(folder, f["name"]))
+            if digest != f["sha256"]:
+                raise BackupError(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
+    return manifest
+
+
+def _restore_kind(mode, allow_quorum_loss: bool) -> str:
+    if mode is None:
+        return QUORUM_LOSS_RESTORE if allow_quorum_loss else NODE_REPLACEMENT
+    if mode in ("quorum_loss", "quorum-loss", QUORUM_LOSS_RESTORE):
+        if not allow_quorum_loss:
+            raise BackupError(f"quorum-loss restore refused without allow_quorum_loss=True: "
+                              f"{QUORUM_LOSS_EXPLANATION}")
+        return QUORUM_LOSS_RESTORE
+    if mode in ("node_replacement", "node-replacement"):
+        if allow_quorum_loss:
+            raise ValueError("mode='node_replacement' contradicts allow_quorum_loss=True")
+        return NODE_REPLACEMENT
+    raise ValueError(f"unknown restore mode {mode!r} (node_replacement | quorum_loss)")
+
+
+def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str | None = None,
+            progress: ProgressFn | None = None) -> RestoreInfo:
+    """Restore the backup folder ``backup_path`` into a fresh ``data_dir`` and return a :class:`RestoreInfo`.
+
+    Order of work: (1) ``data_dir`` must not exist or be an empty directory, else :class:`BackupError`;
+    (2) the whole backup is verified (:func:`verify_backup` with checksums) before anything is written;
+    (3) ``data_dir`` is created 0700 and each file copied to a temporary name (0600), checksummed again
+    while copying, fsynced, renamed, and the directory fsynced; (4) a restore event is recorded in the
+    restored ``raft.db``; (5) the result is opened with ``RecoveryPolicy.STRICT`` as a check. If (3)-(5)
+    fail, everything written is removed (``data_dir`` is left as it was) and :class:`BackupError` raised.
+
+    Modes. ``allow_quorum_loss`` is the operator's statement about the cluster, which only the operator
+    knows. Without it (default, ``mode="node_replacement"``) the restore is a *node replacement*: the
+    same node rejoins a cluster whose majority survived and catches up from the leader; the event
+    ``node_replacement`` records the backup's point and per-group term/vote, exposed after opening as
+    :attr:`NodeStore.restored_from` so the Raft layer avoids voting in terms it may already have voted
+    in after the backup. With ``allow_quorum_loss=True`` (or ``mode="quorum_loss"`` plus the flag) it is a
+    *quorum-loss restore*: event ``quorum_loss_restore`` marks every group so the Raft layer re-bootstraps
+    the membership from this node. Asking for ``mode="quorum_loss"`` without the flag is refused with a
+    :class:`BackupError` explaining the flag.
+    """
+    t0 = time.monotonic()
+    kind = _restore_kind(mode, bool(allow_quorum_loss))
+    src = os.path.abspath(os.fspath(backup_path))
+    target = os.path.abspath(os.fspath(data_dir))
+    if os.path.lexists(target):
+        if os.path.islink(target) or not os.path.isdir(target):
+            raise BackupError(f"restore target {target} exists and is not a directory")
+        if os.listdir(target):
+            raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
+                              "(move the old data away first)")
+    manifest = verify_backup(src, checksums=True)
+    created_dir = not os.path.exists(target)
+    written: list[str] = []
+    try:
+        if created_dir:
+            os.makedirs(target, mode=0o700)
+        os.chmod(target, 0o700)
+        tmps = []
+        for f in manifest["files"]:
+            tmp = os.path.join(target, f".{f['name']}.restoring")
+            written.append(tmp)
+            _copy_verified(os.path.join(src, f["name"]), tmp, f, progress)
+            tmps.append((tmp, os.path.join(target, f["name"])))
+        for tmp, final in tmps:
+            written.append(final)
+            os.rename(tmp, final)
+        _fsync_path(target, directory=True)
+        for name in DB_FILES:
+            for suffix in ("-wal", "-shm", "-journal"):
+                written.append(os.path.join(target, name + suffix))
+        event = _record_restore_event(os.path.join(target, schema.MAIN_DB), kind, src, manifest)
+        from .recovery import RecoveryPolicy
+        from .store import NodeStore
+        try:
+            NodeStore.open(target, manifest["node_id"], cluster_id=manifest["cluster_id"],
+                           recovery=RecoveryPolicy.STRICT).close()
+        except RaftSqliteError as exc:
+            raise BackupError(f"restored data in {target} does not open under STRICT recovery: {exc}") from exc
+    except BaseException as exc:
+        for p in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+        if created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
+        if isinstance(exc, OSError):
+            raise BackupError(f"restore into {target} failed: {exc}") from exc
+        raise
+    info = RestoreInfo(target, src, kind, manifest, event, time.monotonic() - t0)
+    log.warning("%s restored from backup %s (created %s) as a %s", target, src, manifest["created_at"], kind)
+    return info
+
+
+def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
+    h = hashlib.sha256()
+    n = 0
+    fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        with open(src, "rb", buffering=0) as fin:
+            while True:
+                b = fin.read(_BUF)
+                if not b:
+                    break
+                h.update(b)
+                view = memoryview(b)
+                while view:
+                    view = view[os.write(fd, view):]
+                n += len(b)
+                if progress is not None:
+                    progress(f["name"], n, f["size"])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if n != f["size"] or h.hexdigest() != f["sha256"]:
+        raise BackupError(f"{src} changed while it was being restored (size/sha256 no longer match the manifest)")
+
+
+def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict) -> dict:
+    details = {
+        "backup_path": backup_path,
+        "backup_created_at": manifest["created_at"],
+        "backup_created_at_unix": manifest["created_at_unix"],
+        "library_version": manifest["library_version"],
+        "groups": {g["name"]: {k: g.get(k) for k in ("term", "voted_for", "commit_index", "last_index",
+                                                      "snapshot_index")}
+                   for g in manifest["groups"] if isinstance(g, dict) and "name" in g},
+    }
+    if kind == QUORUM_LOSS_RESTORE:
+        details["action"] = ("re-bootstrap every group's membership from this node: entries committed after "
+                             "the backup point are lost")
+    else:
+        details["action"] = ("rejoin as the same node and catch up from the leader; do not vote in any term "
+                             "that may have been voted in after the backup point")
+    conn = apsw.Connection(raft_db)
+    try:
+        conn.execute("PRAGMA synchronous=FULL").fetchall()
+        conn.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) VALUES (?,?,?,?,?,?)",
+                     (time.time(), kind, None, "restored", None, json.dumps(details, sort_keys=True)))
+    finally:
+        conn.close()
+    return details

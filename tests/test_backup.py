@@ -1,0 +1,536 @@
+"""Hot backup and restore: point-in-time copies under load, manifests, refusals before any write,
+restore modes and their events, SIGKILL during a backup, scheduler and retention."""
+
+import json
+import logging
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from raft_sqlite import BackupError, LogEntry, RecoveryPolicy
+from raft_sqlite.backup import (
+    MANIFEST,
+    HotBackupManager,
+    HotBackupScheduler,
+    list_backups,
+    restore,
+    verify_backup,
+)
+from tests.conftest import ROOT, open_store
+
+
+def payload(group, i):
+    return f"{group}:{i}".encode() * 3
+
+
+def fill(store, group, n, term=1, start=1):
+    store.log(group).append([LogEntry(i, term, payload(group, i)) for i in range(start, start + n)])
+
+
+def snapshot(store, group, index, term, data):
+    with store.snapshots(group).write(index, term) as w:
+        w.write(data)
+    return w.meta
+
+
+def state(store):
+    """Everything a restore must reproduce, per group."""
+    out = {}
+    for g in store.groups():
+        lg, md = store.log(g), store.metadata(g)
+        snap = store.snapshots(g).latest()
+        out[g] = {
+            "first": lg.first_index, "last": lg.last_index, "last_term": lg.last_term,
+            "hard": tuple(md.hard_state),
+            "entries": [tuple(e) for e in lg.entries(lg.first_index, lg.last_index + 1)],
+            "snapshot": None if snap is None else (snap.index, snap.term, snap.kind,
+                                                   store.snapshots(g).open(snap).read()),
+        }
+    return out
+
+
+def make_source(path):
+    s = open_store(path)
+    fill(s, "a", 120)
+    s.metadata("a").set_term_and_vote(2, "n2")
+    s.log("a").append([LogEntry(121, 2, b"t2")])
+    s.metadata("a").set_commit_index(100)
+    snapshot(s, "a", 60, 1, os.urandom(200_000))
+    s.log("a").compact(60)
+    fill(s, "b", 10)
+    s.metadata("b").set_term_and_vote(5, 7)
+    s.metadata("b").set_commit_index(10)
+    return s
+
+
+def tree(path):
+    return sorted(os.listdir(path)) if os.path.exists(path) else None
+
+
+# ------------------------------------------------------------------------------------------- backup
+def test_backup_layout_manifest_and_record(tmp_path):
+    s = make_source(tmp_path / "node")
+    m = HotBackupManager(s, tmp_path / "bk")
+    info = m.backup()
+    assert os.path.dirname(info.path) == str(tmp_path / "bk" / "n1")
+    assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}Z", os.path.basename(info.path))
+    assert stat.S_IMODE(os.stat(info.path).st_mode) == 0o700
+    assert sorted(os.listdir(info.path)) == ["chunks.db", "manifest.json", "raft.db"]
+    for f in os.listdir(info.path):
+        assert stat.S_IMODE(os.stat(os.path.join(info.path, f)).st_mode) == 0o600, f
+    man = json.loads(Path(info.path, MANIFEST).read_text())
+    assert man == info.manifest
+    assert (man["node_id"], man["cluster_id"], man["format_version"]) == ("n1", "c1", 1)
+    assert man["library_version"] and man["created_at"].endswith("Z")
+    groups = {g["name"]: g for g in man["groups"]}
+    assert groups["a"]["term"] == 2 and groups["a"]["voted_for"] == "n2" and groups["a"]["commit_index"] == 100
+    assert (groups["a"]["first_index"], groups["a"]["last_index"], groups["a"]["snapshot_index"]) == (61, 121, 60)
+    assert groups["a"]["latest_snapshot"]["index"] == 60
+    assert groups["b"]["voted_for"] == 7 and groups["b"]["last_index"] == 10
+    assert [f["name"] for f in man["files"]] == ["raft.db", "chunks.db"]
+    assert verify_backup(info.path) == man  # sizes and sha256 of the files as written
+    # the copy is a valid store on its own (no -wal needed) and holds what the manifest says
+    c = apsw.Connection(os.path.join(info.path, "raft.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    assert c.execute("SELECT max(idx) FROM log_entries").fetchone()[0] == 121
+    c.close()
+    last = m.last_backup()
+    assert last["path"] == info.path and last["size"] == info.size and last["age"] >= 0
+    s.close()
+    with open_store(tmp_path / "node") as s2:  # the record in the backups table is durable
+        assert HotBackupManager(s2, tmp_path / "bk").last_backup()["path"] == info.path
+    [listed] = list_backups(tmp_path / "bk")
+    assert listed["status"] == "complete" and listed["path"] == info.path and listed["node_id"] == "n1"
+
+
+def test_backup_under_four_appending_threads_is_one_instant(tmp_path):
+    """4 threads append (each append and its commit-index update in one transaction) while backups
+    run; thread 0 also appends the same index to groups x and y in one transaction. A point-in-time
+    copy shows, per group, a contiguous prefix of the source log with commit_index == last_index, and
+    last(x) == last(y)."""
+    s = open_store(tmp_path / "node")
+    stop = threading.Event()
+    errors = []
+
+    def appender(k):
+        g = f"g{k}"
+        try:
+            i = 0
+            while not stop.is_set() or i < 50:
+                i += 1
+                term = 1 + i // 200
+                with s.transaction():
+                    if i % 200 == 0:
+                        s.metadata(g).set_term_and_vote(term, f"n{k}")
+                    s.log(g).append([LogEntry(i, term, payload(g, i))])
+                    s.metadata(g).set_commit_index(i)
+                if k == 0:
+                    with s.transaction():
+                        s.log("x").append([LogEntry(i, 1, payload("x", i))])
+                        s.log("y").append([LogEntry(i, 1, payload("y", i))])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=appender, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    m = HotBackupManager(s, tmp_path / "bk", pages_per_step=8, step_pause=0.001)
+    infos = []
+    deadline = time.monotonic() + 20
+    while len(infos) < 3 and time.monotonic() < deadline:
+        time.sleep(0.15)
+        infos.append(m.backup())
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(infos) == 3
+    final = {g: s.log(g).last_index for g in s.groups()}
+    s.close()
+    lasts = []
+    for n, info in enumerate(infos):
+        r = restore(info.path, tmp_path / f"r{n}")
+        man = {g["name"]: g for g in info.manifest["groups"]}
+        with open_store(r.data_dir, recovery=RecoveryPolicy.STRICT) as b:
+            assert b.log("x").last_index == b.log("y").last_index
+            for k in range(4):
+                g = f"g{k}"
+                lg, md = b.log(g), b.metadata(g)
+                last = lg.last_index
+                assert 0 < last <= final[g]
+                assert md.commit_index == last, (g, md.commit_index, last)
+                assert md.current_term == 1 + last // 200 and lg.last_term == md.current_term
+                es = lg.entries(1, last + 1)
+                assert [e.index for e in es] == list(range(1, last + 1))
+                assert all(e.data == payload(g, e.index) for e in es)
+                assert (man[g]["last_index"], man[g]["commit_index"], man[g]["term"]) == (last, last, md.current_term)
+            lasts.append(b.log("g0").last_index)
+    assert lasts == sorted(lasts) and lasts[0] < final["g0"]  # the backups really ran while appends went on
+
+
+def test_backup_excludes_writes_after_its_instant_and_keeps_gc_victims(tmp_path):
+    """The copy is taken as of the instant the backup started: a snapshot written and an old snapshot
+    deleted by retention while raft.db is being copied change nothing in the backup."""
+    s = open_store(tmp_path / "node")
+    fill(s, "a", 40)
+    s.metadata("a").set_term_and_vote(1, None)
+    s.metadata("a").set_commit_index(40)
+    old_data = os.urandom(150_000)
+    old = snapshot(s, "a", 10, 1, old_data)
+    fill(s, "pad", 3000)  # enough pages for several steps
+    fired = []
+
+    def progress(phase, done, total):
+        if phase == "raft.db" and not fired:
+            fired.append(1)
+            snapshot(s, "a", 30, 1, b"new" * 1000)
+            assert s.snapshots("a").retain(1)  # deletes the old snapshot's manifest and chunks
+            fill(s, "a", 5, start=41)
+
+    info = HotBackupManager(s, tmp_path / "bk", pages_per_step=4).backup(progress=progress)
+    assert fired
+    assert [m.index for m in s.snapshots("a").list()] == [30]
+    s.close()
+    restore(info.path, tmp_path / "r")
+    with open_store(tmp_path / "r") as b:
+        assert b.log("a").last_index == 40
+        [m] = b.snapshots("a").list()
+        assert (m.index, m.id) == (10, old.id)
+        assert b.snapshots("a").open(m).read() == old_data
+
+
+def test_concurrent_backup_of_same_node_refused(tmp_path, store):
+    fill(store, "a", 5)
+    m1, m2 = HotBackupManager(store, tmp_path / "bk"), HotBackupManager(store, tmp_path / "bk")
+    with m1._exclusive(), pytest.raises(BackupError, match="another backup"):
+        m2.backup()
+    assert m2.backup().manifest["groups"][0]["last_index"] == 5
+
+
+def test_backup_of_closed_store_refused(tmp_path, store):
+    store.close()
+    with pytest.raises(Exception, match="closed"):
+        HotBackupManager(store, tmp_path / "bk").backup()
+
+
+# ------------------------------------------------------------------------------------------- restore
+def test_restore_round_trip_equals_source(tmp_path):
+    s = make_source(tmp_path / "node")
+    info = HotBackupManager(s, tmp_path / "bk").backup()
+    before = state(s)
+    s.close()
+    target = tmp_path / "new" / "node"
+    r = restore(info.path, target)
+    assert (r.kind, r.data_dir, r.backup_path) == ("node_replacement", str(target), info.path)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+    for f in os.listdir(target):
+        assert stat.S_IMODE(os.stat(target / f).st_mode) == 0o600, f
+    with open_store(target) as b:
+        assert state(b) == before
+        rf = b.restored_from
+        assert rf["kind"] == "node_replacement" and rf["backup_path"] == info.path
+        assert rf["backup_created_at"] == info.manifest["created_at"]
+        assert rf["groups"]["a"]["term"] == 2 and rf["groups"]["b"]["voted_for"] == 7
+        b.log("b").append([LogEntry(11, 5, b"after")])  # the restored store takes writes
+    with open_store(target) as b:  # ... and they survive a reopen
+        assert b.log("b").get(11).data == b"after"
+        assert b.restored_from["kind"] == "node_replacement"
+    with open_store(tmp_path / "node") as src:
+        assert src.restored_from is None
+
+
+def test_restore_into_existing_empty_dir(tmp_path, store):
+    fill(store, "a", 3)
+    info = HotBackupManager(store, tmp_path / "bk").backup()
+    (tmp_path / "empty").mkdir()
+    restore(info.path, tmp_path / "empty")
+    assert stat.S_IMODE(os.stat(tmp_path / "empty").st_mode) == 0o700
+    with open_store(tmp_path / "empty") as b:
+        assert b.log("a").last_index == 3
+
+
+@pytest.fixture
+def backup(tmp_path):
+    with make_source(tmp_path / "node") as s:
+        return HotBackupManager(s, tmp_path / "bk").backup()
+
+
+def _edit_manifest(info, fn):
+    p = os.path.join(info.path, MANIFEST)
+    m = json.loads(Path(p).read_text())
+    fn(m)
+    with open(p, "w") as f:
+        json.dump(m, f)
+
+
+def test_restore_into_non_empty_dir_refused(tmp_path, backup):
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(BackupError, match="not empty"):
+        restore(backup.path, target)
+    assert tree(target) == ["keep.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BackupError, match="not a directory"):
+        restore(backup.path, tmp_path / "afile")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
+@pytest.mark.parametrize("name", ["raft.db", "chunks.db"])
+def test_corrupted_backup_file_refused_before_writing(tmp_path, backup, name, damage):
+    p = os.path.join(backup.path, name)
+    data = bytearray(Path(p).read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[:-4096]
+    else:
+        data += b"\0" * 10
+    Path(p).write_bytes(bytes(data))
+    with pytest.raises(BackupError, match="sha256|bytes, the manifest says"):
+        restore(backup.path, tmp_path / "target")
+    assert tree(tmp_path / "target") is None
+    assert [b["status"] for b in list_backups(tmp_path / "bk", verify=True)] == ["corrupt"]
+
+
+@pytest.mark.parametrize("how,match", [
+    ("not json", "not valid JSON"),
+    ("list", "not a JSON object"),
+    ("missing key", "lacks required keys: files"),
+    ("bad sha", "sha256 must be"),
+    ("newer format", "newer than this raft_sqlite"),
+    ("manifest version", "manifest version"),
+    ("missing file entry", "files must be exactly"),
+    ("duplicate", "listed twice"),
+    ("bad size", "size must be"),
+])
+def test_corrupt_manifest_refused_before_writing(tmp_path, backup, how, match):
+    p = os.path.join(backup.path, MANIFEST)
+    if how == "not json":
+        Path(p).write_text('{"node_id": "n1", ')
+    elif how == "list":
+        Path(p).write_text("[]")
+    else:
+        def fn(m):
+            if how == "missing key":
+                del m["files"]
+            elif how == "bad sha":
+                m["files"][0]["sha256"] = "zz"
+            elif how == "newer format":
+                m["format_version"] = 99
+            elif how == "manifest version":
+                m["manifest_version"] = 2
+            elif how == "missing file entry":
+                m["files"].pop()
+            elif how == "duplicate":
+                m["files"][1] = dict(m["files"][0])
+            elif how == "bad size":
+                m["files"][0]["size"] = -1
+        _edit_manifest(backup, fn)
+    target = tmp_path / "empty"
+    target.mkdir()
+    with pytest.raises(BackupError, match=match):
+        restore(backup.path, target)
+    assert tree(target) == []
+
+
+@pytest.mark.parametrize("name,match", [
+    ("../raft.db", "escapes the backup folder"),
+    ("../../etc/passwd", "escapes the backup folder"),
+    ("/etc/passwd", "absolute"),
+    ("sub/raft.db", "not a plain file name"),
+    ("evil.db", "not a database file"),
+])
+def test_path_traversal_in_manifest_refused(tmp_path, backup, name, match):
+    outside = tmp_path / "raft.db"
+    outside.write_bytes(Path(backup.path, "raft.db").read_bytes())
+    _edit_manifest(backup, lambda m: m["files"][0].update(name=name))
+    with pytest.raises(BackupError, match=match):
+        restore(backup.path, tmp_path / "target")
+    assert tree(tmp_path / "target") is None
+
+
+def test_symlinked_backup_file_refused(tmp_path, backup):
+    p = os.path.join(backup.path, "raft.db")
+    os.rename(p, tmp_path / "elsewhere.db")
+    os.symlink(tmp_path / "elsewhere.db", p)  # same bytes, so only the link check can catch it
+    with pytest.raises(BackupError, match="symlink"):
+        restore(backup.path, tmp_path / "target")
+    assert tree(tmp_path / "target") is None
+
+
+def test_incomplete_backup_never_used(tmp_path, backup):
+    os.remove(os.path.join(backup.path, MANIFEST))
+    with pytest.raises(BackupError, match="incomplete"):
+        restore(backup.path, tmp_path / "target")
+    assert tree(tmp_path / "target") is None
+    assert [b["status"] for b in list_backups(tmp_path / "bk")] == ["incomplete"]
+
+
+def test_quorum_loss_restore_requires_the_flag(tmp_path, backup):
+    with pytest.raises(BackupError, match="allow_quorum_loss=True") as ei:
+        restore(backup.path, tmp_path / "t", mode="quorum_loss")
+    assert "majority" in str(ei.value) and "node replacement" in str(ei.value)
+    assert tree(tmp_path / "t") is None
+    with pytest.raises(ValueError, match="contradicts"):
+        restore(backup.path, tmp_path / "t", mode="node_replacement", allow_quorum_loss=True)
+    with pytest.raises(ValueError, match="unknown restore mode"):
+        restore(backup.path, tmp_path / "t", mode="yolo")
+    assert tree(tmp_path / "t") is None
+    r = restore(backup.path, tmp_path / "t", mode="quorum_loss", allow_quorum_loss=True)
+    assert r.kind == "quorum_loss_restore"
+    r2 = restore(backup.path, tmp_path / "t2", allow_quorum_loss=True)  # the flag alone means quorum loss
+    assert r2.kind == "quorum_loss_restore"
+    with open_store(tmp_path / "t") as b:
+        rf = b.restored_from
+        assert rf["kind"] == "quorum_loss_restore" and sorted(rf["groups"]) == ["a", "b"]
+        assert "re-bootstrap" in rf["action"]
+    c = apsw.Connection(str(tmp_path / "t" / "raft.db"))
+    kinds = [k for (k,) in c.execute("SELECT kind FROM recovery_events ORDER BY event_id")]
+    c.close()
+    assert kinds.count("quorum_loss_restore") == 1 and "node_replacement" not in kinds
+    assert kinds[-1] == "open"  # the STRICT check-open after the event
+
+
+def test_restore_that_fails_the_strict_open_leaves_nothing(tmp_path, store):
+    fill(store, "a", 20)
+    info = HotBackupManager(store, tmp_path / "bk").backup()
+    # Damage a log entry inside the copy *and* re-sign the manifest: only STRICT recovery can notice.
+    p = os.path.join(info.path, "raft.db")
+    c = apsw.Connection(p)
+    c.execute("UPDATE log_entries SET payload = X'00' WHERE idx = 7")
+    c.close()
+    from raft_sqlite.backup import _sha256_file
+    size, digest = _sha256_file(p)
+    _edit_manifest(info, lambda m: m["files"][0].update(size=size, sha256=digest))
+    with pytest.raises(BackupError, match="STRICT"):
+        restore(info.path, tmp_path / "t")
+    assert tree(tmp_path / "t") is None
+
+
+# ------------------------------------------------------------------------------------------- crash
+KILL_CODE = r"""
+import sys
+from raft_sqlite import FsyncMode, LogEntry, NodeStore
+from raft_sqlite.backup import HotBackupManager
+s = NodeStore.open(sys.argv[1], "n1", cluster_id="c1", fsync=FsyncMode.OFF)
+blob = b"z" * 4000
+for start in range(1, 4001, 500):
+    s.log("a").append([LogEntry(i, 1, blob) for i in range(start, start + 500)])
+def progress(phase, done, total):
+    if phase == "raft.db":
+        print("copying", done, total, flush=True)
+HotBackupManager(s, sys.argv[2], pages_per_step=16, step_pause=0.01).backup(progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_sigkill_during_backup_leaves_no_manifest_and_next_backup_succeeds(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-c", KILL_CODE, str(tmp_path / "node"), str(tmp_path / "bk")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = 0
+        for line in p.stdout:
+            if line.startswith("copying"):
+                seen += 1
+                if seen == 5:
+                    break
+        assert seen == 5, p.stderr.read()
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(30)
+    assert p.returncode == -signal.SIGKILL
+    [folder] = [e for e in os.listdir(tmp_path / "bk" / "n1") if not e.startswith(".")]
+    folder = tmp_path / "bk" / "n1" / folder
+    assert MANIFEST not in os.listdir(folder) and not any(f.endswith(".tmp") for f in os.listdir(folder))
+    assert [b["status"] for b in list_backups(tmp_path / "bk")] == ["incomplete"]
+    with pytest.raises(BackupError, match="incomplete"):
+        restore(folder, tmp_path / "t")
+    with open_store(tmp_path / "node") as s:  # the source is intact, and the next backup succeeds
+        assert s.log("a").last_index == 4000
+        m = HotBackupManager(s, tmp_path / "bk")
+        info = m.backup()
+        assert sorted(b["status"] for b in list_backups(tmp_path / "bk")) == ["complete", "incomplete"]
+        assert m.prune() == [str(folder)]  # the dead folder goes; the lock proves it is not in progress
+    assert [b["path"] for b in list_backups(tmp_path / "bk")] == [info.path]
+    restore(info.path, tmp_path / "t")
+    with open_store(tmp_path / "t") as b:
+        assert b.log("a").last_index == 4000 and b.log("a").get(4000).data == b"z" * 4000
+
+
+# ------------------------------------------------------------------------------------------- retention
+def test_prune_by_count_and_age_keeps_the_newest(tmp_path, store):
+    fill(store, "a", 3)
+    m = HotBackupManager(store, tmp_path / "bk")
+    infos = [m.backup() for _ in range(4)]
+    with pytest.raises(ValueError):
+        m.prune(keep=0)
+    assert m.prune(keep=2) == [infos[1].path, infos[0].path]
+    assert [b["path"] for b in m.list()] == [infos[3].path, infos[2].path]
+    time.sleep(0.05)
+    assert m.prune(max_age=0.01) == [infos[2].path]  # all too old, but the newest stays
+    assert [b["path"] for b in m.list()] == [infos[3].path]
+    assert m.prune(keep=1, max_age=3600) == []
+
+
+def test_scheduler_backs_up_periodically_with_retention(tmp_path, store):
+    fill(store, "a", 3)
+    sched = HotBackupScheduler(store, tmp_path / "bk", interval=0.05, keep=2, run_at_start=True).start()
+    deadline = time.monotonic() + 20
+    while sched.successes < 4 and time.monotonic() < deadline:
+        fill(store, "a", 1, start=store.log("a").last_index + 1)
+        time.sleep(0.02)
+    sched.stop()
+    assert sched.successes >= 4 and sched.failures == 0
+    listed = list_backups(tmp_path / "bk")
+    assert [b["status"] for b in listed] == ["complete", "complete"]
+    assert listed[0]["path"] == sched.last_backup.path
+    assert HotBackupManager(store, tmp_path / "bk").last_backup()["path"] == sched.last_backup.path
+    n = sched.successes
+    time.sleep(0.15)
+    assert sched.successes == n  # stopped means stopped
+
+
+def test_scheduler_counts_and_logs_failures_without_raising(tmp_path, store, caplog):
+    (tmp_path / "bk").write_text("a file, not a folder")
+    sched = HotBackupScheduler(store, tmp_path / "bk", interval=0.02, run_at_start=True)
+    with caplog.at_level(logging.ERROR, logger="raft_sqlite.backup"):
+        sched.start()
+        deadline = time.monotonic() + 10
+        while sched.failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sched.stop()
+    assert sched.failures >= 2 and sched.successes == 0
+    assert isinstance(sched.last_error, BackupError)
+    assert any("scheduled backup" in r.getMessage() for r in caplog.records)
+
+
+def test_scheduler_skips_a_tick_while_another_backup_runs(tmp_path, store):
+    fill(store, "a", 3)
+    sched = HotBackupScheduler(store, tmp_path / "bk", interval=3600)
+    with HotBackupManager(store, tmp_path / "bk")._exclusive():
+        assert sched.run_once() is None
+    assert (sched.skipped, sched.failures) == (1, 0)
+    assert sched.run_once() is not None and sched.successes == 1
+
+
+def test_scheduler_stop_cancels_a_running_backup(tmp_path, store):
+    fill(store, "pad", 3000)
+    sched = HotBackupScheduler(store, tmp_path / "bk", interval=0.01, run_at_start=True, pages_per_step=1,
+                               step_pause=0.01)
+    sched.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    sched.stop()
+    assert time.monotonic() - t0 < 2
+    assert sched.failures == 0
+    assert [b for b in list_backups(tmp_path / "bk")] == []  # the cancelled copy was removed
