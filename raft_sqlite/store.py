@@ -680,17 +680,6 @@ class NodeStore:
         from .backup import read_restore_event
         return self._read(read_restore_event)
 
-    @property
-    def restored_from(self) -> dict | None:
-        """None unless this data_dir was made by :func:`raft_sqlite.restore`; then the newest restore
-        event as a dict: ``kind`` (``"node_replacement"`` | ``"quorum_loss_restore"``), ``at`` (unix time
-        of the restore), ``backup_path``, ``backup_created_at`` (the instant the backup describes) and
-        ``groups`` {name: {term, voted_for, commit_index, last_index, snapshot_index} at the backup}.
-        After a node replacement the node may have voted, after that point, in any term from the
-        group's backup ``term`` on: it must not grant votes until it has caught up (see docs/backup.md)."""
-        from .backup import read_restore_event
-        return self._read(read_restore_event)
-
 
 class _Tx:
     """The state of one ``store.transaction()`` block."""
