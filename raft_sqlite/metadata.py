@@ -66,6 +66,28 @@ class RaftMetadataStore:
         g = self._g()
         return HardState(g.term, g.vote, g.commit)
 
+    @property
+    def recovered_partially(self) -> bool:
+        """True when a PARTIAL recovery dropped data of this group: the node may have lost committed
+        entries or its vote, so it must rejoin as a catch-up follower (no votes, no candidacy) until it
+        has caught up with a leader, then call :meth:`clear_recovered_partially`."""
+        return bool(self._g().recovered_partially)
+
+    def clear_recovered_partially(self) -> None:
+        """Persistently clear :attr:`recovered_partially` (after catching up with a leader)."""
+        name = self.group
+
+        def check(g):
+            changed = bool(g.recovered_partially)
+            g.recovered_partially = False
+            return changed
+
+        def write(conn, g, changed):
+            if changed:
+                conn.execute("UPDATE groups SET recovered_partially=0 WHERE group_id=?", (g.gid,))
+
+        self._store._run(name, check, write)
+
     def set_term_and_vote(self, term: int, voted_for=None) -> None:
         """Atomically persist ``term`` and ``voted_for``. A higher term replaces both (the vote may be
         None); the same term may only repeat the vote already cast, or cast the first one."""

@@ -9,6 +9,7 @@ index beyond the last index; a snapshot chain with a broken link; a schema newer
 from __future__ import annotations
 
 import logging
+import struct
 import zlib
 
 from .errors import CorruptionError, RecoveryRefused
@@ -70,9 +71,11 @@ def recover_groups(store, conn, report) -> None:
             new_last = bad_at - 1
             if new_last < commit:
                 commit, partial = new_last, 1
+            top = conn.execute("SELECT max(idx) FROM log_entries WHERE key >= ? AND key < ?",
+                               (gid * SPAN, (gid + 1) * SPAN)).fetchone()[0]
             _drop_tail(conn, gid, new_last, commit)
-            report.dropped.append({"group": name, "what": "log tail", "from_index": bad_at, "to_index": last})
-            log.warning("%s: dropped log entries %d..%d (%s)", where, bad_at, last, report.problems[-1])
+            report.dropped.append({"group": name, "what": "log tail", "from_index": bad_at, "to_index": top})
+            log.warning("%s: dropped log entries %d..%s (%s)", where, bad_at, top, report.problems[-1])
             report.outcome = "partial" if partial else "truncated"
             last = new_last
             last_term = (conn.execute("SELECT term FROM log_entries WHERE key=?", (gid * SPAN + last,)).fetchone()
@@ -170,7 +173,8 @@ def recover_snapshots(store, conn, report) -> set[int]:
 
 def _scan(store, conn, report, gid, name, first):
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
-    Returns ``(last_index, last_term, first_bad_index_or_None)``."""
+    Returns ``(last_index, last_term, first_bad_index_or_None)``: on a problem, ``last_index`` is the
+    end of the valid prefix."""
     base = gid * SPAN
     expect = first
     last_term = 0
@@ -181,18 +185,26 @@ def _scan(store, conn, report, gid, name, first):
     pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
     nbytes = 0
     where = f"{store.path}: group {name!r}"
+    bad = None
     for idx, term, kind, payload, crc, seg in conn.execute(
             "SELECT idx, term, kind, payload, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
             "ORDER BY key", (base + first, base + SPAN)):
         if idx != expect:
             report.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")
-            return expect - 1, last_term, expect
-        if crc32(payload, crc32(pack(gid, idx, term, kind))) != crc:
+            bad = expect
+            break
+        try:
+            ok = crc32(payload, crc32(pack(gid, idx, term, kind))) == crc
+        except (TypeError, struct.error, OverflowError):  # a column of the wrong type is corruption too
+            ok = False
+        if not ok:
             report.problems.append(f"{where}: CRC mismatch in log entry {idx} (segment {seg})")
-            return expect - 1, last_term, idx
+            bad = idx
+            break
         if term < last_term:
             report.problems.append(f"{where}: term decreases at log entry {idx}")
-            return expect - 1, last_term, idx
+            bad = idx
+            break
         nbytes += len(payload)
         if seg in segs:
             running[seg] = crc32(upack(crc), running.get(seg, 0))
@@ -200,7 +212,9 @@ def _scan(store, conn, report, gid, name, first):
         expect += 1
     report.entries_validated += expect - first
     report.bytes_validated += nbytes
-    for sid, (lo, hi, cks) in segs.items():
+    if bad is not None:
+        return expect - 1, last_term, bad
+    for sid, (lo, hi, cks) in sorted(segs.items(), key=lambda kv: kv[1][0]):
         if lo < first:
             continue  # partly compacted: the verify command checks it whole
         report.segments_validated += 1

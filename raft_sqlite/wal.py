@@ -30,8 +30,12 @@ SPAN = schema.KEY_SPAN
 
 
 def record_crc(group_id: int, idx: int, term: int, kind: int, payload: bytes) -> int:
-    """CRC32 of one record (header + payload)."""
-    return zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind)))
+    """CRC32 of one record (header + payload); -1 (never a CRC) when a field has the wrong type,
+    which only corruption produces."""
+    try:
+        return zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind)))
+    except (TypeError, struct.error, OverflowError):
+        return -1
 
 
 def _crc_array(rows) -> bytes:
@@ -247,7 +251,11 @@ class WalReader:
         for idx, term, kind, payload, crc in conn.execute(self.SELECT_RANGE, (base + lo, base + hi)):
             if idx != expect:
                 break
-            if crc32(payload, crc32(pack(group_id, idx, term, kind))) != crc:
+            try:
+                bad = crc32(payload, crc32(pack(group_id, idx, term, kind))) != crc
+            except (TypeError, struct.error, OverflowError):
+                bad = True
+            if bad:
                 raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
             if limit >= 0:
                 total += len(payload)

@@ -1,0 +1,160 @@
+"""Recovery on open: validation before replay, policies, reports, events, logs, start-up replay."""
+
+import json
+import logging
+
+import apsw
+import pytest
+
+from raft_sqlite import (CorruptionError, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy)
+from raft_sqlite.metadata import meta_crc
+from tests.conftest import open_store
+
+N = 40
+
+
+def build(data_dir, commit=30, **kw):
+    with open_store(data_dir, segment_policy=SegmentPolicy(max_entries=8), **kw) as s:
+        lg = s.log("g")
+        lg.append([LogEntry(i, 1 + i // 10, f"entry {i}".encode()) for i in range(1, N + 1)])
+        s.metadata("g").set_term_and_vote(4, "n2")
+        s.metadata("g").set_commit_index(commit)
+
+
+def corrupt_payload(data_dir, idx, as_text=False):
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    if as_text:  # SQLite's || yields TEXT: a payload of the wrong type must be caught too
+        c.execute("UPDATE log_entries SET payload = x'00' || payload WHERE idx=?", (idx,))
+    else:
+        c.execute("UPDATE log_entries SET payload = CAST(x'01' || payload AS BLOB) WHERE idx=?", (idx,))
+    c.close()
+
+
+def sql(data_dir, *stmts):
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    for st in stmts:
+        c.execute(st)
+    c.close()
+
+
+def events(data_dir):
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    rows = c.execute("SELECT kind, policy, outcome, details FROM recovery_events ORDER BY event_id").fetchall()
+    c.close()
+    return rows
+
+
+def test_replay_after_snapshot_index_up_to_commit(data_dir):
+    build(data_dir, commit=30)
+    with open_store(data_dir) as s:
+        seen = []
+        assert s.replay("g", seen.append) == 30
+        assert [e.index for e in seen] == list(range(1, 31))
+        assert seen[4] == s.log("g").get(5)
+        assert [e.index for e in s.iter_replay("g", upto=N, chunk=7)] == list(range(1, N + 1))
+        assert s.replay("empty", seen.append) == 0
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_strict_refuses_corrupt_tail_naming_file_group_index(data_dir, as_text):
+    build(data_dir)
+    corrupt_payload(data_dir, 35, as_text)
+    with pytest.raises(CorruptionError) as ei:
+        open_store(data_dir)
+    msg = str(ei.value)
+    assert "raft.db" in msg and "group 'g'" in msg and "entry 35" in msg and "STRICT" in msg
+
+
+def test_truncate_tail_drops_corrupt_tail_above_commit(data_dir, caplog):
+    build(data_dir, commit=30)
+    corrupt_payload(data_dir, 35)
+    with caplog.at_level(logging.INFO, logger="raft_sqlite"):
+        with open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
+            lg = s.log("g")
+            assert (lg.last_index, lg.last_term) == (34, 4)
+            assert [e.data for e in lg.entries(1, 35)] == [f"entry {i}".encode() for i in range(1, 35)]
+            r = s.recovery_report
+            assert r.outcome == "truncated"
+            assert r.dropped == [{"group": "g", "what": "log tail", "from_index": 35, "to_index": N}]
+            assert not s.metadata("g").recovered_partially
+            lg.append([LogEntry(35, 5, b"fresh")])  # the log is usable again
+    assert any("dropped log entries 35..40" in m for m in caplog.messages)
+    assert any(m.startswith(f"{data_dir}: recovery truncated policy=TRUNCATE_TAIL") for m in caplog.messages)
+    kind, policy, outcome, details = events(data_dir)[-1]
+    assert (kind, policy, outcome) == ("open", "TRUNCATE_TAIL", "truncated")
+    assert json.loads(details)["dropped"][0]["from_index"] == 35
+    with open_store(data_dir) as s:  # and STRICT is happy afterwards
+        assert s.log("g").last_index == 35
+
+
+def test_truncate_tail_refuses_corruption_at_or_below_commit(data_dir):
+    build(data_dir, commit=30)
+    corrupt_payload(data_dir, 12)
+    with pytest.raises(CorruptionError, match="entry 12"):
+        open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL)
+    with open_store(data_dir, recovery=RecoveryPolicy.PARTIAL) as s:
+        lg, md = s.log("g"), s.metadata("g")
+        assert lg.last_index == 11
+        assert md.commit_index == 11 and md.recovered_partially
+        assert md.current_term == 4  # the term is kept: a node never goes back in terms
+        assert s.recovery_report.outcome == "partial"
+    with open_store(data_dir) as s:
+        md = s.metadata("g")
+        assert md.recovered_partially  # persists until the Raft layer has caught up
+        md.clear_recovered_partially()
+    with open_store(data_dir) as s:
+        assert not s.metadata("g").recovered_partially
+
+
+def test_sidecar_checksum_mismatch_detected(data_dir):
+    build(data_dir)
+    sql(data_dir, "UPDATE log_segments SET checksum = checksum + 1 WHERE first_index = 9")
+    with pytest.raises(CorruptionError, match="segment .* sidecar checksum"):
+        open_store(data_dir)
+
+
+def test_log_gap_is_a_shape_error(data_dir):
+    build(data_dir, commit=10)
+    sql(data_dir, "DROP TRIGGER log_entries_guard_delete", "DELETE FROM log_entries WHERE idx = 20")
+    with pytest.raises(CorruptionError, match="log gap: index 20"):
+        open_store(data_dir)
+    with open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
+        assert s.log("g").last_index == 19
+
+
+def test_commit_beyond_log_is_a_shape_error(data_dir):
+    build(data_dir)
+    sql(data_dir, f"UPDATE raft_meta SET commit_index=99, crc32={meta_crc(1, 4, 'n2', 99)}")
+    with pytest.raises(RecoveryRefused, match="commit index 99 is beyond the last index 40"):
+        open_store(data_dir)
+    with pytest.raises(RecoveryRefused):
+        open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL)
+    with open_store(data_dir, recovery=RecoveryPolicy.PARTIAL) as s:
+        assert s.metadata("g").commit_index == 40 and s.metadata("g").recovered_partially
+
+
+def test_first_index_without_covering_snapshot_is_a_shape_error(data_dir):
+    build(data_dir)
+    sql(data_dir, "UPDATE groups SET first_index=5")
+    with pytest.raises(RecoveryRefused, match="no durable snapshot covers 4"):
+        open_store(data_dir, recovery=RecoveryPolicy.PARTIAL)
+
+
+def test_metadata_corruption_partial_drops_vote(data_dir):
+    build(data_dir)
+    sql(data_dir, "UPDATE raft_meta SET voted_for='n9'")
+    with pytest.raises(CorruptionError, match="metadata"):
+        open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL)
+    with open_store(data_dir, recovery=RecoveryPolicy.PARTIAL) as s:
+        md = s.metadata("g")
+        assert md.voted_for is None and md.recovered_partially and md.current_term == 4
+
+
+def test_report_counts_and_event_per_open(data_dir):
+    build(data_dir)
+    with open_store(data_dir) as s:
+        r = s.recovery_report
+        assert (r.policy, r.outcome, r.groups, r.entries_validated) == ("STRICT", "clean", 1, N)
+        assert r.bytes_validated == sum(len(f"entry {i}") for i in range(1, N + 1))
+        assert r.segments_validated == (N - 1) // 8 and r.duration > 0  # the last segment is open
+    assert [e[:3] for e in events(data_dir)] == [("open", "STRICT", "created"), ("open", "STRICT", "clean")]
