@@ -26,6 +26,7 @@ harness lowers ``wal_autocheckpoint`` on the store's write connection (``checkpo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import os
@@ -39,7 +40,7 @@ from typing import NamedTuple
 
 import apsw
 
-from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy, StorageFault
+from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy
 from raft_sqlite.wal import SegmentPolicy
 
 try:
@@ -117,6 +118,8 @@ class _Gen:
     def __init__(self, group: str, rng: random.Random):
         self.g, self.rng = group, rng
         self.first, self.entries, self.term, self.vote, self.commit = 1, [], 0, None, 0
+        self.k = 0  # number of the operation being generated
+        self.hist: dict[int, list] = {}  # index -> [(k, term, data), ...]: every write of that index
 
     @property
     def last(self) -> int:
@@ -126,13 +129,16 @@ class _Gen:
     def last_term(self) -> int:
         return self.entries[-1][1] if self.entries else 0
 
-    def state(self) -> GState:
-        return GState(True, self.first, tuple(self.entries), self.term, self.vote, self.commit)
+    def state(self) -> tuple:
+        """Compact state after op ``k``: entries are rebuilt from ``hist`` on demand."""
+        return (self.k, self.first, self.last, self.term, self.vote, self.commit)
 
     def apply(self, op: Op) -> None:
         k, a = op.kind, op.args
         if k in ("append", "append_batch"):
             self.entries.extend((e.index, e.term, e.data) for e in a[0])
+            for e in a[0]:
+                self.hist.setdefault(e.index, []).append((self.k, e.term, e.data))
         elif k == "truncate":
             del self.entries[a[0] - self.first + 1:]
         elif k == "term_vote":
@@ -193,6 +199,31 @@ class _Gen:
         return op
 
 
+class _States:
+    """``states[k]``: the GState of a group after ``k`` operations, built on demand from the write
+    history (a long workload would need quadratic memory to keep every state's entries)."""
+
+    def __init__(self, metas: list, hist: dict):
+        self._metas, self._hist = metas, hist
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def __getitem__(self, k: int) -> GState:
+        if k < 0:
+            k += len(self._metas)
+        m = self._metas[k]
+        if m is None:
+            return ABSENT
+        kk, first, last, term, vote, commit = m
+        es = []
+        for i in range(first, last + 1):
+            h = self._hist[i]
+            j = bisect.bisect_right(h, kk, key=lambda x: x[0]) - 1
+            es.append((i, h[j][1], h[j][2]))
+        return GState(True, first, tuple(es), term, vote, commit)
+
+
 class Workload:
     """A deterministic workload: ``ops(g)`` (group ``g``'s operations, the first creates it),
     ``states(g)[k]`` (its model after ``k`` operations) and ``order`` (a seeded interleaving of all
@@ -204,11 +235,13 @@ class Workload:
         self._states: dict[str, list[GState]] = {}
         for gi, g in enumerate(self.groups):
             gen = _Gen(g, random.Random(f"{seed}/{g}"))
-            ops, states = [Op("create", g)], [ABSENT, gen.state()]
+            gen.k = 1
+            ops, metas = [Op("create", g)], [None, gen.state()]
             for serial in range(1, ops_per_group):
+                gen.k = serial + 1
                 ops.append(gen.next(serial))
-                states.append(gen.state())
-            self._ops[g], self._states[g] = ops, states
+                metas.append(gen.state())
+            self._ops[g], self._states[g] = ops, _States(metas, gen.hist)
         rng = random.Random(f"{seed}/order")
         left = {g: len(self._ops[g]) for g in self.groups}
         done = {g: 0 for g in self.groups}
@@ -222,7 +255,7 @@ class Workload:
     def ops(self, g: str) -> list[Op]:
         return self._ops[g]
 
-    def states(self, g: str) -> list[GState]:
+    def states(self, g: str) -> _States:
         return self._states[g]
 
     def __len__(self) -> int:
@@ -426,7 +459,7 @@ def table(tallies: list[Tally]) -> str:
     rows = [[t.name, t.crash_states, t.kills, t.faults, t.acked_checked, t.lost, t.unopenable,
              t.in_flight_applied, f"{t.seconds:.1f}"] for t in tallies]
     widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *rows)]
-    fmt = "| " + " | ".join("{:>%d}" % w for w in widths) + " |"
+    fmt = "| " + " | ".join("{:>" + str(w) + "}" for w in widths) + " |"
     lines = [fmt.format(*COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += [fmt.format(*map(str, r)) for r in rows]
     return "\n".join(lines)
