@@ -357,7 +357,7 @@ def _group_status(conn, gid: int, name: str, now: float) -> dict:
 
 # ---------------------------------------------------------------------------------------------- CLI
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+             epilog="\b\nExit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()))
 @click.version_option(package_name="raft_sqlite", prog_name="raft-sqlite")
 def cli():
     """Inspect, verify and operate the data_dir of a raft_sqlite node.
@@ -791,55 +791,133 @@ def _show(obj, as_json):
         out.print(_esc(json.dumps(d, indent=2)))
 
 
+class _BackupProgress:
+    """A rich progress bar on stderr fed by the backup module's ``progress(phase, done, total)``
+    callback (``callback`` is None when stderr is not a terminal, with --json or --quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.callback = None
+        self._prog = None
+        if not quiet and err.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TransferSpeedColumn,
+            )
+
+            self._prog = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True)
+            self._tasks = {}
+
+            def cb(phase, done, total):
+                t = self._tasks.get(phase)
+                if t is None:
+                    t = self._tasks[phase] = self._prog.add_task(phase, total=total)
+                self._prog.update(t, completed=done, total=total)
+
+            self.callback = cb
+
+    def __enter__(self):
+        if self._prog is not None:
+            self._prog.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._prog is not None:
+            self._prog.stop()
+
+
 @cli.command()
 @DATA_DIR
 @click.argument("backup_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--keep", type=click.IntRange(min=1), help="Then prune: keep this many newest backups of the node.")
+@click.option("--max-age", type=click.FloatRange(min=0), help="Then prune: remove backups older than this many "
+              "seconds (the newest is always kept).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def backup(data_dir, backup_dir, as_json):
-    """Take a point-in-time backup of a stopped node into BACKUP_DIR/<node_id>/<timestamp>/ (a running
-    node takes hot backups in-process with HotBackupManager)."""
+def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
+    """Take a point-in-time backup of a stopped node into BACKUP_DIR/<node_id>/<UTC timestamp>/
+    (raft.db, chunks.db, manifest.json written last). A running node takes hot backups in-process
+    with HotBackupManager / HotBackupScheduler. Refused while another process has the store open."""
     mod = _backup_module()
-    if not hasattr(mod, "HotBackupManager"):
-        raise CliError("backup support is incomplete in this build (no HotBackupManager)", EXIT_UNAVAILABLE)
     with _open_store_for_write(data_dir) as store:
-        info = mod.HotBackupManager(store, backup_dir).backup()
-    _show(info, as_json)
+        mgr = mod.HotBackupManager(store, backup_dir)
+        with _BackupProgress(quiet or as_json) as bar:
+            info = mgr.backup(progress=bar.callback)
+        pruned = mgr.prune(keep=keep, max_age=max_age) if (keep or max_age is not None) else []
+    if as_json:
+        _dump_json({"path": info.path, "size": info.size, "duration": info.duration, "pruned": pruned,
+                    "manifest": info.manifest})
+        return
+    out.print(f"backup {_esc(info.path)}")
+    out.print(f"  {_size(info.size)} in {info.duration:.2f} s; point in time {info.manifest['created_at']}")
+    for g in info.manifest["groups"]:
+        out.print(f"  group {_esc(g['name'])}: term {g['term']}, commit {g['commit_index']}, log "
+                  f"{g['first_index']}..{g['last_index']}, snapshot {g['snapshot_index']}")
+    for p in pruned:
+        out.print(f"  pruned {_esc(p)}")
 
 
 @cli.command()
 @click.argument("backup_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--verify", "check", is_flag=True, help="Also check every file's sha256 (reads every backup).")
 @JSON_OPT
 @friendly
-def backups(backup_dir, as_json):
-    """List the backups in BACKUP_DIR."""
+def backups(backup_dir, check, as_json):
+    """List the backups in BACKUP_DIR (all nodes), newest first, with age and status: complete,
+    incomplete (no manifest: interrupted, never restorable) or corrupt (the manifest does not verify)."""
     mod = _backup_module()
-    if not hasattr(mod, "list_backups"):
-        raise CliError("backup support is incomplete in this build (no list_backups)", EXIT_UNAVAILABLE)
     if not os.path.isdir(backup_dir):
         raise CliError(f"backup_dir {backup_dir!r} does not exist", EXIT_NOT_FOUND)
-    _show(list(mod.list_backups(backup_dir)), as_json)
+    rows = mod.list_backups(backup_dir, verify=check)
+    if as_json:
+        _dump_json(rows)
+        return
+    t = Table(title=f"{len(rows)} backup(s) in {_esc(backup_dir)}", title_justify="left")
+    for c in ("node", "created (UTC)", "age", "status", "size", "path"):
+        t.add_column(c, justify="right" if c in ("age", "size") else "left", overflow="fold")
+    for b in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b["created_at"]))
+        status = {"complete": "[green]complete[/]", "incomplete": "[yellow]incomplete[/]"}.get(
+            b["status"], f"[bold red]{b['status']}[/]: {_esc(b['error'] or '')}")
+        t.add_row(_esc(b["node_id"]), created, _age(b["age"]), status, "-" if b["size"] is None else _size(b["size"]),
+                  _esc(b["path"]))
+    out.print(t)
 
 
 @cli.command()
 @click.argument("backup_path", type=click.Path(path_type=str))
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--allow-quorum-loss", is_flag=True,
-              help="State that the cluster lost quorum: every group is marked to re-bootstrap membership from "
-                   "this node. Without it the restore is a node replacement.")
+@click.option("--quorum-loss", "--allow-quorum-loss", "allow_quorum_loss", is_flag=True,
+              help="State that a majority of the cluster is permanently lost: the restore is recorded as a "
+                   "quorum_loss_restore and every group must re-bootstrap its membership from this node "
+                   "(entries committed after the backup are lost). Without it the restore is a node "
+                   "replacement: the node rejoins its surviving cluster and catches up.")
+@click.option("--mode", type=click.Choice(["node-replacement", "quorum-loss"]),
+              help="Name the restore kind explicitly; quorum-loss still requires --quorum-loss.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def restore(backup_path, data_dir, allow_quorum_loss, as_json):
-    """Restore BACKUP_PATH into a fresh DATA_DIR after checking the manifest and every checksum."""
-    try:
-        from . import restore as restore_fn
-    except ImportError:
-        restore_fn = getattr(_backup_module(), "restore", None)
-    if not callable(restore_fn):
-        raise CliError("restore is not available in this build", EXIT_UNAVAILABLE)
+def restore(backup_path, data_dir, allow_quorum_loss, mode, quiet, as_json):
+    """Restore BACKUP_PATH (a backup folder) into a new or empty DATA_DIR: the manifest and every
+    checksum are verified before anything is written, then the result is opened with STRICT recovery."""
+    mod = _backup_module()
     if not os.path.exists(backup_path):
         raise CliError(f"backup {backup_path!r} does not exist", EXIT_NOT_FOUND)
-    _show(restore_fn(backup_path, data_dir, allow_quorum_loss=allow_quorum_loss), as_json)
+    with _BackupProgress(quiet or as_json) as bar:
+        info = mod.restore(backup_path, data_dir, allow_quorum_loss=allow_quorum_loss,
+                           mode=None if mode is None else mode.replace("-", "_"), progress=bar.callback)
+    if as_json:
+        _dump_json({"data_dir": info.data_dir, "backup_path": info.backup_path, "kind": info.kind,
+                    "duration": info.duration, "event": info.event})
+        return
+    out.print(f"restored {_esc(info.backup_path)} into {_esc(info.data_dir)} as a [bold]{info.kind}[/] "
+              f"(backup point {info.manifest['created_at']}) in {info.duration:.2f} s")
+    out.print(f"  next: {_esc(info.event['action'])}")
 
 
 # ---------------------------------------------------------------------------------------------- demo
