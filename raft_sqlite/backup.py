@@ -846,7 +846,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
             raise BackupError(f"restore into {target} failed: {exc}") from exc
         raise
     info = RestoreInfo(target, src, kind, manifest, event, time.monotonic() - t0)
-    log.warning("%s restored from backup %s (created %s) as a %s", target, src, manifest["created_at"], kind)
+    log.info("%s restored from backup %s (created %s) as a %s", target, src, manifest["created_at"], kind)
     return info
 
 

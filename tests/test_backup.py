@@ -534,3 +534,44 @@ def test_scheduler_stop_cancels_a_running_backup(tmp_path, store):
     assert time.monotonic() - t0 < 2
     assert sched.failures == 0
     assert [b for b in list_backups(tmp_path / "bk")] == []  # the cancelled copy was removed
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="250")
+    return subprocess.run([sys.executable, "-m", "raft_sqlite.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_cli_backup_backups_restore(tmp_path):
+    make_source(tmp_path / "node").close()
+    r = cli("backup", tmp_path / "node", tmp_path / "bk", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert os.path.exists(os.path.join(made["path"], MANIFEST)) and made["manifest"]["node_id"] == "n1"
+    r = cli("backup", tmp_path / "node", tmp_path / "bk", "--keep", "1")
+    assert r.returncode == 0, r.stderr
+    assert "pruned" in r.stdout and "group a: term 2, commit 100, log 61..121" in r.stdout
+    r = cli("backups", tmp_path / "bk", "--json")
+    assert r.returncode == 0, r.stderr
+    [listed] = json.loads(r.stdout)
+    assert listed["status"] == "complete" and listed["age"] >= 0
+    os.mkdir(tmp_path / "bk" / "n1" / "20200101T000000.000000Z")  # an interrupted one
+    r = cli("backups", tmp_path / "bk", "--verify")
+    assert r.returncode == 0 and "complete" in r.stdout and "incomplete" in r.stdout, r.stdout
+    path = listed["path"]
+    r = cli("restore", path, tmp_path / "t", "--mode", "quorum-loss")
+    assert r.returncode == 5 and "--quorum-loss" in r.stderr and "majority" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "t")
+    r = cli("restore", path, tmp_path / "t")
+    assert r.returncode == 0 and "node_replacement" in r.stdout, r.stderr
+    r = cli("restore", path, tmp_path / "t")
+    assert r.returncode == 5 and "not empty" in r.stderr
+    r = cli("restore", path, tmp_path / "t2", "--quorum-loss", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kind"] == "quorum_loss_restore"
+    r = cli("restore", tmp_path / "nope", tmp_path / "t3")
+    assert r.returncode == 3
+    with open_store(tmp_path / "t2") as b:
+        assert b.restored_from["kind"] == "quorum_loss_restore"
+        assert b.log("a").last_index == 121
