@@ -348,3 +348,22 @@ def test_demo_kills_a_node_and_finds_every_acknowledged_entry(tmp_path):
     assert time.monotonic() - t0 < 60
     with open_store(tmp_path / "demo", node_id="demo-node", cluster_id="demo-cluster") as s:
         assert sorted(s.groups()) == ["g0", "g1", "g2"]
+
+
+def test_interactive_prompt(tmp_path, monkeypatch, capsys):
+    from raft_sqlite import cli as cli_mod
+
+    d = make_store(tmp_path / "n", n=12, groups=("a",))
+    lines = iter([".help", "SELECT count(*) AS n", "FROM log_entries;", ".mode json", "SELECT 41 + 1 AS answer;",
+                  "DELETE FROM node;", ".tables", ".schema settings", ".bogus", ".quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    conn = cli_mod.open_sql_connection(str(d))
+    try:
+        cli_mod._repl(conn, "table", False)
+    finally:
+        conn.close()
+    o = capsys.readouterr()
+    assert "12" in o.out and '"answer": 42' in o.out and "group_status" in o.out and "CREATE TABLE settings" in o.out
+    assert "read-only" in o.err and "unknown command '.bogus'" in o.err
+    with open_store(d) as s:
+        assert s.log("a").last_index == 12

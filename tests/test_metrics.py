@@ -1,0 +1,206 @@
+"""Prometheus metrics (StoreMetrics, `raft-sqlite metrics`) and the library's logging."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import apsw
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from raft_sqlite import LogEntry, RecoveryPolicy, SegmentPolicy, StorageFault
+from raft_sqlite.metrics import StoreMetrics, classify_problem
+from tests.conftest import ROOT, open_store, run_py
+
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def samples(text):
+    """{(sample name, frozenset(labels)): value} of a text exposition."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def val(s, name, **labels):
+    return s[(name, frozenset(labels.items()))]
+
+
+def workload(store, groups=("a", "b"), n=60):
+    total = 0
+    for g in groups:
+        log = store.log(g)
+        for i in range(1, n + 1, 3):  # batches of 3
+            batch = [LogEntry(j, 1, b"p" * (j % 7 + 1)) for j in range(i, i + 3)]
+            total += sum(len(e.data) for e in batch)
+            log.append(batch)
+        store.metadata(g).set_commit_index(n - 5)
+    return total
+
+
+def test_store_metrics_after_a_workload(tmp_path):
+    d = tmp_path / "n"
+    with open_store(d, segment_policy=SegmentPolicy(max_entries=20)) as s:
+        seen = []
+        s.on_commit = lambda sec, n: seen.append(n)  # an existing hook keeps working
+        m = StoreMetrics(s)
+        total = workload(s)
+        with s.snapshots("a").write(30, 1) as w:
+            w.write(b"x" * 5000)
+        text = m.text()
+        st = s.stats
+        commits = st.commits
+    x = samples(text)
+    assert val(x, "raft_sqlite_entries_appended_total") == 120
+    assert val(x, "raft_sqlite_bytes_appended_total") == total
+    # 60 entries per group in segments of 20: segments 1-20 and 21-40 sealed, 41-60 open (appends of 3)
+    assert val(x, "raft_sqlite_segment_rotations_total") == 4
+    assert val(x, "raft_sqlite_commit_seconds_count") == len(seen) == commits > 0
+    assert val(x, "raft_sqlite_group_commit_batch_size_sum") == sum(seen)
+    assert val(x, "raft_sqlite_commit_seconds_bucket", le="+Inf") == commits
+    for g in ("a", "b"):
+        assert val(x, "raft_sqlite_log_entries", group=g) == 60
+        assert val(x, "raft_sqlite_log_last_index", group=g) == 60
+        assert val(x, "raft_sqlite_commit_index", group=g) == 55
+        assert val(x, "raft_sqlite_segments", group=g) == 3
+        assert val(x, "raft_sqlite_oldest_segment_age_seconds", group=g) >= 0
+    assert val(x, "raft_sqlite_log_stored_bytes", group="a") + val(x, "raft_sqlite_log_stored_bytes", group="b") == total
+    assert val(x, "raft_sqlite_snapshot_index", group="a") == 30
+    assert val(x, "raft_sqlite_snapshot_bytes", group="a") == 5000
+    assert val(x, "raft_sqlite_snapshot_duration_seconds", group="a") >= 0
+    assert ("raft_sqlite_snapshot_bytes", frozenset({("group", "b")})) not in x
+    assert val(x, "raft_sqlite_recovery_outcome", outcome="created") == 1
+    assert val(x, "raft_sqlite_recovery_outcome", outcome="clean") == 0
+    assert val(x, "raft_sqlite_backups") == 0
+
+
+def test_detach_restores_hooks_and_closed_store_scrapes_without_error(tmp_path):
+    with open_store(tmp_path / "n") as s:
+        prev = s.on_commit
+        m = StoreMetrics(s)
+        s.log("a").append([LogEntry(1, 1, b"abc")])
+        m.detach()
+        assert s.on_commit is prev and "append" not in vars(s._wal)
+        s.log("a").append([LogEntry(2, 1, b"def")])
+        x = samples(m.text())
+        assert val(x, "raft_sqlite_entries_appended_total") == 1  # nothing counted after detach
+        m2 = StoreMetrics(s)
+    x = samples(m2.text())  # store closed: counters only, no error
+    assert ("raft_sqlite_log_entries", frozenset({("group", "a")})) not in x
+
+
+def test_validation_errors_counted_from_recovery(tmp_path):
+    d = tmp_path / "n"
+    with open_store(d) as s:
+        s.log("a").append([LogEntry(i, 1, b"e%d" % i) for i in range(1, 11)])
+        s.metadata("a").set_commit_index(5)
+    c = apsw.Connection(str(d / "raft.db"))
+    c.execute("UPDATE log_entries SET payload = x'00' WHERE idx = 9")
+    c.close()
+    with open_store(d, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
+        m = StoreMetrics(s)
+        assert s.log("a").last_index == 8
+        x = samples(m.text())
+    assert val(x, "raft_sqlite_validation_errors_total", kind="record_crc") == 1
+    assert val(x, "raft_sqlite_recovery_outcome", outcome="truncated") == 1
+    # the stopped node's files tell the same through the CLI
+    r = subprocess.run([sys.executable, "-m", "raft_sqlite.cli", "metrics", str(d)], capture_output=True, text=True,
+                       env=ENV, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    y = samples(r.stdout)
+    assert val(y, "raft_sqlite_log_last_index", group="a") == 8
+    # the last open (TRUNCATE_TAIL, above) found and dropped one record failing its CRC
+    assert val(y, "raft_sqlite_validation_errors_total", kind="record_crc") == 1
+    assert val(y, "raft_sqlite_recovery_outcome", outcome="truncated") == 1
+
+
+def test_observe_verify_counts_problem_kinds(tmp_path):
+    from raft_sqlite.verify import verify
+
+    d = tmp_path / "n"
+    with open_store(d) as s:
+        s.log("a").append([LogEntry(i, 1, b"v") for i in range(1, 6)])
+    c = apsw.Connection(str(d / "raft.db"))
+    c.execute("UPDATE raft_meta SET commit_index = 3")
+    c.close()
+    with open_store(d, recovery=RecoveryPolicy.PARTIAL) as s:
+        m = StoreMetrics(s)
+        m.observe_verify(verify(d))
+        x = samples(m.text())
+    assert val(x, "raft_sqlite_validation_errors_total", kind="metadata") >= 1
+    assert classify_problem("x: segment 3 (1..5) fails its sidecar checksum") == "sidecar"
+    assert classify_problem("x: CRC mismatch in log entry 4 (segment 1)") == "record_crc"
+
+
+def test_metrics_cli_after_a_workload(tmp_path):
+    d = tmp_path / "n"
+    with open_store(d, segment_policy=SegmentPolicy(max_entries=20)) as s:
+        total = workload(s, groups=("g1", "g2", "g3"), n=45)
+    r = subprocess.run([sys.executable, "-m", "raft_sqlite.cli", "metrics", str(d)], capture_output=True, text=True,
+                       env=ENV, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    x = samples(r.stdout)
+    assert sum(val(x, "raft_sqlite_log_stored_bytes", group=g) for g in ("g1", "g2", "g3")) == total
+    assert all(val(x, "raft_sqlite_log_entries", group=g) == 45 for g in ("g1", "g2", "g3"))
+    assert val(x, "raft_sqlite_segments", group="g2") == 3
+    assert val(x, "raft_sqlite_recovery_outcome", outcome="created") == 1
+    assert val(x, "raft_sqlite_recovery_duration_seconds") > 0
+    assert "# TYPE raft_sqlite_oldest_segment_age_seconds gauge" in r.stdout
+
+
+BLOCK = "import sys; sys.modules['prometheus_client'] = None\n"
+
+
+def test_library_works_without_prometheus_client(tmp_path):
+    code = BLOCK + """
+import raft_sqlite
+from raft_sqlite import NodeStore, LogEntry, FsyncMode
+with NodeStore.open(sys.argv[1], "n1", cluster_id="c1", fsync=FsyncMode.OFF) as s:
+    s.log("a").append([LogEntry(1, 1, b"x")])
+try:
+    import raft_sqlite.metrics
+except ImportError as e:
+    print("IMPORT-ERROR", e)
+from raft_sqlite.cli import main
+main(["metrics", sys.argv[1]])
+"""
+    r = run_py(code, tmp_path / "n")
+    assert "IMPORT-ERROR raft_sqlite.metrics needs prometheus_client: pip install 'raft_sqlite[metrics]'" in r.stdout
+    assert r.returncode == 6 and "prometheus_client" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- logging
+def test_logging_open_summary_slow_commit_warning_and_fault_error(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="raft_sqlite")
+    d = tmp_path / "n"
+    with open_store(d, slow_commit_warning=0.0) as s:
+        s.log("a").append([LogEntry(1, 1, b"x")])
+    opens = [r for r in caplog.records if r.name == "raft_sqlite.store" and r.levelno == logging.INFO]
+    assert len(opens) == 1 and "recovery created policy=STRICT" in opens[0].getMessage()
+    slow = [r for r in caplog.records if r.levelno == logging.WARNING and "slow commit" in r.getMessage()]
+    assert slow and slow[0].name == "raft_sqlite.store"
+    caplog.clear()
+    for name in ("raft_sqlite", "raft_sqlite.store", "raft_sqlite.recovery"):
+        assert not logging.getLogger(name).handlers  # the library never configures logging itself
+    try:
+        from tests.support.faultvfs import FaultVFS, quiet_injected_faults
+    except ImportError:
+        pytest.skip("fault VFS not available")
+    with quiet_injected_faults():
+        vfs = FaultVFS("metrics-log-fault")
+        try:
+            s = open_store(d, vfs=vfs.name, slow_commit_warning=10.0)
+            opens = [r for r in caplog.records if r.levelno == logging.INFO and r.name == "raft_sqlite.store"]
+            assert len(opens) == 1 and "recovery clean" in opens[0].getMessage()
+            vfs.arm_error("write", nth=1, error="full", sticky=True)
+            with pytest.raises(StorageFault):
+                s.log("a").append([LogEntry(2, 1, b"y" * 5000)])
+                s.metadata("a").set_commit_index(2)
+            s.close()
+        finally:
+            vfs.unregister()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and errors[0].name == "raft_sqlite.store" and "fail-stop" in errors[0].getMessage()
