@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -185,6 +186,29 @@ class SnapshotStore:
                 raise SnapshotError(f"{st.chunks_path}: chunk rows collide ({exc})") from exc
             except apsw.Error as exc:
                 raise self._fault(exc, "snapshot chunk write") from exc
+
+    def sync(self) -> None:
+        """Make every committed chunk durable before a manifest that names it can become DURABLE.
+
+        In FULL/EXTRA mode each chunks.db COMMIT already fsyncs; in NORMAL mode SQLite does not sync
+        at COMMIT and the store's interval syncer covers only raft.db, so the WAL of chunks.db is
+        fdatasync'ed here (a manifest must never outlive its chunks on power loss). OFF: nothing."""
+        from .fsync import FsyncMode
+
+        st = self.store
+        if st.fsync is not FsyncMode.NORMAL:
+            return
+        with st.chunks_lock:
+            try:
+                fd = os.open(st.chunks_path + "-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise StorageFault(f"{st.chunks_path}: WAL sync failed ({exc})") from exc
+            finally:
+                os.close(fd)
 
     def delete_chunks(self, ids) -> int:
         """Delete every chunk of the snapshots ``ids`` (holding ``gc_lock``); returns rows deleted."""
@@ -641,6 +665,7 @@ class SnapshotWriter:
         m = self._m
         try:
             self.flush()
+            m._sstore.sync()
             self._checksum = self._hash.hexdigest()
             if self.before_finalize is not None:
                 self.before_finalize(self)
