@@ -185,6 +185,7 @@ class SnapshotStore:
             except apsw.ConstraintError as exc:
                 raise SnapshotError(f"{st.chunks_path}: chunk rows collide ({exc})") from exc
             except apsw.Error as exc:
+                st._fault = st._fault or exc  # fail-stop, as a failed raft.db commit: no retry until reopened
                 raise self._fault(exc, "snapshot chunk write") from exc
 
     def sync(self) -> None:
@@ -218,6 +219,7 @@ class SnapshotStore:
         st = self.store
         n = 0
         with st.gc_lock, st.chunks_lock:
+            st._check_open()
             c = st.chunks_conn
             try:
                 c.execute("BEGIN IMMEDIATE")
@@ -227,6 +229,7 @@ class SnapshotStore:
                     n += c.changes()
                 c.execute("COMMIT")
             except apsw.Error as exc:
+                st._fault = st._fault or exc  # fail-stop, as a failed raft.db commit: no retry until reopened
                 if not c.getautocommit():
                     c.execute("ROLLBACK")
                 raise self._fault(exc, "snapshot chunk deletion") from exc
@@ -686,7 +689,8 @@ class SnapshotWriter:
         self._rows = []
         if self.id is not None:
             try:
-                self._m._discard(self.id, busy_ok=True)
+                if self._m._store._fault is None:  # fail-stopped: no more I/O; the next open drops the WRITING row
+                    self._m._discard(self.id, busy_ok=True)
             finally:
                 self._m._sstore._active.discard(self.id)
 

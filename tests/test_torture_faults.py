@@ -23,9 +23,10 @@ import pytest
 from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, StorageFault
 from tests import torture as T
 
-OP_TYPES = ("create", "append", "append_batch", "term_vote", "commit", "truncate", "tx")
 KINDS = ("write", "sync", "truncate")
-WL = T.Workload(11, ops_per_group=14)
+WL = T.Workload(11, ops_per_group=40)
+OP_TYPES = ("create", "append", "append_batch", "term_vote", "commit", "truncate", "tx") + (
+    ("snapshot", "compact") if WL.snapshots else ())
 CHECKPOINT_EVERY = 8  # checkpoints (and their writes/syncs/truncates) inside single operations
 
 
@@ -304,3 +305,39 @@ def test_disk_full_then_open_refuses_cleanly(template, small_fs):
     os.remove(small_fs / "filler")
     with T.open_store(live) as s:
         assert s.groups() == []
+
+
+def snapshot_position():
+    return next(pos for pos, (g, k) in enumerate(WL.order) if WL.ops(g)[k - 1].kind == "snapshot")
+
+
+@pytest.mark.skipif(not WL.snapshots, reason="raft_sqlite.snapshot is not there")
+def test_snapshot_chunk_commit_failure_is_fail_stop(template, tmp_path):
+    """Regression (found by this suite): a failed chunks.db commit (its fsync) raised StorageFault but
+    left the store writable, and the writer's abort then wrote and fsynced chunks.db again (deleting
+    the chunks) and replaced the original error with a secondary one."""
+    pos = snapshot_position()
+    g, k = WL.order[pos]
+    for nth in range(1, 20):  # find the first sync of chunks.db in the snapshot's write
+        with T.quiet():
+            live, vfs, store, acked = start(template, tmp_path, f"live{nth}", pos)
+            vfs.arm_error("sync", nth=nth)
+            with pytest.raises(StorageFault) as exc:
+                T.execute(store, WL.ops(g)[k - 1])
+            if "chunks.db" not in str(exc.value):
+                store.close()
+                vfs.unregister()
+                continue
+            assert "storage fault during snapshot chunk write (IOError" in str(exc.value)
+            assert store.fault is not None
+            before = dict(vfs.counters)
+            for attempt in later_writes(store, g):
+                with pytest.raises(StorageFault, match="fail-stop"):
+                    attempt()
+            store.close()
+            assert vfs.counters == before
+            vfs.unregister()
+        v = T.check_store(live, WL, acked)
+        assert v.ok, v.detail
+        return
+    pytest.fail("no chunks.db sync in the snapshot write")

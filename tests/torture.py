@@ -35,6 +35,7 @@ import shutil
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -72,6 +73,7 @@ class GState(NamedTuple):
     term: int = 0
     vote: object = None
     commit: int = 0
+    snap: tuple | None = None  # newest durable snapshot: (index, term, data)
 
     @property
     def last(self) -> int:
@@ -102,7 +104,9 @@ def _short(x) -> str:
     return repr(x)
 
 
-OP_KINDS = ("create", "append", "append_batch", "truncate", "term_vote", "commit", "tx")
+OP_KINDS = ("create", "append", "append_batch", "truncate", "term_vote", "commit", "tx", "snapshot", "compact")
+#: snapshot chunking used by the workload (small, so a snapshot is several chunks and transactions)
+SNAP_CHUNK, SNAP_COMMIT = 16 << 10, 48 << 10
 
 
 def _payload(rng: random.Random, tag: str) -> bytes:
@@ -115,9 +119,10 @@ def _payload(rng: random.Random, tag: str) -> bytes:
 class _Gen:
     """Generates one group's operations while keeping its model up to date."""
 
-    def __init__(self, group: str, rng: random.Random):
-        self.g, self.rng = group, rng
+    def __init__(self, group: str, rng: random.Random, snapshots: bool = False):
+        self.g, self.rng, self.snapshots = group, rng, snapshots
         self.first, self.entries, self.term, self.vote, self.commit = 1, [], 0, None, 0
+        self.snap = None
         self.k = 0  # number of the operation being generated
         self.hist: dict[int, list] = {}  # index -> [(k, term, data), ...]: every write of that index
 
@@ -131,7 +136,7 @@ class _Gen:
 
     def state(self) -> tuple:
         """Compact state after op ``k``: entries are rebuilt from ``hist`` on demand."""
-        return (self.k, self.first, self.last, self.term, self.vote, self.commit)
+        return (self.k, self.first, self.last, self.term, self.vote, self.commit, self.snap)
 
     def apply(self, op: Op) -> None:
         k, a = op.kind, op.args
@@ -145,6 +150,11 @@ class _Gen:
             self.term, self.vote = a
         elif k == "commit":
             self.commit = a[0]
+        elif k == "snapshot":
+            self.snap = a
+        elif k == "compact":
+            del self.entries[:a[0] - self.first + 1]
+            self.first = a[0] + 1
         elif k == "tx":
             for sub in a:
                 self.apply(sub)
@@ -162,8 +172,15 @@ class _Gen:
     def next(self, serial: int) -> Op:
         """The next operation (and apply it to the model)."""
         rng = self.rng
+        snap_index = self.snap[0] if self.snap else 0
         if self.term == 0:
             op = Op("term_vote", self.g, (1, "n1"))
+        elif self.snapshots and rng.random() < 0.06 and self.commit > snap_index and self.commit >= self.first:
+            i = self.commit
+            data = rng.randbytes(rng.randint(1, 120_000))
+            op = Op("snapshot", self.g, (i, self.entries[i - self.first][1], data))
+        elif self.snapshots and rng.random() < 0.2 and snap_index >= self.first:
+            op = Op("compact", self.g, (rng.randint(self.first, snap_index),))
         else:
             r = rng.random()
             if r < 0.28:
@@ -215,13 +232,13 @@ class _States:
         m = self._metas[k]
         if m is None:
             return ABSENT
-        kk, first, last, term, vote, commit = m
+        kk, first, last, term, vote, commit, snap = m
         es = []
         for i in range(first, last + 1):
             h = self._hist[i]
             j = bisect.bisect_right(h, kk, key=lambda x: x[0]) - 1
             es.append((i, h[j][1], h[j][2]))
-        return GState(True, first, tuple(es), term, vote, commit)
+        return GState(True, first, tuple(es), term, vote, commit, snap)
 
 
 class Workload:
@@ -229,12 +246,14 @@ class Workload:
     ``states(g)[k]`` (its model after ``k`` operations) and ``order`` (a seeded interleaving of all
     groups' operations as ``(group, k)`` pairs, k 1-based)."""
 
-    def __init__(self, seed: int, groups=("a", "b", "c"), ops_per_group: int = 12):
+    def __init__(self, seed: int, groups=("a", "b", "c"), ops_per_group: int = 12, snapshots: bool | None = None):
         self.seed, self.groups = seed, tuple(groups)
+        #: snapshot + compaction steps (default: when raft_sqlite.snapshot is there)
+        self.snapshots = have_module("snapshot") if snapshots is None else snapshots
         self._ops: dict[str, list[Op]] = {}
         self._states: dict[str, list[GState]] = {}
         for gi, g in enumerate(self.groups):
-            gen = _Gen(g, random.Random(f"{seed}/{g}"))
+            gen = _Gen(g, random.Random(f"{seed}/{g}"), self.snapshots)
             gen.k = 1
             ops, metas = [Op("create", g)], [None, gen.state()]
             for serial in range(1, ops_per_group):
@@ -276,6 +295,15 @@ def execute(store: NodeStore, op: Op) -> None:
         store.metadata(g).set_term_and_vote(*a)
     elif k == "commit":
         store.metadata(g).set_commit_index(a[0])
+    elif k == "snapshot":
+        index, term, data = a
+        mgr = store.snapshots(g)
+        mgr.chunk_size, mgr.commit_bytes = SNAP_CHUNK, SNAP_COMMIT
+        with mgr.write(index, term) as w:
+            for off in range(0, len(data), 20_000):
+                w.write(data[off:off + 20_000])
+    elif k == "compact":
+        store.log(g).compact(a[0])
     elif k == "tx":
         with store.transaction():
             for sub in a:
@@ -342,23 +370,35 @@ def copy_store(template: str, dst: str) -> str:
     return dst
 
 
-def read_state(store: NodeStore, g: str) -> GState:
-    """What ``store`` holds for group ``g`` (entries read through ``entries()``: CRCs verified)."""
+def read_state(store: NodeStore, g: str, snapshots: bool = False) -> GState:
+    """What ``store`` holds for group ``g`` (entries read through ``entries()`` and the snapshot
+    through ``open()``: record CRCs, chunk CRCs and the snapshot digest are verified)."""
     if g not in store.groups():
         return ABSENT
     lg, md = store.log(g), store.metadata(g)
     first, last = lg.first_index, lg.last_index
     es = tuple((e.index, e.term, e.data) for e in lg.entries(first, last + 1)) if last >= first else ()
     hs = md.hard_state
-    return GState(True, first, es, hs.current_term, hs.voted_for, hs.commit_index)
+    snap = None
+    if snapshots:
+        meta = store.snapshots(g).latest()
+        if meta is not None:
+            with store.snapshots(g).open(meta) as f:
+                snap = (meta.index, meta.term, f.read())
+            if (lg.snapshot_index, lg.term(lg.snapshot_index)) != snap[:2]:
+                raise AssertionError(f"group {g}: snapshot_index/term {lg.snapshot_index} disagree with the newest "
+                                     f"snapshot {snap[:2]}")
+    return GState(True, first, es, hs.current_term, hs.voted_for, hs.commit_index, snap)
 
 
 def _diff(got: GState, want: GState) -> str:
     if got.exists != want.exists:
         return f"exists={got.exists}, expected {want.exists}"
     out = []
-    for f in ("first", "last", "term", "vote", "commit"):
+    for f in ("first", "last", "term", "vote", "commit", "snap"):
         a, b = getattr(got, f), getattr(want, f)
+        if f == "snap":
+            a, b = [None if x is None else (x[0], x[1], f"{len(x[2])} bytes crc {zlib.crc32(x[2]):08x}") for x in (a, b)]
         if a != b or type(a) is not type(b):
             out.append(f"{f}={a!r} (expected {b!r})")
     if got.entries != want.entries:
@@ -401,7 +441,7 @@ def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, f
         for g in wl.groups:
             states = wl.states(g)
             try:
-                got = read_state(store, g)
+                got = read_state(store, g, wl.snapshots)
             except Exception as exc:  # noqa: BLE001
                 v.ok, v.lost = False, v.lost + 1
                 v.detail += f" group {g}: read failed: {type(exc).__name__}: {exc};"
