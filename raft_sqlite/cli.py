@@ -31,6 +31,7 @@ import zlib
 
 import apsw
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -404,19 +405,22 @@ def status(data_dir, as_json):
                      f"in {ev['duration_s'] * 1000 if ev['duration_s'] is not None else 0:.1f} ms: "
                      f"{ev.get('entries_validated', '?')} entries validated, {len(ev.get('dropped', []))} dropped")
     out.print(head)
-    t = Table(title="groups", title_justify="left")
-    for col in ("group", "term", "vote", "commit", "first", "last", "entries", "bytes", "segments",
-                "oldest seg", "snapshot chain", "snap age", "flags"):
-        t.add_column(col, justify="left" if col in ("group", "vote", "snapshot chain", "flags") else "right")
+    t = Table(title="groups  (segs: count (sealed); snapshot: #base_id@index [+deltas -> newest index])",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    flags = any(g["recovered_partially"] for g in st["groups"])
+    for col in ("group", "term", "vote", "commit", "log", "entries", "bytes", "segs", "oldest seg", "snapshot",
+                "snap age") + (("flags",) if flags else ()):
+        t.add_column(col, no_wrap=True,
+                     justify="left" if col in ("group", "vote", "log", "snapshot", "flags") else "right")
     for g in st["groups"]:
         s = g["snapshot"]
-        chain = "none" if s is None else (f"#{s['base_id']}@{s['base_index']} + {s['deltas']} delta(s) -> "
-                                          f"{s['newest_index']}" if s["chain_ok"] else "BROKEN")
+        chain = "-" if s is None else (f"#{s['base_id']}@{s['base_index']}" + (
+            f" +{s['deltas']} -> {s['newest_index']}" if s["deltas"] else "") if s["chain_ok"] else "BROKEN")
         t.add_row(g["name"], str(g["term"]), "-" if g["voted_for"] is None else str(g["voted_for"]),
-                  str(g["commit_index"]), str(g["first_index"]), str(g["last_index"]), str(g["entries"]),
-                  _size(g["stored_bytes"]), f"{g['segments']['count']} ({g['segments']['sealed']} sealed)",
+                  str(g["commit_index"]), f"{g['first_index']}..{g['last_index']}", str(g["entries"]),
+                  _size(g["stored_bytes"]), f"{g['segments']['count']} ({g['segments']['sealed']})",
                   _age(g["segments"]["oldest_age_s"]), chain, _age(s["age_s"]) if s else "-",
-                  "recovered_partially" if g["recovered_partially"] else "")
+                  *(("recovered_partially" if g["recovered_partially"] else "",) if flags else ()))
     out.print(t)
 
 
@@ -499,7 +503,7 @@ def _print_sets(sets, fmt: str) -> None:
             w.writerows(rows)
             click.echo(buf.getvalue(), nl=False)
         else:
-            t = Table(show_lines=False)
+            t = Table(show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False)
             for c in cols:
                 t.add_column(c, overflow="fold")
             for r in rows:
@@ -939,8 +943,11 @@ def demo_node(data_dir, groups):
     index in one transaction (FULL fsync), then prints 'ack GROUP INDEX'. Runs until killed."""
     from .log import LogEntry
     from .store import NodeStore
+    from .wal import SegmentPolicy
 
-    store = NodeStore.open(data_dir, DEMO_NODE, cluster_id=DEMO_CLUSTER, fsync=FsyncMode.FULL)
+    # small segments so that the demo also seals segments (sidecar checksums are verified on reopen)
+    store = NodeStore.open(data_dir, DEMO_NODE, cluster_id=DEMO_CLUSTER, fsync=FsyncMode.FULL,
+                           segment_policy=SegmentPolicy(max_entries=1000))
     lock = threading.Lock()
     names = [f"g{i}" for i in range(groups)]
     for n in names:

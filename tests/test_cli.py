@@ -142,14 +142,15 @@ def test_status_json_and_table(tmp_path):
 
 
 WRITER = r"""
-import sys, time
+import os, sys, time
 from raft_sqlite import NodeStore, LogEntry, FsyncMode
 s = NodeStore.open(sys.argv[1], "n1", cluster_id="c1", fsync=FsyncMode.FULL)
 log = s.log("a")
 print("ready", flush=True)
 i = 0
-deadline = time.monotonic() + float(sys.argv[2])
-while time.monotonic() < deadline:
+stop = sys.argv[2]
+deadline = time.monotonic() + 120  # safety net; the test creates the stop file
+while not os.path.exists(stop) and time.monotonic() < deadline:
     i += 1
     log.append([LogEntry(i, 1, b"x" * 100)])
     s.metadata("a").set_commit_index(i)
@@ -160,8 +161,9 @@ print("done", i, flush=True)
 
 def test_status_and_sql_while_another_process_appends(tmp_path):
     d = tmp_path / "n"
-    p = subprocess.Popen([sys.executable, "-c", WRITER, str(d), "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=ENV)
+    stop = tmp_path / "stop"
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(stop)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         assert p.stdout.readline().strip() == "ready"
         seen = []
@@ -181,6 +183,7 @@ def test_status_and_sql_while_another_process_appends(tmp_path):
         # compaction (a write) is refused while the node runs
         r = cli("compact", d, "--up-to", "1")
         assert r.returncode == 5 and f"process {p.pid}" in r.stderr
+        stop.touch()
         out, errs = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
