@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import apsw
 
-from . import migrate, schema
+from . import hwm, migrate, schema
 from .errors import (CompactionError, CorruptionError, LogConflictError, NodeIdentityMismatch,
                      RaftSqliteError, RecoveryRefused, StorageFault)
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
@@ -145,6 +145,8 @@ class NodeStore:
         #: Serialises use of ``chunks_conn`` (the snapshot chunk database's write connection).
         self.chunks_lock = threading.RLock()
         self._closed = False
+        self._wal_problems: list[str] = []
+        self._hwm = None
         self._conn = None
         self.chunks_conn = None
         try:
@@ -199,6 +201,18 @@ class NodeStore:
         try:
             self._conn = self._open_current(self.path, schema.MAIN_DB)
             self.chunks_conn = self._open_current(self.chunks_path, schema.CHUNKS_DB)
+            # Before anything is written (a write would overwrite the evidence): committed WAL frames
+            # that SQLite would silently ignore after a damaged frame are corruption.
+            row = self._conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone()
+            if row is not None and row[0] in (FsyncMode.FULL.value, FsyncMode.EXTRA.value):
+                from .validate import wal_lost_commits
+                self._wal_problems = [m for m in (wal_lost_commits(self.path), wal_lost_commits(self.chunks_path))
+                                      if m]
+            lost = hwm.lost_commits(self.path)
+            if lost and not self._wal_problems:
+                self._wal_problems.append(lost)
+            if self.fsync is not FsyncMode.OFF:
+                self._hwm = hwm.HighWaterMark(self.path)
         except apsw.Error as exc:
             raise self._translate(exc, "open") from exc
 
@@ -472,6 +486,8 @@ class NodeStore:
                     r.done = True
                 return
         self._groups.update(work)
+        if self._hwm is not None and self._syncer is None:
+            self._hwm.note()  # the commit's WAL sync returned: record it as durable
         dt = time.perf_counter() - t0
         self._commit_ema = 0.9 * self._commit_ema + 0.1 * dt
         st = self.stats
@@ -726,9 +742,13 @@ class _IntervalSyncer(threading.Thread):
             fd = os.open(wal, os.O_RDONLY)
         except FileNotFoundError:
             return
+        hw = self.store._hwm
+        state = hw.current() if hw is not None else None
         try:
             os.fdatasync(fd)
             self.store.stats.interval_syncs += 1
+            if hw is not None:
+                hw.note(state)  # everything up to the state read before the sync is durable
         except OSError as exc:
             self.store._fault = exc
             log.error("%s: WAL sync failed, store is now fail-stop: %s", self.store.data_dir, exc)

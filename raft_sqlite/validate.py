@@ -9,6 +9,7 @@ index beyond the last index; a snapshot chain with a broken link; a schema newer
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 
@@ -18,6 +19,58 @@ from .recovery import RecoveryPolicy
 from .wal import _HEADER, _U32, SPAN, load_open_segment
 
 log = logging.getLogger("raft_sqlite.recovery")
+
+
+def wal_lost_commits(db_path: str) -> str | None:
+    """Detect committed transactions that SQLite will silently ignore: a damaged WAL frame (or header)
+    makes SQLite stop at the last valid commit before it, and every later commit is dropped without an
+    error. Called after SQLite has opened the file (its -shm index header then holds ``mxFrame``, the
+    end of what it will use) and before anything is written. If, beyond the first commit frame that
+    follows ``mxFrame``, there is any frame of the same WAL generation (same salts), a later transaction
+    was written after that commit was synced: acknowledged data is being dropped, which is corruption,
+    not a torn tail (a torn tail is always the last transaction). Returns a description or None.
+
+    Only meaningful for stores written with a syncing fsync mode (FULL/EXTRA): with NORMAL/OFF several
+    unsynced transactions may legitimately be torn at a power cut.
+    """
+    wal, shm = db_path + "-wal", db_path + "-shm"
+    try:
+        with open(shm, "rb") as f:
+            hdr = f.read(48)
+        wsize = os.path.getsize(wal)
+    except OSError:
+        return None
+    if len(hdr) < 48 or wsize <= 32:
+        return None
+    sz = struct.unpack_from("=H", hdr, 14)[0]
+    mx = struct.unpack_from("=I", hdr, 16)[0]
+    page = 65536 if sz == 1 else sz
+    if page < 512:
+        return None
+    fs = 24 + page
+    nframes = (wsize - 32) // fs
+    if nframes <= mx:
+        return None
+    with open(wal, "rb") as f:
+        def frame(j):
+            f.seek(32 + j * fs)
+            return f.read(24)
+
+        salt = hdr[32:40] if mx else frame(0)[8:16]  # mx == 0: SQLite rejected the header itself
+        commit = None
+        for j in range(mx, nframes):
+            h = frame(j)
+            if h[8:16] == salt and struct.unpack_from(">I", h, 4)[0] != 0:
+                commit = j
+                break
+        if commit is None:
+            return None
+        for j in range(commit + 1, nframes):
+            if frame(j)[8:16] == salt:
+                return (f"{wal}: frame {mx + 1} is damaged but later transactions (frame {j + 1} of "
+                        f"{nframes}) were written after it was synced; SQLite would silently drop "
+                        f"{nframes - mx} frames of committed data")
+    return None
 
 
 def _problem(store, report, exc_type, msg, *, drop_ok: bool):
@@ -35,6 +88,15 @@ def recover_groups(store, conn, report) -> None:
 
     policy = store.recovery_policy
     path = store.path
+    wal_partial = False
+    for msg in getattr(store, "_wal_problems", ()):
+        if policy is not RecoveryPolicy.PARTIAL:
+            report.problems.append(msg)
+            raise CorruptionError(f"{msg} (recovery policy {policy.value})")
+        _problem(store, report, CorruptionError, msg, drop_ok=True)
+        report.dropped.append({"group": "*", "what": "WAL frames after a damaged frame", "reason": msg})
+        report.outcome = "partial"
+        wal_partial = True
     rows = conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
                         "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32 "
                         "FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
@@ -63,6 +125,8 @@ def recover_groups(store, conn, report) -> None:
             _problem(store, report, RecoveryRefused,
                      f"{where}: first index {first} is above 1 but no durable snapshot covers {first - 1}",
                      drop_ok=False)
+        if wal_partial:
+            partial = 1  # metadata may be stale: the node must not vote until it has caught up
         last, last_term, bad_at = _scan(store, conn, report, gid, name, first)
         if bad_at is not None:
             # bad_at: first index that is corrupt or missing; the valid prefix ends at bad_at - 1

@@ -1,0 +1,103 @@
+"""High-water mark of the durable WAL (``raft.db-hwm``): detection of silently lost commits.
+
+SQLite uses the longest valid prefix of its WAL: a damaged frame, a damaged WAL header or a truncated
+WAL file makes it drop every later commit *without an error*. That is right for a torn last
+transaction, and silent data loss for anything else. After each commit that is durable (FULL/EXTRA:
+after its WAL sync; NORMAL: after each interval sync), the store records the WAL salts and ``mxFrame``
+(read from the -shm index header) in this small sidecar file with one ``pwrite`` (no fsync, no extra
+SQLite page). It never runs ahead of the durable WAL, so on open, if SQLite's valid prefix for the same
+salts is *shorter* than the mark, committed frames are missing: corruption, handled per recovery
+policy. A stale or torn mark (power cut) is older or fails its CRC, and is ignored.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+
+_REC = struct.Struct("<8sI")  # salts (raw bytes as in the WAL header), mxFrame
+MAGIC = b"RSQHWM1\0"
+
+
+def shm_state(shm_map) -> tuple[bytes, int]:
+    """(salts, mxFrame) from a mapped -shm file's first WalIndexHdr copy (native byte order)."""
+    return shm_map[32:40], struct.unpack_from("=I", shm_map, 16)[0]
+
+
+class HighWaterMark:
+    """Writer side: ``note()`` after a durable commit."""
+
+    def __init__(self, db_path: str):
+        self.path = db_path + "-hwm"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._shm_fd = os.open(db_path + "-shm", os.O_RDONLY)
+        self._map = mmap.mmap(self._shm_fd, 48, prot=mmap.PROT_READ)
+        self._last = None
+
+    def current(self) -> tuple[bytes, int]:
+        return shm_state(self._map)
+
+    def note(self, state: tuple[bytes, int] | None = None) -> None:
+        """Record ``state`` (default: the WAL state now) as durable."""
+        salts, mx = state or shm_state(self._map)
+        if (salts, mx) == self._last:
+            return
+        body = MAGIC + _REC.pack(salts, mx)
+        os.pwrite(self.fd, body + struct.pack("<I", zlib.crc32(body)), 0)
+        self._last = (salts, mx)
+
+    def close(self) -> None:
+        for closer in (self._map.close, lambda: os.close(self._shm_fd), lambda: os.close(self.fd)):
+            try:
+                closer()
+            except (OSError, ValueError):
+                pass
+
+
+def read_mark(db_path: str) -> tuple[bytes, int] | None:
+    """The recorded (salts, mxFrame), or None when absent or torn."""
+    try:
+        with open(db_path + "-hwm", "rb") as f:
+            data = f.read(len(MAGIC) + _REC.size + 4)
+    except OSError:
+        return None
+    if len(data) != len(MAGIC) + _REC.size + 4 or not data.startswith(MAGIC):
+        return None
+    body, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
+    if zlib.crc32(body) != crc:
+        return None
+    return _REC.unpack(body[len(MAGIC):])
+
+
+def lost_commits(db_path: str) -> str | None:
+    """Compare SQLite's view of the WAL (after it opened the file) with the recorded mark."""
+    mark = read_mark(db_path)
+    if mark is None:
+        return None
+    try:
+        with open(db_path + "-shm", "rb") as f:
+            hdr = f.read(48)
+    except OSError:
+        return None
+    if len(hdr) < 48:
+        return None
+    salts, mx = shm_state(hdr)
+    msalts, mmx = mark
+    if mx == 0:
+        # SQLite rejected the WAL (header damaged or file truncated): were frames of the marked
+        # generation recorded as durable?
+        try:
+            with open(db_path + "-wal", "rb") as f:
+                head = f.read(32 + 24)
+        except OSError:
+            head = b""
+        if mmx > 0 and (len(head) < 56 or head[32 + 8:32 + 16] == msalts or head[16:24] == msalts):
+            return (f"{db_path}-wal: SQLite ignores the WAL, but {mmx} frames of it were recorded as "
+                    "durable (damaged header or truncated file)")
+        return None
+    if salts == msalts and mx < mmx:
+        return (f"{db_path}-wal: only {mx} valid frames, but {mmx} were recorded as durable; SQLite would "
+                "silently drop committed transactions (damaged frame or truncated file)")
+    return None
