@@ -28,6 +28,7 @@ whole snapshot at end of stream; a mismatch raises :class:`~raft_sqlite.errors.C
 from __future__ import annotations
 
 import bisect
+import contextlib
 import enum
 import hashlib
 import io
@@ -487,7 +488,7 @@ class SnapshotWriter:
     :meth:`finish` or :meth:`abort` (or, for an install, :meth:`suspend` to keep the bytes received so
     far for a later resume). Not thread-safe: one thread writes one snapshot.
 
-    Memory is bounded by ``chunk_size + commit_bytes`` whatever the snapshot size.
+    Memory is bounded by ``chunk_size + 2 * commit_bytes`` whatever the snapshot size.
     """
 
     def __init__(self, mgr: SnapshotManager, index: int, term: int, *, kind: SnapshotKind,
@@ -508,6 +509,8 @@ class SnapshotWriter:
         self._size = 0  # bytes accepted (buffered + durable)
         self._durable = 0
         self._hash = hashlib.sha256()
+        self._inflight = None  # (thread, bytes, [error]) of the batch committed in the background
+        self._next_at = time.monotonic()  # pacing (max_write_rate)
         self._state = "new"
         #: True when :meth:`begin` resumed a partial install received before (``offset`` > 0 then).
         self.resumed = False
@@ -636,17 +639,54 @@ class SnapshotWriter:
         self._seq += 1
         self._pending += len(chunk)
         if self._pending >= self._m.commit_bytes:
-            self._commit()
+            self._commit(background=True)
 
-    def _commit(self) -> None:
+    def _join(self) -> None:
+        """Wait for the batch being committed in the background; re-raise its error."""
+        job = self._inflight
+        if job is None:
+            return
+        self._inflight = None
+        job[0].join()
+        if job[2]:
+            self._state = "failed"
+            raise job[2][0]
+        self._durable += job[1]
+
+    def _commit(self, background: bool = False) -> None:
+        """Commit the pending batch. In the background (a thread per batch) while the caller goes on
+        hashing the next one: at most two batches are in memory; one batch is in flight at a time."""
+        self._join()
         rows, self._rows = self._rows, []
         n, self._pending = self._pending, 0
-        try:
-            self._m._sstore.write_chunks(rows)
-        except BaseException:
-            self._state = "failed"
-            raise
-        self._durable += n
+        if not rows:
+            return
+        rate = self._m.max_write_rate
+        if rate:
+            wait = self._next_at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._next_at = max(self._next_at, time.monotonic() - 0.1) + n / rate
+        if not background:
+            try:
+                self._m._sstore.write_chunks(rows)
+            except BaseException:
+                self._state = "failed"
+                raise
+            self._durable += n
+            return
+        err: list = []
+        store = self._m._sstore
+
+        def job():
+            try:
+                store.write_chunks(rows)
+            except BaseException as exc:  # noqa: BLE001 -- handed to the writer's thread
+                err.append(exc)
+
+        t = threading.Thread(target=job, name=f"raft_sqlite-snapshot-{self.id}", daemon=True)
+        t.start()
+        self._inflight = (t, n, err)
 
     def flush(self) -> int:
         """Make every byte accepted so far durable in chunks.db (a short chunk may be written);
@@ -687,6 +727,8 @@ class SnapshotWriter:
             return
         self._state = "aborted"
         self._rows = []
+        with contextlib.suppress(Exception):  # the snapshot is being discarded anyway
+            self._join()
         if self.id is not None:
             try:
                 if self._m._store._fault is None:  # fail-stopped: no more I/O; the next open drops the WRITING row
@@ -797,9 +839,11 @@ class SnapshotManager:
     """Snapshots of one group: ``store.snapshots(group)``.
 
     Attributes (configuration, may be set after creation): ``chunk_size`` (1 MiB),
-    ``commit_bytes`` (8 MiB per chunks.db transaction), ``max_chain_length`` (8: chain length, base
-    included, after which :meth:`next_kind` asks for a FULL snapshot), ``keep_chains`` (2: retention
-    after every finalize; None disables automatic retention).
+    ``commit_bytes`` (8 MiB per chunks.db transaction; the writer hashes the next batch while the
+    previous one commits, so up to two batches are in memory), ``max_chain_length`` (8: chain length,
+    base included, after which :meth:`next_kind` asks for a FULL snapshot), ``keep_chains`` (2:
+    retention after every finalize; None disables automatic retention), ``max_write_rate`` (None:
+    bytes/s cap for writers).
     """
 
     def __init__(self, store, group: str):
@@ -810,6 +854,9 @@ class SnapshotManager:
         self.commit_bytes = DEFAULT_COMMIT_BYTES
         self.max_chain_length = DEFAULT_MAX_CHAIN_LENGTH
         self.keep_chains: int | None = DEFAULT_KEEP_CHAINS
+        #: Optional cap on the snapshot write rate in bytes/s (None: as fast as the disk allows), to
+        #: leave disk bandwidth to log commits while a big snapshot is written.
+        self.max_write_rate: float | None = None
         #: Held while a snapshot of this group is captured (the scheduler never runs two at once).
         self.capture_lock = threading.Lock()
 

@@ -53,8 +53,13 @@ def raw(path, db="chunks.db"):
     return apsw.Connection(os.path.join(str(path), db))
 
 
+def peek(path, db):
+    """A read-only connection for inspection: it never checkpoints or removes the WAL on close."""
+    return apsw.Connection(os.path.join(str(path), db), flags=apsw.SQLITE_OPEN_READONLY)
+
+
 def writing_rows(path):
-    c = raw(path, "raft.db")
+    c = peek(path, "raft.db")
     try:
         return c.execute("SELECT snapshot_id, status, source FROM snapshots WHERE status='WRITING'").fetchall()
     finally:
@@ -62,7 +67,7 @@ def writing_rows(path):
 
 
 def chunk_ids(path):
-    c = raw(path)
+    c = peek(path, "chunks.db")
     try:
         return sorted({r[0] for r in c.execute("SELECT snapshot_id FROM snapshot_chunks")})
     finally:
