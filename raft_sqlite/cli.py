@@ -421,7 +421,7 @@ def status(data_dir, as_json):
                   _size(g["stored_bytes"]), f"{g['segments']['count']} ({g['segments']['sealed']})",
                   _age(g["segments"]["oldest_age_s"]), chain, _age(s["age_s"]) if s else "-",
                   *(("recovered_partially" if g["recovered_partially"] else "",) if flags else ()))
-    out.print(t)
+    print_wide(t)
 
 
 # ---------------------------------------------------------------------------------------------- sql
@@ -507,9 +507,26 @@ def _print_sets(sets, fmt: str) -> None:
             for c in cols:
                 t.add_column(c, overflow="fold")
             for r in rows:
-                t.add_row(*("NULL" if v is None else str(v) for v in r))
-            out.print(t)
+                t.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in r))
+            print_wide(t)
             out.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", style="dim")
+
+
+def print_wide(table: Table) -> None:
+    """Print ``table`` at its natural width when that is wider than the console (up to 400 columns):
+    query results stay one row per line instead of folding every cell."""
+    from rich.measure import Measurement
+
+    want = Measurement.get(out, out.options.update_width(400), table).maximum
+    if want <= out.width:
+        out.print(table)
+        return
+    saved = out.width
+    out.width = min(want, 400)  # Console.print(width=) cannot exceed the console's width
+    try:
+        out.print(table, crop=False)
+    finally:
+        out.width = saved
 
 
 _REPL_HELP = """.tables              tables and views (chunks.* is chunks.db)
