@@ -837,7 +837,6 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
                               "(move the old data away first)")
     manifest = verify_backup(src, checksums=True)
     created_dir = not os.path.exists(target)
-    written: list[str] = []
     try:
         if created_dir:
             os.makedirs(target, mode=0o700)
@@ -845,16 +844,11 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         tmps = []
         for f in manifest["files"]:
             tmp = os.path.join(target, f".{f['name']}.restoring")
-            written.append(tmp)
             _copy_verified(os.path.join(src, f["name"]), tmp, f, progress)
             tmps.append((tmp, os.path.join(target, f["name"])))
         for tmp, final in tmps:
-            written.append(final)
             os.rename(tmp, final)
         _fsync_path(target, directory=True)
-        for name in DB_FILES:
-            for suffix in ("-wal", "-shm", "-journal"):
-                written.append(os.path.join(target, name + suffix))
         event = _record_restore_event(os.path.join(target, schema.MAIN_DB), kind, src, manifest)
         from .recovery import RecoveryPolicy
         from .store import NodeStore
@@ -864,9 +858,15 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         except RaftSqliteError as exc:
             raise BackupError(f"restored data in {target} does not open under STRICT recovery: {exc}") from exc
     except BaseException as exc:
-        for p in written:
+        # data_dir was empty or absent when we started: everything in it now is ours (the copies, their
+        # temporaries and whatever the check-open created next to them)
+        for name in os.listdir(target) if os.path.isdir(target) else ():
+            p = os.path.join(target, name)
             with contextlib.suppress(FileNotFoundError):
-                os.remove(p)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.remove(p)
         if created_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(target)
