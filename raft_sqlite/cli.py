@@ -485,6 +485,9 @@ def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[t
                        f"({exc})", EXIT_REFUSED) from None
     except apsw.SQLError as exc:
         raise CliError(f"SQL error: {exc}", EXIT_USAGE) from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"a TEXT value is not valid UTF-8 ({exc}): the row is damaged; select CAST(column AS BLOB) "
+                       "to see its bytes, and run `raft-sqlite verify`", EXIT_CORRUPT) from None
     finally:
         cur.close()
     return sets
@@ -646,10 +649,14 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
         if clipped:
             hi = lo + limit - 1
         rows = []
-        for idx, term, kind, payload, crc, seg in conn.execute(
-                "SELECT idx, term, kind, payload, crc32, segment FROM log_entries WHERE key >= ? AND key <= ? "
-                "ORDER BY key", (base + max(lo, 0), base + max(hi, -1))):
-            ok = zlib.crc32(payload, zlib.crc32(_HEADER.pack(gid, idx, term, kind))) == crc
+        for idx, term, kind, payload, ptype, crc, seg in conn.execute(
+                "SELECT idx, term, kind, CAST(payload AS BLOB), typeof(payload), crc32, segment FROM log_entries "
+                "WHERE key >= ? AND key <= ? ORDER BY key", (base + max(lo, 0), base + max(hi, -1))):
+            payload = payload or b""
+            try:
+                ok = ptype == "blob" and zlib.crc32(payload, zlib.crc32(_HEADER.pack(gid, idx, term, kind))) == crc
+            except (TypeError, struct.error, OverflowError):
+                ok = False
             rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
                          "crc32": f"{crc:08x}", "crc_ok": ok, "segment": seg, "compacted": idx < first,
                          "payload_prefix": payload[:16].hex()})
@@ -661,7 +668,8 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
         _dump_json({"group": name, "first_index": first, "last_index": last, "from": lo, "to": hi,
                     "entries": rows, "crc_failures": bad})
     else:
-        t = Table(title=f"group {name!r}: first {first}, last {last}; showing {lo}..{hi}", title_justify="left")
+        t = Table(title=f"group {name!r}: first {first}, last {last}; showing {lo}..{hi}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
         for c in ("index", "term", "kind", "size", "crc32", "crc", "segment", "payload"):
             t.add_column(c, justify="right" if c in ("index", "term", "size", "segment") else "left")
         for r in rows:
@@ -764,7 +772,7 @@ def verify(data_dir, as_json, quiet):
         for w in rep.warnings:
             out.print(f"[yellow]warning:[/] {_esc(w)}")
         if rep.problems:
-            t = Table(title="problems", title_justify="left")
+            t = Table(title="problems", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
             for c in ("kind", "file", "group", "at", "message"):
                 t.add_column(c, overflow="fold")
             for p in rep.problems:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -281,9 +282,10 @@ class _Verifier:
         lowest = None
         last_term = 0
         n = 0
-        for idx, term, kind, payload, crc, seg in c.execute(
-                "SELECT idx, term, kind, payload, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
-                "ORDER BY key", (base, base + SPAN)):
+        # CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway
+        for idx, term, kind, payload, ptype, crc, seg in c.execute(
+                "SELECT idx, term, kind, CAST(payload AS BLOB), typeof(payload), crc32, segment FROM log_entries "
+                "WHERE key >= ? AND key < ? ORDER BY key", (base, base + SPAN)):
             n += 1
             if lowest is None:
                 lowest = idx
@@ -291,9 +293,17 @@ class _Verifier:
                 self.problem("gap", schema.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
                              name, prev + 1)
             prev = idx
-            if crc32(payload, crc32(pack(gid, idx, term, kind))) != crc:
-                self.problem("record_crc", schema.MAIN_DB, f"{where}: CRC mismatch in log entry {idx} (segment {seg})",
-                             name, idx)
+            payload = payload or b""
+            try:
+                ok = ptype == "blob" and crc32(payload, crc32(pack(gid, idx, term, kind))) == crc
+            except (TypeError, struct.error, OverflowError):
+                ok = False
+            if not ok:
+                why = "" if ptype == "blob" else f": payload stored as {ptype}, not a BLOB"
+                self.problem("record_crc", schema.MAIN_DB,
+                             f"{where}: CRC mismatch in log entry {idx} (segment {seg}){why}", name, idx)
+            if not isinstance(term, int):
+                term = last_term
             if term < last_term:
                 self.problem("term", schema.MAIN_DB, f"{where}: term decreases at log entry {idx} "
                              f"({last_term} -> {term})", name, idx)
@@ -341,13 +351,14 @@ class _Verifier:
         total = 0
         seqs = []
         bad = 0
-        for seq, data, ccrc in self.chunks.execute(
-                "SELECT seq, data, crc32 FROM snapshot_chunks WHERE key >= ? AND key < ? ORDER BY key",
-                (sid << 32, (sid + 1) << 32)):
+        for seq, data, dtype, ccrc in self.chunks.execute(
+                "SELECT seq, CAST(data AS BLOB), typeof(data), crc32 FROM snapshot_chunks WHERE key >= ? AND key < ? "
+                "ORDER BY key", (sid << 32, (sid + 1) << 32)):
             seqs.append(seq)
             self.rep.chunks_checked += 1
             self.tick("snapshots")
-            if zlib.crc32(data) != ccrc:
+            data = data or b""
+            if dtype != "blob" or zlib.crc32(data) != ccrc:
                 bad += 1
                 probs.append(Problem("snapshot_chunk", schema.CHUNKS_DB, f"{chunks_path}: snapshot {sid} chunk {seq} "
                                      "fails its CRC32 check", name, sid))

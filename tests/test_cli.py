@@ -278,6 +278,14 @@ def test_log_shows_entries_and_flags_bad_crc(tmp_path):
     r = cli("log", d, "-g", "b", "--from", "5", "--to", "9")
     assert r.returncode == 4 and "BAD" in r.stdout and "CRC" in r.stderr
     no_traceback(r)
+    c = apsw.Connection(str(d / "raft.db"))
+    c.execute("UPDATE log_entries SET payload = substr(payload, 1, 3) || x'ff' WHERE group_id = 2 AND idx = 8")
+    c.close()
+    r = cli("log", d, "-g", "b", "--from", "8", "--to", "8", "--json")
+    assert r.returncode == 4 and json.loads(r.stdout)["entries"][0]["crc_ok"] is False
+    r = cli("sql", d, "SELECT payload FROM log_entries WHERE group_id = 2 AND idx = 8")
+    assert r.returncode == 4 and "CAST(column AS BLOB)" in r.stderr
+    no_traceback(r)
 
 
 # ---------------------------------------------------------------------------------------------- compact
@@ -313,6 +321,8 @@ def test_verify_clean_store_with_snapshot(tmp_path):
 
 @pytest.mark.parametrize("what,kind", [
     ("UPDATE log_entries SET payload = x'0102' WHERE group_id = 1 AND idx = 3", "record_crc"),
+    # `||` on a BLOB yields TEXT: the row now holds invalid UTF-8 text where a BLOB belongs
+    ("UPDATE log_entries SET payload = substr(payload, 1, 3) || x'ff' WHERE group_id = 1 AND idx = 4", "record_crc"),
     ("UPDATE log_segments SET checksum = checksum + 1 WHERE segment_id = 1", "sidecar"),
     ("UPDATE raft_meta SET commit_index = 5 WHERE group_id = 2", "metadata"),
     ("DELETE FROM log_entries WHERE group_id = 2 AND idx = 70", "gap"),
