@@ -114,6 +114,14 @@ class RestoreInfo:
 ProgressFn = Callable[[str, int, int], None]
 
 
+class BackupBusy(BackupError):
+    """Another backup or prune of the same node is running (in this or another process)."""
+
+
+class BackupCancelled(BackupError):
+    """The backup was cancelled through its ``cancel`` event (its partial folder was removed)."""
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _fsync_path(path: str, *, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
@@ -224,7 +232,7 @@ class HotBackupManager:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise BackupError(f"another backup or prune of node {self.store.node_id!r} is running "
+                    raise BackupBusy(f"another backup or prune of node {self.store.node_id!r} is running "
                                       f"in {self.node_dir}") from None
                 raise
             yield
@@ -245,7 +253,9 @@ class HotBackupManager:
         store's ``backups`` table (a failure there is logged, the backup stays valid).
 
         ``progress(phase, done_bytes, total_bytes)`` is called as the copy advances (phase is the file
-        name, or ``"sha256:<file>"`` while checksumming). Setting ``cancel`` aborts between steps.
+        name; ``"sha256:<file>"`` while checksumming, called from a helper thread). Setting ``cancel``
+        aborts between steps (:class:`BackupCancelled`); a concurrent backup or prune of the same node
+        raises :class:`BackupBusy` at once.
         On any failure (including cancel) the partial folder is removed and :class:`BackupError` (or
         the store's :class:`~raft_sqlite.StorageFault`) is raised; a crash leaves a folder without
         manifest, which is never used and which the next :meth:`prune` removes.
@@ -290,6 +300,7 @@ class HotBackupManager:
     def _copy(self, folder: str, progress, cancel, phases: dict) -> tuple[dict, int]:
         store = self.store
         sources: list[apsw.Connection] = []
+        checks: list[_FileCheck] = []
         try:
             main_src = store._connect(store.path, query_only=True)
             sources.append(main_src)
@@ -305,7 +316,6 @@ class HotBackupManager:
                 at = time.time()
             facts = None
             chunk_counts = None
-            checks: list[_FileCheck] = []
             for name, src in ((schema.MAIN_DB, main_src), (schema.CHUNKS_DB, chunks_src)):
                 dest_path = os.path.join(folder, name)
                 t = time.perf_counter()
@@ -334,6 +344,11 @@ class HotBackupManager:
             phases["fsync"] += max((c.sync_seconds for c in checks), default=0.0)
             phases["wait"] = time.perf_counter() - t
             total = sum(f["size"] for f in files)
+        except BaseException:
+            for c in checks:  # let the helpers finish before the caller removes the folder
+                with contextlib.suppress(BaseException):
+                    c.result()
+            raise
         finally:
             for c in sources:
                 with contextlib.suppress(apsw.Error):
@@ -381,7 +396,7 @@ class HotBackupManager:
                         if progress is not None:
                             progress(name, (b.pagecount - b.remaining) * page_size, b.pagecount * page_size)
                         if cancel is not None and cancel.is_set():
-                            raise BackupError("backup cancelled")
+                            raise BackupCancelled("backup cancelled")
                         if self.step_pause and not b.done:
                             time.sleep(self.step_pause)
             finally:
@@ -590,14 +605,13 @@ class HotBackupScheduler:
         """One tick: backup then prune. Returns the new backup, or None when it failed or was skipped."""
         try:
             info = self.manager.backup(cancel=self._stop)
-        except BackupError as exc:
-            if "is running" in str(exc):
-                self.skipped += 1
-                log.info("scheduled backup skipped: %s", exc)
-                return None
-            return self._failed(exc)
+        except BackupBusy as exc:
+            self.skipped += 1
+            log.info("scheduled backup skipped: %s", exc)
+            return None
         except Exception as exc:  # noqa: BLE001 - never raised into the caller's thread
-            return self._failed(exc)
+            self._failed(exc)
+            return None
         self.successes += 1
         self.last_backup = info
         try:
@@ -607,7 +621,7 @@ class HotBackupScheduler:
         return info
 
     def _failed(self, exc: BaseException, what: str = "backup") -> None:
-        if self._stop.is_set() and "cancelled" in str(exc):
+        if self._stop.is_set() and isinstance(exc, BackupCancelled):
             return
         self.failures += 1
         self.last_error = exc
