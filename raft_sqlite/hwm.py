@@ -71,6 +71,22 @@ def read_mark(db_path: str) -> tuple[bytes, int] | None:
     return _REC.unpack(body[len(MAGIC):])
 
 
+def _wal_header_ok(head: bytes) -> bool:
+    """True if ``head`` starts with a WAL header SQLite accepts (magic and checksum valid)."""
+    if len(head) < 32:
+        return False
+    magic = struct.unpack_from(">I", head, 0)[0]
+    if magic not in (0x377F0682, 0x377F0683):
+        return False
+    fmt = ">II" if magic & 1 else "<II"  # 0x377f0683: big-endian checksums
+    s0 = s1 = 0
+    for i in range(0, 24, 8):
+        x0, x1 = struct.unpack_from(fmt, head, i)
+        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
+        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
+    return (s0, s1) == struct.unpack_from(">II", head, 24)
+
+
 def lost_commits(db_path: str) -> str | None:
     """Compare SQLite's view of the WAL (after it opened the file) with the recorded mark."""
     mark = read_mark(db_path)
@@ -93,6 +109,10 @@ def lost_commits(db_path: str) -> str | None:
                 head = f.read(32 + 24)
         except OSError:
             head = b""
+        if _wal_header_ok(head) and head[16:24] != msalts:
+            # a valid header of a newer generation: SQLite restarts the WAL (new salts) only after
+            # every frame of the marked generation was checkpointed into the database file
+            return None
         if mmx > 0 and (len(head) < 56 or head[32 + 8:32 + 16] == msalts or head[16:24] == msalts):
             return (f"{db_path}-wal: SQLite ignores the WAL, but {mmx} frames of it were recorded as "
                     "durable (damaged header or truncated file)")

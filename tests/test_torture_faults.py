@@ -126,28 +126,51 @@ def calls_made(template, tmp_path, pos, fsync=FsyncMode.FULL):
     return {kind: after[kind + "s"] - before[kind + "s"] for kind in KINDS}
 
 
-def test_io_errors_at_every_call_of_every_operation(template, tmp_path):
+def spread(n: int, cap: int | None) -> list[int]:
+    """1..n, or ``cap`` values spread evenly over it (first and last included)."""
+    if cap is None or n <= cap:
+        return list(range(1, n + 1))
+    return sorted({1 + round(i * (n - 1) / (cap - 1)) for i in range(cap)})
+
+
+def io_error_campaign(template, tmp_path, name, positions_per_type, cap):
     t0 = time.monotonic()
-    tally = T.Tally("I/O errors (FULL)")
-    per_type = {}
+    tally = T.Tally(name)
+    per_type, per_kind = {}, dict.fromkeys(KINDS, 0)
     with T.quiet():
         for op_type, positions in targets().items():
             n = 0
-            for pos in positions:
+            for pos in positions[:positions_per_type]:
                 calls = calls_made(template, tmp_path, pos)
                 for kind in KINDS:
-                    for nth in range(1, calls[kind] + 1):
+                    for nth in spread(calls[kind], cap):
                         for error in ("ioerr", "full"):
                             assert inject(template, tmp_path, tally, f"r{tally.faults}", pos, kind, nth, error), \
                                 (op_type, pos, kind, nth)
                             n += 1
+                            per_kind[kind] += 1
             per_type[op_type] = n
     tally.seconds = time.monotonic() - t0
     tally.notes.append("faults per operation type: " + ", ".join(f"{k} {v}" for k, v in per_type.items()))
+    tally.notes.append("faults per call: " + ", ".join(f"x{k.capitalize()} {v}" for k, v in per_kind.items()))
     T.print_table("I/O-error campaign", [tally])
     tally.assert_clean()
     assert all(per_type.values()), per_type
-    assert tally.faults >= 100
+    return tally
+
+
+def test_io_errors_at_every_call_of_every_operation(template, tmp_path):
+    """CI: two operations of each type; the Nth write/sync/truncate for every N (at most 6 values
+    of N spread over the calls when an operation makes more, e.g. a snapshot)."""
+    tally = io_error_campaign(template, tmp_path, "I/O errors (CI)", 2, 6)
+    assert tally.faults >= 200
+
+
+@pytest.mark.slow
+def test_io_errors_at_every_call_of_every_operation_slow(template, tmp_path):
+    """Three operations of each type, every N."""
+    tally = io_error_campaign(template, tmp_path, "I/O errors (slow)", 3, None)
+    assert tally.faults >= 800
 
 
 @pytest.mark.parametrize("error", ["ioerr", "full"])
@@ -341,3 +364,22 @@ def test_snapshot_chunk_commit_failure_is_fail_stop(template, tmp_path):
         assert v.ok, v.detail
         return
     pytest.fail("no chunks.db sync in the snapshot write")
+
+
+def test_failed_frame_write_after_wal_restart_reopens(template, tmp_path):
+    """A checkpoint backfilled the whole WAL; the next commit restarts the WAL (new header, new salts)
+    and its first frame write fails (or the process dies right there). Every frame of the previous
+    generation is in the database file: the store must reopen with everything acknowledged."""
+    with T.quiet():
+        for nth in (1, 2, 3):
+            live, vfs, store, acked = start(template, tmp_path, f"live{nth}", 1)
+            store._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+            vfs.arm_error("write", nth=nth)
+            g, k = WL.order[1]
+            with pytest.raises(StorageFault):
+                T.execute(store, WL.ops(g)[k - 1])
+            store.close()
+            vfs.clear_faults()
+            vfs.unregister()
+            v = T.check_store(live, WL, acked)
+            assert v.ok, (nth, v.detail)
