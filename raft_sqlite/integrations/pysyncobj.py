@@ -1,0 +1,791 @@
+"""PySyncObj (0.3.17) on raft_sqlite: a durable, CRC-checked, inspectable journal for PySyncObj.
+
+PySyncObj builds its Raft log with the module-level factory ``createJournal(conf.journalFile)`` and
+has no configuration hook for it, so the integration is a documented patch::
+
+    from raft_sqlite.integrations.pysyncobj import patch_pysyncobj
+    patch_pysyncobj()                       # or: with patch_pysyncobj(): ...
+    conf = SyncObjConf(journalFile="/var/lib/raft/node1")   # journalFile names the node's data_dir
+
+What :func:`patch_pysyncobj` installs (and the context manager restores):
+
+- ``createJournal`` in ``pysyncobj.syncobj``, ``pysyncobj`` and ``pysyncobj.journal`` ->
+  :func:`create_journal`: ``None`` keeps PySyncObj's in-memory journal, anything else opens a
+  :class:`~raft_sqlite.NodeStore` in that directory and returns a :class:`RaftSqliteJournal`.
+- ``pysyncobj.syncobj.Serializer`` -> :class:`RaftSqliteSerializer`. For a SyncObj whose journal is a
+  :class:`RaftSqliteJournal` it routes PySyncObj's full dumps (log compaction, and the snapshots a
+  leader streams to a lagging follower) into the store's durable snapshots; for any other SyncObj it
+  *is* the stock Serializer.
+- ``SyncObjConf.validate``: when ``journalFile`` is set and ``fullDumpFile`` is not, ``fullDumpFile``
+  defaults to ``<data_dir>/pysyncobj-full.dump``. PySyncObj reloads its state at startup only from
+  ``fullDumpFile``, so without one a compacted log could never be replayed. The file is a cache: it is
+  rewritten from the store's newest durable snapshot whenever the node starts.
+
+Durability (what the adapter guarantees, per the store's fsync mode): every ``add()`` is committed
+before it returns, so an entry is durable before PySyncObj acknowledges it to a leader (a follower
+answers AppendEntries right after its ``add()`` calls) and before a leader counts itself in a commit
+majority; ``setCurrentTerm()`` (term + vote) is committed before it returns, so a vote is durable
+before it is sent. The commit index is not needed for safety; it is persisted lazily (with the next
+``add()``, on PySyncObj's one-second timer, ``flush()`` and ``_destroy()``), never decreases, and is
+clamped to the end of the journal on open (PySyncObj's own file journal can come back with a commit
+index past its end after an unclean stop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import itertools
+import logging
+import os
+import pickle as _stdpickle
+import struct
+import threading
+import weakref
+
+import pysyncobj
+import pysyncobj.config as _pso_config
+import pysyncobj.journal as _pso_journal
+import pysyncobj.pickle as _pso_pickle
+import pysyncobj.serializer as _pso_serializer
+import pysyncobj.syncobj as _pso_syncobj
+from pysyncobj.config import SERIALIZER_STATE
+
+from ..errors import LogConflictError, LogGapError, MetadataError, RaftSqliteError, SnapshotError
+from ..fsync import FsyncMode
+from ..log import EntryKind, LogEntry
+from ..store import NodeStore
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "DUMP_FILE_NAME",
+    "RaftSqliteJournal",
+    "RaftSqliteSerializer",
+    "create_journal",
+    "patch_pysyncobj",
+]
+
+log = logging.getLogger("raft_sqlite.integrations.pysyncobj")
+
+#: Raft group used inside the store when none is given (env ``RAFT_SQLITE_GROUP``).
+DEFAULT_GROUP = "pysyncobj"
+#: Default cluster id (env ``RAFT_SQLITE_CLUSTER_ID``).
+DEFAULT_CLUSTER_ID = "pysyncobj"
+#: Name of the default ``fullDumpFile`` inside the data_dir (see :func:`patch_pysyncobj`).
+DUMP_FILE_NAME = "pysyncobj-full.dump"
+
+_MAGIC = b"RSQLPSO1"  # snapshot blob: magic, u32 header length, pickled header, PySyncObj dump bytes
+_CHUNK = 1 << 20
+
+_NO_OP = _pso_syncobj._COMMAND_TYPE.NO_OP
+_MEMBERSHIP = _pso_syncobj._COMMAND_TYPE.MEMBERSHIP
+
+# The stock objects, captured at import (before any patch).
+_STOCK_CREATE_JOURNAL = _pso_journal.createJournal
+_STOCK_SERIALIZER = _pso_serializer.Serializer
+_STOCK_VALIDATE = _pso_config.SyncObjConf.validate
+
+# create_journal() -> the Serializer SyncObj.__init__ builds next in the same thread (see RaftSqliteSerializer)
+_link = threading.local()
+
+
+def _kind(command: bytes) -> EntryKind:
+    t = command[0] if command else -1
+    if t == _NO_OP:
+        return EntryKind.NOOP
+    if t == _MEMBERSHIP:
+        return EntryKind.CONFIG
+    return EntryKind.NORMAL
+
+
+def _snapshots_supported(store: NodeStore, group: str) -> bool:
+    try:
+        m = store.snapshots(group)
+    except ImportError:
+        return False
+    return all(callable(getattr(m, a, None)) for a in ("write", "latest", "open"))
+
+
+def _write_file_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".rsql.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _gzip_pickle(obj) -> bytes:
+    """The bytes PySyncObj's stock Serializer writes to ``fullDumpFile`` (gzip of its pickle)."""
+    with io.BytesIO() as bio:
+        with gzip.GzipFile(fileobj=bio, mode="wb") as g:
+            _pso_pickle.dump(obj, g)
+        return bio.getvalue()
+
+
+def _gunzip_unpickle(data: bytes):
+    with io.BytesIO(data) as bio, gzip.GzipFile(fileobj=bio, mode="rb") as g:
+        return _pso_pickle.load(g)
+
+
+def _entry(e) -> tuple:
+    command, idx, term = e
+    if isinstance(command, (bytearray, memoryview)):
+        command = bytes(command)
+    elif not isinstance(command, bytes):
+        command = _pso_pickle.to_bytes(command)  # str (as PySyncObj's FileJournal accepts)
+    if type(idx) is not int or type(term) is not int:
+        if isinstance(idx, bool) or isinstance(term, bool):
+            raise TypeError("idx and term must be ints")
+        idx, term = int(idx), int(term)
+    return (command, idx, term)
+
+
+class RaftSqliteJournal(_pso_journal.Journal):
+    """PySyncObj's ``Journal`` interface on one group of a :class:`~raft_sqlite.NodeStore`.
+
+    PySyncObj addresses its journal by *list position*: ``journal[0]`` is the oldest entry it keeps
+    (after a compaction: the entry just before the last one its full dump covers), ``journal[-1]`` the
+    newest; entries are ``(command: bytes, idx, term)`` tuples with contiguous ``idx``, and SyncObj
+    seeds an empty journal with a no-op at index 1, term 0. This class keeps that view in memory
+    (as PySyncObj's own FileJournal does) and writes every change through to the store:
+
+    - ``add(command, idx, term)``: ``idx`` must follow ``journal[-1]`` (any index on an empty view).
+      Committed before returning. If the store already holds an entry at ``idx`` (a tail PySyncObj
+      dropped from its view but the store had to keep, see below) with the same term and payload,
+      nothing is written; with another term the store's log is truncated there first, which the store
+      refuses (:class:`~raft_sqlite.LogConflictError`) if it would remove committed entries: a Raft
+      safety violation is never written. An index below the store's ``first_index`` is accepted only
+      if a durable snapshot covers it (PySyncObj re-adds the two entries its dump names after
+      installing it) and is then kept in memory and in the snapshot's header.
+    - ``deleteEntriesFrom(pos)``: drops ``journal[pos:]``; the store drops the same entries except
+      committed ones (the store's commit index only grows). PySyncObj truncates even entries that
+      match the leader's; committed ones stay in the store, hidden from PySyncObj's view until it
+      re-adds them (same term: no write) and visible again after a restart.
+    - ``deleteEntriesTo(pos)``: drops ``journal[:pos]`` (log compaction after a full dump). The store
+      compacts only what its newest durable snapshot covers, and the view never starts later than
+      ``snapshot_index - 1``; with compaction ``"off"`` (no snapshot support) it keeps everything.
+    - ``clear()``: empties the view (PySyncObj installs a dump next and re-adds its two entries); the
+      store's tail above the re-added entries and its commit index is dropped on the next
+      ``setRaftCommitIndex``/``flush``/one-second timer.
+    - ``setCurrentTerm(term, votedForNodeId)``: committed before returning. The store refuses a lower
+      term or a second, different vote in the same term (:class:`~raft_sqlite.MetadataError`); PySyncObj
+      0.3.17 never asks for either (it votes only when it has not voted in the current term). A vote
+      that is not a str/int/None is stored as ``str()`` (PySyncObj only tests it against None).
+    - ``setRaftCommitIndex(i)`` / ``getRaftCommitIndex()``: see the module docstring. On open the
+      answer is ``max(store commit index, snapshot index, 1)`` clamped to ``journal[-1]``.
+
+    On open the view is rebuilt from the store: from ``snapshot_index - 1`` (taking the two entries
+    the newest durable snapshot names from its header when the store no longer holds them) or from
+    ``first_index``, to ``last_index``. Record CRCs are verified by the store as they are read.
+    ``compaction`` is ``"store"`` (dumps go to the store's snapshots; default when
+    :mod:`raft_sqlite.snapshot` is available) or ``"off"`` (no dumps, no compaction).
+    """
+
+    def __init__(self, store: NodeStore, group: str = DEFAULT_GROUP, *, owns_store: bool = False,
+                 compaction: str | None = None):
+        self._store = store
+        self._group = group
+        self._log = store.log(group)
+        self._meta = store.metadata(group)
+        self._owns = owns_store
+        self._lock = threading.RLock()
+        if compaction is None:
+            compaction = os.environ.get("RAFT_SQLITE_PYSYNCOBJ_COMPACTION") or (
+                "store" if _snapshots_supported(store, group) else "off")
+        if compaction not in ("store", "off"):
+            raise ValueError(f"compaction must be 'store' or 'off', not {compaction!r}")
+        if compaction == "store" and not _snapshots_supported(store, group):
+            raise SnapshotError("compaction='store' needs raft_sqlite.snapshot (SnapshotManager)")
+        self.compaction = compaction
+        self._pending_commit: int | None = None
+        self._tail_dirty = False
+        self._closed = False
+        self._entries: list[tuple] = self._load()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def store(self) -> NodeStore:
+        """The :class:`~raft_sqlite.NodeStore` this journal writes to."""
+        return self._store
+
+    @property
+    def group(self) -> str:
+        """The store group holding this journal."""
+        return self._group
+
+    # ------------------------------------------------------------------ open
+    def _load(self) -> list[tuple]:
+        P = self._log
+        entries: list[tuple] = []
+        lo = P.first_index
+        meta = self._latest_snapshot()
+        if meta is not None:
+            _fmt, e0, e1 = self._read_header(meta)
+            if e1[1] != meta.index or e0[1] != e1[1] - 1:
+                raise SnapshotError(f"{self._store.data_dir}: snapshot {meta.id} of group {self._group!r} names "
+                                    f"entries {e0[1]}, {e1[1]} but covers index {meta.index}")
+            entries = [e for e in (e0, e1) if e[1] < P.first_index]
+            lo = max(P.first_index, e0[1])
+        if P.last_index >= lo:
+            entries += [(e.data, e.index, e.term) for e in P.entries(lo, P.last_index + 1)]
+        for a, b in itertools.pairwise(entries):
+            if b[1] != a[1] + 1:
+                raise RaftSqliteError(f"{self._store.data_dir}: group {self._group!r}: journal is not contiguous "
+                                      f"({a[1]} then {b[1]}); first index {P.first_index}, snapshot index "
+                                      f"{P.snapshot_index}")
+        return entries
+
+    # ------------------------------------------------------------------ Journal interface: reads
+    def __getitem__(self, item):
+        """``journal[i]`` -> ``(command, idx, term)``; a slice returns a list of them."""
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        """Number of entries in PySyncObj's view (never 0 once SyncObj has seeded its no-op)."""
+        return len(self._entries)
+
+    def getRaftCommitIndex(self) -> int:
+        """The persisted commit index (at least the snapshot index, at least 1), never beyond
+        ``journal[-1]``; the last value set in this process if that is higher."""
+        c = max(self._meta.commit_index, self._log.snapshot_index, self._pending_commit or 0, 1)
+        if self._entries:
+            c = min(c, self._entries[-1][1])
+        return max(c, 1)
+
+    def getCurrentTerm(self) -> int:
+        """The persisted current term (0 at first)."""
+        return self._meta.current_term
+
+    def getVotedForNodeId(self):
+        """The node voted for in the current term, or None."""
+        return self._meta.voted_for
+
+    # ------------------------------------------------------------------ Journal interface: writes
+    def add(self, command, idx, term) -> None:
+        """Append ``(command, idx, term)``; durable per the store's fsync mode when it returns."""
+        command, idx, term = _entry((command, idx, term))
+        with self._lock:
+            self._check_open()
+            if self._entries and idx != self._entries[-1][1] + 1:
+                raise LogGapError(f"group {self._group!r}: add(idx={idx}) does not follow the journal's last "
+                                  f"index {self._entries[-1][1]}")
+            self._persist(command, idx, term)
+            self._entries.append((command, idx, term))
+
+    def _persist(self, command: bytes, idx: int, term: int) -> None:
+        P = self._log
+        if idx < P.first_index:
+            # below the store's log: only an entry a durable snapshot covers (PySyncObj re-adds the two
+            # entries its dump names); it lives in memory and in that snapshot's header
+            if idx > P.snapshot_index:
+                raise LogGapError(f"group {self._group!r}: add(idx={idx}) is below the first index "
+                                  f"{P.first_index} but above the snapshot index {P.snapshot_index}")
+            if idx == P.snapshot_index and P.term(idx) != term:
+                raise LogConflictError(f"group {self._group!r}: add(idx={idx}, term={term}) conflicts with the "
+                                       f"durable snapshot's term {P.term(idx)}")
+            return
+        if idx <= P.last_index:
+            old = P.get(idx)
+            if old.term == term:
+                if old.data != command:
+                    raise LogConflictError(f"group {self._group!r}: entry {idx} of term {term} is already stored "
+                                           "with a different payload")
+                return  # already durable
+            self._flush_commit()
+            P.truncate_after(idx - 1)  # refuses to cut committed entries
+        if idx != P.last_index + 1:
+            raise LogGapError(f"group {self._group!r}: add(idx={idx}) leaves a gap after the store's last index "
+                              f"{P.last_index}")
+        entry = LogEntry(idx, term, command, _kind(command))
+        pc = self._pending_commit
+        if pc is not None and pc > self._meta.commit_index:
+            with self._store.transaction():
+                P.append([entry])
+                self._meta.set_commit_index(min(pc, P.last_index + 1))
+            self._pending_commit = None
+        else:
+            P.append([entry])
+
+    def clear(self) -> None:
+        """Empty the view (PySyncObj then re-adds the entries its dump names)."""
+        with self._lock:
+            self._check_open()
+            self._flush_commit()
+            self._entries = []
+            self._tail_dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        """Drop ``journal[entryFrom:]`` (conflict resolution); committed entries stay in the store."""
+        if type(entryFrom) is not int or entryFrom < 0:
+            raise ValueError(f"deleteEntriesFrom() takes a list position >= 0, got {entryFrom!r}")
+        with self._lock:
+            self._check_open()
+            if entryFrom >= len(self._entries):
+                return
+            new_end = self._entries[entryFrom - 1][1] if entryFrom else self._entries[0][1] - 1
+            self._flush_commit()
+            self._truncate_store(new_end)
+            del self._entries[entryFrom:]
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Drop ``journal[:entryTo]`` (compaction after a full dump), never beyond what the newest
+        durable snapshot covers; the store compacts the same range."""
+        if type(entryTo) is not int or entryTo < 0:
+            raise ValueError(f"deleteEntriesTo() takes a list position >= 0, got {entryTo!r}")
+        with self._lock:
+            self._check_open()
+            if entryTo == 0 or not self._entries:
+                return
+            if self.compaction == "off":
+                log.debug("group %r: compaction is off; keeping journal[:%d]", self._group, entryTo)
+                return
+            P = self._log
+            want = self._entries[entryTo][1] if entryTo < len(self._entries) else self._entries[-1][1] + 1
+            start = self._entries[0][1]
+            new_start = min(want, max(P.snapshot_index - 1, start))
+            if new_start < want:
+                log.warning("group %r: deleteEntriesTo(%d) asks to drop up to index %d but the newest durable "
+                            "snapshot covers only %d; keeping entries from %d", self._group, entryTo, want - 1,
+                            P.snapshot_index, new_start)
+            if new_start <= start:
+                return
+            del self._entries[:new_start - start]
+            if new_start - 1 >= P.first_index:
+                P.compact(min(new_start - 1, P.last_index))
+
+    def setRaftCommitIndex(self, raftCommitIndex) -> None:
+        """Record PySyncObj's commit index (persisted lazily; never decreases in the store)."""
+        with self._lock:
+            self._check_open()
+            if self._entries:
+                target = min(int(raftCommitIndex), self._entries[-1][1])
+                if target > max(self._meta.commit_index, self._pending_commit or 0):
+                    self._pending_commit = target
+            if self._tail_dirty:
+                self._settle_tail()
+
+    def setCurrentTerm(self, term, votedForNodeId) -> None:
+        """Persist ``term`` and ``votedForNodeId`` atomically before returning (see the class docs for
+        what the store refuses)."""
+        vote = votedForNodeId
+        if vote is not None and type(vote) not in (str, int):
+            vote = str(vote)
+        with self._lock:
+            self._check_open()
+            try:
+                self._meta.set_term_and_vote(int(term), vote)
+            except MetadataError:
+                log.error("group %r: refused setCurrentTerm(%r, %r) (stored: term %d, vote %r): it would break "
+                          "Raft's one-vote-per-term rule", self._group, term, votedForNodeId,
+                          self._meta.current_term, self._meta.voted_for)
+                raise
+
+    def onOneSecondTimer(self) -> None:
+        """Persist a pending commit index and settle a dropped tail (called by SyncObj every second)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._flush_commit()
+            if self._tail_dirty:
+                self._settle_tail()
+
+    def flush(self) -> None:
+        """Make everything PySyncObj has told the journal durable (entries and votes already are)."""
+        self.onOneSecondTimer()
+
+    def _destroy(self) -> None:
+        """Flush and close the store (when this journal opened it). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self._store._closed and self._store.fault is None:
+                    self.onOneSecondTimer()
+            finally:
+                self._closed = True
+                if self._owns:
+                    self._store.close()
+
+    close = _destroy
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self):
+        if self._closed:
+            raise RaftSqliteError(f"journal of group {self._group!r} is closed")
+
+    def _flush_commit(self) -> None:
+        pc = self._pending_commit
+        if pc is None:
+            return
+        pc = min(pc, self._log.last_index)
+        if pc > self._meta.commit_index:
+            self._meta.set_commit_index(pc)
+        self._pending_commit = None
+
+    def _truncate_store(self, new_end: int) -> None:
+        P = self._log
+        cut = max(new_end, self._meta.commit_index, P.first_index - 1)
+        if cut < P.last_index:
+            P.truncate_after(cut)
+
+    def _settle_tail(self) -> None:
+        self._tail_dirty = False
+        if self._entries:
+            self._flush_commit()
+            self._truncate_store(self._entries[-1][1])
+
+    # ------------------------------------------------------------------ snapshots (used by RaftSqliteSerializer)
+    def _latest_snapshot(self):
+        if self.compaction != "store":
+            return None
+        return self._store.snapshots(self._group).latest()
+
+    def _read_header(self, meta):
+        with contextlib.closing(self._store.snapshots(self._group).open(meta)) as f:
+            return self._parse_header(f)[:3]
+
+    def _parse_header(self, f):
+        head = f.read(len(_MAGIC) + 4)
+        if len(head) != len(_MAGIC) + 4 or not head.startswith(_MAGIC):
+            raise SnapshotError(f"group {self._group!r}: snapshot is not a PySyncObj dump written by raft_sqlite")
+        (n,) = struct.unpack("<I", head[len(_MAGIC):])
+        hdr = _stdpickle.loads(f.read(n))
+        return hdr["format"], _entry(hdr["prev"]), _entry(hdr["last"]), len(head) + n
+
+    def _read_snapshot(self, meta) -> tuple[str, bytes]:
+        with contextlib.closing(self._store.snapshots(self._group).open(meta)) as f:
+            fmt = self._parse_header(f)[0]
+            return fmt, f.read()
+
+    def _open_dump(self, meta):
+        f = self._store.snapshots(self._group).open(meta)
+        try:
+            self._parse_header(f)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def _write_snapshot(self, e0, e1, dump: bytes, fmt: str, *, install: bool):
+        """Write a durable store snapshot at ``e1`` holding PySyncObj's dump (with ``e0``, ``e1`` in a
+        header). A local one (``SnapshotManager.write``) needs ``e1`` committed in the store (the
+        pending commit index is flushed first). ``install`` (a dump received from a leader) goes
+        through ``SnapshotManager.install``: the store keeps the log after ``e1`` if it holds ``e1``,
+        else discards it, and refuses to discard committed entries that disagree (Raft safety); the
+        same snapshot received twice is not written again."""
+        e0, e1 = _entry(e0), _entry(e1)
+        k, t = e1[1], e1[2]
+        with self._lock:
+            self._check_open()
+            self._flush_commit()
+            P = self._log
+            mgr = self._store.snapshots(self._group)
+            if install and k == P.snapshot_index and t == P.term(k):
+                return mgr.latest()
+            hdr = _stdpickle.dumps({"format": fmt, "prev": e0, "last": e1}, protocol=4)
+            blob = _MAGIC + struct.pack("<I", len(hdr)) + hdr + dump
+            w = (mgr.install(k, t) if install else mgr.write(k, t)).begin()
+            if w.resumed:  # a partial install left by a crash: its bytes may come from another dump
+                w.abort()
+                w = mgr.install(k, t).begin()
+            try:
+                for off in range(0, len(blob), _CHUNK):
+                    w.write(blob[off:off + _CHUNK])
+                w.finish()
+            except BaseException:
+                w.abort()
+                raise
+            log.info("group %r: %s snapshot at index %d (term %d), %d bytes", self._group,
+                     "installed" if install else "wrote", k, t, len(blob))
+            return w.meta
+
+    def __repr__(self):
+        first = self._entries[0][1] if self._entries else None
+        last = self._entries[-1][1] if self._entries else None
+        return (f"<RaftSqliteJournal {self._store.data_dir!r} group={self._group!r} view={first}..{last} "
+                f"compaction={self.compaction}>")
+
+
+class RaftSqliteSerializer(_STOCK_SERIALIZER):
+    """PySyncObj's ``Serializer`` for a SyncObj whose journal is a :class:`RaftSqliteJournal`
+    (installed by :func:`patch_pysyncobj` as ``pysyncobj.syncobj.Serializer``).
+
+    SyncObj constructs its Serializer right after its journal, in the same thread; this class picks up
+    the journal :func:`create_journal` has just made there. Without one it is the stock Serializer.
+    With one, and compaction ``"store"``:
+
+    - ``serialize(data, id)``: builds the dump PySyncObj would write (gzip of its pickle; or the file
+      a custom ``SyncObjConf.serializer`` hook writes) **in the calling thread** (never a forked
+      child: the store's SQLite connections must not cross a fork) and writes it as a durable store
+      snapshot at the last applied entry ``data[1]``; only then does ``checkSerializing()`` report
+      SUCCESS, after which SyncObj calls ``deleteEntriesTo``. So the log is never compacted before a
+      durable snapshot covers it. A failure reports FAILED and compacts nothing.
+    - ``getTransmissionData(node)`` streams the newest durable snapshot's dump to a lagging follower
+      (same wire format as stock PySyncObj); ``setTransmissionData`` collects it and, on the last part,
+      writes it as a durable store snapshot before returning True (SyncObj then loads it and calls
+      ``clear()`` and ``add()`` for its two entries).
+    - ``deserialize()`` loads from the store's newest durable snapshot (never from a stray file).
+      At construction the dump is written to ``fullDumpFile`` so that SyncObj, which reloads state
+      at startup only when that file exists, finds it.
+
+    With compaction ``"off"`` (no snapshot support in the store) ``serialize`` reports SUCCESS without
+    dumping anything and the journal keeps every entry (``deleteEntriesTo`` is a no-op), so restarts
+    replay the whole log and a leader never needs to send a snapshot; a snapshot received from a
+    leader is refused. Custom ``serializeChecker`` (asynchronous) hooks are not supported.
+    """
+
+    def __init__(self, fileName, transmissionBatchSize, tryUseFork, serializer, deserializer, serializeChecker):
+        ref = getattr(_link, "journal", None)
+        _link.journal = None
+        journal = ref() if ref is not None else None
+        self._rs = journal
+        if journal is None:
+            super().__init__(fileName, transmissionBatchSize, tryUseFork, serializer, deserializer,
+                             serializeChecker)
+            return
+        if serializeChecker is not None:
+            raise ValueError("raft_sqlite's PySyncObj integration does not support SyncObjConf.serializeChecker "
+                             "(asynchronous custom serializers): dumps must be durable when serialize() returns")
+        self._file = fileName
+        self._batch = transmissionBatchSize
+        self._user_ser, self._user_deser = serializer, deserializer
+        self._result = None
+        self._current_id = None
+        self._tx: dict = {}
+        self._incoming: bytearray | None = None
+        self._parsed = None
+        self._refused_install = False
+        if journal.compaction == "store" and self._file:
+            self._materialize()
+
+    def _materialize(self):
+        meta = self._rs._latest_snapshot()
+        if meta is None:
+            if os.path.exists(self._file):
+                log.warning("%s exists but the store %s holds no snapshot: it will not be loaded", self._file,
+                            self._rs.store.data_dir)
+            return
+        _fmt, dump = self._rs._read_snapshot(meta)
+        _write_file_atomic(self._file, dump)
+
+    # -- compaction
+    def checkSerializing(self):
+        """``(SERIALIZER_STATE, id)`` as PySyncObj expects: SUCCESS/FAILED once after ``serialize``."""
+        if self._rs is None:
+            return super().checkSerializing()
+        r, self._result = self._result, None
+        if r is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING, None
+        if r == SERIALIZER_STATE.SUCCESS:
+            self._close_all()
+        return r, self._current_id
+
+    def serialize(self, data, id):
+        """Write PySyncObj's full dump ``data`` as a durable store snapshot (synchronously)."""
+        if self._rs is None:
+            return super().serialize(data, id)
+        if self._result is not None:
+            return
+        self._current_id = id
+        if self._rs.compaction == "off":
+            self._result = SERIALIZER_STATE.SUCCESS
+            return
+        try:
+            if self._user_ser is not None:
+                tmp = self._file + ".tmp"
+                self._user_ser(tmp, data[1:])
+                with open(tmp, "rb") as f:
+                    dump = f.read()
+                os.replace(tmp, self._file)
+                fmt = "custom"
+            else:
+                dump, fmt = _gzip_pickle(data), "gzip-pickle"
+            self._rs._write_snapshot(data[2], data[1], dump, fmt, install=False)
+            self._result = SERIALIZER_STATE.SUCCESS
+        except Exception:
+            log.exception("group %r: full dump failed; the log is not compacted", self._rs.group)
+            self._result = SERIALIZER_STATE.FAILED
+
+    def deserialize(self):
+        """The dump of the store's newest durable snapshot, as PySyncObj's ``__loadDumpFile`` wants it."""
+        if self._rs is None:
+            return super().deserialize()
+        if self._parsed is not None:
+            parsed, self._parsed = self._parsed, None
+            return parsed
+        meta = self._rs._latest_snapshot()
+        if meta is None:
+            raise SnapshotError(f"{self._rs.store.data_dir}: no durable PySyncObj snapshot in the store (compaction "
+                                f"{self._rs.compaction!r}); not loading {self._file}")
+        fmt, dump = self._rs._read_snapshot(meta)
+        return self._decode(fmt, dump)
+
+    def _decode(self, fmt: str, dump: bytes):
+        if fmt == "custom":
+            if self._user_deser is None:
+                raise SnapshotError("snapshot was written by a custom SyncObjConf.serializer; configure its deserializer")
+            _write_file_atomic(self._file, dump)
+            return (None,) + tuple(self._user_deser(self._file))
+        return _gunzip_unpickle(dump)
+
+    # -- snapshot transfer to/from other nodes
+    def getTransmissionData(self, transmissionID):
+        """Next ``(data, isFirst, isLast)`` part of the newest durable snapshot for a follower."""
+        if self._rs is None:
+            return super().getTransmissionData(transmissionID)
+        if self._rs.compaction == "off":
+            return None
+        tx = self._tx.get(transmissionID)
+        if tx is None:
+            try:
+                meta = self._rs._latest_snapshot()
+                if meta is None:
+                    return None
+                tx = self._tx[transmissionID] = {"stream": self._rs._open_dump(meta), "sent": 0}
+            except Exception:
+                log.exception("group %r: cannot open the snapshot to send", self._rs.group)
+                return None
+        first = tx["sent"] == 0
+        try:
+            data = tx["stream"].read(self._batch)
+        except Exception:
+            log.exception("group %r: error reading the snapshot being sent", self._rs.group)
+            self.cancelTransmisstion(transmissionID)
+            return False
+        tx["sent"] += len(data)
+        last = len(data) == 0
+        if last:
+            self.cancelTransmisstion(transmissionID)
+        return data, first, last
+
+    def setTransmissionData(self, data):
+        """Collect a snapshot streamed by the leader; on its last part write it as a durable store
+        snapshot and return True (False until then, or when it cannot be stored)."""
+        if self._rs is None:
+            return super().setTransmissionData(data)
+        if data is None:
+            return False
+        data, first, last = data
+        if first:
+            self._incoming = bytearray()
+        elif self._incoming is None:
+            return False
+        self._incoming += _pso_pickle.to_bytes(data)
+        if not last:
+            return False
+        dump, self._incoming = bytes(self._incoming), None
+        if self._rs.compaction == "off":
+            if not self._refused_install:
+                log.error("group %r: a leader sent a snapshot but compaction is off (no snapshot support in the "
+                          "store); refusing it: run every node with the same raft_sqlite version", self._rs.group)
+                self._refused_install = True
+            return False
+        try:
+            fmt = "custom" if self._user_deser is not None else "gzip-pickle"
+            parsed = self._decode(fmt, dump)
+            self._rs._write_snapshot(parsed[2], parsed[1], dump, fmt, install=True)
+        except Exception:
+            log.exception("group %r: could not install the snapshot received from the leader", self._rs.group)
+            return False
+        self._parsed = parsed
+        return True
+
+    def cancelTransmisstion(self, id):  # (sic) PySyncObj's spelling
+        """Forget the transfer to ``id``."""
+        if self._rs is None:
+            return super().cancelTransmisstion(id)
+        tx = self._tx.pop(id, None)
+        if tx is not None:
+            with contextlib.suppress(Exception):
+                tx["stream"].close()
+
+    def _close_all(self):
+        for k in list(self._tx):
+            self.cancelTransmisstion(k)
+
+
+def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id: str | None = None,
+                   fsync: FsyncMode | str | None = None, group: str | None = None,
+                   compaction: str | None = None):
+    """PySyncObj's ``createJournal`` contract on raft_sqlite.
+
+    ``journal_file=None`` returns PySyncObj's in-memory ``MemoryJournal`` (as stock). Otherwise
+    ``journal_file`` names the node's data_dir (a directory, created if missing; an existing *file*,
+    e.g. a stock FileJournal, is refused) and a :class:`RaftSqliteJournal` on a
+    :class:`~raft_sqlite.NodeStore` opened there is returned; its ``_destroy()`` closes the store.
+
+    Identity and settings (argument, else environment variable, else default):
+    ``node_id`` (``RAFT_SQLITE_NODE_ID``, else the data_dir's base name), ``cluster_id``
+    (``RAFT_SQLITE_CLUSTER_ID``, else ``"pysyncobj"``), ``fsync`` (``RAFT_SQLITE_FSYNC``: OFF, NORMAL,
+    FULL, EXTRA; else FULL), ``group`` (``RAFT_SQLITE_GROUP``, else ``"pysyncobj"``), ``compaction``
+    (``RAFT_SQLITE_PYSYNCOBJ_COMPACTION``: ``store``/``off``, else ``store`` when snapshots are
+    available). The store refuses to open a data_dir of another node or cluster
+    (:class:`~raft_sqlite.NodeIdentityMismatch`): after restoring a backup into a directory with
+    another name, set ``RAFT_SQLITE_NODE_ID``.
+    """
+    if journal_file is None:
+        _link.journal = None
+        return _pso_journal.MemoryJournal()
+    data_dir = os.fspath(journal_file)
+    if os.path.isfile(data_dir):
+        raise RaftSqliteError(f"{data_dir} is a file (a PySyncObj FileJournal?); with raft_sqlite, journalFile names "
+                              "the node's data directory")
+    node_id = node_id or os.environ.get("RAFT_SQLITE_NODE_ID") or os.path.basename(os.path.abspath(data_dir))
+    cluster_id = cluster_id or os.environ.get("RAFT_SQLITE_CLUSTER_ID") or DEFAULT_CLUSTER_ID
+    mode = FsyncMode(str(fsync or os.environ.get("RAFT_SQLITE_FSYNC") or "FULL").upper())
+    group = group or os.environ.get("RAFT_SQLITE_GROUP") or DEFAULT_GROUP
+    store = NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=mode)
+    try:
+        journal = RaftSqliteJournal(store, group, owns_store=True, compaction=compaction)
+    except BaseException:
+        store.close()
+        raise
+    _link.journal = weakref.ref(journal)
+    return journal
+
+
+def _validate(self):
+    if self.journalFile is not None and self.fullDumpFile is None:
+        self.fullDumpFile = os.path.join(os.fspath(self.journalFile), DUMP_FILE_NAME)
+    return _STOCK_VALIDATE(self)
+
+
+class _Patch:
+    """Handle returned by :func:`patch_pysyncobj`; a context manager whose exit calls :meth:`restore`."""
+
+    def __init__(self):
+        self._saved = []
+        for obj, name, new in (
+                (_pso_syncobj, "createJournal", create_journal),
+                (pysyncobj, "createJournal", create_journal),
+                (_pso_journal, "createJournal", create_journal),
+                (_pso_syncobj, "Serializer", RaftSqliteSerializer),
+                (_pso_config.SyncObjConf, "validate", _validate)):
+            self._saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
+            setattr(obj, name, new)
+
+    def restore(self) -> None:
+        """Put back what was installed before this patch. Idempotent."""
+        saved, self._saved = self._saved, []
+        for obj, name, old in reversed(saved):
+            setattr(obj, name, old)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+def patch_pysyncobj() -> _Patch:
+    """Make PySyncObj use raft_sqlite for every SyncObj created afterwards with a ``journalFile``.
+
+    Installs :func:`create_journal` as ``pysyncobj.syncobj.createJournal`` (the name SyncObj calls),
+    ``pysyncobj.createJournal`` and ``pysyncobj.journal.createJournal``; :class:`RaftSqliteSerializer`
+    as ``pysyncobj.syncobj.Serializer``; and a ``SyncObjConf.validate`` that defaults ``fullDumpFile``
+    to ``<journalFile>/pysyncobj-full.dump`` when only ``journalFile`` is set. Use it as a plain call
+    (the patch stays) or as a context manager (``with patch_pysyncobj(): ...``) that restores what
+    was there before on exit; the returned handle's ``restore()`` does the same. SyncObjs already
+    built keep their journal.
+    """
+    return _Patch()
