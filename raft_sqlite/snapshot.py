@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -59,6 +60,8 @@ DEFAULT_MAX_CHAIN_LENGTH = 8
 #: Default number of chains kept by retention.
 DEFAULT_KEEP_CHAINS = 2
 _SEQ_SPAN = 1 << 32
+#: Page cache of the chunk connections (KiB).
+CHUNKS_CACHE_KIB = 2048
 
 
 class SnapshotKind(str, enum.Enum):
@@ -147,6 +150,10 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._pins: Counter = Counter()
         self._active: set[int] = set()
+        # chunk pages are written once and read once: a big page cache only costs memory (the
+        # writer holds up to two batches itself)
+        with contextlib.suppress(apsw.Error), store.chunks_lock:
+            store.chunks_conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")
 
     @classmethod
     def of(cls, store) -> SnapshotStore:
@@ -243,7 +250,7 @@ class SnapshotStore:
         if conn is None:
             st._check_open()
             conn = st._connect(st.chunks_path, query_only=True)
-            conn.execute("PRAGMA cache_size=-2048")  # chunks are read once: keep the page cache small
+            conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")  # chunks are read once
             st._all_readers.append(conn)  # closed with the store
         try:
             return fn(conn)
@@ -334,7 +341,7 @@ class SnapshotReader(io.RawIOBase):
     """
 
     def __init__(self, sstore: SnapshotStore, meta: SnapshotMeta, *, size: int | None = None,
-                 checksum: str | None = None, shape=None):
+                 checksum: str | None = None, shape=None, verify_digest: bool = True):
         super().__init__()
         self._s = sstore
         self.meta = meta
@@ -359,6 +366,7 @@ class SnapshotReader(io.RawIOBase):
             raise
         self._offs, self._size = offs, size
         self._checksum = meta.checksum if checksum is None else checksum
+        self._digest_on = verify_digest
         self._pos = 0
         self._cur_seq, self._cur = -1, b""
         self._hash = hashlib.sha256()
@@ -394,7 +402,10 @@ class SnapshotReader(io.RawIOBase):
     def _load(self, seq: int) -> bytes:
         if seq == self._cur_seq:
             return self._cur
-        got = self._s.read_chunk(self.meta.id, seq)
+        return self._accept(seq, self._s.read_chunk(self.meta.id, seq))
+
+    def _accept(self, seq: int, got) -> bytes:
+        """Verify chunk ``seq`` as read (``(data, crc32)`` or None) and make it current."""
         if got is None:
             raise CorruptionError(f"{self._where}: chunk {seq} is missing")
         data, crc = got
@@ -403,14 +414,15 @@ class SnapshotReader(io.RawIOBase):
         if seq + 1 < len(self._offs) and self._offs[seq + 1] - self._offs[seq] != len(data):
             raise CorruptionError(f"{self._where}: chunk {seq} changed size while being read")
         if self._sequential and seq == self._hashed:
-            self._hash.update(data)
+            if self._digest_on:
+                self._hash.update(data)
             self._hashed += 1
         self._cur_seq, self._cur = seq, data
         return data
 
     def _check_digest(self):
         if self._sequential and not self._verified and self._hashed == len(self._offs):
-            if self._checksum is not None and self._hash.hexdigest() != self._checksum:
+            if self._digest_on and self._checksum is not None and self._hash.hexdigest() != self._checksum:
                 raise CorruptionError(f"{self._where}: sha256 of the snapshot does not match its manifest")
             self._verified = True
 
@@ -459,8 +471,57 @@ class SnapshotReader(io.RawIOBase):
     def readall(self) -> bytes:
         return self.read(max(0, self._size - self._pos))
 
-    def chunks(self) -> Iterator[bytes]:
-        """Yield the remaining bytes chunk by chunk (as stored), verifying as :meth:`read` does."""
+    def chunks(self, prefetch: int = 2) -> Iterator[bytes]:
+        """Yield the remaining bytes chunk by chunk (as stored), verifying as :meth:`read` does.
+
+        A helper thread reads up to ``prefetch`` chunks ahead from chunks.db while the caller's
+        thread verifies (CRC32, sha256) and consumes, so I/O and hashing overlap; memory stays at
+        ``prefetch + 1`` chunks. ``prefetch=0`` reads inline."""
+        if self._pos >= self._size:
+            self._check_digest()
+            return
+        first = bisect.bisect_right(self._offs, self._pos) - 1
+        if prefetch <= 0 or len(self._offs) - first < 3:
+            yield from self._chunks_inline()
+            return
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        sid, sstore = self.meta.id, self._s
+
+        def fetch():
+            try:
+                for seq in range(first, len(self._offs)):
+                    item = (seq, sstore.read_chunk(sid, seq))
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer
+                q.put((-1, exc))
+
+        t = threading.Thread(target=fetch, name=f"raft_sqlite-snapshot-read-{sid}", daemon=True)
+        t.start()
+        try:
+            for _ in range(first, len(self._offs)):
+                seq, got = q.get()
+                if seq < 0:
+                    raise got
+                data = self._accept(seq, got)
+                start = self._pos - self._offs[seq]
+                self._pos += len(data) - start
+                if self._pos >= self._size:
+                    self._check_digest()
+                yield data if start == 0 else data[start:]
+        finally:
+            stop.set()
+            t.join()
+        self._check_digest()
+
+    def _chunks_inline(self) -> Iterator[bytes]:
         while self._pos < self._size:
             seq = bisect.bisect_right(self._offs, self._pos) - 1
             data = self._load(seq)
@@ -618,6 +679,10 @@ class SnapshotWriter:
         cs = self._m.chunk_size
         pos, n = 0, len(mv)
         buf = self._buf
+        if n == cs and not buf and type(data) is bytes:  # immutable and chunk-sized: no copy
+            self._emit(data)
+            self._size += n
+            return self._size
         while pos < n:
             if not buf and n - pos >= cs:
                 self._emit(bytes(mv[pos:pos + cs]))
@@ -1122,10 +1187,12 @@ class SnapshotManager:
                 self._sstore.delete_chunks([sid])
 
     # ------------------------------------------------------------ reading
-    def open(self, meta: SnapshotMeta) -> SnapshotReader:
+    def open(self, meta: SnapshotMeta, *, verify_digest: bool = True) -> SnapshotReader:
         """A readable, seekable binary stream of the DURABLE snapshot ``meta`` (see
         :class:`SnapshotReader`: CRC32 per chunk, sha256 at end of a sequential read, bounded memory).
-        Raises :class:`SnapshotError` if it is not a durable snapshot of this group (e.g. deleted by
+        ``verify_digest=False`` skips the sha256 (CRC32 per chunk is always checked): for a reader
+        that verifies end to end itself, e.g. a follower installing the stream. Raises
+        :class:`SnapshotError` if it is not a durable snapshot of this group (e.g. deleted by
         retention) and :class:`CorruptionError` for damaged chunks."""
         if not isinstance(meta, SnapshotMeta):
             raise TypeError(f"open() takes a SnapshotMeta, not {type(meta).__name__}")
@@ -1134,7 +1201,7 @@ class SnapshotManager:
             raise SnapshotError(f"group {self.group!r}: snapshot {meta.id} is not a durable snapshot")
         if (cur.index, cur.term, cur.checksum) != (meta.index, meta.term, meta.checksum):
             raise SnapshotError(f"group {self.group!r}: snapshot {meta.id} does not match the given manifest")
-        return SnapshotReader(self._sstore, cur)
+        return SnapshotReader(self._sstore, cur, verify_digest=verify_digest)
 
     def verify(self, meta: SnapshotMeta | None = None) -> int:
         """Read ``meta`` (default: every durable snapshot of the group) completely, checking every
