@@ -35,6 +35,12 @@ _TRAILER = struct.Struct("<I8s")
 FORMAT = 1
 
 
+class StructureMismatchError(SnapshotError):
+    """A snapshot's structures differ from the registered ones (a registered structure is missing
+    from it, or it holds one that is not registered). A configuration error, never corruption:
+    :meth:`StateMachineSnapshotManager.restore` raises it at once instead of trying older chains."""
+
+
 def read_table(stream, size: int, where: str) -> dict:
     """Parse the structure table from the trailer of a state-machine snapshot stream of ``size``
     bytes (seekable). Raises :class:`SnapshotError` if the stream is not one."""
@@ -172,7 +178,7 @@ class StateMachineSnapshotManager:
         missing = sorted(reg - set(have))
         unknown = sorted(set(have) - reg)
         if missing or unknown or len(have) != len(set(have)):
-            raise SnapshotError(
+            raise StructureMismatchError(
                 f"group {self.group!r}: snapshot {meta.id} (index {meta.index}) does not match the registered "
                 f"structures: missing {missing}, unknown {unknown}" + (", duplicated names" if len(have) != len(set(have))
                                                                        else ""))
@@ -206,7 +212,7 @@ class StateMachineSnapshotManager:
         Every snapshot of the chain is verified first (links, CRC32 per chunk, sha256, structure
         table) before any structure is touched; a chain that fails with corruption is skipped for
         the next older one (logged at WARNING). A structure set that differs from the registered one
-        raises :class:`SnapshotError` at once. Then the base is restored and the deltas applied in
+        raises :class:`StructureMismatchError` (a :class:`SnapshotError`) at once. Then the base is restored and the deltas applied in
         order, each structure blob checked against its sha256. If a structure's ``restore``/
         ``apply_delta`` raises, the structures are left partly restored and the error propagates."""
         mgr = self.snapshots
@@ -219,9 +225,9 @@ class StateMachineSnapshotManager:
                 try:
                     chain = SnapshotChain.load(mgr, ch[-1])
                     tables = [(m, self._verified_table(m, i == 0)) for i, m in enumerate(chain)]
+                except StructureMismatchError:
+                    raise
                 except (CorruptionError, SnapshotError) as exc:
-                    if isinstance(exc, SnapshotError) and "does not match the registered" in str(exc):
-                        raise
                     log.warning("group %r: snapshot chain ending at %d is unusable: %s", self.group, ch[-1].id, exc)
                     first_err = first_err or exc
                     continue
@@ -294,4 +300,4 @@ class StateMachineSnapshotManager:
         return f"<StateMachineSnapshotManager {self.group!r} structures={self.names()}>"
 
 
-__all__ = ["FORMAT", "MAGIC", "StateMachineSnapshotManager", "read_table"]
+__all__ = ["FORMAT", "MAGIC", "StateMachineSnapshotManager", "StructureMismatchError", "read_table"]

@@ -11,7 +11,7 @@ from conftest import open_store
 
 from raft_sqlite import CorruptionError, LogEntry, SnapshotError
 from raft_sqlite.snapshot import SnapshotKind
-from raft_sqlite.statemachine import StateMachineSnapshotManager
+from raft_sqlite.statemachine import StateMachineSnapshotManager, StructureMismatchError
 
 G = "g"
 
@@ -221,7 +221,7 @@ def test_restore_refuses_structure_mismatch(data_dir, which):
         else:
             del st["kv2"]  # in the snapshot but not registered
         register(sm, st)
-        with pytest.raises(SnapshotError, match=f"{which} \\['(extra|kv2)'\\]"):
+        with pytest.raises(StructureMismatchError, match=f"{which} \\['(extra|kv2)'\\]"):
             sm.restore()
         assert st["kv"].d == {} and st["count"].n == 0  # nothing was touched
 
