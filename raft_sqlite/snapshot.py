@@ -245,6 +245,8 @@ class SnapshotStore:
 
     def _read_chunks(self, fn):
         st = self.store
+        if st._closed:
+            raise RaftSqliteError("the store is closed")
         with self._lock:
             conn = self._readers.pop() if self._readers else None
         if conn is None:
@@ -614,7 +616,12 @@ class SnapshotWriter:
                     if p.source == "install" and p.id not in m._sstore.busy()]
             for p in pend:
                 if p.index == self.index and p.term == self.term and self.id is None:
-                    self._resume(p)
+                    m._sstore._active.add(p.id)
+                    try:
+                        self._resume(p)
+                    except BaseException:
+                        m._sstore._active.discard(p.id)
+                        raise
                 else:
                     m._discard(p.id)
         else:
@@ -626,11 +633,22 @@ class SnapshotWriter:
             if p.index > self.index:
                 raise SnapshotError(f"group {m.group!r}: a DELTA at {self.index} cannot follow its parent at "
                                     f"{p.index}")
-        if self.id is None:
-            self.id = m._insert_writing(self)
+            m._sstore.pin(p.id)  # retention keeps the parent's chain while this delta is written
+            self._parent_pinned = True
+        try:
+            if self.id is None:
+                self.id = m._insert_writing(self)
+        except BaseException:
+            self._unpin_parent()
+            raise
         m._sstore._active.add(self.id)
         self._state = "open"
         return self
+
+    def _unpin_parent(self) -> None:
+        if getattr(self, "_parent_pinned", False):
+            self._parent_pinned = False
+            self._m._sstore.unpin(self.parent.id)
 
     def _resume(self, p: SnapshotMeta) -> None:
         """Continue a partial install: re-hash its durable chunks (verifying CRCs); a bad or missing
@@ -783,6 +801,7 @@ class SnapshotWriter:
             raise
         self._state = "done"
         m._sstore._active.discard(self.id)
+        self._unpin_parent()
         m._after_finalize(self.meta)
         return self.meta
 
@@ -800,6 +819,7 @@ class SnapshotWriter:
                     self._m._discard(self.id, busy_ok=True)
             finally:
                 self._m._sstore._active.discard(self.id)
+        self._unpin_parent()
 
     def suspend(self) -> int:
         """Install only: make the bytes received so far durable and release the writer without
@@ -1129,6 +1149,10 @@ class SnapshotManager:
                          (size, count, checksum, structures, now, crc, sid, g.gid))
             if conn.changes() != 1:
                 raise SnapshotError(f"group {name!r}: snapshot {sid} vanished while being written")
+            if parent_id is not None and conn.execute(
+                    "SELECT count(*) FROM snapshots WHERE snapshot_id=? AND group_id=? AND status='DURABLE' AND idx<=?",
+                    (parent_id, g.gid, index)).fetchone()[0] != 1:
+                raise SnapshotError(f"group {name!r}: the parent {parent_id} of delta snapshot {sid} is gone")
             if index > g.snapshot_index or (index == g.snapshot_index and term != g.snapshot_term):
                 g.snapshot_index, g.snapshot_term = index, term
                 conn.execute("UPDATE groups SET snapshot_index=?, snapshot_term=? WHERE group_id=?",

@@ -784,3 +784,22 @@ def test_chunk_sized_bytes_zero_copy_and_pacing(data_dir):
         assert time.monotonic() - t0 >= 0.25  # 8000 bytes at 20 kB/s, first batch free
         with m.open(w.meta) as r:
             assert r.read() == b"".join(pieces)
+
+
+def test_delta_parent_pinned_while_written(data_dir):
+    with open_store(data_dir) as s:
+        fill(s, 10)
+        m = small(s.snapshots(G))
+        m.keep_chains = 1
+        with m.write(5, 1) as a:
+            a.write(b"A")
+        d = m.write(9, 1, kind=SnapshotKind.DELTA, parent=a.meta).begin()
+        d.write(b"delta on A")
+        with m.write(8, 1) as b:  # retention (keep 1 chain) must not drop A: a delta on it is being written
+            b.write(b"B")
+        assert [x.id for x in m.list()] == [a.meta.id, b.meta.id]
+        d.finish()
+        assert m.chain().metas() == [a.meta, d.meta]
+        assert [x.id for x in m.list()] == [a.meta.id, d.meta.id]  # now B's chain is the older one
+    with open_store(data_dir) as s:
+        assert s.snapshots(G).chain().metas() == [a.meta, d.meta] and s.log(G).snapshot_index == 9
