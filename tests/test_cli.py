@@ -380,3 +380,30 @@ def test_interactive_prompt(tmp_path, monkeypatch, capsys):
     assert "read-only" in o.err and "unknown command '.bogus'" in o.err
     with open_store(d) as s:
         assert s.log("a").last_index == 12
+
+
+def test_schema_tables_and_views_from_a_notebook_with_sqlalchemy(tmp_path):
+    """The documented notebook path: SQLAlchemy (stdlib sqlite3) on a read-only URI, the public table
+    objects of raft_sqlite.schema, and a view reflected like a table. Run in a subprocess: the test
+    process uses apsw on the same files."""
+    d = make_store(tmp_path / "n", n=30, groups=("a", "b"))
+    code = """
+import sys
+from sqlalchemy import MetaData, Table, create_engine, func, select
+from raft_sqlite import schema
+eng = create_engine(f"sqlite:///file:{sys.argv[1]}/raft.db?mode=ro&uri=true")
+with eng.connect() as c:
+    e = schema.log_entries
+    print(c.execute(select(e.c.group_id, func.count(), func.sum(func.length(e.c.payload)))
+                    .group_by(e.c.group_id)).all())
+    gs = Table("group_status", MetaData(), autoload_with=c)
+    print(c.execute(select(gs.c.name, gs.c.commit_index, gs.c.entries)).all())
+"""
+    before = files_digest(d)
+    r = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, env=ENV, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    nbytes = {g: sum(len(payload(g, i)) for i in range(1, 31)) for g in ("a", "b")}
+    assert r.stdout.splitlines() == [f"[(1, 30, {nbytes['a']}), (2, 30, {nbytes['b']})]",
+                                     "[('a', 30, 30), ('b', 30, 30)]"]
+    assert files_digest(d) == before
