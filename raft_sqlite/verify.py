@@ -190,27 +190,27 @@ class _Verifier:
         if self.main is None:
             return
         c = self.main
-        try:
-            self.total += c.execute("SELECT count(*) FROM log_entries").fetchone()[0]
-        except apsw.Error as exc:
-            self.problem("schema", schema.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
-            return
-        self.tick("integrity raft.db", force=True)
         self.chunks = self._integrity(chunks_path, schema.CHUNKS_DB)
         started = time.time()
         if self.chunks is not None:
+            # chunks.db first, then raft.db: a snapshot finalized in between is re-checked (see _snapshots)
+            self.chunks.execute("BEGIN")
             try:
                 self.total += self.chunks.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0]
             except apsw.Error as exc:
                 self.problem("schema", schema.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
+                self.chunks.execute("COMMIT")
                 self.chunks.close()
                 self.chunks = None
-        if self.chunks is not None:
-            # chunks first, then raft.db: a snapshot finalized in between is skipped (see _snapshots)
-            self.chunks.execute("BEGIN")
-            self.chunks.execute("SELECT count(*) FROM sqlite_master").fetchall()
-        self.tick("integrity chunks.db", force=True)
         c.execute("BEGIN")  # one consistent read of raft.db
+        try:
+            self.total += c.execute("SELECT count(*) FROM log_entries").fetchone()[0]
+        except apsw.Error as exc:
+            c.execute("COMMIT")
+            self.problem("schema", schema.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
+            return
+        self.tick("integrity raft.db", force=True)
+        self.tick("integrity chunks.db", force=True)
         try:
             self._node(main_path)
             self._groups(main_path)

@@ -407,3 +407,20 @@ with eng.connect() as c:
     assert r.stdout.splitlines() == [f"[(1, 30, {nbytes['a']}), (2, 30, {nbytes['b']})]",
                                      "[('a', 30, 30), ('b', 30, 30)]"]
     assert files_digest(d) == before
+
+
+def test_verify_api_reports_progress_and_writes_nothing(tmp_path):
+    from raft_sqlite.verify import NotAStoreError, verify
+
+    d = make_store(tmp_path / "n", n=3000, groups=("a", "b"), snapshot_at=100)
+    before = files_digest(d)
+    calls = []
+    rep = verify(d, progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert rep.ok and rep.entries_checked == 6000 and rep.chunks_checked == 1
+    total = 6000 + 1 + 2  # records + chunks + two integrity checks
+    assert calls[0] == ("integrity raft.db", 1, total) and calls[-1] == ("done", total, total)
+    assert any(stage == "log" for stage, _, _ in calls)
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
+    assert files_digest(d) == before
+    with pytest.raises(NotAStoreError):
+        verify(tmp_path / "missing")
