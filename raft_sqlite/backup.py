@@ -203,16 +203,20 @@ class HotBackupManager:
     ``backup()`` writes ``backup_dir/<node_id>/<UTC timestamp>/`` while the store keeps serving (see
     the module docstring for why the copy is one instant); ``prune()`` applies retention; ``list()``
     lists this node's backups. ``pages_per_step`` pages are copied per backup step and the copier sleeps
-    ``step_pause`` seconds between steps, leaving the disk and the CPU to the store's committer.
+    ``step_pause`` seconds between steps, leaving the disk and the CPU to the store's committer. The
+    copy, checksum and fsync run on worker threads whose scheduling priority is lowered by ``nice``
+    (Linux: per-thread ``setpriority``; 0 disables), so the node's own threads win the CPU.
 
     At most one backup of a node runs at a time, across threads and processes (an ``flock`` on
     ``backup_dir/<node_id>/.backup.lock``); a second concurrent ``backup()`` raises :class:`BackupError`
     at once instead of waiting.
     """
 
-    def __init__(self, store, backup_dir, *, pages_per_step: int = 1024, step_pause: float = 0.0005):
+    def __init__(self, store, backup_dir, *, pages_per_step: int = 1024, step_pause: float = 0.0005,
+                 nice: int = 10):
         if pages_per_step < 1:
             raise ValueError("pages_per_step must be >= 1")
+        self.nice = int(nice)
         self.store = store
         self.backup_dir = os.path.abspath(os.fspath(backup_dir))
         self.node_dir = os.path.join(self.backup_dir, _safe_component(store.node_id))
@@ -253,7 +257,7 @@ class HotBackupManager:
         store's ``backups`` table (a failure there is logged, the backup stays valid).
 
         ``progress(phase, done_bytes, total_bytes)`` is called as the copy advances (phase is the file
-        name; ``"sha256:<file>"`` while checksumming, called from a helper thread). Setting ``cancel``
+        name; ``"sha256:<file>"`` while checksumming; called from worker threads). Setting ``cancel``
         aborts between steps (:class:`BackupCancelled`); a concurrent backup or prune of the same node
         raises :class:`BackupBusy` at once.
         On any failure (including cancel) the partial folder is removed and :class:`BackupError` (or
@@ -266,7 +270,7 @@ class HotBackupManager:
             folder = self._new_folder()
             try:
                 phases = {"copy": 0.0, "sha256": 0.0, "fsync": 0.0, "wait": 0.0}
-                manifest, size = self._copy(folder, progress, cancel, phases)
+                manifest, size = self._on_worker(lambda stop: self._copy(folder, progress, (cancel, stop), phases))
             except BaseException as exc:
                 shutil.rmtree(folder, ignore_errors=True)
                 if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
@@ -282,6 +286,31 @@ class HotBackupManager:
         self._record(info)
         log.info("%s: backup %s done: %d bytes in %.2f s", self.store.data_dir, folder, size, duration)
         return info
+
+    def _on_worker(self, fn):
+        """Run ``fn(stop_event)`` on a low-priority worker thread and return its result (re-raising its
+        error). An interrupt of the caller (KeyboardInterrupt) cancels the worker and waits for it."""
+        stop = threading.Event()
+        box: dict = {}
+
+        def target():
+            _lower_priority(self.nice)
+            try:
+                box["result"] = fn(stop)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+
+        th = threading.Thread(target=target, name=f"raft_sqlite-backup-{self.store.node_id}", daemon=True)
+        th.start()
+        try:
+            th.join()
+        except BaseException:
+            stop.set()
+            th.join()
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def _new_folder(self) -> str:
         now = time.time()
@@ -335,7 +364,7 @@ class HotBackupManager:
                     if os.path.exists(extra):
                         raise BackupError(f"backup copy left {extra} behind")
                 # checksum + fsync of this file run on helper threads while the next file is copied
-                checks.append(_FileCheck(dest_path, name, progress))
+                checks.append(_FileCheck(dest_path, name, progress, self.nice))
             files = []
             t = time.perf_counter()
             for c in checks:
@@ -395,7 +424,7 @@ class HotBackupManager:
                         _start_writeback(wfd)
                         if progress is not None:
                             progress(name, (b.pagecount - b.remaining) * page_size, b.pagecount * page_size)
-                        if cancel is not None and cancel.is_set():
+                        if any(c is not None and c.is_set() for c in cancel):
                             raise BackupCancelled("backup cancelled")
                         if self.step_pause and not b.done:
                             time.sleep(self.step_pause)
@@ -486,6 +515,17 @@ def _load_sync_file_range():
 _SYNC_FILE_RANGE = _load_sync_file_range()
 
 
+def _lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux: setpriority on the thread id)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
+
+
 def _start_writeback(fd: int) -> None:
     """Start (not wait for) writeback of the copy's dirty pages (Linux ``sync_file_range(WRITE)``), so
     that the copy reaches the disk as a steady trickle instead of one burst at the final fsync, which
@@ -498,8 +538,8 @@ class _FileCheck:
     """sha256 and fsync of one finished copy, each on its own thread (hashlib and fsync release the
     GIL), so that they overlap each other and the copy of the next file."""
 
-    def __init__(self, path: str, name: str, progress):
-        self.path, self.name = path, name
+    def __init__(self, path: str, name: str, progress, nice: int):
+        self.path, self.name, self._nice = path, name, nice
         self.hash_seconds = self.sync_seconds = 0.0
         self._out: dict = {}
         self._threads = [threading.Thread(target=self._guard, args=(k, fn), daemon=True)
@@ -509,6 +549,7 @@ class _FileCheck:
             th.start()
 
     def _guard(self, key, fn):
+        _lower_priority(self._nice)
         try:
             self._out[key] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised by result()
