@@ -397,6 +397,18 @@ def _run_cluster(tmp_path, count, seed, *, backup_replace):
             assert not sorted(k for k in acked if data.get(k) != "v" + k[1:])
             assert sum(1 for n in range(count, count + 100) if f"k{n}" in data) >= 90
             report["replaced"] = victim.addr
+
+        # the whole cluster dies at once (SIGKILL) and comes back from its data_dirs alone
+        for nd in nodes:
+            nd.kill()
+        for nd in nodes:
+            nd.start()
+        states = pc.wait_converged(nodes, timeout=60)
+        assert states is not None, "cluster did not recover after a full SIGKILL"
+        acked = set().union(*(nd.acks for nd in nodes))
+        data = states[0]["data"]
+        assert not sorted(k for k in acked if data.get(k) != "v" + k[1:]), "acked writes lost after full restart"
+        report["final_keys"] = len(data)
     finally:
         for nd in nodes:
             nd.stop()
