@@ -79,12 +79,13 @@ def drop_cache(*paths):
 
 
 def chunks_of(size: int, chunk: int, bufs):
+    """The data to write, as a state machine would produce it: a fresh bytes object per chunk (a copy
+    of one of a few random buffers), so that memory held by the writer shows in the RSS figures."""
     n = 0
     i = 0
     while n < size:
         b = bufs[i % len(bufs)]
-        if n + len(b) > size:
-            b = b[:size - n]
+        b = memoryview(b)[:size - n].tobytes() if n + len(b) > size else memoryview(b).tobytes()
         yield b
         n += len(b)
         i += 1
