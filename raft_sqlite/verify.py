@@ -244,11 +244,14 @@ class _Verifier:
     def _groups(self, path):
         c = self.main
         rows = c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
-                         "m.commit_index, m.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) "
-                         "ORDER BY g.group_id").fetchall()
-        for gid, name, first, snap_idx, term, vote, commit, mcrc in rows:
+                         "m.commit_index, m.crc32, g.recovered_partially FROM groups g LEFT JOIN raft_meta m "
+                         "USING (group_id) ORDER BY g.group_id").fetchall()
+        for gid, name, first, snap_idx, term, vote, commit, mcrc, partial in rows:
             self.rep.groups += 1
             where = f"{path}: group {name!r}"
+            if partial:
+                self.rep.warnings.append(f"{where}: recovered under PARTIAL: it may have lost committed entries or "
+                                         "its vote; it must rejoin as a catch-up follower")
             if term is None:
                 self.problem("metadata", schema.MAIN_DB, f"{where}: metadata row is missing", name)
                 commit = 0

@@ -424,3 +424,23 @@ def test_verify_api_reports_progress_and_writes_nothing(tmp_path):
     assert files_digest(d) == before
     with pytest.raises(NotAStoreError):
         verify(tmp_path / "missing")
+
+
+def test_partial_recovery_is_shown_by_status_and_verify(tmp_path):
+    from raft_sqlite import RecoveryPolicy
+
+    d = make_store(tmp_path / "n", n=20, groups=("a",))
+    c = apsw.Connection(str(d / "raft.db"))
+    c.execute("UPDATE log_entries SET payload = x'00' WHERE idx = 15")  # at or below the commit index (20)
+    c.close()
+    r = cli("verify", d, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["problems"][0]["index"] == 15
+    with open_store(d, recovery=RecoveryPolicy.PARTIAL) as s:
+        assert s.log("a").last_index == 14
+    st = json.loads(cli("status", d, "--json").stdout)
+    assert st["groups"][0]["recovered_partially"] is True and st["last_recovery"]["outcome"] == "partial"
+    assert st["last_recovery"]["dropped"][0]["from_index"] == 15
+    assert "recovered_partially" in cli("status", d).stdout
+    r = cli("verify", d, "--json")
+    rep = json.loads(r.stdout)
+    assert r.returncode == 0 and any("PARTIAL" in w for w in rep["warnings"])
