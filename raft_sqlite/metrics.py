@@ -207,7 +207,11 @@ class StoreMetrics:
     """Prometheus metrics of one open :class:`~raft_sqlite.NodeStore` (see the module docstring for the
     list). Attaching sets ``store.on_commit`` (a callback already there is still called) and counts
     appended entries, bytes and segment rotations, published when their commit succeeds. ``registry``
-    defaults to a new ``CollectorRegistry``; :meth:`detach` undoes the hooks. One instance per store."""
+    defaults to a new ``CollectorRegistry``; :meth:`detach` undoes the hooks. One instance per store and
+    per registry (metric names carry no store label: give each store of a process its own registry).
+
+    Counting is exact except in one case: entries of a write request that fails *after* its rows were
+    queued (the store then replays the batch without it) are still counted as appended."""
 
     def __init__(self, store, registry: CollectorRegistry | None = None):
         self.store = store
