@@ -87,6 +87,49 @@ def _wal_header_ok(head: bytes) -> bool:
     return (s0, s1) == struct.unpack_from(">II", head, 24)
 
 
+def wal_checksum(data: bytes, seed: tuple[int, int], big_endian: bool) -> tuple[int, int]:
+    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes) continued from ``seed``."""
+    xs = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    s0, s1 = seed
+    for i in range(0, len(xs), 2):
+        s0 = (s0 + xs[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + xs[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def frames_backfilled(db_path: str, salts: bytes) -> bool:
+    """True if every page carried by the WAL frames of generation ``salts`` (newest surviving version
+    of each) is already identical in the database file: those frames were checkpointed, so SQLite
+    ignoring them loses nothing. This is the case when a power cut tears the new header that a WAL
+    restart writes (SQLite restarts the WAL only after backfilling every frame)."""
+    try:
+        with open(db_path, "rb") as db, open(db_path + "-wal", "rb") as w:
+            dbh = db.read(100)
+            if len(dbh) < 100:
+                return False
+            page = struct.unpack_from(">H", dbh, 16)[0]
+            page = 65536 if page == 1 else page
+            if page < 512:
+                return False
+            newest: dict[int, int] = {}
+            size = os.fstat(w.fileno()).st_size
+            for j in range((size - 32) // (24 + page)):
+                w.seek(32 + j * (24 + page))
+                h = w.read(24)
+                if h[8:16] == salts:
+                    newest[struct.unpack_from(">I", h, 0)[0]] = j
+            if not newest:
+                return False
+            for pgno, j in newest.items():
+                w.seek(32 + j * (24 + page) + 24)
+                db.seek((pgno - 1) * page)
+                if pgno < 1 or db.read(page) != w.read(page):
+                    return False
+            return True
+    except OSError:
+        return False
+
+
 def lost_commits(db_path: str) -> str | None:
     """Compare SQLite's view of the WAL (after it opened the file) with the recorded mark."""
     mark = read_mark(db_path)
@@ -113,6 +156,8 @@ def lost_commits(db_path: str) -> str | None:
             # a valid header of a newer generation: SQLite restarts the WAL (new salts) only after
             # every frame of the marked generation was checkpointed into the database file
             return None
+        if mmx > 0 and frames_backfilled(db_path, msalts):
+            return None  # e.g. a WAL restart whose new header was torn by a power cut
         if mmx > 0 and (len(head) < 56 or head[32 + 8:32 + 16] == msalts or head[16:24] == msalts):
             return (f"{db_path}-wal: SQLite ignores the WAL, but {mmx} frames of it were recorded as "
                     "durable (damaged header or truncated file)")

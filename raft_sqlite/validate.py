@@ -13,6 +13,7 @@ import os
 import struct
 import zlib
 
+from . import hwm
 from .errors import CorruptionError, RecoveryRefused
 from .metadata import meta_crc
 from .recovery import RecoveryPolicy
@@ -57,14 +58,30 @@ def wal_lost_commits(db_path: str) -> str | None:
             return f.read(24)
 
         salt = hdr[32:40] if mx else frame(0)[8:16]  # mx == 0: SQLite rejected the header itself
+        f.seek(0)
+        whead = f.read(32)
+        big = whead[:4] == b"\x37\x7f\x06\x83"
+
+        def is_commit(j, h):
+            """A commit frame whose own checksum verifies (seeded by the frame before it): a torn
+            frame header of the last, unsynced transaction can carry a random commit field."""
+            if h[8:16] != salt or struct.unpack_from(">I", h, 4)[0] == 0:
+                return False
+            seed = whead[24:32] if j == 0 else frame(j - 1)[16:24]
+            f.seek(32 + j * fs + 24)
+            ck = hwm.wal_checksum(h[:8] + f.read(page), struct.unpack(">II", seed), big)
+            return ck == struct.unpack_from(">II", h, 16)
+
         commit = None
         for j in range(mx, nframes):
             h = frame(j)
-            if h[8:16] == salt and struct.unpack_from(">I", h, 4)[0] != 0:
+            if is_commit(j, h):
                 commit = j
                 break
         if commit is None:
             return None
+        if mx == 0 and hwm.frames_backfilled(db_path, salt):
+            return None  # a WAL restart whose new header was torn: the old generation is in the database
         for j in range(commit + 1, nframes):
             if frame(j)[8:16] == salt:
                 return (f"{wal}: frame {mx + 1} is damaged but later transactions (frame {j + 1} of "

@@ -38,6 +38,7 @@ def check_images(res: T.RunResult, run_dir: str, wl: T.Workload, tally: T.Tally,
     for mode in modes:
         img = os.path.join(run_dir, f"img-{mode}")
         res.vfs.write_crash_image(img, mode, seed=seed)
+        T.carry_sidecars(os.path.join(run_dir, "live"), img, mode)
         v = T.check_store(img, wl, res.acked, floor=floor, fsync=fsync)
         tally.crash_states += 1
         if require_open:
@@ -99,6 +100,7 @@ def test_checker_can_fail(template, tmp_path):
     live = d / "live"
     with T.open_store(live) as s:  # checkpoint everything into raft.db
         s._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    (live / "raft.db-hwm").unlink()  # the WAL was truncated behind the store's back: drop its mark
     g = wl.groups[0]
     marker = next(e for e in wl.states(g)[-1].entries if len(e[2]) > 40)[2][:40]
     raw = bytearray((live / "raft.db").read_bytes())
@@ -170,7 +172,9 @@ def test_powerloss_during_recovery(template, tmp_path):
         run_dir = str(tmp_path / f"run{i}")
         with T.quiet():
             res = T.powerloss_run(template, run_dir, wl, crash={"at_sync": rng.randint(5, 60)})
-        res.vfs.write_crash_image(os.path.join(run_dir, "img1"), rng.choice(MODES), seed=i)
+        mode1 = rng.choice(MODES)
+        res.vfs.write_crash_image(os.path.join(run_dir, "img1"), mode1, seed=i)
+        T.carry_sidecars(os.path.join(run_dir, "live"), os.path.join(run_dir, "img1"), mode1)
         res.vfs.unregister()
         img1 = os.path.join(run_dir, "img1")
         # count the reopen's syncs, then crash it at each
@@ -192,6 +196,7 @@ def test_powerloss_during_recovery(template, tmp_path):
             for mode in MODES:
                 img2 = os.path.join(run_dir, f"img2-{at}-{mode}")
                 vfs.write_crash_image(img2, mode, seed=at)
+                T.carry_sidecars(again, img2, mode)
                 v = T.check_store(img2, wl, res.acked)
                 tally.crash_states += 1
                 tally.add(v, f"run {i} reopen crash at sync {at} {mode}")
@@ -268,3 +273,77 @@ def test_powerloss_slow_enumeration(template, tmp_path):
     for t in tallies:
         t.assert_clean()
     assert sum(t.crash_states for t in tallies) >= 2000
+
+
+# ---------------------------------------------------------------------------------------------- regressions
+def crashed_in_flight_commit(template, tmp_path, checkpoint_first: bool):
+    """Crash at the WAL sync of a multi-frame commit; returns (vfs, run dir, acked, wal path in the
+    VFS, workload). ``checkpoint_first``: backfill the whole WAL first, so the commit restarts it."""
+    wl = T.Workload(21, ops_per_group=30)
+    live = T.copy_store(template, str(tmp_path / "live"))
+    vfs = T.new_vfs(live)
+    acked = {g: 0 for g in wl.groups}
+    pos = next(i for i, (g, k) in enumerate(wl.order)
+               if i > 10 and wl.ops(g)[k - 1].kind == "append_batch"
+               and sum(len(e.data) for e in wl.ops(g)[k - 1].args[0]) > 9000)
+    with T.quiet():
+        store = T.open_store(live, vfs=vfs.name)
+        T.run_workload(store, wl, acked, upto=pos)
+        if checkpoint_first:
+            store._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+        vfs.arm_crash(at_sync=1)
+        g, k = wl.order[pos]
+        with pytest.raises(StorageFault):
+            T.execute(store, wl.ops(g)[k - 1])
+        store.close()
+    return vfs, live, acked, wl
+
+
+def image_with(vfs, live, img, edit):
+    """The "lose" image, plus every unsynced WAL write applied and then ``edit(wal_bytes)``."""
+    vfs.write_crash_image(img, "lose")
+    wal = os.path.realpath(os.path.join(live, "raft.db-wal"))
+    durable, pending = vfs._frozen[wal]
+    data = T.faultvfs._apply(bytearray(durable), pending)
+    edit(data)
+    with open(os.path.join(img, "raft.db-wal"), "wb") as f:
+        f.write(data)
+    shutil.copy2(os.path.join(live, "raft.db-hwm"), os.path.join(img, "raft.db-hwm"))
+
+
+def test_torn_commit_field_in_last_transaction_is_not_corruption(template, tmp_path):
+    """Regression (found by this suite): a power cut tore the header of a frame in the middle of the
+    last (unsynced) transaction; its commit field held random bytes, and the WAL frame scan took it
+    for a commit followed by later transactions: STRICT refused a store that lost nothing."""
+    vfs, live, acked, wl = crashed_in_flight_commit(template, tmp_path, False)
+    page = 4096
+
+    def tear(data):
+        size = len(data)
+        nframes = (size - 32) // (24 + page)
+        mid = nframes - 2  # a non-commit frame of the in-flight transaction (which has >= 3 frames)
+        off = 32 + mid * (24 + page)
+        data[off:off + 8] = bytes.fromhex("a9c8b7d6e5f40312")  # random pgno and commit fields
+
+    img = str(tmp_path / "img")
+    image_with(vfs, live, img, tear)
+    vfs.unregister()
+    v = T.check_store(img, wl, acked)
+    assert v.ok, v.detail
+
+
+def test_torn_header_of_restarted_wal_is_not_corruption(template, tmp_path):
+    """Regression (found by this suite): the WAL was fully checkpointed, the next commit restarted it
+    and a power cut tore the new (unsynced) WAL header. SQLite then ignores the WAL, which is right:
+    every frame of the previous generation is in the database file; the high-water mark and the
+    frame scan reported those frames lost and STRICT refused to open."""
+    vfs, live, acked, wl = crashed_in_flight_commit(template, tmp_path, True)
+
+    def tear(data):
+        data[0:32] = bytes(range(100, 132))
+
+    img = str(tmp_path / "img")
+    image_with(vfs, live, img, tear)
+    vfs.unregister()
+    v = T.check_store(img, wl, acked)
+    assert v.ok, v.detail

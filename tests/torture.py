@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import itertools
 import os
 import random
@@ -522,13 +523,48 @@ def new_vfs(root: str) -> faultvfs.FaultVFS:
     return faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=root)
 
 
-class SyncTracker:
-    """NORMAL mode: the store's interval syncer calls ``os.fdatasync`` on the WAL directly (not through
-    SQLite, so not through the VFS). This wraps the syncer so that a completed interval sync also makes
-    the WAL's pending writes durable in the fault VFS's model (nothing after a power cut), and records
-    ``acked`` as it was when the sync started: the documented loss window's floor."""
+_direct = threading.local()
 
-    def __init__(self, store: NodeStore, vfs: faultvfs.FaultVFS, acked: dict):
+
+@contextlib.contextmanager
+def direct_syncs(vfs: faultvfs.FaultVFS):
+    """The store calls ``os.fdatasync`` itself in NORMAL mode (the interval WAL sync; chunks.db's WAL
+    before a snapshot manifest flips), i.e. not through SQLite, so not through the VFS. Within the
+    block such a sync also makes the file's pending writes durable in the fault VFS's model; after the
+    power cut it fails with EIO and changes nothing. (Patches ``os.fdatasync``/``os.fsync`` for the
+    process; uses FaultVFS internals.)"""
+    real = {"fdatasync": os.fdatasync, "fsync": os.fsync}
+
+    def wrap(name):
+        def sync(fd):
+            _direct.ok = False
+            with vfs._lock:
+                if vfs.crashed:
+                    raise OSError(errno.EIO, "faultvfs: sync after power loss")
+                real[name](fd)
+                try:
+                    path = os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    path = None
+                st = vfs._files.get(path)
+                if st is not None:
+                    st.durable = faultvfs._apply(bytearray() if st.durable is None else st.durable, st.pending)
+                    st.pending = []
+            _direct.ok = True
+        return sync
+
+    os.fdatasync, os.fsync = wrap("fdatasync"), wrap("fsync")
+    try:
+        yield
+    finally:
+        os.fdatasync, os.fsync = real["fdatasync"], real["fsync"]
+
+
+class SyncTracker:
+    """NORMAL mode: records ``acked`` as it was when the last *successful* interval sync of the WAL
+    started (inside :func:`direct_syncs`): the floor of the documented loss window."""
+
+    def __init__(self, store: NodeStore, acked: dict):
         self.floor = {g: 0 for g in acked}
         self.syncs = 0
         syncer = store._syncer
@@ -538,18 +574,29 @@ class SyncTracker:
 
         def sync(wal):
             before = dict(acked)
-            with vfs._lock:
-                if vfs.crashed:
-                    return
-                orig(wal)
-                st = vfs._files.get(os.path.realpath(wal))
-                if st is not None and st.durable is not None:
-                    st.durable = faultvfs._apply(st.durable, st.pending)
-                    st.pending = []
-            self.floor = before
-            self.syncs += 1
+            _direct.ok = False
+            orig(wal)
+            if getattr(_direct, "ok", False):
+                self.floor = before
+                self.syncs += 1
 
         syncer.sync = sync
+
+
+SIDECARS = ("raft.db-hwm",)
+
+
+def carry_sidecars(live: str, img: str, mode: str) -> None:
+    """Files the store writes without SQLite (so without the VFS), e.g. the WAL high-water mark
+    ``raft.db-hwm`` (one unsynced pwrite after each durable commit): in "lose" images they are lost
+    with every other unsynced write; in "subset"/"garble" images they survive with their last content
+    (a 24-byte pwrite is never torn)."""
+    if mode == "lose":
+        return
+    for name in SIDECARS:
+        src = os.path.join(live, name)
+        if os.path.exists(src):
+            shutil.copy2(src, os.path.join(img, name))
 
 
 @dataclass
@@ -573,22 +620,23 @@ def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.
         vfs.arm_crash(**crash)
     acked = {g: 0 for g in wl.groups}
     store, err, tracker = None, None, None
-    try:
-        store = open_store(live, fsync=fsync, vfs=vfs.name, checkpoint_every=checkpoint_every,
-                           fsync_interval=0.002)
-        tracker = SyncTracker(store, vfs, acked)
-        if threaded:
-            errs = run_threaded(store, wl, acked)
-            if errs:
-                raise errs[0]
-        else:
-            run_workload(store, wl, acked, on_ack=(lambda g, k: time.sleep(slow_ops)) if slow_ops else None)
-        store.close()
-    except (RaftSqliteError, apsw.Error) as exc:
-        err = exc
-    finally:
-        if store is not None:
+    with direct_syncs(vfs):
+        try:
+            store = open_store(live, fsync=fsync, vfs=vfs.name, checkpoint_every=checkpoint_every,
+                               fsync_interval=0.002)
+            tracker = SyncTracker(store, acked)
+            if threaded:
+                errs = run_threaded(store, wl, acked)
+                if errs:
+                    raise errs[0]
+            else:
+                run_workload(store, wl, acked, on_ack=(lambda g, k: time.sleep(slow_ops)) if slow_ops else None)
             store.close()
+        except (RaftSqliteError, apsw.Error) as exc:
+            err = exc
+        finally:
+            if store is not None:
+                store.close()
     return RunResult(vfs.crashed, acked, err, tracker.floor if tracker else {g: 0 for g in wl.groups}, vfs,
                      dict(vfs.counters))
 
