@@ -12,7 +12,8 @@ Measured in the same run, on the same file system:
 * peak RSS growth during each (``/proc/self/status`` VmHWM after resetting it through
   ``/proc/self/clear_refs``, minus VmRSS before);
 * single-entry appends (FULL) of another group on the same store: p50/p99 idle vs while a snapshot of
-  ``--size-mib`` is being written by another thread.
+  ``--size-mib`` is being written by another thread, and (the design not taken, justifying the separate
+  ``chunks.db``) while the same blob batches are written into a scratch table of ``raft.db`` itself.
 
 Targets (printed, not asserted): write and read >= 70% of raw; RSS growth <= 64 MiB; append p99 during a
 snapshot <= 2x idle.
@@ -145,6 +146,31 @@ def snapshot_read(s, meta, verify_digest=True):
     return time.perf_counter() - t0
 
 
+def same_file_writer(s, size, chunk, commit, bufs):
+    """The design not taken: the same chunk batches written into raft.db (a scratch table, through a
+    second connection, like a chunk table living beside the log would be)."""
+    import apsw
+    c = apsw.Connection(s.path)
+    c.setbusytimeout(10_000)
+    c.execute("PRAGMA synchronous=FULL")
+    c.execute("CREATE TABLE IF NOT EXISTS bench_blobs(key INTEGER PRIMARY KEY, data BLOB)")
+    t0 = time.perf_counter()
+    rows, pending = [], 0
+    for k, b in enumerate(chunks_of(size, chunk, bufs)):
+        rows.append((k, b))
+        pending += len(b)
+        if pending >= commit:
+            with c:
+                c.executemany("INSERT INTO bench_blobs VALUES (?,?)", rows)
+            rows, pending = [], 0
+    if rows:
+        with c:
+            c.executemany("INSERT INTO bench_blobs VALUES (?,?)", rows)
+    c.execute("DELETE FROM bench_blobs")
+    c.close()
+    return time.perf_counter() - t0
+
+
 def appends(s, seconds, stop=None):
     lg = s.log("app")
     lat = []
@@ -166,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--commit-mib", type=int, default=8, help="bytes per chunks.db transaction (default 8)")
     ap.add_argument("--append-seconds", type=float, default=2.0, help="idle append measurement (default 2 s)")
     ap.add_argument("--repeat", type=int, default=1, help="write/read rounds; the best of each is kept")
+    ap.add_argument("--no-same-file", dest="same_file", action="store_false",
+                    help="skip the comparison with the blobs written into raft.db itself")
     a = ap.parse_args(argv)
     size, chunk, commit = a.size_mib * MiB, a.chunk_kib << 10, a.commit_mib * MiB
     bufs = [os.urandom(chunk) for _ in range(4)]
@@ -212,6 +240,20 @@ def main(argv=None):
         t.start()
         busy = appends(s, 0, stop)
         t.join()
+        same = []
+        if a.same_file:
+            stop = threading.Event()
+
+            def writer2():
+                try:
+                    box["same"] = same_file_writer(s, size, chunk, commit, bufs)
+                finally:
+                    stop.set()
+
+            t = threading.Thread(target=writer2)
+            t.start()
+            same = appends(s, 0, stop)
+            t.join()
         s.close()
         shutil.rmtree(path)
 
@@ -231,6 +273,8 @@ def main(argv=None):
              "-", ""],
             ["append p99 (us)", us(pct(busy, 99)), us(pct(idle, 99)) + " (idle)", f"{pct(busy, 99) / pct(idle, 99):.2f}",
              "<= 2.00", "ok" if pct(busy, 99) <= 2 * pct(idle, 99) else "MISS"],
+            *([["append p99 (us), blobs in raft.db instead", us(pct(same, 99)), us(pct(idle, 99)) + " (idle)",
+                 f"{pct(same, 99) / pct(idle, 99):.2f}", "-", "design not taken"]] if same else []),
             ["snapshot write during appends MB/s", f"{mbps(box['t']):.0f}", f"{mbps(snap_w):.0f} (alone)",
              f"{snap_w / box['t']:.2f}", "-", ""],
         ]
