@@ -12,8 +12,8 @@ ImportError that says what to install. Two ways to get metrics:
   format of everything that is stored in the files (no per-commit counters: those live only in a
   running process).
 
-Cost: the append path pays one callback per commit (``store.on_commit``) plus a counter update per
-append batch; every state metric (entries, bytes, segments, snapshots, backups, recovery) is read from
+Cost: the append path pays one callback per commit (``store.on_commit``) plus one dict insert per
+append call (the counting happens in the commit callback); every state metric (entries, bytes, segments, snapshots, backups, recovery) is read from
 the database when Prometheus scrapes, on a pooled read connection, with bounded queries.
 
 Metrics (labels in braces):
@@ -210,8 +210,9 @@ class StoreMetrics:
     defaults to a new ``CollectorRegistry``; :meth:`detach` undoes the hooks. One instance per store and
     per registry (metric names carry no store label: give each store of a process its own registry).
 
-    Counting is exact except in one case: entries of a write request that fails *after* its rows were
-    queued (the store then replays the batch without it) are still counted as appended."""
+    Appended entries and bytes are counted when their commit succeeds, once even if the store replays a
+    batch, and only if the group's committed log reaches them (a request dropped from its batch is not
+    counted)."""
 
     def __init__(self, store, registry: CollectorRegistry | None = None):
         self.store = store
@@ -235,39 +236,50 @@ class StoreMetrics:
         self._collector = _StateCollector(store._read)
         r.register(self._collector)
         self._lock = threading.Lock()
-        self._pending = [0, 0, 0]  # entries, bytes, rotations written by the commit in progress
+        # Written by the commit in progress, keyed so that a batch the store replays (after dropping a
+        # failed request) is not counted twice: id(entries list) -> (group_id, last index, entries), and
+        # (group_id, segment_id) of sealed segments.
+        self._appends: dict[int, tuple] = {}
+        self._seals: set[tuple[int, int]] = set()
         self._prev_on_commit = store.on_commit
         wal = store._wal
-        self._orig_append = wal.append
-        self._prev_on_rotate = wal.on_rotate
-        orig_append, pending = self._orig_append, self._pending
+        orig_append, orig_seal = wal.append, wal.seal
+        appends, seals = self._appends, self._seals
 
         def append(conn, group_id, seg, entries, *args, **kwargs):
             res = orig_append(conn, group_id, seg, entries, *args, **kwargs)
-            pending[0] += len(entries)
-            pending[1] += sum(len(e.data) for e in entries)
+            if entries:
+                appends[id(entries)] = (group_id, entries[-1].index, entries)
             return res
 
-        def on_rotate(group_id):
-            pending[2] += 1
-            if self._prev_on_rotate is not None:
-                self._prev_on_rotate(group_id)
+        def seal(conn, group_id, seg, *args, **kwargs):
+            res = orig_seal(conn, group_id, seg, *args, **kwargs)
+            seals.add((group_id, seg.segment_id))
+            return res
 
         wal.append = append
-        wal.on_rotate = on_rotate
+        wal.seal = seal
         store.on_commit = self._on_commit
 
     def _on_commit(self, seconds: float, requests: int) -> None:
-        p = self._pending
-        n, b, rot = p
-        p[0] = p[1] = p[2] = 0
         self.commit_seconds.observe(seconds)
         self.batch_size.observe(requests)
-        if n:
-            self.entries_appended.inc(n)
-            self.bytes_appended.inc(b)
-        if rot:
-            self.segment_rotations.inc(rot)
+        if self._appends:
+            # count an append only if its group's committed log now reaches its last entry (a request the
+            # store dropped after queueing its rows does not)
+            last = {g.gid: g.last_index for g in list(self.store._groups.values())}
+            n = b = 0
+            for gid, idx, entries in self._appends.values():
+                if last.get(gid, -1) >= idx:
+                    n += len(entries)
+                    b += sum(len(e.data) for e in entries)
+            self._appends.clear()
+            if n:
+                self.entries_appended.inc(n)
+                self.bytes_appended.inc(b)
+        if self._seals:
+            self.segment_rotations.inc(len(self._seals))
+            self._seals.clear()
         if self._prev_on_commit is not None:
             self._prev_on_commit(seconds, requests)
 
@@ -281,7 +293,7 @@ class StoreMetrics:
         metrics stop being collected)."""
         wal = self.store._wal
         wal.__dict__.pop("append", None)
-        wal.on_rotate = self._prev_on_rotate
+        wal.__dict__.pop("seal", None)
         self.store.on_commit = self._prev_on_commit
         try:
             self.registry.unregister(self._collector)

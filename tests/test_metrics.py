@@ -83,13 +83,54 @@ def test_detach_restores_hooks_and_closed_store_scrapes_without_error(tmp_path):
         m = StoreMetrics(s)
         s.log("a").append([LogEntry(1, 1, b"abc")])
         m.detach()
-        assert s.on_commit is prev and "append" not in vars(s._wal)
+        assert s.on_commit is prev and "append" not in vars(s._wal) and "seal" not in vars(s._wal)
         s.log("a").append([LogEntry(2, 1, b"def")])
         x = samples(m.text())
         assert val(x, "raft_sqlite_entries_appended_total") == 1  # nothing counted after detach
         m2 = StoreMetrics(s)
     x = samples(m2.text())  # store closed: counters only, no error
     assert ("raft_sqlite_log_entries", frozenset({("group", "a")})) not in x
+
+
+def test_counts_exact_under_concurrent_writers_with_refused_appends(tmp_path):
+    """Threads race to append the same indexes of a shared group (losers get LogConflictError) while
+    others append to their own groups: the counters equal what was committed."""
+    import threading
+
+    from raft_sqlite import LogConflictError
+
+    with open_store(tmp_path / "n", segment_policy=SegmentPolicy(max_entries=16)) as s:
+        m = StoreMetrics(s)
+        shared = s.log("shared")
+        refused = []
+
+        def racer(k):
+            for _ in range(60):
+                i = shared.last_index + 1
+                try:
+                    shared.append([LogEntry(i, 1, b"r" * (k + 1))])
+                except LogConflictError:
+                    refused.append(i)
+
+        def own(k):
+            log = s.log(f"own{k}")
+            for i in range(1, 81):
+                log.append([LogEntry(i, 1, b"o" * (i % 9))])
+
+        ts = [threading.Thread(target=racer, args=(k,)) for k in range(3)]
+        ts += [threading.Thread(target=own, args=(k,)) for k in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        x = samples(m.text())
+        stored = sum(val(x, "raft_sqlite_log_stored_bytes", group=g) for g in ("shared", "own0", "own1"))
+        entries = shared.last_index + 160
+        sealed = s._read(lambda c: c.execute("SELECT count(*) FROM log_segments WHERE last_index IS NOT NULL")
+                         .fetchone()[0])
+    assert val(x, "raft_sqlite_entries_appended_total") == entries
+    assert val(x, "raft_sqlite_bytes_appended_total") == stored
+    assert val(x, "raft_sqlite_segment_rotations_total") == sealed
 
 
 def test_validation_errors_counted_from_recovery(tmp_path):
