@@ -607,6 +607,9 @@ class SnapshotWriter:
         if self._state != "new":
             raise SnapshotError("this snapshot writer was already started")
         m = self._m
+        if getattr(m._store._tx, "tx", None) is not None:
+            raise SnapshotError("a snapshot cannot be written inside store.transaction(): its chunks are committed "
+                                "separately and its manifest flips in a commit of its own")
         g = m._g()
         if self.install:
             if self.index <= g.snapshot_index:

@@ -839,3 +839,12 @@ def test_big_snapshot_bounded_memory(data_dir):
         grow_r = (_status_kib("VmHWM") - base) / 1024
         assert n == 256 << 20
     assert grow_w <= 64 and grow_r <= 64, (grow_w, grow_r)
+
+
+def test_snapshot_inside_transaction_refused(data_dir):
+    with open_store(data_dir) as s:
+        fill(s, 3)
+        with pytest.raises(SnapshotError, match="inside store.transaction"), s.transaction():
+            s.snapshots(G).write(3, 1).begin()
+        assert s.snapshots(G).latest() is None
+    assert writing_rows(data_dir) == []
