@@ -63,8 +63,13 @@ def kill_once(template: str, run_dir: str, i: int, rng: random.Random) -> tuple[
                 break
         time.sleep(rng.uniform(0, 0.003))
     p.send_signal(signal.SIGKILL)
-    out, err = p.communicate(timeout=60)
-    lines += out.splitlines(True)
+    # read the rest through the same buffered reader: communicate() would read the raw pipe and skip
+    # what readline() already buffered
+    lines += p.stdout.read().splitlines(True)
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    p.stdout.close()
+    p.stderr.close()
     killed = p.returncode == -signal.SIGKILL
     assert not any(ln.startswith("ERROR") for ln in lines), (lines[-3:], err[-2000:])
     acked = {}
