@@ -262,10 +262,12 @@ class SnapshotStore:
             with self._lock:
                 self._readers.append(conn)
 
-    def chunk_shape(self, sid: int) -> list[tuple[int, int, int]]:
-        """``(seq, length, crc32)`` of every chunk of snapshot ``sid`` in order (no blob is read)."""
+    def chunk_shape(self, sid: int) -> list[tuple[int, int]]:
+        """``(seq, length)`` of every chunk of snapshot ``sid`` in order. No blob is read: the length
+        comes from the record header (selecting ``crc32``, stored after the blob, would make SQLite
+        walk the whole overflow chain)."""
         return self._read_chunks(lambda c: c.execute(
-            "SELECT seq, length(data), crc32 FROM snapshot_chunks WHERE key >= ? AND key < ? ORDER BY key",
+            "SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? ORDER BY key",
             (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN)).fetchall())
 
     def read_chunk(self, sid: int, seq: int) -> tuple[bytes, int] | None:
@@ -354,7 +356,7 @@ class SnapshotReader(io.RawIOBase):
             shape = sstore.chunk_shape(meta.id) if shape is None else shape
             size = meta.size if size is None else size
             offs, total = [], 0
-            for i, (seq, n, _crc) in enumerate(shape):
+            for i, (seq, n) in enumerate(shape):
                 if seq != i:
                     raise CorruptionError(f"{self._where}: chunk {i} is missing")
                 offs.append(total)
@@ -659,11 +661,11 @@ class SnapshotWriter:
         s = self._m._sstore
         shape = s.chunk_shape(p.id)
         good = 0
-        for i, (seq, n, crc) in enumerate(shape):
+        for i, (seq, n) in enumerate(shape):
             if seq != i:
                 break
             got = s.read_chunk(p.id, seq)
-            if got is None or zlib.crc32(got[0]) != crc or len(got[0]) != n:
+            if got is None or zlib.crc32(got[0]) != got[1] or len(got[0]) != n:
                 break
             self._hash.update(got[0])
             self._size += n
@@ -972,7 +974,7 @@ class SnapshotManager:
             if p.source == "install" and p.id not in busy:
                 shape = self._sstore.chunk_shape(p.id)
                 size = 0
-                for i, (seq, n, _c) in enumerate(shape):
+                for i, (seq, n) in enumerate(shape):
                     if seq != i:
                         break
                     size += n
