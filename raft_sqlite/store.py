@@ -22,7 +22,7 @@ from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore, meta_crc
 from .recovery import RecoveryPolicy, RecoveryReport
-from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
+from .wal import BLOB_PAYLOAD, SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 log = logging.getLogger("raft_sqlite.store")
 
@@ -622,7 +622,7 @@ class NodeStore:
         lo = max(g.first_index, g.snapshot_index + 1)
         from .log import _KINDS, LogEntry
 
-        sql = "SELECT idx, term, kind, payload FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key"
+        sql = f"SELECT idx, term, kind, {BLOB_PAYLOAD} FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key"
         base = g.gid * schema.KEY_SPAN
         while lo <= hi:
             top = min(hi, lo + chunk - 1)
@@ -630,6 +630,8 @@ class NodeStore:
             if len(rows) != top - lo + 1:
                 raise CorruptionError(f"{self.path}: group {name!r}: entries {lo}..{top} are not all present")
             for idx, term, kind, payload in rows:
+                if payload is None:
+                    raise CorruptionError(f"{self.path}: group {name!r}: log entry {idx} is not a BLOB")
                 yield LogEntry(idx, term, payload, _KINDS[kind])
             lo = top + 1
 

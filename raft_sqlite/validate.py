@@ -17,7 +17,7 @@ from . import hwm
 from .errors import CorruptionError, RecoveryRefused
 from .metadata import meta_crc
 from .recovery import RecoveryPolicy
-from .wal import _HEADER, _U32, SPAN, load_open_segment
+from .wal import _HEADER, _U32, BLOB_PAYLOAD, SPAN, load_open_segment
 
 log = logging.getLogger("raft_sqlite.recovery")
 
@@ -268,7 +268,7 @@ def _scan(store, conn, report, gid, name, first):
     where = f"{store.path}: group {name!r}"
     bad = None
     for idx, term, kind, payload, crc, seg in conn.execute(
-            "SELECT idx, term, kind, payload, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
+            f"SELECT idx, term, kind, {BLOB_PAYLOAD}, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
             "ORDER BY key", (base + first, base + SPAN)):
         if idx != expect:
             report.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")

@@ -25,6 +25,8 @@ from . import schema
 from .errors import CorruptionError
 
 _HEADER = struct.Struct("<qqqB")
+#: SQL expression reading a record's payload only if it is a BLOB (NULL otherwise)
+BLOB_PAYLOAD = "CASE typeof(payload) WHEN 'blob' THEN payload END"
 _U32 = struct.Struct("<I")
 SPAN = schema.KEY_SPAN
 
@@ -216,8 +218,11 @@ class WalReader:
     """Reads records back, verifying each record's CRC32 (a mismatch raises
     :class:`CorruptionError` naming file, group and index)."""
 
-    SELECT_ONE = "SELECT term, kind, payload, crc32 FROM log_entries WHERE key=?"
-    SELECT_RANGE = "SELECT idx, term, kind, payload, crc32 FROM log_entries WHERE key >= ? AND key < ? ORDER BY key"
+    # a payload that is not a BLOB (only corruption makes one) reads as NULL and fails its CRC check,
+    # instead of being decoded as text
+    SELECT_ONE = f"SELECT term, kind, {BLOB_PAYLOAD}, crc32 FROM log_entries WHERE key=?"
+    SELECT_RANGE = (f"SELECT idx, term, kind, {BLOB_PAYLOAD}, crc32 FROM log_entries WHERE key >= ? AND key < ? "
+                    "ORDER BY key")
 
     def get(self, conn, group_id: int, idx: int):
         """The entry at ``idx`` or None if there is no record."""

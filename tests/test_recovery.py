@@ -23,8 +23,12 @@ def build(data_dir, commit=30, **kw):
 
 def corrupt_payload(data_dir, idx, as_text=False):
     c = apsw.Connection(str(data_dir / "raft.db"))
-    if as_text:  # SQLite's || yields TEXT: a payload of the wrong type must be caught too
+    if as_text == "utf8":  # SQLite's || yields TEXT: a payload of the wrong type must be caught too
         c.execute("UPDATE log_entries SET payload = x'00' || payload WHERE idx=?", (idx,))
+    elif as_text == "bad-utf8":  # TEXT that is not even valid UTF-8
+        c.execute("UPDATE log_entries SET payload = CAST(x'ff' || payload AS TEXT) WHERE idx=?", (idx,))
+    elif as_text == "same-bytes":  # the same bytes, but TEXT: the CRC would match, the type must not
+        c.execute("UPDATE log_entries SET payload = CAST(payload AS TEXT) WHERE idx=?", (idx,))
     else:
         c.execute("UPDATE log_entries SET payload = CAST(x'01' || payload AS BLOB) WHERE idx=?", (idx,))
     c.close()
@@ -55,12 +59,14 @@ def test_replay_after_snapshot_index_up_to_commit(data_dir):
         assert s.replay("empty", seen.append) == 0
 
 
-@pytest.mark.parametrize("as_text", [False, True])
+@pytest.mark.parametrize("as_text", [False, "utf8", "bad-utf8", "same-bytes"])
 def test_strict_refuses_corrupt_tail_naming_file_group_index(data_dir, as_text):
     build(data_dir)
     corrupt_payload(data_dir, 35, as_text)
     with pytest.raises(CorruptionError) as ei:
         open_store(data_dir)
+    with open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:  # and reads never see it
+        assert s.log("g").last_index == 34
     msg = str(ei.value)
     assert "raft.db" in msg and "group 'g'" in msg and "entry 35" in msg and "STRICT" in msg
 
