@@ -215,14 +215,22 @@ def test_clear_then_readd_drops_the_uncommitted_tail(tmp_path):
     j._destroy()
 
 
-def test_delete_entries_to_never_forgets_what_no_snapshot_covers(tmp_path):
+def test_delete_entries_to_never_deletes_what_no_snapshot_covers(tmp_path):
+    # on its own (as PySyncObj's test_journalTest2 uses it): a durable logical trim, records kept
     j = reopen(tmp_path / "n1")
-    for i in range(1, 4):
+    for i in range(1, 5):
         j.add(b"x%d" % i, i, 0)
     j.deleteEntriesTo(1)
-    assert len(j) == 3  # no durable snapshot: the view is not trimmed either
+    assert j[0] == (b"x2", 2, 0) and len(j) == 3
     j._destroy()
-    assert len(stored(tmp_path / "n1")[0]) == 3
+    assert len(stored(tmp_path / "n1")[0]) == 4  # no durable snapshot: every record is still there
+    j = reopen(tmp_path / "n1")
+    assert list(j) == [(b"x2", 2, 0), (b"x3", 3, 0), (b"x4", 4, 0)]
+    # under a SyncObj (serializer attached): never trimmed past the newest durable snapshot
+    j._attached = True
+    j.deleteEntriesTo(2)
+    assert len(j) == 3
+    j._destroy()
 
 
 # ---------------------------------------------------------------------------------------------- with SyncObj

@@ -200,6 +200,9 @@ class RaftSqliteJournal(_pso_journal.Journal):
         self._pending_commit: int | None = None
         self._tail_dirty = False
         self._closed = False
+        self._attached = False  # set by RaftSqliteSerializer when a SyncObj uses this journal
+        self._start_key = f"pysyncobj.view_start.{group}"
+        self._marker: int | None = None
         self._entries: list[tuple] = self._load()
 
     # ------------------------------------------------------------------ properties
@@ -226,6 +229,10 @@ class RaftSqliteJournal(_pso_journal.Journal):
                                     f"entries {e0[1]}, {e1[1]} but covers index {meta.index}")
             entries = [e for e in (e0, e1) if e[1] < P.first_index]
             lo = max(P.first_index, e0[1])
+        self._marker = self._read_marker()
+        if self._marker is not None and lo < self._marker <= P.last_index + 1:
+            entries = [e for e in entries if e[1] >= self._marker]
+            lo = max(lo, self._marker)
         if P.last_index >= lo:
             entries += [(e.data, e.index, e.term) for e in P.entries(lo, P.last_index + 1)]
         for a, b in itertools.pairwise(entries):
@@ -270,6 +277,8 @@ class RaftSqliteJournal(_pso_journal.Journal):
                 raise LogGapError(f"group {self._group!r}: add(idx={idx}) does not follow the journal's last "
                                   f"index {self._entries[-1][1]}")
             self._persist(command, idx, term)
+            if not self._entries and (self._marker is not None or idx != self._log.first_index):
+                self._write_marker(idx)  # the view restarts at idx (after clear(): a dump's entries)
             self._entries.append((command, idx, term))
 
     def _persist(self, command: bytes, idx: int, term: int) -> None:
@@ -342,6 +351,14 @@ class RaftSqliteJournal(_pso_journal.Journal):
             P = self._log
             want = self._entries[entryTo][1] if entryTo < len(self._entries) else self._entries[-1][1] + 1
             start = self._entries[0][1]
+            if not self._attached:
+                # used on its own (no SyncObj): a logical trim, remembered durably; the records stay
+                # in the store until a durable snapshot covers them
+                self._write_marker(want)
+                del self._entries[:entryTo]
+                if want - 1 >= P.first_index and P.snapshot_index >= want - 1:
+                    P.compact(min(want - 1, P.last_index))
+                return
             new_start = min(want, max(P.snapshot_index - 1, start))
             if new_start < want:
                 log.warning("group %r: deleteEntriesTo(%d) asks to drop up to index %d but the newest durable "
@@ -350,6 +367,8 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if new_start <= start:
                 return
             del self._entries[:new_start - start]
+            if self._marker is not None:
+                self._write_marker(new_start)
             if new_start - 1 >= P.first_index:
                 P.compact(min(new_start - 1, P.last_index))
 
@@ -409,6 +428,22 @@ class RaftSqliteJournal(_pso_journal.Journal):
     close = _destroy
 
     # ------------------------------------------------------------------ internals
+    def _read_marker(self) -> int | None:
+        key = self._start_key
+        row = self._store._read(lambda c: c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone())
+        return int(row[0]) if row is not None else None
+
+    def _write_marker(self, start: int) -> None:
+        """Durably remember where PySyncObj's view starts (row ``pysyncobj.view_start.<group>`` of the
+        store's ``settings`` table), when that is not where the store's log or snapshot says."""
+        key = self._start_key
+
+        def write(conn, g, _):
+            conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (key, str(int(start))))
+
+        self._store._run(self._group, lambda g: None, write)
+        self._marker = start
+
     def _check_open(self):
         if self._closed:
             raise RaftSqliteError(f"journal of group {self._group!r} is closed")
@@ -546,6 +581,7 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
         if serializeChecker is not None:
             raise ValueError("raft_sqlite's PySyncObj integration does not support SyncObjConf.serializeChecker "
                              "(asynchronous custom serializers): dumps must be durable when serialize() returns")
+        journal._attached = True
         self._file = fileName
         self._batch = transmissionBatchSize
         self._user_ser, self._user_deser = serializer, deserializer
