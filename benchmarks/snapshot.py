@@ -283,7 +283,9 @@ def main(argv=None):
         ]
         print_table("Snapshots vs same-run baselines", ["metric", "raft_sqlite", "baseline", "ratio", "target", ""],
                     rows)
-        print(f"\nappends: {len(idle)} idle, {len(busy)} during the snapshot")
+        print(f"\nappends: {len(idle)} idle ({a.append_seconds:g} s), {len(busy)} during the snapshot "
+              f"({box['t']:.2f} s)" + (f", {len(same)} during the raft.db blob writes ({box['same']:.2f} s, max "
+                                       f"{us(max(same))} us)" if same else ""))
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
