@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from raft_sqlite import FsyncMode, StorageFault
+from raft_sqlite import BackupError, FsyncMode, StorageFault
 from tests import torture as T
 
 MODES = ("lose", "subset", "garble")
@@ -48,10 +48,16 @@ def check_images(res: T.RunResult, run_dir: str, wl: T.Workload, tally: T.Tally,
 
 
 def enumerate_crashes(template, tmp, wl: T.Workload, tally: T.Tally, *, fsync=FsyncMode.FULL, write_points=20,
-                      sync_stride=1, modes=MODES, seed=0, checkpoint_every=40):
-    """Crash ``wl`` at every ``sync_stride``-th sync point and ``write_points`` random write points."""
+                      sync_stride=1, modes=MODES, seed=0, checkpoint_every=40, backup_every=None):
+    """Crash ``wl`` at every ``sync_stride``-th sync point and ``write_points`` random write points.
+    With ``backup_every``, hot backups are taken during the workload and every backup that completed
+    before the crash is restored and checked (exactly the model state at its point)."""
+    def backups(run_dir):
+        return T.Backups(os.path.join(run_dir, "backups"), backup_every) if backup_every else None
+
     with T.quiet():
-        dry = T.powerloss_run(template, os.path.join(tmp, "dry"), wl, fsync=fsync, checkpoint_every=checkpoint_every)
+        dry = T.powerloss_run(template, os.path.join(tmp, "dry"), wl, fsync=fsync, checkpoint_every=checkpoint_every,
+                              backups=backups(os.path.join(tmp, "dry")))
         dry.vfs.unregister()
     assert dry.error is None and dry.acked == {g: len(wl.ops(g)) for g in wl.groups}, dry.error
     shutil.rmtree(os.path.join(tmp, "dry"))
@@ -62,17 +68,22 @@ def enumerate_crashes(template, tmp, wl: T.Workload, tally: T.Tally, *, fsync=Fs
     missed = 0
     for i, crash in enumerate(points):
         run_dir = os.path.join(tmp, f"run{i}")
+        bk = backups(run_dir)
         with T.quiet():
             res = T.powerloss_run(template, run_dir, wl, fsync=fsync, crash=crash,
-                                  checkpoint_every=checkpoint_every)
+                                  checkpoint_every=checkpoint_every, backups=bk)
         try:
             if not res.crashed:  # I/O counts can differ by a few between runs (e.g. checkpoint timing)
                 missed += 1
                 continue
-            # a crash surfaces as a typed StorageFault (or nothing, when it hit the checkpoint on close)
-            assert res.error is None or isinstance(res.error, StorageFault), (crash, repr(res.error))
+            # a crash surfaces as a typed StorageFault (or nothing, when it hit the checkpoint on close;
+            # a BackupError naming the fault when it hit a hot backup's copy)
+            assert res.error is None or isinstance(res.error, (StorageFault, BackupError)), (crash, repr(res.error))
             check_images(res, run_dir, wl, tally, f"seed {wl.seed} {crash}", fsync=fsync, modes=modes,
                          seed=seed + i)
+            for b, (path, at) in enumerate(bk.done if bk else ()):
+                tally.add(T.check_backup(path, os.path.join(run_dir, f"restored{b}"), wl, at), f"backup {path}")
+                tally.backups += 1
         finally:
             res.vfs.unregister()
             shutil.rmtree(run_dir)
@@ -136,6 +147,22 @@ def test_powerloss_extra_every_sync_point(template, tmp_path):
     T.print_table("Power-loss campaign (CI)", [tally])
     tally.assert_clean()
     assert tally.crash_states >= 100
+
+
+@pytest.mark.skipif(not T.have_module("backup"), reason="raft_sqlite.backup is not there")
+def test_powerloss_with_hot_backups(template, tmp_path):
+    """Hot backups every 6 operations; power lost at every sync point (including inside backups).
+    Every crash image holds every acknowledged write, and every backup that completed restores to
+    exactly the state at its point."""
+    t0 = time.monotonic()
+    tally = T.Tally("power loss FULL + backups")
+    s, w = enumerate_crashes(template, str(tmp_path), T.Workload(9, ops_per_group=10), tally, write_points=10,
+                             backup_every=6, modes=("lose", "garble"))
+    tally.notes.append(f"{s} sync points, {w} write points; {tally.backups} completed backups restored and checked")
+    tally.seconds = time.monotonic() - t0
+    T.print_table("Power-loss campaign (CI)", [tally])
+    tally.assert_clean()
+    assert tally.backups >= 50
 
 
 def test_powerloss_threaded_group_commit(template, tmp_path):

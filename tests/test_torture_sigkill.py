@@ -6,7 +6,9 @@ at a random moment (during start-up and open, or after a random number of acknow
 random delay), then reopens the store with STRICT recovery: every group must be exactly in its model
 state after its acknowledged operations, or one more (the operation in flight). Fsync modes cycle
 through FULL, NORMAL, OFF and EXTRA (all of them promise to survive a process crash); every other
-run writes from one thread per group, so that kills land inside coalesced group commits.
+run writes from one thread per group, so that kills land inside coalesced group commits; the other
+runs take a hot backup every 25 operations, and the newest backups completed before the kill are
+restored and must hold exactly the state at their point.
 30 kills in CI; ``-m slow`` does 500.
 """
 
@@ -36,14 +38,16 @@ def template(tmp_path_factory):
     return T.make_template(tmp_path_factory.mktemp("tpl") / "store")
 
 
-def kill_once(template: str, run_dir: str, i: int, rng: random.Random) -> tuple[dict, T.Workload, str, bool]:
-    """Start a writer on a copy of ``template``, SIGKILL it; returns (acked, workload, how, killed)."""
+def kill_once(template: str, run_dir: str, i: int, rng: random.Random):
+    """Start a writer on a copy of ``template``, SIGKILL it; returns (acked, workload, how, killed,
+    completed backups as (folder, acked at that point))."""
     data = T.copy_store(template, os.path.join(run_dir, "node"))
     seed, mode, threaded = 1000 + i, MODES[i % len(MODES)], (i // len(MODES)) % 2
+    backup_dir = os.path.join(run_dir, "backups") if T.have_module("backup") and not threaded else "-"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-c", CHILD, data, str(seed), str(OPS_PER_GROUP), mode.value,
-                          str(threaded)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         cwd=ROOT)
+                          str(threaded), backup_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=ROOT)
     lines = []
     r = rng.random()
     if r < 0.1:
@@ -72,15 +76,18 @@ def kill_once(template: str, run_dir: str, i: int, rng: random.Random) -> tuple[
     p.stderr.close()
     killed = p.returncode == -signal.SIGKILL
     assert not any(ln.startswith("ERROR") for ln in lines), (lines[-3:], err[-2000:])
-    acked = {}
+    acked, backups = {}, []
     for ln in lines:
         if ln.startswith("A "):
             _, g, k = ln.split()
             acked[g] = max(acked.get(g, 0), int(k))
+        elif ln.startswith("B "):
+            _, path, *at = ln.split()
+            backups.append((path, {g: int(k) for g, k in (x.split("=") for x in at)}))
     wl = T.Workload(seed, ops_per_group=OPS_PER_GROUP)
     for g in wl.groups:
         acked.setdefault(g, 0)
-    return acked, wl, f"run {i} {mode.value}{' threaded' if threaded else ''} {how}", killed
+    return acked, wl, f"run {i} {mode.value}{' threaded' if threaded else ''} {how}", killed, backups
 
 
 def campaign(template, tmp_path, kills: int, name: str) -> T.Tally:
@@ -91,12 +98,15 @@ def campaign(template, tmp_path, kills: int, name: str) -> T.Tally:
     for i in range(kills):
         run_dir = str(tmp_path / f"k{i}")
         os.makedirs(run_dir)
-        acked, wl, where, killed = kill_once(template, run_dir, i, rng)
+        acked, wl, where, killed, backups = kill_once(template, run_dir, i, rng)
         tally.kills += killed
         finished += not killed
         v = T.check_store(os.path.join(run_dir, "node"), wl, acked, fsync=FsyncMode.FULL)
         tally.crash_states += 1
         tally.add(v, where)
+        for b, (path, at) in enumerate(backups[-3:]):  # the newest ones (the kill may have hit the next)
+            tally.add(T.check_backup(path, os.path.join(run_dir, f"restored{b}"), wl, at), f"{where}: backup {path}")
+            tally.backups += 1
         shutil.rmtree(run_dir)
     tally.seconds = time.monotonic() - t0
     if finished:

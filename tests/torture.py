@@ -322,13 +322,48 @@ def open_store(path, *, fsync=FsyncMode.FULL, vfs=None, checkpoint_every: int | 
     return s
 
 
-def run_workload(store: NodeStore, wl: Workload, acked: dict, on_ack=None, upto: int | None = None) -> None:
-    """Run ``wl.order`` (its first ``upto`` steps) on ``store``; ``acked[g]`` counts returned ops."""
-    for g, k in wl.order[:upto]:
+def run_workload(store: NodeStore, wl: Workload, acked: dict, on_ack=None, upto: int | None = None,
+                 backups: Backups | None = None) -> None:
+    """Run ``wl.order`` (its first ``upto`` steps) on ``store``; ``acked[g]`` counts returned ops.
+    With ``backups``, a hot backup is taken every ``backups.every`` steps."""
+    for step, (g, k) in enumerate(wl.order[:upto], 1):
         execute(store, wl.ops(g)[k - 1])
         acked[g] = k
         if on_ack is not None:
             on_ack(g, k)
+        if backups is not None and step % backups.every == 0:
+            backups.take(store, acked)
+
+
+class Backups:
+    """Hot backups taken during a single-threaded workload (when :mod:`raft_sqlite.backup` is there):
+    ``done`` lists ``(backup folder, acked at that point)`` for every backup whose call returned."""
+
+    def __init__(self, backup_dir: str, every: int = 10, on_done=None):
+        self.dir, self.every, self.on_done = backup_dir, every, on_done
+        self.done: list[tuple[str, dict]] = []
+
+    def take(self, store: NodeStore, acked: dict) -> None:
+        from raft_sqlite.backup import HotBackupManager
+
+        at = dict(acked)
+        info = HotBackupManager(store, self.dir, step_pause=0).backup()
+        self.done.append((info.path, at))
+        if self.on_done is not None:
+            self.on_done(info.path, at)
+
+
+def check_backup(path: str, restore_dir: str, wl: Workload, acked: dict) -> Verdict:
+    """Restore the backup folder ``path`` into ``restore_dir`` (raft_sqlite.restore verifies every
+    checksum first) and check the result is exactly the model state at the backup (nothing in flight)."""
+    from raft_sqlite.backup import restore
+
+    try:
+        restore(path, restore_dir)
+    except Exception as exc:  # noqa: BLE001 - a refused restore is the finding
+        return Verdict(False, unopenable=True, acked=sum(acked.values()),
+                       detail=f"restore of {path} failed: {type(exc).__name__}: {exc}")
+    return check_store(restore_dir, wl, acked, in_flight=False)
 
 
 def run_threaded(store: NodeStore, wl: Workload, acked: dict, on_ack=None) -> list[BaseException]:
@@ -423,7 +458,8 @@ class Verdict:
     in_flight_applied: int = 0  # groups where the in-flight op turned out durable
 
 
-def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, fsync=FsyncMode.FULL) -> Verdict:
+def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, fsync=FsyncMode.FULL,
+                in_flight: bool = True) -> Verdict:
     """Reopen ``path`` with the normal VFS (STRICT) and compare each group with the model.
 
     Group ``g`` must be in state ``k`` for some ``floor[g] <= k <= acked[g] + 1`` (``floor``
@@ -447,7 +483,7 @@ def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, f
                 v.ok, v.lost = False, v.lost + 1
                 v.detail += f" group {g}: read failed: {type(exc).__name__}: {exc};"
                 continue
-            lo, hi = floor.get(g, 0), min(acked.get(g, 0) + 1, len(states) - 1)
+            lo, hi = floor.get(g, 0), min(acked.get(g, 0) + in_flight, len(states) - 1)
             match = [k for k in range(lo, hi + 1) if states[k] == got and
                      type(states[k].vote) is type(got.vote)]
             if not match:
@@ -474,6 +510,7 @@ class Tally:
     lost: int = 0
     unopenable: int = 0
     in_flight_applied: int = 0
+    backups: int = 0  # completed hot backups restored and checked
     seconds: float = 0.0
     failures: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -491,13 +528,13 @@ class Tally:
             f"{self.name}: lost={self.lost} unopenable={self.unopenable}\n" + "\n".join(self.failures)
 
 
-COLUMNS = ("campaign", "crash states", "kills", "faults injected", "acked writes checked", "lost",
-           "unopenable", "in-flight applied", "seconds")
+COLUMNS = ("campaign", "crash states", "kills", "faults injected", "acked writes checked", "backups restored",
+           "lost", "unopenable", "in-flight applied", "seconds")
 
 
 def table(tallies: list[Tally]) -> str:
     """The summary table as markdown."""
-    rows = [[t.name, t.crash_states, t.kills, t.faults, t.acked_checked, t.lost, t.unopenable,
+    rows = [[t.name, t.crash_states, t.kills, t.faults, t.acked_checked, t.backups, t.lost, t.unopenable,
              t.in_flight_applied, f"{t.seconds:.1f}"] for t in tallies]
     widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *rows)]
     fmt = "| " + " | ".join("{:>" + str(w) + "}" for w in widths) + " |"
@@ -610,7 +647,8 @@ class RunResult:
 
 
 def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.FULL, crash: dict | None = None,
-                  checkpoint_every: int | None = 40, threaded: bool = False, slow_ops: float = 0.0) -> RunResult:
+                  checkpoint_every: int | None = 40, threaded: bool = False, slow_ops: float = 0.0,
+                  backups: Backups | None = None) -> RunResult:
     """Copy ``template`` to ``run_dir/live``, open it through a fresh FaultVFS armed with ``crash``
     (``{"at_sync": n}`` / ``{"at_write": n}``, or None for a dry run), run ``wl`` and close. The
     returned RunResult holds the VFS (call ``write_crash_image``; then ``vfs.unregister()``)."""
@@ -630,7 +668,8 @@ def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.
                 if errs:
                     raise errs[0]
             else:
-                run_workload(store, wl, acked, on_ack=(lambda g, k: time.sleep(slow_ops)) if slow_ops else None)
+                run_workload(store, wl, acked, on_ack=(lambda g, k: time.sleep(slow_ops)) if slow_ops else None,
+                             backups=backups)
             store.close()
         except (RaftSqliteError, apsw.Error) as exc:
             err = exc
@@ -643,11 +682,13 @@ def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.
 
 # ---------------------------------------------------------------------------------------------- SIGKILL writer
 def writer_main(argv=None) -> None:
-    """``python -c 'from tests.torture import writer_main; writer_main()' DIR SEED OPS MODE THREADED``:
-    run the workload on DIR and print ``A <group> <k>`` (flushed) after each acknowledged op, then
-    ``DONE``. Exits 3 on an error."""
+    """``python -c 'from tests.torture import writer_main; writer_main()' DIR SEED OPS MODE THREADED
+    [BACKUP_DIR]``: run the workload on DIR and print ``A <group> <k>`` (flushed) after each
+    acknowledged op, ``B <folder> a=<k> b=<k> ...`` after each hot backup (single-threaded runs with
+    BACKUP_DIR: every 25 ops), then ``DONE``. Exits 3 on an error."""
     argv = sys.argv[1:] if argv is None else argv
     path, seed, ops, mode, threaded = argv[0], int(argv[1]), int(argv[2]), FsyncMode(argv[3]), argv[4] == "1"
+    backup_dir = argv[5] if len(argv) > 5 and argv[5] != "-" else None
     wl = Workload(seed, ops_per_group=ops)
     out = sys.stdout
     lock = threading.Lock()
@@ -667,7 +708,13 @@ def writer_main(argv=None) -> None:
                 if errs:
                     raise errs[0]
             else:
-                run_workload(s, wl, acked, ack)
+                def backed_up(p, at):
+                    with lock:
+                        out.write(f"B {p} {' '.join(f'{g}={k}' for g, k in at.items())}\n")
+                        out.flush()
+
+                run_workload(s, wl, acked, ack,
+                             backups=Backups(backup_dir, 25, backed_up) if backup_dir else None)
     except Exception as exc:  # noqa: BLE001
         out.write(f"ERROR {type(exc).__name__}: {exc}\n")
         out.flush()
