@@ -235,16 +235,12 @@ def test_powerloss_during_recovery(template, tmp_path):
     assert tally.crash_states >= 30
 
 
-def test_powerloss_normal_loss_window(template, tmp_path):
-    """NORMAL: commits are not fsynced, the WAL is fdatasynced every fsync_interval (2 ms here, the
-    workload acks slowly enough for syncs to land in between). Every write acknowledged before the
-    last completed interval sync must survive; the store must open."""
+def normal_campaign(template, tmp_path, tally, runs: int, seed: int = 6):
     t0 = time.monotonic()
-    tally = T.Tally("power loss NORMAL")
-    wl = T.Workload(6, ops_per_group=10)
-    rng = random.Random(6)
+    wl = T.Workload(seed, ops_per_group=10)
+    rng = random.Random(seed)
     floors = 0
-    for i in range(40):
+    for i in range(runs):
         run_dir = str(tmp_path / f"run{i}")
         with T.quiet():
             res = T.powerloss_run(template, run_dir, wl, fsync=FsyncMode.NORMAL,
@@ -257,9 +253,17 @@ def test_powerloss_normal_loss_window(template, tmp_path):
             shutil.rmtree(run_dir)
     tally.seconds = time.monotonic() - t0
     tally.notes.append(f"acknowledged writes inside the synced floor (must survive): {floors}")
+    assert floors > 0, "no interval sync ever completed: the NORMAL check was vacuous"
+
+
+def test_powerloss_normal_loss_window(template, tmp_path):
+    """NORMAL: commits are not fsynced, the WAL is fdatasynced every fsync_interval (2 ms here, the
+    workload acks slowly enough for syncs to land in between). Every write acknowledged before the
+    last completed interval sync must survive; the store must open."""
+    tally = T.Tally("power loss NORMAL")
+    normal_campaign(template, tmp_path, tally, 40)
     T.print_table("Power-loss campaign (CI)", [tally])
     tally.assert_clean()
-    assert floors > 0, "no interval sync ever completed: the NORMAL check was vacuous"
 
 
 def test_powerloss_off_opens(template, tmp_path):
@@ -286,16 +290,24 @@ def test_powerloss_off_opens(template, tmp_path):
 # ---------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_powerloss_slow_enumeration(template, tmp_path):
-    """>= 2,000 crash states: several seeds and bigger workloads, every sync point, FULL and EXTRA."""
-    t0 = time.monotonic()
+    """>= 2,000 crash states: several seeds and bigger workloads, every sync point, FULL and EXTRA,
+    with hot backups, and the NORMAL loss window."""
     tallies = []
-    for fsync, seeds in ((FsyncMode.FULL, range(100, 108)), (FsyncMode.EXTRA, range(200, 203))):
-        tally = T.Tally(f"power loss {fsync.value} (slow)")
+    for fsync, seeds, every in ((FsyncMode.FULL, range(100, 108), None), (FsyncMode.EXTRA, range(200, 203), None),
+                                (FsyncMode.FULL, range(300, 302), 7)):
+        t0 = time.monotonic()
+        tally = T.Tally(f"power loss {fsync.value}{' + backups' if every else ''} (slow)")
         for seed in seeds:
             enumerate_crashes(template, str(tmp_path), T.Workload(seed, ops_per_group=25), tally, fsync=fsync,
-                              write_points=60, seed=seed * 1000, checkpoint_every=30 + seed % 20)
+                              write_points=60, seed=seed * 1000, checkpoint_every=30 + seed % 20,
+                              backup_every=every if T.have_module("backup") else None)
         tally.seconds = time.monotonic() - t0
         tallies.append(tally)
+        T.print_table("Power-loss campaign (slow, so far)", [tally])
+    tally = T.Tally("power loss NORMAL (slow)")
+    for seed in (400, 401, 402):
+        normal_campaign(template, tmp_path / f"n{seed}", tally, 100, seed)
+    tallies.append(tally)
     T.print_table("Power-loss campaign (slow)", tallies)
     for t in tallies:
         t.assert_clean()
