@@ -162,8 +162,12 @@ class RaftSqliteJournal(_pso_journal.Journal):
       match the leader's; committed ones stay in the store, hidden from PySyncObj's view until it
       re-adds them (same term: no write) and visible again after a restart.
     - ``deleteEntriesTo(pos)``: drops ``journal[:pos]`` (log compaction after a full dump). The store
-      compacts only what its newest durable snapshot covers, and the view never starts later than
-      ``snapshot_index - 1``; with compaction ``"off"`` (no snapshot support) it keeps everything.
+      compacts only what its newest durable snapshot covers (its trigger refuses anything else).
+      Under a SyncObj (a :class:`RaftSqliteSerializer` attached) the view never starts later than
+      ``snapshot_index - 1``, so a lagging follower is always sent a snapshot that exists; with
+      compaction ``"off"`` it keeps everything. A journal used on its own honours the request as a
+      durable *logical* trim: the view's start is kept in the store's ``settings`` table (row
+      ``pysyncobj.view_start.<group>``) and the records stay until a durable snapshot covers them.
     - ``clear()``: empties the view (PySyncObj installs a dump next and re-adds its two entries); the
       store's tail above the re-added entries and its commit index is dropped on the next
       ``setRaftCommitIndex``/``flush``/one-second timer.
