@@ -230,6 +230,9 @@ def test_backups_while_snapshots_are_written_and_retained_restore_every_snapshot
 
     t = threading.Thread(target=snapshotter)
     t.start()
+    deadline = time.monotonic() + 10
+    while not ("s" in s.groups() and s.snapshots("s").latest()) and time.monotonic() < deadline:
+        time.sleep(0.005)
     m = HotBackupManager(s, tmp_path / "bk", pages_per_step=4, step_pause=0.0005)
     infos = [m.backup() for _ in range(3)]
     stop.set()
