@@ -131,7 +131,8 @@ def frames_backfilled(db_path: str, salts: bytes) -> bool:
 
 
 def lost_commits(db_path: str) -> str | None:
-    """Compare SQLite's view of the WAL (after it opened the file) with the recorded mark."""
+    """Compare SQLite's view of the WAL (after it opened the file) with the recorded mark; a
+    description of the loss, or None."""
     mark = read_mark(db_path)
     if mark is None:
         return None
@@ -145,23 +146,18 @@ def lost_commits(db_path: str) -> str | None:
     salts, mx = shm_state(hdr)
     msalts, mmx = mark
     if mx == 0:
-        # SQLite rejected the WAL (header damaged or file truncated): were frames of the marked
-        # generation recorded as durable?
+        # SQLite found no valid frame. Only a valid WAL header of the marked generation proves that
+        # marked frames are missing; an invalid header may be a torn WAL restart, which SQLite only
+        # does once every frame of the previous generation is in the database file.
+        from .validate import wal_header_salts
+
         try:
             with open(db_path + "-wal", "rb") as f:
-                head = f.read(32 + 24)
+                salts = wal_header_salts(f.read(32))
         except OSError:
-            head = b""
-        if _wal_header_ok(head) and head[16:24] != msalts:
-            # a valid header of a newer generation: SQLite restarts the WAL (new salts) only after
-            # every frame of the marked generation was checkpointed into the database file
+            salts = None
+        if salts is None:
             return None
-        if mmx > 0 and frames_backfilled(db_path, msalts):
-            return None  # e.g. a WAL restart whose new header was torn by a power cut
-        if mmx > 0 and (len(head) < 56 or head[32 + 8:32 + 16] == msalts or head[16:24] == msalts):
-            return (f"{db_path}-wal: SQLite ignores the WAL, but {mmx} frames of it were recorded as "
-                    "durable (damaged header or truncated file)")
-        return None
     if salts == msalts and mx < mmx:
         return (f"{db_path}-wal: only {mx} valid frames, but {mmx} were recorded as durable; SQLite would "
                 "silently drop committed transactions (damaged frame or truncated file)")

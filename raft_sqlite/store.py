@@ -152,6 +152,8 @@ class NodeStore:
         try:
             self._open_files()
             self._recover()
+            if self.fsync is not FsyncMode.OFF:
+                self._hwm = hwm.HighWaterMark(self.path)  # only once the store is known good
         except BaseException as exc:
             if isinstance(exc, StorageFault):
                 self._fault = exc  # close without SQLite's checkpoint-on-close (see _close_connections)
@@ -211,8 +213,6 @@ class NodeStore:
             lost = hwm.lost_commits(self.path)
             if lost and not self._wal_problems:
                 self._wal_problems.append(lost)
-            if self.fsync is not FsyncMode.OFF:
-                self._hwm = hwm.HighWaterMark(self.path)
         except apsw.Error as exc:
             raise self._translate(exc, "open") from exc
 
@@ -307,6 +307,9 @@ class NodeStore:
                     c.close()
         self._all_readers.clear()
         self._readers.clear()
+        if self._hwm is not None:
+            self._hwm.close()
+            self._hwm = None
 
     def __enter__(self) -> "NodeStore":
         return self

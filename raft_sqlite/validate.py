@@ -22,14 +22,34 @@ from .wal import _HEADER, _U32, BLOB_PAYLOAD, SPAN, load_open_segment
 log = logging.getLogger("raft_sqlite.recovery")
 
 
+def wal_header_salts(wal_head: bytes) -> bytes | None:
+    """The salts of a WAL header (first 32 bytes) if the header is valid (magic and checksum)."""
+    if len(wal_head) < 32:
+        return None
+    magic = struct.unpack_from(">I", wal_head, 0)[0]
+    if magic not in (0x377F0682, 0x377F0683):
+        return None
+    fmt = ">" if magic & 1 else "<"
+    s0 = s1 = 0
+    words = struct.unpack(fmt + "6I", wal_head[:24])
+    for i in range(0, 6, 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    if (s0, s1) != struct.unpack_from(">II", wal_head, 24):
+        return None
+    return wal_head[16:24]
+
+
 def wal_lost_commits(db_path: str) -> str | None:
-    """Detect committed transactions that SQLite will silently ignore: a damaged WAL frame (or header)
-    makes SQLite stop at the last valid commit before it, and every later commit is dropped without an
-    error. Called after SQLite has opened the file (its -shm index header then holds ``mxFrame``, the
-    end of what it will use) and before anything is written. If, beyond the first commit frame that
-    follows ``mxFrame``, there is any frame of the same WAL generation (same salts), a later transaction
-    was written after that commit was synced: acknowledged data is being dropped, which is corruption,
-    not a torn tail (a torn tail is always the last transaction). Returns a description or None.
+    """Detect committed transactions that SQLite will silently ignore: a damaged WAL frame makes SQLite
+    stop at the last valid commit before it, and every later commit is dropped without an error.
+    Called after SQLite has opened the file (its -shm index header then holds ``mxFrame``, the end of
+    what it will use) and before anything is written. If, beyond the first commit frame that follows
+    ``mxFrame`` (and the copies of it SQLite writes as sector padding), there is a frame of the same WAL
+    generation (same salts), a later transaction was written after that commit had been synced:
+    acknowledged data is being dropped, which is corruption, not a torn tail (a torn tail is always the
+    last transaction). Returns a description or None. The high-water mark (:mod:`raft_sqlite.hwm`)
+    covers truncated WALs; this scan covers stores whose mark is stale.
 
     Only meaningful for stores written with a syncing fsync mode (FULL/EXTRA): with NORMAL/OFF several
     unsynced transactions may legitimately be torn at a power cut.
@@ -53,39 +73,45 @@ def wal_lost_commits(db_path: str) -> str | None:
     if nframes <= mx:
         return None
     with open(wal, "rb") as f:
+        head = f.read(32)
+        salt = wal_header_salts(head)
+        if salt is None or (mx and salt != hdr[32:40]):
+            return None  # no valid header: nothing SQLite could have used is known to be lost
+        words = ">" if struct.unpack_from(">I", head, 0)[0] & 1 else "<"
+
         def frame(j):
             f.seek(32 + j * fs)
-            return f.read(24)
+            return f.read(fs)
 
-        salt = hdr[32:40] if mx else frame(0)[8:16]  # mx == 0: SQLite rejected the header itself
-        f.seek(0)
-        whead = f.read(32)
-        big = whead[:4] == b"\x37\x7f\x06\x83"
-
-        def is_commit(j, h):
-            """A commit frame whose own checksum verifies (seeded by the frame before it): a torn
-            frame header of the last, unsynced transaction can carry a random commit field."""
-            if h[8:16] != salt or struct.unpack_from(">I", h, 4)[0] == 0:
-                return False
-            seed = whead[24:32] if j == 0 else frame(j - 1)[16:24]
-            f.seek(32 + j * fs + 24)
-            ck = hwm.wal_checksum(h[:8] + f.read(page), struct.unpack(">II", seed), big)
-            return ck == struct.unpack_from(">II", h, 16)
+        def verifies(j, fr):
+            """Frame j's stored checksum follows from its predecessor's *stored* checksum (so one
+            damaged frame does not hide intact frames after it)."""
+            prev = head[24:32] if j == 0 else frame(j - 1)[16:24]
+            s0, s1 = struct.unpack(">II", prev)
+            data = struct.unpack(f"{words}{2 + page // 4}I", fr[:8] + fr[24:])
+            for i in range(0, len(data), 2):
+                s0 = (s0 + data[i] + s1) & 0xFFFFFFFF
+                s1 = (s1 + data[i + 1] + s0) & 0xFFFFFFFF
+            return (s0, s1) == struct.unpack_from(">II", fr, 16)
 
         commit = None
         for j in range(mx, nframes):
-            h = frame(j)
-            if is_commit(j, h):
-                commit = j
+            fr = frame(j)
+            if fr[8:16] == salt and struct.unpack_from(">I", fr, 4)[0] != 0 and verifies(j, fr):
+                commit = j, fr[:16]
                 break
         if commit is None:
             return None
-        if mx == 0 and hwm.frames_backfilled(db_path, salt):
-            return None  # a WAL restart whose new header was torn: the old generation is in the database
-        for j in range(commit + 1, nframes):
-            if frame(j)[8:16] == salt:
-                return (f"{wal}: frame {mx + 1} is damaged but later transactions (frame {j + 1} of "
-                        f"{nframes}) were written after it was synced; SQLite would silently drop "
+        j = commit[0] + 1
+        # sector padding: SQLite repeats the commit frame (same page number, db size and salts) up to a
+        # sector boundary when the device does not promise powersafe overwrite
+        while j < nframes and frame(j)[:16] == commit[1]:
+            j += 1
+        for k in range(j, nframes):
+            fr = frame(k)
+            if fr[8:16] == salt and verifies(k, fr):
+                return (f"{wal}: frame {mx + 1} is damaged but a later transaction (frame {k + 1} of "
+                        f"{nframes}) was written after it had been synced; SQLite would silently drop "
                         f"{nframes - mx} frames of committed data")
     return None
 
