@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--idle-seconds", type=float, default=1.0)
     ap.add_argument("--pages-per-step", type=int, default=1024)
     ap.add_argument("--step-pause", type=float, default=0.0005)
+    ap.add_argument("--nice", type=int, default=10, help="CPU priority decrease of the backup's threads "
+                    "(HotBackupManager's default: 10; 0 = same priority as the appender)")
     args = ap.parse_args()
     d = workdir()
     try:
@@ -135,7 +137,7 @@ def main():
               f"{time.perf_counter() - t0:.1f} s; raft.db = {os.path.getsize(os.path.join(path, 'raft.db')) >> 20} MiB")
         with NodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL) as s:
             mgr = HotBackupManager(s, os.path.join(d, "backups"), pages_per_step=args.pages_per_step,
-                                   step_pause=args.step_pause)
+                                   step_pause=args.step_pause, nice=args.nice)
             raw_rates, rawh_rates, bk_rates, idle, during = [], [], [], [], []
             wal = WalWatcher(os.path.join(path, "raft.db-wal"))
             app = Appender(s, s.log("bench").last_index + 1)
