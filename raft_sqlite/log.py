@@ -288,7 +288,7 @@ class PersistentRaftLog:
 
         def write(conn, g, moved):
             if moved:
-                conn.execute("UPDATE groups SET first_index=? WHERE group_id=?", (g.first_index, g.gid))
+                self._store._write_group(conn, g)
 
         store._run(name, check, write)
         store._compact_segments(name)

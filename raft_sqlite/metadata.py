@@ -22,6 +22,13 @@ def meta_crc(group_id: int, term: int, voted_for, commit: int) -> int:
     return zlib.crc32(f"{group_id}|{term}|{type(voted_for).__name__}:{voted_for}|{commit}".encode())
 
 
+def group_crc(group_id: int, name: str, first_index: int, snapshot_index: int, snapshot_term: int,
+              recovered_partially) -> int:
+    """CRC32 stored with a ``groups`` row (the transient ``truncate_permit`` is not covered)."""
+    return zlib.crc32(f"{group_id}|{name}|{first_index}|{snapshot_index}|{snapshot_term}|"
+                      f"{int(bool(recovered_partially))}".encode())
+
+
 def check_vote(v):
     if v is None or type(v) is str or (type(v) is int):
         return v
@@ -84,7 +91,7 @@ class RaftMetadataStore:
 
         def write(conn, g, changed):
             if changed:
-                conn.execute("UPDATE groups SET recovered_partially=0 WHERE group_id=?", (g.gid,))
+                self._store._write_group(conn, g)
 
         self._store._run(name, check, write)
 

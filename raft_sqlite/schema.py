@@ -83,6 +83,8 @@ groups = Table(
     # set only inside the transaction of truncate_after: entries above it may be deleted
     Column("truncate_permit", BigInteger, nullable=True),
     Column("recovered_partially", Integer, nullable=False, server_default="0"),
+    # CRC32 over group_id, name, first_index, snapshot_index, snapshot_term, recovered_partially
+    Column("crc32", BigInteger, nullable=False, server_default="0"),
 )
 
 log_entries = Table(

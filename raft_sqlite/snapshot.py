@@ -1160,8 +1160,7 @@ class SnapshotManager:
                 raise SnapshotError(f"group {name!r}: the parent {parent_id} of delta snapshot {sid} is gone")
             if index > g.snapshot_index or (index == g.snapshot_index and term != g.snapshot_term):
                 g.snapshot_index, g.snapshot_term = index, term
-                conn.execute("UPDATE groups SET snapshot_index=?, snapshot_term=? WHERE group_id=?",
-                             (index, term, g.gid))
+                store._write_group(conn, g)
             if not w.install:
                 return
             base = g.gid * (1 << 40)
@@ -1180,7 +1179,7 @@ class SnapshotManager:
                 conn.execute("DELETE FROM log_segments WHERE group_id=?", (g.gid,))
                 g.seg = None
                 g.last_index, g.last_term = index, term
-            conn.execute("UPDATE groups SET first_index=? WHERE group_id=?", (g.first_index, g.gid))
+            store._write_group(conn, g)
 
         store._run(name, check, write)
         if keep:

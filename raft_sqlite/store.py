@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import apsw
 
 from . import hwm, migrate, schema
-from .errors import (CompactionError, CorruptionError, LogConflictError, NodeIdentityMismatch,
+from .errors import (CompactionError, CorruptionError, LogCompactedError, LogConflictError, NodeIdentityMismatch,
                      RaftSqliteError, RecoveryRefused, StorageFault)
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .log import PersistentRaftLog
-from .metadata import RaftMetadataStore, meta_crc
+from .metadata import RaftMetadataStore, group_crc, meta_crc
 from .recovery import RecoveryPolicy, RecoveryReport
 from .wal import BLOB_PAYLOAD, SegmentPolicy, WalCompactor, WalReader, WalWriter
 
@@ -586,9 +586,19 @@ class NodeStore:
     def _create_group(self, conn, name: str) -> _Group:
         conn.execute("INSERT INTO groups(name, created_at) VALUES (?,?)", (name, time.time()))
         gid = conn.last_insert_rowid()
+        conn.execute("UPDATE groups SET crc32=? WHERE group_id=?", (group_crc(gid, name, 1, 0, 0, 0), gid))
         conn.execute("INSERT INTO raft_meta(group_id, current_term, voted_for, commit_index, crc32) "
                      "VALUES (?,?,?,?,?)", (gid, 0, None, 0, meta_crc(gid, 0, None, 0)))
         return _Group(gid, name)
+
+    def _write_group(self, conn, g: _Group) -> None:
+        """Persist the group row's durable fields (first index, snapshot point, partial flag) with
+        their CRC."""
+        conn.execute("UPDATE groups SET first_index=?, snapshot_index=?, snapshot_term=?, recovered_partially=?, "
+                     "crc32=? WHERE group_id=?",
+                     (g.first_index, g.snapshot_index, g.snapshot_term, int(bool(g.recovered_partially)),
+                      group_crc(g.gid, g.name, g.first_index, g.snapshot_index, g.snapshot_term,
+                                g.recovered_partially), g.gid))
 
     def _write_meta(self, conn, g: _Group, changed) -> None:
         if changed:
@@ -613,16 +623,20 @@ class NodeStore:
             removed += box[0] if box else 0
 
     # ------------------------------------------------------------------ replay (start-up)
-    def iter_replay(self, group="default", *, upto: int | None = None, chunk: int = 8192):
+    def iter_replay(self, group="default", *, upto: int | None = None, chunk: int = 8192, start: int | None = None):
         """Yield the log entries a state machine must apply at start-up, in index order: those after the
-        newest durable snapshot (``snapshot_index + 1``, or ``first_index``) up to ``upto`` (default: the
-        commit index; pass ``log.last_index`` to include uncommitted entries). Entries are read ``chunk``
-        at a time (bounded memory). Their CRCs were verified when the store was opened (and entries
-        written since were written by this process), so they are not checked a second time."""
+        newest durable snapshot (``snapshot_index + 1``, or ``first_index``; or from ``start``) up to
+        ``upto`` (default: the commit index; pass ``log.last_index`` to include uncommitted entries).
+        Entries are read ``chunk`` at a time (bounded memory). Their CRCs were verified when the store
+        was opened (and entries written since were written by this process), so they are not checked a
+        second time. Raises :class:`LogCompactedError` if ``start`` is below ``first_index``."""
         name = self._ensure_group(group)
         g = self._groups[name]
         hi = g.commit if upto is None else min(int(upto), g.last_index)
-        lo = max(g.first_index, g.snapshot_index + 1)
+        lo = max(g.first_index, g.snapshot_index + 1) if start is None else int(start)
+        if lo < g.first_index:
+            raise LogCompactedError(f"group {name!r}: replay from {lo} needs compacted entries (first index "
+                                    f"{g.first_index})")
         from .log import _KINDS, LogEntry
 
         sql = f"SELECT idx, term, kind, {BLOB_PAYLOAD} FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key"
@@ -639,16 +653,24 @@ class NodeStore:
             lo = top + 1
 
     def replay(self, group="default", apply=None, *, upto: int | None = None) -> int:
-        """Start-up replay for ``group``: if structures are registered with
-        :meth:`state_machine`, first load the newest valid snapshot chain into them; then call
-        ``apply(entry)`` for every entry of :meth:`iter_replay` in order. Returns the index of the last
-        entry applied (the snapshot index when there was nothing to replay)."""
+        """Start-up replay for ``group``. If structures are registered with :meth:`state_machine`,
+        first load the newest valid snapshot chain into them (``StateMachineSnapshotManager.restore``,
+        which falls back to an older chain when the newest is corrupt); then call ``apply(entry)`` for
+        every log entry after the restored snapshot up to ``upto`` (default: the commit index), in
+        order. Without registered structures, replay starts after the newest durable snapshot (the
+        caller loads snapshot bytes itself through :meth:`snapshots`). Returns the index of the last
+        entry applied (the snapshot's index when there was nothing to replay). If an older chain had
+        to be used and the log no longer holds the entries after it, raises
+        :class:`LogCompactedError`."""
         name = self._ensure_group(group)
         sm = self._views.get(("sm", name))
-        if sm is not None and getattr(sm, "structures", None):
-            sm.restore()
+        start = None
         last = self._groups[name].snapshot_index
-        for e in self.iter_replay(name, upto=upto):
+        if sm is not None and sm.names():
+            meta = sm.restore()
+            start = (meta.index + 1) if meta is not None else self._groups[name].first_index
+            last = meta.index if meta is not None else 0
+        for e in self.iter_replay(name, upto=upto, start=start):
             if apply is not None:
                 apply(e)
             last = e.index

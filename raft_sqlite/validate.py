@@ -15,7 +15,7 @@ import zlib
 
 from . import hwm
 from .errors import CorruptionError, RecoveryRefused
-from .metadata import meta_crc
+from .metadata import group_crc, meta_crc
 from .recovery import RecoveryPolicy
 from .wal import _HEADER, _U32, BLOB_PAYLOAD, SPAN, load_open_segment
 
@@ -141,11 +141,15 @@ def recover_groups(store, conn, report) -> None:
         report.outcome = "partial"
         wal_partial = True
     rows = conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
-                        "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32 "
+                        "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, g.crc32 "
                         "FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
     bad_snapshot_groups = recover_snapshots(store, conn, report)
-    for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc in rows:
+    for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc, gcrc in rows:
         report.groups += 1
+        if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
+            # its first index and snapshot point cannot be trusted: no policy can repair that locally
+            _problem(store, report, CorruptionError, f"{path}: group row {gid} ({name!r}) fails its CRC check",
+                     drop_ok=False)
         if gid in bad_snapshot_groups:
             partial = 1
             report.outcome = "partial"
@@ -195,7 +199,8 @@ def recover_groups(store, conn, report) -> None:
             commit, partial = last, 1
             report.outcome = "partial"
         if partial:
-            conn.execute("UPDATE groups SET recovered_partially=1 WHERE group_id=?", (gid,))
+            conn.execute("UPDATE groups SET recovered_partially=1, crc32=? WHERE group_id=?",
+                         (group_crc(gid, name, first, snap_idx, snap_term, 1), gid))
             conn.execute("UPDATE raft_meta SET voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
                          (vote, commit, meta_crc(gid, term, vote, commit), gid))
         seg = load_open_segment(conn, gid)

@@ -7,7 +7,7 @@ import apsw
 import pytest
 
 from raft_sqlite import (CorruptionError, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy)
-from raft_sqlite.metadata import meta_crc
+from raft_sqlite.metadata import group_crc, meta_crc
 from tests.conftest import open_store
 
 N = 40
@@ -141,9 +141,18 @@ def test_commit_beyond_log_is_a_shape_error(data_dir):
 
 def test_first_index_without_covering_snapshot_is_a_shape_error(data_dir):
     build(data_dir)
-    sql(data_dir, "UPDATE groups SET first_index=5")
+    sql(data_dir, f"UPDATE groups SET first_index=5, crc32={group_crc(1, 'g', 5, 0, 0, 0)}")
     with pytest.raises(RecoveryRefused, match="no durable snapshot covers 4"):
         open_store(data_dir, recovery=RecoveryPolicy.PARTIAL)
+
+
+@pytest.mark.parametrize("change", ["first_index=2", "snapshot_term=7", "name='h'", "recovered_partially=1"])
+def test_group_row_crc_checked_on_open(data_dir, change):
+    build(data_dir)
+    sql(data_dir, f"UPDATE groups SET {change}")
+    for policy in RecoveryPolicy:
+        with pytest.raises(CorruptionError, match="group row 1 .* fails its CRC check"):
+            open_store(data_dir, recovery=policy)
 
 
 def test_metadata_corruption_partial_drops_vote(data_dir):
@@ -164,3 +173,44 @@ def test_report_counts_and_event_per_open(data_dir):
         assert r.bytes_validated == sum(len(f"entry {i}") for i in range(1, N + 1))
         assert r.segments_validated == (N - 1) // 8 and r.duration > 0  # the last segment is open
     assert [e[:3] for e in events(data_dir)] == [("open", "STRICT", "created"), ("open", "STRICT", "clean")]
+
+
+class KV:
+    """A tiny state machine structure: applies 'k=v' commands."""
+
+    def __init__(self):
+        self.d = {}
+
+    def apply(self, e):
+        k, v = e.data.decode().split("=")
+        self.d[k] = v
+
+    def snapshot(self):
+        return json.dumps(self.d, sort_keys=True).encode()
+
+    def restore(self, data):
+        self.d = json.loads(data)
+
+
+def test_replay_restores_snapshot_then_applies_the_rest(data_dir):
+    with open_store(data_dir) as s:
+        lg, md = s.log("kv"), s.metadata("kv")
+        live = KV()
+        s.state_machine("kv").register("kv", live)
+        for i in range(1, 51):
+            e = LogEntry(i, 1, f"k{i % 7}={i}".encode())
+            lg.append([e])
+            md.set_commit_index(i)
+            live.apply(e)
+            if i == 30:
+                s.state_machine("kv").capture(30, 1)
+                lg.compact(30)
+        lg.append([LogEntry(51, 1, b"k0=uncommitted")])
+        expected = dict(live.d)
+    with open_store(data_dir) as s:
+        fresh = KV()
+        s.state_machine("kv").register("kv", fresh)
+        applied = []
+        last = s.replay("kv", lambda e: (applied.append(e.index), fresh.apply(e)))
+        assert last == 50 and applied == list(range(31, 51))  # snapshot covers 1..30, 51 is not committed
+        assert fresh.d == expected

@@ -6,6 +6,8 @@ import random
 import zlib
 
 import apsw
+
+from raft_sqlite.metadata import group_crc
 import pytest
 from conftest import open_store
 
@@ -149,7 +151,9 @@ def test_delta_chains_of_length_10_restore_equals_log_replay(data_dir):
         head10 = sm.snapshots.chains()[1][-1]
         c = apsw.Connection(str(data_dir / "raft.db"))
         c.execute("DELETE FROM snapshots WHERE snapshot_id > ?", (head10.id,))  # simulate: only chain 1
-        c.execute("UPDATE groups SET snapshot_index=?, first_index=1", (head10.index,))
+        gid = c.execute("SELECT group_id FROM groups WHERE name=?", (G,)).fetchone()[0]
+        c.execute("UPDATE groups SET snapshot_index=?, snapshot_term=?, first_index=1, crc32=?",
+                  (head10.index, head10.term, group_crc(gid, G, 1, head10.index, head10.term, 0)))
         c.close()
     with open_store(data_dir) as s:
         sm = s.state_machine(G)
