@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import apsw
 
 from . import migrate, schema
-from .metadata import meta_crc
+from .metadata import group_crc, meta_crc
 from .wal import _HEADER, _U32, SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
@@ -244,11 +244,14 @@ class _Verifier:
     def _groups(self, path):
         c = self.main
         rows = c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
-                         "m.commit_index, m.crc32, g.recovered_partially FROM groups g LEFT JOIN raft_meta m "
-                         "USING (group_id) ORDER BY g.group_id").fetchall()
-        for gid, name, first, snap_idx, term, vote, commit, mcrc, partial in rows:
+                         "m.commit_index, m.crc32, g.recovered_partially, g.snapshot_term, g.crc32 FROM groups g "
+                         "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
+        for gid, name, first, snap_idx, term, vote, commit, mcrc, partial, snap_term, gcrc in rows:
             self.rep.groups += 1
             where = f"{path}: group {name!r}"
+            if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
+                self.problem("group", schema.MAIN_DB, f"{where}: group row (first index {first}, snapshot "
+                             f"{snap_idx}/{snap_term}) fails its CRC check", name)
             if partial:
                 self.rep.warnings.append(f"{where}: recovered under PARTIAL: it may have lost committed entries or "
                                          "its vote; it must rejoin as a catch-up follower")

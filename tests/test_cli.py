@@ -325,6 +325,7 @@ def test_verify_clean_store_with_snapshot(tmp_path):
     ("UPDATE log_entries SET payload = substr(payload, 1, 3) || x'ff' WHERE group_id = 1 AND idx = 4", "record_crc"),
     ("UPDATE log_segments SET checksum = checksum + 1 WHERE segment_id = 1", "sidecar"),
     ("UPDATE raft_meta SET commit_index = 5 WHERE group_id = 2", "metadata"),
+    ("UPDATE groups SET snapshot_term = 4 WHERE group_id = 2", "group"),
     ("DELETE FROM log_entries WHERE group_id = 2 AND idx = 70", "gap"),
     ("chunk", "snapshot_chunk"),
 ])
