@@ -1,8 +1,12 @@
 """raft_sqlite: durable, transactional, inspectable storage for Raft nodes on WAL-mode SQLite.
 
-Start with :meth:`NodeStore.open`; see README.md for the tour and the guarantees.
+Start with :meth:`NodeStore.open`; see README.md for the tour and the guarantees. Metrics live in
+:mod:`raft_sqlite.metrics` (optional ``prometheus_client``), full validation in :mod:`raft_sqlite.verify`,
+the PySyncObj adapter in :mod:`raft_sqlite.integrations.pysyncobj`.
 """
 
+from .backup import (BackupBusy, BackupCancelled, BackupInfo, HotBackupManager, HotBackupScheduler, RestoreInfo,
+                     list_backups, restore, verify_backup)
 from .errors import (BackupError, CompactionError, CorruptionError, LogCompactedError, LogConflictError,
                      LogGapError, LogUnavailableError, MetadataError, NodeIdentityMismatch, RaftSqliteError,
                      RecoveryRefused, SnapshotError, StorageFault)
@@ -10,15 +14,22 @@ from .fsync import FSYNC_MODES, FsyncMode
 from .log import EntryKind, LogEntry, PersistentRaftLog
 from .metadata import HardState, RaftMetadataStore
 from .recovery import RECOVERY_POLICIES, RecoveryPolicy, RecoveryReport
+from .snapshot import (DeltaSnapshot, SnapshotChain, SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotReader,
+                       SnapshotScheduler, SnapshotStore, SnapshotWriter)
+from .statemachine import StateMachineSnapshotManager, StructureMismatchError
 from .store import NodeStore
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackupError", "CompactionError", "CorruptionError", "EntryKind", "FSYNC_MODES", "FsyncMode", "HardState",
+    "BackupBusy", "BackupCancelled", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",
+    "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "HardState", "HotBackupManager", "HotBackupScheduler",
     "LogCompactedError", "LogConflictError", "LogEntry", "LogGapError", "LogUnavailableError", "MetadataError",
     "NodeIdentityMismatch", "NodeStore", "PersistentRaftLog", "RECOVERY_POLICIES", "RaftMetadataStore",
-    "RaftSqliteError", "RecoveryPolicy", "RecoveryReport", "RecoveryRefused", "SegmentPolicy", "SnapshotError",
-    "StorageFault", "WalCompactor", "WalReader", "WalWriter", "__version__",
+    "RaftSqliteError", "RecoveryPolicy", "RecoveryReport", "RecoveryRefused", "RestoreInfo", "SegmentPolicy",
+    "SnapshotChain", "SnapshotError", "SnapshotKind", "SnapshotManager", "SnapshotMeta", "SnapshotReader",
+    "SnapshotScheduler", "SnapshotStore", "SnapshotWriter", "StateMachineSnapshotManager", "StorageFault",
+    "StructureMismatchError", "WalCompactor", "WalReader", "WalWriter", "__version__", "list_backups", "restore",
+    "verify_backup",
 ]

@@ -50,7 +50,7 @@ from typing import Self
 
 import apsw
 
-from . import schema
+from . import layout
 from .errors import BackupError, RaftSqliteError
 
 log = logging.getLogger("raft_sqlite.backup")
@@ -60,7 +60,7 @@ MANIFEST = "manifest.json"
 #: Version of the manifest layout itself.
 MANIFEST_VERSION = 1
 #: Database files a backup holds (in copy order) and the only names a manifest may list.
-DB_FILES = (schema.MAIN_DB, schema.CHUNKS_DB)
+DB_FILES = (layout.MAIN_DB, layout.CHUNKS_DB)
 #: Keys a manifest must have (restore refuses a manifest without them).
 REQUIRED_KEYS = ("manifest_version", "node_id", "cluster_id", "format_version", "library_version",
                  "created_at", "created_at_unix", "groups", "files")
@@ -345,7 +345,7 @@ class HotBackupManager:
                 at = time.time()
             facts = None
             chunk_counts = None
-            for name, src in ((schema.MAIN_DB, main_src), (schema.CHUNKS_DB, chunks_src)):
+            for name, src in ((layout.MAIN_DB, main_src), (layout.CHUNKS_DB, chunks_src)):
                 dest_path = os.path.join(folder, name)
                 t = time.perf_counter()
                 self._online_copy(src, dest_path, name, progress, cancel)
@@ -353,7 +353,7 @@ class HotBackupManager:
                 phases["copy"] += time.perf_counter() - t
                 dest = apsw.Connection(dest_path, flags=apsw.SQLITE_OPEN_READONLY)
                 try:
-                    if name == schema.MAIN_DB:
+                    if name == layout.MAIN_DB:
                         facts = _describe(dest)
                     else:
                         chunk_counts = dict(dest.execute(
@@ -799,9 +799,9 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
     fmt = manifest["format_version"]
     if type(fmt) is not int:
         raise BackupError(f"{mpath}: format_version must be an integer")
-    if fmt > schema.FORMAT_VERSION:
+    if fmt > layout.FORMAT_VERSION:
         raise BackupError(f"{mpath}: data format {fmt} is newer than this raft_sqlite supports "
-                          f"({schema.FORMAT_VERSION}); restore with a newer raft_sqlite")
+                          f"({layout.FORMAT_VERSION}); restore with a newer raft_sqlite")
     if not isinstance(manifest["created_at_unix"], (int, float)) or not isinstance(manifest["groups"], list):
         raise BackupError(f"{mpath}: created_at_unix must be a number and groups a list")
     files = manifest["files"]
@@ -904,7 +904,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         for tmp, final in tmps:
             os.rename(tmp, final)
         _fsync_path(target, directory=True)
-        event = _record_restore_event(os.path.join(target, schema.MAIN_DB), kind, src, manifest)
+        event = _record_restore_event(os.path.join(target, layout.MAIN_DB), kind, src, manifest)
         from .recovery import RecoveryPolicy
         from .store import NodeStore
         try:

@@ -35,7 +35,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import schema
+from . import layout
 from .errors import (
     BackupError,
     CompactionError,
@@ -159,7 +159,7 @@ def store_holder(data_dir: str) -> int | None:
 
     Queried with ``F_GETLK`` (no lock is taken). Call it before this process opens the database:
     closing any descriptor of the ``-shm`` file would drop this process's own SQLite locks on it."""
-    shm = os.path.join(data_dir, schema.MAIN_DB) + "-shm"
+    shm = os.path.join(data_dir, layout.MAIN_DB) + "-shm"
     if sys.platform != "linux" or not os.path.exists(shm):
         return None
     import fcntl
@@ -185,8 +185,8 @@ def _check_dir(data_dir: str) -> str:
         raise CliError(f"data_dir {data_dir!r} does not exist", EXIT_NOT_FOUND)
     if not os.path.isdir(data_dir):
         raise CliError(f"data_dir {data_dir!r} is not a directory", EXIT_NOT_FOUND)
-    if not os.path.isfile(os.path.join(data_dir, schema.MAIN_DB)):
-        raise CliError(f"{data_dir!r} is not a raft_sqlite data_dir (no {schema.MAIN_DB} in it)", EXIT_NOT_FOUND)
+    if not os.path.isfile(os.path.join(data_dir, layout.MAIN_DB)):
+        raise CliError(f"{data_dir!r} is not a raft_sqlite data_dir (no {layout.MAIN_DB} in it)", EXIT_NOT_FOUND)
     return data_dir
 
 
@@ -194,7 +194,7 @@ def open_main_readonly(data_dir: str) -> apsw.Connection:
     """Read-only connection on ``data_dir/raft.db`` after checking it is a raft_sqlite store; expected
     failures become :class:`CliError` (not found: exit 3; unreadable or not a store: exit 4)."""
     data_dir = _check_dir(data_dir)
-    path = os.path.join(data_dir, schema.MAIN_DB)
+    path = os.path.join(data_dir, layout.MAIN_DB)
     try:
         conn = open_readonly(path)
     except (apsw.NotADBError, apsw.CorruptError) as exc:
@@ -251,7 +251,7 @@ def collect_status(data_dir: str) -> dict:
     connection in one read transaction (a consistent view even while the node writes)."""
     data_dir = _check_dir(data_dir)
     holder = store_holder(data_dir)  # before opening: see store_holder()
-    path = os.path.join(data_dir, schema.MAIN_DB)
+    path = os.path.join(data_dir, layout.MAIN_DB)
     conn = open_main_readonly(data_dir)
     try:
         conn.execute("BEGIN")
@@ -445,14 +445,14 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
     as schema ``chunks``), ``query_only``, and an authorizer that denies every statement that could
     write or attach (INSERT/UPDATE/DELETE, DDL, ATTACH, setting a PRAGMA)."""
     conn = open_main_readonly(data_dir)
-    chunks = os.path.join(data_dir, schema.CHUNKS_DB)
+    chunks = os.path.join(data_dir, layout.CHUNKS_DB)
     if attach_chunks and os.path.isfile(chunks):
         from urllib.parse import quote
 
         try:
             conn.execute("ATTACH ? AS chunks", (f"file:{quote(os.path.abspath(chunks))}?mode=ro",))
         except apsw.Error as exc:
-            err.print(f"warning: {schema.CHUNKS_DB} not attached ({exc})")
+            err.print(f"warning: {layout.CHUNKS_DB} not attached ({exc})")
     conn.authorizer = _authorizer
     return conn
 
@@ -698,7 +698,7 @@ def _open_store_for_write(data_dir: str):
                        "or do this from inside the node process", EXIT_REFUSED)
     conn = open_main_readonly(data_dir)
     try:
-        node = _node_record(conn, os.path.join(data_dir, schema.MAIN_DB))
+        node = _node_record(conn, os.path.join(data_dir, layout.MAIN_DB))
         mode = (conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone() or ("FULL",))[0]
     finally:
         conn.close()

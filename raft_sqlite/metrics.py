@@ -64,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import schema
+from . import layout
 from .errors import RaftSqliteError
 from .wal import SPAN
 
@@ -311,7 +311,7 @@ def render_data_dir(data_dir) -> str:
     read-only connection; never writes."""
     from .verify import open_readonly
 
-    path = os.path.join(os.fspath(data_dir), schema.MAIN_DB)
+    path = os.path.join(os.fspath(data_dir), layout.MAIN_DB)
     conn = open_readonly(path)
     try:
         reg = CollectorRegistry()

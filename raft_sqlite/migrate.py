@@ -1,7 +1,7 @@
 """Bring a node's database files to the schema this code knows, through alembic.
 
 Opening a store that is already current costs one ``SELECT`` per file (the alembic version is compared
-with :data:`raft_sqlite.schema.MAIN_HEAD`/``CHUNKS_HEAD``); alembic and SQLAlchemy's engine are loaded
+with :data:`raft_sqlite.layout.MAIN_HEAD`/``CHUNKS_HEAD``); alembic and SQLAlchemy's engine are loaded
 only when a file must actually be created or upgraded.
 """
 
@@ -12,10 +12,10 @@ import importlib.resources
 
 import apsw
 
-from . import schema
+from . import layout
 from .errors import NodeIdentityMismatch
 
-BRANCHES = {schema.MAIN_DB: ("main", schema.MAIN_HEAD), schema.CHUNKS_DB: ("chunks", schema.CHUNKS_HEAD)}
+BRANCHES = {layout.MAIN_DB: ("main", layout.MAIN_HEAD), layout.CHUNKS_DB: ("chunks", layout.CHUNKS_HEAD)}
 
 
 def current_revision(conn: apsw.Connection) -> str | None:

@@ -39,16 +39,8 @@ class AnyValue(TypeDecorator):
     def process_result_value(self, value, dialect):
         return value
 
-#: Data format written into the node record. A store whose format is newer is refused.
-FORMAT_VERSION = 1
-#: alembic head revisions this code knows (checked against the migrations by the tests).
-MAIN_HEAD = "0002_main_views"
-CHUNKS_HEAD = "0001_chunks"
-MAIN_DB = "raft.db"
-CHUNKS_DB = "chunks.db"
-#: log key = group_id * KEY_SPAN + index: one b-tree, no secondary index on the append path.
-KEY_SHIFT = 40
-KEY_SPAN = 1 << KEY_SHIFT
+from .layout import CHUNKS_DB, CHUNKS_HEAD, FORMAT_VERSION, KEY_SHIFT, KEY_SPAN, MAIN_DB, MAIN_HEAD  # noqa: F401
+
 
 metadata = MetaData()
 chunks_metadata = MetaData()

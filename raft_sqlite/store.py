@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import apsw
 
-from . import hwm, migrate, schema
+from . import hwm, layout, migrate
 from .errors import (CompactionError, CorruptionError, LogCompactedError, LogConflictError, NodeIdentityMismatch,
-                     RaftSqliteError, RecoveryRefused, StorageFault)
+                     RaftSqliteError, StorageFault)
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore, group_crc, meta_crc
@@ -167,12 +167,12 @@ class NodeStore:
     @property
     def path(self) -> str:
         """Path of the main database file (``raft.db``)."""
-        return os.path.join(self.data_dir, schema.MAIN_DB)
+        return os.path.join(self.data_dir, layout.MAIN_DB)
 
     @property
     def chunks_path(self) -> str:
         """Path of the snapshot chunk database file (``chunks.db``)."""
-        return os.path.join(self.data_dir, schema.CHUNKS_DB)
+        return os.path.join(self.data_dir, layout.CHUNKS_DB)
 
     def _connect(self, path: str, *, query_only: bool = False) -> apsw.Connection:
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOMUTEX
@@ -193,7 +193,7 @@ class NodeStore:
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
             os.chmod(self.data_dir, 0o700)
         created = False
-        for name in (schema.MAIN_DB, schema.CHUNKS_DB):
+        for name in (layout.MAIN_DB, layout.CHUNKS_DB):
             p = os.path.join(self.data_dir, name)
             if not os.path.exists(p):
                 os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -201,8 +201,8 @@ class NodeStore:
         if created and FSYNC_MODES[self.fsync]["dir_sync"]:
             self.sync_dir()
         try:
-            self._conn = self._open_current(self.path, schema.MAIN_DB)
-            self.chunks_conn = self._open_current(self.chunks_path, schema.CHUNKS_DB)
+            self._conn = self._open_current(self.path, layout.MAIN_DB)
+            self.chunks_conn = self._open_current(self.chunks_path, layout.CHUNKS_DB)
             # Before anything is written (a write would overwrite the evidence): committed WAL frames
             # that SQLite would silently ignore after a damaged frame are corruption.
             row = self._conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone()
@@ -244,17 +244,17 @@ class NodeStore:
         try:
             if new_node:
                 c.execute("INSERT INTO node(id, node_id, cluster_id, format_version, created_at, crc32) "
-                          "VALUES (1,?,?,?,?,?)", (self.node_id, self.cluster_id, schema.FORMAT_VERSION, now,
-                                                    node_crc(self.node_id, self.cluster_id, schema.FORMAT_VERSION,
+                          "VALUES (1,?,?,?,?,?)", (self.node_id, self.cluster_id, layout.FORMAT_VERSION, now,
+                                                    node_crc(self.node_id, self.cluster_id, layout.FORMAT_VERSION,
                                                              now)))
                 report.outcome = "created"
             else:
                 nid, cid, fmt, created_at, crc = row
                 if node_crc(nid, cid, fmt, created_at) != crc:
                     raise CorruptionError(f"{self.path}: node record fails its CRC check")
-                if fmt > schema.FORMAT_VERSION:
+                if fmt > layout.FORMAT_VERSION:
                     raise NodeIdentityMismatch(f"{self.path}: data format {fmt} is newer than this raft_sqlite "
-                                               f"supports ({schema.FORMAT_VERSION})")
+                                               f"supports ({layout.FORMAT_VERSION})")
                 if nid != self.node_id or cid != self.cluster_id:
                     raise NodeIdentityMismatch(
                         f"{self.data_dir} belongs to node {nid!r} of cluster {cid!r}, not node {self.node_id!r} "
@@ -640,7 +640,7 @@ class NodeStore:
         from .log import _KINDS, LogEntry
 
         sql = f"SELECT idx, term, kind, {BLOB_PAYLOAD} FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key"
-        base = g.gid * schema.KEY_SPAN
+        base = g.gid * layout.KEY_SPAN
         while lo <= hi:
             top = min(hi, lo + chunk - 1)
             rows = self._read(lambda c: c.execute(sql, (base + lo, base + top)).fetchall())

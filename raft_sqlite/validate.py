@@ -13,7 +13,6 @@ import os
 import struct
 import zlib
 
-from . import hwm
 from .errors import CorruptionError, RecoveryRefused
 from .metadata import group_crc, meta_crc
 from .recovery import RecoveryPolicy

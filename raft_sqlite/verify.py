@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import apsw
 
-from . import migrate, schema
+from . import layout, migrate
 from .metadata import group_crc, meta_crc
 from .wal import _HEADER, _U32, SPAN
 
@@ -125,12 +125,12 @@ def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
     :class:`NotAStoreError` if ``data_dir`` holds no ``raft.db``; a file SQLite cannot read at all is
     reported as an ``integrity`` problem, not raised."""
     data_dir = os.fspath(data_dir)
-    main_path = os.path.join(data_dir, schema.MAIN_DB)
-    chunks_path = os.path.join(data_dir, schema.CHUNKS_DB)
+    main_path = os.path.join(data_dir, layout.MAIN_DB)
+    chunks_path = os.path.join(data_dir, layout.CHUNKS_DB)
     if not os.path.isdir(data_dir):
         raise NotAStoreError(f"{data_dir}: no such directory")
     if not os.path.isfile(main_path):
-        raise NotAStoreError(f"{data_dir}: not a raft_sqlite data_dir (no {schema.MAIN_DB})")
+        raise NotAStoreError(f"{data_dir}: not a raft_sqlite data_dir (no {layout.MAIN_DB})")
     t0 = time.monotonic()
     rep = VerifyReport(data_dir)
     v = _Verifier(rep, progress)
@@ -186,11 +186,11 @@ class _Verifier:
         return conn
 
     def run(self, main_path: str, chunks_path: str):
-        self.main = self._integrity(main_path, schema.MAIN_DB)
+        self.main = self._integrity(main_path, layout.MAIN_DB)
         if self.main is None:
             return
         c = self.main
-        self.chunks = self._integrity(chunks_path, schema.CHUNKS_DB)
+        self.chunks = self._integrity(chunks_path, layout.CHUNKS_DB)
         started = time.time()
         if self.chunks is not None:
             # chunks.db first, then raft.db: a snapshot finalized in between is re-checked (see _snapshots)
@@ -198,7 +198,7 @@ class _Verifier:
             try:
                 self.total += self.chunks.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0]
             except apsw.Error as exc:
-                self.problem("schema", schema.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
+                self.problem("schema", layout.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
                 self.chunks.execute("COMMIT")
                 self.chunks.close()
                 self.chunks = None
@@ -207,7 +207,7 @@ class _Verifier:
             self.total += c.execute("SELECT count(*) FROM log_entries").fetchone()[0]
         except apsw.Error as exc:
             c.execute("COMMIT")
-            self.problem("schema", schema.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
+            self.problem("schema", layout.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
             return
         self.tick("integrity raft.db", force=True)
         self.tick("integrity chunks.db", force=True)
@@ -227,19 +227,19 @@ class _Verifier:
 
         c = self.main
         rev = migrate.current_revision(c)
-        if rev != schema.MAIN_HEAD:
-            self.rep.warnings.append(f"{path}: schema revision {rev!r}, this code's head is {schema.MAIN_HEAD!r} "
+        if rev != layout.MAIN_HEAD:
+            self.rep.warnings.append(f"{path}: schema revision {rev!r}, this code's head is {layout.MAIN_HEAD!r} "
                                      "(upgraded on the next open)" if rev else f"{path}: no schema revision")
         row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
         if row is None:
-            self.problem("node", schema.MAIN_DB, f"{path}: the node record is missing")
+            self.problem("node", layout.MAIN_DB, f"{path}: the node record is missing")
             return
         nid, cid, fmt, created, crc = row
         if node_crc(nid, cid, fmt, created) != crc:
-            self.problem("node", schema.MAIN_DB, f"{path}: the node record fails its CRC check")
-        if fmt > schema.FORMAT_VERSION:
-            self.problem("node", schema.MAIN_DB,
-                         f"{path}: data format {fmt} is newer than this code supports ({schema.FORMAT_VERSION})")
+            self.problem("node", layout.MAIN_DB, f"{path}: the node record fails its CRC check")
+        if fmt > layout.FORMAT_VERSION:
+            self.problem("node", layout.MAIN_DB,
+                         f"{path}: data format {fmt} is newer than this code supports ({layout.FORMAT_VERSION})")
 
     def _groups(self, path):
         c = self.main
@@ -250,29 +250,29 @@ class _Verifier:
             self.rep.groups += 1
             where = f"{path}: group {name!r}"
             if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
-                self.problem("group", schema.MAIN_DB, f"{where}: group row (first index {first}, snapshot "
+                self.problem("group", layout.MAIN_DB, f"{where}: group row (first index {first}, snapshot "
                              f"{snap_idx}/{snap_term}) fails its CRC check", name)
             if partial:
                 self.rep.warnings.append(f"{where}: recovered under PARTIAL: it may have lost committed entries or "
                                          "its vote; it must rejoin as a catch-up follower")
             if term is None:
-                self.problem("metadata", schema.MAIN_DB, f"{where}: metadata row is missing", name)
+                self.problem("metadata", layout.MAIN_DB, f"{where}: metadata row is missing", name)
                 commit = 0
             elif meta_crc(gid, term, vote, commit) != mcrc:
-                self.problem("metadata", schema.MAIN_DB,
+                self.problem("metadata", layout.MAIN_DB,
                              f"{where}: metadata (term={term}, vote={vote!r}, commit={commit}) fails its CRC check",
                              name)
             durable = c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
                                 (gid,)).fetchone()[0] or 0
             if durable != snap_idx:
-                self.problem("shape", schema.MAIN_DB, f"{where}: snapshot index {snap_idx} in the group record "
+                self.problem("shape", layout.MAIN_DB, f"{where}: snapshot index {snap_idx} in the group record "
                              f"disagrees with the newest durable snapshot {durable}", name)
             if first > 1 and snap_idx < first - 1:
-                self.problem("shape", schema.MAIN_DB, f"{where}: first index {first} is above 1 but no durable "
+                self.problem("shape", layout.MAIN_DB, f"{where}: first index {first} is above 1 but no durable "
                              f"snapshot covers {first - 1}", name, first)
             last = self._log(where, gid, name, first)
             if commit > last:
-                self.problem("shape", schema.MAIN_DB,
+                self.problem("shape", layout.MAIN_DB,
                              f"{where}: commit index {commit} is beyond the last index {last}", name, commit)
 
     def _log(self, where, gid, name, first) -> int:
@@ -296,7 +296,7 @@ class _Verifier:
             if lowest is None:
                 lowest = idx
             if prev is not None and idx != prev + 1:
-                self.problem("gap", schema.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
+                self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
                              name, prev + 1)
             prev = idx
             payload = payload or b""
@@ -306,33 +306,33 @@ class _Verifier:
                 ok = False
             if not ok:
                 why = "" if ptype == "blob" else f": payload stored as {ptype}, not a BLOB"
-                self.problem("record_crc", schema.MAIN_DB,
+                self.problem("record_crc", layout.MAIN_DB,
                              f"{where}: CRC mismatch in log entry {idx} (segment {seg}){why}", name, idx)
             if not isinstance(term, int):
                 term = last_term
             if term < last_term:
-                self.problem("term", schema.MAIN_DB, f"{where}: term decreases at log entry {idx} "
+                self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
                              f"({last_term} -> {term})", name, idx)
             last_term = max(last_term, term)
             r = running.get(seg)
             if r is None:
                 r = running[seg] = [0, 0, 0]
                 if seg not in segs:
-                    self.problem("segment", schema.MAIN_DB,
+                    self.problem("segment", layout.MAIN_DB,
                                  f"{where}: log entry {idx} names segment {seg}, which does not exist", name, idx)
             r[0] = crc32(upack(crc), r[0])
             r[1] += 1
             r[2] += len(payload)
             s = segs.get(seg)
             if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
-                self.problem("segment", schema.MAIN_DB, f"{where}: log entry {idx} lies outside its segment {seg} "
+                self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment {seg} "
                              f"({s[0]}..{s[1]})", name, idx)
             self.rep.bytes_checked += len(payload)
             self.tick("log")
         self.rep.entries_checked += n
         last = max(first - 1, prev or 0)
         if n and lowest > first:
-            self.problem("gap", schema.MAIN_DB, f"{where}: log entries {first}..{lowest - 1} are missing (first "
+            self.problem("gap", layout.MAIN_DB, f"{where}: log entries {first}..{lowest - 1} are missing (first "
                          f"index {first}, first stored record {lowest})", name, first)
         for sid, (lo, hi, cnt, nbytes, cks) in sorted(segs.items()):
             if hi is None:
@@ -340,13 +340,13 @@ class _Verifier:
             self.rep.segments_checked += 1
             crc, got, gbytes = running.get(sid, (0, 0, 0))
             if got != cnt or got != hi - lo + 1:
-                self.problem("segment", schema.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {got} records, "
+                self.problem("segment", layout.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {got} records, "
                              f"its row says {cnt}", name, sid)
             elif crc != cks:
-                self.problem("sidecar", schema.MAIN_DB,
+                self.problem("sidecar", layout.MAIN_DB,
                              f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum", name, sid)
             if got == cnt and gbytes != nbytes:
-                self.problem("segment", schema.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {gbytes} payload "
+                self.problem("segment", layout.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {gbytes} payload "
                              f"bytes, its row says {nbytes}", name, sid)
         return last
 
@@ -366,22 +366,22 @@ class _Verifier:
             data = data or b""
             if dtype != "blob" or zlib.crc32(data) != ccrc:
                 bad += 1
-                probs.append(Problem("snapshot_chunk", schema.CHUNKS_DB, f"{chunks_path}: snapshot {sid} chunk {seq} "
+                probs.append(Problem("snapshot_chunk", layout.CHUNKS_DB, f"{chunks_path}: snapshot {sid} chunk {seq} "
                                      "fails its CRC32 check", name, sid))
             h.update(data)
             total += len(data)
         if status != "DURABLE":
             self.rep.warnings.append(f"{where}: status {status} (being written, or abandoned by a crash)")
         elif seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
-            probs.append(Problem("snapshot", schema.CHUNKS_DB, f"{where}: chunk sequence has gaps", name, sid))
+            probs.append(Problem("snapshot", layout.CHUNKS_DB, f"{where}: chunk sequence has gaps", name, sid))
         elif len(seqs) != count:
-            probs.append(Problem("snapshot", schema.CHUNKS_DB, f"{where}: {len(seqs)} chunks stored, manifest says "
+            probs.append(Problem("snapshot", layout.CHUNKS_DB, f"{where}: {len(seqs)} chunks stored, manifest says "
                                  f"{count}", name, sid))
         elif not bad and total != size:
-            probs.append(Problem("snapshot", schema.CHUNKS_DB, f"{where}: chunks hold {total} bytes, manifest says "
+            probs.append(Problem("snapshot", layout.CHUNKS_DB, f"{where}: chunks hold {total} bytes, manifest says "
                                  f"{size}", name, sid))
         elif not bad and checksum and h.hexdigest() != checksum:
-            probs.append(Problem("snapshot", schema.CHUNKS_DB, f"{where}: sha256 of the chunks does not match the "
+            probs.append(Problem("snapshot", layout.CHUNKS_DB, f"{where}: sha256 of the chunks does not match the "
                                  "manifest", name, sid))
         return len(seqs), probs
 
@@ -400,7 +400,7 @@ class _Verifier:
             where = f"{path}: group {name!r} snapshot {sid} (index {idx}, {kind})"
             self.rep.snapshots_checked += 1
             if name is None:
-                self.problem("snapshot", schema.MAIN_DB, f"{path}: snapshot {sid} belongs to unknown group {gid}",
+                self.problem("snapshot", layout.MAIN_DB, f"{path}: snapshot {sid} belongs to unknown group {gid}",
                              None, sid)
             if manifest_crc is not None and status == "DURABLE":
                 try:
@@ -409,14 +409,14 @@ class _Verifier:
                     self.rep.warnings.append(f"{where}: manifest CRC not checked ({exc})")
                     ok = True
                 if not ok:
-                    self.problem("snapshot", schema.MAIN_DB, f"{where}: manifest fails its CRC check", name, sid)
+                    self.problem("snapshot", layout.MAIN_DB, f"{where}: manifest fails its CRC check", name, sid)
             if kind == "DELTA":
                 p = by_id.get(parent)
                 if p is None:
-                    self.problem("snapshot_chain", schema.MAIN_DB, f"{where}: parent snapshot {parent} is missing",
+                    self.problem("snapshot_chain", layout.MAIN_DB, f"{where}: parent snapshot {parent} is missing",
                                  name, sid)
                 elif p[2] != gid or p[3] > idx or (status == "DURABLE" and p[6] != "DURABLE"):
-                    self.problem("snapshot_chain", schema.MAIN_DB, f"{where}: parent snapshot {parent} (group "
+                    self.problem("snapshot_chain", layout.MAIN_DB, f"{where}: parent snapshot {parent} (group "
                                  f"{p[1]!r}, index {p[3]}, {p[6]}) cannot be its base", name, sid)
             if self.chunks is None:
                 continue

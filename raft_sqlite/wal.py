@@ -21,14 +21,14 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from . import schema
+from . import layout
 from .errors import CorruptionError
 
 _HEADER = struct.Struct("<qqqB")
 #: SQL expression reading a record's payload only if it is a BLOB (NULL otherwise)
 BLOB_PAYLOAD = "CASE typeof(payload) WHEN 'blob' THEN payload END"
 _U32 = struct.Struct("<I")
-SPAN = schema.KEY_SPAN
+SPAN = layout.KEY_SPAN
 
 
 def record_crc(group_id: int, idx: int, term: int, kind: int, payload: bytes) -> int:
@@ -206,7 +206,7 @@ def load_open_segment(conn, group_id: int) -> OpenSegment | None:
             "SELECT idx, length(payload), crc32 FROM log_entries WHERE key >= ? AND key < ? ORDER BY key",
             (base + seg.first_index, base + SPAN)):
         if idx != seg.first_index + seg.count:
-            raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: open segment {seg.segment_id} has a gap "
+            raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: open segment {seg.segment_id} has a gap "
                                   f"at index {seg.first_index + seg.count} (found {idx})")
         seg.count += 1
         seg.nbytes += n
@@ -233,7 +233,7 @@ class WalReader:
             return None
         term, kind, payload, crc = row
         if record_crc(group_id, idx, term, kind, payload) != crc:
-            raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
+            raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
         return LogEntry(idx, term, payload, _KINDS[kind])
 
     def term(self, conn, group_id: int, idx: int) -> int | None:
@@ -261,7 +261,7 @@ class WalReader:
             except (TypeError, struct.error, OverflowError):
                 bad = True
             if bad:
-                raise CorruptionError(f"{schema.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
+                raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
             if limit >= 0:
                 total += len(payload)
                 if total > limit and idx > lo:
