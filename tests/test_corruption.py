@@ -15,6 +15,7 @@ CI runs CASES cases; `-m slow` runs >= 10,000.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -64,9 +65,71 @@ def build_pristine(root):
     return pristine, expected, extras
 
 
+class KV:
+    """State-machine structure with deltas: the last payload seen per key (key = payload % 13)."""
+
+    def __init__(self):
+        self.d, self.changed = {}, set()
+
+    def apply(self, e):
+        k = str(e.data[-1] % 13) if e.data else "empty"
+        self.d[k] = e.data.hex()
+        self.changed.add(k)
+
+    def snapshot(self):
+        self.changed.clear()
+        return json.dumps(self.d, sort_keys=True).encode()
+
+    def restore(self, data):
+        self.d, self.changed = json.loads(data), set()
+
+    def delta(self):
+        out = {k: self.d[k] for k in sorted(self.changed)}
+        self.changed.clear()
+        return json.dumps(out, sort_keys=True).encode()
+
+    def apply_delta(self, data):
+        self.d.update(json.loads(data))
+
+
+SNAP_GROUP = "alpha"
+
+
 def add_snapshots(store, expected):
-    """Hook for snapshot data in the campaign (filled in once snapshots exist). Returns extra expectations."""
-    return {}
+    """A delta chain on group alpha: FULL at 50, DELTAs at 100..250 (state-machine captures). Returns the
+    expected snapshots [(index, term, kind, bytes)] and the state at the chain's head."""
+    kv = KV()
+    sm = store.state_machine(SNAP_GROUP)
+    sm.register("kv", kv)
+    es = expected[SNAP_GROUP][0]
+    for upto in (50, 100, 150, 200, 250):
+        for e in es[upto - 50:upto]:
+            kv.apply(e)
+        sm.capture(upto, es[upto - 1].term)
+    snaps = []
+    for m in store.snapshots(SNAP_GROUP).list():
+        with store.snapshots(SNAP_GROUP).open(m) as r:
+            snaps.append((m.index, m.term, str(m.kind), r.read()))
+    assert [x[2] for x in snaps].count(str(snaps[0][2])) == 1 and len(snaps) == 5  # one FULL + 4 DELTAs
+    return {"snaps": snaps, "state": dict(kv.d)}
+
+
+def check_snapshots(s, extras):
+    """Every snapshot byte as written, and the state machine restored from the chain; returns False
+    when snapshots are missing (a documented PARTIAL drop)."""
+    got = []
+    for m in s.snapshots(SNAP_GROUP).list():
+        with s.snapshots(SNAP_GROUP).open(m) as r:
+            got.append((m.index, m.term, str(m.kind), r.read()))
+    assert got == extras["snaps"][:len(got)], "snapshot bytes differ from what was written"
+    if not got:
+        return False
+    kv = KV()
+    s.state_machine(SNAP_GROUP).register("kv", kv)
+    head = s.state_machine(SNAP_GROUP).restore()
+    if head.index == extras["snaps"][-1][0]:
+        assert kv.d == extras["state"], "restored state differs"
+    return len(got) == len(extras["snaps"])
 
 
 def read_everything(s):
@@ -81,7 +144,7 @@ def read_everything(s):
     return out
 
 
-def classify(data_dir, expected, policy):
+def classify(data_dir, expected, policy, extras=None):
     """Open ``data_dir`` under ``policy``; returns 'detected', 'harmless', 'dropped' (a documented drop)
     or raises AssertionError for a wrong read."""
     try:
@@ -91,8 +154,11 @@ def classify(data_dir, expected, policy):
     try:
         try:
             got = read_everything(s)
+            snaps_complete = check_snapshots(s, extras) if extras else True
         except RaftSqliteError:
             return "detected"  # caught when read, never returned
+        if not snaps_complete:
+            assert policy is RecoveryPolicy.PARTIAL, "snapshots missing after a non-PARTIAL open"
         dropped = False
         if policy is RecoveryPolicy.PARTIAL and s.recovery_report.outcome == "partial" and set(got) < set(expected):
             dropped = True  # documented: a damaged WAL can take whole groups' creation with it
@@ -126,7 +192,7 @@ def classify(data_dir, expected, policy):
                     assert r["partial"] or (n >= hard[2] and vote == hard[1])
             else:
                 assert not r["partial"]
-        return "dropped" if dropped else "harmless"
+        return "dropped" if dropped or not snaps_complete else "harmless"
     finally:
         s.close()
 
@@ -154,9 +220,9 @@ def mutate(rng, src, dst):
 
 
 def run_campaign(tmp_path, cases, seed):
-    pristine, expected, _ = build_pristine(str(tmp_path))
+    pristine, expected, extras = build_pristine(str(tmp_path))
     exp = {g: (v[0], v[1]) for g, v in expected.items()}
-    assert classify(pristine, exp, RecoveryPolicy.STRICT) == "harmless"  # the unmutated copy is intact
+    assert classify(pristine, exp, RecoveryPolicy.STRICT, extras) == "harmless"  # the unmutated copy is intact
     rng = random.Random(seed)
     counts = {p: {"detected": 0, "harmless": 0, "dropped": 0, "lost_tail": 0} for p in RecoveryPolicy}
     lost = []
@@ -167,7 +233,7 @@ def run_campaign(tmp_path, cases, seed):
             crng = random.Random(f"{seed}/{case}")  # the same mutation for every policy
             what = mutate(crng, pristine, d)
             try:
-                res = classify(d, exp, p)
+                res = classify(d, exp, p, extras)
                 counts[p][res] += 1
                 if res == "lost_tail":
                     lost.append(what)
