@@ -281,6 +281,21 @@ class NodeStore:
             log.warning("%s: dropped %s", self.data_dir, d)
         if FSYNC_MODES[self.fsync]["dir_sync"]:
             self.sync_dir()  # the WAL file now exists
+        if self.fsync in (FsyncMode.NORMAL, FsyncMode.OFF):
+            # The settings row now names this mode: make it durable before any unsynced commit, so that
+            # after a power cut recovery knows the WAL tail was written without syncs (several torn
+            # transactions are then expected, not committed data lost).
+            try:
+                fd = os.open(self.path + "-wal", os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._fault = exc
+                raise StorageFault(f"{self.data_dir}: WAL sync failed while opening ({exc})") from exc
 
     def close(self) -> None:
         """Stop background work and close every connection. Idempotent."""

@@ -323,10 +323,10 @@ def open_store(path, *, fsync=FsyncMode.FULL, vfs=None, checkpoint_every: int | 
 
 
 def run_workload(store: NodeStore, wl: Workload, acked: dict, on_ack=None, upto: int | None = None,
-                 backups: Backups | None = None) -> None:
-    """Run ``wl.order`` (its first ``upto`` steps) on ``store``; ``acked[g]`` counts returned ops.
+                 backups: Backups | None = None, start: int = 0) -> None:
+    """Run steps ``start`` to ``upto`` of ``wl.order`` on ``store``; ``acked[g]`` counts returned ops.
     With ``backups``, a hot backup is taken every ``backups.every`` steps."""
-    for step, (g, k) in enumerate(wl.order[:upto], 1):
+    for step, (g, k) in enumerate(wl.order[start:upto], start + 1):
         execute(store, wl.ops(g)[k - 1])
         acked[g] = k
         if on_ack is not None:
