@@ -12,3 +12,5 @@ CHUNKS_DB = "chunks.db"
 #: log key = group_id * KEY_SPAN + index: one b-tree, no secondary index on the append path.
 KEY_SHIFT = 40
 KEY_SPAN = 1 << KEY_SHIFT
+#: page size of chunks.db (set when the file is created; raft.db keeps SQLite's 4 KiB)
+CHUNKS_PAGE_SIZE = 65536
