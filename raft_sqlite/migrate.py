@@ -13,7 +13,7 @@ import importlib.resources
 import apsw
 
 from . import layout
-from .errors import NodeIdentityMismatch
+from .errors import CorruptionError, NodeIdentityMismatch, StorageFault
 
 BRANCHES = {layout.MAIN_DB: ("main", layout.MAIN_HEAD), layout.CHUNKS_DB: ("chunks", layout.CHUNKS_HEAD)}
 
@@ -43,8 +43,22 @@ def heads() -> dict[str, str]:
 
 
 def needs_upgrade(conn: apsw.Connection, db_name: str) -> bool:
-    """Fast check: is the file behind ``conn`` (one of :data:`BRANCHES`) at its head revision?"""
-    return current_revision(conn) != BRANCHES[db_name][1]
+    """Fast check: is the file behind ``conn`` (one of :data:`BRANCHES`) behind its head revision?
+
+    True for a fresh file (no tables at all) or an older revision. A file that holds tables but no
+    readable revision row is damaged, not fresh: running the migrations on it would write into a
+    corrupt store, so it raises :class:`CorruptionError` instead.
+    """
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    if "alembic_version" not in tables:
+        if tables:
+            raise CorruptionError(f"{conn.filename}: holds tables {sorted(tables)} but no schema revision "
+                                  "(alembic_version): the file is damaged or not a raft_sqlite database")
+        return True
+    rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][0], str) or not rows[0][0]:
+        raise CorruptionError(f"{conn.filename}: the schema revision row is damaged ({rows!r})")
+    return rows[0][0] != BRANCHES[db_name][1]
 
 
 def upgrade(path: str, db_name: str) -> bool:
@@ -56,6 +70,20 @@ def upgrade(path: str, db_name: str) -> bool:
     ``path`` first. Returns True when alembic ran. Raises :class:`NodeIdentityMismatch` if the file
     carries a revision this code does not know (written by a newer raft_sqlite).
     """
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        return _upgrade(path, db_name)
+    except (sqlite3.Error, DBAPIError) as exc:
+        orig = getattr(exc, "orig", None) or exc
+        if isinstance(orig, sqlite3.OperationalError) and ("disk I/O" in str(orig) or "full" in str(orig)):
+            raise StorageFault(f"{path}: schema migration failed: {orig}") from exc
+        raise CorruptionError(f"{path}: schema migration failed, the file is damaged: {orig}") from exc
+
+
+def _upgrade(path: str, db_name: str) -> bool:
     branch, head = BRANCHES[db_name]
     import sqlite3
 

@@ -177,14 +177,18 @@ class NodeStore:
     def _connect(self, path: str, *, query_only: bool = False) -> apsw.Connection:
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOMUTEX
         conn = apsw.Connection(path, flags=flags, vfs=self.vfs, statementcachesize=64)
-        conn.setbusytimeout(10_000)
-        for k, v in pragmas_for(self.fsync).items():
-            conn.execute(f"PRAGMA {k}={v}").fetchall()
-        if query_only:
-            conn.execute("PRAGMA query_only=1")
-        else:
-            one = ctypes.c_int(1)  # keep the WAL file across opens: it is reused, never re-created
-            conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(one))
+        try:
+            conn.setbusytimeout(10_000)
+            for k, v in pragmas_for(self.fsync).items():
+                conn.execute(f"PRAGMA {k}={v}").fetchall()
+            if query_only:
+                conn.execute("PRAGMA query_only=1")
+            else:
+                one = ctypes.c_int(1)  # keep the WAL file across opens: it is reused, never re-created
+                conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(one))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _open_files(self) -> None:
@@ -225,7 +229,14 @@ class NodeStore:
     def _open_current(self, path: str, db_name: str) -> apsw.Connection:
         """An apsw connection on ``path`` with the schema at head (alembic runs only if it is not)."""
         conn = self._connect(path)
-        if not migrate.needs_upgrade(conn, db_name):
+        try:
+            current = not migrate.needs_upgrade(conn, db_name)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, apsw.Error):
+                raise self._translate(exc, f"open of {db_name}") from exc
+            raise
+        if current:
             return conn
         conn.close()  # never let pysqlite (alembic) and apsw hold the same file open at once
         migrate.upgrade(path, db_name)
@@ -705,7 +716,10 @@ class NodeStore:
         try:
             conn = self._readers.pop()
         except IndexError:
-            conn = self._connect(self.path, query_only=True)
+            try:
+                conn = self._connect(self.path, query_only=True)
+            except apsw.Error as exc:  # e.g. the disk failed: a typed error, like every other read
+                raise self._translate(exc, "read") from exc
             self._all_readers.append(conn)
         try:
             return fn(conn)

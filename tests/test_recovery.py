@@ -214,3 +214,25 @@ def test_replay_restores_snapshot_then_applies_the_rest(data_dir):
         last = s.replay("kv", lambda e: (applied.append(e.index), fresh.apply(e)))
         assert last == 50 and applied == list(range(31, 51))  # snapshot covers 1..30, 51 is not committed
         assert fresh.d == expected
+
+
+@pytest.mark.parametrize("damage", ["bad-revision", "no-version-table", "truncated"])
+@pytest.mark.parametrize("policy", list(RecoveryPolicy))
+def test_damaged_schema_revision_is_corruption_not_a_fresh_file(data_dir, damage, policy):
+    # Found by the corruption campaign: a chunks.db whose alembic_version row read as NULL was taken for
+    # a fresh file, so open ran the migrations on the damaged file and leaked sqlalchemy's DatabaseError.
+    build(data_dir)
+    c = apsw.Connection(str(data_dir / "chunks.db"))
+    if damage == "bad-revision":
+        c.execute("UPDATE alembic_version SET version_num = x''")  # not a revision name
+    elif damage == "no-version-table":
+        c.execute("DROP TABLE alembic_version")
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    if damage == "truncated":  # keep page 1 (the schema) only: every other page reads past the end
+        with open(data_dir / "chunks.db", "r+b") as f:
+            f.truncate(65536 + 100)
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name.endswith(".db")}
+    with pytest.raises(CorruptionError, match="chunks.db" if damage != "truncated" else None):
+        open_store(data_dir, recovery=policy)
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name.endswith(".db")} == before
