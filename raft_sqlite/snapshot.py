@@ -251,8 +251,11 @@ class SnapshotStore:
             conn = self._readers.pop() if self._readers else None
         if conn is None:
             st._check_open()
-            conn = st._connect(st.chunks_path, query_only=True)
-            conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")  # chunks are read once
+            try:
+                conn = st._connect(st.chunks_path, query_only=True)
+                conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")  # chunks are read once
+            except apsw.Error as exc:
+                raise self._fault(exc, "snapshot chunk read") from exc
             st._all_readers.append(conn)  # closed with the store
         try:
             return fn(conn)

@@ -383,3 +383,40 @@ def test_failed_frame_write_after_wal_restart_reopens(template, tmp_path):
             vfs.unregister()
             v = T.check_store(live, WL, acked)
             assert v.ok, (nth, v.detail)
+
+
+def test_read_needing_a_new_connection_after_power_loss_is_a_storage_fault(template, tmp_path):
+    """Regression (found by the threaded power-loss campaign): a read that had to open a new pooled
+    connection after the disk had gone (here: after a simulated power cut) leaked apsw's IOError
+    instead of raising StorageFault, for log reads and for snapshot chunk reads alike."""
+    live, vfs, store, acked = start(template, tmp_path, "live", 5)
+    try:
+        with T.quiet():
+            g = WL.groups[0]
+            lg = store.log(g)
+            lg.append([LogEntry(lg.last_index + 1, 99, b"acked")])
+            vfs.arm_crash(at_sync=1)
+            with pytest.raises(StorageFault):
+                store.log(g).append([LogEntry(store.log(g).last_index + 1, 99, b"x")])
+            assert vfs.crashed
+            # empty both read pools so the next reads must open connections on the dead disk
+            store._readers.clear()
+            sstore = store.snapshots(g)._sstore
+            sstore._readers.clear()
+            with pytest.raises(StorageFault, match="IOError"):
+                lg.entries(lg.last_index, lg.last_index + 1)
+    finally:
+        store.close()
+        vfs.unregister()
+    # the disk goes away while the store is idle (not fail-stopped): a chunk read needing a new connection
+    live, vfs, store, acked = start(template, tmp_path, "live2", 5)
+    try:
+        with T.quiet():
+            sstore = store.snapshots(WL.groups[0])._sstore
+            sstore._readers.clear()
+            vfs.crashed = True
+            with pytest.raises(StorageFault, match="IOError"):
+                sstore.chunk_shape(1)
+    finally:
+        store.close()
+        vfs.unregister()
