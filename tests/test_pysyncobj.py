@@ -385,25 +385,46 @@ def _run_cluster(tmp_path, count, seed, *, backup_replace):
 
         if backup_replace:
             victim = rnd.choice(nodes)
+            others = [nd for nd in nodes if nd is not victim]
             bdir = tmp_path / "backups"
             path = victim.backup(str(bdir))
             assert path is not None and os.path.isfile(os.path.join(path, "manifest.json"))
-            for n in range(count, count + 50):  # written after the backup: must come from the leader
-                nodes[n % 3].send(f"set k{n} v{n}")
-            time.sleep(0.5)
+
+            def write_acked(keys, timeout=30.0):
+                # through the surviving nodes only (a command sent to a node that is then killed may
+                # never be acknowledged); wait until each is acknowledged, resending after a nack (no
+                # leader during an election) or a silent 5 s
+                deadline = time.monotonic() + timeout
+                pending = set(keys)
+                while pending and time.monotonic() < deadline:
+                    before = {nd.addr: len(nd.nacks) for nd in others}
+                    for n in sorted(pending):
+                        others[n % 2].send(f"set k{n} v{n}")
+                    t_end = time.monotonic() + 5
+                    while time.monotonic() < t_end:
+                        acked_now = set().union(*(nd.acks for nd in others))
+                        pending = {n for n in pending if f"k{n}" not in acked_now}
+                        if not pending or any(len(nd.nacks) > before[nd.addr] for nd in others):
+                            break
+                        time.sleep(0.05)
+                    if pending:
+                        pc.wait_leader(others, 10)
+                return pending
+
+            # written after the backup point: the replaced node can only get them from the leader
+            assert not write_acked(range(count, count + 50)), "writes after the backup not acknowledged"
             victim.kill()
             shutil.move(victim.data_dir, victim.data_dir + ".lost")
             from raft_sqlite.backup import restore
             restore(path, victim.data_dir)
             victim.start()
-            for n in range(count + 50, count + 100):
-                nodes[n % 3].send(f"set k{n} v{n}")
+            assert not write_acked(range(count + 50, count + 100)), "writes after the restore not acknowledged"
             states = pc.wait_converged(nodes, timeout=60)
             assert states is not None, "replaced node did not catch up"
             acked = set().union(*(nd.acks for nd in nodes))
-            data = states[0]["data"]
+            data = states[0]["data"]  # the same on every node, the replaced one included
             assert not sorted(k for k in acked if data.get(k) != "v" + k[1:])
-            assert sum(1 for n in range(count, count + 100) if f"k{n}" in data) >= 90
+            assert all(data.get(f"k{n}") == f"v{n}" for n in range(count, count + 100))
             report["replaced"] = victim.addr
 
         # the whole cluster dies at once (SIGKILL) and comes back from its data_dirs alone
