@@ -47,7 +47,7 @@ from .errors import (
 )
 from .fsync import FSYNC_MODES, FsyncMode
 from .verify import NotAStoreError, open_readonly
-from .wal import _HEADER, SPAN
+from .wal import _HEADER, INT, SPAN
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, EXIT_UNAVAILABLE = range(7)
 #: exit code -> meaning (printed by ``raft-sqlite --help`` and documented in docs/operations.md).
@@ -313,8 +313,8 @@ def _group_status(conn, gid: int, name: str, now: float) -> dict:
     m = conn.execute("SELECT current_term, voted_for, commit_index FROM raft_meta WHERE group_id=?",
                      (gid,)).fetchone() or (None, None, None)
     base = gid * SPAN
-    maxidx = conn.execute("SELECT max(idx) FROM log_entries WHERE key >= ? AND key < ?",
-                          (base, base + SPAN)).fetchone()[0] or 0
+    maxidx = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
+                          (base, base, base + SPAN)).fetchone()[0] or 0
     last = max(first - 1, maxidx)
     nseg, nsealed, oldest, sealed_bytes, sealed_entries = conn.execute(
         "SELECT count(*), count(last_index), min(created_at), COALESCE(sum(bytes), 0), COALESCE(sum(entry_count), 0) "
@@ -636,8 +636,8 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
         name, gid = _pick_group(conn, group)
         first = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()[0]
         base = gid * SPAN
-        last = max(first - 1, conn.execute("SELECT max(idx) FROM log_entries WHERE key >= ? AND key < ?",
-                                           (base, base + SPAN)).fetchone()[0] or 0)
+        last = max(first - 1, conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
+                                           (base, base, base + SPAN)).fetchone()[0] or 0)
         if lo is None and hi is None:
             hi = last
             lo = max(first, hi - limit + 1)
@@ -649,16 +649,18 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
         if clipped:
             hi = lo + limit - 1
         rows = []
-        for idx, term, kind, payload, ptype, crc, seg in conn.execute(
-                "SELECT idx, term, kind, CAST(payload AS BLOB), typeof(payload), crc32, segment FROM log_entries "
-                "WHERE key >= ? AND key <= ? ORDER BY key", (base + max(lo, 0), base + max(hi, -1))):
+        for idx, idx_col, term, kind, payload, ptype, crc, seg in conn.execute(
+                f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), typeof(payload), "
+                f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
+                "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
             payload = payload or b""
             try:
-                ok = ptype == "blob" and zlib.crc32(payload, zlib.crc32(_HEADER.pack(gid, idx, term, kind))) == crc
+                ok = ptype == "blob" and zlib.crc32(payload, zlib.crc32(_HEADER.pack(gid, idx_col, term, kind))) == crc
             except (TypeError, struct.error, OverflowError):
                 ok = False
             rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
-                         "crc32": f"{crc:08x}", "crc_ok": ok, "segment": seg, "compacted": idx < first,
+                         "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
+                         "compacted": idx < first,
                          "payload_prefix": payload[:16].hex()})
         conn.execute("COMMIT")
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import itertools
+import operator
 from typing import NamedTuple, Sequence
 
 from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
@@ -37,11 +39,35 @@ def _int(name: str, v) -> int:
     return v
 
 
+_INT_ONLY = {int}
+_BYTES_ONLY = {bytes}
+_KIND_ONLY = {EntryKind}
+_LOGENTRY_ONLY = {LogEntry}
+
+
+def _well_formed(entries) -> bool:
+    """Fast check, at C speed for big batches: every item is a LogEntry of int index >= 1, int term >= 0,
+    bytes data and an EntryKind, indexes contiguous and terms non-decreasing. False means "look closer"
+    (the slow path then raises the precise error or normalises the input)."""
+    if set(map(type, entries)) != _LOGENTRY_ONLY:
+        return False
+    idxs, terms, datas, kinds = zip(*entries)
+    if (set(map(type, idxs)) != _INT_ONLY or set(map(type, terms)) != _INT_ONLY
+            or set(map(type, datas)) != _BYTES_ONLY or set(map(type, kinds)) != _KIND_ONLY):
+        return False
+    first = idxs[0]
+    if first < 1 or terms[0] < 0 or idxs != tuple(range(first, first + len(idxs))):
+        return False
+    return all(map(operator.le, terms, itertools.islice(terms, 1, None)))
+
+
 def validate_entries(entries: Sequence) -> list[LogEntry]:
     """Type-check and normalise entries to a contiguous, term-monotone list of LogEntry (without
     looking at the log). Raises TypeError/ValueError, LogGapError or LogConflictError."""
     if isinstance(entries, (LogEntry, bytes, str)):
         raise TypeError("append() takes a sequence of LogEntry")
+    if type(entries) is list and len(entries) > 8 and _well_formed(entries):
+        return entries[:]  # a copy: the caller may reuse its list
     out = []
     prev = None
     for e in entries:

@@ -112,8 +112,8 @@ def _read_state(conn) -> dict:
                 "m.current_term, m.commit_index FROM groups g LEFT JOIN raft_meta m USING (group_id) "
                 "ORDER BY g.group_id").fetchall():
             base = gid * SPAN
-            maxidx = conn.execute("SELECT max(idx) FROM log_entries WHERE key >= ? AND key < ?",
-                                  (base, base + SPAN)).fetchone()[0] or 0
+            maxidx = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
+                                  (base, base, base + SPAN)).fetchone()[0] or 0
             nseg, oldest, sealed_bytes = conn.execute(
                 "SELECT count(*), min(created_at), COALESCE(sum(bytes), 0) FROM log_segments WHERE group_id=?",
                 (gid,)).fetchone()

@@ -104,6 +104,9 @@ log_segments = Table(
     Column("sealed_at", Float, nullable=True),
     # sidecar checksum: CRC32 over the little-endian record CRCs of the segment, in index order
     Column("checksum", BigInteger, nullable=True),
+    # content digest: CRC32 over "<term> <kind>\n" + payload of each record, in index order (see
+    # raft_sqlite.wal.CONTENT_SQL); NULL while open, and for segments sealed before revision 0003
+    Column("content_crc", BigInteger, nullable=True),
     Index("log_segments_group", "group_id", "first_index"),
 )
 

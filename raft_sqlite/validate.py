@@ -8,15 +8,18 @@ index beyond the last index; a snapshot chain with a broken link; a schema newer
 
 from __future__ import annotations
 
+import array
+import bisect
 import logging
 import os
 import struct
+import sys
 import zlib
 
 from .errors import CorruptionError, RecoveryRefused
 from .metadata import group_crc, meta_crc
 from .recovery import RecoveryPolicy
-from .wal import _HEADER, _U32, BLOB_PAYLOAD, SPAN, load_open_segment
+from .wal import _HEADER, _U32, BLOB_PAYLOAD, CONTENT_SQL, INT, SPAN, load_open_segment
 
 log = logging.getLogger("raft_sqlite.recovery")
 
@@ -181,14 +184,14 @@ def recover_groups(store, conn, report) -> None:
             new_last = bad_at - 1
             if new_last < commit:
                 commit, partial = new_last, 1
-            top = conn.execute("SELECT max(idx) FROM log_entries WHERE key >= ? AND key < ?",
-                               (gid * SPAN, (gid + 1) * SPAN)).fetchone()[0]
+            top = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
+                               (gid * SPAN, gid * SPAN, (gid + 1) * SPAN)).fetchone()[0]
             _drop_tail(conn, gid, new_last, commit)
             report.dropped.append({"group": name, "what": "log tail", "from_index": bad_at, "to_index": top})
             log.warning("%s: dropped log entries %d..%s (%s)", where, bad_at, top, report.problems[-1])
             report.outcome = "partial" if partial else "truncated"
             last = new_last
-            last_term = (conn.execute("SELECT term FROM log_entries WHERE key=?", (gid * SPAN + last,)).fetchone()
+            last_term = (conn.execute(f"SELECT {INT('term')} FROM log_entries WHERE key=?", (gid * SPAN + last,)).fetchone()
                          or (snap_term,))[0] if last >= first else snap_term
         if last < first - 1:
             last = first - 1
@@ -282,24 +285,88 @@ def recover_snapshots(store, conn, report) -> set[int]:
     return bad
 
 
+#: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
+#: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index.
+SEGMENT_CHECK_SQL = (
+    "SELECT count(*), min(key), max(key), sum(idx != key - ?1), sum(typeof(payload) != 'blob'), "
+    f"sum(typeof(term) != 'integer' OR typeof(kind) != 'integer'), min({INT('term')}), max({INT('term')}), "
+    f"sum(length(payload)), {CONTENT_SQL}, string_agg({INT('crc32')}, ','), sum({INT('segment')} IS NOT ?4) "
+    "FROM log_entries "
+    "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3")
+
+
+def check_sealed_segment(conn, base: int, sid: int, lo: int, hi: int, count, nbytes, checksum,
+                         content) -> tuple | None:
+    """Check sealed segment ``sid`` = ``lo..hi`` (with its recorded entry count, bytes, sidecar checksum
+    and content digest) with one SQLite aggregate: every index present exactly once with ``idx`` matching
+    its key and naming the segment, every payload a BLOB, terms and kinds integers, the content digest (which covers every term,
+    kind and payload byte) and the sidecar checksum (which covers every stored record CRC) as recorded.
+    Returns ``(min_term, max_term, payload_bytes)`` if all of that holds, else None (the caller then
+    checks record by record, to find the first bad index). Terms are non-decreasing within the segment
+    because they were when it was written and the digest proves nothing changed since."""
+    n = hi - lo + 1
+    row = conn.execute(SEGMENT_CHECK_SQL, (base, lo, hi, sid)).fetchone()
+    cnt, kmin, kmax, bad_idx, not_blob, bad_type, tmin, tmax, total, blob, crcs, other_seg = row
+    if (cnt != n or count != n or kmin != base + lo or kmax != base + hi or bad_idx or not_blob or bad_type
+            or other_seg or total != nbytes or blob is None or zlib.crc32(blob) != content or crcs is None):
+        return None
+    try:
+        packed = array.array("I", map(int, crcs.split(",")))
+    except (ValueError, OverflowError):  # a CRC column that is not a 32-bit integer
+        return None
+    if len(packed) != n:
+        return None
+    if sys.byteorder != "little":
+        packed.byteswap()
+    if zlib.crc32(packed.tobytes()) != checksum:
+        return None
+    return tmin, tmax, total
+
+
 def _scan(store, conn, report, gid, name, first):
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
     Returns ``(last_index, last_term, first_bad_index_or_None)``: on a problem, ``last_index`` is the
-    end of the valid prefix."""
+    end of the valid prefix.
+
+    Sealed segments with a content digest that start at the next expected index are checked with one
+    SQLite aggregate each (:func:`check_sealed_segment`); the rest (the open segment, a segment partly
+    below ``first``, segments sealed before revision 0003, and anything from the first segment that
+    fails the aggregate on) is checked record by record, which also pinpoints the first bad index."""
     base = gid * SPAN
     expect = first
     last_term = 0
-    segs = {sid: (lo, hi, cks) for sid, lo, hi, cks in conn.execute(
-        "SELECT segment_id, first_index, last_index, checksum FROM log_segments WHERE group_id=? AND "
-        "last_index IS NOT NULL AND last_index >= ?", (gid, first))}
-    running = {}
-    pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
     nbytes = 0
     where = f"{store.path}: group {name!r}"
+    sealed = conn.execute(
+        "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc FROM log_segments "
+        "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index", (gid, first)).fetchall()
+    suspect = None  # the segment that failed the aggregate check, if any
+    for sid, lo, hi, cnt, seg_bytes, cks, content in sealed:
+        if lo != expect or content is None:
+            break
+        ok = check_sealed_segment(conn, base, sid, lo, hi, cnt, seg_bytes, cks, content)
+        if ok is None or ok[0] < last_term:
+            suspect = (sid, lo, hi)
+            break
+        last_term = ok[1]
+        nbytes += ok[2]
+        report.segments_validated += 1
+        expect = hi + 1
+    report.entries_validated += expect - first
+    start = expect
+    segs = {sid: (lo, hi, cks) for sid, lo, hi, cnt, seg_bytes, cks, content in sealed if lo >= start}
+    # which segment each record must name: the one with the highest first index at or below it
+    starts = conn.execute("SELECT first_index, segment_id FROM log_segments WHERE group_id=? ORDER BY first_index",
+                          (gid,)).fetchall()
+    k = max(0, bisect.bisect_right(starts, (start, float("inf"))) - 1)
+    own_sid = starts[k][1] if starts else None
+    next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+    running = {}
+    pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
     bad = None
     for idx, term, kind, payload, crc, seg in conn.execute(
-            f"SELECT idx, term, kind, {BLOB_PAYLOAD}, crc32, segment FROM log_entries WHERE key >= ? AND key < ? "
-            "ORDER BY key", (base + first, base + SPAN)):
+            f"SELECT {INT('idx')}, {INT('term')}, {INT('kind')}, {BLOB_PAYLOAD}, {INT('crc32')}, {INT('segment')} "
+            "FROM log_entries WHERE key >= ? AND key < ? ORDER BY key", (base + start, base + SPAN)):
         if idx != expect:
             report.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")
             bad = expect
@@ -316,22 +383,32 @@ def _scan(store, conn, report, gid, name, first):
             report.problems.append(f"{where}: term decreases at log entry {idx}")
             bad = idx
             break
+        while next_lo is not None and idx >= next_lo:
+            k += 1
+            own_sid = starts[k][1]
+            next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+        if seg != own_sid:
+            report.problems.append(f"{where}: log entry {idx} names segment {seg}, not {own_sid}")
+            bad = idx
+            break
         nbytes += len(payload)
         if seg in segs:
             running[seg] = crc32(upack(crc), running.get(seg, 0))
         last_term = term
         expect += 1
-    report.entries_validated += expect - first
+    report.entries_validated += expect - start
     report.bytes_validated += nbytes
     if bad is not None:
         return expect - 1, last_term, bad
     for sid, (lo, hi, cks) in sorted(segs.items(), key=lambda kv: kv[1][0]):
-        if lo < first:
-            continue  # partly compacted: the verify command checks it whole
         report.segments_validated += 1
         if running.get(sid, 0) != cks:
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum")
             return lo - 1, last_term, lo
+    if suspect is not None:  # every record checks out one by one, so the segment row itself is damaged
+        sid, lo, hi = suspect
+        report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its content digest or counts")
+        return lo - 1, last_term, lo
     return expect - 1, last_term, None
 
 
@@ -343,5 +420,5 @@ def _drop_tail(conn, gid: int, keep_through: int, commit: int) -> None:
     conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (gid,))
     conn.execute("DELETE FROM log_segments WHERE group_id=? AND first_index > ?", (gid, keep_through))
     conn.execute("UPDATE log_segments SET last_index=NULL, entry_count=NULL, bytes=NULL, sealed_at=NULL, "
-                 "checksum=NULL WHERE group_id=? AND last_index > ?", (gid, keep_through))
+                 "checksum=NULL, content_crc=NULL WHERE group_id=? AND last_index > ?", (gid, keep_through))
 

@@ -38,7 +38,7 @@ import apsw
 
 from . import layout, migrate
 from .metadata import group_crc, meta_crc
-from .wal import _HEADER, _U32, SPAN
+from .wal import _HEADER, _U32, INT, SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
 PROBLEM_KINDS = ("integrity", "node", "schema", "metadata", "record_crc", "gap", "term", "sidecar", "segment",
@@ -136,6 +136,9 @@ def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
     v = _Verifier(rep, progress)
     try:
         v.run(main_path, chunks_path)
+    except UnicodeDecodeError as exc:  # a TEXT column (name, vote, manifest) holding bytes that are not UTF-8
+        v.problem("integrity", layout.MAIN_DB, f"{data_dir}: a text column holds bytes that are not UTF-8 ({exc}); "
+                  "the checks after it did not run")
     finally:
         v.close()
         rep.duration = time.monotonic() - t0
@@ -276,59 +279,117 @@ class _Verifier:
                              f"{where}: commit index {commit} is beyond the last index {last}", name, commit)
 
     def _log(self, where, gid, name, first) -> int:
-        """Check every stored record of the group and its segments; returns the last index."""
+        """Check every stored record of the group and its segments; returns the last index.
+
+        Sealed segments with a content digest are checked with one SQLite aggregate each
+        (:func:`raft_sqlite.validate.check_sealed_segment`: presence, keys, types, segment column,
+        content digest over every term/kind/payload byte, sidecar over every stored record CRC); every
+        other record (open segment, segments sealed before revision 0003, records outside any segment,
+        and every segment whose aggregate fails) is checked one by one, which also names the bad index."""
+        from .validate import check_sealed_segment
+
         c = self.main
         base = gid * SPAN
         segs = {sid: [lo, hi, cnt, nbytes, cks] for sid, lo, hi, cnt, nbytes, cks in c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum FROM log_segments "
             "WHERE group_id=?", (gid,))}
         running: dict[int, list[int]] = {}  # segment -> [crc, count, bytes]
+        fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
+        suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
+        problems_before = len(self.rep.problems)
+        for sid, lo, hi, cnt, nbytes, cks, content in c.execute(
+                "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
+                "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
+                "ORDER BY first_index", (gid,)).fetchall():
+            ok = check_sealed_segment(c, base, sid, lo, hi, cnt, nbytes, cks, content)
+            if ok is not None and lo not in fast:
+                fast[lo] = (sid, hi, *ok)
+                running[sid] = [cks, cnt, nbytes]
+            elif ok is None:
+                suspects.append((sid, lo, hi))
+        # the key ranges left to check record by record, in order, around the segments checked in SQLite
+        ranges, at = [], 1
+        for lo in sorted(fast):
+            if lo < at:
+                continue
+            ranges.append((at, lo - 1))
+            ranges.append(fast[lo])
+            at = fast[lo][1] + 1
+        ranges.append((at, SPAN - 1))
         pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
         prev = None
         lowest = None
         last_term = 0
         n = 0
-        # CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway
-        for idx, term, kind, payload, ptype, crc, seg in c.execute(
-                "SELECT idx, term, kind, CAST(payload AS BLOB), typeof(payload), crc32, segment FROM log_entries "
-                "WHERE key >= ? AND key < ? ORDER BY key", (base, base + SPAN)):
-            n += 1
-            if lowest is None:
-                lowest = idx
-            if prev is not None and idx != prev + 1:
-                self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
-                             name, prev + 1)
-            prev = idx
-            payload = payload or b""
-            try:
-                ok = ptype == "blob" and crc32(payload, crc32(pack(gid, idx, term, kind))) == crc
-            except (TypeError, struct.error, OverflowError):
-                ok = False
-            if not ok:
-                why = "" if ptype == "blob" else f": payload stored as {ptype}, not a BLOB"
-                self.problem("record_crc", layout.MAIN_DB,
-                             f"{where}: CRC mismatch in log entry {idx} (segment {seg}){why}", name, idx)
-            if not isinstance(term, int):
-                term = last_term
-            if term < last_term:
-                self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
-                             f"({last_term} -> {term})", name, idx)
-            last_term = max(last_term, term)
-            r = running.get(seg)
-            if r is None:
-                r = running[seg] = [0, 0, 0]
-                if seg not in segs:
-                    self.problem("segment", layout.MAIN_DB,
-                                 f"{where}: log entry {idx} names segment {seg}, which does not exist", name, idx)
-            r[0] = crc32(upack(crc), r[0])
-            r[1] += 1
-            r[2] += len(payload)
-            s = segs.get(seg)
-            if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
-                self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment {seg} "
-                             f"({s[0]}..{s[1]})", name, idx)
-            self.rep.bytes_checked += len(payload)
-            self.tick("log")
+        for rng in ranges:
+            if len(rng) == 5:  # a segment checked in SQLite: account for it as a whole
+                sid, hi, tmin, tmax, nbytes = rng
+                lo = segs[sid][0]
+                if lowest is None:
+                    lowest = lo
+                if prev is not None and lo != prev + 1:
+                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{lo - 1} are missing",
+                                 name, prev + 1)
+                if tmin < last_term:
+                    self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {lo} "
+                                 f"({last_term} -> {tmin})", name, lo)
+                last_term = max(last_term, tmax)
+                prev = hi
+                n += hi - lo + 1
+                self.rep.bytes_checked += nbytes
+                self.tick("log", hi - lo + 1)
+                continue
+            r_lo, r_hi = rng
+            if r_hi < r_lo:
+                continue
+            n_before = n
+            # CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway
+            for idx, idx_col, term, kind, payload, ptype, crc, seg in c.execute(
+                    f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), "
+                    f"typeof(payload), {INT('crc32')}, {INT('segment')} FROM log_entries "
+                    "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key", (base, r_lo, r_hi)):
+                n += 1
+                if idx_col != idx:
+                    self.problem("record_crc", layout.MAIN_DB, f"{where}: log entry {idx} has a damaged index "
+                                 f"column ({idx_col!r})", name, idx)
+                if lowest is None:
+                    lowest = idx
+                if prev is not None and idx != prev + 1:
+                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
+                                 name, prev + 1)
+                prev = idx
+                payload = payload or b""
+                try:
+                    ok = ptype == "blob" and crc32(payload, crc32(pack(gid, idx_col, term, kind))) == crc
+                except (TypeError, struct.error, OverflowError):
+                    ok = False
+                if not ok:
+                    why = "" if ptype == "blob" else f": payload stored as {ptype}, not a BLOB"
+                    self.problem("record_crc", layout.MAIN_DB,
+                                 f"{where}: CRC mismatch in log entry {idx} (segment {seg}){why}", name, idx)
+                if not isinstance(term, int):
+                    term = last_term
+                if term < last_term:
+                    self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
+                                 f"({last_term} -> {term})", name, idx)
+                last_term = max(last_term, term)
+                r = running.get(seg)
+                if r is None:
+                    r = running[seg] = [0, 0, 0]
+                    if seg not in segs:
+                        self.problem("segment", layout.MAIN_DB,
+                                     f"{where}: log entry {idx} names segment {seg}, which does not exist", name, idx)
+                r[0] = crc32(upack(crc), r[0])
+                r[1] += 1
+                r[2] += len(payload)
+                s = segs.get(seg)
+                if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
+                    self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment "
+                                 f"{seg} ({s[0]}..{s[1]})", name, idx)
+                self.rep.bytes_checked += len(payload)
+                if (n - n_before) % 2000 == 0:
+                    self.tick("log", 2000)
+            self.tick("log", (n - n_before) % 2000)
         self.rep.entries_checked += n
         last = max(first - 1, prev or 0)
         if n and lowest > first:
@@ -348,6 +409,14 @@ class _Verifier:
             if got == cnt and gbytes != nbytes:
                 self.problem("segment", layout.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {gbytes} payload "
                              f"bytes, its row says {nbytes}", name, sid)
+        found = self.rep.problems[problems_before:]
+        for sid, lo, hi in suspects:
+            # every record and the sidecar check out one by one, yet the digest does not: a record was
+            # re-signed consistently (CRC and sidecar), or the segment row's digest itself is damaged
+            if not any((p.kind in ("record_crc", "gap", "term") and p.index is not None and lo <= p.index <= hi)
+                       or (p.kind in ("segment", "sidecar") and p.index == sid) for p in found):
+                self.problem("sidecar", layout.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) fails its content "
+                             "digest", name, sid)
         return last
 
     def _chunks(self, sid, name, where, chunks_path, status, size, count, checksum):

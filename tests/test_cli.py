@@ -3,9 +3,11 @@
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import apsw
 import pytest
@@ -324,6 +326,10 @@ def test_verify_clean_store_with_snapshot(tmp_path):
     # `||` on a BLOB yields TEXT: the row now holds invalid UTF-8 text where a BLOB belongs
     ("UPDATE log_entries SET payload = substr(payload, 1, 3) || x'ff' WHERE group_id = 1 AND idx = 4", "record_crc"),
     ("UPDATE log_segments SET checksum = checksum + 1 WHERE segment_id = 1", "sidecar"),
+    ("UPDATE log_segments SET content_crc = content_crc + 1 WHERE segment_id = 1", "sidecar"),
+    # a kind changed and its record CRC and the segment's sidecar re-signed: only the content digest knows
+    ("resign", "sidecar"),
+    ("UPDATE log_entries SET segment = 99 WHERE group_id = 1 AND idx = 5", "segment"),
     ("UPDATE raft_meta SET commit_index = 5 WHERE group_id = 2", "metadata"),
     ("UPDATE groups SET snapshot_term = 4 WHERE group_id = 2", "group"),
     ("DELETE FROM log_entries WHERE group_id = 2 AND idx = 70", "gap"),
@@ -335,6 +341,16 @@ def test_verify_finds_corruption(tmp_path, what, kind):
         c = apsw.Connection(str(d / "chunks.db"))
         c.execute("UPDATE snapshot_chunks SET data = zeroblob(length(data)) WHERE seq = (SELECT min(seq) FROM "
                   "snapshot_chunks)")
+    elif what == "resign":
+        from raft_sqlite.wal import record_crc
+        c = apsw.Connection(str(d / "raft.db"))
+        gid, term, data = c.execute("SELECT group_id, term, payload FROM log_entries WHERE group_id = 1 AND idx = 6"
+                                    ).fetchone()
+        c.execute("UPDATE log_entries SET kind = 2, crc32 = ? WHERE group_id = 1 AND idx = 6",
+                  (record_crc(gid, 6, term, 2, data),))
+        crcs = [r[0] for r in c.execute("SELECT crc32 FROM log_entries WHERE segment = 1 ORDER BY key")]
+        c.execute("UPDATE log_segments SET checksum = ? WHERE segment_id = 1",
+                  (zlib.crc32(struct.pack(f"<{len(crcs)}I", *crcs)),))
     else:
         c = apsw.Connection(str(d / "raft.db"))
         c.execute("DROP TRIGGER IF EXISTS log_entries_guard_delete")  # simulate damage the guard would refuse

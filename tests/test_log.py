@@ -2,9 +2,12 @@
 
 import apsw
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raft_sqlite import (EntryKind, LogCompactedError, LogConflictError, LogEntry, LogGapError,
                          LogUnavailableError, SegmentPolicy, CompactionError)
+from raft_sqlite.log import validate_entries
 from tests.conftest import open_store
 
 
@@ -222,3 +225,50 @@ def test_reads_below_first_index(store):
         lg.get(0)
     with pytest.raises(LogCompactedError):
         lg.entries(0, 1)
+
+
+_DEFECTS = {
+    "index": [0, -1, True, 3.0, "4", None, 10**30],  # replaces the index (also breaks contiguity)
+    "term": [-1, True, 2.0, None],  # replaces the term; "lower" below makes it decrease
+    "data": [bytearray(b"ba"), memoryview(b"mv"), "text", None, 5],
+    "kind": [0, 1, 2, 7, True, None, "NOOP"],
+}
+
+
+@st.composite
+def _batches(draw):
+    """Well-formed contiguous batches (the fast path), often with one single-field defect."""
+    n = draw(st.integers(0, 30))
+    first, term = draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    out = []
+    for i in range(n):
+        term += draw(st.sampled_from([0, 0, 0, 1]))
+        out.append(LogEntry(first + i, term, draw(st.binary(max_size=3)), EntryKind.NORMAL))
+    if out and draw(st.booleans()):
+        j = draw(st.integers(0, len(out) - 1))
+        e = out[j]
+        field = draw(st.sampled_from(["index", "term", "data", "kind", "lower", "tuple", "same-index"]))
+        if field == "lower":
+            e = e._replace(term=e.term - 1)
+        elif field == "tuple":
+            e = tuple(e)
+        elif field == "same-index":
+            e = e._replace(index=e.index - 1)
+        else:
+            e = e._replace(**{field: draw(st.sampled_from(_DEFECTS[field]))})
+        out[j] = e
+    return out
+
+
+def _outcome(fn, arg):
+    try:
+        return ("ok", [(e.index, e.term, e.data, e.kind, type(e.kind), type(e.data)) for e in fn(arg)])
+    except (TypeError, ValueError, LogGapError, LogConflictError) as exc:
+        return ("error", type(exc))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_batches())
+def test_batch_validation_fast_path_agrees_with_per_entry_checks(batch):
+    # lists of more than 8 entries go through the C-speed check; a tuple takes the per-entry path
+    assert _outcome(validate_entries, batch) == _outcome(validate_entries, tuple(batch))

@@ -6,7 +6,7 @@ import logging
 import apsw
 import pytest
 
-from raft_sqlite import (CorruptionError, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy)
+from raft_sqlite import (CorruptionError, EntryKind, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy)
 from raft_sqlite.metadata import group_crc, meta_crc
 from tests.conftest import open_store
 
@@ -192,6 +192,29 @@ class KV:
         self.d = json.loads(data)
 
 
+def test_replay_yields_typed_entries_across_chunks_and_kinds(data_dir):
+    kinds = [EntryKind.NORMAL, EntryKind.CONFIG, EntryKind.NOOP]
+    want = [LogEntry(i, 1 + i // 9, f"p{i}".encode(), kinds[i % 3] if 10 <= i < 14 else EntryKind.NORMAL)
+            for i in range(1, 31)]
+    with open_store(data_dir) as s:
+        s.log("g").append(want)
+        s.metadata("g").set_commit_index(30)
+    with open_store(data_dir) as s:
+        for chunk in (1, 7, 8192):  # chunks holding only NORMAL entries, mixed ones, and all of them
+            got = list(s.iter_replay("g", chunk=chunk))
+            assert got == want and all(type(e) is LogEntry and type(e.kind) is EntryKind for e in got)
+        seen = []
+        assert s.replay("g", seen.append) == 30 and seen == want
+        assert [e.index for e in s.iter_replay("g", start=25)] == list(range(25, 31))
+        # damage that appears after open (another connection): replay refuses instead of yielding it
+        corrupt_payload(data_dir, 17, as_text="same-bytes")
+        with pytest.raises(CorruptionError, match="log entry 17 is not a BLOB"):
+            s.replay("g", lambda e: None)
+        sql(data_dir, "DROP TRIGGER log_entries_guard_delete", "DELETE FROM log_entries WHERE idx = 5")
+        with pytest.raises(CorruptionError, match="not all present"):
+            list(s.iter_replay("g"))
+
+
 def test_replay_restores_snapshot_then_applies_the_rest(data_dir):
     with open_store(data_dir) as s:
         lg, md = s.log("kv"), s.metadata("kv")
@@ -236,3 +259,105 @@ def test_damaged_schema_revision_is_corruption_not_a_fresh_file(data_dir, damage
     with pytest.raises(CorruptionError, match="chunks.db" if damage != "truncated" else None):
         open_store(data_dir, recovery=policy)
     assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name.endswith(".db")} == before
+
+
+def _sealed(data_dir):
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    rows = c.execute("SELECT segment_id, group_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
+                     "FROM log_segments WHERE last_index IS NOT NULL ORDER BY group_id, first_index").fetchall()
+    return c, rows
+
+
+def test_segment_content_digest_written_by_every_append_path_matches_sqlite(data_dir):
+    # the writer keeps the digest running in Python; recovery recomputes it inside SQLite: they must agree
+    # for single appends, batches, batches that rotate mid-way, append_next, every kind, empty and binary
+    # payloads, and a segment re-opened by truncate_after and sealed again
+    from raft_sqlite.validate import check_sealed_segment
+    kinds = [EntryKind.NORMAL, EntryKind.CONFIG, EntryKind.NOOP]
+    with open_store(data_dir, segment_policy=SegmentPolicy(max_entries=7)) as s:
+        lg = s.log("g")
+        for i in range(1, 6):
+            lg.append([LogEntry(i, 1, bytes([i]) * i, kinds[i % 3])])
+        lg.append([LogEntry(i, 2, bytes(range(256))[i % 50:], kinds[i % 3]) for i in range(6, 40)])
+        lg.truncate_after(17)  # re-opens the segment holding 17
+        lg.append([LogEntry(i, 3, b"" if i % 4 == 0 else b"\x00\xff" * i) for i in range(18, 30)])
+        lg.append_next(3, [b"next-%d" % k for k in range(9)])
+        s.log("h").append([LogEntry(i, 1 + i // 5, b"h%d" % i) for i in range(1, 23)])
+    c, rows = _sealed(data_dir)
+    assert len(rows) >= 6 and all(r[7] is not None for r in rows)
+    for sid, gid, lo, hi, cnt, nbytes, cks, content in rows:
+        assert check_sealed_segment(c, gid << 40, sid, lo, hi, cnt, nbytes, cks, content) is not None, sid
+    c.close()
+    with open_store(data_dir) as s:  # and the open validates through the aggregate path
+        rep = s.recovery_report
+        assert rep.outcome == "clean" and rep.segments_validated == len(rows)
+        assert s.log("g").last_index == 38
+
+
+@pytest.mark.parametrize("policy", list(RecoveryPolicy))
+def test_damaged_content_digest_fails_closed(data_dir, policy):
+    build(data_dir, commit=10)  # 8-entry segments: 1..8, 9..16, 17..24, 25..32 sealed, 33..40 open
+    sql(data_dir, "UPDATE log_segments SET content_crc = content_crc + 1 WHERE first_index = 25")
+    if policy is RecoveryPolicy.STRICT:
+        with pytest.raises(CorruptionError, match=r"segment \d+ \(25\.\.32\) fails its content digest"):
+            open_store(data_dir, recovery=policy)
+        return
+    with open_store(data_dir, recovery=policy) as s:
+        # every record checks out one by one: the damaged segment (above the commit index) and what follows
+        # it are dropped, as for a failed sidecar checksum
+        assert s.log("g").last_index == 24 and s.metadata("g").commit_index == 10
+        assert s.recovery_report.outcome == "truncated"
+        assert "fails its content digest" in s.recovery_report.problems[-1]
+
+
+def test_store_from_before_segment_digests_is_upgraded_and_checked_record_by_record(data_dir):
+    build(data_dir, commit=10)
+    # turn it into a revision-0002 store: no content_crc column
+    sql(data_dir, "DROP VIEW segments", "ALTER TABLE log_segments DROP COLUMN content_crc",
+        "UPDATE alembic_version SET version_num = '0002_main_views'")
+    from raft_sqlite import schema
+    sql(data_dir, f"CREATE VIEW segments AS {schema.VIEWS['segments']}")
+    corrupt_payload(data_dir, 12)  # inside a sealed segment that has no digest: caught record by record
+    with pytest.raises(CorruptionError, match="CRC mismatch in log entry 12"):
+        open_store(data_dir)
+    with open_store(data_dir, recovery=RecoveryPolicy.PARTIAL) as s:
+        assert s.log("g").last_index == 11
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003_main_segment_content"
+    assert "content_crc" in {r[1] for r in c.execute("PRAGMA table_info(log_segments)")}
+    c.close()
+
+
+@pytest.mark.parametrize("column", ["idx", "term", "kind", "crc32", "segment"])
+def test_log_column_turned_into_invalid_utf8_text_is_corruption(data_dir, column):
+    # Found by the 10,000-case corruption campaign: a flipped record header turned a log entry's idx into
+    # TEXT that is not UTF-8, and open died with UnicodeDecodeError (apsw cannot decode it) instead of
+    # treating it as a damaged record.
+    for idx in (12, 36):  # inside a sealed segment (aggregate check) and inside the open segment
+        d = data_dir.parent / f"{column}-{idx}"
+        build(d, commit=8)  # 8-entry segments: the damage is above the commit index, in segment 9..16 or 33..40
+        sql(d, "PRAGMA ignore_check_constraints = ON",  # (the log_key CHECK would refuse a damaged idx)
+            f"UPDATE log_entries SET {column} = CAST(x'ff' || randomblob(3) AS TEXT) WHERE key = 1099511627776 + {idx}")
+        for policy in (RecoveryPolicy.STRICT, RecoveryPolicy.TRUNCATE_TAIL, RecoveryPolicy.PARTIAL):
+            if policy is RecoveryPolicy.STRICT:
+                with pytest.raises(CorruptionError):
+                    open_store(d, recovery=policy)
+                continue
+            with open_store(d, recovery=policy) as s:
+                lg = s.log("g")
+                # the damaged record and everything after it is dropped (for segment: its whole segment)
+                assert 8 <= lg.last_index < idx and lg.entries(1, lg.last_index + 1)[-1].index == lg.last_index
+
+
+def test_group_name_or_vote_turned_into_invalid_utf8_is_corruption_not_a_crash(data_dir):
+    from raft_sqlite.verify import verify
+    for i, stmt in enumerate(["UPDATE groups SET name = CAST(x'ff41' AS TEXT)",
+                              "UPDATE raft_meta SET voted_for = CAST(x'fe42' AS TEXT)"]):
+        d = data_dir.parent / f"text{i}"
+        build(d, commit=10)
+        sql(d, stmt)
+        for policy in RecoveryPolicy:
+            with pytest.raises(CorruptionError, match="not UTF-8"):
+                open_store(d, recovery=policy)
+        rep = verify(d)
+        assert not rep.ok and any("not UTF-8" in p.message for p in rep.problems)
