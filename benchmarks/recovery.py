@@ -1,6 +1,6 @@
 """Recovery benchmark: open + validate + replay, and `verify` throughput, beside raw reads in the same run.
 
-    python benchmarks/recovery.py [--sizes 100000,1000000] [--payload 100]
+    python benchmarks/recovery.py [--sizes 100000,1000000] [--payload 100] [--repeat 3]
 
 For each size N, a store holds a durable snapshot at index 1000 and N entries past it (all committed).
 Measured: NodeStore.open (node/metadata CRCs, sidecar checksums, every record CRC of the replay range),
@@ -56,6 +56,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--payload", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per size; the best of each figure is kept")
     a = ap.parse_args(argv)
     payload = os.urandom(a.payload)
     d = workdir()
@@ -64,22 +65,28 @@ def main(argv=None):
         for n in [int(x) for x in a.sizes.split(",")]:
             path = os.path.join(d, f"s{n}")
             build(path, n, payload)
-            nbytes, raw_s = raw_read(path)
-            t0 = time.perf_counter()
-            s = NodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL)
-            t_open = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            last = s.replay("g", lambda e: None)
-            t_replay = time.perf_counter() - t1
-            rep = s.recovery_report
-            s.close()
-            assert last == SNAP_AT + n and rep.entries_validated == n, (last, rep)
+            best = None
+            for _ in range(a.repeat):  # best of N rounds, baseline included: the machines are noisy
+                nbytes, raw_s = raw_read(path)
+                t0 = time.perf_counter()
+                s = NodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL)
+                t_open = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                last = s.replay("g", lambda e: None)
+                t_replay = time.perf_counter() - t1
+                rep = s.recovery_report
+                s.close()
+                assert last == SNAP_AT + n and rep.entries_validated == n, (last, rep)
+                t2 = time.perf_counter()
+                vr = verify(path)
+                t_verify = time.perf_counter() - t2
+                assert vr.ok, vr.summary()
+                r = (t_open + t_replay, t_open, t_replay, raw_s, t_verify)
+                # the round with the best open+replay total; raw read and verify: their own best
+                best = r if best is None else (min(best[:3], r[:3]) + (min(best[3], raw_s), min(best[4], t_verify)))
+            _, t_open, t_replay, raw_s, t_verify = best
             rows.append([f"{n:,}", f"{t_open:.2f}", f"{t_replay:.2f}", f"{t_open + t_replay:.2f}",
                          f"{nbytes / 1e6:.0f}", f"{raw_s:.2f}", f"{(t_open + t_replay) / raw_s:.1f}x"])
-            t2 = time.perf_counter()
-            vr = verify(path)
-            t_verify = time.perf_counter() - t2
-            assert vr.ok, vr.summary()
             vrows.append([f"{n:,}", f"{nbytes / 1e6:.0f}", f"{nbytes / 1e6 / t_verify:.0f}",
                           f"{nbytes / 1e6 / raw_s:.0f}", f"{raw_s / t_verify:.2f}x"])
             shutil.rmtree(path)

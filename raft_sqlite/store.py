@@ -28,8 +28,7 @@ from .wal import BLOB_PAYLOAD, INT, SegmentPolicy, WalCompactor, WalReader, WalW
 
 log = logging.getLogger("raft_sqlite.store")
 
-_IDX, _TERM, _PAYLOAD, _KIND = (operator.itemgetter(i) for i in range(4))
-_FIRST3 = operator.itemgetter(0, 1, 2)
+_PAYLOAD = operator.itemgetter(2)
 
 _FAULT_ERRORS = (apsw.IOError, apsw.FullError, apsw.CantOpenError, apsw.CorruptError, apsw.NotADBError,
                  apsw.ProtocolError, apsw.ReadOnlyError, apsw.BusyError, apsw.LockedError, apsw.NoMemError)
@@ -673,45 +672,40 @@ class NodeStore:
         Entries are read ``chunk`` at a time (bounded memory). Their CRCs were verified when the store
         was opened (and entries written since were written by this process), so they are not checked a
         second time. Raises :class:`LogCompactedError` if ``start`` is below ``first_index``."""
-        for batch in self._replay_batches(self._ensure_group(group), upto, start, chunk):
-            yield from batch
+        from .log import _KINDS, LogEntry
 
-    def _replay_batches(self, name, upto, start, chunk):
-        """Lists of the LogEntry to replay (see :meth:`iter_replay`), ``chunk`` at a time, built at C
-        speed: a replay of millions of entries spends its time in SQLite and in ``apply``, not here."""
-        from .log import _KINDS, EntryKind, LogEntry
+        name = self._ensure_group(group)
+        new, kinds = tuple.__new__, _KINDS
+        for rows in self._replay_rows(name, upto, start, chunk):
+            for i, t, p, k in rows:
+                kind = kinds.get(k)
+                if kind is None:
+                    raise CorruptionError(f"{self.path}: group {name!r}: log entry {i} has a damaged kind ({k!r})")
+                yield new(LogEntry, (i, t, p, kind))
 
+    def _replay_rows(self, name, upto, start, chunk):
+        """Rows ``(index, term, payload, kind)`` to replay (see :meth:`iter_replay`), ``chunk`` at a time.
+        The callers turn them into LogEntry one at a time (a replay of millions of entries must not keep
+        batches of new objects alive: the cyclic GC would scan them over and over)."""
         g = self._groups[name]
         hi = g.commit if upto is None else min(int(upto), g.last_index)
         lo = max(g.first_index, g.snapshot_index + 1) if start is None else int(start)
         if lo < g.first_index:
             raise LogCompactedError(f"group {name!r}: replay from {lo} needs compacted entries (first index "
                                     f"{g.first_index})")
-
-        sql = (f"SELECT {INT('idx')}, {INT('term')}, {BLOB_PAYLOAD}, {INT('kind')} FROM log_entries "
-               "WHERE key >= ? AND key <= ? ORDER BY key")
+        # the index comes from the key (unique, so the count below proves contiguity); a payload that is not
+        # a BLOB reads as NULL; CRCs were verified on open and are not checked a second time
+        sql = f"SELECT key - ?, term, {BLOB_PAYLOAD}, kind FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key"
         base = g.gid * layout.KEY_SPAN
-        new, normal = tuple.__new__, (EntryKind.NORMAL,)
         while lo <= hi:
             top = min(hi, lo + chunk - 1)
-            rows = self._read(lambda c: c.execute(sql, (base + lo, base + top)).fetchall())
-            if len(rows) != top - lo + 1:  # keys are unique and in range: the count proves contiguity
+            rows = self._read(lambda c: c.execute(sql, (base, base + lo, base + top)).fetchall())
+            if len(rows) != top - lo + 1:
                 raise CorruptionError(f"{self.path}: group {name!r}: entries {lo}..{top} are not all present")
             if None in map(_PAYLOAD, rows):
                 bad = lo + next(k for k, r in enumerate(rows) if r[2] is None)
                 raise CorruptionError(f"{self.path}: group {name!r}: log entry {bad} is not a BLOB")
-            if list(map(_IDX, rows)) != list(range(lo, top + 1)) or None in map(_TERM, rows):
-                bad = lo + next((k for k, r in enumerate(rows) if r[0] != lo + k or r[1] is None), 0)
-                raise CorruptionError(f"{self.path}: group {name!r}: log entry {bad} is damaged (index or term)")
-            if any(map(_KIND, rows)):  # not all NORMAL (or a kind damaged after open)
-                kinds = [_KINDS.get(k) for k in map(_KIND, rows)]
-                if None in kinds:
-                    bad = lo + kinds.index(None)
-                    raise CorruptionError(f"{self.path}: group {name!r}: log entry {bad} is damaged (kind)")
-                yield [new(LogEntry, (i, t, p, k)) for (i, t, p, _), k in zip(rows, kinds)]
-            else:  # all NORMAL: (idx, term, payload) + (NORMAL,) -> LogEntry, without a Python loop
-                yield list(map(new, itertools.repeat(LogEntry), map(operator.add, map(_FIRST3, rows),
-                                                                   itertools.repeat(normal))))
+            yield rows
             lo = top + 1
 
     def replay(self, group="default", apply=None, *, upto: int | None = None) -> int:
@@ -732,10 +726,18 @@ class NodeStore:
             meta = sm.restore()
             start = (meta.index + 1) if meta is not None else self._groups[name].first_index
             last = meta.index if meta is not None else 0
-        for batch in self._replay_batches(name, upto, start, 8192):
+        from .log import _KINDS, LogEntry
+
+        new, kinds = tuple.__new__, _KINDS
+        for rows in self._replay_rows(name, upto, start, 8192):
             if apply is not None:
-                collections.deque(map(apply, batch), maxlen=0)  # apply each entry, in order, at C speed
-            last = batch[-1].index
+                for i, t, p, k in rows:
+                    kind = kinds.get(k)
+                    if kind is None:
+                        raise CorruptionError(f"{self.path}: group {name!r}: log entry {i} has a damaged kind "
+                                              f"({k!r})")
+                    apply(new(LogEntry, (i, t, p, kind)))
+            last = rows[-1][0]
         return last
 
     # ------------------------------------------------------------------ read path

@@ -286,29 +286,36 @@ def recover_snapshots(store, conn, report) -> set[int]:
 
 
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
-#: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index.
+#: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
+#: Keys are unique and bounded by the range, so the count proves every index present; the content digest
+#: covers every term, kind and payload byte (a term or kind whose type changed renders differently, or as
+#: NULL, which drops the row from the aggregate); a payload turned into TEXT with the same bytes is the one
+#: change it cannot see, hence the typeof() sum.
 SEGMENT_CHECK_SQL = (
-    "SELECT count(*), min(key), max(key), sum(idx != key - ?1), sum(typeof(payload) != 'blob'), "
-    f"sum(typeof(term) != 'integer' OR typeof(kind) != 'integer'), min({INT('term')}), max({INT('term')}), "
-    f"sum(length(payload)), {CONTENT_SQL}, string_agg({INT('crc32')}, ','), sum({INT('segment')} IS NOT ?4) "
-    "FROM log_entries "
+    "SELECT count(*), sum(idx != key - ?1), sum(typeof(payload) != 'blob'), sum(length(payload)), "
+    f"{CONTENT_SQL}, string_agg(crc32, ','), sum(segment != ?4) FROM log_entries "
     "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3")
 
 
 def check_sealed_segment(conn, base: int, sid: int, lo: int, hi: int, count, nbytes, checksum,
                          content) -> tuple | None:
     """Check sealed segment ``sid`` = ``lo..hi`` (with its recorded entry count, bytes, sidecar checksum
-    and content digest) with one SQLite aggregate: every index present exactly once with ``idx`` matching
-    its key and naming the segment, every payload a BLOB, terms and kinds integers, the content digest (which covers every term,
-    kind and payload byte) and the sidecar checksum (which covers every stored record CRC) as recorded.
-    Returns ``(min_term, max_term, payload_bytes)`` if all of that holds, else None (the caller then
-    checks record by record, to find the first bad index). Terms are non-decreasing within the segment
-    because they were when it was written and the digest proves nothing changed since."""
+    and content digest) with one SQLite aggregate: every index present with ``idx`` matching its key and
+    naming the segment, every payload a BLOB, the byte count, the content digest (every term, kind and
+    payload byte) and the sidecar checksum (every stored record CRC) as recorded. Returns ``(first_term,
+    last_term, payload_bytes)`` if all of that holds, else None (the caller then checks record by record,
+    to find the first bad index). Terms are non-decreasing within the segment because they were when it
+    was written and the digest proves nothing changed since."""
     n = hi - lo + 1
-    row = conn.execute(SEGMENT_CHECK_SQL, (base, lo, hi, sid)).fetchone()
-    cnt, kmin, kmax, bad_idx, not_blob, bad_type, tmin, tmax, total, blob, crcs, other_seg = row
-    if (cnt != n or count != n or kmin != base + lo or kmax != base + hi or bad_idx or not_blob or bad_type
-            or other_seg or total != nbytes or blob is None or zlib.crc32(blob) != content or crcs is None):
+    try:
+        row = conn.execute(SEGMENT_CHECK_SQL, (base, lo, hi, sid)).fetchone()
+        first_term = conn.execute("SELECT term FROM log_entries WHERE key=?", (base + lo,)).fetchone()
+        last_term = conn.execute("SELECT term FROM log_entries WHERE key=?", (base + hi,)).fetchone()
+    except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8
+        return None
+    cnt, bad_idx, not_blob, total, blob, crcs, other_seg = row
+    if (cnt != n or count != n or bad_idx or not_blob or other_seg or total != nbytes or blob is None
+            or zlib.crc32(blob) != content or crcs is None or first_term is None or last_term is None):
         return None
     try:
         packed = array.array("I", map(int, crcs.split(",")))
@@ -320,7 +327,101 @@ def check_sealed_segment(conn, base: int, sid: int, lo: int, hi: int, count, nby
         packed.byteswap()
     if zlib.crc32(packed.tobytes()) != checksum:
         return None
-    return tmin, tmax, total
+    return first_term[0], last_term[0], total
+
+
+#: Worker threads for the segment aggregates (SQLite runs them without the GIL); 1 disables threading.
+CHECK_THREADS = min(4, os.cpu_count() or 1)
+
+
+def check_sealed_segments(connect, base: int, segments: list[tuple]) -> dict[int, tuple | None]:
+    """:func:`check_sealed_segment` for many segments ``(sid, lo, hi, count, nbytes, checksum, content)``
+    of one group, on ``CHECK_THREADS`` threads, each with its own read connection from ``connect()``
+    (closed afterwards). Returns ``{sid: result}``. Few segments are checked on one connection."""
+    def run(part):
+        conn = connect()
+        try:
+            return {seg[0]: check_sealed_segment(conn, base, *seg) for seg in part}
+        finally:
+            conn.close()
+
+    threads = min(CHECK_THREADS, len(segments) // 4)
+    if threads <= 1:
+        return run(segments)
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[int, tuple | None] = {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
+        for res in pool.map(run, [segments[i::threads] for i in range(threads)]):
+            out.update(res)
+    return out
+
+
+class _RecordScan:
+    """Record-by-record validation of a key range of one group (the slow path of :func:`_scan`): CRC
+    of every record, contiguity, terms never decreasing, the segment each record names, and the running
+    sidecar checksum of each segment."""
+
+    def __init__(self, store, conn, report, gid, name, first):
+        self.conn, self.report, self.gid = conn, report, gid
+        self.where = f"{store.path}: group {name!r}"
+        self.base = gid * SPAN
+        self.expect, self.last_term, self.nbytes, self.bad = first, 0, 0, None
+        self.running: dict[int, int] = {}
+        # which segment each record must name: the one with the highest first index at or below it
+        self.starts = conn.execute("SELECT first_index, segment_id FROM log_segments WHERE group_id=? "
+                                   "ORDER BY first_index", (gid,)).fetchall()
+
+    def scan(self, stop: int | None) -> bool:
+        """Check records ``expect .. stop`` (inclusive; None: to the end). False on the first problem
+        (recorded in the report, ``bad`` = its index)."""
+        gid, base, starts, rep, where = self.gid, self.base, self.starts, self.report, self.where
+        expect, last_term, nbytes, running = self.expect, self.last_term, 0, self.running
+        k = max(0, bisect.bisect_right(starts, (expect, float("inf"))) - 1)
+        own_sid = starts[k][1] if starts else None
+        next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+        pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
+        bad = None
+        hi_key = base + SPAN - 1 if stop is None else base + stop
+        for idx, term, kind, payload, crc, seg in self.conn.execute(
+                f"SELECT {INT('idx')}, {INT('term')}, {INT('kind')}, {BLOB_PAYLOAD}, {INT('crc32')}, "
+                f"{INT('segment')} FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key",
+                (base + expect, hi_key)):
+            if idx != expect:
+                rep.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")
+                bad = expect
+                break
+            try:
+                ok = crc32(payload, crc32(pack(gid, idx, term, kind))) == crc
+            except (TypeError, struct.error, OverflowError):  # a column of the wrong type is corruption too
+                ok = False
+            if not ok:
+                rep.problems.append(f"{where}: CRC mismatch in log entry {idx} (segment {seg})")
+                bad = idx
+                break
+            if term < last_term:
+                rep.problems.append(f"{where}: term decreases at log entry {idx}")
+                bad = idx
+                break
+            while next_lo is not None and idx >= next_lo:
+                k += 1
+                own_sid = starts[k][1]
+                next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+            if seg != own_sid:
+                rep.problems.append(f"{where}: log entry {idx} names segment {seg}, not {own_sid}")
+                bad = idx
+                break
+            nbytes += len(payload)
+            running[seg] = crc32(upack(crc), running.get(seg, 0))
+            last_term = term
+            expect += 1
+        if bad is None and stop is not None and expect <= stop:
+            rep.problems.append(f"{where}: log gap: index {expect} is missing")
+            bad = expect
+        rep.entries_validated += expect - self.expect
+        rep.bytes_validated += nbytes
+        self.expect, self.last_term, self.bad = expect, last_term, bad
+        return bad is None
 
 
 def _scan(store, conn, report, gid, name, first):
@@ -328,88 +429,48 @@ def _scan(store, conn, report, gid, name, first):
     Returns ``(last_index, last_term, first_bad_index_or_None)``: on a problem, ``last_index`` is the
     end of the valid prefix.
 
-    Sealed segments with a content digest that start at the next expected index are checked with one
-    SQLite aggregate each (:func:`check_sealed_segment`); the rest (the open segment, a segment partly
-    below ``first``, segments sealed before revision 0003, and anything from the first segment that
-    fails the aggregate on) is checked record by record, which also pinpoints the first bad index."""
+    Sealed segments with a content digest are checked with one SQLite aggregate each
+    (:func:`check_sealed_segment`); the rest (the open segment, a segment partly below ``first``,
+    segments sealed before revision 0003, and a segment whose aggregate check fails) record by record,
+    which also pinpoints the first bad index."""
     base = gid * SPAN
-    expect = first
-    last_term = 0
-    nbytes = 0
     where = f"{store.path}: group {name!r}"
+    rs = _RecordScan(store, conn, report, gid, name, first)
     sealed = conn.execute(
         "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc FROM log_segments "
         "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index", (gid, first)).fetchall()
-    suspect = None  # the segment that failed the aggregate check, if any
+    # the aggregates of every segment that may take the fast path, on parallel read connections (they see
+    # the same committed log as ``conn``: nothing in log_entries has been written by this open yet)
+    checked = check_sealed_segments(lambda: store._connect(store.path, query_only=True), base,
+                                    [row for row in sealed if row[6] is not None and row[1] >= first])
     for sid, lo, hi, cnt, seg_bytes, cks, content in sealed:
-        if lo != expect or content is None:
-            break
-        ok = check_sealed_segment(conn, base, sid, lo, hi, cnt, seg_bytes, cks, content)
-        if ok is None or ok[0] < last_term:
-            suspect = (sid, lo, hi)
-            break
-        last_term = ok[1]
-        nbytes += ok[2]
+        if lo == rs.expect and content is not None:
+            ok = checked.get(sid)
+            if ok is not None and ok[0] >= rs.last_term:
+                rs.last_term = ok[1]
+                rs.expect = hi + 1
+                report.entries_validated += cnt
+                report.bytes_validated += ok[2]
+                report.segments_validated += 1
+                continue
+            suspect = True
+        else:
+            suspect = False
+        # record by record: the part of this segment at or above first (and any gap before it)
+        if not rs.scan(hi):
+            return rs.expect - 1, rs.last_term, rs.bad
+        if lo < first:
+            continue  # partly compacted: the verify command checks it whole
         report.segments_validated += 1
-        expect = hi + 1
-    report.entries_validated += expect - first
-    start = expect
-    segs = {sid: (lo, hi, cks) for sid, lo, hi, cnt, seg_bytes, cks, content in sealed if lo >= start}
-    # which segment each record must name: the one with the highest first index at or below it
-    starts = conn.execute("SELECT first_index, segment_id FROM log_segments WHERE group_id=? ORDER BY first_index",
-                          (gid,)).fetchall()
-    k = max(0, bisect.bisect_right(starts, (start, float("inf"))) - 1)
-    own_sid = starts[k][1] if starts else None
-    next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
-    running = {}
-    pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
-    bad = None
-    for idx, term, kind, payload, crc, seg in conn.execute(
-            f"SELECT {INT('idx')}, {INT('term')}, {INT('kind')}, {BLOB_PAYLOAD}, {INT('crc32')}, {INT('segment')} "
-            "FROM log_entries WHERE key >= ? AND key < ? ORDER BY key", (base + start, base + SPAN)):
-        if idx != expect:
-            report.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")
-            bad = expect
-            break
-        try:
-            ok = crc32(payload, crc32(pack(gid, idx, term, kind))) == crc
-        except (TypeError, struct.error, OverflowError):  # a column of the wrong type is corruption too
-            ok = False
-        if not ok:
-            report.problems.append(f"{where}: CRC mismatch in log entry {idx} (segment {seg})")
-            bad = idx
-            break
-        if term < last_term:
-            report.problems.append(f"{where}: term decreases at log entry {idx}")
-            bad = idx
-            break
-        while next_lo is not None and idx >= next_lo:
-            k += 1
-            own_sid = starts[k][1]
-            next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
-        if seg != own_sid:
-            report.problems.append(f"{where}: log entry {idx} names segment {seg}, not {own_sid}")
-            bad = idx
-            break
-        nbytes += len(payload)
-        if seg in segs:
-            running[seg] = crc32(upack(crc), running.get(seg, 0))
-        last_term = term
-        expect += 1
-    report.entries_validated += expect - start
-    report.bytes_validated += nbytes
-    if bad is not None:
-        return expect - 1, last_term, bad
-    for sid, (lo, hi, cks) in sorted(segs.items(), key=lambda kv: kv[1][0]):
-        report.segments_validated += 1
-        if running.get(sid, 0) != cks:
+        if rs.running.get(sid, 0) != cks:
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum")
-            return lo - 1, last_term, lo
-    if suspect is not None:  # every record checks out one by one, so the segment row itself is damaged
-        sid, lo, hi = suspect
-        report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its content digest or counts")
-        return lo - 1, last_term, lo
-    return expect - 1, last_term, None
+            return lo - 1, rs.last_term, lo
+        if suspect:  # every record checks out one by one, so the segment row itself is damaged
+            report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its content digest or counts")
+            return lo - 1, rs.last_term, lo
+    if not rs.scan(None):  # the open segment
+        return rs.expect - 1, rs.last_term, rs.bad
+    return rs.expect - 1, rs.last_term, None
 
 
 def _drop_tail(conn, gid: int, keep_through: int, commit: int) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -168,7 +169,9 @@ class _Verifier:
     def problem(self, kind, file, message, group=None, index=None):
         self.rep.problems.append(Problem(kind, file, message, group, index))
 
-    def _integrity(self, path: str, name: str) -> apsw.Connection | None:
+    def _integrity(self, path: str, name: str) -> None:
+        """``PRAGMA integrity_check`` of one file on its own connection (run on a helper thread while the
+        rest of the validation proceeds: SQLite does the work without the GIL)."""
         conn = None
         try:
             conn = open_readonly(path)
@@ -176,24 +179,49 @@ class _Verifier:
         except NotAStoreError:
             self.rep.integrity[name] = "missing"
             self.problem("integrity", name, f"{path}: file is missing")
-            return None
+            return
         except apsw.Error as exc:
-            if conn is not None:
-                conn.close()
             self.rep.integrity[name] = f"unreadable: {exc}"
             self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
-            return None
+            return
+        finally:
+            if conn is not None:
+                conn.close()
         self.rep.integrity[name] = "ok" if rows == ["ok"] else "; ".join(rows)
         if rows != ["ok"]:
             self.problem("integrity", name, f"{path}: integrity_check: {'; '.join(rows[:5])}")
-        return conn
+
+    def _open(self, path: str, name: str) -> apsw.Connection | None:
+        try:
+            return open_readonly(path)
+        except NotAStoreError:
+            self.rep.integrity[name] = "missing"
+            self.problem("integrity", name, f"{path}: file is missing")
+        except apsw.Error as exc:
+            self.rep.integrity[name] = f"unreadable: {exc}"
+            self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
+        return None
 
     def run(self, main_path: str, chunks_path: str):
-        self.main = self._integrity(main_path, layout.MAIN_DB)
+        self.main_path = main_path
+        self.main = self._open(main_path, layout.MAIN_DB)
         if self.main is None:
             return
+        self.chunks = self._open(chunks_path, layout.CHUNKS_DB)
+        files = [(main_path, layout.MAIN_DB)] + ([(chunks_path, layout.CHUNKS_DB)] if self.chunks is not None else [])
+        bg = threading.Thread(target=lambda: [self._integrity(p, n) for p, n in files], daemon=True,
+                              name="raft_sqlite-integrity")
+        bg.start()
+        try:
+            self._run(main_path, chunks_path)
+        finally:
+            bg.join()
+        self.tick("integrity", 2, force=True)
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
+
+    def _run(self, main_path: str, chunks_path: str):
         c = self.main
-        self.chunks = self._integrity(chunks_path, layout.CHUNKS_DB)
         started = time.time()
         if self.chunks is not None:
             # chunks.db first, then raft.db: a snapshot finalized in between is re-checked (see _snapshots)
@@ -212,8 +240,6 @@ class _Verifier:
             c.execute("COMMIT")
             self.problem("schema", layout.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
             return
-        self.tick("integrity raft.db", force=True)
-        self.tick("integrity chunks.db", force=True)
         try:
             self._node(main_path)
             self._groups(main_path)
@@ -222,8 +248,6 @@ class _Verifier:
             c.execute("COMMIT")
             if self.chunks is not None:
                 self.chunks.execute("COMMIT")
-        if self.progress is not None:
-            self.progress("done", self.total, self.total)
 
     def _node(self, path):
         from .store import node_crc
@@ -286,7 +310,7 @@ class _Verifier:
         content digest over every term/kind/payload byte, sidecar over every stored record CRC); every
         other record (open segment, segments sealed before revision 0003, records outside any segment,
         and every segment whose aggregate fails) is checked one by one, which also names the bad index."""
-        from .validate import check_sealed_segment
+        from .validate import check_sealed_segments
 
         c = self.main
         base = gid * SPAN
@@ -297,11 +321,15 @@ class _Verifier:
         fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
         suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
         problems_before = len(self.rep.problems)
-        for sid, lo, hi, cnt, nbytes, cks, content in c.execute(
-                "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
-                "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
-                "ORDER BY first_index", (gid,)).fetchall():
-            ok = check_sealed_segment(c, base, sid, lo, hi, cnt, nbytes, cks, content)
+        with_digest = c.execute(
+            "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
+            "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
+            "ORDER BY first_index", (gid,)).fetchall()
+        # on parallel read connections; a segment changed since this verify's read transaction began
+        # (a running node compacting or truncating) fails there and is checked below on the consistent view
+        checked = check_sealed_segments(lambda: open_readonly(self.main_path), base, with_digest)
+        for sid, lo, hi, cnt, nbytes, cks, content in with_digest:
+            ok = checked.get(sid)
             if ok is not None and lo not in fast:
                 fast[lo] = (sid, hi, *ok)
                 running[sid] = [cks, cnt, nbytes]

@@ -435,7 +435,8 @@ def test_verify_api_reports_progress_and_writes_nothing(tmp_path):
     rep = verify(d, progress=lambda stage, done, total: calls.append((stage, done, total)))
     assert rep.ok and rep.entries_checked == 6000 and rep.chunks_checked == 1
     total = 6000 + 1 + 2  # records + chunks + two integrity checks
-    assert calls[0] == ("integrity raft.db", 1, total) and calls[-1] == ("done", total, total)
+    # integrity_check runs on a helper thread beside the record checks and is counted when it finishes
+    assert ("integrity", total, total) in calls and calls[-1] == ("done", total, total)
     assert any(stage == "log" for stage, _, _ in calls)
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)
     assert files_digest(d) == before
