@@ -170,7 +170,9 @@ def test_io_errors_at_every_call_of_every_operation(template, tmp_path):
 def test_io_errors_at_every_call_of_every_operation_slow(template, tmp_path):
     """Three operations of each type, every N."""
     tally = io_error_campaign(template, tmp_path, "I/O errors (slow)", 3, None)
-    assert tally.faults >= 800
+    # every call is enumerated, so the count is what the operations make: 692 since chunks.db has 64 KiB
+    # pages (a snapshot's chunk write makes 16x fewer page writes than with 4 KiB pages)
+    assert tally.faults >= 600
 
 
 @pytest.mark.parametrize("error", ["ioerr", "full"])
