@@ -140,7 +140,7 @@ def bench_concurrent(d, mode, groups, seconds, payload, threads=8):
         elapsed = time.perf_counter() - t0
         commits, maxb = s.stats.commits, s.stats.max_batch
     shutil.rmtree(path)
-    return sum(counts) / elapsed, [x for l in lats for x in l], commits, maxb
+    return sum(counts) / elapsed, [x for lat in lats for x in lat], commits, maxb
 
 
 def best(fn, rounds):
@@ -175,7 +175,7 @@ def main(argv=None):
         for b in (1, 64, 1024):
             lat = best(lambda: bench_apsw(d, b, sec, payload), R)
             apsw_rates[b] = b * len(lat) / sum(lat)
-            rows.append([f"baseline: bare apsw executemany (WAL, FULL)", b, f"{apsw_rates[b]:,.0f}",
+            rows.append(["baseline: bare apsw executemany (WAL, FULL)", b, f"{apsw_rates[b]:,.0f}",
                          us(pct(lat, 50)), us(pct(lat, 99)), f"{pct(lat, 50) / phys_p50:.2f}x"])
         lat = best(lambda: bench_sqlite3(d, sec, payload), R)
         rows.append(["baseline: stdlib sqlite3, 1 row/txn (WAL, FULL)", 1, f"{len(lat) / sum(lat):,.0f}",

@@ -259,7 +259,8 @@ def main(argv=None):
         s.close()
         shutil.rmtree(path)
 
-        mbps = lambda t: size / t / 1e6
+        def mbps(t):
+            return size / t / 1e6
         pace = f"paced at {a.rate_mib:g} MiB/s" if a.rate_mib else "unpaced"
         print(f"\nsnapshot {a.size_mib} MiB, chunks {a.chunk_kib} KiB, {a.commit_mib} MiB per chunks.db commit, "
               f"fsync FULL, {a.repeat} round(s), snapshot during appends {pace}")

@@ -727,8 +727,10 @@ def compact(data_dir, group, up_to, as_json):
         if group not in store.groups():
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups())})", EXIT_NOT_FOUND)
         log = store.log(group)
-        seg_count = lambda: store._read(lambda c: c.execute(
-            "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?", (group,)).fetchone()[0])
+        def seg_count():
+            return store._read(lambda c: c.execute(
+                "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?",
+                (group,)).fetchone()[0])
         before, segs_before = log.first_index, seg_count()
         log.compact(up_to)
         res = {"group": group, "first_index_before": before, "first_index": log.first_index,

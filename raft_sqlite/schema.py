@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
+from .layout import CHUNKS_DB, CHUNKS_HEAD, FORMAT_VERSION, KEY_SHIFT, KEY_SPAN, MAIN_DB, MAIN_HEAD  # noqa: F401
+
 
 class AnyValue(TypeDecorator):
     """A BLOB-affinity column that keeps a str or an int exactly as given (used for ``voted_for``)."""
@@ -39,7 +41,6 @@ class AnyValue(TypeDecorator):
     def process_result_value(self, value, dialect):
         return value
 
-from .layout import CHUNKS_DB, CHUNKS_HEAD, FORMAT_VERSION, KEY_SHIFT, KEY_SPAN, MAIN_DB, MAIN_HEAD  # noqa: F401
 
 
 metadata = MetaData()

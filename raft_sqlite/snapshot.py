@@ -411,12 +411,13 @@ class SnapshotReader(io.RawIOBase):
             return self._cur
         return self._accept(seq, self._s.read_chunk(self.meta.id, seq))
 
-    def _accept(self, seq: int, got) -> bytes:
-        """Verify chunk ``seq`` as read (``(data, crc32)`` or None) and make it current."""
+    def _accept(self, seq: int, got, crc_ok: bool | None = None) -> bytes:
+        """Verify chunk ``seq`` as read (``(data, crc32)`` or None) and make it current. ``crc_ok``: the
+        CRC32 was already checked (by the prefetch thread)."""
         if got is None:
             raise CorruptionError(f"{self._where}: chunk {seq} is missing")
         data, crc = got
-        if zlib.crc32(data) != crc:
+        if not (crc_ok if crc_ok is not None else zlib.crc32(data) == crc):
             raise CorruptionError(f"{self._where}: chunk {seq} fails its CRC32 check")
         if seq + 1 < len(self._offs) and self._offs[seq + 1] - self._offs[seq] != len(data):
             raise CorruptionError(f"{self._where}: chunk {seq} changed size while being read")
@@ -498,7 +499,9 @@ class SnapshotReader(io.RawIOBase):
         def fetch():
             try:
                 for seq in range(first, len(self._offs)):
-                    item = (seq, sstore.read_chunk(sid, seq))
+                    got = sstore.read_chunk(sid, seq)
+                    # the CRC32 here, the sha256 in the consumer: both release the GIL, so they overlap
+                    item = (seq, got, got is not None and zlib.crc32(got[0]) == got[1])
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.1)
@@ -508,16 +511,16 @@ class SnapshotReader(io.RawIOBase):
                     if stop.is_set():
                         return
             except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer
-                q.put((-1, exc))
+                q.put((-1, exc, None))
 
         t = threading.Thread(target=fetch, name=f"raft_sqlite-snapshot-read-{sid}", daemon=True)
         t.start()
         try:
             for _ in range(first, len(self._offs)):
-                seq, got = q.get()
+                seq, got, crc_ok = q.get()
                 if seq < 0:
                     raise got
-                data = self._accept(seq, got)
+                data = self._accept(seq, got, crc_ok)
                 start = self._pos - self._offs[seq]
                 self._pos += len(data) - start
                 if self._pos >= self._size:
@@ -547,6 +550,11 @@ class SnapshotReader(io.RawIOBase):
 
 
 # ---------------------------------------------------------------------------------------------- writer
+def _with_crc(rows: list[tuple]) -> list[tuple]:
+    """Chunk rows ``(key, snapshot_id, seq, data)`` with the CRC32 of ``data`` appended."""
+    return [(k, sid, seq, data, zlib.crc32(data)) for k, sid, seq, data in rows]
+
+
 class SnapshotWriter:
     """Streams one snapshot in (from :meth:`SnapshotManager.write` / :meth:`SnapshotManager.install`).
 
@@ -726,7 +734,7 @@ class SnapshotWriter:
     def _emit(self, chunk: bytes) -> None:
         self._hash.update(chunk)
         sid = self.id
-        self._rows.append((sid * _SEQ_SPAN + self._seq, sid, self._seq, chunk, zlib.crc32(chunk)))
+        self._rows.append((sid * _SEQ_SPAN + self._seq, sid, self._seq, chunk))  # CRC32 added at commit
         self._seq += 1
         self._pending += len(chunk)
         if self._pending >= self._m.commit_bytes:
@@ -760,7 +768,7 @@ class SnapshotWriter:
             self._next_at = max(self._next_at, time.monotonic() - 0.1) + n / rate
         if not background:
             try:
-                self._m._sstore.write_chunks(rows)
+                self._m._sstore.write_chunks(_with_crc(rows))
             except BaseException:
                 self._state = "failed"
                 raise
@@ -771,7 +779,8 @@ class SnapshotWriter:
 
         def job():
             try:
-                store.write_chunks(rows)
+                # the CRC32s here, the sha256 on the caller's thread: both release the GIL, so they overlap
+                store.write_chunks(_with_crc(rows))
             except BaseException as exc:  # noqa: BLE001 -- handed to the writer's thread
                 err.append(exc)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import itertools
 import logging
 import operator
 import os
@@ -24,7 +23,7 @@ from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore, group_crc, meta_crc
 from .recovery import RecoveryPolicy, RecoveryReport
-from .wal import BLOB_PAYLOAD, INT, SegmentPolicy, WalCompactor, WalReader, WalWriter
+from .wal import BLOB_PAYLOAD, SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 log = logging.getLogger("raft_sqlite.store")
 

@@ -443,7 +443,7 @@ def _scan(store, conn, report, gid, name, first):
     # the same committed log as ``conn``: nothing in log_entries has been written by this open yet)
     checked = check_sealed_segments(lambda: store._connect(store.path, query_only=True), base,
                                     [row for row in sealed if row[6] is not None and row[1] >= first])
-    for sid, lo, hi, cnt, seg_bytes, cks, content in sealed:
+    for sid, lo, hi, cnt, _bytes, cks, content in sealed:
         if lo == rs.expect and content is not None:
             ok = checked.get(sid)
             if ok is not None and ok[0] >= rs.last_term:

@@ -328,7 +328,7 @@ class _Verifier:
         # on parallel read connections; a segment changed since this verify's read transaction began
         # (a running node compacting or truncating) fails there and is checked below on the consistent view
         checked = check_sealed_segments(lambda: open_readonly(self.main_path), base, with_digest)
-        for sid, lo, hi, cnt, nbytes, cks, content in with_digest:
+        for sid, lo, hi, cnt, nbytes, cks, _content in with_digest:
             ok = checked.get(sid)
             if ok is not None and lo not in fast:
                 fast[lo] = (sid, hi, *ok)

@@ -223,7 +223,6 @@ def run_campaign(tmp_path, cases, seed):
     pristine, expected, extras = build_pristine(str(tmp_path))
     exp = {g: (v[0], v[1]) for g, v in expected.items()}
     assert classify(pristine, exp, RecoveryPolicy.STRICT, extras) == "harmless"  # the unmutated copy is intact
-    rng = random.Random(seed)
     counts = {p: {"detected": 0, "harmless": 0, "dropped": 0, "lost_tail": 0} for p in RecoveryPolicy}
     lost = []
     for case in range(cases):

@@ -153,7 +153,7 @@ def test_segments_rotate_seal_and_carry_sidecar_checksums(data_dir):
                                                       (41, 50, 10), (51, 60, 10)]
     assert segs[-1][1] is None  # the open segment
     from raft_sqlite.wal import chain_crc
-    for first, last, n, cks in segs:
+    for first, last, _n, cks in segs:
         if last is None:
             continue
         crcs = [r[0] for r in c.execute("SELECT crc32 FROM log_entries WHERE group_id=1 AND idx BETWEEN ? AND ? "

@@ -11,14 +11,14 @@ import pytest
 
 pysyncobj = pytest.importorskip("pysyncobj")
 
-import pysyncobj.journal as pso_journal
-import pysyncobj.syncobj as pso_syncobj
-from pysyncobj import SyncObj, SyncObjConf, replicated
+import pysyncobj.journal as pso_journal  # noqa: E402 (after importorskip)
+import pysyncobj.syncobj as pso_syncobj  # noqa: E402 (after importorskip)
+from pysyncobj import SyncObj, SyncObjConf, replicated  # noqa: E402 (after importorskip)
 
-from raft_sqlite import FsyncMode, LogConflictError, LogGapError, MetadataError, NodeStore
-from raft_sqlite.errors import RaftSqliteError
-from raft_sqlite.integrations import pysyncobj as rsp
-from raft_sqlite.integrations.pysyncobj import (
+from raft_sqlite import FsyncMode, LogConflictError, LogGapError, MetadataError, NodeStore  # noqa: E402 (after importorskip)
+from raft_sqlite.errors import RaftSqliteError  # noqa: E402 (after importorskip)
+from raft_sqlite.integrations import pysyncobj as rsp  # noqa: E402 (after importorskip)
+from raft_sqlite.integrations.pysyncobj import (  # noqa: E402
     RaftSqliteJournal,
     RaftSqliteSerializer,
     create_journal,

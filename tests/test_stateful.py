@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from raft_sqlite import (EntryKind, LogConflictError, LogEntry, LogGapError, MetadataError, SegmentPolicy)
 from tests.conftest import open_store

@@ -134,7 +134,7 @@ def test_transaction_error_writes_nothing(data_dir):
             with s.transaction():
                 lg.append([LogEntry(1, 1, b"x")])
                 md.set_term_and_vote(1, "me")
-                1 / 0
+                raise ZeroDivisionError("inside the transaction")
         with s.transaction():
             lg.append([LogEntry(1, 1, b"x")])
             with pytest.raises(MetadataError):
@@ -204,7 +204,7 @@ def test_closed_store_refuses(data_dir):
     with pytest.raises(RaftSqliteError, match="closed"):
         lg.get(1)
     with pytest.raises(RaftSqliteError, match="closed"):
-        s.metadata("g").current_term
+        _ = s.metadata("g").current_term
 
 
 def test_open_argument_types(data_dir):

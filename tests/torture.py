@@ -253,7 +253,7 @@ class Workload:
         self.snapshots = have_module("snapshot") if snapshots is None else snapshots
         self._ops: dict[str, list[Op]] = {}
         self._states: dict[str, list[GState]] = {}
-        for gi, g in enumerate(self.groups):
+        for g in self.groups:
             gen = _Gen(g, random.Random(f"{seed}/{g}"), self.snapshots)
             gen.k = 1
             ops, metas = [Op("create", g)], [None, gen.state()]
