@@ -300,6 +300,30 @@ def test_single_node_compaction_goes_to_store_snapshot_and_restart_restores(tmp_
         o._destroy()
 
 
+def test_no_snapshot_is_streamed_between_a_dump_and_its_compaction(tmp_path):
+    # Found by running PySyncObj's own test suite on the adapter (test_manyActionsLogCompaction): the
+    # leader streamed its new snapshot in the tick between serialize() and SyncObj collecting SUCCESS, so
+    # SyncObj set the follower's next index from the uncompacted view and resent entries the snapshot
+    # covers ("truncating already-applied log entries"). Stock PySyncObj sends nothing while a dump is pending.
+    path = tmp_path / "solo"
+    with patch_pysyncobj():
+        o = _single(path, _free_addr())
+        assert _tick_until([o], o._isReady)
+        for i in range(1, 21):
+            o.add(i)
+        assert _tick_until([o], lambda: o.value() == 210)
+        ser, j = o._SyncObj__serializer, o._SyncObj__raftLog
+        o._SyncObj__forceLogCompaction = True
+        o._SyncObj__tryLogCompaction()  # SyncObj's own step: serialize() writes the durable snapshot
+        assert j.store.snapshots(j.group).latest() is not None and len(j) > 3  # view not compacted yet
+        assert ser.getTransmissionData("follower") is None  # so nothing is streamed in this window
+        o._SyncObj__tryLogCompaction()  # the next tick: SUCCESS collected, the view compacted
+        assert len(j) <= 3
+        data, first, _last = ser.getTransmissionData("follower")  # now the new snapshot streams
+        assert first and data
+        o._destroy()
+
+
 def test_stray_dump_file_without_store_snapshot_is_not_loaded(tmp_path):
     path = tmp_path / "solo"
     path.mkdir()

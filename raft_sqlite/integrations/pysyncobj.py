@@ -675,6 +675,12 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             return super().getTransmissionData(transmissionID)
         if self._rs.compaction == "off":
             return None
+        if self._result is not None:
+            # serialize() has written a snapshot whose SUCCESS SyncObj has not collected yet, so its journal
+            # view is not compacted to it: after the last part SyncObj would set the follower's next index
+            # from the old view (raftLog[1] + 1) and resend entries the snapshot covers. Stock PySyncObj's
+            # Serializer sends nothing while a dump is pending either; the next tick sends it.
+            return None
         tx = self._tx.get(transmissionID)
         if tx is None:
             try:
