@@ -684,8 +684,8 @@ class NodeStore:
 
     def _replay_rows(self, name, upto, start, chunk):
         """Rows ``(index, term, payload, kind)`` to replay (see :meth:`iter_replay`), ``chunk`` at a time.
-        The callers turn them into LogEntry one at a time (a replay of millions of entries must not keep
-        batches of new objects alive: the cyclic GC would scan them over and over)."""
+        :meth:`iter_replay` turns them into LogEntry one at a time (a replay of millions of entries must
+        not keep batches of new objects alive: the cyclic GC would scan them over and over)."""
         g = self._groups[name]
         hi = g.commit if upto is None else min(int(upto), g.last_index)
         lo = max(g.first_index, g.snapshot_index + 1) if start is None else int(start)
@@ -725,18 +725,10 @@ class NodeStore:
             meta = sm.restore()
             start = (meta.index + 1) if meta is not None else self._groups[name].first_index
             last = meta.index if meta is not None else 0
-        from .log import _KINDS, LogEntry
-
-        new, kinds = tuple.__new__, _KINDS
-        for rows in self._replay_rows(name, upto, start, 8192):
+        for e in self.iter_replay(name, upto=upto, start=start):
             if apply is not None:
-                for i, t, p, k in rows:
-                    kind = kinds.get(k)
-                    if kind is None:
-                        raise CorruptionError(f"{self.path}: group {name!r}: log entry {i} has a damaged kind "
-                                              f"({k!r})")
-                    apply(new(LogEntry, (i, t, p, kind)))
-            last = rows[-1][0]
+                apply(e)
+            last = e.index
         return last
 
     # ------------------------------------------------------------------ read path

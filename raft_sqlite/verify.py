@@ -153,6 +153,7 @@ class _Verifier:
         self.done = 0
         self.total = 2
         self.main = None
+        self.main_path = None
         self.chunks = None
 
     def close(self):
@@ -172,35 +173,34 @@ class _Verifier:
     def _integrity(self, path: str, name: str) -> None:
         """``PRAGMA integrity_check`` of one file on its own connection (run on a helper thread while the
         rest of the validation proceeds: SQLite does the work without the GIL)."""
-        conn = None
-        try:
-            conn = open_readonly(path)
-            rows = [r[0] for r in conn.execute("PRAGMA integrity_check(100)")]
-        except NotAStoreError:
-            self.rep.integrity[name] = "missing"
-            self.problem("integrity", name, f"{path}: file is missing")
+        conn = self._open(path, name)
+        if conn is None:
             return
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check(100)")]
         except apsw.Error as exc:
-            self.rep.integrity[name] = f"unreadable: {exc}"
-            self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
+            self._unreadable(path, name, exc)
             return
         finally:
-            if conn is not None:
-                conn.close()
+            conn.close()
         self.rep.integrity[name] = "ok" if rows == ["ok"] else "; ".join(rows)
         if rows != ["ok"]:
             self.problem("integrity", name, f"{path}: integrity_check: {'; '.join(rows[:5])}")
 
     def _open(self, path: str, name: str) -> apsw.Connection | None:
+        """A read-only connection on ``path``, or None with an ``integrity`` problem recorded."""
         try:
             return open_readonly(path)
         except NotAStoreError:
             self.rep.integrity[name] = "missing"
             self.problem("integrity", name, f"{path}: file is missing")
         except apsw.Error as exc:
-            self.rep.integrity[name] = f"unreadable: {exc}"
-            self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
+            self._unreadable(path, name, exc)
         return None
+
+    def _unreadable(self, path: str, name: str, exc: apsw.Error) -> None:
+        self.rep.integrity[name] = f"unreadable: {exc}"
+        self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
 
     def run(self, main_path: str, chunks_path: str):
         self.main_path = main_path

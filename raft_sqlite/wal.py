@@ -163,7 +163,7 @@ class WalWriter:
             seg.count += 1
             seg.nbytes += nbytes
             seg.checksum = crc32(_U32.pack(crc), seg.checksum)
-            seg.content = crc32(d, crc32(b"%d %d\n" % (t, k), seg.content))
+            seg.content = crc32(d, crc32(_CONTENT_PREFIX((t, k)), seg.content))
             return seg
         # a batch: build the rows with map/zip (C-level loops), not a Python loop per entry
         idxs, terms, datas, kinds = zip(*entries)
@@ -182,7 +182,7 @@ class WalWriter:
         seg.checksum = crc32(crcs.tobytes(), seg.checksum)
         if terms[0] == terms[-1] and kinds.count(0) == len(kinds):
             # one term, all NORMAL (the usual batch): every record has the same prefix, no formatting per entry
-            prefix = b"%d 0\n" % terms[0]
+            prefix = _CONTENT_PREFIX((terms[0], 0))
             seg.content = crc32(prefix.join(datas), crc32(prefix, seg.content))
         else:
             seg.content = crc32(b"".join(itertools.chain.from_iterable(zip(map(_CONTENT_PREFIX, zip(terms, kinds)),
@@ -209,7 +209,7 @@ class WalWriter:
             seg.count += 1
             seg.nbytes += n
             seg.checksum = chain_crc(seg.checksum, crc)
-            seg.content = zlib.crc32(payload, zlib.crc32(b"%d %d\n" % (e.term, e.kind), seg.content))
+            seg.content = zlib.crc32(payload, zlib.crc32(_CONTENT_PREFIX((e.term, e.kind)), seg.content))
         conn.executemany(self.INSERT, rows)
         return seg
 
