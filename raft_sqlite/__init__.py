@@ -7,9 +7,9 @@ the PySyncObj adapter in :mod:`raft_sqlite.integrations.pysyncobj`.
 
 from .backup import (BackupBusy, BackupCancelled, BackupInfo, HotBackupManager, HotBackupScheduler, RestoreInfo,
                      list_backups, restore, verify_backup)
-from .errors import (BackupError, CompactionError, CorruptionError, LogCompactedError, LogConflictError,
-                     LogGapError, LogUnavailableError, MetadataError, NodeIdentityMismatch, RaftSqliteError,
-                     RecoveryRefused, SnapshotError, StorageFault)
+from .errors import (BackupError, CompactionError, CorruptionError, DataDirError, DataDirLocked, LogCompactedError,
+                     LogConflictError, LogGapError, LogUnavailableError, MetadataError, NodeIdentityMismatch,
+                     RaftSqliteError, RecoveryRefused, SnapshotError, StorageFault)
 from .fsync import FSYNC_MODES, FsyncMode
 from .log import EntryKind, LogEntry, PersistentRaftLog
 from .metadata import HardState, RaftMetadataStore
@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackupBusy", "BackupCancelled", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",
-    "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "HardState", "HotBackupManager", "HotBackupScheduler",
+    "DataDirError", "DataDirLocked", "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "HardState",
+    "HotBackupManager", "HotBackupScheduler",
     "LogCompactedError", "LogConflictError", "LogEntry", "LogGapError", "LogUnavailableError", "MetadataError",
     "NodeIdentityMismatch", "NodeStore", "PersistentRaftLog", "RECOVERY_POLICIES", "RaftMetadataStore",
     "RaftSqliteError", "RecoveryPolicy", "RecoveryReport", "RecoveryRefused", "RestoreInfo", "SegmentPolicy",

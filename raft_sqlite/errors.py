@@ -58,3 +58,28 @@ class BackupError(RaftSqliteError):
 class StorageFault(RaftSqliteError):
     """The disk failed (I/O error, disk full). The store is now fail-stop: it refuses every further
     write until it is closed and reopened; the outcome of the failed write is unknown until then."""
+
+
+class DataDirError(RaftSqliteError):
+    """The data_dir cannot be used: it exists but is not a directory (a regular file, a dangling
+    symlink), or it or its lock file cannot be created or opened (permissions)."""
+
+
+class DataDirLocked(RaftSqliteError):
+    """The data_dir is locked by another live store (another process, or another open in this one):
+    one process, one store per data_dir. ``pid``, ``host``, ``since`` (unix time) and ``node_id``
+    name the holder as it recorded itself (None when unknown)."""
+
+    def __init__(self, data_dir: str, holder):
+        self.data_dir = data_dir
+        self.holder = holder
+        self.pid = getattr(holder, "pid", None)
+        self.host = getattr(holder, "host", None)
+        self.since = getattr(holder, "since", None)
+        self.node_id = getattr(holder, "node_id", None)
+        who = holder.describe() if holder is not None else "another process"
+        super().__init__(f"data_dir {data_dir} is in use by {who}: one store per data_dir; stop that "
+                         "store first (a store is released on close, or by the OS when its process dies)")
+
+    def __reduce__(self):
+        return (type(self), (self.data_dir, self.holder))

@@ -9,6 +9,8 @@ MAIN_HEAD = "0003_main_segment_content"
 CHUNKS_HEAD = "0001_chunks"
 MAIN_DB = "raft.db"
 CHUNKS_DB = "chunks.db"
+#: the data_dir lock file (flock, holder record inside): see :mod:`raft_sqlite.lock`. Never backed up.
+LOCK_FILE = "raft.lock"
 #: log key = group_id * KEY_SPAN + index: one b-tree, no secondary index on the append path.
 KEY_SHIFT = 40
 KEY_SPAN = 1 << KEY_SHIFT

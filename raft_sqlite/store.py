@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import apsw
 
 from . import hwm, layout, migrate
-from .errors import (CompactionError, CorruptionError, LogCompactedError, LogConflictError, NodeIdentityMismatch,
-                     RaftSqliteError, StorageFault)
+from .errors import (CompactionError, CorruptionError, DataDirError, LogCompactedError, LogConflictError,
+                     NodeIdentityMismatch, RaftSqliteError, StorageFault)
+from .lock import DataDirLock, check_data_dir
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore, group_crc, meta_crc
@@ -101,13 +102,22 @@ class NodeStore:
     def open(cls, data_dir, node_id: str, *, cluster_id: str, fsync: FsyncMode = FsyncMode.FULL,
              fsync_interval: float = 0.05, recovery: RecoveryPolicy = RecoveryPolicy.STRICT,
              vfs: str | None = None, segment_policy: SegmentPolicy | None = None,
-             slow_commit_warning: float = 1.0) -> "NodeStore":
+             slow_commit_warning: float = 1.0, lock: DataDirLock | None = None) -> "NodeStore":
         """Open (creating if needed) the store of node ``node_id`` in ``data_dir``.
 
-        Creates ``data_dir`` with mode 0700 and its database files with mode 0600, brings the schema to
-        the current version (alembic runs only when needed), writes the node record on creation and
-        refuses (:class:`NodeIdentityMismatch`) a data_dir of another node or cluster or of a newer
-        format. Then validates the local data under ``recovery`` (see :class:`RecoveryPolicy`) and
+        First takes the exclusive lock of ``data_dir`` (:class:`~raft_sqlite.lock.DataDirLock`), held
+        until :meth:`close` and dropped by the OS if the process dies: a second open of the same
+        data_dir, from any process or this one, raises :class:`~raft_sqlite.DataDirLocked` naming the
+        holder, before any file is touched. ``lock`` passes a lock the caller already holds on
+        ``data_dir`` (:func:`raft_sqlite.restore` does); the store then uses it and leaves it held on
+        close. A ``data_dir`` that exists and is not a directory raises
+        :class:`~raft_sqlite.DataDirError` (nothing is created).
+
+        Creates ``data_dir`` with mode 0700 and its database files with mode 0600 (an existing data_dir
+        or file with looser permissions is tightened to these, with a warning naming the old mode),
+        brings the schema to the current version (alembic runs only when needed), writes the node
+        record on creation and refuses (:class:`NodeIdentityMismatch`) a data_dir of another node or
+        cluster or of a newer format. Then validates the local data under ``recovery`` (see :class:`RecoveryPolicy`) and
         records a recovery event. ``fsync`` picks the durability of every write
         (:data:`raft_sqlite.fsync.FSYNC_MODES`); with ``NORMAL`` the WAL is synced every
         ``fsync_interval`` seconds by a background thread. ``vfs`` names a registered apsw VFS (the
@@ -117,8 +127,10 @@ class NodeStore:
             raise TypeError("node_id must be a non-empty str")
         if not isinstance(cluster_id, str) or not cluster_id:
             raise TypeError("cluster_id must be a non-empty str")
+        if lock is not None and not isinstance(lock, DataDirLock):
+            raise TypeError(f"lock must be a DataDirLock or None, not {type(lock).__name__}")
         self = cls()
-        self.data_dir = os.fspath(data_dir)
+        self.data_dir = check_data_dir(data_dir)
         self.node_id, self.cluster_id = node_id, cluster_id
         self.fsync = FsyncMode(fsync)
         self.fsync_interval = float(fsync_interval)
@@ -151,9 +163,12 @@ class NodeStore:
         self._hwm = None
         self._conn = None
         self.chunks_conn = None
+        self._lock: DataDirLock | None = None
+        self._owns_lock = lock is None
         try:
             try:
-                self._open_files()
+                created = self._take_dir(lock)
+                self._open_files(created)
                 self._recover()
             except UnicodeDecodeError as exc:  # a TEXT column (name, vote, manifest) holds bytes that are not UTF-8
                 raise CorruptionError(f"{self.data_dir}: a text column holds bytes that are not UTF-8 ({exc}); "
@@ -164,6 +179,7 @@ class NodeStore:
             if isinstance(exc, StorageFault):
                 self._fault = exc  # close without SQLite's checkpoint-on-close (see _close_connections)
             self._close_connections()
+            self._release_lock()
             raise
         if FSYNC_MODES[self.fsync]["interval_sync"]:
             self._syncer = _IntervalSyncer(self)
@@ -197,12 +213,50 @@ class NodeStore:
             raise
         return conn
 
-    def _open_files(self) -> None:
-        created_dir = not os.path.isdir(self.data_dir)
-        if created_dir:
-            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-            os.chmod(self.data_dir, 0o700)
-        created = False
+    def _take_dir(self, lock: DataDirLock | None) -> bool:
+        """Create ``data_dir`` if needed, lock it (or adopt the caller's ``lock``), then tighten the
+        modes of data_dir (0700) and of its files (0600). Returns True if a file or the directory was
+        created (EXTRA mode then fsyncs data_dir)."""
+        created = not os.path.isdir(self.data_dir)
+        if created:
+            try:
+                os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+                os.chmod(self.data_dir, 0o700)
+            except OSError as exc:
+                check_data_dir(self.data_dir)  # a file appeared there meanwhile: say so
+                raise DataDirError(f"cannot create data_dir {self.data_dir}: {exc.strerror or exc}") from exc
+        if lock is None:
+            self._lock = DataDirLock.acquire(self.data_dir, node_id=self.node_id)
+            created = created or self._lock.created
+        else:
+            if not lock.held or not os.path.samefile(lock.data_dir, self.data_dir):
+                raise ValueError(f"lock {lock!r} is not a held lock of {self.data_dir}")
+            self._lock = lock
+        self._tighten_modes()
+        return created
+
+    def _tighten_modes(self) -> None:
+        """data_dir 0700 and every regular file in it 0600 (only group/other bits are removed)."""
+        try:
+            mode = os.stat(self.data_dir).st_mode
+            if mode & 0o077:
+                log.warning("%s: data_dir mode was %04o; tightened to 0700", self.data_dir, mode & 0o7777)
+                os.chmod(self.data_dir, (mode & 0o7700) | 0o700)
+            for entry in os.scandir(self.data_dir):
+                if entry.is_file(follow_symlinks=False):
+                    fmode = entry.stat(follow_symlinks=False).st_mode
+                    if fmode & 0o077:
+                        log.warning("%s: file mode was %04o; tightened to 0600", entry.path, fmode & 0o7777)
+                        os.chmod(entry.path, fmode & 0o7700)
+        except OSError as exc:
+            raise DataDirError(f"cannot tighten the permissions in {self.data_dir}: {exc}") from exc
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None and self._owns_lock:
+            lock.release()
+
+    def _open_files(self, created: bool) -> None:
         for name in (layout.MAIN_DB, layout.CHUNKS_DB):
             p = os.path.join(self.data_dir, name)
             if not os.path.exists(p):
@@ -321,7 +375,7 @@ class NodeStore:
                 raise StorageFault(f"{self.data_dir}: WAL sync failed while opening ({exc})") from exc
 
     def close(self) -> None:
-        """Stop background work and close every connection. Idempotent."""
+        """Stop background work, close every connection, then release the data_dir lock. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -330,6 +384,7 @@ class NodeStore:
         while self._queue:  # let the current leader finish its commit
             time.sleep(0.001)
         self._close_connections()
+        self._release_lock()  # only once every connection is closed
 
     def _close_connections(self):
         # After a storage fault, never let SQLite checkpoint on close: that writes the database and
