@@ -865,7 +865,8 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
 
     Order of work: (1) ``data_dir`` must not exist or be an empty directory, else :class:`BackupError`;
     (2) the whole backup is verified (:func:`verify_backup` with checksums) before anything is written;
-    (3) ``data_dir`` is created 0700 and each file copied to a temporary name (0600), checksummed again
+    (3) ``data_dir`` is created 0700 and locked like a store (:class:`~raft_sqlite.lock.DataDirLock`, held
+    to the end: :class:`~raft_sqlite.DataDirLocked` if a store has it open), and each file copied to a temporary name (0600), checksummed again
     while copying, fsynced, renamed, and the directory fsynced; (4) a restore event is recorded in the
     restored ``raft.db``; (5) the result is opened with ``RecoveryPolicy.STRICT`` as a check. If (3)-(5)
     fail, everything written is removed (``data_dir`` is left as it was) and :class:`BackupError` raised.
@@ -884,17 +885,33 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
     kind = _restore_kind(mode, bool(allow_quorum_loss))
     src = os.path.abspath(os.fspath(backup_path))
     target = os.path.abspath(os.fspath(data_dir))
+
+    def refuse_if_not_empty():
+        if [n for n in os.listdir(target) if n != layout.LOCK_FILE]:
+            raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
+                              "(move the old data away first)")
+
     if os.path.lexists(target):
         if os.path.islink(target) or not os.path.isdir(target):
             raise BackupError(f"restore target {target} exists and is not a directory")
-        if os.listdir(target):
-            raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
-                              "(move the old data away first)")
+        refuse_if_not_empty()
     manifest = verify_backup(src, checksums=True)
     created_dir = not os.path.exists(target)
-    try:
-        if created_dir:
+    if created_dir:
+        try:
             os.makedirs(target, mode=0o700)
+        except OSError as exc:
+            raise BackupError(f"cannot create restore target {target}: {exc}") from exc
+    from .lock import DataDirLock
+    # Held until the end, so that no NodeStore.open (or second restore) can use the half-written
+    # data_dir; DataDirLocked (naming the holder) if a store has it open already.
+    lock = DataDirLock.acquire(target, node_id=manifest["node_id"])
+    try:
+        refuse_if_not_empty()  # again, now that nobody else can write into it
+    except BaseException:
+        lock.release()
+        raise
+    try:
         os.chmod(target, 0o700)
         tmps = []
         for f in manifest["files"]:
@@ -909,12 +926,13 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         from .store import NodeStore
         try:
             NodeStore.open(target, manifest["node_id"], cluster_id=manifest["cluster_id"],
-                           recovery=RecoveryPolicy.STRICT).close()
+                           recovery=RecoveryPolicy.STRICT, lock=lock).close()
         except RaftSqliteError as exc:
             raise BackupError(f"restored data in {target} does not open under STRICT recovery: {exc}") from exc
     except BaseException as exc:
         # data_dir was empty or absent when we started: everything in it now is ours (the copies, their
-        # temporaries and whatever the check-open created next to them)
+        # temporaries, whatever the check-open created next to them, and the lock file, which is safe
+        # to remove while we hold it: DataDirLock.acquire re-checks the path after locking)
         for name in os.listdir(target) if os.path.isdir(target) else ():
             p = os.path.join(target, name)
             with contextlib.suppress(FileNotFoundError):
@@ -928,6 +946,8 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         if isinstance(exc, OSError):
             raise BackupError(f"restore into {target} failed: {exc}") from exc
         raise
+    finally:
+        lock.release()
     info = RestoreInfo(target, src, kind, manifest, event, time.monotonic() - t0)
     log.info("%s restored from backup %s (created %s) as a %s", target, src, manifest["created_at"], kind)
     return info

@@ -14,11 +14,13 @@ the node is running); 6 an optional component is missing (prometheus_client, bac
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -40,12 +42,14 @@ from .errors import (
     BackupError,
     CompactionError,
     CorruptionError,
+    DataDirLocked,
     NodeIdentityMismatch,
     RaftSqliteError,
     RecoveryRefused,
     StorageFault,
 )
 from .fsync import FSYNC_MODES, FsyncMode
+from .lock import Holder, holder
 from .verify import NotAStoreError, open_readonly
 from .wal import _HEADER, INT, SPAN
 
@@ -95,6 +99,8 @@ def friendly(fn):
             raise
         except NotAStoreError as exc:
             raise CliError(str(exc), EXIT_NOT_FOUND) from None
+        except DataDirLocked as exc:
+            raise CliError(f"refused: {exc}", EXIT_REFUSED) from None
         except (CorruptionError, apsw.CorruptError, apsw.NotADBError) as exc:
             raise CliError(f"the store is corrupt or unreadable: {exc} (run `raft-sqlite verify` for details)",
                            EXIT_CORRUPT) from None
@@ -153,30 +159,10 @@ def _size(n) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def store_holder(data_dir: str) -> int | None:
-    """pid of another process that has ``data_dir/raft.db`` open (it holds SQLite's shared-memory
-    dead-man-switch lock), or None if none does (or on platforms where this cannot be probed).
-
-    Queried with ``F_GETLK`` (no lock is taken). Call it before this process opens the database:
-    closing any descriptor of the ``-shm`` file would drop this process's own SQLite locks on it."""
-    shm = os.path.join(data_dir, layout.MAIN_DB) + "-shm"
-    if sys.platform != "linux" or not os.path.exists(shm):
-        return None
-    import fcntl
-
-    fmt = "@hhqqi4x"  # struct flock on Linux (64-bit off_t)
-    try:
-        fd = os.open(shm, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        res = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 128, 1, 0))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    l_type, _, _, _, pid = struct.unpack(fmt, res)
-    return None if l_type == fcntl.F_UNLCK else pid
+def store_holder(data_dir: str) -> Holder | None:
+    """Who holds ``data_dir``'s lock (a running store: pid, host, since, node_id), or None if no store
+    has it open. A probe through :func:`raft_sqlite.lock.holder`: it takes nothing and writes nothing."""
+    return holder(data_dir)
 
 
 def _check_dir(data_dir: str) -> str:
@@ -250,7 +236,7 @@ def collect_status(data_dir: str) -> dict:
     """Everything ``raft-sqlite status`` shows, as a JSON-able dict, read through a read-only
     connection in one read transaction (a consistent view even while the node writes)."""
     data_dir = _check_dir(data_dir)
-    holder = store_holder(data_dir)  # before opening: see store_holder()
+    who = store_holder(data_dir)
     path = os.path.join(data_dir, layout.MAIN_DB)
     conn = open_main_readonly(data_dir)
     try:
@@ -264,7 +250,8 @@ def collect_status(data_dir: str) -> dict:
         st = {
             "data_dir": os.path.abspath(data_dir),
             "node": node,
-            "in_use_by_pid": holder,
+            "in_use_by_pid": None if who is None else who.pid,
+            "in_use_by": None if who is None else dataclasses.asdict(who),
             "schema_revision": current_revision(conn),
             "fsync_mode": mode,
             "fsync_guarantee": FSYNC_MODES[FsyncMode(mode)]["guarantee"] if mode in FsyncMode.__members__ else None,
@@ -393,7 +380,8 @@ def status(data_dir, as_json):
     head.add_row("fsync mode", f"{st['fsync_mode']} ({st['fsync_guarantee']})" if st["fsync_guarantee"]
                  else str(st["fsync_mode"]))
     head.add_row("recovery policy", str(st["recovery_policy"]))
-    head.add_row("open by", f"pid {st['in_use_by_pid']}" if st["in_use_by_pid"] else "no process (stopped)")
+    head.add_row("open by", "no process (stopped)" if st["in_use_by"] is None
+                 else Holder(**st["in_use_by"]).describe())
     files = st["files"]
     head.add_row("files", ", ".join(f"{k} {_size(v)}" for k, v in files.items()))
     lb = st["last_backup"]
@@ -440,10 +428,30 @@ def _authorizer(op, p1, p2, dbname, trigger):
     return apsw.SQLITE_DENY
 
 
+#: statements SQLite does not call read-only (sqlite3_stmt_readonly) that only read here
+_READ_ONLY_SQL = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?journal_mode\s*;?\s*", re.IGNORECASE)
+
+
+class SqlRefused(Exception):
+    """Raised (by the connection's exec tracer) before a statement that could write runs in
+    ``raft-sqlite sql``; the message names the statement."""
+
+
+def _exec_guard(cursor, sql, bindings):
+    # sqlite3_stmt_readonly() is False for every statement that could change a database file: writes,
+    # DDL, VACUUM (also VACUUM INTO, which the authorizer never sees), ANALYZE, REINDEX, BEGIN
+    # IMMEDIATE, and pragmas with side effects (wal_checkpoint, optimize, incremental_vacuum, ...).
+    if cursor.is_readonly or _READ_ONLY_SQL.fullmatch(sql):
+        return True
+    raise SqlRefused(f"statement {sql.strip()[:200]!r} could write or checkpoint")
+
+
 def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Connection:
     """The connection ``raft-sqlite sql`` uses: read-only on ``raft.db`` (``chunks.db`` attached read-only
-    as schema ``chunks``), ``query_only``, and an authorizer that denies every statement that could
-    write or attach (INSERT/UPDATE/DELETE, DDL, ATTACH, setting a PRAGMA)."""
+    as schema ``chunks``), ``query_only``, an authorizer that denies every statement that could
+    write or attach (INSERT/UPDATE/DELETE, DDL, ATTACH, setting a PRAGMA), and an exec tracer that
+    refuses, before it runs, every statement SQLite does not report as read-only (VACUUM [INTO],
+    PRAGMA wal_checkpoint/optimize, ANALYZE, ...): :class:`SqlRefused`."""
     conn = open_main_readonly(data_dir)
     chunks = os.path.join(data_dir, layout.CHUNKS_DB)
     if attach_chunks and os.path.isfile(chunks):
@@ -454,6 +462,7 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
         except apsw.Error as exc:
             err.print(f"warning: {layout.CHUNKS_DB} not attached ({exc})")
     conn.authorizer = _authorizer
+    conn.exec_trace = _exec_guard
     return conn
 
 
@@ -480,7 +489,7 @@ def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[t
                 desc = d
                 sets.append(([c[0] for c in d], []))
             sets[-1][1].append(tuple(_cell(v, raw) for v in row))
-    except (apsw.AuthError, apsw.ReadOnlyError) as exc:
+    except (apsw.AuthError, apsw.ReadOnlyError, SqlRefused) as exc:
         raise CliError(f"refused: raft-sqlite sql is read-only; only SELECT and reading PRAGMAs are allowed "
                        f"({exc})", EXIT_REFUSED) from None
     except apsw.SQLError as exc:
@@ -599,8 +608,9 @@ def sql(data_dir, query, fmt, as_json, raw_payload):
     """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`).
 
     Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. The
-    connection is opened read-only with query_only and an authorizer: INSERT/UPDATE/DELETE, DDL,
-    ATTACH and setting PRAGMAs fail with exit code 5. Views: group_status, snapshot_chain, segments,
+    connection is opened read-only with query_only, an authorizer and a statement guard:
+    INSERT/UPDATE/DELETE, DDL, ATTACH, VACUUM, ANALYZE, checkpoints and setting PRAGMAs are refused
+    with exit code 5 before they run. Views: group_status, snapshot_chain, segments,
     backup_history, recovery_log."""
     if as_json:
         fmt = "json"
@@ -694,10 +704,10 @@ def _open_store_for_write(data_dir: str):
     from .store import NodeStore
 
     data_dir = _check_dir(data_dir)
-    pid = store_holder(data_dir)
-    if pid:
-        raise CliError(f"refused: process {pid} has {data_dir} open (is the node running?); stop it first, "
-                       "or do this from inside the node process", EXIT_REFUSED)
+    who = store_holder(data_dir)  # NodeStore.open below refuses too (DataDirLocked); this says it first
+    if who is not None:
+        raise CliError(f"refused: {data_dir} is in use by {who.describe()} (is the node running?); stop it "
+                       "first, or do this from inside the node process", EXIT_REFUSED)
     conn = open_main_readonly(data_dir)
     try:
         node = _node_record(conn, os.path.join(data_dir, layout.MAIN_DB))

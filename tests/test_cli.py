@@ -174,6 +174,7 @@ def test_status_and_sql_while_another_process_appends(tmp_path):
             assert r.returncode == 0, r.stderr
             st = json.loads(r.stdout)
             assert st["in_use_by_pid"] == p.pid
+            assert st["in_use_by"]["pid"] == p.pid and st["in_use_by"]["node_id"] == "n1"
             (g,) = st["groups"]
             assert g["commit_index"] <= g["last_index"]
             seen.append(g["last_index"])
@@ -182,9 +183,19 @@ def test_status_and_sql_while_another_process_appends(tmp_path):
             row = json.loads(r.stdout)[0]
             assert row["n"] == row["last"]  # a consistent snapshot: no gaps seen mid-write
             time.sleep(0.3)
-        # compaction (a write) is refused while the node runs
+        # the other read-only commands work beside the live node too
+        r = cli("log", d, "-g", "a", "--limit", "5", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["crc_failures"] == 0, r.stderr
+        r = cli("verify", d, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout + r.stderr
+        r = cli("sql", d, "PRAGMA wal_checkpoint")  # a checkpoint attempt beside a live node: a clean refusal
+        assert r.returncode == 5 and "read-only" in r.stderr
+        no_traceback(r)
+        # compaction and backup (writes) are refused while the node runs, naming it
         r = cli("compact", d, "--up-to", "1")
         assert r.returncode == 5 and f"process {p.pid}" in r.stderr
+        r = cli("backup", d, tmp_path / "bk")
+        assert r.returncode == 5 and f"process {p.pid}" in r.stderr and not (tmp_path / "bk").exists()
         stop.touch()
         out, errs = p.communicate(timeout=60)
     finally:
@@ -210,6 +221,18 @@ def test_status_and_sql_while_another_process_appends(tmp_path):
     "ATTACH DATABASE '{tmp}/evil.db' AS evil",
     "VACUUM",
     "SELECT 1; DELETE FROM node",
+    "PRAGMA wal_checkpoint",
+    "PRAGMA wal_checkpoint(TRUNCATE)",
+    "PRAGMA main.wal_checkpoint",
+    "PRAGMA user_version=5",
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA optimize",
+    "PRAGMA incremental_vacuum",
+    "ANALYZE",
+    "REINDEX",
+    "BEGIN IMMEDIATE",
+    "VACUUM INTO '{tmp}/evil.db'",
+    "SELECT 1; PRAGMA wal_checkpoint",
 ])
 def test_sql_refuses_writes(tmp_path, stmt):
     d = make_store(tmp_path / "n", n=10, groups=("a",))
@@ -222,6 +245,39 @@ def test_sql_refuses_writes(tmp_path, stmt):
     assert not (tmp_path / "evil.db").exists()
     with open_store(d) as s:  # and the store still holds everything
         assert s.log("a").last_index == 10 and s.metadata("a").current_term == 3
+
+
+@pytest.mark.parametrize("stmt, column", [
+    ("PRAGMA table_info(log_entries)", "name"),
+    ("SELECT name FROM pragma_table_info('node')", "name"),
+    ("PRAGMA integrity_check", "integrity_check"),
+    ("PRAGMA quick_check", "quick_check"),
+    ("PRAGMA journal_mode", "journal_mode"),
+    ("PRAGMA user_version", "user_version"),
+    ("BEGIN; SELECT count(*) AS n FROM log_entries; COMMIT", "n"),
+])
+def test_sql_read_pragmas_still_work(tmp_path, stmt, column):
+    d = make_store(tmp_path / "n", n=10, groups=("a",))
+    before = files_digest(d)
+    r = cli("sql", d, stmt, "--json")
+    assert r.returncode == 0, (stmt, r.stderr)
+    rows = json.loads(r.stdout)
+    assert rows and column in rows[0]
+    assert files_digest(d) == before
+
+
+def test_write_commands_refuse_a_store_open_in_this_process(tmp_path):
+    d = make_store(tmp_path / "n", n=10, groups=("a",), snapshot_at=5)
+    with open_store(d):
+        before = files_digest(d)
+        r = cli("compact", d, "--up-to", "5")
+        assert r.returncode == 5 and f"process {os.getpid()}" in r.stderr and "in use by" in r.stderr, r.stderr
+        no_traceback(r)
+        r = cli("status", d, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["in_use_by"]["pid"] == os.getpid()
+        assert files_digest(d) == before
+    with open_store(d) as s:
+        assert s.log("a").first_index == 1 and s.log("a").last_index == 10
 
 
 def test_sql_formats_payloads_and_views(tmp_path):
