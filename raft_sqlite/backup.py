@@ -52,6 +52,7 @@ import apsw
 
 from . import layout
 from .errors import BackupError, RaftSqliteError
+from .lock import DataDirLock
 
 log = logging.getLogger("raft_sqlite.backup")
 
@@ -902,7 +903,6 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
             os.makedirs(target, mode=0o700)
         except OSError as exc:
             raise BackupError(f"cannot create restore target {target}: {exc}") from exc
-    from .lock import DataDirLock
     # Held until the end, so that no NodeStore.open (or second restore) can use the half-written
     # data_dir; DataDirLocked (naming the holder) if a store has it open already.
     lock = DataDirLock.acquire(target, node_id=manifest["node_id"])
