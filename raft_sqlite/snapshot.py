@@ -128,6 +128,16 @@ def _int(name, v, lo=0, hi=layout.MAX_INT64) -> int:
     return int_arg(name, v, lo, hi)
 
 
+def _meta_arg(name: str, meta) -> "SnapshotMeta":
+    """``meta`` if it is a :class:`SnapshotMeta` whose id and index are integers the store can hold
+    (TypeError/ValueError otherwise): a hand-made manifest object must not reach SQL."""
+    if not isinstance(meta, SnapshotMeta):
+        raise TypeError(f"{name} must be a SnapshotMeta, not {type(meta).__name__}")
+    int_arg(f"{name}.id", meta.id, layout.MIN_INT64, layout.MAX_INT64)
+    int_arg(f"{name}.index", meta.index, layout.MIN_INT64, layout.MAX_INT64)
+    return meta
+
+
 # ---------------------------------------------------------------------------------------------- store
 _STORES: weakref.WeakKeyDictionary[Any, SnapshotStore] = weakref.WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
@@ -1010,7 +1020,7 @@ class SnapshotManager:
 
     def chain(self, head: SnapshotMeta | None = None) -> SnapshotChain | None:
         """The :class:`SnapshotChain` ending at ``head`` (default: :meth:`latest`), links verified."""
-        head = head or self.latest()
+        head = self.latest() if head is None else _meta_arg("head", head)
         return None if head is None else SnapshotChain.load(self, head)
 
     def chains(self) -> list[list[SnapshotMeta]]:
@@ -1090,6 +1100,8 @@ class SnapshotManager:
         kind = SnapshotKind(kind)
         if kind is SnapshotKind.FULL and parent is not None:
             raise ValueError("a FULL snapshot has no parent")
+        if parent is not None:
+            _meta_arg("parent", parent)
         if structures is not None:
             structures = json.loads(json.dumps(structures))
         self._store._ensure_group(self.group)
@@ -1248,8 +1260,7 @@ class SnapshotManager:
         that verifies end to end itself, e.g. a follower installing the stream. Raises
         :class:`SnapshotError` if it is not a durable snapshot of this group (e.g. deleted by
         retention) and :class:`CorruptionError` for damaged chunks."""
-        if not isinstance(meta, SnapshotMeta):
-            raise TypeError(f"open() takes a SnapshotMeta, not {type(meta).__name__}")
+        _meta_arg("meta", meta)
         cur = self._sstore.manifest(meta.id, self.group, self._g().gid)
         if cur is None or cur.status != "DURABLE":
             raise SnapshotError(f"group {self.group!r}: snapshot {meta.id} is not a durable snapshot")
@@ -1261,7 +1272,7 @@ class SnapshotManager:
         """Read ``meta`` (default: every durable snapshot of the group) completely, checking every
         chunk's CRC32 and the sha256 digest, and every chain link. Returns the snapshots verified;
         raises :class:`CorruptionError`/:class:`SnapshotError` at the first problem."""
-        metas = [meta] if meta is not None else self.list()
+        metas = [_meta_arg("meta", meta)] if meta is not None else self.list()
         for m in metas:
             with self.open(m) as r:
                 for _ in r.chunks():
