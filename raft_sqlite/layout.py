@@ -16,3 +16,22 @@ KEY_SHIFT = 40
 KEY_SPAN = 1 << KEY_SHIFT
 #: page size of chunks.db (set when the file is created; raft.db keeps SQLite's 4 KiB)
 CHUNKS_PAGE_SIZE = 65536
+
+# ---- integer ranges the storage can hold (every public call checks its integers against these up front)
+#: SQLite INTEGER is a signed 64-bit value.
+MIN_INT64 = -(1 << 63)
+MAX_INT64 = (1 << 63) - 1
+#: Highest log/snapshot/commit index: one group's keys span KEY_SPAN values (an index of KEY_SPAN
+#: would be a key of the next group).
+MAX_INDEX = KEY_SPAN - 1
+#: Highest term (stored as a signed 64-bit INTEGER; terms are >= 0).
+MAX_TERM = MAX_INT64
+#: Range of an int ``voted_for`` (any signed 64-bit value).
+MIN_INT_VOTE, MAX_INT_VOTE = MIN_INT64, MAX_INT64
+#: Upper bound of byte counts given as arguments (``max_bytes``, chunk/commit sizes, segment bytes).
+MAX_SIZE = MAX_INT64
+#: Bounds of ``NodeStore.open(fsync_interval=...)`` in seconds (NORMAL mode's WAL sync period): above
+#: zero (0 would spin the sync thread) and at most one hour (a longer window of power-loss exposure
+#: is almost certainly a unit mistake).
+MIN_FSYNC_INTERVAL = 0.0001
+MAX_FSYNC_INTERVAL = 3600.0

@@ -7,8 +7,12 @@ import itertools
 import operator
 from typing import NamedTuple, Sequence
 
+from . import layout
+from .args import int_arg
 from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
                      LogUnavailableError, RaftSqliteError)
+
+_MAX_INDEX, _MAX_TERM = layout.MAX_INDEX, layout.MAX_TERM
 
 
 class EntryKind(enum.IntEnum):
@@ -32,11 +36,8 @@ class LogEntry(NamedTuple):
 
 
 def _int(name: str, v) -> int:
-    if type(v) is not int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-        v = int(v)
-    return v
+    """An int argument of any size (a read position: out-of-log values get the contract's errors)."""
+    return int_arg(name, v, None, None)
 
 
 _INT_ONLY = {int}
@@ -56,7 +57,8 @@ def _well_formed(entries) -> bool:
             or set(map(type, datas)) != _BYTES_ONLY or set(map(type, kinds)) != _KIND_ONLY):
         return False
     first = idxs[0]
-    if first < 1 or terms[0] < 0 or idxs != tuple(range(first, first + len(idxs))):
+    if (first < 1 or terms[0] < 0 or idxs[-1] > _MAX_INDEX or terms[-1] > _MAX_TERM
+            or idxs != tuple(range(first, first + len(idxs)))):
         return False
     return all(map(operator.le, terms, itertools.islice(terms, 1, None)))
 
@@ -72,7 +74,7 @@ def validate_entries(entries: Sequence) -> list[LogEntry]:
     prev = None
     for e in entries:
         if (type(e) is LogEntry and type(e[0]) is int and type(e[1]) is int and type(e[2]) is bytes
-                and type(e[3]) is EntryKind and e[0] >= 1 and e[1] >= 0
+                and type(e[3]) is EntryKind and 1 <= e[0] <= _MAX_INDEX and 0 <= e[1] <= _MAX_TERM
                 and (prev is None or (e[0] == prev[0] + 1 and e[1] >= prev[1]))):
             out.append(e)  # fast path: already a well-typed LogEntry that fits
             prev = e
@@ -83,10 +85,10 @@ def validate_entries(entries: Sequence) -> list[LogEntry]:
             e = LogEntry(*e)
         index, term, data, kind = e
         index, term = _int("index", index), _int("term", term)
-        if index < 1:
-            raise ValueError(f"log index must be >= 1, got {index}")
-        if term < 0:
-            raise ValueError(f"term must be >= 0, got {term}")
+        if not 1 <= index <= _MAX_INDEX:
+            raise ValueError(f"log index must be in 1..{_MAX_INDEX}, got {index}")
+        if not 0 <= term <= _MAX_TERM:
+            raise ValueError(f"entry {index}: term must be in 0..{_MAX_TERM}, got {term}")
         if type(data) is not bytes:
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"entry {index}: data must be bytes, not {type(data).__name__}")
@@ -194,6 +196,9 @@ class PersistentRaftLog:
             if term < g.last_term:
                 raise LogConflictError(f"group {name!r}: term {term} is below the last entry's term {g.last_term}")
             base = g.last_index
+            if base + len(proto) > _MAX_INDEX:
+                raise ValueError(f"group {name!r}: appending {len(proto)} entries after {base} would pass the "
+                                 f"highest index {_MAX_INDEX}")
             box[:] = [LogEntry(base + e.index, e.term, e.data, e.kind) for e in proto]
             g.last_index, g.last_term = base + len(proto), term
             return g.last_index
@@ -233,7 +238,7 @@ class PersistentRaftLog:
         :class:`LogUnavailableError`."""
         lo, hi = _int("lo", lo), _int("hi", hi)
         if max_bytes is not None:
-            max_bytes = _int("max_bytes", max_bytes)
+            max_bytes = int_arg("max_bytes", max_bytes, 0, None)  # a read limit: any size >= 0
         if hi < lo:
             raise ValueError(f"entries(lo={lo}, hi={hi}): hi must be >= lo")
         g = self._g()

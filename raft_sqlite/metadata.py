@@ -5,8 +5,9 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
+from . import layout
+from .args import int_arg, term_arg
 from .errors import MetadataError, RaftSqliteError
-from .log import _int
 
 
 class HardState(NamedTuple):
@@ -30,8 +31,19 @@ def group_crc(group_id: int, name: str, first_index: int, snapshot_index: int, s
 
 
 def check_vote(v):
-    if v is None or type(v) is str or (type(v) is int):
+    """``v`` if it is a valid ``voted_for``: None, a str that encodes as UTF-8 (no lone surrogates), or
+    an int in ``layout.MIN_INT_VOTE..layout.MAX_INT_VOTE`` (what SQLite stores as an INTEGER).
+    TypeError for another type, ValueError for a value out of range."""
+    if v is None:
         return v
+    if type(v) is str:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"voted_for {v!r} is not valid text (it cannot be encoded as UTF-8)") from None
+        return v
+    if type(v) is int:
+        return int_arg("voted_for", v, layout.MIN_INT_VOTE, layout.MAX_INT_VOTE)
     raise TypeError(f"voted_for must be a str, an int or None, not {type(v).__name__}")
 
 
@@ -98,10 +110,8 @@ class RaftMetadataStore:
     def set_term_and_vote(self, term: int, voted_for=None) -> None:
         """Atomically persist ``term`` and ``voted_for``. A higher term replaces both (the vote may be
         None); the same term may only repeat the vote already cast, or cast the first one."""
-        term = _int("term", term)
+        term = term_arg("term", term)
         voted_for = check_vote(voted_for)
-        if term < 0:
-            raise ValueError(f"term must be >= 0, got {term}")
         name = self.group
 
         def check(g):
@@ -120,7 +130,7 @@ class RaftMetadataStore:
 
     def set_commit_index(self, index: int) -> None:
         """Persist the commit index: never lower than the current one, never above ``last_index``."""
-        index = _int("index", index)
+        index = int_arg("index", index, None, None)  # any int: out of range is a MetadataError below
         name = self.group
 
         def check(g):

@@ -47,6 +47,8 @@ from typing import Any, Self
 
 import apsw
 
+from . import layout
+from .args import float_arg, int_arg, term_arg
 from .errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
 
 log = logging.getLogger("raft_sqlite.snapshot")
@@ -55,6 +57,8 @@ log = logging.getLogger("raft_sqlite.snapshot")
 DEFAULT_CHUNK_SIZE = 1 << 20
 #: Default bytes per chunks.db transaction while streaming (bounds memory and WAL growth).
 DEFAULT_COMMIT_BYTES = 8 << 20
+#: Largest ``chunk_size`` accepted (SQLite's default BLOB limit is 10**9 bytes).
+MAX_CHUNK_SIZE = 256 << 20
 #: Default length of a delta chain (base included) before a new FULL snapshot is taken.
 DEFAULT_MAX_CHAIN_LENGTH = 8
 #: Default number of chains kept by retention.
@@ -120,12 +124,18 @@ _COLS = ("snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk
          "created_at, finished_at, crc32, source")
 
 
-def _int(name, v, lo=0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
+def _int(name, v, lo=0, hi=layout.MAX_INT64) -> int:
+    return int_arg(name, v, lo, hi)
+
+
+def _meta_arg(name: str, meta) -> "SnapshotMeta":
+    """``meta`` if it is a :class:`SnapshotMeta` whose id and index are integers the store can hold
+    (TypeError/ValueError otherwise): a hand-made manifest object must not reach SQL."""
+    if not isinstance(meta, SnapshotMeta):
+        raise TypeError(f"{name} must be a SnapshotMeta, not {type(meta).__name__}")
+    int_arg(f"{name}.id", meta.id, layout.MIN_INT64, layout.MAX_INT64)
+    int_arg(f"{name}.index", meta.index, layout.MIN_INT64, layout.MAX_INT64)
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -948,6 +958,20 @@ class SnapshotManager:
     bytes/s cap for writers).
     """
 
+    #: Configuration attributes and their checks (run on every assignment: a bad value raises
+    #: TypeError/ValueError and leaves the old one). A chunk must fit in one SQLite BLOB.
+    _CONFIG = {
+        "chunk_size": lambda v: int_arg("chunk_size", v, 1, MAX_CHUNK_SIZE),
+        "commit_bytes": lambda v: int_arg("commit_bytes", v, 1, layout.MAX_SIZE),
+        "max_chain_length": lambda v: int_arg("max_chain_length", v, 1, layout.MAX_INT64),
+        "keep_chains": lambda v: None if v is None else int_arg("keep_chains", v, 1, layout.MAX_INT64),
+        "max_write_rate": lambda v: None if v is None else float_arg("max_write_rate", v, 0.0, 1e18, lo_open=True),
+    }
+
+    def __setattr__(self, name, value):
+        check = self._CONFIG.get(name)
+        super().__setattr__(name, value if check is None else check(value))
+
     def __init__(self, store, group: str):
         self._store = store
         self.group = group
@@ -996,7 +1020,7 @@ class SnapshotManager:
 
     def chain(self, head: SnapshotMeta | None = None) -> SnapshotChain | None:
         """The :class:`SnapshotChain` ending at ``head`` (default: :meth:`latest`), links verified."""
-        head = head or self.latest()
+        head = self.latest() if head is None else _meta_arg("head", head)
         return None if head is None else SnapshotChain.load(self, head)
 
     def chains(self) -> list[list[SnapshotMeta]]:
@@ -1072,10 +1096,12 @@ class SnapshotManager:
         return self._writer(index, term, SnapshotKind.FULL, None, None, True, before_finalize)
 
     def _writer(self, index, term, kind, parent, structures, install, before_finalize) -> SnapshotWriter:
-        index, term = _int("index", index, 1), _int("term", term, 0)
+        index, term = _int("index", index, 1, layout.MAX_INDEX), term_arg("term", term)
         kind = SnapshotKind(kind)
         if kind is SnapshotKind.FULL and parent is not None:
             raise ValueError("a FULL snapshot has no parent")
+        if parent is not None:
+            _meta_arg("parent", parent)
         if structures is not None:
             structures = json.loads(json.dumps(structures))
         self._store._ensure_group(self.group)
@@ -1234,8 +1260,7 @@ class SnapshotManager:
         that verifies end to end itself, e.g. a follower installing the stream. Raises
         :class:`SnapshotError` if it is not a durable snapshot of this group (e.g. deleted by
         retention) and :class:`CorruptionError` for damaged chunks."""
-        if not isinstance(meta, SnapshotMeta):
-            raise TypeError(f"open() takes a SnapshotMeta, not {type(meta).__name__}")
+        _meta_arg("meta", meta)
         cur = self._sstore.manifest(meta.id, self.group, self._g().gid)
         if cur is None or cur.status != "DURABLE":
             raise SnapshotError(f"group {self.group!r}: snapshot {meta.id} is not a durable snapshot")
@@ -1247,7 +1272,7 @@ class SnapshotManager:
         """Read ``meta`` (default: every durable snapshot of the group) completely, checking every
         chunk's CRC32 and the sha256 digest, and every chain link. Returns the snapshots verified;
         raises :class:`CorruptionError`/:class:`SnapshotError` at the first problem."""
-        metas = [meta] if meta is not None else self.list()
+        metas = [_meta_arg("meta", meta)] if meta is not None else self.list()
         for m in metas:
             with self.open(m) as r:
                 for _ in r.chunks():
@@ -1326,9 +1351,16 @@ class SnapshotScheduler:
         if every_entries is None and every_seconds is None:
             raise ValueError("give every_entries and/or every_seconds")
         if every_entries is not None:
-            _int("every_entries", every_entries, 1)
+            every_entries = _int("every_entries", every_entries, 1, layout.MAX_INDEX)
         if compact_lag is not None:
-            _int("compact_lag", compact_lag, 0)
+            compact_lag = _int("compact_lag", compact_lag, 0, layout.MAX_INDEX)
+        if every_seconds is not None:
+            every_seconds = float_arg("every_seconds", every_seconds, 0.0, 1e9, lo_open=True)
+        poll_interval = float_arg("poll_interval", poll_interval, 0.0, 1e6, lo_open=True)
+        if not callable(capture):
+            raise TypeError(f"capture must be callable, not {type(capture).__name__}")
+        if applied_index is not None and not callable(applied_index):
+            raise TypeError(f"applied_index must be callable, not {type(applied_index).__name__}")
         self.store = store
         self.group = group
         self.capture = capture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import operator
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import apsw
 
 from . import hwm, layout, migrate
+from .args import float_arg
 from .errors import (CompactionError, CorruptionError, DataDirError, LogCompactedError, LogConflictError,
                      NodeIdentityMismatch, RaftSqliteError, StorageFault)
 from .lock import DataDirLock, check_data_dir
@@ -32,6 +34,14 @@ _PAYLOAD = operator.itemgetter(2)
 
 _FAULT_ERRORS = (apsw.IOError, apsw.FullError, apsw.CantOpenError, apsw.CorruptError, apsw.NotADBError,
                  apsw.ProtocolError, apsw.ReadOnlyError, apsw.BusyError, apsw.LockedError, apsw.NoMemError)
+
+
+def _check_text(what: str, text: str) -> None:
+    """ValueError unless ``text`` can be stored as SQLite TEXT (UTF-8 encodable: no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {text!r} is not valid text (it cannot be encoded as UTF-8)") from None
 
 
 def node_crc(node_id: str, cluster_id: str, fmt: int, created_at: float) -> int:
@@ -67,6 +77,23 @@ class _Replay(Exception):
     def __init__(self, req, error):
         super().__init__(str(error))
         self.req, self.error = req, error
+
+
+class _Unknown(Exception):
+    """Internal: a rollback after ``error`` failed; the outcome of the batch is unknown."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _BatchFailed(Exception):
+    """Internal: inserting the deferred rows of several requests failed (with ``error``); the batch is
+    rolled back and replayed with each request's rows inserted with it."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Request:
@@ -123,18 +150,38 @@ class NodeStore:
         ``fsync_interval`` seconds by a background thread. ``vfs`` names a registered apsw VFS (the
         seam for fault-injection tests). Use as a context manager, or call :meth:`close`.
         """
+        # every parameter is checked before anything touches the disk (not even data_dir is created)
         if not isinstance(node_id, str) or not node_id:
             raise TypeError("node_id must be a non-empty str")
         if not isinstance(cluster_id, str) or not cluster_id:
             raise TypeError("cluster_id must be a non-empty str")
+        for what, text in (("node_id", node_id), ("cluster_id", cluster_id)):
+            _check_text(what, text)
+        data_dir = check_data_dir(data_dir)
+        if not data_dir:
+            raise TypeError(f"data_dir must be a non-empty str or os.PathLike of str, not {data_dir!r}")
+        if "\0" in data_dir:
+            raise ValueError(f"data_dir contains a NUL character: {data_dir!r}")
+        fsync = FsyncMode(fsync)
+        fsync_interval = float_arg("fsync_interval", fsync_interval, layout.MIN_FSYNC_INTERVAL,
+                                   layout.MAX_FSYNC_INTERVAL)
+        recovery = RecoveryPolicy(recovery)
+        if vfs is not None and not isinstance(vfs, str):
+            raise TypeError(f"vfs must be a str (a registered apsw VFS name) or None, not {type(vfs).__name__}")
+        if segment_policy is not None:
+            if not isinstance(segment_policy, SegmentPolicy):
+                raise TypeError(f"segment_policy must be a SegmentPolicy or None, not {type(segment_policy).__name__}")
+            # a private copy, checked: the caller may change (or break) its object later
+            segment_policy = dataclasses.replace(segment_policy)
+        slow_commit_warning = float_arg("slow_commit_warning", slow_commit_warning, 0.0, 1e9)
         if lock is not None and not isinstance(lock, DataDirLock):
             raise TypeError(f"lock must be a DataDirLock or None, not {type(lock).__name__}")
         self = cls()
-        self.data_dir = check_data_dir(data_dir)
+        self.data_dir = data_dir
         self.node_id, self.cluster_id = node_id, cluster_id
-        self.fsync = FsyncMode(fsync)
-        self.fsync_interval = float(fsync_interval)
-        self.recovery_policy = RecoveryPolicy(recovery)
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.recovery_policy = recovery
         self.vfs = vfs
         self.slow_commit_warning = slow_commit_warning
         self.stats = StoreStats()
@@ -419,11 +466,14 @@ class NodeStore:
         name = group if isinstance(group, str) else None
         if name is None:
             if isinstance(group, int) and not isinstance(group, bool):
-                name = str(group)
+                name = str(int(group))
             else:
                 raise TypeError(f"group must be a str (or int), not {type(group).__name__}")
         if name in self._groups:
             return name
+        if not name:
+            raise ValueError("a group name must not be empty")
+        _check_text("group name", name)
         self._check_open()
         req = _Request([(name, None, None)])
         self._submit(req)
@@ -516,25 +566,35 @@ class NodeStore:
                 if req.error is not None:
                     raise req.error
                 return
-        target = self._last_batch
-        if len(q) < target:
-            # Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings): the previous batch had
-            # more writers than are queued now, and they are most likely just being woken; yield the GIL
-            # for at most a fraction of one commit's time so that they join this commit.
-            deadline = time.perf_counter() + min(0.25 * self._commit_ema, 0.0004)
-            while len(q) < target and time.perf_counter() < deadline:
-                time.sleep(0)
-        with self._mu:
-            batch = list(q)
-        self._last_batch = len(batch)
+        batch = None
         try:
+            target = self._last_batch
+            if len(q) < target:
+                # Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings): the previous batch had
+                # more writers than are queued now, and they are most likely just being woken; yield the
+                # GIL for at most a fraction of one commit's time so that they join this commit.
+                deadline = time.perf_counter() + min(0.25 * self._commit_ema, 0.0004)
+                while len(q) < target and time.perf_counter() < deadline:
+                    time.sleep(0)
+            with self._mu:
+                batch = list(q)
+            self._last_batch = len(batch)
             self._execute(batch)
         finally:
+            # whatever happened (even an exception in this thread), the queue moves on: every request
+            # of the batch is answered and leadership passes to the next writer
             with self._mu:
-                for _ in batch:
+                if batch is None:  # interrupted before taking a batch: nothing ran; leave the queue
                     q.popleft()
+                    batch = [req]
+                else:
+                    for _ in batch:
+                        q.popleft()
                 nxt = q[0] if q else None
             for r in batch:
+                if r.result is None and r.error is None and not r.done:
+                    r.error = RaftSqliteError("the committing thread was interrupted before this write ran; "
+                                              "nothing of it was written")
                 if r is not req:
                     r.done = True
                     r.wake.release()
@@ -549,7 +609,15 @@ class NodeStore:
         Checks run first and write nothing when they refuse. Append rows are not inserted one request at
         a time: they are collected and inserted with one ``executemany`` at commit (or before any other
         statement), and a lone single-row append runs as one autocommit statement. A request that fails
-        after some of its SQL ran makes the leader roll back and replay the batch without it.
+        (with ANY exception) after some of its SQL ran makes the leader roll back and replay the batch
+        without it; one that fails before any of its SQL ran is dropped alone. If the batch fails outside
+        any one request (the final insert of deferred rows), it is rolled back and replayed once with
+        every request's rows inserted at once, so that the failure is pinned on its request.
+
+        Fail-stop: when the outcome is unknown (a storage error, any exception during COMMIT or after
+        it, a rollback that did not end the transaction), :attr:`fault` is set, every request of the
+        batch gets :class:`StorageFault`, and every later write is refused until the store is
+        reopened. A ``KeyboardInterrupt``/``SystemExit`` is re-raised in the leader after that.
         """
         conn = self._conn
         if self._fault is not None or self._closed:
@@ -561,32 +629,39 @@ class NodeStore:
             return
         t0 = time.perf_counter()
         live = [r for r in batch if not r.done]
-        while True:
-            try:
-                work = self._apply(conn, live)
-                break
-            except _Replay as rep:
-                with contextlib.suppress(apsw.Error):
-                    if not conn.getautocommit():
-                        conn.execute("ROLLBACK")
-                exc = rep.error
-                rep.req.error = self._translate(exc, "write") if isinstance(exc, apsw.Error) else exc
-                rep.req.done = True
-                live = [r for r in live if r is not rep.req]
-            except apsw.Error as exc:
-                self._fault = exc
-                with contextlib.suppress(apsw.Error):
-                    if not conn.getautocommit():
-                        conn.execute("ROLLBACK")
-                err = self._translate(exc, "commit")
-                log.error("%s: storage fault during commit, store is now fail-stop: %s", self.data_dir, exc)
-                for r in batch:
-                    r.error = err
-                    r.done = True
-                return
-        self._groups.update(work)
-        if self._hwm is not None and self._syncer is None:
-            self._hwm.note()  # the commit's WAL sync returned: record it as durable
+        state = {"eager": False, "committing": False}
+        try:
+            while True:
+                try:
+                    work = self._apply(conn, live, state)
+                    break
+                except _Replay as rep:
+                    if not self._rollback(conn):
+                        raise _Unknown(rep.error) from rep.error
+                    exc = rep.error
+                    rep.req.error = self._translate(exc, "write") if isinstance(exc, apsw.Error) else exc
+                    rep.req.done = True
+                    live = [r for r in live if r is not rep.req]
+                except _FAULT_ERRORS:
+                    raise
+                except BaseException as exc:
+                    # outside any one request: the final insert of deferred rows, COMMIT, or the committer
+                    if state["committing"] or state["eager"] or not self._rollback(conn):
+                        raise
+                    state["eager"] = True  # replay, inserting each request's rows with the request
+                    log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
+                                type(exc).__name__, exc)
+            self._groups.update(work)
+            if self._hwm is not None and self._syncer is None:
+                self._hwm.note()  # the commit's WAL sync returned: record it as durable
+        except BaseException as exc:
+            cause = exc.error if isinstance(exc, _Unknown) else exc
+            self._fail_stop(conn, batch, cause)
+            if not isinstance(cause, Exception):
+                raise cause from None
+            return
+        finally:
+            self._wal.before_sql = None
         dt = time.perf_counter() - t0
         self._commit_ema = 0.9 * self._commit_ema + 0.1 * dt
         st = self.stats
@@ -602,15 +677,54 @@ class NodeStore:
         if dt > self.slow_commit_warning:
             log.warning("%s: slow commit: %.3f s for %d requests", self.data_dir, dt, len(batch))
         if self.on_commit is not None:
-            self.on_commit(dt, len(batch))
+            try:
+                self.on_commit(dt, len(batch))
+            except Exception:  # a metrics callback must never turn a durable write into an error
+                log.exception("%s: on_commit callback failed", self.data_dir)
 
-    def _apply(self, conn, batch: list[_Request]) -> dict:
+    def _rollback(self, conn) -> bool:
+        """Roll back the write connection's open transaction, if any. True when no transaction is open
+        afterwards (the outcome of the batch is then known: nothing of it was written)."""
+        try:
+            if not conn.getautocommit():
+                conn.execute("ROLLBACK")
+            return bool(conn.getautocommit())
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                return bool(conn.getautocommit())
+            return False
+
+    def _fail_stop(self, conn, batch: list[_Request], exc: BaseException) -> None:
+        """The outcome of ``batch`` is unknown: make the store fail-stop (as after a failed fsync)."""
+        self._fault = exc
+        self._rollback(conn)  # best effort; the store writes nothing more until reopened anyway
+        if isinstance(exc, apsw.Error):
+            err = self._translate(exc, "commit")
+            if not isinstance(err, StorageFault):
+                err = StorageFault(f"{self.data_dir}: {err}; the outcome of the write is unknown until the store is "
+                                   "reopened")
+        else:
+            err = StorageFault(f"{self.data_dir}: unexpected {type(exc).__name__} on the write path ({exc}); the "
+                               "outcome of the write is unknown until the store is reopened")
+        err.__cause__ = exc
+        log.error("%s: write failed with an unknown outcome, store is now fail-stop: %s: %s", self.data_dir,
+                  type(exc).__name__, exc)
+        for r in batch:
+            if not r.done or r.error is None:
+                r.error = err
+            r.done = True
+
+    def _apply(self, conn, batch: list[_Request], state: dict) -> dict:
         """Run the requests of ``batch`` and commit; returns the group states to publish. Raises
-        :class:`_Replay` when one request must be dropped after SQL ran for it."""
+        :class:`_Replay` when one request must be dropped after SQL ran for it. With
+        ``state["eager"]`` every request's deferred rows are inserted at the end of the request;
+        ``state["committing"]`` is set once COMMIT is issued (from then on the outcome is unknown if
+        anything fails)."""
         wal = self._wal
         rows = wal.pending
         rows.clear()
         tx = [False, 0]  # [BEGIN issued, number of times SQL was started]
+        eager = state["eager"]
 
         def sql():
             if not tx[0]:
@@ -618,7 +732,15 @@ class NodeStore:
                 tx[0] = True
             tx[1] += 1
             if rows:
-                wal.flush(conn)
+                if eager:  # the pending rows are the current request's own
+                    wal.flush(conn)
+                    return
+                try:  # rows of earlier requests too: a failure cannot be pinned on the current one
+                    wal.flush(conn)
+                except _FAULT_ERRORS:
+                    raise
+                except BaseException as exc:
+                    raise _BatchFailed(exc) from exc
 
         wal.before_sql = sql
         work: dict[str, _Group] = {}
@@ -648,7 +770,11 @@ class NodeStore:
                         sql()
                     write(conn, g, res)
                     results.append(res)
-            except (RaftSqliteError, TypeError, ValueError, apsw.ConstraintError) as exc:
+                if eager and len(rows) > mark:
+                    sql()
+            except _FAULT_ERRORS + (_BatchFailed,):
+                raise  # the disk failed (fail-stop), or the batch's deferred rows (replayed eagerly)
+            except BaseException as exc:  # any other exception: this request alone fails
                 if tx[1] != touched:
                     raise _Replay(r, exc) from exc
                 del rows[mark:]  # only deferred rows of this request: drop them
@@ -658,6 +784,7 @@ class NodeStore:
             work.update(mine)
         if tx[0]:
             wal.flush(conn)
+            state["committing"] = True
             conn.execute("COMMIT")
         elif len(rows) == 1:
             conn.execute(wal.INSERT, rows[0])  # one autocommit statement: its own durable transaction
@@ -665,6 +792,7 @@ class NodeStore:
         elif rows:
             conn.execute("BEGIN IMMEDIATE")
             wal.flush(conn)
+            state["committing"] = True
             conn.execute("COMMIT")
         return work
 
@@ -676,6 +804,8 @@ class NodeStore:
             return LogConflictError(f"{what}: constraint failed: {msg}")
         if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
             return CorruptionError(f"{self.data_dir}: SQLite reports corruption during {what}: {exc}")
+        if not isinstance(exc, _FAULT_ERRORS):  # e.g. TooBigError: SQLite refused this statement, nothing failed
+            return RaftSqliteError(f"{self.data_dir}: SQLite refused the {what} ({type(exc).__name__}: {exc})")
         return StorageFault(f"{self.data_dir}: storage fault during {what} ({type(exc).__name__}: {exc}); "
                             "the outcome of the write is unknown until the store is reopened")
 

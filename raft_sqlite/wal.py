@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from . import layout
+from .args import float_arg, int_arg
 from .errors import CorruptionError
 
 _HEADER = struct.Struct("<qqqB")
@@ -70,6 +71,19 @@ class SegmentPolicy:
     max_entries: int = 16384
     max_bytes: int = 64 << 20
     max_age: float = 3600.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "SegmentPolicy":
+        """Check the limits (also run at construction and by ``NodeStore.open``): ``max_entries`` an
+        int in ``1..layout.MAX_INDEX``, ``max_bytes`` an int in ``1..layout.MAX_SIZE``, ``max_age`` a
+        finite number of seconds >= 0 (0 seals a segment at every append). Raises TypeError or
+        ValueError; returns self."""
+        self.max_entries = int_arg("max_entries", self.max_entries, 1, layout.MAX_INDEX)
+        self.max_bytes = int_arg("max_bytes", self.max_bytes, 1, layout.MAX_SIZE)
+        self.max_age = float_arg("max_age", self.max_age, 0.0, 1e12)
+        return self
 
 
 class OpenSegment:

@@ -1,0 +1,272 @@
+"""Hypothesis fuzz of every public write/read method with hostile arguments, interleaved with valid
+calls (project issue 11, slice h2). After each hostile call: only TypeError/ValueError/RaftSqliteError
+(never StorageFault, OverflowError or an SQLite error) came out, and the next valid write succeeds. A
+close+reopen (at random points and at the end of every example) must show exactly the model's state."""
+
+import os
+import shutil
+import tempfile
+
+import apsw
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+
+from raft_sqlite import (EntryKind, FsyncMode, LogEntry, RaftSqliteError, SegmentPolicy, SnapshotKind, StorageFault,
+                         layout)
+from tests.conftest import open_store
+
+POLICY = SegmentPolicy(max_entries=5, max_bytes=300)
+
+
+class UserBoom(Exception):
+    """Raised by a user callback (a structure's snapshot()); may come out of the call that ran it."""
+
+
+class Counter:
+    """A tiny registered structure; ``fail`` makes snapshot() raise like a broken user callback."""
+
+    def __init__(self, fail=False):
+        self.value, self.fail = b"", fail
+
+    def snapshot(self):
+        if self.fail:
+            raise UserBoom("snapshot() failed")
+        return self.value
+
+    def restore(self, data):
+        self.value = bytes(data)
+
+
+class HugeList(list):
+    """A long list with a short repr (for readable failure reports)."""
+
+    def __repr__(self):
+        return f"HugeList(len={len(self)})"
+
+
+INTS = st.sampled_from([0, 1, -1, 2, 2**31 - 1, 2**31, 2**40 - 1, 2**40, 2**40 + 1, 2**63 - 1, 2**63, 2**64,
+                        -2**63, -2**63 - 1, 2**70]) | st.integers()
+SCALARS = st.one_of(INTS, st.booleans(), st.floats(allow_nan=True, allow_infinity=True), st.none(),
+                    st.text(max_size=4), st.binary(max_size=4), st.binary(max_size=4).map(bytearray),
+                    st.binary(max_size=4).map(memoryview), st.sampled_from([EntryKind.CONFIG, SnapshotKind.FULL]))
+WEIRD = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.just(HugeList([0] * 20_000)), st.just(object()))
+ENTRY = st.builds(LogEntry, st.one_of(INTS, WEIRD), st.one_of(INTS, WEIRD), st.one_of(st.binary(max_size=8), WEIRD),
+                  st.one_of(st.sampled_from(list(EntryKind)), WEIRD))
+ENTRIES = st.one_of(st.lists(ENTRY, max_size=4), WEIRD, st.lists(WEIRD, max_size=3))
+
+OK_ERRORS = (TypeError, ValueError, RaftSqliteError, UserBoom, KeyError)  # KeyError: unregister(unknown name)
+
+
+class HostileMachine(RuleBasedStateMachine):
+    fsync = FsyncMode.OFF
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="rsq-hostile-")
+        self.path = os.path.join(self.dir, "n")
+        self._open()
+        self.log, self.term, self.vote, self.commit, self.first = [], 0, None, 0, 1
+        self.snapshot = (0, 0)
+
+    def _open(self):
+        self.store = open_store(self.path, segment_policy=POLICY, fsync=self.fsync)
+        self.sm = self.store.state_machine()
+        self.sm.register("c", Counter())
+
+    def teardown(self):
+        try:
+            self._reopen_and_check()
+        finally:
+            self.store.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ model
+    @property
+    def last(self):
+        return self.first + len(self.log) - 1
+
+    def _sync_model(self):
+        """Take the state the store acknowledged as the model (a hostile call may have succeeded)."""
+        lg, hs = self.store.log(), self.store.metadata().hard_state
+        self.first = lg.first_index
+        self.log = [(e.term, e.data, e.kind) for e in lg.entries(lg.first_index, lg.last_index + 1)]
+        self.term, self.vote, self.commit = hs
+        self.snapshot = (lg.snapshot_index, lg.term(lg.snapshot_index) if lg.snapshot_index < lg.first_index else
+                         None)
+
+    def _check(self, s):
+        lg = s.log()
+        assert s.fault is None
+        assert s.metadata().hard_state == (self.term, self.vote, self.commit)
+        assert (lg.first_index, lg.last_index) == (self.first, self.last)
+        got = [(e.term, e.data, e.kind) for e in lg.entries(lg.first_index, lg.last_index + 1)]
+        assert got == self.log
+
+    def _reopen_and_check(self):
+        self.store.close()
+        self._open()
+        self._check(self.store)
+
+    # ------------------------------------------------------------ hostile calls
+    def _hostile(self, fn, *args):
+        try:
+            fn(*args)
+        except OK_ERRORS as exc:
+            assert not isinstance(exc, StorageFault), exc
+        except (OverflowError, apsw.Error) as exc:  # pragma: no cover - the failure we look for
+            raise AssertionError(f"{fn.__qualname__}{args!r:.200} raised {type(exc).__name__}: {exc}") from exc
+        assert self.store.fault is None
+        assert self.store._conn.getautocommit(), "a transaction was left open"
+        self._sync_model()
+        self._probe()
+
+    def _probe(self):
+        """The next valid write succeeds (and is in the model)."""
+        lg = self.store.log()
+        if self.last < layout.MAX_INDEX:
+            lt = lg.last_term
+            assert lg.append_next(lt, [b"probe"]) == self.last + 1
+            self.log.append((lt, b"probe", EntryKind.NORMAL))
+        else:
+            self.store.metadata().set_term_and_vote(self.term + 1, None)
+            self.term, self.vote = self.term + 1, None
+
+    @rule(entries=ENTRIES)
+    def hostile_append(self, entries):
+        self._hostile(self.store.log().append, entries)
+
+    @rule(term=WEIRD, payloads=WEIRD, kind=WEIRD)
+    def hostile_append_next(self, term, payloads, kind):
+        self._hostile(self.store.log().append_next, term, payloads, kind)
+
+    @rule(name=st.sampled_from(["get", "term", "truncate_after", "compact"]), i=WEIRD)
+    def hostile_log_one_arg(self, name, i):
+        self._hostile(getattr(self.store.log(), name), i)
+
+    @rule(lo=WEIRD, hi=WEIRD, mb=WEIRD)
+    def hostile_entries(self, lo, hi, mb):
+        self._hostile(self.store.log().entries, lo, hi, mb)
+
+    @rule(term=WEIRD, vote=WEIRD)
+    def hostile_term_and_vote(self, term, vote):
+        self._hostile(self.store.metadata().set_term_and_vote, term, vote)
+
+    @rule(i=WEIRD)
+    def hostile_commit(self, i):
+        self._hostile(self.store.metadata().set_commit_index, i)
+
+    @rule(index=WEIRD, term=WEIRD, data=WEIRD, install=st.booleans())
+    def hostile_snapshot(self, index, term, data, install):
+        mgr = self.store.snapshots()
+
+        def go():
+            w = (mgr.install if install else mgr.write)(index, term)
+            with w:
+                w.write(data)
+
+        self._hostile(go)
+
+    @rule(name=st.sampled_from(["retain", "open", "verify", "chain"]), arg=WEIRD)
+    def hostile_snapshot_query(self, name, arg):
+        self._hostile(getattr(self.store.snapshots(), name), arg)
+
+    @rule(index=WEIRD, term=WEIRD, fail=st.booleans())
+    def hostile_capture(self, index, term, fail):
+        if fail:
+            self.sm.register("bad", Counter(fail=True))
+        try:
+            self._hostile(self.sm.capture, index, term)
+        finally:
+            if fail:
+                self.sm.unregister("bad")
+
+    @rule(name=WEIRD, structure=st.one_of(WEIRD, st.just(Counter())))
+    def hostile_register(self, name, structure):
+        def go():
+            self.sm.register(name, structure)
+            self.sm.unregister(name)
+        self._hostile(go)
+
+    @rule(index=WEIRD, term=WEIRD, data=WEIRD)
+    def hostile_sm_install(self, index, term, data):
+        def go():
+            with self.sm.install(index, term) as w:
+                w.write(data)
+        self._hostile(go)
+
+    @rule(calls=st.lists(st.tuples(st.sampled_from(["append", "tv", "commit", "valid"]), WEIRD, WEIRD), max_size=4),
+          abort=st.booleans())
+    def hostile_transaction(self, calls, abort):
+        s = self.store
+
+        def go():
+            with s.transaction():
+                for what, a, b in calls:
+                    try:
+                        if what == "append":
+                            s.log().append(a)
+                        elif what == "tv":
+                            s.metadata().set_term_and_vote(a, b)
+                        elif what == "commit":
+                            s.metadata().set_commit_index(a)
+                        else:
+                            s.log().append_next(s.log().last_term if s.log().last_index < layout.MAX_INDEX - 10
+                                                else -1, [b"tx"])
+                    except OK_ERRORS:
+                        pass
+                if abort:
+                    raise ValueError("abort the transaction")
+
+        self._hostile(go)
+
+    # ------------------------------------------------------------ valid calls
+    @rule(n=st.integers(1, 4), bump=st.integers(0, 1), data=st.binary(max_size=40))
+    def valid_append(self, n, bump, data):
+        if self.last + n > layout.MAX_INDEX:
+            return
+        t = (self.log[-1][0] if self.log else self.store.log().last_term) + bump
+        es = [LogEntry(self.last + 1 + i, t, data + bytes([i]), EntryKind(i % 3)) for i in range(n)]
+        assert self.store.log().append(es) == self.last + n
+        self.log.extend((e.term, e.data, e.kind) for e in es)
+
+    @rule(bump=st.integers(0, 2), vote=st.one_of(st.none(), st.text(max_size=3), st.integers(-5, 5)))
+    def valid_term_and_vote(self, bump, vote):
+        if bump == 0 and self.vote is not None:
+            return
+        self.store.metadata().set_term_and_vote(self.term + bump, vote)
+        self.term, self.vote = self.term + bump, vote
+
+    @rule(data=st.data())
+    def valid_commit(self, data):
+        i = data.draw(st.integers(self.commit, self.last))
+        self.store.metadata().set_commit_index(i)
+        self.commit = i
+
+    @rule()
+    def valid_capture(self):
+        if self.commit >= self.first and self.commit > self.snapshot[0]:
+            self.sm.capture(self.commit, self.store.log().term(self.commit))
+
+    @rule()
+    def reopen(self):
+        self._reopen_and_check()
+
+
+class FullHostileMachine(HostileMachine):
+    fsync = FsyncMode.FULL
+
+
+def test_hostile_fuzz():
+    run_state_machine_as_test(HostileMachine, settings=settings(
+        max_examples=60, stateful_step_count=40, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]))
+
+
+@pytest.mark.slow
+def test_hostile_fuzz_long():
+    run_state_machine_as_test(FullHostileMachine, settings=settings(
+        max_examples=400, stateful_step_count=60, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]))
+
+
