@@ -26,8 +26,8 @@ from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, RecoveryPolicy, Se
 from tests.conftest import open_store
 
 CASES = 300
-#: suffix of a mutation that also removed ``raft.db-hwm``: a STRICT open that then loses the WAL's tail is
-#: counted as ``lost_no_evidence`` (gone by design: the mark is the only record of what the WAL held)
+#: suffix of a mutation that also removed ``raft.db-hwm``: an open that then silently loses what the WAL's
+#: tail held is counted as ``lost_no_evidence`` (gone by design: the mark is the only record of the WAL)
 NO_EVIDENCE = " + raft.db-hwm removed"
 GROUPS = ["alpha", "beta", "gamma"]
 POLICY = SegmentPolicy(max_entries=25)
@@ -148,8 +148,9 @@ def read_everything(s):
 
 
 def classify(data_dir, expected, policy, extras=None):
-    """Open ``data_dir`` under ``policy``; returns 'detected', 'harmless', 'dropped' (a documented drop)
-    or raises AssertionError for a wrong read."""
+    """Open ``data_dir`` under ``policy``; returns 'detected', 'harmless', 'dropped' (a documented drop),
+    'lost' (opened without acknowledged data: a log tail under STRICT, snapshots under STRICT or
+    TRUNCATE_TAIL) or raises AssertionError for a wrong read."""
     try:
         s = open_store(data_dir, recovery=policy, segment_policy=POLICY, fsync=FsyncMode.FULL)
     except RaftSqliteError:
@@ -160,8 +161,8 @@ def classify(data_dir, expected, policy, extras=None):
             snaps_complete = check_snapshots(s, extras) if extras else True
         except RaftSqliteError:
             return "detected"  # caught when read, never returned
-        if not snaps_complete:
-            assert policy is RecoveryPolicy.PARTIAL, "snapshots missing after a non-PARTIAL open"
+        # snapshots missing after a non-PARTIAL open: acknowledged data lost without a refusal
+        lost = not snaps_complete and policy is not RecoveryPolicy.PARTIAL
         dropped = False
         if policy is RecoveryPolicy.PARTIAL and s.recovery_report.outcome == "partial" and set(got) < set(expected):
             dropped = True  # documented: a damaged WAL can take whole groups' creation with it
@@ -185,7 +186,7 @@ def classify(data_dir, expected, policy, extras=None):
             assert term == hard[0], f"{g}: term changed {hard[0]} -> {term}"
             if n < len(es) or (vote, commit) != hard[1:]:
                 if policy is RecoveryPolicy.STRICT and n < len(es) and (vote, commit) == hard[1:]:
-                    return "lost_tail"
+                    return "lost"
                 assert policy is not RecoveryPolicy.STRICT, f"{g}: STRICT opened with data missing"
                 dropped = True
                 if policy is RecoveryPolicy.TRUNCATE_TAIL:
@@ -195,6 +196,8 @@ def classify(data_dir, expected, policy, extras=None):
                     assert r["partial"] or (n >= hard[2] and vote == hard[1])
             else:
                 assert not r["partial"]
+        if lost:
+            return "lost"
         return "dropped" if dropped or not snaps_complete else "harmless"
     finally:
         s.close()
@@ -252,10 +255,10 @@ def run_campaign(tmp_path, cases, seed):
             what = mutate(crng, pristine, d)
             try:
                 res = classify(d, exp, p, extras)
-                if res == "lost_tail":
-                    # STRICT opened with acknowledged entries missing: a failure, unless the evidence was
-                    # destroyed with the data (then counted apart, never mixed with "harmless")
-                    assert what.endswith(NO_EVIDENCE), "STRICT silently lost acknowledged log-tail entries"
+                if res == "lost":
+                    # opened with acknowledged data missing: a failure, unless the evidence was destroyed
+                    # with the data (then counted apart, never mixed with "harmless")
+                    assert what.endswith(NO_EVIDENCE), "silently lost acknowledged data (log tail or snapshots)"
                     res = "lost_no_evidence"
                     lost.append(what)
                 counts[p][res] += 1
