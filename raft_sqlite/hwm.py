@@ -1,13 +1,35 @@
 """High-water mark of the durable WAL (``raft.db-hwm``): detection of silently lost commits.
 
 SQLite uses the longest valid prefix of its WAL: a damaged frame, a damaged WAL header or a truncated
-WAL file makes it drop every later commit *without an error*. That is right for a torn last
-transaction, and silent data loss for anything else. After each commit that is durable (FULL/EXTRA:
-after its WAL sync; NORMAL: after each interval sync), the store records the WAL salts and ``mxFrame``
-(read from the -shm index header) in this small sidecar file with one ``pwrite`` (no fsync, no extra
-SQLite page). It never runs ahead of the durable WAL, so on open, if SQLite's valid prefix for the same
-salts is *shorter* than the mark, committed frames are missing: corruption, handled per recovery
-policy. A stale or torn mark (power cut) is older or fails its CRC, and is ignored.
+WAL file makes it drop every later commit *without an error*, and a deleted or emptied WAL is simply
+a database with no recent commits. That is right for a torn last transaction, and silent data loss for
+anything else. After each commit that is durable (FULL/EXTRA: after its WAL sync; NORMAL: after each
+interval sync), the store records the WAL generation (its salts), ``mxFrame`` and whether that
+generation is *checkpointed* (every frame up to ``mxFrame`` copied into ``raft.db``; read from the
+-shm index header and its ``nBackfill``) in this small sidecar file with one ``pwrite`` (no fsync, no
+extra SQLite page). The mark never runs ahead of the durable WAL. Only the rare transition to
+"checkpointed" (a complete checkpoint: about every 1000 pages, and at close) costs two fsyncs: raft.db
+(so the copied pages are on disk whoever checkpointed) and then the mark.
+
+On open (:func:`lost_commits`), before anything is written, SQLite's view of the WAL is compared with
+the mark (``S`` = marked generation, ``M`` = marked frames):
+
+* a valid WAL header of generation ``S``: fewer than ``M`` valid frames is a loss (damaged frame or
+  truncated file);
+* a valid header of a *later* generation (salt-1 is a counter SQLite increments at every WAL restart,
+  and it restarts only after a complete checkpoint): nothing lost; of an *earlier* generation (an
+  older copy of the WAL put back): a loss; of an unrelated one (salt-1 not within 2**20 steps): a loss
+  unless ``S`` was checkpointed (SQLite starts an unrelated generation when it re-creates a missing or
+  empty WAL);
+* no valid WAL header (file missing, empty, or header damaged): nothing lost if ``S`` was marked
+  checkpointed, if the WAL still holds the frames of ``S`` and each is already in raft.db (a power cut
+  tore the header of a restarted WAL), or if the -shm file as it was *before* SQLite opened it (read
+  by the caller) shows a complete checkpoint of ``S`` or a later generation (a checkpoint run by
+  another connection just before a crash); otherwise a loss.
+
+A missing, torn (bad CRC) or foreign-format mark is no evidence and accepts anything; a stale mark (a
+power cut lost its last pwrite) is older, and every rule above only asks "at least what was marked".
+Each successful open re-anchors the mark (written and fsynced) to the state it validated.
 """
 
 from __future__ import annotations
@@ -15,10 +37,26 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import zlib
+from typing import NamedTuple
 
-_REC = struct.Struct("<8sI")  # salts (raw bytes as in the WAL header), mxFrame
-MAGIC = b"RSQHWM1\0"
+_REC = struct.Struct("<8sII")  # salts (raw bytes as in the WAL header), mxFrame, flags
+_REC_V1 = struct.Struct("<8sI")  # format 1 (before the checkpointed flag): read as "not checkpointed"
+MAGIC = b"RSQHWM2\0"
+MAGIC_V1 = b"RSQHWM1\0"
+CHECKPOINTED = 1  #: flag: every frame of the generation up to mxFrame is in the (synced) database file
+#: how far apart (in WAL restarts) two generations of one WAL may be and still count as related
+GENERATION_WINDOW = 1 << 20
+_SHM_INFO = 136  # WalIndexHdr twice (2 x 48 bytes), then WalCkptInfo (nBackfill at 96)
+
+
+class Mark(NamedTuple):
+    """A recorded high-water mark."""
+
+    salts: bytes  #: the WAL generation (salt-1, salt-2 as in the WAL header)
+    mx: int  #: frames of that generation known durable
+    checkpointed: bool  #: those frames were all copied into the database file and it was synced
 
 
 def shm_state(shm_map) -> tuple[bytes, int]:
@@ -26,49 +64,130 @@ def shm_state(shm_map) -> tuple[bytes, int]:
     return shm_map[32:40], struct.unpack_from("=I", shm_map, 16)[0]
 
 
+def shm_backfill(shm_map) -> int:
+    """``nBackfill`` of a mapped -shm file: the WAL frames already copied into the database file."""
+    return struct.unpack_from("=I", shm_map, 96)[0]
+
+
+def generation_step(frm: bytes, to: bytes) -> int | None:
+    """How many WAL restarts lead from generation ``frm`` to ``to`` (both 8-byte salts): 0 for the same
+    generation, ``k > 0`` when ``to`` is ``k`` restarts later, ``-k`` when it is earlier, None when
+    salt-1 is not within :data:`GENERATION_WINDOW` (an unrelated WAL)."""
+    if frm == to:
+        return 0
+    a, b = int.from_bytes(frm[:4], "big"), int.from_bytes(to[:4], "big")
+    ahead = (b - a) % (1 << 32)
+    if 0 < ahead <= GENERATION_WINDOW:
+        return ahead
+    behind = (a - b) % (1 << 32)
+    if 0 < behind <= GENERATION_WINDOW:
+        return -behind
+    return None  # also: same salt-1, other salt-2: not this WAL
+
+
 class HighWaterMark:
-    """Writer side: ``note()`` after a durable commit."""
+    """Writer side: ``note()`` after a durable commit (and at close), ``anchor()`` after an open."""
 
     def __init__(self, db_path: str):
         self.path = db_path + "-hwm"
+        created = not os.path.exists(self.path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._shm_fd = os.open(db_path + "-shm", os.O_RDONLY)
-        self._map = mmap.mmap(self._shm_fd, 48, prot=mmap.PROT_READ)
+        self._db_fd = self._shm_fd = -1
+        self._map = None
+        try:
+            self._db_fd = os.open(db_path, os.O_RDONLY)
+            self._shm_fd = os.open(db_path + "-shm", os.O_RDONLY)
+            self._map = mmap.mmap(self._shm_fd, _SHM_INFO, prot=mmap.PROT_READ)
+            if created:  # the mark's directory entry must survive a power cut with its content
+                dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except BaseException:
+            self.close()
+            raise
         self._last = None
 
-    def current(self) -> tuple[bytes, int]:
-        return shm_state(self._map)
+    def current(self) -> tuple[bytes, int, int]:
+        """(salts, mxFrame, nBackfill) of the WAL now, from the -shm index."""
+        return (*shm_state(self._map), shm_backfill(self._map))
 
-    def note(self, state: tuple[bytes, int] | None = None) -> None:
-        """Record ``state`` (default: the WAL state now) as durable."""
-        salts, mx = state or shm_state(self._map)
-        if (salts, mx) == self._last:
+    def note(self, state: tuple[bytes, int, int] | None = None, *, sync: bool = False) -> None:
+        """Record ``state`` (default: the WAL state now; a ``current()`` taken before a WAL sync) as
+        durable. Becoming checkpointed syncs raft.db, then writes and syncs the mark; ``sync`` syncs the
+        mark in any case. Raises OSError if a write or sync fails (the caller fail-stops)."""
+        salts, mx, backfilled = state or self.current()
+        done = backfilled >= mx
+        rec = (salts, mx, done)
+        if rec == self._last and not sync:
             return
-        body = MAGIC + _REC.pack(salts, mx)
+        if done:
+            os.fdatasync(self._db_fd)
+        body = MAGIC + _REC.pack(salts, mx, CHECKPOINTED if done else 0)
         os.pwrite(self.fd, body + struct.pack("<I", zlib.crc32(body)), 0)
-        self._last = (salts, mx)
+        if done or sync:
+            os.fdatasync(self.fd)
+        self._last = rec
+
+    def anchor(self) -> None:
+        """After a successful open (the WAL is durable up to its current end): record the state now and
+        sync the mark, replacing whatever evidence the open accepted."""
+        self.note(sync=True)
 
     def close(self) -> None:
-        for closer in (self._map.close, lambda: os.close(self._shm_fd), lambda: os.close(self.fd)):
+        for closer in (lambda: self._map is not None and self._map.close(),
+                       lambda: self._shm_fd >= 0 and os.close(self._shm_fd),
+                       lambda: self._db_fd >= 0 and os.close(self._db_fd), lambda: os.close(self.fd)):
             try:
                 closer()
             except (OSError, ValueError):
                 pass
+        self._map, self._shm_fd, self._db_fd = None, -1, -1
 
 
-def read_mark(db_path: str) -> tuple[bytes, int] | None:
-    """The recorded (salts, mxFrame), or None when absent or torn."""
+def read_mark(db_path: str) -> Mark | None:
+    """The recorded mark, or None when absent, torn (CRC) or of an unknown format."""
     try:
         with open(db_path + "-hwm", "rb") as f:
             data = f.read(len(MAGIC) + _REC.size + 4)
     except OSError:
         return None
-    if len(data) != len(MAGIC) + _REC.size + 4 or not data.startswith(MAGIC):
+    for magic, rec in ((MAGIC, _REC), (MAGIC_V1, _REC_V1)):
+        n = len(magic) + rec.size
+        if data.startswith(magic) and len(data) >= n + 4:
+            body, crc = data[:n], struct.unpack_from("<I", data, n)[0]
+            if zlib.crc32(body) != crc:
+                return None
+            salts, mx, *flags = rec.unpack(body[len(magic):])
+            return Mark(salts, mx, bool(flags and flags[0] & CHECKPOINTED))
+    return None
+
+
+def read_shm(db_path: str) -> bytes | None:
+    """The -shm file's index header and checkpoint info as they are now (call it *before* SQLite opens
+    the database: the first connection rebuilds the file). None if missing or short."""
+    try:
+        with open(db_path + "-shm", "rb") as f:
+            data = f.read(_SHM_INFO)
+    except OSError:
         return None
-    body, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
-    if zlib.crc32(body) != crc:
-        return None
-    return _REC.unpack(body[len(MAGIC):])
+    return data if len(data) == _SHM_INFO else None
+
+
+def _shm_evidence(pre_shm: bytes | None, mark: Mark) -> bool:
+    """True if a -shm image taken before SQLite opened the database (intact: both header copies equal,
+    initialised, checksum valid) shows that every marked frame was checkpointed: a complete
+    checkpoint of the marked generation, or a later generation (SQLite restarts only after one)."""
+    if pre_shm is None or pre_shm[:48] != pre_shm[48:96] or pre_shm[12] != 1:
+        return False
+    if wal_checksum(pre_shm[:40], (0, 0), sys.byteorder == "big") != struct.unpack_from("=II", pre_shm, 40):
+        return False
+    salts, mx = shm_state(pre_shm)
+    step = generation_step(mark.salts, salts)
+    if step == 0:
+        return mx >= mark.mx and shm_backfill(pre_shm) >= mark.mx
+    return step is not None and step > 0
 
 
 def _wal_header_ok(head: bytes) -> bool:
@@ -130,35 +249,54 @@ def frames_backfilled(db_path: str, salts: bytes) -> bool:
         return False
 
 
-def lost_commits(db_path: str) -> str | None:
-    """Compare SQLite's view of the WAL (after it opened the file) with the recorded mark; a
-    description of the loss, or None."""
+def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool = True) -> str | None:
+    """Compare SQLite's view of the WAL (call it after SQLite opened the file, before anything is
+    written) with the recorded mark (see the module docstring for the rules); a description of the
+    loss naming the file, or None. ``pre_shm``: :func:`read_shm` taken before SQLite opened the file;
+    ``wal_existed``: whether the WAL file existed then (SQLite creates an empty one when it opens)."""
     mark = read_mark(db_path)
     if mark is None:
         return None
+    wal = db_path + "-wal"
     try:
         with open(db_path + "-shm", "rb") as f:
             hdr = f.read(48)
     except OSError:
-        return None
-    if len(hdr) < 48:
-        return None
-    salts, mx = shm_state(hdr)
-    msalts, mmx = mark
-    if mx == 0:
-        # SQLite found no valid frame. Only a valid WAL header of the marked generation proves that
-        # marked frames are missing; an invalid header may be a torn WAL restart, which SQLite only
-        # does once every frame of the previous generation is in the database file.
-        from .validate import wal_header_salts
+        hdr = b""
+    try:
+        with open(wal, "rb") as f:
+            head = f.read(32)
+        what = "is empty (0 bytes)" if not head else "has no valid header"
+        if not wal_existed:
+            what = "is missing"
+    except FileNotFoundError:
+        head, what = b"", "is missing"
+    except OSError as exc:
+        head, what = b"", f"cannot be read ({exc})"
+    from .validate import wal_header_salts
 
-        try:
-            with open(db_path + "-wal", "rb") as f:
-                salts = wal_header_salts(f.read(32))
-        except OSError:
-            salts = None
-        if salts is None:
+    wsalts = wal_header_salts(head)
+    gen = mark.salts.hex()
+    if wsalts is None:
+        if mark.checkpointed or mark.mx == 0 or frames_backfilled(db_path, mark.salts) \
+                or _shm_evidence(pre_shm, mark):
             return None
-    if salts == msalts and mx < mmx:
-        return (f"{db_path}-wal: only {mx} valid frames, but {mmx} were recorded as durable; SQLite would "
-                "silently drop committed transactions (damaged frame or truncated file)")
-    return None
+        return (f"{wal} {what}, but {mark.mx} frames of WAL generation {gen} were recorded as durable and "
+                "never as checkpointed into the database: the committed transactions in them are lost")
+    mx = 0
+    if len(hdr) == 48:
+        salts, smx = shm_state(hdr)
+        mx = smx if salts == wsalts else 0
+    step = generation_step(mark.salts, wsalts)
+    if step == 0:
+        if mx < mark.mx:
+            return (f"{wal}: only {mx} valid frames, but {mark.mx} were recorded as durable; SQLite would "
+                    "silently drop committed transactions (damaged frame or truncated file)")
+        return None
+    if step is not None and step > 0:
+        return None  # restarted after a complete checkpoint of the marked generation
+    if step is None and mark.checkpointed:
+        return None  # re-created after the marked generation was checkpointed
+    older = f"an older generation ({-step} restarts before)" if step is not None else "an unrelated generation"
+    return (f"{wal} holds {older} {wsalts.hex()}, but {mark.mx} frames of generation {gen} were recorded as "
+            "durable: an older or foreign copy of the WAL; the committed transactions since are lost")

@@ -59,6 +59,8 @@ class RecoveryReport:
     snapshots_validated: int = 0
     dropped: list = field(default_factory=list)
     problems: list = field(default_factory=list)
+    #: schema objects (triggers, views) recreated or dropped by a non-STRICT policy
+    repaired: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic, repr=False)
 
     def to_json(self) -> str:

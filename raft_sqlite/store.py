@@ -220,8 +220,7 @@ class NodeStore:
             except UnicodeDecodeError as exc:  # a TEXT column (name, vote, manifest) holds bytes that are not UTF-8
                 raise CorruptionError(f"{self.data_dir}: a text column holds bytes that are not UTF-8 ({exc}); "
                                       "the database is damaged") from exc
-            if self.fsync is not FsyncMode.OFF:
-                self._hwm = hwm.HighWaterMark(self.path)  # only once the store is known good
+            self._start_hwm()  # only once the store is known good
         except BaseException as exc:
             if isinstance(exc, StorageFault):
                 self._fault = exc  # close without SQLite's checkpoint-on-close (see _close_connections)
@@ -304,6 +303,9 @@ class NodeStore:
             lock.release()
 
     def _open_files(self, created: bool) -> None:
+        self._refuse_lost_main_db()
+        pre_shm = hwm.read_shm(self.path)  # before SQLite rebuilds it (evidence of a recent checkpoint)
+        wal_existed = os.path.exists(self.path + "-wal")
         for name in (layout.MAIN_DB, layout.CHUNKS_DB):
             p = os.path.join(self.data_dir, name)
             if not os.path.exists(p):
@@ -318,7 +320,12 @@ class NodeStore:
         if created and FSYNC_MODES[self.fsync]["dir_sync"]:
             self.sync_dir()
         try:
-            self._conn = self._open_current(self.path, layout.MAIN_DB)
+            lost: list[str | None] = [None]
+
+            def check_wal():  # SQLite has opened the WAL, nothing is written yet (not even a migration)
+                lost[0] = hwm.lost_commits(self.path, pre_shm, wal_existed)
+
+            self._conn = self._open_current(self.path, layout.MAIN_DB, check_wal)
             self.chunks_conn = self._open_current(self.chunks_path, layout.CHUNKS_DB)
             # Before anything is written (a write would overwrite the evidence): committed WAL frames
             # that SQLite would silently ignore after a damaged frame are corruption.
@@ -327,16 +334,61 @@ class NodeStore:
                 from .validate import wal_lost_commits
                 self._wal_problems = [m for m in (wal_lost_commits(self.path), wal_lost_commits(self.chunks_path))
                                       if m]
-            lost = hwm.lost_commits(self.path)
-            if lost and not self._wal_problems:
-                self._wal_problems.append(lost)
+            if lost[0] and not self._wal_problems:
+                self._wal_problems.append(lost[0])
         except apsw.Error as exc:
             raise self._translate(exc, "open") from exc
 
-    def _open_current(self, path: str, db_name: str) -> apsw.Connection:
-        """An apsw connection on ``path`` with the schema at head (alembic runs only if it is not)."""
+    def _refuse_lost_main_db(self) -> None:
+        """A missing or empty ``raft.db`` beside evidence that this data_dir held a store (a WAL high-water
+        mark, or a ``chunks.db`` the migrations have run on: they run on raft.db first) is refused under
+        every recovery policy: opening it would create a brand-new node that forgot its terms, votes and
+        log. Restore from a backup, or move the data_dir away to start afresh."""
+        try:
+            size = os.path.getsize(self.path)
+        except FileNotFoundError:
+            size = None
+        if size:
+            return
+        evidence = []
+        if hwm.read_mark(self.path) is not None:
+            evidence.append(f"{self.path}-hwm (its WAL high-water mark)")
+        if os.path.exists(self.chunks_path):
+            with contextlib.suppress(apsw.Error):
+                c = apsw.Connection(self.chunks_path, flags=apsw.SQLITE_OPEN_READONLY, vfs=self.vfs)
+                try:
+                    if c.execute("SELECT 1 FROM sqlite_master WHERE name='alembic_version'").fetchone():
+                        evidence.append(f"{self.chunks_path} (its migrated snapshot chunk database)")
+                finally:
+                    c.close()
+        if evidence:
+            raise CorruptionError(
+                f"{self.path} is {'missing' if size is None else 'empty (0 bytes)'}, but "
+                f"{' and '.join(evidence)} show(s) that {self.data_dir} held a store: refusing to create a new "
+                "one in its place under any recovery policy (restore from a backup, or move the data_dir away)")
+
+    def _start_hwm(self) -> None:
+        """After a successful open: re-anchor the WAL high-water mark (FULL/EXTRA/NORMAL) to the state just
+        validated, or remove it (OFF keeps none: its commits are never synced, so a mark would be stale)."""
+        try:
+            if self.fsync is FsyncMode.OFF:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + "-hwm")
+                return
+            self._hwm = hwm.HighWaterMark(self.path)
+            self._hwm.anchor()
+        except OSError as exc:
+            self._fault = exc
+            raise StorageFault(f"{self.path}-hwm: cannot record the WAL high-water mark ({exc})") from exc
+
+    def _open_current(self, path: str, db_name: str, check=None) -> apsw.Connection:
+        """An apsw connection on ``path`` with the schema at head (alembic runs only if it is not).
+        ``check()`` runs once SQLite has opened the file, before a migration could write to it."""
         conn = self._connect(path)
         try:
+            if check is not None:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # SQLite reads the WAL index
+                check()
             current = not migrate.needs_upgrade(conn, db_name)
         except BaseException as exc:
             conn.close()
@@ -347,6 +399,11 @@ class NodeStore:
             return conn
         conn.close()  # never let pysqlite (alembic) and apsw hold the same file open at once
         migrate.upgrade(path, db_name)
+        if db_name == layout.MAIN_DB:
+            # pysqlite checkpointed everything and removed the WAL: the mark describes a WAL that is gone
+            # (nothing is lost); the open re-anchors it once it succeeds
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + "-hwm")
         return self._connect(path)
 
     def sync_dir(self) -> None:
@@ -388,6 +445,7 @@ class NodeStore:
                         **{f"pragma.{k}": v for k, v in pragmas_for(self.fsync).items()}}
             c.executemany("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", list(settings.items()))
             from . import validate
+            validate.recover_sql_objects(self, c, report)
             validate.recover_groups(self, c, report)
             report.duration = time.monotonic() - report.started
             c.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) "
@@ -403,6 +461,8 @@ class NodeStore:
         log.info("%s: %s", self.data_dir, report.summary())
         for d in report.dropped:
             log.warning("%s: dropped %s", self.data_dir, d)
+        for d in report.repaired:
+            log.warning("%s: repaired %s", self.data_dir, d)
         if FSYNC_MODES[self.fsync]["dir_sync"]:
             self.sync_dir()  # the WAL file now exists
         if self.fsync in (FsyncMode.NORMAL, FsyncMode.OFF):
@@ -448,6 +508,13 @@ class NodeStore:
         self._all_readers.clear()
         self._readers.clear()
         if self._hwm is not None:
+            if not faulted:
+                # the last close checkpointed the WAL (unless a reader elsewhere held it back): record
+                # "checkpointed" so that an emptied WAL (e.g. by a TRUNCATE checkpoint) is known harmless
+                try:
+                    self._hwm.note()
+                except OSError as exc:
+                    log.warning("%s: could not record the WAL high-water mark at close: %s", self.data_dir, exc)
             self._hwm.close()
             self._hwm = None
 
@@ -652,8 +719,6 @@ class NodeStore:
                     log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
                                 type(exc).__name__, exc)
             self._groups.update(work)
-            if self._hwm is not None and self._syncer is None:
-                self._hwm.note()  # the commit's WAL sync returned: record it as durable
         except BaseException as exc:
             cause = exc.error if isinstance(exc, _Unknown) else exc
             self._fail_stop(conn, batch, cause)
@@ -662,6 +727,13 @@ class NodeStore:
             return
         finally:
             self._wal.before_sql = None
+        if self._hwm is not None and self._syncer is None:
+            try:
+                self._hwm.note()  # the commit's WAL sync returned: record it as durable
+            except OSError as exc:  # the commit is durable; the mark (and its sync) failed: fail-stop
+                self._fault = exc
+                log.error("%s: writing the WAL high-water mark failed, store is now fail-stop: %s",
+                          self.data_dir, exc)
         dt = time.perf_counter() - t0
         self._commit_ema = 0.9 * self._commit_ema + 0.1 * dt
         st = self.stats

@@ -118,6 +118,50 @@ def wal_lost_commits(db_path: str) -> str | None:
     return None
 
 
+def check_sql_objects(conn) -> list[tuple[str, str, str]]:
+    """Compare the triggers and views of the database on ``conn`` (a ``raft.db`` at the head revision)
+    with their declared text (:data:`raft_sqlite.sqlobjects.DECLARED`), with one query of
+    ``sqlite_master``. Returns ``[(type, name, what)]`` with ``what`` one of ``"missing"``,
+    ``"altered"`` (its SQL differs from the declared text) or ``"unexpected"`` (a trigger nobody
+    declared: it would run inside the store's own writes); empty when everything is as declared."""
+    from .sqlobjects import DECLARED, normalized
+
+    found = {(t, n): sql for t, n, sql in
+             conn.execute("SELECT type, name, sql FROM sqlite_master WHERE type IN ('trigger', 'view')")}
+    out = []
+    for key, sql in DECLARED.items():
+        if key not in found:
+            out.append((*key, "missing"))
+        elif normalized(found[key]) != normalized(sql):
+            out.append((*key, "altered"))
+    out.extend((t, n, "unexpected") for (t, n) in sorted(found) if t == "trigger" and (t, n) not in DECLARED)
+    return out
+
+
+def recover_sql_objects(store, conn, report) -> None:
+    """Open-time check of the declared triggers and views (inside the open transaction on ``conn``).
+    STRICT refuses (:class:`CorruptionError` naming the object): a missing or altered compaction
+    guard means ad-hoc SQL could have deleted log entries no snapshot covers. TRUNCATE_TAIL and PARTIAL
+    recreate each missing or altered object from its declared text and drop unexpected triggers,
+    loudly (WARNING, ``report.problems`` and ``report.repaired``); the log itself is validated as usual
+    afterwards, so anything deleted while the guard was gone shows up as a gap or a missing tail."""
+    from .sqlobjects import DECLARED
+
+    for kind, name, what in check_sql_objects(conn):
+        msg = f"{store.path}: {kind} {name!r} is {what}" + (
+            " (its SQL differs from the declared text)" if what == "altered" else "")
+        if store.recovery_policy is RecoveryPolicy.STRICT:
+            report.problems.append(msg)
+            raise CorruptionError(f"{msg} (recovery policy {store.recovery_policy.value})")
+        conn.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+        if what != "unexpected":
+            conn.execute(DECLARED[(kind, name)])
+        report.problems.append(msg)
+        report.repaired.append({"what": kind, "name": name, "was": what,
+                                "action": "dropped" if what == "unexpected" else "recreated"})
+        log.warning("%s; %s it", msg, "dropped" if what == "unexpected" else "recreated")
+
+
 def _problem(store, report, exc_type, msg, *, drop_ok: bool):
     """Record a problem; raise unless the policy allows dropping what it affects."""
     report.problems.append(msg)
@@ -139,7 +183,7 @@ def recover_groups(store, conn, report) -> None:
             report.problems.append(msg)
             raise CorruptionError(f"{msg} (recovery policy {policy.value})")
         _problem(store, report, CorruptionError, msg, drop_ok=True)
-        report.dropped.append({"group": "*", "what": "WAL frames after a damaged frame", "reason": msg})
+        report.dropped.append({"group": "*", "what": "committed WAL frames SQLite would not use (damaged, truncated, lost or replaced WAL)", "reason": msg})
         report.outcome = "partial"
         wal_partial = True
     rows = conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "

@@ -241,6 +241,7 @@ class _Verifier:
             self.problem("schema", layout.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
             return
         try:
+            self._sql_objects(main_path)
             self._node(main_path)
             self._groups(main_path)
             self._snapshots(main_path, chunks_path, started)
@@ -248,6 +249,17 @@ class _Verifier:
             c.execute("COMMIT")
             if self.chunks is not None:
                 self.chunks.execute("COMMIT")
+
+    def _sql_objects(self, path):
+        """Triggers and views against their declared text (only at the head revision: an older store
+        gets them from its migration on the next open)."""
+        from .validate import check_sql_objects
+
+        if migrate.current_revision(self.main) != layout.MAIN_HEAD:
+            return
+        for kind, name, what in check_sql_objects(self.main):
+            self.problem("schema", layout.MAIN_DB, f"{path}: {kind} {name!r} is {what}"
+                         + (" (its SQL differs from the declared text)" if what == "altered" else ""))
 
     def _node(self, path):
         from .store import node_crc

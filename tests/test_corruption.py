@@ -26,6 +26,9 @@ from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, RecoveryPolicy, Se
 from tests.conftest import open_store
 
 CASES = 300
+#: suffix of a mutation that also removed ``raft.db-hwm``: an open that then silently loses what the WAL's
+#: tail held is counted as ``lost_no_evidence`` (gone by design: the mark is the only record of the WAL)
+NO_EVIDENCE = " + raft.db-hwm removed"
 GROUPS = ["alpha", "beta", "gamma"]
 POLICY = SegmentPolicy(max_entries=25)
 
@@ -145,8 +148,9 @@ def read_everything(s):
 
 
 def classify(data_dir, expected, policy, extras=None):
-    """Open ``data_dir`` under ``policy``; returns 'detected', 'harmless', 'dropped' (a documented drop)
-    or raises AssertionError for a wrong read."""
+    """Open ``data_dir`` under ``policy``; returns 'detected', 'harmless', 'dropped' (a documented drop),
+    'lost' (opened without acknowledged data: a log tail under STRICT, snapshots under STRICT or
+    TRUNCATE_TAIL) or raises AssertionError for a wrong read."""
     try:
         s = open_store(data_dir, recovery=policy, segment_policy=POLICY, fsync=FsyncMode.FULL)
     except RaftSqliteError:
@@ -157,8 +161,8 @@ def classify(data_dir, expected, policy, extras=None):
             snaps_complete = check_snapshots(s, extras) if extras else True
         except RaftSqliteError:
             return "detected"  # caught when read, never returned
-        if not snaps_complete:
-            assert policy is RecoveryPolicy.PARTIAL, "snapshots missing after a non-PARTIAL open"
+        # snapshots missing after a non-PARTIAL open: acknowledged data lost without a refusal
+        lost = not snaps_complete and policy is not RecoveryPolicy.PARTIAL
         dropped = False
         if policy is RecoveryPolicy.PARTIAL and s.recovery_report.outcome == "partial" and set(got) < set(expected):
             dropped = True  # documented: a damaged WAL can take whole groups' creation with it
@@ -182,7 +186,7 @@ def classify(data_dir, expected, policy, extras=None):
             assert term == hard[0], f"{g}: term changed {hard[0]} -> {term}"
             if n < len(es) or (vote, commit) != hard[1:]:
                 if policy is RecoveryPolicy.STRICT and n < len(es) and (vote, commit) == hard[1:]:
-                    return "lost_tail"
+                    return "lost"
                 assert policy is not RecoveryPolicy.STRICT, f"{g}: STRICT opened with data missing"
                 dropped = True
                 if policy is RecoveryPolicy.TRUNCATE_TAIL:
@@ -192,6 +196,8 @@ def classify(data_dir, expected, policy, extras=None):
                     assert r["partial"] or (n >= hard[2] and vote == hard[1])
             else:
                 assert not r["partial"]
+        if lost:
+            return "lost"
         return "dropped" if dropped or not snaps_complete else "harmless"
     finally:
         s.close()
@@ -201,12 +207,25 @@ def mutate(rng, src, dst):
     shutil.copytree(src, dst)
     files = [f for f in sorted(os.listdir(dst)) if os.path.getsize(os.path.join(dst, f)) > 0]
     f = rng.choices(files, weights=[os.path.getsize(os.path.join(dst, x)) for x in files])[0]
+    if rng.random() < 0.05:  # the WAL lost as a whole: SQLite then opens silently without its commits
+        f = "raft.db-wal"
+        path = os.path.join(dst, f)
+        if rng.random() < 0.5:
+            os.unlink(path)
+            return f"{f}: deleted"
+        os.truncate(path, 0)
+        return f"{f}: truncated to 0"
     path = os.path.join(dst, f)
     size = os.path.getsize(path)
+    extra = ""
+    if f == "raft.db-wal" and rng.random() < 0.1:
+        # the WAL's evidence destroyed too: without its high-water mark nobody knows what the WAL held
+        os.unlink(os.path.join(dst, "raft.db-hwm"))
+        extra = NO_EVIDENCE
     if rng.random() < 0.1:
         cut = rng.randrange(size)
         os.truncate(path, cut)
-        return f"{f}: truncated {size} -> {cut}"
+        return f"{f}: truncated {size} -> {cut}{extra}"
     with open(path, "r+b") as fh:
         flips = []
         for _ in range(rng.choice([1, 1, 1, 2, 8])):
@@ -216,14 +235,17 @@ def mutate(rng, src, dst):
             fh.seek(off)
             fh.write(bytes([b ^ rng.randint(1, 255)]))
             flips.append(off)
-    return f"{f}: flipped bytes at {flips}"
+    return f"{f}: flipped bytes at {flips}{extra}"
 
 
 def run_campaign(tmp_path, cases, seed):
     pristine, expected, extras = build_pristine(str(tmp_path))
     exp = {g: (v[0], v[1]) for g, v in expected.items()}
-    assert classify(pristine, exp, RecoveryPolicy.STRICT, extras) == "harmless"  # the unmutated copy is intact
-    counts = {p: {"detected": 0, "harmless": 0, "dropped": 0, "lost_tail": 0} for p in RecoveryPolicy}
+    # the unmutated store is intact (checked on a copy: opening and closing the pristine store itself would
+    # checkpoint its live WAL frames into raft.db, and every case would then start from a checkpointed WAL)
+    shutil.copytree(pristine, os.path.join(str(tmp_path), "sanity"))
+    assert classify(os.path.join(str(tmp_path), "sanity"), exp, RecoveryPolicy.STRICT, extras) == "harmless"
+    counts = {p: {"detected": 0, "harmless": 0, "dropped": 0, "lost_no_evidence": 0} for p in RecoveryPolicy}
     lost = []
     for case in range(cases):
         what = None
@@ -233,9 +255,13 @@ def run_campaign(tmp_path, cases, seed):
             what = mutate(crng, pristine, d)
             try:
                 res = classify(d, exp, p, extras)
-                counts[p][res] += 1
-                if res == "lost_tail":
+                if res == "lost":
+                    # opened with acknowledged data missing: a failure, unless the evidence was destroyed
+                    # with the data (then counted apart, never mixed with "harmless")
+                    assert what.endswith(NO_EVIDENCE), "silently lost acknowledged data (log tail or snapshots)"
+                    res = "lost_no_evidence"
                     lost.append(what)
+                counts[p][res] += 1
             except AssertionError as e:
                 raise AssertionError(f"case {case} ({what}) under {p.value}: wrong read: {e}") from e
             except RaftSqliteError:
@@ -243,11 +269,13 @@ def run_campaign(tmp_path, cases, seed):
             finally:
                 shutil.rmtree(d, ignore_errors=True)
     print(f"\ncorruption campaign: {cases} cases x {len(RecoveryPolicy)} policies")
-    print("| policy | cases | detected (refused or raised) | harmless (identical data) | documented drop | wrong reads |")
-    print("|---|---|---|---|---|---|")
+    print("| policy | cases | detected (refused or raised) | harmless (identical data) | documented drop "
+          "| lost, evidence removed too | wrong reads |")
+    print("|---|---|---|---|---|---|---|")
     for p, c in counts.items():
-        print(f"| {p.value} | {cases} | {c['detected']} | {c['harmless']} | {c['dropped']} | 0 |")
-    print("lost tails:", lost)
+        print(f"| {p.value} | {cases} | {c['detected']} | {c['harmless']} | {c['dropped']} | {c['lost_no_evidence']} "
+              "| 0 |")
+    print("lost tails with their evidence removed:", lost)
     return counts
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from raft_sqlite import (CorruptionError, EntryKind, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy)
 from raft_sqlite.metadata import group_crc, meta_crc
+from raft_sqlite.sqlobjects import GUARD_TRIGGER
 from tests.conftest import open_store
 
 N = 40
@@ -121,7 +122,8 @@ def test_sidecar_checksum_mismatch_detected(data_dir):
 
 def test_log_gap_is_a_shape_error(data_dir):
     build(data_dir, commit=10)
-    sql(data_dir, "DROP TRIGGER log_entries_guard_delete", "DELETE FROM log_entries WHERE idx = 20")
+    # the guard is put back after the damage (a missing guard is refused by itself: see test_wal_loss.py)
+    sql(data_dir, "DROP TRIGGER log_entries_guard_delete", "DELETE FROM log_entries WHERE idx = 20", GUARD_TRIGGER)
     with pytest.raises(CorruptionError, match="log gap: index 20"):
         open_store(data_dir)
     with open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
