@@ -14,3 +14,8 @@ KEY_SHIFT = 40
 KEY_SPAN = 1 << KEY_SHIFT
 #: page size of chunks.db (set when the file is created; raft.db keeps SQLite's 4 KiB)
 CHUNKS_PAGE_SIZE = 65536
+#: A pre-allocated file of DISK_RESERVE_BYTES in data_dir that holds no data: when a full disk makes
+#: the writes of opening a store fail (a snapshot filled it), open deletes it and retries, so the
+#: store can drop the partial snapshot and give its space back (see :mod:`raft_sqlite.reserve`).
+RESERVE_FILE = "disk-reserve"
+DISK_RESERVE_BYTES = 1 << 20
