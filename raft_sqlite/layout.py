@@ -35,3 +35,8 @@ MAX_SIZE = MAX_INT64
 #: is almost certainly a unit mistake).
 MIN_FSYNC_INTERVAL = 0.0001
 MAX_FSYNC_INTERVAL = 3600.0
+#: A pre-allocated file of DISK_RESERVE_BYTES in data_dir that holds no data: when a full disk makes
+#: the writes of opening a store fail (a snapshot filled it), open deletes it and retries, so the
+#: store can drop the partial snapshot and give its space back (see :mod:`raft_sqlite.reserve`).
+RESERVE_FILE = "disk-reserve"
+DISK_RESERVE_BYTES = 1 << 20

@@ -983,8 +983,16 @@ class SnapshotManager:
         #: Optional cap on the snapshot write rate in bytes/s (None: as fast as the disk allows), to
         #: leave disk bandwidth to log commits while a big snapshot is written.
         self.max_write_rate: float | None = None
-        #: Held while a snapshot of this group is captured (the scheduler never runs two at once).
-        self.capture_lock = threading.Lock()
+        #: Held while a snapshot of this group is captured, by whoever starts the capture: a
+        #: :class:`SnapshotScheduler` holds it across the user's capture function and the compaction
+        #: after it (so "is a capture running?" and "run one" are one decision, and a trigger while
+        #: one runs is skipped and retried, never run alongside); ``StateMachineSnapshotManager.capture``
+        #: takes it for a manual capture. Re-entrant on purpose: the documented
+        #: ``SnapshotScheduler(store, g, lambda: sm.capture(...))`` calls ``sm.capture`` on the
+        #: scheduler's thread while the scheduler holds the lock, and that call joins the capture
+        #: the scheduler owns instead of waiting for itself forever. Another thread still blocks
+        #: (a manual capture) or is skipped (a scheduler), so two captures of a group never overlap.
+        self.capture_lock = threading.RLock()
 
     def _g(self):
         return self._store._groups[self.group]
@@ -1338,8 +1346,9 @@ class SnapshotScheduler:
     ``applied_index() - snapshot_index >= every_entries`` or, if ``every_seconds`` is set, when that
     much time passed since the last snapshot and something was applied since. ``applied_index``
     defaults to the group's commit index. At most one capture per group runs at a time (the group's
-    :attr:`SnapshotManager.capture_lock`, shared with manual captures: a trigger while one runs is
-    skipped). With ``compact_lag`` set, the log is compacted after each snapshot up to
+    :attr:`SnapshotManager.capture_lock`, shared with manual captures: a trigger while another
+    thread's capture runs is skipped and retried at the next wake-up; ``capture()`` itself may call
+    ``StateMachineSnapshotManager.capture``, which joins the capture the scheduler owns). With ``compact_lag`` set, the log is compacted after each snapshot up to
     ``snapshot.index - compact_lag`` (entries kept for slow followers). ``notify()`` wakes the thread
     early (cheap: an Event set; safe to call on the append path).
     """

@@ -126,8 +126,10 @@ class StateMachineSnapshotManager:
         tracking is relative to (captured or restored by this manager) and when it holds the same
         structures; otherwise FULL. ``kind=FULL`` forces a full snapshot (e.g. to stream to a
         follower). In a DELTA, a structure without ``delta()`` or whose ``delta()`` returns None is
-        stored whole. If the capture fails, the next one is FULL. Blocks while another capture of
-        the group runs."""
+        stored whole. If the capture fails, the next one is FULL. Blocks while another thread's
+        capture of the group runs; called by a :class:`~raft_sqlite.snapshot.SnapshotScheduler`'s
+        capture function (on the scheduler's thread, which holds the group's ``capture_lock``) it is
+        that scheduled capture."""
         mgr = self.snapshots
         with mgr.capture_lock, self._lock:
             if not self._structures:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import apsw
 
-from . import hwm, layout, migrate
+from . import hwm, layout, migrate, reserve
 from .args import float_arg
 from .errors import (CompactionError, CorruptionError, DataDirError, LogCompactedError, LogConflictError,
                      NodeIdentityMismatch, RaftSqliteError, StorageFault)
@@ -216,7 +216,19 @@ class NodeStore:
             try:
                 created = self._take_dir(lock)
                 self._open_files(created)
-                self._recover()
+                try:
+                    self._recover()
+                except StorageFault as exc:
+                    # A full disk (typically a snapshot that filled it) must not make every reopen fail:
+                    # give back the reserve so the recovery can commit and drop the partial snapshot.
+                    freed = reserve.release(self.data_dir) if reserve.is_disk_full(exc) else 0
+                    if not freed:
+                        raise
+                    log.warning("%s: disk full while opening (%s): released the %d-byte disk reserve and "
+                                "retrying", self.data_dir, exc.__cause__ or exc, freed)
+                    self._recover()
+                self._reclaim_orphan_space()
+                reserve.ensure(self.data_dir)
             except UnicodeDecodeError as exc:  # a TEXT column (name, vote, manifest) holds bytes that are not UTF-8
                 raise CorruptionError(f"{self.data_dir}: a text column holds bytes that are not UTF-8 ({exc}); "
                                       "the database is damaged") from exc
@@ -480,6 +492,35 @@ class NodeStore:
             except OSError as exc:
                 self._fault = exc
                 raise StorageFault(f"{self.data_dir}: WAL sync failed while opening ({exc})") from exc
+
+    def _reclaim_orphan_space(self) -> None:
+        """After a recovery that dropped an orphan (partial) snapshot, or when the disk reserve is
+        missing: checkpoint chunks.db and truncate its WAL, so the disk space the partial snapshot's
+        frames took is given back to the file system (a WAL is otherwise reused, never shrunk). Best
+        effort: a checkpoint that fails (the disk is still full) leaves the WAL intact and is retried
+        at the next open."""
+        dropped = any(d.get("what") == "orphan snapshot" for d in self.recovery_report.dropped)
+        if not dropped and os.path.exists(reserve.reserve_path(self.data_dir)):
+            return
+        with self.chunks_lock:
+            try:
+                c = self.chunks_conn
+                # A checkpoint grows chunks.db to the size of its newest committed version. Pages of
+                # committed batches of a dropped snapshot are free pages of that version (no
+                # auto_vacuum): they stay as room for the next snapshot. A checkpoint that cannot finish
+                # would only fill what is left of the disk with them, so it is not started then.
+                need = c.execute("PRAGMA page_count").fetchone()[0] * c.execute("PRAGMA page_size").fetchone()[0] \
+                    - os.path.getsize(self.chunks_path)
+                if need > reserve.free_bytes(self.data_dir) - (64 << 10):
+                    log.warning("%s: not enough free disk space (%d bytes needed) to give the space of dropped "
+                                "snapshot data back yet", self.chunks_path, need)
+                    # nor at close (SQLite's checkpoint-on-close would do just that); the next open retries
+                    c.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+                    return
+                c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except (apsw.Error, OSError) as exc:
+                log.warning("%s: could not give the space of dropped snapshot data back yet (%s)",
+                            self.chunks_path, exc)
 
     def close(self) -> None:
         """Stop background work, close every connection, then release the data_dir lock. Idempotent."""
