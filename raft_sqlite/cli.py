@@ -275,7 +275,8 @@ def collect_status(data_dir: str) -> dict:
                       if os.path.isfile(os.path.join(data_dir, n))},
             "groups": [_group_status(conn, gid, name, now) for name, gid in _groups(conn).items()],
         }
-        b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY created_at DESC "
+        # the last backup recorded (by row id: the wall clock may have been set back since)
+        b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
                          "LIMIT 1").fetchone()
         st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": now - b[1],
                                                     "size": b[2], "duration_s": b[3]}
@@ -901,8 +902,9 @@ def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
 @JSON_OPT
 @friendly
 def backups(backup_dir, check, as_json):
-    """List the backups in BACKUP_DIR (all nodes), newest first, with age and status: complete,
-    incomplete (no manifest: interrupted, never restorable) or corrupt (the manifest does not verify)."""
+    """List the backups in BACKUP_DIR (node by node, newest first by sequence number, not by the clock)
+    with age and status: complete, incomplete (no manifest: interrupted, never restorable) or corrupt
+    (the manifest does not verify)."""
     mod = _backup_module()
     if not os.path.isdir(backup_dir):
         raise CliError(f"backup_dir {backup_dir!r} does not exist", EXIT_NOT_FOUND)
@@ -911,13 +913,13 @@ def backups(backup_dir, check, as_json):
         _dump_json(rows)
         return
     t = Table(title=f"{len(rows)} backup(s) in {_esc(backup_dir)}", title_justify="left")
-    for c in ("node", "created (UTC)", "age", "status", "size", "path"):
-        t.add_column(c, justify="right" if c in ("age", "size") else "left", overflow="fold")
+    for c in ("node", "seq", "created (UTC)", "age", "status", "size", "path"):
+        t.add_column(c, justify="right" if c in ("seq", "age", "size") else "left", overflow="fold")
     for b in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b["created_at"]))
         status = {"complete": "[green]complete[/]", "incomplete": "[yellow]incomplete[/]"}.get(
             b["status"], f"[bold red]{b['status']}[/]: {_esc(b['error'] or '')}")
-        t.add_row(_esc(b["node_id"]), created, _age(b["age"]), status, "-" if b["size"] is None else _size(b["size"]),
+        t.add_row(_esc(b["node_id"]), "-" if b["seq"] is None else str(b["seq"]), created, _age(b["age"]), status, "-" if b["size"] is None else _size(b["size"]),
                   _esc(b["path"]))
     out.print(t)
 
