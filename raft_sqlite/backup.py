@@ -869,9 +869,15 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
     with every key of :data:`REQUIRED_KEYS` and sane types, a ``format_version`` this code can open; its
     ``files`` name exactly ``raft.db`` and ``chunks.db``, each as a plain name inside the folder (absolute
     names, ``..``, sub-paths and symlinks are refused: they would escape the backup), each a regular
-    file of the recorded size and (with ``checksums``, the default) sha256. Raises :class:`BackupError`
-    naming the problem.
+    file of the recorded size and (with ``checksums``, the default) sha256, and then (also only with
+    ``checksums``) that the data holds what the manifest says (:func:`check_backup_data`). Raises
+    :class:`BackupError` naming the problem.
     """
+    return _verify_backup(backup_path, checksums)[0]
+
+
+def _verify_backup(backup_path, checksums: bool) -> tuple[dict, list[dict] | None]:
+    """:func:`verify_backup`, also returning the groups read from the data (None without checksums)."""
     folder = os.path.abspath(os.fspath(backup_path))
     if not os.path.isdir(folder):
         raise BackupError(f"{folder} is not a backup folder")
@@ -948,7 +954,67 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
             _, digest = _sha256_file(os.path.join(folder, f["name"]))
             if digest != f["sha256"]:
                 raise BackupError(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
-    return manifest
+        return manifest, check_backup_data(folder, manifest)
+    return manifest, None
+
+
+#: Per-group manifest fields that must equal the backup's raft.db (the Raft hard state and indexes a
+#: restore exposes); the rest of a group entry is compared when present.
+GROUP_FIELDS = ("term", "voted_for", "commit_index", "first_index", "last_index", "snapshot_index")
+_OPTIONAL_GROUP_FIELDS = ("group_id", "snapshot_term", "latest_snapshot")
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON values (so ``True`` is not ``1`` and ``1.0`` is not ``1``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def check_backup_data(backup_path, manifest: dict) -> list[dict]:
+    """Read the backup's ``raft.db`` (read-only, writing nothing) and check that it holds what
+    ``manifest`` says: node_id, cluster_id, format_version, the same set of groups and, per group, every
+    field of :data:`GROUP_FIELDS` (and ``group_id``, ``snapshot_term``, ``latest_snapshot`` when the
+    manifest has them). Returns the groups as read from the data (the shape of ``manifest["groups"]``).
+    Raises :class:`BackupError` naming the group and the field on the first disagreement: a manifest
+    edited or paired with other data must not be what a restored node believes about its past votes.
+    :func:`verify_backup` calls it once the files' sha256 are checked."""
+    folder = os.path.abspath(os.fspath(backup_path))
+    path = os.path.join(folder, layout.MAIN_DB)
+    mpath = os.path.join(folder, MANIFEST)
+    try:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            conn.execute("PRAGMA query_only=1")
+            node_id, cluster_id, fmt, groups, _ = _describe(conn)
+        finally:
+            conn.close()
+    except (apsw.Error, TypeError) as exc:
+        raise BackupError(f"{path}: cannot read the backup's raft.db to check it against {MANIFEST}: {exc}") from None
+    for key, have in (("node_id", node_id), ("cluster_id", cluster_id), ("format_version", fmt)):
+        if not _same(manifest[key], have):
+            raise BackupError(f"{mpath}: {key} is {manifest[key]!r} but the backup's raft.db holds {have!r}")
+    listed: dict[str, dict] = {}
+    for g in manifest["groups"]:
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str):
+            raise BackupError(f"{mpath}: every entry of groups must be an object with a string name; got {g!r}")
+        if g["name"] in listed:
+            raise BackupError(f"{mpath}: group {g['name']!r} is listed twice")
+        listed[g["name"]] = g
+    actual = {g["name"]: g for g in groups}
+    for name in sorted(set(listed) | set(actual)):
+        if name not in actual:
+            raise BackupError(f"{mpath}: group {name!r} is in the manifest but not in the backup's raft.db")
+        if name not in listed:
+            raise BackupError(f"{mpath}: group {name!r} is in the backup's raft.db but not in the manifest")
+        m, a = listed[name], actual[name]
+        for field in GROUP_FIELDS + _OPTIONAL_GROUP_FIELDS:
+            if field not in m:
+                if field in GROUP_FIELDS:
+                    raise BackupError(f"{mpath}: group {name!r} lacks {field}")
+                continue
+            if not _same(m[field], a[field]):
+                raise BackupError(f"{mpath}: group {name!r}: {field} is {m[field]!r} in the manifest but "
+                                  f"{a[field]!r} in the backup's raft.db")
+    return groups
 
 
 def _restore_kind(mode, allow_quorum_loss: bool) -> str:
@@ -971,7 +1037,9 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
     """Restore the backup folder ``backup_path`` into a fresh ``data_dir`` and return a :class:`RestoreInfo`.
 
     Order of work: (1) ``data_dir`` must not exist or be an empty directory, else :class:`BackupError`;
-    (2) the whole backup is verified (:func:`verify_backup` with checksums) before anything is written;
+    (2) the whole backup is verified (:func:`verify_backup` with checksums) and the manifest is checked
+    against the data (:func:`check_backup_data`: node, groups, per-group term / vote / commit / first /
+    last / snapshot index) before anything is written;
     (3) ``data_dir`` is created 0700 and each file copied to a temporary name (0600), checksummed again
     while copying, fsynced, renamed, and the directory fsynced; (4) a restore event is recorded in the
     restored ``raft.db``; (5) the result is opened with ``RecoveryPolicy.STRICT`` as a check. If (3)-(5)
@@ -997,7 +1065,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         if os.listdir(target):
             raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
                               "(move the old data away first)")
-    manifest = verify_backup(src, checksums=True)
+    manifest, groups = _verify_backup(src, checksums=True)
     created_dir = not os.path.exists(target)
     try:
         if created_dir:
@@ -1011,7 +1079,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         for tmp, final in tmps:
             os.rename(tmp, final)
         _fsync_path(target, directory=True)
-        event = _record_restore_event(os.path.join(target, layout.MAIN_DB), kind, src, manifest)
+        event = _record_restore_event(os.path.join(target, layout.MAIN_DB), kind, src, manifest, groups)
         from .recovery import RecoveryPolicy
         from .store import NodeStore
         try:
@@ -1064,15 +1132,17 @@ def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
         raise BackupError(f"{src} changed while it was being restored (size/sha256 no longer match the manifest)")
 
 
-def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict) -> dict:
+def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict, groups: list[dict]) -> dict:
+    """Record the restore in the restored raft.db. Per-group values come from ``groups``, read from the
+    restored data itself (:func:`check_backup_data`), so :attr:`NodeStore.restored_from` reports what
+    was restored, not what a manifest claims."""
     details = {
         "backup_path": backup_path,
         "backup_created_at": manifest["created_at"],
         "backup_created_at_unix": manifest["created_at_unix"],
         "library_version": manifest["library_version"],
-        "groups": {g["name"]: {k: g.get(k) for k in ("term", "voted_for", "commit_index", "last_index",
-                                                      "snapshot_index")}
-                   for g in manifest["groups"] if isinstance(g, dict) and "name" in g},
+        "groups": {g["name"]: {k: g[k] for k in ("term", "voted_for", "commit_index", "last_index", "snapshot_index")}
+                   for g in groups},
     }
     if kind == QUORUM_LOSS_RESTORE:
         details["action"] = ("re-bootstrap every group's membership from this node: entries committed after "

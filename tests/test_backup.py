@@ -420,6 +420,59 @@ def test_corrupt_manifest_refused_before_writing(tmp_path, backup, how, match):
     assert tree(target) == []
 
 
+def _set_group(name, field, value):
+    def fn(m):
+        [g] = [g for g in m["groups"] if g["name"] == name]
+        g[field] = value
+    return fn
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set_group("a", "term", 3), "group 'a': term is 3 in the manifest but 2"),
+    (_set_group("a", "voted_for", "n3"), "group 'a': voted_for is 'n3' in the manifest but 'n2'"),
+    (_set_group("b", "voted_for", "7"), "group 'b': voted_for is '7' in the manifest but 7"),
+    (_set_group("b", "term", 5.0), "group 'b': term is 5.0"),
+    (_set_group("a", "commit_index", 121), "group 'a': commit_index is 121"),
+    (_set_group("a", "first_index", 1), "group 'a': first_index is 1"),
+    (_set_group("a", "last_index", 200), "group 'a': last_index is 200"),
+    (_set_group("b", "snapshot_index", 5), "group 'b': snapshot_index is 5"),
+    (_set_group("a", "snapshot_term", 2), "group 'a': snapshot_term is 2"),
+    (_set_group("a", "latest_snapshot", None), "group 'a': latest_snapshot is None"),
+    (lambda m: m["groups"][0].pop("commit_index"), "group 'a' lacks commit_index"),
+    (lambda m: m["groups"].pop(), "group 'b' is in the backup's raft.db but not in the manifest"),
+    (lambda m: m["groups"].append({**m["groups"][0], "name": "c"}), "group 'c' is in the manifest but not"),
+    (lambda m: m["groups"].append(m["groups"][0]), "group 'a' is listed twice"),
+    (lambda m: m.__setitem__("node_id", "n9"), "node_id is 'n9' but the backup's raft.db holds 'n1'"),
+    (lambda m: m.__setitem__("cluster_id", "c9"), "cluster_id is 'c9'"),
+], ids=["term", "vote", "vote-type", "term-type", "commit", "first", "last", "snapshot", "snapshot-term",
+        "latest-snapshot", "field-missing", "group-missing", "group-extra", "group-twice", "node", "cluster"])
+def test_manifest_disagreeing_with_the_data_refused_before_writing(tmp_path, backup, edit, match):
+    """Every file's sha256 still matches: only the manifest's account of the data is wrong."""
+    _edit_manifest(backup, edit)
+    with pytest.raises(BackupError, match=re.escape(match)):
+        restore(backup.path, tmp_path / "target", allow_quorum_loss=True)
+    assert tree(tmp_path / "target") is None
+    verify_backup(backup.path, checksums=False)  # the shape is fine; the data check needs the checksums
+    with pytest.raises(BackupError, match=re.escape(match)):
+        verify_backup(backup.path)
+    [listed] = list_backups(tmp_path / "bk", verify=True)
+    assert listed["status"] == "corrupt" and match in listed["error"]
+
+
+def test_restored_from_reports_the_restored_data(tmp_path, backup):
+    restore(backup.path, tmp_path / "target")
+    with open_store(tmp_path / "target") as s:
+        got = s.restored_from["groups"]
+        assert set(got) == {"a", "b"}
+        for g in ("a", "b"):
+            term, vote, commit = s.metadata(g).hard_state
+            lg = s.log(g)
+            assert got[g] == {"term": term, "voted_for": vote, "commit_index": commit,
+                              "last_index": lg.last_index, "snapshot_index": lg.snapshot_index}
+        assert got["a"] == {"term": 2, "voted_for": "n2", "commit_index": 100, "last_index": 121,
+                            "snapshot_index": 60}
+
+
 @pytest.mark.parametrize("name,match", [
     ("../raft.db", "escapes the backup folder"),
     ("../../etc/passwd", "escapes the backup folder"),
