@@ -388,8 +388,8 @@ def status(data_dir, as_json):
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("data_dir", st["data_dir"])
-    head.add_row("node / cluster", f"{n['node_id']} / {n['cluster_id']}")
+    head.add_row("data_dir", _esc(st["data_dir"]))  # table cells are rich markup: a '[' in a path is text
+    head.add_row("node / cluster", f"{_esc(n['node_id'])} / {_esc(n['cluster_id'])}")
     head.add_row("format / schema", f"{n['format_version']} / {st['schema_revision']}")
     head.add_row("fsync mode", f"{st['fsync_mode']} ({st['fsync_guarantee']})" if st["fsync_guarantee"]
                  else str(st["fsync_mode"]))
@@ -399,7 +399,7 @@ def status(data_dir, as_json):
     head.add_row("files", ", ".join(f"{k} {_size(v)}" for k, v in files.items()))
     lb = st["last_backup"]
     head.add_row("last backup", "never" if lb is None else f"{_age(lb['age_s'])} ago, {_size(lb['size'])}, "
-                 f"took {lb['duration_s']:.2f} s -> {lb['path']}")
+                 f"took {lb['duration_s']:.2f} s -> {_esc(lb['path'])}")
     ev = st["last_recovery"]
     if ev is not None:
         head.add_row("last recovery", f"{ev['outcome']} ({ev['kind']}, policy {ev['policy']}) {_age(ev['age_s'])} ago "
@@ -453,7 +453,7 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
         try:
             conn.execute("ATTACH ? AS chunks", (f"file:{quote(os.path.abspath(chunks))}?mode=ro",))
         except apsw.Error as exc:
-            err.print(f"warning: {layout.CHUNKS_DB} not attached ({exc})")
+            err.print(f"warning: {layout.CHUNKS_DB} not attached ({_esc(str(exc))})")
     conn.authorizer = _authorizer
     return conn
 
