@@ -549,7 +549,7 @@ class HotBackupManager:
             "SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC LIMIT 1").fetchone())
         if row is None:
             return None
-        return {"path": row[0], "created_at": row[1], "age": time.time() - row[1], "size": row[2],
+        return {"path": row[0], "created_at": row[1], "age": max(0.0, time.time() - row[1]), "size": row[2],
                 "duration": row[3]}
 
     def prune(self, *, keep: int | None = None, max_age: float | None = None) -> list[str]:

@@ -278,7 +278,7 @@ def collect_status(data_dir: str) -> dict:
         # the last backup recorded (by row id: the wall clock may have been set back since)
         b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
                          "LIMIT 1").fetchone()
-        st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": now - b[1],
+        st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": max(0.0, now - b[1]),
                                                     "size": b[2], "duration_s": b[3]}
         st["backups"] = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
         e = conn.execute("SELECT event_id, at, kind, policy, outcome, duration, details FROM recovery_events "

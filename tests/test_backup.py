@@ -635,7 +635,11 @@ def test_prune_keep_follows_the_backup_order_when_the_clock_moves_back(tmp_path,
     assert c.manifest["created_at_unix"] < a.manifest["created_at_unix"]
     assert [e["path"] for e in m.list()] == [c.path, b.path, a.path]
     assert all(e["age"] >= 0 for e in m.list())
-    assert m.last_backup()["path"] == c.path
+    assert m.last_backup()["path"] == c.path  # the last recorded, not the one with the latest timestamp
+    monkeypatch.undo()
+    _shift_clock(monkeypatch, -2 * DAY)
+    assert m.last_backup()["age"] == 0.0  # never negative
+    _shift_clock(monkeypatch, -DAY)
     assert m.prune(max_age=3600) == []  # nothing is a day old, whatever the timestamps say
     assert m.prune(keep=1) == [b.path, a.path]  # the old code deleted c, the newest
     [left] = m.list()
