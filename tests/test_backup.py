@@ -460,7 +460,9 @@ def test_manifest_disagreeing_with_the_data_refused_before_writing(tmp_path, bac
 
 
 def test_restored_from_reports_the_restored_data(tmp_path, backup):
+    before = {n: Path(backup.path, n).read_bytes() for n in tree(backup.path)}
     restore(backup.path, tmp_path / "target")
+    assert {n: Path(backup.path, n).read_bytes() for n in tree(backup.path)} == before  # read, never written
     with open_store(tmp_path / "target") as s:
         got = s.restored_from["groups"]
         assert set(got) == {"a", "b"}
