@@ -70,6 +70,9 @@ NODE_REPLACEMENT = "node_replacement"
 QUORUM_LOSS_RESTORE = "quorum_loss_restore"
 RESTORE_EVENT_KINDS = (NODE_REPLACEMENT, QUORUM_LOSS_RESTORE)
 
+#: ``settings`` key in raft.db holding the highest backup sequence number this store handed out.
+SEQ_SETTING = "backup_seq"
+
 _TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 _TS_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z(-\d+)?$")
 _LOCK_NAME = ".backup.lock"
@@ -160,6 +163,69 @@ def _stamp_time(name: str) -> float | None:
     if not _TS_RE.match(name):
         return None
     return _dt.datetime.strptime(name.split("-")[0], _TS_FORMAT).replace(tzinfo=_dt.UTC).timestamp()
+
+
+def _boot_clock() -> tuple[str | None, float]:
+    """``(boot_id, seconds)`` of a clock that never jumps while the machine stays up and counts time spent
+    suspended (Linux ``CLOCK_BOOTTIME``; its readings compare only within the same ``boot_id``). The
+    boot id is None where the kernel does not expose one: readings are then never compared."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip() or None
+    except OSError:
+        boot_id = None
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is None:
+        return None, time.monotonic()
+    return boot_id, time.clock_gettime(clock)
+
+
+def manifest_seq(manifest: dict) -> int | None:
+    """The backup sequence number of a manifest (``seq``: 1, 2, ... per node in the order the backups
+    were taken), or None for a manifest written before raft_sqlite recorded it."""
+    seq = manifest.get("seq")
+    return seq if type(seq) is int and seq >= 1 else None
+
+
+def _read_seq(folder: str) -> int | None:
+    """``seq`` of the manifest in ``folder`` if it is readable JSON at all (even a backup that fails
+    verification took its number), else None."""
+    try:
+        with open(os.path.join(folder, MANIFEST), "rb") as f:
+            m = json.loads(f.read(_MAX_MANIFEST_BYTES).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return manifest_seq(m) if isinstance(m, dict) else None
+
+
+def _order_key(e: dict) -> tuple:
+    """Sort key, oldest first, of a listed backup: by ``seq`` (clock-independent); backups without one
+    (older manifests) come before every backup with one and are ordered by their timestamp."""
+    return (e.get("seq") is not None, e.get("seq") or 0, e["created_at"] or 0.0, e["path"])
+
+
+def _ages(complete: list[dict], now: float, boot: tuple[str | None, float]) -> list[float]:
+    """Age in seconds of each backup of ``complete`` (newest first, by :func:`_order_key`), measured so
+    that a wall-clock change cannot shorten it.
+
+    Walking from now back to the oldest backup, each step (now -> newest, newer -> older) is measured on
+    the boot-time clock when both ends were read in the same boot, and only otherwise (across a reboot,
+    or a manifest without ``clock``) on the wall clock, where a negative step counts as 0. So setting the
+    clock back never makes a backup look younger than a newer one, and a jump forward within a boot does
+    not age anything; only across a reboot can a wall-clock jump forward make backups look older.
+    """
+    ages = []
+    age, ref_wall, ref_clock = 0.0, now, {"boot_id": boot[0], "seconds": boot[1]}
+    for e in complete:
+        c = e.get("clock") or {}
+        if ref_clock.get("boot_id") is not None and c.get("boot_id") == ref_clock["boot_id"]:
+            step = ref_clock["seconds"] - c["seconds"]
+        else:
+            step = ref_wall - e["created_at"]
+        age += max(0.0, step)
+        ages.append(age)
+        ref_wall, ref_clock = e["created_at"], c
+    return ages
 
 
 def _safe_component(node_id: str) -> str:
@@ -268,10 +334,12 @@ class HotBackupManager:
         t0 = time.monotonic()
         self.store._check_open()
         with self._exclusive():
+            seen = self._highest_seq()
             folder = self._new_folder()
             try:
                 phases = {"copy": 0.0, "sha256": 0.0, "fsync": 0.0, "wait": 0.0}
-                manifest, size = self._on_worker(lambda stop: self._copy(folder, progress, (cancel, stop), phases))
+                manifest, size = self._on_worker(
+                    lambda stop: self._copy(folder, progress, (cancel, stop), phases, seen))
             except BaseException as exc:
                 shutil.rmtree(folder, ignore_errors=True)
                 if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
@@ -313,6 +381,14 @@ class HotBackupManager:
             raise box["error"]
         return box["result"]
 
+    def _highest_seq(self) -> int:
+        """The highest backup sequence number in this node's backup folder (0 if none); called under the
+        backup lock. The next backup takes one above it and above the store's own counter (``settings``
+        key :data:`SEQ_SETTING`, read from the copy): the store's counter keeps counting if the folder is
+        emptied, the folder's keeps counting after the store was restored from an older backup."""
+        seqs = [_read_seq(os.path.join(self.node_dir, n)) for n in os.listdir(self.node_dir) if not n.startswith(".")]
+        return max((q for q in seqs if q is not None), default=0)
+
     def _new_folder(self) -> str:
         now = time.time()
         base = _utc_stamp(now)
@@ -327,7 +403,7 @@ class HotBackupManager:
             return p
         raise BackupError(f"cannot find a free folder name under {self.node_dir}")
 
-    def _copy(self, folder: str, progress, cancel, phases: dict) -> tuple[dict, int]:
+    def _copy(self, folder: str, progress, cancel, phases: dict, seen: int) -> tuple[dict, int]:
         store = self.store
         sources: list[apsw.Connection] = []
         checks: list[_FileCheck] = []
@@ -344,6 +420,7 @@ class HotBackupManager:
                 chunks_src.execute("BEGIN")
                 chunks_src.execute("SELECT count(*) FROM sqlite_master").fetchall()
                 at = time.time()
+                boot_id, boot_seconds = _boot_clock()
             facts = None
             chunk_counts = None
             for name, src in ((layout.MAIN_DB, main_src), (layout.CHUNKS_DB, chunks_src)):
@@ -356,6 +433,9 @@ class HotBackupManager:
                 try:
                     if name == layout.MAIN_DB:
                         facts = _describe(dest)
+                        row = dest.execute("SELECT value FROM settings WHERE key=?", (SEQ_SETTING,)).fetchone()
+                        if row is not None and str(row[0]).isdigit():
+                            seen = max(seen, int(row[0]))
                     else:
                         chunk_counts = dict(dest.execute(
                             "SELECT snapshot_id, count(*) FROM snapshot_chunks GROUP BY snapshot_id").fetchall())
@@ -400,6 +480,8 @@ class HotBackupManager:
             "library_version": __version__,
             "created_at": _iso(at),
             "created_at_unix": at,
+            "seq": seen + 1,
+            "clock": {"boot_id": boot_id, "seconds": boot_seconds},
             "source_data_dir": os.path.abspath(store.data_dir),
             "groups": groups,
             "files": files,
@@ -442,9 +524,14 @@ class HotBackupManager:
             digest = hashlib.sha256(f.read()).hexdigest()
         row = (info.path, info.manifest["created_at_unix"], info.size, info.duration, digest)
 
+        seq = info.manifest["seq"]
+
         def write(conn):
             conn.execute("INSERT INTO backups(path, created_at, size, duration, manifest_sha256) VALUES (?,?,?,?,?)",
                          row)
+            old = conn.execute("SELECT value FROM settings WHERE key=?", (SEQ_SETTING,)).fetchone()
+            if old is None or not str(old[0]).isdigit() or int(old[0]) < seq:
+                conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (SEQ_SETTING, str(seq)))
         try:
             self.store._raw(write)
         except RaftSqliteError as exc:
@@ -457,13 +544,13 @@ class HotBackupManager:
         return [b for b in list_backups(self.backup_dir, verify=verify) if b["node_id"] == self.store.node_id]
 
     def last_backup(self) -> dict | None:
-        """The newest backup recorded in the store's ``backups`` table as ``{path, created_at, age, size,
-        duration}``, or None."""
+        """The newest backup recorded in the store's ``backups`` table (the last one recorded, whatever the
+        clock said) as ``{path, created_at, age, size, duration}``, or None."""
         row = self.store._read(lambda c: c.execute(
-            "SELECT path, created_at, size, duration FROM backups ORDER BY created_at DESC LIMIT 1").fetchone())
+            "SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC LIMIT 1").fetchone())
         if row is None:
             return None
-        return {"path": row[0], "created_at": row[1], "age": time.time() - row[1], "size": row[2],
+        return {"path": row[0], "created_at": row[1], "age": max(0.0, time.time() - row[1]), "size": row[2],
                 "duration": row[3]}
 
     def prune(self, *, keep: int | None = None, max_age: float | None = None) -> list[str]:
@@ -471,7 +558,12 @@ class HotBackupManager:
 
         Complete backups beyond the ``keep`` newest, and complete backups older than ``max_age``
         seconds, are removed, but the newest complete backup is always kept (retention never leaves a
-        node without a backup). Incomplete folders (no manifest: interrupted backups) are always removed:
+        node without a backup). "Newest" is by the manifest's ``seq`` (the order the backups were
+        taken), never by the wall clock; backups from before ``seq`` existed count as older than every
+        backup with one and are ordered by timestamp. Ages are measured as :func:`_ages` says: on the
+        kernel's boot-time clock between backups of the same boot, so setting the wall clock back or
+        forward neither deletes the newest backup nor ages any backup; only across a reboot does the
+        wall clock count (a step back counts as 0). Incomplete folders (no manifest: interrupted backups) are always removed:
         prune holds the same lock as :meth:`backup`, so none of them is in progress. Folders whose
         manifest is unreadable (*corrupt*) are left for the operator and logged.
         """
@@ -480,14 +572,13 @@ class HotBackupManager:
         removed = []
         with self._exclusive():
             entries = _scan_node_dir(self.node_dir, verify=False)
-            complete = sorted((e for e in entries if e["status"] == "complete"), key=lambda e: e["created_at"],
-                              reverse=True)
+            complete = sorted((e for e in entries if e["status"] == "complete"), key=_order_key, reverse=True)
             doomed = [e for e in entries if e["status"] == "incomplete"]
-            now = time.time()
+            ages = _ages(complete, time.time(), _boot_clock())
             for i, e in enumerate(complete):
                 if i == 0:
                     continue
-                if (keep is not None and i >= keep) or (max_age is not None and now - e["created_at"] > max_age):
+                if (keep is not None and i >= keep) or (max_age is not None and ages[i] > max_age):
                     doomed.append(e)
             for e in entries:
                 if e["status"] == "corrupt":
@@ -698,7 +789,7 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[dict]:
         if name.startswith(".") or not os.path.isdir(p) or os.path.islink(p):
             continue
         e = {"path": p, "node_id": node_id, "created_at": _stamp_time(name), "status": "incomplete",
-             "size": None, "error": None}
+             "size": None, "error": None, "seq": None, "clock": None}
         if os.path.exists(os.path.join(p, MANIFEST)):
             try:
                 m = verify_backup(p, checksums=verify)
@@ -707,20 +798,35 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[dict]:
             else:
                 e.update(status="complete", created_at=m["created_at_unix"], node_id=m["node_id"],
                          cluster_id=m["cluster_id"], size=sum(f["size"] for f in m["files"]),
-                         groups=len(m["groups"]))
+                         groups=len(m["groups"]), seq=manifest_seq(m), clock=_clock_of(m))
         elif e["created_at"] is None:
             continue  # not a backup folder
         if e["created_at"] is None:
             e["created_at"] = os.stat(p).st_mtime
         e["age"] = now - e["created_at"]
         out.append(e)
+    out.sort(key=_order_key, reverse=True)
+    complete = [e for e in out if e["status"] == "complete"]
+    for e, age in zip(complete, _ages(complete, now, _boot_clock()), strict=True):
+        e["age"] = age
     return out
 
 
-def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
-    """Every backup under ``backup_dir`` (all nodes), newest first.
+def _clock_of(manifest: dict) -> dict | None:
+    c = manifest.get("clock")
+    if (isinstance(c, dict) and isinstance(c.get("boot_id"), str) and isinstance(c.get("seconds"), (int, float))
+            and not isinstance(c["seconds"], bool)):
+        return {"boot_id": c["boot_id"], "seconds": float(c["seconds"])}
+    return None
 
-    Each is a dict with ``path``, ``node_id``, ``created_at`` (unix seconds), ``age`` (seconds),
+
+def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
+    """Every backup under ``backup_dir``: node by node (sorted by node_id), each node's newest first.
+
+    Newest is by the manifest's ``seq``, not by the wall clock (see :meth:`HotBackupManager.prune`).
+    Each is a dict with ``path``, ``node_id``, ``seq`` (None for older manifests and incomplete
+    folders), ``created_at`` (unix seconds), ``age`` (seconds; for complete backups measured as prune
+    measures it, so never negative; an incomplete folder's age is by the wall clock),
     ``size`` (bytes, complete backups), ``status`` and ``error``. ``status`` is ``"complete"`` (manifest
     valid, every file present with its recorded size; with ``verify=True`` also its sha256),
     ``"incomplete"`` (no manifest: interrupted, never restorable) or ``"corrupt"`` (a manifest that does
@@ -736,7 +842,6 @@ def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
         p = os.path.join(root, n)
         if not n.startswith(".") and os.path.isdir(p) and not os.path.islink(p):
             out.extend(_scan_node_dir(p, verify=verify))
-    out.sort(key=lambda e: e["created_at"], reverse=True)
     return out
 
 
@@ -765,9 +870,15 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
     with every key of :data:`REQUIRED_KEYS` and sane types, a ``format_version`` this code can open; its
     ``files`` name exactly ``raft.db`` and ``chunks.db``, each as a plain name inside the folder (absolute
     names, ``..``, sub-paths and symlinks are refused: they would escape the backup), each a regular
-    file of the recorded size and (with ``checksums``, the default) sha256. Raises :class:`BackupError`
-    naming the problem.
+    file of the recorded size and (with ``checksums``, the default) sha256, and then (also only with
+    ``checksums``) that the data holds what the manifest says (:func:`check_backup_data`). Raises
+    :class:`BackupError` naming the problem.
     """
+    return _verify_backup(backup_path, checksums)[0]
+
+
+def _verify_backup(backup_path, checksums: bool) -> tuple[dict, list[dict] | None]:
+    """:func:`verify_backup`, also returning the groups read from the data (None without checksums)."""
     folder = os.path.abspath(os.fspath(backup_path))
     if not os.path.isdir(folder):
         raise BackupError(f"{folder} is not a backup folder")
@@ -805,6 +916,8 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
                           f"({layout.FORMAT_VERSION}); restore with a newer raft_sqlite")
     if not isinstance(manifest["created_at_unix"], (int, float)) or not isinstance(manifest["groups"], list):
         raise BackupError(f"{mpath}: created_at_unix must be a number and groups a list")
+    if "seq" in manifest and manifest_seq(manifest) is None:
+        raise BackupError(f"{mpath}: seq must be a positive integer (got {manifest['seq']!r})")
     files = manifest["files"]
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise BackupError(f"{mpath}: files must be a list of objects")
@@ -842,7 +955,67 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
             _, digest = _sha256_file(os.path.join(folder, f["name"]))
             if digest != f["sha256"]:
                 raise BackupError(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
-    return manifest
+        return manifest, check_backup_data(folder, manifest)
+    return manifest, None
+
+
+#: Per-group manifest fields that must equal the backup's raft.db (the Raft hard state and indexes a
+#: restore exposes); the rest of a group entry is compared when present.
+GROUP_FIELDS = ("term", "voted_for", "commit_index", "first_index", "last_index", "snapshot_index")
+_OPTIONAL_GROUP_FIELDS = ("group_id", "snapshot_term", "latest_snapshot")
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON values (so ``True`` is not ``1`` and ``1.0`` is not ``1``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def check_backup_data(backup_path, manifest: dict) -> list[dict]:
+    """Read the backup's ``raft.db`` (read-only, writing nothing) and check that it holds what
+    ``manifest`` says: node_id, cluster_id, format_version, the same set of groups and, per group, every
+    field of :data:`GROUP_FIELDS` (and ``group_id``, ``snapshot_term``, ``latest_snapshot`` when the
+    manifest has them). Returns the groups as read from the data (the shape of ``manifest["groups"]``).
+    Raises :class:`BackupError` naming the group and the field on the first disagreement: a manifest
+    edited or paired with other data must not be what a restored node believes about its past votes.
+    :func:`verify_backup` calls it once the files' sha256 are checked."""
+    folder = os.path.abspath(os.fspath(backup_path))
+    path = os.path.join(folder, layout.MAIN_DB)
+    mpath = os.path.join(folder, MANIFEST)
+    try:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            conn.execute("PRAGMA query_only=1")
+            node_id, cluster_id, fmt, groups, _ = _describe(conn)
+        finally:
+            conn.close()
+    except (apsw.Error, TypeError) as exc:
+        raise BackupError(f"{path}: cannot read the backup's raft.db to check it against {MANIFEST}: {exc}") from None
+    for key, have in (("node_id", node_id), ("cluster_id", cluster_id), ("format_version", fmt)):
+        if not _same(manifest[key], have):
+            raise BackupError(f"{mpath}: {key} is {manifest[key]!r} but the backup's raft.db holds {have!r}")
+    listed: dict[str, dict] = {}
+    for g in manifest["groups"]:
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str):
+            raise BackupError(f"{mpath}: every entry of groups must be an object with a string name; got {g!r}")
+        if g["name"] in listed:
+            raise BackupError(f"{mpath}: group {g['name']!r} is listed twice")
+        listed[g["name"]] = g
+    actual = {g["name"]: g for g in groups}
+    for name in sorted(set(listed) | set(actual)):
+        if name not in actual:
+            raise BackupError(f"{mpath}: group {name!r} is in the manifest but not in the backup's raft.db")
+        if name not in listed:
+            raise BackupError(f"{mpath}: group {name!r} is in the backup's raft.db but not in the manifest")
+        m, a = listed[name], actual[name]
+        for field in GROUP_FIELDS + _OPTIONAL_GROUP_FIELDS:
+            if field not in m:
+                if field in GROUP_FIELDS:
+                    raise BackupError(f"{mpath}: group {name!r} lacks {field}")
+                continue
+            if not _same(m[field], a[field]):
+                raise BackupError(f"{mpath}: group {name!r}: {field} is {m[field]!r} in the manifest but "
+                                  f"{a[field]!r} in the backup's raft.db")
+    return groups
 
 
 def _restore_kind(mode, allow_quorum_loss: bool) -> str:
@@ -865,9 +1038,12 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
     """Restore the backup folder ``backup_path`` into a fresh ``data_dir`` and return a :class:`RestoreInfo`.
 
     Order of work: (1) ``data_dir`` must not exist or be an empty directory, else :class:`BackupError`;
-    (2) the whole backup is verified (:func:`verify_backup` with checksums) before anything is written;
+    (2) the whole backup is verified (:func:`verify_backup` with checksums) and the manifest is checked
+    against the data (:func:`check_backup_data`: node, groups, per-group term / vote / commit / first /
+    last / snapshot index) before anything is written;
     (3) ``data_dir`` is created 0700 and locked like a store (:class:`~raft_sqlite.lock.DataDirLock`, held
-    to the end: :class:`~raft_sqlite.DataDirLocked` if a store has it open), and each file copied to a temporary name (0600), checksummed again
+    to the end: :class:`~raft_sqlite.DataDirLocked` if a store has it open), and each file copied to a
+    temporary name (0600), checksummed again
     while copying, fsynced, renamed, and the directory fsynced; (4) a restore event is recorded in the
     restored ``raft.db``; (5) the result is opened with ``RecoveryPolicy.STRICT`` as a check. If (3)-(5)
     fail, everything written is removed (``data_dir`` is left as it was) and :class:`BackupError` raised.
@@ -896,7 +1072,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         if os.path.islink(target) or not os.path.isdir(target):
             raise BackupError(f"restore target {target} exists and is not a directory")
         refuse_if_not_empty()
-    manifest = verify_backup(src, checksums=True)
+    manifest, groups = _verify_backup(src, checksums=True)
     created_dir = not os.path.exists(target)
     if created_dir:
         try:
@@ -921,7 +1097,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         for tmp, final in tmps:
             os.rename(tmp, final)
         _fsync_path(target, directory=True)
-        event = _record_restore_event(os.path.join(target, layout.MAIN_DB), kind, src, manifest)
+        event = _record_restore_event(os.path.join(target, layout.MAIN_DB), kind, src, manifest, groups)
         from .recovery import RecoveryPolicy
         from .store import NodeStore
         try:
@@ -977,15 +1153,17 @@ def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
         raise BackupError(f"{src} changed while it was being restored (size/sha256 no longer match the manifest)")
 
 
-def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict) -> dict:
+def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict, groups: list[dict]) -> dict:
+    """Record the restore in the restored raft.db. Per-group values come from ``groups``, read from the
+    restored data itself (:func:`check_backup_data`), so :attr:`NodeStore.restored_from` reports what
+    was restored, not what a manifest claims."""
     details = {
         "backup_path": backup_path,
         "backup_created_at": manifest["created_at"],
         "backup_created_at_unix": manifest["created_at_unix"],
         "library_version": manifest["library_version"],
-        "groups": {g["name"]: {k: g.get(k) for k in ("term", "voted_for", "commit_index", "last_index",
-                                                      "snapshot_index")}
-                   for g in manifest["groups"] if isinstance(g, dict) and "name" in g},
+        "groups": {g["name"]: {k: g[k] for k in ("term", "voted_for", "commit_index", "last_index", "snapshot_index")}
+                   for g in groups},
     }
     if kind == QUORUM_LOSS_RESTORE:
         details["action"] = ("re-bootstrap every group's membership from this node: entries committed after "

@@ -262,9 +262,10 @@ def collect_status(data_dir: str) -> dict:
                       if os.path.isfile(os.path.join(data_dir, n))},
             "groups": [_group_status(conn, gid, name, now) for name, gid in _groups(conn).items()],
         }
-        b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY created_at DESC "
+        # the last backup recorded (by row id: the wall clock may have been set back since)
+        b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
                          "LIMIT 1").fetchone()
-        st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": now - b[1],
+        st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": max(0.0, now - b[1]),
                                                     "size": b[2], "duration_s": b[3]}
         st["backups"] = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
         e = conn.execute("SELECT event_id, at, kind, policy, outcome, duration, details FROM recovery_events "
@@ -374,8 +375,8 @@ def status(data_dir, as_json):
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("data_dir", st["data_dir"])
-    head.add_row("node / cluster", f"{n['node_id']} / {n['cluster_id']}")
+    head.add_row("data_dir", _esc(st["data_dir"]))  # table cells are rich markup: a '[' in a path is text
+    head.add_row("node / cluster", f"{_esc(n['node_id'])} / {_esc(n['cluster_id'])}")
     head.add_row("format / schema", f"{n['format_version']} / {st['schema_revision']}")
     head.add_row("fsync mode", f"{st['fsync_mode']} ({st['fsync_guarantee']})" if st["fsync_guarantee"]
                  else str(st["fsync_mode"]))
@@ -386,7 +387,7 @@ def status(data_dir, as_json):
     head.add_row("files", ", ".join(f"{k} {_size(v)}" for k, v in files.items()))
     lb = st["last_backup"]
     head.add_row("last backup", "never" if lb is None else f"{_age(lb['age_s'])} ago, {_size(lb['size'])}, "
-                 f"took {lb['duration_s']:.2f} s -> {lb['path']}")
+                 f"took {lb['duration_s']:.2f} s -> {_esc(lb['path'])}")
     ev = st["last_recovery"]
     if ev is not None:
         head.add_row("last recovery", f"{ev['outcome']} ({ev['kind']}, policy {ev['policy']}) {_age(ev['age_s'])} ago "
@@ -460,7 +461,7 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
         try:
             conn.execute("ATTACH ? AS chunks", (f"file:{quote(os.path.abspath(chunks))}?mode=ro",))
         except apsw.Error as exc:
-            err.print(f"warning: {layout.CHUNKS_DB} not attached ({exc})")
+            err.print(f"warning: {layout.CHUNKS_DB} not attached ({_esc(str(exc))})")
     conn.authorizer = _authorizer
     conn.exec_trace = _exec_guard
     return conn
@@ -911,8 +912,9 @@ def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
 @JSON_OPT
 @friendly
 def backups(backup_dir, check, as_json):
-    """List the backups in BACKUP_DIR (all nodes), newest first, with age and status: complete,
-    incomplete (no manifest: interrupted, never restorable) or corrupt (the manifest does not verify)."""
+    """List the backups in BACKUP_DIR (node by node, newest first by sequence number, not by the clock)
+    with age and status: complete, incomplete (no manifest: interrupted, never restorable) or corrupt
+    (the manifest does not verify)."""
     mod = _backup_module()
     if not os.path.isdir(backup_dir):
         raise CliError(f"backup_dir {backup_dir!r} does not exist", EXIT_NOT_FOUND)
@@ -921,13 +923,13 @@ def backups(backup_dir, check, as_json):
         _dump_json(rows)
         return
     t = Table(title=f"{len(rows)} backup(s) in {_esc(backup_dir)}", title_justify="left")
-    for c in ("node", "created (UTC)", "age", "status", "size", "path"):
-        t.add_column(c, justify="right" if c in ("age", "size") else "left", overflow="fold")
+    for c in ("node", "seq", "created (UTC)", "age", "status", "size", "path"):
+        t.add_column(c, justify="right" if c in ("seq", "age", "size") else "left", overflow="fold")
     for b in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b["created_at"]))
         status = {"complete": "[green]complete[/]", "incomplete": "[yellow]incomplete[/]"}.get(
             b["status"], f"[bold red]{b['status']}[/]: {_esc(b['error'] or '')}")
-        t.add_row(_esc(b["node_id"]), created, _age(b["age"]), status, "-" if b["size"] is None else _size(b["size"]),
+        t.add_row(_esc(b["node_id"]), "-" if b["seq"] is None else str(b["seq"]), created, _age(b["age"]), status, "-" if b["size"] is None else _size(b["size"]),
                   _esc(b["path"]))
     out.print(t)
 

@@ -130,7 +130,7 @@ def _read_state(conn) -> dict:
                            "segments": nseg, "oldest_age": None if oldest is None else now - oldest,
                            "snap_index": snap_idx, "partial": partial, "snap": snap})
         backups = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
-        last_backup = conn.execute("SELECT created_at, duration, size FROM backups ORDER BY created_at DESC "
+        last_backup = conn.execute("SELECT created_at, duration, size FROM backups ORDER BY backup_id DESC "
                                    "LIMIT 1").fetchone()
         ev = conn.execute("SELECT outcome, duration, details FROM recovery_events WHERE kind='open' "
                           "ORDER BY event_id DESC LIMIT 1").fetchone()
@@ -174,7 +174,8 @@ def _families(st: dict, include_validation: bool):
     yield GaugeMetricFamily("raft_sqlite_backups", "Backups recorded in the store.", value=st["backups"])
     lb = st["last_backup"]
     if lb is not None:
-        yield GaugeMetricFamily("raft_sqlite_backup_age_seconds", "Age of the newest backup.", value=now - lb[0])
+        # the newest backup is the last recorded; a clock set back since must not make its age negative
+        yield GaugeMetricFamily("raft_sqlite_backup_age_seconds", "Age of the newest backup.", value=max(0.0, now - lb[0]))
         yield GaugeMetricFamily("raft_sqlite_backup_duration_seconds", "Duration of the newest backup.",
                                 value=lb[1])
         yield GaugeMetricFamily("raft_sqlite_backup_bytes", "Size of the newest backup.", value=lb[2])

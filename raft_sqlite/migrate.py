@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import os
 
 import apsw
 
@@ -32,7 +33,8 @@ def _script_directory():
     from alembic.script import ScriptDirectory
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(importlib.resources.files("raft_sqlite.migrations")))
+    # alembic options go through ConfigParser interpolation: a literal '%' in the install path must be doubled
+    cfg.set_main_option("script_location", str(importlib.resources.files("raft_sqlite.migrations")).replace("%", "%%"))
     return cfg, ScriptDirectory.from_config(cfg)
 
 
@@ -83,11 +85,23 @@ def upgrade(path: str, db_name: str) -> bool:
         raise CorruptionError(f"{path}: schema migration failed, the file is damaged: {orig}") from exc
 
 
-def _upgrade(path: str, db_name: str) -> bool:
-    branch, head = BRANCHES[db_name]
+def _connect_exact(path: str):
+    """A stdlib ``sqlite3`` connection on exactly the file ``path``, whatever characters it holds.
+
+    Never a URL or URI: ``sqlite:///{path}`` would let SQLAlchemy parse ``?``, ``#`` and ``%XX`` in the
+    path (a ``?`` in data_dir made it create a stray database outside data_dir), and this Python's SQLite
+    is built with ``SQLITE_USE_URI``, so a relative path starting with ``file:`` would be read as a URI.
+    An absolute path starts with ``/`` and is therefore always taken literally.
+    """
     import sqlite3
 
-    with contextlib.closing(sqlite3.connect(path)) as probe:
+    return sqlite3.connect(os.path.abspath(path))
+
+
+def _upgrade(path: str, db_name: str) -> bool:
+    branch, head = BRANCHES[db_name]
+
+    with contextlib.closing(_connect_exact(path)) as probe:
         row = probe.execute("SELECT name FROM sqlite_master WHERE name='alembic_version'").fetchone()
         rev = probe.execute("SELECT version_num FROM alembic_version").fetchone()[0] if row else None
     if rev == head:
@@ -104,7 +118,8 @@ def _upgrade(path: str, db_name: str) -> bool:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    # the URL only picks the dialect; ``creator`` opens the exact file (see _connect_exact)
+    engine = create_engine("sqlite://", creator=lambda: _connect_exact(path), poolclass=NullPool)
     try:
         with engine.begin() as sa_conn:
             cfg.attributes["connection"] = sa_conn

@@ -59,7 +59,9 @@ def open_readonly(path: str) -> apsw.Connection:
     ``apsw.NotADBError`` if it is not a database."""
     if not os.path.isfile(path):
         raise NotAStoreError(f"{path}: no such database file")
-    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    # SQLITE_OPEN_URI lets `raft-sqlite sql` ATTACH chunks.db by a (percent-encoded) ``file:`` URI; the
+    # absolute path keeps this file's own name literal (only names starting with ``file:`` are URIs)
+    conn = apsw.Connection(os.path.abspath(path), flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
     conn.setbusytimeout(5000)
     conn.execute("PRAGMA query_only=1")
     conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # NotADBError on a garbage file

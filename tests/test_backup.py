@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -17,6 +18,7 @@ import apsw
 import pytest
 
 from raft_sqlite import BackupError, LogEntry, RecoveryPolicy
+from raft_sqlite import backup as backup_mod
 from raft_sqlite.backup import (
     MANIFEST,
     HotBackupManager,
@@ -25,7 +27,9 @@ from raft_sqlite.backup import (
     restore,
     verify_backup,
 )
-from tests.conftest import ROOT, open_store
+from tests.conftest import ROOT, open_store, run_py
+
+_REAL_TIME = time.time
 
 
 def payload(group, i):
@@ -416,6 +420,61 @@ def test_corrupt_manifest_refused_before_writing(tmp_path, backup, how, match):
     assert tree(target) == []
 
 
+def _set_group(name, field, value):
+    def fn(m):
+        [g] = [g for g in m["groups"] if g["name"] == name]
+        g[field] = value
+    return fn
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set_group("a", "term", 3), "group 'a': term is 3 in the manifest but 2"),
+    (_set_group("a", "voted_for", "n3"), "group 'a': voted_for is 'n3' in the manifest but 'n2'"),
+    (_set_group("b", "voted_for", "7"), "group 'b': voted_for is '7' in the manifest but 7"),
+    (_set_group("b", "term", 5.0), "group 'b': term is 5.0"),
+    (_set_group("a", "commit_index", 121), "group 'a': commit_index is 121"),
+    (_set_group("a", "first_index", 1), "group 'a': first_index is 1"),
+    (_set_group("a", "last_index", 200), "group 'a': last_index is 200"),
+    (_set_group("b", "snapshot_index", 5), "group 'b': snapshot_index is 5"),
+    (_set_group("a", "snapshot_term", 2), "group 'a': snapshot_term is 2"),
+    (_set_group("a", "latest_snapshot", None), "group 'a': latest_snapshot is None"),
+    (lambda m: m["groups"][0].pop("commit_index"), "group 'a' lacks commit_index"),
+    (lambda m: m["groups"].pop(), "group 'b' is in the backup's raft.db but not in the manifest"),
+    (lambda m: m["groups"].append({**m["groups"][0], "name": "c"}), "group 'c' is in the manifest but not"),
+    (lambda m: m["groups"].append(m["groups"][0]), "group 'a' is listed twice"),
+    (lambda m: m.__setitem__("node_id", "n9"), "node_id is 'n9' but the backup's raft.db holds 'n1'"),
+    (lambda m: m.__setitem__("cluster_id", "c9"), "cluster_id is 'c9'"),
+], ids=["term", "vote", "vote-type", "term-type", "commit", "first", "last", "snapshot", "snapshot-term",
+        "latest-snapshot", "field-missing", "group-missing", "group-extra", "group-twice", "node", "cluster"])
+def test_manifest_disagreeing_with_the_data_refused_before_writing(tmp_path, backup, edit, match):
+    """Every file's sha256 still matches: only the manifest's account of the data is wrong."""
+    _edit_manifest(backup, edit)
+    with pytest.raises(BackupError, match=re.escape(match)):
+        restore(backup.path, tmp_path / "target", allow_quorum_loss=True)
+    assert tree(tmp_path / "target") is None
+    verify_backup(backup.path, checksums=False)  # the shape is fine; the data check needs the checksums
+    with pytest.raises(BackupError, match=re.escape(match)):
+        verify_backup(backup.path)
+    [listed] = list_backups(tmp_path / "bk", verify=True)
+    assert listed["status"] == "corrupt" and match in listed["error"]
+
+
+def test_restored_from_reports_the_restored_data(tmp_path, backup):
+    before = {n: Path(backup.path, n).read_bytes() for n in tree(backup.path)}
+    restore(backup.path, tmp_path / "target")
+    assert {n: Path(backup.path, n).read_bytes() for n in tree(backup.path)} == before  # read, never written
+    with open_store(tmp_path / "target") as s:
+        got = s.restored_from["groups"]
+        assert set(got) == {"a", "b"}
+        for g in ("a", "b"):
+            term, vote, commit = s.metadata(g).hard_state
+            lg = s.log(g)
+            assert got[g] == {"term": term, "voted_for": vote, "commit_index": commit,
+                              "last_index": lg.last_index, "snapshot_index": lg.snapshot_index}
+        assert got["a"] == {"term": 2, "voted_for": "n2", "commit_index": 100, "last_index": 121,
+                            "snapshot_index": 60}
+
+
 @pytest.mark.parametrize("name,match", [
     ("../raft.db", "escapes the backup folder"),
     ("../../etc/passwd", "escapes the backup folder"),
@@ -554,6 +613,129 @@ def test_prune_by_count_and_age_keeps_the_newest(tmp_path, store):
     assert m.prune(max_age=0.01) == [infos[2].path]  # all too old, but the newest stays
     assert [b["path"] for b in m.list()] == [infos[3].path]
     assert m.prune(keep=1, max_age=3600) == []
+
+
+# Retention must not trust the wall clock: the order is the manifest's seq, ages use the boot-time clock.
+DAY = 86400.0
+
+
+def _shift_clock(monkeypatch, seconds):
+    """Move the wall clock (time.time, as raft_sqlite.backup reads it) by ``seconds`` from the real one."""
+    real = _REAL_TIME
+    monkeypatch.setattr(backup_mod.time, "time", lambda: real() + seconds)
+
+
+def test_prune_keep_follows_the_backup_order_when_the_clock_moves_back(tmp_path, store, monkeypatch):
+    fill(store, "a", 3)
+    m = HotBackupManager(store, tmp_path / "bk")
+    a = m.backup()
+    _shift_clock(monkeypatch, -DAY)  # the clock is set back a day: later backups get earlier timestamps
+    fill(store, "a", 2, start=4)
+    b = m.backup()
+    c = m.backup()
+    assert [x.manifest["seq"] for x in (a, b, c)] == [1, 2, 3]
+    assert c.manifest["created_at_unix"] < a.manifest["created_at_unix"]
+    assert [e["path"] for e in m.list()] == [c.path, b.path, a.path]
+    assert all(e["age"] >= 0 for e in m.list())
+    assert m.last_backup()["path"] == c.path  # the last recorded, not the one with the latest timestamp
+    monkeypatch.undo()
+    _shift_clock(monkeypatch, -2 * DAY)
+    assert m.last_backup()["age"] == 0.0  # never negative
+    _shift_clock(monkeypatch, -DAY)
+    assert m.prune(max_age=3600) == []  # nothing is a day old, whatever the timestamps say
+    assert m.prune(keep=1) == [b.path, a.path]  # the old code deleted c, the newest
+    [left] = m.list()
+    assert left["path"] == c.path and left["seq"] == 3
+    restore(c.path, tmp_path / "r")
+    with open_store(tmp_path / "r") as r:
+        assert r.log("a").last_index == 5
+    monkeypatch.undo()
+    assert m.backup().manifest["seq"] == 4
+
+
+def test_max_age_is_not_fooled_by_a_clock_jump_forward(tmp_path, store, monkeypatch):
+    fill(store, "a", 3)
+    m = HotBackupManager(store, tmp_path / "bk")
+    a = m.backup()
+    _shift_clock(monkeypatch, 30 * DAY)
+    b = m.backup()
+    assert m.prune(max_age=3600) == []  # a is seconds old on the boot-time clock (the old code removed it)
+    assert [e["path"] for e in m.list()] == [b.path, a.path]
+    assert max(e["age"] for e in m.list()) < 3600
+    _shift_clock(monkeypatch, -30 * DAY)
+    assert m.prune(max_age=3600) == [] and len(m.list()) == 2
+
+
+def test_ages_across_a_reboot_use_the_wall_clock_and_a_step_back_counts_zero(tmp_path, store, monkeypatch):
+    fill(store, "a", 3)
+    m = HotBackupManager(store, tmp_path / "bk")
+    a = m.backup()
+    b = m.backup()
+    monkeypatch.setattr(backup_mod, "_boot_clock", lambda: ("another-boot", 1.0))  # "after a reboot"
+    _shift_clock(monkeypatch, -DAY)
+    assert m.prune(max_age=60) == []
+    assert [e["age"] for e in m.list()][0] == 0.0
+    _shift_clock(monkeypatch, 2 * 3600)
+    assert m.prune(max_age=3600) == [a.path]  # two hours by the wall clock: a goes, the newest stays
+    _shift_clock(monkeypatch, 10 * DAY)
+    assert m.prune(max_age=3600) == [] and [e["path"] for e in m.list()] == [b.path]
+
+
+def test_manifests_without_seq_are_older_than_every_numbered_backup(tmp_path):
+    with open_store(tmp_path / "old") as s:
+        fill(s, "a", 3)
+        m = HotBackupManager(s, tmp_path / "bk")
+        old = [m.backup(), m.backup()]
+    for info in old:  # as written by a raft_sqlite that did not record seq/clock
+        _edit_manifest(info, lambda man: (man.pop("seq"), man.pop("clock")))
+        verify_backup(info.path)
+    with open_store(tmp_path / "new") as s2:  # same node id, a store that never counted backups
+        m2 = HotBackupManager(s2, tmp_path / "bk")
+        assert [e["seq"] for e in m2.list()] == [None, None]
+        assert [e["path"] for e in m2.list()] == [old[1].path, old[0].path]  # by timestamp among themselves
+        new = m2.backup()
+        assert new.manifest["seq"] == 1
+        assert [e["path"] for e in m2.list()] == [new.path, old[1].path, old[0].path]
+        assert m2.prune(keep=1) == [old[1].path, old[0].path]
+        assert m2.backup().manifest["seq"] == 2
+    _edit_manifest(new, lambda man: man.__setitem__("seq", "7"))
+    with pytest.raises(BackupError, match="seq must be a positive integer"):
+        verify_backup(new.path)
+
+
+def test_store_counter_keeps_seq_increasing_when_the_backup_folder_is_emptied(tmp_path, store):
+    fill(store, "a", 3)
+    m = HotBackupManager(store, tmp_path / "bk")
+    m.backup()
+    m.backup()
+    store.close()
+    shutil.rmtree(tmp_path / "bk")
+    with open_store(store.data_dir) as s:
+        assert HotBackupManager(s, tmp_path / "bk").backup().manifest["seq"] == 3
+
+
+def test_scheduler_and_cli_retention_keep_the_newest_when_the_clock_moves_back(tmp_path, store, monkeypatch):
+    fill(store, "a", 3)
+    sched = HotBackupScheduler(store, tmp_path / "bk", interval=3600, keep=1)
+    first = sched.run_once()
+    _shift_clock(monkeypatch, -DAY)
+    second = sched.run_once()
+    assert sched.failures == 0 and [e["path"] for e in sched.manager.list()] == [second.path]
+    assert first.path != second.path
+    store.close()
+    code = (
+        "import sys, time\n"
+        "real = time.time\n"
+        "time.time = lambda: real() - 2 * 86400\n"
+        "from raft_sqlite.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    r = run_py(code, "backup", store.data_dir, tmp_path / "bk", "--keep", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["manifest"]["seq"] == 3 and made["pruned"] == [second.path]
+    r = cli("backups", tmp_path / "bk", "--json")
+    assert [(e["path"], e["seq"]) for e in json.loads(r.stdout)] == [(made["path"], 3)]
 
 
 def test_scheduler_backs_up_periodically_with_retention(tmp_path, store):
