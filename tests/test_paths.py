@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from raft_sqlite import HotBackupManager, LogEntry, list_backups, restore, verify_backup
+from raft_sqlite import HotBackupManager, LogEntry, layout, list_backups, restore, verify_backup
 from raft_sqlite.verify import verify
 from tests.conftest import ROOT, open_store
 
@@ -43,8 +43,9 @@ def _check(store):
 
 def _assert_only_db_files(d):
     """data_dir holds only the store's own files (raft.db, chunks.db and their -wal/-shm/-hwm companions,
-    dot-files such as a lock)."""
-    extra = [n for n in os.listdir(d) if not n.startswith((".", "raft.db", "chunks.db"))]
+    the lock file, the disk reserve, dot-files)."""
+    extra = [n for n in os.listdir(d)
+             if not n.startswith((".", "raft.db", "chunks.db")) and n not in (layout.LOCK_FILE, layout.RESERVE_FILE)]
     assert not extra, extra
 
 
