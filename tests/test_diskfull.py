@@ -6,12 +6,12 @@ acknowledged log entry and every DURABLE snapshot is intact, and later snapshots
 disk is still full works through the disk reserve (raft_sqlite.reserve)."""
 
 import os
-import subprocess
 
 import pytest
 from conftest import open_store
 
 from raft_sqlite import FsyncMode, LogEntry, StorageFault, layout
+from tests.support.tmpfs import mounted_tmpfs
 
 G = "g"
 MiB = 1 << 20
@@ -19,21 +19,11 @@ MiB = 1 << 20
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """An 8 MiB tmpfs mounted for this test only (unmounted in finally); skipped where mounting is
-    not permitted (not root, no CAP_SYS_ADMIN)."""
+    """An 8 MiB tmpfs mounted for this test only (skipped where mounting is not permitted)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(mnt, "8m"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def free_bytes(path):

@@ -15,13 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
 
 from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, StorageFault
 from tests import torture as T
+from tests.support.tmpfs import mounted_tmpfs
 
 KINDS = ("write", "sync", "truncate")
 WL = T.Workload(11, ops_per_group=40)
@@ -257,17 +257,8 @@ def small_fs(tmp_path):
     """A 2 MiB tmpfs (root only); skipped where mounting is not permitted."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
-                           capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs: {exc}")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(mnt, "2m"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=20, check=False)
 
 
 def fill(path, leave: int) -> int:
