@@ -51,6 +51,7 @@ from typing import Self
 import apsw
 
 from . import layout
+from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
 
@@ -281,14 +282,14 @@ class HotBackupManager:
 
     def __init__(self, store, backup_dir, *, pages_per_step: int = 1024, step_pause: float = 0.0005,
                  nice: int = 10):
-        if pages_per_step < 1:
-            raise ValueError("pages_per_step must be >= 1")
-        self.nice = int(nice)
+        pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
+        step_pause = float_arg("step_pause", step_pause, 0.0, 60.0)
+        self.nice = int_arg("nice", nice, 0, 19)
         self.store = store
         self.backup_dir = os.path.abspath(os.fspath(backup_dir))
         self.node_dir = os.path.join(self.backup_dir, _safe_component(store.node_id))
-        self.pages_per_step = int(pages_per_step)
-        self.step_pause = float(step_pause)
+        self.pages_per_step = pages_per_step
+        self.step_pause = step_pause
 
     # -------------------------------------------------------------- exclusion
     @contextlib.contextmanager
@@ -567,8 +568,7 @@ class HotBackupManager:
         prune holds the same lock as :meth:`backup`, so none of them is in progress. Folders whose
         manifest is unreadable (*corrupt*) are left for the operator and logged.
         """
-        if keep is not None and keep < 1:
-            raise ValueError("keep must be >= 1 (the newest backup is always kept)")
+        keep, max_age = _retention_args(keep, max_age)
         removed = []
         with self._exclusive():
             entries = _scan_node_dir(self.node_dir, verify=False)
@@ -688,6 +688,16 @@ def _describe(conn) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
+def _retention_args(keep, max_age):
+    """Checked retention settings: ``keep`` an int >= 1 (the newest backup is always kept) or None,
+    ``max_age`` a finite number of seconds > 0 or None."""
+    if keep is not None:
+        keep = int_arg("keep", keep, 1, layout.MAX_INT64)
+    if max_age is not None:
+        max_age = float_arg("max_age", max_age, 0.0, 1e12, lo_open=True)
+    return keep, max_age
+
+
 class HotBackupScheduler:
     """Periodic hot backups of ``store`` on a background thread, with retention.
 
@@ -701,12 +711,10 @@ class HotBackupScheduler:
 
     def __init__(self, store, backup_dir, interval: float, *, keep: int | None = None,
                  max_age: float | None = None, run_at_start: bool = False, **manager_kw):
-        if interval <= 0:
-            raise ValueError("interval must be > 0")
-        if keep is not None and keep < 1:
-            raise ValueError("keep must be >= 1")
+        interval = float_arg("interval", interval, 0.0, 365 * 86400.0, lo_open=True)
+        keep, max_age = _retention_args(keep, max_age)
         self.manager = HotBackupManager(store, backup_dir, **manager_kw)
-        self.interval = float(interval)
+        self.interval = interval
         self.keep, self.max_age = keep, max_age
         self.run_at_start = run_at_start
         self.successes = 0

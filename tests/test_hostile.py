@@ -425,3 +425,40 @@ def test_on_commit_callback_error_does_not_fail_the_write(data_dir):
 def test_errors_are_typed(store):
     with pytest.raises(RaftSqliteError):
         store.log().append([LogEntry(5, 1, b"gap")])
+
+
+@pytest.mark.parametrize("kw, err", [
+    (dict(pages_per_step=0), ValueError), (dict(pages_per_step=2**63), ValueError),
+    (dict(pages_per_step=1.5), TypeError), (dict(pages_per_step=True), TypeError),
+    (dict(step_pause=float("nan")), ValueError), (dict(step_pause=-1), ValueError),
+    (dict(step_pause="0"), TypeError), (dict(nice=-1), ValueError), (dict(nice=2**70), ValueError),
+])
+def test_backup_manager_arguments_are_checked(tmp_path, kw, err):
+    """Hostile HotBackupManager settings are refused up front; nothing is created in the backup folder."""
+    from raft_sqlite import HotBackupManager
+
+    with open_store(tmp_path / "node") as s:
+        with pytest.raises(err):
+            HotBackupManager(s, tmp_path / "bk", **kw)
+    assert not (tmp_path / "bk").exists()
+
+
+@pytest.mark.parametrize("kw, err", [
+    (dict(interval=0), ValueError), (dict(interval=float("inf")), ValueError), (dict(interval=None), TypeError),
+    (dict(interval=1, keep=0), ValueError), (dict(interval=1, keep=1.0), TypeError),
+    (dict(interval=1, max_age=float("nan")), ValueError), (dict(interval=1, max_age=0), ValueError),
+])
+def test_backup_scheduler_and_prune_arguments_are_checked(tmp_path, kw, err):
+    """HotBackupScheduler and prune() refuse nan/inf/zero intervals and ages and non-int counts."""
+    from raft_sqlite import HotBackupManager, HotBackupScheduler
+
+    with open_store(tmp_path / "node") as s:
+        with pytest.raises(err):
+            HotBackupScheduler(s, tmp_path / "bk", **kw)
+        m = HotBackupManager(s, tmp_path / "bk")
+        m.backup()
+        prune_kw = {k: v for k, v in kw.items() if k in ("keep", "max_age")}
+        if prune_kw:
+            with pytest.raises(err):
+                m.prune(**prune_kw)
+        assert len([n for n in os.listdir(m.node_dir) if not n.startswith(".")]) == 1  # nothing pruned
