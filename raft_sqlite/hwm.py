@@ -25,7 +25,9 @@ the mark (``S`` = marked generation, ``M`` = marked frames):
   checkpointed, if the WAL still holds the frames of ``S`` and each is already in raft.db (a power cut
   tore the header of a restarted WAL), or if the -shm file as it was *before* SQLite opened it (read
   by the caller) shows a complete checkpoint of ``S`` or a later generation (a checkpoint run by
-  another connection just before a crash); otherwise a loss.
+  another connection just before a crash), or if raft.db was written after the mark (a connection
+  that outlived the store, e.g. a backup's reader or the ``sqlite3`` shell, completed the checkpoint
+  and deleted the WAL); otherwise a loss.
 
 A missing, torn (bad CRC) or foreign-format mark is no evidence and accepts anything; a stale mark (a
 power cut lost its last pwrite) is older, and every rule above only asks "at least what was marked".
@@ -49,6 +51,42 @@ CHECKPOINTED = 1  #: flag: every frame of the generation up to mxFrame is in the
 #: how far apart (in WAL restarts) two generations of one WAL may be and still count as related
 GENERATION_WINDOW = 1 << 20
 _SHM_INFO = 136  # WalIndexHdr twice (2 x 48 bytes), then WalCkptInfo (nBackfill at 96)
+
+
+class PinnedFiles:
+    """Read-only descriptors of a live database's files for Python-level reads (the WAL checks on open).
+
+    Closing *any* descriptor of a file drops every POSIX lock this process holds on it, SQLite's own
+    included: a plain ``open(raft.db-shm).read()`` while the store's connection is open would drop
+    SQLite's dead-man-switch lock on ``-shm``, and the next process opening the database read-write
+    (the ``sqlite3`` shell) would then take it and truncate the wal-index under the live writer. So each
+    file is opened once here and its descriptor is closed only by :meth:`close`, which the store calls
+    after every SQLite connection to the file is closed. :meth:`open` returns a file object over the
+    pinned descriptor that does not close it (use it in a ``with`` block, seek before reading)."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+
+    def open(self, path: str, mode: str = "rb"):
+        """A binary read-only file object for ``path`` over its pinned descriptor (FileNotFoundError
+        like :func:`open` when the file does not exist)."""
+        if mode != "rb":
+            raise ValueError("PinnedFiles only reads")
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        f = open(fd, "rb", closefd=False)
+        f.seek(0)
+        return f
+
+    def close(self) -> None:
+        """Close every pinned descriptor (only once SQLite has closed the files)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class Mark(NamedTuple):
@@ -216,13 +254,14 @@ def wal_checksum(data: bytes, seed: tuple[int, int], big_endian: bool) -> tuple[
     return s0, s1
 
 
-def frames_backfilled(db_path: str, salts: bytes) -> bool:
+def frames_backfilled(db_path: str, salts: bytes, opener=open) -> bool:
     """True if every page carried by the WAL frames of generation ``salts`` (newest surviving version
     of each) is already identical in the database file: those frames were checkpointed, so SQLite
     ignoring them loses nothing. This is the case when a power cut tears the new header that a WAL
-    restart writes (SQLite restarts the WAL only after backfilling every frame)."""
+    restart writes (SQLite restarts the WAL only after backfilling every frame). ``opener`` opens the
+    files for reading (a :meth:`PinnedFiles.open` while SQLite has them open)."""
     try:
-        with open(db_path, "rb") as db, open(db_path + "-wal", "rb") as w:
+        with opener(db_path, "rb") as db, opener(db_path + "-wal", "rb") as w:
             dbh = db.read(100)
             if len(dbh) < 100:
                 return False
@@ -249,22 +288,36 @@ def frames_backfilled(db_path: str, salts: bytes) -> bool:
         return False
 
 
-def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool = True) -> str | None:
+def _checkpointed_since_mark(db_path: str) -> bool:
+    """True if ``db_path`` was written after the mark file was last written: only a checkpoint writes
+    raft.db, so another connection (a backup's read connection closing last, the ``sqlite3`` shell)
+    completed a checkpoint after the store's last mark; such a connection deletes the WAL only after a
+    complete, synced checkpoint. Deleting the WAL by hand does not touch raft.db. Strictly later only:
+    a checkpoint inside the last marked commit has the same coarse timestamp as the mark."""
+    try:
+        return os.stat(db_path).st_mtime_ns > os.stat(db_path + "-hwm").st_mtime_ns
+    except OSError:
+        return False
+
+
+def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool = True,
+                 opener=open) -> str | None:
     """Compare SQLite's view of the WAL (call it after SQLite opened the file, before anything is
     written) with the recorded mark (see the module docstring for the rules); a description of the
     loss naming the file, or None. ``pre_shm``: :func:`read_shm` taken before SQLite opened the file;
-    ``wal_existed``: whether the WAL file existed then (SQLite creates an empty one when it opens)."""
+    ``wal_existed``: whether the WAL file existed then (SQLite creates an empty one when it opens);
+    ``opener``: opens the files for reading (:meth:`PinnedFiles.open`: SQLite has them open)."""
     mark = read_mark(db_path)
     if mark is None:
         return None
     wal = db_path + "-wal"
     try:
-        with open(db_path + "-shm", "rb") as f:
+        with opener(db_path + "-shm", "rb") as f:
             hdr = f.read(48)
     except OSError:
         hdr = b""
     try:
-        with open(wal, "rb") as f:
+        with opener(wal, "rb") as f:
             head = f.read(32)
         what = "is empty (0 bytes)" if not head else "has no valid header"
         if not wal_existed:
@@ -278,8 +331,8 @@ def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool =
     wsalts = wal_header_salts(head)
     gen = mark.salts.hex()
     if wsalts is None:
-        if mark.checkpointed or mark.mx == 0 or frames_backfilled(db_path, mark.salts) \
-                or _shm_evidence(pre_shm, mark):
+        if mark.checkpointed or mark.mx == 0 or frames_backfilled(db_path, mark.salts, opener) \
+                or _shm_evidence(pre_shm, mark) or _checkpointed_since_mark(db_path):
             return None
         return (f"{wal} {what}, but {mark.mx} frames of WAL generation {gen} were recorded as durable and "
                 "never as checkpointed into the database: the committed transactions in them are lost")

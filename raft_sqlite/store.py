@@ -210,6 +210,9 @@ class NodeStore:
         self._hwm = None
         self._conn = None
         self.chunks_conn = None
+        #: Python-level reads of the live database files go through descriptors closed only after SQLite
+        #: closed the files (closing one would drop SQLite's POSIX locks: see hwm.PinnedFiles)
+        self._pins = hwm.PinnedFiles()
         self._lock: DataDirLock | None = None
         self._owns_lock = lock is None
         try:
@@ -221,7 +224,10 @@ class NodeStore:
                 except StorageFault as exc:
                     # A full disk (typically a snapshot that filled it) must not make every reopen fail:
                     # give back the reserve so the recovery can commit and drop the partial snapshot.
-                    freed = reserve.release(self.data_dir) if reserve.is_disk_full(exc) else 0
+                    # Not after a failed sync (self._fault set): retrying would sync again, and a retried
+                    # fsync can report success for data the kernel dropped (fail-stop).
+                    freed = reserve.release(self.data_dir) \
+                        if self._fault is None and reserve.is_disk_full(exc) else 0
                     if not freed:
                         raise
                     log.warning("%s: disk full while opening (%s): released the %d-byte disk reserve and "
@@ -236,7 +242,7 @@ class NodeStore:
         except BaseException as exc:
             if isinstance(exc, StorageFault):
                 self._fault = exc  # close without SQLite's checkpoint-on-close (see _close_connections)
-            self._close_connections()
+            self._close_connections(failed_open=True)
             self._release_lock()
             raise
         if FSYNC_MODES[self.fsync]["interval_sync"]:
@@ -263,6 +269,10 @@ class NodeStore:
                 conn.execute(f"PRAGMA {k}={v}").fetchall()
             if query_only:
                 conn.execute("PRAGMA query_only=1")
+                # Only the write connection checkpoints on close: a reader that outlives the store (a
+                # backup's source) must not checkpoint and delete the WAL after the store recorded its
+                # final high-water mark (see hwm.lost_commits).
+                conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
             else:
                 one = ctypes.c_int(1)  # keep the WAL file across opens: it is reused, never re-created
                 conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(one))
@@ -335,7 +345,7 @@ class NodeStore:
             lost: list[str | None] = [None]
 
             def check_wal():  # SQLite has opened the WAL, nothing is written yet (not even a migration)
-                lost[0] = hwm.lost_commits(self.path, pre_shm, wal_existed)
+                lost[0] = hwm.lost_commits(self.path, pre_shm, wal_existed, self._pins.open)
 
             self._conn = self._open_current(self.path, layout.MAIN_DB, check_wal)
             self.chunks_conn = self._open_current(self.chunks_path, layout.CHUNKS_DB)
@@ -344,8 +354,8 @@ class NodeStore:
             row = self._conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone()
             if row is not None and row[0] in (FsyncMode.FULL.value, FsyncMode.EXTRA.value):
                 from .validate import wal_lost_commits
-                self._wal_problems = [m for m in (wal_lost_commits(self.path), wal_lost_commits(self.chunks_path))
-                                      if m]
+                self._wal_problems = [m for m in (wal_lost_commits(self.path, self._pins.open),
+                                                  wal_lost_commits(self.chunks_path, self._pins.open)) if m]
             if lost[0] and not self._wal_problems:
                 self._wal_problems.append(lost[0])
         except apsw.Error as exc:
@@ -534,11 +544,13 @@ class NodeStore:
         self._close_connections()
         self._release_lock()  # only once every connection is closed
 
-    def _close_connections(self):
+    def _close_connections(self, failed_open: bool = False):
         # After a storage fault, never let SQLite checkpoint on close: that writes the database and
         # fsyncs the WAL again, and a retried fsync can report success for data the kernel dropped
-        # when the first one failed (fail-stop: no I/O at all until the store is reopened).
-        faulted = self._fault is not None
+        # when the first one failed (fail-stop: no I/O at all until the store is reopened). After a
+        # refused open neither: the checkpoint would copy only SQLite's valid WAL prefix into raft.db and
+        # reset the WAL, destroying the frames past a damaged one that an operator could still salvage.
+        faulted = self._fault is not None or failed_open
         for c in self._all_readers + [self._conn, self.chunks_conn]:
             if c is not None:
                 if faulted:
@@ -558,6 +570,7 @@ class NodeStore:
                     log.warning("%s: could not record the WAL high-water mark at close: %s", self.data_dir, exc)
             self._hwm.close()
             self._hwm = None
+        self._pins.close()  # only now: SQLite has closed the files
 
     def __enter__(self) -> "NodeStore":
         return self

@@ -42,7 +42,7 @@ def wal_header_salts(wal_head: bytes) -> bytes | None:
     return wal_head[16:24]
 
 
-def wal_lost_commits(db_path: str) -> str | None:
+def wal_lost_commits(db_path: str, opener=open) -> str | None:
     """Detect committed transactions that SQLite will silently ignore: a damaged WAL frame makes SQLite
     stop at the last valid commit before it, and every later commit is dropped without an error.
     Called after SQLite has opened the file (its -shm index header then holds ``mxFrame``, the end of
@@ -54,11 +54,12 @@ def wal_lost_commits(db_path: str) -> str | None:
     covers truncated WALs; this scan covers stores whose mark is stale.
 
     Only meaningful for stores written with a syncing fsync mode (FULL/EXTRA): with NORMAL/OFF several
-    unsynced transactions may legitimately be torn at a power cut.
+    unsynced transactions may legitimately be torn at a power cut. ``opener`` opens the files for
+    reading (:meth:`raft_sqlite.hwm.PinnedFiles.open` while SQLite has them open).
     """
     wal, shm = db_path + "-wal", db_path + "-shm"
     try:
-        with open(shm, "rb") as f:
+        with opener(shm, "rb") as f:
             hdr = f.read(48)
         wsize = os.path.getsize(wal)
     except OSError:
@@ -74,7 +75,7 @@ def wal_lost_commits(db_path: str) -> str | None:
     nframes = (wsize - 32) // fs
     if nframes <= mx:
         return None
-    with open(wal, "rb") as f:
+    with opener(wal, "rb") as f:
         head = f.read(32)
         salt = wal_header_salts(head)
         if salt is None or (mx and salt != hdr[32:40]):
