@@ -87,6 +87,15 @@ class _Unknown(Exception):
         self.error = error
 
 
+class _Interrupted(Exception):
+    """Internal: the leader was interrupted (``error``: KeyboardInterrupt, SystemExit...) before COMMIT
+    and the batch was rolled back: every live request was answered "nothing written"; re-raise ``error``."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
 class _BatchFailed(Exception):
     """Internal: inserting the deferred rows of several requests failed (with ``error``); the batch is
     rolled back and replayed with each request's rows inserted with it."""
@@ -681,9 +690,19 @@ class NodeStore:
                 req.wake = _allocate_lock()
                 req.wake.acquire()
             q.append(req)
+        interrupt = None
         if not lead:
-            req.wake.acquire()  # released when our request is done, or when we are the new front
+            while True:  # released when our request is done, or when we are the new front
+                try:
+                    req.wake.acquire()
+                    break
+                except BaseException as exc:
+                    # An interrupt must not abandon a queued request: the leader would hand the front to
+                    # it and every later writer would wait forever. Finish the protocol, then re-raise.
+                    interrupt = interrupt or exc
             if req.done:
+                if interrupt is not None:
+                    raise interrupt
                 if req.error is not None:
                     raise req.error
                 return
@@ -721,6 +740,8 @@ class NodeStore:
                     r.wake.release()
             if nxt is not None:
                 nxt.wake.release()
+        if interrupt is not None:
+            raise interrupt
         if req.error is not None:
             raise req.error
 
@@ -766,6 +787,15 @@ class NodeStore:
                 except _FAULT_ERRORS:
                     raise
                 except BaseException as exc:
+                    if not isinstance(exc, Exception) and not state["committing"] and self._rollback(conn):
+                        # interrupted before COMMIT and rolled back: nothing of the batch was written
+                        for r in live:
+                            if not r.done:
+                                r.error = RaftSqliteError(f"the committing thread was interrupted "
+                                                          f"({type(exc).__name__}) before this write committed; "
+                                                          "nothing of it was written")
+                                r.done = True
+                        raise _Interrupted(exc) from exc
                     # outside any one request: the final insert of deferred rows, COMMIT, or the committer
                     if state["committing"] or state["eager"] or not self._rollback(conn):
                         raise
@@ -773,6 +803,8 @@ class NodeStore:
                     log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
                                 type(exc).__name__, exc)
             self._groups.update(work)
+        except _Interrupted as exc:
+            raise exc.error from None  # the batch was rolled back and answered: the store stays usable
         except BaseException as exc:
             cause = exc.error if isinstance(exc, _Unknown) else exc
             self._fail_stop(conn, batch, cause)
@@ -865,7 +897,7 @@ class NodeStore:
                     wal.flush(conn)
                 except _FAULT_ERRORS:
                     raise
-                except BaseException as exc:
+                except Exception as exc:  # (an interrupt is not a failure of the rows: it propagates)
                     raise _BatchFailed(exc) from exc
 
         wal.before_sql = sql
@@ -900,7 +932,8 @@ class NodeStore:
                     sql()
             except _FAULT_ERRORS + (_BatchFailed,):
                 raise  # the disk failed (fail-stop), or the batch's deferred rows (replayed eagerly)
-            except BaseException as exc:  # any other exception: this request alone fails
+            except Exception as exc:  # any other error: this request alone fails (an interrupt is the
+                # leader's, not the request's: it propagates and the whole batch is rolled back)
                 if tx[1] != touched:
                     raise _Replay(r, exc) from exc
                 del rows[mark:]  # only deferred rows of this request: drop them
@@ -913,6 +946,7 @@ class NodeStore:
             state["committing"] = True
             conn.execute("COMMIT")
         elif len(rows) == 1:
+            state["committing"] = True
             conn.execute(wal.INSERT, rows[0])  # one autocommit statement: its own durable transaction
             rows.clear()
         elif rows:

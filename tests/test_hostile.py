@@ -462,3 +462,121 @@ def test_backup_scheduler_and_prune_arguments_are_checked(tmp_path, kw, err):
             with pytest.raises(err):
                 m.prune(**prune_kw)
         assert len([n for n in os.listdir(m.node_dir) if not n.startswith(".")]) == 1  # nothing pruned
+
+
+# ------------------------------------------------------------------ interrupts (found in review)
+def test_interrupt_in_the_leader_is_raised_there_and_rolls_back_the_whole_batch(data_dir):
+    """A KeyboardInterrupt while a leader runs a batch (here: inside another writer's op, after SQL ran)
+    belongs to the leader's thread, not to the request it happened in: the leader rolls the whole batch
+    back, answers every request "nothing written" and re-raises the interrupt itself. The store stays
+    usable (no fail-stop: the outcome is known)."""
+    with open_store(data_dir) as s:
+        s.log("a"), s.log("b"), s.log("c")
+        in_first, release = threading.Event(), threading.Event()
+        results = {}
+
+        def run(name, fn):
+            try:
+                results[name] = fn()
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertions below
+                results[name] = exc
+
+        def slow_check(g):  # batch 1 (thread L) holds the queue until F1 and F2 are queued behind it
+            in_first.set()
+            release.wait(10)
+
+        def term_write(conn, g, _):
+            conn.execute("UPDATE raft_meta SET current_term=5 WHERE group_id=?", (g.gid,))
+
+        def interrupting_write(conn, g, _):
+            conn.execute("UPDATE raft_meta SET current_term=9 WHERE group_id=?", (g.gid,))
+            raise KeyboardInterrupt
+
+        def wait_queue(n):
+            while len(s._queue) < n:
+                threading.Event().wait(0.001)
+
+        threads = [threading.Thread(target=run, args=("L", lambda: s._run("c", slow_check, lambda c, g, r: None)))]
+        threads[0].start()
+        in_first.wait(10)
+        threads.append(threading.Thread(target=run, args=("F1", lambda: s._run("a", lambda g: None, term_write))))
+        threads[1].start()
+        wait_queue(2)
+        threads.append(threading.Thread(target=run, args=("F2", lambda: s._run("b", lambda g: None,
+                                                                             interrupting_write))))
+        threads[2].start()
+        wait_queue(3)
+        release.set()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive()
+        assert results["L"] is None
+        assert isinstance(results["F1"], KeyboardInterrupt), results  # F1 led batch 2: the interrupt is its
+        assert isinstance(results["F2"], RaftSqliteError) and "nothing of it was written" in str(results["F2"])
+        assert s.fault is None and s._conn.getautocommit()
+        assert s.metadata("a").current_term == 0 and s.metadata("b").current_term == 0
+        s.log("a").append(_entries(1, 2))
+    with _reopened(data_dir) as s:
+        assert s.log("a").last_index == 2
+        assert s.metadata("a").current_term == 0 and s.metadata("b").current_term == 0
+
+
+def test_follower_interrupted_while_waiting_does_not_stall_the_queue(data_dir, monkeypatch):
+    """A follower whose wait is interrupted (KeyboardInterrupt in lock.acquire) must not leave its
+    request in the queue unserved: it finishes the protocol (leads when handed the front), then
+    re-raises the interrupt; every later writer proceeds."""
+    import raft_sqlite.store as store_mod
+
+    real = store_mod._allocate_lock
+
+    class InterruptOnce:
+        def __init__(self):
+            self.lock, self.calls = real(), 0
+
+        def acquire(self, *a, **kw):
+            self.calls += 1
+            if self.calls == 2:  # the follower's blocking wait (the first acquire is made under the mutex)
+                raise KeyboardInterrupt
+            return self.lock.acquire(*a, **kw)
+
+        def release(self):
+            self.lock.release()
+
+    with open_store(data_dir) as s:
+        s.log("a"), s.log("b")
+        in_leader, release = threading.Event(), threading.Event()
+
+        def slow_check(g):
+            in_leader.set()
+            release.wait(10)
+
+        results = {}
+
+        def run(name, fn):
+            try:
+                results[name] = fn()
+            except BaseException as exc:  # noqa: BLE001
+                results[name] = exc
+
+        lt = threading.Thread(target=run, args=("leader", lambda: s._run("a", slow_check, lambda c, g, r: None)))
+        lt.start()
+        in_leader.wait(10)
+        monkeypatch.setattr(store_mod, "_allocate_lock", InterruptOnce)
+        ft = threading.Thread(target=run, args=("follower", lambda: s.log("b").append(_entries(1, 2))))
+        ft.start()
+        while len(s._queue) < 2:
+            threading.Event().wait(0.001)
+        monkeypatch.setattr(store_mod, "_allocate_lock", real)
+        release.set()
+        lt.join(10)
+        ft.join(10)
+        assert not lt.is_alive() and not ft.is_alive()
+        assert isinstance(results["follower"], KeyboardInterrupt), results
+        later = threading.Thread(target=run, args=("later", lambda: s.log("a").append(_entries(1, 3))))
+        later.start()
+        later.join(10)
+        assert not later.is_alive(), "the queue stalled behind the interrupted follower"
+        assert results["later"] == 3 and s.fault is None
+        assert s.log("b").last_index == 2  # the follower's write ran (its caller saw the interrupt)
+    with _reopened(data_dir) as s:
+        assert s.log("a").last_index == 3 and s.log("b").last_index == 2
