@@ -45,3 +45,13 @@ def float_arg(name: str, v, lo: float, hi: float, *, lo_open: bool = False) -> f
     if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
         raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
     return f
+
+
+def text_arg(name: str, v: str) -> str:
+    """``v`` (a str) if it can be stored as SQLite TEXT: UTF-8 encodable, i.e. no lone surrogates.
+    ValueError otherwise (the message names the argument)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} {v!r} is not valid text (it cannot be encoded as UTF-8)") from None
+    return v

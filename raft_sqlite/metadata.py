@@ -6,7 +6,7 @@ import zlib
 from typing import NamedTuple
 
 from . import layout
-from .args import int_arg, term_arg
+from .args import int_arg, term_arg, text_arg
 from .errors import MetadataError, RaftSqliteError
 
 
@@ -37,11 +37,7 @@ def check_vote(v):
     if v is None:
         return v
     if type(v) is str:
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"voted_for {v!r} is not valid text (it cannot be encoded as UTF-8)") from None
-        return v
+        return text_arg("voted_for", v)
     if type(v) is int:
         return int_arg("voted_for", v, layout.MIN_INT_VOTE, layout.MAX_INT_VOTE)
     raise TypeError(f"voted_for must be a str, an int or None, not {type(v).__name__}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import apsw
 
 from . import hwm, layout, migrate, reserve
-from .args import float_arg
+from .args import float_arg, text_arg
 from .errors import (CompactionError, CorruptionError, DataDirError, LogCompactedError, LogConflictError,
                      NodeIdentityMismatch, RaftSqliteError, StorageFault)
 from .lock import DataDirLock, check_data_dir
@@ -34,14 +34,6 @@ _PAYLOAD = operator.itemgetter(2)
 
 _FAULT_ERRORS = (apsw.IOError, apsw.FullError, apsw.CantOpenError, apsw.CorruptError, apsw.NotADBError,
                  apsw.ProtocolError, apsw.ReadOnlyError, apsw.BusyError, apsw.LockedError, apsw.NoMemError)
-
-
-def _check_text(what: str, text: str) -> None:
-    """ValueError unless ``text`` can be stored as SQLite TEXT (UTF-8 encodable: no lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} {text!r} is not valid text (it cannot be encoded as UTF-8)") from None
 
 
 def node_crc(node_id: str, cluster_id: str, fmt: int, created_at: float) -> int:
@@ -165,7 +157,7 @@ class NodeStore:
         if not isinstance(cluster_id, str) or not cluster_id:
             raise TypeError("cluster_id must be a non-empty str")
         for what, text in (("node_id", node_id), ("cluster_id", cluster_id)):
-            _check_text(what, text)
+            text_arg(what, text)
         data_dir = check_data_dir(data_dir)
         if not data_dir:
             raise TypeError(f"data_dir must be a non-empty str or os.PathLike of str, not {data_dir!r}")
@@ -603,7 +595,7 @@ class NodeStore:
             return name
         if not name:
             raise ValueError("a group name must not be empty")
-        _check_text("group name", name)
+        text_arg("group name", name)
         self._check_open()
         req = _Request([(name, None, None)])
         self._submit(req)
@@ -771,7 +763,7 @@ class NodeStore:
             return
         t0 = time.perf_counter()
         live = [r for r in batch if not r.done]
-        state = {"eager": False, "committing": False}
+        state = {"eager": False, "committing": False, "autocommit": False}
         try:
             while True:
                 try:
@@ -787,7 +779,8 @@ class NodeStore:
                 except _FAULT_ERRORS:
                     raise
                 except BaseException as exc:
-                    if not isinstance(exc, Exception) and not state["committing"] and self._rollback(conn):
+                    if not isinstance(exc, Exception) and not state["committing"] and not state["autocommit"] \
+                            and self._rollback(conn):
                         # interrupted before COMMIT and rolled back: nothing of the batch was written
                         for r in live:
                             if not r.done:
@@ -797,8 +790,9 @@ class NodeStore:
                                 r.done = True
                         raise _Interrupted(exc) from exc
                     # outside any one request: the final insert of deferred rows, COMMIT, or the committer
-                    if state["committing"] or state["eager"] or not self._rollback(conn):
-                        raise
+                    if state["committing"] or state["eager"] or not isinstance(exc, Exception) \
+                            or not self._rollback(conn):
+                        raise  # (an interrupt here came during or after a commit: unknown outcome)
                     state["eager"] = True  # replay, inserting each request's rows with the request
                     log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
                                 type(exc).__name__, exc)
@@ -877,7 +871,8 @@ class NodeStore:
         :class:`_Replay` when one request must be dropped after SQL ran for it. With
         ``state["eager"]`` every request's deferred rows are inserted at the end of the request;
         ``state["committing"]`` is set once COMMIT is issued (from then on the outcome is unknown if
-        anything fails)."""
+        anything fails), ``state["autocommit"]`` once the lone autocommit insert is issued (an interrupt
+        from then on leaves the outcome unknown)."""
         wal = self._wal
         rows = wal.pending
         rows.clear()
@@ -946,8 +941,10 @@ class NodeStore:
             state["committing"] = True
             conn.execute("COMMIT")
         elif len(rows) == 1:
-            state["committing"] = True
-            conn.execute(wal.INSERT, rows[0])  # one autocommit statement: its own durable transaction
+            # one autocommit statement: its own durable transaction. An error raised by it wrote nothing,
+            # but an interrupt may arrive just after it committed: then the outcome is unknown
+            state["autocommit"] = True
+            conn.execute(wal.INSERT, rows[0])
             rows.clear()
         elif rows:
             conn.execute("BEGIN IMMEDIATE")

@@ -580,3 +580,33 @@ def test_follower_interrupted_while_waiting_does_not_stall_the_queue(data_dir, m
         assert s.log("b").last_index == 2  # the follower's write ran (its caller saw the interrupt)
     with _reopened(data_dir) as s:
         assert s.log("a").last_index == 3 and s.log("b").last_index == 2
+
+
+def test_interrupt_just_after_a_lone_autocommit_insert_fail_stops(data_dir):
+    """A lone single-row append is one autocommit statement: an interrupt arriving just after it
+    returned finds the row committed. The outcome is unknown to the store, so it must fail-stop (not
+    claim "nothing written", not replay the row); the reopen shows the truth."""
+    with open_store(data_dir) as s:
+        lg = s.log()
+        lg.append(_entries(1, 1))
+        conn = s._conn
+
+        class Conn:
+            def __getattr__(self, name):
+                return getattr(conn, name)
+
+            def execute(self, sql, params=None):
+                cur = conn.execute(sql) if params is None else conn.execute(sql, params)
+                if params is not None and sql.lstrip().upper().startswith("INSERT"):
+                    raise KeyboardInterrupt  # delivered right after the statement committed
+                return cur
+
+        s._conn = Conn()
+        with pytest.raises(KeyboardInterrupt):
+            lg.append([LogEntry(2, 1, b"committed")])
+        assert s.fault is not None
+        with pytest.raises(StorageFault):
+            lg.append([LogEntry(3, 1, b"refused")])
+        s._conn = conn
+    with _reopened(data_dir) as s:
+        assert s.log().last_index == 2 and s.log().get(2).data == b"committed"
