@@ -352,8 +352,11 @@ class NodeStore:
             self.chunks_conn = self._open_current(self.chunks_path, layout.CHUNKS_DB)
             # Before anything is written (a write would overwrite the evidence): committed WAL frames
             # that SQLite would silently ignore after a damaged frame are corruption.
+            # The scan is skipped only for a store known to write unsynced commits (NORMAL/OFF: several
+            # torn transactions are then legitimate). No settings row: the first open's commit (which
+            # writes it, and is synced in every mode) is itself in the WAL, maybe damaged: scan.
             row = self._conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone()
-            if row is not None and row[0] in (FsyncMode.FULL.value, FsyncMode.EXTRA.value):
+            if row is None or row[0] in (FsyncMode.FULL.value, FsyncMode.EXTRA.value):
                 from .validate import wal_lost_commits
                 self._wal_problems = [m for m in (wal_lost_commits(self.path, self._pins.open),
                                                   wal_lost_commits(self.chunks_path, self._pins.open)) if m]

@@ -69,7 +69,15 @@ def wal_lost_commits(db_path: str, opener=open) -> str | None:
     sz = struct.unpack_from("=H", hdr, 14)[0]
     mx = struct.unpack_from("=I", hdr, 16)[0]
     page = 65536 if sz == 1 else sz
-    if page < 512:
+    if mx == 0 and page == 0:
+        # SQLite found no valid commit at all (the first transaction of the generation is damaged): its
+        # index header then carries no page size; take it from the WAL header (checked below)
+        try:
+            with opener(wal, "rb") as f:
+                page = struct.unpack(">I", f.read(32)[8:12])[0]
+        except (OSError, struct.error):
+            return None
+    if page < 512 or page > 65536 or page & (page - 1):
         return None
     fs = 24 + page
     nframes = (wsize - 32) // fs

@@ -226,14 +226,16 @@ class HostileMachine(RuleBasedStateMachine):
         if self.last + n > layout.MAX_INDEX:
             return
         t = (self.log[-1][0] if self.log else self.store.log().last_term) + bump
+        if t > layout.MAX_TERM:  # a hostile call legitimately reached the highest term
+            return
         es = [LogEntry(self.last + 1 + i, t, data + bytes([i]), EntryKind(i % 3)) for i in range(n)]
         assert self.store.log().append(es) == self.last + n
         self.log.extend((e.term, e.data, e.kind) for e in es)
 
     @rule(bump=st.integers(0, 2), vote=st.one_of(st.none(), st.text(max_size=3), st.integers(-5, 5)))
     def valid_term_and_vote(self, bump, vote):
-        if bump == 0 and self.vote is not None:
-            return
+        if (bump == 0 and self.vote is not None) or self.term + bump > layout.MAX_TERM:
+            return  # (a hostile call may legitimately have reached the highest term)
         self.store.metadata().set_term_and_vote(self.term + bump, vote)
         self.term, self.vote = self.term + bump, vote
 

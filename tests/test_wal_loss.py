@@ -434,3 +434,19 @@ def test_a_refused_open_writes_nothing(tmp_path):
         open_store(d, node_id="someone-else", fsync=FsyncMode.FULL)
     assert digests() == before
     check_all_present(d, n)
+
+
+def test_damaged_first_transaction_of_the_wal_is_refused_without_the_mark(tmp_path):
+    """Found by the slow corruption campaign: when the *first* transaction of a WAL generation is damaged,
+    SQLite finds no valid commit at all and its index header then has no page size; the frame scan gave
+    up there, so without the mark (deleted) the store opened without every later commit. The scan takes
+    the page size from the WAL header instead and refuses."""
+    d = tmp_path / "node"
+    write(d, "a30")
+    os.unlink(d / "raft.db-hwm")  # only the frame scan is left as evidence
+    with open(d / "raft.db-wal", "r+b") as f:
+        f.seek(32 + 24 + 100)  # inside frame 1's page image
+        b = f.read(1)
+        f.seek(32 + 24 + 100)
+        f.write(bytes([b[0] ^ 0x55]))
+    refused(d, "later transaction")
