@@ -228,22 +228,6 @@ def _shm_evidence(pre_shm: bytes | None, mark: Mark) -> bool:
     return step is not None and step > 0
 
 
-def _wal_header_ok(head: bytes) -> bool:
-    """True if ``head`` starts with a WAL header SQLite accepts (magic and checksum valid)."""
-    if len(head) < 32:
-        return False
-    magic = struct.unpack_from(">I", head, 0)[0]
-    if magic not in (0x377F0682, 0x377F0683):
-        return False
-    fmt = ">II" if magic & 1 else "<II"  # 0x377f0683: big-endian checksums
-    s0 = s1 = 0
-    for i in range(0, 24, 8):
-        x0, x1 = struct.unpack_from(fmt, head, i)
-        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
-        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
-    return (s0, s1) == struct.unpack_from(">II", head, 24)
-
-
 def wal_checksum(data: bytes, seed: tuple[int, int], big_endian: bool) -> tuple[int, int]:
     """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes) continued from ``seed``."""
     xs = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
@@ -252,6 +236,19 @@ def wal_checksum(data: bytes, seed: tuple[int, int], big_endian: bool) -> tuple[
         s0 = (s0 + xs[i] + s1) & 0xFFFFFFFF
         s1 = (s1 + xs[i + 1] + s0) & 0xFFFFFFFF
     return s0, s1
+
+
+def wal_header_salts(wal_head: bytes) -> bytes | None:
+    """The salts of a WAL header (first 32 bytes) if the header is valid (magic and checksum)."""
+    if len(wal_head) < 32:
+        return None
+    magic = struct.unpack_from(">I", wal_head, 0)[0]
+    if magic not in (0x377F0682, 0x377F0683):
+        return None
+    big = bool(magic & 1)  # 0x377f0683: big-endian checksums
+    if wal_checksum(wal_head[:24], (0, 0), big) != struct.unpack_from(">II", wal_head, 24):
+        return None
+    return wal_head[16:24]
 
 
 def frames_backfilled(db_path: str, salts: bytes, opener=open) -> bool:
@@ -326,8 +323,6 @@ def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool =
         head, what = b"", "is missing"
     except OSError as exc:
         head, what = b"", f"cannot be read ({exc})"
-    from .validate import wal_header_salts
-
     wsalts = wal_header_salts(head)
     gen = mark.salts.hex()
     if wsalts is None:

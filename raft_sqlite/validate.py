@@ -17,29 +17,12 @@ import sys
 import zlib
 
 from .errors import CorruptionError, RecoveryRefused
+from .hwm import wal_checksum, wal_header_salts
 from .metadata import group_crc, meta_crc
 from .recovery import RecoveryPolicy
 from .wal import _HEADER, _U32, BLOB_PAYLOAD, CONTENT_SQL, INT, SPAN, load_open_segment
 
 log = logging.getLogger("raft_sqlite.recovery")
-
-
-def wal_header_salts(wal_head: bytes) -> bytes | None:
-    """The salts of a WAL header (first 32 bytes) if the header is valid (magic and checksum)."""
-    if len(wal_head) < 32:
-        return None
-    magic = struct.unpack_from(">I", wal_head, 0)[0]
-    if magic not in (0x377F0682, 0x377F0683):
-        return None
-    fmt = ">" if magic & 1 else "<"
-    s0 = s1 = 0
-    words = struct.unpack(fmt + "6I", wal_head[:24])
-    for i in range(0, 6, 2):
-        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
-        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
-    if (s0, s1) != struct.unpack_from(">II", wal_head, 24):
-        return None
-    return wal_head[16:24]
 
 
 def wal_lost_commits(db_path: str, opener=open) -> str | None:
@@ -88,7 +71,7 @@ def wal_lost_commits(db_path: str, opener=open) -> str | None:
         salt = wal_header_salts(head)
         if salt is None or (mx and salt != hdr[32:40]):
             return None  # no valid header: nothing SQLite could have used is known to be lost
-        words = ">" if struct.unpack_from(">I", head, 0)[0] & 1 else "<"
+        big = bool(struct.unpack_from(">I", head, 0)[0] & 1)
 
         def frame(j):
             f.seek(32 + j * fs)
@@ -98,12 +81,8 @@ def wal_lost_commits(db_path: str, opener=open) -> str | None:
             """Frame j's stored checksum follows from its predecessor's *stored* checksum (so one
             damaged frame does not hide intact frames after it)."""
             prev = head[24:32] if j == 0 else frame(j - 1)[16:24]
-            s0, s1 = struct.unpack(">II", prev)
-            data = struct.unpack(f"{words}{2 + page // 4}I", fr[:8] + fr[24:])
-            for i in range(0, len(data), 2):
-                s0 = (s0 + data[i] + s1) & 0xFFFFFFFF
-                s1 = (s1 + data[i + 1] + s0) & 0xFFFFFFFF
-            return (s0, s1) == struct.unpack_from(">II", fr, 16)
+            stored = struct.unpack_from(">II", fr, 16)
+            return wal_checksum(fr[:8] + fr[24:], struct.unpack(">II", prev), big) == stored
 
         commit = None
         for j in range(mx, nframes):
