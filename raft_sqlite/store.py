@@ -71,30 +71,26 @@ class _Replay(Exception):
         self.req, self.error = req, error
 
 
-class _Unknown(Exception):
-    """Internal: a rollback after ``error`` failed; the outcome of the batch is unknown."""
+class _Carrier(Exception):
+    """Internal: carries the exception ``error`` from the committer's inner steps to ``_execute``."""
 
     def __init__(self, error):
         super().__init__(str(error))
         self.error = error
 
 
-class _Interrupted(Exception):
-    """Internal: the leader was interrupted (``error``: KeyboardInterrupt, SystemExit...) before COMMIT
-    and the batch was rolled back: every live request was answered "nothing written"; re-raise ``error``."""
-
-    def __init__(self, error):
-        super().__init__(str(error))
-        self.error = error
+class _Unknown(_Carrier):
+    """A rollback after ``error`` failed; the outcome of the batch is unknown."""
 
 
-class _BatchFailed(Exception):
-    """Internal: inserting the deferred rows of several requests failed (with ``error``); the batch is
-    rolled back and replayed with each request's rows inserted with it."""
+class _Interrupted(_Carrier):
+    """The leader was interrupted (``error``: KeyboardInterrupt, SystemExit...) before COMMIT and the batch
+    was rolled back: every live request was answered "nothing written"; re-raise ``error``."""
 
-    def __init__(self, error):
-        super().__init__(str(error))
-        self.error = error
+
+class _BatchFailed(_Carrier):
+    """Inserting the deferred rows of several requests failed (with ``error``); the batch is rolled back
+    and replayed with each request's rows inserted with it."""
 
 
 class _Request:
@@ -782,9 +778,13 @@ class NodeStore:
                 except _FAULT_ERRORS:
                     raise
                 except BaseException as exc:
-                    if not isinstance(exc, Exception) and not state["committing"] and not state["autocommit"] \
-                            and self._rollback(conn):
-                        # interrupted before COMMIT and rolled back: nothing of the batch was written
+                    # Outside any one request (the final insert of deferred rows, COMMIT), or an interrupt.
+                    # Known outcome only before COMMIT (for an interrupt: before the lone autocommit insert
+                    # too, which may have committed) and once rolled back; otherwise fail-stop.
+                    interrupt = not isinstance(exc, Exception)
+                    if state["committing"] or (interrupt and state["autocommit"]) or not self._rollback(conn):
+                        raise
+                    if interrupt:  # nothing of the batch was written: answer everyone, re-raise in the leader
                         for r in live:
                             if not r.done:
                                 r.error = RaftSqliteError(f"the committing thread was interrupted "
@@ -792,10 +792,8 @@ class NodeStore:
                                                           "nothing of it was written")
                                 r.done = True
                         raise _Interrupted(exc) from exc
-                    # outside any one request: the final insert of deferred rows, COMMIT, or the committer
-                    if state["committing"] or state["eager"] or not isinstance(exc, Exception) \
-                            or not self._rollback(conn):
-                        raise  # (an interrupt here came during or after a commit: unknown outcome)
+                    if state["eager"]:
+                        raise  # the eager replay failed too
                     state["eager"] = True  # replay, inserting each request's rows with the request
                     log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
                                 type(exc).__name__, exc)
