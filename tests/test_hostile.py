@@ -298,6 +298,26 @@ def _poisoned_conn(conn, exc_type=MemoryError):
     return Conn()
 
 
+def _raising_conn(conn, exc, *, when, after=False):
+    """A proxy of the write connection whose ``execute(sql, ...)`` raises ``exc`` for the statements
+    ``when(sql, params)`` selects: before running them, or with ``after`` once they ran."""
+
+    class Conn:
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+        def execute(self, sql, *a):
+            hit = when(sql, a[0] if a else None)
+            if hit and not after:
+                raise exc
+            cur = conn.execute(sql, *a)
+            if hit:
+                raise exc
+            return cur
+
+    return Conn()
+
+
 def test_exception_in_deferred_insert_is_pinned_on_its_request(data_dir):
     """The rows of appends are inserted together at commit (or as one autocommit statement); a failure
     there is replayed with each request's rows inserted with it, so that only the bad request fails
@@ -350,20 +370,9 @@ def test_exception_during_commit_fail_stops(data_dir, monkeypatch, exc_type):
         lg = s.log()
         lg.append(_entries(1, 2))
         conn = s._conn
-
-        class Conn:
-            """The write connection, whose COMMIT raises after it ran."""
-
-            def __getattr__(self, name):
-                return getattr(conn, name)
-
-            def execute(self, sql, *a):
-                cur = conn.execute(sql, *a)
-                if sql == "COMMIT":
-                    raise exc_type("injected during COMMIT")
-                return cur
-
-        s._conn = Conn()
+        # the write connection, whose COMMIT raises after it ran
+        s._conn = _raising_conn(conn, exc_type("injected during COMMIT"), when=lambda sql, p: sql == "COMMIT",
+                                after=True)
         with pytest.raises((StorageFault, Boom)):
             with s.transaction():
                 lg.append(_entries(3, 4))
@@ -386,20 +395,12 @@ def test_failed_rollback_fail_stops(data_dir):
         lg.append(_entries(1, 2))
         conn = s._conn
 
-        class Conn:
-            def __getattr__(self, name):
-                return getattr(conn, name)
-
-            def execute(self, sql, *a):
-                if sql == "ROLLBACK":
-                    raise apsw.IOError("injected: rollback failed")
-                return conn.execute(sql, *a)
-
         def write(c, g, _):
             c.execute("UPDATE raft_meta SET commit_index=1 WHERE group_id=?", (g.gid,))
             raise ValueError("after SQL")
 
-        s._conn = Conn()
+        s._conn = _raising_conn(conn, apsw.IOError("injected: rollback failed"),
+                                when=lambda sql, p: sql == "ROLLBACK")
         with pytest.raises((ValueError, StorageFault)):
             s._run("default", lambda g: None, write)
         s._conn = conn
@@ -590,18 +591,9 @@ def test_interrupt_just_after_a_lone_autocommit_insert_fail_stops(data_dir):
         lg = s.log()
         lg.append(_entries(1, 1))
         conn = s._conn
-
-        class Conn:
-            def __getattr__(self, name):
-                return getattr(conn, name)
-
-            def execute(self, sql, params=None):
-                cur = conn.execute(sql) if params is None else conn.execute(sql, params)
-                if params is not None and sql.lstrip().upper().startswith("INSERT"):
-                    raise KeyboardInterrupt  # delivered right after the statement committed
-                return cur
-
-        s._conn = Conn()
+        # an interrupt delivered right after the insert committed
+        s._conn = _raising_conn(conn, KeyboardInterrupt(), after=True,
+                                when=lambda sql, p: p is not None and sql.lstrip().upper().startswith("INSERT"))
         with pytest.raises(KeyboardInterrupt):
             lg.append([LogEntry(2, 1, b"committed")])
         assert s.fault is not None
