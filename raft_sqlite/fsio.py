@@ -1,0 +1,183 @@
+"""The file-system seam: every file operation raft_sqlite performs *outside* SQLite goes through here.
+
+SQLite's own files are reached through an apsw VFS (``NodeStore.open(..., vfs=...)``); everything else the
+library writes (the WAL high-water mark ``raft.db-hwm``, the files created at store creation, directory
+syncs, the interval ``fdatasync`` of NORMAL mode, backup folders and manifests, restore copies, the disk
+reserve) is written through the functions of this module, which delegate to one installed backend.
+
+The default backend, :class:`OsFileSystem`, is the operating system (``os`` / ``shutil``) and adds
+nothing. Tests install another one with :func:`installed` (for instance the fault model in
+``tests/support/faultvfs.py``, which puts these files under the same power-loss and I/O-error model as
+SQLite's files: an unsynced write may be lost or torn, a new directory entry is durable only after its
+directory was synced). This is hashicorp/raft-wal's VFS seam, for the files SQLite does not own.
+
+Durability contract of each operation (what a backend must model):
+
+* ``open``/``write``/``pwrite``/``ftruncate``: change the file's *current* content only; nothing is durable
+  until ``fsync``/``fdatasync`` of that file returns.
+* ``fsync``/``fdatasync``: the file's content (not its directory entry) is durable when it returns.
+* a created, renamed or removed name (``open`` with ``O_CREAT``, ``rename``/``replace``, ``unlink``,
+  ``mkdir``, ``rmtree``) is durable only once ``sync_dir`` of its parent directory returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+
+
+class OsFileSystem:
+    """The real file system (the default backend)."""
+
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """``os.open`` (always with ``O_CLOEXEC``)."""
+        return os.open(path, flags | os.O_CLOEXEC, mode)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def read(self, fd: int, n: int) -> bytes:
+        return os.read(fd, n)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        return os.pread(fd, n, offset)
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def sync_dir(self, path: str) -> None:
+        """fsync the directory ``path`` itself: names created, renamed or removed in it become durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        """``os.rename`` (fails if ``dst`` is a non-empty directory)."""
+        os.rename(src, dst)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        os.mkdir(path, mode)
+
+    def makedirs(self, path: str, mode: int = 0o700, exist_ok: bool = False) -> None:
+        os.makedirs(path, mode=mode, exist_ok=exist_ok)
+
+    def rmtree(self, path: str, ignore_errors: bool = False) -> None:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+_lock = threading.Lock()
+_backend: OsFileSystem = OsFileSystem()
+
+
+def backend() -> OsFileSystem:
+    """The installed backend (an :class:`OsFileSystem` unless a test installed another)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def installed(fs: OsFileSystem) -> Iterator[OsFileSystem]:
+    """Install ``fs`` as the process-wide backend for the duration of the block (tests only: it affects
+    every store of the process). Backends subclass :class:`OsFileSystem` and override what they model."""
+    global _backend
+    with _lock:
+        prev, _backend = _backend, fs
+    try:
+        yield fs
+    finally:
+        with _lock:
+            _backend = prev
+
+
+# Module-level shorthands: call sites write ``fsio.fsync(fd)``, which always reaches the installed backend.
+def open(path: str, flags: int, mode: int = 0o600) -> int:  # noqa: A001 - mirrors os.open
+    return _backend.open(path, flags, mode)
+
+
+def close(fd: int) -> None:
+    _backend.close(fd)
+
+
+def read(fd: int, n: int) -> bytes:
+    return _backend.read(fd, n)
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    return _backend.pread(fd, n, offset)
+
+
+def write(fd: int, data) -> int:
+    return _backend.write(fd, data)
+
+
+def write_all(fd: int, data) -> None:
+    """Write all of ``data`` at the current offset (loops over short writes)."""
+    view = memoryview(data)
+    while view:
+        view = view[_backend.write(fd, view):]
+
+
+def pwrite(fd: int, data, offset: int) -> int:
+    return _backend.pwrite(fd, data, offset)
+
+
+def ftruncate(fd: int, size: int) -> None:
+    _backend.ftruncate(fd, size)
+
+
+def fsync(fd: int) -> None:
+    _backend.fsync(fd)
+
+
+def fdatasync(fd: int) -> None:
+    _backend.fdatasync(fd)
+
+
+def sync_dir(path: str) -> None:
+    _backend.sync_dir(path)
+
+
+def rename(src: str, dst: str) -> None:
+    _backend.rename(src, dst)
+
+
+def replace(src: str, dst: str) -> None:
+    _backend.replace(src, dst)
+
+
+def unlink(path: str) -> None:
+    _backend.unlink(path)
+
+
+def mkdir(path: str, mode: int = 0o700) -> None:
+    _backend.mkdir(path, mode)
+
+
+def makedirs(path: str, mode: int = 0o700, exist_ok: bool = False) -> None:
+    _backend.makedirs(path, mode, exist_ok)
+
+
+def rmtree(path: str, ignore_errors: bool = False) -> None:
+    _backend.rmtree(path, ignore_errors)
