@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import sys
 
 import pytest
 
@@ -148,10 +149,26 @@ def read_everything(s):
     return out
 
 
+#: entries written after the pristine store's last checkpoint: only the WAL (and its mark) hold them, so only
+#: these may go when a mutation destroys the WAL's evidence (``NO_EVIDENCE``); anything else lost is a failure
+WAL_ONLY_FROM = 301
+
+
+def _documented(report, got, g, n) -> bool:
+    """True if the open *said* that group ``g`` lost entries above ``n`` (or its data is suspect): the group
+    is marked ``recovered_partially``, or the recovery report names a dropped log tail of ``g`` from ``n + 1``."""
+    return got[g]["partial"] or any(d.get("group") == g and d.get("what") == "log tail"
+                                    and d.get("from_index") == n + 1 for d in report.dropped)
+
+
 def classify(data_dir, expected, policy, extras=None):
-    """Open ``data_dir`` under ``policy``; returns 'detected', 'harmless', 'dropped' (a documented drop),
-    'lost' (opened without acknowledged data: a log tail under STRICT, snapshots under STRICT or
-    TRUNCATE_TAIL) or raises AssertionError for a wrong read."""
+    """Open ``data_dir`` under ``policy``; returns 'detected' (refused, or raised when read), 'harmless'
+    (identical data), 'dropped' (a drop the policy allows *and the open reported*: a log tail named in
+    ``recovery_report.dropped`` or a group marked ``recovered_partially``), 'lost_wal_tail' (opened without
+    a word having lost only entries that only the WAL held, i.e. from :data:`WAL_ONLY_FROM` on), 'lost'
+    (opened without a word having lost anything else: log entries, snapshots) or raises AssertionError for
+    a wrong read or a drop the policy never allows. Every group is checked before the verdict: a loss in one
+    group does not hide a wrong read in another."""
     try:
         s = open_store(data_dir, recovery=policy, segment_policy=POLICY, fsync=FsyncMode.FULL)
     except RaftSqliteError:
@@ -162,13 +179,19 @@ def classify(data_dir, expected, policy, extras=None):
             snaps_complete = check_snapshots(s, extras) if extras else True
         except RaftSqliteError:
             return "detected"  # caught when read, never returned
-        # snapshots missing after a non-PARTIAL open: acknowledged data lost without a refusal
-        lost = not snaps_complete and policy is not RecoveryPolicy.PARTIAL
+        report = s.recovery_report
+        losses = []  # (group, first index missing) of silent losses; group None: snapshots
         dropped = False
-        if policy is RecoveryPolicy.PARTIAL and s.recovery_report.outcome == "partial" and set(got) < set(expected):
+        if policy is RecoveryPolicy.PARTIAL and report.outcome == "partial" and set(got) < set(expected):
             dropped = True  # documented: a damaged WAL can take whole groups' creation with it
         else:
             assert sorted(got) == sorted(expected), f"groups differ: {sorted(got)}"
+        if not snaps_complete:
+            # missing snapshots: a documented drop only under PARTIAL with the group marked (an older chain used)
+            if policy is RecoveryPolicy.PARTIAL and SNAP_GROUP in got and got[SNAP_GROUP]["partial"]:
+                dropped = True
+            else:
+                losses.append((None, 0))
         for g, (es, hard) in expected.items():
             if g not in got:
                 continue
@@ -186,8 +209,11 @@ def classify(data_dir, expected, policy, extras=None):
                 continue
             assert term == hard[0], f"{g}: term changed {hard[0]} -> {term}"
             if n < len(es) or (vote, commit) != hard[1:]:
-                if policy is RecoveryPolicy.STRICT and n < len(es) and (vote, commit) == hard[1:]:
-                    return "lost"
+                if n < len(es) and (vote, commit) == hard[1:] and not _documented(report, got, g, n):
+                    # entries gone and nothing said so: a loss under every policy (TRUNCATE_TAIL and PARTIAL
+                    # promise to report what they drop), judged by the caller
+                    losses.append((g, n + 1))
+                    continue
                 assert policy is not RecoveryPolicy.STRICT, f"{g}: STRICT opened with data missing"
                 dropped = True
                 if policy is RecoveryPolicy.TRUNCATE_TAIL:
@@ -197,11 +223,26 @@ def classify(data_dir, expected, policy, extras=None):
                     assert r["partial"] or (n >= hard[2] and vote == hard[1])
             else:
                 assert not r["partial"]
-        if lost:
-            return "lost"
-        return "dropped" if dropped or not snaps_complete else "harmless"
+        if losses:
+            return "lost_wal_tail" if all(g is not None and i >= WAL_ONLY_FROM for g, i in losses) else "lost"
+        return "dropped" if dropped else "harmless"
     finally:
         s.close()
+
+
+def judge(res: str, what: str) -> str:
+    """The campaign's verdict on one case: the category to count, or AssertionError for a silent loss of
+    acknowledged data. A silent loss is excused only when the mutation destroyed the evidence with the data
+    (``what`` ends with :data:`NO_EVIDENCE`) *and* only what the WAL alone held went (``lost_wal_tail``):
+    then it is counted as ``lost_no_evidence``, never as harmless or as a documented drop."""
+    if res == "lost":
+        raise AssertionError("silently lost acknowledged data that was not only in the WAL (log entries below "
+                             f"{WAL_ONLY_FROM} or snapshots)")
+    if res == "lost_wal_tail":
+        if not what.endswith(NO_EVIDENCE):
+            raise AssertionError("silently lost acknowledged WAL-tail entries while the evidence (the mark) was there")
+        return "lost_no_evidence"
+    return res
 
 
 def mutate(rng, src, dst):
@@ -256,16 +297,12 @@ def run_campaign(tmp_path, cases, seed):
             crng = random.Random(f"{seed}/{case}")  # the same mutation for every policy
             what = mutate(crng, pristine, d)
             try:
-                res = classify(d, exp, p, extras)
-                if res == "lost":
-                    # opened with acknowledged data missing: a failure, unless the evidence was destroyed
-                    # with the data (then counted apart, never mixed with "harmless")
-                    assert what.endswith(NO_EVIDENCE), "silently lost acknowledged data (log tail or snapshots)"
-                    res = "lost_no_evidence"
-                    lost.append(what)
+                res = judge(classify(d, exp, p, extras), what)
+                if res == "lost_no_evidence":
+                    lost.append(f"{p.value}: {what}")
                 counts[p][res] += 1
             except AssertionError as e:
-                raise AssertionError(f"case {case} ({what}) under {p.value}: wrong read: {e}") from e
+                raise AssertionError(f"case {case} ({what}) under {p.value}: {e}") from e
             except RaftSqliteError:
                 raise
             finally:
@@ -291,3 +328,109 @@ def test_corruption_campaign(tmp_path):
 @pytest.mark.slow
 def test_corruption_campaign_long(tmp_path):
     run_campaign(tmp_path, 10_000, seed=7)
+
+
+# ---------------------------------------------------------------------------------------------- the campaign's own checks fire
+@pytest.fixture(scope="module")
+def pristine_store(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("judge"))
+    pristine, expected, extras = build_pristine(root)
+    return root, pristine, {g: (v[0], v[1]) for g, v in expected.items()}, extras
+
+
+def _case(pristine_store, name, tamper):
+    root, pristine, exp, extras = pristine_store
+    d = os.path.join(root, name)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(pristine, d)
+    tamper(d)
+    return d
+
+
+@pytest.mark.parametrize("policy", list(RecoveryPolicy))
+def test_wal_and_mark_deleted_is_the_only_excused_loss(pristine_store, policy):
+    """The WAL and its mark deleted: every policy opens without the WAL-only entries (nothing on disk tells
+    it). The campaign counts that as ``lost_no_evidence`` only when the mutation said it removed the mark;
+    the same loss with the mark's removal unannounced fails the campaign. With only the WAL deleted (the
+    mark kept) the open refuses (STRICT, TRUNCATE_TAIL) or reports the drop (PARTIAL)."""
+    _, _, exp, extras = pristine_store
+
+    def both(d):
+        os.unlink(os.path.join(d, "raft.db-wal"))
+        os.unlink(os.path.join(d, "raft.db-hwm"))
+
+    res = classify(_case(pristine_store, "both", both), exp, policy, extras)
+    assert res == "lost_wal_tail"
+    assert judge(res, "raft.db-wal: deleted" + NO_EVIDENCE) == "lost_no_evidence"
+    with pytest.raises(AssertionError, match="while the evidence"):
+        judge(res, "raft.db-wal: deleted")
+    res = classify(_case(pristine_store, "wal", lambda d: os.unlink(os.path.join(d, "raft.db-wal"))), exp, policy,
+                   extras)
+    assert res == ("dropped" if policy is RecoveryPolicy.PARTIAL else "detected")
+
+
+def _hiding(drop):
+    """A read_everything that shows what a broken store would: ``drop(got)`` edits the groups' data."""
+    real = read_everything
+
+    def fake(s):
+        got = real(s)
+        drop(got)
+        return got
+    return fake
+
+
+def _drop_last(got, k=1, group="beta"):
+    r = got[group]
+    r["entries"] = r["entries"][:-k]
+    r["last"] -= k
+    r["last_term"] = r["entries"][-1].term
+
+
+@pytest.mark.parametrize("policy", list(RecoveryPolicy))
+def test_a_store_silently_dropping_acknowledged_writes_fails_the_campaign(pristine_store, policy, monkeypatch):
+    """A store that opens clean but no longer shows the last acknowledged entry (simulated: the read of the
+    opened store hides it) is a silent loss under every policy, never 'harmless' or 'dropped': with the
+    mark intact it fails the campaign; losing an entry that was never only in the WAL (index 300) fails
+    even when the mutation removed the mark; so does a missing snapshot. A dropped tail the open *does*
+    report is a documented drop under TRUNCATE_TAIL/PARTIAL and a failure under STRICT."""
+    _, _, exp, extras = pristine_store
+    d = _case(pristine_store, "intact", lambda d: None)
+    me = sys.modules[__name__]  # this module, under whatever name pytest imported it
+
+    monkeypatch.setattr(me, "read_everything", _hiding(lambda got: _drop_last(got, 1)))
+    res = classify(d, exp, policy, extras)
+    assert res == "lost_wal_tail"
+    with pytest.raises(AssertionError):
+        judge(res, "raft.db: flipped bytes at [1]")
+    d = _case(pristine_store, "intact", lambda d: None)
+    monkeypatch.setattr(me, "read_everything", _hiding(lambda got: _drop_last(got, 2)))
+    res = classify(d, exp, policy, extras)
+    assert res == "lost"
+    with pytest.raises(AssertionError, match="not only in the WAL"):
+        judge(res, "raft.db-wal: deleted" + NO_EVIDENCE)
+    monkeypatch.undo()
+    # a missing snapshot (simulated: the chain check reports it incomplete)
+    d = _case(pristine_store, "intact", lambda d: None)
+    monkeypatch.setattr(me, "check_snapshots", lambda s, extras: False)
+    assert classify(d, exp, policy, extras) == "lost"
+    monkeypatch.undo()
+    # the same tail drop, reported by the open as TRUNCATE_TAIL/PARTIAL report it
+    d = _case(pristine_store, "intact", lambda d: None)
+
+    def reported(got):
+        _drop_last(got, 1)
+
+    real_open = me.open_store
+
+    def open_reporting(*a, **kw):
+        s = real_open(*a, **kw)
+        s.recovery_report.dropped.append({"group": "beta", "what": "log tail", "from_index": 301, "to_index": 301})
+        return s
+    monkeypatch.setattr(me, "read_everything", _hiding(reported))
+    monkeypatch.setattr(me, "open_store", open_reporting)
+    if policy is RecoveryPolicy.STRICT:
+        with pytest.raises(AssertionError, match="STRICT opened with data missing"):
+            classify(d, exp, policy, extras)
+    else:
+        assert classify(d, exp, policy, extras) == "dropped"

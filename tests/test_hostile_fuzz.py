@@ -58,6 +58,34 @@ ENTRIES = st.one_of(st.lists(ENTRY, max_size=4), WEIRD, st.lists(WEIRD, max_size
 OK_ERRORS = (TypeError, ValueError, RaftSqliteError, UserBoom, KeyError)  # KeyError: unregister(unknown name)
 
 
+def check_transition(old, new, refused: bool) -> None:
+    """Assert that a call that took the store from ``old`` to ``new`` (each ``(first, log, term, vote,
+    commit)``, log = [(term, data, kind), ...] from ``first``) lost nothing acknowledged. A refused call
+    (it raised) must leave everything exactly as it was ("bad input writes nothing"; a transaction that
+    raised is rolled back). A call that returned may only do what some valid call does: the term never goes
+    back, a vote given in the current term stays, the commit index never goes back nor past the last index,
+    the first index only moves up (compaction), and every entry up to the old commit index that is still
+    above the first index is unchanged (a ``truncate_after`` or conflicting append only touches the
+    uncommitted tail)."""
+    if refused:
+        assert new == old, f"a refused call changed the store: {_brief(old)} -> {_brief(new)}"
+        return
+    (f0, log0, t0, v0, c0), (f1, log1, t1, v1, c1) = old, new
+    assert t1 >= t0, f"the term went back {t0} -> {t1}"
+    assert t1 > t0 or v0 is None or v1 == v0, f"the vote of term {t0} changed {v0!r} -> {v1!r}"
+    last1 = f1 + len(log1) - 1
+    assert c0 <= c1 <= last1, f"commit index {c0} -> {c1} (last index {last1})"
+    assert f1 >= f0, f"first index went back {f0} -> {f1}"
+    for i in range(f1, c0 + 1):  # committed entries still in the log
+        assert i <= last1, f"committed entry {i} is gone (last index {last1})"
+        assert log1[i - f1] == log0[i - f0], f"committed entry {i} changed: {log0[i - f0]!r} -> {log1[i - f1]!r}"
+
+
+def _brief(st):
+    first, log, *rest = st
+    return f"(first {first}, {len(log)} entries, term/vote/commit {rest})"
+
+
 class HostileMachine(RuleBasedStateMachine):
     fsync = FsyncMode.OFF
 
@@ -86,14 +114,20 @@ class HostileMachine(RuleBasedStateMachine):
     def last(self):
         return self.first + len(self.log) - 1
 
-    def _sync_model(self):
-        """Take the state the store acknowledged as the model (a hostile call may have succeeded)."""
+    def _state(self):
+        """What the store shows now: (first, [(term, data, kind)...], term, vote, commit, snapshot point)."""
         lg, hs = self.store.log(), self.store.metadata().hard_state
-        self.first = lg.first_index
-        self.log = [(e.term, e.data, e.kind) for e in lg.entries(lg.first_index, lg.last_index + 1)]
-        self.term, self.vote, self.commit = hs
-        self.snapshot = (lg.snapshot_index, lg.term(lg.snapshot_index) if lg.snapshot_index < lg.first_index else
-                         None)
+        log = [(e.term, e.data, e.kind) for e in lg.entries(lg.first_index, lg.last_index + 1)]
+        snap = (lg.snapshot_index, lg.term(lg.snapshot_index) if lg.snapshot_index < lg.first_index else None)
+        return lg.first_index, log, *hs, snap
+
+    def _sync_model(self, refused: bool):
+        """Take the state the store shows as the model, after checking it is one the call may leave behind
+        (:func:`check_transition`): a hostile call may have succeeded (a weird but valid value), but no call
+        may lose an acknowledged write, and a refused call may change nothing at all."""
+        new = self._state()
+        check_transition((self.first, self.log, self.term, self.vote, self.commit), new[:5], refused)
+        self.first, self.log, self.term, self.vote, self.commit, self.snapshot = new
 
     def _check(self, s):
         lg = s.log()
@@ -110,15 +144,17 @@ class HostileMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ hostile calls
     def _hostile(self, fn, *args):
+        refused = False
         try:
             fn(*args)
         except OK_ERRORS as exc:
             assert not isinstance(exc, StorageFault), exc
+            refused = True
         except (OverflowError, apsw.Error) as exc:  # pragma: no cover - the failure we look for
             raise AssertionError(f"{fn.__qualname__}{args!r:.200} raised {type(exc).__name__}: {exc}") from exc
         assert self.store.fault is None
         assert self.store._conn.getautocommit(), "a transaction was left open"
-        self._sync_model()
+        self._sync_model(refused)
         self._probe()
 
     def _probe(self):
@@ -272,3 +308,40 @@ def test_hostile_fuzz_long():
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]))
 
 
+
+
+def test_transition_check_fires_on_loss():
+    """The model check cannot be satisfied by a store that loses or rewrites acknowledged data."""
+    e = [(1, b"a", EntryKind.NORMAL), (1, b"b", EntryKind.NORMAL), (2, b"c", EntryKind.NORMAL)]
+    old = (1, e, 2, "n1", 2)
+    check_transition(old, old, refused=True)
+    check_transition(old, (1, e[:2] + [(3, b"x", EntryKind.NORMAL)], 3, None, 2), refused=False)  # tail replaced
+    check_transition(old, (3, e[2:], 2, "n1", 2), refused=False)  # compaction
+    for bad in [(1, e[:1], 2, "n1", 1),  # a committed entry and the commit index gone
+                (1, e[:1] + [(1, b"B", EntryKind.NORMAL)] + e[2:], 2, "n1", 2),  # a committed entry rewritten
+                (1, e, 1, "n1", 2),  # the term went back
+                (1, e, 2, "n2", 2),  # a second vote in the term
+                (1, e, 2, "n1", 1)]:  # the commit index went back
+        with pytest.raises(AssertionError):
+            check_transition(old, bad, refused=False)
+    with pytest.raises(AssertionError, match="a refused call changed"):
+        check_transition(old, (1, e + [(2, b"d", EntryKind.NORMAL)], 2, "n1", 2), refused=True)
+
+
+def test_a_refused_call_that_wrote_anyway_fails_the_fuzz():
+    """The machine itself: a hostile call that writes and then raises (as a store that does not validate
+    first would) fails the run, where the old model sync adopted whatever the store showed."""
+    m = HostileMachine()
+    try:
+        m.valid_append(3, 0, b"v")
+        m.valid_term_and_vote(1, "n1")
+
+        def writes_then_raises():
+            m.store.metadata().set_term_and_vote(m.term + 1, None)
+            raise ValueError("bad argument")
+
+        with pytest.raises(AssertionError, match="a refused call changed the store"):
+            m._hostile(writes_then_raises)
+    finally:
+        m.store.close()
+        shutil.rmtree(m.dir, ignore_errors=True)
