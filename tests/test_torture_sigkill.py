@@ -76,6 +76,9 @@ def kill_once(template: str, run_dir: str, i: int, rng: random.Random):
     p.stderr.close()
     killed = p.returncode == -signal.SIGKILL
     assert not any(ln.startswith("ERROR") for ln in lines), (lines[-3:], err[-2000:])
+    # a writer that was not killed must have finished: one that died on its own (a crash of the
+    # interpreter, an uncaught BaseException) acknowledged less than it was meant to and hides that
+    assert killed or any(ln.startswith("DONE") for ln in lines), (p.returncode, lines[-3:], err[-2000:])
     acked, backups = {}, []
     for ln in lines:
         if ln.startswith("A "):
@@ -128,3 +131,13 @@ def test_sigkill_campaign_slow(template, tmp_path):
     T.print_table("SIGKILL campaign", [tally])
     tally.assert_clean()
     assert tally.kills >= kills * 0.9
+
+
+def test_a_writer_that_stops_without_done_fails_the_run(template, tmp_path, monkeypatch):
+    """The campaign's check fires when the writer ends by itself without finishing (here: exits after one
+    acknowledgement): before, it was counted as "finished before the kill" and checked for less."""
+    monkeypatch.setattr(sys.modules[__name__], "CHILD", "import sys\nprint('OPEN')\nprint('A a 1', flush=True)\n"
+                        "sys.exit(0)")
+    os.makedirs(tmp_path / "k")
+    with pytest.raises(AssertionError):
+        kill_once(template, str(tmp_path / "k"), 0, random.Random(5))
