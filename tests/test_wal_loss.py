@@ -40,8 +40,8 @@ for st in steps:
         c = apsw.Connection(os.path.join(d, "raft.db"))
         c.execute(f"PRAGMA wal_checkpoint({st[2:]})").fetchall()
         c.close()
-    elif st.startswith("cp"):  # cp<name>: copy the WAL (and the mark) as they are now, next to data_dir
-        for f in ("raft.db-wal", "raft.db-hwm"):
+    elif st.startswith("cp"):  # cp<name>: copy raft.db, the WAL and the mark as they are now, next to data_dir
+        for f in ("raft.db", "raft.db-wal", "raft.db-hwm"):  # (as <name>, <name>-wal, <name>-hwm)
             shutil.copy(os.path.join(d, f), os.path.join(os.path.dirname(d), st[2:] + f[7:]))
 print(n, flush=True)
 if steps[-1] == "close":
