@@ -443,6 +443,17 @@ class NodeStore:
         now = time.time()
         row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
         new_node = row is None
+        if new_node and hwm.read_mark(self.path) is not None:
+            # The mark is first written after the node record is committed, so a mark beside a raft.db without
+            # one means the record is lost (a lost WAL that held it, or raft.db replaced by a copy taken before
+            # it was checkpointed): creating a node here would forget the old one's terms, votes and groups,
+            # and no group could be marked recovered_partially, so not even PARTIAL may open it.
+            why = self._wal_problems[0] + "; it held the node record too" if self._wal_problems else \
+                f"{self.path} holds no node record"
+            raise CorruptionError(
+                f"{why}, but {self.path}-hwm (its WAL high-water mark) shows that {self.data_dir} held a store: "
+                "refusing to create a new node in its place under any recovery policy (restore from a backup, "
+                "or move the data_dir away)")
         c.execute("BEGIN IMMEDIATE")
         try:
             if new_node:
