@@ -347,8 +347,18 @@ def test_log_column_turned_into_invalid_utf8_text_is_corruption(data_dir, column
                 continue
             with open_store(d, recovery=policy) as s:
                 lg = s.log("g")
-                # the damaged record and everything after it is dropped (for segment: its whole segment)
-                assert 8 <= lg.last_index < idx and lg.entries(1, lg.last_index + 1)[-1].index == lg.last_index
+                # the damaged record and everything after it is dropped, and not one entry more (before: any
+                # last index in 8..idx-1 passed): what stays is exactly what was written, and the open says
+                # what it dropped
+                keep = idx - 1
+                assert lg.last_index == keep, (column, idx, policy, lg.last_index)
+                assert [e.data for e in lg.entries(1, keep + 1)] == [f"entry {i}".encode() for i in range(1, keep + 1)]
+                rep = s.recovery_report
+                if policy is RecoveryPolicy.PARTIAL:  # opens what TRUNCATE_TAIL already cut: nothing more to say
+                    assert rep.outcome == "clean" and not rep.dropped, rep
+                    continue
+                assert rep.outcome == "truncated" and {"group": "g", "what": "log tail", "from_index": keep + 1,
+                                                       "to_index": N} in rep.dropped, rep
 
 
 def test_group_name_or_vote_turned_into_invalid_utf8_is_corruption_not_a_crash(data_dir):
