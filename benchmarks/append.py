@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (Row, fsync_loop_baseline, latency_figures, md_table, pct, print_rounds,  # noqa: E402
-                     print_table, run_rounds, target, timed_loop, us, workdir)
+                     run_rounds, target, timed_loop, us, workdir)
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 
