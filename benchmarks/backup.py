@@ -183,7 +183,8 @@ def main(argv=None):
                 shutil.rmtree(info.path)
                 print("  backup: " + ", ".join(f"{k} {v:.2f} s" for k, v in info.phases.items())
                       + f"; total {b1 - b0:.2f} s")
-                return {"mbps": info.size / (b1 - b0) / 1e6, "size": info.size, **lat_figures(window(app, b0, b1))}
+                return {"mbps": info.size / (b1 - b0) / 1e6, "size": info.size, **lat_figures(window(app, b0, b1)),
+                        **{f"phase_{k}": v for k, v in info.phases.items()}}
 
             rows = [Row("raw copy (copyfile + fsync)", lambda: raw_row(False)),
                     Row("raw copy + sha256 of the copy", lambda: raw_row(True)),
@@ -207,10 +208,14 @@ def main(argv=None):
     t2 = md_table(["single-entry FULL appends, one thread", "p50 us", "p99 us", "p99 vs idle", "target"], [
         ["idle", us(idle.med("p50")), us(idle.med("p99")), "1.00x", ""],
         ["during backup", us(bk.med("p50")), us(bk.med("p99")), f"{q:.2f}x", target(q <= 2, "<= 2x")]])
+    phases = ", ".join(f"{k[6:]} {bk.med(k):.2f} s" + (f" ({bk.med('size') / bk.med(k) / 1e6:,.0f} MB/s)"
+                                                       if k in ("phase_copy", "phase_sha256") and bk.med(k) else "")
+                       for k in bk.rounds[0] if k.startswith("phase_"))
     md = (f"{args.groups} groups x {per_group:,} entries of {args.payload} B: raft.db {db_mib:,} MiB, backup "
           f"{bk.med('size') / 1e6:,.0f} MB; {args.rounds} interleaved rounds after one warm-up per row; median of "
           f"the rounds ({elapsed:.0f} s); source as the build left it in the page cache; largest raft.db-wal "
-          f"during the backups: {wal.max / 1e6:.1f} MB\n\n{t1}\n\n{t2}\n")
+          f"during the backups: {wal.max / 1e6:.1f} MB; backup phases (medians; see HotBackupManager): {phases}"
+          f"\n\n{t1}\n\n{t2}\n")
     print("\n" + md)
     return md
 

@@ -37,6 +37,9 @@ BENCHMARKS = [
      ["--sizes", "100000,1000000", "--payload", "100", "--rounds", "3"]),
     ("snapshot", "snapshot", "Snapshots, warm and cold page cache",
      ["--size-mib", "1024", "--chunk-kib", "1024", "--commit-mib", "8", "--append-seconds", "2", "--rounds", "3"]),
+    ("snapshot_pacing", "snapshot", "Snapshot pacing against the appends' tail",
+     ["--pacing", "0,150,100,50", "--size-mib", "256", "--chunk-kib", "1024", "--commit-mib", "8",
+      "--append-seconds", "2", "--rounds", "3"]),
     ("backup", "backup", "Hot backup", ["--size-mb", "1024", "--payload", "4096", "--groups", "4", "--rounds", "3"]),
     ("pysyncobj_journal", "pysyncobj_journal", "PySyncObj journal",
      ["--seconds", "2", "--warmup-seconds", "0.3", "--payload", "100", "--rounds", "3"]),
@@ -47,9 +50,9 @@ class ReadmeMarkerError(ValueError):
     """A README lacks the ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block to replace."""
 
 
-def section(name, heading, argv, md):
+def section(module, heading, argv, md):
     """One README block: a heading naming the command, then the benchmark's markdown."""
-    cmd = " ".join([".venv/bin/python", f"benchmarks/{name}.py", *argv])
+    cmd = " ".join([".venv/bin/python", f"benchmarks/{module}.py", *argv])
     return f"#### {heading}\n\nProduced by `{cmd}` (via `benchmarks/run_all.py`): {md}"
 
 
@@ -99,7 +102,7 @@ def main(argv=None):
         s0 = time.perf_counter()
         md = importlib.import_module(module).main(run_args)
         print(f"==== {name}: {time.perf_counter() - s0:.0f} s", flush=True)
-        blocks[name] = section(name, heading, run_args, md)
+        blocks[name] = section(module, heading, run_args, md)
         parts.append(blocks[name])
     total = time.perf_counter() - t0
     head = (f"Figures of {datetime.date.today().isoformat()}, commit {commit}, "

@@ -213,7 +213,7 @@ def snap_read_row(path, meta, cold, verify_digest):
     return {"s": r, "rss": pk.growth, "resident": resident}
 
 
-def append_row(d, a, size, chunk, commit, bufs, busy):
+def append_row(d, a, size, chunk, commit, bufs, busy, rate_mib=None):
     """Single FULL appends of group ``app`` on a fresh store: idle for ``--append-seconds`` (busy=None),
     or while another thread writes the snapshot ("snapshot") or the same blobs into raft.db ("same").
     Figures: p50, p99, max, n, and the writer's MB/s ("write_mbps") for busy rows."""
@@ -232,7 +232,7 @@ def append_row(d, a, size, chunk, commit, bufs, busy):
                 try:
                     if busy == "snapshot":
                         box["t"], _ = snapshot_write(s, size, chunk, commit, bufs,
-                                                     a.rate_mib * MiB if a.rate_mib else None)
+                                                     rate_mib * MiB if rate_mib else None)
                     else:
                         box["t"] = same_file_writer(s, size, chunk, commit, bufs)
                 finally:
@@ -254,6 +254,36 @@ def append_row(d, a, size, chunk, commit, bufs, busy):
     return f
 
 
+def pacing(a, size, chunk, commit, bufs):
+    """The appends' tail against the snapshot's pace: one idle row and one row per pace, interleaved."""
+    rates = [float(x) for x in a.pacing.split(",")]
+    name = lambda r: f"appends during snapshot at {r:g} MiB/s" if r else "appends during snapshot, unpaced"  # noqa: E731
+    d = workdir()
+    try:
+        rows = [Row("appends idle", lambda: append_row(d, a, size, chunk, commit, bufs, None))]
+        rows += [Row(name(r), lambda r=r: append_row(d, a, size, chunk, commit, bufs, "snapshot", r)) for r in rates]
+        t0 = time.perf_counter()
+        res = run_rounds(rows, a.rounds)
+        elapsed = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print_rounds(res, [("p99", "p99 us", us), ("write_mbps", "write MB/s", lambda v: f"{v:.0f}")])
+    idle = res["appends idle"]
+    out = [["idle", "", us(idle.med("p50")), us(idle.med("p99")), "1.00x", ""]]
+    for r in rates:
+        x = res[name(r)]
+        q = x.ratio("p99", idle)
+        out.append([f"snapshot {'at %g MiB/s' % r if r else 'unpaced'}", f"{x.med('write_mbps'):,.0f} MB/s",
+                    us(x.med("p50")), us(x.med("p99")), f"{q:.2f}x", target(q <= 2, "<= 2x")])
+    t = md_table(["single FULL appends of another group", "snapshot write", "p50 us", "p99 us", "p99 vs idle",
+                  "target"], out)
+    md = (f"{a.size_mib} MiB snapshots, {a.chunk_kib} KiB chunks, {a.commit_mib} MiB per chunks.db commit, FULL; "
+          f"{a.rounds} interleaved rounds after one warm-up per row, fresh store per row and round; median of the "
+          f"rounds ({elapsed:.0f} s); idle appends {a.append_seconds:g} s per round\n\n{t}\n")
+    print("\n" + md)
+    return md
+
+
 def main(argv=None):
     """Run the snapshot benchmark; prints per-round values and the table; returns the README markdown."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -266,12 +296,17 @@ def main(argv=None):
                     help="max_write_rate (MiB/s) of the snapshot written during appends (default: unpaced)")
     ap.add_argument("--no-same-file", dest="same_file", action="store_false",
                     help="skip the comparison with the blobs written into raft.db itself")
+    ap.add_argument("--pacing", default=None,
+                    help="comma-separated max_write_rate values in MiB/s (0 = unpaced): measure only the appends "
+                    "idle and during a snapshot at each pace, interleaved, and print that table")
     ap.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 0.5 s idle appends, 2 rounds")
     a = ap.parse_args(argv)
     if a.quick:
         a.size_mib, a.append_seconds, a.rounds = 64, 0.5, 2
     size, chunk, commit = a.size_mib * MiB, a.chunk_kib << 10, a.commit_mib * MiB
     bufs = [os.urandom(chunk) for _ in range(4)]
+    if a.pacing:
+        return pacing(a, size, chunk, commit, bufs)
     d = workdir()
     try:
         # fixtures of the read rows, written once: a plain file and a store holding one snapshot
@@ -290,7 +325,8 @@ def main(argv=None):
                      Row(f"snapshot read {label}", lambda c=cold: snap_read_row(rpath, meta, c, True)),
                      Row(f"snapshot read CRC32 only {label}", lambda c=cold: snap_read_row(rpath, meta, c, False))]
         rows += [Row("appends idle", lambda: append_row(d, a, size, chunk, commit, bufs, None)),
-                 Row("appends during snapshot", lambda: append_row(d, a, size, chunk, commit, bufs, "snapshot"))]
+                 Row("appends during snapshot",
+                     lambda: append_row(d, a, size, chunk, commit, bufs, "snapshot", a.rate_mib))]
         if a.same_file:
             rows.append(Row("appends during raft.db blobs", lambda: append_row(d, a, size, chunk, commit, bufs, "same")))
         t0 = time.perf_counter()
