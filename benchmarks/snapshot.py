@@ -14,8 +14,9 @@ Measured in the same run, on the same file system:
   file fsynced and dropped from the page cache with ``POSIX_FADV_DONTNEED`` just before, checked with
   mincore(2): the run stops if more than 5% stayed cached);
 * peak RSS growth during each (``/proc/self/status`` VmHWM after resetting it through
-  ``/proc/self/clear_refs``, minus VmRSS before);
-* single-entry appends (FULL) of another group on the same store: p50/p99 idle vs while a snapshot of
+  ``/proc/self/clear_refs``, minus VmRSS before): the largest of every call, fixtures and warm-ups
+  included (a ceiling; see RSS_SEEN);
+* single-entry appends (FULL) of another group on the snapshot's store: p50/p99 idle vs while a snapshot of
   ``--size-mib`` is being written by another thread, and (the design not taken, justifying the separate
   ``chunks.db``) while the same blob batches are written into a scratch table of ``raft.db`` itself.
 
@@ -64,8 +65,18 @@ def reset_peak() -> bool:
         return False
 
 
+#: Every peak-RSS-growth figure measured, warm-up calls included, by what was measured. The memory figure is
+#: the exception to the suite's median rule, on purpose: its target is a ceiling, so the table reports the
+#: largest growth of any call, and the first call of a kind in the process (the warm-up) is the one that
+#: grows the heap; later calls reuse what it freed and would show ~0.
+RSS_SEEN: dict = {}
+
+
 class Peak:
-    """Peak RSS growth over a block, in MiB."""
+    """Peak RSS growth over a block, in MiB; recorded in :data:`RSS_SEEN` under ``key`` if given."""
+
+    def __init__(self, key=None):
+        self.key = key
 
     def __enter__(self):
         self.ok = reset_peak()
@@ -74,6 +85,8 @@ class Peak:
 
     def __exit__(self, *exc):
         self.growth = (status_kib("VmHWM") - self.base) / 1024 if self.ok else float("nan")
+        if self.key is not None:
+            RSS_SEEN.setdefault(self.key, []).append(self.growth)
 
 
 def chunks_of(size: int, chunk: int, bufs):
@@ -92,7 +105,7 @@ def chunks_of(size: int, chunk: int, bufs):
 def raw_write(d, size, chunk, bufs):
     """The same bytes written to a fresh plain file + one fsync; figures: s, rss (MiB)."""
     path = os.path.join(d, "raw-w.bin")
-    with Peak() as pk:
+    with Peak("raw write") as pk:
         t0 = time.perf_counter()
         with open(path, "wb", buffering=0) as f:
             f.writelines(chunks_of(size, chunk, bufs))
@@ -192,7 +205,7 @@ def snap_write_row(d, size, chunk, commit, bufs):
     path = os.path.join(d, "store-w")
     s = setup(path)
     try:
-        with Peak() as pk:
+        with Peak("snapshot write") as pk:
             w, _meta = snapshot_write(s, size, chunk, commit, bufs)
     finally:
         s.close()
@@ -206,7 +219,7 @@ def snap_read_row(path, meta, cold, verify_digest):
     s = open_store(path)
     try:
         resident = set_cache(data_files(path), cold) if cold else None
-        with Peak() as pk:
+        with Peak("snapshot read") as pk:
             r = snapshot_read(s, meta, verify_digest=verify_digest)
     finally:
         s.close()
@@ -310,13 +323,16 @@ def main(argv=None):
     d = workdir()
     try:
         # fixtures of the read rows, written once: a plain file and a store holding one snapshot
+        # (the first write of each kind in the process: its RSS growth counts, see RSS_SEEN)
+        RSS_SEEN.clear()
         raw_path = os.path.join(d, "raw-r.bin")
-        with open(raw_path, "wb", buffering=0) as f:
+        with Peak("raw write"), open(raw_path, "wb", buffering=0) as f:
             f.writelines(chunks_of(size, chunk, bufs))
             os.fsync(f.fileno())
         rpath = os.path.join(d, "store-r")
         s = setup(rpath)
-        _, meta = snapshot_write(s, size, chunk, commit, bufs)
+        with Peak("snapshot write"):
+            _, meta = snapshot_write(s, size, chunk, commit, bufs)
         s.close()
         rows = [Row("raw write + fsync", lambda: raw_write(d, size, chunk, bufs)),
                 Row("snapshot write", lambda: snap_write_row(d, size, chunk, commit, bufs))]
@@ -353,9 +369,10 @@ def main(argv=None):
             q = mbps(res[key]) / mbps(raw)
             rows.append([f"{name}, {label}", f"{mbps(res[key]):,.0f} MB/s", f"{mbps(raw):,.0f} MB/s (raw {label} read)",
                          f"{q:.2f}", target(q >= 0.7, ">= 0.70") if ("sha256" in name and cold) else ""])
-    rss_w, rss_r = res["snapshot write"].med("rss"), res["snapshot read cold"].med("rss")
-    rows.append(["peak RSS growth, write / read (cold)", f"{rss_w:.1f} / {rss_r:.1f} MiB",
-                 f"{res['raw write + fsync'].med('rss'):.1f} MiB (raw write)", "",
+    rss_w, rss_r, rss_raw = (max(RSS_SEEN.get(k, [float("nan")])) for k in ("snapshot write", "snapshot read",
+                                                                             "raw write"))
+    rows.append(["peak RSS growth, write / read (largest of all calls, warm-up included)",
+                 f"{rss_w:.1f} / {rss_r:.1f} MiB", f"{rss_raw:.1f} MiB (raw write)", "",
                  target(max(rss_w, rss_r) <= 64, "<= 64 MiB")])
     busy = res["appends during snapshot"]
     pace = f"paced at {a.rate_mib:g} MiB/s" if a.rate_mib else "unpaced"
