@@ -53,7 +53,7 @@ class ReadmeMarkerError(ValueError):
 def section(module, heading, argv, md):
     """One README block: a heading naming the command, then the benchmark's markdown."""
     cmd = " ".join([".venv/bin/python", f"benchmarks/{module}.py", *argv])
-    return f"#### {heading}\n\nProduced by `{cmd}` (via `benchmarks/run_all.py`): {md}"
+    return f"**{heading}.** Produced by `{cmd}` (via `benchmarks/run_all.py`): {md}"
 
 
 def replace_blocks(text, blocks):
@@ -107,7 +107,8 @@ def main(argv=None):
     total = time.perf_counter() - t0
     head = (f"Figures of {datetime.date.today().isoformat()}, commit {commit}, "
             f"{'QUICK (smoke sizes, not figures) ' if a.quick else ''}"
-            f"produced by `.venv/bin/python benchmarks/run_all.py` in {total / 60:.1f} min; "
+            f"produced by `.venv/bin/python benchmarks/run_all.py{' --only ' + a.only if a.only else ''}` in "
+            f"{total / 60:.1f} min; "
             f"1-min load average {load0:.2f} before, {loadavg():.2f} after.\n")
     blocks["header"] = head
     out = head + "\n" + "\n\n".join(parts) + "\n"

@@ -103,4 +103,5 @@ def test_readme_blocks_replaced_and_a_missing_marker_refused():
 
 def test_section_names_the_exact_command():
     s = run_all.section("append", "Appends", ["--seconds", "1.5"], "body")
-    assert "`.venv/bin/python benchmarks/append.py --seconds 1.5`" in s and s.endswith("body")
+    assert s.startswith("**Appends.** ") and s.endswith("body")
+    assert "`.venv/bin/python benchmarks/append.py --seconds 1.5`" in s
