@@ -1,11 +1,33 @@
-"""Shared helpers for the benchmark suite: timing loops, percentiles, table printing, baselines."""
+"""Shared helpers for the benchmark suite: the round runner every script uses, timing loops, percentiles,
+page-cache control (warm/cold), table printing, baselines.
+
+The round runner (:func:`run_rounds`) is the one place where the fairness rules live, so that no row,
+baseline or not, is treated differently from another:
+
+* every row gets one untimed warm-up call (the same warm-up rule for every row of a script);
+* then ``rounds`` rounds, interleaved: round 1 of every row, then round 2 of every row, ...; the order of
+  the rows rotates by one per round, so no row always runs first (cold disk, fresh CPU quota) or last;
+* every figure of a row is the **median over the rounds** of that figure (one selection rule for every
+  row and every figure; best-of would favour whichever row happened to get a quiet moment);
+* every ratio is computed from those medians of the same run (:meth:`Result.ratio`);
+* the per-round values are printed (:func:`print_rounds`), so the noise behind each median is visible.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark could not measure what it claims to (e.g. a cold-cache drop that left pages cached)."""
 
 
 def pct(samples, p):
@@ -28,9 +50,16 @@ def timed_loop(fn, seconds, min_iters=20):
     return lat
 
 
+def latency_figures(lat, per_call=1):
+    """The figures of a latency sample: ``rate`` (items/s, ``per_call`` items per call), ``p50``, ``p99``
+    (seconds) and ``n`` (calls)."""
+    return {"rate": per_call * len(lat) / sum(lat), "p50": pct(lat, 50), "p99": pct(lat, 99), "n": len(lat)}
+
+
 def fsync_loop_baseline(dirpath, seconds, block=4096):
     """The physical limit of a WAL commit: overwrite 4 KiB at the start of a pre-written file and
-    fdatasync it, in a loop. Returns latencies."""
+    fdatasync it, in a loop. Returns latencies. One untimed write+fdatasync precedes the loop, as every
+    other row's loop is preceded by one untimed call."""
     path = os.path.join(dirpath, "fsync-baseline.bin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -44,13 +73,191 @@ def fsync_loop_baseline(dirpath, seconds, block=4096):
             i[0] += 1
             os.fdatasync(fd)
 
+        one()
         return timed_loop(one, seconds)
     finally:
         os.close(fd)
         os.unlink(path)
 
 
+# ---------------------------------------------------------------------------------------- round runner
+@dataclass
+class Row:
+    """One row of a benchmark table. ``measure()`` performs one round and returns its figures (a dict of
+    name -> number); ``warmup()`` (default: ``measure``) is the untimed warm-up call, whose figures are
+    discarded. A script must give every row the same warm-up rule (e.g. all full calls, or all calls at
+    the same reduced duration)."""
+
+    name: str
+    measure: Callable[[], dict]
+    warmup: Callable[[], object] | None = None
+
+
+@dataclass
+class Result:
+    """The per-round figures of one row; every figure reported is the median over the rounds."""
+
+    name: str
+    rounds: list = field(default_factory=list)
+
+    def values(self, key):
+        """The per-round values of figure ``key``, in round order."""
+        return [r[key] for r in self.rounds]
+
+    def med(self, key):
+        """The median over the rounds of figure ``key`` (the one selection rule of the suite)."""
+        return statistics.median(self.values(key))
+
+    def ratio(self, key, other: "Result", other_key=None):
+        """median(self[key]) / median(other[other_key or key]): both from the same run, same statistic."""
+        return self.med(key) / other.med(other_key or key)
+
+
+def round_order(n, r):
+    """The order of ``n`` rows in round ``r`` (0-based): rotated by ``r`` so each row takes each position."""
+    return [(i + r) % n for i in range(n)]
+
+
+def run_rounds(rows, rounds, *, log=print):
+    """Run ``rows`` (a list of :class:`Row`): one untimed warm-up each, then ``rounds`` interleaved rounds
+    with the order rotating per round. Returns ``{row.name: Result}`` in the rows' order."""
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate row names: {names}")
+    for row in rows:
+        (row.warmup or row.measure)()
+    out = {row.name: Result(row.name) for row in rows}
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for i in round_order(len(rows), r):
+            out[rows[i].name].rounds.append(rows[i].measure())
+        if log:
+            log(f"round {r + 1}/{rounds} done in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def spread(values, fmt):
+    """``min / median / max`` of ``values`` formatted with ``fmt`` (a callable)."""
+    return f"{fmt(min(values))} / {fmt(statistics.median(values))} / {fmt(max(values))}"
+
+
+def print_rounds(results, figures, title="per-round values"):
+    """Print every round's value of each (figure key, label, formatter) in ``figures`` for every result
+    that has it, with min / median / max, so the noise behind each median is visible."""
+    print(f"\n### {title} (rounds in run order of each row; min / median / max)\n")
+    for res in results.values():
+        for key, label, fmt in figures:
+            if res.rounds and key in res.rounds[0]:
+                vals = res.values(key)
+                print(f"  {res.name:<55} {label:<12} [{', '.join(fmt(v) for v in vals)}]  {spread(vals, fmt)}")
+
+
+# ---------------------------------------------------------------------------------------- page cache
+_MINCORE = None
+
+
+def _libc():
+    global _MINCORE
+    if _MINCORE is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            _MINCORE = libc
+        except (OSError, AttributeError):
+            _MINCORE = False
+    return _MINCORE
+
+
+def resident_fraction(path):
+    """The fraction (0..1) of ``path``'s pages that are in the page cache, by mincore(2) on a read-only
+    shared mapping (mapping does not fault pages in). None where mincore is unavailable; 0.0 for an empty
+    file."""
+    libc = _libc()
+    size = os.path.getsize(path)
+    if not libc:
+        return None
+    if size == 0:
+        return 0.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return sum(b & 1 for b in vec) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def data_files(data_dir):
+    """The regular files of ``data_dir`` whose pages a read of the store may touch (the SQLite ``-shm``
+    index is excluded: it is a shared memory map, always resident while a connection has it mapped)."""
+    return [os.path.join(data_dir, f) for f in sorted(os.listdir(data_dir))
+            if os.path.isfile(os.path.join(data_dir, f)) and not f.endswith("-shm")]
+
+
+def drop_cache(paths, *, check=True, limit=0.05):
+    """Make the next read of ``paths`` cold: fsync each file (POSIX_FADV_DONTNEED leaves dirty pages
+    alone), then ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``. With ``check``, mincore then confirms
+    that at most ``limit`` of each file's pages stayed cached and :class:`BenchmarkError` is raised
+    otherwise (a "cold" figure measured on a warm file would be a false label). Returns the largest
+    resident fraction seen (None where mincore is unavailable)."""
+    worst = None
+    for p in paths:
+        if not os.path.exists(p):
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        frac = resident_fraction(p) if check else None
+        if frac is not None:
+            worst = frac if worst is None else max(worst, frac)
+            if frac > limit and os.path.getsize(p) > 64 * mmap.PAGESIZE:
+                raise BenchmarkError(f"{p}: {frac:.0%} of its pages still cached after POSIX_FADV_DONTNEED")
+    return worst
+
+
+def warm_cache(paths):
+    """Make the next read of ``paths`` warm: read every byte once (untimed). Returns the bytes read."""
+    n = 0
+    for p in paths:
+        if os.path.exists(p):
+            with open(p, "rb", buffering=0) as fh:
+                while chunk := fh.read(1 << 20):
+                    n += len(chunk)
+    return n
+
+
+def set_cache(paths, cold):
+    """:func:`drop_cache` if ``cold`` else :func:`warm_cache`."""
+    return drop_cache(paths) if cold else warm_cache(paths)
+
+
+# ---------------------------------------------------------------------------------------- output
+def md_table(header, rows):
+    """A markdown table (the README's format) as a string."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def print_table(title, header, rows):
+    """Print a padded markdown table under a ``## title`` heading."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     print(f"\n## {title}\n")
     print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
@@ -60,11 +267,21 @@ def print_table(title, header, rows):
 
 
 def us(x):
-    return f"{x * 1e6:.0f}"
+    """Seconds as whole microseconds with thousands separators."""
+    return f"{x * 1e6:,.0f}"
+
+
+def target(ok, text):
+    """A target cell: ``text: met`` / ``text: missed``."""
+    return f"{text}: {'met' if ok else 'missed'}"
 
 
 def workdir():
+    """A fresh scratch directory (under $BENCH_DIR if set)."""
     return tempfile.mkdtemp(prefix="rsq-bench-", dir=os.environ.get("BENCH_DIR"))
 
 
-__all__ = ["pct", "timed_loop", "fsync_loop_baseline", "print_table", "us", "workdir", "statistics"]
+__all__ = ["BenchmarkError", "Result", "Row", "data_files", "drop_cache", "fsync_loop_baseline",
+           "latency_figures", "md_table", "pct", "print_rounds", "print_table", "resident_fraction",
+           "round_order", "run_rounds", "set_cache", "spread", "statistics", "target", "timed_loop", "us",
+           "warm_cache", "workdir"]

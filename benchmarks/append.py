@@ -1,12 +1,22 @@
 """Append throughput and latency of raft_sqlite vs baselines measured in the same run.
 
-    python benchmarks/append.py [--seconds 1.5] [--payload 100] [--rounds 3]
+    python benchmarks/append.py [--seconds 1.5] [--payload 100] [--rounds 3] [--quick]
 
 Baselines: the physical limit (4 KiB overwrite + fdatasync loop on a pre-written file: what a WAL commit
 does), bare apsw inserting the same rows (executemany, one transaction per batch, WAL + synchronous=FULL),
 stdlib sqlite3 committing one row per transaction (WAL + synchronous=FULL), and PySyncObj's FileJournal
-(add + flush per entry) if pysyncobj is installed. Targets (not asserted): FULL single-entry p50 <= 1.3x
-the physical limit's; FULL batch-1024 >= 0.5x bare apsw's rate; 8 concurrent writers >= 4x one writer.
+(add + flush per entry) if pysyncobj is installed. Then 8 concurrent single-entry writers per mode.
+
+Every row (baselines included) is measured by the shared round runner (_common.run_rounds): one untimed
+warm-up call of ``--warmup-seconds``, then ``--rounds`` interleaved rounds of ``--seconds`` each with the
+row order rotating per round; each row's loop is preceded by one untimed call on its fresh file; every
+figure is the median over the rounds, every ratio a ratio of medians of this run. The concurrency rows'
+"vs 1 writer" divides their median rate by the median rate of the single-writer batch-1 row of the same
+mode; "mean batch" is entries per commit (the store's stats: requests / commits; in FULL and EXTRA each
+commit is one WAL fsync).
+
+Targets (not asserted): FULL single-entry p50 <= 1.3x the physical limit's; FULL batch-1024 >= 0.5x bare
+apsw's rate; 8 concurrent writers (FULL, 1 group) >= 4x one writer.
 """
 
 from __future__ import annotations
@@ -25,12 +35,16 @@ import apsw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import fsync_loop_baseline, pct, print_table, timed_loop, us, workdir  # noqa: E402
+from _common import (Row, fsync_loop_baseline, latency_figures, md_table, pct, print_rounds,  # noqa: E402
+                     run_rounds, target, timed_loop, us, workdir)
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 
+BATCHES = (1, 64, 1024)
+
 
 def bench_store(d, mode, batch, seconds, payload):
+    """raft_sqlite appends of ``batch`` entries per call on a fresh store; returns per-call latencies."""
     path = os.path.join(d, f"store-{mode.value}-{batch}")
     with NodeStore.open(path, "bench", cluster_id="bench", fsync=mode) as s:
         lg = s.log("g")
@@ -41,15 +55,16 @@ def bench_store(d, mode, batch, seconds, payload):
             lg.append([LogEntry(i + k, 1, payload) for k in range(batch)])
             nxt[0] = i + batch
 
-        one()  # warm up (segment row, statement cache)
+        one()  # untimed first call, as in every row (here: segment row, statement cache)
         lat = timed_loop(one, seconds)
     shutil.rmtree(path)
     return lat
 
 
 def bench_apsw(d, batch, seconds, payload):
-    path = os.path.join(tempfile.mkdtemp(dir=d), f"apsw-{batch}.db")
-    c = apsw.Connection(path)
+    """Bare apsw: one transaction of ``batch`` rows per call (WAL, synchronous=FULL); latencies."""
+    sub = tempfile.mkdtemp(dir=d)
+    c = apsw.Connection(os.path.join(sub, f"apsw-{batch}.db"))
     c.execute("PRAGMA journal_mode=WAL").fetchall()
     c.execute("PRAGMA synchronous=FULL")
     c.execute("CREATE TABLE log(key INTEGER PRIMARY KEY, grp INTEGER, idx INTEGER, term INTEGER, kind INTEGER, "
@@ -64,14 +79,17 @@ def bench_apsw(d, batch, seconds, payload):
         c.execute("COMMIT")
         nxt[0] = i + batch
 
+    one()
     lat = timed_loop(one, seconds)
     c.close()
+    shutil.rmtree(sub)
     return lat
 
 
 def bench_sqlite3(d, seconds, payload):
-    path = os.path.join(tempfile.mkdtemp(dir=d), "stdlib.db")
-    c = sqlite3.connect(path, isolation_level=None)
+    """stdlib sqlite3, one row per transaction (WAL, synchronous=FULL); latencies."""
+    sub = tempfile.mkdtemp(dir=d)
+    c = sqlite3.connect(os.path.join(sub, "stdlib.db"), isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL").fetchall()
     c.execute("PRAGMA synchronous=FULL")
     c.execute("CREATE TABLE log(idx INTEGER PRIMARY KEY, term INTEGER, payload BLOB)")
@@ -83,17 +101,27 @@ def bench_sqlite3(d, seconds, payload):
         c.execute("COMMIT")
         nxt[0] += 1
 
+    one()
     lat = timed_loop(one, seconds)
     c.close()
+    shutil.rmtree(sub)
     return lat
 
 
-def bench_pysyncobj(d, seconds, payload):
+def have_pysyncobj():
+    """True if pysyncobj is importable (its baseline row is then measured)."""
     try:
-        from pysyncobj.journal import FileJournal
+        import pysyncobj.journal  # noqa: F401
     except ImportError:
-        return None
-    j = FileJournal(os.path.join(tempfile.mkdtemp(dir=d), "pso.journal"))
+        return False
+    return True
+
+
+def bench_pysyncobj(d, seconds, payload):
+    """PySyncObj's FileJournal, add + flush (msync) per entry; latencies."""
+    from pysyncobj.journal import FileJournal
+    sub = tempfile.mkdtemp(dir=d)
+    j = FileJournal(os.path.join(sub, "pso.journal"))
     nxt = [2]
     j.add(b"noop", 1, 0)
 
@@ -102,26 +130,33 @@ def bench_pysyncobj(d, seconds, payload):
         j.flush()
         nxt[0] += 1
 
+    one()
     lat = timed_loop(one, seconds)
-    j._destroy()
+    j._destroy()  # PySyncObj's own API for closing a journal (no public close)
+    shutil.rmtree(sub)
     return lat
 
 
 def bench_concurrent(d, mode, groups, seconds, payload, threads=8):
+    """``threads`` writers of single-entry appends for ``seconds`` (1 group: ``append_next``, else one
+    group per writer modulo ``groups``). Returns the figures: rate, p50, p99, n, mean_batch, max_batch."""
     path = os.path.join(d, f"conc-{mode.value}-{groups}")
     with NodeStore.open(path, "bench", cluster_id="bench", fsync=mode) as s:
         names = [f"g{t % groups}" for t in range(threads)]
         logs = [s.log(n) for n in names]
+        for lg in {id(lg): lg for lg in logs}.values():  # untimed first call, as in every row
+            lg.append_next(1, [payload])
+        c0, q0 = s.stats.commits, s.stats.requests
         counts = [0] * threads
         lats: list[list[float]] = [[] for _ in range(threads)]
-        stop = time.perf_counter() + seconds
-        barrier = threading.Barrier(threads)
+        barrier = threading.Barrier(threads + 1)
+        stop = [0.0]
 
         def run(t):
             lg = logs[t]
+            k = lg.last_index
             barrier.wait()
-            k = 0
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop[0]:
                 t0 = time.perf_counter()
                 if groups == 1:
                     lg.append_next(1, [payload])
@@ -131,87 +166,129 @@ def bench_concurrent(d, mode, groups, seconds, payload, threads=8):
                 lats[t].append(time.perf_counter() - t0)
                 counts[t] += 1
 
-        t0 = time.perf_counter()
         ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
         for th in ths:
             th.start()
+        t0 = time.perf_counter()
+        stop[0] = t0 + seconds
+        barrier.wait()
         for th in ths:
             th.join()
         elapsed = time.perf_counter() - t0
-        commits, maxb = s.stats.commits, s.stats.max_batch
+        commits, requests, maxb = s.stats.commits - c0, s.stats.requests - q0, s.stats.max_batch
     shutil.rmtree(path)
-    return sum(counts) / elapsed, [x for lat in lats for x in lat], commits, maxb
+    lat = [x for xs in lats for x in xs]
+    # each request is one single-entry append, so requests / commits = entries per commit
+    return {"rate": sum(counts) / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99), "n": len(lat),
+            "mean_batch": requests / commits if commits else float("nan"), "max_batch": maxb}
 
 
-def best(fn, rounds):
-    """Run ``fn()`` (returning latencies) ``rounds`` times; keep the round with the lowest median. Every
-    row, baselines included, gets the same treatment: the machines are noisy."""
-    out = None
-    for _ in range(rounds):
-        lat = fn()
-        if out is None or pct(lat, 50) < pct(out, 50):
-            out = lat
-    return out
+PHYS = "baseline: 4 KiB overwrite + fdatasync (the physical limit)"
+APSW = "baseline: bare apsw executemany (WAL, FULL)"
+SQL3 = "baseline: stdlib sqlite3, 1 row/txn (WAL, FULL)"
+PSO = "baseline: PySyncObj FileJournal add+flush"
+
+
+def build_rows(d, a, payload, modes):
+    """The rows of both tables (one run_rounds call: the concurrency rows' ratio needs the single-writer
+    rows of the same run)."""
+    rows = []
+
+    def add(name, fn, per_call=1):
+        rows.append(Row(name, lambda: latency_figures(fn(a.seconds), per_call),
+                        lambda: fn(a.warmup_seconds)))
+
+    add(PHYS, lambda sec: fsync_loop_baseline(d, sec))
+    for b in BATCHES:
+        add(f"{APSW} b{b}", lambda sec, b=b: bench_apsw(d, b, sec, payload), b)
+    add(SQL3, lambda sec: bench_sqlite3(d, sec, payload))
+    if have_pysyncobj():
+        add(PSO, lambda sec: bench_pysyncobj(d, sec, payload))
+    for m in modes:
+        for b in BATCHES:
+            add(f"raft_sqlite {m.value} b{b}", lambda sec, m=m, b=b: bench_store(d, m, b, sec, payload), b)
+    for m in modes:
+        if m is FsyncMode.OFF:
+            continue
+        for g in (1, 8):
+            rows.append(Row(f"conc {m.value} g{g}", lambda m=m, g=g: bench_concurrent(d, m, g, a.seconds, payload),
+                            lambda m=m, g=g: bench_concurrent(d, m, g, a.warmup_seconds, payload)))
+    return rows
+
+
+def tables(res, a, modes):
+    """The README tables (markdown) from the run's results, plus the raw rows for the console."""
+    phys = res[PHYS]
+    rows = []
+
+    def lat_row(name, r, batch, ratio_cell, tgt=""):
+        rows.append([name, batch, f"{r.med('rate'):,.0f}", us(r.med("p50")), us(r.med("p99")), ratio_cell, tgt])
+
+    lat_row(PHYS, phys, 1, "1.00x")
+    for b in BATCHES:
+        r = res[f"{APSW} b{b}"]
+        lat_row(APSW, r, b, f"{r.ratio('p50', phys):.2f}x" if b == 1 else "")
+    lat_row(SQL3, res[SQL3], 1, f"{res[SQL3].ratio('p50', phys):.2f}x")
+    if PSO in res:
+        lat_row(PSO, res[PSO], 1, f"{res[PSO].ratio('p50', phys):.2f}x")
+    for m in modes:
+        for b in BATCHES:
+            r = res[f"raft_sqlite {m.value} b{b}"]
+            if b == 1:
+                q = r.ratio("p50", phys)
+                tgt = target(q <= 1.3, "<= 1.3x") if m is FsyncMode.FULL else ""
+                lat_row(f"raft_sqlite {m.value}", r, b, f"{q:.2f}x", tgt)
+            else:
+                q = r.ratio("rate", res[f"{APSW} b{b}"])
+                tgt = target(q >= 0.5, ">= 0.5x") if (m is FsyncMode.FULL and b == 1024) else ""
+                lat_row(f"raft_sqlite {m.value}", r, b, f"{q:.2f}x", tgt)
+    t1 = md_table(["what", "batch", "entries/s", "p50 us", "p99 us", "p50 vs fsync (batch 1) / rate vs bare apsw",
+                   "target"], rows)
+    crow = []
+    for m in modes:
+        if m is FsyncMode.OFF:
+            continue
+        single = res[f"raft_sqlite {m.value} b1"]
+        for g in (1, 8):
+            r = res[f"conc {m.value} g{g}"]
+            q = r.ratio("rate", single)
+            tgt = target(q >= 4, ">= 4x") if (m is FsyncMode.FULL and g == 1) else ""
+            crow.append([f"{m.value}, {g} group{'s' if g > 1 else ''}" + (" (`append_next`)" if g == 1 else ""),
+                         f"{r.med('rate'):,.0f}", us(r.med("p50")), us(r.med("p99")), f"{q:.1f}x", tgt,
+                         f"{r.med('mean_batch'):.1f}", f"{max(r.values('max_batch'))}"])
+    t2 = md_table(["8 concurrent single-entry writers", "entries/s", "p50 us", "p99 us", "vs 1 writer (same mode)",
+                   "target", "mean batch (entries/commit)", "max batch"], crow)
+    return t1, t2
 
 
 def main(argv=None):
+    """Run the append benchmark; prints per-round values and the tables; returns the README markdown."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=1.5, help="duration of each measurement")
+    ap.add_argument("--seconds", type=float, default=1.5, help="duration of each timed measurement")
+    ap.add_argument("--warmup-seconds", type=float, default=0.3, help="duration of each row's warm-up call")
     ap.add_argument("--payload", type=int, default=100, help="payload bytes per entry")
     ap.add_argument("--modes", default="OFF,NORMAL,FULL,EXTRA")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per row; the best one is kept")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; the median is kept")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 0.2 s per row, 0.05 s warm-up, 2 rounds")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.seconds, a.warmup_seconds, a.rounds = 0.2, 0.05, 2
     payload = os.urandom(a.payload)
+    modes = [FsyncMode(x) for x in a.modes.split(",")]
     d = workdir()
-    sec = a.seconds
     try:
-        R = a.rounds
-        phys = best(lambda: fsync_loop_baseline(d, sec), R)
-        apsw_rates = {}
-        rows = []
-        phys_p50 = pct(phys, 50)
-        rows.append(["baseline: 4 KiB overwrite + fdatasync", 1, f"{len(phys) / sum(phys):,.0f}", us(phys_p50),
-                     us(pct(phys, 99)), "1.00x"])
-        for b in (1, 64, 1024):
-            lat = best(lambda: bench_apsw(d, b, sec, payload), R)
-            apsw_rates[b] = b * len(lat) / sum(lat)
-            rows.append(["baseline: bare apsw executemany (WAL, FULL)", b, f"{apsw_rates[b]:,.0f}",
-                         us(pct(lat, 50)), us(pct(lat, 99)), f"{pct(lat, 50) / phys_p50:.2f}x"])
-        lat = best(lambda: bench_sqlite3(d, sec, payload), R)
-        rows.append(["baseline: stdlib sqlite3, 1 row/txn (WAL, FULL)", 1, f"{len(lat) / sum(lat):,.0f}",
-                     us(pct(lat, 50)), us(pct(lat, 99)), f"{pct(lat, 50) / phys_p50:.2f}x"])
-        lat = bench_pysyncobj(d, sec, payload)
-        if lat is not None:
-            lat = best(lambda: bench_pysyncobj(d, sec, payload), R - 1) if R > 1 else lat
-            rows.append(["baseline: PySyncObj FileJournal add+flush", 1, f"{len(lat) / sum(lat):,.0f}",
-                         us(pct(lat, 50)), us(pct(lat, 99)), f"{pct(lat, 50) / phys_p50:.2f}x"])
-        single = {}
-        for m in [FsyncMode(x) for x in a.modes.split(",")]:
-            for b in (1, 64, 1024):
-                lat = best(lambda: bench_store(d, m, b, sec, payload), R)
-                rate = b * len(lat) / sum(lat)
-                if b == 1:
-                    single[m] = rate
-                extra = f"{pct(lat, 50) / phys_p50:.2f}x" if b == 1 else f"{rate / apsw_rates[b]:.2f}x apsw"
-                rows.append([f"raft_sqlite {m.value}", b, f"{rate:,.0f}", us(pct(lat, 50)), us(pct(lat, 99)), extra])
-        print_table(f"append, {a.payload}-byte entries ({sec}s per row)",
-                    ["what", "batch", "entries/s", "p50 us", "p99 us", "p50 vs fsync / rate vs apsw"], rows)
-        crow = []
-        for m in [FsyncMode(x) for x in a.modes.split(",") if x in ("FULL", "NORMAL", "EXTRA")]:
-            for groups in (1, 8):
-                rate, lat, commits, maxb = max((bench_concurrent(d, m, groups, sec, payload) for _ in range(R)),
-                                               key=lambda r: r[0])
-                crow.append([m.value, f"8 threads, {groups} group{'s' if groups > 1 else ''}", f"{rate:,.0f}",
-                             us(pct(lat, 50)), us(pct(lat, 99)), f"{rate / single[m]:.1f}x", maxb])
-        print_table("group commit: 8 concurrent single-entry writers",
-                    ["mode", "writers", "entries/s", "p50 us", "p99 us", "vs 1 writer", "max batch"], crow)
-        if FsyncMode.FULL in single:
-            full = [r for r in rows if r[0] == "raft_sqlite FULL"]
-            print("\ntargets: FULL 1-entry p50 / fsync p50 = "
-                  f"{full[0][5]} (<= 1.3x); FULL batch-1024 vs bare apsw = {full[2][5]} (>= 0.5x); "
-                  f"8 writers vs 1 = {', '.join(r[5] for r in crow if r[0] == 'FULL')} (>= 4x)")
+        t0 = time.perf_counter()
+        res = run_rounds(build_rows(d, a, payload, modes), a.rounds)
+        elapsed = time.perf_counter() - t0
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    print_rounds(res, [("rate", "entries/s", lambda v: f"{v:,.0f}"), ("p50", "p50 us", us),
+                       ("mean_batch", "mean batch", lambda v: f"{v:.1f}")])
+    t1, t2 = tables(res, a, modes)
+    md = (f"{a.payload}-byte entries; {a.rounds} interleaved rounds of {a.seconds:g} s per row after one "
+          f"{a.warmup_seconds:g} s warm-up per row; median of the rounds ({elapsed:.0f} s)\n\n{t1}\n\n{t2}\n")
+    print("\n" + md)
+    return md
 
 
 if __name__ == "__main__":
