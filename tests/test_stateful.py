@@ -23,6 +23,7 @@ asserts that each ran at least once.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 import os
@@ -128,6 +129,10 @@ class Base(RuleBasedStateMachine):
     def _open_first(self):
         raise NotImplementedError
 
+    def _clean_reopen(self):
+        """Close the store and open it again (no crash)."""
+        raise NotImplementedError
+
     def teardown(self):
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -215,9 +220,9 @@ class Base(RuleBasedStateMachine):
         return es
 
     @rule(g=st.sampled_from(GROUPS), kind=st.sampled_from(sorted(INVALID_BATCHES)), n=st.integers(1, 12),
-          pos=st.integers(0, 11), in_tx=st.booleans())
-    def invalid_batch(self, g, kind, n, pos, in_tx):
-        """The typed error, and nothing of the batch written (the invariant compares; a later reopen too)."""
+          pos=st.integers(0, 11), in_tx=st.booleans(), reopen=st.sampled_from([False, False, True]))
+    def invalid_batch(self, g, kind, n, pos, in_tx, reopen):
+        """The typed error, and nothing of the batch written (the invariant compares, after a reopen too)."""
         es = self._invalid_batch(self.models[g], kind, n, pos)
         if es is None:
             return
@@ -229,6 +234,8 @@ class Base(RuleBasedStateMachine):
                     self.store.log(g).append(es)
             else:
                 self.store.log(g).append(es)
+        if reopen:
+            self._clean_reopen()
 
     @rule(g=st.sampled_from(GROUPS), bad=st.sampled_from(["term_below", "not_bytes", "kind"]))
     def invalid_append_next(self, g, bad):
@@ -467,13 +474,16 @@ class Base(RuleBasedStateMachine):
         self._done()
 
     @rule(gs=st.lists(st.sampled_from(GROUPS), min_size=1, max_size=3, unique=True),
-          payloads=st.lists(st.binary(max_size=30), min_size=3, max_size=3), end=st.sampled_from(TX_ENDS))
-    def transaction(self, gs, payloads, end):
+          payloads=st.lists(st.binary(max_size=30), min_size=3, max_size=3), end=st.sampled_from(TX_ENDS),
+          reopen=st.sampled_from([False, False, True]))
+    def transaction(self, gs, payloads, end, reopen):
         STATS["transaction"] += 1
         STATS[f"transaction:{end}"] += 1
         if len(gs) > 1:
             STATS["transaction:multi:" + ("commit" if end in ("commit", "caught_bad_write") else "abort")] += 1
         self.op_transaction(gs, payloads, end)
+        if reopen:
+            self._clean_reopen()
 
     # ------------------------------------------------------------------ checks
     @invariant()
@@ -504,11 +514,14 @@ class StoreMachine(Base):
     def _open_first(self):
         return open_store(os.path.join(self.dir, "n"), segment_policy=POLICY, recovery=RecoveryPolicy.STRICT)
 
-    @rule()
-    def reopen(self):
+    def _clean_reopen(self):
         STATS["reopen"] += 1
         self.store.close()
         self.store = self._open_first()
+
+    @rule()
+    def reopen(self):
+        self._clean_reopen()
 
 
 # ---------------------------------------------------------------------------------------------- crashes
@@ -547,10 +560,18 @@ class CrashMachine(Base):
         self.generation = 0
         return self._open_live(shutil.copytree(_template(), os.path.join(self.dir, "g0")))
 
-    def teardown(self):
-        with quiet_injected_faults():
-            self.store.close()
+    def _clean_reopen(self):
+        STATS["reopen"] += 1
+        self.store.close()
         self.vfs.unregister()
+        self.store = self._open_live(self.live)  # a fresh FaultVFS: what exists now counts as durable
+
+    def teardown(self):
+        # after a failure the store may be closed or fail-stopped and the VFS gone: clean up what is left
+        with quiet_injected_faults(), contextlib.suppress(Exception):
+            self.store.close()
+        with contextlib.suppress(Exception):
+            self.vfs.unregister()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _run_crash_op(self, op, g, data):
@@ -663,8 +684,8 @@ def test_stateful_against_model():
     # the invariant runs after every step (and once at the start of each example)
     stats = _run(StoreMachine, 60, 50, derandomize=True)
     assert stats["checks"] >= 2000
-    for name in NEW_RULES + ["reopen", "transaction:multi:commit", "transaction:multi:abort"] + \
-            [f"invalid_batch:{k}" for k in INVALID_BATCHES] + [f"transaction:{e}" for e in TX_ENDS]:
+    # every kind of invalid batch and every transaction end also runs in the deterministic tests below
+    for name in NEW_RULES + ["reopen", "transaction:multi:commit", "transaction:multi:abort"]:
         assert stats[name] >= 1, f"{name} never ran"
 
 
@@ -686,6 +707,35 @@ def test_stateful_long():
 def test_stateful_crash_long():
     stats = _run(CrashMachine, 150, 50)
     assert stats["crash"] >= 300 and stats["crash:inflight_durable"] >= 1
+
+
+@pytest.mark.parametrize("kind", sorted(INVALID_BATCHES))
+def test_every_invalid_batch_kind(kind):
+    """Each kind, in a short batch (checked entry by entry) and a long one (the fast path first), at the start,
+    in the middle and at the end, alone and in a transaction: the typed error, and nothing written (also after
+    a reopen). The stateful test mixes the same kinds into random histories."""
+    m = StoreMachine()
+    try:
+        m.op_append("a", 1, [0, 1, 1], [b"1", b"2", b"3"])
+        for n, pos, in_tx in itertools.product((3, 10), (0, 1, 9), (False, True)):
+            m.invalid_batch("a", kind, n, pos, in_tx, reopen=pos == 9)
+            m.matches_model()
+    finally:
+        m.teardown()
+
+
+@pytest.mark.parametrize("end", TX_ENDS)
+def test_every_transaction_end(end):
+    """Each way a transaction ends, over one group and over three (the failure in the last one): committed
+    in full, or nothing of any group written (also after a reopen)."""
+    m = StoreMachine()
+    try:
+        m.op_append("b", 0, [1], [b"x"])
+        for gs in (["c"], ["a", "b", "c"]):
+            m.transaction(gs, [b"p", b"q", b"r"], end, reopen=True)
+            m.matches_model()
+    finally:
+        m.teardown()
 
 
 # ---------------------------------------------------------------------------------------------- the checks can fail
