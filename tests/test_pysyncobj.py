@@ -495,3 +495,135 @@ def test_three_node_cluster_sigkill_follower_then_leader(tmp_path):
 def test_three_node_cluster_sigkill_soak(tmp_path, seed):
     r = _run_cluster(tmp_path, 5000, seed=seed, backup_replace=seed % 2 == 0)
     assert len(r["kills"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- suite harness
+# tests/external/run_pysyncobj_suite.py runs PySyncObj's own test_syncobj.py (not in this repository) on the
+# adapter. These tests run the same command on tiny stand-in test files written here, so CI checks that the
+# harness passes a passing suite, fails a failing one, and can never pass without the journal being patched.
+RUNNER = os.path.join(ROOT, "tests", "external", "run_pysyncobj_suite.py")
+
+STANDIN_HEAD = '''
+import socket
+import pysyncobj.journal
+from pysyncobj import SyncObj, SyncObjConf, replicated, createJournal
+
+
+class Counter(SyncObj):
+    def __init__(self, addr):
+        super().__init__(addr, [], SyncObjConf(autoTick=False))  # no journalFile
+        self.__v = 0
+
+    @replicated
+    def add(self, v):
+        self.__v += v
+
+    def get(self):
+        return self.__v
+
+
+def free_addr():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return "127.0.0.1:%d" % port
+
+
+def tick_until(o, cond, t=20.0):
+    import time
+    end = time.time() + t
+    while time.time() < end and not cond():
+        o.doTick(0.01)
+    return cond()
+'''
+
+STANDIN_JOURNAL = '''
+def test_journal_roundtrip():
+    j = createJournal("journal1.bin")
+    j.add(b"cmd1", 1, 0)
+    j._destroy()
+    j = createJournal("journal1.bin")
+    assert len(j) == 1 and j[0] == (b"cmd1", 1, 0)
+    j._destroy()
+'''
+
+STANDIN_SYNCOBJ = '''
+def test_single_node_without_journal_file():
+    o = Counter(free_addr())
+    assert tick_until(o, o._isReady)
+    o.add(3)
+    assert tick_until(o, lambda: o.get() == 3)
+    o._destroy()
+'''
+
+
+def _run_suite(tmp_path, body, *args):
+    import subprocess
+    import sys
+    f = tmp_path / "test_syncobj.py"
+    f.write_text(STANDIN_HEAD + body)
+    p = subprocess.run([sys.executable, RUNNER, str(f), "--work-dir", str(tmp_path / "work"), *args],
+                       capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_suite_runner_passes_a_passing_suite_with_every_journal_on_raft_sqlite(tmp_path):
+    import hashlib
+    rc, out = _run_suite(tmp_path, STANDIN_JOURNAL + STANDIN_SYNCOBJ)
+    assert rc == 0, out
+    assert "VERDICT: PASS" in out and "2 passed, 0 failed, 0 skipped" in out
+    from pysyncobj.version import VERSION
+    assert "fsync     : FULL" in out and f"pysyncobj : {VERSION} (" in out
+    assert hashlib.sha256((tmp_path / "test_syncobj.py").read_bytes()).hexdigest() in out
+    # two journal opens of journal1.bin + the SyncObj without journalFile put on its own store
+    assert "journals: raft_sqlite 3, stock FileJournal 0, stock MemoryJournal 0" in out
+    # --journals file: the SyncObj without a journalFile keeps PySyncObj's MemoryJournal (allowed there)
+    rc, out = _run_suite(tmp_path, STANDIN_JOURNAL + STANDIN_SYNCOBJ, "--journals", "file", "--fsync", "off")
+    assert rc == 0, out
+    assert "journals: raft_sqlite 2, stock FileJournal 0, stock MemoryJournal 1" in out
+    assert "fsync     : OFF" in out
+
+
+def test_suite_runner_fails_when_a_test_fails_or_skips(tmp_path):
+    body = STANDIN_JOURNAL + '''
+def test_broken():
+    assert 1 + 1 == 3
+
+import pytest
+
+@pytest.mark.skip(reason="needs something missing")
+def test_skipped():
+    pass
+'''
+    rc, out = _run_suite(tmp_path, body)
+    assert rc == 1, out
+    assert "VERDICT: FAIL" in out and "1 passed, 1 failed, 1 skipped" in out
+    assert "test_broken: failed in call" in out
+    assert "test_skipped: skipped (needs something missing)" in out
+    rc, out = _run_suite(tmp_path, body.replace("1 + 1 == 3", "1 + 1 == 2"))
+    assert rc == 1 and "test_skipped: skipped" in out, out  # a skip alone still fails ...
+    rc, out = _run_suite(tmp_path, body.replace("1 + 1 == 3", "1 + 1 == 2"), "--allow-skip")
+    assert rc == 0 and "VERDICT: PASS" in out, out  # ... unless allowed
+
+
+def test_suite_runner_fails_when_the_journal_was_not_patched(tmp_path):
+    # no journal at all: every test passes, but nothing exercised raft_sqlite
+    rc, out = _run_suite(tmp_path, "\ndef test_trivial():\n    assert True\n")
+    assert rc == 1, out
+    assert "1 passed, 0 failed" in out and "no raft_sqlite journal was opened" in out
+    # a stock journal built around the patch, and a journal opened with another fsync mode than asked
+    body = STANDIN_JOURNAL + '''
+def test_bypass():
+    j = pysyncobj.journal.FileJournal("stock.bin")
+    j._destroy()
+
+def test_other_fsync(monkeypatch):
+    monkeypatch.setenv("RAFT_SQLITE_FSYNC", "OFF")
+    createJournal("journal2.bin")._destroy()
+'''
+    rc, out = _run_suite(tmp_path, body)
+    assert rc == 1, out
+    assert "3 passed, 0 failed" in out
+    assert "1 stock PySyncObj FileJournal(s) were constructed" in out
+    assert "journal opened with another fsync mode than FULL" in out and "journal2.bin: OFF" in out

@@ -166,7 +166,8 @@ def pytest_runtest_logreport(report):
         if report.skipped:
             rec["outcome"] = "skipped"
             lr = report.longrepr
-            rec["reason"] = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+            reason = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+            rec["reason"] = reason.removeprefix("Skipped: ")
         elif report.failed:
             rec["outcome"] = "failed"
             rec.setdefault("failed_in", report.when)

@@ -2,7 +2,8 @@
 """Run PySyncObj's own test suite against raft_sqlite's journal adapter, reproducibly.
 
     python tests/external/run_pysyncobj_suite.py PATH/TO/test_syncobj.py [--fsync FULL|NORMAL|OFF]
-        [--journals all|file] [--allow-skip] [--no-patch] [--keep] [--timeout SECONDS] [-- PYTEST ARGS]
+        [--journals all|file] [--allow-skip] [--no-patch] [--keep] [--timeout SECONDS] [--work-dir DIR]
+        [-- PYTEST ARGS]
 
 ``test_syncobj.py`` is the test file of PySyncObj's public repository (github.com/bakwc/PySyncObj;
 its published source distribution does not ship it, and this repository never includes it). The
@@ -136,13 +137,15 @@ def format_summary(report: dict, problems: list[str], *, test_file: str, digest:
 
 def run_suite(test_file: str, *, fsync: str = "FULL", journals: str = "all", allow_skip: bool = False,
               patch: bool = True, keep: bool = False, timeout: float = 3600.0,
-              pytest_args: list[str] | None = None, out=sys.stdout) -> int:
+              pytest_args: list[str] | None = None, work_dir: str | None = None, out=sys.stdout) -> int:
     """Run ``test_file`` under the conftest; print the summary to ``out``; return the exit status."""
     if not os.path.isfile(test_file):
         print(f"error: {test_file} is not a file", file=out)
         return EXIT_HARNESS
     digest = sha256_of(test_file)
-    work = tempfile.mkdtemp(prefix="pysyncobj-suite-")
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="pysyncobj-suite-", dir=work_dir)
     report_path = os.path.join(work, "rsql-report.json")
     log_path = os.path.join(work, "pytest.log")
     shutil.copyfile(test_file, os.path.join(work, "test_syncobj.py"))
@@ -220,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-patch", action="store_true", help="control run on stock PySyncObj")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole suite")
+    ap.add_argument("--work-dir", default=None, help="where the scratch directory is made (default: the temp dir)")
     a = ap.parse_args(argv)
     return run_suite(a.test_file, fsync=a.fsync, journals=a.journals, allow_skip=a.allow_skip,
-                     patch=not a.no_patch, keep=a.keep, timeout=a.timeout, pytest_args=extra)
+                     patch=not a.no_patch, keep=a.keep, timeout=a.timeout, pytest_args=extra,
+                     work_dir=a.work_dir)
 
 
 if __name__ == "__main__":
