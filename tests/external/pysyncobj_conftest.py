@@ -63,6 +63,7 @@ _state = {
     "stock_memory_journals": 0,
     "wrong_fsync": [],
     "forced_dirs": 0,
+    "has_crypto": bool(getattr(pysyncobj, "HAS_CRYPTO", False)),  # 4 of PySyncObj's tests need `cryptography`
 }
 _current = {"test": None}
 

@@ -104,7 +104,7 @@ def format_summary(report: dict, problems: list[str], *, test_file: str, digest:
              f"  sha256    : {digest}",
              f"  pysyncobj : {report.get('pysyncobj_version')} ({report.get('pysyncobj_file')})",
              f"  raft_sqlite: {report.get('raft_sqlite_file', '(not imported: control run)')}",
-             f"  fsync     : {fsync}    journals: {journals if patched else 'stock'}"]
+             f"  fsync     : {fsync if patched else 'n/a'}    journals: {journals if patched else 'stock'}"]
     if pytest_args:
         lines.append(f"  SUBSET: extra pytest arguments {' '.join(pytest_args)}")
     counts = {"passed": 0, "failed": 0, "skipped": 0, "no result": 0}
@@ -128,6 +128,9 @@ def format_summary(report: dict, problems: list[str], *, test_file: str, digest:
                  f"{report.get('stock_file_journals', 0)}, stock MemoryJournal "
                  f"{report.get('stock_memory_journals', 0)}; data_dirs given to SyncObjs without journalFile: "
                  f"{report.get('forced_dirs', 0)}")
+    if report.get("has_crypto") is False:
+        lines.append("  NOTE: the `cryptography` module is not importable; PySyncObj's encryption tests, "
+                     "test_syncobjAdminStatus and test_readOnlyNodes need it (pip install cryptography)")
     for p in problems:
         lines.append(f"  PROBLEM: {p}")
     verdict = "PASS" if not problems else "FAIL"
@@ -157,7 +160,7 @@ def run_suite(test_file: str, *, fsync: str = "FULL", journals: str = "all", all
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's raft_sqlite first
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--tb=short",
            "test_syncobj.py", *(pytest_args or [])]
-    print(f"running in {work}: {' '.join(cmd)} (fsync {fsync}, journals {journals if patch else 'stock'}); "
+    print(f"running in {work}: {' '.join(cmd)} (fsync {fsync if patch else 'n/a'}, journals {journals if patch else 'stock'}); "
           f"pytest output -> {log_path}", file=out, flush=True)
     t0 = time.monotonic()
     status = None
