@@ -140,8 +140,9 @@ def create(path: str, db_name: str, vfs: str | None = None, page_size: int | Non
             # The page size can change only outside WAL mode (a backup into a WAL database of another page
             # size fails with SQLITE_READONLY): set it on the empty file first, then copy in WAL mode. A
             # crash can leave the file in WAL mode with the default page size: the copy then sets it.
-            dst.execute("PRAGMA journal_mode=DELETE").fetchall()
-            dst.execute(f"PRAGMA page_size={int(want)}")
+            if dst.execute("PRAGMA page_size").fetchall()[0][0] != want:
+                dst.execute("PRAGMA journal_mode=DELETE").fetchall()
+                dst.execute(f"PRAGMA page_size={int(want)}")
             dst.execute("PRAGMA journal_mode=WAL").fetchall()
             if dst.execute("PRAGMA page_size").fetchall()[0][0] != want:
                 dst.execute("PRAGMA journal_mode=DELETE").fetchall()
