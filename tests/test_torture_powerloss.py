@@ -1,13 +1,18 @@
 """Torture campaign 1: simulated power loss.
 
-The deterministic workload of :mod:`tests.torture` runs on a store opened through the fault VFS. A dry
-run counts the xSync calls (open, every commit, checkpoints, close); then one fresh run per sync point
+The deterministic workload of :mod:`tests.torture` runs on a store opened through the fault VFS, with
+the fault model's ``fsio`` backend installed (the WAL mark ``raft.db-hwm``, NORMAL's interval syncs and
+the files and directory entries made at creation are in the same model: lost, torn, or a name missing
+without its directory sync). A dry run counts the sync calls (open, every commit, checkpoints, mark
+syncs, close); then one fresh run per sync point
 loses power exactly there (plus runs crashed at random xWrite points). Each crash leaves three images
 of what reached the disk ("lose": unsynced writes gone; "subset": a random subset of unsynced sectors
 and sizes kept; "garble": as subset, with a third of those sectors garbled), each reopened with the
 normal VFS under STRICT recovery. FULL/EXTRA: the store opens and every group is exactly in its model
 state after its acknowledged operations (or one more: the operation in flight). NORMAL: every write
-acknowledged before the last completed interval sync is there. OFF: the image opens.
+acknowledged before the last completed interval sync is there. OFF: the image opens. Store creation
+(``creation_campaign``): crashes inside ``NodeStore.open`` on an empty data_dir and the first writes; the
+data_dir opens (fresh or with every promised write) or, after one typed refusal, on the second open.
 
 ``pytest -s`` prints the summary table; ``-m slow`` runs the long enumeration (>= 2,000 states).
 """

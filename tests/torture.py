@@ -12,16 +12,22 @@
   group with the model: after ``acked`` operations the group must be in state ``acked`` or, if an
   operation was in flight, ``acked + 1`` (its outcome is unknown). Anything else is a *lost* write;
   a refused open is *unopenable*.
-* :func:`powerloss_run`: one power-loss experiment with :class:`~tests.support.faultvfs.FaultVFS`.
+* :func:`powerloss_run`: one power-loss experiment with :class:`~tests.support.faultvfs.FaultVFS` and its
+  ``fsio`` backend (``vfs.fs``): SQLite's files and the files the library writes itself (the WAL mark,
+  the files made at creation, the disk reserve, NORMAL's interval syncs) share one model and one crash.
 * :func:`writer_main`: the SIGKILL campaign's writer process (prints every acknowledged operation).
-* :class:`Tally` / :func:`print_table`: the summary table each campaign prints.
+* :class:`Tally` / :func:`print_table`: the summary table each campaign prints (crash states only for
+  runs that reached their crash point; acknowledged writes split into those the mode promises to keep
+  and NORMAL's loss window; seconds summed over seeds).
 
-How a store is put under the fault VFS: ``NodeStore.open`` runs alembic (through the stdlib ``sqlite3``
-module, not through any apsw VFS) when it *creates* a store, so campaigns create a template store
-with the normal VFS once (:func:`make_template`: open + close), copy it for every run, and only then
-open the copy with ``vfs=<fault vfs name>``. The copy's files count as durable as found. To put
-checkpoints and WAL restarts (the most delicate moments of WAL mode) inside a small workload, the
-harness lowers ``wal_autocheckpoint`` on the store's write connection (``checkpoint_every``).
+How a store is put under the fault model: most campaigns create a template store with the normal VFS
+once (:func:`make_template`: open + close), copy it for every run, and open the copy with
+``vfs=<fault vfs name>`` and ``fsio.installed(vfs.fs)``; the copy's files count as durable as found.
+``powerloss_run(None, ...)`` instead creates the store in the run through the model (creation writes
+only through apsw and fsio: ``migrate.create`` copies the schema with SQLite's backup), tracking the run
+directory so that data_dir's own entry is modelled too. To put checkpoints and WAL restarts (the most
+delicate moments of WAL mode) inside a small workload, the harness lowers ``wal_autocheckpoint`` on the
+store's write connection (``checkpoint_every``).
 """
 
 from __future__ import annotations

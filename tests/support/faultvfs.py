@@ -29,7 +29,8 @@ at random, name by name. A renamed directory carries its entries (it is the same
 own files keep the rule of the unix VFS: a file SQLite creates is absent until its first sync, from
 then on its entry is durable (the unix VFS syncs the directory at a WAL/journal's first sync); xDelete
 is durable at once. A file or directory that exists when the model first meets it counts as durable
-as found; use a fresh FaultVFS per run. The -shm file (mapped by the unix VFS, never opened through
+as found (with a ``root``: everything under it when the FaultVFS is made); use a fresh FaultVFS per
+run. The -shm file (mapped by the unix VFS, never opened through
 xOpen) is left out: SQLite rebuilds it.
 
 Crash points count calls from arming (1 = the next): ``at_sync`` counts SQLite's xSync and
@@ -218,7 +219,8 @@ class FaultVFS(apsw.VFS):
     """Fault-injecting VFS registered with apsw as ``name``, inheriting from VFS ``base``.
 
     ``root``: only files under this directory are tracked and faulted (default:
-    every named, non-temporary file opened through this VFS or ``fs``). Temporary files
+    every named, non-temporary file opened through this VFS or ``fs``); what exists under it
+    when the VFS is made is durable as found and part of every image. Temporary files
     are always passed through untouched. ``counters``: writes/syncs/truncates
     attempted on tracked files. ``fs``: the :class:`FaultFS` sharing this model (install it
     with ``raft_sqlite.fsio.installed(vfs.fs)``). Keep a reference: apsw unregisters a collected VFS.
@@ -236,6 +238,9 @@ class FaultVFS(apsw.VFS):
         self._crash: list | None = None  # [kind, calls left]
         self._errors: dict[str, list] = {}  # kind -> [calls left, exception, sticky]
         self.fs = FaultFS(self)
+        if self.root is not None and os.path.isdir(self.root):
+            # everything already under root is durable as found, and in every image even if never touched
+            self._import_tree(self._top, self.root)
 
     def filesystem(self) -> FaultFS:
         """The :mod:`raft_sqlite.fsio` backend sharing this VFS's model and fault arming (``self.fs``)."""
