@@ -139,12 +139,13 @@ class _State:
     __slots__ = ("durable", "pending", "fresh")
 
     def __init__(self, durable: bytes = b"", fresh: bool = False) -> None:
-        self.durable = bytearray(durable)
+        self.durable = bytes(durable)  # immutable: crash snapshots share it instead of copying it
         self.pending: list = []  # (offset, bytes) for a write, (size, None) for a truncate
         self.fresh = fresh
 
     def sync(self) -> None:
-        self.durable = _apply(self.durable, self.pending)
+        if self.pending:
+            self.durable = bytes(_apply(bytearray(self.durable), self.pending))
         self.pending = []
 
 
@@ -167,7 +168,7 @@ def _copy(node, memo: dict):
     if got is not None:
         return got
     if isinstance(node, _State):
-        new = _State(bytes(node.durable), node.fresh)
+        new = _State(node.durable, node.fresh)
         new.pending = list(node.pending)
     else:
         new = _Dir()
