@@ -61,14 +61,16 @@ def test_heads_constants_match_migration_scripts():
 
 
 def test_older_store_is_upgraded_and_current_open_skips_alembic(data_dir, monkeypatch):
-    # an empty (pre-schema) database file is "older": open must create the schema through alembic
+    # an empty (pre-schema) database file is "older": open must create the schema (built by alembic,
+    # copied in through the store's VFS by migrate.create)
     os.makedirs(data_dir, mode=0o700)
     apsw.Connection(str(data_dir / "raft.db")).close()
     calls = []
-    real = migrate.upgrade
-    monkeypatch.setattr(migrate, "upgrade", lambda *a: calls.append(a[1]) or real(*a))
+    real_create, real_upgrade = migrate.create, migrate.upgrade
+    monkeypatch.setattr(migrate, "create", lambda *a: calls.append(("create", a[1])) or real_create(*a))
+    monkeypatch.setattr(migrate, "upgrade", lambda *a: calls.append(("upgrade", a[1])) or real_upgrade(*a))
     open_store(data_dir).close()
-    assert calls == ["raft.db", "chunks.db"]
+    assert [c for c in calls if c[0] == "create"] == [("create", "raft.db"), ("create", "chunks.db")]
     calls.clear()
     open_store(data_dir).close()
     assert calls == []  # already current: alembic is not even imported for this open

@@ -12,23 +12,28 @@
   group with the model: after ``acked`` operations the group must be in state ``acked`` or, if an
   operation was in flight, ``acked + 1`` (its outcome is unknown). Anything else is a *lost* write;
   a refused open is *unopenable*.
-* :func:`powerloss_run`: one power-loss experiment with :class:`~tests.support.faultvfs.FaultVFS`.
+* :func:`powerloss_run`: one power-loss experiment with :class:`~tests.support.faultvfs.FaultVFS` and its
+  ``fsio`` backend (``vfs.fs``): SQLite's files and the files the library writes itself (the WAL mark,
+  the files made at creation, the disk reserve, NORMAL's interval syncs) share one model and one crash.
 * :func:`writer_main`: the SIGKILL campaign's writer process (prints every acknowledged operation).
-* :class:`Tally` / :func:`print_table`: the summary table each campaign prints.
+* :class:`Tally` / :func:`print_table`: the summary table each campaign prints (crash states only for
+  runs that reached their crash point; acknowledged writes split into those the mode promises to keep
+  and NORMAL's loss window; seconds summed over seeds).
 
-How a store is put under the fault VFS: ``NodeStore.open`` runs alembic (through the stdlib ``sqlite3``
-module, not through any apsw VFS) when it *creates* a store, so campaigns create a template store
-with the normal VFS once (:func:`make_template`: open + close), copy it for every run, and only then
-open the copy with ``vfs=<fault vfs name>``. The copy's files count as durable as found. To put
-checkpoints and WAL restarts (the most delicate moments of WAL mode) inside a small workload, the
-harness lowers ``wal_autocheckpoint`` on the store's write connection (``checkpoint_every``).
+How a store is put under the fault model: most campaigns create a template store with the normal VFS
+once (:func:`make_template`: open + close), copy it for every run, and open the copy with
+``vfs=<fault vfs name>`` and ``fsio.installed(vfs.fs)``; the copy's files count as durable as found.
+``powerloss_run(None, ...)`` instead creates the store in the run through the model (creation writes
+only through apsw and fsio: ``migrate.create`` copies the schema with SQLite's backup), tracking the run
+directory so that data_dir's own entry is modelled too. To put checkpoints and WAL restarts (the most
+delicate moments of WAL mode) inside a small workload, the harness lowers ``wal_autocheckpoint`` on the
+store's write connection (``checkpoint_every``).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import itertools
 import os
 import random
@@ -43,6 +48,7 @@ from typing import NamedTuple
 import apsw
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy
+from raft_sqlite import fsio
 from raft_sqlite.wal import SegmentPolicy
 
 try:
@@ -453,7 +459,8 @@ class Verdict:
     ok: bool
     unopenable: bool = False
     lost: int = 0  # groups whose state matched none of the allowed model states
-    acked: int = 0  # acknowledged operations checked
+    acked: int = 0  # acknowledged operations the mode promises to keep (all of them, or NORMAL's floor)
+    window: int = 0  # acknowledged operations inside NORMAL's loss window (checked only for consistency)
     detail: str = ""
     in_flight_applied: int = 0  # groups where the in-flight op turned out durable
 
@@ -465,12 +472,14 @@ def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, f
     Group ``g`` must be in state ``k`` for some ``floor[g] <= k <= acked[g] + 1`` (``floor``
     defaults to ``acked``: every acknowledged operation is there; the one in flight may be)."""
     floor = acked if floor is None else floor
+    promised = sum(min(floor.get(g, 0), acked.get(g, 0)) for g in acked)
+    window = sum(acked.values()) - promised
     try:
         store = open_store(path, fsync=fsync)
     except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
-        return Verdict(False, unopenable=True, acked=sum(acked.values()),
+        return Verdict(False, unopenable=True, acked=promised, window=window,
                        detail=f"reopen failed: {type(exc).__name__}: {exc}")
-    v = Verdict(True, acked=sum(acked.values()))
+    v = Verdict(True, acked=promised, window=window)
     try:
         extra = set(store.groups()) - set(wl.groups)
         if extra:
@@ -503,10 +512,13 @@ class Tally:
     """Counters of one campaign (one row of the summary table)."""
 
     name: str
-    crash_states: int = 0
+    crash_states: int = 0  # states checked after a crash that really happened at its crash point
+    not_reached: int = 0  # runs that ended before their crash point (checked, but not crash states)
     kills: int = 0
     faults: int = 0
-    acked_checked: int = 0
+    acked_checked: int = 0  # acknowledged writes the mode promises to keep, checked
+    window_checked: int = 0  # NORMAL: acknowledged writes inside the loss window (may be lost)
+    retried: int = 0  # creation: crash states whose first open failed (typed) and a retry opened
     lost: int = 0
     unopenable: int = 0
     in_flight_applied: int = 0
@@ -517,6 +529,7 @@ class Tally:
 
     def add(self, v: Verdict, where: str) -> None:
         self.acked_checked += v.acked
+        self.window_checked += v.window
         self.lost += v.lost
         self.unopenable += v.unopenable
         self.in_flight_applied += v.in_flight_applied
@@ -528,14 +541,16 @@ class Tally:
             f"{self.name}: lost={self.lost} unopenable={self.unopenable}\n" + "\n".join(self.failures)
 
 
-COLUMNS = ("campaign", "crash states", "kills", "faults injected", "acked writes checked", "backups restored",
-           "lost", "unopenable", "in-flight applied", "seconds")
+COLUMNS = ("campaign", "crash states", "runs ended before the crash point", "kills", "faults injected",
+           "acked writes checked", "acked in loss window", "backups restored", "lost", "unopenable",
+           "opened on retry", "in-flight applied", "seconds")
 
 
 def table(tallies: list[Tally]) -> str:
-    """The summary table as markdown."""
-    rows = [[t.name, t.crash_states, t.kills, t.faults, t.acked_checked, t.backups, t.lost, t.unopenable,
-             t.in_flight_applied, f"{t.seconds:.1f}"] for t in tallies]
+    """The summary table as markdown (``seconds``: summed over every seed/part of the campaign)."""
+    rows = [[t.name, t.crash_states, t.not_reached, t.kills, t.faults, t.acked_checked, t.window_checked,
+             t.backups, t.lost, t.unopenable, t.retried, t.in_flight_applied, f"{t.seconds:.1f}"]
+            for t in tallies]
     widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *rows)]
     fmt = "| " + " | ".join("{:>" + str(w) + "}" for w in widths) + " |"
     lines = [fmt.format(*COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -560,46 +575,9 @@ def new_vfs(root: str) -> faultvfs.FaultVFS:
     return faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=root)
 
 
-_direct = threading.local()
-
-
-@contextlib.contextmanager
-def direct_syncs(vfs: faultvfs.FaultVFS):
-    """The store calls ``os.fdatasync`` itself in NORMAL mode (the interval WAL sync; chunks.db's WAL
-    before a snapshot manifest flips), i.e. not through SQLite, so not through the VFS. Within the
-    block such a sync also makes the file's pending writes durable in the fault VFS's model; after the
-    power cut it fails with EIO and changes nothing. (Patches ``os.fdatasync``/``os.fsync`` for the
-    process; uses FaultVFS internals.)"""
-    real = {"fdatasync": os.fdatasync, "fsync": os.fsync}
-
-    def wrap(name):
-        def sync(fd):
-            _direct.ok = False
-            with vfs._lock:
-                if vfs.crashed:
-                    raise OSError(errno.EIO, "faultvfs: sync after power loss")
-                real[name](fd)
-                try:
-                    path = os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
-                except OSError:
-                    path = None
-                st = vfs._files.get(path)
-                if st is not None:
-                    st.durable = faultvfs._apply(bytearray() if st.durable is None else st.durable, st.pending)
-                    st.pending = []
-            _direct.ok = True
-        return sync
-
-    os.fdatasync, os.fsync = wrap("fdatasync"), wrap("fsync")
-    try:
-        yield
-    finally:
-        os.fdatasync, os.fsync = real["fdatasync"], real["fsync"]
-
-
 class SyncTracker:
     """NORMAL mode: records ``acked`` as it was when the last *successful* interval sync of the WAL
-    started (inside :func:`direct_syncs`): the floor of the documented loss window."""
+    started: the floor of the documented loss window (writes acknowledged after it may be lost)."""
 
     def __init__(self, store: NodeStore, acked: dict):
         self.floor = {g: 0 for g in acked}
@@ -607,33 +585,16 @@ class SyncTracker:
         syncer = store._syncer
         if syncer is None:
             return
-        orig = syncer.sync
+        orig, stats = syncer.sync, store.stats
 
         def sync(wal):
-            before = dict(acked)
-            _direct.ok = False
+            before, n = dict(acked), stats.interval_syncs
             orig(wal)
-            if getattr(_direct, "ok", False):
+            if stats.interval_syncs > n:  # the fdatasync returned (a failed one does not count)
                 self.floor = before
                 self.syncs += 1
 
         syncer.sync = sync
-
-
-SIDECARS = ("raft.db-hwm",)
-
-
-def carry_sidecars(live: str, img: str, mode: str) -> None:
-    """Files the store writes without SQLite (so without the VFS), e.g. the WAL high-water mark
-    ``raft.db-hwm`` (one unsynced pwrite after each durable commit): in "lose" images they are lost
-    with every other unsynced write; in "subset"/"garble" images they survive with their last content
-    (a 24-byte pwrite is never torn)."""
-    if mode == "lose":
-        return
-    for name in SIDECARS:
-        src = os.path.join(live, name)
-        if os.path.exists(src):
-            shutil.copy2(src, os.path.join(img, name))
 
 
 @dataclass
@@ -644,21 +605,34 @@ class RunResult:
     floor: dict | None = None
     vfs: faultvfs.FaultVFS | None = None
     counters: dict | None = None
+    store_dir: str = ""  #: where the data_dir is inside a crash image ("": the image is the data_dir)
+
+    def image(self, img: str, mode: str, seed: int = 0) -> str:
+        """Write the crash image into ``img``; returns the data_dir inside it (it may not exist)."""
+        self.vfs.write_crash_image(img, mode, seed=seed)
+        return os.path.join(img, self.store_dir) if self.store_dir else img
 
 
-def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.FULL, crash: dict | None = None,
-                  checkpoint_every: int | None = 40, threaded: bool = False, slow_ops: float = 0.0,
-                  backups: Backups | None = None) -> RunResult:
-    """Copy ``template`` to ``run_dir/live``, open it through a fresh FaultVFS armed with ``crash``
-    (``{"at_sync": n}`` / ``{"at_write": n}``, or None for a dry run), run ``wl`` and close. The
-    returned RunResult holds the VFS (call ``write_crash_image``; then ``vfs.unregister()``)."""
-    live = copy_store(template, os.path.join(run_dir, "live"))
-    vfs = new_vfs(live)
+def powerloss_run(template: str | None, run_dir: str, wl: Workload, *, fsync=FsyncMode.FULL,
+                  crash: dict | None = None, checkpoint_every: int | None = 40, threaded: bool = False,
+                  slow_ops: float = 0.0, backups: Backups | None = None) -> RunResult:
+    """Copy ``template`` to ``run_dir/live``, open it through a fresh FaultVFS (and its FaultFS) armed
+    with ``crash`` (``{"at_sync": n}`` / ``{"at_write": n}``, or None for a dry run), run ``wl`` and
+    close. ``template=None``: store *creation* is inside the model too: the store is created by this
+    open in the empty ``run_dir/live`` (the FaultVFS tracks ``run_dir``, so that data_dir's own entry
+    is modelled; ``RunResult.image`` returns the data_dir inside an image). The returned RunResult
+    holds the VFS (write images; then ``vfs.unregister()``)."""
+    if template is None:
+        os.makedirs(run_dir, exist_ok=True)
+        live, vfs = os.path.join(run_dir, "live"), new_vfs(run_dir)
+    else:
+        live = copy_store(template, os.path.join(run_dir, "live"))
+        vfs = new_vfs(live)
     if crash:
         vfs.arm_crash(**crash)
     acked = {g: 0 for g in wl.groups}
     store, err, tracker = None, None, None
-    with direct_syncs(vfs):
+    with fsio.installed(vfs.fs):
         try:
             store = open_store(live, fsync=fsync, vfs=vfs.name, checkpoint_every=checkpoint_every,
                                fsync_interval=0.002)
@@ -677,7 +651,7 @@ def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.
             if store is not None:
                 store.close()
     return RunResult(vfs.crashed, acked, err, tracker.floor if tracker else {g: 0 for g in wl.groups}, vfs,
-                     dict(vfs.counters))
+                     dict(vfs.counters), "live" if template is None else "")
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL writer
