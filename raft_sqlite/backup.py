@@ -365,7 +365,10 @@ class HotBackupManager:
         self.store._check_open()
         with self._exclusive():
             seen = self._highest_seq()
-            folder = self._new_folder()
+            try:
+                folder = self._new_folder()
+            except OSError as exc:
+                raise BackupError(f"cannot create a backup folder in {self.node_dir}: {exc}") from exc
             try:
                 phases = {"copy": 0.0, "sha256": 0.0, "fsync": 0.0, "wait": 0.0}
                 manifest, size = self._on_worker(
