@@ -565,12 +565,16 @@ class _DiesAt(fsio.OsFileSystem):
             raise OSError(errno.EIO, f"died at file operation {self.calls}")
 
 
+def _dying(orig):
+    def call(self, *a, **kw):
+        self._step()
+        return orig(self, *a, **kw)
+    return call
+
+
 for _name in ("open", "write", "pwrite", "ftruncate", "fsync", "fdatasync", "sync_dir", "rename", "replace",
               "unlink", "mkdir", "makedirs", "rmtree"):
-    def _dying(self, *a, _orig=getattr(fsio.OsFileSystem, _name), **kw):
-        self._step()
-        return _orig(self, *a, **kw)
-    setattr(_DiesAt, _name, _dying)
+    setattr(_DiesAt, _name, _dying(getattr(fsio.OsFileSystem, _name)))
 
 
 def _small_source(path):
