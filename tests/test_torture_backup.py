@@ -1,0 +1,248 @@
+"""Torture campaign: hot backups and restores inside the power-loss model.
+
+The live store, the backup folder and the restore target all sit under one FaultVFS (``root`` = the
+run's folder) whose FaultFS is installed as the :mod:`raft_sqlite.fsio` backend, so SQLite's files
+*and* the files backup.py writes itself (the copies' fsync, the manifest's temporary name and rename,
+the directory syncs, restore's copies, placeholder and renames) follow the same loss/tear model and the
+same dir-entry rule. A dry run counts the sync points; one fresh run per point loses power exactly
+there, and every crash image ("lose", "subset", "garble") is checked.
+
+* Hot backup (``test_power_loss_during_hot_backup``): the workload runs to its middle, then a backup
+  starts; the workload goes on from the backup's progress callback (one operation per copy step, so
+  the store commits while the backup copies), then after it. Power is lost at every sync from the
+  backup's start to a few syncs after it returned. Each image: the live store holds every acknowledged
+  write (``check_store``); every backup whose call returned is complete and restores to exactly the
+  state at its start; the interrupted backup's folder is either *incomplete* (listed so; ``verify`` and
+  ``restore`` refuse it with BackupError, writing nothing; ``prune`` removes it) or complete and
+  restores to exactly the state at its start. A "corrupt" folder (a manifest that does not verify)
+  fails the test.
+* Restore (``test_power_loss_during_restore``): power is lost at every sync (and some writes) of
+  ``restore()`` into a new data_dir (or an existing empty one). Each image's target is either
+  untouched (no database file), refuses to open with a typed error (the placeholder raft.db), or opens
+  holding exactly the backup's content and its restore event; in the first two cases a repeated
+  ``restore()`` into the same target succeeds and is checked the same way. Anything else fails.
+
+``pytest -s`` prints the tally; ``-m slow`` runs more seeds, bigger workloads and every mode.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+
+import pytest
+
+from raft_sqlite import BackupError, RaftSqliteError
+from raft_sqlite.backup import HotBackupManager, list_backups, restore, verify_backup
+from tests import torture as T
+
+MODES = ("lose", "subset", "garble")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return T.make_template(tmp_path_factory.mktemp("tpl") / "store")
+
+
+def _fail(tally: T.Tally, where: str, why: str, acked: int = 0) -> None:
+    tally.add(T.Verdict(False, lost=1, acked=acked, detail=why), where)
+
+
+# ---------------------------------------------------------------------------------------------- hot backup
+def check_backup_image(img: str, run: T.BackupRun, run_dir: str, wl: T.Workload, tally: T.Tally, where: str,
+                       counts: dict) -> None:
+    """Check one crash image of a :func:`T.backup_powerloss_run` (see the module docstring)."""
+    live, backups = os.path.join(img, "live"), os.path.join(img, "backups")
+    tally.crash_states += 1
+    tally.add(T.check_store(live, wl, run.acked), f"{where} live store")
+    in_image = {os.path.relpath(p, run_dir): at for p, at in run.done}  # acknowledged backups
+    listed = list_backups(backups, verify=True)
+    for e in listed:
+        rel = os.path.relpath(e["path"], img)
+        restored = os.path.join(img, f"restored-{len(os.listdir(img))}")
+        if e["status"] == "corrupt":
+            _fail(tally, where, f"backup {rel} is corrupt after the crash: {e['error']}")
+        elif e["status"] == "incomplete":
+            if rel in in_image:
+                _fail(tally, where, f"acknowledged backup {rel} is incomplete after the crash")
+                continue
+            counts["incomplete"] += 1
+            try:
+                verify_backup(e["path"])
+                _fail(tally, where, f"incomplete backup {rel} verifies")
+            except BackupError:
+                pass
+            try:
+                restore(e["path"], restored)
+                _fail(tally, where, f"incomplete backup {rel} was restored")
+            except BackupError:
+                if os.path.exists(restored):
+                    _fail(tally, where, f"refused restore of {rel} left {restored} behind")
+        else:
+            at = in_image.get(rel, run.at_backup)  # complete but unacknowledged: the crash-window backup
+            counts["complete" if rel in in_image else "complete, not acknowledged"] += 1
+            tally.add(T.check_restored_copy(e["path"], restored, wl, at), f"{where} backup {rel}")
+            tally.backups += 1
+    for rel in set(in_image) - {os.path.relpath(e["path"], img) for e in listed}:
+        _fail(tally, where, f"acknowledged backup {rel} is missing after the crash")
+    # the next backup run cleans up: prune removes every incomplete folder
+    try:
+        with T.open_store(live) as s:
+            HotBackupManager(s, backups).prune()
+    except RaftSqliteError:
+        return  # the live store did not open: already counted by check_store
+    left = [e["path"] for e in list_backups(backups) if e["status"] != "complete"]
+    if left:
+        _fail(tally, where, f"prune left {left}")
+
+
+def hot_backup_campaign(template, tmp, tally: T.Tally, seeds, *, ops_per_group: int, modes=MODES, after: int = 4,
+                        write_points: int = 0) -> None:
+    counts = {"incomplete": 0, "complete": 0, "complete, not acknowledged": 0, "runs past the crash point": 0}
+    for seed in seeds:
+        wl = T.Workload(seed, ops_per_group=ops_per_group)
+        before, earlier = len(wl) // 2, seed % 2 == 1
+        with T.quiet():
+            dry = T.backup_powerloss_run(template, os.path.join(tmp, "dry"), wl, before=before,
+                                         earlier_backup=earlier)
+        dry.vfs.unregister()
+        assert dry.error is None and len(dry.done) == 1 + earlier, dry.error
+        shutil.rmtree(os.path.join(tmp, "dry"))
+        points = [{"at_sync": n} for n in range(1, dry.syncs_in_backup + after + 1)]
+        rng = random.Random(seed)
+        points += [{"at_write": rng.randint(1, 200)} for _ in range(write_points)]
+        tally.notes.append(f"seed {seed}: {dry.syncs_in_backup} syncs in the backup, {len(points)} crash points"
+                           f"{' (after an earlier backup)' if earlier else ''}")
+        for i, crash in enumerate(points):
+            run_dir = os.path.join(tmp, f"run{seed}-{i}")
+            with T.quiet():
+                run = T.backup_powerloss_run(template, run_dir, wl, before=before, crash=crash,
+                                             earlier_backup=earlier)
+            try:
+                if not run.crashed:
+                    counts["runs past the crash point"] += 1
+                    continue
+                assert run.error is None or isinstance(run.error, RaftSqliteError), (crash, repr(run.error))
+                for mode in modes:
+                    img = os.path.join(run_dir, f"img-{mode}")
+                    run.vfs.write_crash_image(img, mode, seed=seed * 1000 + i)
+                    check_backup_image(img, run, run_dir, wl, tally, f"seed {seed} {crash} {mode}", counts)
+            finally:
+                run.vfs.unregister()
+                shutil.rmtree(run_dir)
+    tally.notes.append(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    assert counts["incomplete"] > 0 and counts["complete"] > 0, counts  # both outcomes were exercised
+
+
+# ---------------------------------------------------------------------------------------------- restore
+@pytest.fixture(scope="module")
+def source_backup(template, tmp_path_factory):
+    """A store that ran a workload (snapshots and compaction included) and a backup of it (normal file
+    system): (workload, acked at the backup, backup folder)."""
+    d = tmp_path_factory.mktemp("src")
+    wl = T.Workload(41, ops_per_group=14)
+    acked = {g: 0 for g in wl.groups}
+    live = T.copy_store(template, str(d / "live"))
+    with T.open_store(live) as s:
+        T.run_workload(s, wl, acked)
+        info = HotBackupManager(s, str(d / "bk")).backup()
+    return wl, acked, info.path
+
+
+def check_restore_image(img: str, run: T.RestoreRun, run_dir: str, wl, at: dict, tally: T.Tally, where: str,
+                        counts: dict) -> None:
+    target = os.path.join(img, os.path.relpath(run.target, run_dir))
+    tally.crash_states += 1
+    outcome, why = T.restore_target_outcome(target)
+    counts[outcome] = counts.get(outcome, 0) + 1
+    if outcome == "bad":
+        _fail(tally, where, f"restore target after the crash: {why}")
+        return
+    if outcome == "opens":
+        tally.add(T.check_restored(target, wl, at, run.backup), f"{where} restored store")
+        tally.backups += 1
+        return
+    # untouched or refused: a repeated restore into the same target must succeed
+    bk = os.path.join(img, os.path.relpath(run.backup, run_dir))
+    try:
+        restore(bk, target)
+    except Exception as exc:  # noqa: BLE001 - a refused retry is the finding
+        _fail(tally, where, f"{outcome} target ({why}); the repeated restore failed: {type(exc).__name__}: {exc}")
+        return
+    tally.add(T.check_restored(target, wl, at, bk), f"{where} repeated restore")
+    tally.backups += 1
+
+
+def restore_campaign(backup, tmp, tally: T.Tally, *, modes=MODES, stride: int = 1, write_points: int = 0,
+                     existing=(False, True)) -> None:
+    wl, at, folder = backup
+    counts: dict = {"runs past the crash point": 0}
+    for existing_dir in existing:
+        with T.quiet():
+            dry = T.restore_powerloss_run(folder, os.path.join(tmp, "dry"), existing_dir=existing_dir)
+        dry.vfs.unregister()
+        assert dry.error is None, repr(dry.error)
+        shutil.rmtree(os.path.join(tmp, "dry"))
+        rng = random.Random(41 + existing_dir)
+        points = [{"at_sync": n} for n in range(1, dry.syncs + 1, stride)]
+        points += [{"at_write": rng.randint(1, dry.writes)} for _ in range(write_points)]
+        tally.notes.append(f"target {'existing empty dir' if existing_dir else 'new'}: {dry.syncs} syncs, "
+                           f"{dry.writes} writes in a restore, {len(points)} crash points")
+        for i, crash in enumerate(points):
+            run_dir = os.path.join(tmp, f"run{int(existing_dir)}-{i}")
+            with T.quiet():
+                run = T.restore_powerloss_run(folder, run_dir, crash=crash, existing_dir=existing_dir)
+            try:
+                if not run.crashed:
+                    counts["runs past the crash point"] += 1
+                    continue
+                if not isinstance(run.error, RaftSqliteError):  # BackupError, or DataDirError from the lock
+                    _fail(tally, f"{crash}", f"restore() raised {run.error!r}, not a typed error")
+                for mode in modes:
+                    img = os.path.join(run_dir, f"img-{mode}")
+                    run.vfs.write_crash_image(img, mode, seed=i)
+                    check_restore_image(img, run, run_dir, wl, at, tally, f"{crash} {mode}", counts)
+            finally:
+                run.vfs.unregister()
+                shutil.rmtree(run_dir)
+    tally.notes.append(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    assert counts.get("refused", 0) > 0 and counts.get("opens", 0) > 0, counts  # both outcomes were exercised
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_power_loss_during_hot_backup(template, tmp_path):
+    t0 = time.monotonic()
+    tally = T.Tally("power loss during hot backup")
+    hot_backup_campaign(template, str(tmp_path), tally, (1, 2), ops_per_group=8, modes=("lose", "garble"))
+    tally.seconds = time.monotonic() - t0
+    T.print_table("Backup power-loss campaign (CI)", [tally])
+    tally.assert_clean()
+
+
+def test_power_loss_during_restore(source_backup, tmp_path):
+    t0 = time.monotonic()
+    tally = T.Tally("power loss during restore")
+    restore_campaign(source_backup, str(tmp_path), tally, modes=("lose", "subset"))
+    tally.seconds = time.monotonic() - t0
+    T.print_table("Backup power-loss campaign (CI)", [tally])
+    tally.assert_clean()
+
+
+@pytest.mark.slow
+def test_power_loss_during_backup_and_restore_slow(template, source_backup, tmp_path):
+    tallies = []
+    t0 = time.monotonic()
+    tally = T.Tally("power loss during hot backup (slow)")
+    hot_backup_campaign(template, str(tmp_path / "b"), tally, range(10, 16), ops_per_group=16, write_points=10)
+    tally.seconds = time.monotonic() - t0
+    tallies.append(tally)
+    t0 = time.monotonic()
+    tally = T.Tally("power loss during restore (slow)")
+    restore_campaign(source_backup, str(tmp_path / "r"), tally, write_points=15)
+    tally.seconds = time.monotonic() - t0
+    tallies.append(tally)
+    T.print_table("Backup power-loss campaign (slow)", tallies)
+    for t in tallies:
+        t.assert_clean()
