@@ -59,6 +59,8 @@ def check_backup_image(img: str, run: T.BackupRun, run_dir: str, wl: T.Workload,
     tally.add(T.check_store(live, wl, run.acked), f"{where} live store")
     in_image = {os.path.relpath(p, run_dir): at for p, at in run.done}  # acknowledged backups
     listed = list_backups(backups, verify=True)
+    if not any(os.path.relpath(e["path"], img) not in in_image for e in listed):
+        counts["crash-window folder absent"] += 1
     for e in listed:
         rel = os.path.relpath(e["path"], img)
         restored = os.path.join(img, f"restored-{len(os.listdir(img))}")
@@ -99,18 +101,23 @@ def check_backup_image(img: str, run: T.BackupRun, run_dir: str, wl: T.Workload,
 
 
 def hot_backup_campaign(template, tmp, tally: T.Tally, seeds, *, ops_per_group: int, modes=MODES, after: int = 4,
-                        write_points: int = 0) -> None:
-    counts = {"incomplete": 0, "complete": 0, "complete, not acknowledged": 0, "runs past the crash point": 0}
+                        write_points: int = 0, pages_per_step: int = 2, only_after_return: bool = False) -> dict:
+    """Crash at every sync from the backup's start to ``after`` syncs after it returned (with
+    ``only_after_return``: only those after it returned) and ``write_points`` random writes; check every
+    image. Returns the outcome counts."""
+    counts = {"incomplete": 0, "complete": 0, "complete, not acknowledged": 0, "crash-window folder absent": 0,
+              "runs past the crash point": 0}
     for seed in seeds:
         wl = T.Workload(seed, ops_per_group=ops_per_group)
         before, earlier = len(wl) // 2, seed % 2 == 1
         with T.quiet():
             dry = T.backup_powerloss_run(template, os.path.join(tmp, "dry"), wl, before=before,
-                                         earlier_backup=earlier)
+                                         earlier_backup=earlier, pages_per_step=pages_per_step)
         dry.vfs.unregister()
         assert dry.error is None and len(dry.done) == 1 + earlier, dry.error
         shutil.rmtree(os.path.join(tmp, "dry"))
-        points = [{"at_sync": n} for n in range(1, dry.syncs_in_backup + after + 1)]
+        first = dry.syncs_in_backup + 1 if only_after_return else 1
+        points = [{"at_sync": n} for n in range(first, dry.syncs_in_backup + after + 1)]
         rng = random.Random(seed)
         points += [{"at_write": rng.randint(1, 200)} for _ in range(write_points)]
         tally.notes.append(f"seed {seed}: {dry.syncs_in_backup} syncs in the backup, {len(points)} crash points"
@@ -119,7 +126,7 @@ def hot_backup_campaign(template, tmp, tally: T.Tally, seeds, *, ops_per_group: 
             run_dir = os.path.join(tmp, f"run{seed}-{i}")
             with T.quiet():
                 run = T.backup_powerloss_run(template, run_dir, wl, before=before, crash=crash,
-                                             earlier_backup=earlier)
+                                             earlier_backup=earlier, pages_per_step=pages_per_step)
             try:
                 if not run.crashed:
                     counts["runs past the crash point"] += 1
@@ -133,7 +140,7 @@ def hot_backup_campaign(template, tmp, tally: T.Tally, seeds, *, ops_per_group: 
                 run.vfs.unregister()
                 shutil.rmtree(run_dir)
     tally.notes.append(", ".join(f"{k}: {v}" for k, v in counts.items()))
-    assert counts["incomplete"] > 0 and counts["complete"] > 0, counts  # both outcomes were exercised
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- restore
@@ -164,8 +171,11 @@ def check_restore_image(img: str, run: T.RestoreRun, run_dir: str, wl, at: dict,
         tally.add(T.check_restored(target, wl, at, run.backup), f"{where} restored store")
         tally.backups += 1
         return
-    # untouched or refused: a repeated restore into the same target must succeed
-    bk = os.path.join(img, os.path.relpath(run.backup, run_dir))
+    if run.error is None:  # restore() returned before the power cut: it must have been complete
+        _fail(tally, where, f"restore() returned, but after the crash the target is {outcome} ({why})")
+    # untouched or refused: a repeated restore into the same target must succeed (from the run's backup
+    # folder: restore only reads it, and reads stay outside the model, so the image has no copy of it)
+    bk = run.backup
     try:
         restore(bk, target)
     except Exception as exc:  # noqa: BLE001 - a refused retry is the finding
@@ -176,7 +186,9 @@ def check_restore_image(img: str, run: T.RestoreRun, run_dir: str, wl, at: dict,
 
 
 def restore_campaign(backup, tmp, tally: T.Tally, *, modes=MODES, stride: int = 1, write_points: int = 0,
-                     existing=(False, True)) -> None:
+                     existing=(False, True)) -> dict:
+    """Crash at every ``stride``-th sync and ``write_points`` random writes of restore() into a new
+    target (and an existing empty one); check every image. Returns the outcome counts."""
     wl, at, folder = backup
     counts: dict = {"runs past the crash point": 0}
     for existing_dir in existing:
@@ -198,8 +210,10 @@ def restore_campaign(backup, tmp, tally: T.Tally, *, modes=MODES, stride: int = 
                 if not run.crashed:
                     counts["runs past the crash point"] += 1
                     continue
-                if not isinstance(run.error, RaftSqliteError):  # BackupError, or DataDirError from the lock
+                if run.error is not None and not isinstance(run.error, RaftSqliteError):
                     _fail(tally, f"{crash}", f"restore() raised {run.error!r}, not a typed error")
+                if run.error is None:  # the power cut hit the check-open's close, which absorbs it
+                    counts["restore returned, then power lost"] = counts.get("restore returned, then power lost", 0) + 1
                 for mode in modes:
                     img = os.path.join(run_dir, f"img-{mode}")
                     run.vfs.write_crash_image(img, mode, seed=i)
@@ -208,26 +222,70 @@ def restore_campaign(backup, tmp, tally: T.Tally, *, modes=MODES, stride: int = 
                 run.vfs.unregister()
                 shutil.rmtree(run_dir)
     tally.notes.append(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    assert counts.get("refused", 0) > 0 and counts.get("opens", 0) > 0, counts  # both outcomes were exercised
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- tests
 def test_power_loss_during_hot_backup(template, tmp_path):
     t0 = time.monotonic()
     tally = T.Tally("power loss during hot backup")
-    hot_backup_campaign(template, str(tmp_path), tally, (1, 2), ops_per_group=8, modes=("lose", "garble"))
+    counts = hot_backup_campaign(template, str(tmp_path), tally, (2,), ops_per_group=8, modes=("lose", "garble"),
+                                 pages_per_step=16)
     tally.seconds = time.monotonic() - t0
     T.print_table("Backup power-loss campaign (CI)", [tally])
     tally.assert_clean()
+    assert counts["incomplete"] > 0 and counts["complete"] > 0, counts  # both outcomes were exercised
 
 
 def test_power_loss_during_restore(source_backup, tmp_path):
     t0 = time.monotonic()
     tally = T.Tally("power loss during restore")
-    restore_campaign(source_backup, str(tmp_path), tally, modes=("lose", "subset"))
+    counts = restore_campaign(source_backup, str(tmp_path), tally, modes=("lose", "subset"), existing=(False,))
     tally.seconds = time.monotonic() - t0
     T.print_table("Backup power-loss campaign (CI)", [tally])
     tally.assert_clean()
+    assert counts.get("refused", 0) > 0 and counts.get("opens", 0) > 0, counts  # both outcomes were exercised
+
+
+class _SkipSyncDir:
+    """Stands for the ``fsio`` module inside raft_sqlite.backup, dropping ``sync_dir`` calls that
+    ``skip(path)`` selects (the sabotage of the tests below)."""
+
+    def __init__(self, skip):
+        from raft_sqlite import fsio
+        self._fsio, self._skip = fsio, skip
+
+    def __getattr__(self, name):
+        return getattr(self._fsio, name)
+
+    def sync_dir(self, path):
+        if not self._skip(path):
+            self._fsio.sync_dir(path)
+
+
+def test_backup_campaign_sees_an_acknowledged_backup_lost(template, tmp_path, monkeypatch):
+    """The hot-backup check can fail: without the sync of the node's backup folder after the manifest,
+    a backup whose call returned vanishes in "lose" images of a later power cut."""
+    from raft_sqlite import backup as backup_mod
+    monkeypatch.setattr(backup_mod, "fsio", _SkipSyncDir(lambda p: os.path.basename(p) == T.NODE))
+    tally = T.Tally("sabotaged backup")
+    hot_backup_campaign(template, str(tmp_path), tally, (2,), ops_per_group=8, modes=("lose",), pages_per_step=16,
+                        after=2, only_after_return=True)
+    assert tally.lost > 0 and any("acknowledged backup" in f and "missing" in f for f in tally.failures), \
+        tally.failures
+
+
+def test_restore_campaign_sees_a_half_restored_target(source_backup, tmp_path, monkeypatch):
+    """The restore check can fail: without the placeholder raft.db a crash leaves chunks.db without
+    raft.db, which the campaign reports (and a repeated restore refuses as not empty)."""
+    from raft_sqlite import backup as backup_mod
+    real = backup_mod._write_file_atomically
+    monkeypatch.setattr(backup_mod, "_write_file_atomically",
+                        lambda folder, name, data: None if data == backup_mod.RESTORE_PLACEHOLDER
+                        else real(folder, name, data))
+    tally = T.Tally("sabotaged restore")
+    restore_campaign(source_backup, str(tmp_path), tally, modes=("lose",), existing=(False,))
+    assert tally.lost > 0 and any("chunks.db without raft.db" in f for f in tally.failures), tally.failures
 
 
 @pytest.mark.slow
