@@ -43,6 +43,8 @@ import sys
 import zlib
 from typing import NamedTuple
 
+from . import fsio
+
 _REC = struct.Struct("<8sII")  # salts (raw bytes as in the WAL header), mxFrame, flags
 _REC_V1 = struct.Struct("<8sI")  # format 1 (before the checkpointed flag): read as "not checkpointed"
 MAGIC = b"RSQHWM2\0"
@@ -129,19 +131,17 @@ class HighWaterMark:
     def __init__(self, db_path: str):
         self.path = db_path + "-hwm"
         created = not os.path.exists(self.path)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # The mark and raft.db (whose fdatasync makes a checkpoint durable) go through the fsio seam, so
+        # that tests can put them under the power-loss model; the -shm index is only mapped for reading.
+        self.fd = fsio.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self._db_fd = self._shm_fd = -1
         self._map = None
         try:
-            self._db_fd = os.open(db_path, os.O_RDONLY)
-            self._shm_fd = os.open(db_path + "-shm", os.O_RDONLY)
+            self._db_fd = fsio.open(db_path, os.O_RDONLY)
+            self._shm_fd = os.open(db_path + "-shm", os.O_RDONLY | os.O_CLOEXEC)
             self._map = mmap.mmap(self._shm_fd, _SHM_INFO, prot=mmap.PROT_READ)
             if created:  # the mark's directory entry must survive a power cut with its content
-                dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsio.sync_dir(os.path.dirname(self.path) or ".")
         except BaseException:
             self.close()
             raise
@@ -161,11 +161,11 @@ class HighWaterMark:
         if rec == self._last and not sync:
             return
         if done:
-            os.fdatasync(self._db_fd)
+            fsio.fdatasync(self._db_fd)
         body = MAGIC + _REC.pack(salts, mx, CHECKPOINTED if done else 0)
-        os.pwrite(self.fd, body + struct.pack("<I", zlib.crc32(body)), 0)
+        fsio.pwrite(self.fd, body + struct.pack("<I", zlib.crc32(body)), 0)
         if done or sync:
-            os.fdatasync(self.fd)
+            fsio.fdatasync(self.fd)
         self._last = rec
 
     def anchor(self) -> None:
@@ -176,7 +176,7 @@ class HighWaterMark:
     def close(self) -> None:
         for closer in (lambda: self._map is not None and self._map.close(),
                        lambda: self._shm_fd >= 0 and os.close(self._shm_fd),
-                       lambda: self._db_fd >= 0 and os.close(self._db_fd), lambda: os.close(self.fd)):
+                       lambda: self._db_fd >= 0 and fsio.close(self._db_fd), lambda: fsio.close(self.fd)):
             try:
                 closer()
             except (OSError, ValueError):

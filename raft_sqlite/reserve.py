@@ -20,7 +20,7 @@ import os
 
 import apsw
 
-from . import layout
+from . import fsio, layout
 
 log = logging.getLogger("raft_sqlite.reserve")
 
@@ -55,7 +55,7 @@ def release(data_dir: str) -> int:
     p = reserve_path(data_dir)
     try:
         size = os.stat(p).st_blocks * 512
-        os.remove(p)
+        fsio.unlink(p)
     except FileNotFoundError:
         return 0
     except OSError as exc:
@@ -78,7 +78,7 @@ def ensure(data_dir: str, size: int = layout.DISK_RESERVE_BYTES) -> bool:
     except OSError:
         return False
     try:
-        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = fsio.open(p, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         log.warning("%s: cannot create the disk reserve: %s", p, exc)
         return False
@@ -88,18 +88,18 @@ def ensure(data_dir: str, size: int = layout.DISK_RESERVE_BYTES) -> bool:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
                 raise
-            os.ftruncate(fd, 0)
+            fsio.ftruncate(fd, 0)
             block = b"\0" * 65536
             left = size
             while left > 0:
-                left -= os.write(fd, block[:min(left, len(block))])
-        os.ftruncate(fd, size)
+                left -= fsio.write(fd, block[:min(left, len(block))])
+        fsio.ftruncate(fd, size)
     except OSError as exc:
-        os.close(fd)
+        fsio.close(fd)
         release(data_dir)
         log.warning("%s: no room for the %d-byte disk reserve (%s); the store runs without it", p, size, exc)
         return False
-    os.close(fd)
+    fsio.close(fd)
     return True
 
 

@@ -47,7 +47,7 @@ from typing import Any, Self
 
 import apsw
 
-from . import layout
+from . import fsio, layout
 from .args import float_arg, int_arg, term_arg
 from .errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
 
@@ -219,15 +219,17 @@ class SnapshotStore:
             return
         with st.chunks_lock:
             try:
-                fd = os.open(st.chunks_path + "-wal", os.O_RDONLY)
+                fd = fsio.open(st.chunks_path + "-wal", os.O_RDONLY)
             except FileNotFoundError:
                 return
+            except OSError as exc:
+                raise StorageFault(f"{st.chunks_path}: WAL sync failed ({exc})") from exc
             try:
-                os.fdatasync(fd)
+                fsio.fdatasync(fd)
             except OSError as exc:
                 raise StorageFault(f"{st.chunks_path}: WAL sync failed ({exc})") from exc
             finally:
-                os.close(fd)
+                fsio.close(fd)
 
     def delete_chunks(self, ids) -> int:
         """Delete every chunk of the snapshots ``ids`` (holding ``gc_lock``); returns rows deleted."""

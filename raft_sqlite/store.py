@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import apsw
 
-from . import hwm, layout, migrate, reserve
+from . import fsio, hwm, layout, migrate, reserve
 from .args import float_arg, text_arg
 from .errors import (CompactionError, CorruptionError, DataDirError, LogCompactedError, LogConflictError,
                      NodeIdentityMismatch, RaftSqliteError, StorageFault)
@@ -285,7 +285,7 @@ class NodeStore:
         created = not os.path.isdir(self.data_dir)
         if created:
             try:
-                os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+                fsio.makedirs(self.data_dir, mode=0o700, exist_ok=True)
                 os.chmod(self.data_dir, 0o700)
             except OSError as exc:
                 check_data_dir(self.data_dir)  # a file appeared there meanwhile: say so
@@ -328,7 +328,7 @@ class NodeStore:
         for name in (layout.MAIN_DB, layout.CHUNKS_DB):
             p = os.path.join(self.data_dir, name)
             if not os.path.exists(p):
-                os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+                fsio.close(fsio.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
                 created = True
                 if name == layout.CHUNKS_DB:
                     # big pages for big blobs: 16x fewer WAL frames, page headers and checksums per MiB
@@ -395,7 +395,7 @@ class NodeStore:
         try:
             if self.fsync is FsyncMode.OFF:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path + "-hwm")
+                    fsio.unlink(self.path + "-hwm")
                 return
             self._hwm = hwm.HighWaterMark(self.path)
             self._hwm.anchor()
@@ -425,16 +425,18 @@ class NodeStore:
             # pysqlite checkpointed everything and removed the WAL: the mark describes a WAL that is gone
             # (nothing is lost); the open re-anchors it once it succeeds
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path + "-hwm")
+                fsio.unlink(path + "-hwm")
         return self._connect(path)
 
     def sync_dir(self) -> None:
-        """fsync ``data_dir`` itself (EXTRA mode does this after creating, renaming or removing files)."""
-        fd = os.open(self.data_dir, os.O_RDONLY)
+        """fsync ``data_dir`` itself, so that names created, renamed or removed in it survive a power cut
+        (EXTRA mode does this after creating, renaming or removing files). Raises :class:`StorageFault`
+        (and the store fail-stops) if the sync fails."""
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsio.sync_dir(self.data_dir)
+        except OSError as exc:
+            self._fault = exc
+            raise StorageFault(f"{self.data_dir}: directory sync failed ({exc})") from exc
 
     def _recover(self) -> None:
         report = RecoveryReport(policy=self.recovery_policy.value)
@@ -492,11 +494,11 @@ class NodeStore:
             # after a power cut recovery knows the WAL tail was written without syncs (several torn
             # transactions are then expected, not committed data lost).
             try:
-                fd = os.open(self.path + "-wal", os.O_RDONLY)
+                fd = fsio.open(self.path + "-wal", os.O_RDONLY)
                 try:
-                    os.fdatasync(fd)
+                    fsio.fdatasync(fd)
                 finally:
-                    os.close(fd)
+                    fsio.close(fd)
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -1169,13 +1171,17 @@ class _IntervalSyncer(threading.Thread):
     def sync(self, wal: str) -> None:
         self.dirty = False
         try:
-            fd = os.open(wal, os.O_RDONLY)
+            fd = fsio.open(wal, os.O_RDONLY)
         except FileNotFoundError:
+            return
+        except OSError as exc:  # the WAL cannot even be opened: its unsynced commits may never be durable
+            self.store._fault = exc
+            log.error("%s: WAL sync failed, store is now fail-stop: %s", self.store.data_dir, exc)
             return
         hw = self.store._hwm
         state = hw.current() if hw is not None else None
         try:
-            os.fdatasync(fd)
+            fsio.fdatasync(fd)
             self.store.stats.interval_syncs += 1
             if hw is not None:
                 hw.note(state)  # everything up to the state read before the sync is durable
@@ -1183,7 +1189,7 @@ class _IntervalSyncer(threading.Thread):
             self.store._fault = exc
             log.error("%s: WAL sync failed, store is now fail-stop: %s", self.store.data_dir, exc)
         finally:
-            os.close(fd)
+            fsio.close(fd)
 
     def stop(self):
         self._stop_evt.set()

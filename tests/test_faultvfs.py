@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import random
 from pathlib import Path
 
@@ -316,3 +318,120 @@ def test_bad_arguments(make_vfs):
         vfs.arm_error("read")
     with pytest.raises(ValueError):
         vfs.write_crash_image("/nonexistent", mode="shred")
+
+
+# ---------------------------------------------------------------------------------------------- FaultFS
+def fs_write(fs, path: str, data: bytes, sync: bool = False, offset: int = 0) -> None:
+    fd = fs.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fs.pwrite(fd, data, offset)
+        if sync:
+            fs.fdatasync(fd)
+    finally:
+        fs.close(fd)
+
+
+def test_fs_unsynced_raw_write_is_lost_or_torn(tmp_path, make_vfs):
+    (tmp_path / "d").mkdir()
+    vfs = make_vfs(root=str(tmp_path / "d"))
+    fs, f = vfs.fs, str(tmp_path / "d" / "f")
+    old = b"a" * (3 * SECTOR)
+    fs_write(fs, f, old, sync=True)
+    fs.sync_dir(str(tmp_path / "d"))
+    fs_write(fs, f, b"b" * (2 * SECTOR), offset=SECTOR // 2)  # dirties sectors 0..2, unsynced
+    assert vfs.counters == {"writes": 2, "syncs": 2, "truncates": 0}
+    assert Path(f).read_bytes() != old  # the real file has the new bytes (page cache)
+    (img,) = vfs.write_crash_image(str(tmp_path / "lose"), "lose")
+    assert Path(img).read_bytes() == old
+    new = old[: SECTOR // 2] + b"b" * (2 * SECTOR) + old[SECTOR // 2 + 2 * SECTOR:]
+    seen = set()
+    for seed in range(20):
+        (img,) = vfs.write_crash_image(str(tmp_path / f"s{seed}"), "subset", seed)
+        got = Path(img).read_bytes()
+        sectors = tuple(got[i:i + SECTOR] == new[i:i + SECTOR] for i in range(0, len(got), SECTOR))
+        for i in range(0, len(got), SECTOR):  # every sector is entirely old or entirely new
+            assert got[i:i + SECTOR] in (old[i:i + SECTOR], new[i:i + SECTOR])
+        seen.add(sectors)
+    assert len(seen) > 2  # torn: mixes of old and new sectors, not only all-old / all-new
+
+
+def test_fs_new_name_needs_sync_dir(tmp_path, make_vfs):
+    (tmp_path / "d").mkdir()
+    vfs = make_vfs(root=str(tmp_path / "d"))
+    fs, d = vfs.fs, str(tmp_path / "d")
+    fs_write(fs, os.path.join(d, "new"), b"x" * 100, sync=True)  # content synced, entry not
+    assert vfs.write_crash_image(str(tmp_path / "i0"), "lose") == []
+    fs.sync_dir(d)
+    (img,) = vfs.write_crash_image(str(tmp_path / "i1"), "lose")
+    assert Path(img).read_bytes() == b"x" * 100
+    # rename without sync_dir: the old name survives a power cut; unlink likewise
+    fs.rename(os.path.join(d, "new"), os.path.join(d, "renamed"))
+    assert [Path(p).name for p in vfs.write_crash_image(str(tmp_path / "i2"), "lose")] == ["new"]
+    names = {tuple(sorted(Path(p).name for p in vfs.write_crash_image(str(tmp_path / f"r{s}"), "subset", s)))
+             for s in range(16)}
+    assert names == {(), ("new",), ("renamed",), ("new", "renamed")}  # each entry old or new at random
+    fs.sync_dir(d)
+    assert [Path(p).name for p in vfs.write_crash_image(str(tmp_path / "i3"), "lose")] == ["renamed"]
+    fs.unlink(os.path.join(d, "renamed"))
+    assert [Path(p).name for p in vfs.write_crash_image(str(tmp_path / "i4"), "lose")] == ["renamed"]
+    fs.sync_dir(d)
+    assert vfs.write_crash_image(str(tmp_path / "i5"), "lose") == []
+    assert not (tmp_path / "i5" / "renamed").exists()
+
+
+def test_fs_renamed_directory_carries_its_entries(tmp_path, make_vfs):
+    (tmp_path / "d").mkdir()
+    vfs = make_vfs(root=str(tmp_path / "d"))
+    fs, d = vfs.fs, str(tmp_path / "d")
+    fs.mkdir(os.path.join(d, "tmp"))
+    fs_write(fs, os.path.join(d, "tmp", "m"), b"m" * 10, sync=True)
+    fs.sync_dir(os.path.join(d, "tmp"))
+    fs.rename(os.path.join(d, "tmp"), os.path.join(d, "final"))
+    assert vfs.write_crash_image(str(tmp_path / "i0"), "lose") == []  # tmp itself was never durable
+    fs.sync_dir(d)
+    (img,) = vfs.write_crash_image(str(tmp_path / "i1"), "lose")
+    assert os.path.relpath(img, tmp_path / "i1") == os.path.join("final", "m")
+
+
+def test_fs_syncs_and_writes_are_crash_points(tmp_path, make_vfs):
+    """at_sync counts fsio syncs (fdatasync and sync_dir) with SQLite's; after the crash every fsio call
+    on a tracked path raises EIO, and untracked paths pass through."""
+    (tmp_path / "d").mkdir()
+    vfs = make_vfs(root=str(tmp_path / "d"))
+    fs, d = vfs.fs, str(tmp_path / "d")
+    con = open_wal(os.path.join(d, "db"), vfs.name)
+    fs_write(fs, os.path.join(d, "side"), b"1" * 24, sync=True)  # fsio sync 1
+    fs.sync_dir(d)  # fsio sync 2
+    vfs.arm_crash(at_sync=3)
+    con.execute("INSERT INTO t VALUES(1, 'a')")  # SQLite sync (WAL commit)
+    fs_write(fs, os.path.join(d, "side"), b"2" * 24, sync=True)  # fsio sync
+    with pytest.raises(OSError) as exc:
+        fs.sync_dir(d)  # the 3rd sync from arming: the crash
+    assert exc.value.errno == errno.EIO and vfs.crashed
+    for call in (lambda: fs.open(os.path.join(d, "side"), os.O_RDONLY), lambda: fs.unlink(os.path.join(d, "side")),
+                 lambda: fs.rename(os.path.join(d, "side"), os.path.join(d, "x")), lambda: fs.mkdir(os.path.join(d, "e"))):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EIO
+    fs_write(fs, str(tmp_path / "outside"), b"ok")  # not under root: untouched by the fault
+    close_quietly(con)
+    files = {Path(p).name: Path(p).read_bytes() for p in vfs.write_crash_image(str(tmp_path / "img"), "lose")}
+    assert files["side"] == b"2" * 24
+    con = apsw.Connection(str(tmp_path / "img" / "db"))
+    assert [r[0] for r in con.execute("SELECT id FROM t")] == [1]
+    con.close()
+
+    # the same sequence with the crash one sync earlier: the second fsio sync never happened
+    (tmp_path / "d2").mkdir()
+    vfs2 = make_vfs(root=str(tmp_path / "d2"))
+    fs2, d2 = vfs2.fs, str(tmp_path / "d2")
+    fs_write(fs2, os.path.join(d2, "side"), b"1" * 24, sync=True)
+    fs2.sync_dir(d2)
+    vfs2.arm_crash(at_write=2)
+    fs_write(fs2, os.path.join(d2, "side"), b"2" * 24)  # write 1
+    with pytest.raises(OSError):
+        fs_write(fs2, os.path.join(d2, "side"), b"3" * 24)  # write 2: the crash
+    assert vfs2.counters["writes"] == 3
+    for seed in range(8):
+        (img,) = vfs2.write_crash_image(str(tmp_path / f"w{seed}"), "subset", seed)
+        assert Path(img).read_bytes() in (b"1" * 24, b"2" * 24)  # the crashing write never lands

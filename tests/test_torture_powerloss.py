@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from raft_sqlite import BackupError, FsyncMode, StorageFault
+from raft_sqlite import BackupError, FsyncMode, StorageFault, fsio
 from tests import torture as T
 
 MODES = ("lose", "subset", "garble")
@@ -38,7 +38,6 @@ def check_images(res: T.RunResult, run_dir: str, wl: T.Workload, tally: T.Tally,
     for mode in modes:
         img = os.path.join(run_dir, f"img-{mode}")
         res.vfs.write_crash_image(img, mode, seed=seed)
-        T.carry_sidecars(os.path.join(run_dir, "live"), img, mode)
         v = T.check_store(img, wl, res.acked, floor=floor, fsync=fsync)
         tally.crash_states += 1
         if require_open:
@@ -201,13 +200,12 @@ def test_powerloss_during_recovery(template, tmp_path):
             res = T.powerloss_run(template, run_dir, wl, crash={"at_sync": rng.randint(5, 60)})
         mode1 = rng.choice(MODES)
         res.vfs.write_crash_image(os.path.join(run_dir, "img1"), mode1, seed=i)
-        T.carry_sidecars(os.path.join(run_dir, "live"), os.path.join(run_dir, "img1"), mode1)
         res.vfs.unregister()
         img1 = os.path.join(run_dir, "img1")
         # count the reopen's syncs, then crash it at each
         probe = T.copy_store(img1, os.path.join(run_dir, "probe"))
         vfs = T.new_vfs(probe)
-        with T.quiet():
+        with T.quiet(), fsio.installed(vfs.fs):
             T.open_store(probe, vfs=vfs.name).close()
         n_sync = vfs.counters["syncs"]
         vfs.unregister()
@@ -215,7 +213,7 @@ def test_powerloss_during_recovery(template, tmp_path):
             again = T.copy_store(img1, os.path.join(run_dir, f"again{at}"))
             vfs = T.new_vfs(again)
             vfs.arm_crash(at_sync=at)
-            with T.quiet():
+            with T.quiet(), fsio.installed(vfs.fs):
                 try:
                     T.open_store(again, vfs=vfs.name).close()
                 except StorageFault:
@@ -223,7 +221,6 @@ def test_powerloss_during_recovery(template, tmp_path):
             for mode in MODES:
                 img2 = os.path.join(run_dir, f"img2-{at}-{mode}")
                 vfs.write_crash_image(img2, mode, seed=at)
-                T.carry_sidecars(again, img2, mode)
                 v = T.check_store(img2, wl, res.acked)
                 tally.crash_states += 1
                 tally.add(v, f"run {i} reopen crash at sync {at} {mode}")
@@ -341,9 +338,7 @@ def crashed_in_flight_commit(template, tmp_path, checkpoint_first: bool):
 def image_with(vfs, live, img, edit):
     """The "lose" image, plus every unsynced WAL write applied and then ``edit(wal_bytes)``."""
     vfs.write_crash_image(img, "lose")
-    wal = os.path.realpath(os.path.join(live, "raft.db-wal"))
-    durable, pending = vfs._frozen[wal]
-    data = T.faultvfs._apply(bytearray(durable), pending)
+    data = bytearray(T.faultvfs.apply_pending(*vfs.file_state(os.path.join(live, "raft.db-wal"))))
     edit(data)
     with open(os.path.join(img, "raft.db-wal"), "wb") as f:
         f.write(data)
@@ -400,15 +395,14 @@ def test_switch_to_normal_then_power_cut_is_not_corruption(template, tmp_path):
         T.run_workload(s, wl, acked, upto=12)
     floor = dict(acked)
     vfs = T.new_vfs(live)
-    with T.quiet(), T.direct_syncs(vfs):
+    with T.quiet(), fsio.installed(vfs.fs):
         s = T.open_store(live, vfs=vfs.name, fsync=FsyncMode.NORMAL, fsync_interval=3600)
         T.run_workload(s, wl, acked, start=12)  # no interval sync happens: nothing below is durable
         vfs.arm_crash(at_write=1)
         with pytest.raises(StorageFault):
             s.metadata("a").set_term_and_vote(10**6, None)
         s.close()
-    wal = os.path.realpath(os.path.join(live, "raft.db-wal"))
-    durable, pending = vfs._frozen[wal]
+    durable, pending = vfs.file_state(os.path.join(live, "raft.db-wal"))
     first_new = min(off for off, data in pending if data is not None and off >= len(durable) - 4120)
 
     def tear(data):  # the first unsynced frame is lost (old bytes), everything after it reached the disk

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import itertools
 import os
 import random
@@ -43,6 +42,7 @@ from typing import NamedTuple
 import apsw
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy
+from raft_sqlite import fsio
 from raft_sqlite.wal import SegmentPolicy
 
 try:
@@ -560,46 +560,9 @@ def new_vfs(root: str) -> faultvfs.FaultVFS:
     return faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=root)
 
 
-_direct = threading.local()
-
-
-@contextlib.contextmanager
-def direct_syncs(vfs: faultvfs.FaultVFS):
-    """The store calls ``os.fdatasync`` itself in NORMAL mode (the interval WAL sync; chunks.db's WAL
-    before a snapshot manifest flips), i.e. not through SQLite, so not through the VFS. Within the
-    block such a sync also makes the file's pending writes durable in the fault VFS's model; after the
-    power cut it fails with EIO and changes nothing. (Patches ``os.fdatasync``/``os.fsync`` for the
-    process; uses FaultVFS internals.)"""
-    real = {"fdatasync": os.fdatasync, "fsync": os.fsync}
-
-    def wrap(name):
-        def sync(fd):
-            _direct.ok = False
-            with vfs._lock:
-                if vfs.crashed:
-                    raise OSError(errno.EIO, "faultvfs: sync after power loss")
-                real[name](fd)
-                try:
-                    path = os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
-                except OSError:
-                    path = None
-                st = vfs._files.get(path)
-                if st is not None:
-                    st.durable = faultvfs._apply(bytearray() if st.durable is None else st.durable, st.pending)
-                    st.pending = []
-            _direct.ok = True
-        return sync
-
-    os.fdatasync, os.fsync = wrap("fdatasync"), wrap("fsync")
-    try:
-        yield
-    finally:
-        os.fdatasync, os.fsync = real["fdatasync"], real["fsync"]
-
-
 class SyncTracker:
     """NORMAL mode: records ``acked`` as it was when the last *successful* interval sync of the WAL
-    started (inside :func:`direct_syncs`): the floor of the documented loss window."""
+    started: the floor of the documented loss window (writes acknowledged after it may be lost)."""
 
     def __init__(self, store: NodeStore, acked: dict):
         self.floor = {g: 0 for g in acked}
@@ -607,33 +570,16 @@ class SyncTracker:
         syncer = store._syncer
         if syncer is None:
             return
-        orig = syncer.sync
+        orig, stats = syncer.sync, store.stats
 
         def sync(wal):
-            before = dict(acked)
-            _direct.ok = False
+            before, n = dict(acked), stats.interval_syncs
             orig(wal)
-            if getattr(_direct, "ok", False):
+            if stats.interval_syncs > n:  # the fdatasync returned (a failed one does not count)
                 self.floor = before
                 self.syncs += 1
 
         syncer.sync = sync
-
-
-SIDECARS = ("raft.db-hwm",)
-
-
-def carry_sidecars(live: str, img: str, mode: str) -> None:
-    """Files the store writes without SQLite (so without the VFS), e.g. the WAL high-water mark
-    ``raft.db-hwm`` (one unsynced pwrite after each durable commit): in "lose" images they are lost
-    with every other unsynced write; in "subset"/"garble" images they survive with their last content
-    (a 24-byte pwrite is never torn)."""
-    if mode == "lose":
-        return
-    for name in SIDECARS:
-        src = os.path.join(live, name)
-        if os.path.exists(src):
-            shutil.copy2(src, os.path.join(img, name))
 
 
 @dataclass
@@ -658,7 +604,7 @@ def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.
         vfs.arm_crash(**crash)
     acked = {g: 0 for g in wl.groups}
     store, err, tracker = None, None, None
-    with direct_syncs(vfs):
+    with fsio.installed(vfs.fs):
         try:
             store = open_store(live, fsync=fsync, vfs=vfs.name, checkpoint_every=checkpoint_every,
                                fsync_interval=0.002)
