@@ -1,6 +1,7 @@
 """Hot backup and restore: point-in-time copies under load, manifests, refusals before any write,
 restore modes and their events, SIGKILL during a backup, scheduler and retention."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -618,9 +619,15 @@ def test_restore_dying_at_every_file_operation_never_leaves_a_half_restored_stor
     seen = {}
     for k in range(1, dry.calls + 1):
         target = tmp_path / f"t{k}"
-        with fsio.installed(_DiesAt(k)), pytest.raises(BackupError):
-            restore(info.path, target)
+        returned = False
+        with fsio.installed(_DiesAt(k)):
+            try:
+                restore(info.path, target)
+                returned = True  # the failed call was one the store tolerates (e.g. its disk reserve)
+            except BackupError:
+                pass
         outcome = _classify_restore_target(target, expected, info.path)
+        assert outcome == "complete" or not returned, (k, outcome)
         seen[outcome] = seen.get(outcome, 0) + 1
         if outcome != "complete":
             restore(info.path, target)  # removes the leftovers and restores afresh
@@ -644,7 +651,7 @@ def test_restore_check_sees_a_missing_placeholder(tmp_path, monkeypatch):
     failures = 0
     for k in range(1, dry.calls + 1):
         target = tmp_path / f"t{k}"
-        with fsio.installed(_DiesAt(k)), pytest.raises(BackupError):
+        with fsio.installed(_DiesAt(k)), contextlib.suppress(BackupError):
             restore(info.path, target)
         if "chunks.db" in (tree(target) or []) and "raft.db" not in tree(target):
             with pytest.raises(BackupError, match="not empty"):

@@ -693,6 +693,7 @@ class BackupRun:
     error: BaseException | None
     vfs: faultvfs.FaultVFS
     syncs_in_backup: int = 0
+    returned: bool = False  # the crash-window backup's call returned
 
 
 def backup_powerloss_run(template: str, run_dir: str, wl: Workload, *, before: int, crash: dict | None = None,
@@ -713,7 +714,7 @@ def backup_powerloss_run(template: str, run_dir: str, wl: Workload, *, before: i
     acked = {g: 0 for g in wl.groups}
     at_backup: dict = {}
     done: list = []
-    state = {"step": 0, "syncs": 0}
+    state = {"step": 0, "syncs": 0, "returned": False}
     store, err = None, None
 
     def next_step():
@@ -743,6 +744,7 @@ def backup_powerloss_run(template: str, run_dir: str, wl: Workload, *, before: i
             info = mgr.backup(progress=progress)
             state["syncs"] = vfs.counters["syncs"] - n0
             done.append((info.path, dict(at_backup)))
+            state["returned"] = True
             while state["step"] < len(wl.order):
                 next_step()
             store.close()
@@ -752,7 +754,7 @@ def backup_powerloss_run(template: str, run_dir: str, wl: Workload, *, before: i
             if store is not None:
                 with contextlib.suppress(RaftSqliteError, apsw.Error, OSError):
                     store.close()
-    return BackupRun(vfs.crashed, acked, at_backup, done, err, vfs, state["syncs"])
+    return BackupRun(vfs.crashed, acked, at_backup, done, err, vfs, state["syncs"], state["returned"])
 
 
 @dataclass
@@ -767,6 +769,8 @@ class RestoreRun:
     vfs: faultvfs.FaultVFS
     syncs: int = 0
     writes: int = 0
+    #: syncs counted when the target's raft.db last got its name by a rename (the restored store appears)
+    syncs_at_raft_db: int = 0
 
 
 def restore_powerloss_run(backup_folder: str, run_dir: str, *, crash: dict | None = None,
@@ -784,15 +788,25 @@ def restore_powerloss_run(backup_folder: str, run_dir: str, *, crash: dict | Non
         os.mkdir(target, 0o700)
     vfs = faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=run_dir)
     err = None
+    n0, w0 = vfs.counters["syncs"], vfs.counters["writes"]
+    at_raft_db = [0]
+    replace = vfs.fs.replace
+
+    def watched_replace(src, dst):  # instance attribute: this run's FaultFS only
+        replace(src, dst)
+        if os.path.basename(dst) == "raft.db":
+            at_raft_db[0] = vfs.counters["syncs"] - n0
+
+    vfs.fs.replace = watched_replace
     with fsio.installed(vfs.fs):
         if crash:
             vfs.arm_crash(**crash)
-        n0, w0 = vfs.counters["syncs"], vfs.counters["writes"]
         try:
             restore(bk, target, vfs=vfs.name)
         except (RaftSqliteError, apsw.Error, OSError) as exc:
             err = exc
-    return RestoreRun(vfs.crashed, bk, target, err, vfs, vfs.counters["syncs"] - n0, vfs.counters["writes"] - w0)
+    return RestoreRun(vfs.crashed, bk, target, err, vfs, vfs.counters["syncs"] - n0, vfs.counters["writes"] - w0,
+                      at_raft_db[0])
 
 
 def check_restored(path: str, wl: Workload, at: dict, backup_path: str) -> Verdict:
