@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
+import threading
 
 import apsw
 
@@ -83,6 +84,82 @@ def upgrade(path: str, db_name: str) -> bool:
         if isinstance(orig, sqlite3.OperationalError) and ("disk I/O" in str(orig) or "full" in str(orig)):
             raise StorageFault(f"{path}: schema migration failed: {orig}") from exc
         raise CorruptionError(f"{path}: schema migration failed, the file is damaged: {orig}") from exc
+
+
+_schemas: dict[tuple[str, int | None], bytes] = {}  # (db_name, page_size) -> an empty database at head
+_schemas_lock = threading.Lock()
+
+
+def _schema_image(db_name: str, page_size: int | None) -> bytes:
+    """The bytes of an empty database file at the head schema of ``db_name``, built once per process
+    by alembic in a temporary file outside data_dir."""
+    import shutil
+    import tempfile
+
+    key = (db_name, page_size)
+    with _schemas_lock:
+        if key not in _schemas:
+            tmpdir = tempfile.mkdtemp(prefix="raft_sqlite-schema-")
+            try:
+                tmp = os.path.join(tmpdir, db_name)
+                if page_size is not None:
+                    with contextlib.closing(_connect_exact(tmp)) as c:
+                        c.execute(f"PRAGMA page_size={int(page_size)}")
+                        c.execute("VACUUM")  # writes the empty file with that page size
+                upgrade(tmp, db_name)
+                with open(tmp, "rb") as f:
+                    _schemas[key] = f.read()
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        return _schemas[key]
+
+
+def create(path: str, db_name: str, vfs: str | None = None, page_size: int | None = None) -> None:
+    """Give the fresh database file at ``path`` (empty, or pages without any table) the head schema of
+    ``db_name`` (one of :data:`BRANCHES`), writing it only through apsw and the VFS ``vfs``.
+
+    Alembic runs through the stdlib's SQLite, which no apsw VFS sees: run on the store's own file, the
+    creation of a store would be outside every fault model (a test could not crash it at each of its
+    writes and syncs). So the schema is built by alembic once per process in a temporary file outside
+    data_dir (with ``page_size``, if given) and copied into ``path`` with SQLite's online backup,
+    through ``vfs``, in one WAL transaction: after a crash ``path`` is either still without tables (the
+    next open creates it again) or holds the whole schema. Raises :class:`StorageFault` /
+    :class:`CorruptionError` as :func:`upgrade` does, apsw errors of the copy as they are.
+    """
+    image = _schema_image(db_name, page_size)
+    src = apsw.Connection(":memory:")
+    try:
+        src.deserialize("main", image)
+        # the header's page size (1 means 65536); PRAGMA page_size of a deserialized database says 4096
+        # until its first read
+        want = int.from_bytes(image[16:18], "big")
+        want = 65536 if want == 1 else want
+        dst = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=vfs)
+        try:
+            dst.execute("PRAGMA synchronous=FULL")  # the copy's commit is synced in every mode
+            # The page size can change only outside WAL mode (a backup into a WAL database of another page
+            # size fails with SQLITE_READONLY): set it on the empty file first, then copy in WAL mode. A
+            # crash can leave the file in WAL mode with the default page size: the copy then sets it.
+            if dst.execute("PRAGMA page_size").fetchall()[0][0] != want:
+                dst.execute("PRAGMA journal_mode=DELETE").fetchall()
+                dst.execute(f"PRAGMA page_size={int(want)}")
+            dst.execute("PRAGMA journal_mode=WAL").fetchall()
+            if dst.execute("PRAGMA page_size").fetchall()[0][0] != want:
+                dst.execute("PRAGMA journal_mode=DELETE").fetchall()
+            # not ``with``: when step() and the implicit finish() both fail, apsw's __exit__ raises SystemError
+            b = dst.backup("main", src, "main")
+            try:
+                b.step(-1)
+            except BaseException:
+                with contextlib.suppress(apsw.Error):
+                    b.finish()
+                raise
+            b.finish()
+            dst.execute("PRAGMA journal_mode=WAL").fetchall()
+        finally:
+            dst.close()
+    finally:
+        src.close()
 
 
 def _connect_exact(path: str):

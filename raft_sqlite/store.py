@@ -281,12 +281,23 @@ class NodeStore:
     def _take_dir(self, lock: DataDirLock | None) -> bool:
         """Create ``data_dir`` if needed, lock it (or adopt the caller's ``lock``), then tighten the
         modes of data_dir (0700) and of its files (0600). Returns True if a file or the directory was
-        created (EXTRA mode then fsyncs data_dir)."""
+        created (data_dir is then fsynced once its files exist, in every mode but OFF)."""
         created = not os.path.isdir(self.data_dir)
         if created:
+            # the directories makedirs creates: each one's entry is durable only once its parent is synced
+            new_dirs, d = [], os.path.abspath(self.data_dir)
+            while d and not os.path.exists(d) and os.path.dirname(d) != d:
+                new_dirs.append(d)
+                d = os.path.dirname(d)
             try:
                 fsio.makedirs(self.data_dir, mode=0o700, exist_ok=True)
                 os.chmod(self.data_dir, 0o700)
+                if self.fsync is not FsyncMode.OFF:
+                    # Without this a power cut can lose data_dir itself, and with it every write acknowledged
+                    # since (found by the creation power-loss campaign, in every mode: the syncs of the files
+                    # inside do not make the directory's own entry durable).
+                    for nd in reversed(new_dirs):
+                        fsio.sync_dir(os.path.dirname(nd))
             except OSError as exc:
                 check_data_dir(self.data_dir)  # a file appeared there meanwhile: say so
                 raise DataDirError(f"cannot create data_dir {self.data_dir}: {exc.strerror or exc}") from exc
@@ -330,13 +341,11 @@ class NodeStore:
             if not os.path.exists(p):
                 fsio.close(fsio.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
                 created = True
-                if name == layout.CHUNKS_DB:
-                    # big pages for big blobs: 16x fewer WAL frames, page headers and checksums per MiB
-                    c = apsw.Connection(p, vfs=self.vfs)
-                    c.execute(f"PRAGMA page_size={layout.CHUNKS_PAGE_SIZE}")
-                    c.execute("PRAGMA journal_mode=WAL").fetchall()
-                    c.close()
-        if created and FSYNC_MODES[self.fsync]["dir_sync"]:
+        if created and (self.fsync is not FsyncMode.OFF or FSYNC_MODES[self.fsync]["dir_sync"]):
+            # The entries of raft.db and chunks.db: SQLite syncs the directory when it creates a WAL or a
+            # journal, never for a database file that already exists (created here). Without this sync a
+            # power cut after creation can lose raft.db while its WAL survives (every mode but OFF, whose
+            # promise does not cover power loss; found by the creation power-loss campaign).
             self.sync_dir()
         try:
             lost: list[str | None] = [None]
@@ -412,6 +421,7 @@ class NodeStore:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # SQLite reads the WAL index
                 check()
             current = not migrate.needs_upgrade(conn, db_name)
+            fresh = not current and migrate.current_revision(conn) is None
         except BaseException as exc:
             conn.close()
             if isinstance(exc, apsw.Error):
@@ -420,6 +430,14 @@ class NodeStore:
         if current:
             return conn
         conn.close()  # never let pysqlite (alembic) and apsw hold the same file open at once
+        if fresh:  # creation: through apsw and self.vfs only, so that it is inside the fault models
+            try:
+                # chunks.db: big pages for big blobs (16x fewer WAL frames, page headers and checksums per MiB)
+                migrate.create(path, db_name, self.vfs,
+                               layout.CHUNKS_PAGE_SIZE if db_name == layout.CHUNKS_DB else None)
+            except apsw.Error as exc:
+                raise self._translate(exc, f"creation of {db_name}") from exc
+            return self._connect(path)
         migrate.upgrade(path, db_name)
         if db_name == layout.MAIN_DB:
             # pysqlite checkpointed everything and removed the WAL: the mark describes a WAL that is gone

@@ -374,9 +374,12 @@ def test_fs_new_name_needs_sync_dir(tmp_path, make_vfs):
     assert [Path(p).name for p in vfs.write_crash_image(str(tmp_path / "i3"), "lose")] == ["renamed"]
     fs.unlink(os.path.join(d, "renamed"))
     assert [Path(p).name for p in vfs.write_crash_image(str(tmp_path / "i4"), "lose")] == ["renamed"]
+    fs.mkdir(os.path.join(d, "e"))  # an empty directory: in the image once its entry is durable
+    vfs.write_crash_image(str(tmp_path / "i5"), "lose")
+    assert not (tmp_path / "i5" / "e").exists()
     fs.sync_dir(d)
-    assert vfs.write_crash_image(str(tmp_path / "i5"), "lose") == []
-    assert not (tmp_path / "i5" / "renamed").exists()
+    assert vfs.write_crash_image(str(tmp_path / "i6"), "lose") == []
+    assert not (tmp_path / "i6" / "renamed").exists() and (tmp_path / "i6" / "e").is_dir()
 
 
 def test_fs_renamed_directory_carries_its_entries(tmp_path, make_vfs):

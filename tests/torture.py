@@ -453,7 +453,8 @@ class Verdict:
     ok: bool
     unopenable: bool = False
     lost: int = 0  # groups whose state matched none of the allowed model states
-    acked: int = 0  # acknowledged operations checked
+    acked: int = 0  # acknowledged operations the mode promises to keep (all of them, or NORMAL's floor)
+    window: int = 0  # acknowledged operations inside NORMAL's loss window (checked only for consistency)
     detail: str = ""
     in_flight_applied: int = 0  # groups where the in-flight op turned out durable
 
@@ -465,12 +466,14 @@ def check_store(path, wl: Workload, acked: dict, *, floor: dict | None = None, f
     Group ``g`` must be in state ``k`` for some ``floor[g] <= k <= acked[g] + 1`` (``floor``
     defaults to ``acked``: every acknowledged operation is there; the one in flight may be)."""
     floor = acked if floor is None else floor
+    promised = sum(min(floor.get(g, 0), acked.get(g, 0)) for g in acked)
+    window = sum(acked.values()) - promised
     try:
         store = open_store(path, fsync=fsync)
     except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
-        return Verdict(False, unopenable=True, acked=sum(acked.values()),
+        return Verdict(False, unopenable=True, acked=promised, window=window,
                        detail=f"reopen failed: {type(exc).__name__}: {exc}")
-    v = Verdict(True, acked=sum(acked.values()))
+    v = Verdict(True, acked=promised, window=window)
     try:
         extra = set(store.groups()) - set(wl.groups)
         if extra:
@@ -503,10 +506,13 @@ class Tally:
     """Counters of one campaign (one row of the summary table)."""
 
     name: str
-    crash_states: int = 0
+    crash_states: int = 0  # states checked after a crash that really happened at its crash point
+    not_reached: int = 0  # runs that ended before their crash point (checked, but not crash states)
     kills: int = 0
     faults: int = 0
-    acked_checked: int = 0
+    acked_checked: int = 0  # acknowledged writes the mode promises to keep, checked
+    window_checked: int = 0  # NORMAL: acknowledged writes inside the loss window (may be lost)
+    retried: int = 0  # creation: crash states whose first open failed (typed) and a retry opened
     lost: int = 0
     unopenable: int = 0
     in_flight_applied: int = 0
@@ -517,6 +523,7 @@ class Tally:
 
     def add(self, v: Verdict, where: str) -> None:
         self.acked_checked += v.acked
+        self.window_checked += v.window
         self.lost += v.lost
         self.unopenable += v.unopenable
         self.in_flight_applied += v.in_flight_applied
@@ -528,14 +535,16 @@ class Tally:
             f"{self.name}: lost={self.lost} unopenable={self.unopenable}\n" + "\n".join(self.failures)
 
 
-COLUMNS = ("campaign", "crash states", "kills", "faults injected", "acked writes checked", "backups restored",
-           "lost", "unopenable", "in-flight applied", "seconds")
+COLUMNS = ("campaign", "crash states", "runs ended before the crash point", "kills", "faults injected",
+           "acked writes checked", "acked in loss window", "backups restored", "lost", "unopenable",
+           "opened on retry", "in-flight applied", "seconds")
 
 
 def table(tallies: list[Tally]) -> str:
-    """The summary table as markdown."""
-    rows = [[t.name, t.crash_states, t.kills, t.faults, t.acked_checked, t.backups, t.lost, t.unopenable,
-             t.in_flight_applied, f"{t.seconds:.1f}"] for t in tallies]
+    """The summary table as markdown (``seconds``: summed over every seed/part of the campaign)."""
+    rows = [[t.name, t.crash_states, t.not_reached, t.kills, t.faults, t.acked_checked, t.window_checked,
+             t.backups, t.lost, t.unopenable, t.retried, t.in_flight_applied, f"{t.seconds:.1f}"]
+            for t in tallies]
     widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *rows)]
     fmt = "| " + " | ".join("{:>" + str(w) + "}" for w in widths) + " |"
     lines = [fmt.format(*COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -590,16 +599,29 @@ class RunResult:
     floor: dict | None = None
     vfs: faultvfs.FaultVFS | None = None
     counters: dict | None = None
+    store_dir: str = ""  #: where the data_dir is inside a crash image ("": the image is the data_dir)
+
+    def image(self, img: str, mode: str, seed: int = 0) -> str:
+        """Write the crash image into ``img``; returns the data_dir inside it (it may not exist)."""
+        self.vfs.write_crash_image(img, mode, seed=seed)
+        return os.path.join(img, self.store_dir) if self.store_dir else img
 
 
-def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.FULL, crash: dict | None = None,
-                  checkpoint_every: int | None = 40, threaded: bool = False, slow_ops: float = 0.0,
-                  backups: Backups | None = None) -> RunResult:
-    """Copy ``template`` to ``run_dir/live``, open it through a fresh FaultVFS armed with ``crash``
-    (``{"at_sync": n}`` / ``{"at_write": n}``, or None for a dry run), run ``wl`` and close. The
-    returned RunResult holds the VFS (call ``write_crash_image``; then ``vfs.unregister()``)."""
-    live = copy_store(template, os.path.join(run_dir, "live"))
-    vfs = new_vfs(live)
+def powerloss_run(template: str | None, run_dir: str, wl: Workload, *, fsync=FsyncMode.FULL,
+                  crash: dict | None = None, checkpoint_every: int | None = 40, threaded: bool = False,
+                  slow_ops: float = 0.0, backups: Backups | None = None) -> RunResult:
+    """Copy ``template`` to ``run_dir/live``, open it through a fresh FaultVFS (and its FaultFS) armed
+    with ``crash`` (``{"at_sync": n}`` / ``{"at_write": n}``, or None for a dry run), run ``wl`` and
+    close. ``template=None``: store *creation* is inside the model too: the store is created by this
+    open in the empty ``run_dir/live`` (the FaultVFS tracks ``run_dir``, so that data_dir's own entry
+    is modelled; ``RunResult.image`` returns the data_dir inside an image). The returned RunResult
+    holds the VFS (write images; then ``vfs.unregister()``)."""
+    if template is None:
+        os.makedirs(run_dir, exist_ok=True)
+        live, vfs = os.path.join(run_dir, "live"), new_vfs(run_dir)
+    else:
+        live = copy_store(template, os.path.join(run_dir, "live"))
+        vfs = new_vfs(live)
     if crash:
         vfs.arm_crash(**crash)
     acked = {g: 0 for g in wl.groups}
@@ -623,7 +645,7 @@ def powerloss_run(template: str, run_dir: str, wl: Workload, *, fsync=FsyncMode.
             if store is not None:
                 store.close()
     return RunResult(vfs.crashed, acked, err, tracker.floor if tracker else {g: 0 for g in wl.groups}, vfs,
-                     dict(vfs.counters))
+                     dict(vfs.counters), "live" if template is None else "")
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL writer

@@ -357,6 +357,7 @@ class FaultVFS(apsw.VFS):
         rng = random.Random(seed)
         files: list[tuple[str, bytes | None]] = []  # (relative name, content or None: absent)
         gone: list[str] = []  # directories of the model absent from the image
+        dirs: list[str] = []  # directories present in the image (created even when empty)
 
         def walk(d: _Dir, rel: str) -> None:
             for name in sorted(set(d.cur) | set(d.dur)):
@@ -366,6 +367,8 @@ class FaultVFS(apsw.VFS):
                 node = old if mode == "lose" or old is new else rng.choice((old, new))
                 sub = os.path.join(rel, name)
                 if isinstance(node, _Dir):
+                    if self.root:
+                        dirs.append(sub)
                     walk(node, sub)
                 elif node is not None:
                     content = self._image(bytes(node.durable), node.pending, mode, rng)
@@ -385,6 +388,11 @@ class FaultVFS(apsw.VFS):
         os.makedirs(target_dir, exist_ok=True)
         for rel in gone:
             shutil.rmtree(os.path.join(target_dir, rel), ignore_errors=True)
+        for rel in dirs:
+            if not os.path.isdir(os.path.join(target_dir, rel)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(target_dir, rel))
+                os.makedirs(os.path.join(target_dir, rel))
         written = []
         for rel, content in files:
             if content is None and rel in names:
