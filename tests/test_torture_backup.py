@@ -131,6 +131,7 @@ def hot_backup_campaign(template, tmp, tally: T.Tally, seeds, *, ops_per_group: 
             try:
                 if not run.crashed:
                     counts["runs past the crash point"] += 1
+                    tally.not_reached += 1
                     continue
                 assert run.error is None or isinstance(run.error, RaftSqliteError), (crash, repr(run.error))
                 for mode in (modes[i % len(modes)],) if alternate else modes:
@@ -182,8 +183,10 @@ def check_restore_image(img: str, run: T.RestoreRun, run_dir: str, wl, at: dict,
     except Exception as exc:  # noqa: BLE001 - a refused retry is the finding
         _fail(tally, where, f"{outcome} target ({why}); the repeated restore failed: {type(exc).__name__}: {exc}")
         return
-    tally.add(T.check_restored(target, wl, at, bk), f"{where} repeated restore")
+    v = T.check_restored(target, wl, at, bk)
+    tally.add(v, f"{where} repeated restore")
     tally.backups += 1
+    tally.retried += v.ok  # "opened on retry": the repeated restore gave the complete store
 
 
 def restore_campaign(backup, tmp, tally: T.Tally, *, modes=MODES, stride: int = 1, write_points: int = 0,
@@ -217,6 +220,7 @@ def restore_campaign(backup, tmp, tally: T.Tally, *, modes=MODES, stride: int = 
             try:
                 if not run.crashed:
                     counts["runs past the crash point"] += 1
+                    tally.not_reached += 1
                     continue
                 if run.error is not None and not isinstance(run.error, RaftSqliteError):
                     _fail(tally, f"{crash}", f"restore() raised {run.error!r}, not a typed error")
