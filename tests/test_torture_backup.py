@@ -278,11 +278,21 @@ class _SkipSyncDir:
             self._fsio.sync_dir(path)
 
 
-def test_backup_campaign_sees_an_acknowledged_backup_lost(template, tmp_path, monkeypatch):
+def _node_folder(p):  # backups/<node_id>, synced once a backup's manifest is in place
+    return os.path.basename(p) == T.NODE
+
+
+def _new_parents(p):  # the run folder and backups/, synced when backups/ and backups/<node_id> are created
+    return os.path.basename(p) != T.NODE and os.path.basename(os.path.dirname(p)) != T.NODE
+
+
+@pytest.mark.parametrize("skip", [_node_folder, _new_parents])
+def test_backup_campaign_sees_an_acknowledged_backup_lost(template, tmp_path, monkeypatch, skip):
     """The hot-backup check can fail: without the sync of the node's backup folder after the manifest,
-    a backup whose call returned vanishes in "lose" images of a later power cut."""
+    or of the parents of the folders the first backup creates, a backup whose call returned vanishes in
+    "lose" images of a later power cut."""
     from raft_sqlite import backup as backup_mod
-    monkeypatch.setattr(backup_mod, "fsio", _SkipSyncDir(lambda p: os.path.basename(p) == T.NODE))
+    monkeypatch.setattr(backup_mod, "fsio", _SkipSyncDir(skip))
     tally = T.Tally("sabotaged backup")
     hot_backup_campaign(template, str(tmp_path), tally, (2,), ops_per_group=8, modes=("lose",), pages_per_step=16,
                         after=2, only_after_return=True)
