@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 import threading
 import time
@@ -50,7 +49,7 @@ from typing import Self
 
 import apsw
 
-from . import layout
+from . import fsio, layout
 from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
@@ -128,12 +127,35 @@ class BackupCancelled(BackupError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _fsync_path(path: str, *, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+def _fsync_file(path: str) -> None:
+    """fsync the content of the file ``path`` (through :mod:`raft_sqlite.fsio`)."""
+    fd = fsio.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsio.fsync(fd)
     finally:
-        os.close(fd)
+        fsio.close(fd)
+
+
+def _make_dirs(path: str) -> None:
+    """Create the directory ``path`` (0700) and its missing parents, each new name made durable by a
+    sync of its parent: a backup whose call returned must not vanish with its folder's name after a
+    power cut. An existing directory is left alone."""
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            fsio.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue
+        fsio.sync_dir(os.path.dirname(d))
 
 
 def _sha256_file(path: str, progress: ProgressFn | None = None, phase: str = "sha256") -> tuple[int, str]:
@@ -236,19 +258,25 @@ def _safe_component(node_id: str) -> str:
     return node_id
 
 
+def _write_file_atomically(folder: str, name: str, data: bytes) -> None:
+    """Write ``folder/name`` so that after a power cut it is either absent (or its previous content) or
+    complete: a temporary name, fsync, rename, fsync of ``folder``."""
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        fsio.unlink(tmp)  # a leftover of an interrupted earlier attempt
+    fd = fsio.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        fsio.write_all(fd, data)
+        fsio.fsync(fd)
+    finally:
+        fsio.close(fd)
+    fsio.replace(tmp, os.path.join(folder, name))
+    fsio.sync_dir(folder)
+
+
 def _write_json_atomically(folder: str, name: str, obj: dict) -> bytes:
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    tmp = os.path.join(folder, f".{name}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(folder, name))
-    _fsync_path(folder, directory=True)
+    _write_file_atomically(folder, name, data)
     return data
 
 
@@ -295,10 +323,10 @@ class HotBackupManager:
     @contextlib.contextmanager
     def _exclusive(self):
         try:
-            os.makedirs(self.node_dir, mode=0o700, exist_ok=True)
+            _make_dirs(self.node_dir)
+            fd = fsio.open(os.path.join(self.node_dir, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
         except OSError as exc:
             raise BackupError(f"cannot create backup folder {self.node_dir}: {exc}") from exc
-        fd = os.open(os.path.join(self.node_dir, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -309,7 +337,8 @@ class HotBackupManager:
                 raise
             yield
         finally:
-            os.close(fd)  # releases the flock
+            with contextlib.suppress(OSError):
+                fsio.close(fd)  # releases the flock
 
     # -------------------------------------------------------------- backup
     def backup(self, *, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> BackupInfo:
@@ -336,13 +365,17 @@ class HotBackupManager:
         self.store._check_open()
         with self._exclusive():
             seen = self._highest_seq()
-            folder = self._new_folder()
+            try:
+                folder = self._new_folder()
+            except OSError as exc:
+                raise BackupError(f"cannot create a backup folder in {self.node_dir}: {exc}") from exc
             try:
                 phases = {"copy": 0.0, "sha256": 0.0, "fsync": 0.0, "wait": 0.0}
                 manifest, size = self._on_worker(
                     lambda stop: self._copy(folder, progress, (cancel, stop), phases, seen))
             except BaseException as exc:
-                shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):  # best effort: the disk may be failing (or gone)
+                    fsio.rmtree(folder, ignore_errors=True)
                 if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
                     raise
                 if isinstance(exc, apsw.Error):
@@ -350,7 +383,10 @@ class HotBackupManager:
                 if isinstance(exc, OSError):
                     raise BackupError(f"backup into {folder} failed: {exc}") from exc
                 raise
-            _fsync_path(self.node_dir, directory=True)
+            try:
+                fsio.sync_dir(self.node_dir)  # the folder's name: from here on the backup survives power loss
+            except OSError as exc:
+                raise BackupError(f"backup into {folder} failed: cannot sync {self.node_dir}: {exc}") from exc
         duration = time.monotonic() - t0
         info = BackupInfo(folder, manifest, size, duration, phases)
         self._record(info)
@@ -397,7 +433,7 @@ class HotBackupManager:
             name = base if i == 0 else f"{base}-{i}"
             p = os.path.join(self.node_dir, name)
             try:
-                os.mkdir(p, 0o700)
+                fsio.mkdir(p, 0o700)
             except FileExistsError:
                 continue
             os.chmod(p, 0o700)
@@ -430,7 +466,7 @@ class HotBackupManager:
                 self._online_copy(src, dest_path, name, progress, cancel)
                 src.execute("COMMIT")  # release the snapshot: the store's checkpoints may proceed
                 phases["copy"] += time.perf_counter() - t
-                dest = apsw.Connection(dest_path, flags=apsw.SQLITE_OPEN_READONLY)
+                dest = apsw.Connection(dest_path, flags=apsw.SQLITE_OPEN_READONLY, vfs=store.vfs)
                 try:
                     if name == layout.MAIN_DB:
                         facts = _describe(dest)
@@ -487,20 +523,20 @@ class HotBackupManager:
             "groups": groups,
             "files": files,
         }
-        _fsync_path(folder, directory=True)
+        fsio.sync_dir(folder)  # the copies' names, before the manifest that makes them a backup
         _write_json_atomically(folder, MANIFEST, manifest)
         return manifest, total
 
     def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress, cancel) -> None:
-        os.close(os.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        dest = apsw.Connection(dest_path)
+        fsio.close(fsio.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        dest = apsw.Connection(dest_path, vfs=self.store.vfs)
         try:
             # No journal, no syncs while copying: an interrupted copy is an incomplete backup anyway (no
             # manifest), and the finished file gets one fsync.
             dest.execute("PRAGMA synchronous=OFF").fetchall()
             dest.execute("PRAGMA journal_mode=OFF").fetchall()
             page_size = src.execute("PRAGMA page_size").fetchone()[0]
-            wfd = os.open(dest_path, os.O_RDONLY)
+            wfd = fsio.open(dest_path, os.O_RDONLY)
             try:
                 with dest.backup("main", src, "main") as b:
                     while not b.done:
@@ -513,7 +549,7 @@ class HotBackupManager:
                         if self.step_pause and not b.done:
                             time.sleep(self.step_pause)
             finally:
-                os.close(wfd)
+                fsio.close(wfd)
             # The copied header says WAL (bytes 18/19 = 2); make the copy a self-contained rollback-journal
             # file so it can be read (and hashed) without a -wal/-shm. Opening it as a store turns WAL on.
             dest.execute("PRAGMA journal_mode=DELETE").fetchall()
@@ -584,11 +620,11 @@ class HotBackupManager:
                 if e["status"] == "corrupt":
                     log.warning("backup %s is corrupt (%s); prune leaves it for the operator", e["path"], e["error"])
             for e in doomed:
-                shutil.rmtree(e["path"])
+                fsio.rmtree(e["path"])
                 removed.append(e["path"])
                 log.info("pruned %s backup %s", e["status"], e["path"])
             if removed:
-                _fsync_path(self.node_dir, directory=True)
+                fsio.sync_dir(self.node_dir)
         return removed
 
 
@@ -655,7 +691,7 @@ class _FileCheck:
 
     def _sync(self):
         t = time.perf_counter()
-        _fsync_path(self.path)
+        _fsync_file(self.path)
         self.sync_seconds = time.perf_counter() - t
 
     def result(self) -> dict:
@@ -1041,20 +1077,73 @@ def _restore_kind(mode, allow_quorum_loss: bool) -> str:
     raise ValueError(f"unknown restore mode {mode!r} (node_replacement | quorum_loss)")
 
 
+#: Content of the placeholder ``raft.db`` a restore writes into its target before anything else: not a
+#: SQLite file, so until the restored raft.db replaces it (the last step) the target refuses to open
+#: (:class:`~raft_sqlite.CorruptionError`, "not a database") instead of opening as a half-restored or
+#: brand-new node, and a repeated :func:`restore` recognises the target as its own interrupted work.
+RESTORE_PLACEHOLDER = (b"raft_sqlite: a restore into this data_dir was interrupted (or is running): this is not a "
+                       b"store. Run the restore again into the same data_dir; it removes these leftovers.\n")
+#: Temporary names a restore creates in its target (``.raft.db.restoring``, its journal, the
+#: placeholder's temporary): leftovers of an interrupted restore that a repeated restore may remove.
+_RESTORE_TEMP_RE = re.compile(r"^\.(raft\.db|chunks\.db)\.(restoring(-journal)?|tmp)$")
+
+
+def _is_placeholder(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(RESTORE_PLACEHOLDER)) == RESTORE_PLACEHOLDER
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+
+
+def _target_leftovers(target: str) -> list[str] | None:
+    """The names in ``target`` a restore may remove before it starts: [] if it is empty (apart from the
+    data_dir lock file), the names of an interrupted restore (its placeholder ``raft.db`` is there, or
+    only its temporaries are), or None if it holds anything else (refused: never overwrite a store)."""
+    names = [n for n in os.listdir(target) if n != layout.LOCK_FILE]
+    if _is_placeholder(os.path.join(target, layout.MAIN_DB)):
+        return names  # everything there was written by the interrupted restore (or by a failed open of it)
+    if all(_RESTORE_TEMP_RE.match(n) for n in names):
+        return names
+    return None
+
+
+def _remove_names(target: str, names) -> None:
+    for name in names:
+        p = os.path.join(target, name)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                fsio.rmtree(p)
+            else:
+                fsio.unlink(p)
+
+
 def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str | None = None,
-            progress: ProgressFn | None = None) -> RestoreInfo:
+            progress: ProgressFn | None = None, vfs: str | None = None) -> RestoreInfo:
     """Restore the backup folder ``backup_path`` into a fresh ``data_dir`` and return a :class:`RestoreInfo`.
 
-    Order of work: (1) ``data_dir`` must not exist or be an empty directory, else :class:`BackupError`;
+    Order of work: (1) ``data_dir`` must not exist or be an empty directory (or hold the leftovers of an
+    interrupted restore, which are removed), else :class:`BackupError`;
     (2) the whole backup is verified (:func:`verify_backup` with checksums) and the manifest is checked
     against the data (:func:`check_backup_data`: node, groups, per-group term / vote / commit / first /
     last / snapshot index) before anything is written;
-    (3) ``data_dir`` is created 0700 and locked like a store (:class:`~raft_sqlite.lock.DataDirLock`, held
-    to the end: :class:`~raft_sqlite.DataDirLocked` if a store has it open), and each file copied to a
-    temporary name (0600), checksummed again
-    while copying, fsynced, renamed, and the directory fsynced; (4) a restore event is recorded in the
-    restored ``raft.db``; (5) the result is opened with ``RecoveryPolicy.STRICT`` as a check. If (3)-(5)
-    fail, everything written is removed (``data_dir`` is left as it was) and :class:`BackupError` raised.
+    (3) ``data_dir`` is created 0700 (its name synced into its parent) and locked like a store
+    (:class:`~raft_sqlite.lock.DataDirLock`, held to the end: :class:`~raft_sqlite.DataDirLocked` if a
+    store has it open), and a placeholder ``raft.db`` that is not a database
+    (:data:`RESTORE_PLACEHOLDER`) is written durably first; (4) each file is copied to a temporary name
+    (0600), checksummed again while copying and fsynced; (5) a restore event is recorded in the copied
+    ``raft.db`` (still under its temporary name); (6) ``chunks.db`` is renamed into place, the directory
+    fsynced, then ``raft.db`` replaces the placeholder and the directory is fsynced again; (7) the result
+    is opened with ``RecoveryPolicy.STRICT`` as a check. If (3)-(7) fail, everything written is removed
+    (``data_dir`` is left as it was) and :class:`BackupError` raised.
+
+    Power loss. Until step (6) completes, ``data_dir`` holds no store that opens: the placeholder makes
+    ``NodeStore.open`` fail with :class:`~raft_sqlite.CorruptionError` ("not a database"), and running
+    ``restore`` again into the same ``data_dir`` removes the leftovers and restores afresh. From (6) on
+    it holds the complete restored store (data and restore event). A crash before the placeholder is
+    durable leaves ``data_dir`` as it was (absent or empty). ``vfs`` names a registered apsw VFS for the
+    SQLite work on the target (the restore event and the check-open; the seam for fault-injection
+    tests); the other file operations go through :mod:`raft_sqlite.fsio`.
 
     Modes. ``allow_quorum_loss`` is the operator's statement about the cluster, which only the operator
     knows. Without it (default, ``mode="node_replacement"``) the restore is a *node replacement*: the
@@ -1068,67 +1157,82 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
     """
     t0 = time.monotonic()
     kind = _restore_kind(mode, bool(allow_quorum_loss))
+    if vfs is not None and not isinstance(vfs, str):
+        raise TypeError(f"vfs must be a str (a registered apsw VFS name) or None, not {type(vfs).__name__}")
     src = os.path.abspath(os.fspath(backup_path))
     target = os.path.abspath(os.fspath(data_dir))
 
-    def refuse_if_not_empty():
-        if [n for n in os.listdir(target) if n != layout.LOCK_FILE]:
+    def leftovers_or_refuse() -> list[str]:
+        names = _target_leftovers(target)
+        if names is None:
             raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
                               "(move the old data away first)")
+        return names
 
     if os.path.lexists(target):
         if os.path.islink(target) or not os.path.isdir(target):
             raise BackupError(f"restore target {target} exists and is not a directory")
-        refuse_if_not_empty()
+        leftovers_or_refuse()
     manifest, groups = _verify_backup(src, checksums=True)
     created_dir = not os.path.exists(target)
     if created_dir:
         try:
-            os.makedirs(target, mode=0o700)
+            _make_dirs(target)
         except OSError as exc:
             raise BackupError(f"cannot create restore target {target}: {exc}") from exc
     # Held until the end, so that no NodeStore.open (or second restore) can use the half-written
     # data_dir; DataDirLocked (naming the holder) if a store has it open already.
     lock = DataDirLock.acquire(target, node_id=manifest["node_id"])
     try:
-        refuse_if_not_empty()  # again, now that nobody else can write into it
+        stale = leftovers_or_refuse()  # again, now that nobody else can write into it
     except BaseException:
         lock.release()
         raise
+    main_db = os.path.join(target, layout.MAIN_DB)
     try:
         os.chmod(target, 0o700)
-        tmps = []
+        if stale:
+            # an interrupted restore's leftovers: its placeholder raft.db stays (it is rewritten below),
+            # so that a crash while removing them leaves a target that still refuses to open
+            _remove_names(target, [n for n in stale if n != layout.MAIN_DB])
+            fsio.sync_dir(target)
+            log.info("%s: removed the leftovers of an interrupted restore: %s", target, ", ".join(sorted(stale)))
+        # From here on (once durable) the target refuses to open until the restored raft.db replaces this.
+        _write_file_atomically(target, layout.MAIN_DB, RESTORE_PLACEHOLDER)
+        tmps = {}
         for f in manifest["files"]:
             tmp = os.path.join(target, f".{f['name']}.restoring")
             _copy_verified(os.path.join(src, f["name"]), tmp, f, progress)
-            tmps.append((tmp, os.path.join(target, f["name"])))
-        for tmp, final in tmps:
-            os.rename(tmp, final)
-        _fsync_path(target, directory=True)
-        event = _record_restore_event(os.path.join(target, layout.MAIN_DB), kind, src, manifest, groups)
+            tmps[f["name"]] = tmp
+        # The event is committed (SQLite syncs it) before the file gets its real name: a restored store
+        # never opens without it (the Raft layer must learn it was restored, or it may vote twice).
+        event = _record_restore_event(tmps[layout.MAIN_DB], kind, src, manifest, groups, vfs)
+        fsio.rename(tmps[layout.CHUNKS_DB], os.path.join(target, layout.CHUNKS_DB))
+        fsio.sync_dir(target)
+        fsio.replace(tmps[layout.MAIN_DB], main_db)  # the restored store appears in one step
+        fsio.sync_dir(target)
         from .recovery import RecoveryPolicy
         from .store import NodeStore
         try:
             NodeStore.open(target, manifest["node_id"], cluster_id=manifest["cluster_id"],
-                           recovery=RecoveryPolicy.STRICT, lock=lock).close()
+                           recovery=RecoveryPolicy.STRICT, lock=lock, vfs=vfs).close()
         except RaftSqliteError as exc:
             raise BackupError(f"restored data in {target} does not open under STRICT recovery: {exc}") from exc
     except BaseException as exc:
-        # data_dir was empty or absent when we started: everything in it now is ours (the copies, their
-        # temporaries, whatever the check-open created next to them, and the lock file, which is safe
-        # to remove while we hold it: DataDirLock.acquire re-checks the path after locking)
-        for name in os.listdir(target) if os.path.isdir(target) else ():
-            p = os.path.join(target, name)
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p)
-                else:
-                    os.remove(p)
-        if created_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(target)
+        # data_dir was empty or absent when we started (or held our own leftovers): everything in it now
+        # is ours (the copies, their temporaries, whatever the check-open created next to them, and the
+        # lock file, which is safe to remove while we hold it: DataDirLock.acquire re-checks the path
+        # after locking). raft.db goes last (see above). Best effort: after an I/O error or a power
+        # cut these may fail too, and the placeholder then tells the next restore what happened.
+        with contextlib.suppress(OSError):
+            names = os.listdir(target) if os.path.isdir(target) else []
+            _remove_names(target, sorted(names, key=lambda n: n == layout.MAIN_DB))
+            if created_dir and not os.listdir(target):
+                fsio.rmtree(target)
         if isinstance(exc, OSError):
             raise BackupError(f"restore into {target} failed: {exc}") from exc
+        if isinstance(exc, apsw.Error):
+            raise BackupError(f"restore into {target} failed: SQLite: {type(exc).__name__}: {exc}") from exc
         raise
     finally:
         lock.release()
@@ -1140,7 +1244,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
 def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
     h = hashlib.sha256()
     n = 0
-    fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    fd = fsio.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         with open(src, "rb", buffering=0) as fin:
             while True:
@@ -1148,20 +1252,19 @@ def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
                 if not b:
                     break
                 h.update(b)
-                view = memoryview(b)
-                while view:
-                    view = view[os.write(fd, view):]
+                fsio.write_all(fd, b)
                 n += len(b)
                 if progress is not None:
                     progress(f["name"], n, f["size"])
-        os.fsync(fd)
+        fsio.fsync(fd)
     finally:
-        os.close(fd)
+        fsio.close(fd)
     if n != f["size"] or h.hexdigest() != f["sha256"]:
         raise BackupError(f"{src} changed while it was being restored (size/sha256 no longer match the manifest)")
 
 
-def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict, groups: list[dict]) -> dict:
+def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict, groups: list[dict],
+                          vfs: str | None = None) -> dict:
     """Record the restore in the restored raft.db. Per-group values come from ``groups``, read from the
     restored data itself (:func:`check_backup_data`), so :attr:`NodeStore.restored_from` reports what
     was restored, not what a manifest claims."""
@@ -1179,7 +1282,7 @@ def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: d
     else:
         details["action"] = ("rejoin as the same node and catch up from the leader; do not vote in any term "
                              "that may have been voted in after the backup point")
-    conn = apsw.Connection(raft_db)
+    conn = apsw.Connection(raft_db, vfs=vfs)
     try:
         conn.execute("PRAGMA synchronous=FULL").fetchall()
         conn.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) VALUES (?,?,?,?,?,?)",

@@ -1,6 +1,8 @@
 """Hot backup and restore: point-in-time copies under load, manifests, refusals before any write,
 restore modes and their events, SIGKILL during a backup, scheduler and retention."""
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from raft_sqlite import BackupError, LogEntry, RecoveryPolicy
+from raft_sqlite import BackupError, CorruptionError, LogEntry, RecoveryPolicy, fsio
 from raft_sqlite import backup as backup_mod
 from raft_sqlite.backup import (
     MANIFEST,
@@ -547,6 +549,174 @@ def test_restore_that_fails_the_strict_open_leaves_nothing(tmp_path, store):
     with pytest.raises(BackupError, match="STRICT"):
         restore(info.path, tmp_path / "t")
     assert tree(tmp_path / "t") is None
+
+
+# ------------------------------------------------------------------------------------------- death at every file operation
+class _DiesAt(fsio.OsFileSystem):
+    """The OS file system until the ``n``-th changing call (open, write, sync, rename, unlink, mkdir,
+    ...), which fails with EIO and so does every later one: the process "died" there, its clean-up
+    cannot run. ``close`` always works (no descriptor leaks). ``calls`` counts the changing calls."""
+
+    def __init__(self, n=None):
+        self.n, self.calls = n, 0
+
+    def _step(self):
+        self.calls += 1
+        if self.n is not None and self.calls >= self.n:
+            raise OSError(errno.EIO, f"died at file operation {self.calls}")
+
+
+def _dying(orig):
+    def call(self, *a, **kw):
+        self._step()
+        return orig(self, *a, **kw)
+    return call
+
+
+for _name in ("open", "write", "pwrite", "ftruncate", "fsync", "fdatasync", "sync_dir", "rename", "replace",
+              "unlink", "mkdir", "makedirs", "rmtree"):
+    setattr(_DiesAt, _name, _dying(getattr(fsio.OsFileSystem, _name)))
+
+
+def _small_source(path):
+    s = open_store(path)
+    fill(s, "a", 30)
+    s.metadata("a").set_term_and_vote(3, "n2")
+    s.metadata("a").set_commit_index(25)
+    snapshot(s, "a", 20, 1, os.urandom(70_000))
+    return s
+
+
+def _classify_restore_target(target, expected, backup_path):
+    """After a restore died: 'untouched' (no database file there), 'refused' (raft.db is the placeholder
+    and opening fails with CorruptionError) or 'complete' (opens holding exactly the backup and its restore
+    event). Anything else fails the test."""
+    names = tree(target) or []
+    if "raft.db" not in names:
+        assert "chunks.db" not in names, f"chunks.db without raft.db: {names}"
+        return "untouched"
+    if Path(target, "raft.db").read_bytes().startswith(backup_mod.RESTORE_PLACEHOLDER):
+        with pytest.raises(CorruptionError, match="not a database"):
+            open_store(target).close()
+        return "refused"
+    with open_store(target) as s:
+        assert state(s) == expected
+        assert s.restored_from["kind"] == "node_replacement" and s.restored_from["backup_path"] == backup_path
+    return "complete"
+
+
+def test_restore_dying_at_every_file_operation_never_leaves_a_half_restored_store(tmp_path):
+    """The process dies at each file operation of restore() in turn (no clean-up runs). The target then
+    is untouched, refuses to open (placeholder raft.db), or is the complete restored store; in the first
+    two cases a repeated restore() succeeds. Fails if the placeholder is not written first or raft.db is
+    not the last name to appear (see test_restore_check_sees_a_missing_placeholder)."""
+    with _small_source(tmp_path / "node") as s:
+        info = HotBackupManager(s, tmp_path / "bk").backup()
+        expected = state(s)
+    dry = _DiesAt()
+    with fsio.installed(dry):
+        restore(info.path, tmp_path / "dry")
+    seen = {}
+    for k in range(1, dry.calls + 1):
+        target = tmp_path / f"t{k}"
+        returned = False
+        with fsio.installed(_DiesAt(k)):
+            try:
+                restore(info.path, target)
+                returned = True  # the failed call was one the store tolerates (e.g. its disk reserve)
+            except BackupError:
+                pass
+        outcome = _classify_restore_target(target, expected, info.path)
+        assert outcome == "complete" or not returned, (k, outcome)
+        seen[outcome] = seen.get(outcome, 0) + 1
+        if outcome != "complete":
+            restore(info.path, target)  # removes the leftovers and restores afresh
+            with open_store(target) as s2:
+                assert state(s2) == expected and s2.restored_from["kind"] == "node_replacement"
+    assert seen.get("refused", 0) >= 5 and seen.get("untouched", 0) >= 1, seen
+
+
+def test_restore_check_sees_a_missing_placeholder(tmp_path, monkeypatch):
+    """The check above can fail: without the placeholder, a restore that died after chunks.db got its name
+    leaves a data_dir that a repeated restore refuses as not empty."""
+    with _small_source(tmp_path / "node") as s:
+        info = HotBackupManager(s, tmp_path / "bk").backup()
+    real = backup_mod._write_file_atomically
+    monkeypatch.setattr(backup_mod, "_write_file_atomically",
+                        lambda folder, name, data: None if data == backup_mod.RESTORE_PLACEHOLDER
+                        else real(folder, name, data))
+    dry = _DiesAt()
+    with fsio.installed(dry):
+        restore(info.path, tmp_path / "dry")
+    failures = 0
+    for k in range(1, dry.calls + 1):
+        target = tmp_path / f"t{k}"
+        with fsio.installed(_DiesAt(k)), contextlib.suppress(BackupError):
+            restore(info.path, target)
+        if "chunks.db" in (tree(target) or []) and "raft.db" not in tree(target):
+            with pytest.raises(BackupError, match="not empty"):
+                restore(info.path, target)
+            failures += 1
+    assert failures >= 1
+
+
+def test_restore_removes_the_leftovers_of_an_interrupted_restore_only(tmp_path, backup):
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "raft.db").write_bytes(backup_mod.RESTORE_PLACEHOLDER)
+    (target / ".raft.db.restoring").write_bytes(b"partial")
+    (target / "chunks.db").write_bytes(b"from a failed open")
+    restore(backup.path, target)
+    with open_store(target) as s:
+        assert s.restored_from["kind"] == "node_replacement"
+    only_temps = tmp_path / "t2"
+    only_temps.mkdir()
+    (only_temps / ".chunks.db.restoring").write_bytes(b"partial")
+    restore(backup.path, only_temps)
+    other = tmp_path / "t3"
+    other.mkdir()
+    (other / "raft.db").write_bytes(b"SQLite format 3\0" + bytes(100))  # not ours: never removed
+    (other / ".raft.db.restoring").write_bytes(b"partial")
+    with pytest.raises(BackupError, match="not empty"):
+        restore(backup.path, other)
+    assert tree(other) == [".raft.db.restoring", "raft.db"]
+
+
+def test_backup_dying_at_every_file_operation_leaves_an_incomplete_or_complete_backup(tmp_path):
+    """The process dies at each file operation of backup() in turn: the folder is either incomplete
+    (listed so, refused by verify and restore with BackupError, removed by the next prune) or complete
+    (restores to the store's state); the store keeps serving and the next backup succeeds."""
+    s = _small_source(tmp_path / "node")
+    try:
+        expected = state(s)
+        dry = _DiesAt()
+        with fsio.installed(dry):
+            HotBackupManager(s, tmp_path / "dry").backup()
+        seen = {"incomplete": 0, "complete": 0}
+        for k in range(1, dry.calls + 1):
+            bk = tmp_path / f"bk{k}"
+            with fsio.installed(_DiesAt(k)), pytest.raises(BackupError):
+                HotBackupManager(s, bk).backup()
+            for e in list_backups(bk, verify=True):
+                assert e["status"] in ("incomplete", "complete"), e
+                seen[e["status"]] += 1
+                if e["status"] == "incomplete":
+                    with pytest.raises(BackupError, match="incomplete"):
+                        verify_backup(e["path"])
+                    with pytest.raises(BackupError, match="incomplete"):
+                        restore(e["path"], tmp_path / f"r{k}")
+                    assert tree(tmp_path / f"r{k}") is None
+                else:
+                    restore(e["path"], tmp_path / f"r{k}")
+                    with open_store(tmp_path / f"r{k}") as r:
+                        assert state(r) == expected
+            mgr = HotBackupManager(s, bk)
+            mgr.prune()
+            assert all(e["status"] == "complete" for e in list_backups(bk))
+            mgr.backup()
+        assert seen["incomplete"] >= 5, seen
+    finally:
+        s.close()
 
 
 # ------------------------------------------------------------------------------------------- crash

@@ -702,3 +702,181 @@ def quiet():
     """Silence injected-fault reports that apsw can only send to sys.unraisablehook."""
     with faultvfs.quiet_injected_faults():
         yield
+
+
+# ---------------------------------------------------------------------------------------------- backups and restores under power loss
+# (helper block for tests/test_torture_backup.py: hot backups and restores inside the power-loss model)
+@dataclass
+class BackupRun:
+    """One run of :func:`backup_powerloss_run`: ``acked`` (every acknowledged op, including those done
+    while the backup copied), ``at_backup`` (acked when the crash-window backup started: exactly what it
+    must hold), ``done`` (``(folder, acked at its start)`` of every backup whose call returned: those
+    are acknowledged and must survive), ``error`` and the ``vfs``; ``syncs_in_backup``: syncs counted
+    from the backup's start to its return."""
+
+    crashed: bool
+    acked: dict
+    at_backup: dict
+    done: list
+    error: BaseException | None
+    vfs: faultvfs.FaultVFS
+    syncs_in_backup: int = 0
+    returned: bool = False  # the crash-window backup's call returned
+
+
+def backup_powerloss_run(template: str, run_dir: str, wl: Workload, *, before: int, crash: dict | None = None,
+                         earlier_backup: bool = False, pages_per_step: int = 2) -> BackupRun:
+    """Copy ``template`` to ``run_dir/live`` and put ``run_dir`` (the live store *and* the backup folder
+    ``run_dir/backups``) under one fresh FaultVFS, its :class:`FaultFS` installed as the fsio backend.
+    Run the first ``before`` steps of ``wl`` (with ``earlier_backup``, a backup after the first half of
+    them), arm ``crash`` (``{"at_sync": n}`` / ``{"at_write": n}``, counted from the backup's start) and
+    take a hot backup while the workload goes on: one more step of ``wl`` every time the backup reports
+    copy progress (deterministic interleaving, from the backup's worker thread), then the rest of ``wl``
+    after it returned. Returns a :class:`BackupRun` (call ``vfs.write_crash_image``, then
+    ``vfs.unregister()``)."""
+    from raft_sqlite import fsio
+    from raft_sqlite.backup import HotBackupManager
+
+    live = copy_store(template, os.path.join(run_dir, "live"))
+    vfs = faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=run_dir)
+    acked = {g: 0 for g in wl.groups}
+    at_backup: dict = {}
+    done: list = []
+    state = {"step": 0, "syncs": 0, "returned": False}
+    store, err = None, None
+
+    def next_step():
+        if state["step"] < len(wl.order):
+            g, k = wl.order[state["step"]]
+            execute(store, wl.ops(g)[k - 1])
+            acked[g] = k
+            state["step"] += 1
+
+    def progress(phase, done, total):
+        if not phase.startswith("sha256:"):  # copy progress of raft.db / chunks.db (not the hash threads)
+            next_step()
+
+    with fsio.installed(vfs.fs):
+        try:
+            store = open_store(live, vfs=vfs.name, checkpoint_every=40)
+            mgr = HotBackupManager(store, os.path.join(run_dir, "backups"), pages_per_step=pages_per_step,
+                                   step_pause=0)
+            while state["step"] < before:
+                next_step()
+                if earlier_backup and state["step"] == before // 2:
+                    done.append((mgr.backup().path, dict(acked)))
+            at_backup.update(acked)
+            if crash:
+                vfs.arm_crash(**crash)
+            n0 = vfs.counters["syncs"]
+            info = mgr.backup(progress=progress)
+            state["syncs"] = vfs.counters["syncs"] - n0
+            done.append((info.path, dict(at_backup)))
+            state["returned"] = True
+            while state["step"] < len(wl.order):
+                next_step()
+            store.close()
+        except (RaftSqliteError, apsw.Error, OSError) as exc:
+            err = exc
+        finally:
+            if store is not None:
+                with contextlib.suppress(RaftSqliteError, apsw.Error, OSError):
+                    store.close()
+    return BackupRun(vfs.crashed, acked, at_backup, done, err, vfs, state["syncs"], state["returned"])
+
+
+@dataclass
+class RestoreRun:
+    """One run of :func:`restore_powerloss_run`: the ``backup`` folder and ``target`` used (paths in the
+    live run, not in an image), ``error``, ``vfs`` and ``syncs`` (counted while restore() ran)."""
+
+    crashed: bool
+    backup: str
+    target: str
+    error: BaseException | None
+    vfs: faultvfs.FaultVFS
+    syncs: int = 0
+    writes: int = 0
+    #: syncs counted when the target's raft.db last got its name by a rename (the restored store appears)
+    syncs_at_raft_db: int = 0
+
+
+def restore_powerloss_run(backup_folder: str, run_dir: str, *, crash: dict | None = None,
+                          existing_dir: bool = False) -> RestoreRun:
+    """Copy the backup folder to ``run_dir/bk`` and restore it into ``run_dir/target`` (created empty
+    beforehand with ``existing_dir``) with ``run_dir`` under a fresh FaultVFS: its FaultFS installed as
+    the fsio backend, ``restore(vfs=...)`` for its SQLite work, ``crash`` armed when restore() starts."""
+    from raft_sqlite import fsio
+    from raft_sqlite.backup import restore
+
+    bk = os.path.join(run_dir, "bk")
+    shutil.copytree(backup_folder, bk)
+    target = os.path.join(run_dir, "target")
+    if existing_dir:
+        os.mkdir(target, 0o700)
+    vfs = faultvfs.FaultVFS(f"torture{os.getpid()}_{next(_vfs_names)}", root=run_dir)
+    err = None
+    n0, w0 = vfs.counters["syncs"], vfs.counters["writes"]
+    at_raft_db = [0]
+    replace = vfs.fs.replace
+
+    def watched_replace(src, dst):  # instance attribute: this run's FaultFS only
+        replace(src, dst)
+        if os.path.basename(dst) == "raft.db":
+            at_raft_db[0] = vfs.counters["syncs"] - n0
+
+    vfs.fs.replace = watched_replace
+    with fsio.installed(vfs.fs):
+        if crash:
+            vfs.arm_crash(**crash)
+        try:
+            restore(bk, target, vfs=vfs.name)
+        except (RaftSqliteError, apsw.Error, OSError) as exc:
+            err = exc
+    return RestoreRun(vfs.crashed, bk, target, err, vfs, vfs.counters["syncs"] - n0, vfs.counters["writes"] - w0,
+                      at_raft_db[0])
+
+
+def check_restored(path: str, wl: Workload, at: dict, backup_path: str) -> Verdict:
+    """``path`` (a restored data_dir) opens under STRICT recovery holding exactly the model state at
+    ``at`` (nothing in flight) and its restore event naming ``backup_path``."""
+    v = check_store(path, wl, at, in_flight=False)
+    if not v.unopenable:
+        with open_store(path) as s:
+            rf = s.restored_from
+        if rf is None or rf.get("kind") != "node_replacement" or rf.get("backup_path") != backup_path:
+            v.ok, v.lost = False, v.lost + 1
+            v.detail += f" restored store lacks its restore event (restored_from={rf!r});"
+    return v
+
+
+def restore_target_outcome(target: str) -> tuple[str, str]:
+    """Classify a restore target after a crash (without changing it, except when trying to open it):
+    ``("untouched", ...)``: no database file there (absent or empty as before the restore, possibly the
+    lock file or temporaries); ``("refused", error)``: NodeStore.open fails with a typed
+    :class:`RaftSqliteError`; ``("opens", "")``: it opens (the caller checks its content);
+    ``("bad", why)``: anything else (chunks.db without raft.db, an untyped error)."""
+    names = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    if "raft.db" not in names:
+        if "chunks.db" in names:
+            return "bad", f"chunks.db without raft.db: {names}"
+        return "untouched", ""
+    try:
+        open_store(target).close()
+    except RaftSqliteError as exc:
+        return "refused", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - an untyped failure is the finding
+        return "bad", f"untyped error {type(exc).__name__}: {exc}"
+    return "opens", ""
+
+
+def check_restored_copy(backup_folder: str, restore_dir: str, wl: Workload, at: dict) -> Verdict:
+    """Restore ``backup_folder`` into ``restore_dir`` (normal file system) and :func:`check_restored` it."""
+    from raft_sqlite.backup import restore
+
+    try:
+        restore(backup_folder, restore_dir)
+    except Exception as exc:  # noqa: BLE001 - a refused restore is the finding
+        return Verdict(False, unopenable=True, acked=sum(at.values()),
+                       detail=f"restore of {backup_folder} failed: {type(exc).__name__}: {exc}")
+    return check_restored(restore_dir, wl, at, backup_folder)
