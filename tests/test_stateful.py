@@ -15,7 +15,7 @@ transaction), ``truncate_after``, term/vote and commit index, local snapshots, c
 a later group, a user exception, a snapshot attempted inside the transaction), and reopens. After every step
 the store must equal the model, including reads below ``first_index`` and above ``last_index``.
 
-CI runs ``test_stateful_against_model`` (60 x 50 steps) and ``test_stateful_crash`` (FULL, 12 x 25 steps);
+CI runs ``test_stateful_against_model`` (60 x 50 steps) and ``test_stateful_crash`` (FULL, 16 x 25 steps);
 ``-m slow`` runs many more of both. Each run prints how often every rule, failure kind and crash outcome ran
 and asserts that each new rule ran at least once; deterministic tests run every invalid batch kind and every
 way a transaction ends, and others show that the model and crash checks fail on a store that misbehaves.
@@ -708,7 +708,7 @@ def test_stateful_against_model():
 
 
 def test_stateful_crash():
-    stats = _run(CrashMachine, 12, 25, derandomize=True)
+    stats = _run(CrashMachine, 16, 25, derandomize=True)
     assert stats["checks"] >= 250
     for name in ["crash", "crash:cut_in_op", "crash:cut_after_acks", "crash:inflight_lost", "crash:inflight_durable",
                  "crash:image:lose", "crash:image:subset", "crash:image:subset:mark", "snapshot", "compact",
