@@ -1077,15 +1077,9 @@ def _restore_kind(mode, allow_quorum_loss: bool) -> str:
     raise ValueError(f"unknown restore mode {mode!r} (node_replacement | quorum_loss)")
 
 
-#: Content of the placeholder ``raft.db`` a restore writes into its target before anything else: not a
-#: SQLite file, so until the restored raft.db replaces it (the last step) the target refuses to open
-#: (:class:`~raft_sqlite.CorruptionError`, "not a database") instead of opening as a half-restored or
-#: brand-new node, and a repeated :func:`restore` recognises the target as its own interrupted work.
-RESTORE_PLACEHOLDER = (b"raft_sqlite: a restore into this data_dir was interrupted (or is running): this is not a "
-                       b"store. Run the restore again into the same data_dir; it removes these leftovers.\n")
-#: Temporary names a restore creates in its target (``.raft.db.restoring``, its journal, the
-#: placeholder's temporary): leftovers of an interrupted restore that a repeated restore may remove.
-_RESTORE_TEMP_RE = re.compile(r"^\.(raft\.db|chunks\.db)\.(restoring(-journal)?|tmp)$")
+#: The placeholder ``raft.db`` a restore writes first (see :data:`raft_sqlite.layout.RESTORE_PLACEHOLDER`).
+RESTORE_PLACEHOLDER = layout.RESTORE_PLACEHOLDER
+_RESTORE_TEMP_RE = re.compile(layout.RESTORE_TEMP_PATTERN)
 
 
 def _is_placeholder(path: str) -> bool:

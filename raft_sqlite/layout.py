@@ -39,4 +39,13 @@ MAX_FSYNC_INTERVAL = 3600.0
 #: the writes of opening a store fail (a snapshot filled it), open deletes it and retries, so the
 #: store can drop the partial snapshot and give its space back (see :mod:`raft_sqlite.reserve`).
 RESERVE_FILE = "disk-reserve"
+#: Content of the placeholder ``raft.db`` a restore writes into its target before anything else: not a
+#: SQLite file, so until the restored raft.db replaces it (the restore's last step) the target is refused
+#: by ``NodeStore.open`` instead of opening as a half-restored or brand-new node, and a repeated restore
+#: recognises the target as its own interrupted work.
+RESTORE_PLACEHOLDER = (b"raft_sqlite: a restore into this data_dir was interrupted (or is running): this is not a "
+                       b"store. Run the restore again into the same data_dir; it removes these leftovers.\n")
+#: Temporary names a restore creates in its target (``.raft.db.restoring``, its journal, the
+#: placeholder's temporary): leftovers of an interrupted restore (regular expression).
+RESTORE_TEMP_PATTERN = r"^\.(raft\.db|chunks\.db)\.(restoring(-journal)?|tmp)$"
 DISK_RESERVE_BYTES = 1 << 20

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import operator
 import os
+import re
 import threading
 import time
 import zlib
@@ -333,6 +334,7 @@ class NodeStore:
             lock.release()
 
     def _open_files(self, created: bool) -> None:
+        self._refuse_interrupted_restore()
         self._refuse_lost_main_db()
         pre_shm = hwm.read_shm(self.path)  # before SQLite rebuilds it (evidence of a recent checkpoint)
         wal_existed = os.path.exists(self.path + "-wal")
@@ -369,6 +371,24 @@ class NodeStore:
                 self._wal_problems.append(lost[0])
         except apsw.Error as exc:
             raise self._translate(exc, "open") from exc
+
+    def _refuse_interrupted_restore(self) -> None:
+        """A data_dir holding what an interrupted ``restore()`` left (its placeholder ``raft.db``, or only its
+        temporary names) is refused under every policy with a message that says what to do: opening it
+        would create a brand-new node with this node's identity, one that forgot the terms and votes the
+        operator meant to restore (a double vote waiting to happen). The data_dir lock is held here, so no
+        restore is running."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(len(layout.RESTORE_PLACEHOLDER))
+        except (FileNotFoundError, IsADirectoryError):
+            head = b""
+        leftovers = sorted(n for n in os.listdir(self.data_dir) if re.match(layout.RESTORE_TEMP_PATTERN, n))
+        if head == layout.RESTORE_PLACEHOLDER or leftovers:
+            what = "its placeholder raft.db" if head == layout.RESTORE_PLACEHOLDER else ", ".join(leftovers)
+            raise CorruptionError(
+                f"{self.data_dir} holds an interrupted restore ({what}): run the restore again into the same "
+                "data_dir (it removes these leftovers and completes), or move the data_dir away to start afresh")
 
     def _refuse_lost_main_db(self) -> None:
         """A missing or empty ``raft.db`` beside evidence that this data_dir held a store (a WAL high-water

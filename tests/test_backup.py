@@ -19,7 +19,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from raft_sqlite import BackupError, CorruptionError, LogEntry, RecoveryPolicy, fsio
+from raft_sqlite import BackupError, CorruptionError, LogEntry, RecoveryPolicy, fsio, layout
 from raft_sqlite import backup as backup_mod
 from raft_sqlite.backup import (
     MANIFEST,
@@ -594,9 +594,14 @@ def _classify_restore_target(target, expected, backup_path):
     names = tree(target) or []
     if "raft.db" not in names:
         assert "chunks.db" not in names, f"chunks.db without raft.db: {names}"
+        if any(re.match(layout.RESTORE_TEMP_PATTERN, os.path.basename(n)) for n in names):
+            # only the restore's temporaries: opening must not create a brand-new node beside them
+            with pytest.raises(CorruptionError, match="interrupted restore"):
+                open_store(target).close()
+            return "refused"
         return "untouched"
     if Path(target, "raft.db").read_bytes().startswith(backup_mod.RESTORE_PLACEHOLDER):
-        with pytest.raises(CorruptionError, match="not a database"):
+        with pytest.raises(CorruptionError, match="interrupted restore"):
             open_store(target).close()
         return "refused"
     with open_store(target) as s:
@@ -1001,3 +1006,26 @@ def test_cli_backup_backups_restore(tmp_path):
     with open_store(tmp_path / "t2") as b:
         assert b.restored_from["kind"] == "quorum_loss_restore"
         assert b.log("a").last_index == 121
+
+
+@pytest.mark.parametrize("leftover", ["placeholder", ".raft.db.restoring", ".chunks.db.tmp"])
+def test_open_refuses_an_interrupted_restore_and_a_repeated_restore_completes(tmp_path, leftover):
+    """NodeStore.open on a data_dir an interrupted restore left behind is refused with a message that says
+    to run the restore again (opening it would create a brand-new node with this node's identity), under
+    every policy; the repeated restore then succeeds."""
+    with open_store(tmp_path / "n1") as s:
+        s.log("a").append_next(1, [b"x", b"y"])
+        info = HotBackupManager(s, str(tmp_path / "bk")).backup()
+    target = tmp_path / "target"
+    target.mkdir()
+    if leftover == "placeholder":
+        (target / "raft.db").write_bytes(layout.RESTORE_PLACEHOLDER)
+    else:
+        (target / leftover).write_bytes(b"half a copy")
+    for policy in RecoveryPolicy:
+        with pytest.raises(CorruptionError, match="interrupted restore.*run the restore again"):
+            open_store(target, recovery=policy).close()
+    assert not (target / "raft.db-wal").exists() and not (target / "chunks.db").exists()  # nothing written
+    restore(info.path, str(target))
+    with open_store(target) as s:
+        assert [e.data for e in s.log("a").entries(1, 3)] == [b"x", b"y"]
