@@ -66,6 +66,22 @@ def replace_blocks(text, blocks):
     return text
 
 
+def blocks_of(out_text):
+    """Split the markdown written by ``--out`` back into README blocks (header + one per benchmark), so a
+    quiet run's output can be put into README later with ``--apply FILE`` without running it again."""
+    head, _, rest = out_text.partition("\n")
+    blocks, starts = {"header": head + "\n"}, []
+    for name, module, heading, _args in BENCHMARKS:
+        i = rest.find(f"**{heading}.** Produced by `.venv/bin/python benchmarks/{module}.py")
+        if i >= 0:
+            starts.append((i, name))
+    starts.sort()
+    for k, (i, name) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else len(rest)
+        blocks[name] = rest[i:end].strip("\n") + "\n"
+    return blocks
+
+
 def loadavg():
     """The 1-minute load average (NaN where unavailable)."""
     try:
@@ -81,7 +97,21 @@ def main(argv=None):
     ap.add_argument("--readme", help="replace the <!-- bench:NAME --> blocks of this README in place")
     ap.add_argument("--only", help="comma-separated subset of: " + ",".join(b[0] for b in BENCHMARKS))
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (figures meaningless)")
+    ap.add_argument("--apply", metavar="FILE", help="with --readme: put the tables of an earlier --out FILE "
+                    "into the README instead of running the benchmarks")
     a = ap.parse_args(argv)
+    if a.apply:
+        if not a.readme:
+            ap.error("--apply needs --readme")
+        with open(a.apply) as f:
+            blocks = blocks_of(f.read())
+        if "QUICK" in blocks["header"]:
+            ap.error("--quick figures are not README figures")
+        with open(a.readme) as f:
+            text = f.read()
+        with open(a.readme, "w") as f:
+            f.write(replace_blocks(text, blocks))
+        return "".join(blocks.values())
     if a.quick and a.readme:
         ap.error("--quick figures are not README figures")
     only = set(a.only.split(",")) if a.only else None
