@@ -1219,6 +1219,11 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         # after locking). raft.db goes last (see above). Best effort: after an I/O error or a power
         # cut these may fail too, and the placeholder then tells the next restore what happened.
         with contextlib.suppress(OSError):
+            if os.path.isdir(target) and os.path.exists(main_db) and not _is_placeholder(main_db):
+                # the restored raft.db is already in place (the check-open failed): put the placeholder back
+                # durably first, so that dying during the removals below never leaves a restored raft.db
+                # without its chunks.db, which would not carry the placeholder's protection
+                _write_file_atomically(target, layout.MAIN_DB, RESTORE_PLACEHOLDER)
             names = os.listdir(target) if os.path.isdir(target) else []
             _remove_names(target, sorted(names, key=lambda n: n == layout.MAIN_DB))
             if created_dir and not os.listdir(target):

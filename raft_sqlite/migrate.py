@@ -99,7 +99,11 @@ def _schema_image(db_name: str, page_size: int | None) -> bytes:
     key = (db_name, page_size)
     with _schemas_lock:
         if key not in _schemas:
-            tmpdir = tempfile.mkdtemp(prefix="raft_sqlite-schema-")
+            try:
+                tmpdir = tempfile.mkdtemp(prefix="raft_sqlite-schema-")
+            except OSError as exc:  # no writable temporary directory (TMPDIR): a typed error, not OSError
+                raise StorageFault(f"cannot build the schema of a new {db_name}: no usable temporary directory "
+                                   f"({exc.strerror or exc}); set TMPDIR to a writable directory") from exc
             try:
                 tmp = os.path.join(tmpdir, db_name)
                 if page_size is not None:

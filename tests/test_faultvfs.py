@@ -175,14 +175,64 @@ def test_synchronous_full_image_taken_anytime_has_everything(tmp_path, make_vfs)
     assert read_image(str(tmp_path / "img" / "db")) == ([("ok",)], expected(done))
 
 
-def raw_file(vfs: FaultVFS, path: str) -> apsw.VFSFile:
-    flags = apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_READWRITE
+def raw_file(vfs: FaultVFS, path: str, kind: int = apsw.SQLITE_OPEN_WAL) -> apsw.VFSFile:
+    """A file opened through the VFS as SQLite would (a WAL by default: its first sync makes its entry
+    durable, so content tests need no directory sync; name it with a dot after its last '-', or beside
+    its database, since the unix VFS looks up the database of a WAL it creates)."""
+    flags = kind | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_READWRITE
     return apsw.VFSFile(vfs.name, path, [flags, 0])
+
+
+def test_entries_of_sqlite_files_follow_the_unix_vfs(tmp_path):
+    """A WAL/journal SQLite creates is durable with its first sync (the unix VFS fsyncs the directory then);
+    a database file it creates needs a directory sync; a delete is durable only with ``syncdir`` or the
+    directory's next sync (else the deleted file comes back after a power cut)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    vfs = FaultVFS(f"entries{os.getpid()}", root=str(root))
+    try:
+        db = raw_file(vfs, str(root / "x.db"), apsw.SQLITE_OPEN_MAIN_DB)
+        wal = raw_file(vfs, str(root / "x.db-wal"))  # (the unix VFS stats the database of a WAL it opens)
+        for f in (db, wal):
+            f.xWrite(b"w" * SECTOR, 0)
+            f.xSync(0)
+        vfs.write_crash_image(str(tmp_path / "i1"), "lose")
+        # the WAL's first sync synced the directory, which made x.db's entry (created before it) durable too
+        assert sorted(os.listdir(tmp_path / "i1")) == ["x.db", "x.db-wal"]
+        db2 = raw_file(vfs, str(root / "y.db"), apsw.SQLITE_OPEN_MAIN_DB)
+        db2.xWrite(b"y" * SECTOR, 0)
+        db2.xSync(0)
+        j = raw_file(vfs, str(root / "y.db-journal"), apsw.SQLITE_OPEN_MAIN_JOURNAL)
+        j.xWrite(b"j" * SECTOR, 0)
+        j.xSync(0)  # a journal's first sync: the directory (with y.db) is durable
+        j.xClose()
+        vfs.xDelete(str(root / "y.db-journal"), False)  # FULL: no directory sync after the delete
+        vfs.write_crash_image(str(tmp_path / "i2"), "lose")
+        assert (tmp_path / "i2" / "y.db-journal").read_bytes() == b"j" * SECTOR  # back after the cut
+        vfs.fs.sync_dir(str(root))
+        vfs.write_crash_image(str(tmp_path / "i3"), "lose")
+        assert not (tmp_path / "i3" / "y.db-journal").exists()
+        db3 = raw_file(vfs, str(root / "z.db"), apsw.SQLITE_OPEN_MAIN_DB)
+        db3.xWrite(b"z" * SECTOR, 0)
+        db3.xSync(0)  # a database file: no directory sync
+        vfs.write_crash_image(str(tmp_path / "i4"), "lose")
+        assert not (tmp_path / "i4" / "z.db").exists()
+        j2 = raw_file(vfs, str(root / "z.db-journal"), apsw.SQLITE_OPEN_MAIN_JOURNAL)
+        j2.xWrite(b"j" * SECTOR, 0)
+        j2.xSync(0)
+        j2.xClose()
+        vfs.xDelete(str(root / "z.db-journal"), True)  # EXTRA: delete with a directory sync
+        vfs.write_crash_image(str(tmp_path / "i5"), "lose")
+        assert (tmp_path / "i5" / "z.db").exists() and not (tmp_path / "i5" / "z.db-journal").exists()
+        for f in (wal, db, db2, db3):
+            f.xClose()
+    finally:
+        vfs.unregister()
 
 
 def test_model_of_unsynced_writes_and_truncates(tmp_path, make_vfs):
     vfs = make_vfs()
-    f = raw_file(vfs, str(tmp_path / "f"))
+    f = raw_file(vfs, str(tmp_path / "f.bin"))
     old = b"a" * (4 * SECTOR)
     f.xWrite(old, 0)
     f.xSync(0)
@@ -191,7 +241,7 @@ def test_model_of_unsynced_writes_and_truncates(tmp_path, make_vfs):
     assert vfs.counters == {"writes": 2, "syncs": 1, "truncates": 1}
 
     def img(mode, seed):
-        return (tmp_path / f"{mode}{seed}" / "f").read_bytes()
+        return (tmp_path / f"{mode}{seed}" / "f.bin").read_bytes()
 
     vfs.write_crash_image(str(tmp_path / "lose0"), "lose")
     assert img("lose", 0) == old
@@ -213,13 +263,13 @@ def test_model_of_unsynced_writes_and_truncates(tmp_path, make_vfs):
     assert {n for _, _, n in seen} == {3 * SECTOR, 4 * SECTOR}
     f.xSync(0)
     vfs.write_crash_image(str(tmp_path / "after"), "lose")
-    assert (tmp_path / "after" / "f").read_bytes() == new
+    assert (tmp_path / "after" / "f.bin").read_bytes() == new
     f.xClose()
 
 
 def test_never_synced_file_is_absent_and_crash_at_write(tmp_path, make_vfs):
     vfs = make_vfs()
-    f = raw_file(vfs, str(tmp_path / "f"))
+    f = raw_file(vfs, str(tmp_path / "f.bin"))
     f.xWrite(b"x" * 100, 0)
     assert vfs.write_crash_image(str(tmp_path / "img"), "subset") == []
     f.xSync(0)

@@ -41,6 +41,7 @@ from raft_sqlite import (CompactionError, EntryKind, FsyncMode, LogCompactedErro
                          SegmentPolicy, SnapshotError)
 from raft_sqlite.layout import MAX_INDEX, MAX_TERM
 from raft_sqlite.verify import verify
+from raft_sqlite import fsio
 from tests.conftest import open_store
 from tests.support.faultvfs import FaultVFS, quiet_injected_faults
 
@@ -129,6 +130,13 @@ class Base(RuleBasedStateMachine):
     # hooks of the two machines
     def _open_first(self):
         raise NotImplementedError
+
+    def _release_vfs(self):
+        """Uninstall the VFS's file-system backend and unregister the VFS (idempotent)."""
+        fs, self._fs = getattr(self, "_fs", None), None
+        if fs is not None:
+            fs.__exit__(None, None, None)
+        self.vfs.unregister()
 
     def _clean_reopen(self):
         """Close the store and open it again (no crash)."""
@@ -554,6 +562,9 @@ class CrashMachine(Base):
     def _open_live(self, path):
         self.live = path
         self.vfs = FaultVFS(f"stateful{os.getpid()}_{next(_vfs_names)}", root=path)
+        # the files the library writes itself (raft.db-hwm, directory syncs) go through the same model
+        self._fs = fsio.installed(self.vfs.fs)
+        self._fs.__enter__()
         return open_store(path, fsync=self.FSYNC, vfs=self.vfs.name, segment_policy=POLICY,
                           recovery=RecoveryPolicy.STRICT)
 
@@ -564,7 +575,7 @@ class CrashMachine(Base):
     def _clean_reopen(self):
         STATS["reopen"] += 1
         self.store.close()
-        self.vfs.unregister()
+        self._release_vfs()
         self.store = self._open_live(self.live)  # a fresh FaultVFS: what exists now counts as durable
 
     def teardown(self):
@@ -572,7 +583,7 @@ class CrashMachine(Base):
         with quiet_injected_faults(), contextlib.suppress(Exception):
             self.store.close()
         with contextlib.suppress(Exception):
-            self.vfs.unregister()
+            self._release_vfs()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _run_crash_op(self, op, g, data, arm):
@@ -649,20 +660,19 @@ class CrashMachine(Base):
             keep_mark = keep_mark and self.KEEP_MARK
             STATS[f"crash:image:{mode}" + (":mark" if keep_mark else "")] += 1
             written = self.vfs.write_crash_image(img, mode=mode, seed=seed)
-            # raft.db-hwm is written without SQLite (so not through the VFS), and only after a durable commit:
-            # the live mark never claims more than reached the disk, so the image may keep it (the strictest
-            # check) or lose it (its unsynced pwrite lost; no mark accepts anything). Copied before the close
-            # below, which on a live store checkpoints and marks that, ahead of the image.
-            mark = os.path.join(self.live, "raft.db-hwm")
-            if keep_mark and os.path.exists(mark):
-                written.append(shutil.copy2(mark, os.path.join(img, "raft.db-hwm")))
+            # raft.db-hwm goes through fsio, so the image holds it as the model says (durable, lost or torn);
+            # "no mark" additionally removes it (the evidence gone: FULL must still have lost nothing)
+            mark = os.path.join(img, "raft.db-hwm")
+            if not keep_mark and os.path.exists(mark):
+                os.unlink(mark)
+                written = [f for f in written if os.path.abspath(f) != os.path.abspath(mark)]
             for f in written:  # the store's own modes (else every open warns that it tightened them)
                 os.chmod(f, 0o600)
             try:
                 self.store.close()
             except (RaftSqliteError, apsw.Error):
                 pass  # a crashed store may fail to close; the image is already written
-        self.vfs.unregister()
+        self._release_vfs()
         shutil.rmtree(self.live, ignore_errors=True)
         s = open_store(img, fsync=self.FSYNC, segment_policy=POLICY, recovery=RecoveryPolicy.STRICT)
         try:

@@ -78,7 +78,8 @@ def kill_once(template: str, run_dir: str, i: int, rng: random.Random):
     assert not any(ln.startswith("ERROR") for ln in lines), (lines[-3:], err[-2000:])
     # a writer that was not killed must have finished: one that died on its own (a crash of the
     # interpreter, an uncaught BaseException) acknowledged less than it was meant to and hides that
-    assert killed or any(ln.startswith("DONE") for ln in lines), (p.returncode, lines[-3:], err[-2000:])
+    assert killed or any(ln.startswith("DONE") for ln in lines), \
+        ("writer ended without DONE", p.returncode, lines[-3:], err[-2000:])
     acked, backups = {}, []
     for ln in lines:
         if ln.startswith("A "):
@@ -142,5 +143,5 @@ def test_a_writer_that_stops_without_done_fails_the_run(template, tmp_path, monk
     monkeypatch.setattr(sys.modules[__name__], "CHILD", "import sys\nprint('OPEN')\nprint('A a 1', flush=True)\n"
                         "sys.exit(0)")
     os.makedirs(tmp_path / "k")
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="writer ended without DONE"):
         kill_once(template, str(tmp_path / "k"), 0, random.Random(5))

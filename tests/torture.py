@@ -856,15 +856,26 @@ def restore_target_outcome(target: str) -> tuple[str, str]:
     lock file or temporaries); ``("refused", error)``: NodeStore.open fails with a typed
     :class:`RaftSqliteError`; ``("opens", "")``: it opens (the caller checks its content);
     ``("bad", why)``: anything else (chunks.db without raft.db, an untyped error)."""
+    import re
+
+    from raft_sqlite import CorruptionError, layout
+
     names = sorted(os.listdir(target)) if os.path.isdir(target) else []
     if "raft.db" not in names:
         if "chunks.db" in names:
             return "bad", f"chunks.db without raft.db: {names}"
-        return "untouched", ""
+        if not any(re.match(layout.RESTORE_TEMP_PATTERN, n) for n in names):
+            return "untouched", ""
     try:
         open_store(target).close()
-    except RaftSqliteError as exc:
+    except CorruptionError as exc:
+        # the only refusal a restore may leave: the one naming the interrupted restore (placeholder raft.db
+        # or its temporaries), whose message says to run the restore again
+        if "interrupted restore" not in str(exc):
+            return "bad", f"refused for another reason: {exc}"
         return "refused", f"{type(exc).__name__}: {exc}"
+    except RaftSqliteError as exc:
+        return "bad", f"refused with {type(exc).__name__}, not as an interrupted restore: {exc}"
     except Exception as exc:  # noqa: BLE001 - an untyped failure is the finding
         return "bad", f"untyped error {type(exc).__name__}: {exc}"
     return "opens", ""

@@ -26,9 +26,11 @@ renamed or removed through ``vfs.fs`` is durable only once ``sync_dir`` of its d
 until then a ``lose`` image keeps the directory's old entries (a new file is absent, a removed one is
 back, a renamed one has its old name), and ``subset``/``garble`` images pick the old or the new entry
 at random, name by name. A renamed directory carries its entries (it is the same directory). SQLite's
-own files keep the rule of the unix VFS: a file SQLite creates is absent until its first sync, from
-then on its entry is durable (the unix VFS syncs the directory at a WAL/journal's first sync); xDelete
-is durable at once. A file or directory that exists when the model first meets it counts as durable
+own files keep the rule of the unix VFS: a journal or WAL SQLite creates is absent until its first
+sync, which fsyncs the directory (unixOpen's syncDir: the directory's whole current state becomes
+durable); a database file SQLite creates needs a ``sync_dir`` like any other name; xDelete is durable
+only when SQLite passes ``syncdir`` (EXTRA's journal delete), else at the directory's next sync (so a
+deleted DELETE-mode journal can come back after a power cut, as on a POSIX file system). A file or directory that exists when the model first meets it counts as durable
 as found (with a ``root``: everything under it when the FaultVFS is made); use a fresh FaultVFS per
 run. The -shm file (mapped by the unix VFS, never opened through
 xOpen) is left out: SQLite rebuilds it.
@@ -149,6 +151,10 @@ class _State:
         self.pending = []
 
 
+#: file types whose creation the unix VFS makes durable with a directory fsync at their first sync
+_DIRSYNC_TYPES = apsw.SQLITE_OPEN_MAIN_JOURNAL | apsw.SQLITE_OPEN_WAL | apsw.SQLITE_OPEN_SUPER_JOURNAL
+
+
 class _Dir:
     """One directory of the model: current entries (what the kernel shows now), durable entries (what
     a power cut keeps: the entries at its last ``sync_dir``) and ``seen`` (names the model has met:
@@ -210,10 +216,9 @@ class _File(apsw.VFSFile):
             super().xSync(flags)
             st = self._st
             st.sync()
-            if st.fresh:  # first sync of a file SQLite created: the unix VFS syncs its directory
-                st.fresh = False
-                if self._parent.cur.get(self._entry) is st:
-                    self._parent.dur[self._entry] = st
+            if st.fresh:  # first sync of a journal/WAL SQLite created: the unix VFS fsyncs its directory,
+                st.fresh = False  # which makes the directory's whole current state durable
+                self._parent.dur = dict(self._parent.cur)
 
 
 class FaultVFS(apsw.VFS):
@@ -474,7 +479,9 @@ class FaultVFS(apsw.VFS):
                 return apsw.VFSFile(self.base, name, flags)
             state = self._child(parent, entry, real)
             if not isinstance(state, _State):
-                state = _State(fresh=True)
+                # the unix VFS fsyncs the directory at the first sync only of the journals and WALs it
+                # creates (unixOpen's syncDir), never of a database file: that entry needs a sync_dir
+                state = _State(fresh=bool(flags[0] & _DIRSYNC_TYPES))
                 parent.cur[entry] = state
                 parent.seen.add(entry)
         return _File(self, name, flags, state, parent, entry)
@@ -487,9 +494,13 @@ class FaultVFS(apsw.VFS):
         if real is not None:
             with self._lock:
                 parent, entry = self._parent(real)
-                if parent is not None:  # SQLite's deletes are taken as durable at once
+                if parent is not None:
+                    # durable only if SQLite asked for a directory sync (EXTRA's journal delete), else at
+                    # the directory's next sync: until then a power cut can bring the file back (with
+                    # synchronous=FULL a deleted DELETE-mode journal may reappear as a hot journal)
                     parent.cur.pop(entry, None)
-                    parent.dur.pop(entry, None)
+                    if syncdir:
+                        parent.dur = dict(parent.cur)
                     parent.seen.add(entry)
 
 
@@ -511,12 +522,16 @@ class FaultFS(fsio.OsFileSystem):
         v = self.vfs
         real = v.tracked(path)
         if real is None:
-            return super().open(path, flags, mode)
+            fd = super().open(path, flags, mode)
+            with v._lock:
+                self._fds.pop(fd, None)  # a reused descriptor number must not write into a stale model file
+            return fd
         with v._lock:
             self._check(real, "open")
             parent, entry = v._parent(real)
             node = v._child(parent, entry, real) if parent is not None else None
             fd = super().open(path, flags, mode)
+            self._fds.pop(fd, None)
             if parent is None or isinstance(node, _Dir) or os.path.isdir(real):
                 return fd  # a directory: nothing to model (sync it with sync_dir)
             if node is None:  # O_CREAT made it: its entry is durable only after sync_dir
