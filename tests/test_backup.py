@@ -1029,3 +1029,15 @@ def test_open_refuses_an_interrupted_restore_and_a_repeated_restore_completes(tm
     restore(info.path, str(target))
     with open_store(target) as s:
         assert [e.data for e in s.log("a").entries(1, 3)] == [b"x", b"y"]
+
+
+def test_stale_restore_temporaries_beside_a_real_store_are_ignored_with_a_warning(tmp_path, caplog):
+    """A restore temporary next to a real raft.db (the restore's last step was done; a power cut kept a
+    name it had removed) must not make a healthy store refuse to open: it opens, with a warning naming it."""
+    d = tmp_path / "n1"
+    with open_store(d) as s:
+        s.log("a").append_next(1, [b"x"])
+    (d / ".raft.db.restoring").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="raft_sqlite.store"), open_store(d) as s:
+        assert [e.data for e in s.log("a").entries(1, 2)] == [b"x"]
+    assert any("leftovers of a restore that completed" in r.getMessage() for r in caplog.records)

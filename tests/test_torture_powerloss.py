@@ -19,6 +19,7 @@ data_dir opens (fresh or with every promised write) or, after one typed refusal,
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -572,3 +573,41 @@ def test_switch_to_normal_then_power_cut_is_not_corruption(template, tmp_path):
     vfs.unregister()
     v = T.check_store(img, wl, acked, floor=floor, fsync=FsyncMode.NORMAL)
     assert v.ok, v.detail
+
+
+def test_retried_creation_after_a_failed_parent_sync_keeps_acknowledged_writes(tmp_path):
+    """A first open that died after creating data_dir but before syncing its parent (here: the sync fails)
+    leaves a directory the retry did not create; the retry must still make data_dir's entry durable before
+    anything is acknowledged (found by the independent review: the retry skipped the parent sync, and a
+    power cut then lost data_dir with every acknowledged write)."""
+    run = tmp_path / "r"
+    run.mkdir()
+    vfs = T.new_vfs(str(run))
+    live = str(run / "live")
+    real = T.faultvfs.FaultFS.sync_dir
+    failed = []
+
+    def sync_dir(self, p):
+        if os.path.realpath(p) == str(run) and not failed:
+            failed.append(p)
+            raise OSError(errno.EIO, "injected: parent sync fails once")
+        return real(self, p)
+
+    try:
+        with fsio.installed(vfs.fs), T.quiet():
+            T.faultvfs.FaultFS.sync_dir = sync_dir
+            try:
+                with pytest.raises(RaftSqliteError):
+                    T.open_store(live, fsync=FsyncMode.FULL, vfs=vfs.name)
+                assert failed and os.path.isdir(live)
+                with T.open_store(live, fsync=FsyncMode.FULL, vfs=vfs.name) as s:
+                    s.log("a").append_next(1, [b"acked"])
+                    img = str(tmp_path / "img")
+                    os.makedirs(img)
+                    vfs.write_crash_image(img, "lose")
+            finally:
+                T.faultvfs.FaultFS.sync_dir = real
+        with T.open_store(os.path.join(img, "live"), fsync=FsyncMode.FULL) as s:
+            assert [e.data for e in s.log("a").entries(1, 2)] == [b"acked"]
+    finally:
+        vfs.unregister()
