@@ -231,10 +231,7 @@ def test_powerloss_during_recovery(template, tmp_path):
                 img2 = os.path.join(run_dir, f"img2-{at}-{mode}")
                 vfs.write_crash_image(img2, mode, seed=at)
                 v = T.check_store(img2, wl, res.acked)
-                if vfs.crashed:
-                    tally.crash_states += 1
-                else:
-                    tally.not_reached += 1
+                tally.count_run(vfs.crashed)
                 tally.add(v, f"run {i} reopen crash at sync {at} {mode}")
             vfs.unregister()
         shutil.rmtree(run_dir)
@@ -289,10 +286,7 @@ def test_powerloss_off_opens(template, tmp_path):
             res.vfs.write_crash_image(img, "lose")
             with T.open_store(img) as s:
                 assert s.groups() == []  # nothing was ever synced
-            if res.crashed:
-                tally.crash_states += 1
-            else:
-                tally.not_reached += 1
+            tally.count_run(res.crashed)
         finally:
             res.vfs.unregister()
             shutil.rmtree(run_dir)
@@ -351,10 +345,7 @@ def creation_campaign(tmp, tally: T.Tally, fsync, seeds, *, sync_stride=1, write
                     img = res.image(os.path.join(run_dir, f"img-{mode}"), mode, seed=seed * 1000 + i)
                     with T.quiet():
                         check_created(res, img, wl, tally, f"creation {fsync.value} seed {seed} {crash} {mode}", fsync)
-                    if res.crashed:
-                        tally.crash_states += 1
-                    else:
-                        tally.not_reached += 1
+                    tally.count_run(res.crashed)
             finally:
                 res.vfs.unregister()
                 shutil.rmtree(run_dir)

@@ -536,6 +536,13 @@ class Tally:
         if not v.ok and len(self.failures) < 20:
             self.failures.append(f"{where}: {v.detail}")
 
+    def count_run(self, crashed: bool) -> None:
+        """Count one run: a crash state if it lost power at its crash point, else a run that ended before it."""
+        if crashed:
+            self.crash_states += 1
+        else:
+            self.not_reached += 1
+
     def assert_clean(self) -> None:
         assert self.lost == 0 and self.unopenable == 0 and not self.failures, \
             f"{self.name}: lost={self.lost} unopenable={self.unopenable}\n" + "\n".join(self.failures)
