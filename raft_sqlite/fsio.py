@@ -159,6 +159,20 @@ def sync_dir(path: str) -> None:
     _backend.sync_dir(path)
 
 
+def fdatasync_path(path: str) -> bool:
+    """``fdatasync`` the file at ``path`` (opened read-only for the purpose); False if it does not exist.
+    Any other error (of the open or of the sync) is raised as the OSError it is."""
+    try:
+        fd = _backend.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        _backend.fdatasync(fd)
+    finally:
+        _backend.close(fd)
+    return True
+
+
 def rename(src: str, dst: str) -> None:
     _backend.rename(src, dst)
 

@@ -27,7 +27,7 @@ COMMON_PRAGMAS: dict[str, str] = {
 }
 
 #: mode -> (pragmas, periodic WAL sync, fsync data_dir on create/rename/remove, guarantee). Every mode but
-#: OFF also fsyncs data_dir's parent and data_dir when a store is created (store creation; without it a power
+#: OFF also fsyncs data_dir and its ancestor directories when a store is created (store creation; without it a power
 #: cut could lose the whole data_dir with every acknowledged write: found by the creation campaign).
 FSYNC_MODES: dict[FsyncMode, dict] = {
     FsyncMode.OFF: {

@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -219,17 +218,9 @@ class SnapshotStore:
             return
         with st.chunks_lock:
             try:
-                fd = fsio.open(st.chunks_path + "-wal", os.O_RDONLY)
-            except FileNotFoundError:
-                return
+                fsio.fdatasync_path(st.chunks_path + "-wal")
             except OSError as exc:
                 raise StorageFault(f"{st.chunks_path}: WAL sync failed ({exc})") from exc
-            try:
-                fsio.fdatasync(fd)
-            except OSError as exc:
-                raise StorageFault(f"{st.chunks_path}: WAL sync failed ({exc})") from exc
-            finally:
-                fsio.close(fd)
 
     def delete_chunks(self, ids) -> int:
         """Delete every chunk of the snapshots ``ids`` (holding ``gc_lock``); returns rows deleted."""

@@ -285,20 +285,10 @@ class NodeStore:
         created (data_dir is then fsynced once its files exist, in every mode but OFF)."""
         created = not os.path.isdir(self.data_dir)
         if created:
-            # the directories makedirs creates: each one's entry is durable only once its parent is synced
-            new_dirs, d = [], os.path.abspath(self.data_dir)
-            while d and not os.path.exists(d) and os.path.dirname(d) != d:
-                new_dirs.append(d)
-                d = os.path.dirname(d)
+            # the new directories' entries are made durable by _sync_new_store_dirs, before the node record
             try:
                 fsio.makedirs(self.data_dir, mode=0o700, exist_ok=True)
                 os.chmod(self.data_dir, 0o700)
-                if self.fsync is not FsyncMode.OFF:
-                    # Without this a power cut can lose data_dir itself, and with it every write acknowledged
-                    # since (found by the creation power-loss campaign, in every mode: the syncs of the files
-                    # inside do not make the directory's own entry durable).
-                    for nd in reversed(new_dirs):
-                        fsio.sync_dir(os.path.dirname(nd))
             except OSError as exc:
                 check_data_dir(self.data_dir)  # a file appeared there meanwhile: say so
                 raise DataDirError(f"cannot create data_dir {self.data_dir}: {exc.strerror or exc}") from exc
@@ -343,7 +333,7 @@ class NodeStore:
             if not os.path.exists(p):
                 fsio.close(fsio.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
                 created = True
-        if created and (self.fsync is not FsyncMode.OFF or FSYNC_MODES[self.fsync]["dir_sync"]):
+        if created and self.fsync is not FsyncMode.OFF:
             # The entries of raft.db and chunks.db: SQLite syncs the directory when it creates a WAL or a
             # journal, never for a database file that already exists (created here). Without this sync a
             # power cut after creation can lose raft.db while its WAL survives (every mode but OFF, whose
@@ -485,12 +475,14 @@ class NodeStore:
 
     def _sync_new_store_dirs(self) -> None:
         """Before the node record of a new store commits: fsync data_dir and every ancestor directory, so that
-        the entries of raft.db, chunks.db and data_dir itself survive a power cut (every mode but OFF).
-        Done here, not only when this call created the directory: a first open that died between
-        ``makedirs`` and its syncs leaves a directory a retry did not create, and without these syncs a
-        power cut after the retry could lose data_dir with every write acknowledged since (found by an
-        independent review, reproduced with the fault model). Keyed on "no node record yet", a retry
-        always syncs again. An ancestor this process may not read (EACCES) is skipped with a warning."""
+        the entries of raft.db, chunks.db, data_dir itself and any parent ``makedirs`` created survive a
+        power cut (every mode but OFF). Without them a power cut could lose data_dir with every write
+        acknowledged since, in every mode (found by the creation power-loss campaign: the syncs of the
+        files inside do not make the directory's own entry durable). Keyed on "no node record yet", not on
+        "this call created the directory": a first open that died after ``makedirs`` leaves a directory a
+        retry did not create, and the retry must sync it all the same (found by an independent review,
+        reproduced with the fault model). An ancestor this process may not read (EACCES) is skipped with
+        a warning."""
         self.sync_dir()
         d = os.path.abspath(self.data_dir)
         while os.path.dirname(d) != d:
@@ -573,13 +565,7 @@ class NodeStore:
             # after a power cut recovery knows the WAL tail was written without syncs (several torn
             # transactions are then expected, not committed data lost).
             try:
-                fd = fsio.open(self.path + "-wal", os.O_RDONLY)
-                try:
-                    fsio.fdatasync(fd)
-                finally:
-                    fsio.close(fd)
-            except FileNotFoundError:
-                pass
+                fsio.fdatasync_path(self.path + "-wal")
             except OSError as exc:
                 self._fault = exc
                 raise StorageFault(f"{self.data_dir}: WAL sync failed while opening ({exc})") from exc
@@ -1249,26 +1235,17 @@ class _IntervalSyncer(threading.Thread):
 
     def sync(self, wal: str) -> None:
         self.dirty = False
-        try:
-            fd = fsio.open(wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        except OSError as exc:  # the WAL cannot even be opened: its unsynced commits may never be durable
-            self.store._fault = exc
-            log.error("%s: WAL sync failed, store is now fail-stop: %s", self.store.data_dir, exc)
-            return
         hw = self.store._hwm
         state = hw.current() if hw is not None else None
         try:
-            fsio.fdatasync(fd)
+            if not fsio.fdatasync_path(wal):
+                return
             self.store.stats.interval_syncs += 1
             if hw is not None:
                 hw.note(state)  # everything up to the state read before the sync is durable
-        except OSError as exc:
+        except OSError as exc:  # (also a WAL that cannot even be opened: its unsynced commits may never be durable)
             self.store._fault = exc
             log.error("%s: WAL sync failed, store is now fail-stop: %s", self.store.data_dir, exc)
-        finally:
-            fsio.close(fd)
 
     def stop(self):
         self._stop_evt.set()

@@ -396,12 +396,13 @@ def test_creation_without_the_stores_own_dir_syncs_still_loses_nothing(tmp_path,
     unix VFS's syncDir), which makes every entry in it durable, raft.db's and chunks.db's included. They
     stay, so that durability does not rest on that SQLite internal. (Under the earlier, stricter model,
     where SQLite's directory sync made only the WAL's own entry durable, removing them let a crash keep
-    chunks.db without raft.db, a data_dir refused for good.) Crash points 24-30: chunks.db's schema copy
-    to the mark's data_dir sync."""
+    chunks.db without raft.db, a data_dir refused for good.) Crash points 24-29 (counted with the store's
+    own data_dir syncs removed): the end of chunks.db's schema copy, then the syncs of data_dir's
+    ancestors before the node record."""
     monkeypatch.setattr(NodeStore, "sync_dir", lambda self: None)
     tally, checked = T.Tally("no own dir syncs"), 0
     wl = T.Workload(11, ops_per_group=3, snapshots=False)
-    for at in range(24, 30):  # from chunks.db's schema copy to the mark's data_dir sync (as counted here)
+    for at in range(24, 30):  # the end of chunks.db's schema copy, then the ancestors' syncs
         with T.quiet():
             res = T.powerloss_run(None, str(tmp_path / f"r{at}"), wl, fsync=FsyncMode.EXTRA, crash={"at_sync": at},
                                   checkpoint_every=None)

@@ -579,31 +579,27 @@ class FaultFS(fsio.OsFileSystem):
     def pwrite(self, fd, data, offset):
         return self._write(fd, data, offset)
 
-    def ftruncate(self, fd, size):
+    def _fd_op(self, fd, kind, real_op, model_op):
+        """A truncate or sync of ``fd``: counted (and possibly crashed) as ``kind`` if the file is tracked,
+        done for real, then applied to the model file by ``model_op(state)``."""
         v = self.vfs
         with v._lock:
             got = self._fds.get(fd)
             if got is not None:
-                v._event("truncate", os_error=True)
-            super().ftruncate(fd, size)
+                v._event(kind, os_error=True)
+            real_op(fd)
             if got is not None:
-                got[0].pending.append((size, None))
+                model_op(got[0])
 
-    def _sync(self, fd, real_sync):
-        v = self.vfs
-        with v._lock:
-            got = self._fds.get(fd)
-            if got is not None:
-                v._event("sync", os_error=True)
-            real_sync(fd)
-            if got is not None:
-                got[0].sync()
+    def ftruncate(self, fd, size):
+        self._fd_op(fd, "truncate", lambda f: super(FaultFS, self).ftruncate(f, size),
+                    lambda st: st.pending.append((size, None)))
 
     def fsync(self, fd):
-        self._sync(fd, super().fsync)
+        self._fd_op(fd, "sync", super().fsync, _State.sync)
 
     def fdatasync(self, fd):
-        self._sync(fd, super().fdatasync)
+        self._fd_op(fd, "sync", super().fdatasync, _State.sync)
 
     def sync_dir(self, path):
         v = self.vfs
