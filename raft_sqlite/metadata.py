@@ -43,6 +43,24 @@ def check_vote(v):
     raise TypeError(f"voted_for must be a str, an int or None, not {type(v).__name__}")
 
 
+def term_vote_changes(group: str, cur_term: int, cur_vote, term: int, vote) -> bool:
+    """Raft's rules for moving the hard state from ``(cur_term, cur_vote)`` to ``(term, vote)`` (both
+    already valid values): True if it is a change to write, False if it repeats what is stored; raises
+    :class:`MetadataError` if the term would decrease or a vote cast in the term would change or be
+    cleared (a node that voted twice in one term could elect two leaders). The one place these rules
+    live: :meth:`RaftMetadataStore.set_term_and_vote` and writers that batch a term/vote change before
+    committing it (the PySyncObj adapter) both call it."""
+    if term < cur_term:
+        raise MetadataError(f"group {group!r}: term may not decrease ({cur_term} -> {term})")
+    if term == cur_term:
+        if vote == cur_vote and type(vote) is type(cur_vote):
+            return False
+        if cur_vote is not None:
+            raise MetadataError(f"group {group!r}: already voted for {cur_vote!r} in term {term}; "
+                                f"cannot vote for {vote!r}")
+    return True
+
+
 class RaftMetadataStore:
     """``current_term`` (0 at first), ``voted_for`` (None) and ``commit_index`` (0) of one group.
 
@@ -111,14 +129,8 @@ class RaftMetadataStore:
         name = self.group
 
         def check(g):
-            if term < g.term:
-                raise MetadataError(f"group {name!r}: term may not decrease ({g.term} -> {term})")
-            if term == g.term:
-                if voted_for == g.vote and type(voted_for) is type(g.vote):
-                    return False
-                if g.vote is not None:
-                    raise MetadataError(f"group {name!r}: already voted for {g.vote!r} in term {term}; "
-                                        f"cannot vote for {voted_for!r}")
+            if not term_vote_changes(name, g.term, g.vote, term, voted_for):
+                return False
             g.term, g.vote = term, voted_for
             return True
 

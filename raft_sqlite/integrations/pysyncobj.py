@@ -41,6 +41,7 @@ import logging
 import os
 import pickle as _stdpickle
 import struct
+import collections
 import threading
 import weakref
 
@@ -52,9 +53,11 @@ import pysyncobj.serializer as _pso_serializer
 import pysyncobj.syncobj as _pso_syncobj
 from pysyncobj.config import SERIALIZER_STATE
 
+from ..args import term_arg
 from ..errors import LogConflictError, LogGapError, MetadataError, RaftSqliteError, SnapshotError
 from ..fsync import FsyncMode
 from ..log import EntryKind, LogEntry
+from ..metadata import check_vote, term_vote_changes
 from ..store import NodeStore
 
 __all__ = [
@@ -85,6 +88,9 @@ _MEMBERSHIP = _pso_syncobj._COMMAND_TYPE.MEMBERSHIP
 _STOCK_CREATE_JOURNAL = _pso_journal.createJournal
 _STOCK_SERIALIZER = _pso_serializer.Serializer
 _STOCK_VALIDATE = _pso_config.SyncObjConf.validate
+_STOCK_INIT = _pso_syncobj.SyncObj.__init__
+_STOCK_AUTO_TICK = _pso_syncobj.SyncObj._autoTickThread
+_STOCK_APPLY_COMMAND = _pso_syncobj.SyncObj._applyCommand
 
 # create_journal() -> the Serializer SyncObj.__init__ builds next in the same thread (see RaftSqliteSerializer)
 _link = threading.local()
@@ -207,6 +213,16 @@ class RaftSqliteJournal(_pso_journal.Journal):
         self._attached = False  # set by RaftSqliteSerializer when a SyncObj uses this journal
         self._start_key = f"pysyncobj.view_start.{group}"
         self._marker: int | None = None
+        # Batched mode (switched on by the durability gate a SyncObj gets, see _DurabilityGate): add() and
+        # setCurrentTerm() only queue their write here; sync() commits the queue in one store transaction
+        # (one fsync in FULL). The queue is always the tail of the view: every call that changes the view
+        # otherwise (deleteEntriesFrom, clear, deleteEntriesTo, snapshots) syncs it first.
+        self._batched = False
+        self._pend: list[LogEntry] = []
+        self._pend_term: tuple[int, str | int | None] | None = None
+        self._failed: BaseException | None = None
+        self._commits = 0
+        self._gate: _DurabilityGate | None = None  # set by _install_gate
         self._entries: list[tuple] = self._load()
 
     # ------------------------------------------------------------------ properties
@@ -264,12 +280,69 @@ class RaftSqliteJournal(_pso_journal.Journal):
         return max(c, 1)
 
     def getCurrentTerm(self) -> int:
-        """The persisted current term (0 at first)."""
-        return self._meta.current_term
+        """The current term (0 at first): the persisted one, or one set and not yet synced (batched mode)."""
+        pt = self._pend_term
+        return pt[0] if pt is not None else self._meta.current_term
 
     def getVotedForNodeId(self):
-        """The node voted for in the current term, or None."""
-        return self._meta.voted_for
+        """The node voted for in the current term, or None (including a vote not yet synced)."""
+        pt = self._pend_term
+        return pt[1] if pt is not None else self._meta.voted_for
+
+    @property
+    def batched(self) -> bool:
+        """True once a SyncObj's durability gate drives this journal: writes are queued until
+        :meth:`sync`, which the gate calls before anything that depends on them leaves the node."""
+        return self._batched
+
+    @property
+    def pending(self) -> int:
+        """Number of writes queued and not yet durable (entries, plus 1 for a term/vote change)."""
+        return len(self._pend) + (self._pend_term is not None)
+
+    @property
+    def commits(self) -> int:
+        """Store commits made by :meth:`sync` so far (each one fsync in FULL mode)."""
+        return self._commits
+
+    def sync(self) -> bool:
+        """Make every queued write durable now: the queued entries, term/vote and (with them) the
+        pending commit index go into **one** store transaction, durable per the store's fsync mode when
+        this returns. Returns True if it committed something, False if nothing was queued.
+
+        If the commit fails, the journal is *failed* for good (its view and PySyncObj's memory are ahead
+        of the store): this call and every later write raise :class:`~raft_sqlite.RaftSqliteError`, and the
+        gate drops everything the node would send. Restart the node (it reopens from what is durable)."""
+        with self._lock:
+            self._check_open()
+            pend, pt = self._pend, self._pend_term
+            if not pend and pt is None:
+                return False
+            pc = self._pending_commit
+            try:
+                with self._store.transaction():
+                    if pend:
+                        self._log.append(pend)
+                    if pt is not None:
+                        self._meta.set_term_and_vote(*pt)
+                    if pc is not None:
+                        target = min(pc, pend[-1].index if pend else self._log.last_index)
+                        if target > self._meta.commit_index:
+                            self._meta.set_commit_index(target)
+            except BaseException as e:
+                self._failed = e
+                log.critical("group %r: could not make %d queued write(s) durable (%s: %s); the journal is failed "
+                             "and the node must be restarted", self._group, self.pending, type(e).__name__, e)
+                raise
+            self._pend, self._pend_term = [], None
+            if pc is not None:
+                self._pending_commit = None
+            self._commits += 1
+            return True
+
+    def _enable_batching(self) -> None:
+        with self._lock:
+            self._batched = True
 
     # ------------------------------------------------------------------ Journal interface: writes
     def add(self, command, idx, term) -> None:
@@ -282,11 +355,19 @@ class RaftSqliteJournal(_pso_journal.Journal):
                                   f"index {self._entries[-1][1]}")
             self._persist(command, idx, term)
             if not self._entries and (self._marker is not None or idx != self._log.first_index):
+                self.sync()  # the marker is written at once: the entry it points at must be durable first
                 self._write_marker(idx)  # the view restarts at idx (after clear(): a dump's entries)
             self._entries.append((command, idx, term))
 
     def _persist(self, command: bytes, idx: int, term: int) -> None:
         P = self._log
+        if self._pend:
+            # the queue extends the store's log and is the view's tail, so idx follows it (add() checked)
+            if term < self._pend[-1].term:
+                raise LogConflictError(f"group {self._group!r}: entry {idx} has term {term}, below the previous "
+                                       f"entry's term {self._pend[-1].term}")
+            self._pend.append(LogEntry(idx, term, command, _kind(command)))
+            return
         if idx < P.first_index:
             # below the store's log: only an entry a durable snapshot covers (PySyncObj re-adds the two
             # entries its dump names); it lives in memory and in that snapshot's header
@@ -310,6 +391,12 @@ class RaftSqliteJournal(_pso_journal.Journal):
             raise LogGapError(f"group {self._group!r}: add(idx={idx}) leaves a gap after the store's last index "
                               f"{P.last_index}")
         entry = LogEntry(idx, term, command, _kind(command))
+        if self._batched:
+            if term < P.last_term:  # what the store would refuse at sync(): refuse it now, nothing queued
+                raise LogConflictError(f"group {self._group!r}: entry {idx} has term {term}, below the last "
+                                       f"entry's term {P.last_term}")
+            self._pend.append(entry)
+            return
         pc = self._pending_commit
         if pc is not None and pc > self._meta.commit_index:
             with self._store.transaction():
@@ -352,6 +439,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if self.compaction == "off":
                 log.debug("group %r: compaction is off; keeping journal[:%d]", self._group, entryTo)
                 return
+            self.sync()
             P = self._log
             want = self._entries[entryTo][1] if entryTo < len(self._entries) else self._entries[-1][1] + 1
             start = self._entries[0][1]
@@ -388,15 +476,21 @@ class RaftSqliteJournal(_pso_journal.Journal):
                 self._settle_tail()
 
     def setCurrentTerm(self, term, votedForNodeId) -> None:
-        """Persist ``term`` and ``votedForNodeId`` atomically before returning (see the class docs for
-        what the store refuses)."""
+        """Persist ``term`` and ``votedForNodeId`` atomically: before returning, or in batched mode with
+        the next :meth:`sync` (which the gate runs before any vote or message leaves the node). The same
+        rules apply either way and a refused change raises at once (see the class docs)."""
         vote = votedForNodeId
         if vote is not None and type(vote) not in (str, int):
             vote = str(vote)
         with self._lock:
             self._check_open()
             try:
-                self._meta.set_term_and_vote(int(term), vote)
+                if self._batched:
+                    t, v = term_arg("term", int(term)), check_vote(vote)
+                    if term_vote_changes(self._group, self.getCurrentTerm(), self.getVotedForNodeId(), t, v):
+                        self._pend_term = (t, v)
+                else:
+                    self._meta.set_term_and_vote(int(term), vote)
             except MetadataError:
                 log.error("group %r: refused setCurrentTerm(%r, %r) (stored: term %d, vote %r): it would break "
                           "Raft's one-vote-per-term rule", self._group, term, votedForNodeId,
@@ -406,7 +500,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
     def onOneSecondTimer(self) -> None:
         """Persist a pending commit index and settle a dropped tail (called by SyncObj every second)."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._failed is not None:
                 return
             self._flush_commit()
             if self._tail_dirty:
@@ -422,7 +516,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if self._closed:
                 return
             try:
-                if not self._store._closed and self._store.fault is None:
+                if not self._store._closed and self._store.fault is None and self._failed is None:
                     self.onOneSecondTimer()
             finally:
                 self._closed = True
@@ -451,8 +545,13 @@ class RaftSqliteJournal(_pso_journal.Journal):
     def _check_open(self):
         if self._closed:
             raise RaftSqliteError(f"journal of group {self._group!r} is closed")
+        if self._failed is not None:
+            raise RaftSqliteError(f"journal of group {self._group!r} failed to make writes durable "
+                                  f"({type(self._failed).__name__}: {self._failed}); restart the node")
 
     def _flush_commit(self) -> None:
+        if self.sync():
+            return  # the pending commit index went with the queued writes
         pc = self._pending_commit
         if pc is None:
             return
@@ -750,6 +849,122 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             self.cancelTransmisstion(k)
 
 
+_UNKNOWN_OUTCOME = _pso_syncobj.FAIL_REASON.UNKNOWN_OUTCOME
+
+
+class _DurabilityGate:
+    """Group commit for a SyncObj on a :class:`RaftSqliteJournal`: nothing that depends on a journal write
+    leaves the node before that write is durable, and the writes between two exits share one commit.
+
+    Installed on a SyncObj by :func:`patch_pysyncobj` (see :func:`_install_gate`), it puts the journal in
+    batched mode (``add``/``setCurrentTerm`` only queue) and takes over the node's two exits:
+
+    - **messages**: the transport's ``send`` only appends ``(node, message)`` to a queue (any thread);
+    - **client callbacks** (of commands submitted while the patch is active): run only after :meth:`sync`.
+
+    The queue is released by :meth:`poll`, which replaces the SyncObj's ``_poller.poll``: PySyncObj calls
+    it once per tick, after the tick's work (elections, AppendEntries, the leader appending the queued
+    commands) and handles every message received during it, so a release before and after the real poll
+    covers everything: ``journal.sync()`` (one commit for all the writes queued since the last one), then
+    the held messages in order. A follower thus makes one fsync per poll (every AppendEntries received in
+    it), a leader one per tick, a voter one per vote.
+
+    Fail-stop: if ``sync()`` fails, the gate drops every held and later message, and later callbacks get
+    ``FAIL_REASON.UNKNOWN_OUTCOME``: the node goes silent (as if it had crashed) until it is restarted.
+    """
+
+    def __init__(self, journal: RaftSqliteJournal, send, poll):
+        self.journal = journal
+        self._send, self._poll = send, poll
+        self._held: collections.deque = collections.deque()
+        self.dead: BaseException | None = None
+        self.released = 0  # messages handed to the transport
+        self.syncs = 0  # sync() calls that committed something
+
+    def send(self, node, message) -> bool:
+        """The transport's ``send`` while the gate is installed: queue the message (thread-safe)."""
+        if self.dead is None:
+            self._held.append((node, message))
+        return True
+
+    def sync(self) -> bool:
+        """Commit the journal's queued writes; False (and the gate dead) if that failed."""
+        if self.dead is not None:
+            return False
+        try:
+            if self.journal.sync():
+                self.syncs += 1
+        except BaseException as e:  # noqa: BLE001 - any failure: nothing may leave any more
+            self.dead = e
+            self._held.clear()
+            log.critical("group %r: the node stops sending (fail-stop): its journal writes could not be made "
+                         "durable: %s: %s", self.journal.group, type(e).__name__, e)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Sync, then hand every held message to the transport, in the order they were sent."""
+        if not self.sync():
+            return
+        held, send = self._held, self._send
+        while held:
+            node, message = held.popleft()
+            self.released += 1
+            send(node, message)
+
+    def poll(self, timeout):
+        """The SyncObj poller's ``poll``: release, wait for and handle events, release."""
+        self.release()
+        try:
+            return self._poll(timeout)
+        finally:
+            self.release()
+
+    def callback(self, fn):
+        """``fn`` wrapped to run only once the journal's queued writes are durable."""
+        def durable_callback(res, err):
+            if self.sync():
+                fn(res, err)
+            else:
+                fn(None, _UNKNOWN_OUTCOME)
+        return durable_callback
+
+
+def _pso_private(syncobj, name: str):
+    # PySyncObj 0.3.17 keeps its journal and transport in name-mangled attributes and offers no accessor;
+    # this is the one place the integration reads them (a PySyncObj without them keeps write-through).
+    return getattr(syncobj, f"_SyncObj__{name}", None)
+
+
+def _gate_of(syncobj) -> _DurabilityGate | None:
+    journal = _pso_private(syncobj, "raftLog")
+    return journal._gate if isinstance(journal, RaftSqliteJournal) else None
+
+
+def _install_gate(syncobj) -> _DurabilityGate | None:
+    """Put ``syncobj``'s RaftSqliteJournal behind a :class:`_DurabilityGate` (idempotent; None for a SyncObj
+    on another journal). The journal switches to batched mode last: until then every write is committed
+    before it returns, so a message that slips out during installation never depends on a queued write."""
+    journal = _pso_private(syncobj, "raftLog")
+    transport = _pso_private(syncobj, "transport")
+    poller = getattr(syncobj, "_poller", None)
+    if not isinstance(journal, RaftSqliteJournal):
+        return None
+    with journal._lock:
+        if journal._gate is not None:
+            return journal._gate
+        if transport is None or poller is None or not callable(getattr(transport, "send", None)):
+            log.warning("group %r: this PySyncObj has no transport/poller where 0.3.17 keeps them; the journal "
+                        "stays write-through (one commit per write)", journal.group)
+            return None
+        gate = _DurabilityGate(journal, transport.send, poller.poll)
+        transport.send = gate.send
+        poller.poll = gate.poll
+        journal._gate = gate
+        journal._enable_batching()
+        return gate
+
+
 def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id: str | None = None,
                    fsync: FsyncMode | str | None = None, group: str | None = None,
                    compaction: str | None = None):
@@ -790,6 +1005,25 @@ def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id:
     return journal
 
 
+def _syncobj_init(self, *args, **kwargs):
+    _STOCK_INIT(self, *args, **kwargs)
+    if not self.conf.autoTick:  # no tick thread: the caller's doTick() runs the ticks from now on
+        _install_gate(self)
+
+
+def _auto_tick_thread(self):
+    # the tick thread, before its first tick: nothing of this node has been sent yet
+    _install_gate(self)
+    return _STOCK_AUTO_TICK(self)
+
+
+def _apply_command(self, command, callback, commandType=None):
+    gate = _gate_of(self) if callback is not None and not isinstance(callback, tuple) else None
+    if gate is not None:
+        callback = gate.callback(callback)
+    return _STOCK_APPLY_COMMAND(self, command, callback, commandType)
+
+
 def _validate(self):
     if self.journalFile is not None and self.fullDumpFile is None:
         self.fullDumpFile = os.path.join(os.fspath(self.journalFile), DUMP_FILE_NAME)
@@ -806,6 +1040,9 @@ class _Patch:
                 (pysyncobj, "createJournal", create_journal),
                 (_pso_journal, "createJournal", create_journal),
                 (_pso_syncobj, "Serializer", RaftSqliteSerializer),
+                (_pso_syncobj.SyncObj, "__init__", _syncobj_init),
+                (_pso_syncobj.SyncObj, "_autoTickThread", _auto_tick_thread),
+                (_pso_syncobj.SyncObj, "_applyCommand", _apply_command),
                 (_pso_config.SyncObjConf, "validate", _validate)):
             self._saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
             setattr(obj, name, new)
