@@ -210,7 +210,9 @@ def run_cluster(kind, commands, sync_calls, timeout, counts=None):
             def make_journal(journal_file):
                 # the adapter's own factory with the row's fsync mode (instead of RAFT_SQLITE_FSYNC);
                 # recorded so that the run can check each store's mode and close it
-                j = create_journal(journal_file, fsync=mode.value)  # a str: see the report (an FsyncMode is refused)
+                # the mode's name, not the FsyncMode: create_journal parses FsyncMode(str(fsync).upper()) and on
+                # Python 3.11 str(FsyncMode.NORMAL) is "FsyncMode.NORMAL", which it refuses
+                j = create_journal(journal_file, fsync=mode.value)
                 journals.append(j)
                 return j
 
@@ -344,7 +346,7 @@ def main(argv=None):
                        ("p99", "p99 ms", lambda v: f"{v * 1e3:.2f}")])
     base = res[STOCK]
     table = []
-    for name, kind in ROWS:
+    for name, _kind in ROWS:
         r = res[name]
         if name in counted:
             c = counted[name]
