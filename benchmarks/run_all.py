@@ -43,6 +43,8 @@ BENCHMARKS = [
     ("backup", "backup", "Hot backup", ["--size-mb", "1024", "--payload", "4096", "--groups", "4", "--rounds", "3"]),
     ("pysyncobj_journal", "pysyncobj_journal", "PySyncObj journal",
      ["--seconds", "2", "--warmup-seconds", "0.3", "--payload", "100", "--rounds", "3"]),
+    ("pysyncobj_cluster", "pysyncobj_cluster", "PySyncObj 3-node cluster",
+     ["--commands", "20000", "--sync-calls", "30", "--warmup-commands", "2000", "--rounds", "3", "--timeout", "300"]),
 ]
 
 
