@@ -993,7 +993,8 @@ def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id:
                               "the node's data directory")
     node_id = node_id or os.environ.get("RAFT_SQLITE_NODE_ID") or os.path.basename(os.path.abspath(data_dir))
     cluster_id = cluster_id or os.environ.get("RAFT_SQLITE_CLUSTER_ID") or DEFAULT_CLUSTER_ID
-    mode = FsyncMode(str(fsync or os.environ.get("RAFT_SQLITE_FSYNC") or "FULL").upper())
+    raw = fsync or os.environ.get("RAFT_SQLITE_FSYNC") or "FULL"
+    mode = raw if isinstance(raw, FsyncMode) else FsyncMode(str(raw).upper())  # str(FsyncMode.X) is not "X"
     group = group or os.environ.get("RAFT_SQLITE_GROUP") or DEFAULT_GROUP
     store = NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=mode)
     try:
