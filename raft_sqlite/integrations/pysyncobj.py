@@ -423,8 +423,15 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if entryFrom >= len(self._entries):
                 return
             new_end = self._entries[entryFrom - 1][1] if entryFrom else self._entries[0][1] - 1
-            self._flush_commit()
-            self._truncate_store(new_end)
+            pend = self._pend
+            if pend and new_end >= pend[0].index - 1:
+                # only queued entries go (PySyncObj truncates before re-adding what a leader resent):
+                # nothing of them was written, so nothing is written now
+                del pend[new_end - pend[0].index + 1:]
+            else:
+                self._pend = []  # queued entries above the cut were never durable: drop, do not write them
+                self._flush_commit()
+                self._truncate_store(new_end)
             del self._entries[entryFrom:]
 
     def deleteEntriesTo(self, entryTo: int) -> None:
