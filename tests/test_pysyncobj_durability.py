@@ -43,7 +43,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # noqa: E40
 from pysyncobj import syncobj as pso_syncobj  # noqa: E402 (after importorskip)
 from pysyncobj.transport import TCPTransport  # noqa: E402 (after importorskip)
 
-from raft_sqlite import FsyncMode, NodeStore, fsio  # noqa: E402 (after importorskip)
+from raft_sqlite import FsyncMode, NodeStore, RecoveryPolicy, fsio  # noqa: E402 (after importorskip)
 from raft_sqlite.errors import RaftSqliteError  # noqa: E402 (after importorskip)
 from raft_sqlite.integrations.pysyncobj import (  # noqa: E402 (after importorskip)
     DEFAULT_CLUSTER_ID,
@@ -92,7 +92,8 @@ class Image:
     """What one node's store holds in a crash image (read once, the store closed again)."""
 
     def __init__(self, path: str, name: str):
-        with NodeStore.open(path, name, cluster_id=DEFAULT_CLUSTER_ID, fsync=FsyncMode.OFF) as s:
+        with NodeStore.open(path, name, cluster_id=DEFAULT_CLUSTER_ID, fsync=FsyncMode.OFF,
+                            recovery=RecoveryPolicy.STRICT) as s:
             lg, md = s.log(DEFAULT_GROUP), s.metadata(DEFAULT_GROUP)
             self.entries = {e.index: (e.term, e.data) for e in lg.entries(lg.first_index, lg.last_index + 1)} \
                 if lg.last_index >= lg.first_index else {}
@@ -131,6 +132,9 @@ class Checker:
         self._dir = None
         self._images: dict[str, Image] = {}
         self._seq = itertools.count()
+        self.verify_cache_every = 20  # every n-th reuse of a cached image is compared with a fresh one
+        self.cache_verified = 0
+        self._reuses = itertools.count(1)
 
     # ---------------------------------------------------------------------------------------- images
     def image(self, name: str) -> Image:
@@ -138,19 +142,34 @@ class Checker:
         key = self.vfs.counters["syncs"]
         if key != self._key:
             self.drop_images()
-            self._dir = os.path.join(self.imgroot, f"img{next(self._seq)}")
-            self.vfs.write_crash_image(self._dir, mode="lose")
+            self._dir = self._write_image()
             self._key = key
             self.images_taken += 1
         img = self._images.get(name)
         if img is None:
-            path = os.path.join(self._dir, name)
-            os.chmod(path, 0o700)  # the store's own modes (else every open warns that it tightened them)
-            for f in os.listdir(path):
-                if os.path.isfile(os.path.join(path, f)):
-                    os.chmod(os.path.join(path, f), 0o600)
-            img = self._images[name] = Image(path, name)
+            img = self._images[name] = Image(os.path.join(self._dir, name), name)
+        elif self.verify_cache_every and next(self._reuses) % self.verify_cache_every == 0:
+            # the cache's premise (no durable change without a sync): a fresh image must read the same
+            fresh_dir = self._write_image()
+            fresh = Image(os.path.join(fresh_dir, name), name)
+            shutil.rmtree(fresh_dir, ignore_errors=True)
+            self.cache_verified += 1
+            if vars(fresh) != vars(img):
+                self._violation("cache", f"{name}: a fresh crash image differs from the one cached at sync {key}")
         return img
+
+    def image_dir(self, name: str) -> str:
+        """The directory of node ``name`` in the current crash image (take one with :meth:`image`)."""
+        return os.path.join(self._dir, name)
+
+    def _write_image(self) -> str:
+        path = os.path.join(self.imgroot, f"img{next(self._seq)}")
+        self.vfs.write_crash_image(path, mode="lose")
+        for d, _dirs, files in os.walk(path):  # the store's own modes (else every open warns it tightened them)
+            os.chmod(d, 0o700)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o600)
+        return path
 
     def drop_images(self) -> None:
         """Forget the current images (the next check takes new ones)."""
@@ -414,9 +433,10 @@ def _check_invariant(tmp_path, **workload):
         for kind, at_least in (("next_node_idx", 10), ("append_entries", 10), ("request_vote", 2),
                                ("response_vote", 2), ("apply_command_response", 6), ("callback", 30)):
             assert checker.checked[kind] >= at_least, (kind, dict(checker.checked))
-        assert checker.images_taken >= 10
+        assert checker.images_taken >= 10 and checker.cache_verified >= 3, (checker.images_taken,
+                                                                             checker.cache_verified)
     print(f"checked {dict(checker.checked)}, unchecked {dict(checker.unchecked)}, "
-          f"{checker.images_taken} images, {time.monotonic() - t0:.1f}s")
+          f"{checker.images_taken} images, {checker.cache_verified} cache checks, {time.monotonic() - t0:.1f}s")
 
 
 def test_no_message_or_callback_leaves_before_what_it_depends_on_is_durable(tmp_path):
@@ -531,7 +551,7 @@ def test_a_failed_commit_fail_stops_the_node_and_its_image_holds_all_it_acknowle
                 if (bad := checker.dependency(addr, to, m, view, img)) is not None]
         assert checker.released_log[victim] and gone == []
         restart_dir = os.path.join(tmp_path, "restart", victim)
-        shutil.copytree(os.path.join(checker._dir, victim), restart_dir)
+        shutil.copytree(checker.image_dir(victim), restart_dir)
         partners = [a for a in cluster.addrs if a != addr]
         node = KV(addr, partners, SyncObjConf(autoTick=False, journalFile=restart_dir, raftMinTimeout=0.3,
                                               raftMaxTimeout=0.6, appendEntriesPeriod=0.05), TCPTransport)
