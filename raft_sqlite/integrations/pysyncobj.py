@@ -974,7 +974,7 @@ def _install_gate(syncobj) -> _DurabilityGate | None:
 
 def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id: str | None = None,
                    fsync: FsyncMode | str | None = None, group: str | None = None,
-                   compaction: str | None = None):
+                   compaction: str | None = None, vfs: str | None = None):
     """PySyncObj's ``createJournal`` contract on raft_sqlite.
 
     ``journal_file=None`` returns PySyncObj's in-memory ``MemoryJournal`` (as stock). Otherwise
@@ -989,7 +989,8 @@ def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id:
     (``RAFT_SQLITE_PYSYNCOBJ_COMPACTION``: ``store``/``off``, else ``store`` when snapshots are
     available). The store refuses to open a data_dir of another node or cluster
     (:class:`~raft_sqlite.NodeIdentityMismatch`): after restoring a backup into a directory with
-    another name, set ``RAFT_SQLITE_NODE_ID``.
+    another name, set ``RAFT_SQLITE_NODE_ID``. ``vfs`` names a registered apsw VFS for the store
+    (:meth:`NodeStore.open`'s seam for fault-injection tests; default: SQLite's own).
     """
     if journal_file is None:
         _link.journal = None
@@ -1003,7 +1004,7 @@ def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id:
     raw = fsync or os.environ.get("RAFT_SQLITE_FSYNC") or "FULL"
     mode = raw if isinstance(raw, FsyncMode) else FsyncMode(str(raw).upper())  # str(FsyncMode.X) is not "X"
     group = group or os.environ.get("RAFT_SQLITE_GROUP") or DEFAULT_GROUP
-    store = NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=mode)
+    store = NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=mode, vfs=vfs)
     try:
         journal = RaftSqliteJournal(store, group, owns_store=True, compaction=compaction)
     except BaseException:
