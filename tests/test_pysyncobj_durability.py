@@ -562,9 +562,6 @@ def test_a_failed_commit_fail_stops_the_node_and_its_image_holds_all_it_acknowle
             node.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="gate review: a command submitted to a fail-stopped node gets no callback "
-                                       "at all (the leader's add() raises in _checkCommandsToApply and drops it; "
-                                       "a follower's forward is dropped by the dead gate); see the h2 report")
 @pytest.mark.parametrize("role", ["leader", "follower"])
 def test_a_command_submitted_to_a_fail_stopped_node_gets_a_callback(tmp_path, role):
     """After its commit failed, a node still accepts commands from its clients: each must be answered
@@ -578,3 +575,48 @@ def test_a_command_submitted_to_a_fail_stopped_node_gets_a_callback(tmp_path, ro
         cluster.run_until(lambda: all(k in checker.outcomes for k in late), timeout=2)
         got = {k: checker.outcomes.get(k) for k in late}
         assert all(r is not None and r != FAIL_REASON.SUCCESS for r in got.values()), got
+
+
+def test_an_autotick_node_whose_commit_fails_answers_every_client_and_stops(tmp_path):
+    """autoTick (the default): after an injected fsync error in the gate's commit, every client callback
+    still pending is answered UNKNOWN_OUTCOME (none waits forever), a command submitted later is answered at
+    once, and the SyncObj is destroyed (its tick thread stops, as a crashed process would)."""
+    root = os.path.join(tmp_path, "single")
+    os.makedirs(root)
+    vfs = FaultVFS(f"psodur{os.getpid()}_{next(_vfs_names)}", root=root)
+    addr = _free_addrs(1)[0]
+    outcomes = collections.defaultdict(list)
+    node = None
+    try:
+        with fsio.installed(vfs.fs), quiet_injected_faults(), patch_pysyncobj():
+            def factory(path):
+                return create_journal(path, fsync=FsyncMode.FULL, vfs=vfs.name)
+            orig = pso_syncobj.createJournal
+            pso_syncobj.createJournal = factory
+            try:
+                node = KV(addr, [], SyncObjConf(journalFile=os.path.join(root, "n1"), appendEntriesPeriod=0.05),
+                          TCPTransport)
+            finally:
+                pso_syncobj.createJournal = orig
+            deadline = time.monotonic() + 15
+            while not node.isReady():
+                assert time.monotonic() < deadline, "single node never became ready"
+                time.sleep(0.02)
+            assert node.set("warm", 1, sync=True, timeout=10) == "warm"
+            vfs.arm_error("sync", nth=1, sticky=True)
+            for i in range(20):
+                node.set(f"k{i}", i, callback=lambda res, err, i=i: outcomes[i].append(err))
+            deadline = time.monotonic() + 15
+            while (len(outcomes) < 20 or node.tick_thread_alive()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not node.tick_thread_alive(), "the node kept ticking after its commit failed"
+            assert len(outcomes) == 20 and all(len(v) == 1 for v in outcomes.values()), dict(outcomes)
+            assert set(e for v in outcomes.values() for e in v) == {FAIL_REASON.UNKNOWN_OUTCOME}, dict(outcomes)
+            late = []
+            node.set("late", 1, callback=lambda res, err: late.append(err))
+            assert late == [FAIL_REASON.UNKNOWN_OUTCOME]
+            vfs.clear_faults()
+    finally:
+        if node is not None:
+            node.destroy()
+        vfs.unregister()

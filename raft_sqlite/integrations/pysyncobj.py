@@ -876,13 +876,18 @@ class _DurabilityGate:
     the held messages in order. A follower thus makes one fsync per poll (every AppendEntries received in
     it), a leader one per tick, a voter one per vote.
 
-    Fail-stop: if ``sync()`` fails, the gate drops every held and later message, and later callbacks get
-    ``FAIL_REASON.UNKNOWN_OUTCOME``: the node goes silent (as if it had crashed) until it is restarted.
+    Fail-stop: if ``sync()`` fails, the node must not act on what it holds only in memory. The gate drops
+    every held and later message; callbacks of commands already in flight and of commands submitted later
+    get ``FAIL_REASON.UNKNOWN_OUTCOME`` (the command may or may not be committed by the rest of the
+    cluster); the journal refuses every later write; and a SyncObj with ``autoTick`` is destroyed (its tick
+    thread stops, as if the process had crashed). With ``autoTick=False`` every later ``doTick()`` raises.
+    Restart the node: it reopens from what is durable.
     """
 
-    def __init__(self, journal: RaftSqliteJournal, send, poll):
+    def __init__(self, journal: RaftSqliteJournal, send, poll, stop=None):
         self.journal = journal
         self._send, self._poll = send, poll
+        self._stop = stop  # called once when the gate dies (destroys an autoTick SyncObj)
         self._held: collections.deque = collections.deque()
         self.dead: BaseException | None = None
         self.released = 0  # messages handed to the transport
@@ -904,8 +909,11 @@ class _DurabilityGate:
         except BaseException as e:  # noqa: BLE001 - any failure: nothing may leave any more
             self.dead = e
             self._held.clear()
-            log.critical("group %r: the node stops sending (fail-stop): its journal writes could not be made "
-                         "durable: %s: %s", self.journal.group, type(e).__name__, e)
+            log.critical("group %r: the node stops (fail-stop): its journal writes could not be made durable: "
+                         "%s: %s", self.journal.group, type(e).__name__, e)
+            if self._stop is not None:
+                with contextlib.suppress(ReferenceError):
+                    self._stop()
             return False
         return True
 
@@ -948,6 +956,32 @@ def _gate_of(syncobj) -> _DurabilityGate | None:
     return journal._gate if isinstance(journal, RaftSqliteJournal) else None
 
 
+def _fail_stop(syncobj) -> None:
+    """What a SyncObj does when its journal cannot make writes durable: every client callback still pending
+    (queued commands, commands waiting for their commit or for the leader's reply) is answered
+    ``UNKNOWN_OUTCOME`` at once instead of never, and an ``autoTick`` SyncObj is destroyed (``destroy()``
+    only flags its tick thread to stop)."""
+    pending = []
+    queue = _pso_private(syncobj, "commandsQueue")
+    with contextlib.suppress(Exception):
+        while True:
+            pending.append(queue.get_nowait()[1])
+    waiting = _pso_private(syncobj, "commandsWaitingCommit") or {}
+    for idx in list(waiting):
+        pending += [cb for _term, cb in waiting.pop(idx, ())]
+    replies = _pso_private(syncobj, "commandsWaitingReply") or {}
+    for rid in list(replies):
+        pending.append(replies.pop(rid, None))
+    for cb in pending:
+        if cb is not None and not isinstance(cb, tuple):
+            try:
+                cb(None, _UNKNOWN_OUTCOME)
+            except Exception:  # noqa: BLE001 - a client's callback must not stop the others from being answered
+                log.exception("client callback raised")
+    if syncobj.conf.autoTick:
+        syncobj.destroy()
+
+
 def _install_gate(syncobj) -> _DurabilityGate | None:
     """Put ``syncobj``'s RaftSqliteJournal behind a :class:`_DurabilityGate` (idempotent; None for a SyncObj
     on another journal). The journal switches to batched mode last: until then every write is committed
@@ -964,7 +998,10 @@ def _install_gate(syncobj) -> _DurabilityGate | None:
             log.warning("group %r: this PySyncObj has no transport/poller where 0.3.17 keeps them; the journal "
                         "stays write-through (one commit per write)", journal.group)
             return None
-        gate = _DurabilityGate(journal, transport.send, poller.poll)
+        # held weakly: the tick thread holds its SyncObj through a weakref.proxy too, so that an abandoned
+        # SyncObj can be collected
+        proxy = syncobj if isinstance(syncobj, weakref.ProxyTypes) else weakref.proxy(syncobj)
+        gate = _DurabilityGate(journal, transport.send, poller.poll, lambda: _fail_stop(proxy))
         transport.send = gate.send
         poller.poll = gate.poll
         journal._gate = gate
@@ -1016,8 +1053,10 @@ def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id:
 
 def _syncobj_init(self, *args, **kwargs):
     _STOCK_INIT(self, *args, **kwargs)
-    if not self.conf.autoTick:  # no tick thread: the caller's doTick() runs the ticks from now on
-        _install_gate(self)
+    # the gate is installed before the constructor returns, so every command a client submits is covered;
+    # with autoTick the tick thread may already run (it installs the gate itself before its first tick):
+    # installing is idempotent, and safe at any moment (see _install_gate)
+    _install_gate(self)
 
 
 def _auto_tick_thread(self):
@@ -1027,9 +1066,14 @@ def _auto_tick_thread(self):
 
 
 def _apply_command(self, command, callback, commandType=None):
-    gate = _gate_of(self) if callback is not None and not isinstance(callback, tuple) else None
+    gate = _gate_of(self)
     if gate is not None:
-        callback = gate.callback(callback)
+        if gate.dead is not None:  # fail-stopped: answer now, never queue (the command would be lost silently)
+            if callback is not None and not isinstance(callback, tuple):
+                callback(None, _UNKNOWN_OUTCOME)
+            return None
+        if callback is not None and not isinstance(callback, tuple):
+            callback = gate.callback(callback)
     return _STOCK_APPLY_COMMAND(self, command, callback, commandType)
 
 
