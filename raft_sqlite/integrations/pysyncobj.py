@@ -21,14 +21,17 @@ What :func:`patch_pysyncobj` installs (and the context manager restores):
   ``fullDumpFile``, so without one a compacted log could never be replayed. The file is a cache: it is
   rewritten from the store's newest durable snapshot whenever the node starts.
 
-Durability (what the adapter guarantees, per the store's fsync mode): every ``add()`` is committed
-before it returns, so an entry is durable before PySyncObj acknowledges it to a leader (a follower
-answers AppendEntries right after its ``add()`` calls) and before a leader counts itself in a commit
-majority; ``setCurrentTerm()`` (term + vote) is committed before it returns, so a vote is durable
-before it is sent. The commit index is not needed for safety; it is persisted lazily (with the next
-``add()``, on PySyncObj's one-second timer, ``flush()`` and ``_destroy()``), never decreases, and is
-clamped to the end of the journal on open (PySyncObj's own file journal can come back with a commit
-index past its end after an unclean stop).
+Durability: **no ack, vote or callback leaves a node before what it depends on is durable** (per the store's
+fsync mode). A SyncObj built under the patch gets a :class:`_DurabilityGate`: its journal queues ``add()`` and
+``setCurrentTerm()``, its transport holds outgoing messages, and once per tick (before and after PySyncObj's
+poll) the gate commits everything queued in **one** store transaction (one fsync in FULL) and only then
+releases the held messages; client callbacks run only after that commit. So a follower makes one fsync per
+batch of AppendEntries it acknowledges, a leader one per tick, a voter one per vote. A journal used without a
+SyncObj writes through: every ``add()`` and ``setCurrentTerm()`` is committed before it returns. The commit
+index is not needed for safety; it is persisted lazily (with the next commit, on PySyncObj's one-second timer,
+``flush()`` and ``_destroy()``), never decreases, and is clamped to the end of the journal on open
+(PySyncObj's own file journal can come back with a commit index past its end after an unclean stop). See
+docs/pysyncobj.md, "Durability".
 """
 
 from __future__ import annotations
@@ -153,10 +156,12 @@ class RaftSqliteJournal(_pso_journal.Journal):
     (after a compaction: the entry just before the last one its full dump covers), ``journal[-1]`` the
     newest; entries are ``(command: bytes, idx, term)`` tuples with contiguous ``idx``, and SyncObj
     seeds an empty journal with a no-op at index 1, term 0. This class keeps that view in memory
-    (as PySyncObj's own FileJournal does) and writes every change through to the store:
+    (as PySyncObj's own FileJournal does) and writes every change to the store: committed before the call
+    returns, or, in *batched mode* (a SyncObj's durability gate drives the journal, see :attr:`batched`),
+    queued and committed by the next :meth:`sync`, which the gate runs before anything that depends on the
+    write leaves the node:
 
-    - ``add(command, idx, term)``: ``idx`` must follow ``journal[-1]`` (any index on an empty view).
-      Committed before returning. If the store already holds an entry at ``idx`` (a tail PySyncObj
+    - ``add(command, idx, term)``: ``idx`` must follow ``journal[-1]`` (any index on an empty view). If the store already holds an entry at ``idx`` (a tail PySyncObj
       dropped from its view but the store had to keep, see below) with the same term and payload,
       nothing is written; with another term the store's log is truncated there first, which the store
       refuses (:class:`~raft_sqlite.LogConflictError`) if it would remove committed entries: a Raft
@@ -177,7 +182,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
     - ``clear()``: empties the view (PySyncObj installs a dump next and re-adds its two entries); the
       store's tail above the re-added entries and its commit index is dropped on the next
       ``setRaftCommitIndex``/``flush``/one-second timer.
-    - ``setCurrentTerm(term, votedForNodeId)``: committed before returning. The store refuses a lower
+    - ``setCurrentTerm(term, votedForNodeId)``: committed (see above). The store refuses a lower
       term or a second, different vote in the same term (:class:`~raft_sqlite.MetadataError`); PySyncObj
       0.3.17 never asks for either (it votes only when it has not voted in the current term). A vote
       that is not a str/int/None is stored as ``str()`` (PySyncObj only tests it against None).
