@@ -433,8 +433,18 @@ class RaftSqliteJournal(_pso_journal.Journal):
                 # only queued entries go (PySyncObj truncates before re-adding what a leader resent):
                 # nothing of them was written, so nothing is written now
                 del pend[new_end - pend[0].index + 1:]
-            else:
+            elif self._batched:
+                # Under a SyncObj the store keeps its entries above the cut. PySyncObj cuts from prevLogIdx + 1
+                # on every AppendEntries that overlaps the follower's log, even where the entries match the
+                # leader's (Raft cuts only at a conflict), then re-adds what the message carries. Cutting the
+                # store too would durably remove entries this node has acknowledged, some perhaps committed
+                # by a majority counting it, until they are re-added: a crash in between loses them. So the
+                # cut stays in the view: a re-added entry with the same term is not written again, one with
+                # another term is a real conflict and truncates the store there (in add()), and entries never
+                # re-added stay as a tail a follower may hold (they come back into the view on restart).
                 self._pend = []  # queued entries above the cut were never durable: drop, do not write them
+            else:
+                self._pend = []
                 self._flush_commit()
                 self._truncate_store(new_end)
             del self._entries[entryFrom:]
