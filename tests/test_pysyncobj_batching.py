@@ -151,11 +151,15 @@ def test_set_current_term_is_queued_and_checked_at_the_call(tmp_path):
             j.setCurrentTerm(term, vote)
         assert (j.getCurrentTerm(), j.getVotedForNodeId(), j.pending) == (3, "127.0.0.1:1", 1)
     # bad values raise too (not MetadataError: a caller bug, not a Raft rule) and queue nothing
+    wt = opened(tmp_path / "wt", batched=False)  # the write-through journal refuses them the same way
     for term, vote, exc in ((-1, None, ValueError), ("x", None, ValueError), (4, 2 ** 70, ValueError),
                             (4, "\ud800", ValueError)):
-        with pytest.raises(exc):
-            j.setCurrentTerm(term, vote)
+        for journal in (j, wt):
+            with pytest.raises(exc):
+                journal.setCurrentTerm(term, vote)
         assert (j.getCurrentTerm(), j.getVotedForNodeId(), j.pending) == (3, "127.0.0.1:1", 1)
+    assert (wt.getCurrentTerm(), wt.getVotedForNodeId()) == (0, None)
+    wt._destroy()
     j.setCurrentTerm(3, "127.0.0.1:1")  # the same vote again: a no-op
     assert j.pending == 1
     commits = j.store.stats.commits
