@@ -252,14 +252,15 @@ def _same_after_reopen(tmp_path, a, b):
 SEVEN = [("add", NOOP, 1, 0)] + [("add", b"x%d" % i, i, 1) for i in range(2, 8)]
 
 
-@pytest.mark.parametrize("change, expect_entries", [
-    ([("deleteEntriesFrom", 4)], [1, 2, 3, 4, 5]),  # committed 4..5 stay in the store
-    ([("deleteEntriesFrom", 2), ("add", b"y3", 3, 2)], [1, 2, 3, 4, 5]),  # conflicts with committed 3: refused
-    ([("deleteEntriesFrom", 5), ("add", b"y6", 6, 2)], [1, 2, 3, 4, 5, 6]),  # replaces uncommitted 6..7
-    ([("clear",), ("add", b"x4", 4, 1), ("add", b"x5", 5, 1), ("setRaftCommitIndex", 5)], [1, 2, 3, 4, 5]),
-    ([("deleteEntriesTo", 2)], [1, 2, 3, 4, 5, 6, 7]),  # a logical trim: records stay
+@pytest.mark.parametrize("change, expect_entries, synced", [
+    # cuts: the queued entries above the cut are dropped unwritten (no commit); committed 4..5 stay
+    ([("deleteEntriesFrom", 4)], [1, 2, 3, 4, 5], False),
+    ([("deleteEntriesFrom", 2), ("add", b"y3", 3, 2)], [1, 2, 3, 4, 5], False),  # conflicts with committed 3
+    ([("deleteEntriesFrom", 5), ("add", b"y6", 6, 2)], [1, 2, 3, 4, 5, 6], False),  # replaces queued 6..7
+    ([("clear",), ("add", b"x4", 4, 1), ("add", b"x5", 5, 1), ("setRaftCommitIndex", 5)], [1, 2, 3, 4, 5], True),
+    ([("deleteEntriesTo", 2)], [1, 2, 3, 4, 5, 6, 7], True),  # a logical trim: records stay
 ])
-def test_view_changes_sync_the_queue_first_and_match_write_through(tmp_path, change, expect_entries):
+def test_view_changes_sync_the_queue_first_and_match_write_through(tmp_path, change, expect_entries, synced):
     a, b = _pair(tmp_path)
     for j in (a, b):
         _feed(j, SEVEN[:5])
@@ -276,7 +277,8 @@ def test_view_changes_sync_the_queue_first_and_match_write_through(tmp_path, cha
         except LogConflictError as e:
             results.append(type(e))
     assert results[0] == results[1]
-    assert b.commits > commits  # the queue was synced before the view changed
+    # the queue was synced before the view changed, or (a cut) dropped unwritten
+    assert (b.commits > commits) is synced
     b.sync()
     sa = _same_after_reopen(tmp_path, a, b)
     assert [e[1] for e in sa[0]] == expect_entries
@@ -333,6 +335,20 @@ class _Pair:
         self.root = root
         self.stats = stats
         self.a, self.b = opened(os.path.join(root, "wt"), batched=False), opened(os.path.join(root, "b"))
+        self.ever: set = set()  # every entry b's view ever held
+
+    def kept_tail(self, sa, sb):
+        """Check b's store against a's: the same, except that b may keep a tail above a's last entry
+        (PySyncObj's deleteEntriesFrom cuts only b's view: the store keeps the entries a re-add finds
+        again, see RaftSqliteJournal.deleteEntriesFrom), made only of entries b once held. Returns it."""
+        ea, eb = sa[0], sb[0]
+        extra = eb[len(ea):]
+        assert eb[:len(ea)] == ea, (ea, eb)
+        assert all(e in self.ever for e in extra), (extra, self.ever)
+        assert sa[1] == sb[1] and sb[2] == sa[2] + len(extra) and sa[3:] == sb[3:], (sa[1:], sb[1:])
+        if extra:
+            self.stats["kept_tail"] = self.stats.get("kept_tail", 0) + 1
+        return extra
 
     def both(self, fn):
         """Call ``fn(journal)`` on both; they must raise the same error type, or neither."""
@@ -354,8 +370,10 @@ class _Pair:
         self.a._destroy()
         self.b._destroy()
         sa, sb = stored(os.path.join(self.root, "wt")), stored(os.path.join(self.root, "b"))
-        assert sa == sb
+        extra = self.kept_tail(sa, sb)
         self.a, self.b = opened(os.path.join(self.root, "wt"), batched=False), opened(os.path.join(self.root, "b"))
+        for e in extra:  # b's view now shows its kept tail (as after a restart): a receives it again
+            self.a.add(*e)
 
     def compare_stores(self):
         """After b.sync() and a flush of both (the commit index is lazy in both modes): same store."""
@@ -365,26 +383,34 @@ class _Pair:
         assert self.b.pending == 0
         self.a.flush()
         self.b.flush()
-        assert store_view(self.a) == store_view(self.b)
+        self.kept_tail(store_view(self.a), store_view(self.b))
         self.stats["store_compared"] = self.stats.get("store_compared", 0) + 1
+
+
+def _payload(idx, term):
+    # Raft's Log Matching: entries with the same index and term carry the same command (one leader per term
+    # never rewrites its log), so the payload is a function of (index, term). The batched journal relies on
+    # it: after a cut it keeps the store's entries and refuses a same-term re-add with another payload.
+    return b"%d:%d" % (idx, term)
 
 
 def _apply(p: _Pair, op):
     name, *args = op
     view = list(p.a)
     if name == "add":
-        payload, dterm = args
+        _, dterm = args
         idx = view[-1][1] + 1 if view else 1
         term = max(0, (view[-1][2] if view else 0) + dterm)  # -1: a lower term (refused by both)
-        p.both(lambda j: j.add(payload, idx, term))
+        p.both(lambda j: j.add(_payload(idx, term), idx, term))
     elif name == "replace":
-        pos, dterm, payload = args
+        pos, dterm, _ = args
         if len(view) < 2:
             return
         pos = 1 + pos % (len(view) - 1)
         _, idx, term = view[pos]
         p.both(lambda j: j.deleteEntriesFrom(pos))
-        p.both(lambda j: j.add(payload, idx, term + dterm))  # refused if it rewrites a committed entry
+        # refused if it rewrites a committed entry
+        p.both(lambda j: j.add(_payload(idx, term + dterm), idx, term + dterm))
     elif name == "deleteEntriesFrom":
         p.both(lambda j: j.deleteEntriesFrom(args[0] % (len(view) + 1)))
     elif name == "clear_readd":
@@ -410,6 +436,7 @@ def _apply(p: _Pair, op):
     elif name == "reopen":
         p.reopen()
     assert journal_state(p.a) == journal_state(p.b)
+    p.ever.update(p.b)
 
 
 def test_batched_equals_write_through_on_random_calls(tmp_path):
@@ -427,6 +454,7 @@ def test_batched_equals_write_through_on_random_calls(tmp_path):
             p.compare_stores()
             p.reopen()
             assert journal_state(p.a) == journal_state(p.b)
+            assert p.kept_tail(store_view(p.a), store_view(p.b)) == []
         finally:
             p.a._destroy()
             p.b._destroy()
@@ -435,7 +463,7 @@ def test_batched_equals_write_through_on_random_calls(tmp_path):
     print(stats)
     # the comparisons that matter happened: refusals of both kinds, and stores compared with a queue synced
     for key, least in (("ok", 500), ("LogConflictError", 5), ("MetadataError", 20), ("synced_a_queue", 20),
-                       ("closed_with_a_queue", 20), ("store_compared", 100)):
+                       ("closed_with_a_queue", 10), ("store_compared", 100), ("kept_tail", 5)):
         assert stats.get(key, 0) >= least, (key, stats)
 
 
@@ -710,3 +738,33 @@ def test_syncobj_without_journal_file_gets_no_gate(journals_made, monkeypatch):
         assert gates == []
     finally:
         o.destroy()
+
+
+def test_a_cut_keeps_acknowledged_entries_in_the_store_until_a_real_conflict(tmp_path):
+    """PySyncObj cuts a follower's log from prevLogIdx + 1 on every overlapping AppendEntries, matching entries
+    included, and re-adds what the message carries. Under the gate the store keeps the cut entries (they may
+    have been acknowledged, and counted in a commit): re-adding them writes nothing; only an entry of another
+    term (a real Raft conflict) truncates the store."""
+    j = opened(tmp_path / "n1")
+    _feed(j, SEVEN)
+    j.setRaftCommitIndex(5)
+    j.sync()  # 1..7 durable, 6..7 uncommitted (and acknowledged by the gate's next release)
+    stats = j.store.stats.commits
+    j.deleteEntriesFrom(5)  # the view drops 6..7
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5] and store_view(j)[2] == 7  # the store keeps them
+    _feed(j, SEVEN[5:6])  # re-added with the same term: found in the store, nothing written
+    assert j.pending == 0 and j.sync() is False and j.store.stats.commits == stats
+    j.deleteEntriesFrom(5)
+    j.add(b"y6", 6, 2)  # another term: a real conflict, the store's 6..7 go
+    assert store_view(j)[2] == 5 and j.pending == 1
+    j.sync()
+    j._destroy()
+    assert [(e[1], e[2]) for e in stored(tmp_path / "n1")[0]] == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1), (6, 2)]
+    # a cut never re-added: the kept entries come back into the view on restart, as a follower's tail
+    j = opened(tmp_path / "n1")
+    j.deleteEntriesFrom(4)
+    j.sync()
+    j._destroy()
+    j = opened(tmp_path / "n1", batched=False)
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5, 6]
+    j._destroy()
