@@ -671,13 +671,14 @@ def _node_log(data_dir):
                 "commit": md.commit_index, "keys": keys}
 
 
-def check_acked(acked, logs, *, need_commit: bool) -> list[str]:
+def check_acked(acked, logs, *, need_commit: bool, by=None) -> list[str]:
     """Problems with acknowledged commands in the nodes' logs ``{node: _node_log(...)}``.
 
     Each acknowledged key must sit at one index with one (term, data) on a majority of nodes (in their
     committed prefix when ``need_commit``: the commit index is persisted lazily, so it is only required
-    after a clean stop); a node holding that index must hold the same entry there (no fork); and no log
-    may hold an acknowledged key twice."""
+    after a clean stop); a node holding that index must hold the same entry there (no fork); no log
+    may hold an acknowledged key twice; and every node that acknowledged it (``by``: key -> node names whose
+    callback reported success) must hold it: a node acknowledges only what it has made durable."""
     problems = []
     majority = len(logs) // 2 + 1
     for k in sorted(acked):
@@ -704,6 +705,9 @@ def check_acked(acked, logs, *, need_commit: bool) -> list[str]:
         for n, lg in logs.items():
             if lg["first"] <= idx <= lg["last"] and lg["entries"].get(idx) != entry:
                 problems.append(f"{k}: {n} holds another entry at index {idx}: fork")
+        for n in sorted((by or {}).get(k, ())):
+            if logs[n]["entries"].get(idx) != entry:
+                problems.append(f"{k}: acknowledged by {n}, which does not hold it at index {idx}")
     return problems
 
 
@@ -725,6 +729,10 @@ def test_check_acked_fires_on_loss_fork_and_uncommitted():
     assert check_acked({"k3"}, lazy, need_commit=True) == [
         "k3: at index 3 on 1 node(s) (['b']), fewer than a majority within their commit index"]
     assert check_acked({"k9"}, good, need_commit=False) == ["k9: acknowledged but on no node"]
+    # on a majority, but not on the node whose client was told it succeeded
+    assert check_acked({"k2"}, good, need_commit=False, by={"k2": {"a", "c"}}) == [
+        "k2: acknowledged by c, which does not hold it at index 2"]
+    assert check_acked({"k2"}, good, need_commit=False, by={"k2": {"a", "b"}}) == []
 
 
 def _run_full_cluster(tmp_path, count, seed):
@@ -789,10 +797,11 @@ def _run_full_cluster(tmp_path, count, seed):
         for nd in nodes:
             nd.kill()
         acked = set().union(*(nd.acks for nd in nodes))
+        by = {k: {os.path.basename(nd.data_dir) for nd in nodes if k in nd.acks} for k in acked}
         report["sent"], report["acked"] = sum(sent.values()), len(acked)
         report["fsync"] = {os.path.basename(nd.data_dir): collect_status(nd.data_dir)["fsync_mode"] for nd in nodes}
         logs = {os.path.basename(nd.data_dir): _node_log(nd.data_dir) for nd in nodes}
-        problems = check_acked(acked, logs, need_commit=False)
+        problems = check_acked(acked, logs, need_commit=False, by=by)
         assert not problems, f"after SIGKILL of every node: {problems[:10]}"
         report["tail_acked"] = sum(1 for k in acked if int(k[1:]) >= count)
 
@@ -801,13 +810,14 @@ def _run_full_cluster(tmp_path, count, seed):
         states = pc.wait_converged(nodes, timeout=60)
         assert states is not None, "cluster did not recover after a full SIGKILL"
         acked = set().union(*(nd.acks for nd in nodes))  # (a command in flight may be acked on restart)
+        by = {k: {os.path.basename(nd.data_dir) for nd in nodes if k in nd.acks} for k in acked}
         data = states[0]["data"]
         assert not sorted(k for k in acked if data.get(k) != "v" + k[1:]), "acked writes lost after full restart"
     finally:
         for nd in nodes:
             nd.stop()  # clean stop: PySyncObj destroys the SyncObj, the journal flushes its commit index
     logs = {os.path.basename(nd.data_dir): _node_log(nd.data_dir) for nd in nodes}
-    problems = check_acked(acked, logs, need_commit=True)
+    problems = check_acked(acked, logs, need_commit=True, by=by)
     assert not problems, f"after the clean stop: {problems[:10]}"
     report["first_index"] = {n: lg["first"] for n, lg in logs.items()}
     report["commit"] = {n: lg["commit"] for n, lg in logs.items()}
