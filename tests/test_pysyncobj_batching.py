@@ -591,6 +591,26 @@ def test_gate_callback_runs_after_the_sync(tmp_path):
     j._destroy()
 
 
+def test_gate_sends_at_once_when_nothing_is_queued_or_held(tmp_path):
+    """A message that depends on nothing unsynced (the journal's queue empty, nothing held before it) goes out
+    at once: a leader's AppendEntries loop keeps PySyncObj's pacing. Anything queued, or held before it,
+    holds it."""
+    j, fake, gate = _gated(tmp_path)
+    j.add(NOOP, 1, 0)
+    j.sync()
+    assert gate.send("n2", "heartbeat") is True
+    assert fake.sent == [("n2", "heartbeat", 0, 1)] and gate.released == 1  # sent at once, 1 durable
+    j.add(b"a", 2, 1)
+    gate.send("n2", "append 2")
+    assert len(fake.sent) == 1  # 2 is queued: held
+    j.sync()  # by hand: the queue is empty again, but a message is still held: later ones wait behind it
+    gate.send("n3", "append 2")
+    assert len(fake.sent) == 1
+    gate.poll(0)
+    assert [m[1] for m in fake.sent] == ["heartbeat", "append 2", "append 2"]
+    j._destroy()
+
+
 def test_gate_fail_stop_drops_messages_and_fails_callbacks(fault_journal):
     j, vfs, _path = fault_journal
     fake = _FakeNode(j)

@@ -909,9 +909,22 @@ class _DurabilityGate:
         self.syncs = 0  # sync() calls that committed something
 
     def send(self, node, message) -> bool:
-        """The transport's ``send`` while the gate is installed: queue the message (thread-safe)."""
-        if self.dead is None:
-            self._held.append((node, message))
+        """The transport's ``send`` while the gate is installed: hold the message until the next release,
+        or, when nothing is held and the journal has nothing queued (everything the message can depend on is
+        already durable), send it at once. The second case keeps PySyncObj's own pacing where it matters: a
+        leader's AppendEntries loop (its entries were committed at the end of the previous tick) is bounded
+        by ``appendEntriesPeriod`` including the cost of the sends, as in stock PySyncObj; holding those
+        messages too would let one tick queue every entry for every follower and send them all at once,
+        long enough to miss a heartbeat (seen: a leader change under load)."""
+        if self.dead is not None:
+            return True
+        journal = self.journal
+        if not self._held and not journal.pending:
+            with journal._lock:  # against a write from another thread between the check and the send
+                if not self._held and not journal.pending and self.dead is None:
+                    self.released += 1
+                    return self._send(node, message)
+        self._held.append((node, message))
         return True
 
     def sync(self) -> bool:
