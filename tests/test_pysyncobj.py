@@ -24,6 +24,7 @@ from raft_sqlite.integrations.pysyncobj import (  # noqa: E402
     create_journal,
     patch_pysyncobj,
 )
+from tests.support.net import free_addr  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOOP = b"\x01"
@@ -250,15 +251,6 @@ class Counter(SyncObj):
         return self.__value
 
 
-def _free_addr():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
-
-
 def _tick_until(objs, cond, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -277,7 +269,7 @@ def _single(path, addr, **kw):
 def test_single_node_compaction_goes_to_store_snapshot_and_restart_restores(tmp_path):
     path = tmp_path / "solo"
     with patch_pysyncobj():
-        o = _single(path, _free_addr())
+        o = _single(path, free_addr())
         assert isinstance(o._SyncObj__raftLog, RaftSqliteJournal)
         assert _tick_until([o], o._isReady)
         for i in range(1, 51):
@@ -293,7 +285,7 @@ def test_single_node_compaction_goes_to_store_snapshot_and_restart_restores(tmp_
         assert _tick_until([o], lambda: o.value() == 1830)
         o._destroy()
         assert not os.path.exists(path / rsp.DUMP_FILE_NAME)  # the dump lives in the store ...
-        o = _single(path, _free_addr())
+        o = _single(path, free_addr())
         assert os.path.isfile(path / rsp.DUMP_FILE_NAME)  # ... and is materialized for SyncObj's startup load
         assert _tick_until([o], lambda: o.value() == 1830)
         assert o._SyncObj__raftLog[0][1] == snap.index - 1
@@ -307,7 +299,7 @@ def test_no_snapshot_is_streamed_between_a_dump_and_its_compaction(tmp_path):
     # covers ("truncating already-applied log entries"). Stock PySyncObj sends nothing while a dump is pending.
     path = tmp_path / "solo"
     with patch_pysyncobj():
-        o = _single(path, _free_addr())
+        o = _single(path, free_addr())
         assert _tick_until([o], o._isReady)
         for i in range(1, 21):
             o.add(i)
@@ -331,7 +323,7 @@ def test_stray_dump_file_without_store_snapshot_is_not_loaded(tmp_path):
         # a dump from elsewhere claiming value 999
         (path / rsp.DUMP_FILE_NAME).write_bytes(rsp._gzip_pickle(({"_Counter__value": 999}, (NOOP, 2, 0),
                                                                    (NOOP, 1, 0), set())))
-        o = _single(path, _free_addr())
+        o = _single(path, free_addr())
         assert _tick_until([o], o._isReady)
         o.add(5)
         assert _tick_until([o], lambda: o.value() == 5)

@@ -7,7 +7,6 @@ Batching is switched on with ``journal._enable_batching()`` (what the gate's ins
 is no public switch) and the gate is built directly, as the brief of these tests asks."""
 
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -28,8 +27,10 @@ from raft_sqlite.integrations.pysyncobj import RaftSqliteJournal, create_journal
 
 try:
     from tests.support.faultvfs import FaultVFS, quiet_injected_faults
+    from tests.support.net import free_addr
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from support.faultvfs import FaultVFS, quiet_injected_faults
+    from support.net import free_addr
 
 NOOP = b"\x01"
 GROUP = rsp.DEFAULT_GROUP
@@ -635,14 +636,6 @@ def test_gate_fail_stop_drops_messages_and_fails_callbacks(fault_journal):
 
 
 # ---------------------------------------------------------------------------------------------- the SyncObj hooks
-def _free_addr():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
-
-
 class _Counter(SyncObj):
     def __init__(self, addr, conf):
         super().__init__(addr, [], conf)
@@ -694,7 +687,7 @@ def _wait(cond, timeout=10.0):
 @pytest.mark.parametrize("auto_tick", [False, True])
 def test_syncobj_with_journal_file_gets_a_gate(tmp_path, journals_made, auto_tick):
     conf = SyncObjConf(autoTick=auto_tick, journalFile=str(tmp_path / "solo"))
-    o = _Counter(_free_addr(), conf)
+    o = _Counter(free_addr(), conf)
     try:
         (j,) = journals_made
         assert isinstance(j, RaftSqliteJournal)
@@ -743,7 +736,7 @@ def test_syncobj_without_journal_file_gets_no_gate(journals_made, monkeypatch):
         real_init(self, *a, **kw)
 
     monkeypatch.setattr(rsp._DurabilityGate, "__init__", counting)
-    o = _Counter(_free_addr(), SyncObjConf(autoTick=False))
+    o = _Counter(free_addr(), SyncObjConf(autoTick=False))
     try:
         (j,) = journals_made
         assert type(j) is pso_journal.MemoryJournal

@@ -32,7 +32,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import socket
 import time
 
 import pytest
@@ -53,6 +52,7 @@ from raft_sqlite.integrations.pysyncobj import (  # noqa: E402 (after importorsk
     patch_pysyncobj,
 )
 from tests.support.faultvfs import FaultVFS, quiet_injected_faults  # noqa: E402
+from tests.support.net import free_addrs  # noqa: E402
 
 _vfs_names = itertools.count()
 
@@ -75,17 +75,6 @@ class KV(SyncObj):
 
     def get(self, key):
         return self.__data.get(key)
-
-
-def _free_addrs(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Image:
@@ -308,7 +297,7 @@ class Cluster:
 
     def __init__(self, checker: Checker, n: int = 3):
         self.checker = checker
-        self.addrs = _free_addrs(n)
+        self.addrs = free_addrs(n)
         self.nodes: dict[str, KV] = {}
         self.alive: list[str] = []
         self.errors = collections.Counter()  # node name -> exceptions its doTick raised
@@ -584,7 +573,7 @@ def test_an_autotick_node_whose_commit_fails_answers_every_client_and_stops(tmp_
     root = os.path.join(tmp_path, "single")
     os.makedirs(root)
     vfs = FaultVFS(f"psodur{os.getpid()}_{next(_vfs_names)}", root=root)
-    addr = _free_addrs(1)[0]
+    addr = free_addrs(1)[0]
     outcomes = collections.defaultdict(list)
     node = None
     try:
