@@ -199,3 +199,52 @@ def test_a_snapshot_install_keeps_acknowledged_entries_that_extend_it_in_batched
     j.sync()
     j._destroy()
     assert _stored_last_index(path) == 8, "the acknowledged entries 7..8 were truncated from the store"
+
+
+class _Wire:
+    """A transport's send and a poller's poll for a gate: records, for each message that leaves, the
+    (index, term) pairs the journal's store had committed at that moment."""
+
+    def __init__(self, j):
+        self.j, self.sent, self.during_poll = j, [], None
+
+    def send(self, node, message):
+        lg = self.j.store.log(self.j.group)
+        self.sent.append((message, [(e.index, e.term) for e in lg.entries(lg.first_index, lg.last_index + 1)]))
+        return True
+
+    def poll(self, timeout):
+        if self.during_poll is not None:
+            self.during_poll()
+
+
+def test_an_ack_held_for_queued_entries_is_not_released_after_a_cut_drops_them(tmp_path):
+    """Two AppendEntries handled in one poll: the first queues 6..7 and its ack (next_node_idx 8) is held;
+    the second overlaps (prevLogIdx 5) and carries only 6, so PySyncObj cuts the view from 6 and re-adds 6.
+    The cut drops the queued 7 unwritten, yet the ack that promised 7 is still held and goes out with the
+    next release: the leader may count this node for entry 7, which its store never holds."""
+    from raft_sqlite.integrations import pysyncobj as rsp
+
+    j = create_journal(str(tmp_path / "n1"), fsync=FsyncMode.OFF)
+    j._enable_batching()
+    for i in range(1, 6):
+        j.add(NOOP if i == 1 else b"x%d" % i, i, 0 if i == 1 else 1)
+    j.sync()
+    wire = _Wire(j)
+    gate = rsp._DurabilityGate(j, send=wire.send, poll=wire.poll)
+    j._gate = gate  # as _install_gate links them
+
+    def two_append_entries():
+        j.add(b"x6", 6, 1)  # AppendEntries(prevLogIdx=5, [6, 7])
+        j.add(b"x7", 7, 1)
+        gate.send("leader", ("next_node_idx", 8))
+        j.deleteEntriesFrom(5)  # AppendEntries(prevLogIdx=5, [6]): PySyncObj cuts journal[5:] (index 6 on)
+        j.add(b"x6", 6, 1)
+        gate.send("leader", ("next_node_idx", 7))
+
+    wire.during_poll = two_append_entries
+    gate.poll(0)
+    acks = {m[1]: held for m, held in wire.sent}
+    assert set(acks) == {7, 8}
+    assert (7, 1) in acks[8], f"next_node_idx 8 left while the store held only {acks[8]}"
+    j._destroy()
