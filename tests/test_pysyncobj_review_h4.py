@@ -12,6 +12,11 @@ own documentation or design promises. They are meant to be merged together with 
    acknowledged), but the snapshot-install path (``clear()`` then re-adding the dump's two entries, then
    ``setRaftCommitIndex``) still truncates the store's tail above the snapshot, including acknowledged
    entries that the store's own ``install`` had kept because they extend the snapshot's entry.
+4. An ack held for queued entries (next_node_idx 8 for queued 6..7) is released after a later cut in the
+   same poll dropped 7 unwritten (``deleteEntriesFrom``'s "only queued entries go" branch): the ack leaves,
+   the entry it promises is never durable.
+
+Candidate fixes that make all four pass (scratch, not production code): /work/scratch/h4/fixplugin.py.
 """
 
 from __future__ import annotations
