@@ -258,7 +258,8 @@ SEVEN = [("add", NOOP, 1, 0)] + [("add", b"x%d" % i, i, 1) for i in range(2, 8)]
     ([("deleteEntriesFrom", 4)], [1, 2, 3, 4, 5], False),
     ([("deleteEntriesFrom", 2), ("add", b"y3", 3, 2)], [1, 2, 3, 4, 5], False),  # conflicts with committed 3
     ([("deleteEntriesFrom", 5), ("add", b"y6", 6, 2)], [1, 2, 3, 4, 5, 6], False),  # replaces queued 6..7
-    ([("clear",), ("add", b"x4", 4, 1), ("add", b"x5", 5, 1), ("setRaftCommitIndex", 5)], [1, 2, 3, 4, 5], True),
+    # (clear() then re-adding matching entries: the batched store keeps what extends them, see
+    # test_a_snapshot_install_keeps_acknowledged_entries_that_extend_it_in_batched_mode)
     ([("deleteEntriesTo", 2)], [1, 2, 3, 4, 5, 6, 7], True),  # a logical trim: records stay
 ])
 def test_view_changes_sync_the_queue_first_and_match_write_through(tmp_path, change, expect_entries, synced):
@@ -629,7 +630,8 @@ def test_gate_fail_stop_drops_messages_and_fails_callbacks(fault_journal):
     assert [m[1] for m in fake.sent] == ["before"]  # ... but the held message is gone
     vfs.clear_faults()
     gate.send("n3", "later")
-    gate.poll(0)
+    with pytest.raises(RaftSqliteError, match="fail-stopped"):  # every later poll (doTick) raises
+        gate.poll(0)
     assert [m[1] for m in fake.sent] == ["before"] and gate.released == 1
     cb("result", FAIL_REASON.SUCCESS)
     assert seen == [(None, FAIL_REASON.UNKNOWN_OUTCOME)]

@@ -168,10 +168,11 @@ class RaftSqliteJournal(_pso_journal.Journal):
       safety violation is never written. An index below the store's ``first_index`` is accepted only
       if a durable snapshot covers it (PySyncObj re-adds the two entries its dump names after
       installing it) and is then kept in memory and in the snapshot's header.
-    - ``deleteEntriesFrom(pos)``: drops ``journal[pos:]``; the store drops the same entries except
-      committed ones (the store's commit index only grows). PySyncObj truncates even entries that
-      match the leader's; committed ones stay in the store, hidden from PySyncObj's view until it
-      re-adds them (same term: no write) and visible again after a restart.
+    - ``deleteEntriesFrom(pos)``: drops ``journal[pos:]``. On its own the journal drops the same entries from
+      the store except committed ones (the store's commit index only grows). In batched mode the store keeps
+      them all (PySyncObj cuts matching entries too, and they may have been acknowledged) until an ``add()``
+      of another term at their index truncates there. Either way PySyncObj re-adds what it cut (same term: no
+      write) and a kept entry is visible again after a restart.
     - ``deleteEntriesTo(pos)``: drops ``journal[:pos]`` (log compaction after a full dump). The store
       compacts only what its newest durable snapshot covers (its trigger refuses anything else).
       Under a SyncObj (a :class:`RaftSqliteSerializer` attached) the view never starts later than
@@ -301,6 +302,12 @@ class RaftSqliteJournal(_pso_journal.Journal):
         return self._batched
 
     @property
+    def healthy(self) -> bool:
+        """False once a commit failed (in :meth:`sync` or any other write: the store fail-stops): the journal
+        then refuses every write and its gate lets nothing more leave the node."""
+        return self._failed is None and self._store.fault is None
+
+    @property
     def pending(self) -> int:
         """Number of writes queued and not yet durable (entries, plus 1 for a term/vote change)."""
         return len(self._pend) + (self._pend_term is not None)
@@ -319,8 +326,10 @@ class RaftSqliteJournal(_pso_journal.Journal):
         of the store): this call and every later write raise :class:`~raft_sqlite.RaftSqliteError`, and the
         gate drops everything the node would send. Restart the node (it reopens from what is durable)."""
         with self._lock:
-            self._check_open()
             pend, pt = self._pend, self._pend_term
+            if self._closed and not pend and pt is None:
+                return False  # closed cleanly (nothing left to commit): nothing to do
+            self._check_open()
             if not pend and pt is None:
                 return False
             pc = self._pending_commit
@@ -428,10 +437,14 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if entryFrom >= len(self._entries):
                 return
             new_end = self._entries[entryFrom - 1][1] if entryFrom else self._entries[0][1] - 1
+            if self._pend and self._gate is not None and self._gate.holding():
+                # a held message (an ack) may promise the queued entries: make them durable first; the cut
+                # then keeps them in the store like any stored entry (below)
+                self.sync()
             pend = self._pend
             if pend and new_end >= pend[0].index - 1:
-                # only queued entries go (PySyncObj truncates before re-adding what a leader resent):
-                # nothing of them was written, so nothing is written now
+                # only queued entries go (PySyncObj truncates before re-adding what a leader resent), and no
+                # message sent or held depends on them: nothing of them was written, nothing is written now
                 del pend[new_end - pend[0].index + 1:]
             elif self._batched:
                 # Under a SyncObj the store keeps its entries above the cut. PySyncObj cuts from prevLogIdx + 1
@@ -567,6 +580,8 @@ class RaftSqliteJournal(_pso_journal.Journal):
     def _check_open(self):
         if self._closed:
             raise RaftSqliteError(f"journal of group {self._group!r} is closed")
+        if self._failed is None and self._store.fault is not None:
+            self._failed = self._store.fault  # a commit outside sync() failed: the store is fail-stopped
         if self._failed is not None:
             raise RaftSqliteError(f"journal of group {self._group!r} failed to make writes durable "
                                   f"({type(self._failed).__name__}: {self._failed}); restart the node")
@@ -592,7 +607,20 @@ class RaftSqliteJournal(_pso_journal.Journal):
         self._tail_dirty = False
         if self._entries:
             self._flush_commit()
-            self._truncate_store(self._entries[-1][1])
+            _command, idx, term = self._entries[-1]
+            if self._batched and self._store_has(idx, term):
+                # the store's log extends the view's last entry (e.g. a snapshot install whose entry the store
+                # held: SnapshotManager.install kept what follows it): under a SyncObj those entries may have
+                # been acknowledged, so they stay, as after deleteEntriesFrom
+                return
+            self._truncate_store(idx)
+
+    def _store_has(self, idx: int, term: int) -> bool:
+        """True if the store's log (or its newest snapshot) holds index ``idx`` with ``term``."""
+        P = self._log
+        if not P.snapshot_index <= idx <= P.last_index or idx < 1:
+            return False
+        return P.term(idx) == term
 
     # ------------------------------------------------------------------ snapshots (used by RaftSqliteSerializer)
     def _latest_snapshot(self):
@@ -919,7 +947,7 @@ class _DurabilityGate:
         if self.dead is not None:
             return True
         journal = self.journal
-        if not self._held and not journal.pending:
+        if not self._held and not journal.pending and journal.healthy:
             with journal._lock:  # against a write from another thread between the check and the send
                 if not self._held and not journal.pending and self.dead is None:
                     self.released += 1
@@ -956,21 +984,47 @@ class _DurabilityGate:
             send(node, message)
 
     def poll(self, timeout):
-        """The SyncObj poller's ``poll``: release, wait for and handle events, release."""
+        """The SyncObj poller's ``poll``: release, wait for and handle events, release. Once the gate is
+        dead it raises instead (so every later ``doTick()`` of a fail-stopped node raises)."""
+        if self.dead is not None:
+            raise RaftSqliteError(f"group {self.journal.group!r}: the node fail-stopped (its journal writes could "
+                                  f"not be made durable: {type(self.dead).__name__}: {self.dead}); restart it")
         self.release()
         try:
             return self._poll(timeout)
         finally:
             self.release()
 
-    def callback(self, fn):
-        """``fn`` wrapped to run only once the journal's queued writes are durable."""
-        def durable_callback(res, err):
-            if self.sync():
-                fn(res, err)
-            else:
-                fn(None, _UNKNOWN_OUTCOME)
-        return durable_callback
+    def callback(self, fn) -> _DurableCallback:
+        """``fn`` wrapped to run only once the journal's queued writes are durable, and only once."""
+        return _DurableCallback(self, fn)
+
+    def holding(self) -> bool:
+        """True while messages are held (some may depend on the journal's queued writes)."""
+        return bool(self._held)
+
+
+class _DurableCallback:
+    """A client callback behind a :class:`_DurabilityGate`: called, it first makes the journal's queued writes
+    durable, then answers the client with the result, or with ``UNKNOWN_OUTCOME`` if that commit failed.
+    It answers at most once: on fail-stop, :func:`_fail_stop` answers every pending one, and PySyncObj may
+    still call the same callback afterwards (e.g. its leader-change loop)."""
+
+    def __init__(self, gate: _DurabilityGate, fn):
+        self.gate = gate
+        self.fn = fn
+
+    def __call__(self, res, err):
+        if self.gate.sync():
+            self.answer(res, err)
+        else:
+            self.answer(None, _UNKNOWN_OUTCOME)
+
+    def answer(self, res, err) -> None:
+        """Call the client's callback with ``(res, err)`` unless it was answered already (any thread)."""
+        fn = self.__dict__.pop("fn", None)  # atomic: of two threads, one gets it
+        if fn is not None:
+            fn(res, err)
 
 
 def _pso_private(syncobj, name: str):
@@ -989,25 +1043,32 @@ def _fail_stop(syncobj) -> None:
     (queued commands, commands waiting for their commit or for the leader's reply) is answered
     ``UNKNOWN_OUTCOME`` at once instead of never, and an ``autoTick`` SyncObj is destroyed (``destroy()``
     only flags its tick thread to stop)."""
-    pending = []
-    queue = _pso_private(syncobj, "commandsQueue")
-    with contextlib.suppress(Exception):
-        while True:
-            pending.append(queue.get_nowait()[1])
-    waiting = _pso_private(syncobj, "commandsWaitingCommit") or {}
-    for idx in list(waiting):
-        pending += [cb for _term, cb in waiting.pop(idx, ())]
-    replies = _pso_private(syncobj, "commandsWaitingReply") or {}
-    for rid in list(replies):
-        pending.append(replies.pop(rid, None))
-    for cb in pending:
-        if cb is not None and not isinstance(cb, tuple):
-            try:
-                cb(None, _UNKNOWN_OUTCOME)
-            except Exception:  # noqa: BLE001 - a client's callback must not stop the others from being answered
-                log.exception("client callback raised")
+    _answer_pending(syncobj)
     if syncobj.conf.autoTick:
         syncobj.destroy()
+
+
+def _answer_pending(syncobj) -> None:
+    """Answer ``UNKNOWN_OUTCOME`` to every client callback of ``syncobj`` still waiting: commands still queued
+    (taken out of the queue: the node will not append them) and commands waiting for their commit or for the
+    leader's reply. The last two stay in PySyncObj's dicts (it may be iterating them right now, e.g. in its
+    leader-change loop); answering is once-only (:class:`_DurableCallback`), so a later call by PySyncObj is a
+    no-op. Callbacks not wrapped by the gate are answered only when taken out of the queue."""
+    queued = []
+    queue = _pso_private(syncobj, "commandsQueue")
+    with contextlib.suppress(Exception):  # the queue's own Empty ends the loop
+        while True:
+            queued.append(queue.get_nowait()[1])
+    waiting = [cb for subs in list((_pso_private(syncobj, "commandsWaitingCommit") or {}).values())
+               for _term, cb in list(subs)]
+    waiting += list((_pso_private(syncobj, "commandsWaitingReply") or {}).values())
+    for cb in queued + [cb for cb in waiting if isinstance(cb, _DurableCallback)]:
+        if cb is None or isinstance(cb, tuple):
+            continue
+        try:
+            cb.answer(None, _UNKNOWN_OUTCOME) if isinstance(cb, _DurableCallback) else cb(None, _UNKNOWN_OUTCOME)
+        except Exception:  # noqa: BLE001 - a client's callback must not stop the others from being answered
+            log.exception("client callback raised")
 
 
 def _install_gate(syncobj) -> _DurabilityGate | None:
@@ -1102,7 +1163,10 @@ def _apply_command(self, command, callback, commandType=None):
             return None
         if callback is not None and not isinstance(callback, tuple):
             callback = gate.callback(callback)
-    return _STOCK_APPLY_COMMAND(self, command, callback, commandType)
+    result = _STOCK_APPLY_COMMAND(self, command, callback, commandType)
+    if gate is not None and gate.dead is not None:
+        _answer_pending(self)  # the node died between the check above and the enqueue: answer it now
+    return result
 
 
 def _validate(self):

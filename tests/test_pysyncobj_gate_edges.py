@@ -1,29 +1,21 @@
-"""Review of issue 19's durability gate (helper h4): tests that demonstrate defects found in review.
-
-Each test below FAILS on commit 6690387 (the code under review) and describes the behaviour the adapter's
-own documentation or design promises. They are meant to be merged together with the fix.
+"""Edge cases of the PySyncObj durability gate found by an independent review (issue 19); each test failed
+on commit 6690387 and passes with the fix.
 
 1. A commit that fails inside PySyncObj's ``__onLeaderChanged`` loop (a follower's election tick, with
-   forwarded commands waiting for the leader's reply) answers the first client callback twice and makes
-   ``doTick`` raise ``KeyError`` (``_fail_stop`` pops ``commandsWaitingReply`` while PySyncObj iterates it).
-2. docs/pysyncobj.md "Fail-stop" and ``_DurabilityGate``'s docstring say "With ``autoTick=False`` every
-   later ``doTick()`` raises"; an idle fail-stopped node's ``doTick()`` returns normally.
-3. In batched mode ``deleteEntriesFrom`` keeps entries the view cuts in the store (they may have been
-   acknowledged), but the snapshot-install path (``clear()`` then re-adding the dump's two entries, then
-   ``setRaftCommitIndex``) still truncates the store's tail above the snapshot, including acknowledged
-   entries that the store's own ``install`` had kept because they extend the snapshot's entry.
-4. An ack held for queued entries (next_node_idx 8 for queued 6..7) is released after a later cut in the
-   same poll dropped 7 unwritten (``deleteEntriesFrom``'s "only queued entries go" branch): the ack leaves,
-   the entry it promises is never durable.
-
-Candidate fixes that make all four pass (scratch, not production code): /work/scratch/h4/fixplugin.py.
+   forwarded commands waiting for the leader's reply) must answer each client callback exactly once and
+   must not break PySyncObj's loop (``_fail_stop`` used to pop ``commandsWaitingReply`` while PySyncObj
+   iterated it: a double answer and a ``KeyError``).
+2. With ``autoTick=False``, every ``doTick()`` of a fail-stopped node raises (it used to return normally).
+3. In batched mode a snapshot install (``clear()``, re-adding the dump's two entries, ``setRaftCommitIndex``)
+   keeps the store's acknowledged entries that extend the snapshot's entry, as ``deleteEntriesFrom`` does.
+4. An ack held for queued entries is never released after a later cut in the same poll dropped them: the
+   cut syncs the queue first while messages are held.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import socket
 import time
 
 import pytest
@@ -39,20 +31,12 @@ from raft_sqlite.integrations.pysyncobj import create_journal, patch_pysyncobj  
 
 try:
     from tests.support.faultvfs import FaultVFS, quiet_injected_faults
+    from tests.support.net import free_addrs
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from support.faultvfs import FaultVFS, quiet_injected_faults
+    from support.net import free_addrs
 
 NOOP = b"\x01"
-
-
-def _free_addrs(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    for s in socks:
-        s.close()
-    return addrs
 
 
 class KV(SyncObj):
@@ -93,7 +77,7 @@ def _leader(nodes):
 
 
 def test_a_commit_failing_during_a_leader_change_answers_each_forwarded_command_once(tmp_path, journals):
-    addrs = _free_addrs(3)
+    addrs = free_addrs(3)
     nodes = {}
     j = None
     try:
@@ -147,7 +131,7 @@ def test_a_fail_stopped_node_without_autotick_raises_on_every_later_dotick(tmp_p
         with quiet_injected_faults(), patch_pysyncobj():
             monkeypatch.setattr(pso_syncobj, "createJournal",
                                 lambda p=None: create_journal(p, fsync=FsyncMode.OFF, vfs=vfs.name))
-            node = KV(_free_addrs(1)[0], [], _conf(str(tmp_path / "solo")))
+            node = KV(free_addrs(1)[0], [], _conf(str(tmp_path / "solo")))
             deadline = time.monotonic() + 10
             while not node.isReady():
                 assert time.monotonic() < deadline, "single node never became ready"
