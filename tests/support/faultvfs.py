@@ -322,6 +322,18 @@ class FaultVFS(apsw.VFS):
                 return None, parts[-1] if parts else ""
         return d, parts[-1] if parts else ""
 
+    def _entry(self, real: str | None, *, tree: bool = False) -> tuple[_Dir | None, str, object]:
+        """(model of the directory holding ``real``, its entry name, model of ``real`` or None) for a tracked
+        path; ``(None, "", None)`` for an untracked one (None) or one whose directory does not exist. With
+        ``tree``, a directory's whole subtree is modelled first (before it is renamed or removed). Lock held."""
+        if not real:
+            return None, "", None
+        parent, entry = self._parent(real)
+        node = self._child(parent, entry, real) if parent is not None else None
+        if tree and isinstance(node, _Dir):
+            self._import_tree(node, real)
+        return parent, entry, node
+
     def _lookup(self, real: str):
         if real == (self.root or "/"):
             return self._top
@@ -528,8 +540,7 @@ class FaultFS(fsio.OsFileSystem):
             return fd
         with v._lock:
             self._check(real, "open")
-            parent, entry = v._parent(real)
-            node = v._child(parent, entry, real) if parent is not None else None
+            parent, entry, node = v._entry(real)
             fd = super().open(path, flags, mode)
             self._fds.pop(fd, None)
             if parent is None or isinstance(node, _Dir) or os.path.isdir(real):
@@ -619,13 +630,8 @@ class FaultFS(fsio.OsFileSystem):
         rs, rd = v.tracked(src), v.tracked(dst)
         with v._lock:
             self._check(rs or rd, "rename")
-            sp, sn = v._parent(rs) if rs else (None, "")
-            node = v._child(sp, sn, rs) if sp is not None else None
-            if isinstance(node, _Dir):
-                v._import_tree(node, rs)
-            dp, dn = v._parent(rd) if rd else (None, "")
-            if dp is not None:
-                v._child(dp, dn, rd)  # the entry it replaces, if any, is known before it goes
+            sp, sn, node = v._entry(rs, tree=True)
+            dp, dn, _ = v._entry(rd)  # the entry it replaces, if any, is known before it goes
             real_op(src, dst)
             if sp is not None:
                 sp.cur.pop(sn, None)
@@ -653,11 +659,7 @@ class FaultFS(fsio.OsFileSystem):
         real = v.tracked(path)
         with v._lock:
             self._check(real, "remove")
-            parent, entry = v._parent(real) if real else (None, "")
-            if parent is not None:
-                node = v._child(parent, entry, real)
-                if isinstance(node, _Dir):
-                    v._import_tree(node, real)
+            parent, entry, _ = v._entry(real, tree=True)
             real_op()
             if parent is not None:
                 parent.cur.pop(entry, None)
@@ -673,9 +675,7 @@ class FaultFS(fsio.OsFileSystem):
         real = v.tracked(path)
         with v._lock:
             self._check(real, "mkdir")
-            parent, entry = v._parent(real) if real else (None, "")
-            if parent is not None:
-                v._child(parent, entry, real)
+            parent, entry, _ = v._entry(real)
             super().mkdir(path, mode)
             if parent is not None:
                 parent.cur[entry] = _Dir()
