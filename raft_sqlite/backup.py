@@ -362,7 +362,7 @@ class HotBackupManager:
         manifest, which is never used and which the next :meth:`prune` removes.
         """
         t0 = time.monotonic()
-        self.store._check_open()
+        self.store.kernel.check_open()
         with self._exclusive():
             seen = self._highest_seq()
             try:
@@ -379,7 +379,7 @@ class HotBackupManager:
                 if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
                     raise
                 if isinstance(exc, apsw.Error):
-                    raise self.store._translate(exc, "backup") from exc
+                    raise self.store.kernel.translate(exc, "backup") from exc
                 if isinstance(exc, OSError):
                     raise BackupError(f"backup into {folder} failed: {exc}") from exc
                 raise
@@ -445,9 +445,9 @@ class HotBackupManager:
         sources: list[apsw.Connection] = []
         checks: list[_FileCheck] = []
         try:
-            main_src = store._connect(store.path, query_only=True)
+            main_src = store.kernel.connect(store.path, query_only=True)
             sources.append(main_src)
-            chunks_src = store._connect(store.chunks_path, query_only=True)
+            chunks_src = store.kernel.connect(store.chunks_path, query_only=True)
             sources.append(chunks_src)
             # Pin one committed snapshot of each file (a WAL read transaction) while no chunk can be
             # deleted: raft.db at T1, chunks.db at T2 >= T1, nothing garbage-collected in between.
@@ -570,7 +570,7 @@ class HotBackupManager:
             if old is None or not str(old[0]).isdigit() or int(old[0]) < seq:
                 conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (SEQ_SETTING, str(seq)))
         try:
-            self.store._raw(write)
+            self.store.kernel.raw(write)
         except RaftSqliteError as exc:
             log.warning("%s: backup %s is complete but could not be recorded in the store: %s",
                         self.store.data_dir, info.path, exc)
@@ -583,7 +583,7 @@ class HotBackupManager:
     def last_backup(self) -> dict | None:
         """The newest backup recorded in the store's ``backups`` table (the last one recorded, whatever the
         clock said) as ``{path, created_at, age, size, duration}``, or None."""
-        row = self.store._read(lambda c: c.execute(
+        row = self.store.kernel.read(lambda c: c.execute(
             "SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC LIMIT 1").fetchone())
         if row is None:
             return None

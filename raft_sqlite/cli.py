@@ -739,7 +739,7 @@ def compact(data_dir, group, up_to, as_json):
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups())})", EXIT_NOT_FOUND)
         log = store.log(group)
         def seg_count():
-            return store._read(lambda c: c.execute(
+            return store.kernel.read(lambda c: c.execute(
                 "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?",
                 (group,)).fetchone()[0])
         before, segs_before = log.first_index, seg_count()

@@ -7,10 +7,15 @@ import itertools
 import operator
 from typing import NamedTuple, Sequence
 
+import apsw
+
 from . import layout
 from .args import int_arg
 from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
-                     LogUnavailableError, RaftSqliteError)
+                     LogUnavailableError)
+from .commit import deferred
+from .groupstate import GroupState, write_group_row
+from .kernel import Kernel
 
 _MAX_INDEX, _MAX_TERM = layout.MAX_INDEX, layout.MAX_TERM
 
@@ -24,6 +29,7 @@ class EntryKind(enum.IntEnum):
 
 
 _KINDS = {int(k): k for k in EntryKind}
+KINDS = _KINDS  #: EntryKind by its stored int
 
 
 class LogEntry(NamedTuple):
@@ -116,14 +122,12 @@ class PersistentRaftLog:
     returns (or when the enclosing ``store.transaction()`` exits).
     """
 
-    def __init__(self, store, name: str):
-        self._store = store
+    def __init__(self, kernel: Kernel, name: str) -> None:
+        self._kernel = kernel
         self.group = name
 
-    def _g(self):
-        if self._store._closed:
-            raise RaftSqliteError("the store is closed")
-        return self._store._groups[self.group]
+    def _g(self) -> GroupState:
+        return self._kernel.group(self.group)
 
     @property
     def first_index(self) -> int:
@@ -156,11 +160,11 @@ class PersistentRaftLog:
         """
         es = validate_entries(entries)
         if not es:
-            return self._store._pending_group(self.group).last_index
+            return self._kernel.pending_group(self.group).last_index
         first, term0, last = es[0].index, es[0].term, es[-1]
         name = self.group
 
-        def check(g):
+        def check(g: GroupState) -> int:
             if first > g.last_index + 1:
                 raise LogGapError(f"group {name!r}: append at {first} leaves a gap after last index {g.last_index}")
             if first <= g.last_index:
@@ -172,11 +176,10 @@ class PersistentRaftLog:
             g.last_index, g.last_term = last.index, last.term
             return last.index
 
-        def write(conn, g, _):
-            g.seg = self._store._wal.append(conn, g.gid, g.seg, es, defer=True)
+        def write(conn: apsw.Connection, g: GroupState, _: object) -> None:
+            self._kernel.append_records(conn, g, es)
 
-        write.deferred = True
-        return self._store._run(name, check, write)
+        return self._kernel.run(name, check, deferred(write))
 
     def append_next(self, term: int, payloads: Sequence[bytes], kind: EntryKind = EntryKind.NORMAL) -> int:
         """Append ``payloads`` as new entries of ``term`` right after whatever the log ends with when the
@@ -187,12 +190,12 @@ class PersistentRaftLog:
         :class:`LogConflictError`)."""
         proto = validate_entries([LogEntry(1 + i, term, p, kind) for i, p in enumerate(payloads)])
         if not proto:
-            return self._store._pending_group(self.group).last_index
+            return self._kernel.pending_group(self.group).last_index
         term = proto[0].term
         name = self.group
-        box = []
+        box: list[LogEntry] = []
 
-        def check(g):
+        def check(g: GroupState) -> int:
             if term < g.last_term:
                 raise LogConflictError(f"group {name!r}: term {term} is below the last entry's term {g.last_term}")
             base = g.last_index
@@ -203,18 +206,17 @@ class PersistentRaftLog:
             g.last_index, g.last_term = base + len(proto), term
             return g.last_index
 
-        def write(conn, g, _):
-            g.seg = self._store._wal.append(conn, g.gid, g.seg, box, defer=True)
+        def write(conn: apsw.Connection, g: GroupState, _: object) -> None:
+            self._kernel.append_records(conn, g, box)
 
-        write.deferred = True
-        return self._store._run(name, check, write)
+        return self._kernel.run(name, check, deferred(write))
 
     def get(self, index: int) -> LogEntry:
         """The entry at ``index`` (its CRC verified). Raises :class:`LogCompactedError` below
         ``first_index``, :class:`LogUnavailableError` above ``last_index``."""
         index = _int("index", index)
         g = self._check_range(index)
-        e = self._store._read(lambda c: self._store._reader_wal.get(c, g.gid, index))
+        e: LogEntry | None = self._kernel.read(lambda c: self._kernel.reader.get(c, g.gid, index))
         if e is None:
             self._check_range(index)
             raise LogUnavailableError(f"group {self.group!r}: entry {index} is gone (concurrently truncated)")
@@ -249,14 +251,14 @@ class PersistentRaftLog:
                                       f"{g.last_index}")
         if lo == hi:
             return []
-        out = self._store._read(lambda c: self._store._reader_wal.scan(c, g.gid, lo, hi, max_bytes))
+        out: list[LogEntry] = self._kernel.read(lambda c: self._kernel.reader.scan(c, g.gid, lo, hi, max_bytes))
         if not out or (out[-1].index < hi - 1 and (max_bytes is None)):
             self._check_range(lo)
             raise LogUnavailableError(f"group {self.group!r}: entries {lo}..{hi - 1} are gone (concurrently "
                                       "truncated or compacted)")
         return out
 
-    def _check_range(self, index: int):
+    def _check_range(self, index: int) -> GroupState:
         g = self._g()
         if index < g.first_index:
             raise LogCompactedError(f"group {self.group!r}: index {index} is compacted (first index "
@@ -272,9 +274,9 @@ class PersistentRaftLog:
         :class:`LogCompactedError` below the snapshot. A no-op when ``index >= last_index``."""
         index = _int("index", index)
         name = self.group
-        store = self._store
+        kernel = self._kernel
 
-        def check(g):
+        def check(g: GroupState) -> bool:
             if index >= g.last_index:
                 return False
             if index < g.commit:
@@ -288,14 +290,14 @@ class PersistentRaftLog:
                 g.last_term = g.snapshot_term
             return True
 
-        def write(conn, g, truncating):
+        def write(conn: apsw.Connection, g: GroupState, truncating: bool) -> None:
             if not truncating:
                 return
-            g.seg = store._wal.truncate_after(conn, g.gid, index)
+            g.seg = kernel.writer.truncate_after(conn, g.gid, index)
             if index != g.snapshot_index:
-                g.last_term = store._reader_wal.term(conn, g.gid, index)
+                g.last_term = kernel.reader.term(conn, g.gid, index)
 
-        store._run(name, check, write)
+        kernel.run(name, check, write)
 
     def compact(self, up_to: int) -> None:
         """Discard entries ``<= up_to``: ``first_index`` becomes ``up_to + 1`` at once; records are
@@ -304,9 +306,9 @@ class PersistentRaftLog:
         ``first_index`` is a no-op."""
         up_to = _int("up_to", up_to)
         name = self.group
-        store = self._store
+        kernel = self._kernel
 
-        def check(g):
+        def check(g: GroupState) -> bool:
             if up_to < g.first_index:
                 return False
             if up_to > g.snapshot_index:
@@ -317,13 +319,13 @@ class PersistentRaftLog:
             g.first_index = up_to + 1
             return True
 
-        def write(conn, g, moved):
+        def write(conn: apsw.Connection, g: GroupState, moved: bool) -> None:
             if moved:
-                self._store._write_group(conn, g)
+                write_group_row(conn, g)
 
-        store._run(name, check, write)
-        store._compact_segments(name)
+        kernel.run(name, check, write)
+        kernel.compact_segments(name)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         g = self._g()
         return f"<PersistentRaftLog {self.group!r} first={g.first_index} last={g.last_index}>"

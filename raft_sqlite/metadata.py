@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import NamedTuple
+
+import apsw
 
 from . import layout
 from .args import int_arg, term_arg, text_arg
-from .errors import MetadataError, RaftSqliteError
+from .errors import MetadataError
+from .groupstate import GroupState, Vote, write_group_row, write_meta_row
+from .groupstate import group_crc as group_crc  # re-exported: their old home
+from .groupstate import meta_crc as meta_crc
+from .kernel import Kernel
 
 
 class HardState(NamedTuple):
     """The persisted Raft state of a group."""
 
     current_term: int
-    voted_for: str | int | None
+    voted_for: Vote
     commit_index: int
 
 
-def meta_crc(group_id: int, term: int, voted_for, commit: int) -> int:
-    """CRC32 stored with a ``raft_meta`` row (over group, term, typed vote and commit index)."""
-    return zlib.crc32(f"{group_id}|{term}|{type(voted_for).__name__}:{voted_for}|{commit}".encode())
-
-
-def group_crc(group_id: int, name: str, first_index: int, snapshot_index: int, snapshot_term: int,
-              recovered_partially) -> int:
-    """CRC32 stored with a ``groups`` row (the transient ``truncate_permit`` is not covered)."""
-    return zlib.crc32(f"{group_id}|{name}|{first_index}|{snapshot_index}|{snapshot_term}|"
-                      f"{int(bool(recovered_partially))}".encode())
-
-
-def check_vote(v):
+def check_vote(v: object) -> Vote:
     """``v`` if it is a valid ``voted_for``: None, a str that encodes as UTF-8 (no lone surrogates), or
     an int in ``layout.MIN_INT_VOTE..layout.MAX_INT_VOTE`` (what SQLite stores as an INTEGER).
     TypeError for another type, ValueError for a value out of range."""
@@ -43,7 +36,7 @@ def check_vote(v):
     raise TypeError(f"voted_for must be a str, an int or None, not {type(v).__name__}")
 
 
-def term_vote_changes(group: str, cur_term: int, cur_vote, term: int, vote) -> bool:
+def term_vote_changes(group: str, cur_term: int, cur_vote: Vote, term: int, vote: Vote) -> bool:
     """Raft's rules for moving the hard state from ``(cur_term, cur_vote)`` to ``(term, vote)`` (both
     already valid values): True if it is a change to write, False if it repeats what is stored; raises
     :class:`MetadataError` if the term would decrease or a vote cast in the term would change or be
@@ -69,14 +62,12 @@ class RaftMetadataStore:
     the commit index never decreases and never exceeds the log's ``last_index``.
     """
 
-    def __init__(self, store, name: str):
-        self._store = store
+    def __init__(self, kernel: Kernel, name: str) -> None:
+        self._kernel = kernel
         self.group = name
 
-    def _g(self):
-        if self._store._closed:
-            raise RaftSqliteError("the store is closed")
-        return self._store._groups[self.group]
+    def _g(self) -> GroupState:
+        return self._kernel.group(self.group)
 
     @property
     def current_term(self) -> int:
@@ -84,7 +75,7 @@ class RaftMetadataStore:
         return self._g().term
 
     @property
-    def voted_for(self):
+    def voted_for(self) -> Vote:
         """The candidate voted for in ``current_term``, or None."""
         return self._g().vote
 
@@ -110,38 +101,38 @@ class RaftMetadataStore:
         """Persistently clear :attr:`recovered_partially` (after catching up with a leader)."""
         name = self.group
 
-        def check(g):
+        def check(g: GroupState) -> bool:
             changed = bool(g.recovered_partially)
             g.recovered_partially = False
             return changed
 
-        def write(conn, g, changed):
+        def write(conn: apsw.Connection, g: GroupState, changed: bool) -> None:
             if changed:
-                self._store._write_group(conn, g)
+                write_group_row(conn, g)
 
-        self._store._run(name, check, write)
+        self._kernel.run(name, check, write)
 
-    def set_term_and_vote(self, term: int, voted_for=None) -> None:
+    def set_term_and_vote(self, term: int, voted_for: Vote = None) -> None:
         """Atomically persist ``term`` and ``voted_for``. A higher term replaces both (the vote may be
         None); the same term may only repeat the vote already cast, or cast the first one."""
         term = term_arg("term", term)
         voted_for = check_vote(voted_for)
         name = self.group
 
-        def check(g):
+        def check(g: GroupState) -> bool:
             if not term_vote_changes(name, g.term, g.vote, term, voted_for):
                 return False
             g.term, g.vote = term, voted_for
             return True
 
-        self._store._run(name, check, self._store._write_meta)
+        self._kernel.run(name, check, write_meta_row)
 
     def set_commit_index(self, index: int) -> None:
         """Persist the commit index: never lower than the current one, never above ``last_index``."""
         index = int_arg("index", index, None, None)  # any int: out of range is a MetadataError below
         name = self.group
 
-        def check(g):
+        def check(g: GroupState) -> bool:
             if index < g.commit:
                 raise MetadataError(f"group {name!r}: commit index may not decrease ({g.commit} -> {index})")
             if index > g.last_index:
@@ -152,7 +143,7 @@ class RaftMetadataStore:
             g.commit = index
             return True
 
-        self._store._run(name, check, self._store._write_meta)
+        self._kernel.run(name, check, write_meta_row)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<RaftMetadataStore {self.group!r} {self.hard_state}>"

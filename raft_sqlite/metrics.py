@@ -12,8 +12,8 @@ ImportError that says what to install. Two ways to get metrics:
   format of everything that is stored in the files (no per-commit counters: those live only in a
   running process).
 
-Cost: the append path pays one callback per commit (``store.on_commit``) plus one dict insert per
-append call (the counting happens in the commit callback); every state metric (entries, bytes, segments, snapshots, backups, recovery) is read from
+Cost: the append path pays one listener call per commit (``on_commit``, through ``store.kernel.add_listener``)
+plus one dict insert per append call (the counting happens in the commit listener); every state metric (entries, bytes, segments, snapshots, backups, recovery) is read from
 the database when Prometheus scrapes, on a pooled read connection, with bounded queries.
 
 Metrics (labels in braces):
@@ -206,7 +206,7 @@ def _families(st: dict, include_validation: bool):
 
 class StoreMetrics:
     """Prometheus metrics of one open :class:`~raft_sqlite.NodeStore` (see the module docstring for the
-    list). Attaching sets ``store.on_commit`` (a callback already there is still called) and counts
+    list). Attaching adds it as a listener of the store's kernel (``store.kernel.add_listener``) and counts
     appended entries, bytes and segment rotations, published when their commit succeeds. ``registry``
     defaults to a new ``CollectorRegistry``; :meth:`detach` undoes the hooks. One instance per store and
     per registry (metric names carry no store label: give each store of a process its own registry).
@@ -234,7 +234,7 @@ class StoreMetrics:
                                          "(recovery on open, verify), by kind.", ["kind"], registry=r)
         for p in getattr(store.recovery_report, "problems", []):
             self.validation_errors.labels(classify_problem(str(p))).inc()
-        self._collector = _StateCollector(store._read)
+        self._collector = _StateCollector(store.kernel.read)
         r.register(self._collector)
         self._lock = threading.Lock()
         # Written by the commit in progress, keyed so that a batch the store replays (after dropping a
@@ -242,33 +242,25 @@ class StoreMetrics:
         # (group_id, segment_id) of sealed segments.
         self._appends: dict[int, tuple] = {}
         self._seals: set[tuple[int, int]] = set()
-        self._prev_on_commit = store.on_commit
-        wal = store._wal
-        orig_append, orig_seal = wal.append, wal.seal
-        appends, seals = self._appends, self._seals
+        store.kernel.add_listener(self)
 
-        def append(conn, group_id, seg, entries, *args, **kwargs):
-            res = orig_append(conn, group_id, seg, entries, *args, **kwargs)
-            if entries:
-                appends[id(entries)] = (group_id, entries[-1].index, entries)
-            return res
+    def on_append(self, group_id: int, entries) -> None:
+        """Record listener: ``entries`` of ``group_id`` are in the commit being built."""
+        if entries:
+            self._appends[id(entries)] = (group_id, entries[-1].index, entries)
 
-        def seal(conn, group_id, seg, *args, **kwargs):
-            res = orig_seal(conn, group_id, seg, *args, **kwargs)
-            seals.add((group_id, seg.segment_id))
-            return res
+    def on_seal(self, group_id: int, segment_id: int) -> None:
+        """Record listener: a segment is sealed in the commit being built."""
+        self._seals.add((group_id, segment_id))
 
-        wal.append = append
-        wal.seal = seal
-        store.on_commit = self._on_commit
-
-    def _on_commit(self, seconds: float, requests: int) -> None:
+    def on_commit(self, seconds: float, requests: int) -> None:
+        """Commit listener: publish what the commit that just succeeded wrote."""
         self.commit_seconds.observe(seconds)
         self.batch_size.observe(requests)
         if self._appends:
             # count an append only if its group's committed log now reaches its last entry (a request the
             # store dropped after queueing its rows does not)
-            last = {g.gid: g.last_index for g in list(self.store._groups.values())}
+            last = {g.gid: g.last_index for g in self.store.kernel.groups.states()}
             n = b = 0
             for gid, idx, entries in self._appends.values():
                 if last.get(gid, -1) >= idx:
@@ -281,8 +273,6 @@ class StoreMetrics:
         if self._seals:
             self.segment_rotations.inc(len(self._seals))
             self._seals.clear()
-        if self._prev_on_commit is not None:
-            self._prev_on_commit(seconds, requests)
 
     def observe_verify(self, report) -> None:
         """Count the problems of a :class:`raft_sqlite.verify.VerifyReport` by kind."""
@@ -290,12 +280,9 @@ class StoreMetrics:
             self.validation_errors.labels(kind).inc(n)
 
     def detach(self) -> None:
-        """Remove the hooks from the store (the registry keeps the values collected so far, but state
-        metrics stop being collected)."""
-        wal = self.store._wal
-        wal.__dict__.pop("append", None)
-        wal.__dict__.pop("seal", None)
-        self.store.on_commit = self._prev_on_commit
+        """Detach from the store (the registry keeps the values collected so far, but state metrics stop
+        being collected)."""
+        self.store.kernel.remove_listener(self)
         try:
             self.registry.unregister(self._collector)
         except KeyError:

@@ -49,6 +49,7 @@ import apsw
 from . import fsio, layout
 from .args import float_arg, int_arg, term_arg
 from .errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
+from .groupstate import write_group_row, write_meta_row
 
 log = logging.getLogger("raft_sqlite.snapshot")
 
@@ -187,7 +188,7 @@ class SnapshotStore:
             return
         st = self.store
         with st.chunks_lock:
-            st._check_open()
+            st.kernel.check_open()
             c = st.chunks_conn
             try:
                 c.execute("BEGIN IMMEDIATE")
@@ -202,7 +203,7 @@ class SnapshotStore:
             except apsw.ConstraintError as exc:
                 raise SnapshotError(f"{st.chunks_path}: chunk rows collide ({exc})") from exc
             except apsw.Error as exc:
-                st._fault = st._fault or exc  # fail-stop, as a failed raft.db commit: no retry until reopened
+                st.kernel.fail(st.kernel.fault or exc)  # fail-stop, as a failed raft.db commit: no retry until reopened
                 raise self._fault(exc, "snapshot chunk write") from exc
 
     def sync(self) -> None:
@@ -230,7 +231,7 @@ class SnapshotStore:
         st = self.store
         n = 0
         with st.gc_lock, st.chunks_lock:
-            st._check_open()
+            st.kernel.check_open()
             c = st.chunks_conn
             try:
                 c.execute("BEGIN IMMEDIATE")
@@ -240,7 +241,7 @@ class SnapshotStore:
                     n += c.changes()
                 c.execute("COMMIT")
             except apsw.Error as exc:
-                st._fault = st._fault or exc  # fail-stop, as a failed raft.db commit: no retry until reopened
+                st.kernel.fail(st.kernel.fault or exc)  # fail-stop, as a failed raft.db commit: no retry until reopened
                 if not c.getautocommit():
                     c.execute("ROLLBACK")
                 raise self._fault(exc, "snapshot chunk deletion") from exc
@@ -248,18 +249,18 @@ class SnapshotStore:
 
     def _read_chunks(self, fn):
         st = self.store
-        if st._closed:
+        if st.kernel.closed:
             raise RaftSqliteError("the store is closed")
         with self._lock:
             conn = self._readers.pop() if self._readers else None
         if conn is None:
-            st._check_open()
+            st.kernel.check_open()
             try:
-                conn = st._connect(st.chunks_path, query_only=True)
+                conn = st.kernel.connect(st.chunks_path, query_only=True)
                 conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")  # chunks are read once
             except apsw.Error as exc:
                 raise self._fault(exc, "snapshot chunk read") from exc
-            st._all_readers.append(conn)  # closed with the store
+            st.kernel.track(conn)  # closed with the store
         try:
             return fn(conn)
         except apsw.Error as exc:
@@ -329,12 +330,12 @@ class SnapshotStore:
         if status is not None:
             sql += " AND status=?"
             args = (gid, status)
-        rows = self.store._read(lambda c: c.execute(sql + " ORDER BY idx, snapshot_id", args).fetchall())
+        rows = self.store.kernel.read(lambda c: c.execute(sql + " ORDER BY idx, snapshot_id", args).fetchall())
         return [self._row_to_meta(r, group) for r in rows]
 
     def manifest(self, sid: int, group: str, gid: int) -> SnapshotMeta | None:
         """The manifest with id ``sid`` if it belongs to group ``group`` (id ``gid``), else None."""
-        row = self.store._read(lambda c: c.execute(f"SELECT {_COLS} FROM snapshots WHERE snapshot_id=? AND group_id=?",
+        row = self.store.kernel.read(lambda c: c.execute(f"SELECT {_COLS} FROM snapshots WHERE snapshot_id=? AND group_id=?",
                                                    (sid, gid)).fetchone())
         return None if row is None else self._row_to_meta(row, group)
 
@@ -623,7 +624,7 @@ class SnapshotWriter:
         if self._state != "new":
             raise SnapshotError("this snapshot writer was already started")
         m = self._m
-        if getattr(m._store._tx, "tx", None) is not None:
+        if m._store.kernel.in_transaction():
             raise SnapshotError("a snapshot cannot be written inside store.transaction(): its chunks are committed "
                                 "separately and its manifest flips in a commit of its own")
         g = m._g()
@@ -835,7 +836,7 @@ class SnapshotWriter:
             self._join()
         if self.id is not None:
             try:
-                if self._m._store._fault is None:  # fail-stopped: no more I/O; the next open drops the WRITING row
+                if self._m._store.kernel.fault is None:  # fail-stopped: no more I/O; the next open drops the WRITING row
                     self._m._discard(self.id, busy_ok=True)
             finally:
                 self._m._sstore._active.discard(self.id)
@@ -988,7 +989,7 @@ class SnapshotManager:
         self.capture_lock = threading.RLock()
 
     def _g(self):
-        return self._store._groups[self.group]
+        return self._store.kernel.group(self.group)
 
     # ------------------------------------------------------------ queries
     def list(self) -> list[SnapshotMeta]:
@@ -1105,7 +1106,7 @@ class SnapshotManager:
             _meta_arg("parent", parent)
         if structures is not None:
             structures = json.loads(json.dumps(structures))
-        self._store._ensure_group(self.group)
+        self._store.kernel.ensure_group(self.group)
         return SnapshotWriter(self, index, term, kind=kind, parent=parent, structures=structures,
                               install=install, before_finalize=before_finalize)
 
@@ -1127,7 +1128,7 @@ class SnapshotManager:
         elif index == g.last_index:
             actual = g.last_term
         elif conn is not None:
-            actual = self._store._reader_wal.term(conn, g.gid, index)
+            actual = self._store.kernel.reader.term(conn, g.gid, index)
         else:
             actual = self._store.log(name).term(index)
         if actual != term:
@@ -1146,7 +1147,7 @@ class SnapshotManager:
                                                              source))
             box.append(conn.last_insert_rowid())
 
-        self._store._run(self.group, lambda g: None, write)
+        self._store.kernel.run(self.group, lambda g: None, write)
         sid = box[0]
         # an id may be reused after a crash removed its manifest: drop any chunks left under it
         self._sstore.delete_chunks([sid])
@@ -1180,7 +1181,7 @@ class SnapshotManager:
             if w.install:
                 at = None
                 if g.first_index <= index <= g.last_index:
-                    at = g.last_term if index == g.last_index else store._reader_wal.term(conn, g.gid, index)
+                    at = g.last_term if index == g.last_index else store.kernel.reader.term(conn, g.gid, index)
                 elif index == g.snapshot_index:
                     at = g.snapshot_term
                 keep_suffix = at == term
@@ -1199,13 +1200,13 @@ class SnapshotManager:
                 raise SnapshotError(f"group {name!r}: the parent {parent_id} of delta snapshot {sid} is gone")
             if index > g.snapshot_index or (index == g.snapshot_index and term != g.snapshot_term):
                 g.snapshot_index, g.snapshot_term = index, term
-                store._write_group(conn, g)
+                write_group_row(conn, g)
             if not w.install:
                 return
             base = g.gid * (1 << 40)
             if index > g.commit:
                 g.commit = index
-                store._write_meta(conn, g, True)
+                write_meta_row(conn, g)
             g.first_index = index + 1
             if keep_suffix:
                 keep.append(True)
@@ -1218,12 +1219,12 @@ class SnapshotManager:
                 conn.execute("DELETE FROM log_segments WHERE group_id=?", (g.gid,))
                 g.seg = None
                 g.last_index, g.last_term = index, term
-            store._write_group(conn, g)
+            write_group_row(conn, g)
 
-        store._run(name, check, write)
+        store.kernel.run(name, check, write)
         if keep:
             try:
-                store._compact_segments(name)
+                store.kernel.compact_segments(name)
             except RaftSqliteError as exc:  # the snapshot is durable; segment removal retries on compact()
                 log.warning("group %r: segment compaction after install failed: %s", name, exc)
         meta = self._sstore.manifest(sid, name, self._g().gid)
@@ -1249,7 +1250,7 @@ class SnapshotManager:
                 conn.execute("DELETE FROM snapshots WHERE snapshot_id=? AND status='WRITING'", (sid,))
 
             try:
-                store._run(self.group, lambda g: None, write)
+                store.kernel.run(self.group, lambda g: None, write)
             finally:
                 self._sstore.delete_chunks([sid])
 
@@ -1319,7 +1320,7 @@ class SnapshotManager:
                     raise SnapshotError(f"group {self.group!r}: retention would remove the newest durable snapshot "
                                         f"(head {head and head.id})")
 
-            store._run(self.group, lambda g: None, write)
+            store.kernel.run(self.group, lambda g: None, write)
             self._sstore.delete_chunks(doomed + stale)
         if doomed:
             log.debug("group %r: retention deleted snapshots %s", self.group, doomed)
@@ -1367,7 +1368,7 @@ class SnapshotScheduler:
         self.group = group
         self.capture = capture
         self.every_entries, self.every_seconds = every_entries, every_seconds
-        self.applied_index = applied_index or (lambda: store._groups[group].commit)
+        self.applied_index = applied_index or (lambda: store.kernel.group(group).commit)
         self.compact_lag = compact_lag
         self.poll_interval = poll_interval
         self.mgr: SnapshotManager = store.snapshots(group)
@@ -1387,7 +1388,7 @@ class SnapshotScheduler:
         if self._force:
             return True
         applied = self.applied_index()
-        since = applied - self.store._groups[self.group].snapshot_index
+        since = applied - self.store.kernel.group(self.group).snapshot_index
         if self.every_entries is not None and since >= self.every_entries:
             return True
         return bool(self.every_seconds is not None and since > 0 and time.monotonic() - self._last_time >= self.every_seconds)

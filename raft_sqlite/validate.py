@@ -18,7 +18,7 @@ import zlib
 
 from .errors import CorruptionError, RecoveryRefused
 from .hwm import wal_checksum, wal_header_salts
-from .metadata import group_crc, meta_crc
+from .groupstate import GroupState, group_crc, meta_crc
 from .recovery import RecoveryPolicy
 from .wal import _HEADER, _U32, BLOB_PAYLOAD, CONTENT_SQL, INT, SPAN, load_open_segment
 
@@ -158,15 +158,13 @@ def _problem(store, report, exc_type, msg, *, drop_ok: bool):
         raise exc_type(f"{msg} (recovery policy {store.recovery_policy.value})")
 
 
-def recover_groups(store, conn, report) -> None:
-    """Load every group's state into ``store._groups`` after validating it (inside the open
+def recover_groups(store, conn, report, wal_problems=()) -> None:
+    """Load every group's state into ``store.kernel.groups`` after validating it (inside the open
     transaction on ``conn``). Raises :class:`CorruptionError`/:class:`RecoveryRefused` per policy."""
-    from .store import _Group
-
     policy = store.recovery_policy
     path = store.path
     wal_partial = False
-    for msg in getattr(store, "_wal_problems", ()):
+    for msg in wal_problems:
         if policy is not RecoveryPolicy.PARTIAL:
             report.problems.append(msg)
             raise CorruptionError(f"{msg} (recovery policy {policy.value})")
@@ -238,8 +236,8 @@ def recover_groups(store, conn, report) -> None:
             conn.execute("UPDATE raft_meta SET voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
                          (vote, commit, meta_crc(gid, term, vote, commit), gid))
         seg = load_open_segment(conn, gid)
-        store._groups[name] = _Group(gid, name, first, last, last_term if last >= first else snap_term,
-                                     snap_idx, snap_term, term, vote, commit, seg, bool(partial))
+        store.kernel.groups.publish({name: GroupState(gid, name, first, last, last_term if last >= first else snap_term,
+                                                      snap_idx, snap_term, term, vote, commit, seg, bool(partial))})
 
 
 def recover_snapshots(store, conn, report) -> set[int]:
@@ -473,7 +471,7 @@ def _scan(store, conn, report, gid, name, first):
         "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index", (gid, first)).fetchall()
     # the aggregates of every segment that may take the fast path, on parallel read connections (they see
     # the same committed log as ``conn``: nothing in log_entries has been written by this open yet)
-    checked = check_sealed_segments(lambda: store._connect(store.path, query_only=True), base,
+    checked = check_sealed_segments(lambda: store.kernel.connect(store.path, query_only=True), base,
                                     [row for row in sealed if row[6] is not None and row[1] >= first])
     for sid, lo, hi, cnt, _bytes, cks, content in sealed:
         if lo == rs.expect and content is not None:

@@ -149,7 +149,7 @@ class WalWriter:
             (seg.first_index + seg.count - 1, seg.count, seg.nbytes, time.time(), seg.checksum, seg.content,
              seg.segment_id))
         if self.on_rotate is not None:
-            self.on_rotate(group_id)
+            self.on_rotate(group_id, seg.segment_id)
 
     def append(self, conn, group_id: int, seg: OpenSegment | None, entries, defer: bool = False) -> OpenSegment:
         """Insert ``entries`` (validated LogEntry objects, contiguous) for ``group_id``; returns the

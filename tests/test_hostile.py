@@ -207,7 +207,7 @@ def test_exception_in_check_leaves_no_transaction(data_dir, exc_type):
             raise exc_type("injected")
 
         with pytest.raises(exc_type):
-            s._run("default", check, lambda conn, g, r: None)
+            s.kernel.run("default", check, lambda conn, g, r: None)
         assert s.fault is None
         assert lg.last_index == 2
         for i in range(3, 8):
@@ -228,9 +228,9 @@ def test_exception_after_sql_ran_is_rolled_back(data_dir, exc_type):
             raise exc_type("injected after SQL")
 
         with pytest.raises(exc_type):
-            s._run("default", lambda g: None, write)
+            s.kernel.run("default", lambda g: None, write)
         assert s.fault is None and meta.current_term == 0
-        assert s._conn.getautocommit()
+        assert s.kernel.conn.getautocommit()
         for i in range(3, 6):
             lg.append([LogEntry(i, 1, b"e")])
         meta.set_term_and_vote(4, "b")
@@ -264,7 +264,7 @@ def test_failure_in_one_request_of_a_batch_spares_the_others(data_dir, monkeypat
 
         gate.set()
         with pytest.raises(OverflowError):
-            s._run("c", lambda g: None, write)
+            s.kernel.run("c", lambda g: None, write)
         for t in threads:
             t.join()
         assert errors == [] and s.fault is None
@@ -325,8 +325,8 @@ def test_exception_in_deferred_insert_is_pinned_on_its_request(data_dir):
     with open_store(data_dir) as s:
         lg = s.log()
         lg.append(_entries(1, 1))
-        conn = s._conn
-        s._conn = _poisoned_conn(conn)
+        conn = s.kernel.conn
+        s.kernel.conn = _poisoned_conn(conn)
         with pytest.raises(MemoryError):  # the lone autocommit insert
             lg.append([LogEntry(2, 1, b"poison")])
         assert s.fault is None and lg.last_index == 1 and conn.getautocommit()
@@ -355,7 +355,7 @@ def test_exception_in_deferred_insert_is_pinned_on_its_request(data_dir):
         for t in threads:
             t.join()
         assert errors == [] and s.fault is None
-        s._conn = conn
+        s.kernel.conn = conn
         lg.append([LogEntry(2, 1, b"ok")])
     with _reopened(data_dir) as s:
         assert s.log().last_index == 2 and s.log().get(2).data == b"ok"
@@ -369,14 +369,14 @@ def test_exception_during_commit_fail_stops(data_dir, monkeypatch, exc_type):
     with open_store(data_dir) as s:
         lg = s.log()
         lg.append(_entries(1, 2))
-        conn = s._conn
+        conn = s.kernel.conn
         # the write connection, whose COMMIT raises after it ran
-        s._conn = _raising_conn(conn, exc_type("injected during COMMIT"), when=lambda sql, p: sql == "COMMIT",
+        s.kernel.conn = _raising_conn(conn, exc_type("injected during COMMIT"), when=lambda sql, p: sql == "COMMIT",
                                 after=True)
         with pytest.raises((StorageFault, Boom)):
             with s.transaction():
                 lg.append(_entries(3, 4))
-        s._conn = conn
+        s.kernel.conn = conn
         assert s.fault is not None
         with pytest.raises(StorageFault):
             lg.append(_entries(5, 5))
@@ -393,17 +393,17 @@ def test_failed_rollback_fail_stops(data_dir):
     with open_store(data_dir) as s:
         lg = s.log()
         lg.append(_entries(1, 2))
-        conn = s._conn
+        conn = s.kernel.conn
 
         def write(c, g, _):
             c.execute("UPDATE raft_meta SET commit_index=1 WHERE group_id=?", (g.gid,))
             raise ValueError("after SQL")
 
-        s._conn = _raising_conn(conn, apsw.IOError("injected: rollback failed"),
+        s.kernel.conn = _raising_conn(conn, apsw.IOError("injected: rollback failed"),
                                 when=lambda sql, p: sql == "ROLLBACK")
         with pytest.raises((ValueError, StorageFault)):
-            s._run("default", lambda g: None, write)
-        s._conn = conn
+            s.kernel.run("default", lambda g: None, write)
+        s.kernel.conn = conn
         assert s.fault is not None
         with pytest.raises(StorageFault):
             lg.append(_entries(3, 3))
@@ -494,16 +494,16 @@ def test_interrupt_in_the_leader_is_raised_there_and_rolls_back_the_whole_batch(
             raise KeyboardInterrupt
 
         def wait_queue(n):
-            while len(s._queue) < n:
+            while s.kernel.pipeline.queued < n:
                 threading.Event().wait(0.001)
 
-        threads = [threading.Thread(target=run, args=("L", lambda: s._run("c", slow_check, lambda c, g, r: None)))]
+        threads = [threading.Thread(target=run, args=("L", lambda: s.kernel.run("c", slow_check, lambda c, g, r: None)))]
         threads[0].start()
         in_first.wait(10)
-        threads.append(threading.Thread(target=run, args=("F1", lambda: s._run("a", lambda g: None, term_write))))
+        threads.append(threading.Thread(target=run, args=("F1", lambda: s.kernel.run("a", lambda g: None, term_write))))
         threads[1].start()
         wait_queue(2)
-        threads.append(threading.Thread(target=run, args=("F2", lambda: s._run("b", lambda g: None,
+        threads.append(threading.Thread(target=run, args=("F2", lambda: s.kernel.run("b", lambda g: None,
                                                                              interrupting_write))))
         threads[2].start()
         wait_queue(3)
@@ -514,7 +514,7 @@ def test_interrupt_in_the_leader_is_raised_there_and_rolls_back_the_whole_batch(
         assert results["L"] is None
         assert isinstance(results["F1"], KeyboardInterrupt), results  # F1 led batch 2: the interrupt is its
         assert isinstance(results["F2"], RaftSqliteError) and "nothing of it was written" in str(results["F2"])
-        assert s.fault is None and s._conn.getautocommit()
+        assert s.fault is None and s.kernel.conn.getautocommit()
         assert s.metadata("a").current_term == 0 and s.metadata("b").current_term == 0
         s.log("a").append(_entries(1, 2))
     with _reopened(data_dir) as s:
@@ -526,7 +526,7 @@ def test_follower_interrupted_while_waiting_does_not_stall_the_queue(data_dir, m
     """A follower whose wait is interrupted (KeyboardInterrupt in lock.acquire) must not leave its
     request in the queue unserved: it finishes the protocol (leads when handed the front), then
     re-raises the interrupt; every later writer proceeds."""
-    import raft_sqlite.store as store_mod
+    import raft_sqlite.commit as store_mod
 
     real = store_mod._allocate_lock
 
@@ -559,13 +559,13 @@ def test_follower_interrupted_while_waiting_does_not_stall_the_queue(data_dir, m
             except BaseException as exc:  # noqa: BLE001
                 results[name] = exc
 
-        lt = threading.Thread(target=run, args=("leader", lambda: s._run("a", slow_check, lambda c, g, r: None)))
+        lt = threading.Thread(target=run, args=("leader", lambda: s.kernel.run("a", slow_check, lambda c, g, r: None)))
         lt.start()
         in_leader.wait(10)
         monkeypatch.setattr(store_mod, "_allocate_lock", InterruptOnce)
         ft = threading.Thread(target=run, args=("follower", lambda: s.log("b").append(_entries(1, 2))))
         ft.start()
-        while len(s._queue) < 2:
+        while s.kernel.pipeline.queued < 2:
             threading.Event().wait(0.001)
         monkeypatch.setattr(store_mod, "_allocate_lock", real)
         release.set()
@@ -590,15 +590,15 @@ def test_interrupt_just_after_a_lone_autocommit_insert_fail_stops(data_dir):
     with open_store(data_dir) as s:
         lg = s.log()
         lg.append(_entries(1, 1))
-        conn = s._conn
+        conn = s.kernel.conn
         # an interrupt delivered right after the insert committed
-        s._conn = _raising_conn(conn, KeyboardInterrupt(), after=True,
+        s.kernel.conn = _raising_conn(conn, KeyboardInterrupt(), after=True,
                                 when=lambda sql, p: p is not None and sql.lstrip().upper().startswith("INSERT"))
         with pytest.raises(KeyboardInterrupt):
             lg.append([LogEntry(2, 1, b"committed")])
         assert s.fault is not None
         with pytest.raises(StorageFault):
             lg.append([LogEntry(3, 1, b"refused")])
-        s._conn = conn
+        s.kernel.conn = conn
     with _reopened(data_dir) as s:
         assert s.log().last_index == 2 and s.log().get(2).data == b"committed"

@@ -153,7 +153,7 @@ class HostileMachine(RuleBasedStateMachine):
         except (OverflowError, apsw.Error) as exc:  # pragma: no cover - the failure we look for
             raise AssertionError(f"{fn.__qualname__}{args!r:.200} raised {type(exc).__name__}: {exc}") from exc
         assert self.store.fault is None
-        assert self.store._conn.getautocommit(), "a transaction was left open"
+        assert self.store.kernel.conn.getautocommit(), "a transaction was left open"
         self._sync_model(refused)
         self._probe()
 

@@ -76,7 +76,7 @@ def test_bad_input_rejected_and_nothing_written(data_dir, bad, exc):
             s.log("g").append(bad)
     with reopen(data_dir) as s:
         assert s.log("g").last_index == 0
-        assert s._read(lambda c: c.execute("SELECT count(*) FROM log_entries").fetchone()[0]) == 0
+        assert s.kernel.read(lambda c: c.execute("SELECT count(*) FROM log_entries").fetchone()[0]) == 0
 
 
 def test_overlap_and_term_decrease_refused(data_dir):
@@ -170,7 +170,7 @@ def test_age_based_rotation(data_dir):
         lg = s.log("g")
         for i in range(1, 4):
             lg.append([E(i)])
-        n = s._read(lambda c: c.execute("SELECT count(*) FROM log_segments WHERE sealed_at IS NOT NULL")
+        n = s.kernel.read(lambda c: c.execute("SELECT count(*) FROM log_segments WHERE sealed_at IS NOT NULL")
                     .fetchone()[0])
         assert n == 2
 
@@ -185,7 +185,7 @@ def test_truncate_into_sealed_segment_reopens_it(data_dir):
     with open_store(data_dir, segment_policy=pol) as s:
         lg = s.log("g")
         assert [e.data for e in lg.entries(6, 12)] == [b"e6", b"e7", b"x8", b"x9", b"x10", b"x11"]
-        segs = s._read(lambda c: c.execute("SELECT first_index, last_index FROM log_segments ORDER BY first_index")
+        segs = s.kernel.read(lambda c: c.execute("SELECT first_index, last_index FROM log_segments ORDER BY first_index")
                        .fetchall())
         assert segs == [(1, 5), (6, 10), (11, None)]
 

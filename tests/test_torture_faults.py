@@ -366,7 +366,7 @@ def test_failed_frame_write_after_wal_restart_reopens(template, tmp_path):
     with T.quiet():
         for nth in (1, 2, 3):
             live, vfs, store, acked = start(template, tmp_path, f"live{nth}", 1)
-            store._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+            store.kernel.conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
             vfs.arm_error("write", nth=nth)
             g, k = WL.order[1]
             with pytest.raises(StorageFault):
@@ -393,7 +393,7 @@ def test_read_needing_a_new_connection_after_power_loss_is_a_storage_fault(templ
                 store.log(g).append([LogEntry(store.log(g).last_index + 1, 99, b"x")])
             assert vfs.crashed
             # empty both read pools so the next reads must open connections on the dead disk
-            store._readers.clear()
+            store.kernel._readers.clear()
             sstore = store.snapshots(g)._sstore
             sstore._readers.clear()
             with pytest.raises(StorageFault, match="IOError"):

@@ -118,7 +118,7 @@ def test_checker_can_fail(template, tmp_path):
     res.vfs.unregister()
     live = d / "live"
     with T.open_store(live) as s:  # checkpoint everything into raft.db
-        s._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        s.kernel.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     (live / "raft.db-hwm").unlink()  # the WAL was truncated behind the store's back: drop its mark
     g = wl.groups[0]
     marker = next(e for e in wl.states(g)[-1].entries if len(e[2]) > 40)[2][:40]
@@ -478,7 +478,7 @@ def crashed_in_flight_commit(template, tmp_path, checkpoint_first: bool):
         store = T.open_store(live, vfs=vfs.name)
         T.run_workload(store, wl, acked, upto=pos)
         if checkpoint_first:
-            store._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+            store.kernel.conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
         vfs.arm_crash(at_sync=1)
         g, k = wl.order[pos]
         with pytest.raises(StorageFault):

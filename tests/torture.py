@@ -324,7 +324,7 @@ def open_store(path, *, fsync=FsyncMode.FULL, vfs=None, checkpoint_every: int | 
     s = NodeStore.open(path, NODE, cluster_id=CLUSTER, fsync=fsync, vfs=vfs, segment_policy=SEGMENTS,
                        recovery=RecoveryPolicy.STRICT, **kw)
     if checkpoint_every is not None:
-        s._conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_every)}")
+        s.kernel.conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_every)}")
     return s
 
 
@@ -589,7 +589,7 @@ class SyncTracker:
     def __init__(self, store: NodeStore, acked: dict):
         self.floor = {g: 0 for g in acked}
         self.syncs = 0
-        syncer = store._syncer
+        syncer = store.kernel.pipeline.syncer
         if syncer is None:
             return
         orig, stats = syncer.sync, store.stats

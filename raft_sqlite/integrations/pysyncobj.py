@@ -551,7 +551,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if self._closed:
                 return
             try:
-                if not self._store._closed and self.healthy:
+                if not self._store.kernel.closed and self.healthy:
                     self.onOneSecondTimer()
             finally:
                 self._closed = True
@@ -563,7 +563,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
     # ------------------------------------------------------------------ internals
     def _read_marker(self) -> int | None:
         key = self._start_key
-        row = self._store._read(lambda c: c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone())
+        row = self._store.kernel.read(lambda c: c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone())
         return int(row[0]) if row is not None else None
 
     def _write_marker(self, start: int) -> None:
@@ -574,7 +574,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
         def write(conn, g, _):
             conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (key, str(int(start))))
 
-        self._store._run(self._group, lambda g: None, write)
+        self._store.kernel.run(self._group, lambda g: None, write)
         self._marker = start
 
     def _check_open(self):

@@ -1,0 +1,606 @@
+"""The commit pipeline: the writer queue, leader/follower group commit, fail-stop and NORMAL's interval syncer.
+
+Every write of a store (log, metadata, snapshots, raw statements) is a *request*: a list of ops
+``(group name, check, write)``. :meth:`CommitPipeline.submit` queues it; the thread at the front of the
+queue leads, applies every queued request in one SQLite transaction, commits once (one fsync) and
+publishes the new group states (copy-then-publish, :mod:`raft_sqlite.groupstate`). The pipeline knows
+nothing of what the ops write: log, metadata and snapshots build them.
+
+Durability contract: when :meth:`CommitPipeline.run` returns, the op's rows are committed per the fsync
+mode; when it raises, nothing of that request was written, except :class:`~raft_sqlite.StorageFault`,
+which means "unknown outcome": the pipeline is then fail-stopped (:attr:`CommitPipeline.fault` is set)
+and refuses every later write until the store is reopened.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from _thread import allocate_lock as _allocate_lock
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import apsw
+
+from . import fsio
+from .errors import CompactionError, CorruptionError, LogConflictError, RaftSqliteError, StorageFault
+from .groupstate import GroupState, GroupTable, insert_group
+from .hwm import HighWaterMark
+from .wal import WalWriter
+
+log = logging.getLogger("raft_sqlite.store")  # the store's logger: operators grep for these lines
+
+#: apsw errors that mean the disk or the database failed (fail-stop), not that one statement was refused.
+FAULT_ERRORS: tuple[type[apsw.Error], ...] = (
+    apsw.IOError, apsw.FullError, apsw.CantOpenError, apsw.CorruptError, apsw.NotADBError, apsw.ProtocolError,
+    apsw.ReadOnlyError, apsw.BusyError, apsw.LockedError, apsw.NoMemError)
+
+#: ``check(g) -> result``: validates an op against the group state ``g`` (a private copy it may change);
+#: raises to refuse (nothing written).
+Check = Callable[[GroupState], Any]
+#: ``write(conn, g, result)``: runs the op's SQL on the write connection inside the batch's transaction.
+#: A write with the attribute ``deferred = True`` only queues rows on the record writer (no SQL yet).
+Write = Callable[[apsw.Connection, Any, Any], Any]
+Op = tuple[str | None, Check | None, Write | None]
+R = TypeVar("R")
+
+
+def deferred(write: Write) -> Write:
+    """Mark ``write`` as deferred: it only queues rows on the record writer (``WalWriter.pending``), which the
+    leader inserts with one ``executemany`` for the whole batch, so it needs no transaction of its own."""
+    vars(write)["deferred"] = True
+    return write
+
+
+def translate(exc: apsw.Error, what: str, data_dir: str) -> RaftSqliteError:
+    """The typed error for an apsw error raised during ``what`` on the store in ``data_dir``."""
+    if isinstance(exc, apsw.ConstraintError):
+        msg = str(exc)
+        if "no durable snapshot" in msg:
+            return CompactionError(msg)
+        return LogConflictError(f"{what}: constraint failed: {msg}")
+    if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+        return CorruptionError(f"{data_dir}: SQLite reports corruption during {what}: {exc}")
+    if not isinstance(exc, FAULT_ERRORS):  # e.g. TooBigError: SQLite refused this statement, nothing failed
+        return RaftSqliteError(f"{data_dir}: SQLite refused the {what} ({type(exc).__name__}: {exc})")
+    return StorageFault(f"{data_dir}: storage fault during {what} ({type(exc).__name__}: {exc}); "
+                        "the outcome of the write is unknown until the store is reopened")
+
+
+class CommitListener(Protocol):
+    """Told about every successful commit (metrics). Called on the committing thread after the batch is
+    durable and published; it must be quick and must not write to the store. An exception it raises is
+    logged and ignored (a durable write never turns into an error)."""
+
+    def on_commit(self, seconds: float, requests: int) -> None: ...
+
+
+class _Replay(Exception):
+    """Internal: drop ``req`` from the batch (its SQL already ran) and replay the rest."""
+
+    def __init__(self, req: Request, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.req, self.error = req, error
+
+
+class _Carrier(Exception):
+    """Internal: carries the exception ``error`` from the committer's inner steps to ``_execute``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Unknown(_Carrier):
+    """A rollback after ``error`` failed; the outcome of the batch is unknown."""
+
+
+class _Interrupted(_Carrier):
+    """The leader was interrupted (``error``: KeyboardInterrupt, SystemExit...) before COMMIT and the batch
+    was rolled back: every live request was answered "nothing written"; re-raise ``error``."""
+
+
+class _BatchFailed(_Carrier):
+    """Inserting the deferred rows of several requests failed (with ``error``); the batch is rolled back
+    and replayed with each request's rows inserted with it."""
+
+
+class Request:
+    """One write request: its ops, and (once ``done``) its ``result`` (one value per op) or ``error``."""
+
+    __slots__ = ("ops", "done", "result", "error", "wake")
+
+    def __init__(self, ops: list[Op]) -> None:
+        self.ops = ops  # list of (group name, check, write)
+        self.done = False
+        self.result: list[Any] | None = None
+        self.error: BaseException | None = None
+        self.wake: Any = None  # a held lock, created only if the request has to wait behind a leader
+
+
+@dataclass
+class StoreStats:
+    """Counters kept by the store (read by metrics and benchmarks)."""
+
+    commits: int = 0
+    requests: int = 0
+    commit_seconds: float = 0.0
+    max_batch: int = 0
+    interval_syncs: int = 0
+
+
+class Tx:
+    """The state of one ``store.transaction()`` block: its ops, and the group states they have built."""
+
+    def __init__(self, groups: GroupTable) -> None:
+        self.groups = groups
+        self.ops: list[Op] = []
+        self.view: dict[str, GroupState] = {}
+
+    def group(self, name: str) -> GroupState:
+        """The state of ``name`` as the transaction's ops so far leave it."""
+        g = self.view.get(name)
+        if g is None:
+            g = self.view[name] = self.groups.get(name).copy()
+        return g
+
+    def add(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
+        """Validate an op now (on a trial copy) and queue it for the block's commit."""
+        g = self.group(name)
+        trial = g.copy()
+        res = check(trial)
+        self.view[name] = trial
+        self.ops.append((name, check, write))
+        return res
+
+
+class CommitPipeline:
+    """Group commit for one store's write connection (see the module docstring).
+
+    Set by the owner once the store is open: :attr:`conn` (the write connection), :attr:`hwm` (the WAL
+    high-water mark, noted after each synced commit), :attr:`syncer` (NORMAL's interval syncer)."""
+
+    def __init__(self, data_dir: str, groups: GroupTable, writer: WalWriter, *,
+                 slow_commit_warning: float = 1.0) -> None:
+        self.data_dir = data_dir
+        self.groups = groups
+        self.writer = writer
+        self.slow_commit_warning = slow_commit_warning
+        self.stats = StoreStats()
+        self.conn: apsw.Connection | None = None
+        self.hwm: HighWaterMark | None = None
+        self.syncer: IntervalSyncer | None = None
+        #: False until the owner opened the store; True again once it is closed
+        self.closed = True
+        #: the storage error that made the pipeline fail-stop, or None
+        self.fault: BaseException | None = None
+        self._listeners: list[CommitListener] = []
+        self._mu = threading.Lock()
+        self._last_batch = 1
+        self._commit_ema = 0.0  # exponential moving average of commit seconds
+        self._queue: collections.deque[Request] = collections.deque()
+        self._tx = threading.local()
+
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call ``listener.on_commit(seconds, requests)`` after every successful commit."""
+        self._listeners = [*self._listeners, listener]  # copy-on-write: the committer iterates it unlocked
+
+    def remove_listener(self, listener: CommitListener) -> None:
+        """Stop calling ``listener`` (a no-op if it is not attached)."""
+        self._listeners = [x for x in self._listeners if x is not listener]
+
+    def fail(self, exc: BaseException) -> None:
+        """Make the pipeline fail-stop after ``exc`` (a failed sync outside a commit, e.g. a directory sync
+        or the interval syncer): every later write is refused until the store is reopened."""
+        self.fault = exc
+
+    def check_open(self) -> None:
+        """Raise unless writes are allowed: :class:`RaftSqliteError` when closed, :class:`StorageFault`
+        when fail-stopped."""
+        if self.closed:
+            raise RaftSqliteError("the store is closed")
+        if self.fault is not None:
+            raise StorageFault(f"{self.data_dir}: the store is fail-stopped after a storage fault "
+                               f"({self.fault}); close and reopen it, then reload state from what it shows")
+
+    def _current_tx(self) -> Tx | None:
+        tx: Tx | None = getattr(self._tx, "tx", None)
+        return tx
+
+    def in_transaction(self) -> bool:
+        """True inside a ``store.transaction()`` block on this thread."""
+        return self._current_tx() is not None
+
+    def ensure(self, name: str) -> None:
+        """Create group ``name`` (its rows, in a commit of its own) unless it exists."""
+        if name in self.groups:
+            return
+        self.check_open()
+        self.submit(Request([(name, None, None)]))
+
+    def raw(self, fn: Callable[[apsw.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` on the write connection inside the committer's next transaction (serialised
+        with every write); returns its result."""
+        self.check_open()
+        req = Request([(None, None, lambda conn, g, r: fn(conn))])
+        self.submit(req)
+        assert req.result is not None  # a request that did not raise has its results
+        return req.result[0]
+
+    @property
+    def queued(self) -> int:
+        """Requests in the writer queue now (the leader's batch included)."""
+        return len(self._queue)
+
+    def drain(self) -> None:
+        """Wait until the current leader finished its commit (at close)."""
+        while self._queue:
+            time.sleep(0.001)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """Group writes (log and metadata, any groups) into one atomic commit with one fsync.
+
+        Inside the block, write calls validate at once against the state the transaction has built
+        (a bad call raises and is not added) and return as usual, but nothing is durable until the
+        block exits; if the block raises, nothing is written. Reads inside the block see the last
+        *committed* state. Transactions do not nest.
+        """
+        if self._current_tx() is not None:
+            raise RaftSqliteError("store.transaction() does not nest")
+        self.check_open()
+        tx = Tx(self.groups)
+        self._tx.tx = tx
+        try:
+            yield tx
+        except BaseException:
+            self._tx.tx = None
+            raise
+        self._tx.tx = None
+        if tx.ops:
+            self.submit(Request(tx.ops))
+
+    def pending_group(self, name: str) -> GroupState:
+        """The state of group ``name`` as this thread's open transaction leaves it (else the published one)."""
+        tx = self._current_tx()
+        return tx.group(name) if tx is not None else self.groups.get(name)
+
+    def run(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
+        """Run one write op (validate with ``check(g)``, then ``write(conn, g, check_result)``)."""
+        tx = self._current_tx()
+        if tx is not None:
+            return tx.add(name, check, write)
+        self.check_open()
+        req = Request([(name, check, write)])
+        self.submit(req)
+        assert req.result is not None  # a request that did not raise has its results
+        result: R = req.result[0]
+        return result
+
+    def submit(self, req: Request) -> None:
+        """Group commit (a writer queue, as in LevelDB): the writer at the front of the queue leads; it
+        takes every request queued at that moment, applies them in one transaction, commits once (one
+        fsync), then wakes each follower individually and hands leadership to the new front."""
+        q = self._queue
+        with self._mu:
+            lead = not q
+            if not lead:
+                req.wake = _allocate_lock()
+                req.wake.acquire()
+            q.append(req)
+        interrupt = None
+        if not lead:
+            while True:  # released when our request is done, or when we are the new front
+                try:
+                    req.wake.acquire()
+                    break
+                except BaseException as exc:
+                    # An interrupt must not abandon a queued request: the leader would hand the front to
+                    # it and every later writer would wait forever. Finish the protocol, then re-raise.
+                    interrupt = interrupt or exc
+            if req.done:
+                if interrupt is not None:
+                    raise interrupt
+                if req.error is not None:
+                    raise req.error
+                return
+        batch = None
+        try:
+            target = self._last_batch
+            if len(q) < target:
+                # Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings): the previous batch had
+                # more writers than are queued now, and they are most likely just being woken; yield the
+                # GIL for at most a fraction of one commit's time so that they join this commit.
+                deadline = time.perf_counter() + min(0.25 * self._commit_ema, 0.0004)
+                while len(q) < target and time.perf_counter() < deadline:
+                    time.sleep(0)
+            with self._mu:
+                batch = list(q)
+            self._last_batch = len(batch)
+            self._execute(batch)
+        finally:
+            # whatever happened (even an exception in this thread), the queue moves on: every request
+            # of the batch is answered and leadership passes to the next writer
+            with self._mu:
+                if batch is None:  # interrupted before taking a batch: nothing ran; leave the queue
+                    q.popleft()
+                    batch = [req]
+                else:
+                    for _ in batch:
+                        q.popleft()
+                nxt = q[0] if q else None
+            for r in batch:
+                if r.result is None and r.error is None and not r.done:
+                    r.error = RaftSqliteError("the committing thread was interrupted before this write ran; "
+                                              "nothing of it was written")
+                if r is not req:
+                    r.done = True
+                    r.wake.release()
+            if nxt is not None:
+                nxt.wake.release()
+        if interrupt is not None:
+            raise interrupt
+        if req.error is not None:
+            raise req.error
+
+    def _execute(self, batch: list[Request]) -> None:
+        """Leader: apply every request of ``batch`` in one transaction, commit (one fsync), publish.
+
+        Checks run first and write nothing when they refuse. Append rows are not inserted one request at
+        a time: they are collected and inserted with one ``executemany`` at commit (or before any other
+        statement), and a lone single-row append runs as one autocommit statement. A request that fails
+        (with ANY exception) after some of its SQL ran makes the leader roll back and replay the batch
+        without it; one that fails before any of its SQL ran is dropped alone. If the batch fails outside
+        any one request (the final insert of deferred rows), it is rolled back and replayed once with
+        every request's rows inserted at once, so that the failure is pinned on its request.
+
+        Fail-stop: when the outcome is unknown (a storage error, any exception during COMMIT or after
+        it, a rollback that did not end the transaction), :attr:`fault` is set, every request of the
+        batch gets :class:`StorageFault`, and every later write is refused until the store is
+        reopened. A ``KeyboardInterrupt``/``SystemExit`` is re-raised in the leader after that.
+        """
+        conn = self.conn
+        if self.fault is not None or self.closed or conn is None:
+            for r in batch:
+                r.error = StorageFault(f"{self.data_dir}: the store is fail-stopped after a storage fault "
+                                       f"({self.fault}); reopen it") if not self.closed else \
+                    RaftSqliteError("the store is closed")
+                r.done = True
+            return
+        t0 = time.perf_counter()
+        live = [r for r in batch if not r.done]
+        state = {"eager": False, "committing": False, "autocommit": False}
+        try:
+            while True:
+                try:
+                    work = self._apply(conn, live, state)
+                    break
+                except _Replay as rep:
+                    if not self._rollback(conn):
+                        raise _Unknown(rep.error) from rep.error
+                    exc = rep.error
+                    rep.req.error = translate(exc, "write", self.data_dir) if isinstance(exc, apsw.Error) else exc
+                    rep.req.done = True
+                    live = [r for r in live if r is not rep.req]
+                except FAULT_ERRORS:
+                    raise
+                except BaseException as exc:
+                    # Outside any one request (the final insert of deferred rows, COMMIT), or an interrupt.
+                    # Known outcome only before COMMIT (for an interrupt: before the lone autocommit insert
+                    # too, which may have committed) and once rolled back; otherwise fail-stop.
+                    interrupt = not isinstance(exc, Exception)
+                    if state["committing"] or (interrupt and state["autocommit"]) or not self._rollback(conn):
+                        raise
+                    if interrupt:  # nothing of the batch was written: answer everyone, re-raise in the leader
+                        for r in live:
+                            if not r.done:
+                                r.error = RaftSqliteError(f"the committing thread was interrupted "
+                                                          f"({type(exc).__name__}) before this write committed; "
+                                                          "nothing of it was written")
+                                r.done = True
+                        raise _Interrupted(exc) from exc
+                    if state["eager"]:
+                        raise  # the eager replay failed too
+                    state["eager"] = True  # replay, inserting each request's rows with the request
+                    log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
+                                type(exc).__name__, exc)
+            self.groups.publish(work)
+        except _Interrupted as exc:
+            raise exc.error from None  # the batch was rolled back and answered: the store stays usable
+        except BaseException as exc:
+            cause = exc.error if isinstance(exc, _Unknown) else exc
+            self._fail_stop(conn, batch, cause)
+            if not isinstance(cause, Exception):
+                raise cause from None
+            return
+        finally:
+            self.writer.before_sql = None
+        if self.hwm is not None and self.syncer is None:
+            try:
+                self.hwm.note()  # the commit's WAL sync returned: record it as durable
+            except OSError as exc:  # the commit is durable; the mark (and its sync) failed: fail-stop
+                self.fault = exc
+                log.error("%s: writing the WAL high-water mark failed, store is now fail-stop: %s",
+                          self.data_dir, exc)
+        dt = time.perf_counter() - t0
+        self._commit_ema = 0.9 * self._commit_ema + 0.1 * dt
+        st = self.stats
+        st.commits += 1
+        st.requests += len(batch)
+        st.commit_seconds += dt
+        if len(batch) > st.max_batch:
+            st.max_batch = len(batch)
+        if self.syncer is not None:
+            self.syncer.dirty = True
+        for r in batch:
+            r.done = True
+        if dt > self.slow_commit_warning:
+            log.warning("%s: slow commit: %.3f s for %d requests", self.data_dir, dt, len(batch))
+        for listener in self._listeners:
+            try:
+                listener.on_commit(dt, len(batch))
+            except Exception:  # a metrics listener must never turn a durable write into an error
+                log.exception("%s: commit listener %r failed", self.data_dir, listener)
+
+    def _rollback(self, conn: apsw.Connection) -> bool:
+        """Roll back the write connection's open transaction, if any. True when no transaction is open
+        afterwards (the outcome of the batch is then known: nothing of it was written)."""
+        try:
+            if not conn.getautocommit():
+                conn.execute("ROLLBACK")
+            return bool(conn.getautocommit())
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                return bool(conn.getautocommit())
+            return False
+
+    def _fail_stop(self, conn: apsw.Connection, batch: list[Request], exc: BaseException) -> None:
+        """The outcome of ``batch`` is unknown: make the store fail-stop (as after a failed fsync)."""
+        self.fault = exc
+        self._rollback(conn)  # best effort; the store writes nothing more until reopened anyway
+        if isinstance(exc, apsw.Error):
+            err = translate(exc, "commit", self.data_dir)
+            if not isinstance(err, StorageFault):
+                err = StorageFault(f"{self.data_dir}: {err}; the outcome of the write is unknown until the store is "
+                                   "reopened")
+        else:
+            err = StorageFault(f"{self.data_dir}: unexpected {type(exc).__name__} on the write path ({exc}); the "
+                               "outcome of the write is unknown until the store is reopened")
+        err.__cause__ = exc
+        log.error("%s: write failed with an unknown outcome, store is now fail-stop: %s: %s", self.data_dir,
+                  type(exc).__name__, exc)
+        for r in batch:
+            if not r.done or r.error is None:
+                r.error = err
+            r.done = True
+
+    def _apply(self, conn: apsw.Connection, batch: list[Request], state: dict[str, bool]) -> dict[str, GroupState]:
+        """Run the requests of ``batch`` and commit; returns the group states to publish. Raises
+        :class:`_Replay` when one request must be dropped after SQL ran for it. With
+        ``state["eager"]`` every request's deferred rows are inserted at the end of the request;
+        ``state["committing"]`` is set once COMMIT is issued (from then on the outcome is unknown if
+        anything fails), ``state["autocommit"]`` once the lone autocommit insert is issued (an interrupt
+        from then on leaves the outcome unknown)."""
+        wal = self.writer
+        rows = wal.pending
+        rows.clear()
+        tx = [False, 0]  # [BEGIN issued, number of times SQL was started]
+        eager = state["eager"]
+
+        def sql() -> None:
+            if not tx[0]:
+                conn.execute("BEGIN IMMEDIATE")
+                tx[0] = True
+            tx[1] += 1
+            if rows:
+                if eager:  # the pending rows are the current request's own
+                    wal.flush(conn)
+                    return
+                try:  # rows of earlier requests too: a failure cannot be pinned on the current one
+                    wal.flush(conn)
+                except FAULT_ERRORS:
+                    raise
+                except Exception as exc:  # (an interrupt is not a failure of the rows: it propagates)
+                    raise _BatchFailed(exc) from exc
+
+        wal.before_sql = sql
+        work: dict[str, GroupState] = {}
+        for r in batch:
+            r.error = None
+            mine: dict[str, GroupState] = {}
+            results = []
+            mark, touched = len(rows), tx[1]
+            try:
+                for name, check, write in r.ops:
+                    if name is None:  # a raw op on the write connection (no group)
+                        sql()
+                        results.append(write(conn, None, None))
+                        continue
+                    g = mine.get(name)
+                    if g is None:
+                        base = work.get(name) or self.groups.find(name)
+                        if base is None:
+                            sql()
+                            base = insert_group(conn, name)
+                        g = mine[name] = base.copy()
+                    if check is None:
+                        results.append(None)
+                        continue
+                    res = check(g)
+                    if not getattr(write, "deferred", False):
+                        sql()
+                    write(conn, g, res)
+                    results.append(res)
+                if eager and len(rows) > mark:
+                    sql()
+            except FAULT_ERRORS + (_BatchFailed,):
+                raise  # the disk failed (fail-stop), or the batch's deferred rows (replayed eagerly)
+            except Exception as exc:  # any other error: this request alone fails (an interrupt is the
+                # leader's, not the request's: it propagates and the whole batch is rolled back)
+                if tx[1] != touched:
+                    raise _Replay(r, exc) from exc
+                del rows[mark:]  # only deferred rows of this request: drop them
+                r.error = exc
+                continue
+            r.result = results
+            work.update(mine)
+        if tx[0]:
+            wal.flush(conn)
+            state["committing"] = True
+            conn.execute("COMMIT")
+        elif len(rows) == 1:
+            # one autocommit statement: its own durable transaction. An error raised by it wrote nothing,
+            # but an interrupt may arrive just after it committed: then the outcome is unknown
+            state["autocommit"] = True
+            conn.execute(wal.INSERT, rows[0])
+            rows.clear()
+        elif rows:
+            conn.execute("BEGIN IMMEDIATE")
+            wal.flush(conn)
+            state["committing"] = True
+            conn.execute("COMMIT")
+        return work
+
+
+class IntervalSyncer(threading.Thread):
+    """NORMAL mode: fdatasync the WAL every ``fsync_interval`` seconds when there were commits."""
+
+    def __init__(self, pipeline: CommitPipeline, wal_path: str, interval: float, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.pipeline = pipeline
+        self.wal_path = wal_path
+        self.interval = interval
+        self.dirty = False
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.wait(self.interval):
+            if self.dirty:
+                self.sync(self.wal_path)
+
+    def sync(self, wal: str) -> None:
+        """fdatasync ``wal`` now; a failure makes the pipeline fail-stop."""
+        self.dirty = False
+        hw = self.pipeline.hwm
+        state = hw.current() if hw is not None else None
+        try:
+            if not fsio.fdatasync_path(wal):
+                return
+            self.pipeline.stats.interval_syncs += 1
+            if hw is not None:
+                hw.note(state)  # everything up to the state read before the sync is durable
+        except OSError as exc:  # (also a WAL that cannot even be opened: its unsynced commits may never be durable)
+            self.pipeline.fail(exc)
+            log.error("%s: WAL sync failed, store is now fail-stop: %s", self.pipeline.data_dir, exc)
+
+    def stop(self) -> None:
+        """Stop the thread, syncing once more if commits happened since the last sync."""
+        self._stop_evt.set()
+        self.join()
+        if self.dirty:
+            self.sync(self.wal_path)
+

@@ -1,0 +1,122 @@
+"""Per-group in-memory state and the rows that persist it (``groups``, ``raft_meta``).
+
+The committer never mutates a published :class:`GroupState`: it works on copies and publishes them in
+the :class:`GroupTable` only after a successful commit (copy-then-publish), so readers on other threads
+always see a committed state without taking a lock.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+
+import apsw
+
+from .wal import OpenSegment
+
+#: A ``voted_for`` value as stored: a node id (str), an int id, or None (no vote in the term).
+Vote = str | int | None
+
+
+def meta_crc(group_id: int, term: int, voted_for: Vote, commit: int) -> int:
+    """CRC32 stored with a ``raft_meta`` row (over group, term, typed vote and commit index)."""
+    return zlib.crc32(f"{group_id}|{term}|{type(voted_for).__name__}:{voted_for}|{commit}".encode())
+
+
+def group_crc(group_id: int, name: str, first_index: int, snapshot_index: int, snapshot_term: int,
+              recovered_partially: bool | int) -> int:
+    """CRC32 stored with a ``groups`` row (the transient ``truncate_permit`` is not covered)."""
+    return zlib.crc32(f"{group_id}|{name}|{first_index}|{snapshot_index}|{snapshot_term}|"
+                      f"{int(bool(recovered_partially))}".encode())
+
+
+class GroupState:
+    """In-memory state of one group. Published objects are never mutated: the committer works on
+    copies (:meth:`copy`) and publishes them after a successful commit."""
+
+    __slots__ = ("gid", "name", "first_index", "last_index", "last_term", "snapshot_index", "snapshot_term",
+                 "term", "vote", "commit", "seg", "recovered_partially")
+
+    def __init__(self, gid: int, name: str, first_index: int = 1, last_index: int = 0, last_term: int = 0,
+                 snapshot_index: int = 0, snapshot_term: int = 0, term: int = 0, vote: Vote = None,
+                 commit: int = 0, seg: OpenSegment | None = None, recovered_partially: bool = False) -> None:
+        self.gid, self.name = gid, name
+        self.first_index, self.last_index, self.last_term = first_index, last_index, last_term
+        self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
+        self.term, self.vote, self.commit = term, vote, commit
+        self.seg, self.recovered_partially = seg, recovered_partially
+
+    def copy(self) -> GroupState:
+        """A private copy the committer may change (the open segment is copied too)."""
+        seg = self.seg
+        return GroupState(self.gid, self.name, self.first_index, self.last_index, self.last_term,
+                          self.snapshot_index, self.snapshot_term, self.term, self.vote, self.commit,
+                          None if seg is None else seg.copy(), self.recovered_partially)
+
+
+class GroupTable:
+    """The published :class:`GroupState` of every group, by name. Only the committer (and open-time
+    recovery, before the store is shared) calls :meth:`publish`."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, GroupState] = {}
+
+    def get(self, name: str) -> GroupState:
+        """The published state of ``name`` (KeyError if the group does not exist)."""
+        return self._by_name[name]
+
+    def find(self, name: str) -> GroupState | None:
+        """The published state of ``name``, or None."""
+        return self._by_name.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def names(self) -> list[str]:
+        """Group names, sorted."""
+        return sorted(self._by_name)
+
+    def states(self) -> list[GroupState]:
+        """Every published state (a snapshot of the table)."""
+        return list(self._by_name.values())
+
+    def publish(self, states: dict[str, GroupState] | Iterable[tuple[str, GroupState]]) -> None:
+        """Make ``states`` the published state of their groups (after their commit succeeded)."""
+        self._by_name.update(states)
+
+    def clear(self) -> None:
+        self._by_name.clear()
+
+
+def insert_group(conn: apsw.Connection, name: str) -> GroupState:
+    """Insert the rows of a new group ``name`` (``groups`` and ``raft_meta``) inside the committer's
+    transaction; returns its initial state."""
+    conn.execute("INSERT INTO groups(name, created_at) VALUES (?,?)", (name, time.time()))
+    gid = conn.last_insert_rowid()
+    conn.execute("UPDATE groups SET crc32=? WHERE group_id=?", (group_crc(gid, name, 1, 0, 0, 0), gid))
+    conn.execute("INSERT INTO raft_meta(group_id, current_term, voted_for, commit_index, crc32) "
+                 "VALUES (?,?,?,?,?)", (gid, 0, None, 0, meta_crc(gid, 0, None, 0)))
+    return GroupState(gid, name)
+
+
+def write_group_row(conn: apsw.Connection, g: GroupState) -> None:
+    """Persist the group row's durable fields (first index, snapshot point, partial flag) with their CRC."""
+    conn.execute("UPDATE groups SET first_index=?, snapshot_index=?, snapshot_term=?, recovered_partially=?, "
+                 "crc32=? WHERE group_id=?",
+                 (g.first_index, g.snapshot_index, g.snapshot_term, int(bool(g.recovered_partially)),
+                  group_crc(g.gid, g.name, g.first_index, g.snapshot_index, g.snapshot_term,
+                            g.recovered_partially), g.gid))
+
+
+def write_meta_row(conn: apsw.Connection, g: GroupState, changed: bool = True) -> None:
+    """Persist the group's hard state (term, vote, commit index) with its CRC, if ``changed``."""
+    if changed:
+        conn.execute("UPDATE raft_meta SET current_term=?, voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
+                     (g.term, g.vote, g.commit, meta_crc(g.gid, g.term, g.vote, g.commit), g.gid))
