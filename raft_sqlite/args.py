@@ -9,7 +9,7 @@ import math
 from . import layout
 
 
-def int_arg(name: str, v, lo: int | None = 0, hi: int | None = layout.MAX_INT64) -> int:
+def int_arg(name: str, v: object, lo: int | None = 0, hi: int | None = layout.MAX_INT64) -> int:
     """``v`` as an ``int`` (bool refused; int subclasses normalised) checked to lie in ``lo..hi``
     (a bound of None is open). Raises TypeError for a non-int, ValueError out of range; the message
     names the argument and the range."""
@@ -23,17 +23,17 @@ def int_arg(name: str, v, lo: int | None = 0, hi: int | None = layout.MAX_INT64)
     return v
 
 
-def index_arg(name: str, v, lo: int = 0) -> int:
+def index_arg(name: str, v: object, lo: int = 0) -> int:
     """A log/snapshot/commit index: an int in ``lo..layout.MAX_INDEX``."""
     return int_arg(name, v, lo, layout.MAX_INDEX)
 
 
-def term_arg(name: str, v) -> int:
+def term_arg(name: str, v: object) -> int:
     """A term: an int in ``0..layout.MAX_TERM``."""
     return int_arg(name, v, 0, layout.MAX_TERM)
 
 
-def float_arg(name: str, v, lo: float, hi: float, *, lo_open: bool = False) -> float:
+def float_arg(name: str, v: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
     """``v`` (an int or float, not bool) as a finite float in ``lo..hi`` (``lo`` excluded with
     ``lo_open``). TypeError for another type, ValueError for nan/inf or out of range."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):

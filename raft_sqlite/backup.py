@@ -31,6 +31,7 @@ event in the restored ``raft.db`` and opens the result with STRICT recovery as a
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -44,8 +45,8 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
-from typing import Self
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import apsw
 
@@ -53,6 +54,7 @@ from . import fsio, layout
 from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
+from .restorestate import is_placeholder, read_restore_state
 
 log = logging.getLogger("raft_sqlite.backup")
 
@@ -79,6 +81,12 @@ _LOCK_NAME = ".backup.lock"
 _MAX_MANIFEST_BYTES = 16 << 20
 _BUF = 4 << 20
 
+_T = TypeVar("_T")
+#: A path argument: a str or an os.PathLike of str.
+_Path = str | os.PathLike[str]
+#: A manifest, a listing row or an event's details: JSON objects (their values are arbitrary JSON).
+_Json = dict[str, Any]
+
 QUORUM_LOSS_EXPLANATION = (
     "a quorum-loss restore re-bootstraps the cluster from this backup: the Raft layer will force a new "
     "membership with this node as its only voter, and every entry committed after the backup point is "
@@ -93,12 +101,12 @@ class BackupInfo:
     ``size`` is the sum of the copied files' sizes, ``duration`` the seconds the backup took."""
 
     path: str
-    manifest: dict
+    manifest: _Json
     size: int = 0
     duration: float = 0.0
     #: seconds per phase: ``copy`` (online backup steps), ``sha256`` and ``fsync`` (run on helper threads,
     #: overlapping the copy of the next file and each other), ``wait`` (for them after the last copy)
-    phases: dict = dataclasses.field(default_factory=dict)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +118,8 @@ class RestoreInfo:
     data_dir: str
     backup_path: str
     kind: str
-    manifest: dict
-    event: dict
+    manifest: _Json
+    event: _Json
     duration: float = 0.0
 
 
@@ -203,7 +211,7 @@ def _boot_clock() -> tuple[str | None, float]:
     return boot_id, time.clock_gettime(clock)
 
 
-def manifest_seq(manifest: dict) -> int | None:
+def manifest_seq(manifest: _Json) -> int | None:
     """The backup sequence number of a manifest (``seq``: 1, 2, ... per node in the order the backups
     were taken), or None for a manifest written before raft_sqlite recorded it."""
     seq = manifest.get("seq")
@@ -221,13 +229,13 @@ def _read_seq(folder: str) -> int | None:
     return manifest_seq(m) if isinstance(m, dict) else None
 
 
-def _order_key(e: dict) -> tuple:
+def _order_key(e: _Json) -> tuple[bool, int, float, str]:
     """Sort key, oldest first, of a listed backup: by ``seq`` (clock-independent); backups without one
     (older manifests) come before every backup with one and are ordered by their timestamp."""
     return (e.get("seq") is not None, e.get("seq") or 0, e["created_at"] or 0.0, e["path"])
 
 
-def _ages(complete: list[dict], now: float, boot: tuple[str | None, float]) -> list[float]:
+def _ages(complete: list[_Json], now: float, boot: tuple[str | None, float]) -> list[float]:
     """Age in seconds of each backup of ``complete`` (newest first, by :func:`_order_key`), measured so
     that a wall-clock change cannot shorten it.
 
@@ -238,6 +246,7 @@ def _ages(complete: list[dict], now: float, boot: tuple[str | None, float]) -> l
     not age anything; only across a reboot can a wall-clock jump forward make backups look older.
     """
     ages = []
+    ref_clock: _Json
     age, ref_wall, ref_clock = 0.0, now, {"boot_id": boot[0], "seconds": boot[1]}
     for e in complete:
         c = e.get("clock") or {}
@@ -274,13 +283,13 @@ def _write_file_atomically(folder: str, name: str, data: bytes) -> None:
     fsio.sync_dir(folder)
 
 
-def _write_json_atomically(folder: str, name: str, obj: dict) -> bytes:
+def _write_json_atomically(folder: str, name: str, obj: _Json) -> bytes:
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     _write_file_atomically(folder, name, data)
     return data
 
 
-def read_restore_event(conn) -> dict | None:
+def read_restore_event(conn: apsw.Connection) -> _Json | None:
     """The newest restore event (``node_replacement`` / ``quorum_loss_restore``) recorded in the raft.db
     behind ``conn``, as ``{"kind", "at", **details}``, or None if the store was never restored.
     (:attr:`NodeStore.restored_from <raft_sqlite.NodeStore.restored_from>` reads it.)"""
@@ -308,8 +317,8 @@ class HotBackupManager:
     at once instead of waiting.
     """
 
-    def __init__(self, store, backup_dir, *, pages_per_step: int = 1024, step_pause: float = 0.0005,
-                 nice: int = 10):
+    def __init__(self, store: Any, backup_dir: _Path, *,  # store: the lead types this as Kernel
+                 pages_per_step: int = 1024, step_pause: float = 0.0005, nice: int = 10) -> None:
         pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
         step_pause = float_arg("step_pause", step_pause, 0.0, 60.0)
         self.nice = int_arg("nice", nice, 0, 19)
@@ -321,7 +330,7 @@ class HotBackupManager:
 
     # -------------------------------------------------------------- exclusion
     @contextlib.contextmanager
-    def _exclusive(self):
+    def _exclusive(self) -> Iterator[None]:
         try:
             _make_dirs(self.node_dir)
             fd = fsio.open(os.path.join(self.node_dir, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
@@ -393,18 +402,19 @@ class HotBackupManager:
         log.info("%s: backup %s done: %d bytes in %.2f s", self.store.data_dir, folder, size, duration)
         return info
 
-    def _on_worker(self, fn):
+    def _on_worker(self, fn: Callable[[threading.Event], _T]) -> _T:
         """Run ``fn(stop_event)`` on a low-priority worker thread and return its result (re-raising its
         error). An interrupt of the caller (KeyboardInterrupt) cancels the worker and waits for it."""
         stop = threading.Event()
-        box: dict = {}
+        result: builtins.list[_T] = []
+        error: builtins.list[BaseException] = []
 
-        def target():
+        def target() -> None:
             _lower_priority(self.nice)
             try:
-                box["result"] = fn(stop)
+                result.append(fn(stop))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                box["error"] = exc
+                error.append(exc)
 
         th = threading.Thread(target=target, name=f"raft_sqlite-backup-{self.store.node_id}", daemon=True)
         th.start()
@@ -414,9 +424,9 @@ class HotBackupManager:
             stop.set()
             th.join()
             raise
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+        if error:
+            raise error[0]
+        return result[0]
 
     def _highest_seq(self) -> int:
         """The highest backup sequence number in this node's backup folder (0 if none); called under the
@@ -440,7 +450,8 @@ class HotBackupManager:
             return p
         raise BackupError(f"cannot find a free folder name under {self.node_dir}")
 
-    def _copy(self, folder: str, progress, cancel, phases: dict, seen: int) -> tuple[dict, int]:
+    def _copy(self, folder: str, progress: ProgressFn | None, cancel: tuple[threading.Event | None, ...],
+              phases: dict[str, float], seen: int) -> tuple[_Json, int]:
         store = self.store
         sources: list[apsw.Connection] = []
         checks: list[_FileCheck] = []
@@ -458,8 +469,8 @@ class HotBackupManager:
                 chunks_src.execute("SELECT count(*) FROM sqlite_master").fetchall()
                 at = time.time()
                 boot_id, boot_seconds = _boot_clock()
-            facts = None
-            chunk_counts = None
+            facts: _Facts | None = None
+            chunk_counts: dict[int, int] | None = None
             for name, src in ((layout.MAIN_DB, main_src), (layout.CHUNKS_DB, chunks_src)):
                 dest_path = os.path.join(folder, name)
                 t = time.perf_counter()
@@ -475,7 +486,7 @@ class HotBackupManager:
                             seen = max(seen, int(row[0]))
                     else:
                         chunk_counts = dict(dest.execute(
-                            "SELECT snapshot_id, count(*) FROM snapshot_chunks GROUP BY snapshot_id").fetchall())
+                            "SELECT snapshot_id, count(*) FROM snapshot_chunks GROUP BY snapshot_id"))
                 finally:
                     dest.close()
                 for extra in (dest_path + "-journal", dest_path + "-wal", dest_path + "-shm"):
@@ -497,9 +508,10 @@ class HotBackupManager:
                     c.result()
             raise
         finally:
-            for c in sources:
+            for conn in sources:
                 with contextlib.suppress(apsw.Error):
-                    c.close()
+                    conn.close()
+        assert facts is not None and chunk_counts is not None, "both read by the loop above (or it raised)"
         node_id, cluster_id, fmt, groups, durable = facts
         if node_id != store.node_id or cluster_id != store.cluster_id:
             raise BackupError(f"copied raft.db names node {node_id!r}/{cluster_id!r}, not the store's")
@@ -527,7 +539,8 @@ class HotBackupManager:
         _write_json_atomically(folder, MANIFEST, manifest)
         return manifest, total
 
-    def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress, cancel) -> None:
+    def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress: ProgressFn | None,
+                     cancel: tuple[threading.Event | None, ...]) -> None:
         fsio.close(fsio.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         dest = apsw.Connection(dest_path, vfs=self.store.vfs)
         try:
@@ -535,7 +548,9 @@ class HotBackupManager:
             # manifest), and the finished file gets one fsync.
             dest.execute("PRAGMA synchronous=OFF").fetchall()
             dest.execute("PRAGMA journal_mode=OFF").fetchall()
-            page_size = src.execute("PRAGMA page_size").fetchone()[0]
+            row = src.execute("PRAGMA page_size").fetchone()
+            assert row is not None, "PRAGMA page_size always returns one row"
+            page_size = row[0]
             wfd = fsio.open(dest_path, os.O_RDONLY)
             try:
                 with dest.backup("main", src, "main") as b:
@@ -563,7 +578,7 @@ class HotBackupManager:
 
         seq = info.manifest["seq"]
 
-        def write(conn):
+        def write(conn: apsw.Connection) -> None:
             conn.execute("INSERT INTO backups(path, created_at, size, duration, manifest_sha256) VALUES (?,?,?,?,?)",
                          row)
             old = conn.execute("SELECT value FROM settings WHERE key=?", (SEQ_SETTING,)).fetchone()
@@ -576,11 +591,11 @@ class HotBackupManager:
                         self.store.data_dir, info.path, exc)
 
     # -------------------------------------------------------------- listing and retention
-    def list(self, *, verify: bool = False) -> list[dict]:
+    def list(self, *, verify: bool = False) -> builtins.list[_Json]:
         """This node's backups, newest first (see :func:`list_backups`)."""
         return [b for b in list_backups(self.backup_dir, verify=verify) if b["node_id"] == self.store.node_id]
 
-    def last_backup(self) -> dict | None:
+    def last_backup(self) -> _Json | None:
         """The newest backup recorded in the store's ``backups`` table (the last one recorded, whatever the
         clock said) as ``{path, created_at, age, size, duration}``, or None."""
         row = self.store.kernel.read(lambda c: c.execute(
@@ -590,7 +605,7 @@ class HotBackupManager:
         return {"path": row[0], "created_at": row[1], "age": max(0.0, time.time() - row[1]), "size": row[2],
                 "duration": row[3]}
 
-    def prune(self, *, keep: int | None = None, max_age: float | None = None) -> list[str]:
+    def prune(self, *, keep: int | None = None, max_age: float | None = None) -> builtins.list[str]:
         """Apply retention to this node's backups and return the folders removed.
 
         Complete backups beyond the ``keep`` newest, and complete backups older than ``max_age``
@@ -605,7 +620,7 @@ class HotBackupManager:
         manifest is unreadable (*corrupt*) are left for the operator and logged.
         """
         keep, max_age = _retention_args(keep, max_age)
-        removed = []
+        removed: builtins.list[str] = []
         with self._exclusive():
             entries = _scan_node_dir(self.node_dir, verify=False)
             complete = sorted((e for e in entries if e["status"] == "complete"), key=_order_key, reverse=True)
@@ -628,7 +643,7 @@ class HotBackupManager:
         return removed
 
 
-def _load_sync_file_range():
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         import ctypes
         import ctypes.util
@@ -666,35 +681,35 @@ class _FileCheck:
     """sha256 and fsync of one finished copy, each on its own thread (hashlib and fsync release the
     GIL), so that they overlap each other and the copy of the next file."""
 
-    def __init__(self, path: str, name: str, progress, nice: int):
+    def __init__(self, path: str, name: str, progress: ProgressFn | None, nice: int) -> None:
         self.path, self.name, self._nice = path, name, nice
         self.hash_seconds = self.sync_seconds = 0.0
-        self._out: dict = {}
+        self._out: dict[str, Any] = {}  # "hash": (size, sha256), "sync": None, or the error either raised
         self._threads = [threading.Thread(target=self._guard, args=(k, fn), daemon=True)
                          for k, fn in (("hash", self._hash), ("sync", self._sync))]
         self._progress = progress
         for th in self._threads:
             th.start()
 
-    def _guard(self, key, fn):
+    def _guard(self, key: str, fn: Callable[[], object]) -> None:
         _lower_priority(self._nice)
         try:
             self._out[key] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised by result()
             self._out[key] = exc
 
-    def _hash(self):
+    def _hash(self) -> tuple[int, str]:
         t = time.perf_counter()
         r = _sha256_file(self.path, self._progress, f"sha256:{self.name}")
         self.hash_seconds = time.perf_counter() - t
         return r
 
-    def _sync(self):
+    def _sync(self) -> None:
         t = time.perf_counter()
         _fsync_file(self.path)
         self.sync_seconds = time.perf_counter() - t
 
-    def result(self) -> dict:
+    def result(self) -> _Json:
         """``{name, size, sha256}`` once both threads are done (re-raises their error)."""
         for th in self._threads:
             th.join()
@@ -705,10 +720,19 @@ class _FileCheck:
         return {"name": self.name, "size": size, "sha256": digest}
 
 
-def _describe(conn) -> tuple:
+#: What :func:`_describe` reads: node_id, cluster_id, format_version, the groups (manifest shape) and
+#: (snapshot_id, chunk_count) of every DURABLE snapshot.
+_Facts = tuple[str, str, int, list[_Json], list[tuple[int, int]]]
+
+
+def _describe(conn: apsw.Connection) -> _Facts:
     """Facts a manifest records, read from a (copied) raft.db."""
-    node_id, cluster_id, fmt = conn.execute("SELECT node_id, cluster_id, format_version FROM node").fetchone()
-    groups = []
+    node = conn.execute("SELECT node_id, cluster_id, format_version FROM node").fetchone()
+    if node is None:
+        # TypeError, as unpacking the missing row raised before: check_backup_data reports it as unreadable
+        raise TypeError("raft.db has no node record")
+    node_id, cluster_id, fmt = node
+    groups: list[_Json] = []
     for gid, name, term, vote, commit, first, last, sidx, sterm in conn.execute(
             "SELECT group_id, name, current_term, voted_for, commit_index, first_index, last_index, "
             "snapshot_index, snapshot_term FROM group_status ORDER BY group_id").fetchall():
@@ -719,12 +743,12 @@ def _describe(conn) -> tuple:
             "first_index": first, "last_index": last, "snapshot_index": sidx, "snapshot_term": sterm,
             "latest_snapshot": None if snap is None else dict(zip(("id", "index", "term", "kind", "size"), snap)),
         })
-    durable = conn.execute("SELECT snapshot_id, chunk_count FROM snapshots WHERE status='DURABLE'").fetchall()
+    durable = list(conn.execute("SELECT snapshot_id, chunk_count FROM snapshots WHERE status='DURABLE'"))
     return node_id, cluster_id, fmt, groups, durable
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
-def _retention_args(keep, max_age):
+def _retention_args(keep: int | None, max_age: float | None) -> tuple[int | None, float | None]:
     """Checked retention settings: ``keep`` an int >= 1 (the newest backup is always kept) or None,
     ``max_age`` a finite number of seconds > 0 or None."""
     if keep is not None:
@@ -732,6 +756,14 @@ def _retention_args(keep, max_age):
     if max_age is not None:
         max_age = float_arg("max_age", max_age, 0.0, 1e12, lo_open=True)
     return keep, max_age
+
+
+class _ManagerOptions(TypedDict, total=False):
+    """The :class:`HotBackupManager` options a :class:`HotBackupScheduler` passes on."""
+
+    pages_per_step: int
+    step_pause: float
+    nice: int
 
 
 class HotBackupScheduler:
@@ -745,8 +777,9 @@ class HotBackupScheduler:
     never raised into other threads. ``stop()`` cancels a backup in progress (between steps) and joins.
     """
 
-    def __init__(self, store, backup_dir, interval: float, *, keep: int | None = None,
-                 max_age: float | None = None, run_at_start: bool = False, **manager_kw):
+    def __init__(self, store: Any, backup_dir: _Path, interval: float, *,  # store: the lead types this as Kernel
+                 keep: int | None = None, max_age: float | None = None, run_at_start: bool = False,
+                 **manager_kw: Unpack[_ManagerOptions]) -> None:
         interval = float_arg("interval", interval, 0.0, 365 * 86400.0, lo_open=True)
         keep, max_age = _retention_args(keep, max_age)
         self.manager = HotBackupManager(store, backup_dir, **manager_kw)
@@ -761,7 +794,7 @@ class HotBackupScheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> HotBackupScheduler:
+    def start(self) -> Self:
         """Start the background thread (once). Returns self."""
         if self._thread is not None:
             raise RuntimeError("scheduler already started")
@@ -815,13 +848,13 @@ class HotBackupScheduler:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
 # ---------------------------------------------------------------------------------------------- listing
-def _scan_node_dir(node_dir: str, *, verify: bool) -> list[dict]:
-    out = []
+def _scan_node_dir(node_dir: str, *, verify: bool) -> list[_Json]:
+    out: list[_Json] = []
     try:
         names = sorted(os.listdir(node_dir))
     except FileNotFoundError:
@@ -832,7 +865,7 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[dict]:
         p = os.path.join(node_dir, name)
         if name.startswith(".") or not os.path.isdir(p) or os.path.islink(p):
             continue
-        e = {"path": p, "node_id": node_id, "created_at": _stamp_time(name), "status": "incomplete",
+        e: _Json = {"path": p, "node_id": node_id, "created_at": _stamp_time(name), "status": "incomplete",
              "size": None, "error": None, "seq": None, "clock": None}
         if os.path.exists(os.path.join(p, MANIFEST)):
             try:
@@ -856,7 +889,7 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[dict]:
     return out
 
 
-def _clock_of(manifest: dict) -> dict | None:
+def _clock_of(manifest: _Json) -> _Json | None:
     c = manifest.get("clock")
     if (isinstance(c, dict) and isinstance(c.get("boot_id"), str) and isinstance(c.get("seconds"), (int, float))
             and not isinstance(c["seconds"], bool)):
@@ -864,7 +897,7 @@ def _clock_of(manifest: dict) -> dict | None:
     return None
 
 
-def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
+def list_backups(backup_dir: _Path, *, verify: bool = False) -> list[_Json]:
     """Every backup under ``backup_dir``: node by node (sorted by node_id), each node's newest first.
 
     Newest is by the manifest's ``seq``, not by the wall clock (see :meth:`HotBackupManager.prune`).
@@ -877,7 +910,7 @@ def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
     not verify; ``error`` says why). A missing ``backup_dir`` lists as empty.
     """
     root = os.path.abspath(os.fspath(backup_dir))
-    out = []
+    out: list[_Json] = []
     try:
         nodes = sorted(os.listdir(root))
     except FileNotFoundError:
@@ -890,7 +923,7 @@ def list_backups(backup_dir, *, verify: bool = False) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- restore
-def _file_name_problem(name) -> str | None:
+def _file_name_problem(name: object) -> str | None:
     if not isinstance(name, str) or not name:
         return f"file name {name!r} is not a non-empty string"
     if "\0" in name:
@@ -907,7 +940,7 @@ def _file_name_problem(name) -> str | None:
     return None
 
 
-def verify_backup(backup_path, *, checksums: bool = True) -> dict:
+def verify_backup(backup_path: _Path, *, checksums: bool = True) -> _Json:
     """Validate the backup folder ``backup_path`` and return its manifest; write nothing.
 
     Checks: ``manifest.json`` exists (else the backup is incomplete), is a JSON object of at most 16 MiB
@@ -921,7 +954,7 @@ def verify_backup(backup_path, *, checksums: bool = True) -> dict:
     return _verify_backup(backup_path, checksums)[0]
 
 
-def _verify_backup(backup_path, checksums: bool) -> tuple[dict, list[dict] | None]:
+def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Json] | None]:
     """:func:`verify_backup`, also returning the groups read from the data (None without checksums)."""
     folder = os.path.abspath(os.fspath(backup_path))
     if not os.path.isdir(folder):
@@ -1009,12 +1042,12 @@ GROUP_FIELDS = ("term", "voted_for", "commit_index", "first_index", "last_index"
 _OPTIONAL_GROUP_FIELDS = ("group_id", "snapshot_term", "latest_snapshot")
 
 
-def _same(a, b) -> bool:
+def _same(a: object, b: object) -> bool:
     """Equal as JSON values (so ``True`` is not ``1`` and ``1.0`` is not ``1``)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def check_backup_data(backup_path, manifest: dict) -> list[dict]:
+def check_backup_data(backup_path: _Path, manifest: _Json) -> list[_Json]:
     """Read the backup's ``raft.db`` (read-only, writing nothing) and check that it holds what
     ``manifest`` says: node_id, cluster_id, format_version, the same set of groups and, per group, every
     field of :data:`GROUP_FIELDS` (and ``group_id``, ``snapshot_term``, ``latest_snapshot`` when the
@@ -1037,7 +1070,7 @@ def check_backup_data(backup_path, manifest: dict) -> list[dict]:
     for key, have in (("node_id", node_id), ("cluster_id", cluster_id), ("format_version", fmt)):
         if not _same(manifest[key], have):
             raise BackupError(f"{mpath}: {key} is {manifest[key]!r} but the backup's raft.db holds {have!r}")
-    listed: dict[str, dict] = {}
+    listed: dict[str, _Json] = {}
     for g in manifest["groups"]:
         if not isinstance(g, dict) or not isinstance(g.get("name"), str):
             raise BackupError(f"{mpath}: every entry of groups must be an object with a string name; got {g!r}")
@@ -1062,7 +1095,7 @@ def check_backup_data(backup_path, manifest: dict) -> list[dict]:
     return groups
 
 
-def _restore_kind(mode, allow_quorum_loss: bool) -> str:
+def _restore_kind(mode: str | None, allow_quorum_loss: bool) -> str:
     if mode is None:
         return QUORUM_LOSS_RESTORE if allow_quorum_loss else NODE_REPLACEMENT
     if mode in ("quorum_loss", "quorum-loss", QUORUM_LOSS_RESTORE):
@@ -1079,30 +1112,9 @@ def _restore_kind(mode, allow_quorum_loss: bool) -> str:
 
 #: The placeholder ``raft.db`` a restore writes first (see :data:`raft_sqlite.layout.RESTORE_PLACEHOLDER`).
 RESTORE_PLACEHOLDER = layout.RESTORE_PLACEHOLDER
-_RESTORE_TEMP_RE = re.compile(layout.RESTORE_TEMP_PATTERN)
 
 
-def _is_placeholder(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(RESTORE_PLACEHOLDER)) == RESTORE_PLACEHOLDER
-    except (FileNotFoundError, IsADirectoryError):
-        return False
-
-
-def _target_leftovers(target: str) -> list[str] | None:
-    """The names in ``target`` a restore may remove before it starts: [] if it is empty (apart from the
-    data_dir lock file), the names of an interrupted restore (its placeholder ``raft.db`` is there, or
-    only its temporaries are), or None if it holds anything else (refused: never overwrite a store)."""
-    names = [n for n in os.listdir(target) if n != layout.LOCK_FILE]
-    if _is_placeholder(os.path.join(target, layout.MAIN_DB)):
-        return names  # everything there was written by the interrupted restore (or by a failed open of it)
-    if all(_RESTORE_TEMP_RE.match(n) for n in names):
-        return names
-    return None
-
-
-def _remove_names(target: str, names) -> None:
+def _remove_names(target: str, names: Iterable[str]) -> None:
     for name in names:
         p = os.path.join(target, name)
         with contextlib.suppress(FileNotFoundError):
@@ -1112,7 +1124,7 @@ def _remove_names(target: str, names) -> None:
                 fsio.unlink(p)
 
 
-def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str | None = None,
+def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = False, mode: str | None = None,
             progress: ProgressFn | None = None, vfs: str | None = None) -> RestoreInfo:
     """Restore the backup folder ``backup_path`` into a fresh ``data_dir`` and return a :class:`RestoreInfo`.
 
@@ -1157,7 +1169,8 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
     target = os.path.abspath(os.fspath(data_dir))
 
     def leftovers_or_refuse() -> list[str]:
-        names = _target_leftovers(target)
+        # the same reading of an interrupted restore as NodeStore.open's refusal (restorestate)
+        names = read_restore_state(target).restore_leftovers()
         if names is None:
             raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
                               "(move the old data away first)")
@@ -1193,13 +1206,14 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
             log.info("%s: removed the leftovers of an interrupted restore: %s", target, ", ".join(sorted(stale)))
         # From here on (once durable) the target refuses to open until the restored raft.db replaces this.
         _write_file_atomically(target, layout.MAIN_DB, RESTORE_PLACEHOLDER)
-        tmps = {}
+        tmps: dict[str, str] = {}
         for f in manifest["files"]:
             tmp = os.path.join(target, f".{f['name']}.restoring")
             _copy_verified(os.path.join(src, f["name"]), tmp, f, progress)
             tmps[f["name"]] = tmp
         # The event is committed (SQLite syncs it) before the file gets its real name: a restored store
         # never opens without it (the Raft layer must learn it was restored, or it may vote twice).
+        assert groups is not None, "_verify_backup with checksums reads them"
         event = _record_restore_event(tmps[layout.MAIN_DB], kind, src, manifest, groups, vfs)
         fsio.rename(tmps[layout.CHUNKS_DB], os.path.join(target, layout.CHUNKS_DB))
         fsio.sync_dir(target)
@@ -1219,7 +1233,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
         # after locking). raft.db goes last (see above). Best effort: after an I/O error or a power
         # cut these may fail too, and the placeholder then tells the next restore what happened.
         with contextlib.suppress(OSError):
-            if os.path.isdir(target) and os.path.exists(main_db) and not _is_placeholder(main_db):
+            if os.path.isdir(target) and os.path.exists(main_db) and not is_placeholder(main_db):
                 # the restored raft.db is already in place (the check-open failed): put the placeholder back
                 # durably first, so that dying during the removals below never leaves a restored raft.db
                 # without its chunks.db, which would not carry the placeholder's protection
@@ -1240,7 +1254,7 @@ def restore(backup_path, data_dir, *, allow_quorum_loss: bool = False, mode: str
     return info
 
 
-def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
+def _copy_verified(src: str, dst: str, f: _Json, progress: ProgressFn | None) -> None:
     h = hashlib.sha256()
     n = 0
     fd = fsio.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -1262,8 +1276,8 @@ def _copy_verified(src: str, dst: str, f: dict, progress) -> None:
         raise BackupError(f"{src} changed while it was being restored (size/sha256 no longer match the manifest)")
 
 
-def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: dict, groups: list[dict],
-                          vfs: str | None = None) -> dict:
+def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: _Json, groups: list[_Json],
+                          vfs: str | None = None) -> _Json:
     """Record the restore in the restored raft.db. Per-group values come from ``groups``, read from the
     restored data itself (:func:`check_backup_data`), so :attr:`NodeStore.restored_from` reports what
     was restored, not what a manifest claims."""

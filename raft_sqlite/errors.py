@@ -1,6 +1,10 @@
 """Typed exceptions. Every error the library raises on purpose derives from :class:`RaftSqliteError`
 (wrong argument *types* raise ``TypeError``/``ValueError`` as usual in Python)."""
 
+from __future__ import annotations
+
+from typing import Protocol
+
 
 class RaftSqliteError(Exception):
     """Base class of all raft_sqlite errors."""
@@ -65,21 +69,36 @@ class DataDirError(RaftSqliteError):
     symlink), or it or its lock file cannot be created or opened (permissions)."""
 
 
+class LockHolder(Protocol):
+    """What :class:`DataDirLocked` reads from a lock holder: :class:`raft_sqlite.lock.Holder` matches it.
+    A protocol, not that class, because lock imports this module (an import back would be a cycle)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def since(self) -> float | None: ...
+    @property
+    def node_id(self) -> str | None: ...
+    def describe(self) -> str: ...
+
+
 class DataDirLocked(RaftSqliteError):
     """The data_dir is locked by another live store (another process, or another open in this one):
     one process, one store per data_dir. ``pid``, ``host``, ``since`` (unix time) and ``node_id``
     name the holder as it recorded itself (None when unknown)."""
 
-    def __init__(self, data_dir: str, holder):
+    def __init__(self, data_dir: str, holder: LockHolder | None):
         self.data_dir = data_dir
         self.holder = holder
-        self.pid = getattr(holder, "pid", None)
-        self.host = getattr(holder, "host", None)
-        self.since = getattr(holder, "since", None)
-        self.node_id = getattr(holder, "node_id", None)
+        self.pid: int | None = getattr(holder, "pid", None)
+        self.host: str | None = getattr(holder, "host", None)
+        self.since: float | None = getattr(holder, "since", None)
+        self.node_id: str | None = getattr(holder, "node_id", None)
         who = holder.describe() if holder is not None else "another process"
         super().__init__(f"data_dir {data_dir} is in use by {who}: one store per data_dir; stop that "
                          "store first (a store is released on close, or by the OS when its process dies)")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[DataDirLocked], tuple[str, LockHolder | None]]:
         return (type(self), (self.data_dir, self.holder))

@@ -27,6 +27,10 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer  # what os.write accepts (bytes, bytearray, memoryview...); stub-only
 
 
 class OsFileSystem:
@@ -45,10 +49,10 @@ class OsFileSystem:
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         return os.pread(fd, n, offset)
 
-    def write(self, fd: int, data) -> int:
+    def write(self, fd: int, data: ReadableBuffer) -> int:
         return os.write(fd, data)
 
-    def pwrite(self, fd: int, data, offset: int) -> int:
+    def pwrite(self, fd: int, data: ReadableBuffer, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
     def ftruncate(self, fd: int, size: int) -> None:
@@ -128,18 +132,18 @@ def pread(fd: int, n: int, offset: int) -> bytes:
     return _backend.pread(fd, n, offset)
 
 
-def write(fd: int, data) -> int:
+def write(fd: int, data: ReadableBuffer) -> int:
     return _backend.write(fd, data)
 
 
-def write_all(fd: int, data) -> None:
+def write_all(fd: int, data: ReadableBuffer) -> None:
     """Write all of ``data`` at the current offset (loops over short writes)."""
     view = memoryview(data)
     while view:
         view = view[_backend.write(fd, view):]
 
 
-def pwrite(fd: int, data, offset: int) -> int:
+def pwrite(fd: int, data: ReadableBuffer, offset: int) -> int:
     return _backend.pwrite(fd, data, offset)
 
 

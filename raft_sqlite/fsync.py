@@ -4,6 +4,7 @@ written into the ``settings`` table of every store and printed by ``raft-sqlite 
 from __future__ import annotations
 
 import enum
+from typing import TypedDict
 
 
 class FsyncMode(str, enum.Enum):
@@ -26,10 +27,19 @@ COMMON_PRAGMAS: dict[str, str] = {
     "temp_store": "MEMORY",
 }
 
+class FsyncModeSpec(TypedDict):
+    """One row of :data:`FSYNC_MODES`."""
+
+    pragmas: dict[str, str]
+    interval_sync: bool
+    dir_sync: bool
+    guarantee: str
+
+
 #: mode -> (pragmas, periodic WAL sync, fsync data_dir on create/rename/remove, guarantee). Every mode but
 #: OFF also fsyncs data_dir and its ancestor directories when a store is created (store creation; without it a power
 #: cut could lose the whole data_dir with every acknowledged write: found by the creation campaign).
-FSYNC_MODES: dict[FsyncMode, dict] = {
+FSYNC_MODES: dict[FsyncMode, FsyncModeSpec] = {
     FsyncMode.OFF: {
         "pragmas": {"synchronous": "OFF", "fullfsync": "OFF", "checkpoint_fullfsync": "OFF"},
         "interval_sync": False, "dir_sync": False,

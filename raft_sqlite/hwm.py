@@ -36,12 +36,14 @@ Each successful open re-anchors the mark (written and fsynced) to the state it v
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import sys
 import zlib
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import IO, Literal, NamedTuple
 
 from . import fsio
 
@@ -53,6 +55,9 @@ CHECKPOINTED = 1  #: flag: every frame of the generation up to mxFrame is in the
 #: how far apart (in WAL restarts) two generations of one WAL may be and still count as related
 GENERATION_WINDOW = 1 << 20
 _SHM_INFO = 136  # WalIndexHdr twice (2 x 48 bytes), then WalCkptInfo (nBackfill at 96)
+
+#: Opens a file for binary reading: the builtin :func:`open`, or :meth:`PinnedFiles.open`.
+Opener = Callable[[str, Literal["rb"]], IO[bytes]]
 
 
 class PinnedFiles:
@@ -66,10 +71,10 @@ class PinnedFiles:
     after every SQLite connection to the file is closed. :meth:`open` returns a file object over the
     pinned descriptor that does not close it (use it in a ``with`` block, seek before reading)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._fds: dict[str, int] = {}
 
-    def open(self, path: str, mode: str = "rb"):
+    def open(self, path: str, mode: str = "rb") -> IO[bytes]:
         """A binary read-only file object for ``path`` over its pinned descriptor (FileNotFoundError
         like :func:`open` when the file does not exist)."""
         if mode != "rb":
@@ -99,14 +104,16 @@ class Mark(NamedTuple):
     checkpointed: bool  #: those frames were all copied into the database file and it was synced
 
 
-def shm_state(shm_map) -> tuple[bytes, int]:
+def shm_state(shm_map: bytes | mmap.mmap) -> tuple[bytes, int]:
     """(salts, mxFrame) from a mapped -shm file's first WalIndexHdr copy (native byte order)."""
-    return shm_map[32:40], struct.unpack_from("=I", shm_map, 16)[0]
+    mx: int = struct.unpack_from("=I", shm_map, 16)[0]
+    return shm_map[32:40], mx
 
 
-def shm_backfill(shm_map) -> int:
+def shm_backfill(shm_map: bytes | mmap.mmap) -> int:
     """``nBackfill`` of a mapped -shm file: the WAL frames already copied into the database file."""
-    return struct.unpack_from("=I", shm_map, 96)[0]
+    n: int = struct.unpack_from("=I", shm_map, 96)[0]
+    return n
 
 
 def generation_step(frm: bytes, to: bytes) -> int | None:
@@ -135,7 +142,7 @@ class HighWaterMark:
         # that tests can put them under the power-loss model; the -shm index is only mapped for reading.
         self.fd = fsio.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self._db_fd = self._shm_fd = -1
-        self._map = None
+        self._map: mmap.mmap | None = None
         try:
             self._db_fd = fsio.open(db_path, os.O_RDONLY)
             self._shm_fd = os.open(db_path + "-shm", os.O_RDONLY | os.O_CLOEXEC)
@@ -145,10 +152,11 @@ class HighWaterMark:
         except BaseException:
             self.close()
             raise
-        self._last = None
+        self._last: tuple[bytes, int, bool] | None = None
 
     def current(self) -> tuple[bytes, int, int]:
         """(salts, mxFrame, nBackfill) of the WAL now, from the -shm index."""
+        assert self._map is not None, "mapped by __init__, unmapped only by close()"
         return (*shm_state(self._map), shm_backfill(self._map))
 
     def note(self, state: tuple[bytes, int, int] | None = None, *, sync: bool = False) -> None:
@@ -174,13 +182,18 @@ class HighWaterMark:
         self.note(sync=True)
 
     def close(self) -> None:
-        for closer in (lambda: self._map is not None and self._map.close(),
-                       lambda: self._shm_fd >= 0 and os.close(self._shm_fd),
-                       lambda: self._db_fd >= 0 and fsio.close(self._db_fd), lambda: fsio.close(self.fd)):
-            try:
-                closer()
-            except (OSError, ValueError):
-                pass
+        # each one attempted whatever the others did
+        with contextlib.suppress(OSError, ValueError):
+            if self._map is not None:
+                self._map.close()
+        with contextlib.suppress(OSError, ValueError):
+            if self._shm_fd >= 0:
+                os.close(self._shm_fd)
+        with contextlib.suppress(OSError, ValueError):
+            if self._db_fd >= 0:
+                fsio.close(self._db_fd)
+        with contextlib.suppress(OSError, ValueError):
+            fsio.close(self.fd)
         self._map, self._shm_fd, self._db_fd = None, -1, -1
 
 
@@ -251,7 +264,7 @@ def wal_header_salts(wal_head: bytes) -> bytes | None:
     return wal_head[16:24]
 
 
-def frames_backfilled(db_path: str, salts: bytes, opener=open) -> bool:
+def frames_backfilled(db_path: str, salts: bytes, opener: Opener = open) -> bool:
     """True if every page carried by the WAL frames of generation ``salts`` (newest surviving version
     of each) is already identical in the database file: those frames were checkpointed, so SQLite
     ignoring them loses nothing. This is the case when a power cut tears the new header that a WAL
@@ -298,7 +311,7 @@ def _checkpointed_since_mark(db_path: str) -> bool:
 
 
 def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool = True,
-                 opener=open) -> str | None:
+                 opener: Opener = open) -> str | None:
     """Compare SQLite's view of the WAL (call it after SQLite opened the file, before anything is
     written) with the recorded mark (see the module docstring for the rules); a description of the
     loss naming the file, or None. ``pre_shm``: :func:`read_shm` taken before SQLite opened the file;

@@ -28,6 +28,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import layout
 from .errors import DataDirError, DataDirLocked
@@ -37,6 +38,8 @@ log = logging.getLogger("raft_sqlite.lock")
 #: How long :meth:`DataDirLock.acquire` retries a lock that is busy before refusing. Only long enough
 #: to ride out a momentary probe by :func:`holder` (microseconds); a real holder keeps it for good.
 BUSY_RETRY_SECONDS = 0.1
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,12 @@ class Holder:
         return f"process {self.pid} on host {self.host}{node}{since}"
 
 
-def lock_path(data_dir) -> str:
+def lock_path(data_dir: str | os.PathLike[str]) -> str:
     """Path of the lock file of ``data_dir``."""
     return os.path.join(os.fspath(data_dir), layout.LOCK_FILE)
 
 
-def check_data_dir(data_dir) -> str:
+def check_data_dir(data_dir: str | os.PathLike[str]) -> str:
     """Return ``data_dir`` as a str if it is usable as a data_dir (absent, or a directory); raise
     :class:`DataDirError` if it exists and is not a directory (a regular file, a dangling symlink...)."""
     p = os.fspath(data_dir)
@@ -84,7 +87,7 @@ def _read_holder(path: str) -> Holder:
     if not isinstance(d, dict):
         return Holder(None, None, None, None)
 
-    def get(k, t):
+    def get(k: str, t: type[_T] | tuple[type[_T], ...]) -> _T | None:
         v = d.get(k)
         return v if isinstance(v, t) and not isinstance(v, bool) else None
 
@@ -103,7 +106,7 @@ class DataDirLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, data_dir, *, node_id: str | None = None) -> "DataDirLock":
+    def acquire(cls, data_dir: str | os.PathLike[str], *, node_id: str | None = None) -> "DataDirLock":
         """Lock the existing directory ``data_dir`` exclusively for this process and open file
         description (creating ``raft.lock``, mode 0600, if needed) and write the holder record into it.
 
@@ -180,14 +183,14 @@ class DataDirLock:
     def __enter__(self) -> "DataDirLock":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
     def __repr__(self) -> str:
         return f"<DataDirLock {self.path} {'held' if self.held else 'released'}>"
 
 
-def holder(data_dir) -> Holder | None:
+def holder(data_dir: str | os.PathLike[str]) -> Holder | None:
     """Who holds the lock of ``data_dir`` now, or None if nobody does (or there is no lock file).
 
     Probes with a shared, non-blocking ``flock`` that is dropped at once: it never waits, writes

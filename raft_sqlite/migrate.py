@@ -11,11 +11,18 @@ import contextlib
 import importlib.resources
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import apsw
 
 from . import layout
 from .errors import CorruptionError, NodeIdentityMismatch, StorageFault
+
+if TYPE_CHECKING:  # imported lazily at run time (see the module docstring)
+    import sqlite3
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 BRANCHES = {layout.MAIN_DB: ("main", layout.MAIN_HEAD), layout.CHUNKS_DB: ("chunks", layout.CHUNKS_HEAD)}
 
@@ -26,10 +33,12 @@ def current_revision(conn: apsw.Connection) -> str | None:
     if row is None:
         return None
     rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
-    return rows[0][0] if rows else None
+    rev = rows[0][0] if rows else None
+    # version_num is the text alembic writes; another type is only in a damaged file: shown as text
+    return rev if rev is None or isinstance(rev, str) else str(rev)
 
 
-def _script_directory():
+def _script_directory() -> tuple[Config, ScriptDirectory]:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -166,7 +175,7 @@ def create(path: str, db_name: str, vfs: str | None = None, page_size: int | Non
         src.close()
 
 
-def _connect_exact(path: str):
+def _connect_exact(path: str) -> sqlite3.Connection:
     """A stdlib ``sqlite3`` connection on exactly the file ``path``, whatever characters it holds.
 
     Never a URL or URI: ``sqlite:///{path}`` would let SQLAlchemy parse ``?``, ``#`` and ``%XX`` in the

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 log = logging.getLogger("raft_sqlite.recovery")
 
@@ -57,10 +58,11 @@ class RecoveryReport:
     bytes_validated: int = 0
     segments_validated: int = 0
     snapshots_validated: int = 0
-    dropped: list = field(default_factory=list)
-    problems: list = field(default_factory=list)
+    #: JSON-ready rows (to_json); their keys depend on what was dropped/repaired
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
     #: schema objects (triggers, views) recreated or dropped by a non-STRICT policy
-    repaired: list = field(default_factory=list)
+    repaired: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic, repr=False)
 
     def to_json(self) -> str:

@@ -35,12 +35,13 @@ def reserve_path(data_dir: str) -> str:
 def is_disk_full(exc: BaseException) -> bool:
     """True if ``exc`` or an exception it was raised from (``__cause__``/``__context__``) says the disk
     or quota is full (SQLite's SQLITE_FULL, or ENOSPC/EDQUOT)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS):
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, apsw.FullError) or (isinstance(e, OSError) and e.errno in _FULL_ERRNOS):
             return True
-        exc = exc.__cause__ or exc.__context__
+        e = e.__cause__ or e.__context__
     return False
 
 

@@ -24,23 +24,24 @@ from sqlalchemy import (
     Text,
     CheckConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 from .layout import CHUNKS_DB, CHUNKS_HEAD, FORMAT_VERSION, KEY_SHIFT, KEY_SPAN, MAIN_DB, MAIN_HEAD  # noqa: F401
 from .sqlobjects import GROUP_STATUS_VIEW, GUARD_TRIGGER, VIEWS  # noqa: F401  (the migrations read them here)
 
 
-class AnyValue(TypeDecorator):
+class AnyValue(TypeDecorator[str | int]):
     """A BLOB-affinity column that keeps a str or an int exactly as given (used for ``voted_for``)."""
 
     impl = LargeBinary
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: str | int | None, dialect: Dialect) -> str | int | None:
         return value
 
-    def process_result_value(self, value, dialect):
-        return value
+    def process_result_value(self, value: str | int | None, dialect: Dialect) -> str | int | None:
+        return value  # as stored: a str or an int (the column's affinity keeps either type unchanged)
 
 
 
