@@ -174,7 +174,7 @@ class StateMachineSnapshotManager:
                     s = self._structures[name]
                     data: bytes | None = None
                     mode = "full"
-                    delta = getattr(s, "delta", None)  # optional (register() checked it pairs with apply_delta)
+                    delta = getattr(s, "delta", None)  # optional (register() checked its apply_delta)
                     if parent is not None and callable(delta):
                         data = delta()
                         mode = "delta"
@@ -280,7 +280,8 @@ class StateMachineSnapshotManager:
                 if e["mode"] == "full":
                     s.restore(data)
                 else:
-                    s.apply_delta(data)  # type: ignore[attr-defined]  # optional member: _verified_table checked it
+                    # optional, not in the Structure protocol: _verified_table checked it is there
+                    s.apply_delta(data)  # type: ignore[attr-defined]
                 del data
 
     # ------------------------------------------------------------ install
@@ -321,7 +322,7 @@ class StateMachineSnapshotManager:
                     raise SnapshotError(f"{where}: restored snapshot {got and got.id}, not the installed {meta.id}")
                 return meta
 
-            # the writer has no after-finish hook: this instance's finish() is wrapped (mypy forbids it in general)
+            # the writer has no after-finish hook: this instance's finish() is wrapped (mypy refuses it)
             w.finish = finish  # type: ignore[method-assign]
         return w
 
@@ -329,5 +330,5 @@ class StateMachineSnapshotManager:
         return f"<StateMachineSnapshotManager {self.group!r} structures={self.names()}>"
 
 
-__all__ = ["FORMAT", "MAGIC", "SeekableReader", "StateMachineSnapshotManager", "Structure", "StructureMismatchError",
-           "Table", "read_table"]
+__all__ = ["FORMAT", "MAGIC", "SeekableReader", "StateMachineSnapshotManager", "Structure",
+           "StructureMismatchError", "Table", "read_table"]

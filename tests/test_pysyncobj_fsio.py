@@ -15,7 +15,10 @@ pysyncobj = pytest.importorskip("pysyncobj")
 from pysyncobj import SyncObj, SyncObjConf, replicated  # noqa: E402 (after importorskip)
 
 from raft_sqlite import fsio  # noqa: E402 (after importorskip)
-from raft_sqlite.integrations.pysyncobj import DUMP_FILE_NAME, patch_pysyncobj  # noqa: E402 (after importorskip)
+from raft_sqlite.integrations.pysyncobj import (  # noqa: E402 (after importorskip)
+    DUMP_FILE_NAME,
+    patch_pysyncobj,
+)
 from tests.support.net import free_addr  # noqa: E402
 
 
@@ -97,7 +100,8 @@ def test_materialized_dump_is_written_through_fsio(tmp_path):
         _compacted_node(path)._destroy()
         rec = Recorder()
         with fsio.installed(rec):
-            o = Counter(free_addr(), SyncObjConf(autoTick=False, journalFile=str(path)))  # materializes the dump
+            # the Serializer SyncObj builds materializes the dump
+            o = Counter(free_addr(), SyncObjConf(autoTick=False, journalFile=str(path)))
         try:
             assert _tick_until(o, lambda: o.value() == 55)  # ... which SyncObj loaded
         finally:

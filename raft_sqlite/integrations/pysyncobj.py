@@ -66,7 +66,8 @@ from ..log import EntryKind, LogEntry
 from ..metadata import check_vote, term_vote_changes
 from ..store import NodeStore
 
-if TYPE_CHECKING:  # not at run time: the journal works ("off" compaction) where raft_sqlite.snapshot is missing
+# not at run time: the journal works (compaction "off") where raft_sqlite.snapshot is missing
+if TYPE_CHECKING:
     from ..snapshot import SnapshotManager, SnapshotMeta, SnapshotReader
 
 __all__ = [
@@ -205,7 +206,8 @@ def _entry(e: Sequence[Any]) -> Entry:
     return (command, idx, term)
 
 
-class RaftSqliteJournal(_pso_journal.Journal):  # type: ignore[misc]  # pysyncobj ships no types: Journal is Any
+# pysyncobj ships no types: its Journal is Any to mypy, which refuses an Any base class in strict mode
+class RaftSqliteJournal(_pso_journal.Journal):  # type: ignore[misc]
     """PySyncObj's ``Journal`` interface on one group of a :class:`~raft_sqlite.NodeStore`.
 
     PySyncObj addresses its journal by *list position*: ``journal[0]`` is the oldest entry it keeps
@@ -761,8 +763,9 @@ class RaftSqliteJournal(_pso_journal.Journal):  # type: ignore[misc]  # pysyncob
                 f"compaction={self.compaction}>")
 
 
-# the stock class itself (_STOCK_SERIALIZER is the same object; a variable is no base class for mypy)
-class RaftSqliteSerializer(_pso_serializer.Serializer):  # type: ignore[misc]  # pysyncobj ships no types: Any
+# the stock class itself (_STOCK_SERIALIZER is the same object; a variable is no base class for mypy), Any to
+# mypy as pysyncobj ships no types
+class RaftSqliteSerializer(_pso_serializer.Serializer):  # type: ignore[misc]
     """PySyncObj's ``Serializer`` for a SyncObj whose journal is a :class:`RaftSqliteJournal`
     (installed by :func:`patch_pysyncobj` as ``pysyncobj.syncobj.Serializer``).
 
@@ -861,7 +864,7 @@ class RaftSqliteSerializer(_pso_serializer.Serializer):  # type: ignore[misc]  #
                 tmp = self._file + ".tmp"
                 self._user_ser(tmp, data[1:])
                 dump = _read_file(tmp)
-                fsio.replace(tmp, self._file)  # as stock PySyncObj: the custom dump also lands in fullDumpFile
+                fsio.replace(tmp, self._file)  # as stock PySyncObj: the custom dump lands in fullDumpFile
                 fmt = "custom"
             else:
                 dump, fmt = _gzip_pickle(data), "gzip-pickle"
@@ -1007,8 +1010,8 @@ class _DurabilityGate:
     Restart the node: it reopens from what is durable.
     """
 
-    def __init__(self, journal: RaftSqliteJournal, send: Callable[[Any, Any], bool], poll: Callable[[float], object],
-                 stop: Callable[[], object] | None = None) -> None:
+    def __init__(self, journal: RaftSqliteJournal, send: Callable[[Any, Any], bool],
+                 poll: Callable[[float], object], stop: Callable[[], object] | None = None) -> None:
         self.journal = journal
         self._send, self._poll = send, poll
         self._stop = stop  # called once when the gate dies (destroys an autoTick SyncObj)
@@ -1183,18 +1186,19 @@ def _install_gate(syncobj: _SyncObj) -> _DurabilityGate | None:
 @overload
 def create_journal(journal_file: None = None, *, node_id: str | None = None, cluster_id: str | None = None,
                    fsync: FsyncMode | str | None = None, group: str | None = None,
-                   compaction: str | None = None, vfs: str | None = None) -> Any: ...  # PySyncObj's MemoryJournal
+                   compaction: str | None = None, vfs: str | None = None) -> Any: ...  # a MemoryJournal
 
 
 @overload
 def create_journal(journal_file: str | os.PathLike[str], *, node_id: str | None = None,
-                   cluster_id: str | None = None, fsync: FsyncMode | str | None = None, group: str | None = None,
-                   compaction: str | None = None, vfs: str | None = None) -> RaftSqliteJournal: ...
+                   cluster_id: str | None = None, fsync: FsyncMode | str | None = None,
+                   group: str | None = None, compaction: str | None = None,
+                   vfs: str | None = None) -> RaftSqliteJournal: ...
 
 
 def create_journal(journal_file: str | os.PathLike[str] | None = None, *, node_id: str | None = None,
-                   cluster_id: str | None = None, fsync: FsyncMode | str | None = None, group: str | None = None,
-                   compaction: str | None = None, vfs: str | None = None) -> Any:
+                   cluster_id: str | None = None, fsync: FsyncMode | str | None = None,
+                   group: str | None = None, compaction: str | None = None, vfs: str | None = None) -> Any:
     """PySyncObj's ``createJournal`` contract on raft_sqlite.
 
     ``journal_file=None`` returns PySyncObj's in-memory ``MemoryJournal`` (as stock). Otherwise
