@@ -24,6 +24,7 @@ import json
 import logging
 import struct
 import threading
+from typing import Any, Protocol
 
 from .errors import CorruptionError, SnapshotError
 from .snapshot import SnapshotChain, SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotWriter
@@ -34,6 +35,26 @@ MAGIC = b"RSSMTBL1"
 _TRAILER = struct.Struct("<I8s")
 FORMAT = 1
 
+#: The structure table of one snapshot (JSON, see the module docstring).
+Table = dict[str, Any]
+
+
+class Structure(Protocol):
+    """What :meth:`StateMachineSnapshotManager.register` needs of a structure. ``delta() -> bytes | None``
+    and ``apply_delta(data: bytes) -> None`` are optional (both or neither) and found by ``getattr``."""
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
+
+
+class SeekableReader(Protocol):
+    """A seekable binary stream (a :class:`~raft_sqlite.snapshot.SnapshotReader`, an ``io.BytesIO``)."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def read(self, size: int = ..., /) -> bytes: ...
+
 
 class StructureMismatchError(SnapshotError):
     """A snapshot's structures differ from the registered ones (a registered structure is missing
@@ -41,7 +62,7 @@ class StructureMismatchError(SnapshotError):
     :meth:`StateMachineSnapshotManager.restore` raises it at once instead of trying older chains."""
 
 
-def read_table(stream, size: int, where: str) -> dict:
+def read_table(stream: SeekableReader, size: int, where: str) -> Table:
     """Parse the structure table from the trailer of a state-machine snapshot stream of ``size``
     bytes (seekable). Raises :class:`SnapshotError` if the stream is not one."""
     if size < _TRAILER.size:
@@ -78,18 +99,18 @@ class StateMachineSnapshotManager:
     from the registered ones, in either direction: nothing is ever silently skipped.
     """
 
-    def __init__(self, store, group: str):
+    def __init__(self, store: Any, group: str):  # the lead types this as Kernel
         self._store = store
         self.group = group
         self.snapshots: SnapshotManager = store.snapshots(group)
-        self._structures: dict[str, object] = {}
+        self._structures: dict[str, Structure] = {}
         self._lock = threading.RLock()
         # id of the snapshot the structures' change tracking is relative to (None: unknown, next
         # capture is FULL)
         self._base_id: int | None = None
 
     # ------------------------------------------------------------ registry
-    def register(self, name: str, structure) -> None:
+    def register(self, name: str, structure: Structure) -> None:
         """Register ``structure`` under ``name`` (a non-empty str, unique in the group). It must have
         callable ``snapshot`` and ``restore``; ``delta`` and ``apply_delta`` come together or not at
         all. Registering changes what a snapshot must contain, so the next capture is FULL."""
@@ -134,7 +155,7 @@ class StateMachineSnapshotManager:
         with mgr.capture_lock, self._lock:
             if not self._structures:
                 raise SnapshotError(f"group {self.group!r}: no structure is registered")
-            parent = None
+            parent: SnapshotMeta | None = None
             want = SnapshotKind(kind) if kind is not None else None
             if want is not SnapshotKind.FULL:
                 k, head = mgr.next_kind()
@@ -151,9 +172,11 @@ class StateMachineSnapshotManager:
                 entries = []
                 for name in self.names():
                     s = self._structures[name]
-                    data, mode = None, "full"
-                    if parent is not None and callable(getattr(s, "delta", None)):
-                        data = s.delta()
+                    data: bytes | None = None
+                    mode = "full"
+                    delta = getattr(s, "delta", None)  # optional (register() checked its apply_delta)
+                    if parent is not None and callable(delta):
+                        data = delta()
                         mode = "delta"
                     if data is None:
                         data, mode = s.snapshot(), "full"
@@ -170,11 +193,13 @@ class StateMachineSnapshotManager:
                 w.write(raw)
                 w.write(_TRAILER.pack(len(raw), MAGIC))
                 w.structures = table
-            self._base_id = w.meta.id
-            return w.meta
+            meta = w.meta
+            assert meta is not None, "set by the writer's finish() when the with block ended cleanly"
+            self._base_id = meta.id
+            return meta
 
     # ------------------------------------------------------------ restore
-    def _check_names(self, table: dict, meta: SnapshotMeta) -> None:
+    def _check_names(self, table: Table, meta: SnapshotMeta) -> None:
         have = [e["name"] for e in table["structures"]]
         reg = set(self._structures)
         missing = sorted(reg - set(have))
@@ -185,7 +210,7 @@ class StateMachineSnapshotManager:
                 f"structures: missing {missing}, unknown {unknown}" + (", duplicated names" if len(have) != len(set(have))
                                                                        else ""))
 
-    def _verified_table(self, meta: SnapshotMeta, first: bool) -> dict:
+    def _verified_table(self, meta: SnapshotMeta, first: bool) -> Table:
         """Read ``meta`` completely (CRC per chunk, sha256) and return its checked table."""
         where = f"{self._store.chunks_path}: group {self.group!r}: snapshot {meta.id}"
         with self.snapshots.open(meta) as r:
@@ -222,7 +247,7 @@ class StateMachineSnapshotManager:
             chains = mgr.chains()
             if not chains:
                 return None
-            first_err = None
+            first_err: Exception | None = None
             for ch in chains:
                 try:
                     chain = SnapshotChain.load(mgr, ch[-1])
@@ -243,7 +268,7 @@ class StateMachineSnapshotManager:
                 return chain.head
             raise SnapshotError(f"group {self.group!r}: no valid snapshot chain: {first_err}") from first_err
 
-    def _apply(self, meta: SnapshotMeta, table: dict) -> None:
+    def _apply(self, meta: SnapshotMeta, table: Table) -> None:
         with self.snapshots.open(meta) as r:
             for e in table["structures"]:
                 r.seek(e["offset"])
@@ -255,7 +280,8 @@ class StateMachineSnapshotManager:
                 if e["mode"] == "full":
                     s.restore(data)
                 else:
-                    s.apply_delta(data)
+                    # optional, not in the Structure protocol: _verified_table checked it is there
+                    s.apply_delta(data)  # type: ignore[attr-defined]
                 del data
 
     # ------------------------------------------------------------ install
@@ -269,7 +295,7 @@ class StateMachineSnapshotManager:
         finalize the structures are restored from it when ``restore`` is true."""
         where = f"group {self.group!r}: install at {index}"
 
-        def check(w: SnapshotWriter):
+        def check(w: SnapshotWriter) -> None:
             with w.stream() as r:
                 for _ in r.chunks():  # CRC per chunk + sha256 of what was received
                     pass
@@ -278,6 +304,7 @@ class StateMachineSnapshotManager:
                 raise SnapshotError(f"{where}: the stream was taken at {table.get('index')}/{table.get('term')}")
             if table.get("kind") != SnapshotKind.FULL.value or any(e["mode"] != "full" for e in table["structures"]):
                 raise SnapshotError(f"{where}: only a FULL state-machine snapshot can be installed")
+            assert w.id is not None, "set by begin(), before any chunk can be finalized"
             with self._lock:
                 self._check_names(table, SnapshotMeta(w.id, self.group, index, term, SnapshotKind.FULL, w.offset))
             w.structures = table
@@ -286,7 +313,7 @@ class StateMachineSnapshotManager:
         if restore:
             orig = w.finish
 
-            def finish():
+            def finish() -> SnapshotMeta:
                 meta = orig()
                 with self._lock:
                     self._base_id = None
@@ -295,11 +322,13 @@ class StateMachineSnapshotManager:
                     raise SnapshotError(f"{where}: restored snapshot {got and got.id}, not the installed {meta.id}")
                 return meta
 
-            w.finish = finish
+            # the writer has no after-finish hook: this instance's finish() is wrapped (mypy refuses it)
+            w.finish = finish  # type: ignore[method-assign]
         return w
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<StateMachineSnapshotManager {self.group!r} structures={self.names()}>"
 
 
-__all__ = ["FORMAT", "MAGIC", "StateMachineSnapshotManager", "StructureMismatchError", "read_table"]
+__all__ = ["FORMAT", "MAGIC", "SeekableReader", "StateMachineSnapshotManager", "Structure",
+           "StructureMismatchError", "Table", "read_table"]

@@ -47,6 +47,8 @@ import struct
 import collections
 import threading
 import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, overload
 
 import pysyncobj
 import pysyncobj.config as _pso_config
@@ -56,12 +58,17 @@ import pysyncobj.serializer as _pso_serializer
 import pysyncobj.syncobj as _pso_syncobj
 from pysyncobj.config import SERIALIZER_STATE
 
+from .. import fsio
 from ..args import term_arg
 from ..errors import LogConflictError, LogGapError, MetadataError, RaftSqliteError, SnapshotError
 from ..fsync import FsyncMode
 from ..log import EntryKind, LogEntry
 from ..metadata import check_vote, term_vote_changes
 from ..store import NodeStore
+
+# not at run time: the journal works (compaction "off") where raft_sqlite.snapshot is missing
+if TYPE_CHECKING:
+    from ..snapshot import SnapshotManager, SnapshotMeta, SnapshotReader
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -98,6 +105,36 @@ _STOCK_APPLY_COMMAND = _pso_syncobj.SyncObj._applyCommand
 # create_journal() -> the Serializer SyncObj.__init__ builds next in the same thread (see RaftSqliteSerializer)
 _link = threading.local()
 
+#: One journal entry as PySyncObj sees it: ``(command, idx, term)``.
+Entry = tuple[bytes, int, int]
+#: A client callback ``fn(result, error)`` (PySyncObj's ``FAIL_REASON`` as error).
+_Callback = Callable[[Any, Any], None]
+
+
+class _SyncObjConf(Protocol):
+    """The ``SyncObjConf`` fields the adapter reads or sets (pysyncobj ships no types)."""
+
+    journalFile: str | os.PathLike[str] | None
+    fullDumpFile: str | None
+    autoTick: bool
+
+
+class _SyncObj(Protocol):
+    """The public ``SyncObj`` members the adapter uses; its journal, transport and command queues are
+    name-mangled attributes (see :func:`_pso_private`), its poller ``_poller`` (read with ``getattr``)."""
+
+    @property
+    def conf(self) -> _SyncObjConf: ...
+
+    def destroy(self) -> None: ...
+
+
+class _Transfer(TypedDict):
+    """One snapshot being streamed to a follower (:meth:`RaftSqliteSerializer.getTransmissionData`)."""
+
+    stream: SnapshotReader
+    sent: int
+
 
 def _kind(command: bytes) -> EntryKind:
     t = command[0] if command else -1
@@ -117,13 +154,32 @@ def _snapshots_supported(store: NodeStore, group: str) -> bool:
 
 
 def _write_file_atomic(path: str, data: bytes) -> None:
+    # Through fsio, the file-system seam (tests put it under their power-loss model). No fsync, no directory
+    # sync: the file is a cache that create_journal's Serializer rewrites from the store's newest durable
+    # snapshot whenever the node starts, before PySyncObj reads it; the replace only keeps a reader from
+    # seeing half a file. Mode 0o666 (less the umask) as the open() this replaced.
     tmp = path + ".rsql.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd = fsio.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        fsio.write_all(fd, data)
+    finally:
+        fsio.close(fd)
+    fsio.replace(tmp, path)
 
 
-def _gzip_pickle(obj) -> bytes:
+def _read_file(path: str) -> bytes:
+    """The whole content of ``path``, read through fsio."""
+    fd = fsio.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        while part := fsio.read(fd, _CHUNK):
+            parts.append(part)
+    finally:
+        fsio.close(fd)
+    return b"".join(parts)
+
+
+def _gzip_pickle(obj: Any) -> bytes:
     """The bytes PySyncObj's stock Serializer writes to ``fullDumpFile`` (gzip of its pickle)."""
     with io.BytesIO() as bio:
         with gzip.GzipFile(fileobj=bio, mode="wb") as g:
@@ -131,12 +187,13 @@ def _gzip_pickle(obj) -> bytes:
         return bio.getvalue()
 
 
-def _gunzip_unpickle(data: bytes):
+def _gunzip_unpickle(data: bytes) -> Any:
     with io.BytesIO(data) as bio, gzip.GzipFile(fileobj=bio, mode="rb") as g:
         return _pso_pickle.load(g)
 
 
-def _entry(e) -> tuple:
+def _entry(e: Sequence[Any]) -> Entry:
+    # e comes from PySyncObj (its journal calls, its dumps) or from a snapshot header this module pickled
     command, idx, term = e
     if isinstance(command, (bytearray, memoryview)):
         command = bytes(command)
@@ -149,7 +206,8 @@ def _entry(e) -> tuple:
     return (command, idx, term)
 
 
-class RaftSqliteJournal(_pso_journal.Journal):
+# pysyncobj ships no types: its Journal is Any to mypy, which refuses an Any base class in strict mode
+class RaftSqliteJournal(_pso_journal.Journal):  # type: ignore[misc]
     """PySyncObj's ``Journal`` interface on one group of a :class:`~raft_sqlite.NodeStore`.
 
     PySyncObj addresses its journal by *list position*: ``journal[0]`` is the oldest entry it keeps
@@ -198,7 +256,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
     """
 
     def __init__(self, store: NodeStore, group: str = DEFAULT_GROUP, *, owns_store: bool = False,
-                 compaction: str | None = None):
+                 compaction: str | None = None) -> None:
         self._store = store
         self._group = group
         self._log = store.log(group)
@@ -229,7 +287,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
         self._failed: BaseException | None = None
         self._commits = 0
         self._gate: _DurabilityGate | None = None  # set by _install_gate
-        self._entries: list[tuple] = self._load()
+        self._entries: list[Entry] = self._load()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -243,9 +301,9 @@ class RaftSqliteJournal(_pso_journal.Journal):
         return self._group
 
     # ------------------------------------------------------------------ open
-    def _load(self) -> list[tuple]:
+    def _load(self) -> list[Entry]:
         P = self._log
-        entries: list[tuple] = []
+        entries: list[Entry] = []
         lo = P.first_index
         meta = self._latest_snapshot()
         if meta is not None:
@@ -269,7 +327,13 @@ class RaftSqliteJournal(_pso_journal.Journal):
         return entries
 
     # ------------------------------------------------------------------ Journal interface: reads
-    def __getitem__(self, item):
+    @overload
+    def __getitem__(self, item: int) -> Entry: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> list[Entry]: ...
+
+    def __getitem__(self, item: int | slice) -> Entry | list[Entry]:
         """``journal[i]`` -> ``(command, idx, term)``; a slice returns a list of them."""
         return self._entries[item]
 
@@ -290,7 +354,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
         pt = self._pend_term
         return pt[0] if pt is not None else self._meta.current_term
 
-    def getVotedForNodeId(self):
+    def getVotedForNodeId(self) -> str | int | None:
         """The node voted for in the current term, or None (including a vote not yet synced)."""
         pt = self._pend_term
         return pt[1] if pt is not None else self._meta.voted_for
@@ -359,7 +423,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
             self._batched = True
 
     # ------------------------------------------------------------------ Journal interface: writes
-    def add(self, command, idx, term) -> None:
+    def add(self, command: bytes | bytearray | memoryview | str, idx: int, term: int) -> None:
         """Append ``(command, idx, term)``; durable per the store's fsync mode when it returns."""
         command, idx, term = _entry((command, idx, term))
         with self._lock:
@@ -499,7 +563,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if new_start - 1 >= P.first_index:
                 P.compact(min(new_start - 1, P.last_index))
 
-    def setRaftCommitIndex(self, raftCommitIndex) -> None:
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         """Record PySyncObj's commit index (persisted lazily; never decreases in the store)."""
         with self._lock:
             self._check_open()
@@ -510,13 +574,13 @@ class RaftSqliteJournal(_pso_journal.Journal):
             if self._tail_dirty:
                 self._settle_tail()
 
-    def setCurrentTerm(self, term, votedForNodeId) -> None:
+    def setCurrentTerm(self, term: int, votedForNodeId: object) -> None:
         """Persist ``term`` and ``votedForNodeId`` atomically: before returning, or in batched mode with
         the next :meth:`sync` (which the gate runs before any vote or message leaves the node). The same
         rules apply either way and a refused change raises at once (see the class docs)."""
-        vote = votedForNodeId
-        if vote is not None and type(vote) not in (str, int):
-            vote = str(vote)
+        v = votedForNodeId
+        # exact types: a bool or a str subclass is stored as its str()
+        vote = v if v is None or type(v) is str or type(v) is int else str(v)
         with self._lock:
             self._check_open()
             try:
@@ -571,13 +635,13 @@ class RaftSqliteJournal(_pso_journal.Journal):
         store's ``settings`` table), when that is not where the store's log or snapshot says."""
         key = self._start_key
 
-        def write(conn, g, _):
+        def write(conn: Any, g: object, _: object) -> None:  # the lead types these with the kernel interface
             conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (key, str(int(start))))
 
         self._store.kernel.run(self._group, lambda g: None, write)
         self._marker = start
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise RaftSqliteError(f"journal of group {self._group!r} is closed")
         if self._failed is None and self._store.fault is not None:
@@ -623,16 +687,20 @@ class RaftSqliteJournal(_pso_journal.Journal):
         return P.term(idx) == term
 
     # ------------------------------------------------------------------ snapshots (used by RaftSqliteSerializer)
-    def _latest_snapshot(self):
+    def _snapshots(self) -> SnapshotManager:
+        return self._store.snapshots(self._group)
+
+    def _latest_snapshot(self) -> SnapshotMeta | None:
         if self.compaction != "store":
             return None
-        return self._store.snapshots(self._group).latest()
+        return self._snapshots().latest()
 
-    def _read_header(self, meta):
-        with contextlib.closing(self._store.snapshots(self._group).open(meta)) as f:
-            return self._parse_header(f)[:3]
+    def _read_header(self, meta: SnapshotMeta) -> tuple[str, Entry, Entry]:
+        with contextlib.closing(self._snapshots().open(meta)) as f:
+            fmt, e0, e1, _size = self._parse_header(f)
+            return fmt, e0, e1
 
-    def _parse_header(self, f):
+    def _parse_header(self, f: SnapshotReader) -> tuple[str, Entry, Entry, int]:
         head = f.read(len(_MAGIC) + 4)
         if len(head) != len(_MAGIC) + 4 or not head.startswith(_MAGIC):
             raise SnapshotError(f"group {self._group!r}: snapshot is not a PySyncObj dump written by raft_sqlite")
@@ -640,13 +708,13 @@ class RaftSqliteJournal(_pso_journal.Journal):
         hdr = _stdpickle.loads(f.read(n))
         return hdr["format"], _entry(hdr["prev"]), _entry(hdr["last"]), len(head) + n
 
-    def _read_snapshot(self, meta) -> tuple[str, bytes]:
-        with contextlib.closing(self._store.snapshots(self._group).open(meta)) as f:
+    def _read_snapshot(self, meta: SnapshotMeta) -> tuple[str, bytes]:
+        with contextlib.closing(self._snapshots().open(meta)) as f:
             fmt = self._parse_header(f)[0]
             return fmt, f.read()
 
-    def _open_dump(self, meta):
-        f = self._store.snapshots(self._group).open(meta)
+    def _open_dump(self, meta: SnapshotMeta) -> SnapshotReader:
+        f = self._snapshots().open(meta)
         try:
             self._parse_header(f)
         except BaseException:
@@ -654,7 +722,8 @@ class RaftSqliteJournal(_pso_journal.Journal):
             raise
         return f
 
-    def _write_snapshot(self, e0, e1, dump: bytes, fmt: str, *, install: bool):
+    def _write_snapshot(self, e0: Sequence[Any], e1: Sequence[Any], dump: bytes, fmt: str, *,
+                        install: bool) -> SnapshotMeta | None:
         """Write a durable store snapshot at ``e1`` holding PySyncObj's dump (with ``e0``, ``e1`` in a
         header). A local one (``SnapshotManager.write``) needs ``e1`` committed in the store (the
         pending commit index is flushed first). ``install`` (a dump received from a leader) goes
@@ -667,7 +736,7 @@ class RaftSqliteJournal(_pso_journal.Journal):
             self._check_open()
             self._flush_commit()
             P = self._log
-            mgr = self._store.snapshots(self._group)
+            mgr = self._snapshots()
             if install and k == P.snapshot_index and t == P.term(k):
                 return mgr.latest()
             hdr = _stdpickle.dumps({"format": fmt, "prev": e0, "last": e1}, protocol=4)
@@ -687,14 +756,16 @@ class RaftSqliteJournal(_pso_journal.Journal):
                      "installed" if install else "wrote", k, t, len(blob))
             return w.meta
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         first = self._entries[0][1] if self._entries else None
         last = self._entries[-1][1] if self._entries else None
         return (f"<RaftSqliteJournal {self._store.data_dir!r} group={self._group!r} view={first}..{last} "
                 f"compaction={self.compaction}>")
 
 
-class RaftSqliteSerializer(_STOCK_SERIALIZER):
+# the stock class itself (_STOCK_SERIALIZER is the same object; a variable is no base class for mypy), Any to
+# mypy as pysyncobj ships no types
+class RaftSqliteSerializer(_pso_serializer.Serializer):  # type: ignore[misc]
     """PySyncObj's ``Serializer`` for a SyncObj whose journal is a :class:`RaftSqliteJournal`
     (installed by :func:`patch_pysyncobj` as ``pysyncobj.syncobj.Serializer``).
 
@@ -722,8 +793,10 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
     leader is refused. Custom ``serializeChecker`` (asynchronous) hooks are not supported.
     """
 
-    def __init__(self, fileName, transmissionBatchSize, tryUseFork, serializer, deserializer, serializeChecker):
-        ref = getattr(_link, "journal", None)
+    def __init__(self, fileName: str | None, transmissionBatchSize: int, tryUseFork: bool,
+                 serializer: Callable[[str, Any], object] | None, deserializer: Callable[[str], Any] | None,
+                 serializeChecker: Callable[[], Any] | None) -> None:
+        ref: weakref.ref[RaftSqliteJournal] | None = getattr(_link, "journal", None)
         _link.journal = None
         journal = ref() if ref is not None else None
         self._rs = journal
@@ -735,33 +808,39 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             raise ValueError("raft_sqlite's PySyncObj integration does not support SyncObjConf.serializeChecker "
                              "(asynchronous custom serializers): dumps must be durable when serialize() returns")
         journal._attached = True
+        # a journal exists only for a journalFile, and then the patched SyncObjConf.validate (run by SyncObj
+        # before it builds its Serializer) has set fullDumpFile
+        assert fileName is not None, "fullDumpFile is set whenever journalFile is (see _validate)"
         self._file = fileName
         self._batch = transmissionBatchSize
         self._user_ser, self._user_deser = serializer, deserializer
-        self._result = None
-        self._current_id = None
-        self._tx: dict = {}
+        self._result: int | None = None  # a SERIALIZER_STATE
+        self._current_id: Any = None  # PySyncObj's id of the dump being written (opaque to the adapter)
+        self._tx: dict[object, _Transfer] = {}
         self._incoming: bytearray | None = None
-        self._parsed = None
+        self._parsed: Any = None  # the state deserialize() returns next (PySyncObj's dump, decoded)
         self._refused_install = False
         if journal.compaction == "store" and self._file:
             self._materialize()
 
-    def _materialize(self):
-        meta = self._rs._latest_snapshot()
+    def _materialize(self) -> None:
+        rs = self._rs
+        assert rs is not None, "called by __init__ with a journal only"
+        meta = rs._latest_snapshot()
         if meta is None:
             if os.path.exists(self._file):
                 log.warning("%s exists but the store %s holds no snapshot: it will not be loaded", self._file,
-                            self._rs.store.data_dir)
+                            rs.store.data_dir)
             return
-        _fmt, dump = self._rs._read_snapshot(meta)
+        _fmt, dump = rs._read_snapshot(meta)
         _write_file_atomic(self._file, dump)
 
     # -- compaction
-    def checkSerializing(self):
+    def checkSerializing(self) -> tuple[int, Any]:
         """``(SERIALIZER_STATE, id)`` as PySyncObj expects: SUCCESS/FAILED once after ``serialize``."""
         if self._rs is None:
-            return super().checkSerializing()
+            stock: tuple[int, Any] = super().checkSerializing()
+            return stock
         r, self._result = self._result, None
         if r is None:
             return SERIALIZER_STATE.NOT_SERIALIZING, None
@@ -769,10 +848,11 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             self._close_all()
         return r, self._current_id
 
-    def serialize(self, data, id):
+    def serialize(self, data: tuple[Any, ...], id: Any) -> None:
         """Write PySyncObj's full dump ``data`` as a durable store snapshot (synchronously)."""
         if self._rs is None:
-            return super().serialize(data, id)
+            super().serialize(data, id)
+            return
         if self._result is not None:
             return
         self._current_id = id
@@ -783,9 +863,8 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             if self._user_ser is not None:
                 tmp = self._file + ".tmp"
                 self._user_ser(tmp, data[1:])
-                with open(tmp, "rb") as f:
-                    dump = f.read()
-                os.replace(tmp, self._file)
+                dump = _read_file(tmp)
+                fsio.replace(tmp, self._file)  # as stock PySyncObj: the custom dump lands in fullDumpFile
                 fmt = "custom"
             else:
                 dump, fmt = _gzip_pickle(data), "gzip-pickle"
@@ -795,7 +874,7 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             log.exception("group %r: full dump failed; the log is not compacted", self._rs.group)
             self._result = SERIALIZER_STATE.FAILED
 
-    def deserialize(self):
+    def deserialize(self) -> Any:
         """The dump of the store's newest durable snapshot, as PySyncObj's ``__loadDumpFile`` wants it."""
         if self._rs is None:
             return super().deserialize()
@@ -809,7 +888,7 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
         fmt, dump = self._rs._read_snapshot(meta)
         return self._decode(fmt, dump)
 
-    def _decode(self, fmt: str, dump: bytes):
+    def _decode(self, fmt: str, dump: bytes) -> Any:
         if fmt == "custom":
             if self._user_deser is None:
                 raise SnapshotError("snapshot was written by a custom SyncObjConf.serializer; configure its deserializer")
@@ -818,10 +897,11 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
         return _gunzip_unpickle(dump)
 
     # -- snapshot transfer to/from other nodes
-    def getTransmissionData(self, transmissionID):
+    def getTransmissionData(self, transmissionID: object) -> tuple[bytes, bool, bool] | bool | None:
         """Next ``(data, isFirst, isLast)`` part of the newest durable snapshot for a follower."""
         if self._rs is None:
-            return super().getTransmissionData(transmissionID)
+            stock: tuple[bytes, bool, bool] | bool | None = super().getTransmissionData(transmissionID)
+            return stock
         if self._rs.compaction == "off":
             return None
         if self._result is not None:
@@ -853,19 +933,20 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
             self.cancelTransmisstion(transmissionID)
         return data, first, last
 
-    def setTransmissionData(self, data):
+    def setTransmissionData(self, data: tuple[Any, bool, bool] | None) -> bool:
         """Collect a snapshot streamed by the leader; on its last part write it as a durable store
         snapshot and return True (False until then, or when it cannot be stored)."""
         if self._rs is None:
-            return super().setTransmissionData(data)
+            stock: bool = super().setTransmissionData(data)
+            return stock
         if data is None:
             return False
-        data, first, last = data
+        part, first, last = data
         if first:
             self._incoming = bytearray()
         elif self._incoming is None:
             return False
-        self._incoming += _pso_pickle.to_bytes(data)
+        self._incoming += _pso_pickle.to_bytes(part)
         if not last:
             return False
         dump, self._incoming = bytes(self._incoming), None
@@ -885,16 +966,17 @@ class RaftSqliteSerializer(_STOCK_SERIALIZER):
         self._parsed = parsed
         return True
 
-    def cancelTransmisstion(self, id):  # (sic) PySyncObj's spelling
+    def cancelTransmisstion(self, id: object) -> None:  # (sic) PySyncObj's spelling
         """Forget the transfer to ``id``."""
         if self._rs is None:
-            return super().cancelTransmisstion(id)
+            super().cancelTransmisstion(id)
+            return
         tx = self._tx.pop(id, None)
         if tx is not None:
             with contextlib.suppress(Exception):
                 tx["stream"].close()
 
-    def _close_all(self):
+    def _close_all(self) -> None:
         for k in list(self._tx):
             self.cancelTransmisstion(k)
 
@@ -928,16 +1010,18 @@ class _DurabilityGate:
     Restart the node: it reopens from what is durable.
     """
 
-    def __init__(self, journal: RaftSqliteJournal, send, poll, stop=None):
+    def __init__(self, journal: RaftSqliteJournal, send: Callable[[Any, Any], bool],
+                 poll: Callable[[float], object], stop: Callable[[], object] | None = None) -> None:
         self.journal = journal
         self._send, self._poll = send, poll
         self._stop = stop  # called once when the gate dies (destroys an autoTick SyncObj)
-        self._held: collections.deque = collections.deque()
+        # (node, message): PySyncObj's objects, passed through untouched
+        self._held: collections.deque[tuple[Any, Any]] = collections.deque()
         self.dead: BaseException | None = None
         self.released = 0  # messages handed to the transport
         self.syncs = 0  # sync() calls that committed something
 
-    def send(self, node, message) -> bool:
+    def send(self, node: Any, message: Any) -> bool:
         """The transport's ``send`` while the gate is installed: hold the message until the next release,
         or, when nothing is held and the journal has nothing queued (everything the message can depend on is
         already durable), send it at once. The second case keeps PySyncObj's own pacing where it matters: a
@@ -984,7 +1068,7 @@ class _DurabilityGate:
             self.released += 1
             send(node, message)
 
-    def poll(self, timeout):
+    def poll(self, timeout: float) -> object:
         """The SyncObj poller's ``poll``: release, wait for and handle events, release. Once the gate is
         dead it raises instead (so every later ``doTick()`` of a fail-stopped node raises)."""
         if self.dead is not None:
@@ -996,7 +1080,7 @@ class _DurabilityGate:
         finally:
             self.release()
 
-    def callback(self, fn) -> _DurableCallback:
+    def callback(self, fn: _Callback) -> _DurableCallback:
         """``fn`` wrapped to run only once the journal's queued writes are durable, and only once."""
         return _DurableCallback(self, fn)
 
@@ -1011,35 +1095,35 @@ class _DurableCallback:
     It answers at most once: on fail-stop, :func:`_fail_stop` answers every pending one, and PySyncObj may
     still call the same callback afterwards (e.g. its leader-change loop)."""
 
-    def __init__(self, gate: _DurabilityGate, fn):
+    def __init__(self, gate: _DurabilityGate, fn: _Callback) -> None:
         self.gate = gate
         self.fn = fn
 
-    def __call__(self, res, err):
+    def __call__(self, res: Any, err: Any) -> None:
         if self.gate.sync():
             self.answer(res, err)
         else:
             self.answer(None, _UNKNOWN_OUTCOME)
 
-    def answer(self, res, err) -> None:
+    def answer(self, res: Any, err: Any) -> None:
         """Call the client's callback with ``(res, err)`` unless it was answered already (any thread)."""
         fn = self.__dict__.pop("fn", None)  # atomic: of two threads, one gets it
         if fn is not None:
             fn(res, err)
 
 
-def _pso_private(syncobj, name: str):
+def _pso_private(syncobj: object, name: str) -> Any:
     # PySyncObj 0.3.17 keeps its journal and transport in name-mangled attributes and offers no accessor;
     # this is the one place the integration reads them (a PySyncObj without them keeps write-through).
     return getattr(syncobj, f"_SyncObj__{name}", None)
 
 
-def _gate_of(syncobj) -> _DurabilityGate | None:
+def _gate_of(syncobj: object) -> _DurabilityGate | None:
     journal = _pso_private(syncobj, "raftLog")
     return journal._gate if isinstance(journal, RaftSqliteJournal) else None
 
 
-def _fail_stop(syncobj) -> None:
+def _fail_stop(syncobj: _SyncObj) -> None:
     """What a SyncObj does when its journal cannot make writes durable: every client callback still pending
     (queued commands, commands waiting for their commit or for the leader's reply) is answered
     ``UNKNOWN_OUTCOME`` at once instead of never, and an ``autoTick`` SyncObj is destroyed (``destroy()``
@@ -1049,13 +1133,13 @@ def _fail_stop(syncobj) -> None:
         syncobj.destroy()
 
 
-def _answer_pending(syncobj) -> None:
+def _answer_pending(syncobj: object) -> None:
     """Answer ``UNKNOWN_OUTCOME`` to every client callback of ``syncobj`` still waiting: commands still queued
     (taken out of the queue: the node will not append them) and commands waiting for their commit or for the
     leader's reply. The last two stay in PySyncObj's dicts (it may be iterating them right now, e.g. in its
     leader-change loop); answering is once-only (:class:`_DurableCallback`), so a later call by PySyncObj is a
     no-op. Callbacks not wrapped by the gate are answered only when taken out of the queue."""
-    queued = []
+    queued: list[Any] = []  # callbacks: a _DurableCallback, a client's function, None or PySyncObj's tuple
     queue = _pso_private(syncobj, "commandsQueue")
     with contextlib.suppress(Exception):  # the queue's own Empty ends the loop
         while True:
@@ -1063,7 +1147,7 @@ def _answer_pending(syncobj) -> None:
     waiting = [cb for subs in list((_pso_private(syncobj, "commandsWaitingCommit") or {}).values())
                for _term, cb in list(subs)]
     waiting += list((_pso_private(syncobj, "commandsWaitingReply") or {}).values())
-    answers = [cb.answer for cb in queued + waiting if isinstance(cb, _DurableCallback)]
+    answers: list[_Callback] = [cb.answer for cb in queued + waiting if isinstance(cb, _DurableCallback)]
     answers += [cb for cb in queued if cb is not None and not isinstance(cb, (tuple, _DurableCallback))]
     for answer in answers:
         try:
@@ -1072,7 +1156,7 @@ def _answer_pending(syncobj) -> None:
             log.exception("client callback raised")
 
 
-def _install_gate(syncobj) -> _DurabilityGate | None:
+def _install_gate(syncobj: _SyncObj) -> _DurabilityGate | None:
     """Put ``syncobj``'s RaftSqliteJournal behind a :class:`_DurabilityGate` (idempotent; None for a SyncObj
     on another journal). The journal switches to batched mode last: until then every write is committed
     before it returns, so a message that slips out during installation never depends on a queued write."""
@@ -1099,9 +1183,22 @@ def _install_gate(syncobj) -> _DurabilityGate | None:
         return gate
 
 
-def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id: str | None = None,
+@overload
+def create_journal(journal_file: None = None, *, node_id: str | None = None, cluster_id: str | None = None,
                    fsync: FsyncMode | str | None = None, group: str | None = None,
-                   compaction: str | None = None, vfs: str | None = None):
+                   compaction: str | None = None, vfs: str | None = None) -> Any: ...  # a MemoryJournal
+
+
+@overload
+def create_journal(journal_file: str | os.PathLike[str], *, node_id: str | None = None,
+                   cluster_id: str | None = None, fsync: FsyncMode | str | None = None,
+                   group: str | None = None, compaction: str | None = None,
+                   vfs: str | None = None) -> RaftSqliteJournal: ...
+
+
+def create_journal(journal_file: str | os.PathLike[str] | None = None, *, node_id: str | None = None,
+                   cluster_id: str | None = None, fsync: FsyncMode | str | None = None,
+                   group: str | None = None, compaction: str | None = None, vfs: str | None = None) -> Any:
     """PySyncObj's ``createJournal`` contract on raft_sqlite.
 
     ``journal_file=None`` returns PySyncObj's in-memory ``MemoryJournal`` (as stock). Otherwise
@@ -1141,7 +1238,7 @@ def create_journal(journal_file=None, *, node_id: str | None = None, cluster_id:
     return journal
 
 
-def _syncobj_init(self, *args, **kwargs):
+def _syncobj_init(self: _SyncObj, *args: Any, **kwargs: Any) -> None:
     _STOCK_INIT(self, *args, **kwargs)
     # the gate is installed before the constructor returns, so every command a client submits is covered;
     # with autoTick the tick thread may already run (it installs the gate itself before its first tick):
@@ -1149,13 +1246,14 @@ def _syncobj_init(self, *args, **kwargs):
     _install_gate(self)
 
 
-def _auto_tick_thread(self):
+def _auto_tick_thread(self: _SyncObj) -> object:
     # the tick thread, before its first tick: nothing of this node has been sent yet
     _install_gate(self)
     return _STOCK_AUTO_TICK(self)
 
 
-def _apply_command(self, command, callback, commandType=None):
+def _apply_command(self: _SyncObj, command: Any, callback: _Callback | tuple[Any, ...] | None,
+                   commandType: int | None = None) -> object:
     gate = _gate_of(self)
     if gate is not None:
         if gate.dead is not None:  # fail-stopped: answer now, never queue (the command would be lost silently)
@@ -1170,7 +1268,7 @@ def _apply_command(self, command, callback, commandType=None):
     return result
 
 
-def _validate(self):
+def _validate(self: _SyncObjConf) -> object:
     if self.journalFile is not None and self.fullDumpFile is None:
         self.fullDumpFile = os.path.join(os.fspath(self.journalFile), DUMP_FILE_NAME)
     return _STOCK_VALIDATE(self)
@@ -1179,8 +1277,8 @@ def _validate(self):
 class _Patch:
     """Handle returned by :func:`patch_pysyncobj`; a context manager whose exit calls :meth:`restore`."""
 
-    def __init__(self):
-        self._saved = []
+    def __init__(self) -> None:
+        self._saved: list[tuple[object, str, object]] = []
         for obj, name, new in (
                 (_pso_syncobj, "createJournal", create_journal),
                 (pysyncobj, "createJournal", create_journal),
@@ -1199,10 +1297,10 @@ class _Patch:
         for obj, name, old in reversed(saved):
             setattr(obj, name, old)
 
-    def __enter__(self):
+    def __enter__(self) -> _Patch:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.restore()
 
 
