@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,8 @@ from .errors import (
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
 from .verify import NotAStoreError, open_readonly
-from .wal import _HEADER, INT, SPAN
+from .status import GroupStatus, read_group_status, read_last_index
+from .wal import INT, SPAN, record_crc
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, EXIT_UNAVAILABLE = range(7)
 #: exit code -> meaning (printed by ``raft-sqlite --help`` and documented in docs/operations.md).
@@ -260,7 +260,7 @@ def collect_status(data_dir: str) -> dict:
             "pragmas": {k[7:]: v for k, v in settings.items() if k.startswith("pragma.")},
             "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in sorted(os.listdir(data_dir))
                       if os.path.isfile(os.path.join(data_dir, n))},
-            "groups": [_group_status(conn, gid, name, now) for name, gid in _groups(conn).items()],
+            "groups": [_group_status(conn, g, now) for g in read_group_status(conn)],
         }
         # the last backup recorded (by row id: the wall clock may have been set back since)
         b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
@@ -294,26 +294,8 @@ def _event(e, now) -> dict:
     return d
 
 
-def _group_status(conn, gid: int, name: str, now: float) -> dict:
-    first, snap_idx, snap_term, partial = conn.execute(
-        "SELECT first_index, snapshot_index, snapshot_term, recovered_partially FROM groups WHERE group_id=?",
-        (gid,)).fetchone()
-    m = conn.execute("SELECT current_term, voted_for, commit_index FROM raft_meta WHERE group_id=?",
-                     (gid,)).fetchone() or (None, None, None)
-    base = gid * SPAN
-    maxidx = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                          (base, base, base + SPAN)).fetchone()[0] or 0
-    last = max(first - 1, maxidx)
-    nseg, nsealed, oldest, sealed_bytes, sealed_entries = conn.execute(
-        "SELECT count(*), count(last_index), min(created_at), COALESCE(sum(bytes), 0), COALESCE(sum(entry_count), 0) "
-        "FROM log_segments WHERE group_id=?", (gid,)).fetchone()
-    open_first = conn.execute("SELECT max(first_index) FROM log_segments WHERE group_id=? AND last_index IS NULL",
-                              (gid,)).fetchone()[0]
-    open_entries = open_bytes = 0
-    if open_first is not None:
-        open_entries, open_bytes = conn.execute(
-            "SELECT count(*), COALESCE(sum(length(payload)), 0) FROM log_entries WHERE key >= ? AND key < ?",
-            (base + open_first, base + SPAN)).fetchone()
+def _group_status(conn, g: GroupStatus, now: float) -> dict:
+    gid = g.group_id
     snaps = {r[0]: r for r in conn.execute(
         "SELECT snapshot_id, idx, term, kind, parent_id, status, size, finished_at FROM snapshots WHERE group_id=?",
         (gid,))}
@@ -334,13 +316,15 @@ def _group_status(conn, gid: int, name: str, now: float) -> dict:
                 "size": newest[6], "age_s": None if newest[7] is None else now - newest[7],
                 "base_id": base_row[0] if base_row else None, "base_index": base_row[1] if base_row else None,
                 "deltas": deltas, "chain_ok": base_row is not None, "durable_count": len(durable)}
+    oldest = g.oldest_segment_created_at
     return {
-        "name": name, "group_id": gid, "term": m[0], "voted_for": m[1], "commit_index": m[2],
-        "first_index": first, "last_index": last, "entries": last - first + 1,
-        "stored_entries": sealed_entries + open_entries, "stored_bytes": sealed_bytes + open_bytes,
-        "segments": {"count": nseg, "sealed": nsealed, "oldest_age_s": None if oldest is None else now - oldest},
-        "snapshot_index": snap_idx, "snapshot_term": snap_term, "snapshot": snap,
-        "recovered_partially": bool(partial),
+        "name": g.name, "group_id": gid, "term": g.current_term, "voted_for": g.voted_for,
+        "commit_index": g.commit_index, "first_index": g.first_index, "last_index": g.last_index,
+        "entries": g.entries, "stored_entries": g.stored_entries, "stored_bytes": g.stored_bytes,
+        "segments": {"count": g.segments, "sealed": g.sealed_segments,
+                     "oldest_age_s": None if oldest is None else now - oldest},
+        "snapshot_index": g.snapshot_index, "snapshot_term": g.snapshot_term, "snapshot": snap,
+        "recovered_partially": g.recovered_partially,
     }
 
 
@@ -647,8 +631,7 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
         name, gid = _pick_group(conn, group)
         first = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()[0]
         base = gid * SPAN
-        last = max(first - 1, conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                                           (base, base, base + SPAN)).fetchone()[0] or 0)
+        last = read_last_index(conn, gid, first)
         if lo is None and hi is None:
             hi = last
             lo = max(first, hi - limit + 1)
@@ -665,10 +648,8 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
                 f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
                 "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
             payload = payload or b""
-            try:
-                ok = ptype == "blob" and zlib.crc32(payload, zlib.crc32(_HEADER.pack(gid, idx_col, term, kind))) == crc
-            except (TypeError, struct.error, OverflowError):
-                ok = False
+            # record_crc is -1 (never a CRC) for a field of the wrong type: such a record never verifies
+            ok = ptype == "blob" and record_crc(gid, idx_col, term, kind, payload) == crc
             rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
                          "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
                          "compacted": idx < first,
