@@ -648,8 +648,10 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
                 f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
                 "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
             payload = payload or b""
-            # record_crc is -1 (never a CRC) for a field of the wrong type: such a record never verifies
-            ok = ptype == "blob" and record_crc(gid, idx_col, term, kind, payload) == crc
+            # record_crc is -1 for a field of the wrong type: such a record never verifies, even against a
+            # crc32 column damaged to -1
+            want = record_crc(gid, idx_col, term, kind, payload)
+            ok = ptype == "blob" and want >= 0 and want == crc
             rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
                          "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
                          "compacted": idx < first,

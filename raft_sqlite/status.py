@@ -31,7 +31,7 @@ class SnapshotHead:
     term: int
     kind: str
     size: int | None
-    created_at: float | None
+    created_at: float
     finished_at: float | None
 
 
