@@ -19,21 +19,17 @@ import functools
 import io
 import json
 import os
-import random
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import zlib
+from urllib.parse import quote
 
 import apsw
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from . import layout
@@ -47,10 +43,15 @@ from .errors import (
     RecoveryRefused,
     StorageFault,
 )
+from .demo import DEMO_CLUSTER, DEMO_NODE, demo_payload  # noqa: F401  re-exported: defined here before demo.py
+from .demo import DemoError, run_demo, run_demo_node
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
-from .verify import NotAStoreError, open_readonly
+from .migrate import current_revision
 from .status import GroupStatus, read_group_status, read_last_index
+from .store import NodeStore, node_crc
+from .verify import NotAStoreError, open_readonly
+from .verify import verify as run_verify
 from .wal import INT, SPAN, record_crc
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, EXIT_UNAVAILABLE = range(7)
@@ -84,7 +85,6 @@ class CliError(click.ClickException):
 
 
 def _esc(s: str) -> str:
-    from rich.markup import escape
     return escape(s)
 
 
@@ -127,7 +127,6 @@ def _json_default(o):
     if hasattr(o, "to_dict"):
         return o.to_dict()
     if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
         return dataclasses.asdict(o)
     if hasattr(o, "_asdict"):
         return o._asdict()
@@ -202,8 +201,6 @@ def open_main_readonly(data_dir: str) -> apsw.Connection:
 
 
 def _node_record(conn, path):
-    from .store import node_crc
-
     row = conn.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
     if row is None:
         raise CliError(f"{path}: the node record is missing (store never finished its first open?)", EXIT_CORRUPT)
@@ -243,8 +240,6 @@ def collect_status(data_dir: str) -> dict:
         conn.execute("BEGIN")
         now = time.time()
         node = _node_record(conn, path)
-        from .migrate import current_revision
-
         settings = dict(conn.execute("SELECT key, value FROM settings"))
         mode = settings.get("fsync_mode")
         st = {
@@ -440,8 +435,6 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
     conn = open_main_readonly(data_dir)
     chunks = os.path.join(data_dir, layout.CHUNKS_DB)
     if attach_chunks and os.path.isfile(chunks):
-        from urllib.parse import quote
-
         try:
             conn.execute("ATTACH ? AS chunks", (f"file:{quote(os.path.abspath(chunks))}?mode=ro",))
         except apsw.Error as exc:
@@ -512,8 +505,6 @@ def _print_sets(sets, fmt: str) -> None:
 def print_wide(table: Table) -> None:
     """Print ``table`` at its natural width when that is wider than the console (up to 400 columns):
     query results stay one row per line instead of folding every cell."""
-    from rich.measure import Measurement
-
     want = Measurement.get(out, out.options.update_width(400), table).maximum
     if want <= out.width:
         out.print(table)
@@ -535,7 +526,7 @@ Statements end with ';'. Views: group_status, snapshot_chain, segments, backup_h
 
 def _repl(conn, fmt, raw):
     try:
-        import readline  # noqa: F401  (line editing and history when available)
+        import readline  # noqa: F401  deferred: optional module, line editing and history when available
     except ImportError:
         pass
     err.print(f"raft-sqlite sql (read-only). Type .help for help. {_REPL_HELP.splitlines()[-1]}")
@@ -685,8 +676,6 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
 def _open_store_for_write(data_dir: str):
     """Open the store as its own node (identity read from the node record, last fsync mode), refusing
     if another process has it open."""
-    from .store import NodeStore
-
     data_dir = _check_dir(data_dir)
     who = store_holder(data_dir)  # NodeStore.open below refuses too (DataDirLocked); this says it first
     if who is not None:
@@ -746,13 +735,17 @@ def verify(data_dir, as_json, quiet):
     """Full validation: integrity_check of both files, every record CRC, every sealed segment's sidecar
     checksum, metadata and node CRCs, snapshot chunks and chains. Exit 1 if anything is wrong.
     Read-only: safe while the node runs."""
-    from .verify import verify as run_verify
-
     data_dir = _check_dir(data_dir)
     if as_json or quiet or not err.is_terminal:
         rep = run_verify(data_dir)
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (  # deferred: start-up speed (only on a terminal)
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as prog:
@@ -789,7 +782,7 @@ def metrics(data_dir):
     a running process (commit latency, appends) exist only in that process: mount
     raft_sqlite.metrics.StoreMetrics there."""
     try:
-        from .metrics import render_data_dir
+        from .metrics import render_data_dir  # deferred: optional dependency prometheus_client (exit 6)
         text = render_data_dir(_check_dir(data_dir))
     except ImportError as exc:
         raise CliError(f"metrics need prometheus_client: pip install 'raft_sqlite[metrics]' ({exc})",
@@ -799,7 +792,7 @@ def metrics(data_dir):
 
 def _backup_module():
     try:
-        from . import backup
+        from . import backup  # deferred: optional component, missing in some builds (exit 6)
     except ImportError as exc:
         raise CliError(f"backup support is not available in this build (raft_sqlite.backup: {exc})",
                        EXIT_UNAVAILABLE) from None
@@ -826,7 +819,7 @@ class _BackupProgress:
         self.callback = None
         self._prog = None
         if not quiet and err.is_terminal:
-            from rich.progress import (
+            from rich.progress import (  # deferred: start-up speed (only on a terminal)
                 BarColumn,
                 DownloadColumn,
                 Progress,
@@ -949,54 +942,12 @@ def restore(backup_path, data_dir, allow_quorum_loss, mode, quiet, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- demo
-DEMO_NODE, DEMO_CLUSTER = "demo-node", "demo-cluster"
-
-
-def demo_payload(group: str, index: int) -> bytes:
-    """The deterministic payload the demo writes at ``index`` of ``group`` (16..1040 bytes)."""
-    seed = zlib.crc32(f"{group}/{index}".encode())
-    n = 16 + seed % 1025
-    return (f"{group}:{index}:".encode() + seed.to_bytes(4, "little") * (n // 4 + 1))[:n]
-
-
 @cli.command("_demo-node", hidden=True)
 @click.argument("data_dir")
 @click.option("--groups", default=3)
-def demo_node(data_dir, groups):
-    """The demo's node process: one writer thread per group appends an entry and advances the commit
-    index in one transaction (FULL fsync), then prints 'ack GROUP INDEX'. Runs until killed."""
-    from .log import LogEntry
-    from .store import NodeStore
-    from .wal import SegmentPolicy
-
-    # small segments so that the demo also seals segments (sidecar checksums are verified on reopen)
-    store = NodeStore.open(data_dir, DEMO_NODE, cluster_id=DEMO_CLUSTER, fsync=FsyncMode.FULL,
-                           segment_policy=SegmentPolicy(max_entries=1000))
-    lock = threading.Lock()
-    names = [f"g{i}" for i in range(groups)]
-    for n in names:
-        store.metadata(n).set_term_and_vote(1, DEMO_NODE)
-
-    def writer(name):
-        log, meta = store.log(name), store.metadata(name)
-        i = log.last_index
-        while True:
-            i += 1
-            with store.transaction():
-                log.append([LogEntry(i, 1, demo_payload(name, i))])
-                meta.set_commit_index(i)
-            with lock:
-                sys.stdout.write(f"ack {name} {i}\n")
-                sys.stdout.flush()
-
-    with lock:
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
-    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def demo_node(data_dir: str, groups: int) -> None:
+    """The demo's node process (:func:`raft_sqlite.demo.run_demo_node`). Runs until killed."""
+    run_demo_node(data_dir, groups)
 
 
 @cli.command()
@@ -1009,106 +960,40 @@ def demo_node(data_dir, groups):
 @click.option("--seed", type=int, help="Random seed for the kill moment.")
 @JSON_OPT
 @friendly
-def demo(data_dir, groups, min_run, max_run, seed, as_json):
+def demo(data_dir: str | None, groups: int, min_run: float, max_run: float, seed: int | None,
+         as_json: bool) -> None:
     """A node writes (FULL fsync) and reports each acknowledged index; it is SIGKILLed at a random moment;
     the store is reopened and every acknowledged entry is checked (present, CRC, payload). Exit 0 if
     nothing acknowledged was lost, 1 otherwise."""
-    from .log import LogEntry  # noqa: F401
-    from .store import NodeStore
-    from .verify import verify as run_verify
+    def say(text: str) -> None:
+        if not as_json:
+            out.print(text)
 
-    rng = random.Random(seed)
-    tmp = None
-    if data_dir is None:
-        tmp = tempfile.mkdtemp(prefix="raft-sqlite-demo-")
-        data_dir = os.path.join(tmp, "node")
-    say = (lambda *a, **k: None) if as_json else out.print
     try:
-        say(f"[bold]1.[/] starting a node (FULL fsync, {groups} groups, one writer thread each) in {data_dir}")
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        child = subprocess.Popen([sys.executable, "-m", "raft_sqlite.cli", "_demo-node", data_dir, "--groups",
-                                  str(groups)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        acked: dict[str, int] = {}
-        n_acks = [0]
-
-        def reader():
-            for line in child.stdout:
-                parts = line.split()
-                if len(parts) == 3 and parts[0] == "ack":
-                    acked[parts[1]] = max(acked.get(parts[1], 0), int(parts[2]))
-                    n_acks[0] += 1
-                elif parts == ["ready"]:
-                    ready.set()
-
-        ready = threading.Event()
-        rd = threading.Thread(target=reader, daemon=True)
-        rd.start()
-        deadline = time.monotonic() + 30
-        while not ready.wait(0.05):
-            if child.poll() is not None or time.monotonic() > deadline:
-                child.kill()
-                raise CliError(f"the demo node did not start: {child.stderr.read()[-2000:]}", EXIT_PROBLEMS)
-        run = rng.uniform(min_run, max(min_run, max_run))
-        time.sleep(run)
-        acked_at_kill = sum(acked.values())
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        rd.join(10)  # drain: lines the node wrote before it died were acknowledged too
-        child.stderr.close()
-        total_acked = sum(acked.values())
-        say(f"[bold]2.[/] SIGKILLed the node after {run:.2f} s: {total_acked} entries acknowledged "
-            f"({acked_at_kill} seen before the kill, {total_acked - acked_at_kill} drained from the pipe)")
-        t0 = time.monotonic()
-        with NodeStore.open(data_dir, DEMO_NODE, cluster_id=DEMO_CLUSTER, fsync=FsyncMode.FULL) as store:
-            reopen_s = time.monotonic() - t0
-            summary = store.recovery_report.summary()
-            say(f"[bold]3.[/] reopened in {reopen_s * 1000:.0f} ms: {summary}")
-            rows, lost = [], 0
-            for name in sorted(acked) or []:
-                log, meta = store.log(name), store.metadata(name)
-                a = acked[name]
-                found = log.last_index
-                intact = 0
-                missing = []
-                if found >= 1:
-                    for e in log.entries(1, min(a, found) + 1):
-                        if e.data == demo_payload(name, e.index) and e.term == 1:
-                            intact += 1
-                        else:
-                            missing.append(e.index)
-                lost_here = a - intact
-                lost += lost_here
-                rows.append({"group": name, "acked": a, "found": found, "intact": intact, "lost": lost_here,
-                             "unacked_durable": max(0, found - a), "commit_index": meta.commit_index})
-        rep = run_verify(data_dir)
-        result = {"data_dir": data_dir, "run_seconds": run, "acked": total_acked,
-                  "found": sum(r["found"] for r in rows), "lost": lost, "groups": rows,
-                  "recovery": summary, "reopen_ms": reopen_s * 1000, "verify": rep.summary(), "ok": lost == 0 and rep.ok}
-        if as_json:
-            _dump_json(result)
+        res = run_demo(data_dir, groups, min_run, max_run, seed, say)
+    except DemoError as exc:
+        raise CliError(str(exc), EXIT_PROBLEMS) from None
+    result = res.result
+    if as_json:
+        _dump_json(result)
+    else:
+        t = Table(title="4. every acknowledged entry checked (present, CRC verified, payload equal)",
+                  title_justify="left")
+        for c in ("group", "acked", "found", "intact", "lost", "durable, not yet acked", "commit index"):
+            t.add_column(c, justify="left" if c == "group" else "right")
+        for r in result["groups"]:
+            t.add_row(r["group"], str(r["acked"]), str(r["found"]), str(r["intact"]),
+                      ("[bold red]" if r["lost"] else "[green]") + str(r["lost"]) + "[/]",
+                      str(r["unacked_durable"]), str(r["commit_index"]))
+        out.print(t)
+        out.print(f"[bold]5.[/] {result['verify']}")
+        if result["ok"]:
+            out.print(f"[bold green]OK[/]: all {result['acked']} acknowledged entries survived SIGKILL intact.")
         else:
-            t = Table(title="4. every acknowledged entry checked (present, CRC verified, payload equal)",
-                      title_justify="left")
-            for c in ("group", "acked", "found", "intact", "lost", "durable, not yet acked", "commit index"):
-                t.add_column(c, justify="left" if c == "group" else "right")
-            for r in rows:
-                t.add_row(r["group"], str(r["acked"]), str(r["found"]), str(r["intact"]),
-                          ("[bold red]" if r["lost"] else "[green]") + str(r["lost"]) + "[/]",
-                          str(r["unacked_durable"]), str(r["commit_index"]))
-            out.print(t)
-            out.print(f"[bold]5.[/] {rep.summary()}")
-            if result["ok"]:
-                out.print(f"[bold green]OK[/]: all {total_acked} acknowledged entries survived SIGKILL intact.")
-            else:
-                out.print(f"[bold red]FAILED[/]: {lost} acknowledged entries lost or damaged"
-                          + ("" if rep.ok else "; verify found problems"))
-        if not result["ok"]:
-            sys.exit(EXIT_PROBLEMS)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            out.print(f"[bold red]FAILED[/]: {result['lost']} acknowledged entries lost or damaged"
+                      + ("" if res.verify_ok else "; verify found problems"))
+    if not result["ok"]:
+        sys.exit(EXIT_PROBLEMS)
 
 
 def main(argv=None) -> None:
