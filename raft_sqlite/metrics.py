@@ -73,7 +73,7 @@ from prometheus_client.registry import Collector
 from . import layout
 from .errors import RaftSqliteError
 from .status import GroupStatus, read_group_status
-from .verify import open_readonly
+from .verify import VerifyReport, open_readonly
 
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -128,14 +128,15 @@ def _read_state(conn: apsw.Connection) -> _State:
     conn.execute("BEGIN")
     try:
         groups = read_group_status(conn)
-        backups = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
+        count = conn.execute("SELECT count(*) FROM backups").fetchone()
+        assert count is not None  # count(*) yields one row even over no rows
         last_backup = conn.execute("SELECT created_at, duration, size FROM backups ORDER BY backup_id DESC "
                                    "LIMIT 1").fetchone()
         ev = conn.execute("SELECT outcome, duration, details FROM recovery_events WHERE kind='open' "
                           "ORDER BY event_id DESC LIMIT 1").fetchone()
     finally:
         conn.execute("COMMIT")
-    return _State(now, groups, backups, last_backup, ev)
+    return _State(now, groups, count[0], last_backup, ev)
 
 
 def _families(st: _State, include_validation: bool) -> Iterator[Metric]:
@@ -290,7 +291,7 @@ class StoreMetrics:
         if self._prev_on_commit is not None:
             self._prev_on_commit(seconds, requests)
 
-    def observe_verify(self, report) -> None:
+    def observe_verify(self, report: VerifyReport) -> None:
         """Count the problems of a :class:`raft_sqlite.verify.VerifyReport` by kind."""
         for kind, n in report.counts_by_kind().items():
             self.validation_errors.labels(kind).inc(n)
@@ -312,7 +313,7 @@ class StoreMetrics:
         return generate_latest(self.registry).decode()
 
 
-def render_data_dir(data_dir) -> str:
+def render_data_dir(data_dir: str | os.PathLike[str]) -> str:
     """Prometheus text format of what ``data_dir``'s files hold (``raft-sqlite metrics``): the state
     metrics plus ``raft_sqlite_validation_errors_total`` from the last recovery event. Reads through a
     read-only connection; never writes."""

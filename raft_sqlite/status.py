@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import apsw
 
@@ -73,6 +74,14 @@ _HARD_STATE = ("SELECT group_id, name, current_term, voted_for, commit_index, fi
                "snapshot_term, recovered_partially, segments FROM group_status")
 
 
+def _one(conn: apsw.Connection, sql: str, params: tuple[int, ...]) -> Any:
+    """The single row of an aggregate query without GROUP BY (SQLite always returns exactly one).
+    Its values are ``Any``: they are what the file holds, and a damaged row may hold any SQLite type."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql  # an aggregate without GROUP BY yields one row even over no rows
+    return row
+
+
 @contextmanager
 def _read_transaction(conn: apsw.Connection) -> Iterator[None]:
     """One read transaction around the queries (a consistent view while a node writes), unless the
@@ -91,14 +100,14 @@ def read_last_index(conn: apsw.Connection, group_id: int, first_index: int) -> i
     """The last index of group ``group_id``'s log whose first index is ``first_index``: the highest
     record's index from the rowid range (one B-tree seek), ``first_index - 1`` when the log is empty."""
     base = group_id * KEY_SPAN
-    maxidx = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                          (base, base, base + KEY_SPAN)).fetchone()[0] or 0
+    maxidx: int = _one(conn, "SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
+                       (base, base, base + KEY_SPAN))[0] or 0
     return max(first_index - 1, maxidx)
 
 
 def newest_snapshot(conn: apsw.Connection, group_id: int) -> SnapshotHead | None:
     """The newest DURABLE snapshot of ``group_id`` (highest index, then highest id), or None."""
-    row = conn.execute("SELECT snapshot_id, idx, term, kind, size, created_at, finished_at FROM snapshots "
+    row: tuple[Any, ...] | None = conn.execute("SELECT snapshot_id, idx, term, kind, size, created_at, finished_at FROM snapshots "
                        "WHERE group_id=? AND status='DURABLE' ORDER BY idx DESC, snapshot_id DESC LIMIT 1",
                        (group_id,)).fetchone()
     return None if row is None else SnapshotHead(*row)
@@ -111,19 +120,20 @@ def read_group_status(conn: apsw.Connection, group_id: int | None = None) -> lis
     out: list[GroupStatus] = []
     with _read_transaction(conn):
         sql = _HARD_STATE + (" WHERE group_id=?" if group_id is not None else "") + " ORDER BY group_id"
-        rows = conn.execute(sql, () if group_id is None else (group_id,)).fetchall()
+        # Any: the values are what the file holds (see _one)
+        rows: list[tuple[Any, ...]] = conn.execute(sql, () if group_id is None else (group_id,)).fetchall()
         for gid, name, term, vote, commit, first, snap_idx, snap_term, partial, nseg in rows:
             base = gid * KEY_SPAN
-            nsealed, oldest, sealed_bytes, sealed_entries = conn.execute(
-                "SELECT count(last_index), min(created_at), COALESCE(sum(bytes), 0), COALESCE(sum(entry_count), 0) "
-                "FROM log_segments WHERE group_id=?", (gid,)).fetchone()
-            open_first = conn.execute("SELECT max(first_index) FROM log_segments WHERE group_id=? AND "
-                                      "last_index IS NULL", (gid,)).fetchone()[0]
+            nsealed, oldest, sealed_bytes, sealed_entries = _one(
+                conn, "SELECT count(last_index), min(created_at), COALESCE(sum(bytes), 0), "
+                "COALESCE(sum(entry_count), 0) FROM log_segments WHERE group_id=?", (gid,))
+            open_first = _one(conn, "SELECT max(first_index) FROM log_segments WHERE group_id=? AND "
+                                    "last_index IS NULL", (gid,))[0]
             open_entries = open_bytes = 0
             if open_first is not None:
-                open_entries, open_bytes = conn.execute(
-                    "SELECT count(*), COALESCE(sum(length(payload)), 0) FROM log_entries WHERE key >= ? AND key < ?",
-                    (base + open_first, base + KEY_SPAN)).fetchone()
+                open_entries, open_bytes = _one(
+                    conn, "SELECT count(*), COALESCE(sum(length(payload)), 0) FROM log_entries WHERE key >= ? AND key < ?",
+                    (base + open_first, base + KEY_SPAN))
             out.append(GroupStatus(
                 group_id=gid, name=name, current_term=term, voted_for=vote, commit_index=commit,
                 first_index=first, last_index=read_last_index(conn, gid, first), snapshot_index=snap_idx,
