@@ -22,6 +22,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
+from types import ModuleType, TracebackType
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import apsw
@@ -54,6 +57,9 @@ from .verify import NotAStoreError, open_readonly
 from .verify import verify as run_verify
 from .wal import INT, SPAN, record_crc
 
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID  # imported where used: start-up speed (see _BackupProgress)
+
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, EXIT_UNAVAILABLE = range(7)
 #: exit code -> meaning (printed by ``raft-sqlite --help`` and documented in docs/operations.md).
 EXIT_CODES = {
@@ -78,9 +84,11 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a ClassVar, yet BaseCommand.main() reads it from the instance: one
+        # class carries every documented code
+        self.exit_code = exit_code  # type: ignore[misc]
 
-    def show(self, file=None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:
         err.print(f"[bold red]error:[/] {_esc(self.message)}")
 
 
@@ -88,11 +96,15 @@ def _esc(s: str) -> str:
     return escape(s)
 
 
-def friendly(fn):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn expected exceptions of a command into :class:`CliError` with the documented exit code."""
 
     @functools.wraps(fn)
-    def wrapper(*a, **kw):
+    def wrapper(*a: P.args, **kw: P.kwargs) -> R:
         try:
             return fn(*a, **kw)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
@@ -117,11 +129,11 @@ def friendly(fn):
     return wrapper
 
 
-def _dump_json(obj) -> None:
+def _dump_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
 
 
-def _json_default(o):
+def _json_default(o: Any) -> Any:
     if isinstance(o, (bytes, bytearray, memoryview)):
         return bytes(o).hex()
     if hasattr(o, "to_dict"):
@@ -133,7 +145,7 @@ def _json_default(o):
     return str(o)
 
 
-def _age(seconds) -> str:
+def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = float(seconds)
@@ -146,7 +158,7 @@ def _age(seconds) -> str:
     return f"{s / 86400:.1f} d"
 
 
-def _size(n) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "-"
     n = float(n)
@@ -200,7 +212,7 @@ def open_main_readonly(data_dir: str) -> apsw.Connection:
     return conn
 
 
-def _node_record(conn, path):
+def _node_record(conn: apsw.Connection, path: str) -> dict[str, Any]:
     row = conn.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
     if row is None:
         raise CliError(f"{path}: the node record is missing (store never finished its first open?)", EXIT_CORRUPT)
@@ -211,11 +223,11 @@ def _node_record(conn, path):
     return {"node_id": nid, "cluster_id": cid, "format_version": fmt, "created_at": created}
 
 
-def _groups(conn) -> dict[str, int]:
+def _groups(conn: apsw.Connection) -> dict[str, int]:
     return {name: gid for gid, name in conn.execute("SELECT group_id, name FROM groups ORDER BY group_id")}
 
 
-def _pick_group(conn, group: str | None) -> tuple[str, int]:
+def _pick_group(conn: apsw.Connection, group: str | None) -> tuple[str, int]:
     groups = _groups(conn)
     if group is None:
         if len(groups) == 1:
@@ -229,7 +241,7 @@ def _pick_group(conn, group: str | None) -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- status
-def collect_status(data_dir: str) -> dict:
+def collect_status(data_dir: str) -> dict[str, Any]:
     """Everything ``raft-sqlite status`` shows, as a JSON-able dict, read through a read-only
     connection in one read transaction (a consistent view even while the node writes)."""
     data_dir = _check_dir(data_dir)
@@ -262,7 +274,9 @@ def collect_status(data_dir: str) -> dict:
                          "LIMIT 1").fetchone()
         st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": max(0.0, now - b[1]),
                                                     "size": b[2], "duration_s": b[3]}
-        st["backups"] = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
+        count = conn.execute("SELECT count(*) FROM backups").fetchone()
+        assert count is not None  # count(*) yields one row even over no rows
+        st["backups"] = count[0]
         e = conn.execute("SELECT event_id, at, kind, policy, outcome, duration, details FROM recovery_events "
                          "ORDER BY event_id DESC LIMIT 1").fetchone()
         st["last_recovery"] = None if e is None else _event(e, now)
@@ -272,7 +286,7 @@ def collect_status(data_dir: str) -> dict:
     return st
 
 
-def _event(e, now) -> dict:
+def _event(e: tuple[Any, ...], now: float) -> dict[str, Any]:
     eid, at, kind, policy, outcome, duration, details = e
     d = {"event_id": eid, "at": at, "age_s": now - at, "kind": kind, "policy": policy, "outcome": outcome,
          "duration_s": duration}
@@ -289,7 +303,7 @@ def _event(e, now) -> dict:
     return d
 
 
-def _group_status(conn, g: GroupStatus, now: float) -> dict:
+def _group_status(conn: apsw.Connection, g: GroupStatus, now: float) -> dict[str, Any]:
     gid = g.group_id
     snaps = {r[0]: r for r in conn.execute(
         "SELECT snapshot_id, idx, term, kind, parent_id, status, size, finished_at FROM snapshots WHERE group_id=?",
@@ -327,7 +341,7 @@ def _group_status(conn, g: GroupStatus, now: float) -> dict:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
              epilog="\b\nExit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()))
 @click.version_option(package_name="raft_sqlite", prog_name="raft-sqlite")
-def cli():
+def cli() -> None:
     """Inspect, verify and operate the data_dir of a raft_sqlite node.
 
     Read commands never write and are safe while the node runs. Shell completion:
@@ -343,7 +357,7 @@ JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (for
 @DATA_DIR
 @JSON_OPT
 @friendly
-def status(data_dir, as_json):
+def status(data_dir: str, as_json: bool) -> None:
     """Node and cluster ids, fsync mode, and per group: term, vote, commit, log bounds, entries and bytes,
     segments, snapshot chain, last backup and last recovery. Safe while the node runs."""
     st = collect_status(data_dir)
@@ -400,7 +414,7 @@ _ALLOWED_OPS = {apsw.SQLITE_READ, apsw.SQLITE_SELECT, apsw.SQLITE_FUNCTION, apsw
                 apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT}
 
 
-def _authorizer(op, p1, p2, dbname, trigger):
+def _authorizer(op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None) -> int:
     if op in _ALLOWED_OPS:
         return apsw.SQLITE_OK
     if op == apsw.SQLITE_PRAGMA and (p2 is None or (p1 or "").lower() in _READ_PRAGMAS):
@@ -417,7 +431,7 @@ class SqlRefused(Exception):
     ``raft-sqlite sql``; the message names the statement."""
 
 
-def _exec_guard(cursor, sql, bindings):
+def _exec_guard(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
     # sqlite3_stmt_readonly() is False for every statement that could change a database file: writes,
     # DDL, VACUUM (also VACUUM INTO, which the authorizer never sees), ANALYZE, REINDEX, BEGIN
     # IMMEDIATE, and pragmas with side effects (wal_checkpoint, optimize, incremental_vacuum, ...).
@@ -444,7 +458,7 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
     return conn
 
 
-def _cell(v, raw: bool):
+def _cell(v: Any, raw: bool) -> Any:
     if isinstance(v, (bytes, bytearray, memoryview)):
         b = bytes(v)
         if raw:
@@ -453,11 +467,11 @@ def _cell(v, raw: bool):
     return v
 
 
-def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[tuple[list[str], list[tuple]]]:
+def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[tuple[list[str], list[tuple[Any, ...]]]]:
     """Execute ``query`` (one or more statements) and return result sets ``[(columns, rows)]`` with
     BLOBs rendered as ``<length B> hexprefix`` unless ``raw`` (then full hex). A statement that would
     write raises :class:`CliError` (exit 5)."""
-    sets: list[tuple[list[str], list[tuple]]] = []
+    sets: list[tuple[list[str], list[tuple[Any, ...]]]] = []
     cur = conn.cursor()
     try:
         desc = None
@@ -480,7 +494,7 @@ def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[t
     return sets
 
 
-def _print_sets(sets, fmt: str) -> None:
+def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str) -> None:
     if fmt == "json":
         docs = [[dict(zip(cols, r)) for r in rows] for cols, rows in sets]
         _dump_json(docs[0] if len(docs) == 1 else docs)
@@ -524,7 +538,7 @@ _REPL_HELP = """.tables              tables and views (chunks.* is chunks.db)
 Statements end with ';'. Views: group_status, snapshot_chain, segments, backup_history, recovery_log."""
 
 
-def _repl(conn, fmt, raw):
+def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
     try:
         import readline  # noqa: F401  deferred: optional module, line editing and history when available
     except ImportError:
@@ -580,7 +594,7 @@ def _repl(conn, fmt, raw):
 @click.option("--raw-payload", is_flag=True, help="Print BLOBs (payloads, chunks) as full hex instead of "
               "'<length B> hexprefix'.")
 @friendly
-def sql(data_dir, query, fmt, as_json, raw_payload):
+def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: bool) -> None:
     """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`).
 
     Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. The
@@ -614,19 +628,19 @@ def sql(data_dir, query, fmt, as_json, raw_payload):
               help="At most this many entries (without --from/--to: the newest ones).")
 @JSON_OPT
 @friendly
-def log_cmd(data_dir, group, lo, hi, limit, as_json):
+def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, limit: int, as_json: bool) -> None:
     """Log entries of a group with term, kind, size, CRC and whether the CRC verifies."""
     conn = open_main_readonly(data_dir)
     try:
         conn.execute("BEGIN")
         name, gid = _pick_group(conn, group)
-        first = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()[0]
+        row = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()
+        assert row is not None  # _pick_group found the group in this read transaction
+        first = row[0]
         base = gid * SPAN
         last = read_last_index(conn, gid, first)
-        if lo is None and hi is None:
-            hi = last
-            lo = max(first, hi - limit + 1)
-        elif lo is None:
+        if lo is None:
+            hi = last if hi is None else hi
             lo = max(first, hi - limit + 1)
         elif hi is None:
             hi = min(last, lo + limit - 1)
@@ -673,7 +687,7 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- write commands
-def _open_store_for_write(data_dir: str):
+def _open_store_for_write(data_dir: str) -> NodeStore:
     """Open the store as its own node (identity read from the node record, last fsync mode), refusing
     if another process has it open."""
     data_dir = _check_dir(data_dir)
@@ -697,7 +711,7 @@ def _open_store_for_write(data_dir: str):
 @click.option("--up-to", type=click.IntRange(min=0), required=True, help="Discard entries <= this index.")
 @JSON_OPT
 @friendly
-def compact(data_dir, group, up_to, as_json):
+def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None:
     """Compact a group's log up to an index: the guarded compaction (refused, exit 5, unless a DURABLE
     snapshot covers it). first_index moves at once; sealed segments below it are deleted. Refused
     while another process has the store open."""
@@ -710,7 +724,7 @@ def compact(data_dir, group, up_to, as_json):
         if group not in store.groups():
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups())})", EXIT_NOT_FOUND)
         log = store.log(group)
-        def seg_count():
+        def seg_count() -> int:
             return store._read(lambda c: c.execute(
                 "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?",
                 (group,)).fetchone()[0])
@@ -731,7 +745,7 @@ def compact(data_dir, group, up_to, as_json):
 @JSON_OPT
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @friendly
-def verify(data_dir, as_json, quiet):
+def verify(data_dir: str, as_json: bool, quiet: bool) -> None:
     """Full validation: integrity_check of both files, every record CRC, every sealed segment's sidecar
     checksum, metadata and node CRCs, snapshot chunks and chains. Exit 1 if anything is wrong.
     Read-only: safe while the node runs."""
@@ -751,7 +765,7 @@ def verify(data_dir, as_json, quiet):
                       console=err, transient=True) as prog:
             task = prog.add_task("verify", total=None)
 
-            def cb(stage, done, total):
+            def cb(stage: str, done: int, total: int | None) -> None:
                 prog.update(task, description=stage, completed=done, total=total)
 
             rep = run_verify(data_dir, progress=cb)
@@ -777,7 +791,7 @@ def verify(data_dir, as_json, quiet):
 @cli.command()
 @DATA_DIR
 @friendly
-def metrics(data_dir):
+def metrics(data_dir: str) -> None:
     """Print the Prometheus text format of a (stopped) node's metrics, read from its files. Counters of
     a running process (commit latency, appends) exist only in that process: mount
     raft_sqlite.metrics.StoreMetrics there."""
@@ -790,7 +804,7 @@ def metrics(data_dir):
     click.echo(text, nl=False)
 
 
-def _backup_module():
+def _backup_module() -> ModuleType:
     try:
         from . import backup  # deferred: optional component, missing in some builds (exit 6)
     except ImportError as exc:
@@ -799,7 +813,7 @@ def _backup_module():
     return backup
 
 
-def _show(obj, as_json):
+def _show(obj: Any, as_json: bool) -> None:
     if as_json:
         _dump_json(obj)
         return
@@ -816,8 +830,8 @@ class _BackupProgress:
     callback (``callback`` is None when stderr is not a terminal, with --json or --quiet)."""
 
     def __init__(self, quiet: bool):
-        self.callback = None
-        self._prog = None
+        self.callback: Callable[[str, int, int | None], None] | None = None
+        self._prog: Progress | None = None
         if not quiet and err.is_terminal:
             from rich.progress import (  # deferred: start-up speed (only on a terminal)
                 BarColumn,
@@ -828,24 +842,25 @@ class _BackupProgress:
                 TransferSpeedColumn,
             )
 
-            self._prog = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True)
-            self._tasks = {}
+            prog = self._prog = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
+                                         TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True)
+            self._tasks: dict[str, TaskID] = {}
 
-            def cb(phase, done, total):
+            def cb(phase: str, done: int, total: int | None) -> None:
                 t = self._tasks.get(phase)
                 if t is None:
-                    t = self._tasks[phase] = self._prog.add_task(phase, total=total)
-                self._prog.update(t, completed=done, total=total)
+                    t = self._tasks[phase] = prog.add_task(phase, total=total)
+                prog.update(t, completed=done, total=total)
 
             self.callback = cb
 
-    def __enter__(self):
+    def __enter__(self) -> _BackupProgress:
         if self._prog is not None:
             self._prog.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._prog is not None:
             self._prog.stop()
 
@@ -859,7 +874,8 @@ class _BackupProgress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
+def backup(data_dir: str, backup_dir: str, keep: int | None, max_age: float | None, quiet: bool,
+           as_json: bool) -> None:
     """Take a point-in-time backup of a stopped node into BACKUP_DIR/<node_id>/<UTC timestamp>/
     (raft.db, chunks.db, manifest.json written last). A running node takes hot backups in-process
     with HotBackupManager / HotBackupScheduler. Refused while another process has the store open."""
@@ -887,7 +903,7 @@ def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
 @click.option("--verify", "check", is_flag=True, help="Also check every file's sha256 (reads every backup).")
 @JSON_OPT
 @friendly
-def backups(backup_dir, check, as_json):
+def backups(backup_dir: str, check: bool, as_json: bool) -> None:
     """List the backups in BACKUP_DIR (node by node, newest first by sequence number, not by the clock)
     with age and status: complete, incomplete (no manifest: interrupted, never restorable) or corrupt
     (the manifest does not verify)."""
@@ -923,7 +939,8 @@ def backups(backup_dir, check, as_json):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def restore(backup_path, data_dir, allow_quorum_loss, mode, quiet, as_json):
+def restore(backup_path: str, data_dir: str, allow_quorum_loss: bool, mode: str | None, quiet: bool,
+            as_json: bool) -> None:
     """Restore BACKUP_PATH (a backup folder) into a new or empty DATA_DIR: the manifest and every
     checksum are verified before anything is written, then the result is opened with STRICT recovery."""
     mod = _backup_module()
@@ -996,7 +1013,7 @@ def demo(data_dir: str | None, groups: int, min_run: float, max_run: float, seed
         sys.exit(EXIT_PROBLEMS)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``raft-sqlite``)."""
     cli.main(args=argv, prog_name="raft-sqlite")
 
