@@ -57,6 +57,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import apsw
 
@@ -73,7 +74,9 @@ from prometheus_client.registry import Collector
 from . import layout
 from .errors import RaftSqliteError
 from .status import GroupStatus, read_group_status
-from .verify import VerifyReport, open_readonly
+
+if TYPE_CHECKING:
+    from .verify import VerifyReport
 
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -317,6 +320,8 @@ def render_data_dir(data_dir: str | os.PathLike[str]) -> str:
     """Prometheus text format of what ``data_dir``'s files hold (``raft-sqlite metrics``): the state
     metrics plus ``raft_sqlite_validation_errors_total`` from the last recovery event. Reads through a
     read-only connection; never writes."""
+    from .verify import open_readonly  # deferred: start-up speed (a process using StoreMetrics never needs it)
+
     path = os.path.join(os.fspath(data_dir), layout.MAIN_DB)
     conn = open_readonly(path)
     try:
