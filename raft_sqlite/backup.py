@@ -55,6 +55,7 @@ from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
 from .restorestate import is_placeholder, read_restore_state
+from .status import read_group_status
 
 log = logging.getLogger("raft_sqlite.backup")
 
@@ -733,15 +734,14 @@ def _describe(conn: apsw.Connection) -> _Facts:
         raise TypeError("raft.db has no node record")
     node_id, cluster_id, fmt = node
     groups: list[_Json] = []
-    for gid, name, term, vote, commit, first, last, sidx, sterm in conn.execute(
-            "SELECT group_id, name, current_term, voted_for, commit_index, first_index, last_index, "
-            "snapshot_index, snapshot_term FROM group_status ORDER BY group_id").fetchall():
-        snap = conn.execute("SELECT snapshot_id, idx, term, kind, size FROM snapshots WHERE group_id=? AND "
-                            "status='DURABLE' ORDER BY idx DESC, snapshot_id DESC LIMIT 1", (gid,)).fetchone()
+    for g in read_group_status(conn):
+        snap = g.newest_snapshot
         groups.append({
-            "name": name, "group_id": gid, "term": term, "voted_for": vote, "commit_index": commit,
-            "first_index": first, "last_index": last, "snapshot_index": sidx, "snapshot_term": sterm,
-            "latest_snapshot": None if snap is None else dict(zip(("id", "index", "term", "kind", "size"), snap)),
+            "name": g.name, "group_id": g.group_id, "term": g.current_term, "voted_for": g.voted_for,
+            "commit_index": g.commit_index, "first_index": g.first_index, "last_index": g.last_index,
+            "snapshot_index": g.snapshot_index, "snapshot_term": g.snapshot_term,
+            "latest_snapshot": None if snap is None else {"id": snap.snapshot_id, "index": snap.index,
+                                                          "term": snap.term, "kind": snap.kind, "size": snap.size},
         })
     durable = list(conn.execute("SELECT snapshot_id, chunk_count FROM snapshots WHERE status='DURABLE'"))
     return node_id, cluster_id, fmt, groups, durable

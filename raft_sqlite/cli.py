@@ -19,22 +19,20 @@ import functools
 import io
 import json
 import os
-import random
 import re
-import shutil
-import signal
-import struct
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import zlib
+from collections.abc import Callable
+from types import ModuleType, TracebackType
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import apsw
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from . import layout
@@ -48,10 +46,19 @@ from .errors import (
     RecoveryRefused,
     StorageFault,
 )
+from .demo import DEMO_CLUSTER, DEMO_NODE, demo_payload  # noqa: F401  re-exported: defined here before demo.py
+from .demo import DemoError, run_demo, run_demo_node
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
+from .migrate import current_revision
+from .status import GroupStatus, read_group_status, read_last_index
+from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
-from .wal import _HEADER, INT, SPAN
+from .verify import verify as run_verify
+from .wal import INT, SPAN, record_crc
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID  # imported where used: start-up speed (see _BackupProgress)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, EXIT_UNAVAILABLE = range(7)
 #: exit code -> meaning (printed by ``raft-sqlite --help`` and documented in docs/operations.md).
@@ -77,22 +84,27 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a ClassVar, yet BaseCommand.main() reads it from the instance: one
+        # class carries every documented code
+        self.exit_code = exit_code  # type: ignore[misc]
 
-    def show(self, file=None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:
         err.print(f"[bold red]error:[/] {_esc(self.message)}")
 
 
 def _esc(s: str) -> str:
-    from rich.markup import escape
     return escape(s)
 
 
-def friendly(fn):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn expected exceptions of a command into :class:`CliError` with the documented exit code."""
 
     @functools.wraps(fn)
-    def wrapper(*a, **kw):
+    def wrapper(*a: P.args, **kw: P.kwargs) -> R:
         try:
             return fn(*a, **kw)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
@@ -117,24 +129,23 @@ def friendly(fn):
     return wrapper
 
 
-def _dump_json(obj) -> None:
+def _dump_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
 
 
-def _json_default(o):
+def _json_default(o: Any) -> Any:
     if isinstance(o, (bytes, bytearray, memoryview)):
         return bytes(o).hex()
     if hasattr(o, "to_dict"):
         return o.to_dict()
     if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
         return dataclasses.asdict(o)
     if hasattr(o, "_asdict"):
         return o._asdict()
     return str(o)
 
 
-def _age(seconds) -> str:
+def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = float(seconds)
@@ -147,7 +158,7 @@ def _age(seconds) -> str:
     return f"{s / 86400:.1f} d"
 
 
-def _size(n) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "-"
     n = float(n)
@@ -201,9 +212,7 @@ def open_main_readonly(data_dir: str) -> apsw.Connection:
     return conn
 
 
-def _node_record(conn, path):
-    from .store import node_crc
-
+def _node_record(conn: apsw.Connection, path: str) -> dict[str, Any]:
     row = conn.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
     if row is None:
         raise CliError(f"{path}: the node record is missing (store never finished its first open?)", EXIT_CORRUPT)
@@ -214,11 +223,11 @@ def _node_record(conn, path):
     return {"node_id": nid, "cluster_id": cid, "format_version": fmt, "created_at": created}
 
 
-def _groups(conn) -> dict[str, int]:
+def _groups(conn: apsw.Connection) -> dict[str, int]:
     return {name: gid for gid, name in conn.execute("SELECT group_id, name FROM groups ORDER BY group_id")}
 
 
-def _pick_group(conn, group: str | None) -> tuple[str, int]:
+def _pick_group(conn: apsw.Connection, group: str | None) -> tuple[str, int]:
     groups = _groups(conn)
     if group is None:
         if len(groups) == 1:
@@ -232,7 +241,7 @@ def _pick_group(conn, group: str | None) -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- status
-def collect_status(data_dir: str) -> dict:
+def collect_status(data_dir: str) -> dict[str, Any]:
     """Everything ``raft-sqlite status`` shows, as a JSON-able dict, read through a read-only
     connection in one read transaction (a consistent view even while the node writes)."""
     data_dir = _check_dir(data_dir)
@@ -243,8 +252,6 @@ def collect_status(data_dir: str) -> dict:
         conn.execute("BEGIN")
         now = time.time()
         node = _node_record(conn, path)
-        from .migrate import current_revision
-
         settings = dict(conn.execute("SELECT key, value FROM settings"))
         mode = settings.get("fsync_mode")
         st = {
@@ -260,14 +267,16 @@ def collect_status(data_dir: str) -> dict:
             "pragmas": {k[7:]: v for k, v in settings.items() if k.startswith("pragma.")},
             "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in sorted(os.listdir(data_dir))
                       if os.path.isfile(os.path.join(data_dir, n))},
-            "groups": [_group_status(conn, gid, name, now) for name, gid in _groups(conn).items()],
+            "groups": [_group_status(conn, g, now) for g in read_group_status(conn)],
         }
         # the last backup recorded (by row id: the wall clock may have been set back since)
         b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
                          "LIMIT 1").fetchone()
         st["last_backup"] = None if b is None else {"path": b[0], "created_at": b[1], "age_s": max(0.0, now - b[1]),
                                                     "size": b[2], "duration_s": b[3]}
-        st["backups"] = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
+        count = conn.execute("SELECT count(*) FROM backups").fetchone()
+        assert count is not None  # count(*) yields one row even over no rows
+        st["backups"] = count[0]
         e = conn.execute("SELECT event_id, at, kind, policy, outcome, duration, details FROM recovery_events "
                          "ORDER BY event_id DESC LIMIT 1").fetchone()
         st["last_recovery"] = None if e is None else _event(e, now)
@@ -277,7 +286,7 @@ def collect_status(data_dir: str) -> dict:
     return st
 
 
-def _event(e, now) -> dict:
+def _event(e: tuple[Any, ...], now: float) -> dict[str, Any]:
     eid, at, kind, policy, outcome, duration, details = e
     d = {"event_id": eid, "at": at, "age_s": now - at, "kind": kind, "policy": policy, "outcome": outcome,
          "duration_s": duration}
@@ -294,26 +303,8 @@ def _event(e, now) -> dict:
     return d
 
 
-def _group_status(conn, gid: int, name: str, now: float) -> dict:
-    first, snap_idx, snap_term, partial = conn.execute(
-        "SELECT first_index, snapshot_index, snapshot_term, recovered_partially FROM groups WHERE group_id=?",
-        (gid,)).fetchone()
-    m = conn.execute("SELECT current_term, voted_for, commit_index FROM raft_meta WHERE group_id=?",
-                     (gid,)).fetchone() or (None, None, None)
-    base = gid * SPAN
-    maxidx = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                          (base, base, base + SPAN)).fetchone()[0] or 0
-    last = max(first - 1, maxidx)
-    nseg, nsealed, oldest, sealed_bytes, sealed_entries = conn.execute(
-        "SELECT count(*), count(last_index), min(created_at), COALESCE(sum(bytes), 0), COALESCE(sum(entry_count), 0) "
-        "FROM log_segments WHERE group_id=?", (gid,)).fetchone()
-    open_first = conn.execute("SELECT max(first_index) FROM log_segments WHERE group_id=? AND last_index IS NULL",
-                              (gid,)).fetchone()[0]
-    open_entries = open_bytes = 0
-    if open_first is not None:
-        open_entries, open_bytes = conn.execute(
-            "SELECT count(*), COALESCE(sum(length(payload)), 0) FROM log_entries WHERE key >= ? AND key < ?",
-            (base + open_first, base + SPAN)).fetchone()
+def _group_status(conn: apsw.Connection, g: GroupStatus, now: float) -> dict[str, Any]:
+    gid = g.group_id
     snaps = {r[0]: r for r in conn.execute(
         "SELECT snapshot_id, idx, term, kind, parent_id, status, size, finished_at FROM snapshots WHERE group_id=?",
         (gid,))}
@@ -334,13 +325,15 @@ def _group_status(conn, gid: int, name: str, now: float) -> dict:
                 "size": newest[6], "age_s": None if newest[7] is None else now - newest[7],
                 "base_id": base_row[0] if base_row else None, "base_index": base_row[1] if base_row else None,
                 "deltas": deltas, "chain_ok": base_row is not None, "durable_count": len(durable)}
+    oldest = g.oldest_segment_created_at
     return {
-        "name": name, "group_id": gid, "term": m[0], "voted_for": m[1], "commit_index": m[2],
-        "first_index": first, "last_index": last, "entries": last - first + 1,
-        "stored_entries": sealed_entries + open_entries, "stored_bytes": sealed_bytes + open_bytes,
-        "segments": {"count": nseg, "sealed": nsealed, "oldest_age_s": None if oldest is None else now - oldest},
-        "snapshot_index": snap_idx, "snapshot_term": snap_term, "snapshot": snap,
-        "recovered_partially": bool(partial),
+        "name": g.name, "group_id": gid, "term": g.current_term, "voted_for": g.voted_for,
+        "commit_index": g.commit_index, "first_index": g.first_index, "last_index": g.last_index,
+        "entries": g.entries, "stored_entries": g.stored_entries, "stored_bytes": g.stored_bytes,
+        "segments": {"count": g.segments, "sealed": g.sealed_segments,
+                     "oldest_age_s": None if oldest is None else now - oldest},
+        "snapshot_index": g.snapshot_index, "snapshot_term": g.snapshot_term, "snapshot": snap,
+        "recovered_partially": g.recovered_partially,
     }
 
 
@@ -348,7 +341,7 @@ def _group_status(conn, gid: int, name: str, now: float) -> dict:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
              epilog="\b\nExit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()))
 @click.version_option(package_name="raft_sqlite", prog_name="raft-sqlite")
-def cli():
+def cli() -> None:
     """Inspect, verify and operate the data_dir of a raft_sqlite node.
 
     Read commands never write and are safe while the node runs. Shell completion:
@@ -364,7 +357,7 @@ JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (for
 @DATA_DIR
 @JSON_OPT
 @friendly
-def status(data_dir, as_json):
+def status(data_dir: str, as_json: bool) -> None:
     """Node and cluster ids, fsync mode, and per group: term, vote, commit, log bounds, entries and bytes,
     segments, snapshot chain, last backup and last recovery. Safe while the node runs."""
     st = collect_status(data_dir)
@@ -421,7 +414,7 @@ _ALLOWED_OPS = {apsw.SQLITE_READ, apsw.SQLITE_SELECT, apsw.SQLITE_FUNCTION, apsw
                 apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT}
 
 
-def _authorizer(op, p1, p2, dbname, trigger):
+def _authorizer(op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None) -> int:
     if op in _ALLOWED_OPS:
         return apsw.SQLITE_OK
     if op == apsw.SQLITE_PRAGMA and (p2 is None or (p1 or "").lower() in _READ_PRAGMAS):
@@ -438,7 +431,7 @@ class SqlRefused(Exception):
     ``raft-sqlite sql``; the message names the statement."""
 
 
-def _exec_guard(cursor, sql, bindings):
+def _exec_guard(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
     # sqlite3_stmt_readonly() is False for every statement that could change a database file: writes,
     # DDL, VACUUM (also VACUUM INTO, which the authorizer never sees), ANALYZE, REINDEX, BEGIN
     # IMMEDIATE, and pragmas with side effects (wal_checkpoint, optimize, incremental_vacuum, ...).
@@ -456,8 +449,6 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
     conn = open_main_readonly(data_dir)
     chunks = os.path.join(data_dir, layout.CHUNKS_DB)
     if attach_chunks and os.path.isfile(chunks):
-        from urllib.parse import quote
-
         try:
             conn.execute("ATTACH ? AS chunks", (f"file:{quote(os.path.abspath(chunks))}?mode=ro",))
         except apsw.Error as exc:
@@ -467,7 +458,7 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
     return conn
 
 
-def _cell(v, raw: bool):
+def _cell(v: Any, raw: bool) -> Any:
     if isinstance(v, (bytes, bytearray, memoryview)):
         b = bytes(v)
         if raw:
@@ -476,11 +467,11 @@ def _cell(v, raw: bool):
     return v
 
 
-def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[tuple[list[str], list[tuple]]]:
+def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[tuple[list[str], list[tuple[Any, ...]]]]:
     """Execute ``query`` (one or more statements) and return result sets ``[(columns, rows)]`` with
     BLOBs rendered as ``<length B> hexprefix`` unless ``raw`` (then full hex). A statement that would
     write raises :class:`CliError` (exit 5)."""
-    sets: list[tuple[list[str], list[tuple]]] = []
+    sets: list[tuple[list[str], list[tuple[Any, ...]]]] = []
     cur = conn.cursor()
     try:
         desc = None
@@ -503,7 +494,7 @@ def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[t
     return sets
 
 
-def _print_sets(sets, fmt: str) -> None:
+def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str) -> None:
     if fmt == "json":
         docs = [[dict(zip(cols, r)) for r in rows] for cols, rows in sets]
         _dump_json(docs[0] if len(docs) == 1 else docs)
@@ -528,8 +519,6 @@ def _print_sets(sets, fmt: str) -> None:
 def print_wide(table: Table) -> None:
     """Print ``table`` at its natural width when that is wider than the console (up to 400 columns):
     query results stay one row per line instead of folding every cell."""
-    from rich.measure import Measurement
-
     want = Measurement.get(out, out.options.update_width(400), table).maximum
     if want <= out.width:
         out.print(table)
@@ -549,9 +538,9 @@ _REPL_HELP = """.tables              tables and views (chunks.* is chunks.db)
 Statements end with ';'. Views: group_status, snapshot_chain, segments, backup_history, recovery_log."""
 
 
-def _repl(conn, fmt, raw):
+def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
     try:
-        import readline  # noqa: F401  (line editing and history when available)
+        import readline  # noqa: F401  deferred: optional module, line editing and history when available
     except ImportError:
         pass
     err.print(f"raft-sqlite sql (read-only). Type .help for help. {_REPL_HELP.splitlines()[-1]}")
@@ -605,7 +594,7 @@ def _repl(conn, fmt, raw):
 @click.option("--raw-payload", is_flag=True, help="Print BLOBs (payloads, chunks) as full hex instead of "
               "'<length B> hexprefix'.")
 @friendly
-def sql(data_dir, query, fmt, as_json, raw_payload):
+def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: bool) -> None:
     """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`).
 
     Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. The
@@ -639,20 +628,19 @@ def sql(data_dir, query, fmt, as_json, raw_payload):
               help="At most this many entries (without --from/--to: the newest ones).")
 @JSON_OPT
 @friendly
-def log_cmd(data_dir, group, lo, hi, limit, as_json):
+def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, limit: int, as_json: bool) -> None:
     """Log entries of a group with term, kind, size, CRC and whether the CRC verifies."""
     conn = open_main_readonly(data_dir)
     try:
         conn.execute("BEGIN")
         name, gid = _pick_group(conn, group)
-        first = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()[0]
+        row = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()
+        assert row is not None  # _pick_group found the group in this read transaction
+        first = row[0]
         base = gid * SPAN
-        last = max(first - 1, conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                                           (base, base, base + SPAN)).fetchone()[0] or 0)
-        if lo is None and hi is None:
-            hi = last
-            lo = max(first, hi - limit + 1)
-        elif lo is None:
+        last = read_last_index(conn, gid, first)
+        if lo is None:
+            hi = last if hi is None else hi
             lo = max(first, hi - limit + 1)
         elif hi is None:
             hi = min(last, lo + limit - 1)
@@ -665,10 +653,10 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
                 f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
                 "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
             payload = payload or b""
-            try:
-                ok = ptype == "blob" and zlib.crc32(payload, zlib.crc32(_HEADER.pack(gid, idx_col, term, kind))) == crc
-            except (TypeError, struct.error, OverflowError):
-                ok = False
+            # record_crc is -1 for a field of the wrong type: such a record never verifies, even against a
+            # crc32 column damaged to -1
+            want = record_crc(gid, idx_col, term, kind, payload)
+            ok = ptype == "blob" and want >= 0 and want == crc
             rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
                          "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
                          "compacted": idx < first,
@@ -699,11 +687,9 @@ def log_cmd(data_dir, group, lo, hi, limit, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- write commands
-def _open_store_for_write(data_dir: str):
+def _open_store_for_write(data_dir: str) -> NodeStore:
     """Open the store as its own node (identity read from the node record, last fsync mode), refusing
     if another process has it open."""
-    from .store import NodeStore
-
     data_dir = _check_dir(data_dir)
     who = store_holder(data_dir)  # NodeStore.open below refuses too (DataDirLocked); this says it first
     if who is not None:
@@ -725,7 +711,7 @@ def _open_store_for_write(data_dir: str):
 @click.option("--up-to", type=click.IntRange(min=0), required=True, help="Discard entries <= this index.")
 @JSON_OPT
 @friendly
-def compact(data_dir, group, up_to, as_json):
+def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None:
     """Compact a group's log up to an index: the guarded compaction (refused, exit 5, unless a DURABLE
     snapshot covers it). first_index moves at once; sealed segments below it are deleted. Refused
     while another process has the store open."""
@@ -738,10 +724,11 @@ def compact(data_dir, group, up_to, as_json):
         if group not in store.groups():
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups())})", EXIT_NOT_FOUND)
         log = store.log(group)
-        def seg_count():
-            return store.kernel.read(lambda c: c.execute(
+        def seg_count() -> int:
+            n: int = store.kernel.read(lambda c: c.execute(
                 "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?",
                 (group,)).fetchone()[0])
+            return n
         before, segs_before = log.first_index, seg_count()
         log.compact(up_to)
         res = {"group": group, "first_index_before": before, "first_index": log.first_index,
@@ -759,23 +746,27 @@ def compact(data_dir, group, up_to, as_json):
 @JSON_OPT
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @friendly
-def verify(data_dir, as_json, quiet):
+def verify(data_dir: str, as_json: bool, quiet: bool) -> None:
     """Full validation: integrity_check of both files, every record CRC, every sealed segment's sidecar
     checksum, metadata and node CRCs, snapshot chunks and chains. Exit 1 if anything is wrong.
     Read-only: safe while the node runs."""
-    from .verify import verify as run_verify
-
     data_dir = _check_dir(data_dir)
     if as_json or quiet or not err.is_terminal:
         rep = run_verify(data_dir)
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (  # deferred: start-up speed (only on a terminal)
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as prog:
             task = prog.add_task("verify", total=None)
 
-            def cb(stage, done, total):
+            def cb(stage: str, done: int, total: int | None) -> None:
                 prog.update(task, description=stage, completed=done, total=total)
 
             rep = run_verify(data_dir, progress=cb)
@@ -801,12 +792,12 @@ def verify(data_dir, as_json, quiet):
 @cli.command()
 @DATA_DIR
 @friendly
-def metrics(data_dir):
+def metrics(data_dir: str) -> None:
     """Print the Prometheus text format of a (stopped) node's metrics, read from its files. Counters of
     a running process (commit latency, appends) exist only in that process: mount
     raft_sqlite.metrics.StoreMetrics there."""
     try:
-        from .metrics import render_data_dir
+        from .metrics import render_data_dir  # deferred: optional dependency prometheus_client (exit 6)
         text = render_data_dir(_check_dir(data_dir))
     except ImportError as exc:
         raise CliError(f"metrics need prometheus_client: pip install 'raft_sqlite[metrics]' ({exc})",
@@ -814,16 +805,16 @@ def metrics(data_dir):
     click.echo(text, nl=False)
 
 
-def _backup_module():
+def _backup_module() -> ModuleType:
     try:
-        from . import backup
+        from . import backup  # deferred: optional component, missing in some builds (exit 6)
     except ImportError as exc:
         raise CliError(f"backup support is not available in this build (raft_sqlite.backup: {exc})",
                        EXIT_UNAVAILABLE) from None
     return backup
 
 
-def _show(obj, as_json):
+def _show(obj: Any, as_json: bool) -> None:
     if as_json:
         _dump_json(obj)
         return
@@ -840,10 +831,10 @@ class _BackupProgress:
     callback (``callback`` is None when stderr is not a terminal, with --json or --quiet)."""
 
     def __init__(self, quiet: bool):
-        self.callback = None
-        self._prog = None
+        self.callback: Callable[[str, int, int | None], None] | None = None
+        self._prog: Progress | None = None
         if not quiet and err.is_terminal:
-            from rich.progress import (
+            from rich.progress import (  # deferred: start-up speed (only on a terminal)
                 BarColumn,
                 DownloadColumn,
                 Progress,
@@ -852,24 +843,25 @@ class _BackupProgress:
                 TransferSpeedColumn,
             )
 
-            self._prog = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True)
-            self._tasks = {}
+            prog = self._prog = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
+                                         TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True)
+            self._tasks: dict[str, TaskID] = {}
 
-            def cb(phase, done, total):
+            def cb(phase: str, done: int, total: int | None) -> None:
                 t = self._tasks.get(phase)
                 if t is None:
-                    t = self._tasks[phase] = self._prog.add_task(phase, total=total)
-                self._prog.update(t, completed=done, total=total)
+                    t = self._tasks[phase] = prog.add_task(phase, total=total)
+                prog.update(t, completed=done, total=total)
 
             self.callback = cb
 
-    def __enter__(self):
+    def __enter__(self) -> _BackupProgress:
         if self._prog is not None:
             self._prog.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._prog is not None:
             self._prog.stop()
 
@@ -883,7 +875,8 @@ class _BackupProgress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
+def backup(data_dir: str, backup_dir: str, keep: int | None, max_age: float | None, quiet: bool,
+           as_json: bool) -> None:
     """Take a point-in-time backup of a stopped node into BACKUP_DIR/<node_id>/<UTC timestamp>/
     (raft.db, chunks.db, manifest.json written last). A running node takes hot backups in-process
     with HotBackupManager / HotBackupScheduler. Refused while another process has the store open."""
@@ -911,7 +904,7 @@ def backup(data_dir, backup_dir, keep, max_age, quiet, as_json):
 @click.option("--verify", "check", is_flag=True, help="Also check every file's sha256 (reads every backup).")
 @JSON_OPT
 @friendly
-def backups(backup_dir, check, as_json):
+def backups(backup_dir: str, check: bool, as_json: bool) -> None:
     """List the backups in BACKUP_DIR (node by node, newest first by sequence number, not by the clock)
     with age and status: complete, incomplete (no manifest: interrupted, never restorable) or corrupt
     (the manifest does not verify)."""
@@ -947,7 +940,8 @@ def backups(backup_dir, check, as_json):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def restore(backup_path, data_dir, allow_quorum_loss, mode, quiet, as_json):
+def restore(backup_path: str, data_dir: str, allow_quorum_loss: bool, mode: str | None, quiet: bool,
+            as_json: bool) -> None:
     """Restore BACKUP_PATH (a backup folder) into a new or empty DATA_DIR: the manifest and every
     checksum are verified before anything is written, then the result is opened with STRICT recovery."""
     mod = _backup_module()
@@ -966,54 +960,12 @@ def restore(backup_path, data_dir, allow_quorum_loss, mode, quiet, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- demo
-DEMO_NODE, DEMO_CLUSTER = "demo-node", "demo-cluster"
-
-
-def demo_payload(group: str, index: int) -> bytes:
-    """The deterministic payload the demo writes at ``index`` of ``group`` (16..1040 bytes)."""
-    seed = zlib.crc32(f"{group}/{index}".encode())
-    n = 16 + seed % 1025
-    return (f"{group}:{index}:".encode() + seed.to_bytes(4, "little") * (n // 4 + 1))[:n]
-
-
 @cli.command("_demo-node", hidden=True)
 @click.argument("data_dir")
 @click.option("--groups", default=3)
-def demo_node(data_dir, groups):
-    """The demo's node process: one writer thread per group appends an entry and advances the commit
-    index in one transaction (FULL fsync), then prints 'ack GROUP INDEX'. Runs until killed."""
-    from .log import LogEntry
-    from .store import NodeStore
-    from .wal import SegmentPolicy
-
-    # small segments so that the demo also seals segments (sidecar checksums are verified on reopen)
-    store = NodeStore.open(data_dir, DEMO_NODE, cluster_id=DEMO_CLUSTER, fsync=FsyncMode.FULL,
-                           segment_policy=SegmentPolicy(max_entries=1000))
-    lock = threading.Lock()
-    names = [f"g{i}" for i in range(groups)]
-    for n in names:
-        store.metadata(n).set_term_and_vote(1, DEMO_NODE)
-
-    def writer(name):
-        log, meta = store.log(name), store.metadata(name)
-        i = log.last_index
-        while True:
-            i += 1
-            with store.transaction():
-                log.append([LogEntry(i, 1, demo_payload(name, i))])
-                meta.set_commit_index(i)
-            with lock:
-                sys.stdout.write(f"ack {name} {i}\n")
-                sys.stdout.flush()
-
-    with lock:
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
-    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def demo_node(data_dir: str, groups: int) -> None:
+    """The demo's node process (:func:`raft_sqlite.demo.run_demo_node`). Runs until killed."""
+    run_demo_node(data_dir, groups)
 
 
 @cli.command()
@@ -1026,109 +978,43 @@ def demo_node(data_dir, groups):
 @click.option("--seed", type=int, help="Random seed for the kill moment.")
 @JSON_OPT
 @friendly
-def demo(data_dir, groups, min_run, max_run, seed, as_json):
+def demo(data_dir: str | None, groups: int, min_run: float, max_run: float, seed: int | None,
+         as_json: bool) -> None:
     """A node writes (FULL fsync) and reports each acknowledged index; it is SIGKILLed at a random moment;
     the store is reopened and every acknowledged entry is checked (present, CRC, payload). Exit 0 if
     nothing acknowledged was lost, 1 otherwise."""
-    from .log import LogEntry  # noqa: F401
-    from .store import NodeStore
-    from .verify import verify as run_verify
+    def say(text: str) -> None:
+        if not as_json:
+            out.print(text)
 
-    rng = random.Random(seed)
-    tmp = None
-    if data_dir is None:
-        tmp = tempfile.mkdtemp(prefix="raft-sqlite-demo-")
-        data_dir = os.path.join(tmp, "node")
-    say = (lambda *a, **k: None) if as_json else out.print
     try:
-        say(f"[bold]1.[/] starting a node (FULL fsync, {groups} groups, one writer thread each) in {data_dir}")
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        child = subprocess.Popen([sys.executable, "-m", "raft_sqlite.cli", "_demo-node", data_dir, "--groups",
-                                  str(groups)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        acked: dict[str, int] = {}
-        n_acks = [0]
-
-        def reader():
-            for line in child.stdout:
-                parts = line.split()
-                if len(parts) == 3 and parts[0] == "ack":
-                    acked[parts[1]] = max(acked.get(parts[1], 0), int(parts[2]))
-                    n_acks[0] += 1
-                elif parts == ["ready"]:
-                    ready.set()
-
-        ready = threading.Event()
-        rd = threading.Thread(target=reader, daemon=True)
-        rd.start()
-        deadline = time.monotonic() + 30
-        while not ready.wait(0.05):
-            if child.poll() is not None or time.monotonic() > deadline:
-                child.kill()
-                raise CliError(f"the demo node did not start: {child.stderr.read()[-2000:]}", EXIT_PROBLEMS)
-        run = rng.uniform(min_run, max(min_run, max_run))
-        time.sleep(run)
-        acked_at_kill = sum(acked.values())
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        rd.join(10)  # drain: lines the node wrote before it died were acknowledged too
-        child.stderr.close()
-        total_acked = sum(acked.values())
-        say(f"[bold]2.[/] SIGKILLed the node after {run:.2f} s: {total_acked} entries acknowledged "
-            f"({acked_at_kill} seen before the kill, {total_acked - acked_at_kill} drained from the pipe)")
-        t0 = time.monotonic()
-        with NodeStore.open(data_dir, DEMO_NODE, cluster_id=DEMO_CLUSTER, fsync=FsyncMode.FULL) as store:
-            reopen_s = time.monotonic() - t0
-            summary = store.recovery_report.summary()
-            say(f"[bold]3.[/] reopened in {reopen_s * 1000:.0f} ms: {summary}")
-            rows, lost = [], 0
-            for name in sorted(acked) or []:
-                log, meta = store.log(name), store.metadata(name)
-                a = acked[name]
-                found = log.last_index
-                intact = 0
-                missing = []
-                if found >= 1:
-                    for e in log.entries(1, min(a, found) + 1):
-                        if e.data == demo_payload(name, e.index) and e.term == 1:
-                            intact += 1
-                        else:
-                            missing.append(e.index)
-                lost_here = a - intact
-                lost += lost_here
-                rows.append({"group": name, "acked": a, "found": found, "intact": intact, "lost": lost_here,
-                             "unacked_durable": max(0, found - a), "commit_index": meta.commit_index})
-        rep = run_verify(data_dir)
-        result = {"data_dir": data_dir, "run_seconds": run, "acked": total_acked,
-                  "found": sum(r["found"] for r in rows), "lost": lost, "groups": rows,
-                  "recovery": summary, "reopen_ms": reopen_s * 1000, "verify": rep.summary(), "ok": lost == 0 and rep.ok}
-        if as_json:
-            _dump_json(result)
+        res = run_demo(data_dir, groups, min_run, max_run, seed, say)
+    except DemoError as exc:
+        raise CliError(str(exc), EXIT_PROBLEMS) from None
+    result = res.result
+    if as_json:
+        _dump_json(result)
+    else:
+        t = Table(title="4. every acknowledged entry checked (present, CRC verified, payload equal)",
+                  title_justify="left")
+        for c in ("group", "acked", "found", "intact", "lost", "durable, not yet acked", "commit index"):
+            t.add_column(c, justify="left" if c == "group" else "right")
+        for r in result["groups"]:
+            t.add_row(r["group"], str(r["acked"]), str(r["found"]), str(r["intact"]),
+                      ("[bold red]" if r["lost"] else "[green]") + str(r["lost"]) + "[/]",
+                      str(r["unacked_durable"]), str(r["commit_index"]))
+        out.print(t)
+        out.print(f"[bold]5.[/] {result['verify']}")
+        if result["ok"]:
+            out.print(f"[bold green]OK[/]: all {result['acked']} acknowledged entries survived SIGKILL intact.")
         else:
-            t = Table(title="4. every acknowledged entry checked (present, CRC verified, payload equal)",
-                      title_justify="left")
-            for c in ("group", "acked", "found", "intact", "lost", "durable, not yet acked", "commit index"):
-                t.add_column(c, justify="left" if c == "group" else "right")
-            for r in rows:
-                t.add_row(r["group"], str(r["acked"]), str(r["found"]), str(r["intact"]),
-                          ("[bold red]" if r["lost"] else "[green]") + str(r["lost"]) + "[/]",
-                          str(r["unacked_durable"]), str(r["commit_index"]))
-            out.print(t)
-            out.print(f"[bold]5.[/] {rep.summary()}")
-            if result["ok"]:
-                out.print(f"[bold green]OK[/]: all {total_acked} acknowledged entries survived SIGKILL intact.")
-            else:
-                out.print(f"[bold red]FAILED[/]: {lost} acknowledged entries lost or damaged"
-                          + ("" if rep.ok else "; verify found problems"))
-        if not result["ok"]:
-            sys.exit(EXIT_PROBLEMS)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            out.print(f"[bold red]FAILED[/]: {result['lost']} acknowledged entries lost or damaged"
+                      + ("" if res.verify_ok else "; verify found problems"))
+    if not result["ok"]:
+        sys.exit(EXIT_PROBLEMS)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``raft-sqlite``)."""
     cli.main(args=argv, prog_name="raft-sqlite")
 

@@ -51,10 +51,15 @@ Metrics (labels in braces):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import apsw
 
 try:
     import prometheus_client  # noqa: F401
@@ -63,10 +68,15 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from . import layout
 from .errors import RaftSqliteError
-from .wal import SPAN
+from .status import GroupStatus, read_group_status
+
+if TYPE_CHECKING:
+    from .verify import VerifyReport
 
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -84,102 +94,102 @@ def classify_problem(message: str) -> str:
     return "shape"
 
 
-class _StateCollector:
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """What one scrape reads (in one read transaction)."""
+
+    now: float
+    groups: list[GroupStatus]
+    backups: int
+    #: newest backup: (created_at, duration, size), None if never backed up
+    last_backup: tuple[float, float, int] | None
+    #: last recovery on open: (outcome, duration, details JSON), None if none recorded
+    recovery: tuple[str, float | None, str | None] | None
+
+
+class _StateCollector(Collector):
     """Reads the stored state at scrape time through ``read(fn)`` (fn(conn) -> value)."""
 
-    def __init__(self, read, *, include_validation: bool = False):
+    def __init__(self, read: Callable[[Callable[[apsw.Connection], _State]], _State], *,
+                 include_validation: bool = False):
         self._read = read
         self._include_validation = include_validation
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # state metrics are dynamic: skip registry collision checks at registration
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         try:
-            rows = self._read(_read_state)
+            st = self._read(_read_state)
         except (RaftSqliteError, OSError):
             return  # store closed or unreadable: no state metrics this scrape
-        yield from _families(rows, self._include_validation)
+        yield from _families(st, self._include_validation)
 
 
-def _read_state(conn) -> dict:
+def _read_state(conn: apsw.Connection) -> _State:
     now = time.time()
     conn.execute("BEGIN")
     try:
-        groups = []
-        for gid, name, first, snap_idx, partial, term, commit in conn.execute(
-                "SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.recovered_partially, "
-                "m.current_term, m.commit_index FROM groups g LEFT JOIN raft_meta m USING (group_id) "
-                "ORDER BY g.group_id").fetchall():
-            base = gid * SPAN
-            maxidx = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                                  (base, base, base + SPAN)).fetchone()[0] or 0
-            nseg, oldest, sealed_bytes = conn.execute(
-                "SELECT count(*), min(created_at), COALESCE(sum(bytes), 0) FROM log_segments WHERE group_id=?",
-                (gid,)).fetchone()
-            open_first = conn.execute("SELECT max(first_index) FROM log_segments WHERE group_id=? AND "
-                                      "last_index IS NULL", (gid,)).fetchone()[0]
-            open_bytes = 0 if open_first is None else conn.execute(
-                "SELECT COALESCE(sum(length(payload)), 0) FROM log_entries WHERE key >= ? AND key < ?",
-                (base + open_first, base + SPAN)).fetchone()[0]
-            snap = conn.execute("SELECT size, created_at, finished_at FROM snapshots WHERE group_id=? AND "
-                                "status='DURABLE' ORDER BY idx DESC, snapshot_id DESC LIMIT 1", (gid,)).fetchone()
-            last = max(first - 1, maxidx)
-            groups.append({"name": name, "first": first, "last": last, "entries": last - first + 1,
-                           "bytes": sealed_bytes + open_bytes, "term": term or 0, "commit": commit or 0,
-                           "segments": nseg, "oldest_age": None if oldest is None else now - oldest,
-                           "snap_index": snap_idx, "partial": partial, "snap": snap})
-        backups = conn.execute("SELECT count(*) FROM backups").fetchone()[0]
+        groups = read_group_status(conn)
+        count = conn.execute("SELECT count(*) FROM backups").fetchone()
+        assert count is not None  # count(*) yields one row even over no rows
         last_backup = conn.execute("SELECT created_at, duration, size FROM backups ORDER BY backup_id DESC "
                                    "LIMIT 1").fetchone()
         ev = conn.execute("SELECT outcome, duration, details FROM recovery_events WHERE kind='open' "
                           "ORDER BY event_id DESC LIMIT 1").fetchone()
     finally:
         conn.execute("COMMIT")
-    return {"now": now, "groups": groups, "backups": backups, "last_backup": last_backup, "recovery": ev}
+    return _State(now, groups, count[0], last_backup, ev)
 
 
-def _families(st: dict, include_validation: bool):
-    now = st["now"]
+def _families(st: _State, include_validation: bool) -> Iterator[Metric]:
+    now = st.now
 
-    def gauge(name, doc, value):
+    def gauge(name: str, doc: str, value: Callable[[GroupStatus], float | None]) -> GaugeMetricFamily:
         f = GaugeMetricFamily(name, doc, labels=["group"])
-        for g in st["groups"]:
+        for g in st.groups:
             v = value(g)
             if v is not None:
-                f.add_metric([g["name"]], float(v))
+                f.add_metric([g.name], float(v))
         return f
 
+    def snap_duration(g: GroupStatus) -> float | None:
+        s = g.newest_snapshot
+        return None if s is None or s.finished_at is None else s.finished_at - s.created_at
+
+    def snap_age(g: GroupStatus) -> float | None:
+        s = g.newest_snapshot
+        return None if s is None or s.finished_at is None else now - s.finished_at
+
     yield gauge("raft_sqlite_log_entries", "Entries in the log (last_index - first_index + 1).",
-                lambda g: g["entries"])
+                lambda g: g.entries)
     yield gauge("raft_sqlite_log_stored_bytes", "Payload bytes of log records stored (including compacted "
-                "records awaiting whole-segment deletion).", lambda g: g["bytes"])
-    yield gauge("raft_sqlite_log_first_index", "First index of the log.", lambda g: g["first"])
-    yield gauge("raft_sqlite_log_last_index", "Last index of the log.", lambda g: g["last"])
-    yield gauge("raft_sqlite_commit_index", "Raft commit index.", lambda g: g["commit"])
-    yield gauge("raft_sqlite_current_term", "Raft current term.", lambda g: g["term"])
-    yield gauge("raft_sqlite_segments", "Log segments stored (open + sealed).", lambda g: g["segments"])
+                "records awaiting whole-segment deletion).", lambda g: g.stored_bytes)
+    yield gauge("raft_sqlite_log_first_index", "First index of the log.", lambda g: g.first_index)
+    yield gauge("raft_sqlite_log_last_index", "Last index of the log.", lambda g: g.last_index)
+    yield gauge("raft_sqlite_commit_index", "Raft commit index.", lambda g: g.commit_index or 0)
+    yield gauge("raft_sqlite_current_term", "Raft current term.", lambda g: g.current_term or 0)
+    yield gauge("raft_sqlite_segments", "Log segments stored (open + sealed).", lambda g: g.segments)
     yield gauge("raft_sqlite_oldest_segment_age_seconds", "Age of the oldest log segment still stored.",
-                lambda g: g["oldest_age"])
+                lambda g: None if g.oldest_segment_created_at is None else now - g.oldest_segment_created_at)
     yield gauge("raft_sqlite_snapshot_index", "Index of the newest DURABLE snapshot (0: none).",
-                lambda g: g["snap_index"])
+                lambda g: g.snapshot_index)
     yield gauge("raft_sqlite_snapshot_duration_seconds", "Time the newest DURABLE snapshot took to write.",
-                lambda g: None if g["snap"] is None or g["snap"][2] is None else g["snap"][2] - g["snap"][1])
+                snap_duration)
     yield gauge("raft_sqlite_snapshot_bytes", "Size of the newest DURABLE snapshot.",
-                lambda g: None if g["snap"] is None else g["snap"][0])
-    yield gauge("raft_sqlite_snapshot_age_seconds", "Age of the newest DURABLE snapshot.",
-                lambda g: None if g["snap"] is None or g["snap"][2] is None else now - g["snap"][2])
+                lambda g: None if g.newest_snapshot is None else g.newest_snapshot.size)
+    yield gauge("raft_sqlite_snapshot_age_seconds", "Age of the newest DURABLE snapshot.", snap_age)
     yield gauge("raft_sqlite_recovered_partially", "1 if the group was recovered under the PARTIAL policy.",
-                lambda g: 1 if g["partial"] else 0)
-    yield GaugeMetricFamily("raft_sqlite_backups", "Backups recorded in the store.", value=st["backups"])
-    lb = st["last_backup"]
+                lambda g: 1 if g.recovered_partially else 0)
+    yield GaugeMetricFamily("raft_sqlite_backups", "Backups recorded in the store.", value=st.backups)
+    lb = st.last_backup
     if lb is not None:
         # the newest backup is the last recorded; a clock set back since must not make its age negative
         yield GaugeMetricFamily("raft_sqlite_backup_age_seconds", "Age of the newest backup.", value=max(0.0, now - lb[0]))
         yield GaugeMetricFamily("raft_sqlite_backup_duration_seconds", "Duration of the newest backup.",
                                 value=lb[1])
         yield GaugeMetricFamily("raft_sqlite_backup_bytes", "Size of the newest backup.", value=lb[2])
-    ev = st["recovery"]
+    ev = st.recovery
     if ev is not None:
         outcome, duration, details = ev
         yield GaugeMetricFamily("raft_sqlite_recovery_duration_seconds", "Duration of the last recovery on open.",
@@ -274,7 +284,7 @@ class StoreMetrics:
             self.segment_rotations.inc(len(self._seals))
             self._seals.clear()
 
-    def observe_verify(self, report) -> None:
+    def observe_verify(self, report: VerifyReport) -> None:
         """Count the problems of a :class:`raft_sqlite.verify.VerifyReport` by kind."""
         for kind, n in report.counts_by_kind().items():
             self.validation_errors.labels(kind).inc(n)
@@ -293,11 +303,11 @@ class StoreMetrics:
         return generate_latest(self.registry).decode()
 
 
-def render_data_dir(data_dir) -> str:
+def render_data_dir(data_dir: str | os.PathLike[str]) -> str:
     """Prometheus text format of what ``data_dir``'s files hold (``raft-sqlite metrics``): the state
     metrics plus ``raft_sqlite_validation_errors_total`` from the last recovery event. Reads through a
     read-only connection; never writes."""
-    from .verify import open_readonly
+    from .verify import open_readonly  # deferred: start-up speed (a process using StoreMetrics never needs it)
 
     path = os.path.join(os.fspath(data_dir), layout.MAIN_DB)
     conn = open_readonly(path)
