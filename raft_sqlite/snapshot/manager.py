@@ -46,9 +46,9 @@ from typing import Any, Self
 
 import apsw
 
-from . import fsio, layout
-from .args import float_arg, int_arg, term_arg
-from .errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
+from .. import fsio, layout
+from ..args import float_arg, int_arg, term_arg
+from ..errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
 
 log = logging.getLogger("raft_sqlite.snapshot")
 
@@ -211,7 +211,7 @@ class SnapshotStore:
         In FULL/EXTRA mode each chunks.db COMMIT already fsyncs; in NORMAL mode SQLite does not sync
         at COMMIT and the store's interval syncer covers only raft.db, so the WAL of chunks.db is
         fdatasync'ed here (a manifest must never outlive its chunks on power loss). OFF: nothing."""
-        from .fsync import FsyncMode
+        from ..fsync import FsyncMode
 
         st = self.store
         if st.fsync is not FsyncMode.NORMAL:
