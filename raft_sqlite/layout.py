@@ -14,6 +14,9 @@ LOCK_FILE = "raft.lock"
 #: log key = group_id * KEY_SPAN + index: one b-tree, no secondary index on the append path.
 KEY_SHIFT = 40
 KEY_SPAN = 1 << KEY_SHIFT
+#: snapshot chunk key = snapshot_id * CHUNK_SEQ_SPAN + seq (chunks.db's ``snapshot_chunks.key``): the
+#: chunks of one snapshot are one key range, so reading, deleting and listing them are range scans.
+CHUNK_SEQ_SPAN = 1 << 32
 #: page size of chunks.db (set when the file is created; raft.db keeps SQLite's 4 KiB)
 CHUNKS_PAGE_SIZE = 65536
 

@@ -583,7 +583,7 @@ class NodeStore:
 
     def snapshots(self, group: str | int = "default") -> SnapshotManager:
         """The :class:`~raft_sqlite.snapshot.SnapshotManager` of ``group``."""
-        return self._view("snap", group, lambda name: SnapshotManager(self, name))
+        return self._view("snap", group, lambda name: SnapshotManager(self.kernel, name))
 
     def state_machine(self, group: str | int = "default") -> StateMachineSnapshotManager:
         """The :class:`~raft_sqlite.statemachine.StateMachineSnapshotManager` of ``group``."""

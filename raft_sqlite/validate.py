@@ -16,6 +16,7 @@ import struct
 import sys
 import zlib
 
+from . import layout
 from .errors import CorruptionError, RecoveryRefused
 from .hwm import wal_checksum, wal_header_salts
 from .groupstate import GroupState, group_crc, meta_crc
@@ -256,7 +257,7 @@ def recover_snapshots(store, conn, report) -> set[int]:
     * Chunks in chunks.db owned by no manifest (a crash between deleting a manifest and its chunks)
       are removed.
     """
-    from .snapshot import _SEQ_SPAN, SnapshotStore, manifest_fields_crc
+    from .snapshot import SnapshotStore, manifest_fields_crc
 
     policy = store.recovery_policy
     names = dict(conn.execute("SELECT group_id, name FROM groups").fetchall())
@@ -265,7 +266,7 @@ def recover_snapshots(store, conn, report) -> set[int]:
     by_id = {r[0]: r for r in rows}
     gsnap = dict(conn.execute("SELECT group_id, snapshot_index FROM groups").fetchall())
     doomed, bad = [], set()
-    sstore = SnapshotStore.of(store)
+    sstore = SnapshotStore.of(store.kernel)
     chunks = store.chunks_conn
     for r in rows:
         sid, gid, idx, term, kind, parent, status, size, count, checksum, structures, source, crc = r
@@ -287,7 +288,7 @@ def recover_snapshots(store, conn, report) -> set[int]:
             problem = f"broken chain link to parent {parent}"
         else:
             shape = chunks.execute("SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? "
-                                   "ORDER BY key", (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN)).fetchall()
+                                   "ORDER BY key", (sid * layout.CHUNK_SEQ_SPAN, (sid + 1) * layout.CHUNK_SEQ_SPAN)).fetchall()
             if [q for q, _ in shape] != list(range(len(shape))) or len(shape) != count:
                 problem = f"chunks missing ({len(shape)} present, {count} recorded)"
             elif sum(n for _, n in shape) != size:
@@ -306,7 +307,7 @@ def recover_snapshots(store, conn, report) -> set[int]:
             try:
                 for sid in stray:
                     chunks.execute("DELETE FROM snapshot_chunks WHERE key >= ? AND key < ?",
-                                   (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN))
+                                   (sid * layout.CHUNK_SEQ_SPAN, (sid + 1) * layout.CHUNK_SEQ_SPAN))
                 chunks.execute("COMMIT")
             except BaseException:
                 chunks.execute("ROLLBACK")

@@ -716,7 +716,7 @@ def test_scheduler_time_trigger_and_errors(data_dir):
 
 def test_snapshot_store_is_per_store(data_dir):
     with open_store(data_dir) as s:
-        assert SnapshotStore.of(s) is SnapshotStore.of(s) is s.snapshots(G)._sstore
+        assert SnapshotStore.of(s.kernel) is SnapshotStore.of(s.kernel) is s.snapshots(G).chunk_store
         assert s.snapshots(G) is s.snapshots(G)
 
 
