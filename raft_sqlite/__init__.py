@@ -18,9 +18,9 @@ from .snapshot import (DeltaSnapshot, SnapshotChain, SnapshotKind, SnapshotManag
                        SnapshotScheduler, SnapshotStore, SnapshotWriter)
 from .statemachine import StateMachineSnapshotManager, StructureMismatchError
 from .store import NodeStore
+from .version import __version__
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BackupBusy", "BackupCancelled", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",

@@ -54,8 +54,12 @@ from . import fsio, layout
 from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
+from .recovery import (NODE_REPLACEMENT, QUORUM_LOSS_RESTORE, RESTORE_EVENT_KINDS,  # noqa: F401 (re-exported)
+                       RecoveryPolicy, read_restore_event)
 from .restorestate import is_placeholder, read_restore_state
 from .status import read_group_status
+from .store import NodeStore
+from .version import __version__
 
 log = logging.getLogger("raft_sqlite.backup")
 
@@ -68,10 +72,6 @@ DB_FILES = (layout.MAIN_DB, layout.CHUNKS_DB)
 #: Keys a manifest must have (restore refuses a manifest without them).
 REQUIRED_KEYS = ("manifest_version", "node_id", "cluster_id", "format_version", "library_version",
                  "created_at", "created_at_unix", "groups", "files")
-#: Event kinds a restore records in the restored store's ``recovery_events`` table.
-NODE_REPLACEMENT = "node_replacement"
-QUORUM_LOSS_RESTORE = "quorum_loss_restore"
-RESTORE_EVENT_KINDS = (NODE_REPLACEMENT, QUORUM_LOSS_RESTORE)
 
 #: ``settings`` key in raft.db holding the highest backup sequence number this store handed out.
 SEQ_SETTING = "backup_seq"
@@ -288,18 +288,6 @@ def _write_json_atomically(folder: str, name: str, obj: _Json) -> bytes:
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     _write_file_atomically(folder, name, data)
     return data
-
-
-def read_restore_event(conn: apsw.Connection) -> _Json | None:
-    """The newest restore event (``node_replacement`` / ``quorum_loss_restore``) recorded in the raft.db
-    behind ``conn``, as ``{"kind", "at", **details}``, or None if the store was never restored.
-    (:attr:`NodeStore.restored_from <raft_sqlite.NodeStore.restored_from>` reads it.)"""
-    row = conn.execute("SELECT event_id, kind, at, details FROM recovery_events WHERE kind IN (?, ?) "
-                       "ORDER BY event_id DESC LIMIT 1", RESTORE_EVENT_KINDS).fetchone()
-    if row is None:
-        return None
-    details = json.loads(row[3]) if row[3] else {}
-    return {**details, "event_id": row[0], "kind": row[1], "at": row[2]}
 
 
 # ---------------------------------------------------------------------------------------------- backup
@@ -521,7 +509,6 @@ class HotBackupManager:
             if have < need:
                 raise BackupError(f"backup copy is inconsistent: DURABLE snapshot {sid} has {have} of its {need} "
                                   "chunks in the copied chunks.db")
-        from . import __version__
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "node_id": node_id,
@@ -1219,8 +1206,6 @@ def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = Fa
         fsio.sync_dir(target)
         fsio.replace(tmps[layout.MAIN_DB], main_db)  # the restored store appears in one step
         fsio.sync_dir(target)
-        from .recovery import RecoveryPolicy
-        from .store import NodeStore
         try:
             NodeStore.open(target, manifest["node_id"], cluster_id=manifest["cluster_id"],
                            recovery=RecoveryPolicy.STRICT, lock=lock, vfs=vfs).close()

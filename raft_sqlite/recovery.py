@@ -13,7 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import apsw
+
 log = logging.getLogger("raft_sqlite.recovery")
+
+#: Event kinds a restore records in the restored store's ``recovery_events`` table.
+NODE_REPLACEMENT = "node_replacement"
+QUORUM_LOSS_RESTORE = "quorum_loss_restore"
+RESTORE_EVENT_KINDS = (NODE_REPLACEMENT, QUORUM_LOSS_RESTORE)
 
 
 class RecoveryPolicy(str, enum.Enum):
@@ -75,3 +82,15 @@ class RecoveryReport:
                 f"entries={self.entries_validated} bytes={self.bytes_validated} "
                 f"segments={self.segments_validated} snapshots={self.snapshots_validated} "
                 f"dropped={len(self.dropped)} in {self.duration * 1000:.1f} ms")
+
+
+def read_restore_event(conn: apsw.Connection) -> dict[str, Any] | None:
+    """The newest restore event (``node_replacement`` / ``quorum_loss_restore``) recorded in the raft.db
+    behind ``conn``, as ``{"kind", "at", **details}``, or None if the store was never restored.
+    (:attr:`NodeStore.restored_from <raft_sqlite.NodeStore.restored_from>` reads it; ``restore`` writes it.)"""
+    row = conn.execute("SELECT event_id, kind, at, details FROM recovery_events WHERE kind IN (?, ?) "
+                       "ORDER BY event_id DESC LIMIT 1", RESTORE_EVENT_KINDS).fetchone()
+    if row is None:
+        return None
+    details = json.loads(str(row[3])) if row[3] else {}
+    return {**details, "event_id": row[0], "kind": row[1], "at": row[2]}

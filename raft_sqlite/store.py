@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import operator
 import os
-import re
 import threading
 import time
 import zlib
@@ -25,7 +24,8 @@ from .kernel import Kernel
 from .lock import DataDirLock, check_data_dir
 from .log import KINDS, LogEntry, PersistentRaftLog
 from .metadata import RaftMetadataStore
-from .recovery import RecoveryPolicy, RecoveryReport
+from .restorestate import read_restore_state
+from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event
 from .snapshot import SnapshotManager
 from .statemachine import StateMachineSnapshotManager
 from .wal import BLOB_PAYLOAD, SegmentPolicy
@@ -308,20 +308,16 @@ class NodeStore:
         operator meant to restore (a double vote waiting to happen). The data_dir lock is held here, so no
         restore is running."""
         try:
-            with open(self.path, "rb") as f:
-                head = f.read(len(layout.RESTORE_PLACEHOLDER))
-        except (FileNotFoundError, IsADirectoryError):
-            head = b""
+            state = read_restore_state(self.data_dir)
         except OSError as exc:
             raise StorageFault(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
-        leftovers = sorted(n for n in os.listdir(self.data_dir) if re.match(layout.RESTORE_TEMP_PATTERN, n))
-        if leftovers and head.startswith(b"SQLite format 3\0"):
+        if state.temporaries and state.main_is_database:
             # raft.db is a real database: a restore's last step (raft.db replacing its placeholder) was done,
             # so these are stale temporaries, not an interrupted restore; never refuse a healthy store for them
-            log.warning("%s: ignoring leftovers of a restore that completed: %s", self.data_dir, ", ".join(leftovers))
-            leftovers = []
-        if head == layout.RESTORE_PLACEHOLDER or leftovers:
-            what = "its placeholder raft.db" if head == layout.RESTORE_PLACEHOLDER else ", ".join(leftovers)
+            log.warning("%s: ignoring leftovers of a restore that completed: %s", self.data_dir,
+                        ", ".join(state.temporaries))
+        if state.interrupted:
+            what = "its placeholder raft.db" if state.placeholder else ", ".join(state.temporaries)
             raise CorruptionError(
                 f"{self.data_dir} holds an interrupted restore ({what}): run the restore again into the same "
                 "data_dir (it removes these leftovers and completes), or move the data_dir away to start afresh")
@@ -697,7 +693,6 @@ class NodeStore:
         ``groups`` {name: {term, voted_for, commit_index, last_index, snapshot_index} at the backup}.
         After a node replacement the node may have voted, after that point, in any term from the
         group's backup ``term`` on: it must not grant votes until it has caught up (see docs/backup.md)."""
-        from .backup import read_restore_event
         return self.kernel.read(read_restore_event)
 
 
