@@ -29,7 +29,7 @@ import apsw
 from . import fsio
 from .errors import CompactionError, CorruptionError, LogConflictError, RaftSqliteError, StorageFault
 from .groupstate import GroupState, GroupTable, insert_group
-from .hwm import HighWaterMark
+from .sqlitewal import HighWaterMark
 from .wal import WalWriter
 
 log = logging.getLogger("raft_sqlite.store")  # the store's logger: operators grep for these lines

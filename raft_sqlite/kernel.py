@@ -35,7 +35,7 @@ from .commit import R, CommitListener, CommitPipeline, IntervalSyncer, StoreStat
 from .errors import CorruptionError, RaftSqliteError, StorageFault
 from .fsync import FsyncMode, pragmas_for
 from .groupstate import GroupState, GroupTable
-from .hwm import HighWaterMark
+from .sqlitewal import HighWaterMark
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 T = TypeVar("T")
@@ -274,7 +274,7 @@ class Kernel:
                 conn.execute("PRAGMA query_only=1")
                 # Only the write connection checkpoints on close: a reader that outlives the store (a
                 # backup's source) must not checkpoint and delete the WAL after the store recorded its
-                # final high-water mark (see hwm.lost_commits).
+                # final high-water mark (see sqlitewal.lost_commits).
                 conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
             else:
                 one = ctypes.c_int(1)  # keep the WAL file across opens: it is reused, never re-created

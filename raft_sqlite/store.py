@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from . import fsio, hwm, layout, migrate, reserve, validate
+from . import fsio, sqlitewal, layout, migrate, reserve, validate
 from .args import float_arg, text_arg
 from .commit import StoreStats, Tx
 from .errors import CorruptionError, DataDirError, LogCompactedError, NodeIdentityMismatch, StorageFault
@@ -58,8 +58,8 @@ class NodeStore:
     slow_commit_warning: float
     recovery_report: RecoveryReport  #: what the recovery at open found and did
     _wal_problems: list[str]
-    _hwm: hwm.HighWaterMark | None
-    _pins: hwm.PinnedFiles
+    _hwm: sqlitewal.HighWaterMark | None
+    _pins: sqlitewal.PinnedFiles
     _lock: DataDirLock | None
     _owns_lock: bool
     _on_commit: _CallbackListener | None
@@ -134,8 +134,8 @@ class NodeStore:
         self._wal_problems = []
         self._hwm = None
         #: Python-level reads of the live database files go through descriptors closed only after SQLite
-        #: closed the files (closing one would drop SQLite's POSIX locks: see hwm.PinnedFiles)
-        self._pins = hwm.PinnedFiles()
+        #: closed the files (closing one would drop SQLite's POSIX locks: see sqlitewal.PinnedFiles)
+        self._pins = sqlitewal.PinnedFiles()
         self._lock = None
         self._owns_lock = lock is None
         try:
@@ -265,7 +265,7 @@ class NodeStore:
     def _open_files(self, created: bool) -> None:
         self._refuse_interrupted_restore()
         self._refuse_lost_main_db()
-        pre_shm = hwm.read_shm(self.path)  # before SQLite rebuilds it (evidence of a recent checkpoint)
+        pre_shm = sqlitewal.read_shm(self.path)  # before SQLite rebuilds it (evidence of a recent checkpoint)
         wal_existed = os.path.exists(self.path + "-wal")
         for name in (layout.MAIN_DB, layout.CHUNKS_DB):
             p = os.path.join(self.data_dir, name)
@@ -282,7 +282,7 @@ class NodeStore:
             lost: list[str | None] = [None]
 
             def check_wal() -> None:  # SQLite has opened the WAL, nothing is written yet (not even a migration)
-                lost[0] = hwm.lost_commits(self.path, pre_shm, wal_existed, self._pins.open)
+                lost[0] = sqlitewal.lost_commits(self.path, pre_shm, wal_existed, self._pins.open)
 
             self.kernel.conn = self._open_current(self.path, layout.MAIN_DB, check_wal)
             self.kernel.chunks_conn = self._open_current(self.chunks_path, layout.CHUNKS_DB)
@@ -334,7 +334,7 @@ class NodeStore:
         if size:
             return
         evidence = []
-        if hwm.read_mark(self.path) is not None:
+        if sqlitewal.read_mark(self.path) is not None:
             evidence.append(f"{self.path}-hwm (its WAL high-water mark)")
         if os.path.exists(self.chunks_path):
             with contextlib.suppress(apsw.Error):
@@ -358,7 +358,7 @@ class NodeStore:
                 with contextlib.suppress(FileNotFoundError):
                     fsio.unlink(self.path + "-hwm")
                 return
-            self._hwm = self.kernel.hwm = hwm.HighWaterMark(self.path)
+            self._hwm = self.kernel.hwm = sqlitewal.HighWaterMark(self.path)
             self._hwm.anchor()
         except OSError as exc:
             self.kernel.fail(exc)
@@ -434,7 +434,7 @@ class NodeStore:
         now = time.time()
         row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
         new_node = row is None
-        if new_node and hwm.read_mark(self.path) is not None:
+        if new_node and sqlitewal.read_mark(self.path) is not None:
             # The mark is first written after the node record is committed, so a mark beside a raft.db without
             # one means the record is lost (a lost WAL that held it, or raft.db replaced by a copy taken before
             # it was checkpointed): creating a node here would forget the old one's terms, votes and groups,

@@ -18,7 +18,7 @@ import zlib
 
 from . import layout
 from .errors import CorruptionError, RecoveryRefused
-from .hwm import wal_checksum, wal_header_salts
+from .sqlitewal import wal_checksum, wal_header_salts
 from .groupstate import GroupState, group_crc, meta_crc
 from .recovery import RecoveryPolicy
 from .wal import _HEADER, _U32, BLOB_PAYLOAD, CONTENT_SQL, INT, SPAN, load_open_segment
@@ -34,12 +34,12 @@ def wal_lost_commits(db_path: str, opener=open) -> str | None:
     ``mxFrame`` (and the copies of it SQLite writes as sector padding), there is a frame of the same WAL
     generation (same salts), a later transaction was written after that commit had been synced:
     acknowledged data is being dropped, which is corruption, not a torn tail (a torn tail is always the
-    last transaction). Returns a description or None. The high-water mark (:mod:`raft_sqlite.hwm`)
+    last transaction). Returns a description or None. The high-water mark (:mod:`raft_sqlite.sqlitewal`)
     covers truncated WALs; this scan covers stores whose mark is stale.
 
     Only meaningful for stores written with a syncing fsync mode (FULL/EXTRA): with NORMAL/OFF several
     unsynced transactions may legitimately be torn at a power cut. ``opener`` opens the files for
-    reading (:meth:`raft_sqlite.hwm.PinnedFiles.open` while SQLite has them open).
+    reading (:meth:`raft_sqlite.sqlitewal.PinnedFiles.open` while SQLite has them open).
     """
     wal, shm = db_path + "-wal", db_path + "-shm"
     try:

@@ -18,7 +18,7 @@ import zlib
 import apsw
 import pytest
 
-from raft_sqlite import CorruptionError, FsyncMode, LogEntry, RecoveryPolicy, hwm
+from raft_sqlite import CorruptionError, FsyncMode, LogEntry, RecoveryPolicy, sqlitewal
 from raft_sqlite.sqlobjects import GUARD_TRIGGER
 from raft_sqlite.verify import verify
 from tests.conftest import ROOT, open_store
@@ -187,7 +187,7 @@ def test_clean_close_checkpoints_so_a_removed_wal_loses_nothing(tmp_path):
     """After close() the mark says "checkpointed": the WAL holds nothing the database lacks."""
     d = tmp_path / "n"
     n = write(d, "a30,close")
-    assert hwm.read_mark(str(d / "raft.db")).checkpointed
+    assert sqlitewal.read_mark(str(d / "raft.db")).checkpointed
     rm(d / "raft.db-wal")
     check_all_present(d, n)
 
@@ -247,17 +247,17 @@ def test_torn_mark_is_ignored(tmp_path):
     with open(d / "raft.db-hwm", "r+b") as f:
         f.seek(10)
         f.write(b"\x00\xff")
-    assert hwm.read_mark(str(d / "raft.db")) is None
+    assert sqlitewal.read_mark(str(d / "raft.db")) is None
     check_all_present(d, n)
 
 
 def test_format_1_mark_is_read_as_not_checkpointed(tmp_path):
     d = tmp_path / "n"
     write(d, "a40")
-    m = hwm.read_mark(str(d / "raft.db"))
-    body = hwm.MAGIC_V1 + struct.pack("<8sI", m.salts, m.mx)
+    m = sqlitewal.read_mark(str(d / "raft.db"))
+    body = sqlitewal.MAGIC_V1 + struct.pack("<8sI", m.salts, m.mx)
     (d / "raft.db-hwm").write_bytes(body + struct.pack("<I", zlib.crc32(body)))
-    assert hwm.read_mark(str(d / "raft.db")) == hwm.Mark(m.salts, m.mx, False)
+    assert sqlitewal.read_mark(str(d / "raft.db")) == sqlitewal.Mark(m.salts, m.mx, False)
     rm(d / "raft.db-wal")
     refused(d, r"raft\.db-wal is missing")
 
@@ -277,10 +277,10 @@ def test_mark_copied_from_another_store_is_refused(tmp_path):
 def test_generation_step():
     s = bytes.fromhex("ef8dd19bba92825e")
     nxt = bytes.fromhex("ef8dd19c569dee76")  # what SQLite wrote at the next restart (observed)
-    assert hwm.generation_step(s, s) == 0
-    assert hwm.generation_step(s, nxt) == 1 and hwm.generation_step(nxt, s) == -1
-    assert hwm.generation_step(s, bytes.fromhex("0000000100000000")) is None
-    assert hwm.generation_step(s, s[:4] + b"\0\0\0\0") is None  # same salt-1, other salt-2: another WAL
+    assert sqlitewal.generation_step(s, s) == 0
+    assert sqlitewal.generation_step(s, nxt) == 1 and sqlitewal.generation_step(nxt, s) == -1
+    assert sqlitewal.generation_step(s, bytes.fromhex("0000000100000000")) is None
+    assert sqlitewal.generation_step(s, s[:4] + b"\0\0\0\0") is None  # same salt-1, other salt-2: another WAL
 
 
 # ---------------------------------------------------------------------------------------------- schema objects
@@ -355,7 +355,7 @@ def test_auto_checkpoints_and_restarts_of_a_busy_wal_then_crash(tmp_path):
     """Enough commits for SQLite's own auto-checkpoints (every 1000 pages) and WAL restarts."""
     d = tmp_path / "n"
     n = write(d, "a1300")
-    m = hwm.read_mark(str(d / "raft.db"))
+    m = sqlitewal.read_mark(str(d / "raft.db"))
     assert m is not None and m.mx > 0
     check_all_present(d, n)
 

@@ -1,4 +1,4 @@
-"""The WAL high-water mark (``raft.db-hwm``) on its own: what :func:`raft_sqlite.hwm.read_mark` makes of
+"""The WAL high-water mark (``raft.db-hwm``) on its own: what :func:`raft_sqlite.sqlitewal.read_mark` makes of
 every damaged form of the file, and what an open under each recovery policy does with a stale, missing,
 torn, foreign, "future" (the data put back older than the mark) or unusable mark.
 
@@ -21,25 +21,25 @@ import zlib
 
 import pytest
 
-from raft_sqlite import CorruptionError, FsyncMode, RecoveryPolicy, StorageFault, hwm
+from raft_sqlite import CorruptionError, FsyncMode, RecoveryPolicy, StorageFault, sqlitewal
 from tests.conftest import open_store
 from tests.test_wal_loss import write
 
-MARK_SIZE = len(hwm.MAGIC) + 16 + 4  # magic, salts, mxFrame, flags, CRC32
+MARK_SIZE = len(sqlitewal.MAGIC) + 16 + 4  # magic, salts, mxFrame, flags, CRC32
 ENTRY = lambda i: (b"%08d" % i) * 25  # noqa: E731 - the payload test_wal_loss's writer appends
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def mark_bytes(salts: bytes, mx: int, checkpointed: bool) -> bytes:
     """The on-disk form of a format-2 mark (as HighWaterMark.note writes it)."""
-    body = hwm.MAGIC + struct.pack("<8sII", salts, mx, hwm.CHECKPOINTED if checkpointed else 0)
+    body = sqlitewal.MAGIC + struct.pack("<8sII", salts, mx, sqlitewal.CHECKPOINTED if checkpointed else 0)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def read(tmp_path, data: bytes):
     """read_mark of a file holding ``data`` (written and read back: the real path through the file)."""
     (tmp_path / "x.db-hwm").write_bytes(data)
-    return hwm.read_mark(str(tmp_path / "x.db"))
+    return sqlitewal.read_mark(str(tmp_path / "x.db"))
 
 
 @pytest.fixture
@@ -53,11 +53,11 @@ def read_mem(monkeypatch):
             return open(path, mode, *a, **kw)
         assert mode == "rb"
         return io.BytesIO(served["data"])
-    monkeypatch.setattr(hwm, "open", fake_open, raising=False)
+    monkeypatch.setattr(sqlitewal, "open", fake_open, raising=False)
 
     def read(data: bytes):
         served["data"] = data
-        return hwm.read_mark("mem.db")
+        return sqlitewal.read_mark("mem.db")
     return read
 
 
@@ -104,9 +104,9 @@ def marks(tmp_path_factory):
     t = tmp_path_factory.mktemp("marks")
     d = t / "n"
     write(d, "a5,cpa,a5,cpb,ckRESTART,a3,cpc,close")
-    got = [hwm.read_mark(str(t / x)) for x in ("a", "b", "c")] + [hwm.read_mark(str(d / "raft.db"))]
+    got = [sqlitewal.read_mark(str(t / x)) for x in ("a", "b", "c")] + [sqlitewal.read_mark(str(d / "raft.db"))]
     a, b, c, closed = got
-    assert a.salts == b.salts and a.mx < b.mx and hwm.generation_step(b.salts, c.salts) == 1 and closed.checkpointed
+    assert a.salts == b.salts and a.mx < b.mx and sqlitewal.generation_step(b.salts, c.salts) == 1 and closed.checkpointed
     return [(m, (t / f"{x}-hwm").read_bytes() if x != "closed" else (d / "raft.db-hwm").read_bytes())
             for m, x in zip(got, ("a", "b", "c", "closed"))]
 
@@ -149,9 +149,9 @@ def test_a_torn_rewrite_is_the_old_mark_the_new_one_or_none(tmp_path, marks):
 
 def test_format_1_marks_have_the_same_property(tmp_path, marks, read_mem):
     m = marks[1][0]
-    body = hwm.MAGIC_V1 + struct.pack("<8sI", m.salts, m.mx)
+    body = sqlitewal.MAGIC_V1 + struct.pack("<8sI", m.salts, m.mx)
     data = body + struct.pack("<I", zlib.crc32(body))
-    assert read(tmp_path, data) == hwm.Mark(m.salts, m.mx, False)
+    assert read(tmp_path, data) == sqlitewal.Mark(m.salts, m.mx, False)
     for pos in range(len(data)):
         for x in range(1, 256):
             bad = bytearray(data)
@@ -163,7 +163,7 @@ def test_format_1_marks_have_the_same_property(tmp_path, marks, read_mem):
 
 def test_a_mark_that_is_a_directory_or_unreadable_is_no_mark_to_the_reader(tmp_path):
     (tmp_path / "x.db-hwm").mkdir()
-    assert hwm.read_mark(str(tmp_path / "x.db")) is None
+    assert sqlitewal.read_mark(str(tmp_path / "x.db")) is None
 
 
 # ---------------------------------------------------------------------------------------------- opens
@@ -174,9 +174,9 @@ def crashed(tmp_path_factory):
     ``same`` after 25 (the final generation, fewer frames)."""
     t = tmp_path_factory.mktemp("crashed")
     n = write(t / "n", "a10,cpold,a10,ckRESTART,a5,cpsame,a5")
-    final = hwm.read_mark(str(t / "n" / "raft.db"))
-    assert hwm.generation_step(hwm.read_mark(str(t / "old")).salts, final.salts) == 1
-    same = hwm.read_mark(str(t / "same"))
+    final = sqlitewal.read_mark(str(t / "n" / "raft.db"))
+    assert sqlitewal.generation_step(sqlitewal.read_mark(str(t / "old")).salts, final.salts) == 1
+    same = sqlitewal.read_mark(str(t / "same"))
     assert same.salts == final.salts and same.mx < final.mx
     return t, n
 
@@ -202,7 +202,7 @@ def test_stale_mark_loses_nothing_and_raises_no_alarm(crashed, tmp_path, stale):
         # a cleanly closed node (mark: checkpointed) whose mark is put back to one from before the close
         d = tmp_path / "c"
         n = write(d, "a10,cpearly,a5,close")
-        assert hwm.read_mark(str(d / "raft.db")).checkpointed and not hwm.read_mark(str(tmp_path / "early")).checkpointed
+        assert sqlitewal.read_mark(str(d / "raft.db")).checkpointed and not sqlitewal.read_mark(str(tmp_path / "early")).checkpointed
         put(tmp_path / "early-hwm", d / "raft.db-hwm")
     else:
         d, n = variant(crashed, tmp_path, lambda d, t: put(t / ("same-hwm" if stale == "fewer-frames" else "old-hwm"),
@@ -271,7 +271,7 @@ def test_mark_of_another_store(crashed, tmp_path):
     assert outcomes(d, n, tmp_path) == REFUSED
     closed = tmp_path / "closed"
     write(closed, "a5,close")
-    assert hwm.read_mark(str(closed / "raft.db")).checkpointed
+    assert sqlitewal.read_mark(str(closed / "raft.db")).checkpointed
     d2 = tmp_path / "v2"
     shutil.copytree(d, d2)
     put(closed / "raft.db-hwm", d2 / "raft.db-hwm")
@@ -299,7 +299,7 @@ def test_mark_from_the_future_after_a_clean_close(tmp_path):
     of an earlier one: refused / reported."""
     d = tmp_path / "n"
     n = write(d, "a10,cpsame,a10,ckRESTART,a10,close")
-    assert hwm.read_mark(str(d / "raft.db")).checkpointed
+    assert sqlitewal.read_mark(str(d / "raft.db")).checkpointed
     put(tmp_path / "same", d / "raft.db")
     put(tmp_path / "same-wal", d / "raft.db-wal")
     assert outcomes(d, n, tmp_path / "w") == REFUSED
@@ -332,12 +332,12 @@ def test_older_raft_db_put_back_after_a_clean_close_without_its_wal(tmp_path):
 
 
 def test_the_open_check_fires_when_the_mark_is_ignored(crashed, tmp_path, monkeypatch):
-    """outcome() is not satisfied by a store that ignores the mark: with hwm.lost_commits and the frame scan
+    """outcome() is not satisfied by a store that ignores the mark: with sqlitewal.lost_commits and the frame scan
     disabled, an older copy of the WAL (same generation, fewer frames) opens without the later commits and
     outcome() fails."""
     from raft_sqlite import validate
     d, n = variant(crashed, tmp_path, lambda d, t: put(t / "same-wal", d / "raft.db-wal"))
-    monkeypatch.setattr(hwm, "lost_commits", lambda *a, **kw: None)
+    monkeypatch.setattr(sqlitewal, "lost_commits", lambda *a, **kw: None)
     monkeypatch.setattr(validate, "wal_lost_commits", lambda *a, **kw: None)
     with pytest.raises(AssertionError, match="STRICT opened with"):
         outcome(d, n, RecoveryPolicy.STRICT, tmp_path)
