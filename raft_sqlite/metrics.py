@@ -56,7 +56,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import apsw
@@ -73,7 +73,9 @@ from prometheus_client.registry import Collector
 
 from . import layout
 from .errors import RaftSqliteError
+from .log import LogEntry
 from .status import GroupStatus, read_group_status
+from .store import NodeStore
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
@@ -225,7 +227,7 @@ class StoreMetrics:
     batch, and only if the group's committed log reaches them (a request dropped from its batch is not
     counted)."""
 
-    def __init__(self, store, registry: CollectorRegistry | None = None):
+    def __init__(self, store: NodeStore, registry: CollectorRegistry | None = None):
         self.store = store
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -250,11 +252,11 @@ class StoreMetrics:
         # Written by the commit in progress, keyed so that a batch the store replays (after dropping a
         # failed request) is not counted twice: id(entries list) -> (group_id, last index, entries), and
         # (group_id, segment_id) of sealed segments.
-        self._appends: dict[int, tuple] = {}
+        self._appends: dict[int, tuple[int, int, Sequence[LogEntry]]] = {}
         self._seals: set[tuple[int, int]] = set()
         store.kernel.add_listener(self)
 
-    def on_append(self, group_id: int, entries) -> None:
+    def on_append(self, group_id: int, entries: Sequence[LogEntry]) -> None:
         """Record listener: ``entries`` of ``group_id`` are in the commit being built."""
         if entries:
             self._appends[id(entries)] = (group_id, entries[-1].index, entries)
