@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
 import operator
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from . import layout
 from .args import int_arg
+from .entry import KINDS, EntryKind, LogEntry
 from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
                      LogUnavailableError, RaftSqliteError)
 
+__all__ = ["KINDS", "EntryKind", "LogEntry", "PersistentRaftLog", "validate_entries"]
+
 _MAX_INDEX, _MAX_TERM = layout.MAX_INDEX, layout.MAX_TERM
-
-
-class EntryKind(enum.IntEnum):
-    """What an entry carries. The store treats every kind alike; Raft layers give them meaning."""
-
-    NORMAL = 0
-    CONFIG = 1
-    NOOP = 2
-
-
-_KINDS = {int(k): k for k in EntryKind}
-
-
-class LogEntry(NamedTuple):
-    """One Raft log entry. ``data`` is the opaque payload (bytes)."""
-
-    index: int
-    term: int
-    data: bytes
-    kind: EntryKind = EntryKind.NORMAL
+#: old private name of :data:`raft_sqlite.entry.KINDS` (store.iter_replay imports it until the lead switches it)
+_KINDS = KINDS
 
 
 def _int(name: str, v) -> int:
@@ -93,7 +77,7 @@ def validate_entries(entries: Sequence) -> list[LogEntry]:
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"entry {index}: data must be bytes, not {type(data).__name__}")
             data = bytes(data)
-        k = _KINDS.get(kind) if not isinstance(kind, bool) else None
+        k = KINDS.get(kind) if not isinstance(kind, bool) else None
         if k is None:
             raise ValueError(f"entry {index}: unknown kind {kind!r}")
         if prev is not None:
