@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import threading
 import time
 import zlib
@@ -39,7 +38,8 @@ import apsw
 
 from . import layout, migrate
 from .metadata import group_crc, meta_crc
-from .wal import _HEADER, _U32, INT, SPAN
+from .logscan import RecordScanner, check_sealed_segments
+from .wal import SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
 PROBLEM_KINDS = ("integrity", "node", "schema", "metadata", "record_crc", "gap", "term", "sidecar", "segment",
@@ -320,18 +320,16 @@ class _Verifier:
         """Check every stored record of the group and its segments; returns the last index.
 
         Sealed segments with a content digest are checked with one SQLite aggregate each
-        (:func:`raft_sqlite.validate.check_sealed_segment`: presence, keys, types, segment column,
+        (:func:`raft_sqlite.logscan.check_sealed_segment`: presence, keys, types, segment column,
         content digest over every term/kind/payload byte, sidecar over every stored record CRC); every
         other record (open segment, segments sealed before revision 0003, records outside any segment,
         and every segment whose aggregate fails) is checked one by one, which also names the bad index."""
-        from .validate import check_sealed_segments
-
         c = self.main
         base = gid * SPAN
         segs = {sid: [lo, hi, cnt, nbytes, cks] for sid, lo, hi, cnt, nbytes, cks in c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum FROM log_segments "
             "WHERE group_id=?", (gid,))}
-        running: dict[int, list[int]] = {}  # segment -> [crc, count, bytes]
+        running: dict[int | None, list[int]] = {}  # segment -> [crc, count, bytes]
         fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
         suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
         problems_before = len(self.rep.problems)
@@ -358,25 +356,23 @@ class _Verifier:
             ranges.append(fast[lo])
             at = fast[lo][1] + 1
         ranges.append((at, SPAN - 1))
-        pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
-        prev = None
-        lowest = None
-        last_term = 0
+        sc = RecordScanner(c, gid, progress=lambda k: self.tick("log", k))
+        sc.running.update(running)
         n = 0
         for rng in ranges:
             if len(rng) == 5:  # a segment checked in SQLite: account for it as a whole
                 sid, hi, tmin, tmax, nbytes = rng
                 lo = segs[sid][0]
-                if lowest is None:
-                    lowest = lo
-                if prev is not None and lo != prev + 1:
-                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{lo - 1} are missing",
-                                 name, prev + 1)
-                if tmin < last_term:
+                if sc.lowest is None:
+                    sc.lowest = lo
+                if sc.prev is not None and lo != sc.prev + 1:
+                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {sc.prev + 1}..{lo - 1} are "
+                                 "missing", name, sc.prev + 1)
+                if tmin < sc.last_term:
                     self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {lo} "
-                                 f"({last_term} -> {tmin})", name, lo)
-                last_term = max(last_term, tmax)
-                prev = hi
+                                 f"({sc.last_term} -> {tmin})", name, lo)
+                sc.last_term = max(sc.last_term, tmax)
+                sc.prev = hi
                 n += hi - lo + 1
                 self.rep.bytes_checked += nbytes
                 self.tick("log", hi - lo + 1)
@@ -384,54 +380,35 @@ class _Verifier:
             r_lo, r_hi = rng
             if r_hi < r_lo:
                 continue
-            n_before = n
-            # CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway
-            for idx, idx_col, term, kind, payload, ptype, crc, seg in c.execute(
-                    f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), "
-                    f"typeof(payload), {INT('crc32')}, {INT('segment')} FROM log_entries "
-                    "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key", (base, r_lo, r_hi)):
-                n += 1
-                if idx_col != idx:
+            rows, nbytes = sc.rows, sc.nbytes
+            for f in sc.walk(r_lo, r_hi):
+                idx, kind = f.idx, f.kind
+                if kind == "index":
                     self.problem("record_crc", layout.MAIN_DB, f"{where}: log entry {idx} has a damaged index "
-                                 f"column ({idx_col!r})", name, idx)
-                if lowest is None:
-                    lowest = idx
-                if prev is not None and idx != prev + 1:
-                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
-                                 name, prev + 1)
-                prev = idx
-                payload = payload or b""
-                try:
-                    ok = ptype == "blob" and crc32(payload, crc32(pack(gid, idx_col, term, kind))) == crc
-                except (TypeError, struct.error, OverflowError):
-                    ok = False
-                if not ok:
-                    why = "" if ptype == "blob" else f": payload stored as {ptype}, not a BLOB"
+                                 f"column ({f.idx_col!r})", name, idx)
+                elif kind == "gap":
+                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {f.expected}..{idx - 1} are "
+                                 "missing", name, f.expected)
+                elif kind == "crc":
+                    why = "" if f.ptype == "blob" else f": payload stored as {f.ptype}, not a BLOB"
                     self.problem("record_crc", layout.MAIN_DB,
-                                 f"{where}: CRC mismatch in log entry {idx} (segment {seg}){why}", name, idx)
-                if not isinstance(term, int):
-                    term = last_term
-                if term < last_term:
+                                 f"{where}: CRC mismatch in log entry {idx} (segment {f.segment}){why}", name, idx)
+                elif kind == "term":
                     self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
-                                 f"({last_term} -> {term})", name, idx)
-                last_term = max(last_term, term)
-                r = running.get(seg)
-                if r is None:
-                    r = running[seg] = [0, 0, 0]
-                    if seg not in segs:
-                        self.problem("segment", layout.MAIN_DB,
-                                     f"{where}: log entry {idx} names segment {seg}, which does not exist", name, idx)
-                r[0] = crc32(upack(crc), r[0])
-                r[1] += 1
-                r[2] += len(payload)
-                s = segs.get(seg)
-                if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
+                                 f"({f.last_term} -> {f.term})", name, idx)
+                elif kind == "unknown_segment":
+                    self.problem("segment", layout.MAIN_DB,
+                                 f"{where}: log entry {idx} names segment {f.segment}, which does not exist", name,
+                                 idx)
+                elif kind == "outside_segment":
+                    assert f.seg_range is not None  # set for this kind
                     self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment "
-                                 f"{seg} ({s[0]}..{s[1]})", name, idx)
-                self.rep.bytes_checked += len(payload)
-                if (n - n_before) % 2000 == 0:
-                    self.tick("log", 2000)
-            self.tick("log", (n - n_before) % 2000)
+                                 f"{f.segment} ({f.seg_range[0]}..{f.seg_range[1]})", name, idx)
+                # "not_own" (named another segment than the one starting at or below it): covered above by
+                # "outside_segment" and the per-segment counts and sidecars below
+            n += sc.rows - rows
+            self.rep.bytes_checked += sc.nbytes - nbytes
+        prev, lowest, running = sc.prev, sc.lowest, sc.running
         self.rep.entries_checked += n
         last = max(first - 1, prev or 0)
         if n and lowest > first:
