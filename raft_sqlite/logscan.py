@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 
 import apsw
 
-from .wal import CONTENT_SQL, INT, SPAN, chain_crc, content_digest, record_crc, sidecar_checksum
+from .wal import CONTENT_SQL, INT, SPAN, chain_crc, chain_crcs, content_digest, record_crc, sidecar_checksum
 
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
 #: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
@@ -103,6 +103,8 @@ def check_sealed_segments(connect: Callable[[], apsw.Connection], base: int,
     return out
 
 
+_NO_SEGMENT = object()  # "no segment looked up yet" (None is a segment column value: a damaged one)
+
 #: The kinds of :class:`Finding`, in the order they are yielded for one record.
 FINDING_KINDS = ("index", "gap", "crc", "term", "not_own", "unknown_segment", "outside_segment")
 
@@ -138,10 +140,11 @@ class RecordScanner:
     last record accepted, None before any), ``last_term`` (the highest term so far) and ``running``
     (per segment ``[sidecar checksum, records, payload bytes]`` of the records accepted)."""
 
-    #: CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway
+    #: CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway.
+    #: The payload's type is read only when it is not a BLOB (NULL for a BLOB: no string per record).
     SELECT = (f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), "
-              f"typeof(payload), {INT('crc32')}, {INT('segment')} FROM log_entries "
-              "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key")
+              f"CASE typeof(payload) WHEN 'blob' THEN NULL ELSE typeof(payload) END, {INT('crc32')}, "
+              f"{INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key")
 
     def __init__(self, conn: apsw.Connection, group_id: int, prev: int | None = None,
                  progress: Callable[[int], object] | None = None) -> None:
@@ -171,51 +174,86 @@ class RecordScanner:
         own = starts[k][1] if starts else None
         next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
         crc_of, progress = record_crc, self.progress
-        prev, last_term = self.prev, self.last_term
+        # the per-record state lives in locals (this loop is on the open path) and is written back when the
+        # walk ends or the caller stops it (the finally below runs on the generator's close too); the record
+        # CRCs of the current segment are collected in an array and folded into its sidecar in one call
+        prev, last_term, lowest, rows, nbytes = self.prev, self.last_term, self.lowest, 0, 0
+        cur_seg: object = _NO_SEGMENT
+        r = [0, 0, 0]
+        pend: array.array[int] = array.array("I")
+        pend_append, seg_bytes = pend.append, 0
+        s_lo: int | None = None
+        s_hi: int | None = None
         walked = 0
-        for idx, idx_col, term, kind, payload, ptype, crc, seg in self.conn.execute(self.SELECT, (self.base, lo, hi)):
-            walked += 1
-            if self.lowest is None:
-                self.lowest = idx
-            payload = payload or b""
-            expected = None if prev is None else prev + 1
-            if idx_col != idx:
-                yield Finding("index", idx, expected, idx_col, seg, ptype, term, last_term, own, None)
-            if expected is not None and idx != expected:
-                yield Finding("gap", idx, expected, idx_col, seg, ptype, term, last_term, own, None)
-            if not (ptype == "blob" and crc_of(gid, idx_col, term, kind, payload) == crc):
-                yield Finding("crc", idx, expected, idx_col, seg, ptype, term, last_term, own, None)
-            if not isinstance(term, int):
-                term = last_term
-            if term < last_term:
-                yield Finding("term", idx, expected, idx_col, seg, ptype, term, last_term, own, None)
-            while next_lo is not None and idx >= next_lo:
-                k += 1
-                own = starts[k][1]
-                next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
-            if seg != own:
-                yield Finding("not_own", idx, expected, idx_col, seg, ptype, term, last_term, own, None)
-            r = running.get(seg)
-            if r is None:
-                r = running[seg] = [0, 0, 0]
-                if seg not in bounds:
-                    yield Finding("unknown_segment", idx, expected, idx_col, seg, ptype, term, last_term, own, None)
-            s = bounds.get(seg) if seg is not None else None
-            if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
-                yield Finding("outside_segment", idx, expected, idx_col, seg, ptype, term, last_term, own, s)
-            # accepted: nothing above made the caller stop
-            r[0] = chain_crc(r[0], crc)
-            r[1] += 1
-            r[2] += len(payload)
-            self.rows += 1
-            self.nbytes += len(payload)
-            prev = self.prev = idx
-            if term > last_term:
-                last_term = self.last_term = term
-            if progress is not None and walked % 2000 == 0:
-                progress(2000)
-        if progress is not None and walked % 2000:
-            progress(walked % 2000)
+        try:
+            for idx, idx_col, term, kind, payload, ptype, crc, seg in self.conn.execute(self.SELECT,
+                                                                                        (self.base, lo, hi)):
+                walked += 1
+                if lowest is None:
+                    lowest = idx
+                if payload is None:
+                    payload = b""
+                expected = None if prev is None else prev + 1
+                if idx_col != idx:
+                    yield Finding("index", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if idx != expected and expected is not None:
+                    yield Finding("gap", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if ptype is not None or crc_of(gid, idx_col, term, kind, payload) != crc:
+                    yield Finding("crc", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if term.__class__ is not int:  # only damage (NULL from INT()) makes it anything else
+                    term = last_term
+                if term < last_term:
+                    yield Finding("term", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                while next_lo is not None and idx >= next_lo:
+                    k += 1
+                    own = starts[k][1]
+                    next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+                if seg != own:
+                    yield Finding("not_own", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if seg != cur_seg:
+                    r[0] = chain_crcs(r[0], pend)
+                    r[1] += len(pend)
+                    r[2] += seg_bytes
+                    del pend[:]
+                    seg_bytes = 0
+                    got = running.get(seg)
+                    if got is None:
+                        got = running[seg] = [0, 0, 0]
+                        if seg not in bounds:
+                            yield Finding("unknown_segment", idx, expected, idx_col, seg, ptype or "blob", term,
+                                          last_term, own, None)
+                    r, cur_seg = got, seg
+                    s_lo, s_hi = bounds.get(seg, (None, None)) if seg is not None else (None, None)
+                if s_lo is not None and (idx < s_lo or (s_hi is not None and idx > s_hi)):
+                    yield Finding("outside_segment", idx, expected, idx_col, seg, ptype or "blob", term, last_term,
+                                  own, (s_lo, s_hi))
+                # accepted: nothing above made the caller stop
+                try:
+                    pend_append(crc)
+                except (TypeError, OverflowError):  # a damaged CRC column: fold what came before, then fail
+                    r[0] = chain_crcs(r[0], pend)  # as the fold of this value does (struct.error), as ever
+                    r[1] += len(pend)
+                    r[2] += seg_bytes
+                    del pend[:]
+                    seg_bytes = 0
+                    r[0] = chain_crc(r[0], crc)
+                seg_bytes += len(payload)
+                rows += 1
+                nbytes += len(payload)
+                prev = idx
+                if term > last_term:
+                    last_term = term
+                if progress is not None and walked % 2000 == 0:
+                    progress(2000)
+            if progress is not None and walked % 2000:
+                progress(walked % 2000)
+        finally:
+            r[0] = chain_crcs(r[0], pend)
+            r[1] += len(pend)
+            r[2] += seg_bytes
+            self.prev, self.last_term, self.lowest = prev, last_term, lowest
+            self.rows += rows
+            self.nbytes += nbytes
 
     def sidecar(self, sid: int) -> tuple[int, int, int]:
         """``(sidecar checksum, records, payload bytes)`` folded so far for segment ``sid`` (zeros if none)."""
