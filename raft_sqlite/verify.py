@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 import apsw
@@ -66,6 +67,29 @@ def open_readonly(path: str) -> apsw.Connection:
     conn.execute("PRAGMA query_only=1")
     conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # NotADBError on a garbage file
     return conn
+
+
+#: A row read from the store under verification. Any column may hold any SQLite type (damage is what
+#: verify looks for): the checks compare the values and report what does not fit, so they are ``Any``.
+DbRow = tuple[Any, ...]
+
+
+def _rows(cursor: apsw.Cursor) -> list[DbRow]:
+    """Every row of ``cursor``."""
+    return cursor.fetchall()
+
+
+def _row(cursor: apsw.Cursor) -> DbRow | None:
+    """The first row of ``cursor``, or None."""
+    row: DbRow | None = cursor.fetchone()
+    return row
+
+
+def _scalar(cursor: apsw.Cursor) -> Any:
+    """The single value of an aggregate query (which always yields one row)."""
+    row = _row(cursor)
+    assert row is not None  # an aggregate without GROUP BY always yields one row
+    return row[0]
 
 
 @dataclass
@@ -109,7 +133,8 @@ class VerifyReport:
             out[p.kind] = out.get(p.kind, 0) + 1
         return out
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-able data (``ok`` included)."""
         d = asdict(self)
         d["ok"] = self.ok
         return d
@@ -121,7 +146,7 @@ class VerifyReport:
                 f"warnings={len(self.warnings)} in {self.duration:.2f} s")
 
 
-def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
+def verify(data_dir: str | os.PathLike[str], progress: ProgressCallback | None = None) -> VerifyReport:
     """Validate everything stored in ``data_dir`` (see the module docstring) and return a
     :class:`VerifyReport`; never writes. ``progress(stage, done, total)`` is called as work proceeds
     (``total`` counts log records + snapshot chunks + 2 integrity checks). Raises
@@ -149,27 +174,27 @@ def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
 
 
 class _Verifier:
-    def __init__(self, rep: VerifyReport, progress):
+    def __init__(self, rep: VerifyReport, progress: ProgressCallback | None) -> None:
         self.rep = rep
         self.progress = progress
         self.done = 0
         self.total = 2
-        self.main = None
-        self.main_path = None
-        self.chunks = None
+        self.main: apsw.Connection | None = None
+        self.main_path = ""
+        self.chunks: apsw.Connection | None = None
 
-    def close(self):
+    def close(self) -> None:
         for c in (self.main, self.chunks):
             if c is not None:
                 c.close()
 
-    def tick(self, stage: str, n: int = 1, force: bool = False):
+    def tick(self, stage: str, n: int = 1, force: bool = False) -> None:
         before = self.done
         self.done += n
         if self.progress is not None and (force or self.done // 2000 != before // 2000):
             self.progress(stage, self.done, self.total)
 
-    def problem(self, kind, file, message, group=None, index=None):
+    def problem(self, kind: str, file: str, message: str, group: str | None = None, index: int | None = None) -> None:
         self.rep.problems.append(Problem(kind, file, message, group, index))
 
     def _integrity(self, path: str, name: str) -> None:
@@ -204,15 +229,18 @@ class _Verifier:
         self.rep.integrity[name] = f"unreadable: {exc}"
         self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
 
-    def run(self, main_path: str, chunks_path: str):
+    def run(self, main_path: str, chunks_path: str) -> None:
         self.main_path = main_path
         self.main = self._open(main_path, layout.MAIN_DB)
         if self.main is None:
             return
         self.chunks = self._open(chunks_path, layout.CHUNKS_DB)
         files = [(main_path, layout.MAIN_DB)] + ([(chunks_path, layout.CHUNKS_DB)] if self.chunks is not None else [])
-        bg = threading.Thread(target=lambda: [self._integrity(p, n) for p, n in files], daemon=True,
-                              name="raft_sqlite-integrity")
+        def integrity() -> None:
+            for p, n in files:
+                self._integrity(p, n)
+
+        bg = threading.Thread(target=integrity, daemon=True, name="raft_sqlite-integrity")
         bg.start()
         try:
             self._run(main_path, chunks_path)
@@ -222,14 +250,20 @@ class _Verifier:
         if self.progress is not None:
             self.progress("done", self.total, self.total)
 
-    def _run(self, main_path: str, chunks_path: str):
-        c = self.main
+    @property
+    def _main(self) -> apsw.Connection:
+        """The read connection on raft.db (set by :meth:`run` before any check runs)."""
+        assert self.main is not None
+        return self.main
+
+    def _run(self, main_path: str, chunks_path: str) -> None:
+        c = self._main
         started = time.time()
         if self.chunks is not None:
             # chunks.db first, then raft.db: a snapshot finalized in between is re-checked (see _snapshots)
             self.chunks.execute("BEGIN")
             try:
-                self.total += self.chunks.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0]
+                self.total += _scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks"))
             except apsw.Error as exc:
                 self.problem("schema", layout.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
                 self.chunks.execute("COMMIT")
@@ -237,7 +271,7 @@ class _Verifier:
                 self.chunks = None
         c.execute("BEGIN")  # one consistent read of raft.db
         try:
-            self.total += c.execute("SELECT count(*) FROM log_entries").fetchone()[0]
+            self.total += _scalar(c.execute("SELECT count(*) FROM log_entries"))
         except apsw.Error as exc:
             c.execute("COMMIT")
             self.problem("schema", layout.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
@@ -252,26 +286,26 @@ class _Verifier:
             if self.chunks is not None:
                 self.chunks.execute("COMMIT")
 
-    def _sql_objects(self, path):
+    def _sql_objects(self, path: str) -> None:
         """Triggers and views against their declared text (only at the head revision: an older store
         gets them from its migration on the next open)."""
         from .validate import check_sql_objects
 
-        if migrate.current_revision(self.main) != layout.MAIN_HEAD:
+        if migrate.current_revision(self._main) != layout.MAIN_HEAD:
             return
-        for kind, name, what in check_sql_objects(self.main):
+        for kind, name, what in check_sql_objects(self._main):
             self.problem("schema", layout.MAIN_DB, f"{path}: {kind} {name!r} is {what}"
                          + (" (its SQL differs from the declared text)" if what == "altered" else ""))
 
-    def _node(self, path):
+    def _node(self, path: str) -> None:
         from .store import node_crc
 
-        c = self.main
+        c = self._main
         rev = migrate.current_revision(c)
         if rev != layout.MAIN_HEAD:
             self.rep.warnings.append(f"{path}: schema revision {rev!r}, this code's head is {layout.MAIN_HEAD!r} "
                                      "(upgraded on the next open)" if rev else f"{path}: no schema revision")
-        row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
+        row = _row(c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node"))
         if row is None:
             self.problem("node", layout.MAIN_DB, f"{path}: the node record is missing")
             return
@@ -282,11 +316,11 @@ class _Verifier:
             self.problem("node", layout.MAIN_DB,
                          f"{path}: data format {fmt} is newer than this code supports ({layout.FORMAT_VERSION})")
 
-    def _groups(self, path):
-        c = self.main
-        rows = c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
+    def _groups(self, path: str) -> None:
+        c = self._main
+        rows = _rows(c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
                          "m.commit_index, m.crc32, g.recovered_partially, g.snapshot_term, g.crc32 FROM groups g "
-                         "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
+                         "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
         for gid, name, first, snap_idx, term, vote, commit, mcrc, partial, snap_term, gcrc in rows:
             self.rep.groups += 1
             where = f"{path}: group {name!r}"
@@ -303,8 +337,8 @@ class _Verifier:
                 self.problem("metadata", layout.MAIN_DB,
                              f"{where}: metadata (term={term}, vote={vote!r}, commit={commit}) fails its CRC check",
                              name)
-            durable = c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
-                                (gid,)).fetchone()[0] or 0
+            durable = _scalar(c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
+                                        (gid,))) or 0
             if durable != snap_idx:
                 self.problem("shape", layout.MAIN_DB, f"{where}: snapshot index {snap_idx} in the group record "
                              f"disagrees with the newest durable snapshot {durable}", name)
@@ -316,7 +350,7 @@ class _Verifier:
                 self.problem("shape", layout.MAIN_DB,
                              f"{where}: commit index {commit} is beyond the last index {last}", name, commit)
 
-    def _log(self, where, gid, name, first) -> int:
+    def _log(self, where: str, gid: int, name: str, first: int) -> int:
         """Check every stored record of the group and its segments; returns the last index.
 
         Sealed segments with a content digest are checked with one SQLite aggregate each
@@ -324,7 +358,7 @@ class _Verifier:
         content digest over every term/kind/payload byte, sidecar over every stored record CRC); every
         other record (open segment, segments sealed before revision 0003, records outside any segment,
         and every segment whose aggregate fails) is checked one by one, which also names the bad index."""
-        c = self.main
+        c = self._main
         base = gid * SPAN
         segs = {sid: [lo, hi, cnt, nbytes, cks] for sid, lo, hi, cnt, nbytes, cks in c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum FROM log_segments "
@@ -333,10 +367,10 @@ class _Verifier:
         fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
         suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
         problems_before = len(self.rep.problems)
-        with_digest = c.execute(
+        with_digest = _rows(c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
             "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
-            "ORDER BY first_index", (gid,)).fetchall()
+            "ORDER BY first_index", (gid,)))
         # on parallel read connections; a segment changed since this verify's read transaction began
         # (a running node compacting or truncating) fails there and is checked below on the consistent view
         checked = check_sealed_segments(lambda: open_readonly(self.main_path), base, with_digest)
@@ -348,7 +382,8 @@ class _Verifier:
             elif ok is None:
                 suspects.append((sid, lo, hi))
         # the key ranges left to check record by record, in order, around the segments checked in SQLite
-        ranges, at = [], 1
+        ranges: list[tuple[Any, ...]] = []  # (lo, hi) to walk, or a segment checked in SQLite (5 values)
+        at = 1
         for lo in sorted(fast):
             if lo < at:
                 continue
@@ -411,7 +446,7 @@ class _Verifier:
         prev, lowest, running = sc.prev, sc.lowest, sc.running
         self.rep.entries_checked += n
         last = max(first - 1, prev or 0)
-        if n and lowest > first:
+        if n and lowest is not None and lowest > first:  # (n > 0: a record or segment set lowest)
             self.problem("gap", layout.MAIN_DB, f"{where}: log entries {first}..{lowest - 1} are missing (first "
                          f"index {first}, first stored record {lowest})", name, first)
         for sid, (lo, hi, cnt, nbytes, cks) in sorted(segs.items()):
@@ -438,14 +473,17 @@ class _Verifier:
                              "digest", name, sid)
         return last
 
-    def _chunks(self, sid, name, where, chunks_path, status, size, count, checksum):
+    def _chunks(self, sid: int, name: str | None, where: str, chunks_path: str, status: str, size: int, count: int,
+                checksum: str | None) -> tuple[int, list[Problem]]:
         """Check the chunks of snapshot ``sid``; returns ``(chunks read, [Problem])``."""
+        chunks = self.chunks
+        assert chunks is not None  # _snapshots checks chunks only with chunks.db open
         probs = []
         h = hashlib.sha256()
         total = 0
         seqs = []
         bad = 0
-        for seq, data, dtype, ccrc in self.chunks.execute(
+        for seq, data, dtype, ccrc in chunks.execute(
                 "SELECT seq, CAST(data AS BLOB), typeof(data), crc32 FROM snapshot_chunks WHERE key >= ? AND key < ? "
                 "ORDER BY key", (sid << 32, (sid + 1) << 32)):
             seqs.append(seq)
@@ -473,15 +511,17 @@ class _Verifier:
                                  "manifest", name, sid))
         return len(seqs), probs
 
-    def _snapshots(self, path, chunks_path, started):
-        c = self.main
+    def _snapshots(self, path: str, chunks_path: str, started: float) -> None:
+        c = self._main
+        manifest_crc: Callable[[apsw.Connection, int], int | None] | None
         try:
-            from .snapshot import manifest_crc  # provided by the snapshot module, if it defines one
+            from .snapshot import manifest_crc as snapshot_manifest_crc  # if the snapshot module defines one
+            manifest_crc = snapshot_manifest_crc
         except ImportError:
             manifest_crc = None
-        rows = c.execute("SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
+        rows = _rows(c.execute("SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
                          "s.chunk_count, s.checksum, s.finished_at, s.crc32 FROM snapshots s "
-                         "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id").fetchall()
+                         "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id"))
         by_id = {r[0]: r for r in rows}
         seen_chunks = set()
         for sid, name, gid, idx, kind, parent, status, size, count, checksum, finished, crc in rows:
@@ -521,7 +561,7 @@ class _Verifier:
             orphans = [r[0] for r in self.chunks.execute("SELECT DISTINCT snapshot_id FROM snapshot_chunks")
                        if r[0] not in by_id]
             for sid in orphans:
-                n = self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)).fetchone()[0]
+                n = _scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)))
                 self.rep.warnings.append(f"{chunks_path}: {n} orphan chunk(s) of snapshot {sid} (no manifest; "
                                          "removed by snapshot retention)")
                 self.tick("snapshots", n)
