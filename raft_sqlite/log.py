@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import layout
 from .args import int_arg
@@ -19,7 +19,7 @@ _MAX_INDEX, _MAX_TERM = layout.MAX_INDEX, layout.MAX_TERM
 _KINDS = KINDS
 
 
-def _int(name: str, v) -> int:
+def _int(name: str, v: object) -> int:
     """An int argument of any size (a read position: out-of-log values get the contract's errors)."""
     return int_arg(name, v, None, None)
 
@@ -30,7 +30,7 @@ _KIND_ONLY = {EntryKind}
 _LOGENTRY_ONLY = {LogEntry}
 
 
-def _well_formed(entries) -> bool:
+def _well_formed(entries: list[Any]) -> bool:
     """Fast check, at C speed for big batches: every item is a LogEntry of int index >= 1, int term >= 0,
     bytes data and an EntryKind, indexes contiguous and terms non-decreasing. False means "look closer"
     (the slow path then raises the precise error or normalises the input)."""
@@ -47,7 +47,7 @@ def _well_formed(entries) -> bool:
     return all(map(operator.le, terms, itertools.islice(terms, 1, None)))
 
 
-def validate_entries(entries: Sequence) -> list[LogEntry]:
+def validate_entries(entries: Sequence[Any]) -> list[LogEntry]:
     """Type-check and normalise entries to a contiguous, term-monotone list of LogEntry (without
     looking at the log). Raises TypeError/ValueError, LogGapError or LogConflictError."""
     if isinstance(entries, (LogEntry, bytes, str)):

@@ -18,7 +18,7 @@ import apsw
 from .errors import CorruptionError, RecoveryRefused
 from .hwm import wal_checksum, wal_header_salts
 from .logscan import (CHECK_THREADS, SEGMENT_CHECK_SQL, RecordScanner, check_sealed_segment,
-                      check_sealed_segments)
+                      check_sealed_segments, db_rows)
 from .metadata import group_crc, meta_crc
 from .recovery import RecoveryPolicy, RecoveryReport
 from .wal import INT, SPAN, cut_after, load_open_segment
@@ -266,12 +266,13 @@ def recover_snapshots(store: Any, conn: apsw.Connection, report: RecoveryReport)
     from .snapshot import _SEQ_SPAN, SnapshotStore, manifest_fields_crc
 
     policy = store.recovery_policy
-    names = dict(conn.execute("SELECT group_id, name FROM groups").fetchall())
-    rows = conn.execute("SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, "
-                        "checksum, structures, source, crc32 FROM snapshots ORDER BY snapshot_id").fetchall()
+    names: dict[Any, Any] = dict(db_rows(conn.execute("SELECT group_id, name FROM groups")))
+    rows = db_rows(conn.execute("SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, "
+                                "checksum, structures, source, crc32 FROM snapshots ORDER BY snapshot_id"))
     by_id = {r[0]: r for r in rows}
-    gsnap = dict(conn.execute("SELECT group_id, snapshot_index FROM groups").fetchall())
-    doomed, bad = [], set()
+    gsnap: dict[Any, Any] = dict(db_rows(conn.execute("SELECT group_id, snapshot_index FROM groups")))
+    doomed: list[int] = []
+    bad: set[int] = set()
     sstore = SnapshotStore.of(store)
     chunks = store.chunks_conn
     for r in rows:
@@ -293,8 +294,8 @@ def recover_snapshots(store: Any, conn: apsw.Connection, report: RecoveryReport)
                                   or by_id[parent][2] > idx or parent >= sid):
             problem = f"broken chain link to parent {parent}"
         else:
-            shape = chunks.execute("SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? "
-                                   "ORDER BY key", (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN)).fetchall()
+            shape = db_rows(chunks.execute("SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? "
+                                           "ORDER BY key", (sid * _SEQ_SPAN, (sid + 1) * _SEQ_SPAN)))
             if [q for q, _ in shape] != list(range(len(shape))) or len(shape) != count:
                 problem = f"chunks missing ({len(shape)} present, {count} recorded)"
             elif sum(n for _, n in shape) != size:

@@ -39,7 +39,7 @@ import apsw
 
 from . import layout, migrate
 from .metadata import group_crc, meta_crc
-from .logscan import RecordScanner, check_sealed_segments
+from .logscan import RecordScanner, check_sealed_segments, db_row as _row, db_rows as _rows, db_scalar as _scalar
 from .wal import SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
@@ -67,29 +67,6 @@ def open_readonly(path: str) -> apsw.Connection:
     conn.execute("PRAGMA query_only=1")
     conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # NotADBError on a garbage file
     return conn
-
-
-#: A row read from the store under verification. Any column may hold any SQLite type (damage is what
-#: verify looks for): the checks compare the values and report what does not fit, so they are ``Any``.
-DbRow = tuple[Any, ...]
-
-
-def _rows(cursor: apsw.Cursor) -> list[DbRow]:
-    """Every row of ``cursor``."""
-    return cursor.fetchall()
-
-
-def _row(cursor: apsw.Cursor) -> DbRow | None:
-    """The first row of ``cursor``, or None."""
-    row: DbRow | None = cursor.fetchone()
-    return row
-
-
-def _scalar(cursor: apsw.Cursor) -> Any:
-    """The single value of an aggregate query (which always yields one row)."""
-    row = _row(cursor)
-    assert row is not None  # an aggregate without GROUP BY always yields one row
-    return row[0]
 
 
 @dataclass
