@@ -247,7 +247,8 @@ def recover_groups(store, conn, report) -> None:
                                      snap_idx, snap_term, term, vote, commit, seg, bool(partial))
 
 
-def recover_snapshots(store: Any, conn: apsw.Connection, report: RecoveryReport) -> set[int]:  # store: the lead types this as Kernel
+def recover_snapshots(store: Any, conn: apsw.Connection,  # store: the lead types this as Kernel
+                      report: RecoveryReport) -> set[int]:
     """Snapshot part of the recovery on open (inside the open transaction on ``conn``).
 
     * A WRITING **local** snapshot is an orphan of a crash (its writer is gone): its manifest is
@@ -393,7 +394,8 @@ def _scan(store: Any, conn: apsw.Connection, report: RecoveryReport, gid: int, n
     # below) as before, never computed with unless it already passed them
     sealed = cast("list[tuple[int, int, int, int, int, int, int | None]]", conn.execute(
         "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc FROM log_segments "
-        "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index", (gid, first)).fetchall())
+        "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index",
+        (gid, first)).fetchall())
     # the aggregates of every segment that may take the fast path, on parallel read connections (they see
     # the same committed log as ``conn``: nothing in log_entries has been written by this open yet)
     checked = check_sealed_segments(lambda: store._connect(store.path, query_only=True), base,

@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 import apsw
 
 from . import layout, migrate
+from .logscan import RecordScanner, check_sealed_segments, db_row, db_rows, db_scalar
 from .metadata import group_crc, meta_crc
-from .logscan import RecordScanner, check_sealed_segments, db_row as _row, db_rows as _rows, db_scalar as _scalar
+from .validate import check_sql_objects
 from .wal import SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
@@ -240,7 +241,7 @@ class _Verifier:
             # chunks.db first, then raft.db: a snapshot finalized in between is re-checked (see _snapshots)
             self.chunks.execute("BEGIN")
             try:
-                self.total += _scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks"))
+                self.total += db_scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks"))
             except apsw.Error as exc:
                 self.problem("schema", layout.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
                 self.chunks.execute("COMMIT")
@@ -248,7 +249,7 @@ class _Verifier:
                 self.chunks = None
         c.execute("BEGIN")  # one consistent read of raft.db
         try:
-            self.total += _scalar(c.execute("SELECT count(*) FROM log_entries"))
+            self.total += db_scalar(c.execute("SELECT count(*) FROM log_entries"))
         except apsw.Error as exc:
             c.execute("COMMIT")
             self.problem("schema", layout.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
@@ -266,8 +267,6 @@ class _Verifier:
     def _sql_objects(self, path: str) -> None:
         """Triggers and views against their declared text (only at the head revision: an older store
         gets them from its migration on the next open)."""
-        from .validate import check_sql_objects
-
         if migrate.current_revision(self._main) != layout.MAIN_HEAD:
             return
         for kind, name, what in check_sql_objects(self._main):
@@ -282,7 +281,7 @@ class _Verifier:
         if rev != layout.MAIN_HEAD:
             self.rep.warnings.append(f"{path}: schema revision {rev!r}, this code's head is {layout.MAIN_HEAD!r} "
                                      "(upgraded on the next open)" if rev else f"{path}: no schema revision")
-        row = _row(c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node"))
+        row = db_row(c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node"))
         if row is None:
             self.problem("node", layout.MAIN_DB, f"{path}: the node record is missing")
             return
@@ -295,9 +294,10 @@ class _Verifier:
 
     def _groups(self, path: str) -> None:
         c = self._main
-        rows = _rows(c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
-                         "m.commit_index, m.crc32, g.recovered_partially, g.snapshot_term, g.crc32 FROM groups g "
-                         "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
+        rows = db_rows(c.execute(
+            "SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
+            "m.commit_index, m.crc32, g.recovered_partially, g.snapshot_term, g.crc32 FROM groups g "
+            "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
         for gid, name, first, snap_idx, term, vote, commit, mcrc, partial, snap_term, gcrc in rows:
             self.rep.groups += 1
             where = f"{path}: group {name!r}"
@@ -314,7 +314,7 @@ class _Verifier:
                 self.problem("metadata", layout.MAIN_DB,
                              f"{where}: metadata (term={term}, vote={vote!r}, commit={commit}) fails its CRC check",
                              name)
-            durable = _scalar(c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
+            durable = db_scalar(c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
                                         (gid,))) or 0
             if durable != snap_idx:
                 self.problem("shape", layout.MAIN_DB, f"{where}: snapshot index {snap_idx} in the group record "
@@ -344,7 +344,7 @@ class _Verifier:
         fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
         suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
         problems_before = len(self.rep.problems)
-        with_digest = _rows(c.execute(
+        with_digest = db_rows(c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
             "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
             "ORDER BY first_index", (gid,)))
@@ -496,9 +496,10 @@ class _Verifier:
             manifest_crc = snapshot_manifest_crc
         except ImportError:
             manifest_crc = None
-        rows = _rows(c.execute("SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
-                         "s.chunk_count, s.checksum, s.finished_at, s.crc32 FROM snapshots s "
-                         "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id"))
+        rows = db_rows(c.execute(
+            "SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
+            "s.chunk_count, s.checksum, s.finished_at, s.crc32 FROM snapshots s "
+            "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id"))
         by_id = {r[0]: r for r in rows}
         seen_chunks = set()
         for sid, name, gid, idx, kind, parent, status, size, count, checksum, finished, crc in rows:
@@ -538,7 +539,7 @@ class _Verifier:
             orphans = [r[0] for r in self.chunks.execute("SELECT DISTINCT snapshot_id FROM snapshot_chunks")
                        if r[0] not in by_id]
             for sid in orphans:
-                n = _scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)))
+                n = db_scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)))
                 self.rep.warnings.append(f"{chunks_path}: {n} orphan chunk(s) of snapshot {sid} (no manifest; "
                                          "removed by snapshot retention)")
                 self.tick("snapshots", n)

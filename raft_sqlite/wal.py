@@ -165,7 +165,7 @@ class OpenSegment:
 
 
 #: one ``log_entries`` row as inserted: (key, group_id, idx, term, kind, payload, crc32, segment)
-Row = tuple[int, int, int, int, int, bytes, int, int]
+RecordRow = tuple[int, int, int, int, int, bytes, int, int]
 
 
 def cut_after(conn: apsw.Connection, group_id: int, keep_through: int, permit: int | None = None) -> None:
@@ -197,7 +197,7 @@ class WalWriter:
         self.on_rotate = on_rotate
         #: rows of deferred appends, inserted by :meth:`flush` (the store flushes before any other
         #: statement and at commit, so every batch's appends become one executemany)
-        self.pending: list[Row] = []
+        self.pending: list[RecordRow] = []
         #: called before this writer runs any statement itself (the store begins its transaction and
         #: flushes pending rows there)
         self.before_sql: Callable[[], object] | None = None
@@ -264,7 +264,7 @@ class WalWriter:
         # a batch: build the rows with map/zip (C-level loops), not a Python loop per entry
         idxs, terms, datas, kinds = zip(*entries)
         crcs = record_crcs(group_id, idxs, terms, kinds, datas)
-        rows: list[Row] = list(zip(range(base + idxs[0], base + idxs[0] + len(idxs)), itertools.repeat(group_id),
+        rows: list[RecordRow] = list(zip(range(base + idxs[0], base + idxs[0] + len(idxs)), itertools.repeat(group_id),
                                    idxs, terms, kinds, datas, crcs, itertools.repeat(sid)))
         if defer:
             self.pending.extend(rows)
@@ -281,7 +281,7 @@ class WalWriter:
         self._sql()
         p = self.policy
         base = group_id * SPAN
-        rows: list[Row] = []
+        rows: list[RecordRow] = []
         for e in entries:
             payload = e.data
             n = len(payload)

@@ -32,7 +32,8 @@ def test_codec_matches_the_format_definition_one_by_one_and_in_batches():
     acc = 0
     for c in one:
         acc = wal.chain_crc(acc, c)
-    assert acc == packed == wal.sidecar_checksum(one) == wal.chain_crcs(0, wal.record_crcs(7, idxs, terms, kinds, datas))
+    assert acc == packed == wal.sidecar_checksum(one)
+    assert wal.chain_crcs(0, wal.record_crcs(7, idxs, terms, kinds, datas)) == packed
     # content digest: "<term> <kind>\n" + payload per record, the mixed batch and the uniform (one term, NORMAL) one
     text = b"".join(b"%d %d\n" % (t, k) + d for _i, t, k, d in recs)
     acc = 0
@@ -62,7 +63,8 @@ def test_cut_after_deletes_through_the_guard_and_clears_the_permit(data_dir):
     assert c.execute("SELECT max(idx), count(*) FROM log_entries").fetchone() == (20, 20)
     assert c.execute("SELECT truncate_permit FROM groups").fetchone() == (None,)
     # segment 17..24 holds 20: open again; 25.. gone
-    assert c.execute("SELECT first_index, last_index FROM log_segments ORDER BY first_index").fetchall()[-1] == (17, None)
+    segs = c.execute("SELECT first_index, last_index FROM log_segments ORDER BY first_index").fetchall()
+    assert segs[-1] == (17, None)
     # the permit is gone: the guard refuses deleting an uncommitted entry again
     with pytest.raises(apsw.ConstraintError, match="refusing to delete"):
         c.execute("DELETE FROM log_entries WHERE idx = 20")
