@@ -25,13 +25,14 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import apsw
 
 from . import fsio, layout
 from .args import text_arg
 from .commit import R, CommitListener, CommitPipeline, IntervalSyncer, StoreStats, Tx, Write, translate
+from .entry import LogEntry
 from .errors import CorruptionError, RaftSqliteError, StorageFault
 from .fsync import FsyncMode, pragmas_for
 from .groupstate import GroupState, GroupTable
@@ -46,7 +47,7 @@ class RecordListener(Protocol):
     thread while the batch is being built: a batch may still be replayed or fail, so a listener counts
     only what :meth:`CommitListener.on_commit` later confirms (e.g. against the published group state)."""
 
-    def on_append(self, group_id: int, entries: Sequence[Any]) -> None: ...
+    def on_append(self, group_id: int, entries: Sequence[LogEntry]) -> None: ...
 
     def on_seal(self, group_id: int, segment_id: int) -> None: ...
 
@@ -218,7 +219,7 @@ class Kernel:
         """True inside a ``store.transaction()`` block on this thread."""
         return self.pipeline.in_transaction()
 
-    def append_records(self, conn: apsw.Connection, g: GroupState, entries: Sequence[Any]) -> None:
+    def append_records(self, conn: apsw.Connection, g: GroupState, entries: Sequence[LogEntry]) -> None:
         """Queue ``entries`` as records of group ``g`` (a deferred write op: inserted at commit) and tell
         the record listeners."""
         g.seg = self.writer.append(conn, g.gid, g.seg, entries, defer=True)

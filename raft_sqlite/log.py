@@ -2,46 +2,27 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
 import operator
-from typing import NamedTuple, Sequence
+from typing import Any, Sequence
 
 import apsw
 
 from . import layout
 from .args import int_arg
+from .entry import KINDS, EntryKind, LogEntry
 from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
                      LogUnavailableError)
 from .commit import deferred
 from .groupstate import GroupState, write_group_row
 from .kernel import Kernel
 
+__all__ = ["KINDS", "EntryKind", "LogEntry", "PersistentRaftLog", "validate_entries"]
+
 _MAX_INDEX, _MAX_TERM = layout.MAX_INDEX, layout.MAX_TERM
 
 
-class EntryKind(enum.IntEnum):
-    """What an entry carries. The store treats every kind alike; Raft layers give them meaning."""
-
-    NORMAL = 0
-    CONFIG = 1
-    NOOP = 2
-
-
-_KINDS = {int(k): k for k in EntryKind}
-KINDS = _KINDS  #: EntryKind by its stored int
-
-
-class LogEntry(NamedTuple):
-    """One Raft log entry. ``data`` is the opaque payload (bytes)."""
-
-    index: int
-    term: int
-    data: bytes
-    kind: EntryKind = EntryKind.NORMAL
-
-
-def _int(name: str, v) -> int:
+def _int(name: str, v: object) -> int:
     """An int argument of any size (a read position: out-of-log values get the contract's errors)."""
     return int_arg(name, v, None, None)
 
@@ -52,7 +33,7 @@ _KIND_ONLY = {EntryKind}
 _LOGENTRY_ONLY = {LogEntry}
 
 
-def _well_formed(entries) -> bool:
+def _well_formed(entries: list[Any]) -> bool:
     """Fast check, at C speed for big batches: every item is a LogEntry of int index >= 1, int term >= 0,
     bytes data and an EntryKind, indexes contiguous and terms non-decreasing. False means "look closer"
     (the slow path then raises the precise error or normalises the input)."""
@@ -69,7 +50,7 @@ def _well_formed(entries) -> bool:
     return all(map(operator.le, terms, itertools.islice(terms, 1, None)))
 
 
-def validate_entries(entries: Sequence) -> list[LogEntry]:
+def validate_entries(entries: Sequence[Any]) -> list[LogEntry]:
     """Type-check and normalise entries to a contiguous, term-monotone list of LogEntry (without
     looking at the log). Raises TypeError/ValueError, LogGapError or LogConflictError."""
     if isinstance(entries, (LogEntry, bytes, str)):
@@ -99,7 +80,7 @@ def validate_entries(entries: Sequence) -> list[LogEntry]:
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"entry {index}: data must be bytes, not {type(data).__name__}")
             data = bytes(data)
-        k = _KINDS.get(kind) if not isinstance(kind, bool) else None
+        k = KINDS.get(kind) if not isinstance(kind, bool) else None
         if k is None:
             raise ValueError(f"entry {index}: unknown kind {kind!r}")
         if prev is not None:

@@ -73,7 +73,7 @@ from prometheus_client.registry import Collector
 
 from . import layout
 from .errors import RaftSqliteError
-from .log import LogEntry
+from .entry import LogEntry
 from .status import GroupStatus, read_group_status
 from .store import NodeStore
 

@@ -22,7 +22,8 @@ from .errors import CorruptionError, DataDirError, LogCompactedError, NodeIdenti
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .kernel import Kernel
 from .lock import DataDirLock, check_data_dir
-from .log import KINDS, LogEntry, PersistentRaftLog
+from .entry import KINDS, LogEntry
+from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore
 from .restorestate import read_restore_state
 from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event

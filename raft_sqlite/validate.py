@@ -8,20 +8,25 @@ index beyond the last index; a snapshot chain with a broken link; a schema newer
 
 from __future__ import annotations
 
-import array
-import bisect
 import logging
 import os
 import struct
-import sys
-import zlib
+from typing import Any, cast
+
+import apsw
 
 from . import layout
 from .errors import CorruptionError, RecoveryRefused
-from .sqlitewal import wal_checksum, wal_header_salts
 from .groupstate import GroupState, group_crc, meta_crc
-from .recovery import RecoveryPolicy
-from .wal import _HEADER, _U32, BLOB_PAYLOAD, CONTENT_SQL, INT, SPAN, load_open_segment
+from .logscan import (CHECK_THREADS, SEGMENT_CHECK_SQL, RecordScanner, check_sealed_segment,
+                      check_sealed_segments, db_rows)
+from .recovery import RecoveryPolicy, RecoveryReport
+from .sqlitewal import wal_checksum, wal_header_salts
+from .wal import INT, SPAN, cut_after, load_open_segment
+
+#: moved to :mod:`raft_sqlite.logscan` (shared with verify); importable from here as before
+__all__ = ["CHECK_THREADS", "SEGMENT_CHECK_SQL", "check_sealed_segment", "check_sealed_segments",
+           "check_sql_objects", "recover_groups", "recover_snapshots", "recover_sql_objects", "wal_lost_commits"]
 
 log = logging.getLogger("raft_sqlite.recovery")
 
@@ -151,7 +156,7 @@ def recover_sql_objects(store, conn, report) -> None:
         log.warning("%s; %s it", msg, "dropped" if what == "unexpected" else "recreated")
 
 
-def _problem(store, report, exc_type, msg, *, drop_ok: bool):
+def _problem(store: Any, report: RecoveryReport, exc_type: type[Exception], msg: str, *, drop_ok: bool) -> None:
     """Record a problem; raise unless the policy allows dropping what it affects."""
     report.problems.append(msg)
     log.debug("%s: %s", store.data_dir, msg)
@@ -241,7 +246,8 @@ def recover_groups(store, conn, report, wal_problems=()) -> None:
                                                       snap_idx, snap_term, term, vote, commit, seg, bool(partial))})
 
 
-def recover_snapshots(store, conn, report) -> set[int]:
+def recover_snapshots(store: Any, conn: apsw.Connection,  # store: the lead types this as Kernel
+                      report: RecoveryReport) -> set[int]:
     """Snapshot part of the recovery on open (inside the open transaction on ``conn``).
 
     * A WRITING **local** snapshot is an orphan of a crash (its writer is gone): its manifest is
@@ -260,12 +266,13 @@ def recover_snapshots(store, conn, report) -> set[int]:
     from .snapshot import SnapshotStore, manifest_fields_crc
 
     policy = store.recovery_policy
-    names = dict(conn.execute("SELECT group_id, name FROM groups").fetchall())
-    rows = conn.execute("SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, "
-                        "checksum, structures, source, crc32 FROM snapshots ORDER BY snapshot_id").fetchall()
+    names: dict[Any, Any] = dict(db_rows(conn.execute("SELECT group_id, name FROM groups")))
+    rows = db_rows(conn.execute("SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, "
+                                "checksum, structures, source, crc32 FROM snapshots ORDER BY snapshot_id"))
     by_id = {r[0]: r for r in rows}
-    gsnap = dict(conn.execute("SELECT group_id, snapshot_index FROM groups").fetchall())
-    doomed, bad = [], set()
+    gsnap: dict[Any, Any] = dict(db_rows(conn.execute("SELECT group_id, snapshot_index FROM groups")))
+    doomed: list[int] = []
+    bad: set[int] = set()
     sstore = SnapshotStore.of(store.kernel)
     chunks = store.chunks_conn
     for r in rows:
@@ -287,8 +294,8 @@ def recover_snapshots(store, conn, report) -> set[int]:
                                   or by_id[parent][2] > idx or parent >= sid):
             problem = f"broken chain link to parent {parent}"
         else:
-            shape = chunks.execute("SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? "
-                                   "ORDER BY key", (sid * layout.CHUNK_SEQ_SPAN, (sid + 1) * layout.CHUNK_SEQ_SPAN)).fetchall()
+            shape = db_rows(chunks.execute("SELECT seq, length(data) FROM snapshot_chunks WHERE key >= ? AND key < ? "
+                                           "ORDER BY key", (sid * layout.CHUNK_SEQ_SPAN, (sid + 1) * layout.CHUNK_SEQ_SPAN)))
             if [q for q, _ in shape] != list(range(len(shape))) or len(shape) != count:
                 problem = f"chunks missing ({len(shape)} present, {count} recorded)"
             elif sum(n for _, n in shape) != size:
@@ -316,146 +323,60 @@ def recover_snapshots(store, conn, report) -> set[int]:
     return bad
 
 
-#: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
-#: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
-#: Keys are unique and bounded by the range, so the count proves every index present; the content digest
-#: covers every term, kind and payload byte (a term or kind whose type changed renders differently, or as
-#: NULL, which drops the row from the aggregate); a payload turned into TEXT with the same bytes is the one
-#: change it cannot see, hence the typeof() sum.
-SEGMENT_CHECK_SQL = (
-    "SELECT count(*), sum(idx != key - ?1), sum(typeof(payload) != 'blob'), sum(length(payload)), "
-    f"{CONTENT_SQL}, string_agg(crc32, ','), sum(segment != ?4) FROM log_entries "
-    "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3")
+class _OpenScan:
+    """Open-time record-by-record validation of one group's log from its first index (the slow path of
+    :func:`_scan`), on the shared :class:`~raft_sqlite.logscan.RecordScanner`: it stops at the first
+    problem that matters on open (a gap or damaged index column, a CRC mismatch, a term decrease, a record
+    naming the wrong segment), recorded in the report with ``bad`` = its index."""
 
-
-def check_sealed_segment(conn, base: int, sid: int, lo: int, hi: int, count, nbytes, checksum,
-                         content) -> tuple | None:
-    """Check sealed segment ``sid`` = ``lo..hi`` (with its recorded entry count, bytes, sidecar checksum
-    and content digest) with one SQLite aggregate: every index present with ``idx`` matching its key and
-    naming the segment, every payload a BLOB, the byte count, the content digest (every term, kind and
-    payload byte) and the sidecar checksum (every stored record CRC) as recorded. Returns ``(first_term,
-    last_term, payload_bytes)`` if all of that holds, else None (the caller then checks record by record,
-    to find the first bad index). Terms are non-decreasing within the segment because they were when it
-    was written and the digest proves nothing changed since."""
-    n = hi - lo + 1
-    try:
-        row = conn.execute(SEGMENT_CHECK_SQL, (base, lo, hi, sid)).fetchone()
-        first_term = conn.execute("SELECT term FROM log_entries WHERE key=?", (base + lo,)).fetchone()
-        last_term = conn.execute("SELECT term FROM log_entries WHERE key=?", (base + hi,)).fetchone()
-    except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8
-        return None
-    cnt, bad_idx, not_blob, total, blob, crcs, other_seg = row
-    if (cnt != n or count != n or bad_idx or not_blob or other_seg or total != nbytes or blob is None
-            or zlib.crc32(blob) != content or crcs is None or first_term is None or last_term is None):
-        return None
-    try:
-        packed = array.array("I", map(int, crcs.split(",")))
-    except (ValueError, OverflowError):  # a CRC column that is not a 32-bit integer
-        return None
-    if len(packed) != n:
-        return None
-    if sys.byteorder != "little":
-        packed.byteswap()
-    if zlib.crc32(packed.tobytes()) != checksum:
-        return None
-    return first_term[0], last_term[0], total
-
-
-#: Worker threads for the segment aggregates (SQLite runs them without the GIL); 1 disables threading.
-CHECK_THREADS = min(4, os.cpu_count() or 1)
-
-
-def check_sealed_segments(connect, base: int, segments: list[tuple]) -> dict[int, tuple | None]:
-    """:func:`check_sealed_segment` for many segments ``(sid, lo, hi, count, nbytes, checksum, content)``
-    of one group, on ``CHECK_THREADS`` threads, each with its own read connection from ``connect()``
-    (closed afterwards). Returns ``{sid: result}``. Few segments are checked on one connection."""
-    def run(part):
-        conn = connect()
-        try:
-            return {seg[0]: check_sealed_segment(conn, base, *seg) for seg in part}
-        finally:
-            conn.close()
-
-    threads = min(CHECK_THREADS, len(segments) // 4)
-    if threads <= 1:
-        return run(segments)
-    from concurrent.futures import ThreadPoolExecutor
-
-    out: dict[int, tuple | None] = {}
-    with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
-        for res in pool.map(run, [segments[i::threads] for i in range(threads)]):
-            out.update(res)
-    return out
-
-
-class _RecordScan:
-    """Record-by-record validation of a key range of one group (the slow path of :func:`_scan`): CRC
-    of every record, contiguity, terms never decreasing, the segment each record names, and the running
-    sidecar checksum of each segment."""
-
-    def __init__(self, store, conn, report, gid, name, first):
-        self.conn, self.report, self.gid = conn, report, gid
+    def __init__(self, store: Any, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
+                 first: int) -> None:
+        self.report = report
         self.where = f"{store.path}: group {name!r}"
-        self.base = gid * SPAN
-        self.expect, self.last_term, self.nbytes, self.bad = first, 0, 0, None
-        self.running: dict[int, int] = {}
-        # which segment each record must name: the one with the highest first index at or below it
-        self.starts = conn.execute("SELECT first_index, segment_id FROM log_segments WHERE group_id=? "
-                                   "ORDER BY first_index", (gid,)).fetchall()
+        self.sc = RecordScanner(conn, gid, prev=first - 1)
+        self.bad: int | None = None
+
+    @property
+    def expect(self) -> int:
+        """The next index to check (one above the last one accepted)."""
+        assert self.sc.prev is not None  # set to first - 1 at construction
+        return self.sc.prev + 1
 
     def scan(self, stop: int | None) -> bool:
         """Check records ``expect .. stop`` (inclusive; None: to the end). False on the first problem
         (recorded in the report, ``bad`` = its index)."""
-        gid, base, starts, rep, where = self.gid, self.base, self.starts, self.report, self.where
-        expect, last_term, nbytes, running = self.expect, self.last_term, 0, self.running
-        k = max(0, bisect.bisect_right(starts, (expect, float("inf"))) - 1)
-        own_sid = starts[k][1] if starts else None
-        next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
-        pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
+        sc, rep, where = self.sc, self.report, self.where
+        rows, nbytes = sc.rows, sc.nbytes
         bad = None
-        hi_key = base + SPAN - 1 if stop is None else base + stop
-        for idx, term, kind, payload, crc, seg in self.conn.execute(
-                f"SELECT {INT('idx')}, {INT('term')}, {INT('kind')}, {BLOB_PAYLOAD}, {INT('crc32')}, "
-                f"{INT('segment')} FROM log_entries WHERE key >= ? AND key <= ? ORDER BY key",
-                (base + expect, hi_key)):
-            if idx != expect:
-                rep.problems.append(f"{where}: log gap: index {expect} is missing (next present: {idx})")
-                bad = expect
-                break
-            try:
-                ok = crc32(payload, crc32(pack(gid, idx, term, kind))) == crc
-            except (TypeError, struct.error, OverflowError):  # a column of the wrong type is corruption too
-                ok = False
-            if not ok:
-                rep.problems.append(f"{where}: CRC mismatch in log entry {idx} (segment {seg})")
-                bad = idx
-                break
-            if term < last_term:
-                rep.problems.append(f"{where}: term decreases at log entry {idx}")
-                bad = idx
-                break
-            while next_lo is not None and idx >= next_lo:
-                k += 1
-                own_sid = starts[k][1]
-                next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
-            if seg != own_sid:
-                rep.problems.append(f"{where}: log entry {idx} names segment {seg}, not {own_sid}")
-                bad = idx
-                break
-            nbytes += len(payload)
-            running[seg] = crc32(upack(crc), running.get(seg, 0))
-            last_term = term
-            expect += 1
-        if bad is None and stop is not None and expect <= stop:
-            rep.problems.append(f"{where}: log gap: index {expect} is missing")
-            bad = expect
-        rep.entries_validated += expect - self.expect
-        rep.bytes_validated += nbytes
-        self.expect, self.last_term, self.bad = expect, last_term, bad
+        for f in sc.walk(self.expect, SPAN - 1 if stop is None else stop):
+            kind = f.kind
+            if kind == "index" or kind == "gap":
+                assert f.expected is not None  # prev is never None here
+                rep.problems.append(f"{where}: log gap: index {f.expected} is missing (next present: {f.idx_col})")
+                bad = f.expected
+            elif kind == "crc":
+                rep.problems.append(f"{where}: CRC mismatch in log entry {f.idx} (segment {f.segment})")
+                bad = f.idx
+            elif kind == "term":
+                rep.problems.append(f"{where}: term decreases at log entry {f.idx}")
+                bad = f.idx
+            elif kind == "not_own":
+                rep.problems.append(f"{where}: log entry {f.idx} names segment {f.segment}, not {f.own}")
+                bad = f.idx
+            else:
+                continue  # a segment row missing or not holding the record: verify reports those
+            break
+        if bad is None and stop is not None and self.expect <= stop:
+            rep.problems.append(f"{where}: log gap: index {self.expect} is missing")
+            bad = self.expect
+        rep.entries_validated += sc.rows - rows
+        rep.bytes_validated += sc.nbytes - nbytes
+        self.bad = bad
         return bad is None
 
 
-def _scan(store, conn, report, gid, name, first):
+def _scan(store: Any, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
+          first: int) -> tuple[int, int, int | None]:
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
     Returns ``(last_index, last_term, first_bad_index_or_None)``: on a problem, ``last_index`` is the
     end of the valid prefix.
@@ -466,10 +387,14 @@ def _scan(store, conn, report, gid, name, first):
     which also pinpoints the first bad index."""
     base = gid * SPAN
     where = f"{store.path}: group {name!r}"
-    rs = _RecordScan(store, conn, report, gid, name, first)
-    sealed = conn.execute(
+    rs = _OpenScan(store, conn, report, gid, name, first)
+    sc = rs.sc
+    # the writer's integer columns: a damaged value of another type is only compared (and fails the checks
+    # below) as before, never computed with unless it already passed them
+    sealed = cast("list[tuple[int, int, int, int, int, int, int | None]]", conn.execute(
         "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc FROM log_segments "
-        "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index", (gid, first)).fetchall()
+        "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index",
+        (gid, first)).fetchall())
     # the aggregates of every segment that may take the fast path, on parallel read connections (they see
     # the same committed log as ``conn``: nothing in log_entries has been written by this open yet)
     checked = check_sealed_segments(lambda: store.kernel.connect(store.path, query_only=True), base,
@@ -477,9 +402,9 @@ def _scan(store, conn, report, gid, name, first):
     for sid, lo, hi, cnt, _bytes, cks, content in sealed:
         if lo == rs.expect and content is not None:
             ok = checked.get(sid)
-            if ok is not None and ok[0] >= rs.last_term:
-                rs.last_term = ok[1]
-                rs.expect = hi + 1
+            if ok is not None and ok[0] >= sc.last_term:
+                sc.last_term = ok[1]
+                sc.prev = hi
                 report.entries_validated += cnt
                 report.bytes_validated += ok[2]
                 report.segments_validated += 1
@@ -489,28 +414,23 @@ def _scan(store, conn, report, gid, name, first):
             suspect = False
         # record by record: the part of this segment at or above first (and any gap before it)
         if not rs.scan(hi):
-            return rs.expect - 1, rs.last_term, rs.bad
+            return rs.expect - 1, sc.last_term, rs.bad
         if lo < first:
             continue  # partly compacted: the verify command checks it whole
         report.segments_validated += 1
-        if rs.running.get(sid, 0) != cks:
+        if sc.sidecar(sid)[0] != cks:
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum")
-            return lo - 1, rs.last_term, lo
+            return lo - 1, sc.last_term, lo
         if suspect:  # every record checks out one by one, so the segment row itself is damaged
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its content digest or counts")
-            return lo - 1, rs.last_term, lo
+            return lo - 1, sc.last_term, lo
     if not rs.scan(None):  # the open segment
-        return rs.expect - 1, rs.last_term, rs.bad
-    return rs.expect - 1, rs.last_term, None
+        return rs.expect - 1, sc.last_term, rs.bad
+    return rs.expect - 1, sc.last_term, None
 
 
-def _drop_tail(conn, gid: int, keep_through: int, commit: int) -> None:
-    base = gid * SPAN
+def _drop_tail(conn: apsw.Connection, gid: int, keep_through: int, commit: int) -> None:
+    """Drop the group's records after ``keep_through`` (a damaged tail) and lower its commit index to
+    ``commit`` first, so that the guard trigger lets the delete pass (the permit covers the rest)."""
     conn.execute("UPDATE raft_meta SET commit_index=min(commit_index, ?) WHERE group_id=?", (commit, gid))
-    conn.execute("UPDATE groups SET truncate_permit=? WHERE group_id=?", (keep_through, gid))
-    conn.execute("DELETE FROM log_entries WHERE key > ? AND key < ?", (base + keep_through, base + SPAN))
-    conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (gid,))
-    conn.execute("DELETE FROM log_segments WHERE group_id=? AND first_index > ?", (gid, keep_through))
-    conn.execute("UPDATE log_segments SET last_index=NULL, entry_count=NULL, bytes=NULL, sealed_at=NULL, "
-                 "checksum=NULL, content_crc=NULL WHERE group_id=? AND last_index > ?", (gid, keep_through))
-
+    cut_after(conn, gid, keep_through)

@@ -28,18 +28,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import threading
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 import apsw
 
 from . import layout, migrate
+from .logscan import RecordScanner, check_sealed_segments, db_row, db_rows, db_scalar
 from .metadata import group_crc, meta_crc
-from .wal import _HEADER, _U32, INT, SPAN
+from .validate import check_sql_objects
+from .wal import SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
 PROBLEM_KINDS = ("integrity", "node", "schema", "metadata", "record_crc", "gap", "term", "sidecar", "segment",
@@ -109,7 +111,8 @@ class VerifyReport:
             out[p.kind] = out.get(p.kind, 0) + 1
         return out
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-able data (``ok`` included)."""
         d = asdict(self)
         d["ok"] = self.ok
         return d
@@ -121,7 +124,7 @@ class VerifyReport:
                 f"warnings={len(self.warnings)} in {self.duration:.2f} s")
 
 
-def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
+def verify(data_dir: str | os.PathLike[str], progress: ProgressCallback | None = None) -> VerifyReport:
     """Validate everything stored in ``data_dir`` (see the module docstring) and return a
     :class:`VerifyReport`; never writes. ``progress(stage, done, total)`` is called as work proceeds
     (``total`` counts log records + snapshot chunks + 2 integrity checks). Raises
@@ -149,27 +152,27 @@ def verify(data_dir, progress: ProgressCallback | None = None) -> VerifyReport:
 
 
 class _Verifier:
-    def __init__(self, rep: VerifyReport, progress):
+    def __init__(self, rep: VerifyReport, progress: ProgressCallback | None) -> None:
         self.rep = rep
         self.progress = progress
         self.done = 0
         self.total = 2
-        self.main = None
-        self.main_path = None
-        self.chunks = None
+        self.main: apsw.Connection | None = None
+        self.main_path = ""
+        self.chunks: apsw.Connection | None = None
 
-    def close(self):
+    def close(self) -> None:
         for c in (self.main, self.chunks):
             if c is not None:
                 c.close()
 
-    def tick(self, stage: str, n: int = 1, force: bool = False):
+    def tick(self, stage: str, n: int = 1, force: bool = False) -> None:
         before = self.done
         self.done += n
         if self.progress is not None and (force or self.done // 2000 != before // 2000):
             self.progress(stage, self.done, self.total)
 
-    def problem(self, kind, file, message, group=None, index=None):
+    def problem(self, kind: str, file: str, message: str, group: str | None = None, index: int | None = None) -> None:
         self.rep.problems.append(Problem(kind, file, message, group, index))
 
     def _integrity(self, path: str, name: str) -> None:
@@ -204,15 +207,18 @@ class _Verifier:
         self.rep.integrity[name] = f"unreadable: {exc}"
         self.problem("integrity", name, f"{path}: SQLite cannot read it ({type(exc).__name__}: {exc})")
 
-    def run(self, main_path: str, chunks_path: str):
+    def run(self, main_path: str, chunks_path: str) -> None:
         self.main_path = main_path
         self.main = self._open(main_path, layout.MAIN_DB)
         if self.main is None:
             return
         self.chunks = self._open(chunks_path, layout.CHUNKS_DB)
         files = [(main_path, layout.MAIN_DB)] + ([(chunks_path, layout.CHUNKS_DB)] if self.chunks is not None else [])
-        bg = threading.Thread(target=lambda: [self._integrity(p, n) for p, n in files], daemon=True,
-                              name="raft_sqlite-integrity")
+        def integrity() -> None:
+            for p, n in files:
+                self._integrity(p, n)
+
+        bg = threading.Thread(target=integrity, daemon=True, name="raft_sqlite-integrity")
         bg.start()
         try:
             self._run(main_path, chunks_path)
@@ -222,14 +228,20 @@ class _Verifier:
         if self.progress is not None:
             self.progress("done", self.total, self.total)
 
-    def _run(self, main_path: str, chunks_path: str):
-        c = self.main
+    @property
+    def _main(self) -> apsw.Connection:
+        """The read connection on raft.db (set by :meth:`run` before any check runs)."""
+        assert self.main is not None
+        return self.main
+
+    def _run(self, main_path: str, chunks_path: str) -> None:
+        c = self._main
         started = time.time()
         if self.chunks is not None:
             # chunks.db first, then raft.db: a snapshot finalized in between is re-checked (see _snapshots)
             self.chunks.execute("BEGIN")
             try:
-                self.total += self.chunks.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0]
+                self.total += db_scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks"))
             except apsw.Error as exc:
                 self.problem("schema", layout.CHUNKS_DB, f"{chunks_path}: not a raft_sqlite chunk database ({exc})")
                 self.chunks.execute("COMMIT")
@@ -237,7 +249,7 @@ class _Verifier:
                 self.chunks = None
         c.execute("BEGIN")  # one consistent read of raft.db
         try:
-            self.total += c.execute("SELECT count(*) FROM log_entries").fetchone()[0]
+            self.total += db_scalar(c.execute("SELECT count(*) FROM log_entries"))
         except apsw.Error as exc:
             c.execute("COMMIT")
             self.problem("schema", layout.MAIN_DB, f"{main_path}: not a raft_sqlite database ({exc})")
@@ -252,26 +264,24 @@ class _Verifier:
             if self.chunks is not None:
                 self.chunks.execute("COMMIT")
 
-    def _sql_objects(self, path):
+    def _sql_objects(self, path: str) -> None:
         """Triggers and views against their declared text (only at the head revision: an older store
         gets them from its migration on the next open)."""
-        from .validate import check_sql_objects
-
-        if migrate.current_revision(self.main) != layout.MAIN_HEAD:
+        if migrate.current_revision(self._main) != layout.MAIN_HEAD:
             return
-        for kind, name, what in check_sql_objects(self.main):
+        for kind, name, what in check_sql_objects(self._main):
             self.problem("schema", layout.MAIN_DB, f"{path}: {kind} {name!r} is {what}"
                          + (" (its SQL differs from the declared text)" if what == "altered" else ""))
 
-    def _node(self, path):
+    def _node(self, path: str) -> None:
         from .store import node_crc
 
-        c = self.main
+        c = self._main
         rev = migrate.current_revision(c)
         if rev != layout.MAIN_HEAD:
             self.rep.warnings.append(f"{path}: schema revision {rev!r}, this code's head is {layout.MAIN_HEAD!r} "
                                      "(upgraded on the next open)" if rev else f"{path}: no schema revision")
-        row = c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node").fetchone()
+        row = db_row(c.execute("SELECT node_id, cluster_id, format_version, created_at, crc32 FROM node"))
         if row is None:
             self.problem("node", layout.MAIN_DB, f"{path}: the node record is missing")
             return
@@ -282,11 +292,12 @@ class _Verifier:
             self.problem("node", layout.MAIN_DB,
                          f"{path}: data format {fmt} is newer than this code supports ({layout.FORMAT_VERSION})")
 
-    def _groups(self, path):
-        c = self.main
-        rows = c.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
-                         "m.commit_index, m.crc32, g.recovered_partially, g.snapshot_term, g.crc32 FROM groups g "
-                         "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
+    def _groups(self, path: str) -> None:
+        c = self._main
+        rows = db_rows(c.execute(
+            "SELECT g.group_id, g.name, g.first_index, g.snapshot_index, m.current_term, m.voted_for, "
+            "m.commit_index, m.crc32, g.recovered_partially, g.snapshot_term, g.crc32 FROM groups g "
+            "LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
         for gid, name, first, snap_idx, term, vote, commit, mcrc, partial, snap_term, gcrc in rows:
             self.rep.groups += 1
             where = f"{path}: group {name!r}"
@@ -303,8 +314,8 @@ class _Verifier:
                 self.problem("metadata", layout.MAIN_DB,
                              f"{where}: metadata (term={term}, vote={vote!r}, commit={commit}) fails its CRC check",
                              name)
-            durable = c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
-                                (gid,)).fetchone()[0] or 0
+            durable = db_scalar(c.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
+                                        (gid,))) or 0
             if durable != snap_idx:
                 self.problem("shape", layout.MAIN_DB, f"{where}: snapshot index {snap_idx} in the group record "
                              f"disagrees with the newest durable snapshot {durable}", name)
@@ -316,29 +327,27 @@ class _Verifier:
                 self.problem("shape", layout.MAIN_DB,
                              f"{where}: commit index {commit} is beyond the last index {last}", name, commit)
 
-    def _log(self, where, gid, name, first) -> int:
+    def _log(self, where: str, gid: int, name: str, first: int) -> int:
         """Check every stored record of the group and its segments; returns the last index.
 
         Sealed segments with a content digest are checked with one SQLite aggregate each
-        (:func:`raft_sqlite.validate.check_sealed_segment`: presence, keys, types, segment column,
+        (:func:`raft_sqlite.logscan.check_sealed_segment`: presence, keys, types, segment column,
         content digest over every term/kind/payload byte, sidecar over every stored record CRC); every
         other record (open segment, segments sealed before revision 0003, records outside any segment,
         and every segment whose aggregate fails) is checked one by one, which also names the bad index."""
-        from .validate import check_sealed_segments
-
-        c = self.main
+        c = self._main
         base = gid * SPAN
         segs = {sid: [lo, hi, cnt, nbytes, cks] for sid, lo, hi, cnt, nbytes, cks in c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum FROM log_segments "
             "WHERE group_id=?", (gid,))}
-        running: dict[int, list[int]] = {}  # segment -> [crc, count, bytes]
+        running: dict[int | None, list[int]] = {}  # segment -> [crc, count, bytes]
         fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
         suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
         problems_before = len(self.rep.problems)
-        with_digest = c.execute(
+        with_digest = db_rows(c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
             "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
-            "ORDER BY first_index", (gid,)).fetchall()
+            "ORDER BY first_index", (gid,)))
         # on parallel read connections; a segment changed since this verify's read transaction began
         # (a running node compacting or truncating) fails there and is checked below on the consistent view
         checked = check_sealed_segments(lambda: open_readonly(self.main_path), base, with_digest)
@@ -350,7 +359,8 @@ class _Verifier:
             elif ok is None:
                 suspects.append((sid, lo, hi))
         # the key ranges left to check record by record, in order, around the segments checked in SQLite
-        ranges, at = [], 1
+        ranges: list[tuple[Any, ...]] = []  # (lo, hi) to walk, or a segment checked in SQLite (5 values)
+        at = 1
         for lo in sorted(fast):
             if lo < at:
                 continue
@@ -358,25 +368,23 @@ class _Verifier:
             ranges.append(fast[lo])
             at = fast[lo][1] + 1
         ranges.append((at, SPAN - 1))
-        pack, crc32, upack = _HEADER.pack, zlib.crc32, _U32.pack
-        prev = None
-        lowest = None
-        last_term = 0
+        sc = RecordScanner(c, gid, progress=lambda k: self.tick("log", k))
+        sc.running.update(running)
         n = 0
         for rng in ranges:
             if len(rng) == 5:  # a segment checked in SQLite: account for it as a whole
                 sid, hi, tmin, tmax, nbytes = rng
                 lo = segs[sid][0]
-                if lowest is None:
-                    lowest = lo
-                if prev is not None and lo != prev + 1:
-                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{lo - 1} are missing",
-                                 name, prev + 1)
-                if tmin < last_term:
+                if sc.lowest is None:
+                    sc.lowest = lo
+                if sc.prev is not None and lo != sc.prev + 1:
+                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {sc.prev + 1}..{lo - 1} are "
+                                 "missing", name, sc.prev + 1)
+                if tmin < sc.last_term:
                     self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {lo} "
-                                 f"({last_term} -> {tmin})", name, lo)
-                last_term = max(last_term, tmax)
-                prev = hi
+                                 f"({sc.last_term} -> {tmin})", name, lo)
+                sc.last_term = max(sc.last_term, tmax)
+                sc.prev = hi
                 n += hi - lo + 1
                 self.rep.bytes_checked += nbytes
                 self.tick("log", hi - lo + 1)
@@ -384,57 +392,38 @@ class _Verifier:
             r_lo, r_hi = rng
             if r_hi < r_lo:
                 continue
-            n_before = n
-            # CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway
-            for idx, idx_col, term, kind, payload, ptype, crc, seg in c.execute(
-                    f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), "
-                    f"typeof(payload), {INT('crc32')}, {INT('segment')} FROM log_entries "
-                    "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key", (base, r_lo, r_hi)):
-                n += 1
-                if idx_col != idx:
+            rows, nbytes = sc.rows, sc.nbytes
+            for f in sc.walk(r_lo, r_hi):
+                idx, kind = f.idx, f.kind
+                if kind == "index":
                     self.problem("record_crc", layout.MAIN_DB, f"{where}: log entry {idx} has a damaged index "
-                                 f"column ({idx_col!r})", name, idx)
-                if lowest is None:
-                    lowest = idx
-                if prev is not None and idx != prev + 1:
-                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {prev + 1}..{idx - 1} are missing",
-                                 name, prev + 1)
-                prev = idx
-                payload = payload or b""
-                try:
-                    ok = ptype == "blob" and crc32(payload, crc32(pack(gid, idx_col, term, kind))) == crc
-                except (TypeError, struct.error, OverflowError):
-                    ok = False
-                if not ok:
-                    why = "" if ptype == "blob" else f": payload stored as {ptype}, not a BLOB"
+                                 f"column ({f.idx_col!r})", name, idx)
+                elif kind == "gap":
+                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {f.expected}..{idx - 1} are "
+                                 "missing", name, f.expected)
+                elif kind == "crc":
+                    why = "" if f.ptype == "blob" else f": payload stored as {f.ptype}, not a BLOB"
                     self.problem("record_crc", layout.MAIN_DB,
-                                 f"{where}: CRC mismatch in log entry {idx} (segment {seg}){why}", name, idx)
-                if not isinstance(term, int):
-                    term = last_term
-                if term < last_term:
+                                 f"{where}: CRC mismatch in log entry {idx} (segment {f.segment}){why}", name, idx)
+                elif kind == "term":
                     self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
-                                 f"({last_term} -> {term})", name, idx)
-                last_term = max(last_term, term)
-                r = running.get(seg)
-                if r is None:
-                    r = running[seg] = [0, 0, 0]
-                    if seg not in segs:
-                        self.problem("segment", layout.MAIN_DB,
-                                     f"{where}: log entry {idx} names segment {seg}, which does not exist", name, idx)
-                r[0] = crc32(upack(crc), r[0])
-                r[1] += 1
-                r[2] += len(payload)
-                s = segs.get(seg)
-                if s is not None and (idx < s[0] or (s[1] is not None and idx > s[1])):
+                                 f"({f.last_term} -> {f.term})", name, idx)
+                elif kind == "unknown_segment":
+                    self.problem("segment", layout.MAIN_DB,
+                                 f"{where}: log entry {idx} names segment {f.segment}, which does not exist", name,
+                                 idx)
+                elif kind == "outside_segment":
+                    assert f.seg_range is not None  # set for this kind
                     self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment "
-                                 f"{seg} ({s[0]}..{s[1]})", name, idx)
-                self.rep.bytes_checked += len(payload)
-                if (n - n_before) % 2000 == 0:
-                    self.tick("log", 2000)
-            self.tick("log", (n - n_before) % 2000)
+                                 f"{f.segment} ({f.seg_range[0]}..{f.seg_range[1]})", name, idx)
+                # "not_own" (named another segment than the one starting at or below it): covered above by
+                # "outside_segment" and the per-segment counts and sidecars below
+            n += sc.rows - rows
+            self.rep.bytes_checked += sc.nbytes - nbytes
+        prev, lowest, running = sc.prev, sc.lowest, sc.running
         self.rep.entries_checked += n
         last = max(first - 1, prev or 0)
-        if n and lowest > first:
+        if n and lowest is not None and lowest > first:  # (n > 0: a record or segment set lowest)
             self.problem("gap", layout.MAIN_DB, f"{where}: log entries {first}..{lowest - 1} are missing (first "
                          f"index {first}, first stored record {lowest})", name, first)
         for sid, (lo, hi, cnt, nbytes, cks) in sorted(segs.items()):
@@ -461,14 +450,17 @@ class _Verifier:
                              "digest", name, sid)
         return last
 
-    def _chunks(self, sid, name, where, chunks_path, status, size, count, checksum):
+    def _chunks(self, sid: int, name: str | None, where: str, chunks_path: str, status: str, size: int, count: int,
+                checksum: str | None) -> tuple[int, list[Problem]]:
         """Check the chunks of snapshot ``sid``; returns ``(chunks read, [Problem])``."""
+        chunks = self.chunks
+        assert chunks is not None  # _snapshots checks chunks only with chunks.db open
         probs = []
         h = hashlib.sha256()
         total = 0
         seqs = []
         bad = 0
-        for seq, data, dtype, ccrc in self.chunks.execute(
+        for seq, data, dtype, ccrc in chunks.execute(
                 "SELECT seq, CAST(data AS BLOB), typeof(data), crc32 FROM snapshot_chunks WHERE key >= ? AND key < ? "
                 "ORDER BY key", (sid << 32, (sid + 1) << 32)):
             seqs.append(seq)
@@ -496,15 +488,18 @@ class _Verifier:
                                  "manifest", name, sid))
         return len(seqs), probs
 
-    def _snapshots(self, path, chunks_path, started):
-        c = self.main
+    def _snapshots(self, path: str, chunks_path: str, started: float) -> None:
+        c = self._main
+        manifest_crc: Callable[[apsw.Connection, int], int | None] | None
         try:
-            from .snapshot import manifest_crc  # provided by the snapshot module, if it defines one
+            from .snapshot import manifest_crc as snapshot_manifest_crc  # if the snapshot module defines one
+            manifest_crc = snapshot_manifest_crc
         except ImportError:
             manifest_crc = None
-        rows = c.execute("SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
-                         "s.chunk_count, s.checksum, s.finished_at, s.crc32 FROM snapshots s "
-                         "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id").fetchall()
+        rows = db_rows(c.execute(
+            "SELECT s.snapshot_id, g.name, s.group_id, s.idx, s.kind, s.parent_id, s.status, s.size, "
+            "s.chunk_count, s.checksum, s.finished_at, s.crc32 FROM snapshots s "
+            "LEFT JOIN groups g USING (group_id) ORDER BY s.snapshot_id"))
         by_id = {r[0]: r for r in rows}
         seen_chunks = set()
         for sid, name, gid, idx, kind, parent, status, size, count, checksum, finished, crc in rows:
@@ -544,7 +539,7 @@ class _Verifier:
             orphans = [r[0] for r in self.chunks.execute("SELECT DISTINCT snapshot_id FROM snapshot_chunks")
                        if r[0] not in by_id]
             for sid in orphans:
-                n = self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)).fetchone()[0]
+                n = db_scalar(self.chunks.execute("SELECT count(*) FROM snapshot_chunks WHERE snapshot_id=?", (sid,)))
                 self.rep.warnings.append(f"{chunks_path}: {n} orphan chunk(s) of snapshot {sid} (no manifest; "
                                          "removed by snapshot retention)")
                 self.tick("snapshots", n)

@@ -21,13 +21,25 @@ import struct
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+import apsw
 
 from . import layout
 from .args import float_arg, int_arg
+from .entry import KINDS, LogEntry
 from .errors import CorruptionError
 
-_HEADER = struct.Struct("<qqqB")
+# ---------------------------------------------------------------------------------------------------
+# The record codec: the one definition of a record's CRC, a sealed segment's sidecar checksum and its
+# content digest, used by the writer, open-time recovery (validate), verify and the CLI.
+# ---------------------------------------------------------------------------------------------------
+
+#: A record's CRC covers this little-endian header ``<q group_id><q idx><q term><B kind>``, then the payload.
+RECORD_HEADER = struct.Struct("<qqqB")
+#: The sidecar checksum folds each record CRC packed as a little-endian uint32.
+_SIDECAR_ITEM = struct.Struct("<I")
 #: SQL expression reading a record's payload only if it is a BLOB (NULL otherwise)
 BLOB_PAYLOAD = "CASE typeof(payload) WHEN 'blob' THEN payload END"
 
@@ -38,7 +50,6 @@ def INT(col: str) -> str:
     guard turns such damage into a value that fails its CRC check instead of a UnicodeDecodeError."""
     return f"CASE typeof({col}) WHEN 'integer' THEN {col} END"
 
-_U32 = struct.Struct("<I")
 _DATA = operator.itemgetter(2)
 SPAN = layout.KEY_SPAN
 #: A sealed segment's *content digest* (``log_segments.content_crc``) is the CRC32 of its records in
@@ -47,21 +58,64 @@ SPAN = layout.KEY_SPAN
 #: it inside SQLite with this expression over a rowid range (one aggregate, no Python loop per record),
 #: which is what makes opening and verifying millions of records fast.
 CONTENT_SQL = "CAST(string_agg(term || ' ' || kind || char(10) || payload, '') AS BLOB)"
-_CONTENT_PREFIX = b"%d %d\n".__mod__
+_CONTENT_PREFIX: Callable[[tuple[int, int]], bytes] = b"%d %d\n".__mod__
 
 
 def record_crc(group_id: int, idx: int, term: int, kind: int, payload: bytes) -> int:
     """CRC32 of one record (header + payload); -1 (never a CRC) when a field has the wrong type,
     which only corruption produces."""
     try:
-        return zlib.crc32(payload, zlib.crc32(_HEADER.pack(group_id, idx, term, kind)))
+        return zlib.crc32(payload, zlib.crc32(RECORD_HEADER.pack(group_id, idx, term, kind)))
     except (TypeError, struct.error, OverflowError):
         return -1
 
 
+def record_crcs(group_id: int, idxs: Sequence[int], terms: Sequence[int], kinds: Sequence[int],
+                payloads: Sequence[bytes]) -> array.array[int]:
+    """The CRCs of many well-typed records of one group (the writer's batch path: C-level loops, no
+    Python loop per record), as an ``array('I')``."""
+    crc32 = zlib.crc32
+    heads = map(RECORD_HEADER.pack, itertools.repeat(group_id), idxs, terms, kinds)
+    return array.array("I", map(crc32, payloads, map(crc32, heads)))
+
+
 def chain_crc(crc: int, record_crc_value: int) -> int:
     """Fold one record CRC into a segment's sidecar checksum."""
-    return zlib.crc32(_U32.pack(record_crc_value), crc)
+    return zlib.crc32(_SIDECAR_ITEM.pack(record_crc_value), crc)
+
+
+def chain_crcs(crc: int, crcs: array.array[int]) -> int:
+    """Fold many record CRCs (an ``array('I')``, in index order) into a sidecar checksum at once."""
+    if sys.byteorder != "little":
+        crcs = array.array("I", crcs)
+        crcs.byteswap()
+    return zlib.crc32(crcs.tobytes(), crc)
+
+
+def sidecar_checksum(crcs: Iterable[int]) -> int:
+    """The sidecar checksum of a segment whose records have the CRCs ``crcs`` (in index order). Raises
+    OverflowError or TypeError for a value that is not a 32-bit unsigned integer."""
+    return chain_crcs(0, array.array("I", crcs))
+
+
+def content_crc(crc: int, term: int, kind: int, payload: bytes) -> int:
+    """Fold one record into a segment's running content digest (see :data:`CONTENT_SQL`)."""
+    return zlib.crc32(payload, zlib.crc32(_CONTENT_PREFIX((term, kind)), crc))
+
+
+def content_crc_batch(crc: int, terms: Sequence[int], kinds: Sequence[int], payloads: Sequence[bytes]) -> int:
+    """Fold many records (in index order) into a running content digest at once."""
+    if terms[0] == terms[-1] and kinds.count(0) == len(kinds):
+        # one term, all NORMAL (the usual batch): every record has the same prefix, no formatting per entry
+        prefix = _CONTENT_PREFIX((terms[0], 0))
+        return zlib.crc32(prefix.join(payloads), zlib.crc32(prefix, crc))
+    return zlib.crc32(b"".join(itertools.chain.from_iterable(zip(map(_CONTENT_PREFIX, zip(terms, kinds)),
+                                                                 payloads))), crc)
+
+
+def content_digest(rendered: bytes) -> int:
+    """The content digest of records rendered by :data:`CONTENT_SQL` (a segment's whole text)."""
+    return zlib.crc32(rendered)
 
 
 @dataclass
@@ -72,7 +126,7 @@ class SegmentPolicy:
     max_bytes: int = 64 << 20
     max_age: float = 3600.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> "SegmentPolicy":
@@ -91,18 +145,41 @@ class OpenSegment:
 
     __slots__ = ("segment_id", "first_index", "count", "nbytes", "created_at", "checksum", "content")
 
-    def __init__(self, segment_id, first_index, count=0, nbytes=0, created_at=0.0, checksum=0, content=0):
+    def __init__(self, segment_id: int, first_index: int, count: int = 0, nbytes: int = 0, created_at: float = 0.0,
+                 checksum: int = 0, content: int = 0) -> None:
         self.segment_id, self.first_index, self.count = segment_id, first_index, count
         self.nbytes, self.created_at, self.checksum = nbytes, created_at, checksum
         self.content = content  #: running content digest (see :data:`CONTENT_SQL`)
 
     def copy(self) -> "OpenSegment":
+        """An independent copy (the store keeps one to roll back to when a transaction aborts)."""
         return OpenSegment(self.segment_id, self.first_index, self.count, self.nbytes, self.created_at,
                            self.checksum, self.content)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"OpenSegment(id={self.segment_id}, first={self.first_index}, count={self.count}, "
                 f"bytes={self.nbytes})")
+
+
+#: one ``log_entries`` row as inserted: (key, group_id, idx, term, kind, payload, crc32, segment)
+RecordRow = tuple[int, int, int, int, int, bytes, int, int]
+
+
+def cut_after(conn: apsw.Connection, group_id: int, keep_through: int, permit: int | None = None) -> None:
+    """Delete the group's records ``> keep_through`` and reshape its segments (those holding only deleted
+    records go, the one holding ``keep_through`` is open again), inside the caller's transaction. The
+    database guard trigger refuses deleting an uncommitted record no durable snapshot covers unless the
+    group's ``truncate_permit`` allows it: the permit is set to ``permit`` (default ``keep_through``) for
+    the delete only and cleared again, so no other statement ever runs with it set. A snapshot install
+    replacing the whole log passes ``keep_through=0`` and ``permit`` = the snapshot's index."""
+    base = group_id * SPAN
+    conn.execute("UPDATE groups SET truncate_permit=? WHERE group_id=?",
+                 (keep_through if permit is None else permit, group_id))
+    conn.execute("DELETE FROM log_entries WHERE key > ? AND key < ?", (base + keep_through, base + SPAN))
+    conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (group_id,))
+    conn.execute("DELETE FROM log_segments WHERE group_id=? AND first_index > ?", (group_id, keep_through))
+    conn.execute("UPDATE log_segments SET last_index=NULL, entry_count=NULL, bytes=NULL, sealed_at=NULL,"
+                 " checksum=NULL, content_crc=NULL WHERE group_id=? AND last_index > ?", (group_id, keep_through))
 
 
 class WalWriter:
@@ -111,17 +188,18 @@ class WalWriter:
     INSERT = ("INSERT INTO log_entries(key, group_id, idx, term, kind, payload, crc32, segment) "
               "VALUES (?,?,?,?,?,?,?,?)")
 
-    def __init__(self, policy: SegmentPolicy | None = None, on_rotate=None):
+    def __init__(self, policy: SegmentPolicy | None = None,
+                 on_rotate: Callable[[int, int], object] | None = None) -> None:
         self.policy = policy or SegmentPolicy()
         self.on_rotate = on_rotate
         #: rows of deferred appends, inserted by :meth:`flush` (the store flushes before any other
         #: statement and at commit, so every batch's appends become one executemany)
-        self.pending: list[tuple] = []
+        self.pending: list[RecordRow] = []
         #: called before this writer runs any statement itself (the store begins its transaction and
         #: flushes pending rows there)
-        self.before_sql = None
+        self.before_sql: Callable[[], object] | None = None
 
-    def flush(self, conn) -> None:
+    def flush(self, conn: apsw.Connection) -> None:
         """Insert the pending rows."""
         rows = self.pending
         if rows:
@@ -131,17 +209,17 @@ class WalWriter:
                 conn.executemany(self.INSERT, rows)
             rows.clear()
 
-    def _sql(self):
+    def _sql(self) -> None:
         if self.before_sql is not None:
             self.before_sql()
 
-    def _start(self, conn, group_id: int, first_index: int) -> OpenSegment:
+    def _start(self, conn: apsw.Connection, group_id: int, first_index: int) -> OpenSegment:
         now = time.time()
         conn.execute("INSERT INTO log_segments(group_id, first_index, created_at) VALUES (?,?,?)",
                      (group_id, first_index, now))
         return OpenSegment(conn.last_insert_rowid(), first_index, 0, 0, now, 0, 0)
 
-    def seal(self, conn, group_id: int, seg: OpenSegment) -> None:
+    def seal(self, conn: apsw.Connection, group_id: int, seg: OpenSegment) -> None:
         """Seal ``seg``: write its last index, counts, bytes, sidecar checksum and content digest."""
         conn.execute(
             "UPDATE log_segments SET last_index=?, entry_count=?, bytes=?, sealed_at=?, checksum=?, content_crc=? "
@@ -151,7 +229,8 @@ class WalWriter:
         if self.on_rotate is not None:
             self.on_rotate(group_id, seg.segment_id)
 
-    def append(self, conn, group_id: int, seg: OpenSegment | None, entries, defer: bool = False) -> OpenSegment:
+    def append(self, conn: apsw.Connection, group_id: int, seg: OpenSegment | None, entries: Sequence[LogEntry],
+               defer: bool = False) -> OpenSegment:
         """Insert ``entries`` (validated LogEntry objects, contiguous) for ``group_id``; returns the
         open segment after the write (possibly a new one). With ``defer`` the rows are queued in
         :attr:`pending` when no segment work is needed."""
@@ -165,10 +244,10 @@ class WalWriter:
                 or (seg.count and now - seg.created_at >= p.max_age)):
             return self._append_rotating(conn, group_id, seg, entries, now)
         base = group_id * SPAN
-        crc32, sid = zlib.crc32, seg.segment_id
+        sid = seg.segment_id
         if len(entries) == 1:
             i, t, d, k = entries[0]
-            crc = crc32(d, crc32(_HEADER.pack(group_id, i, t, k)))
+            crc = record_crc(group_id, i, t, k, d)
             row = (base + i, group_id, i, t, k, d, crc, sid)
             if defer:
                 self.pending.append(row)
@@ -176,38 +255,30 @@ class WalWriter:
                 conn.execute(self.INSERT, row)
             seg.count += 1
             seg.nbytes += nbytes
-            seg.checksum = crc32(_U32.pack(crc), seg.checksum)
-            seg.content = crc32(d, crc32(_CONTENT_PREFIX((t, k)), seg.content))
+            seg.checksum = chain_crc(seg.checksum, crc)
+            seg.content = content_crc(seg.content, t, k, d)
             return seg
         # a batch: build the rows with map/zip (C-level loops), not a Python loop per entry
         idxs, terms, datas, kinds = zip(*entries)
-        gids = itertools.repeat(group_id)
-        crcs = array.array("I", map(crc32, datas, map(crc32, map(_HEADER.pack, gids, idxs, terms, kinds))))
-        rows = list(zip(range(base + idxs[0], base + idxs[0] + len(idxs)), itertools.repeat(group_id), idxs, terms,
-                        kinds, datas, crcs, itertools.repeat(sid)))
+        crcs = record_crcs(group_id, idxs, terms, kinds, datas)
+        rows: list[RecordRow] = list(zip(range(base + idxs[0], base + idxs[0] + len(idxs)), itertools.repeat(group_id),
+                                   idxs, terms, kinds, datas, crcs, itertools.repeat(sid)))
         if defer:
             self.pending.extend(rows)
         else:
             conn.executemany(self.INSERT, rows)
         seg.count += len(rows)
         seg.nbytes += nbytes
-        if sys.byteorder != "little":
-            crcs.byteswap()
-        seg.checksum = crc32(crcs.tobytes(), seg.checksum)
-        if terms[0] == terms[-1] and kinds.count(0) == len(kinds):
-            # one term, all NORMAL (the usual batch): every record has the same prefix, no formatting per entry
-            prefix = _CONTENT_PREFIX((terms[0], 0))
-            seg.content = crc32(prefix.join(datas), crc32(prefix, seg.content))
-        else:
-            seg.content = crc32(b"".join(itertools.chain.from_iterable(zip(map(_CONTENT_PREFIX, zip(terms, kinds)),
-                                                                           datas))), seg.content)
+        seg.checksum = chain_crcs(seg.checksum, crcs)
+        seg.content = content_crc_batch(seg.content, terms, kinds, datas)
         return seg
 
-    def _append_rotating(self, conn, group_id, seg, entries, now):
+    def _append_rotating(self, conn: apsw.Connection, group_id: int, seg: OpenSegment, entries: Sequence[LogEntry],
+                         now: float) -> OpenSegment:
         self._sql()
         p = self.policy
         base = group_id * SPAN
-        rows = []
+        rows: list[RecordRow] = []
         for e in entries:
             payload = e.data
             n = len(payload)
@@ -223,24 +294,18 @@ class WalWriter:
             seg.count += 1
             seg.nbytes += n
             seg.checksum = chain_crc(seg.checksum, crc)
-            seg.content = zlib.crc32(payload, zlib.crc32(_CONTENT_PREFIX((e.term, e.kind)), seg.content))
+            seg.content = content_crc(seg.content, e.term, e.kind, payload)
         conn.executemany(self.INSERT, rows)
         return seg
 
-    def truncate_after(self, conn, group_id: int, index: int) -> OpenSegment | None:
+    def truncate_after(self, conn: apsw.Connection, group_id: int, index: int) -> OpenSegment | None:
         """Delete records ``> index`` and the segments that held only those; the segment holding
         ``index`` (if any) becomes the open one again. Returns the open segment."""
-        base = group_id * SPAN
-        conn.execute("UPDATE groups SET truncate_permit=? WHERE group_id=?", (index, group_id))
-        conn.execute("DELETE FROM log_entries WHERE key > ? AND key < ?", (base + index, base + SPAN))
-        conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (group_id,))
-        conn.execute("DELETE FROM log_segments WHERE group_id=? AND first_index > ?", (group_id, index))
-        conn.execute("UPDATE log_segments SET last_index=NULL, entry_count=NULL, bytes=NULL, sealed_at=NULL,"
-                     " checksum=NULL, content_crc=NULL WHERE group_id=? AND last_index > ?", (group_id, index))
+        cut_after(conn, group_id, index)
         return load_open_segment(conn, group_id)
 
 
-def load_open_segment(conn, group_id: int) -> OpenSegment | None:
+def load_open_segment(conn: apsw.Connection, group_id: int) -> OpenSegment | None:
     """Rebuild the in-memory state of the group's open segment from its records (at open, and after
     truncation). Only the open segment is read: its size is bounded by the segment policy."""
     row = conn.execute("SELECT segment_id, first_index, created_at FROM log_segments "
@@ -261,8 +326,10 @@ def load_open_segment(conn, group_id: int) -> OpenSegment | None:
         seg.nbytes += n
         seg.checksum = chain_crc(seg.checksum, crc)
     if seg.count:
-        seg.content = zlib.crc32(conn.execute(f"SELECT {CONTENT_SQL} FROM log_entries WHERE key >= ? AND key < ?",
-                                              (base + seg.first_index, base + SPAN)).fetchone()[0] or b"")
+        agg = conn.execute(f"SELECT {CONTENT_SQL} FROM log_entries WHERE key >= ? AND key < ?",
+                           (base + seg.first_index, base + SPAN)).fetchone()
+        assert agg is not None  # an aggregate without GROUP BY always yields one row
+        seg.content = content_digest(agg[0] or b"")
     return seg
 
 
@@ -276,49 +343,42 @@ class WalReader:
     SELECT_RANGE = (f"SELECT {INT('idx')}, {INT('term')}, {INT('kind')}, {BLOB_PAYLOAD}, {INT('crc32')} "
                     "FROM log_entries WHERE key >= ? AND key < ? ORDER BY key")
 
-    def get(self, conn, group_id: int, idx: int):
+    def get(self, conn: apsw.Connection, group_id: int, idx: int) -> LogEntry | None:
         """The entry at ``idx`` or None if there is no record."""
-        from .log import _KINDS, LogEntry
-
         row = conn.execute(self.SELECT_ONE, (group_id * SPAN + idx,)).fetchone()
         if row is None:
             return None
         term, kind, payload, crc = row
         if record_crc(group_id, idx, term, kind, payload) != crc:
             raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
-        return LogEntry(idx, term, payload, _KINDS[kind])
+        return LogEntry(idx, term, payload, KINDS[kind])
 
-    def term(self, conn, group_id: int, idx: int) -> int | None:
+    def term(self, conn: apsw.Connection, group_id: int, idx: int) -> int | None:
         """The term at ``idx`` (the record's CRC is verified), or None if there is no record."""
         e = self.get(conn, group_id, idx)
         return None if e is None else e.term
 
-    def scan(self, conn, group_id: int, lo: int, hi: int, max_bytes: int | None = None):
+    def scan(self, conn: apsw.Connection, group_id: int, lo: int, hi: int,
+             max_bytes: int | None = None) -> list[LogEntry]:
         """Entries ``lo <= idx < hi`` in order as a list, verifying each CRC; stops early (after at
         least one entry) once ``max_bytes`` of payload would be exceeded, or at the first missing index."""
-        from .log import _KINDS, LogEntry
-
         base = group_id * SPAN
-        out = []
+        out: list[LogEntry] = []
         append = out.append
         total = 0
         expect = lo
-        pack, crc32 = _HEADER.pack, zlib.crc32
+        crc_of, kinds = record_crc, KINDS
         limit = max_bytes if max_bytes is not None else -1
         for idx, term, kind, payload, crc in conn.execute(self.SELECT_RANGE, (base + lo, base + hi)):
             if idx != expect:
                 break
-            try:
-                bad = crc32(payload, crc32(pack(group_id, idx, term, kind))) != crc
-            except (TypeError, struct.error, OverflowError):
-                bad = True
-            if bad:
+            if crc_of(group_id, idx, term, kind, payload) != crc:
                 raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
             if limit >= 0:
                 total += len(payload)
                 if total > limit and idx > lo:
                     break
-            append(LogEntry(idx, term, payload, _KINDS[kind]))
+            append(LogEntry(idx, term, payload, kinds[kind]))
             expect += 1
         return out
 
@@ -327,13 +387,13 @@ class WalCompactor:
     """Deletes whole sealed segments of a group whose every record is ``<= up_to``; the caller
     guarantees (and the database trigger enforces) that a DURABLE snapshot covers ``up_to``."""
 
-    def removable(self, conn, group_id: int, up_to: int) -> list[tuple[int, int, int]]:
+    def removable(self, conn: apsw.Connection, group_id: int, up_to: int) -> list[tuple[int, int, int]]:
         """Sealed segments ``(segment_id, first_index, last_index)`` entirely at or below ``up_to``."""
-        return conn.execute("SELECT segment_id, first_index, last_index FROM log_segments WHERE group_id=? "
-                            "AND last_index IS NOT NULL AND last_index <= ? ORDER BY first_index",
-                            (group_id, up_to)).fetchall()
+        return [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT segment_id, first_index, last_index FROM log_segments WHERE group_id=? "
+            "AND last_index IS NOT NULL AND last_index <= ? ORDER BY first_index", (group_id, up_to))]
 
-    def remove(self, conn, group_id: int, segment: tuple[int, int, int]) -> int:
+    def remove(self, conn: apsw.Connection, group_id: int, segment: tuple[int, int, int]) -> int:
         """Delete one sealed segment's records and row; returns the number of records removed."""
         seg_id, first, last = segment
         base = group_id * SPAN

@@ -22,6 +22,7 @@ from .. import layout
 from ..errors import RaftSqliteError, SnapshotError
 from ..groupstate import GroupState, write_group_row, write_meta_row
 from ..log import PersistentRaftLog
+from ..wal import cut_after
 from .chunks import SnapshotStore
 from .manifest import SnapshotKind, SnapshotMeta, manifest_fields_crc
 from .reader import SnapshotReader
@@ -473,7 +474,6 @@ class SnapshotWriter:
                 write_group_row(conn, g)
             if not w.install:
                 return
-            base = g.gid * (1 << 40)
             if index > g.commit:
                 g.commit = index
                 write_meta_row(conn, g)
@@ -483,10 +483,7 @@ class SnapshotWriter:
             else:
                 # entries <= index are covered by the snapshot made DURABLE above; those above it are
                 # uncommitted (checked) and need the truncate permit to pass the guard trigger
-                conn.execute("UPDATE groups SET truncate_permit=? WHERE group_id=?", (index, g.gid))
-                conn.execute("DELETE FROM log_entries WHERE key >= ? AND key < ?", (base, base + (1 << 40)))
-                conn.execute("UPDATE groups SET truncate_permit=NULL WHERE group_id=?", (g.gid,))
-                conn.execute("DELETE FROM log_segments WHERE group_id=?", (g.gid,))
+                cut_after(conn, g.gid, 0, permit=index)  # every record and segment of the group
                 g.seg = None
                 g.last_index, g.last_term = index, term
             write_group_row(conn, g)

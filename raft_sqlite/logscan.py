@@ -1,0 +1,284 @@
+"""The one walk over a group's stored log records, shared by open-time recovery
+(:func:`raft_sqlite.validate.recover_groups`) and ``raft-sqlite verify`` (:mod:`raft_sqlite.verify`).
+
+Two ways of checking records, both with the record codec of :mod:`raft_sqlite.wal`:
+
+* :func:`check_sealed_segment` / :func:`check_sealed_segments`: a sealed segment with a content digest as
+  a whole, with one SQLite aggregate (the fast path: no Python loop per record);
+* :class:`RecordScanner`: record by record over a key range, checking every record's CRC, the ``idx``
+  column against the key, contiguity, terms never decreasing and the segment each record names, while
+  folding each segment's running sidecar checksum, count and bytes. It *yields* :class:`Finding` objects
+  and never formats a message: open-time recovery stops at the first finding it cares about (its
+  messages and policy live in :mod:`raft_sqlite.validate`), verify reports them all
+  (:mod:`raft_sqlite.verify`).
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, Optional
+
+import apsw
+
+from .wal import CONTENT_SQL, INT, SPAN, chain_crc, chain_crcs, content_digest, record_crc, sidecar_checksum
+
+#: A row read from a store being validated. Any column may hold any SQLite type (damage is what the
+#: checks look for): they compare the values and report what does not fit, so the values are ``Any``.
+DbRow = tuple[Any, ...]
+
+
+def db_rows(cursor: apsw.Cursor) -> list[DbRow]:
+    """Every row of ``cursor`` (see :data:`DbRow`)."""
+    return cursor.fetchall()
+
+
+def db_row(cursor: apsw.Cursor) -> DbRow | None:
+    """The first row of ``cursor`` (see :data:`DbRow`), or None."""
+    row: DbRow | None = cursor.fetchone()
+    return row
+
+
+def db_scalar(cursor: apsw.Cursor) -> Any:
+    """The single value of an aggregate query (which always yields one row)."""
+    row = db_row(cursor)
+    assert row is not None  # an aggregate without GROUP BY always yields one row
+    return row[0]
+
+
+#: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
+#: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
+#: Keys are unique and bounded by the range, so the count proves every index present; the content digest
+#: covers every term, kind and payload byte (a term or kind whose type changed renders differently, or as
+#: NULL, which drops the row from the aggregate); a payload turned into TEXT with the same bytes is the one
+#: change it cannot see, hence the typeof() sum.
+SEGMENT_CHECK_SQL = (
+    "SELECT count(*), sum(idx != key - ?1), sum(typeof(payload) != 'blob'), sum(length(payload)), "
+    f"{CONTENT_SQL}, string_agg(crc32, ','), sum(segment != ?4) FROM log_entries "
+    "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3")
+
+#: What :func:`check_sealed_segment` returns for a segment that checks out: (first term, last term, payload bytes)
+SegmentCheck = tuple[int, int, int]
+#: A sealed segment to check: (segment_id, first index, last index, entry count, bytes, sidecar checksum,
+#: content digest), as read from ``log_segments``
+SealedSegment = tuple[int, int, int, int, int, int, Optional[int]]
+
+
+def check_sealed_segment(conn: apsw.Connection, base: int, sid: int, lo: int, hi: int, count: int, nbytes: int,
+                         checksum: int, content: int | None) -> SegmentCheck | None:
+    """Check sealed segment ``sid`` = ``lo..hi`` (with its recorded entry count, bytes, sidecar checksum
+    and content digest) with one SQLite aggregate: every index present with ``idx`` matching its key and
+    naming the segment, every payload a BLOB, the byte count, the content digest (every term, kind and
+    payload byte) and the sidecar checksum (every stored record CRC) as recorded. Returns ``(first_term,
+    last_term, payload_bytes)`` if all of that holds, else None (the caller then checks record by record,
+    to find the first bad index). Terms are non-decreasing within the segment because they were when it
+    was written and the digest proves nothing changed since."""
+    n = hi - lo + 1
+    try:
+        row = conn.execute(SEGMENT_CHECK_SQL, (base, lo, hi, sid)).fetchone()
+        first_term = conn.execute("SELECT term FROM log_entries WHERE key=?", (base + lo,)).fetchone()
+        last_term = conn.execute("SELECT term FROM log_entries WHERE key=?", (base + hi,)).fetchone()
+    except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8
+        return None
+    assert row is not None  # an aggregate without GROUP BY always yields one row
+    cnt, bad_idx, not_blob, total, blob, crcs, other_seg = row
+    if (cnt != n or count != n or bad_idx or not_blob or other_seg or total != nbytes or blob is None
+            or content_digest(blob) != content or crcs is None or first_term is None or last_term is None):
+        return None
+    try:
+        packed = array.array("I", map(int, crcs.split(",")))
+    except (ValueError, OverflowError):  # a CRC column that is not a 32-bit integer
+        return None
+    if len(packed) != n:
+        return None
+    if sidecar_checksum(packed) != checksum:
+        return None
+    return first_term[0], last_term[0], total
+
+
+#: Worker threads for the segment aggregates (SQLite runs them without the GIL); 1 disables threading.
+CHECK_THREADS = min(4, os.cpu_count() or 1)
+
+
+def check_sealed_segments(connect: Callable[[], apsw.Connection], base: int,
+                          segments: Sequence[SealedSegment]) -> dict[int, SegmentCheck | None]:
+    """:func:`check_sealed_segment` for many segments ``(sid, lo, hi, count, nbytes, checksum, content)``
+    of one group, on ``CHECK_THREADS`` threads, each with its own read connection from ``connect()``
+    (closed afterwards). Returns ``{sid: result}``. Few segments are checked on one connection."""
+    def run(part: Sequence[SealedSegment]) -> dict[int, SegmentCheck | None]:
+        conn = connect()
+        try:
+            return {seg[0]: check_sealed_segment(conn, base, *seg) for seg in part}
+        finally:
+            conn.close()
+
+    threads = min(CHECK_THREADS, len(segments) // 4)
+    if threads <= 1:
+        return run(segments)
+    from concurrent.futures import ThreadPoolExecutor  # only for big logs: keeps it off the import of a small open
+
+    out: dict[int, SegmentCheck | None] = {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
+        for res in pool.map(run, [segments[i::threads] for i in range(threads)]):
+            out.update(res)
+    return out
+
+
+_NO_SEGMENT = object()  # "no segment looked up yet" (None is a segment column value: a damaged one)
+
+#: The kinds of :class:`Finding`, in the order they are yielded for one record.
+FINDING_KINDS = ("index", "gap", "crc", "term", "not_own", "unknown_segment", "outside_segment")
+
+
+class Finding(NamedTuple):
+    """One thing wrong with one record, found by :meth:`RecordScanner.walk`. ``kind`` is one of:
+
+    * ``"index"``: the ``idx`` column (``idx_col``) differs from the index its key says (``idx``);
+    * ``"gap"``: the record at ``idx`` follows ``expected - 1``: ``expected .. idx - 1`` are missing;
+    * ``"crc"``: the record fails its CRC (``ptype``: its payload's SQLite type, ``"blob"`` when intact);
+    * ``"term"``: its ``term`` is below ``last_term``, the highest term before it;
+    * ``"not_own"``: it names ``segment``, not ``own`` (the segment with the highest first index <= it);
+    * ``"unknown_segment"``: it names ``segment``, which the group has no row for (yielded once per segment);
+    * ``"outside_segment"``: it names ``segment``, whose range ``seg_range`` does not hold it.
+    """
+
+    kind: str
+    idx: int  #: the record's index (from its key)
+    expected: Optional[int]  # the index the walk expected here (one above the previous), None at the start
+    idx_col: Optional[int]
+    segment: Optional[int]
+    ptype: str
+    term: Optional[int]
+    last_term: int
+    own: Optional[int]
+    seg_range: Optional[tuple[int, Optional[int]]]
+
+
+class RecordScanner:
+    """Record-by-record walk over one group's log (one instance per group and pass; see the module
+    docstring). Its state carries over from one :meth:`walk` to the next, and callers that account for
+    a stretch of the log themselves (a segment checked by its aggregate) set it: ``prev`` (index of the
+    last record accepted, None before any), ``last_term`` (the highest term so far) and ``running``
+    (per segment ``[sidecar checksum, records, payload bytes]`` of the records accepted)."""
+
+    #: CAST: a damaged row may hold TEXT (possibly not UTF-8) where a BLOB belongs; read its bytes anyway.
+    #: The payload's type is read only when it is not a BLOB (NULL for a BLOB: no string per record).
+    SELECT = (f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), "
+              f"CASE typeof(payload) WHEN 'blob' THEN NULL ELSE typeof(payload) END, {INT('crc32')}, "
+              f"{INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key")
+
+    def __init__(self, conn: apsw.Connection, group_id: int, prev: int | None = None,
+                 progress: Callable[[int], object] | None = None) -> None:
+        self.conn, self.group_id, self.base = conn, group_id, group_id * SPAN
+        self.prev = prev
+        self.last_term = 0
+        self.lowest: int | None = None  #: index of the first record walked
+        self.rows = 0  #: records accepted (walked past without the caller stopping)
+        self.nbytes = 0  #: their payload bytes
+        self.running: dict[int | None, list[int]] = {}
+        #: called with a number of records walked (every 2000 and at the end of each walk)
+        self.progress = progress
+        segs = [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT segment_id, first_index, last_index FROM log_segments WHERE group_id=? ORDER BY first_index",
+            (group_id,))]
+        # which segment each record must name: the one with the highest first index at or below it
+        self.starts: list[tuple[int, int]] = [(lo, sid) for sid, lo, _hi in segs]
+        self.bounds: dict[int, tuple[int, int | None]] = {sid: (lo, hi) for sid, lo, hi in segs}
+
+    def walk(self, lo: int, hi: int) -> Iterator[Finding]:
+        """Walk the records ``lo .. hi`` (inclusive) in index order, yielding a :class:`Finding` for each
+        problem. A record is *accepted* (counted, folded into its segment's running sidecar, ``prev`` and
+        ``last_term`` advanced) once its findings have been yielded: a caller that stops at a finding
+        (closing the generator) leaves the state at the record before."""
+        gid, starts, bounds, running = self.group_id, self.starts, self.bounds, self.running
+        k = max(0, bisect.bisect_right(starts, (lo, float("inf"))) - 1)
+        own = starts[k][1] if starts else None
+        next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+        crc_of, progress = record_crc, self.progress
+        # the per-record state lives in locals (this loop is on the open path) and is written back when the
+        # walk ends or the caller stops it (the finally below runs on the generator's close too); the record
+        # CRCs of the current segment are collected in an array and folded into its sidecar in one call
+        prev, last_term, lowest, rows, nbytes = self.prev, self.last_term, self.lowest, 0, 0
+        cur_seg: object = _NO_SEGMENT
+        r = [0, 0, 0]
+        pend: array.array[int] = array.array("I")
+        pend_append, seg_bytes = pend.append, 0
+        s_lo: int | None = None
+        s_hi: int | None = None
+        walked = 0
+        try:
+            for idx, idx_col, term, kind, payload, ptype, crc, seg in self.conn.execute(self.SELECT,
+                                                                                        (self.base, lo, hi)):
+                walked += 1
+                if lowest is None:
+                    lowest = idx
+                if payload is None:
+                    payload = b""
+                expected = None if prev is None else prev + 1
+                if idx_col != idx:
+                    yield Finding("index", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if idx != expected and expected is not None:
+                    yield Finding("gap", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if ptype is not None or crc_of(gid, idx_col, term, kind, payload) != crc:
+                    yield Finding("crc", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if term.__class__ is not int:  # only damage (NULL from INT()) makes it anything else
+                    term = last_term
+                if term < last_term:
+                    yield Finding("term", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                while next_lo is not None and idx >= next_lo:
+                    k += 1
+                    own = starts[k][1]
+                    next_lo = starts[k + 1][0] if k + 1 < len(starts) else None
+                if seg != own:
+                    yield Finding("not_own", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
+                if seg != cur_seg:
+                    r[0] = chain_crcs(r[0], pend)
+                    r[1] += len(pend)
+                    r[2] += seg_bytes
+                    del pend[:]
+                    seg_bytes = 0
+                    got = running.get(seg)
+                    if got is None:
+                        got = running[seg] = [0, 0, 0]
+                        if seg not in bounds:
+                            yield Finding("unknown_segment", idx, expected, idx_col, seg, ptype or "blob", term,
+                                          last_term, own, None)
+                    r, cur_seg = got, seg
+                    s_lo, s_hi = bounds.get(seg, (None, None)) if seg is not None else (None, None)
+                if s_lo is not None and (idx < s_lo or (s_hi is not None and idx > s_hi)):
+                    yield Finding("outside_segment", idx, expected, idx_col, seg, ptype or "blob", term, last_term,
+                                  own, (s_lo, s_hi))
+                # accepted: nothing above made the caller stop
+                try:
+                    pend_append(crc)
+                except (TypeError, OverflowError):  # a damaged CRC column: fold what came before, then fail
+                    r[0] = chain_crcs(r[0], pend)  # as the fold of this value does (struct.error), as ever
+                    r[1] += len(pend)
+                    r[2] += seg_bytes
+                    del pend[:]
+                    seg_bytes = 0
+                    r[0] = chain_crc(r[0], crc)
+                seg_bytes += len(payload)
+                rows += 1
+                nbytes += len(payload)
+                prev = idx
+                if term > last_term:
+                    last_term = term
+                if progress is not None and walked % 2000 == 0:
+                    progress(2000)
+            if progress is not None and walked % 2000:
+                progress(walked % 2000)
+        finally:
+            r[0] = chain_crcs(r[0], pend)
+            r[1] += len(pend)
+            r[2] += seg_bytes
+            self.prev, self.last_term, self.lowest = prev, last_term, lowest
+            self.rows += rows
+            self.nbytes += nbytes
+
+    def sidecar(self, sid: int) -> tuple[int, int, int]:
+        """``(sidecar checksum, records, payload bytes)`` folded so far for segment ``sid`` (zeros if none)."""
+        r = self.running.get(sid)
+        return (r[0], r[1], r[2]) if r is not None else (0, 0, 0)
