@@ -1,5 +1,5 @@
 """The one walk over a group's stored log records, shared by open-time recovery
-(:func:`raft_sqlite.validate.recover_groups`) and ``raft-sqlite verify`` (:mod:`raft_sqlite.verify`).
+(:func:`raft_sqlite.recovery.recover_groups`) and ``raft-sqlite verify`` (:mod:`raft_sqlite.verify`).
 
 Two ways of checking records, both with the record codec of :mod:`raft_sqlite.wal`:
 
@@ -9,7 +9,7 @@ Two ways of checking records, both with the record codec of :mod:`raft_sqlite.wa
   column against the key, contiguity, terms never decreasing and the segment each record names, while
   folding each segment's running sidecar checksum, count and bytes. It *yields* :class:`Finding` objects
   and never formats a message: open-time recovery stops at the first finding it cares about (its
-  messages and policy live in :mod:`raft_sqlite.validate`), verify reports them all
+  messages and policy live in :mod:`raft_sqlite.recovery`), verify reports them all
   (:mod:`raft_sqlite.verify`).
 """
 

@@ -361,3 +361,84 @@ def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool =
     older = f"an older generation ({-step} restarts before)" if step is not None else "an unrelated generation"
     return (f"{wal} holds {older} {wsalts.hex()}, but {mark.mx} frames of generation {gen} were recorded as "
             "durable: an older or foreign copy of the WAL; the committed transactions since are lost")
+
+
+def wal_lost_commits(db_path: str, opener: Opener = open) -> str | None:
+    """Detect committed transactions that SQLite will silently ignore: a damaged WAL frame makes SQLite
+    stop at the last valid commit before it, and every later commit is dropped without an error.
+    Called after SQLite has opened the file (its -shm index header then holds ``mxFrame``, the end of
+    what it will use) and before anything is written. If, beyond the first commit frame that follows
+    ``mxFrame`` (and the copies of it SQLite writes as sector padding), there is a frame of the same WAL
+    generation (same salts), a later transaction was written after that commit had been synced:
+    acknowledged data is being dropped, which is corruption, not a torn tail (a torn tail is always the
+    last transaction). Returns a description or None. The high-water mark (:mod:`raft_sqlite.sqlitewal`)
+    covers truncated WALs; this scan covers stores whose mark is stale.
+
+    Only meaningful for stores written with a syncing fsync mode (FULL/EXTRA): with NORMAL/OFF several
+    unsynced transactions may legitimately be torn at a power cut. ``opener`` opens the files for
+    reading (:meth:`raft_sqlite.sqlitewal.PinnedFiles.open` while SQLite has them open).
+    """
+    wal, shm = db_path + "-wal", db_path + "-shm"
+    try:
+        with opener(shm, "rb") as f:
+            hdr = f.read(48)
+        wsize = os.path.getsize(wal)
+    except OSError:
+        return None
+    if len(hdr) < 48 or wsize <= 32:
+        return None
+    sz = struct.unpack_from("=H", hdr, 14)[0]
+    mx = struct.unpack_from("=I", hdr, 16)[0]
+    page = 65536 if sz == 1 else sz
+    if mx == 0 and page == 0:
+        # SQLite found no valid commit at all (the first transaction of the generation is damaged): its
+        # index header then carries no page size; take it from the WAL header (checked below)
+        try:
+            with opener(wal, "rb") as f:
+                page = struct.unpack(">I", f.read(32)[8:12])[0]
+        except (OSError, struct.error):
+            return None
+    if page < 512 or page > 65536 or page & (page - 1):
+        return None
+    fs = 24 + page
+    nframes = (wsize - 32) // fs
+    if nframes <= mx:
+        return None
+    with opener(wal, "rb") as f:
+        head = f.read(32)
+        salt = wal_header_salts(head)
+        if salt is None or (mx and salt != hdr[32:40]):
+            return None  # no valid header: nothing SQLite could have used is known to be lost
+        big = bool(struct.unpack_from(">I", head, 0)[0] & 1)
+
+        def frame(j: int) -> bytes:
+            f.seek(32 + j * fs)
+            return f.read(fs)
+
+        def verifies(j: int, fr: bytes) -> bool:
+            """Frame j's stored checksum follows from its predecessor's *stored* checksum (so one
+            damaged frame does not hide intact frames after it)."""
+            prev = head[24:32] if j == 0 else frame(j - 1)[16:24]
+            stored = struct.unpack_from(">II", fr, 16)
+            return wal_checksum(fr[:8] + fr[24:], struct.unpack(">II", prev), big) == stored
+
+        commit: tuple[int, bytes] | None = None
+        for j in range(mx, nframes):
+            fr = frame(j)
+            if fr[8:16] == salt and struct.unpack_from(">I", fr, 4)[0] != 0 and verifies(j, fr):
+                commit = j, fr[:16]
+                break
+        if commit is None:
+            return None
+        j = commit[0] + 1
+        # sector padding: SQLite repeats the commit frame (same page number, db size and salts) up to a
+        # sector boundary when the device does not promise powersafe overwrite
+        while j < nframes and frame(j)[:16] == commit[1]:
+            j += 1
+        for k in range(j, nframes):
+            fr = frame(k)
+            if fr[8:16] == salt and verifies(k, fr):
+                return (f"{wal}: frame {mx + 1} is damaged but a later transaction (frame {k + 1} of "
+                        f"{nframes}) was written after it had been synced; SQLite would silently drop "
+                        f"{nframes - mx} frames of committed data")
+    return None

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from . import fsio, sqlitewal, layout, migrate, reserve, validate
+from . import fsio, layout, migrate, reserve, sqlitewal
 from .args import float_arg, text_arg
 from .commit import StoreStats, Tx
 from .errors import CorruptionError, DataDirError, LogCompactedError, NodeIdentityMismatch, StorageFault
@@ -26,7 +26,7 @@ from .entry import KINDS, LogEntry
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore
 from .restorestate import read_restore_state
-from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event
+from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recover_groups, recover_sql_objects
 from .snapshot import SnapshotManager
 from .statemachine import StateMachineSnapshotManager
 from .wal import BLOB_PAYLOAD, SegmentPolicy
@@ -294,9 +294,8 @@ class NodeStore:
             # writes it, and is synced in every mode) is itself in the WAL, maybe damaged: scan.
             row = self.kernel.conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone()
             if row is None or row[0] in (FsyncMode.FULL.value, FsyncMode.EXTRA.value):
-                from .validate import wal_lost_commits
-                self._wal_problems = [m for m in (wal_lost_commits(self.path, self._pins.open),
-                                                  wal_lost_commits(self.chunks_path, self._pins.open)) if m]
+                self._wal_problems = [m for m in (sqlitewal.wal_lost_commits(self.path, self._pins.open),
+                                                  sqlitewal.wal_lost_commits(self.chunks_path, self._pins.open)) if m]
             if lost[0] and not self._wal_problems:
                 self._wal_problems.append(lost[0])
         except apsw.Error as exc:
@@ -472,8 +471,8 @@ class NodeStore:
                         "recovery_policy": self.recovery_policy.value,
                         **{f"pragma.{k}": v for k, v in pragmas_for(self.fsync).items()}}
             c.executemany("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", list(settings.items()))
-            validate.recover_sql_objects(self, c, report)
-            validate.recover_groups(self, c, report, self._wal_problems)
+            recover_sql_objects(self, c, report)
+            recover_groups(self, c, report, self._wal_problems)
             report.duration = time.monotonic() - report.started
             c.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) "
                       "VALUES (?,?,?,?,?,?)", (now, "open", report.policy, report.outcome, report.duration,

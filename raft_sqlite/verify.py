@@ -40,7 +40,7 @@ import apsw
 from . import layout, migrate
 from .logscan import RecordScanner, check_sealed_segments, db_row, db_rows, db_scalar
 from .metadata import group_crc, meta_crc
-from .validate import check_sql_objects
+from .recovery import check_sql_objects
 from .wal import SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).

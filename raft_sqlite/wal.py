@@ -33,7 +33,7 @@ from .errors import CorruptionError
 
 # ---------------------------------------------------------------------------------------------------
 # The record codec: the one definition of a record's CRC, a sealed segment's sidecar checksum and its
-# content digest, used by the writer, open-time recovery (validate), verify and the CLI.
+# content digest, used by the writer, open-time recovery (recovery.py), verify and the CLI.
 # ---------------------------------------------------------------------------------------------------
 
 #: A record's CRC covers this little-endian header ``<q group_id><q idx><q term><B kind>``, then the payload.

@@ -274,7 +274,7 @@ def test_segment_content_digest_written_by_every_append_path_matches_sqlite(data
     # the writer keeps the digest running in Python; recovery recomputes it inside SQLite: they must agree
     # for single appends, batches, batches that rotate mid-way, append_next, every kind, empty and binary
     # payloads, and a segment re-opened by truncate_after and sealed again
-    from raft_sqlite.validate import check_sealed_segment
+    from raft_sqlite.logscan import check_sealed_segment
     kinds = [EntryKind.NORMAL, EntryKind.CONFIG, EntryKind.NOOP]
     with open_store(data_dir, segment_policy=SegmentPolicy(max_entries=7)) as s:
         lg = s.log("g")

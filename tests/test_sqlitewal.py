@@ -335,9 +335,8 @@ def test_the_open_check_fires_when_the_mark_is_ignored(crashed, tmp_path, monkey
     """outcome() is not satisfied by a store that ignores the mark: with sqlitewal.lost_commits and the frame scan
     disabled, an older copy of the WAL (same generation, fewer frames) opens without the later commits and
     outcome() fails."""
-    from raft_sqlite import validate
     d, n = variant(crashed, tmp_path, lambda d, t: put(t / "same-wal", d / "raft.db-wal"))
     monkeypatch.setattr(sqlitewal, "lost_commits", lambda *a, **kw: None)
-    monkeypatch.setattr(validate, "wal_lost_commits", lambda *a, **kw: None)
+    monkeypatch.setattr(sqlitewal, "wal_lost_commits", lambda *a, **kw: None)
     with pytest.raises(AssertionError, match="STRICT opened with"):
         outcome(d, n, RecoveryPolicy.STRICT, tmp_path)
