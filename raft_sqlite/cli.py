@@ -36,6 +36,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from . import layout
+from .dbrows import db_scalar
 from .errors import (
     BackupError,
     CompactionError,
@@ -725,9 +726,8 @@ def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups())})", EXIT_NOT_FOUND)
         log = store.log(group)
         def seg_count() -> int:
-            n: int = store.kernel.read(lambda c: c.execute(
-                "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?",
-                (group,)).fetchone()[0])
+            n: int = store.kernel.read(lambda c: db_scalar(c.execute(
+                "SELECT count(*) FROM log_segments s JOIN groups g USING (group_id) WHERE g.name=?", (group,))))
             return n
         before, segs_before = log.first_index, seg_count()
         log.compact(up_to)

@@ -516,6 +516,7 @@ class CommitPipeline:
             mark, touched = len(rows), tx[1]
             try:
                 for name, check, write in r.ops:
+                    assert write is not None  # only a group-creating op (check and write None) has none
                     if name is None:  # a raw op on the write connection (no group)
                         sql()
                         results.append(write(conn, None, None))

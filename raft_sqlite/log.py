@@ -11,7 +11,7 @@ import apsw
 from . import layout
 from .args import int_arg
 from .entry import KINDS, EntryKind, LogEntry
-from .errors import (CompactionError, LogCompactedError, LogConflictError, LogGapError,
+from .errors import (CompactionError, CorruptionError, LogCompactedError, LogConflictError, LogGapError,
                      LogUnavailableError)
 from .commit import deferred
 from .groupstate import GroupState, write_group_row
@@ -276,7 +276,10 @@ class PersistentRaftLog:
                 return
             g.seg = kernel.writer.truncate_after(conn, g.gid, index)
             if index != g.snapshot_index:
-                g.last_term = kernel.reader.term(conn, g.gid, index)
+                term = kernel.reader.term(conn, g.gid, index)
+                if term is None:  # checked above: first_index <= index < last_index, so the record is there
+                    raise CorruptionError(f"group {name!r}: entry {index} is missing")
+                g.last_term = term
 
         kernel.run(name, check, write)
 

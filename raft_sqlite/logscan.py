@@ -19,33 +19,12 @@ import array
 import bisect
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import apsw
 
 from .wal import CONTENT_SQL, INT, SPAN, chain_crc, chain_crcs, content_digest, record_crc, sidecar_checksum
 
-#: A row read from a store being validated. Any column may hold any SQLite type (damage is what the
-#: checks look for): they compare the values and report what does not fit, so the values are ``Any``.
-DbRow = tuple[Any, ...]
-
-
-def db_rows(cursor: apsw.Cursor) -> list[DbRow]:
-    """Every row of ``cursor`` (see :data:`DbRow`)."""
-    return cursor.fetchall()
-
-
-def db_row(cursor: apsw.Cursor) -> DbRow | None:
-    """The first row of ``cursor`` (see :data:`DbRow`), or None."""
-    row: DbRow | None = cursor.fetchone()
-    return row
-
-
-def db_scalar(cursor: apsw.Cursor) -> Any:
-    """The single value of an aggregate query (which always yields one row)."""
-    row = db_row(cursor)
-    assert row is not None  # an aggregate without GROUP BY always yields one row
-    return row[0]
 
 
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,

@@ -28,7 +28,8 @@ from . import layout
 from .errors import CorruptionError, RecoveryRefused
 from .groupstate import GroupState, group_crc, meta_crc
 from .kernel import Kernel
-from .logscan import RecordScanner, check_sealed_segments, db_rows
+from .dbrows import db_row, db_rows, db_scalar
+from .logscan import RecordScanner, check_sealed_segments
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized
 from .wal import INT, SPAN, cut_after, load_open_segment
@@ -201,9 +202,9 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
         report.dropped.append({"group": "*", "what": "committed WAL frames SQLite would not use (damaged, truncated, lost or replaced WAL)", "reason": msg})
         report.outcome = "partial"
         wal_partial = True
-    rows = conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
-                        "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, g.crc32 "
-                        "FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id").fetchall()
+    rows = db_rows(conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
+                                "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, "
+                                "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     bad_snapshot_groups = recover_snapshots(store, conn, report)
     for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc, gcrc in rows:
         report.groups += 1
@@ -223,8 +224,8 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
             # PARTIAL: keep the values but never trust the vote; the node must rejoin as catch-up follower
             vote, partial = None, 1
             report.dropped.append({"group": name, "what": "vote", "reason": "metadata CRC mismatch"})
-        durable = conn.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
-                               (gid,)).fetchone()[0] or 0
+        durable = db_scalar(conn.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
+                                         (gid,))) or 0
         if durable != snap_idx:
             _problem(store, report, RecoveryRefused,
                      f"{where}: snapshot index {snap_idx} in the group record disagrees with the newest durable "
@@ -243,15 +244,15 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
             new_last = bad_at - 1
             if new_last < commit:
                 commit, partial = new_last, 1
-            top = conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
-                               (gid * SPAN, gid * SPAN, (gid + 1) * SPAN)).fetchone()[0]
+            top = db_scalar(conn.execute("SELECT max(key) - ? FROM log_entries WHERE key >= ? AND key < ?",
+                                         (gid * SPAN, gid * SPAN, (gid + 1) * SPAN)))
             _drop_tail(conn, gid, new_last, commit)
             report.dropped.append({"group": name, "what": "log tail", "from_index": bad_at, "to_index": top})
             log.warning("%s: dropped log entries %d..%s (%s)", where, bad_at, top, report.problems[-1])
             report.outcome = "partial" if partial else "truncated"
             last = new_last
-            last_term = (conn.execute(f"SELECT {INT('term')} FROM log_entries WHERE key=?", (gid * SPAN + last,)).fetchone()
-                         or (snap_term,))[0] if last >= first else snap_term
+            last_term = (db_row(conn.execute(f"SELECT {INT('term')} FROM log_entries WHERE key=?",
+                                             (gid * SPAN + last,))) or (snap_term,))[0] if last >= first else snap_term
         if last < first - 1:
             last = first - 1
         if commit > last:

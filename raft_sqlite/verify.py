@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 import apsw
 
 from . import layout, migrate
-from .logscan import RecordScanner, check_sealed_segments, db_row, db_rows, db_scalar
+from .dbrows import db_row, db_rows, db_scalar
+from .logscan import RecordScanner, check_sealed_segments
 from .metadata import group_crc, meta_crc
 from .recovery import check_sql_objects
 from .wal import SPAN

@@ -14,6 +14,7 @@ import apsw
 
 from .. import layout
 from ..args import float_arg, int_arg, term_arg
+from ..dbrows import db_scalar
 from ..errors import SnapshotError
 from ..groupstate import GroupState
 from ..kernel import Kernel
@@ -272,8 +273,8 @@ class SnapshotManager:
                     conn.execute("DELETE FROM snapshots WHERE snapshot_id=? AND status='DURABLE'", (sid,))
                 for sid in stale:
                     conn.execute("DELETE FROM snapshots WHERE snapshot_id=? AND status='WRITING'", (sid,))
-                newest = conn.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
-                                      (g.gid,)).fetchone()[0] or 0
+                newest = db_scalar(conn.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND "
+                                                "status='DURABLE'", (g.gid,))) or 0
                 if newest != g.snapshot_index:
                     raise SnapshotError(f"group {self.group!r}: retention would remove the newest durable snapshot "
                                         f"(head {head and head.id})")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 import apsw
 
 from .. import layout
+from ..dbrows import db_scalar
 from ..errors import RaftSqliteError, SnapshotError
 from ..groupstate import GroupState, write_group_row, write_meta_row
 from ..log import PersistentRaftLog
@@ -385,6 +386,7 @@ class SnapshotWriter:
                                 f"index {g.commit} may be covered by a snapshot")
         if index > g.last_index:
             raise SnapshotError(f"group {name!r}: snapshot at {index} refused: beyond the last index {g.last_index}")
+        actual: int | None  # None: the record is gone (never equal to a term: refused below)
         if index == g.snapshot_index and index < g.first_index:
             actual = g.snapshot_term
         elif index < g.first_index:
@@ -465,9 +467,9 @@ class SnapshotWriter:
                          (size, count, checksum, structures, now, crc, sid, g.gid))
             if conn.changes() != 1:
                 raise SnapshotError(f"group {name!r}: snapshot {sid} vanished while being written")
-            if parent_id is not None and conn.execute(
+            if parent_id is not None and db_scalar(conn.execute(
                     "SELECT count(*) FROM snapshots WHERE snapshot_id=? AND group_id=? AND status='DURABLE' AND idx<=?",
-                    (parent_id, g.gid, index)).fetchone()[0] != 1:
+                    (parent_id, g.gid, index))) != 1:
                 raise SnapshotError(f"group {name!r}: the parent {parent_id} of delta snapshot {sid} is gone")
             if index > g.snapshot_index or (index == g.snapshot_index and term != g.snapshot_term):
                 g.snapshot_index, g.snapshot_term = index, term
