@@ -365,50 +365,11 @@ class CommitPipeline:
         """
         conn = self.conn
         if self.fault is not None or self.closed or conn is None:
-            for r in batch:
-                r.error = StorageFault(f"{self.data_dir}: the store is fail-stopped after a storage fault "
-                                       f"({self.fault}); reopen it") if not self.closed else \
-                    RaftSqliteError("the store is closed")
-                r.done = True
+            self._refuse(batch)
             return
         t0 = time.perf_counter()
-        live = [r for r in batch if not r.done]
-        state = {"eager": False, "committing": False, "autocommit": False}
         try:
-            while True:
-                try:
-                    work = self._apply(conn, live, state)
-                    break
-                except _Replay as rep:
-                    if not self._rollback(conn):
-                        raise _Unknown(rep.error) from rep.error
-                    exc = rep.error
-                    rep.req.error = translate(exc, "write", self.data_dir) if isinstance(exc, apsw.Error) else exc
-                    rep.req.done = True
-                    live = [r for r in live if r is not rep.req]
-                except FAULT_ERRORS:
-                    raise
-                except BaseException as exc:
-                    # Outside any one request (the final insert of deferred rows, COMMIT), or an interrupt.
-                    # Known outcome only before COMMIT (for an interrupt: before the lone autocommit insert
-                    # too, which may have committed) and once rolled back; otherwise fail-stop.
-                    interrupt = not isinstance(exc, Exception)
-                    if state["committing"] or (interrupt and state["autocommit"]) or not self._rollback(conn):
-                        raise
-                    if interrupt:  # nothing of the batch was written: answer everyone, re-raise in the leader
-                        for r in live:
-                            if not r.done:
-                                r.error = RaftSqliteError(f"the committing thread was interrupted "
-                                                          f"({type(exc).__name__}) before this write committed; "
-                                                          "nothing of it was written")
-                                r.done = True
-                        raise _Interrupted(exc) from exc
-                    if state["eager"]:
-                        raise  # the eager replay failed too
-                    state["eager"] = True  # replay, inserting each request's rows with the request
-                    log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
-                                type(exc).__name__, exc)
-            self.groups.publish(work)
+            self.groups.publish(self._commit_batch(conn, [r for r in batch if not r.done]))
         except _Interrupted as exc:
             raise exc.error from None  # the batch was rolled back and answered: the store stays usable
         except BaseException as exc:
@@ -419,6 +380,61 @@ class CommitPipeline:
             return
         finally:
             self.writer.before_sql = None
+        self._committed(batch, t0)
+
+    def _refuse(self, batch: list[Request]) -> None:
+        """Answer every request of ``batch``: the store is closed or fail-stopped (nothing is written)."""
+        for r in batch:
+            r.error = StorageFault(f"{self.data_dir}: the store is fail-stopped after a storage fault "
+                                   f"({self.fault}); reopen it") if not self.closed else \
+                RaftSqliteError("the store is closed")
+            r.done = True
+
+    def _commit_batch(self, conn: apsw.Connection, live: list[Request]) -> dict[str, GroupState]:
+        """Apply and commit the ``live`` requests, replaying the batch without a request that failed after
+        its SQL ran, or once eagerly after a failure outside any request; returns the states to publish.
+        Raises :class:`_Unknown` / :class:`_Interrupted` / the failure itself when the batch cannot commit."""
+        state = {"eager": False, "committing": False, "autocommit": False}
+        while True:
+            try:
+                return self._apply(conn, live, state)
+            except _Replay as rep:
+                if not self._rollback(conn):
+                    raise _Unknown(rep.error) from rep.error
+                exc = rep.error
+                rep.req.error = translate(exc, "write", self.data_dir) if isinstance(exc, apsw.Error) else exc
+                rep.req.done = True
+                live = [r for r in live if r is not rep.req]
+            except FAULT_ERRORS:
+                raise
+            except BaseException as exc:
+                self._retry_or_raise(conn, live, state, exc)
+
+    def _retry_or_raise(self, conn: apsw.Connection, live: list[Request], state: dict[str, bool],
+                        exc: BaseException) -> None:
+        """A failure outside any one request (the final insert of deferred rows, COMMIT), or an interrupt.
+        Known outcome only before COMMIT (for an interrupt: before the lone autocommit insert too, which may
+        have committed) and once rolled back; otherwise re-raise (fail-stop). Returns to replay the batch
+        eagerly (each request's rows inserted with it, so that the failure is pinned on its request)."""
+        interrupt = not isinstance(exc, Exception)
+        if state["committing"] or (interrupt and state["autocommit"]) or not self._rollback(conn):
+            raise exc
+        if interrupt:  # nothing of the batch was written: answer everyone, re-raise in the leader
+            for r in live:
+                if not r.done:
+                    r.error = RaftSqliteError(f"the committing thread was interrupted ({type(exc).__name__}) "
+                                              "before this write committed; nothing of it was written")
+                    r.done = True
+            raise _Interrupted(exc) from exc
+        if state["eager"]:
+            raise exc  # the eager replay failed too
+        state["eager"] = True
+        log.warning("%s: batch failed outside any request (%s: %s); replaying it", self.data_dir,
+                    type(exc).__name__, exc)
+
+    def _committed(self, batch: list[Request], t0: float) -> None:
+        """After a successful commit of ``batch`` (led since ``t0``): note the durable WAL, count, answer,
+        tell the listeners."""
         if self.hwm is not None and self.syncer is None:
             try:
                 self.hwm.note()  # the commit's WAL sync returned: record it as durable
@@ -512,30 +528,9 @@ class CommitPipeline:
         for r in batch:
             r.error = None
             mine: dict[str, GroupState] = {}
-            results = []
             mark, touched = len(rows), tx[1]
             try:
-                for name, check, write in r.ops:
-                    assert write is not None  # only a group-creating op (check and write None) has none
-                    if name is None:  # a raw op on the write connection (no group)
-                        sql()
-                        results.append(write(conn, None, None))
-                        continue
-                    g = mine.get(name)
-                    if g is None:
-                        base = work.get(name) or self.groups.find(name)
-                        if base is None:
-                            sql()
-                            base = insert_group(conn, name)
-                        g = mine[name] = base.copy()
-                    if check is None:
-                        results.append(None)
-                        continue
-                    res = check(g)
-                    if not getattr(write, "deferred", False):
-                        sql()
-                    write(conn, g, res)
-                    results.append(res)
+                results = self._run_ops(conn, r, work, mine, sql)
                 if eager and len(rows) > mark:
                     sql()
             except FAULT_ERRORS + (_BatchFailed,):
@@ -549,7 +544,45 @@ class CommitPipeline:
                 continue
             r.result = results
             work.update(mine)
-        if tx[0]:
+        self._commit(conn, bool(tx[0]), state)
+        return work
+
+    def _run_ops(self, conn: apsw.Connection, r: Request, work: dict[str, GroupState],
+                 mine: dict[str, GroupState], sql: Callable[[], None]) -> list[Any]:
+        """Run the ops of request ``r`` on private copies of their groups' states (kept in ``mine``; ``work``
+        holds the states earlier requests of the batch left); returns one result per op. ``sql()`` is called
+        before any statement runs (it begins the transaction and flushes deferred rows)."""
+        results: list[Any] = []
+        for name, check, write in r.ops:
+            if name is None:  # a raw op on the write connection (no group)
+                assert write is not None  # a raw op always has its write
+                sql()
+                results.append(write(conn, None, None))
+                continue
+            g = mine.get(name)
+            if g is None:
+                base = work.get(name) or self.groups.find(name)
+                if base is None:
+                    sql()
+                    base = insert_group(conn, name)
+                g = mine[name] = base.copy()
+            if check is None:  # a group-creating op: creating the group (above) was all it asked
+                results.append(None)
+                continue
+            assert write is not None  # an op with a check always has its write
+            res = check(g)
+            if not getattr(write, "deferred", False):
+                sql()
+            write(conn, g, res)
+            results.append(res)
+        return results
+
+    def _commit(self, conn: apsw.Connection, began: bool, state: dict[str, bool]) -> None:
+        """Insert the batch's deferred rows and commit (one fsync): in the open transaction if one was begun,
+        as one autocommit statement for a lone row, else in a transaction of their own."""
+        wal = self.writer
+        rows = wal.pending
+        if began:
             wal.flush(conn)
             state["committing"] = True
             conn.execute("COMMIT")
@@ -564,7 +597,6 @@ class CommitPipeline:
             wal.flush(conn)
             state["committing"] = True
             conn.execute("COMMIT")
-        return work
 
 
 class IntervalSyncer(threading.Thread):
