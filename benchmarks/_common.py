@@ -22,8 +22,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class BenchmarkError(RuntimeError):
@@ -108,7 +108,7 @@ class Result:
         """The median over the rounds of figure ``key`` (the one selection rule of the suite)."""
         return statistics.median(self.values(key))
 
-    def ratio(self, key, other: "Result", other_key=None):
+    def ratio(self, key, other: Result, other_key=None):
         """median(self[key]) / median(other[other_key or key]): both from the same run, same statistic."""
         return self.med(key) / other.med(other_key or key)
 

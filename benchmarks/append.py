@@ -35,8 +35,19 @@ import apsw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Row, fsync_loop_baseline, latency_figures, md_table, pct, print_rounds,  # noqa: E402
-                     run_rounds, target, timed_loop, us, workdir)
+from _common import (  # noqa: E402
+    Row,
+    fsync_loop_baseline,
+    latency_figures,
+    md_table,
+    pct,
+    print_rounds,
+    run_rounds,
+    target,
+    timed_loop,
+    us,
+    workdir,
+)
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 

@@ -33,6 +33,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import contextlib
+
 from _common import Row, md_table, pct, print_rounds, run_rounds, target, us, workdir  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
@@ -105,10 +107,8 @@ class WalWatcher:
 
     def _run(self):
         while not self._stop.wait(0.01):
-            try:
+            with contextlib.suppress(OSError):
                 self.max = max(self.max, os.path.getsize(self.path))
-            except OSError:
-                pass
 
     def start(self):
         self._stop.clear()

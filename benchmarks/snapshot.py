@@ -40,8 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Row, data_files, md_table, pct, print_rounds, run_rounds, set_cache, target, us,  # noqa: E402
-                     workdir)
+from _common import Row, data_files, md_table, pct, print_rounds, run_rounds, set_cache, target, us, workdir  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 
@@ -286,7 +285,7 @@ def pacing(a, size, chunk, commit, bufs):
     for r in rates:
         x = res[name(r)]
         q = x.ratio("p99", idle)
-        out.append([f"snapshot {'at %g MiB/s' % r if r else 'unpaced'}", f"{x.med('write_mbps'):,.0f} MB/s",
+        out.append([f"snapshot {f'at {r:g} MiB/s' if r else 'unpaced'}", f"{x.med('write_mbps'):,.0f} MB/s",
                     us(x.med("p50")), us(x.med("p99")), f"{q:.2f}x", target(q <= 2, "<= 2x")])
     t = md_table(["single FULL appends of another group", "snapshot write", "p50 us", "p99 us", "p99 vs idle",
                   "target"], out)

@@ -5,22 +5,53 @@ Start with :meth:`NodeStore.open`; see README.md for the tour and the guarantees
 the PySyncObj adapter in :mod:`raft_sqlite.integrations.pysyncobj`.
 """
 
-from .backup import (BackupBusy, BackupCancelled, BackupInfo, HotBackupManager, HotBackupScheduler, RestoreInfo,
-                     list_backups, restore, verify_backup)
-from .errors import (BackupError, CompactionError, CorruptionError, DataDirError, DataDirLocked, LogCompactedError,
-                     LogConflictError, LogGapError, LogUnavailableError, MetadataError, NodeIdentityMismatch,
-                     RaftSqliteError, RecoveryRefused, SnapshotError, StorageFault)
+from .backup import (
+                     BackupBusy,
+                     BackupCancelled,
+                     BackupInfo,
+                     HotBackupManager,
+                     HotBackupScheduler,
+                     RestoreInfo,
+                     list_backups,
+                     restore,
+                     verify_backup,
+)
+from .errors import (
+                     BackupError,
+                     CompactionError,
+                     CorruptionError,
+                     DataDirError,
+                     DataDirLocked,
+                     LogCompactedError,
+                     LogConflictError,
+                     LogGapError,
+                     LogUnavailableError,
+                     MetadataError,
+                     NodeIdentityMismatch,
+                     RaftSqliteError,
+                     RecoveryRefused,
+                     SnapshotError,
+                     StorageFault,
+)
 from .fsync import FSYNC_MODES, FsyncMode
 from .log import EntryKind, LogEntry, PersistentRaftLog
 from .metadata import HardState, RaftMetadataStore
 from .recovery import RECOVERY_POLICIES, RecoveryPolicy, RecoveryReport
-from .snapshot import (DeltaSnapshot, SnapshotChain, SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotReader,
-                       SnapshotScheduler, SnapshotStore, SnapshotWriter)
+from .snapshot import (
+                     DeltaSnapshot,
+                     SnapshotChain,
+                     SnapshotKind,
+                     SnapshotManager,
+                     SnapshotMeta,
+                     SnapshotReader,
+                     SnapshotScheduler,
+                     SnapshotStore,
+                     SnapshotWriter,
+)
 from .statemachine import StateMachineSnapshotManager, StructureMismatchError
 from .store import NodeStore
 from .version import __version__
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
-
 
 __all__ = [
     "BackupBusy", "BackupCancelled", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",

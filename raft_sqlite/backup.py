@@ -54,8 +54,13 @@ from . import fsio, layout
 from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
-from .recovery import (NODE_REPLACEMENT, QUORUM_LOSS_RESTORE, RESTORE_EVENT_KINDS,  # noqa: F401 (re-exported)
-                       RecoveryPolicy, read_restore_event)
+from .recovery import (  # noqa: F401 (re-exported)
+    NODE_REPLACEMENT,
+    QUORUM_LOSS_RESTORE,
+    RESTORE_EVENT_KINDS,
+    RecoveryPolicy,
+    read_restore_event,
+)
 from .restorestate import is_placeholder, read_restore_state
 from .status import read_group_status
 from .store import NodeStore

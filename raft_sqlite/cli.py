@@ -13,6 +13,7 @@ the node is running); 6 an optional component is missing (prometheus_client, bac
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -37,6 +38,7 @@ from rich.table import Table
 
 from . import layout
 from .dbrows import db_scalar
+from .demo import DEMO_CLUSTER, DEMO_NODE, DemoError, demo_payload, run_demo, run_demo_node  # noqa: F401  re-exported: defined here before demo.py
 from .errors import (
     BackupError,
     CompactionError,
@@ -47,8 +49,6 @@ from .errors import (
     RecoveryRefused,
     StorageFault,
 )
-from .demo import DEMO_CLUSTER, DEMO_NODE, demo_payload  # noqa: F401  re-exported: defined here before demo.py
-from .demo import DemoError, run_demo, run_demo_node
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
 from .migrate import current_revision
@@ -540,10 +540,8 @@ Statements end with ';'. Views: group_status, snapshot_chain, segments, backup_h
 
 
 def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
-    try:
-        import readline  # noqa: F401  deferred: optional module, line editing and history when available
-    except ImportError:
-        pass
+    with contextlib.suppress(ImportError):  # deferred: optional module, line editing and history when available
+        import readline  # noqa: F401
     err.print(f"raft-sqlite sql (read-only). Type .help for help. {_REPL_HELP.splitlines()[-1]}")
     buf = ""
     while True:

@@ -31,7 +31,7 @@ import apsw
 
 from . import fsio, layout
 from .args import text_arg
-from .commit import R, CommitListener, CommitPipeline, IntervalSyncer, StoreStats, Tx, Write, translate
+from .commit import CommitListener, CommitPipeline, IntervalSyncer, R, StoreStats, Tx, Write, translate
 from .entry import LogEntry
 from .errors import CorruptionError, RaftSqliteError, StorageFault
 from .fsync import FsyncMode, pragmas_for

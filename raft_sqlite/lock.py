@@ -106,7 +106,7 @@ class DataDirLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, data_dir: str | os.PathLike[str], *, node_id: str | None = None) -> "DataDirLock":
+    def acquire(cls, data_dir: str | os.PathLike[str], *, node_id: str | None = None) -> DataDirLock:
         """Lock the existing directory ``data_dir`` exclusively for this process and open file
         description (creating ``raft.lock``, mode 0600, if needed) and write the holder record into it.
 
@@ -180,7 +180,7 @@ class DataDirLock:
             with contextlib.suppress(OSError):
                 os.close(fd)  # closing the only descriptor of the open file description drops the flock
 
-    def __enter__(self) -> "DataDirLock":
+    def __enter__(self) -> DataDirLock:
         return self
 
     def __exit__(self, *exc: object) -> None:

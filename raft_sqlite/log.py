@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import apsw
 
 from . import layout
 from .args import int_arg
-from .entry import KINDS, EntryKind, LogEntry
-from .errors import (CompactionError, CorruptionError, LogCompactedError, LogConflictError, LogGapError,
-                     LogUnavailableError)
 from .commit import deferred
+from .entry import KINDS, EntryKind, LogEntry
+from .errors import (
+    CompactionError,
+    CorruptionError,
+    LogCompactedError,
+    LogConflictError,
+    LogGapError,
+    LogUnavailableError,
+)
 from .groupstate import GroupState, write_group_row
 from .kernel import Kernel
 

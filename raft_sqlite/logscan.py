@@ -19,13 +19,11 @@ import array
 import bisect
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import apsw
 
 from .wal import CONTENT_SQL, INT, SPAN, chain_crc, chain_crcs, content_digest, record_crc, sidecar_checksum
-
-
 
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
 #: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
@@ -42,7 +40,7 @@ SEGMENT_CHECK_SQL = (
 SegmentCheck = tuple[int, int, int]
 #: A sealed segment to check: (segment_id, first index, last index, entry count, bytes, sidecar checksum,
 #: content digest), as read from ``log_segments``
-SealedSegment = tuple[int, int, int, int, int, int, Optional[int]]
+SealedSegment = tuple[int, int, int, int, int, int, int | None]
 
 
 def check_sealed_segment(conn: apsw.Connection, base: int, sid: int, lo: int, hi: int, count: int, nbytes: int,
@@ -96,7 +94,9 @@ def check_sealed_segments(connect: Callable[[], apsw.Connection], base: int,
     threads = min(CHECK_THREADS, len(segments) // 4)
     if threads <= 1:
         return run(segments)
-    from concurrent.futures import ThreadPoolExecutor  # only for big logs: keeps it off the import of a small open
+    from concurrent.futures import (
+        ThreadPoolExecutor,  # only for big logs: keeps it off the import of a small open
+    )
 
     out: dict[int, SegmentCheck | None] = {}
     with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
@@ -125,14 +125,14 @@ class Finding(NamedTuple):
 
     kind: str
     idx: int  #: the record's index (from its key)
-    expected: Optional[int]  # the index the walk expected here (one above the previous), None at the start
-    idx_col: Optional[int]
-    segment: Optional[int]
+    expected: int | None  # the index the walk expected here (one above the previous), None at the start
+    idx_col: int | None
+    segment: int | None
     ptype: str
-    term: Optional[int]
+    term: int | None
     last_term: int
-    own: Optional[int]
-    seg_range: Optional[tuple[int, Optional[int]]]
+    own: int | None
+    seg_range: tuple[int, int | None] | None
 
 
 class RecordScanner:

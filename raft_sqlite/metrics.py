@@ -66,14 +66,16 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError("raft_sqlite.metrics needs prometheus_client: pip install 'raft_sqlite[metrics]'") from exc
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import layout
-from .errors import RaftSqliteError
 from .entry import LogEntry
+from .errors import RaftSqliteError
 from .status import GroupStatus, read_group_status
 from .store import NodeStore
 
@@ -295,10 +297,8 @@ class StoreMetrics:
         """Detach from the store (the registry keeps the values collected so far, but state metrics stop
         being collected)."""
         self.store.kernel.remove_listener(self)
-        try:
+        with contextlib.suppress(KeyError):
             self.registry.unregister(self._collector)
-        except KeyError:
-            pass
 
     def text(self) -> str:
         """The registry in Prometheus text exposition format."""
@@ -309,7 +309,9 @@ def render_data_dir(data_dir: str | os.PathLike[str]) -> str:
     """Prometheus text format of what ``data_dir``'s files hold (``raft-sqlite metrics``): the state
     metrics plus ``raft_sqlite_validation_errors_total`` from the last recovery event. Reads through a
     read-only connection; never writes."""
-    from .verify import open_readonly  # deferred: start-up speed (a process using StoreMetrics never needs it)
+    from .verify import (
+        open_readonly,  # deferred: start-up speed (a process using StoreMetrics never needs it)
+    )
 
     path = os.path.join(os.fspath(data_dir), layout.MAIN_DB)
     conn = open_readonly(path)

@@ -16,19 +16,19 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
 import apsw
 
 from . import layout
+from .dbrows import db_row, db_rows, db_scalar
 from .errors import CorruptionError, RecoveryRefused
 from .groupstate import GroupState, group_crc, meta_crc
 from .kernel import Kernel
-from .dbrows import db_row, db_rows, db_scalar
 from .logscan import RecordScanner, check_sealed_segments
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized

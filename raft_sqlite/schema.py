@@ -14,6 +14,7 @@ are public so that users can query a store from a notebook with SQLAlchemy.
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Float,
     Index,
@@ -22,7 +23,6 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    CheckConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator

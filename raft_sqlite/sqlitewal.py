@@ -82,7 +82,7 @@ class PinnedFiles:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        f = open(fd, "rb", closefd=False)
+        f = open(fd, "rb", closefd=False)  # noqa: SIM115 - returned to the caller, who closes it
         f.seek(0)
         return f
 
@@ -90,10 +90,8 @@ class PinnedFiles:
         """Close every pinned descriptor (only once SQLite has closed the files)."""
         fds, self._fds = self._fds, {}
         for fd in fds.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 class Mark(NamedTuple):

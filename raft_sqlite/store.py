@@ -18,15 +18,15 @@ import apsw
 from . import fsio, layout, migrate, reserve, sqlitewal
 from .args import float_arg, text_arg
 from .commit import StoreStats, Tx
+from .entry import KINDS, LogEntry
 from .errors import CorruptionError, DataDirError, LogCompactedError, NodeIdentityMismatch, StorageFault
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .kernel import Kernel
 from .lock import DataDirLock, check_data_dir
-from .entry import KINDS, LogEntry
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore
-from .restorestate import read_restore_state
 from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recover_groups, recover_sql_objects
+from .restorestate import read_restore_state
 from .snapshot import SnapshotManager
 from .statemachine import StateMachineSnapshotManager
 from .wal import BLOB_PAYLOAD, SegmentPolicy
@@ -73,7 +73,7 @@ class NodeStore:
     def open(cls, data_dir: str | os.PathLike[str], node_id: str, *, cluster_id: str, fsync: FsyncMode = FsyncMode.FULL,
              fsync_interval: float = 0.05, recovery: RecoveryPolicy = RecoveryPolicy.STRICT,
              vfs: str | None = None, segment_policy: SegmentPolicy | None = None,
-             slow_commit_warning: float = 1.0, lock: DataDirLock | None = None) -> "NodeStore":
+             slow_commit_warning: float = 1.0, lock: DataDirLock | None = None) -> NodeStore:
         """Open (creating if needed) the store of node ``node_id`` in ``data_dir``.
 
         First takes the exclusive lock of ``data_dir`` (:class:`~raft_sqlite.lock.DataDirLock`), held
@@ -558,7 +558,7 @@ class NodeStore:
             self._hwm = self.kernel.hwm = None
         self._pins.close()  # only now: SQLite has closed the files
 
-    def __enter__(self) -> "NodeStore":
+    def __enter__(self) -> NodeStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,8 +32,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import apsw
 

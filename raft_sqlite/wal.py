@@ -129,7 +129,7 @@ class SegmentPolicy:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> "SegmentPolicy":
+    def validate(self) -> SegmentPolicy:
         """Check the limits (also run at construction and by ``NodeStore.open``): ``max_entries`` an
         int in ``1..layout.MAX_INDEX``, ``max_bytes`` an int in ``1..layout.MAX_SIZE``, ``max_age`` a
         finite number of seconds >= 0 (0 seals a segment at every append). Raises TypeError or
@@ -151,7 +151,7 @@ class OpenSegment:
         self.nbytes, self.created_at, self.checksum = nbytes, created_at, checksum
         self.content = content  #: running content digest (see :data:`CONTENT_SQL`)
 
-    def copy(self) -> "OpenSegment":
+    def copy(self) -> OpenSegment:
         """An independent copy (the store keeps one to roll back to when a transaction aborts)."""
         return OpenSegment(self.segment_id, self.first_index, self.count, self.nbytes, self.created_at,
                            self.checksum, self.content)

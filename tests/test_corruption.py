@@ -23,8 +23,7 @@ import sys
 
 import pytest
 
-from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, RecoveryPolicy, SegmentPolicy
-from raft_sqlite import layout
+from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, RecoveryPolicy, SegmentPolicy, layout
 from tests.conftest import open_store
 
 CASES = 300

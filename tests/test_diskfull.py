@@ -58,12 +58,11 @@ def big_snapshot(s, index, nbytes, commit_bytes):
     m = s.snapshots(G)
     m.commit_bytes = commit_bytes
     rnd = os.urandom(MiB)  # incompressible anyway (tmpfs does not compress); one buffer reused
-    with pytest.raises(StorageFault):
-        with m.write(index, 1) as w:
-            left = nbytes
-            while left > 0:
-                w.write(rnd[:min(left, MiB)])
-                left -= MiB
+    with pytest.raises(StorageFault), m.write(index, 1) as w:
+        left = nbytes
+        while left > 0:
+            w.write(rnd[:min(left, MiB)])
+            left -= MiB
 
 
 def check_state(s, durable, extra=()):

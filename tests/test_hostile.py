@@ -8,12 +8,18 @@ import threading
 
 import apsw
 import pytest
-
-from raft_sqlite import (LogEntry, LogUnavailableError, NodeStore, RaftSqliteError, SegmentPolicy, SnapshotScheduler,
-                         StorageFault)
-from raft_sqlite import layout
-
 from conftest import open_store
+
+from raft_sqlite import (
+    LogEntry,
+    LogUnavailableError,
+    NodeStore,
+    RaftSqliteError,
+    SegmentPolicy,
+    SnapshotScheduler,
+    StorageFault,
+    layout,
+)
 
 BIG = [2**40, 2**63, 2**64, 2**70, -2**63 - 1]
 
@@ -330,10 +336,9 @@ def test_exception_in_deferred_insert_is_pinned_on_its_request(data_dir):
         with pytest.raises(MemoryError):  # the lone autocommit insert
             lg.append([LogEntry(2, 1, b"poison")])
         assert s.fault is None and lg.last_index == 1 and conn.getautocommit()
-        with pytest.raises(MemoryError):  # the insert at COMMIT of a transaction
-            with s.transaction():
-                s.log("other").append(_entries(1, 3))
-                lg.append([LogEntry(2, 1, b"poison")])
+        with pytest.raises(MemoryError), s.transaction():  # the insert at COMMIT of a transaction
+            s.log("other").append(_entries(1, 3))
+            lg.append([LogEntry(2, 1, b"poison")])
         assert s.fault is None and lg.last_index == 1 and conn.getautocommit()
         # concurrent writers share a batch with a poisoned one: they still commit
         gate, errors = threading.Event(), []
@@ -373,9 +378,8 @@ def test_exception_during_commit_fail_stops(data_dir, monkeypatch, exc_type):
         # the write connection, whose COMMIT raises after it ran
         s.kernel.conn = _raising_conn(conn, exc_type("injected during COMMIT"), when=lambda sql, p: sql == "COMMIT",
                                 after=True)
-        with pytest.raises((StorageFault, Boom)):
-            with s.transaction():
-                lg.append(_entries(3, 4))
+        with pytest.raises((StorageFault, Boom)), s.transaction():
+            lg.append(_entries(3, 4))
         s.kernel.conn = conn
         assert s.fault is not None
         with pytest.raises(StorageFault):
@@ -438,9 +442,8 @@ def test_backup_manager_arguments_are_checked(tmp_path, kw, err):
     """Hostile HotBackupManager settings are refused up front; nothing is created in the backup folder."""
     from raft_sqlite import HotBackupManager
 
-    with open_store(tmp_path / "node") as s:
-        with pytest.raises(err):
-            HotBackupManager(s, tmp_path / "bk", **kw)
+    with open_store(tmp_path / "node") as s, pytest.raises(err):
+        HotBackupManager(s, tmp_path / "bk", **kw)
     assert not (tmp_path / "bk").exists()
 
 

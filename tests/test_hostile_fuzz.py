@@ -9,11 +9,20 @@ import tempfile
 
 import apsw
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
-from raft_sqlite import (EntryKind, FsyncMode, LogEntry, RaftSqliteError, SegmentPolicy, SnapshotKind, StorageFault,
-                         layout)
+from raft_sqlite import (
+    EntryKind,
+    FsyncMode,
+    LogEntry,
+    RaftSqliteError,
+    SegmentPolicy,
+    SnapshotKind,
+    StorageFault,
+    layout,
+)
 from tests.conftest import open_store
 
 POLICY = SegmentPolicy(max_entries=5, max_bytes=300)

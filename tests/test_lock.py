@@ -11,8 +11,17 @@ import sys
 
 import pytest
 
-from raft_sqlite import (DataDirError, DataDirLocked, FsyncMode, HotBackupManager, LogEntry, NodeIdentityMismatch,
-                         NodeStore, RaftSqliteError, restore)
+from raft_sqlite import (
+    DataDirError,
+    DataDirLocked,
+    FsyncMode,
+    HotBackupManager,
+    LogEntry,
+    NodeIdentityMismatch,
+    NodeStore,
+    RaftSqliteError,
+    restore,
+)
 from raft_sqlite import lock as lockmod
 from tests.conftest import ROOT, open_store, run_py
 
@@ -202,9 +211,8 @@ def test_loose_modes_are_tightened_on_open_with_a_warning(data_dir, caplog):
     os.chmod(data_dir, 0o755)
     for n in ("raft.db", "chunks.db", "raft.lock"):
         os.chmod(data_dir / n, 0o644)
-    with caplog.at_level(logging.WARNING, logger="raft_sqlite"):
-        with open_store(data_dir) as s:
-            assert s.metadata("a").current_term == 5
+    with caplog.at_level(logging.WARNING, logger="raft_sqlite"), open_store(data_dir) as s:
+        assert s.metadata("a").current_term == 5
     assert mode(data_dir) == 0o700
     for n in os.listdir(data_dir):
         assert mode(data_dir / n) == 0o600, n

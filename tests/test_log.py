@@ -5,8 +5,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raft_sqlite import (EntryKind, LogCompactedError, LogConflictError, LogEntry, LogGapError,
-                         LogUnavailableError, SegmentPolicy, CompactionError)
+from raft_sqlite import (
+    CompactionError,
+    EntryKind,
+    LogCompactedError,
+    LogConflictError,
+    LogEntry,
+    LogGapError,
+    LogUnavailableError,
+    SegmentPolicy,
+)
 from raft_sqlite.log import validate_entries
 from tests.conftest import open_store
 
@@ -71,9 +79,8 @@ def test_entries_max_bytes(store):
     ([object()], TypeError),
 ])
 def test_bad_input_rejected_and_nothing_written(data_dir, bad, exc):
-    with open_store(data_dir) as s:
-        with pytest.raises(exc):
-            s.log("g").append(bad)
+    with open_store(data_dir) as s, pytest.raises(exc):
+        s.log("g").append(bad)
     with reopen(data_dir) as s:
         assert s.log("g").last_index == 0
         assert s.kernel.read(lambda c: c.execute("SELECT count(*) FROM log_entries").fetchone()[0]) == 0

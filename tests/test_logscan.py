@@ -7,8 +7,7 @@ import zlib
 import apsw
 import pytest
 
-from raft_sqlite import CorruptionError, EntryKind, LogEntry, RecoveryPolicy, SegmentPolicy
-from raft_sqlite import wal
+from raft_sqlite import CorruptionError, EntryKind, LogEntry, RecoveryPolicy, SegmentPolicy, wal
 from raft_sqlite.logscan import FINDING_KINDS, RecordScanner
 from raft_sqlite.verify import verify
 from tests.conftest import open_store

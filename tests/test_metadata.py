@@ -62,15 +62,15 @@ def test_commit_index_rules_survive_reopen(data_dir):
     lambda md: md.set_commit_index(None),
 ])
 def test_wrong_types(data_dir, call):
-    with open_store(data_dir) as s:
-        with pytest.raises(TypeError):
-            call(s.metadata("g"))
+    with open_store(data_dir) as s, pytest.raises(TypeError):
+        call(s.metadata("g"))
     with open_store(data_dir) as s:
         assert s.metadata("g").hard_state == (0, None, 0)
 
 
 def test_metadata_crc_checked_on_open(data_dir):
     import apsw
+
     from raft_sqlite import CorruptionError
     with open_store(data_dir) as s:
         s.metadata("g").set_term_and_vote(3, "n1")

@@ -17,7 +17,8 @@ pysyncobj = pytest.importorskip("pysyncobj")
 
 import pysyncobj.journal as pso_journal  # noqa: E402 (after importorskip)
 import pysyncobj.syncobj as pso_syncobj  # noqa: E402 (after importorskip)
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogConflictError, LogGapError, MetadataError, NodeStore  # noqa: E402

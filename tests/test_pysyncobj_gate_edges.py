@@ -15,6 +15,7 @@ on commit 6690387 and passes with the fix.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import time
 
@@ -140,10 +141,8 @@ def test_a_fail_stopped_node_without_autotick_raises_on_every_later_dotick(tmp_p
             vfs.arm_error("write", error="full")
             node.set("k", 1, callback=lambda res, err: outcome.append(err))
             for _ in range(5):  # the tick that appends "k" and fails to commit it
-                try:
+                with contextlib.suppress(RaftSqliteError):
                     node.doTick(0.01)
-                except RaftSqliteError:
-                    pass
             vfs.clear_faults()
             assert outcome == [FAIL_REASON.UNKNOWN_OUTCOME], outcome  # fail-stopped
             quiet = 0

@@ -6,7 +6,7 @@ import logging
 import apsw
 import pytest
 
-from raft_sqlite import (CorruptionError, EntryKind, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy)
+from raft_sqlite import CorruptionError, EntryKind, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy
 from raft_sqlite.metadata import group_crc, meta_crc
 from raft_sqlite.sqlobjects import GUARD_TRIGGER
 from tests.conftest import open_store
@@ -75,16 +75,16 @@ def test_strict_refuses_corrupt_tail_naming_file_group_index(data_dir, as_text):
 def test_truncate_tail_drops_corrupt_tail_above_commit(data_dir, caplog):
     build(data_dir, commit=30)
     corrupt_payload(data_dir, 35)
-    with caplog.at_level(logging.INFO, logger="raft_sqlite"):
-        with open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
-            lg = s.log("g")
-            assert (lg.last_index, lg.last_term) == (34, 4)
-            assert [e.data for e in lg.entries(1, 35)] == [f"entry {i}".encode() for i in range(1, 35)]
-            r = s.recovery_report
-            assert r.outcome == "truncated"
-            assert r.dropped == [{"group": "g", "what": "log tail", "from_index": 35, "to_index": N}]
-            assert not s.metadata("g").recovered_partially
-            lg.append([LogEntry(35, 5, b"fresh")])  # the log is usable again
+    with caplog.at_level(logging.INFO, logger="raft_sqlite"), \
+            open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
+        lg = s.log("g")
+        assert (lg.last_index, lg.last_term) == (34, 4)
+        assert [e.data for e in lg.entries(1, 35)] == [f"entry {i}".encode() for i in range(1, 35)]
+        r = s.recovery_report
+        assert r.outcome == "truncated"
+        assert r.dropped == [{"group": "g", "what": "log tail", "from_index": 35, "to_index": N}]
+        assert not s.metadata("g").recovered_partially
+        lg.append([LogEntry(35, 5, b"fresh")])  # the log is usable again
     assert any("dropped log entries 35..40" in m for m in caplog.messages)
     assert any(m.startswith(f"{data_dir}: recovery truncated policy=TRUNCATE_TAIL") for m in caplog.messages)
     kind, policy, outcome, details = events(data_dir)[-1]

@@ -33,15 +33,28 @@ import tempfile
 
 import apsw
 import pytest
-from hypothesis import Phase, settings, strategies as st
+from hypothesis import Phase, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from raft_sqlite import (CompactionError, EntryKind, FsyncMode, LogCompactedError, LogConflictError, LogEntry,
-                         LogGapError, LogUnavailableError, MetadataError, RaftSqliteError, RecoveryPolicy,
-                         SegmentPolicy, SnapshotError)
+from raft_sqlite import (
+    CompactionError,
+    EntryKind,
+    FsyncMode,
+    LogCompactedError,
+    LogConflictError,
+    LogEntry,
+    LogGapError,
+    LogUnavailableError,
+    MetadataError,
+    RaftSqliteError,
+    RecoveryPolicy,
+    SegmentPolicy,
+    SnapshotError,
+    fsio,
+)
 from raft_sqlite.layout import MAX_INDEX, MAX_TERM
 from raft_sqlite.verify import verify
-from raft_sqlite import fsio
 from tests.conftest import open_store
 from tests.support.faultvfs import FaultVFS, quiet_injected_faults
 
@@ -365,9 +378,8 @@ class Base(RuleBasedStateMachine):
             t = m.term_at(i) if i >= m.first else 0
         STATS["invalid_snapshot"] += 1
         STATS[f"invalid_snapshot:{bad}"] += 1
-        with pytest.raises(SnapshotError):
-            with self.store.snapshots(g).write(i, t) as w:
-                w.write(b"never")
+        with pytest.raises(SnapshotError), self.store.snapshots(g).write(i, t) as w:
+            w.write(b"never")
 
     def op_compact(self, g, up_to):
         new = self._expect()
@@ -422,9 +434,8 @@ class Base(RuleBasedStateMachine):
         STATS["install"] += 1
         STATS[f"install:{out}"] += 1
         if out.startswith("refused"):
-            with pytest.raises(SnapshotError):
-                with self.store.snapshots(g).install(i, t) as w:
-                    w.write(payload, offset=0)
+            with pytest.raises(SnapshotError), self.store.snapshots(g).install(i, t) as w:
+                w.write(payload, offset=0)
             return
         self.op_install(g, i, t, payload)
 
@@ -668,10 +679,8 @@ class CrashMachine(Base):
                 written = [f for f in written if os.path.abspath(f) != os.path.abspath(mark)]
             for f in written:  # the store's own modes (else every open warns that it tightened them)
                 os.chmod(f, 0o600)
-            try:
-                self.store.close()
-            except (RaftSqliteError, apsw.Error):
-                pass  # a crashed store may fail to close; the image is already written
+            with contextlib.suppress(RaftSqliteError, apsw.Error):  # a crashed store may fail to close; the
+                self.store.close()                                 # image is already written
         self._release_vfs()
         shutil.rmtree(self.live, ignore_errors=True)
         s = open_store(img, fsync=self.FSYNC, segment_policy=POLICY, recovery=RecoveryPolicy.STRICT)

@@ -6,12 +6,11 @@ import random
 import zlib
 
 import apsw
-
-from raft_sqlite.metadata import group_crc
 import pytest
 from conftest import open_store
 
 from raft_sqlite import CorruptionError, LogEntry, SnapshotError
+from raft_sqlite.metadata import group_crc
 from raft_sqlite.snapshot import SnapshotKind
 from raft_sqlite.statemachine import StateMachineSnapshotManager, StructureMismatchError
 

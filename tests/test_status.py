@@ -97,7 +97,8 @@ def test_cli_log_never_verifies_a_record_with_a_mistyped_field(tmp_path):
 
 
 def test_demo_names_still_importable_from_cli():
-    from raft_sqlite import cli as cli_mod, demo
+    from raft_sqlite import cli as cli_mod
+    from raft_sqlite import demo
 
     assert cli_mod.demo_payload is demo.demo_payload and cli_mod.DEMO_NODE == demo.DEMO_NODE
     assert 16 <= len(demo.demo_payload("g0", 7)) <= 1040

@@ -7,9 +7,17 @@ import threading
 import apsw
 import pytest
 
-from raft_sqlite import (FSYNC_MODES, FsyncMode, LogEntry, MetadataError, NodeIdentityMismatch, NodeStore,
-                         RaftSqliteError, schema)
-from raft_sqlite import migrate
+from raft_sqlite import (
+    FSYNC_MODES,
+    FsyncMode,
+    LogEntry,
+    MetadataError,
+    NodeIdentityMismatch,
+    NodeStore,
+    RaftSqliteError,
+    migrate,
+    schema,
+)
 from raft_sqlite.fsync import SYNCHRONOUS_LEVELS, pragmas_for
 from tests.conftest import open_store
 
@@ -132,11 +140,10 @@ def test_transaction_commits_log_and_metadata_atomically(data_dir):
 def test_transaction_error_writes_nothing(data_dir):
     with open_store(data_dir) as s:
         lg, md = s.log("a"), s.metadata("a")
-        with pytest.raises(ZeroDivisionError):
-            with s.transaction():
-                lg.append([LogEntry(1, 1, b"x")])
-                md.set_term_and_vote(1, "me")
-                raise ZeroDivisionError("inside the transaction")
+        with pytest.raises(ZeroDivisionError), s.transaction():
+            lg.append([LogEntry(1, 1, b"x")])
+            md.set_term_and_vote(1, "me")
+            raise ZeroDivisionError("inside the transaction")
         with s.transaction():
             lg.append([LogEntry(1, 1, b"x")])
             with pytest.raises(MetadataError):
@@ -148,10 +155,8 @@ def test_transaction_error_writes_nothing(data_dir):
 
 
 def test_transactions_do_not_nest(store):
-    with store.transaction():
-        with pytest.raises(RaftSqliteError, match="nest"):
-            with store.transaction():
-                pass
+    with store.transaction(), pytest.raises(RaftSqliteError, match="nest"), store.transaction():
+        pass
 
 
 @pytest.mark.parametrize("groups", [1, 8])
@@ -171,10 +176,7 @@ def test_group_commit_eight_writer_threads(data_dir, groups):
             try:
                 for k in range(per_thread):
                     data = f"{t}:{k}".encode()
-                    if groups == 1:
-                        idx = lg.append_next(1, [data])
-                    else:
-                        idx = lg.append([LogEntry(k + 1, 1, data)])
+                    idx = lg.append_next(1, [data]) if groups == 1 else lg.append([LogEntry(k + 1, 1, data)])
                     acked[names[t]].append((idx, data))
             except Exception as e:  # pragma: no cover - reported below
                 errors.append(e)

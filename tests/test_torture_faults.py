@@ -12,6 +12,7 @@ disk-full test on a 2 MiB tmpfs (skipped if mounting is not permitted).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -314,10 +315,8 @@ def test_disk_full_then_open_refuses_cleanly(template, small_fs):
     and works once space is freed."""
     live = T.copy_store(template, str(small_fs / "node"))
     fill(small_fs, 0)
-    try:
+    with contextlib.suppress(RaftSqliteError):
         T.open_store(live).close()
-    except RaftSqliteError:
-        pass
     os.remove(small_fs / "filler")
     with T.open_store(live) as s:
         assert s.groups() == []

@@ -19,6 +19,7 @@ data_dir opens (fresh or with every promised write) or, after one typed refusal,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -222,11 +223,8 @@ def test_powerloss_during_recovery(template, tmp_path):
             again = T.copy_store(img1, os.path.join(run_dir, f"again{at}"))
             vfs = T.new_vfs(again)
             vfs.arm_crash(at_sync=at)
-            with T.quiet(), fsio.installed(vfs.fs):
-                try:
-                    T.open_store(again, vfs=vfs.name).close()
-                except StorageFault:
-                    pass
+            with T.quiet(), fsio.installed(vfs.fs), contextlib.suppress(StorageFault):
+                T.open_store(again, vfs=vfs.name).close()
             for mode in MODES:
                 img2 = os.path.join(run_dir, f"img2-{at}-{mode}")
                 vfs.write_crash_image(img2, mode, seed=at)

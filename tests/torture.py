@@ -47,8 +47,7 @@ from typing import NamedTuple
 
 import apsw
 
-from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy
-from raft_sqlite import fsio
+from raft_sqlite import FsyncMode, LogEntry, NodeStore, RaftSqliteError, RecoveryPolicy, fsio
 from raft_sqlite.wal import SegmentPolicy
 
 try:

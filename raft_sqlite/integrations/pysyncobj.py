@@ -36,6 +36,7 @@ docs/pysyncobj.md, "Durability".
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import io
@@ -44,7 +45,6 @@ import logging
 import os
 import pickle as _stdpickle
 import struct
-import collections
 import threading
 import weakref
 from collections.abc import Callable, Sequence

@@ -46,9 +46,14 @@ import logging
 from .chain import DeltaSnapshot, SnapshotChain
 from .chunks import CHUNKS_CACHE_KIB as CHUNKS_CACHE_KIB
 from .chunks import SnapshotStore
-from .manager import DEFAULT_CHUNK_SIZE, DEFAULT_COMMIT_BYTES, DEFAULT_KEEP_CHAINS, DEFAULT_MAX_CHAIN_LENGTH
+from .manager import (
+           DEFAULT_CHUNK_SIZE,
+           DEFAULT_COMMIT_BYTES,
+           DEFAULT_KEEP_CHAINS,
+           DEFAULT_MAX_CHAIN_LENGTH,
+           SnapshotManager,
+)
 from .manager import MAX_CHUNK_SIZE as MAX_CHUNK_SIZE
-from .manager import SnapshotManager
 from .manifest import SnapshotKind, SnapshotMeta, manifest_crc, manifest_fields_crc
 from .reader import SnapshotReader
 from .scheduler import SnapshotScheduler

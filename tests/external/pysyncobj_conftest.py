@@ -96,9 +96,8 @@ for _cls, _key in ((_pso_journal.MemoryJournal, "stock_memory_journals"),
     _cls.__init__ = _counting_init
 
 if PATCH:
-    from raft_sqlite.integrations.pysyncobj import RaftSqliteJournal, create_journal, patch_pysyncobj
-
     import raft_sqlite
+    from raft_sqlite.integrations.pysyncobj import RaftSqliteJournal, create_journal, patch_pysyncobj
 
     _state["raft_sqlite_file"] = raft_sqlite.__file__
     patch_pysyncobj()  # stays for the whole session
