@@ -952,6 +952,21 @@ def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Js
     if not os.path.isdir(folder):
         raise BackupError(f"{folder} is not a backup folder")
     mpath = os.path.join(folder, MANIFEST)
+    manifest = _read_manifest(folder, mpath)
+    _check_manifest_header(mpath, manifest)
+    files = manifest["files"]
+    _check_manifest_files(mpath, files)
+    _check_backup_files(folder, files)
+    if checksums:
+        _check_backup_sha256(folder, files)
+        return manifest, check_backup_data(folder, manifest)
+    return manifest, None
+
+
+def _read_manifest(folder: str, mpath: str) -> Any:
+    """The parsed JSON of the manifest ``mpath`` of the backup ``folder`` (any JSON value: checked by
+    :func:`_check_manifest_header`); raises :class:`BackupError` when it is missing, not a regular file,
+    implausibly large or not JSON."""
     try:
         st = os.lstat(mpath)
     except FileNotFoundError:
@@ -963,9 +978,14 @@ def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Js
         raise BackupError(f"{mpath} is implausibly large ({st.st_size} bytes)")
     try:
         with open(mpath, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
+            return json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BackupError(f"{mpath} is not valid JSON: {exc}") from None
+
+
+def _check_manifest_header(mpath: str, manifest: Any) -> None:
+    """Check that ``manifest`` is an object with every key of :data:`REQUIRED_KEYS`, a supported manifest
+    and data format version and sane types of its top-level fields (``files`` aside)."""
     if not isinstance(manifest, dict):
         raise BackupError(f"{mpath} is not a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -987,7 +1007,11 @@ def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Js
         raise BackupError(f"{mpath}: created_at_unix must be a number and groups a list")
     if "seq" in manifest and manifest_seq(manifest) is None:
         raise BackupError(f"{mpath}: seq must be a positive integer (got {manifest['seq']!r})")
-    files = manifest["files"]
+
+
+def _check_manifest_files(mpath: str, files: Any) -> None:
+    """Check the manifest's ``files``: a list of objects naming exactly :data:`DB_FILES`, each once, as a
+    plain file name (:func:`_file_name_problem`), with a non-negative integer size and a sha256 in hex."""
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise BackupError(f"{mpath}: files must be a list of objects")
     seen = set()
@@ -1004,6 +1028,11 @@ def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Js
             raise BackupError(f"{mpath}: file {f['name']!r}: sha256 must be 64 lowercase hex digits")
     if seen != set(DB_FILES):
         raise BackupError(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+
+
+def _check_backup_files(folder: str, files: list[_Json]) -> None:
+    """Check that every file the manifest lists (``files``, checked by :func:`_check_manifest_files`) is a
+    regular file directly in ``folder`` (no symlink, nothing resolving elsewhere) of the recorded size."""
     real_folder = os.path.realpath(folder)
     for f in files:
         p = os.path.join(folder, f["name"])
@@ -1019,13 +1048,14 @@ def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Js
             raise BackupError(f"{folder}: {f['name']} resolves outside the backup folder")
         if st.st_size != f["size"]:
             raise BackupError(f"{folder}: {f['name']} has {st.st_size} bytes, the manifest says {f['size']}")
-    if checksums:
-        for f in files:
-            _, digest = _sha256_file(os.path.join(folder, f["name"]))
-            if digest != f["sha256"]:
-                raise BackupError(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
-        return manifest, check_backup_data(folder, manifest)
-    return manifest, None
+
+
+def _check_backup_sha256(folder: str, files: list[_Json]) -> None:
+    """Check every listed file of ``folder`` against the sha256 the manifest records for it."""
+    for f in files:
+        _, digest = _sha256_file(os.path.join(folder, f["name"]))
+        if digest != f["sha256"]:
+            raise BackupError(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
 
 
 #: Per-group manifest fields that must equal the backup's raft.db (the Raft hard state and indexes a

@@ -39,7 +39,7 @@ import apsw
 
 from . import layout, migrate
 from .dbrows import db_row, db_rows, db_scalar
-from .logscan import RecordScanner, check_sealed_segments
+from .logscan import Finding, RecordScanner, check_sealed_segments
 from .metadata import group_crc, meta_crc
 from .recovery import check_sql_objects
 from .wal import SPAN
@@ -337,21 +337,45 @@ class _Verifier:
         other record (open segment, segments sealed before revision 0003, records outside any segment,
         and every segment whose aggregate fails) is checked one by one, which also names the bad index."""
         c = self._main
-        base = gid * SPAN
         segs = {sid: [lo, hi, cnt, nbytes, cks] for sid, lo, hi, cnt, nbytes, cks in c.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum FROM log_segments "
             "WHERE group_id=?", (gid,))}
+        problems_before = len(self.rep.problems)
+        fast, running, suspects = self._sealed_segments(gid)
+        sc = RecordScanner(c, gid, progress=lambda k: self.tick("log", k))
+        sc.running.update(running)
+        n = 0
+        for rng in self._log_ranges(fast):
+            if len(rng) == 5:  # a segment checked in SQLite: account for it as a whole
+                n += self._whole_segment(where, name, sc, segs[rng[0]][0], rng)
+            else:
+                n += self._walk_records(where, name, sc, *rng)
+        self.rep.entries_checked += n
+        last = max(first - 1, sc.prev or 0)
+        if n and sc.lowest is not None and sc.lowest > first:  # (n > 0: a record or segment set lowest)
+            self.problem("gap", layout.MAIN_DB, f"{where}: log entries {first}..{sc.lowest - 1} are missing (first "
+                         f"index {first}, first stored record {sc.lowest})", name, first)
+        self._segment_totals(where, name, segs, sc.running)
+        self._content_digests(where, name, suspects, self.rep.problems[problems_before:])
+        return last
+
+    def _sealed_segments(self, gid: int) -> tuple[dict[int, tuple[int, int, int, int, int]],
+                                                  dict[int | None, list[int]], list[tuple[int, int, int]]]:
+        """Check the group's sealed segments that have a content digest, one SQLite aggregate each.
+        Returns ``(fast, running, suspects)``: ``fast`` maps the first index of each segment that passed
+        to ``(segment, last index, min term, max term, bytes)``, ``running`` holds its
+        ``[sidecar, records, bytes]`` as the record scanner keeps them, ``suspects`` the ``(segment, first
+        index, last index)`` of each that failed (to be checked record by record)."""
         running: dict[int | None, list[int]] = {}  # segment -> [crc, count, bytes]
         fast = {}  # index -> (segment, last index, min term, max term, bytes) of segments checked in SQLite
         suspects = []  # sealed segments whose aggregate check failed (checked record by record below)
-        problems_before = len(self.rep.problems)
-        with_digest = db_rows(c.execute(
+        with_digest = db_rows(self._main.execute(
             "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc "
             "FROM log_segments WHERE group_id=? AND last_index IS NOT NULL AND content_crc IS NOT NULL "
             "ORDER BY first_index", (gid,)))
         # on parallel read connections; a segment changed since this verify's read transaction began
         # (a running node compacting or truncating) fails there and is checked below on the consistent view
-        checked = check_sealed_segments(lambda: open_readonly(self.main_path), base, with_digest)
+        checked = check_sealed_segments(lambda: open_readonly(self.main_path), gid * SPAN, with_digest)
         for sid, lo, hi, cnt, nbytes, cks, _content in with_digest:
             ok = checked.get(sid)
             if ok is not None and lo not in fast:
@@ -359,8 +383,13 @@ class _Verifier:
                 running[sid] = [cks, cnt, nbytes]
             elif ok is None:
                 suspects.append((sid, lo, hi))
-        # the key ranges left to check record by record, in order, around the segments checked in SQLite
-        ranges: list[tuple[Any, ...]] = []  # (lo, hi) to walk, or a segment checked in SQLite (5 values)
+        return fast, running, suspects
+
+    @staticmethod
+    def _log_ranges(fast: dict[int, tuple[int, int, int, int, int]]) -> list[tuple[Any, ...]]:
+        """The key ranges left to check record by record, in order, around the segments checked in SQLite:
+        ``(lo, hi)`` to walk (possibly empty: ``hi < lo``), or a segment of ``fast`` (its 5 values)."""
+        ranges: list[tuple[Any, ...]] = []
         at = 1
         for lo in sorted(fast):
             if lo < at:
@@ -369,64 +398,70 @@ class _Verifier:
             ranges.append(fast[lo])
             at = fast[lo][1] + 1
         ranges.append((at, SPAN - 1))
-        sc = RecordScanner(c, gid, progress=lambda k: self.tick("log", k))
-        sc.running.update(running)
-        n = 0
-        for rng in ranges:
-            if len(rng) == 5:  # a segment checked in SQLite: account for it as a whole
-                sid, hi, tmin, tmax, nbytes = rng
-                lo = segs[sid][0]
-                if sc.lowest is None:
-                    sc.lowest = lo
-                if sc.prev is not None and lo != sc.prev + 1:
-                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {sc.prev + 1}..{lo - 1} are "
-                                 "missing", name, sc.prev + 1)
-                if tmin < sc.last_term:
-                    self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {lo} "
-                                 f"({sc.last_term} -> {tmin})", name, lo)
-                sc.last_term = max(sc.last_term, tmax)
-                sc.prev = hi
-                n += hi - lo + 1
-                self.rep.bytes_checked += nbytes
-                self.tick("log", hi - lo + 1)
-                continue
-            r_lo, r_hi = rng
-            if r_hi < r_lo:
-                continue
-            rows, nbytes = sc.rows, sc.nbytes
-            for f in sc.walk(r_lo, r_hi):
-                idx, kind = f.idx, f.kind
-                if kind == "index":
-                    self.problem("record_crc", layout.MAIN_DB, f"{where}: log entry {idx} has a damaged index "
-                                 f"column ({f.idx_col!r})", name, idx)
-                elif kind == "gap":
-                    self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {f.expected}..{idx - 1} are "
-                                 "missing", name, f.expected)
-                elif kind == "crc":
-                    why = "" if f.ptype == "blob" else f": payload stored as {f.ptype}, not a BLOB"
-                    self.problem("record_crc", layout.MAIN_DB,
-                                 f"{where}: CRC mismatch in log entry {idx} (segment {f.segment}){why}", name, idx)
-                elif kind == "term":
-                    self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
-                                 f"({f.last_term} -> {f.term})", name, idx)
-                elif kind == "unknown_segment":
-                    self.problem("segment", layout.MAIN_DB,
-                                 f"{where}: log entry {idx} names segment {f.segment}, which does not exist", name,
-                                 idx)
-                elif kind == "outside_segment":
-                    assert f.seg_range is not None  # set for this kind
-                    self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment "
-                                 f"{f.segment} ({f.seg_range[0]}..{f.seg_range[1]})", name, idx)
-                # "not_own" (named another segment than the one starting at or below it): covered above by
-                # "outside_segment" and the per-segment counts and sidecars below
-            n += sc.rows - rows
-            self.rep.bytes_checked += sc.nbytes - nbytes
-        prev, lowest, running = sc.prev, sc.lowest, sc.running
-        self.rep.entries_checked += n
-        last = max(first - 1, prev or 0)
-        if n and lowest is not None and lowest > first:  # (n > 0: a record or segment set lowest)
-            self.problem("gap", layout.MAIN_DB, f"{where}: log entries {first}..{lowest - 1} are missing (first "
-                         f"index {first}, first stored record {lowest})", name, first)
+        return ranges
+
+    def _whole_segment(self, where: str, name: str, sc: RecordScanner, lo: int,
+                       seg: tuple[int, int, int, int, int]) -> int:
+        """Account for the segment ``seg`` = ``(segment, last index, min term, max term, bytes)`` starting at
+        ``lo``, checked in SQLite, as a whole: gap and term against the records before it, advancing the
+        scanner past it. Returns its record count."""
+        _sid, hi, tmin, tmax, nbytes = seg
+        if sc.lowest is None:
+            sc.lowest = lo
+        if sc.prev is not None and lo != sc.prev + 1:
+            self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {sc.prev + 1}..{lo - 1} are "
+                         "missing", name, sc.prev + 1)
+        if tmin < sc.last_term:
+            self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {lo} "
+                         f"({sc.last_term} -> {tmin})", name, lo)
+        sc.last_term = max(sc.last_term, tmax)
+        sc.prev = hi
+        self.rep.bytes_checked += nbytes
+        self.tick("log", hi - lo + 1)
+        return hi - lo + 1
+
+    def _walk_records(self, where: str, name: str, sc: RecordScanner, r_lo: int, r_hi: int) -> int:
+        """Check the records ``r_lo .. r_hi`` one by one, reporting each finding; returns the number of
+        records walked."""
+        if r_hi < r_lo:
+            return 0
+        rows, nbytes = sc.rows, sc.nbytes
+        for f in sc.walk(r_lo, r_hi):
+            self._record_finding(where, name, f)
+        self.rep.bytes_checked += sc.nbytes - nbytes
+        return sc.rows - rows
+
+    def _record_finding(self, where: str, name: str, f: Finding) -> None:
+        """Report the finding ``f`` of the record scanner as a problem."""
+        idx, kind = f.idx, f.kind
+        if kind == "index":
+            self.problem("record_crc", layout.MAIN_DB, f"{where}: log entry {idx} has a damaged index "
+                         f"column ({f.idx_col!r})", name, idx)
+        elif kind == "gap":
+            self.problem("gap", layout.MAIN_DB, f"{where}: log gap: indexes {f.expected}..{idx - 1} are "
+                         "missing", name, f.expected)
+        elif kind == "crc":
+            why = "" if f.ptype == "blob" else f": payload stored as {f.ptype}, not a BLOB"
+            self.problem("record_crc", layout.MAIN_DB,
+                         f"{where}: CRC mismatch in log entry {idx} (segment {f.segment}){why}", name, idx)
+        elif kind == "term":
+            self.problem("term", layout.MAIN_DB, f"{where}: term decreases at log entry {idx} "
+                         f"({f.last_term} -> {f.term})", name, idx)
+        elif kind == "unknown_segment":
+            self.problem("segment", layout.MAIN_DB,
+                         f"{where}: log entry {idx} names segment {f.segment}, which does not exist", name,
+                         idx)
+        elif kind == "outside_segment":
+            assert f.seg_range is not None  # set for this kind
+            self.problem("segment", layout.MAIN_DB, f"{where}: log entry {idx} lies outside its segment "
+                         f"{f.segment} ({f.seg_range[0]}..{f.seg_range[1]})", name, idx)
+        # "not_own" (named another segment than the one starting at or below it): covered above by
+        # "outside_segment" and the per-segment counts and sidecars below
+
+    def _segment_totals(self, where: str, name: str, segs: dict[int, list[Any]],
+                        running: dict[int | None, list[int]]) -> None:
+        """Compare every sealed segment's row (``segs``: ``[first, last, count, bytes, sidecar]``) with what
+        was accepted of it (``running``): record count, sidecar checksum, payload bytes."""
         for sid, (lo, hi, cnt, nbytes, cks) in sorted(segs.items()):
             if hi is None:
                 continue  # the open segment: no sidecar yet
@@ -441,7 +476,11 @@ class _Verifier:
             if got == cnt and gbytes != nbytes:
                 self.problem("segment", layout.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) holds {gbytes} payload "
                              f"bytes, its row says {nbytes}", name, sid)
-        found = self.rep.problems[problems_before:]
+
+    def _content_digests(self, where: str, name: str, suspects: list[tuple[int, int, int]],
+                         found: list[Problem]) -> None:
+        """Report a content digest failure for each segment of ``suspects`` (their aggregate failed) for
+        which the record-by-record check found nothing (``found``: the group's problems of this pass)."""
         for sid, lo, hi in suspects:
             # every record and the sidecar check out one by one, yet the digest does not: a record was
             # re-signed consistently (CRC and sidecar), or the segment row's digest itself is damaged
@@ -449,7 +488,6 @@ class _Verifier:
                        or (p.kind in ("segment", "sidecar") and p.index == sid) for p in found):
                 self.problem("sidecar", layout.MAIN_DB, f"{where}: segment {sid} ({lo}..{hi}) fails its content "
                              "digest", name, sid)
-        return last
 
     def _chunks(self, sid: int, name: str | None, where: str, chunks_path: str, status: str, size: int, count: int,
                 checksum: str | None) -> tuple[int, list[Problem]]:
