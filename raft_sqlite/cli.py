@@ -56,7 +56,7 @@ from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
 from .verify import verify as run_verify
-from .wal import INT, SPAN, record_crc
+from .wal import INT, SPAN, crc_matches, record_crc
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID  # imported where used: start-up speed (see _BackupProgress)
@@ -652,10 +652,7 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
                 f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
                 "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
             payload = payload or b""
-            # record_crc is -1 for a field of the wrong type: such a record never verifies, even against a
-            # crc32 column damaged to -1
-            want = record_crc(gid, idx_col, term, kind, payload)
-            ok = ptype == "blob" and want >= 0 and want == crc
+            ok = ptype == "blob" and crc_matches(record_crc(gid, idx_col, term, kind, payload), crc)
             rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
                          "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
                          "compacted": idx < first,

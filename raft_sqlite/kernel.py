@@ -143,12 +143,15 @@ class Kernel:
 
     def mark_closed(self) -> None:
         """The store is closing: every later read and write is refused. Waits for the commit in
-        progress, then stops the interval syncer (which syncs once more if needed)."""
+        progress, then stops the interval syncer (which syncs once more if needed, covering that commit).
+        The syncer stays attached until then: a commit finishing meanwhile must not record its unsynced WAL
+        as durable in the high-water mark (NORMAL: only the syncer's fdatasync makes it durable)."""
         self.pipeline.closed = True
-        syncer, self.pipeline.syncer = self.pipeline.syncer, None
+        self.pipeline.drain()
+        syncer = self.pipeline.syncer
         if syncer is not None:
             syncer.stop()
-        self.pipeline.drain()
+            self.pipeline.syncer = None
 
     def start_interval_sync(self) -> None:
         """NORMAL mode: fdatasync the WAL every ``fsync_interval`` seconds when there were commits."""

@@ -23,7 +23,17 @@ from typing import NamedTuple
 
 import apsw
 
-from .wal import CONTENT_SQL, INT, SPAN, chain_crc, chain_crcs, content_digest, record_crc, sidecar_checksum
+from .wal import (
+    CONTENT_SQL,
+    INT,
+    SPAN,
+    chain_crc,
+    chain_crcs,
+    content_digest,
+    crc_matches,
+    record_crc,
+    sidecar_checksum,
+)
 
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
 #: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
@@ -200,7 +210,7 @@ class RecordScanner:
                     yield Finding("index", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
                 if idx != expected and expected is not None:
                     yield Finding("gap", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
-                if ptype is not None or crc_of(gid, idx_col, term, kind, payload) != crc:
+                if ptype is not None or not crc_matches(crc_of(gid, idx_col, term, kind, payload), crc):
                     yield Finding("crc", idx, expected, idx_col, seg, ptype or "blob", term, last_term, own, None)
                 if term.__class__ is not int:  # only damage (NULL from INT()) makes it anything else
                     term = last_term
@@ -232,13 +242,17 @@ class RecordScanner:
                 # accepted: nothing above made the caller stop
                 try:
                     pend_append(crc)
-                except (TypeError, OverflowError):  # a damaged CRC column: fold what came before, then fail
-                    r[0] = chain_crcs(r[0], pend)  # as the fold of this value does (struct.error), as ever
+                except (TypeError, OverflowError):
+                    # a damaged CRC column (not a uint32; the record was reported above): fold what came before,
+                    # then a stand-in for it, so that the segment's sidecar is checked (and mismatches) instead
+                    # of the walk dying on the value (it raised struct.error before)
+                    r[0] = chain_crcs(r[0], pend)
                     r[1] += len(pend)
                     r[2] += seg_bytes
                     del pend[:]
                     seg_bytes = 0
-                    r[0] = chain_crc(r[0], crc)
+                    r[0] = chain_crc(r[0], crc & 0xFFFFFFFF if crc.__class__ is int else 0)
+                    r[1] += 1
                 seg_bytes += len(payload)
                 rows += 1
                 nbytes += len(payload)

@@ -176,12 +176,12 @@ class NodeStore:
     @property
     def path(self) -> str:
         """Path of the main database file (``raft.db``)."""
-        return os.path.join(self.data_dir, layout.MAIN_DB)
+        return self.kernel.path
 
     @property
     def chunks_path(self) -> str:
         """Path of the snapshot chunk database file (``chunks.db``)."""
-        return os.path.join(self.data_dir, layout.CHUNKS_DB)
+        return self.kernel.chunks_path
 
     @property
     def stats(self) -> StoreStats:

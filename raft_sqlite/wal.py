@@ -70,6 +70,12 @@ def record_crc(group_id: int, idx: int, term: int, kind: int, payload: bytes) ->
         return -1
 
 
+def crc_matches(computed: int, stored: object) -> bool:
+    """True if a record's ``stored`` crc32 column verifies against ``computed`` (:func:`record_crc`). Never for
+    the -1 that a field of the wrong type gives, even if the damaged column holds -1 too."""
+    return computed >= 0 and computed == stored
+
+
 def record_crcs(group_id: int, idxs: Sequence[int], terms: Sequence[int], kinds: Sequence[int],
                 payloads: Sequence[bytes]) -> array.array[int]:
     """The CRCs of many well-typed records of one group (the writer's batch path: C-level loops, no
@@ -349,7 +355,7 @@ class WalReader:
         if row is None:
             return None
         term, kind, payload, crc = row
-        if record_crc(group_id, idx, term, kind, payload) != crc:
+        if not crc_matches(record_crc(group_id, idx, term, kind, payload), crc):
             raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
         return LogEntry(idx, term, payload, KINDS[kind])
 
@@ -372,7 +378,7 @@ class WalReader:
         for idx, term, kind, payload, crc in conn.execute(self.SELECT_RANGE, (base + lo, base + hi)):
             if idx != expect:
                 break
-            if crc_of(group_id, idx, term, kind, payload) != crc:
+            if not crc_matches(crc_of(group_id, idx, term, kind, payload), crc):
                 raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: CRC mismatch in log entry {idx}")
             if limit >= 0:
                 total += len(payload)

@@ -196,3 +196,41 @@ def test_interval_syncer_counts_syncs_through_the_pipeline(tmp_path):
             time.sleep(0.01)
         assert s.stats.interval_syncs >= 1
     assert not syncer.is_alive()  # stopped at close
+
+
+def test_a_commit_finishing_during_close_never_marks_unsynced_wal_durable(tmp_path):
+    """NORMAL: only the interval syncer's fdatasync makes commits durable, so only it may move the WAL
+    high-water mark. A commit still running when close() starts must not note the mark itself (found by the
+    review of the kernel split: close detached the syncer before draining, the finishing leader then saw no
+    syncer and noted its unsynced WAL as durable; a power cut then made the next open refuse)."""
+    from raft_sqlite import FsyncMode
+    s = open_store(tmp_path / "n", fsync=FsyncMode.NORMAL, fsync_interval=0.05)
+    s.log("g").append([LogEntry(1, 1, b"x")])
+    mark = s.kernel.hwm
+    calls = []
+    real_note = mark.note
+
+    def note(*a, **kw):
+        calls.append(threading.current_thread().name)
+        return real_note(*a, **kw)
+
+    mark.note = note
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(conn):
+        conn.execute("INSERT INTO settings(key, value) VALUES ('probe', '1')")
+        entered.set()
+        assert release.wait(10)
+
+    writer = threading.Thread(target=s.kernel.raw, args=(slow,), name="writer")
+    writer.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=s.close, name="closer")
+    closer.start()
+    time.sleep(0.2)  # close() has begun: it waits for the commit in flight
+    release.set()
+    writer.join(10)
+    closer.join(10)
+    assert not writer.is_alive() and not closer.is_alive()
+    assert "writer" not in calls, calls  # the leader never noted its own (unsynced) commit
+    assert "closer" in calls  # the syncer's last sync at close, then the close itself, note it

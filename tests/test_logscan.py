@@ -7,9 +7,10 @@ import zlib
 import apsw
 import pytest
 
-from raft_sqlite import CorruptionError, EntryKind, LogEntry, RecoveryPolicy, SegmentPolicy, wal
+from raft_sqlite import CorruptionError, EntryKind, LogEntry, NodeStore, RecoveryPolicy, SegmentPolicy, wal
 from raft_sqlite.logscan import FINDING_KINDS, RecordScanner
 from raft_sqlite.verify import verify
+from raft_sqlite.wal import crc_matches, record_crc
 from tests.conftest import open_store
 
 GID = 1  # the first group of a store
@@ -143,3 +144,31 @@ def test_open_refuses_a_record_moved_to_another_key(data_dir):
     assert {p.kind for p in rep.problems} >= {"record_crc", "gap"}
     with open_store(data_dir, recovery=RecoveryPolicy.TRUNCATE_TAIL) as s:
         assert s.log("g").last_index == 39
+
+
+@pytest.mark.parametrize("column", ["term", "kind"])
+def test_a_mistyped_record_with_crc_minus_one_never_verifies(tmp_path, column):
+    """record_crc() answers -1 (never a CRC) for a field of the wrong type: a crc32 column damaged to -1 too
+    must not make the record verify (found by the review of the shared scanner: open then crashed with a raw
+    struct.error under every policy). STRICT refuses typed; TRUNCATE_TAIL and PARTIAL drop the record."""
+    d = tmp_path / "s"
+    with NodeStore.open(str(d), "n1", cluster_id="c") as s:
+        for i in range(5):
+            s.log().append_next(1, [b"p%d" % i])
+    c = apsw.Connection(str(d / "raft.db"))
+    trig = list(c.execute("SELECT name, sql FROM sqlite_master WHERE type='trigger'"))
+    for n, _ in trig:
+        c.execute(f'DROP TRIGGER "{n}"')
+    c.execute(f"UPDATE log_entries SET {column}='x', crc32=-1 WHERE key=(1<<40)+5")
+    for _, sql in trig:
+        c.execute(sql)
+    c.close()
+    assert not crc_matches(record_crc(1, 5, "x", 0, b"p4"), -1)
+    with pytest.raises(CorruptionError, match="entry 5"):
+        NodeStore.open(str(d), "n1", cluster_id="c")
+    report = verify(str(d))
+    assert any(p.kind == "record_crc" and p.index == 5 for p in report.problems), [str(p) for p in report.problems]
+    for policy in (RecoveryPolicy.TRUNCATE_TAIL, RecoveryPolicy.PARTIAL):
+        with NodeStore.open(str(d), "n1", cluster_id="c", recovery=policy) as s:
+            assert s.log().last_index == 4
+            assert [e.data for e in s.log().entries(1, 5)] == [b"p0", b"p1", b"p2", b"p3"]

@@ -19,12 +19,13 @@ import pysyncobj.journal as pso_journal  # noqa: E402 (after importorskip)
 import pysyncobj.syncobj as pso_syncobj  # noqa: E402 (after importorskip)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # noqa: E402
+from pysyncobj import FAIL_REASON, SyncObjConf  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogConflictError, LogGapError, MetadataError, NodeStore  # noqa: E402
 from raft_sqlite.errors import RaftSqliteError  # noqa: E402
 from raft_sqlite.integrations import pysyncobj as rsp  # noqa: E402
 from raft_sqlite.integrations.pysyncobj import RaftSqliteJournal, create_journal, patch_pysyncobj  # noqa: E402
+from tests.support.pso import Counter  # noqa: E402 (after importorskip)
 
 try:
     from tests.support.faultvfs import FaultVFS, quiet_injected_faults
@@ -639,20 +640,6 @@ def test_gate_fail_stop_drops_messages_and_fails_callbacks(fault_journal):
 
 
 # ---------------------------------------------------------------------------------------------- the SyncObj hooks
-class _Counter(SyncObj):
-    def __init__(self, addr, conf):
-        super().__init__(addr, [], conf)
-        self.__value = 0
-
-    @replicated
-    def add(self, v):
-        self.__value += v
-        return self.__value
-
-    def value(self):
-        return self.__value
-
-
 HOOKS = ("__init__", "_autoTickThread", "_applyCommand")
 
 
@@ -690,7 +677,7 @@ def _wait(cond, timeout=10.0):
 @pytest.mark.parametrize("auto_tick", [False, True])
 def test_syncobj_with_journal_file_gets_a_gate(tmp_path, journals_made, auto_tick):
     conf = SyncObjConf(autoTick=auto_tick, journalFile=str(tmp_path / "solo"))
-    o = _Counter(free_addr(), conf)
+    o = Counter(free_addr(), conf)
     try:
         (j,) = journals_made
         assert isinstance(j, RaftSqliteJournal)
@@ -739,7 +726,7 @@ def test_syncobj_without_journal_file_gets_no_gate(journals_made, monkeypatch):
         real_init(self, *a, **kw)
 
     monkeypatch.setattr(rsp._DurabilityGate, "__init__", counting)
-    o = _Counter(free_addr(), SyncObjConf(autoTick=False))
+    o = Counter(free_addr(), SyncObjConf(autoTick=False))
     try:
         (j,) = journals_made
         assert type(j) is pso_journal.MemoryJournal

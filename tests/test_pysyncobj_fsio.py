@@ -12,7 +12,7 @@ import pytest
 
 pysyncobj = pytest.importorskip("pysyncobj")
 
-from pysyncobj import SyncObj, SyncObjConf, replicated  # noqa: E402 (after importorskip)
+from pysyncobj import SyncObjConf  # noqa: E402 (after importorskip)
 
 from raft_sqlite import fsio  # noqa: E402 (after importorskip)
 from raft_sqlite.integrations.pysyncobj import (  # noqa: E402 (after importorskip)
@@ -20,6 +20,7 @@ from raft_sqlite.integrations.pysyncobj import (  # noqa: E402 (after importorsk
     patch_pysyncobj,
 )
 from tests.support.net import free_addr  # noqa: E402
+from tests.support.pso import Counter  # noqa: E402 (after importorskip)
 
 
 @pytest.fixture(autouse=True)
@@ -56,20 +57,6 @@ class Recorder(fsio.OsFileSystem):
 
     def written(self, path: str) -> bytes:
         return b"".join(c[2] for c in self.calls if c[0] == "write" and c[1] == path)
-
-
-class Counter(SyncObj):
-    def __init__(self, addr, conf):
-        super().__init__(addr, [], conf)
-        self.__value = 0
-
-    @replicated
-    def add(self, v):
-        self.__value += v
-        return self.__value
-
-    def value(self):
-        return self.__value
 
 
 def _tick_until(o, cond, timeout=20.0):

@@ -714,6 +714,23 @@ def test_scheduler_time_trigger_and_errors(data_dir):
             SnapshotScheduler(s, G, capture, every_entries=None, every_seconds=None)
 
 
+def test_scheduler_left_running_past_close_stays_quiet(data_dir):
+    """A scheduler not stopped before its store is closed finds nothing due (no failure per poll), and the
+    manager's repr still works on the closed store."""
+    s = open_store(data_dir)
+    fill(s, 5)
+    calls = []
+    sched = SnapshotScheduler(s, G, lambda: calls.append(1), every_entries=1, poll_interval=0.01)
+    mgr = s.snapshots(G)
+    s.close()
+    assert not sched.due()
+    sched.start()
+    time.sleep(0.1)
+    sched.stop()
+    assert sched.failures == 0 and calls == []
+    assert repr(mgr).startswith(f"<SnapshotManager {G!r}")
+
+
 def test_snapshot_store_is_per_store(data_dir):
     with open_store(data_dir) as s:
         assert SnapshotStore.of(s.kernel) is SnapshotStore.of(s.kernel) is s.snapshots(G).chunk_store

@@ -286,5 +286,6 @@ class SnapshotManager:
         return doomed + stale
 
     def __repr__(self) -> str:
-        return f"<SnapshotManager {self.group!r} snapshot_index={self._g().snapshot_index}>"
+        g = self._kernel.groups.find(self.group)  # (also on a closed store)
+        return f"<SnapshotManager {self.group!r} snapshot_index={g.snapshot_index if g else '?'}>"
 

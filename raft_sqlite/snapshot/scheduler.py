@@ -73,6 +73,8 @@ class SnapshotScheduler:
         """True when a trigger condition holds now."""
         if self._force:
             return True
+        if self.store.kernel.closed:  # a scheduler left running past close: nothing is due, quietly
+            return False
         applied = self.applied_index()
         since = applied - self.store.kernel.group(self.group).snapshot_index
         if self.every_entries is not None and since >= self.every_entries:
