@@ -502,9 +502,11 @@ class RaftSqliteJournal(_pso_journal.Journal):  # type: ignore[misc]
             if entryFrom >= len(self._entries):
                 return
             new_end = self._entries[entryFrom - 1][1] if entryFrom else self._entries[0][1] - 1
-            if self._pend and self._gate is not None and self._gate.holding():
-                # a held message (an ack) may promise the queued entries: make them durable first; the cut
-                # then keeps them in the store like any stored entry (below)
+            if self._pend and ((self._gate is not None and self._gate.holding())
+                               or (self._pending_commit is not None and new_end < self._pending_commit)):
+                # a held message (an ack) may promise the queued entries, or the cut reaches below the commit
+                # index PySyncObj gave: make them durable first (as write-through has them), the cut then
+                # keeps them in the store like any stored entry (below)
                 self.sync()
             pend = self._pend
             if pend and new_end >= pend[0].index - 1:
