@@ -145,7 +145,7 @@ class Tx:
         """The state of ``name`` as the transaction's ops so far leave it."""
         g = self.view.get(name)
         if g is None:
-            g = self.view[name] = self.groups.get(name).copy()
+            g = self.view[name] = self.groups[name].copy()
         return g
 
     def add(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
@@ -267,7 +267,7 @@ class CommitPipeline:
     def pending_group(self, name: str) -> GroupState:
         """The state of group ``name`` as this thread's open transaction leaves it (else the published one)."""
         tx = self._current_tx()
-        return tx.group(name) if tx is not None else self.groups.get(name)
+        return tx.group(name) if tx is not None else self.groups[name]
 
     def run(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
         """Run one write op (validate with ``check(g)``, then ``write(conn, g, check_result)``)."""
@@ -561,7 +561,7 @@ class CommitPipeline:
                 continue
             g = mine.get(name)
             if g is None:
-                base = work.get(name) or self.groups.find(name)
+                base = work.get(name) or self.groups.get(name)
                 if base is None:
                     sql()
                     base = insert_group(conn, name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable, Iterator
 
 import apsw
 
@@ -55,44 +54,21 @@ class GroupState:
                           None if seg is None else seg.copy(), self.recovered_partially)
 
 
-class GroupTable:
-    """The published :class:`GroupState` of every group, by name. Only the committer (and open-time
-    recovery, before the store is shared) calls :meth:`publish`."""
-
-    def __init__(self) -> None:
-        self._by_name: dict[str, GroupState] = {}
-
-    def get(self, name: str) -> GroupState:
-        """The published state of ``name`` (KeyError if the group does not exist)."""
-        return self._by_name[name]
-
-    def find(self, name: str) -> GroupState | None:
-        """The published state of ``name``, or None."""
-        return self._by_name.get(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._by_name
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._by_name)
-
-    def __len__(self) -> int:
-        return len(self._by_name)
+class GroupTable(dict[str, GroupState]):
+    """The published :class:`GroupState` of every group, by name (a dict: lookups on the write path are
+    C-level). Only the committer (and open-time recovery, before the store is shared) calls
+    :meth:`publish`; every other user only reads."""
 
     def names(self) -> list[str]:
         """Group names, sorted."""
-        return sorted(self._by_name)
+        return sorted(self)
 
     def states(self) -> list[GroupState]:
         """Every published state (a snapshot of the table)."""
-        return list(self._by_name.values())
+        return list(self.values())
 
-    def publish(self, states: dict[str, GroupState] | Iterable[tuple[str, GroupState]]) -> None:
-        """Make ``states`` the published state of their groups (after their commit succeeded)."""
-        self._by_name.update(states)
-
-    def clear(self) -> None:
-        self._by_name.clear()
+    #: Make states the published state of their groups (after their commit succeeded).
+    publish = dict.update
 
 
 def insert_group(conn: apsw.Connection, name: str) -> GroupState:

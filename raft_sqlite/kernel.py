@@ -177,7 +177,7 @@ class Kernel:
         """The published (committed) state of group ``name``. Raises when the store is closed."""
         if self.pipeline.closed:
             raise RaftSqliteError("the store is closed")
-        return self.groups.get(name)
+        return self.groups[name]
 
     def pending_group(self, name: str) -> GroupState:
         """The state of ``name`` as this thread's open transaction leaves it (else the published one)."""
@@ -238,7 +238,7 @@ class Kernel:
         per commit so that appends are never stalled for long. Returns records removed."""
         removed = 0
         while True:
-            g = self.groups.get(name)
+            g = self.groups[name]
             segs = self.read(lambda c: self.compactor.removable(c, g.gid, g.first_index - 1))
             if not segs:
                 return removed

@@ -286,6 +286,6 @@ class SnapshotManager:
         return doomed + stale
 
     def __repr__(self) -> str:
-        g = self._kernel.groups.find(self.group)  # (also on a closed store)
+        g = self._kernel.groups.get(self.group)  # (also on a closed store)
         return f"<SnapshotManager {self.group!r} snapshot_index={g.snapshot_index if g else '?'}>"
 
