@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -250,7 +249,6 @@ class StoreMetrics:
             self.validation_errors.labels(classify_problem(str(p))).inc()
         self._collector = _StateCollector(store.kernel.read)
         r.register(self._collector)
-        self._lock = threading.Lock()
         # Written by the commit in progress, keyed so that a batch the store replays (after dropping a
         # failed request) is not counted twice: id(entries list) -> (group_id, last index, entries), and
         # (group_id, segment_id) of sealed segments.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -116,7 +115,8 @@ def read_restore_event(conn: apsw.Connection) -> dict[str, Any] | None:
 
 
 class OpeningStore(Protocol):
-    """What open-time recovery needs of the store being opened (``NodeStore`` provides it)."""
+    """What open-time recovery needs of the store being opened (``NodeStore`` provides it); the chunk
+    database and its locks are the kernel's."""
 
     kernel: Kernel
     data_dir: str
@@ -124,18 +124,6 @@ class OpeningStore(Protocol):
 
     @property
     def path(self) -> str: ...
-
-    @property
-    def chunks_path(self) -> str: ...
-
-    @property
-    def chunks_conn(self) -> apsw.Connection: ...
-
-    @property
-    def gc_lock(self) -> threading.RLock: ...
-
-    @property
-    def chunks_lock(self) -> threading.RLock: ...
 
 
 def check_sql_objects(conn: apsw.Connection) -> list[tuple[str, str, str]]:
@@ -296,7 +284,7 @@ def recover_snapshots(store: OpeningStore, conn: apsw.Connection,
     doomed: list[int] = []
     bad: set[int] = set()
     sstore = SnapshotStore.of(store.kernel)
-    chunks = store.chunks_conn
+    chunks = store.kernel.chunks_conn
     for r in rows:
         sid, gid, idx, term, kind, parent, status, size, count, checksum, structures, source, crc = r
         where = f"{store.path}: group {names.get(gid, gid)!r}: snapshot {sid} (index {idx})"
@@ -329,7 +317,7 @@ def recover_snapshots(store: OpeningStore, conn: apsw.Connection,
     for sid in doomed:
         conn.execute("DELETE FROM snapshots WHERE snapshot_id=? AND status='WRITING'", (sid,))
     keep = set(by_id) - set(doomed)
-    with store.gc_lock, store.chunks_lock:
+    with store.kernel.gc_lock, store.kernel.chunks_lock:
         stray = [sid for sid in sstore.chunk_snapshot_ids(chunks) if sid not in keep]
         if stray:
             chunks.execute("BEGIN IMMEDIATE")
@@ -341,7 +329,7 @@ def recover_snapshots(store: OpeningStore, conn: apsw.Connection,
             except BaseException:
                 chunks.execute("ROLLBACK")
                 raise
-            log.info("%s: removed chunks of %d orphan snapshot(s): %s", store.chunks_path, len(stray), stray)
+            log.info("%s: removed chunks of %d orphan snapshot(s): %s", store.kernel.chunks_path, len(stray), stray)
     return bad
 
 

@@ -59,7 +59,6 @@ class NodeStore:
     slow_commit_warning: float
     recovery_report: RecoveryReport  #: what the recovery at open found and did
     _wal_problems: list[str]
-    _hwm: sqlitewal.HighWaterMark | None
     _pins: sqlitewal.PinnedFiles
     _lock: DataDirLock | None
     _owns_lock: bool
@@ -133,7 +132,6 @@ class NodeStore:
         k.mark_open()
         self._on_commit = None
         self._wal_problems = []
-        self._hwm = None
         #: Python-level reads of the live database files go through descriptors closed only after SQLite
         #: closed the files (closing one would drop SQLite's POSIX locks: see sqlitewal.PinnedFiles)
         self._pins = sqlitewal.PinnedFiles()
@@ -358,8 +356,8 @@ class NodeStore:
                 with contextlib.suppress(FileNotFoundError):
                     fsio.unlink(self.path + "-hwm")
                 return
-            self._hwm = self.kernel.hwm = sqlitewal.HighWaterMark(self.path)
-            self._hwm.anchor()
+            mark = self.kernel.hwm = sqlitewal.HighWaterMark(self.path)
+            mark.anchor()
         except OSError as exc:
             self.kernel.fail(exc)
             raise StorageFault(f"{self.path}-hwm: cannot record the WAL high-water mark ({exc})") from exc
@@ -546,16 +544,17 @@ class NodeStore:
         # reset the WAL, destroying the frames past a damaged one that an operator could still salvage.
         faulted = self.kernel.fault is not None or failed_open
         self.kernel.close_connections(no_checkpoint=faulted)
-        if self._hwm is not None:
+        mark = self.kernel.hwm
+        if mark is not None:
             if not faulted:
                 # the last close checkpointed the WAL (unless a reader elsewhere held it back): record
                 # "checkpointed" so that an emptied WAL (e.g. by a TRUNCATE checkpoint) is known harmless
                 try:
-                    self._hwm.note()
+                    mark.note()
                 except OSError as exc:
                     log.warning("%s: could not record the WAL high-water mark at close: %s", self.data_dir, exc)
-            self._hwm.close()
-            self._hwm = self.kernel.hwm = None
+            mark.close()
+            self.kernel.hwm = None
         self._pins.close()  # only now: SQLite has closed the files
 
     def __enter__(self) -> NodeStore:
