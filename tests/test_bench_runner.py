@@ -105,3 +105,19 @@ def test_section_names_the_exact_command():
     s = run_all.section("append", "Appends", ["--seconds", "1.5"], "body")
     assert s.startswith("**Appends.** ") and s.endswith("body")
     assert "`.venv/bin/python benchmarks/append.py --seconds 1.5`" in s
+
+
+def test_background_window_counts_appends_that_straddle_it():
+    import background
+    samples = [(0.0, 1.0), (1.5, 0.2), (2.0, 5.0), (9.0, 1.0), (0.5, 0.4)]
+    # [2, 4]: the append started before and still running (the stall) counts, one ending at 2.0 does not
+    assert background.in_window(samples, 1.8, 4.0) == [(2.0, 5.0)]
+    assert background.in_window(samples, 0.2, 1.6) == [(0.0, 1.0), (1.5, 0.2), (0.5, 0.4)]
+
+
+def test_background_split_attributes_overlapping_wal_syncs_to_each_append():
+    import background
+    syncs = [(1.0, 2.0), (3.0, 3.5), (4.0, 6.0)]
+    samples = [(0.0, 1.5), (2.5, 1.0), (3.2, 2.0), (7.0, 1.0), (0.0, 10.0)]
+    got = background.overlap_split(samples, syncs)
+    assert got == pytest.approx([0.5, 0.5, 1.5, 0.0, 3.5])
