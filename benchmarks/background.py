@@ -21,7 +21,9 @@ defaults, measured while each of these runs on another thread of the same proces
   go, so an append that runs SQLite's own autocheckpoint of that WAL first is counted too.
 
 An append counts in a window if it overlaps it (one that straddles the end is the stall). Figures per
-row: p50, p99, max (worst stall); targets: p99 <= 2x idle, max <= 20 ms.
+row: p50, p99, max (worst stall), n (appends in the window, printed); targets: p99 <= 2x idle, max <= 20 ms.
+A short work that blocks the writer once (the checkpoint) gives a window of one long append plus however
+many others fit around it: there the max is the figure to read, the p99 swings with n.
 
 Evidence, per background row:
 
