@@ -16,9 +16,12 @@ defaults, measured while each of these runs on another thread of the same proces
   segments of the default SegmentPolicy, all covered by a durable snapshot (the store is a fresh fsynced
   copy of a template built once);
 * **checkpoint**: a raft.db WAL of ``--checkpoint-mib`` MiB (appends to another group while a reader held
-  every checkpoint back) checkpointed by ``NodeStore.checkpoint()`` if the store has such a method, else
-  by ``PRAGMA wal_checkpoint(TRUNCATE)`` on a second connection. The window starts when the reader lets
-  go, so an append that runs SQLite's own autocheckpoint of that WAL first is counted too.
+  every checkpoint back, as a hot backup's copy does) that the store checkpoints itself once the reader
+  lets go (``--checkpoint-by store``, the default: the window lasts until the -shm index shows every
+  frame copied); or checkpointed by ``NodeStore.checkpoint()`` (``api``) or by
+  ``PRAGMA wal_checkpoint(TRUNCATE)`` on a second connection (``pragma``, which holds the writer lock
+  for the whole copy: no store does that on its own). The window starts when the reader lets go, so an
+  append that runs SQLite's own autocheckpoint of that WAL is counted too.
 
 An append counts in a window if it overlaps it (one that straddles the end is the stall). Figures per
 row: p50, p99, max (worst stall), n (appends in the window, printed); targets: p99 <= 2x idle, max <= 20 ms.
@@ -89,6 +92,19 @@ VFS_NAME = "rsq-bench-timing"
 
 
 # ---------------------------------------------------------------------------------------- evidence
+def wait_backfilled(s, deadline):
+    """Wait until every frame of raft.db's WAL is in raft.db (or a new WAL generation began), as read
+    from the -shm index: the store's own checkpointing (inline or background) has caught up."""
+    salts0 = None
+    while time.perf_counter() < deadline:
+        salts, mx, backfilled = s.kernel.hwm.current()
+        salts0 = salts0 or salts
+        if backfilled >= mx or salts != salts0:
+            return
+        time.sleep(0.001)
+    raise AssertionError("the store did not checkpoint its WAL within 30 s")
+
+
 class Sampler:
     """Every ``period`` s until stopped: peak Dirty and Writeback (/proc/meminfo, MiB) and peak size of
     ``wal_path`` (MiB)."""
@@ -223,6 +239,7 @@ class Bench:
         if a.checkpoint_by == "api" and not has_api:
             raise SystemExit("--checkpoint-by api: this NodeStore has no checkpoint() method")
         self.checkpoint_api = a.checkpoint_by == "api" or (a.checkpoint_by == "auto" and has_api)
+        self.checkpoint_by = a.checkpoint_by
         t0 = time.perf_counter()
         self.backup_src = os.path.join(d, "backup-src")
         backup_bench.build(self.backup_src, a.backup_mb, 4096, 4)
@@ -234,7 +251,7 @@ class Bench:
               f"{sum(os.path.getsize(p) for p in self.backup_files()) / 1e6:,.0f} MB; compaction template "
               f"{self.compact_upto:,} entries of {a.compact_payload} B in {a.compact_segments} sealed segments "
               f"of {self.seg_entries:,}; snapshot chunk {self.chunk >> 10} KiB, commit {self.commit / MiB:g} MiB; "
-              f"checkpoint by {'NodeStore.checkpoint()' if self.checkpoint_api else 'PRAGMA wal_checkpoint(TRUNCATE)'}",
+              f"checkpoint by {self.checkpoint_how()}",
               flush=True)
 
     def open(self, path):
@@ -281,6 +298,11 @@ class Bench:
         os.fsync(fd)
         os.close(fd)
         return path
+
+    def checkpoint_how(self):
+        if self.checkpoint_by == "store":
+            return "the store itself (appends going on)"
+        return "NodeStore.checkpoint()" if self.checkpoint_api else "wal_checkpoint(TRUNCATE)"
 
     def snapshot_write(self, s):
         t, _ = snapshot_bench.snapshot_write(s, self.snap_size, self.chunk, self.commit, self.bufs, None)
@@ -334,7 +356,9 @@ class Bench:
                 def work():
                     t0 = time.perf_counter()
                     reader.execute("COMMIT")
-                    if self.checkpoint_api:
+                    if self.checkpoint_by == "store":  # the store's own checkpointing, appends going on
+                        wait_backfilled(s, t0 + 30)
+                    elif self.checkpoint_api:
                         s.checkpoint()
                     else:
                         reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -438,7 +462,7 @@ def bg_cell(kind, r, b):
     if kind == "compaction":
         return (f"compact {b.a.compact_segments} segments ({r.med('bg_entries'):,.0f} entries) in "
                 f"{r.med('bg_s'):.2f} s")
-    how = "NodeStore.checkpoint()" if b.checkpoint_api else "wal_checkpoint(TRUNCATE)"
+    how = b.checkpoint_how()
     return f"{how} of a {r.med('bg_bytes') / MiB:,.0f} MiB WAL in {r.med('bg_s'):.2f} s"
 
 
@@ -500,9 +524,10 @@ def main(argv=None):
                     help="sealed segments (of the default SegmentPolicy) removed by the compaction")
     ap.add_argument("--compact-payload", type=int, default=100, help="payload bytes of the compacted entries")
     ap.add_argument("--checkpoint-mib", type=int, default=128, help="size of the WAL checkpointed (MiB)")
-    ap.add_argument("--checkpoint-by", choices=("auto", "api", "pragma"), default="auto",
-                    help="how the big WAL is checkpointed: NodeStore.checkpoint() (api), PRAGMA wal_checkpoint(TRUNCATE) "
-                    "on a second connection (pragma), or api if the store has it (auto, the default)")
+    ap.add_argument("--checkpoint-by", choices=("store", "auto", "api", "pragma"), default="store",
+                    help="how the big WAL is checkpointed: by the store itself while appends go on (store, the "
+                    "default), NodeStore.checkpoint() (api), PRAGMA wal_checkpoint(TRUNCATE) on a second connection "
+                    "(pragma), or api if the store has it, else pragma (auto)")
     ap.add_argument("--idle-seconds", type=float, default=1.0, help="the idle window")
     ap.add_argument("--conc-seconds", type=float, default=1.5, help="duration of the 1 vs 8 writers rows")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; the median is kept")

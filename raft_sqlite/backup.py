@@ -301,8 +301,12 @@ class HotBackupManager:
 
     ``backup()`` writes ``backup_dir/<node_id>/<UTC timestamp>/`` while the store keeps serving (see
     the module docstring for why the copy is one instant); ``prune()`` applies retention; ``list()``
-    lists this node's backups. ``pages_per_step`` pages are copied per backup step and the copier sleeps
-    ``step_pause`` seconds between steps, leaving the disk and the CPU to the store's committer. The
+    lists this node's backups. The copy is fdatasync'ed every ``sync_bytes`` copied (default 1 MiB; 0:
+    only once at the end, as before): the store's commits sync their WAL on the same disk, and each of
+    them would otherwise wait for all the copy's data still in the cache (see README, "Background work
+    and the log's tail"). ``pages_per_step`` pages are copied per backup step (default: ``sync_bytes``
+    worth of pages of each file) and the copier sleeps ``step_pause`` seconds between steps, leaving the
+    disk and the CPU to the store's committer. The
     copy, checksum and fsync run on worker threads whose scheduling priority is lowered by ``nice``
     (Linux: per-thread ``setpriority``; 0 disables), so the node's own threads win the CPU.
 
@@ -312,8 +316,11 @@ class HotBackupManager:
     """
 
     def __init__(self, store: Any, backup_dir: _Path, *,  # store: the lead types this as Kernel
-                 pages_per_step: int = 1024, step_pause: float = 0.0005, nice: int = 10) -> None:
-        pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
+                 pages_per_step: int | None = None, step_pause: float = 0.0005, nice: int = 10,
+                 sync_bytes: int = 1 << 20) -> None:
+        if pages_per_step is not None:
+            pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
+        self.sync_bytes = int_arg("sync_bytes", sync_bytes, 0, layout.MAX_SIZE)
         step_pause = float_arg("step_pause", step_pause, 0.0, 60.0)
         self.nice = int_arg("nice", nice, 0, 19)
         self.store = store
@@ -544,12 +551,21 @@ class HotBackupManager:
             row = src.execute("PRAGMA page_size").fetchone()
             assert row is not None, "PRAGMA page_size always returns one row"
             page_size = row[0]
+            step = self.pages_per_step or max(1, (self.sync_bytes or _DEFAULT_STEP_BYTES) // page_size)
             wfd = fsio.open(dest_path, os.O_RDONLY)
+            unsynced = 0
             try:
                 with dest.backup("main", src, "main") as b:
                     while not b.done:
-                        b.step(self.pages_per_step)
-                        _start_writeback(wfd)
+                        b.step(step)
+                        unsynced += step * page_size
+                        if self.sync_bytes and unsynced >= self.sync_bytes:
+                            # the copy reaches the disk in pieces of sync_bytes: a commit of the store
+                            # never finds more than that ahead of its own fdatasync (see sync_bytes)
+                            fsio.fdatasync(wfd)
+                            unsynced = 0
+                        else:
+                            _start_writeback(wfd)
                         if progress is not None:
                             progress(name, (b.pagecount - b.remaining) * page_size, b.pagecount * page_size)
                         if any(c is not None and c.is_set() for c in cancel):
@@ -649,6 +665,8 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+#: Bytes per backup step when neither ``pages_per_step`` nor ``sync_bytes`` says.
+_DEFAULT_STEP_BYTES = 1 << 20
 
 
 def _lower_priority(nice: int) -> None:
@@ -663,9 +681,8 @@ def _lower_priority(nice: int) -> None:
 
 
 def _start_writeback(fd: int) -> None:
-    """Start (not wait for) writeback of the copy's dirty pages (Linux ``sync_file_range(WRITE)``), so
-    that the copy reaches the disk as a steady trickle instead of one burst at the final fsync, which
-    would stall the store's own commits behind it. A no-op where unavailable."""
+    """Start (not wait for) writeback of the copy's dirty pages (Linux ``sync_file_range(WRITE)``; used
+    when ``sync_bytes`` is 0). A no-op where unavailable."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; errors only mean "not started"
 
@@ -753,9 +770,10 @@ def _retention_args(keep: int | None, max_age: float | None) -> tuple[int | None
 class _ManagerOptions(TypedDict, total=False):
     """The :class:`HotBackupManager` options a :class:`HotBackupScheduler` passes on."""
 
-    pages_per_step: int
+    pages_per_step: int | None
     step_pause: float
     nice: int
+    sync_bytes: int
 
 
 class HotBackupScheduler:

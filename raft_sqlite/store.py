@@ -161,6 +161,10 @@ class NodeStore:
                 raise CorruptionError(f"{self.data_dir}: a text column holds bytes that are not UTF-8 ({exc}); "
                                       "the database is damaged") from exc
             self._start_hwm()  # only once the store is known good
+            try:
+                k.start_checkpointer()
+            except apsw.Error as exc:
+                raise k.translate(exc, "open") from exc
         except BaseException as exc:
             if isinstance(exc, StorageFault):
                 self.kernel.fail(exc)  # close without SQLite's checkpoint-on-close (see _close_connections)
@@ -365,7 +369,8 @@ class NodeStore:
     def _open_current(self, path: str, db_name: str, check: Callable[[], None] | None = None) -> apsw.Connection:
         """An apsw connection on ``path`` with the schema at head (alembic runs only if it is not).
         ``check()`` runs once SQLite has opened the file, before a migration could write to it."""
-        conn = self.kernel.connect(path)
+        paced = db_name == layout.CHUNKS_DB  # written by background work only (snapshots): see pacedvfs
+        conn = self.kernel.connect(path, paced=paced)
         try:
             if check is not None:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # SQLite reads the WAL index
@@ -387,14 +392,14 @@ class NodeStore:
                                layout.CHUNKS_PAGE_SIZE if db_name == layout.CHUNKS_DB else None)
             except apsw.Error as exc:
                 raise self.kernel.translate(exc, f"creation of {db_name}") from exc
-            return self.kernel.connect(path)
+            return self.kernel.connect(path, paced=paced)
         migrate.upgrade(path, db_name)
         if db_name == layout.MAIN_DB:
             # pysqlite checkpointed everything and removed the WAL: the mark describes a WAL that is gone
             # (nothing is lost); the open re-anchors it once it succeeds
             with contextlib.suppress(FileNotFoundError):
                 fsio.unlink(path + "-hwm")
-        return self.kernel.connect(path)
+        return self.kernel.connect(path, paced=paced)
 
     def sync_dir(self) -> None:
         """fsync ``data_dir`` itself, so that names created, renamed or removed in it survive a power cut

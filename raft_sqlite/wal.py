@@ -128,7 +128,9 @@ def content_digest(rendered: bytes) -> int:
 class SegmentPolicy:
     """When the open segment of a group is sealed and a new one started."""
 
-    max_entries: int = 16384
+    #: 4096: a segment is the unit of compaction, and deleting one holds the appends queued behind that
+    #: commit (16,384 records of 100 B: ~21 ms, of which ~11 ms are the guard trigger's per-row check)
+    max_entries: int = 4096
     max_bytes: int = 64 << 20
     max_age: float = 3600.0
 

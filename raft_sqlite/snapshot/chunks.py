@@ -16,12 +16,12 @@ import apsw
 
 from .. import fsio, layout
 from ..errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
-from ..fsync import FsyncMode
+from ..fsync import CHUNKS_PRAGMAS, FsyncMode
 from ..kernel import Kernel
 from .manifest import SnapshotKind, SnapshotMeta, manifest_fields_crc
 
-#: Page cache of the chunk connections (KiB).
-CHUNKS_CACHE_KIB = 2048
+#: Page cache of the chunk connections (KiB; from :data:`~raft_sqlite.fsync.CHUNKS_PRAGMAS`).
+CHUNKS_CACHE_KIB = -int(CHUNKS_PRAGMAS["cache_size"])
 _SEQ_SPAN = layout.CHUNK_SEQ_SPAN
 _T = TypeVar("_T")
 
@@ -30,6 +30,11 @@ _COLS = ("snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk
 
 _STORES: weakref.WeakKeyDictionary[Kernel, SnapshotStore] = weakref.WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
+
+
+def _apply_chunk_pragmas(conn: apsw.Connection) -> None:
+    for k, v in CHUNKS_PRAGMAS.items():
+        conn.execute(f"PRAGMA {k}={v}").fetchall()
 
 
 class SnapshotStore:
@@ -49,10 +54,10 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._pins: Counter[int] = Counter()
         self._active: set[int] = set()
-        # chunk pages are written once and read once: a big page cache only costs memory (the
-        # writer holds up to two batches itself)
+        # a small page cache and frequent small checkpoints (why: CHUNKS_PRAGMAS); the writer holds up
+        # to two batches itself
         with contextlib.suppress(apsw.Error), kernel.chunks_lock:
-            kernel.chunks_conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")
+            _apply_chunk_pragmas(kernel.chunks_conn)
 
     @classmethod
     def of(cls, kernel: Kernel) -> SnapshotStore:
@@ -152,7 +157,7 @@ class SnapshotStore:
             st.check_open()
             try:
                 conn = st.connect(st.chunks_path, query_only=True)
-                conn.execute(f"PRAGMA cache_size=-{CHUNKS_CACHE_KIB}")  # chunks are read once
+                _apply_chunk_pragmas(conn)
             except apsw.Error as exc:
                 raise self._error_for(exc, "snapshot chunk read") from exc
             st.track(conn)  # closed with the store

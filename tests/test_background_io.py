@@ -1,0 +1,289 @@
+"""Background I/O isolation (issue 13): raft.db's background checkpointer, the paced VFS that syncs
+background writers in small pieces, the hot backup's sync pieces and the pauses of compaction. Speed is
+measured by ``benchmarks/background.py``; these tests check behaviour: what runs, what it syncs, that
+nothing acknowledged is lost, and that no background I/O happens after a fault or a close."""
+
+import os
+import threading
+import time
+from itertools import count
+
+import apsw
+import pytest
+
+from raft_sqlite import FsyncMode, HotBackupManager, LogEntry, fsio
+from raft_sqlite.checkpointer import Checkpointer
+from raft_sqlite.pacedvfs import PacedVFS, paced_vfs
+from raft_sqlite.wal import SegmentPolicy
+from tests.conftest import open_store
+from tests.support.faultvfs import FaultVFS, quiet_injected_faults
+
+_names = count()
+
+
+def _wait(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
+
+
+def _threads(prefix):
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+# ------------------------------------------------------------------------------ the checkpointer
+@pytest.mark.parametrize("mode", [FsyncMode.FULL, FsyncMode.NORMAL, FsyncMode.EXTRA])
+def test_checkpointer_copies_the_wal_off_the_commit_path_and_nothing_is_lost(tmp_path, mode):
+    d = tmp_path / "n"
+    s = open_store(d, fsync=mode)
+    try:
+        ck = s.kernel.checkpointer
+        assert ck is not None and _threads("raft_sqlite-checkpoint-n1")
+        lg = s.log("g")
+        blob = os.urandom(4096)
+        for i in range(1, 401):  # single appends: each commit adds ~2 WAL frames, 256 wake the thread
+            lg.append([LogEntry(i, 1, blob + i.to_bytes(4, "big"))])
+        assert _wait(lambda: ck.checkpoints >= 1), "the background checkpointer never ran"
+        # the WAL restarts after a complete checkpoint: it never grows much past SQLite's 1000 pages
+        assert os.path.getsize(str(d / "raft.db-wal")) < 1100 * 4200
+    finally:
+        s.close()
+    assert not _threads("raft_sqlite-checkpoint-n1"), "the thread outlived the store"
+    s = open_store(d, fsync=mode)
+    try:
+        got = s.log("g").entries(1, 401)
+        assert [e.index for e in got] == list(range(1, 401))
+        assert all(e.data == blob + e.index.to_bytes(4, "big") for e in got)
+    finally:
+        s.close()
+
+
+class _Host:
+    """A stand-in kernel for the checkpointer: one WAL database through a fault VFS."""
+
+    def __init__(self, path, vfs):
+        self.path, self.vfs = path, vfs
+        self.fault = None
+        self.closed = False
+        self.failed = []
+        self.hwm = self
+
+    def current(self):  # the -shm header as the checkpointer reads it: many frames waiting
+        return b"", 500, 0
+
+    def connect(self, path, *, query_only=False, paced=False):
+        return apsw.Connection(path, vfs=self.vfs.name)
+
+    def fail(self, exc):
+        self.failed.append(exc)
+        self.fault = exc
+
+
+def _wal_db(tmp_path, vfs):
+    path = str(tmp_path / "x.db")
+    c = apsw.Connection(path, vfs=vfs.name)
+    c.execute("PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x)").fetchall()
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO t VALUES (?)", [(os.urandom(1000),) for _ in range(300)])
+    c.execute("COMMIT")
+    return path, c
+
+
+def test_a_failed_background_checkpoint_fail_stops_the_store(tmp_path):
+    vfs = FaultVFS(f"ckpt{next(_names)}", root=str(tmp_path))
+    path, writer = _wal_db(tmp_path, vfs)
+    host = _Host(path, vfs)
+    ck = Checkpointer(host, pages=10)
+    ck.start()
+    try:
+        vfs.arm_error("write", sticky=True)
+        with quiet_injected_faults():
+            ck.on_commit(0.0, 1)
+            assert _wait(lambda: host.failed), "the checkpoint's I/O error did not fail-stop the host"
+        assert isinstance(host.failed[0], apsw.Error) and ck.checkpoints == 0
+        vfs.clear_faults()
+        writes = vfs.counters["writes"]
+        ck.on_commit(0.0, 1)  # fail-stopped: no further checkpoint, no I/O at all
+        time.sleep(0.05)
+        assert vfs.counters["writes"] == writes and ck.checkpoints == 0
+    finally:
+        ck.stop()
+        writer.close()
+
+
+def test_no_background_checkpoint_after_a_fault_or_once_stopped(tmp_path):
+    vfs = FaultVFS(f"ckpt{next(_names)}", root=str(tmp_path))
+    path, writer = _wal_db(tmp_path, vfs)
+    host = _Host(path, vfs)
+    ck = Checkpointer(host, pages=10)
+    ck.start()
+    try:
+        host.fault = OSError("an earlier fsync failed")
+        writes = vfs.counters["writes"]
+        ck.on_commit(0.0, 1)
+        time.sleep(0.05)
+        assert vfs.counters["writes"] == writes and ck.checkpoints == 0
+    finally:
+        ck.stop()
+    assert not ck._thread.is_alive()
+    host.fault = None
+    ck.on_commit(0.0, 1)  # stopped: a late commit notification does nothing
+    assert ck.checkpoints == 0
+    writer.close()
+
+
+def test_off_mode_keeps_sqlites_inline_checkpoints(store):
+    assert store.kernel.checkpointer is None  # OFF keeps no high-water mark, whose -shm mapping it reads
+
+
+def test_checkpointer_runs_when_enough_frames_wait(tmp_path):
+    vfs = FaultVFS(f"ckpt{next(_names)}", root=str(tmp_path))
+    path, writer = _wal_db(tmp_path, vfs)
+    host = _Host(path, vfs)
+    ck = Checkpointer(host, pages=10)
+    ck.start()
+    try:
+        ck.on_commit(0.0, 1)
+        assert _wait(lambda: ck.checkpoints == 1)
+        row = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert row[1] == row[2], "the background checkpoint left frames uncopied"
+    finally:
+        ck.stop()
+        writer.close()
+
+
+# ------------------------------------------------------------------------------ the paced VFS
+def test_paced_vfs_syncs_every_sync_bytes_even_when_sqlite_would_not(tmp_path):
+    vfs = FaultVFS(f"paced{next(_names)}", root=str(tmp_path))
+    name = paced_vfs(vfs.name, 64 << 10)
+    assert paced_vfs(vfs.name, 64 << 10) == name  # registered once
+    c = apsw.Connection(str(tmp_path / "p.db"), vfs=name)
+    c.execute("PRAGMA synchronous=OFF; PRAGMA journal_mode=WAL; CREATE TABLE t(x)").fetchall()
+    syncs = vfs.counters["syncs"]
+    c.execute("INSERT INTO t VALUES (?)", (os.urandom(1 << 20),))  # SQLite itself syncs nothing here
+    assert vfs.counters["syncs"] - syncs >= 15  # 1 MiB in pieces of 64 KiB
+    c.close()
+    plain = apsw.Connection(str(tmp_path / "q.db"), vfs=vfs.name)
+    plain.execute("PRAGMA synchronous=OFF; PRAGMA journal_mode=WAL; CREATE TABLE t(x)").fetchall()
+    syncs = vfs.counters["syncs"]
+    plain.execute("INSERT INTO t VALUES (?)", (os.urandom(1 << 20),))
+    assert vfs.counters["syncs"] == syncs  # the base VFS alone: no sync, so the pacing made them
+    plain.close()
+
+
+def test_paced_vfs_is_stacked_on_the_store_vfs_and_snapshots_survive_power_loss(tmp_path):
+    vfs = FaultVFS(f"pacedstore{next(_names)}", root=str(tmp_path))
+    d = tmp_path / "n"
+    s = open_store(d, fsync=FsyncMode.FULL, vfs=vfs.name)
+    lg = s.log("g")
+    lg.append([LogEntry(1, 1, b"x")])
+    s.metadata("g").set_commit_index(1)
+    m = s.snapshots("g")
+    data = os.urandom(3 << 20)
+    syncs = vfs.counters["syncs"]
+    with m.write(1, 1) as w:
+        w.write(data)
+    assert vfs.counters["syncs"] - syncs >= 6  # chunks.db went through the fault model, in pieces
+    image = tmp_path / "image"
+    vfs.write_crash_image(str(image), mode="lose")  # power cut right after the snapshot was acknowledged
+    s.kernel.fail(OSError("power cut"))
+    s.close()
+    s = open_store(image / "n", fsync=FsyncMode.FULL)
+    try:
+        meta = s.snapshots("g").latest()
+        assert meta is not None and meta.index == 1
+        with s.snapshots("g").open(meta) as r:
+            assert b"".join(r.chunks()) == data
+    finally:
+        s.close()
+
+
+def test_paced_vfs_class_names_its_base():
+    v = PacedVFS(f"paced-test-{next(_names)}", None, 4096)
+    assert v.base_name == "" and v.sync_bytes == 4096
+
+
+# ------------------------------------------------------------------------------ backup and compaction
+class _CountingFS(fsio.OsFileSystem):
+    def __init__(self):
+        self.fdatasyncs = 0
+
+    def fdatasync(self, fd):
+        self.fdatasyncs += 1
+        super().fdatasync(fd)
+
+
+def _filled(path, n=600, size=4000):
+    s = open_store(path, fsync=FsyncMode.FULL)
+    lg = s.log("g")
+    for i in range(1, n + 1, 100):
+        lg.append([LogEntry(j, 1, os.urandom(size)) for j in range(i, i + 100)])
+    return s
+
+
+def test_backup_copy_is_synced_in_pieces_of_sync_bytes(tmp_path):
+    s = _filled(tmp_path / "n")
+    try:
+        size = os.path.getsize(s.path)
+        counting = _CountingFS()
+        with fsio.installed(counting):
+            info = HotBackupManager(s, tmp_path / "bk", sync_bytes=256 << 10, step_pause=0).backup()
+        assert counting.fdatasyncs >= size // (256 << 10) - 1
+        counting = _CountingFS()
+        with fsio.installed(counting):
+            HotBackupManager(s, tmp_path / "bk2", sync_bytes=0, step_pause=0).backup()
+        assert counting.fdatasyncs < size // (256 << 10) // 2  # 0: no pieces (the end's syncs only)
+    finally:
+        s.close()
+    from raft_sqlite import verify_backup
+    assert verify_backup(info.path)["node_id"] == "n1"
+
+
+@pytest.mark.parametrize("kw, exc", [({"sync_bytes": -1}, ValueError), ({"sync_bytes": "1"}, TypeError),
+                                     ({"sync_bytes": 1.5}, TypeError), ({"pages_per_step": 0}, ValueError)])
+def test_backup_sync_bytes_is_checked(tmp_path, store, kw, exc):
+    with pytest.raises(exc):
+        HotBackupManager(store, tmp_path / "bk", **kw)
+    assert not (tmp_path / "bk").exists()
+
+
+def test_compaction_pauses_between_segments_and_removes_them_all(tmp_path, monkeypatch):
+    import raft_sqlite.kernel as kernel_mod
+
+    s = open_store(tmp_path / "n", segment_policy=SegmentPolicy(max_entries=100))
+    try:
+        lg = s.log("g")
+        lg.append([LogEntry(i, 1, b"p" * 50) for i in range(1, 1001)])
+        s.metadata("g").set_commit_index(1000)
+        with s.snapshots("g").write(900, 1) as w:
+            w.write(b"state")
+        pauses = []
+        real_sleep = time.sleep
+
+        class _Time:  # the kernel's view of the time module: sleeps are recorded
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            @staticmethod
+            def sleep(t):
+                pauses.append(t)
+                real_sleep(t)
+
+        monkeypatch.setattr(kernel_mod, "time", _Time())
+        lg.compact(900)
+        assert lg.first_index == 901
+        left = s.kernel.read(lambda c: c.execute("SELECT min(idx), count(*) FROM log_entries").fetchone())
+        assert left == (901, 100)
+        # nine segments removed (1..900), one commit each: no pause before the first, one after each
+        # of the others' predecessors, each as long as the commit before it, capped
+        assert len(pauses) == 9 and pauses[0] == 0.0
+        assert all(0 < p <= kernel_mod.COMPACTION_PAUSE_MAX for p in pauses[1:])
+    finally:
+        s.close()
+
+
+def test_default_segment_policy_keeps_compaction_commits_small():
+    assert SegmentPolicy().max_entries == 4096
