@@ -92,13 +92,12 @@ VFS_NAME = "rsq-bench-timing"
 
 
 # ---------------------------------------------------------------------------------------- evidence
-def wait_backfilled(s, deadline):
-    """Wait until every frame of raft.db's WAL is in raft.db (or a new WAL generation began), as read
-    from the -shm index: the store's own checkpointing (inline or background) has caught up."""
-    salts0 = None
+def wait_backfilled(s, salts0, deadline):
+    """Wait until every frame of raft.db's WAL generation ``salts0`` is in raft.db (or a new WAL
+    generation began, which SQLite starts only after a complete checkpoint), as read from the -shm index:
+    the store's own checkpointing (inline or background) has caught up."""
     while time.perf_counter() < deadline:
         salts, mx, backfilled = s.kernel.hwm.current()
-        salts0 = salts0 or salts
         if backfilled >= mx or salts != salts0:
             return
         time.sleep(0.001)
@@ -354,10 +353,15 @@ class Bench:
                 wal_before = os.path.getsize(s.path + "-wal")
 
                 def work():
+                    salts0 = s.kernel.hwm.current()[0]
                     t0 = time.perf_counter()
                     reader.execute("COMMIT")
                     if self.checkpoint_by == "store":  # the store's own checkpointing, appends going on
-                        wait_backfilled(s, t0 + 30)
+                        # one commit of another group: what starts the store's checkpointing when the
+                        # foreground is not the store (the raw fdatasync probe row)
+                        ap = s.log("app")
+                        ap.append([LogEntry(ap.last_index + 1, 1, b"go")])
+                        wait_backfilled(s, salts0, t0 + 30)
                     elif self.checkpoint_api:
                         s.checkpoint()
                     else:

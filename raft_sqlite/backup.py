@@ -556,7 +556,9 @@ class HotBackupManager:
             unsynced = 0
             try:
                 with dest.backup("main", src, "main") as b:
+                    governor = self.store.kernel.governor
                     while not b.done:
+                        governor.pace()  # the log's commits first (see raft_sqlite.governor)
                         b.step(step)
                         unsynced += step * page_size
                         if self.sync_bytes and unsynced >= self.sync_bytes:

@@ -37,6 +37,7 @@ from .commit import CommitListener, CommitPipeline, IntervalSyncer, R, StoreStat
 from .entry import LogEntry
 from .errors import CorruptionError, RaftSqliteError, StorageFault
 from .fsync import FsyncMode, pragmas_for
+from .governor import IoGovernor
 from .groupstate import GroupState, GroupTable
 from .pacedvfs import paced_vfs
 from .sqlitewal import HighWaterMark
@@ -85,6 +86,9 @@ class Kernel:
         self._record_listeners: list[RecordListener] = []
         #: raft.db's background checkpointer (None until :meth:`start_checkpointer`, and once closing)
         self.checkpointer: Checkpointer | None = None
+        #: paces background I/O (snapshots, backups, checkpoints) by the log's commit latency
+        self.governor = IoGovernor()
+        self.pipeline.add_listener(self.governor)
 
     # ------------------------------------------------------------------ paths and state
     @property
@@ -175,6 +179,8 @@ class Kernel:
             return
         ckpt = Checkpointer(self, pages=pages, name=f"raft_sqlite-checkpoint-{self.node_id}")
         ckpt.start()
+        # from now on only the checkpointer checkpoints (and the write connection's close, as before)
+        self.conn.execute("PRAGMA wal_autocheckpoint=0").fetchall()
         self.checkpointer = ckpt
         self.pipeline.add_listener(ckpt)
 

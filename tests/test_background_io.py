@@ -12,7 +12,9 @@ import apsw
 import pytest
 
 from raft_sqlite import FsyncMode, HotBackupManager, LogEntry, fsio
+from raft_sqlite import governor as governor_mod
 from raft_sqlite.checkpointer import Checkpointer
+from raft_sqlite.governor import IoGovernor
 from raft_sqlite.pacedvfs import PacedVFS, paced_vfs
 from raft_sqlite.wal import SegmentPolicy
 from tests.conftest import open_store
@@ -47,16 +49,51 @@ def test_checkpointer_copies_the_wal_off_the_commit_path_and_nothing_is_lost(tmp
         for i in range(1, 401):  # single appends: each commit adds ~2 WAL frames, 256 wake the thread
             lg.append([LogEntry(i, 1, blob + i.to_bytes(4, "big"))])
         assert _wait(lambda: ck.checkpoints >= 1), "the background checkpointer never ran"
-        # the WAL restarts after a complete checkpoint: it never grows much past SQLite's 1000 pages
-        assert os.path.getsize(str(d / "raft.db-wal")) < 1100 * 4200
+        assert _wait(lambda: ck.restarts >= 1), "the WAL was never restarted"
+        assert s.kernel.conn.execute("PRAGMA wal_autocheckpoint").fetchall() == [(0,)]  # commits never copy
+        for i in range(401, 411):
+            lg.append([LogEntry(i, 1, blob + i.to_bytes(4, "big"))])
+        assert s.kernel.hwm.current()[1] < 1000  # the WAL restarted from its beginning (not grown on)
     finally:
         s.close()
     assert not _threads("raft_sqlite-checkpoint-n1"), "the thread outlived the store"
     s = open_store(d, fsync=mode)
     try:
-        got = s.log("g").entries(1, 401)
-        assert [e.index for e in got] == list(range(1, 401))
+        got = s.log("g").entries(1, 411)
+        assert [e.index for e in got] == list(range(1, 411))
         assert all(e.data == blob + e.index.to_bytes(4, "big") for e in got)
+    finally:
+        s.close()
+
+
+def test_a_wal_grown_behind_a_reader_is_copied_in_the_background(tmp_path):
+    d = tmp_path / "n"
+    s = open_store(d, fsync=FsyncMode.FULL)
+    try:
+        lg, bulk = s.log("g"), s.log("bulk")
+        lg.append([LogEntry(1, 1, b"x")])
+        reader = apsw.Connection(s.path)  # a long read (a hot backup's copy holds one like it)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM node").fetchall()
+        blob = os.urandom(4096)
+        for i in range(1, 2049, 128):
+            bulk.append([LogEntry(i + j, 1, blob) for j in range(128)])
+        ck = s.kernel.checkpointer
+        assert s.kernel.hwm.current()[1] > 2000  # the WAL grew: nothing could be copied past the reader
+        restarts = ck.restarts
+        reader.execute("COMMIT")
+        reader.close()
+        lg.append([LogEntry(2, 1, b"y")])  # the commit after: wakes the thread, does not copy
+        assert _wait(lambda: ck.restarts > restarts), "the grown WAL was never checkpointed"
+        for i in range(3, 50):
+            lg.append([LogEntry(i, 1, b"z")])
+        assert s.kernel.hwm.current()[1] < 1000  # restarted from its beginning
+    finally:
+        s.close()
+    s = open_store(d, fsync=FsyncMode.FULL)
+    try:
+        assert s.log("g").last_index == 49 and s.log("bulk").last_index == 2048
+        assert len(s.log("bulk").entries(1, 2049)) == 2048
     finally:
         s.close()
 
@@ -70,6 +107,7 @@ class _Host:
         self.closed = False
         self.failed = []
         self.hwm = self
+        self.governor = IoGovernor(enabled=False)
 
     def current(self):  # the -shm header as the checkpointer reads it: many frames waiting
         return b"", 500, 0
@@ -287,3 +325,76 @@ def test_compaction_pauses_between_segments_and_removes_them_all(tmp_path, monke
 
 def test_default_segment_policy_keeps_compaction_commits_small():
     assert SegmentPolicy().max_entries == 4096
+
+
+# ------------------------------------------------------------------------------ the governor
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+        self.slept = []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, t):
+        self.slept.append(t)
+        self.now += t
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = _Clock()
+    monkeypatch.setattr(governor_mod, "time", c)
+    return c
+
+
+def test_governor_full_speed_while_the_log_is_quiet_or_fast(clock):
+    g = IoGovernor()
+    assert g.pace() == 0.0  # no commit yet
+    for _ in range(20):
+        g.on_commit(0.0002, 1)
+        clock.now += 0.001
+        assert g.pace() == 0.0  # commits at their baseline
+    g.on_commit(0.010, 1)  # one slow commit, then the log goes quiet
+    clock.now += 1.0
+    assert not g.slow() and g.pace() == 0.0
+    assert clock.slept == [] and g.pauses == 0
+
+
+def test_governor_backs_off_while_commits_are_slow_then_recovers(clock):
+    g = IoGovernor()
+    for _ in range(10):
+        g.on_commit(0.0002, 1)
+        clock.now += 0.0005
+    pauses = []
+    for _ in range(10):  # background work makes every commit 5x slower
+        g.on_commit(0.001, 1)
+        clock.now += 0.0005
+        pauses.append(g.pace())
+    assert pauses[0] == governor_mod.MIN_PAUSE
+    assert all(b == min(2 * a, governor_mod.MAX_PAUSE) for a, b in zip(pauses, pauses[1:]))
+    assert max(pauses) == governor_mod.MAX_PAUSE
+    after = []
+    for _ in range(12):  # the commits are fast again: the pause halves down to none
+        for _ in range(5):
+            g.on_commit(0.0002, 1)
+        clock.now += 0.0005
+        after.append(g.pace())
+    assert after[-1] == 0.0 and after[0] < governor_mod.MAX_PAUSE
+    assert g.pauses == sum(1 for p in pauses + after if p) and g.paused_seconds == pytest.approx(sum(pauses + after))
+
+
+def test_governor_disabled_never_pauses(clock):
+    g = IoGovernor(enabled=False)
+    g.on_commit(0.0001, 1)
+    for _ in range(5):
+        g.on_commit(0.01, 1)
+    assert g.slow() and g.pace() == 0.0 and clock.slept == []
+
+
+def test_every_store_has_a_governor_listening_to_its_commits(store):
+    g = store.kernel.governor
+    before = g.commits
+    store.log("g").append([LogEntry(1, 1, b"x")])
+    store.log("g").append([LogEntry(2, 1, b"y")])
+    assert g.commits >= before + 2

@@ -271,6 +271,7 @@ class SnapshotWriter:
         n, self._pending = self._pending, 0
         if not rows:
             return
+        self._kernel.governor.pace()  # the log's commits first (see raft_sqlite.governor)
         rate = self._m.max_write_rate
         if rate:
             wait = self._next_at - time.monotonic()
