@@ -327,7 +327,11 @@ def recover_snapshots(store: OpeningStore, conn: apsw.Connection,
                                    (sid * layout.CHUNK_SEQ_SPAN, (sid + 1) * layout.CHUNK_SEQ_SPAN))
                 chunks.execute("COMMIT")
             except BaseException:
-                chunks.execute("ROLLBACK")
+                # a failed COMMIT may have rolled back already (SQLITE_FULL does): a ROLLBACK then raises
+                # "no transaction is active" and hides the error that matters (a full disk: the open
+                # releases the disk reserve and retries only when it sees that one)
+                if not chunks.getautocommit():
+                    chunks.execute("ROLLBACK")
                 raise
             log.info("%s: removed chunks of %d orphan snapshot(s): %s", store.kernel.chunks_path, len(stray), stray)
     return bad

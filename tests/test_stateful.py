@@ -731,7 +731,7 @@ def test_stateful_against_model():
 
 
 def test_stateful_crash():
-    stats = _run(CrashMachine, 16, 25, derandomize=True)
+    stats = _run(CrashMachine, 24, 25, derandomize=True)
     assert stats["checks"] >= 250
     for name in ["crash", "crash:cut_in_op", "crash:cut_after_acks", "crash:inflight_lost", "crash:inflight_durable",
                  "crash:image:lose", "crash:image:subset", "crash:image:subset:mark", "snapshot", "compact",
