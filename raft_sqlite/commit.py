@@ -184,6 +184,10 @@ class CommitPipeline:
         self._commit_ema = 0.0  # exponential moving average of commit seconds
         self._queue: collections.deque[Request] = collections.deque()
         self._tx = threading.local()
+        #: group-commit wait: a held lock the leader blocks on until ``_want`` requests are queued (or a
+        #: timeout); released by the writer whose request reaches that number
+        self._waiter: Any = None
+        self._want = 0
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call ``listener.on_commit(seconds, requests)`` after every successful commit."""
@@ -271,10 +275,11 @@ class CommitPipeline:
 
     def run(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
         """Run one write op (validate with ``check(g)``, then ``write(conn, g, check_result)``)."""
-        tx = self._current_tx()
+        tx: Tx | None = getattr(self._tx, "tx", None)
         if tx is not None:
             return tx.add(name, check, write)
-        self.check_open()
+        if self.closed or self.fault is not None:
+            self.check_open()
         req = Request([(name, check, write)])
         self.submit(req)
         assert req.result is not None  # a request that did not raise has its results
@@ -292,6 +297,10 @@ class CommitPipeline:
                 req.wake = _allocate_lock()
                 req.wake.acquire()
             q.append(req)
+            w = self._waiter
+            if w is not None and len(q) >= self._want:
+                self._waiter = None
+                w.release()
         interrupt = None
         if not lead:
             while True:  # released when our request is done, or when we are the new front
@@ -313,11 +322,21 @@ class CommitPipeline:
             target = self._last_batch
             if len(q) < target:
                 # Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings): the previous batch had
-                # more writers than are queued now, and they are most likely just being woken; yield the
-                # GIL for at most a fraction of one commit's time so that they join this commit.
-                deadline = time.perf_counter() + min(0.25 * self._commit_ema, 0.0004)
-                while len(q) < target and time.perf_counter() < deadline:
-                    time.sleep(0)
+                # more writers than are queued now, and they are most likely just being woken; block (the
+                # GIL released, nothing spinning) for at most a fraction of one commit's time so that they
+                # join this commit. The writer whose request makes ``target`` releases the leader at once.
+                with self._mu:
+                    w = None
+                    if len(q) < target:
+                        w = self._waiter = _allocate_lock()
+                        w.acquire()
+                        self._want = target
+                if w is not None:
+                    try:
+                        w.acquire(True, min(0.25 * self._commit_ema, 0.0004))
+                    finally:
+                        with self._mu:
+                            self._waiter = None
             with self._mu:
                 batch = list(q)
             self._last_batch = len(batch)
