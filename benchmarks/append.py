@@ -13,7 +13,9 @@ row order rotating per round; each row's loop is preceded by one untimed call on
 figure is the median over the rounds, every ratio a ratio of medians of this run. The concurrency rows'
 "vs 1 writer" divides their median rate by the median rate of the single-writer batch-1 row of the same
 mode; "mean batch" is entries per commit (the store's stats: requests / commits; in FULL and EXTRA each
-commit is one WAL fsync).
+commit is one WAL fsync, so 1 / mean batch is the WAL fsyncs per entry); "CPU us/entry" is the process's CPU
+time (user + system, every thread) per entry, whose inverse is the rate at which the CPU alone would be the
+limit (the Python of the writers is serialised by the GIL).
 
 Targets (not asserted): FULL single-entry p50 <= 1.3x the physical limit's; FULL batch-1024 >= 0.5x bare
 apsw's rate; 8 concurrent writers (FULL, 1 group) >= 4x one writer.
@@ -181,17 +183,22 @@ def bench_concurrent(d, mode, groups, seconds, payload, threads=8):
         for th in ths:
             th.start()
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         stop[0] = t0 + seconds
         barrier.wait()
         for th in ths:
             th.join()
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         commits, requests, maxb = s.stats.commits - c0, s.stats.requests - q0, s.stats.max_batch
     shutil.rmtree(path)
     lat = [x for xs in lats for x in xs]
     # each request is one single-entry append, so requests / commits = entries per commit
+    # cpu_us: the process's CPU time (user + system, all threads) per entry: the writers' Python, SQLite and the
+    # hand-offs between threads; at 1 / cpu_us entries/s the two cores would be busy with nothing else
     return {"rate": sum(counts) / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99), "n": len(lat),
-            "mean_batch": requests / commits if commits else float("nan"), "max_batch": maxb}
+            "mean_batch": requests / commits if commits else float("nan"), "max_batch": maxb,
+            "cpu_us": cpu / len(lat) * 1e6 if lat else float("nan")}
 
 
 PHYS = "baseline: 4 KiB overwrite + fdatasync (the physical limit)"
@@ -266,9 +273,9 @@ def tables(res, a, modes):
             tgt = target(q >= 4, ">= 4x") if (m is FsyncMode.FULL and g == 1) else ""
             crow.append([f"{m.value}, {g} group{'s' if g > 1 else ''}" + (" (`append_next`)" if g == 1 else ""),
                          f"{r.med('rate'):,.0f}", us(r.med("p50")), us(r.med("p99")), f"{q:.1f}x", tgt,
-                         f"{r.med('mean_batch'):.1f}", f"{max(r.values('max_batch'))}"])
+                         f"{r.med('mean_batch'):.1f}", f"{max(r.values('max_batch'))}", f"{r.med('cpu_us'):.0f}"])
     t2 = md_table(["8 concurrent single-entry writers", "entries/s", "p50 us", "p99 us", "vs 1 writer (same mode)",
-                   "target", "mean batch (entries/commit)", "max batch"], crow)
+                   "target", "mean batch (entries/commit)", "max batch", "CPU us/entry (all threads)"], crow)
     return t1, t2
 
 

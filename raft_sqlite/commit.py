@@ -112,7 +112,7 @@ class _BatchFailed(_Carrier):
 class Request:
     """One write request: its ops, and (once ``done``) its ``result`` (one value per op) or ``error``."""
 
-    __slots__ = ("ops", "done", "result", "error", "wake")
+    __slots__ = ("ops", "done", "result", "error", "wake", "chain")
 
     def __init__(self, ops: list[Op]) -> None:
         self.ops = ops  # list of (group name, check, write)
@@ -120,6 +120,7 @@ class Request:
         self.result: list[Any] | None = None
         self.error: BaseException | None = None
         self.wake: Any = None  # a held lock, created only if the request has to wait behind a leader
+        self.chain: Request | None = None  # the next follower of the same batch, woken by this one
 
 
 @dataclass
@@ -184,6 +185,10 @@ class CommitPipeline:
         self._commit_ema = 0.0  # exponential moving average of commit seconds
         self._queue: collections.deque[Request] = collections.deque()
         self._tx = threading.local()
+        #: group-commit wait: a held lock the leader blocks on until ``_want`` requests are queued (or a
+        #: timeout); released by the writer whose request reaches that number
+        self._waiter: Any = None
+        self._want = 0
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call ``listener.on_commit(seconds, requests)`` after every successful commit."""
@@ -271,10 +276,11 @@ class CommitPipeline:
 
     def run(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
         """Run one write op (validate with ``check(g)``, then ``write(conn, g, check_result)``)."""
-        tx = self._current_tx()
+        tx: Tx | None = getattr(self._tx, "tx", None)
         if tx is not None:
             return tx.add(name, check, write)
-        self.check_open()
+        if self.closed or self.fault is not None:
+            self.check_open()
         req = Request([(name, check, write)])
         self.submit(req)
         assert req.result is not None  # a request that did not raise has its results
@@ -284,7 +290,8 @@ class CommitPipeline:
     def submit(self, req: Request) -> None:
         """Group commit (a writer queue, as in LevelDB): the writer at the front of the queue leads; it
         takes every request queued at that moment, applies them in one transaction, commits once (one
-        fsync), then wakes each follower individually and hands leadership to the new front."""
+        fsync), then wakes its followers (in a chain: each woken follower wakes the next) and hands
+        leadership to the new front."""
         q = self._queue
         with self._mu:
             lead = not q
@@ -292,6 +299,10 @@ class CommitPipeline:
                 req.wake = _allocate_lock()
                 req.wake.acquire()
             q.append(req)
+            w = self._waiter
+            if w is not None and len(q) >= self._want:
+                self._waiter = None
+                w.release()
         interrupt = None
         if not lead:
             while True:  # released when our request is done, or when we are the new front
@@ -302,6 +313,9 @@ class CommitPipeline:
                     # An interrupt must not abandon a queued request: the leader would hand the front to
                     # it and every later writer would wait forever. Finish the protocol, then re-raise.
                     interrupt = interrupt or exc
+            follower = req.chain
+            if follower is not None:  # first thing once woken: pass the wake-up on along the batch
+                follower.wake.release()
             if req.done:
                 if interrupt is not None:
                     raise interrupt
@@ -310,14 +324,8 @@ class CommitPipeline:
                 return
         batch = None
         try:
-            target = self._last_batch
-            if len(q) < target:
-                # Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings): the previous batch had
-                # more writers than are queued now, and they are most likely just being woken; yield the
-                # GIL for at most a fraction of one commit's time so that they join this commit.
-                deadline = time.perf_counter() + min(0.25 * self._commit_ema, 0.0004)
-                while len(q) < target and time.perf_counter() < deadline:
-                    time.sleep(0)
+            if len(q) < self._last_batch:
+                self._wait_for_writers(self._last_batch)
             with self._mu:
                 batch = list(q)
             self._last_batch = len(batch)
@@ -333,19 +341,44 @@ class CommitPipeline:
                     for _ in batch:
                         q.popleft()
                 nxt = q[0] if q else None
-            for r in batch:
+            # Every request of the batch is answered, then its followers are woken in a chain: the leader
+            # wakes the first, each woken follower the next one. Waking them all at once made the whole
+            # batch queue up on the GIL (two context switches per follower instead of one: ~0.6 fewer
+            # voluntary switches and 7-10 us less CPU per entry with 8 writers, measured).
+            prev: Request | None = None
+            for r in reversed(batch):
                 if r.result is None and r.error is None and not r.done:
                     r.error = RaftSqliteError("the committing thread was interrupted before this write ran; "
                                               "nothing of it was written")
                 if r is not req:
                     r.done = True
-                    r.wake.release()
+                    r.chain = prev
+                    prev = r
+            if prev is not None:
+                prev.wake.release()
             if nxt is not None:
                 nxt.wake.release()
         if interrupt is not None:
             raise interrupt
         if req.error is not None:
             raise req.error
+
+    def _wait_for_writers(self, target: int) -> None:
+        """Group-commit wait (cf. PostgreSQL's commit_delay/commit_siblings), by the leader before it takes its
+        batch: the previous batch had ``target`` writers, more than are queued now, and they are most likely
+        just being woken; block (the GIL released, nothing spinning) for at most a fraction of one commit's
+        time so that they join this commit. The writer whose request makes ``target`` releases it at once."""
+        with self._mu:
+            if len(self._queue) >= target:
+                return
+            w = self._waiter = _allocate_lock()
+            w.acquire()
+            self._want = target
+        try:
+            w.acquire(True, min(0.25 * self._commit_ema, 0.0004))
+        finally:
+            with self._mu:
+                self._waiter = None
 
     def _execute(self, batch: list[Request]) -> None:
         """Leader: apply every request of ``batch`` in one transaction, commit (one fsync), publish.

@@ -176,7 +176,12 @@ class PersistentRaftLog:
         propose at once without coordinating indexes, and their entries still share one commit and one
         fsync. Same durability and errors as :meth:`append` (a term below the last entry's term raises
         :class:`LogConflictError`)."""
-        proto = validate_entries([LogEntry(1 + i, term, p, kind) for i, p in enumerate(payloads)])
+        if (type(payloads) is list or type(payloads) is tuple) and len(payloads) == 1 \
+                and type(payloads[0]) is bytes and type(term) is int and 0 <= term <= _MAX_TERM \
+                and type(kind) is EntryKind:
+            proto = [LogEntry(1, term, payloads[0], kind)]  # the common single entry: nothing to normalise
+        else:
+            proto = validate_entries([LogEntry(1 + i, term, p, kind) for i, p in enumerate(payloads)])
         if not proto:
             return self._kernel.pending_group(self.group).last_index
         term = proto[0].term

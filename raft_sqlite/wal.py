@@ -50,6 +50,8 @@ def INT(col: str) -> str:
     guard turns such damage into a value that fails its CRC check instead of a UnicodeDecodeError."""
     return f"CASE typeof({col}) WHEN 'integer' THEN {col} END"
 
+_PACK_HEADER = RECORD_HEADER.pack
+_PACK_SIDECAR = _SIDECAR_ITEM.pack
 _DATA = operator.itemgetter(2)
 SPAN = layout.KEY_SPAN
 #: A sealed segment's *content digest* (``log_segments.content_crc``) is the CRC32 of its records in
@@ -254,8 +256,11 @@ class WalWriter:
         base = group_id * SPAN
         sid = seg.segment_id
         if len(entries) == 1:
+            # the one-entry path, the most frequent: record_crc, chain_crc and content_crc inlined (the entry
+            # is validated, so none of record_crc's type errors can happen here)
             i, t, d, k = entries[0]
-            crc = record_crc(group_id, i, t, k, d)
+            crc32 = zlib.crc32
+            crc = crc32(d, crc32(_PACK_HEADER(group_id, i, t, k)))
             row = (base + i, group_id, i, t, k, d, crc, sid)
             if defer:
                 self.pending.append(row)
@@ -263,8 +268,8 @@ class WalWriter:
                 conn.execute(self.INSERT, row)
             seg.count += 1
             seg.nbytes += nbytes
-            seg.checksum = chain_crc(seg.checksum, crc)
-            seg.content = content_crc(seg.content, t, k, d)
+            seg.checksum = crc32(_PACK_SIDECAR(crc), seg.checksum)
+            seg.content = crc32(d, crc32(_CONTENT_PREFIX((t, k)), seg.content))
             return seg
         # a batch: build the rows with map/zip (C-level loops), not a Python loop per entry
         idxs, terms, datas, kinds = zip(*entries)

@@ -73,6 +73,48 @@ def test_writers_queued_behind_a_leader_share_one_commit(pipeline):
     assert p.queued == 0
 
 
+
+def test_a_lone_writer_after_a_big_batch_still_commits(pipeline):
+    """After a batch of six, the next leader waits (blocked, for a fraction of a commit's time) for as many
+    writers to queue; when none come it commits alone, and so does every later lone writer."""
+    test_writers_queued_behind_a_leader_share_one_commit(pipeline)
+    p = pipeline
+    for k in range(10, 15):
+        assert p.raw(lambda conn, k=k: (insert(k, "lone")(conn), k)[1]) == k
+    assert p.stats.commits == 2 + 5 and p.queued == 0
+    assert [k for k, v in rows(p) if v == "lone"] == list(range(10, 15))
+
+
+def test_many_writers_each_with_its_own_answer(pipeline):
+    """32 threads x 20 writes, every fifth one refused (a duplicate key): each write gets its own answer,
+    refused ones write nothing, and the queue drains."""
+    p = pipeline
+    out, errors = {}, []
+
+    def writer(t):
+        for j in range(20):
+            k = t * 100 + j
+            try:
+                if j % 5 == 4:
+                    p.raw(insert(k - 1, "dup"))  # k - 1 was written just before by this thread
+                    out[k] = "unexpected success"
+                else:
+                    out[k] = p.raw(lambda conn, k=k: (insert(k, str(k))(conn), k)[1])
+            except RaftSqliteError:
+                out[k] = "refused"
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and p.fault is None and p.queued == 0
+    assert all(out[k] == ("refused" if k % 100 % 5 == 4 else k) for k in out) and len(out) == 32 * 20
+    assert rows(p) == sorted((k, str(k)) for k in out if out[k] == k)
+    assert p.stats.requests == 32 * 20
+
 def test_a_refused_request_fails_alone_in_its_batch(pipeline):
     p = pipeline
     p.raw(insert(1, "first"))

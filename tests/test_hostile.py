@@ -586,6 +586,69 @@ def test_follower_interrupted_while_waiting_does_not_stall_the_queue(data_dir, m
         assert s.log("a").last_index == 3 and s.log("b").last_index == 2
 
 
+
+def test_followers_are_woken_in_a_chain_even_past_an_interrupted_one(data_dir, monkeypatch):
+    """The leader wakes the first follower of its batch, each woken follower the next. A follower in the
+    middle of the chain whose wait is interrupted still passes the wake-up on: every follower returns, each
+    with its own answer, and the interrupted one re-raises the interrupt after its write committed."""
+    import raft_sqlite.commit as store_mod
+
+    real = store_mod._allocate_lock
+
+    class InterruptOnce:
+        def __init__(self):
+            self.lock, self.calls = real(), 0
+
+        def acquire(self, *a, **kw):
+            self.calls += 1
+            if self.calls == 2:  # the follower's blocking wait (the first acquire is made under the mutex)
+                raise KeyboardInterrupt
+            return self.lock.acquire(*a, **kw)
+
+        def release(self):
+            self.lock.release()
+
+    with open_store(data_dir) as s:
+        for n in ("lead", "f0", "f1", "f2", "f3", "f4"):
+            s.log(n)
+        in_leader, release = threading.Event(), threading.Event()
+
+        def slow_check(g):
+            in_leader.set()
+            release.wait(10)
+
+        results = {}
+
+        def run(name, fn):
+            try:
+                results[name] = fn()
+            except BaseException as exc:  # noqa: BLE001
+                results[name] = exc
+
+        lt = threading.Thread(target=run, args=("lead", lambda: s.kernel.run("lead", slow_check, lambda c, g, r: None)))
+        lt.start()
+        in_leader.wait(10)
+        threads = []
+        for k in range(5):  # queued one at a time: f0..f4 in this order, f2 gets the interrupted wait
+            monkeypatch.setattr(store_mod, "_allocate_lock", InterruptOnce if k == 2 else real)
+            name = f"f{k}"
+            threads.append(threading.Thread(target=run, args=(name, lambda name=name: s.log(name).append(
+                _entries(1, 2)))))
+            threads[-1].start()
+            while s.kernel.pipeline.queued < k + 2:
+                threading.Event().wait(0.001)
+        monkeypatch.setattr(store_mod, "_allocate_lock", real)
+        release.set()
+        for t in [lt, *threads]:
+            t.join(10)
+            assert not t.is_alive(), "a follower was never woken"
+        assert isinstance(results.pop("f2"), KeyboardInterrupt)
+        assert results == {"lead": None, "f0": 2, "f1": 2, "f3": 2, "f4": 2}
+        assert s.kernel.pipeline.queued == 0 and s.fault is None
+        assert s.stats.max_batch == 5  # f0..f4 shared the commit after the leader's
+    with _reopened(data_dir) as s:
+        assert all(s.log(f"f{k}").last_index == 2 for k in range(5))
+
 def test_interrupt_just_after_a_lone_autocommit_insert_fail_stops(data_dir):
     """A lone single-row append is one autocommit statement: an interrupt arriving just after it
     returned finds the row committed. The outcome is unknown to the store, so it must fail-stop (not

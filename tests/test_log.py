@@ -133,6 +133,27 @@ def test_append_next_assigns_indexes(data_dir):
             (1, 1, b"a"), (2, 1, b"b"), (3, 2, b"c")]
 
 
+
+def test_append_next_one_entry_fast_path_and_normalising_path_agree(data_dir):
+    """A single bytes payload with an int term and an EntryKind takes the short path; anything else goes
+    through validate_entries (normalised or refused) exactly as before."""
+    with open_store(data_dir) as s:
+        lg = s.log("g")
+        assert lg.append_next(1, [b"a"]) == 1  # list: short path
+        assert lg.append_next(1, (b"b",)) == 2  # tuple: short path
+        assert lg.append_next(1, [bytearray(b"c")], 1) == 3  # normalised: bytes data, EntryKind kind
+        assert lg.append_next(2, [memoryview(b"d")], EntryKind.NOOP) == 4
+        for bad, exc in (((True, [b"x"]), TypeError), ((-1, [b"x"]), ValueError), ((2, [b"x"], 9), ValueError),
+                         ((2, b"x"), TypeError), ((2, ["x"]), TypeError), ((2.0, [b"x"]), TypeError),
+                         ((1, [b"x"]), LogConflictError)):
+            with pytest.raises(exc):
+                lg.append_next(*bad)
+        assert lg.last_index == 4
+    with reopen(data_dir) as s:
+        got = s.log("g").entries(1, 5)
+        assert got == [E(1, 1, b"a"), E(2, 1, b"b"), E(3, 1, b"c", EntryKind.CONFIG), E(4, 2, b"d", EntryKind.NOOP)]
+        assert all(type(e.data) is bytes and type(e.kind) is EntryKind for e in got)
+
 def test_groups_are_independent(data_dir):
     with open_store(data_dir) as s:
         s.log("a").append([E(1, 1, b"a1")])

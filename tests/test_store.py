@@ -10,6 +10,7 @@ import pytest
 from raft_sqlite import (
     FSYNC_MODES,
     FsyncMode,
+    LogConflictError,
     LogEntry,
     MetadataError,
     NodeIdentityMismatch,
@@ -197,6 +198,47 @@ def test_group_commit_eight_writer_threads(data_dir, groups):
             assert all(got[idx] == data for idx, data in acked[n])
             assert len(acked[n]) == len(got)
 
+
+
+def test_group_commit_many_writers_with_failing_requests_among_them(data_dir):
+    """12 writer threads share commits on one group; four of them keep sending appends that are refused
+    (a term below the log's). Each refused request fails alone in its batch, nothing of it is written, and
+    after a reopen the log holds exactly the acknowledged entries, each at the index it was acknowledged at."""
+    good_threads, bad_threads, per_thread = 8, 4, 60
+    with open_store(data_dir, fsync=FsyncMode.FULL) as s:
+        lg = s.log("g")
+        lg.append_next(5, [b"first"])
+        acked, refused, errors = [], [], []
+        barrier = threading.Barrier(good_threads + bad_threads)
+
+        def writer(t):
+            barrier.wait()
+            try:
+                for k in range(per_thread):
+                    if t < good_threads:
+                        data = f"{t}:{k}".encode()
+                        acked.append((lg.append_next(5, [data]), data))
+                    else:
+                        with pytest.raises(LogConflictError):
+                            lg.append_next(4, [f"bad {t}:{k}".encode()])
+                        refused.append(t)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(good_threads + bad_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(refused) == bad_threads * per_thread
+        assert s.stats.max_batch > 1
+    with open_store(data_dir) as s:
+        lg = s.log("g")
+        assert lg.last_index == 1 + good_threads * per_thread
+        got = {e.index: e.data for e in lg.entries(2, lg.last_index + 1)}
+        assert sorted(acked) == sorted(got.items())
+        assert not any(d.startswith(b"bad") for d in got.values())
 
 def test_closed_store_refuses(data_dir):
     s = open_store(data_dir)
