@@ -21,6 +21,7 @@ from .commit import StoreStats, Tx
 from .entry import KINDS, LogEntry
 from .errors import CorruptionError, DataDirError, LogCompactedError, NodeIdentityMismatch, StorageFault
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
+from .governor import IoGovernor
 from .kernel import Kernel
 from .lock import DataDirLock, check_data_dir
 from .log import PersistentRaftLog
@@ -184,6 +185,14 @@ class NodeStore:
     def chunks_path(self) -> str:
         """Path of the snapshot chunk database file (``chunks.db``)."""
         return self.kernel.chunks_path
+
+    @property
+    def governor(self) -> IoGovernor:
+        """The store's :class:`~raft_sqlite.governor.IoGovernor`: it paces snapshot writes, hot backups
+        and background checkpoints by the log's own commit latency. ``store.governor.enabled = False``
+        lets background work run at full speed whatever the log's latency; ``pauses`` and
+        ``paused_seconds`` count what it did."""
+        return self.kernel.governor
 
     @property
     def stats(self) -> StoreStats:
@@ -369,8 +378,7 @@ class NodeStore:
     def _open_current(self, path: str, db_name: str, check: Callable[[], None] | None = None) -> apsw.Connection:
         """An apsw connection on ``path`` with the schema at head (alembic runs only if it is not).
         ``check()`` runs once SQLite has opened the file, before a migration could write to it."""
-        paced = db_name == layout.CHUNKS_DB  # written by background work only (snapshots): see pacedvfs
-        conn = self.kernel.connect(path, paced=paced)
+        conn = self.kernel.connect(path)
         try:
             if check is not None:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # SQLite reads the WAL index
@@ -392,14 +400,14 @@ class NodeStore:
                                layout.CHUNKS_PAGE_SIZE if db_name == layout.CHUNKS_DB else None)
             except apsw.Error as exc:
                 raise self.kernel.translate(exc, f"creation of {db_name}") from exc
-            return self.kernel.connect(path, paced=paced)
+            return self.kernel.connect(path)
         migrate.upgrade(path, db_name)
         if db_name == layout.MAIN_DB:
             # pysqlite checkpointed everything and removed the WAL: the mark describes a WAL that is gone
             # (nothing is lost); the open re-anchors it once it succeeds
             with contextlib.suppress(FileNotFoundError):
                 fsio.unlink(path + "-hwm")
-        return self.kernel.connect(path, paced=paced)
+        return self.kernel.connect(path)
 
     def sync_dir(self) -> None:
         """fsync ``data_dir`` itself, so that names created, renamed or removed in it survive a power cut

@@ -30,7 +30,7 @@ log = logging.getLogger("raft_sqlite.snapshot")
 DEFAULT_CHUNK_SIZE = 1 << 20
 #: Default bytes per chunks.db transaction while streaming (bounds memory and WAL growth). Small on
 #: purpose: each commit (and the checkpoint after it, see ``fsync.CHUNKS_PRAGMAS``) sends about this much
-#: to the disk at once, and the log's commits wait behind it (8 MiB: append p99 ~2x worse, stalls ~3x).
+#: to the disk at once, and a commit of the log that syncs meanwhile waits behind it.
 DEFAULT_COMMIT_BYTES = 1 << 20
 #: Largest ``chunk_size`` accepted (SQLite's default BLOB limit is 10**9 bytes).
 MAX_CHUNK_SIZE = 256 << 20
