@@ -188,10 +188,10 @@ class NodeStore:
 
     @property
     def governor(self) -> IoGovernor:
-        """The store's :class:`~raft_sqlite.governor.IoGovernor`: it paces snapshot writes, hot backups
-        and background checkpoints by the log's own commit latency. ``store.governor.enabled = False``
-        lets background work run at full speed whatever the log's latency; ``pauses`` and
-        ``paused_seconds`` count what it did."""
+        """The store's :class:`~raft_sqlite.governor.IoGovernor`: it paces snapshot writes and background
+        checkpoints by the log's own commit latency once ``store.governor.enabled = True`` (off by default:
+        a low append p99 under a saturated log costs most of the snapshot's speed, see the module doc);
+        ``pauses`` and ``paused_seconds`` count what it did."""
         return self.kernel.governor
 
     @property

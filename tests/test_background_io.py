@@ -354,7 +354,7 @@ def clock(monkeypatch):
 
 
 def test_governor_full_speed_while_the_log_is_quiet_or_fast(clock):
-    g = IoGovernor()
+    g = IoGovernor(enabled=True)
     assert g.pace() == 0.0  # no commit yet
     for _ in range(20):
         g.on_commit(0.0002, 1)
@@ -367,7 +367,7 @@ def test_governor_full_speed_while_the_log_is_quiet_or_fast(clock):
 
 
 def test_governor_backs_off_while_commits_are_slow_then_recovers(clock):
-    g = IoGovernor()
+    g = IoGovernor(enabled=True)
     for _ in range(10):
         g.on_commit(0.0002, 1)
         clock.now += 0.0005
@@ -398,8 +398,19 @@ def test_governor_disabled_never_pauses(clock):
 
 
 def test_every_store_has_a_governor_listening_to_its_commits(store):
-    g = store.kernel.governor
+    g = store.governor
+    assert g is store.kernel.governor and not g.enabled  # opt-in
     before = g.commits
     store.log("g").append([LogEntry(1, 1, b"x")])
     store.log("g").append([LogEntry(2, 1, b"y")])
     assert g.commits >= before + 2
+
+
+def test_snapshot_writer_asks_the_governor_before_each_commit(store):
+    calls = []
+    store.governor.pace = lambda: calls.append(1) or 0.0  # instance attribute: this store only
+    store.log("g").append([LogEntry(1, 1, b"x")])
+    store.metadata("g").set_commit_index(1)
+    with store.snapshots("g").write(1, 1) as w:
+        w.write(os.urandom(3 << 20))
+    assert len(calls) >= 3  # 1 MiB commits: one pace() before each
