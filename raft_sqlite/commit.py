@@ -109,10 +109,40 @@ class _BatchFailed(_Carrier):
     and replayed with each request's rows inserted with it."""
 
 
+def _follow(req: Request) -> BaseException | None:
+    """A queued request's wait: until it is done or at the front, then pass the wake-up on along its batch.
+    Returns an interrupt caught meanwhile (the caller re-raises it once the protocol is finished).
+
+    ``woken`` is set before the lock is released, so an interrupt at any point (even one raised just after
+    acquire() returned, with the lock taken: found by review) is caught without blocking again on a lock
+    already consumed. An interrupt must not abandon a queued request (the leader would hand the front to
+    it and every later writer would wait forever), nor break the chain of wake-ups."""
+    interrupt: BaseException | None = None
+    while not req.woken:
+        try:
+            req.wake.acquire()
+        except BaseException as exc:
+            interrupt = interrupt or exc
+    while req.chain is not None:  # first thing once woken: pass the wake-up on along the batch
+        try:
+            _wake(req.chain)
+            req.chain = None
+        except BaseException as exc:
+            interrupt = interrupt or exc
+    return interrupt
+
+
+def _wake(r: Request) -> None:
+    """Wake the follower ``r`` (idempotent: a second call after an interrupt is harmless)."""
+    r.woken = True
+    with contextlib.suppress(RuntimeError):  # released already (by a call an interrupt cut short)
+        r.wake.release()
+
+
 class Request:
     """One write request: its ops, and (once ``done``) its ``result`` (one value per op) or ``error``."""
 
-    __slots__ = ("ops", "done", "result", "error", "wake", "chain")
+    __slots__ = ("ops", "done", "result", "error", "wake", "chain", "woken")
 
     def __init__(self, ops: list[Op]) -> None:
         self.ops = ops  # list of (group name, check, write)
@@ -121,6 +151,7 @@ class Request:
         self.error: BaseException | None = None
         self.wake: Any = None  # a held lock, created only if the request has to wait behind a leader
         self.chain: Request | None = None  # the next follower of the same batch, woken by this one
+        self.woken = False  # set (before ``wake`` is released) when this request's wait is over
 
 
 @dataclass
@@ -305,17 +336,7 @@ class CommitPipeline:
                 w.release()
         interrupt = None
         if not lead:
-            while True:  # released when our request is done, or when we are the new front
-                try:
-                    req.wake.acquire()
-                    break
-                except BaseException as exc:
-                    # An interrupt must not abandon a queued request: the leader would hand the front to
-                    # it and every later writer would wait forever. Finish the protocol, then re-raise.
-                    interrupt = interrupt or exc
-            follower = req.chain
-            if follower is not None:  # first thing once woken: pass the wake-up on along the batch
-                follower.wake.release()
+            interrupt = _follow(req)
             if req.done:
                 if interrupt is not None:
                     raise interrupt
@@ -355,9 +376,9 @@ class CommitPipeline:
                     r.chain = prev
                     prev = r
             if prev is not None:
-                prev.wake.release()
+                _wake(prev)
             if nxt is not None:
-                nxt.wake.release()
+                _wake(nxt)
         if interrupt is not None:
             raise interrupt
         if req.error is not None:

@@ -24,6 +24,10 @@ MB/s and the p99 where it is without the governor (7-8 ms). Whenever a foregroun
 background write on this disk it waits for it, so a low p99 needs the background idle ~99% of the time
 the log commits: a choice between the two for the operator, not a default. The worst append, which is
 what a heartbeat timeout sees, is bounded by the small commits and checkpoints either way.
+
+Known limit (found by review, not fixed): "the log is committing" means "a commit *finished* in the last
+``idle_after`` seconds", so while one commit is stuck for longer than that the governor sees a quiet log
+and eases off, just when the disk is most contended; and the pause is shared by every worker using it.
 """
 
 from __future__ import annotations

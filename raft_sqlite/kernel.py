@@ -178,10 +178,15 @@ class Kernel:
         would drop SQLite's own locks on the file, see ``sqlitewal.PinnedFiles``)."""
         if self.hwm is None:
             return
+        # From now on raft.db may be written after the mark by partial checkpoints: its mtime must not be
+        # read as another connection's complete checkpoint (sqlitewal.BACKGROUND), durably before any such
+        # write. A failure here fails the open (OSError: the caller fail-stops and translates).
+        self.hwm.background = True
+        self.hwm.note(sync=True)
+        # only the checkpointer checkpoints from now on (and the write connection's close, as before)
+        self.conn.execute("PRAGMA wal_autocheckpoint=0").fetchall()
         ckpt = Checkpointer(self, pages=pages, name=f"raft_sqlite-checkpoint-{self.node_id}")
         ckpt.start()
-        # from now on only the checkpointer checkpoints (and the write connection's close, as before)
-        self.conn.execute("PRAGMA wal_autocheckpoint=0").fetchall()
         self.checkpointer = ckpt
         self.pipeline.add_listener(ckpt)
 

@@ -27,7 +27,9 @@ the mark (``S`` = marked generation, ``M`` = marked frames):
   by the caller) shows a complete checkpoint of ``S`` or a later generation (a checkpoint run by
   another connection just before a crash), or if raft.db was written after the mark (a connection
   that outlived the store, e.g. a backup's reader or the ``sqlite3`` shell, completed the checkpoint
-  and deleted the WAL); otherwise a loss.
+  and deleted the WAL) and the mark does not say BACKGROUND (written while the store's own background
+  checkpointer ran: its partial checkpoints write raft.db after the mark, which proves nothing; the
+  flag is synced before the checkpointer starts and cleared by a clean close); otherwise a loss.
 
 A missing, torn (bad CRC) or foreign-format mark is no evidence and accepts anything; a stale mark (a
 power cut lost its last pwrite) is older, and every rule above only asks "at least what was marked".
@@ -52,6 +54,9 @@ _REC_V1 = struct.Struct("<8sI")  # format 1 (before the checkpointed flag): read
 MAGIC = b"RSQHWM2\0"
 MAGIC_V1 = b"RSQHWM1\0"
 CHECKPOINTED = 1  #: flag: every frame of the generation up to mxFrame is in the (synced) database file
+#: flag: the store's own background checkpointer may write the database file after this mark (partial
+#: PASSIVE checkpoints), so the file's mtime is no evidence of a complete checkpoint by another connection
+BACKGROUND = 2
 #: how far apart (in WAL restarts) two generations of one WAL may be and still count as related
 GENERATION_WINDOW = 1 << 20
 _SHM_INFO = 136  # WalIndexHdr twice (2 x 48 bytes), then WalCkptInfo (nBackfill at 96)
@@ -100,6 +105,7 @@ class Mark(NamedTuple):
     salts: bytes  #: the WAL generation (salt-1, salt-2 as in the WAL header)
     mx: int  #: frames of that generation known durable
     checkpointed: bool  #: those frames were all copied into the database file and it was synced
+    background: bool = False  #: written while the store's background checkpointer ran (see BACKGROUND)
 
 
 def shm_state(shm_map: bytes | mmap.mmap) -> tuple[bytes, int]:
@@ -150,7 +156,9 @@ class HighWaterMark:
         except BaseException:
             self.close()
             raise
-        self._last: tuple[bytes, int, bool] | None = None
+        self._last: tuple[bytes, int, bool, bool] | None = None
+        #: set while the store's background checkpointer runs: every mark written carries BACKGROUND
+        self.background = False
 
     def current(self) -> tuple[bytes, int, int]:
         """(salts, mxFrame, nBackfill) of the WAL now, from the -shm index."""
@@ -163,12 +171,12 @@ class HighWaterMark:
         mark in any case. Raises OSError if a write or sync fails (the caller fail-stops)."""
         salts, mx, backfilled = state or self.current()
         done = backfilled >= mx
-        rec = (salts, mx, done)
+        rec = (salts, mx, done, self.background)
         if rec == self._last and not sync:
             return
         if done:
             fsio.fdatasync(self._db_fd)
-        body = MAGIC + _REC.pack(salts, mx, CHECKPOINTED if done else 0)
+        body = MAGIC + _REC.pack(salts, mx, (CHECKPOINTED if done else 0) | (BACKGROUND if self.background else 0))
         fsio.pwrite(self.fd, body + struct.pack("<I", zlib.crc32(body)), 0)
         if done or sync:
             fsio.fdatasync(self.fd)
@@ -209,7 +217,7 @@ def read_mark(db_path: str) -> Mark | None:
             if zlib.crc32(body) != crc:
                 return None
             salts, mx, *flags = rec.unpack(body[len(magic):])
-            return Mark(salts, mx, bool(flags and flags[0] & CHECKPOINTED))
+            return Mark(salts, mx, bool(flags and flags[0] & CHECKPOINTED), bool(flags and flags[0] & BACKGROUND))
     return None
 
 
@@ -338,7 +346,7 @@ def lost_commits(db_path: str, pre_shm: bytes | None = None, wal_existed: bool =
     gen = mark.salts.hex()
     if wsalts is None:
         if mark.checkpointed or mark.mx == 0 or frames_backfilled(db_path, mark.salts, opener) \
-                or _shm_evidence(pre_shm, mark) or _checkpointed_since_mark(db_path):
+                or _shm_evidence(pre_shm, mark) or (not mark.background and _checkpointed_since_mark(db_path)):
             return None
         return (f"{wal} {what}, but {mark.mx} frames of WAL generation {gen} were recorded as durable and "
                 "never as checkpointed into the database: the committed transactions in them are lost")

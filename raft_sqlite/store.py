@@ -166,6 +166,9 @@ class NodeStore:
                 k.start_checkpointer()
             except apsw.Error as exc:
                 raise k.translate(exc, "open") from exc
+            except OSError as exc:
+                k.fail(exc)
+                raise StorageFault(f"{self.path}-hwm: cannot record the WAL high-water mark ({exc})") from exc
         except BaseException as exc:
             if isinstance(exc, StorageFault):
                 self.kernel.fail(exc)  # close without SQLite's checkpoint-on-close (see _close_connections)
@@ -561,7 +564,9 @@ class NodeStore:
         if mark is not None:
             if not faulted:
                 # the last close checkpointed the WAL (unless a reader elsewhere held it back): record
-                # "checkpointed" so that an emptied WAL (e.g. by a TRUNCATE checkpoint) is known harmless
+                # "checkpointed" so that an emptied WAL (e.g. by a TRUNCATE checkpoint) is known harmless;
+                # the background checkpointer is stopped: raft.db's mtime is evidence again
+                mark.background = False
                 try:
                     mark.note()
                 except OSError as exc:

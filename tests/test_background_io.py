@@ -15,7 +15,7 @@ from raft_sqlite import FsyncMode, HotBackupManager, LogEntry, fsio
 from raft_sqlite import governor as governor_mod
 from raft_sqlite.checkpointer import Checkpointer
 from raft_sqlite.governor import IoGovernor
-from raft_sqlite.pacedvfs import PacedVFS, paced_vfs
+from raft_sqlite.pacedvfs import paced_vfs
 from raft_sqlite.wal import SegmentPolicy
 from tests.conftest import open_store
 from tests.support.faultvfs import FaultVFS, quiet_injected_faults
@@ -178,6 +178,12 @@ def test_no_background_checkpoint_after_a_fault_or_once_stopped(tmp_path):
 
 def test_off_mode_keeps_sqlites_inline_checkpoints(store):
     assert store.kernel.checkpointer is None  # OFF keeps no high-water mark, whose -shm mapping it reads
+    assert store.kernel.conn.execute("PRAGMA wal_autocheckpoint").fetchall() == [(1000,)]
+    lg = store.log("g")
+    for i in range(1, 301):
+        lg.append([LogEntry(i, 1, os.urandom(4096))])
+    row = store.kernel.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert row[1] < 1000  # SQLite's inline autocheckpoint restarted the WAL (300 x ~3 frames written)
 
 
 def test_checkpointer_runs_when_enough_frames_wait(tmp_path):
@@ -242,11 +248,6 @@ def test_snapshot_chunks_reach_the_disk_in_small_commits_and_survive_power_loss(
             assert b"".join(r.chunks()) == data
     finally:
         s.close()
-
-
-def test_paced_vfs_class_names_its_base():
-    v = PacedVFS(f"paced-test-{next(_names)}", None, 4096)
-    assert v.base_name == "" and v.sync_bytes == 4096
 
 
 # ------------------------------------------------------------------------------ backup and compaction
@@ -414,3 +415,41 @@ def test_snapshot_writer_asks_the_governor_before_each_commit(store):
     with store.snapshots("g").write(1, 1) as w:
         w.write(os.urandom(3 << 20))
     assert len(calls) >= 3  # 1 MiB commits: one pace() before each
+
+
+def test_a_lost_wal_is_not_excused_by_the_background_checkpointers_writes(tmp_path):
+    """Found by review: the open accepts a missing WAL when raft.db was written after the high-water mark
+    (another connection completed a checkpoint and deleted the WAL). The background checkpointer's partial
+    passes write raft.db after the mark too: the mark now says so (BACKGROUND), and the loss is reported."""
+    import shutil
+
+    from raft_sqlite import CorruptionError
+    from raft_sqlite.sqlitewal import read_mark
+
+    d = tmp_path / "n"
+    s = open_store(d, fsync=FsyncMode.FULL)
+    try:
+        lg = s.log("g")
+        lg.append([LogEntry(1, 1, b"x" * 5000)])
+        reader = apsw.Connection(s.path)  # a reader: the background pass can copy only what precedes it
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM node").fetchall()
+        blob = os.urandom(4096)
+        for i in range(2, 200):
+            lg.append([LogEntry(i, 1, blob)])
+        ck = s.kernel.checkpointer
+        assert _wait(lambda: ck.checkpoints >= 1)
+        assert read_mark(s.path).background
+        img = tmp_path / "img"
+        img.mkdir(mode=0o700)
+        for name in ("raft.db", "raft.db-hwm", "chunks.db", "chunks.db-wal"):  # the crash image, WAL lost
+            shutil.copy2(d / name, img / name)
+        mark_ns = os.stat(img / "raft.db-hwm").st_mtime_ns
+        os.utime(img / "raft.db", ns=(mark_ns + 10**9, mark_ns + 10**9))  # written after the mark
+        reader.execute("COMMIT")
+        reader.close()
+    finally:
+        s.close()
+    assert not read_mark(s.path).background  # a clean close clears it: mtime is evidence again
+    with pytest.raises(CorruptionError, match="never as checkpointed"):
+        open_store(img, fsync=FsyncMode.FULL)

@@ -587,10 +587,14 @@ def test_follower_interrupted_while_waiting_does_not_stall_the_queue(data_dir, m
 
 
 
-def test_followers_are_woken_in_a_chain_even_past_an_interrupted_one(data_dir, monkeypatch):
+@pytest.mark.parametrize("when", ["instead_of_acquire", "after_acquire", "after_passing_on"])
+def test_followers_are_woken_in_a_chain_even_past_an_interrupted_one(data_dir, monkeypatch, when):
     """The leader wakes the first follower of its batch, each woken follower the next. A follower in the
     middle of the chain whose wait is interrupted still passes the wake-up on: every follower returns, each
-    with its own answer, and the interrupted one re-raises the interrupt after its write committed."""
+    with its own answer, and the interrupted one re-raises the interrupt after its write committed. The
+    interrupt may land instead of the wait, just after the wait returned (the lock taken: found by review,
+    the follower then blocked forever on its own lock and stranded the rest of the chain), or just after
+    the follower woke the next one (f3's lock raises in f2's thread once released)."""
     import raft_sqlite.commit as store_mod
 
     real = store_mod._allocate_lock
@@ -601,12 +605,21 @@ def test_followers_are_woken_in_a_chain_even_past_an_interrupted_one(data_dir, m
 
         def acquire(self, *a, **kw):
             self.calls += 1
-            if self.calls == 2:  # the follower's blocking wait (the first acquire is made under the mutex)
+            if self.calls == 2 and when == "instead_of_acquire":  # the follower's blocking wait (the first
+                raise KeyboardInterrupt                           # acquire is made under the mutex)
+            got = self.lock.acquire(*a, **kw)
+            if self.calls == 2 and when == "after_acquire":
                 raise KeyboardInterrupt
-            return self.lock.acquire(*a, **kw)
+            return got
 
         def release(self):
             self.lock.release()
+            self.releases = getattr(self, "releases", 0) + 1
+            if when == "after_passing_on" and self.releases == 1:  # once
+                raise KeyboardInterrupt
+
+        def locked(self):
+            return self.lock.locked()
 
     with open_store(data_dir) as s:
         for n in ("lead", "f0", "f1", "f2", "f3", "f4"):
@@ -629,8 +642,9 @@ def test_followers_are_woken_in_a_chain_even_past_an_interrupted_one(data_dir, m
         lt.start()
         in_leader.wait(10)
         threads = []
+        target = 3 if when == "after_passing_on" else 2  # the lock that interrupts (f2's thread either way)
         for k in range(5):  # queued one at a time: f0..f4 in this order, f2 gets the interrupted wait
-            monkeypatch.setattr(store_mod, "_allocate_lock", InterruptOnce if k == 2 else real)
+            monkeypatch.setattr(store_mod, "_allocate_lock", InterruptOnce if k == target else real)
             name = f"f{k}"
             threads.append(threading.Thread(target=run, args=(name, lambda name=name: s.log(name).append(
                 _entries(1, 2)))))
