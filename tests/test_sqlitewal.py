@@ -30,9 +30,10 @@ ENTRY = lambda i: (b"%08d" % i) * 25  # noqa: E731 - the payload test_wal_loss's
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def mark_bytes(salts: bytes, mx: int, checkpointed: bool) -> bytes:
+def mark_bytes(salts: bytes, mx: int, checkpointed: bool, background: bool = False) -> bytes:
     """The on-disk form of a format-2 mark (as HighWaterMark.note writes it)."""
-    body = sqlitewal.MAGIC + struct.pack("<8sII", salts, mx, sqlitewal.CHECKPOINTED if checkpointed else 0)
+    flags = (sqlitewal.CHECKPOINTED if checkpointed else 0) | (sqlitewal.BACKGROUND if background else 0)
+    body = sqlitewal.MAGIC + struct.pack("<8sII", salts, mx, flags)
     return body + struct.pack("<I", zlib.crc32(body))
 
 

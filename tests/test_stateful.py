@@ -53,6 +53,7 @@ from raft_sqlite import (
     SnapshotError,
     fsio,
 )
+from raft_sqlite.kernel import Kernel
 from raft_sqlite.layout import MAX_INDEX, MAX_TERM
 from raft_sqlite.verify import verify
 from tests.conftest import open_store
@@ -730,7 +731,12 @@ def test_stateful_against_model():
         assert stats[name] >= 1, f"{name} never ran"
 
 
-def test_stateful_crash():
+def test_stateful_crash(monkeypatch):
+    # Crash points are counted in syncs: the background checkpointer's syncs (another thread) would move
+    # them from run to run and make the derandomized histories diverge (seen: a full-suite run took a
+    # different path than the same test alone). It is covered under power loss by test_background_io.py
+    # and the torture campaigns; here the store checkpoints inline, as SQLite does by default.
+    monkeypatch.setattr(Kernel, "start_checkpointer", lambda self, *a, **kw: None)
     stats = _run(CrashMachine, 24, 25, derandomize=True)
     assert stats["checks"] >= 250
     for name in ["crash", "crash:cut_in_op", "crash:cut_after_acks", "crash:inflight_lost", "crash:inflight_durable",
