@@ -20,10 +20,12 @@ import os
 import random
 import shutil
 import sys
+from unittest import mock
 
 import pytest
 
 from raft_sqlite import FsyncMode, LogEntry, RaftSqliteError, RecoveryPolicy, SegmentPolicy, layout
+from raft_sqlite.checkpointer import Checkpointer
 from tests.conftest import open_store
 
 CASES = 300
@@ -54,14 +56,20 @@ def build_pristine(root):
             s.metadata(g).set_commit_index(250)
             expected[g] = [es, (9, f"{g}-leader", 250)]
         extras = add_snapshots(s, expected)
-    # reopen and append more without closing: the copy then has live WAL frames too
-    s = open_store(src, segment_policy=POLICY, fsync=FsyncMode.FULL)
-    for g in GROUPS:
-        e = LogEntry(301, 8, _payload(rng, g, 301))
-        s.log(g).append([e])
-        expected[g][0].append(e)
-    pristine = os.path.join(root, "pristine")
-    shutil.copytree(src, pristine)
+    # reopen and append more without closing: the copy then has live WAL frames too. No checkpoint may copy
+    # them into raft.db before the copy is taken (the write connection never checkpoints; the background
+    # checkpointer is never woken here): found by CI, where a WAL left long by the first session woke it
+    # on the reopened store's first commit and it copied all three appends, so the pristine had no
+    # WAL-only entries and deleting the WAL lost nothing.
+    with mock.patch.object(Checkpointer, "on_commit", lambda self, seconds, requests: None):
+        s = open_store(src, segment_policy=POLICY, fsync=FsyncMode.FULL)
+        assert s.kernel.checkpointer is not None, "the store checkpoints in the background"
+        for g in GROUPS:
+            e = LogEntry(301, 8, _payload(rng, g, 301))
+            s.log(g).append([e])
+            expected[g][0].append(e)
+        pristine = os.path.join(root, "pristine")
+        shutil.copytree(src, pristine)
     s.close()
     for f in os.listdir(pristine):
         if f.endswith("-shm"):
