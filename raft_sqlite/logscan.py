@@ -90,27 +90,41 @@ CHECK_THREADS = min(4, os.cpu_count() or 1)
 
 
 def check_sealed_segments(connect: Callable[[], apsw.Connection], base: int,
-                          segments: Sequence[SealedSegment]) -> dict[int, SegmentCheck | None]:
+                          segments: Sequence[SealedSegment], *,
+                          conn: apsw.Connection | None = None) -> dict[int, SegmentCheck | None]:
     """:func:`check_sealed_segment` for many segments ``(sid, lo, hi, count, nbytes, checksum, content)``
-    of one group, on ``CHECK_THREADS`` threads, each with its own read connection from ``connect()``
-    (closed afterwards). Returns ``{sid: result}``. Few segments are checked on one connection."""
-    def run(part: Sequence[SealedSegment]) -> dict[int, SegmentCheck | None]:
-        conn = connect()
-        try:
-            return {seg[0]: check_sealed_segment(conn, base, *seg) for seg in part}
-        finally:
-            conn.close()
+    of one group (key base ``base``): see :func:`check_segments`."""
+    return check_segments(connect, [(base, seg) for seg in segments], conn=conn)
 
-    threads = min(CHECK_THREADS, len(segments) // 4)
+
+def check_segments(connect: Callable[[], apsw.Connection], items: Sequence[tuple[int, SealedSegment]], *,
+                   conn: apsw.Connection | None = None) -> dict[int, SegmentCheck | None]:
+    """:func:`check_sealed_segment` for many ``(key base, segment)`` pairs, of one group or of many (segment
+    ids are unique in a store), on ``CHECK_THREADS`` threads, each with its own read connection from
+    ``connect()`` (closed afterwards). Returns ``{sid: result}``. Few segments are checked on one thread:
+    on ``conn`` if given (no connection opened: an open of many small groups would otherwise open and close
+    one per group), else on one from ``connect()``."""
+    def run(part: Sequence[tuple[int, SealedSegment]], c: apsw.Connection | None = None) -> dict[int, SegmentCheck | None]:
+        own = c is None
+        c = connect() if c is None else c
+        try:
+            return {seg[0]: check_sealed_segment(c, base, *seg) for base, seg in part}
+        finally:
+            if own:
+                c.close()
+
+    if not items:
+        return {}
+    threads = min(CHECK_THREADS, len(items) // 4)
     if threads <= 1:
-        return run(segments)
+        return run(items, conn)
     from concurrent.futures import (
         ThreadPoolExecutor,  # only for big logs: keeps it off the import of a small open
     )
 
     out: dict[int, SegmentCheck | None] = {}
     with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
-        for res in pool.map(run, [segments[i::threads] for i in range(threads)]):
+        for res in pool.map(run, [items[i::threads] for i in range(threads)]):
             out.update(res)
     return out
 
@@ -159,7 +173,10 @@ class RecordScanner:
               f"{INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 ORDER BY key")
 
     def __init__(self, conn: apsw.Connection, group_id: int, prev: int | None = None,
-                 progress: Callable[[int], object] | None = None) -> None:
+                 progress: Callable[[int], object] | None = None,
+                 segments: Sequence[tuple[int, int, int | None]] | None = None) -> None:
+        """``segments``: the group's ``(segment_id, first_index, last_index)`` rows in first-index order, if
+        the caller read them already (an open reads every group's in one query); else read here."""
         self.conn, self.group_id, self.base = conn, group_id, group_id * SPAN
         self.prev = prev
         self.last_term = 0
@@ -169,7 +186,7 @@ class RecordScanner:
         self.running: dict[int | None, list[int]] = {}
         #: called with a number of records walked (every 2000 and at the end of each walk)
         self.progress = progress
-        segs = [(r[0], r[1], r[2]) for r in conn.execute(
+        segs = segments if segments is not None else [(r[0], r[1], r[2]) for r in conn.execute(
             "SELECT segment_id, first_index, last_index FROM log_segments WHERE group_id=? ORDER BY first_index",
             (group_id,))]
         # which segment each record must name: the one with the highest first index at or below it

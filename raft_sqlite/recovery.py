@@ -17,7 +17,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -28,7 +28,7 @@ from .dbrows import db_row, db_rows, db_scalar
 from .errors import CorruptionError, RecoveryRefused
 from .groupstate import GroupState, group_crc, meta_crc
 from .kernel import Kernel
-from .logscan import RecordScanner, check_sealed_segments
+from .logscan import RecordScanner, SealedSegment, SegmentCheck, check_segments
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized
 from .wal import INT, SPAN, cut_after, load_open_segment
@@ -194,6 +194,30 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                                 "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, "
                                 "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     bad_snapshot_groups = recover_snapshots(store, conn, report)
+    # Everything read per group is read for all groups at once (one query each, and the sealed segments'
+    # aggregates in one parallel pass): an open of 10,000 small groups ran ~15 queries and opened and closed
+    # a read connection per group (13 s, against 0.24 s for one group holding the same entries).
+    durable_of = dict(cast("list[tuple[int, int]]", conn.execute(
+        "SELECT group_id, max(idx) FROM snapshots WHERE status='DURABLE' GROUP BY group_id").fetchall()))
+    segments_of: dict[int, list[tuple[int, int, int | None]]] = {}
+    for g, sid, lo, hi in conn.execute("SELECT group_id, segment_id, first_index, last_index FROM log_segments "
+                                       "ORDER BY group_id, first_index, segment_id"):
+        segments_of.setdefault(g, []).append((sid, lo, hi))
+    sealed_of: dict[int, list[SealedSegment]] = {}
+    for g, *seg in conn.execute(
+            "SELECT s.group_id, s.segment_id, s.first_index, s.last_index, s.entry_count, s.bytes, s.checksum, "
+            "s.content_crc FROM log_segments s JOIN groups g USING (group_id) "
+            "WHERE s.last_index IS NOT NULL AND s.last_index >= g.first_index "
+            "ORDER BY s.group_id, s.first_index, s.segment_id"):
+        sealed_of.setdefault(g, []).append(cast("SealedSegment", tuple(seg)))
+    firsts = {r[0]: r[2] for r in rows}
+    # the aggregates of every segment that may take the fast path, on parallel read connections when there
+    # are many (they see the same committed log as ``conn``: nothing in log_entries has been written by this
+    # open yet), else on ``conn`` itself
+    checked = check_segments(lambda: store.kernel.connect(store.path, query_only=True),
+                             [(g * SPAN, row) for g, segs in sealed_of.items()
+                              for row in segs if row[6] is not None and _at_or_above(row[1], firsts.get(g))],
+                             conn=conn)
     for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc, gcrc in rows:
         report.groups += 1
         if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
@@ -212,8 +236,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
             # PARTIAL: keep the values but never trust the vote; the node must rejoin as catch-up follower
             vote, partial = None, 1
             report.dropped.append({"group": name, "what": "vote", "reason": "metadata CRC mismatch"})
-        durable = db_scalar(conn.execute("SELECT max(idx) FROM snapshots WHERE group_id=? AND status='DURABLE'",
-                                         (gid,))) or 0
+        durable = durable_of.get(gid) or 0
         if durable != snap_idx:
             _problem(store, report, RecoveryRefused,
                      f"{where}: snapshot index {snap_idx} in the group record disagrees with the newest durable "
@@ -224,7 +247,8 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                      drop_ok=False)
         if wal_partial:
             partial = 1  # metadata may be stale: the node must not vote until it has caught up
-        last, last_term, bad_at = _scan(store, conn, report, gid, name, first)
+        last, last_term, bad_at = _scan(store, conn, report, gid, name, first, segments_of.get(gid, []),
+                                        sealed_of.get(gid, []), checked)
         if bad_at is not None:
             # bad_at: first index that is corrupt or missing; the valid prefix ends at bad_at - 1
             if policy is RecoveryPolicy.STRICT or (policy is RecoveryPolicy.TRUNCATE_TAIL and bad_at <= commit):
@@ -344,10 +368,10 @@ class _OpenScan:
     naming the wrong segment), recorded in the report with ``bad`` = its index."""
 
     def __init__(self, store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
-                 first: int) -> None:
+                 first: int, segments: Sequence[tuple[int, int, int | None]] | None = None) -> None:
         self.report = report
         self.where = f"{store.path}: group {name!r}"
-        self.sc = RecordScanner(conn, gid, prev=first - 1)
+        self.sc = RecordScanner(conn, gid, prev=first - 1, segments=segments)
         self.bad: int | None = None
 
     @property
@@ -389,8 +413,15 @@ class _OpenScan:
         return bad is None
 
 
+def _at_or_above(lo: object, first: object) -> bool:
+    """``lo >= first`` for the integers they should be (a damaged column's value is never compared here: its
+    segment is then checked record by record, which reports it)."""
+    return lo.__class__ is int and first.__class__ is int and lo >= first
+
+
 def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
-          first: int) -> tuple[int, int, int | None]:
+          first: int, segments: Sequence[tuple[int, int, int | None]], sealed: Sequence[SealedSegment],
+          checked: Mapping[int, SegmentCheck | None]) -> tuple[int, int, int | None]:
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
     Returns ``(last_index, last_term, first_bad_index_or_None)``: on a problem, ``last_index`` is the
     end of the valid prefix.
@@ -398,21 +429,12 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
     Sealed segments with a content digest are checked with one SQLite aggregate each
     (:func:`check_sealed_segment`); the rest (the open segment, a segment partly below ``first``,
     segments sealed before revision 0003, and a segment whose aggregate check fails) record by record,
-    which also pinpoints the first bad index."""
-    base = gid * SPAN
+    which also pinpoints the first bad index. ``segments``: every segment row of the group
+    ``(segment_id, first_index, last_index)``; ``sealed``: its sealed ones ending at or above ``first``,
+    whole rows; ``checked``: the aggregate's result per sealed segment id (:func:`check_segments`)."""
     where = f"{store.path}: group {name!r}"
-    rs = _OpenScan(store, conn, report, gid, name, first)
+    rs = _OpenScan(store, conn, report, gid, name, first, segments)
     sc = rs.sc
-    # the writer's integer columns: a damaged value of another type is only compared (and fails the checks
-    # below) as before, never computed with unless it already passed them
-    sealed = cast("list[tuple[int, int, int, int, int, int, int | None]]", conn.execute(
-        "SELECT segment_id, first_index, last_index, entry_count, bytes, checksum, content_crc FROM log_segments "
-        "WHERE group_id=? AND last_index IS NOT NULL AND last_index >= ? ORDER BY first_index",
-        (gid, first)).fetchall())
-    # the aggregates of every segment that may take the fast path, on parallel read connections (they see
-    # the same committed log as ``conn``: nothing in log_entries has been written by this open yet)
-    checked = check_sealed_segments(lambda: store.kernel.connect(store.path, query_only=True), base,
-                                    [row for row in sealed if row[6] is not None and row[1] >= first])
     for sid, lo, hi, cnt, _bytes, cks, content in sealed:
         if lo == rs.expect and content is not None:
             ok = checked.get(sid)
