@@ -17,7 +17,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -247,8 +247,8 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                      drop_ok=False)
         if wal_partial:
             partial = 1  # metadata may be stale: the node must not vote until it has caught up
-        last, last_term, bad_at = _scan(store, conn, report, gid, name, first, segments_of.get(gid, []),
-                                        sealed_of.get(gid, []), checked)
+        last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first, segments_of.get(gid, []),
+                                                 sealed_of.get(gid, []), checked)
         if bad_at is not None:
             # bad_at: first index that is corrupt or missing; the valid prefix ends at bad_at - 1
             if policy is RecoveryPolicy.STRICT or (policy is RecoveryPolicy.TRUNCATE_TAIL and bad_at <= commit):
@@ -277,7 +277,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                          (group_crc(gid, name, first, snap_idx, snap_term, 1), gid))
             conn.execute("UPDATE raft_meta SET voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
                          (vote, commit, meta_crc(gid, term, vote, commit), gid))
-        seg = load_open_segment(conn, gid)
+        seg = load_open_segment(conn, gid, None if bad_at is not None else _walked(scanner, first))
         store.kernel.groups.publish({name: GroupState(gid, name, first, last, last_term if last >= first else snap_term,
                                                       snap_idx, snap_term, term, vote, commit, seg, bool(partial))})
 
@@ -419,12 +419,25 @@ def _at_or_above(lo: object, first: object) -> bool:
     return lo.__class__ is int and first.__class__ is int and lo >= first
 
 
+def _walked(sc: RecordScanner, first: int) -> Callable[[int, int], tuple[int, int, int] | None]:
+    """For :func:`~raft_sqlite.wal.load_open_segment`: the open segment's records, sidecar and bytes as the
+    open's walk (which found nothing wrong) folded them, when that walk covered the segment from its first
+    index (the walk is contiguous from the group's first index to its last record, and a record naming
+    another segment stops it); else None (the segment is then read again)."""
+    def walked(sid: int, lo: int) -> tuple[int, int, int] | None:
+        if not _at_or_above(lo, first):
+            return None
+        checksum, records, nbytes = sc.sidecar(sid)
+        return records, nbytes, checksum
+    return walked
+
+
 def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
           first: int, segments: Sequence[tuple[int, int, int | None]], sealed: Sequence[SealedSegment],
-          checked: Mapping[int, SegmentCheck | None]) -> tuple[int, int, int | None]:
+          checked: Mapping[int, SegmentCheck | None]) -> tuple[int, int, int | None, RecordScanner]:
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
-    Returns ``(last_index, last_term, first_bad_index_or_None)``: on a problem, ``last_index`` is the
-    end of the valid prefix.
+    Returns ``(last_index, last_term, first_bad_index_or_None, scanner)``: on a problem, ``last_index`` is
+    the end of the valid prefix.
 
     Sealed segments with a content digest are checked with one SQLite aggregate each
     (:func:`check_sealed_segment`); the rest (the open segment, a segment partly below ``first``,
@@ -450,19 +463,19 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
             suspect = False
         # record by record: the part of this segment at or above first (and any gap before it)
         if not rs.scan(hi):
-            return rs.expect - 1, sc.last_term, rs.bad
+            return rs.expect - 1, sc.last_term, rs.bad, sc
         if lo < first:
             continue  # partly compacted: the verify command checks it whole
         report.segments_validated += 1
         if sc.sidecar(sid)[0] != cks:
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum")
-            return lo - 1, sc.last_term, lo
+            return lo - 1, sc.last_term, lo, sc
         if suspect:  # every record checks out one by one, so the segment row itself is damaged
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its content digest or counts")
-            return lo - 1, sc.last_term, lo
+            return lo - 1, sc.last_term, lo, sc
     if not rs.scan(None):  # the open segment
-        return rs.expect - 1, sc.last_term, rs.bad
-    return rs.expect - 1, sc.last_term, None
+        return rs.expect - 1, sc.last_term, rs.bad, sc
+    return rs.expect - 1, sc.last_term, None, sc
 
 
 def _drop_tail(conn: apsw.Connection, gid: int, keep_through: int, commit: int) -> None:

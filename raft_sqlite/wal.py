@@ -318,9 +318,14 @@ class WalWriter:
         return load_open_segment(conn, group_id)
 
 
-def load_open_segment(conn: apsw.Connection, group_id: int) -> OpenSegment | None:
+def load_open_segment(conn: apsw.Connection, group_id: int,
+                      walked: Callable[[int, int], tuple[int, int, int] | None] | None = None) -> OpenSegment | None:
     """Rebuild the in-memory state of the group's open segment from its records (at open, and after
-    truncation). Only the open segment is read: its size is bounded by the segment policy."""
+    truncation). Only the open segment is read: its size is bounded by the segment policy.
+
+    ``walked(segment_id, first_index)``: the segment's ``(records, payload bytes, sidecar checksum)`` if the
+    caller has just walked and checked every record from ``first_index`` on, in order and contiguous (the
+    open's validation), else None; the records are then not read a second time."""
     row = conn.execute("SELECT segment_id, first_index, created_at FROM log_segments "
                        "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1",
                        (group_id,)).fetchone()
@@ -328,7 +333,10 @@ def load_open_segment(conn: apsw.Connection, group_id: int) -> OpenSegment | Non
         return None
     seg = OpenSegment(row[0], row[1], 0, 0, row[2], 0)
     base = group_id * SPAN
-    for idx, n, crc in conn.execute(
+    known = walked(seg.segment_id, seg.first_index) if walked is not None else None
+    if known is not None:
+        seg.count, seg.nbytes, seg.checksum = known
+    for idx, n, crc in () if known is not None else conn.execute(
             f"SELECT {INT('idx')}, length(payload), {INT('crc32')} FROM log_entries WHERE key >= ? AND key < ? "
             "ORDER BY key",
             (base + seg.first_index, base + SPAN)):
