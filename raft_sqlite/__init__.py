@@ -22,6 +22,7 @@ from .errors import (
                      CorruptionError,
                      DataDirError,
                      DataDirLocked,
+                     GroupNotFoundError,
                      LogCompactedError,
                      LogConflictError,
                      LogGapError,
@@ -55,7 +56,8 @@ from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 __all__ = [
     "BackupBusy", "BackupCancelled", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",
-    "DataDirError", "DataDirLocked", "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "HardState",
+    "DataDirError", "DataDirLocked", "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "GroupNotFoundError",
+    "HardState",
     "HotBackupManager", "HotBackupScheduler",
     "LogCompactedError", "LogConflictError", "LogEntry", "LogGapError", "LogUnavailableError", "MetadataError",
     "NodeIdentityMismatch", "NodeStore", "PersistentRaftLog", "RECOVERY_POLICIES", "RaftMetadataStore",

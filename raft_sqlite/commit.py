@@ -27,7 +27,14 @@ from typing import Any, Protocol, TypeVar
 import apsw
 
 from . import fsio
-from .errors import CompactionError, CorruptionError, LogConflictError, RaftSqliteError, StorageFault
+from .errors import (
+    CompactionError,
+    CorruptionError,
+    GroupNotFoundError,
+    LogConflictError,
+    RaftSqliteError,
+    StorageFault,
+)
 from .groupstate import GroupState, GroupTable, insert_group
 from .sqlitewal import HighWaterMark
 from .wal import WalWriter
@@ -303,7 +310,10 @@ class CommitPipeline:
     def pending_group(self, name: str) -> GroupState:
         """The state of group ``name`` as this thread's open transaction leaves it (else the published one)."""
         tx = self._current_tx()
-        return tx.group(name) if tx is not None else self.groups[name]
+        try:
+            return tx.group(name) if tx is not None else self.groups[name]
+        except KeyError:
+            raise GroupNotFoundError(f"{self.data_dir}: group {name!r} does not exist (it was removed)") from None
 
     def run(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
         """Run one write op (validate with ``check(g)``, then ``write(conn, g, check_result)``)."""
@@ -614,9 +624,11 @@ class CommitPipeline:
                 results.append(write(conn, None, None))
                 continue
             g = mine.get(name)
-            if g is None:
-                base = work.get(name) or self.groups.get(name)
-                if base is None:
+            if g is None or g.removed:
+                # a group removed earlier in this request (or, below, in this batch) is gone: an op on its
+                # name creates a new group, as on a name never used
+                base = None if g is not None else (work.get(name) or self.groups.get(name))
+                if base is None or base.removed:
                     sql()
                     base = insert_group(conn, name)
                 g = mine[name] = base.copy()

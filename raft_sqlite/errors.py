@@ -64,6 +64,12 @@ class StorageFault(RaftSqliteError):
     write until it is closed and reopened; the outcome of the failed write is unknown until then."""
 
 
+class GroupNotFoundError(RaftSqliteError):
+    """The group does not exist on this node: it was removed (:meth:`NodeStore.remove_group`) after the
+    handle naming it was taken. Writes through ``store.log(name)`` create a group again; reads of a removed
+    one raise this."""
+
+
 class DataDirError(RaftSqliteError):
     """The data_dir cannot be used: it exists but is not a directory (a regular file, a dangling
     symlink), or it or its lock file cannot be created or opened (permissions)."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Mapping
 
 import apsw
 
-from .wal import OpenSegment
+from .wal import SPAN, OpenSegment
 
 #: A ``voted_for`` value as stored: a node id (str), an int id, or None (no vote in the term).
 Vote = str | int | None
@@ -35,7 +36,7 @@ class GroupState:
     copies (:meth:`copy`) and publishes them after a successful commit."""
 
     __slots__ = ("gid", "name", "first_index", "last_index", "last_term", "snapshot_index", "snapshot_term",
-                 "term", "vote", "commit", "seg", "recovered_partially")
+                 "term", "vote", "commit", "seg", "recovered_partially", "removed")
 
     def __init__(self, gid: int, name: str, first_index: int = 1, last_index: int = 0, last_term: int = 0,
                  snapshot_index: int = 0, snapshot_term: int = 0, term: int = 0, vote: Vote = None,
@@ -45,6 +46,9 @@ class GroupState:
         self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
         self.term, self.vote, self.commit = term, vote, commit
         self.seg, self.recovered_partially = seg, recovered_partially
+        #: set (on the committer's private copy) by the op that removes the group: publishing it drops the
+        #: group from the table, and a later op on the same name creates a new group
+        self.removed = False
 
     def copy(self) -> GroupState:
         """A private copy the committer may change (the open segment is copied too)."""
@@ -67,8 +71,14 @@ class GroupTable(dict[str, GroupState]):
         """Every published state (a snapshot of the table)."""
         return list(self.values())
 
-    #: Make states the published state of their groups (after their commit succeeded).
-    publish = dict.update
+    def publish(self, states: Mapping[str, GroupState]) -> None:
+        """Make ``states`` the published state of their groups (after their commit succeeded); a state
+        marked :attr:`GroupState.removed` drops its group."""
+        for name, g in states.items():
+            if g.removed:
+                self.pop(name, None)
+            else:
+                self[name] = g
 
 
 def insert_group(conn: apsw.Connection, name: str) -> GroupState:
@@ -96,3 +106,22 @@ def write_meta_row(conn: apsw.Connection, g: GroupState, changed: bool = True) -
     if changed:
         conn.execute("UPDATE raft_meta SET current_term=?, voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
                      (g.term, g.vote, g.commit, meta_crc(g.gid, g.term, g.vote, g.commit), g.gid))
+
+
+def delete_group_rows(conn: apsw.Connection, gid: int) -> list[int]:
+    """Delete every row of group ``gid`` from raft.db (log records, segments, hard state, snapshot manifests,
+    the group row) inside the committer's transaction; returns the ids of the snapshots whose manifests
+    were deleted (their chunks in chunks.db are the caller's to delete after the commit: until then, or
+    after a crash in between, they are orphans that the next open removes).
+
+    The log guard trigger refuses to delete an entry that no durable snapshot covers up to the commit
+    index or the truncate permit: a permit of 0 and no hard state row make every entry deletable, in this
+    transaction only (the group row goes with it)."""
+    ids = [int(r[0]) for r in conn.execute("SELECT snapshot_id FROM snapshots WHERE group_id=?", (gid,))]
+    conn.execute("UPDATE groups SET truncate_permit=0 WHERE group_id=?", (gid,))
+    conn.execute("DELETE FROM raft_meta WHERE group_id=?", (gid,))
+    conn.execute("DELETE FROM log_entries WHERE key >= ? AND key < ?", (gid * SPAN, (gid + 1) * SPAN))
+    conn.execute("DELETE FROM log_segments WHERE group_id=?", (gid,))
+    conn.execute("DELETE FROM snapshots WHERE group_id=?", (gid,))
+    conn.execute("DELETE FROM groups WHERE group_id=?", (gid,))
+    return ids

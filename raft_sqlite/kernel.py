@@ -35,7 +35,7 @@ from .args import text_arg
 from .checkpointer import CHECKPOINT_PAGES, Checkpointer
 from .commit import CommitListener, CommitPipeline, IntervalSyncer, R, StoreStats, Tx, Write, translate
 from .entry import LogEntry
-from .errors import CorruptionError, RaftSqliteError, StorageFault
+from .errors import CorruptionError, GroupNotFoundError, RaftSqliteError, StorageFault
 from .fsync import FsyncMode, pragmas_for
 from .governor import IoGovernor
 from .groupstate import GroupState, GroupTable
@@ -214,7 +214,10 @@ class Kernel:
         """The published (committed) state of group ``name``. Raises when the store is closed."""
         if self.pipeline.closed:
             raise RaftSqliteError("the store is closed")
-        return self.groups[name]
+        try:
+            return self.groups[name]
+        except KeyError:
+            raise GroupNotFoundError(f"{self.data_dir}: group {name!r} does not exist (it was removed)") from None
 
     def pending_group(self, name: str) -> GroupState:
         """The state of ``name`` as this thread's open transaction leaves it (else the published one)."""
@@ -224,17 +227,25 @@ class Kernel:
         """The name of group ``group`` (an int is its decimal name), created (a commit of its own) unless
         it exists. TypeError/ValueError for a name that is not a non-empty, well-formed str."""
         name = group if isinstance(group, str) else None
-        if name is None:
-            if isinstance(group, int) and not isinstance(group, bool):
-                name = str(int(group))
-            else:
-                raise TypeError(f"group must be a str (or int), not {type(group).__name__}")
-        if name in self.groups:
+        if name is not None and name in self.groups:
             return name
+        name = self.name_of(group)
+        self.pipeline.ensure(name)
+        return name
+
+    @staticmethod
+    def name_of(group: str | int) -> str:
+        """The name of group ``group`` (an int is its decimal name), checked, whether or not it exists.
+        TypeError/ValueError for a name that is not a non-empty, well-formed str."""
+        if isinstance(group, str):
+            name = group
+        elif isinstance(group, int) and not isinstance(group, bool):
+            name = str(int(group))
+        else:
+            raise TypeError(f"group must be a str (or int), not {type(group).__name__}")
         if not name:
             raise ValueError("a group name must not be empty")
         text_arg("group name", name)
-        self.pipeline.ensure(name)
         return name
 
     # ------------------------------------------------------------------ writes

@@ -19,16 +19,25 @@ from . import fsio, layout, migrate, reserve, sqlitewal
 from .args import float_arg, text_arg
 from .commit import StoreStats, Tx
 from .entry import KINDS, LogEntry
-from .errors import CorruptionError, DataDirError, LogCompactedError, NodeIdentityMismatch, StorageFault
+from .errors import (
+    CorruptionError,
+    DataDirError,
+    LogCompactedError,
+    NodeIdentityMismatch,
+    RaftSqliteError,
+    SnapshotError,
+    StorageFault,
+)
 from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .governor import IoGovernor
+from .groupstate import GroupState, delete_group_rows
 from .kernel import Kernel
 from .lock import DataDirLock, check_data_dir
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore
 from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recover_groups, recover_sql_objects
 from .restorestate import read_restore_state
-from .snapshot import SnapshotManager
+from .snapshot import SnapshotManager, SnapshotStore
 from .statemachine import StateMachineSnapshotManager
 from .wal import BLOB_PAYLOAD, SegmentPolicy
 
@@ -585,6 +594,55 @@ class NodeStore:
     def groups(self) -> list[str]:
         """Names of the groups this node hosts."""
         return self.kernel.groups.names()
+
+    def remove_group(self, group: str | int) -> bool:
+        """Remove group ``group`` and everything this node stores for it: its log records and segments, its
+        hard state (term, vote, commit index), its snapshots and the group itself. Returns False (nothing
+        written) if the node has no such group.
+
+        Atomic: raft.db loses every row of the group in one commit (one fsync in FULL mode); a crash before
+        it leaves the group whole, after it gone. The snapshots' chunks in chunks.db are deleted right after
+        that commit; a crash in between leaves them as orphans, which the next open removes (they are
+        never read: no manifest names them). Held under ``gc_lock``, so a hot backup never copies a
+        manifest without its chunks.
+
+        Raises :class:`SnapshotError` (nothing written) while a snapshot of the group is being written or
+        read in this process, and :class:`RaftSqliteError` inside :meth:`transaction`. Views taken before
+        (``store.log(name)``, ``metadata``, ``snapshots``) raise :class:`GroupNotFoundError` on reads of the
+        removed group; a write through them, or ``store.log(name)`` again, creates a new, empty group of
+        that name (a multi-Raft node re-adding a region starts it from an empty log too)."""
+        k = self.kernel
+        name = k.name_of(group)
+        k.check_open()
+        if k.in_transaction():
+            raise RaftSqliteError("remove_group() cannot run inside store.transaction(): its chunks are deleted "
+                                  "after its own commit")
+        sstore = SnapshotStore.of(k)
+        with k.gc_lock:
+            g = k.groups.get(name)
+            if g is None:
+                return False
+            gid = g.gid
+            ids = k.read(lambda c: {int(r[0]) for r in c.execute("SELECT snapshot_id FROM snapshots WHERE group_id=?",
+                                                                   (gid,))})
+            busy = sorted(ids & sstore.busy())
+            if busy:
+                raise SnapshotError(f"group {name!r}: not removed: snapshot(s) {busy} are being written or read")
+            deleted: list[int] = []
+
+            def check(st: GroupState) -> None:
+                st.removed = True
+
+            def write(conn: apsw.Connection, st: GroupState, _: object) -> None:
+                deleted.extend(delete_group_rows(conn, st.gid))
+
+            k.run(name, check, write)
+            if deleted:
+                sstore.delete_chunks(deleted)
+        for kind in ("log", "meta", "snap", "sm"):
+            self._views.pop((kind, name), None)
+        log.info("%s: group %r removed (%d snapshot(s))", self.data_dir, name, len(deleted))
+        return True
 
     def log(self, group: str | int = "default") -> PersistentRaftLog:
         """The :class:`PersistentRaftLog` of ``group`` (created on first use)."""
