@@ -366,6 +366,41 @@ def test_compact_guarded_and_reopened(tmp_path):
     assert r.returncode == 0, r.stdout
 
 
+def test_groups_lists_every_group_and_remove_group_removes_one(tmp_path):
+    d = make_store(tmp_path / "n", n=120, groups=("a", "b", "c"), snapshot_at=60)
+    r = cli("groups", d, "--json")
+    assert r.returncode == 0, r.stderr
+    got = {g["name"]: g for g in json.loads(r.stdout)}
+    assert sorted(got) == ["a", "b", "c"]
+    assert got["a"]["first_index"] == 1 and got["a"]["last_index"] == 120 and got["a"]["snapshot_index"] == 60
+    assert got["b"]["term"] == 3 and got["b"]["voted_for"] == "n2" and got["b"]["commit_index"] == 120
+    r = cli("groups", d)
+    assert r.returncode == 0 and "3 group(s)" in r.stdout and "1..120" in r.stdout
+    # destructive: asks first; "no" (or no terminal answer) removes nothing
+    r = cli("remove-group", d, "a", input="n\n")
+    assert r.returncode == 5 and "not removed" in r.stderr
+    r = cli("remove-group", d, "zz", "--yes")
+    assert r.returncode == 3 and "no group 'zz'" in r.stderr
+    assert sorted(g["name"] for g in json.loads(cli("groups", d, "--json").stdout)) == ["a", "b", "c"]
+    r = cli("remove-group", d, "a", input="y\n")
+    assert r.returncode == 0, r.stderr
+    assert "removed group 'a': log 1..120" in r.stdout and "1 snapshot(s)" in r.stdout
+    r = cli("remove-group", d, "b", "--yes", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["removed"] == "b"
+    with open_store(d) as s:
+        assert s.groups() == ["c"] and s.log("c").last_index == 120
+    assert cli("verify", d).returncode == 0
+
+
+def test_remove_group_refused_while_the_node_runs(tmp_path):
+    d = make_store(tmp_path / "n", n=10, groups=("a",))
+    with open_store(d):
+        r = cli("remove-group", d, "a", "--yes")
+        assert r.returncode == 5 and "in use" in r.stderr
+    with open_store(d) as s:
+        assert s.groups() == ["a"]
+
+
 # ---------------------------------------------------------------------------------------------- verify
 def test_verify_clean_store_with_snapshot(tmp_path):
     d = make_store(tmp_path / "n", n=80, snapshot_at=40)
