@@ -11,7 +11,8 @@ For each G of ``--groups``, a store holds the same ``--entries`` entries of 100 
 * **append p50 / p99**: FULL single-entry appends, round-robin over the groups (at most ``--appends``
   groups), one thread, on the opened store;
 * **memory per idle group**: the growth of the process's RSS (VmRSS) across the open divided by G, and
-  the Python heap the open left allocated (``tracemalloc``) divided by G;
+  the Python heap the open left allocated (``tracemalloc``, in one extra open outside the timed rows)
+  divided by G;
 * **group commit across W groups**: W threads, each appending single FULL entries to its own group for
   ``--writer-seconds``, on a fresh store: entries/s, for each W of ``--writers``.
 
@@ -78,16 +79,24 @@ class Bench:
         def measure():
             gc.collect()
             r0 = rss_kib()
-            tracemalloc.start()
             t0 = time.perf_counter()
             s = NodeStore.open(self.paths[g], "bench", cluster_id="bench")
             t = time.perf_counter() - t0
-            heap = tracemalloc.get_traced_memory()[0]
-            tracemalloc.stop()
             grew = rss_kib() - r0
             s.close()
-            return {"s": t, "rss_kib_per_group": grew / g, "heap_b_per_group": heap / g}
+            return {"s": t, "rss_kib_per_group": grew / g}
         return measure
+
+    def heap_per_group(self, g):
+        """Python heap the open leaves allocated per group (tracemalloc: once, outside the timed rows, as
+        it slows every allocation down several times)."""
+        gc.collect()
+        tracemalloc.start()
+        s = NodeStore.open(self.paths[g], "bench", cluster_id="bench")
+        heap = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        s.close()
+        return heap / g
 
     def append_row(self, g):
         def measure():
@@ -167,6 +176,7 @@ def main(argv=None):
         rows += [Row(f"append G={g}", b.append_row(g)) for g in a.groups]
         rows += [Row(f"writers W={w}", b.writers_row(w)) for w in a.writers]
         res = run_rounds(rows, a.rounds)
+        heap = {g: b.heap_per_group(g) for g in a.groups}
     finally:
         shutil.rmtree(b.d, ignore_errors=True)
     print_rounds(res, [("s", "s", lambda v: f"{v:.3f}"), ("p50", "p50 us", us), ("eps", "entries/s", lambda v: f"{v:,.0f}")])
@@ -178,7 +188,7 @@ def main(argv=None):
         table.append([f"{g:,}", f"{a.entries // g:,}", f"{o.med('s') * 1e3:,.0f} ms", f"{o.med('s') / open1:.2f}x",
                       us(ap_.med("p50")), us(ap_.med("p99")), f"{ap_.med('p50') / app1:.2f}x",
                       f"{o.med('rss_kib_per_group'):.1f}" if g > 1 else "-",
-                      f"{o.med('heap_b_per_group') / 1024:.1f}" if g > 1 else "-"])
+                      f"{heap[g] / 1024:.1f}" if g > 1 else "-"])
     print_table(f"{a.entries:,} entries of 100 B over G groups; {a.rounds} interleaved rounds, medians",
                 ["groups", "entries/group", "open + validate", "vs 1 group", "append p50 us", "append p99 us",
                  "p50 vs 1 group", "RSS KiB/group", "heap KiB/group"], table)

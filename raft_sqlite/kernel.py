@@ -65,6 +65,8 @@ class Kernel:
     def __init__(self, data_dir: str, *, node_id: str, fsync: FsyncMode, fsync_interval: float, vfs: str | None,
                  segment_policy: SegmentPolicy | None, slow_commit_warning: float) -> None:
         self.data_dir = data_dir
+        self._path = os.path.join(data_dir, layout.MAIN_DB)  # (read per group at open, per op in messages)
+        self._chunks_path = os.path.join(data_dir, layout.CHUNKS_DB)
         self.node_id = node_id
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -95,12 +97,12 @@ class Kernel:
     @property
     def path(self) -> str:
         """Path of the main database file (``raft.db``)."""
-        return os.path.join(self.data_dir, layout.MAIN_DB)
+        return self._path
 
     @property
     def chunks_path(self) -> str:
         """Path of the snapshot chunk database file (``chunks.db``)."""
-        return os.path.join(self.data_dir, layout.CHUNKS_DB)
+        return self._chunks_path
 
     @property
     def conn(self) -> apsw.Connection:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import bisect
 import os
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -29,9 +30,11 @@ from .wal import (
     SPAN,
     chain_crc,
     chain_crcs,
+    content_crc_batch,
     content_digest,
     crc_matches,
     record_crc,
+    record_crcs,
     sidecar_checksum,
 )
 
@@ -127,6 +130,44 @@ def check_segments(connect: Callable[[], apsw.Connection], items: Sequence[tuple
         for res in pool.map(run, [items[i::threads] for i in range(threads)]):
             out.update(res)
     return out
+
+
+#: What :func:`check_open_segment` returns for an open segment that checks out: (records, payload bytes,
+#: sidecar checksum, content digest, last term)
+OpenCheck = tuple[int, int, int, int, int]
+
+
+def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last_term: int) -> OpenCheck | None:
+    """Check the open segment ``sid`` = ``lo..`` (every record of the group from ``lo`` on) in one query and
+    C-level passes over its columns, without a Python loop per record: every index from ``lo`` present and
+    in order with ``idx`` matching its key, each record naming ``sid``, a BLOB payload, integer columns,
+    terms non-decreasing from ``last_term`` and every record CRC verified (:func:`record_crcs`). Returns
+    ``(records, payload bytes, sidecar checksum, content digest, last term)`` if all of that holds, else
+    None: the caller then walks record by record (:class:`RecordScanner`), which finds and names the first
+    problem. The open segment has no recorded digest to compare with (it is written at seal), so every
+    record's own CRC is what proves it intact, as in the walk."""
+    try:
+        rows = conn.execute("SELECT key - ?1, idx, term, kind, payload, crc32, segment FROM log_entries "
+                            "WHERE key >= ?1 + ?2 AND key < ?1 + ?3 ORDER BY key", (base, lo, SPAN)).fetchall()
+    except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8
+        return None
+    if not rows:
+        return 0, 0, 0, 0, last_term
+    n = len(rows)
+    keys, idxs, terms, kinds, payloads, crcs, segs = zip(*rows)
+    if keys != tuple(range(lo, lo + n)) or idxs != keys or segs.count(sid) != n:
+        return None
+    if set(map(type, payloads)) != {bytes} or {*map(type, terms), *map(type, kinds), *map(type, crcs)} != {int}:
+        return None
+    if terms[0] < last_term or list(terms) != sorted(terms):
+        return None
+    try:
+        stored = array.array("I", crcs)
+        if stored != record_crcs(base // SPAN, idxs, terms, kinds, payloads):
+            return None
+    except (OverflowError, TypeError, struct.error):  # a value outside what the record format holds
+        return None
+    return n, sum(map(len, payloads)), chain_crcs(0, stored), content_crc_batch(0, terms, kinds, payloads), terms[-1]
 
 
 _NO_SEGMENT = object()  # "no segment looked up yet" (None is a segment column value: a damaged one)

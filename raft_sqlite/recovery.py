@@ -28,7 +28,7 @@ from .dbrows import db_row, db_rows, db_scalar
 from .errors import CorruptionError, RecoveryRefused
 from .groupstate import GroupState, group_crc, meta_crc
 from .kernel import Kernel
-from .logscan import RecordScanner, SealedSegment, SegmentCheck, check_segments
+from .logscan import RecordScanner, SealedSegment, SegmentCheck, check_open_segment, check_segments
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized
 from .wal import INT, SPAN, cut_after, load_open_segment
@@ -175,6 +175,40 @@ def _problem(store: OpeningStore, report: RecoveryReport, exc_type: type[Excepti
         raise exc_type(f"{msg} (recovery policy {store.recovery_policy.value})")
 
 
+class _Preread:
+    """What the open reads for every group at once, before validating them one by one."""
+
+    def __init__(self, store: OpeningStore, conn: apsw.Connection, firsts: Mapping[int, object]) -> None:
+        """``firsts``: every group's first index (as stored: damage may make it anything), by group id."""
+        # Everything read per group is read for all groups at once (one query each, and the sealed segments'
+        # aggregates in one parallel pass): an open of 10,000 small groups ran ~15 queries and opened and closed
+        # a read connection per group (13 s, against 0.24 s for one group holding the same entries).
+        self.durable_of: dict[int, int] = dict(cast("list[tuple[int, int]]", conn.execute(
+            "SELECT group_id, max(idx) FROM snapshots WHERE status='DURABLE' GROUP BY group_id").fetchall()))
+        segments_of: dict[int, list[tuple[int, int, int | None]]] = {}
+        open_rows: dict[int, list[tuple[int, int, float]]] = {}  # the segments without a last index, per group
+        for g, sid, lo, hi, created in conn.execute("SELECT group_id, segment_id, first_index, last_index, created_at "
+                                                    "FROM log_segments ORDER BY group_id, first_index, segment_id"):
+            segments_of.setdefault(g, []).append((sid, lo, hi))
+            if hi is None:
+                open_rows.setdefault(g, []).append((sid, lo, created))
+        sealed_of: dict[int, list[SealedSegment]] = {}
+        for g, *seg in conn.execute(
+                "SELECT s.group_id, s.segment_id, s.first_index, s.last_index, s.entry_count, s.bytes, s.checksum, "
+                "s.content_crc FROM log_segments s JOIN groups g USING (group_id) "
+                "WHERE s.last_index IS NOT NULL AND s.last_index >= g.first_index "
+                "ORDER BY s.group_id, s.first_index, s.segment_id"):
+            sealed_of.setdefault(g, []).append(cast("SealedSegment", tuple(seg)))
+        # the aggregates of every segment that may take the fast path, on parallel read connections when there
+        # are many (they see the same committed log as ``conn``: nothing in log_entries has been written by this
+        # open yet), else on ``conn`` itself
+        self.checked = check_segments(lambda: store.kernel.connect(store.path, query_only=True),
+                                      [(g * SPAN, row) for g, segs in sealed_of.items()
+                                       for row in segs if row[6] is not None and _at_or_above(row[1], firsts.get(g))],
+                                      conn=conn)
+        self.segments_of, self.open_rows, self.sealed_of = segments_of, open_rows, sealed_of
+
+
 def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport,
                    wal_problems: Sequence[str] = ()) -> None:
     """Load every group's state into ``store.kernel.groups`` after validating it (inside the open
@@ -194,30 +228,9 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                                 "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, "
                                 "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     bad_snapshot_groups = recover_snapshots(store, conn, report)
-    # Everything read per group is read for all groups at once (one query each, and the sealed segments'
-    # aggregates in one parallel pass): an open of 10,000 small groups ran ~15 queries and opened and closed
-    # a read connection per group (13 s, against 0.24 s for one group holding the same entries).
-    durable_of = dict(cast("list[tuple[int, int]]", conn.execute(
-        "SELECT group_id, max(idx) FROM snapshots WHERE status='DURABLE' GROUP BY group_id").fetchall()))
-    segments_of: dict[int, list[tuple[int, int, int | None]]] = {}
-    for g, sid, lo, hi in conn.execute("SELECT group_id, segment_id, first_index, last_index FROM log_segments "
-                                       "ORDER BY group_id, first_index, segment_id"):
-        segments_of.setdefault(g, []).append((sid, lo, hi))
-    sealed_of: dict[int, list[SealedSegment]] = {}
-    for g, *seg in conn.execute(
-            "SELECT s.group_id, s.segment_id, s.first_index, s.last_index, s.entry_count, s.bytes, s.checksum, "
-            "s.content_crc FROM log_segments s JOIN groups g USING (group_id) "
-            "WHERE s.last_index IS NOT NULL AND s.last_index >= g.first_index "
-            "ORDER BY s.group_id, s.first_index, s.segment_id"):
-        sealed_of.setdefault(g, []).append(cast("SealedSegment", tuple(seg)))
-    firsts = {r[0]: r[2] for r in rows}
-    # the aggregates of every segment that may take the fast path, on parallel read connections when there
-    # are many (they see the same committed log as ``conn``: nothing in log_entries has been written by this
-    # open yet), else on ``conn`` itself
-    checked = check_segments(lambda: store.kernel.connect(store.path, query_only=True),
-                             [(g * SPAN, row) for g, segs in sealed_of.items()
-                              for row in segs if row[6] is not None and _at_or_above(row[1], firsts.get(g))],
-                             conn=conn)
+    pre = _Preread(store, conn, {r[0]: r[2] for r in rows})
+    durable_of, segments_of, open_rows, sealed_of, checked = (pre.durable_of, pre.segments_of, pre.open_rows,
+                                                              pre.sealed_of, pre.checked)
     for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc, gcrc in rows:
         report.groups += 1
         if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
@@ -277,7 +290,11 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                          (group_crc(gid, name, first, snap_idx, snap_term, 1), gid))
             conn.execute("UPDATE raft_meta SET voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
                          (vote, commit, meta_crc(gid, term, vote, commit), gid))
-        seg = load_open_segment(conn, gid, None if bad_at is not None else _walked(scanner, first))
+        opens = open_rows.get(gid, [])
+        if bad_at is None and len(opens) < 2:  # the one open segment read above, or none (unchanged since)
+            seg = load_open_segment(conn, gid, _walked(scanner, first), row=opens[0] if opens else None)
+        else:  # a tail dropped (segments changed), or several open segments (only damage makes them)
+            seg = load_open_segment(conn, gid)
         store.kernel.groups.publish({name: GroupState(gid, name, first, last, last_term if last >= first else snap_term,
                                                       snap_idx, snap_term, term, vote, commit, seg, bool(partial))})
 
@@ -373,6 +390,8 @@ class _OpenScan:
         self.where = f"{store.path}: group {name!r}"
         self.sc = RecordScanner(conn, gid, prev=first - 1, segments=segments)
         self.bad: int | None = None
+        #: content digest of the open segment by id, when :func:`check_open_segment` computed it
+        self.open_content: dict[int, int] = {}
 
     @property
     def expect(self) -> int:
@@ -419,30 +438,33 @@ def _at_or_above(lo: object, first: object) -> bool:
     return lo.__class__ is int and first.__class__ is int and lo >= first
 
 
-def _walked(sc: RecordScanner, first: int) -> Callable[[int, int], tuple[int, int, int] | None]:
-    """For :func:`~raft_sqlite.wal.load_open_segment`: the open segment's records, sidecar and bytes as the
-    open's walk (which found nothing wrong) folded them, when that walk covered the segment from its first
-    index (the walk is contiguous from the group's first index to its last record, and a record naming
-    another segment stops it); else None (the segment is then read again)."""
-    def walked(sid: int, lo: int) -> tuple[int, int, int] | None:
+def _walked(rs: _OpenScan, first: int) -> Callable[[int, int], tuple[int, int, int, int | None] | None]:
+    """For :func:`~raft_sqlite.wal.load_open_segment`: the open segment's records, bytes, sidecar (and content
+    digest, when :func:`check_open_segment` computed it) as the open's validation (which found nothing
+    wrong) folded them, when it covered the segment from its first index (the walk is contiguous from the
+    group's first index to its last record, and a record naming another segment stops it); else None (the
+    segment is then read again)."""
+    def walked(sid: int, lo: int) -> tuple[int, int, int, int | None] | None:
         if not _at_or_above(lo, first):
             return None
-        checksum, records, nbytes = sc.sidecar(sid)
-        return records, nbytes, checksum
+        checksum, records, nbytes = rs.sc.sidecar(sid)
+        return records, nbytes, checksum, rs.open_content.get(sid)
     return walked
 
 
 def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
           first: int, segments: Sequence[tuple[int, int, int | None]], sealed: Sequence[SealedSegment],
-          checked: Mapping[int, SegmentCheck | None]) -> tuple[int, int, int | None, RecordScanner]:
+          checked: Mapping[int, SegmentCheck | None]) -> tuple[int, int, int | None, _OpenScan]:
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
-    Returns ``(last_index, last_term, first_bad_index_or_None, scanner)``: on a problem, ``last_index`` is
+    Returns ``(last_index, last_term, first_bad_index_or_None, scan)``: on a problem, ``last_index`` is
     the end of the valid prefix.
 
     Sealed segments with a content digest are checked with one SQLite aggregate each
     (:func:`check_sealed_segment`); the rest (the open segment, a segment partly below ``first``,
     segments sealed before revision 0003, and a segment whose aggregate check fails) record by record,
-    which also pinpoints the first bad index. ``segments``: every segment row of the group
+    which also pinpoints the first bad index. The open segment is first checked as a whole when it is the
+    group's last segment row and the checks reached its first index (:func:`check_open_segment`: one query,
+    no Python loop per record), and walked only if that fails. ``segments``: every segment row of the group
     ``(segment_id, first_index, last_index)``; ``sealed``: its sealed ones ending at or above ``first``,
     whole rows; ``checked``: the aggregate's result per sealed segment id (:func:`check_segments`)."""
     where = f"{store.path}: group {name!r}"
@@ -463,19 +485,33 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
             suspect = False
         # record by record: the part of this segment at or above first (and any gap before it)
         if not rs.scan(hi):
-            return rs.expect - 1, sc.last_term, rs.bad, sc
+            return rs.expect - 1, sc.last_term, rs.bad, rs
         if lo < first:
             continue  # partly compacted: the verify command checks it whole
         report.segments_validated += 1
         if sc.sidecar(sid)[0] != cks:
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its sidecar checksum")
-            return lo - 1, sc.last_term, lo, sc
+            return lo - 1, sc.last_term, lo, rs
         if suspect:  # every record checks out one by one, so the segment row itself is damaged
             report.problems.append(f"{where}: segment {sid} ({lo}..{hi}) fails its content digest or counts")
-            return lo - 1, sc.last_term, lo, sc
-    if not rs.scan(None):  # the open segment
-        return rs.expect - 1, sc.last_term, rs.bad, sc
-    return rs.expect - 1, sc.last_term, None, sc
+            return lo - 1, sc.last_term, lo, rs
+    tail = segments[-1] if segments else None
+    if (tail is not None and tail[2] is None and tail[1] == rs.expect
+            and (len(segments) < 2 or segments[-2][1] != tail[1])):
+        # the open segment, last and alone at its first index (so every record from there on must name it)
+        whole = check_open_segment(conn, gid * SPAN, tail[0], tail[1], sc.last_term)
+        if whole is not None:
+            n, nbytes, checksum, content, last_term = whole
+            if n:
+                sc.prev, sc.last_term = tail[1] + n - 1, last_term
+                sc.running[tail[0]] = [checksum, n, nbytes]
+                rs.open_content[tail[0]] = content
+                report.entries_validated += n
+                report.bytes_validated += nbytes
+            return rs.expect - 1, sc.last_term, None, rs
+    if not rs.scan(None):  # the open segment, record by record
+        return rs.expect - 1, sc.last_term, rs.bad, rs
+    return rs.expect - 1, sc.last_term, None, rs
 
 
 def _drop_tail(conn: apsw.Connection, gid: int, keep_through: int, commit: int) -> None:

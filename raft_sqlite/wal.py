@@ -23,6 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import apsw
 
@@ -318,24 +319,36 @@ class WalWriter:
         return load_open_segment(conn, group_id)
 
 
+#: ``load_open_segment(row=...)`` default: read the open segment's row
+READ_ROW: Any = object()
+
+
 def load_open_segment(conn: apsw.Connection, group_id: int,
-                      walked: Callable[[int, int], tuple[int, int, int] | None] | None = None) -> OpenSegment | None:
+                      walked: Callable[[int, int], tuple[int, int, int, int | None] | None] | None = None,
+                      row: Any = READ_ROW) -> OpenSegment | None:
     """Rebuild the in-memory state of the group's open segment from its records (at open, and after
     truncation). Only the open segment is read: its size is bounded by the segment policy.
 
-    ``walked(segment_id, first_index)``: the segment's ``(records, payload bytes, sidecar checksum)`` if the
-    caller has just walked and checked every record from ``first_index`` on, in order and contiguous (the
-    open's validation), else None; the records are then not read a second time."""
-    row = conn.execute("SELECT segment_id, first_index, created_at FROM log_segments "
-                       "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1",
-                       (group_id,)).fetchone()
+    ``walked(segment_id, first_index)``: the segment's ``(records, payload bytes, sidecar checksum, content
+    digest or None)`` if the caller has just checked every record from ``first_index`` on, in order and
+    contiguous (the open's validation), else None; the records are then not read a second time (nor their
+    content digest, when given). ``row``: the open segment's ``(segment_id, first_index, created_at)`` if the
+    caller read it (None: the group has no open segment), else it is read here."""
+    if row is READ_ROW:
+        row = conn.execute("SELECT segment_id, first_index, created_at FROM log_segments "
+                           "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1",
+                           (group_id,)).fetchone()
     if row is None:
         return None
     seg = OpenSegment(row[0], row[1], 0, 0, row[2], 0)
     base = group_id * SPAN
     known = walked(seg.segment_id, seg.first_index) if walked is not None else None
+    content = None
     if known is not None:
-        seg.count, seg.nbytes, seg.checksum = known
+        seg.count, seg.nbytes, seg.checksum, content = known
+    if content is not None:
+        seg.content = content
+        return seg
     for idx, n, crc in () if known is not None else conn.execute(
             f"SELECT {INT('idx')}, length(payload), {INT('crc32')} FROM log_entries WHERE key >= ? AND key < ? "
             "ORDER BY key",

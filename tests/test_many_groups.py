@@ -23,7 +23,7 @@ from raft_sqlite import (
     logscan,
 )
 from raft_sqlite.verify import verify
-from raft_sqlite.wal import SPAN
+from raft_sqlite.wal import SPAN, record_crc
 from tests.conftest import open_store, run_py
 from tests.support import faultvfs
 
@@ -274,3 +274,78 @@ def test_remove_group_killed_between_its_commit_and_the_chunk_deletion(data_dir)
         assert s.groups() == ["a", "c"]
     assert chunk_rows(data_dir) == 0
     assert verify(str(data_dir)).ok
+
+
+# ---------------------------------------------------------------------------------------------- the open segment's fast check
+OPEN_DAMAGE = [  # group g5's open segment holds 17..20
+    "UPDATE log_entries SET payload = CAST(x'01' || payload AS BLOB) WHERE key = {b} + 19",
+    "UPDATE log_entries SET payload = CAST(payload AS TEXT) WHERE key = {b} + 18",
+    "UPDATE log_entries SET payload = 5 WHERE key = {b} + 17",
+    "UPDATE log_entries SET term = 1 WHERE key = {b} + 20",  # a term decrease (CRC fails too)
+    "UPDATE log_entries SET term = CAST(x'ff' AS TEXT) WHERE key = {b} + 18",
+    "UPDATE log_entries SET kind = 300 WHERE key = {b} + 18",
+    "UPDATE log_entries SET crc32 = -5 WHERE key = {b} + 19",
+    "UPDATE log_entries SET crc32 = 'x' WHERE key = {b} + 19",
+    "PRAGMA ignore_check_constraints=1; UPDATE log_entries SET idx = 99 WHERE key = {b} + 18",
+    "UPDATE log_entries SET segment = 1 WHERE key = {b} + 20",
+    # (a truncate permit lets the guard trigger pass; it is cleared again)
+    "UPDATE groups SET truncate_permit = 0 WHERE group_id = {g}; DELETE FROM log_entries WHERE key = {b} + 18; "
+    "UPDATE groups SET truncate_permit = NULL WHERE group_id = {g}",
+    "UPDATE groups SET truncate_permit = 0 WHERE group_id = {g}; DELETE FROM log_entries WHERE key = {b} + 17; "
+    "UPDATE groups SET truncate_permit = NULL WHERE group_id = {g}",
+    "INSERT INTO log_entries SELECT key + 5, group_id, idx + 5, term, kind, payload, crc32, segment FROM log_entries "
+    "WHERE key = {b} + 20",  # a record after a gap
+    "UPDATE log_segments SET first_index = 18 WHERE group_id = {g} AND last_index IS NULL",
+    "INSERT INTO log_segments(group_id, first_index, created_at) VALUES ({g}, 19, 0)",  # a second open segment
+    "resign-term",  # entry 20's term lowered below 19's and its record CRC recomputed: only the order tells
+]
+
+
+def outcome(data_dir, policy):
+    """What an open under ``policy`` gives, as text with data_dir's path taken out (compared across copies)."""
+    return repr(_outcome(data_dir, policy)).replace(str(data_dir), "DIR")
+
+
+def _outcome(data_dir, policy):
+    try:
+        with open_store(data_dir, segment_policy=POLICY, recovery=policy) as s:
+            rep = s.recovery_report
+            return ("opened", rep.outcome, rep.dropped, rep.problems,
+                    {g: (s.log(g).last_index, s.log(g).last_term) for g in s.groups()},
+                    [e.data for e in s.log("g5").entries(1, s.log("g5").last_index + 1)])
+    except RaftSqliteError as e:
+        return ("refused", type(e).__name__, str(e))
+
+
+@pytest.mark.parametrize("sql", OPEN_DAMAGE)
+def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_path, monkeypatch, sql):
+    """Every damage to an open segment gives the same verdict (refusal and its message, or what is dropped
+    and kept) whether the open segment is checked as a whole first or only walked record by record."""
+    build(tmp_path / "pristine")
+    c = apsw.Connection(str(tmp_path / "pristine" / "raft.db"))
+    gid = c.execute("SELECT group_id FROM groups WHERE name='g5'").fetchone()[0]
+    if sql == "resign-term":
+        term, kind, payload = c.execute("SELECT term, kind, payload FROM log_entries WHERE key=?",
+                                        (gid * SPAN + 20,)).fetchone()
+        assert term > 1
+        c.execute("UPDATE log_entries SET term=1, crc32=? WHERE key=?",
+                  (record_crc(gid, 20, 1, kind, payload), gid * SPAN + 20))
+    else:
+        c.execute(sql.format(b=gid * SPAN, g=gid))
+    c.close()
+    calls = []
+    real = logscan.check_open_segment
+
+    def counted(*a):
+        calls.append(a)
+        return real(*a)
+    for policy in RecoveryPolicy:
+        fast, slow = tmp_path / f"fast-{policy.value}", tmp_path / f"slow-{policy.value}"
+        shutil.copytree(tmp_path / "pristine", fast)
+        shutil.copytree(tmp_path / "pristine", slow)
+        monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", counted)
+        got_fast = outcome(fast, policy)
+        monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", lambda *a: None)
+        got_slow = outcome(slow, policy)
+        assert got_fast == got_slow, policy
+    assert calls  # the fast check ran (and, for g5, refused the damaged segment: the verdicts are equal)
