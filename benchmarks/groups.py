@@ -37,7 +37,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Row, pct, print_rounds, print_table, run_rounds, target, us, workdir  # noqa: E402
+from _common import Row, md_table, pct, print_rounds, print_table, run_rounds, target, us, workdir  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 
@@ -189,23 +189,27 @@ def main(argv=None):
                       us(ap_.med("p50")), us(ap_.med("p99")), f"{ap_.med('p50') / app1:.2f}x",
                       f"{o.med('rss_kib_per_group'):.1f}" if g > 1 else "-",
                       f"{heap[g] / 1024:.1f}" if g > 1 else "-"])
-    print_table(f"{a.entries:,} entries of 100 B over G groups; {a.rounds} interleaved rounds, medians",
-                ["groups", "entries/group", "open + validate", "vs 1 group", "append p50 us", "append p99 us",
-                 "p50 vs 1 group", "RSS KiB/group", "heap KiB/group"], table)
+    head1 = ["groups", "entries/group", "open + validate", "vs 1 group", "append p50 us", "append p99 us",
+             "p50 vs 1 group", "RSS KiB/group", "heap KiB/group"]
+    title1 = f"{a.entries:,} entries of 100 B over G groups; {a.rounds} interleaved rounds, medians"
+    print_table(title1, head1, table)
     w0, wmax = a.writers[0], a.writers[-1]
     e0 = res[f"writers W={w0}"].med("eps")
-    print_table(f"group commit: W threads, one group each, single FULL appends for {a.writer_seconds} s",
-                ["writers (groups)", "entries/s", "vs first", "entries per commit"],
-                [[f"{w:,}", f"{res[f'writers W={w}'].med('eps'):,.0f}", f"{res[f'writers W={w}'].med('eps') / e0:.2f}x",
-                  f"{res[f'writers W={w}'].med('batch'):.1f}"] for w in a.writers])
+    head2 = ["writers (groups)", "entries/s", "vs first", "entries per commit"]
+    table2 = [[f"{w:,}", f"{res[f'writers W={w}'].med('eps'):,.0f}", f"{res[f'writers W={w}'].med('eps') / e0:.2f}x",
+               f"{res[f'writers W={w}'].med('batch'):.1f}"] for w in a.writers]
+    title2 = f"group commit: W threads, one group each, single FULL appends for {a.writer_seconds} s"
+    print_table(title2, head2, table2)
     om, am = res[f"open G={gmax}"].med("s") / open1, res[f"append G={gmax}"].med("p50") / app1
     em = res[f"writers W={wmax}"].med("eps") / e0
-    print(f"\ntargets: {target(om <= 2, f'open at {gmax:,} groups <= 2x one group ({om:.2f}x)')}; "
-          f"{target(am <= 1.2, f'append p50 at {gmax:,} groups <= 1.2x ({am:.2f}x)')}; "
-          f"{target(em >= 1, f'{wmax:,} writers >= {w0} writers ({em:.2f}x)')}")
+    targets = (f"targets: {target(om <= 2, f'open at {gmax:,} groups <= 2x one group ({om:.2f}x)')}; "
+               f"{target(am <= 1.2, f'append p50 at {gmax:,} groups <= 1.2x ({am:.2f}x)')}; "
+               f"{target(em >= 1, f'{wmax:,} writers >= {w0} writers ({em:.2f}x)')}")
+    print("\n" + targets)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({name: r.rounds for name, r in res.items()}, f, indent=1)
+    return (f"{title1}\n\n{md_table(head1, table)}\n\n{title2}:\n\n{md_table(head2, table2)}\n\n{targets}.\n")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,10 @@ class Tx:
         """The state of ``name`` as the transaction's ops so far leave it."""
         g = self.view.get(name)
         if g is None:
-            g = self.view[name] = self.groups[name].copy()
+            base = self.groups.get(name)
+            if base is None:
+                raise GroupNotFoundError(f"group {name!r} does not exist (it was removed)")
+            g = self.view[name] = base.copy()
         return g
 
     def add(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
@@ -625,10 +628,13 @@ class CommitPipeline:
                 continue
             g = mine.get(name)
             if g is None or g.removed:
-                # a group removed earlier in this request (or, below, in this batch) is gone: an op on its
-                # name creates a new group, as on a name never used
+                # a group removed earlier in this request (or, below, in this batch) is gone
                 base = None if g is not None else (work.get(name) or self.groups.get(name))
                 if base is None or base.removed:
+                    if check is not None:  # only a group-creating op (ensure) creates a group: any other op
+                        # on a removed one fails (a compaction or snapshot racing remove_group() must not
+                        # bring the group back, empty)
+                        raise GroupNotFoundError(f"{self.data_dir}: group {name!r} does not exist (it was removed)")
                     sql()
                     base = insert_group(conn, name)
                 g = mine[name] = base.copy()

@@ -66,8 +66,9 @@ class StorageFault(RaftSqliteError):
 
 class GroupNotFoundError(RaftSqliteError):
     """The group does not exist on this node: it was removed (:meth:`NodeStore.remove_group`) after the
-    handle naming it was taken. Writes through ``store.log(name)`` create a group again; reads of a removed
-    one raise this."""
+    view naming it (``store.log(name)``, ``metadata``, ``snapshots``) was taken. Reads and writes through
+    such a view raise this (nothing is written); asking the store for the group again
+    (``store.log(name)``) creates a new, empty one."""
 
 
 class DataDirError(RaftSqliteError):

@@ -292,15 +292,17 @@ class Kernel:
         removed = 0
         pause = 0.0
         while True:
-            g = self.groups[name]
-            segs = self.read(lambda c: self.compactor.removable(c, g.gid, g.first_index - 1))
+            g = self.group(name)  # GroupNotFoundError once removed
+            gid = g.gid
+            segs = self.read(lambda c: self.compactor.removable(c, gid, g.first_index - 1))
             if not segs:
                 return removed
             time.sleep(pause)
             box: list[int] = []
 
             def write(conn: apsw.Connection, g: GroupState, _: object, seg: tuple[int, int, int] = segs[0]) -> None:
-                box.append(self.compactor.remove(conn, g.gid, seg))
+                if g.gid == gid:  # (a group removed and created again under the same name since: not ours)
+                    box.append(self.compactor.remove(conn, g.gid, seg))
 
             t = time.perf_counter()
             self.run(name, lambda g: None, write)

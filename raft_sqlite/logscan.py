@@ -64,7 +64,11 @@ def check_sealed_segment(conn: apsw.Connection, base: int, sid: int, lo: int, hi
     payload byte) and the sidecar checksum (every stored record CRC) as recorded. Returns ``(first_term,
     last_term, payload_bytes)`` if all of that holds, else None (the caller then checks record by record,
     to find the first bad index). Terms are non-decreasing within the segment because they were when it
-    was written and the digest proves nothing changed since."""
+    was written and the digest proves nothing changed since. A segment row whose columns are not the
+    numbers they should be (damage: text or a blob) fails the check: the caller walks it record by record
+    (the arithmetic below raised TypeError on them)."""
+    if not all(v.__class__ in (int, float) for v in (lo, hi, count, nbytes, checksum)):
+        return None
     n = hi - lo + 1
     try:
         row = conn.execute(SEGMENT_CHECK_SQL, (base, lo, hi, sid)).fetchone()

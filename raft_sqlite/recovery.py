@@ -187,8 +187,12 @@ class _Preread:
             "SELECT group_id, max(idx) FROM snapshots WHERE status='DURABLE' GROUP BY group_id").fetchall()))
         segments_of: dict[int, list[tuple[int, int, int | None]]] = {}
         open_rows: dict[int, list[tuple[int, int, float]]] = {}  # the segments without a last index, per group
-        for g, sid, lo, hi, created in conn.execute("SELECT group_id, segment_id, first_index, last_index, created_at "
-                                                    "FROM log_segments ORDER BY group_id, first_index, segment_id"):
+        # only the rows of existing groups, and created_at of open segments only (what a per-group read
+        # looked at: damage elsewhere, e.g. text that is not UTF-8, must not fail the open now)
+        for g, sid, lo, hi, created in conn.execute(
+                "SELECT s.group_id, s.segment_id, s.first_index, s.last_index, "
+                "CASE WHEN s.last_index IS NULL THEN s.created_at END FROM log_segments s JOIN groups g "
+                "USING (group_id) ORDER BY s.group_id, s.first_index, s.segment_id"):
             segments_of.setdefault(g, []).append((sid, lo, hi))
             if hi is None:
                 open_rows.setdefault(g, []).append((sid, lo, created))
@@ -260,8 +264,13 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                      drop_ok=False)
         if wal_partial:
             partial = 1  # metadata may be stale: the node must not vote until it has caught up
-        last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first, segments_of.get(gid, []),
-                                                 sealed_of.get(gid, []), checked)
+        try:
+            last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first, segments_of.get(gid, []),
+                                                     sealed_of.get(gid, []), checked)
+        except TypeError as exc:  # a segment row's bounds of the wrong type (text, a blob): only damage
+            _problem(store, report, CorruptionError, f"{where}: a segment row holds a damaged index ({exc}); "
+                     "run `raft-sqlite verify`", drop_ok=False)
+            raise  # (unreachable: drop_ok=False raises)
         if bad_at is not None:
             # bad_at: first index that is corrupt or missing; the valid prefix ends at bad_at - 1
             if policy is RecoveryPolicy.STRICT or (policy is RecoveryPolicy.TRUNCATE_TAIL and bad_at <= commit):
@@ -392,6 +401,9 @@ class _OpenScan:
         self.bad: int | None = None
         #: content digest of the open segment by id, when :func:`check_open_segment` computed it
         self.open_content: dict[int, int] = {}
+        #: the index from which the last stretch (the open segment's whole check or the final walk) folded
+        #: every record: the open segment's state can be taken from it only if that is its first index
+        self.open_start: int | None = None
 
     @property
     def expect(self) -> int:
@@ -445,7 +457,9 @@ def _walked(rs: _OpenScan, first: int) -> Callable[[int, int], tuple[int, int, i
     group's first index to its last record, and a record naming another segment stops it); else None (the
     segment is then read again)."""
     def walked(sid: int, lo: int) -> tuple[int, int, int, int | None] | None:
-        if not _at_or_above(lo, first):
+        # (a stretch that began elsewhere, e.g. after a sealed segment overlapping the open one, folded only
+        # part of it: found by review)
+        if not _at_or_above(lo, first) or rs.open_start != lo:
             return None
         checksum, records, nbytes = rs.sc.sidecar(sid)
         return records, nbytes, checksum, rs.open_content.get(sid)
@@ -501,6 +515,7 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
         # the open segment, last and alone at its first index (so every record from there on must name it)
         whole = check_open_segment(conn, gid * SPAN, tail[0], tail[1], sc.last_term)
         if whole is not None:
+            rs.open_start = tail[1]
             n, nbytes, checksum, content, last_term = whole
             if n:
                 sc.prev, sc.last_term = tail[1] + n - 1, last_term
@@ -509,6 +524,7 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
                 report.entries_validated += n
                 report.bytes_validated += nbytes
             return rs.expect - 1, sc.last_term, None, rs
+    rs.open_start = rs.expect
     if not rs.scan(None):  # the open segment, record by record
         return rs.expect - 1, sc.last_term, rs.bad, rs
     return rs.expect - 1, sc.last_term, None, rs

@@ -608,9 +608,10 @@ class NodeStore:
 
         Raises :class:`SnapshotError` (nothing written) while a snapshot of the group is being written or
         read in this process, and :class:`RaftSqliteError` inside :meth:`transaction`. Views taken before
-        (``store.log(name)``, ``metadata``, ``snapshots``) raise :class:`GroupNotFoundError` on reads of the
-        removed group; a write through them, or ``store.log(name)`` again, creates a new, empty group of
-        that name (a multi-Raft node re-adding a region starts it from an empty log too)."""
+        (``store.log(name)``, ``metadata``, ``snapshots``) raise :class:`GroupNotFoundError` on reads and
+        writes (nothing written), as does work started on the group before (a compaction, a snapshot write
+        or install: they never bring it back); asking the store for the name again (``store.log(name)``)
+        creates a new, empty group (a multi-Raft node re-adding a region starts it from an empty log too)."""
         k = self.kernel
         name = k.name_of(group)
         k.check_open()

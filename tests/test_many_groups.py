@@ -169,9 +169,11 @@ def test_remove_group_hostile_arguments_and_refusals(data_dir):
         s.remove_group("a")
 
 
-def test_remove_group_then_write_in_one_batch_creates_a_new_group(data_dir):
-    """The removal and a later write on the same name coalesced into one group commit: the write must
-    create a new group (it found the removed state in the batch), not write into the old one's rows."""
+def test_remove_group_then_write_in_one_batch_is_refused_not_resurrected(data_dir):
+    """The removal and a later write on the same name (through a view taken before) coalesced into one
+    group commit: the write must fail with GroupNotFoundError (it found the removed state in the batch),
+    neither writing into the old group's rows nor bringing the group back; asking the store for the name
+    again then creates a new, empty group."""
     with open_store(data_dir, segment_policy=POLICY) as s:
         fill(s, names=("a", "z"))
         log_a, k = s.log("a"), s.kernel
@@ -198,8 +200,14 @@ def test_remove_group_then_write_in_one_batch_creates_a_new_group(data_dir):
         release.set()
         for t in ts:
             t.join()
-        assert not errs
+        assert len(errs) == 1 and isinstance(errs[0], GroupNotFoundError), errs
         assert s.stats.commits == commits + 2  # the holder's batch, then one batch: removal + append
+        assert s.groups() == ["z"]
+        with pytest.raises(GroupNotFoundError):
+            log_a.append([LogEntry(1, 5, b"again")])
+        with pytest.raises(GroupNotFoundError):
+            s.metadata("z") and log_a.compact(0)
+        s.log("a").append([LogEntry(1, 5, b"fresh")])  # asked for again: a new group
         assert group_state(s, "a")[:4] == (1, 1, 5, [b"fresh"])
     with open_store(data_dir, segment_policy=POLICY) as s:
         assert group_state(s, "a") == (1, 1, 5, [b"fresh"], 0, None, 0, [])
@@ -349,3 +357,82 @@ def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_pa
         got_slow = outcome(slow, policy)
         assert got_fast == got_slow, policy
     assert calls  # the fast check ran (and, for g5, refused the damaged segment: the verdicts are equal)
+
+
+def test_nothing_started_before_a_removal_brings_the_group_back(data_dir):
+    """Views taken before remove_group(): every write through them fails with GroupNotFoundError and
+    creates nothing (found by review: a compaction or a snapshot write racing the removal re-created the
+    group, empty, because any op on a missing name created it)."""
+    with open_store(data_dir, segment_policy=POLICY) as s:
+        fill(s)
+        lg, md, sm = s.log("b"), s.metadata("b"), s.snapshots("b")
+        assert s.remove_group("b")
+        for op in (lambda: lg.append([LogEntry(31, 2, b"x")]), lambda: lg.append_next(2, [b"x"]),
+                   lambda: lg.truncate_after(5), lambda: lg.compact(20), lambda: md.set_term_and_vote(9, "n1"),
+                   lambda: md.set_commit_index(1), lambda: sm.write(20, 2).begin(), lambda: sm.retain(1),
+                   lambda: sm.install(40, 2).begin()):
+            with pytest.raises(GroupNotFoundError):
+                op()
+            assert s.groups() == ["a", "c"]
+        with pytest.raises(GroupNotFoundError), s.transaction():
+            lg.append([LogEntry(31, 2, b"x")])
+        assert s.groups() == ["a", "c"]
+    with open_store(data_dir, segment_policy=POLICY) as s:
+        assert s.groups() == ["a", "c"]
+        assert verify(str(data_dir)).ok
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE log_segments SET created_at = CAST(x'ff' AS TEXT) WHERE group_id = {g} AND last_index IS NOT NULL",
+    "INSERT INTO log_segments(group_id, first_index, created_at) VALUES (999, 1, CAST(x'ff' AS TEXT))",
+    "INSERT INTO log_segments(group_id, first_index, created_at) VALUES (999, CAST(x'ff' AS TEXT), 0)",
+])
+def test_damage_the_open_never_read_does_not_fail_it(tmp_path, sql):
+    """Found by review: the all-groups pre-read fetched columns and rows a per-group open never looked at
+    (a sealed segment's created_at, segment rows of no group) and failed on text that is not UTF-8."""
+    build(tmp_path)
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    c.execute(sql.format(g=c.execute("SELECT group_id FROM groups WHERE name='g5'").fetchone()[0]))
+    c.close()
+    for policy in RecoveryPolicy:
+        d = tmp_path.parent / f"{tmp_path.name}-{policy.value}"
+        shutil.copytree(tmp_path, d)
+        with open_store(d, segment_policy=POLICY, recovery=policy) as s:
+            assert s.recovery_report.outcome == "clean"
+            assert all(s.log(f"g{g}").last_index == PER_GROUP for g in range(GROUPS))
+
+
+@pytest.mark.parametrize("column,where", [("first_index", "last_index IS NULL"), ("last_index", "first_index = 9"),
+                                          ("first_index", "first_index = 9")])
+def test_a_segment_bound_of_the_wrong_type_is_a_typed_refusal(tmp_path, column, where):
+    """A text bound in a segment row made the open raise TypeError (before and after the all-groups open):
+    it is a CorruptionError now, under every policy."""
+    build(tmp_path)
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    gid = c.execute("SELECT group_id FROM groups WHERE name='g5'").fetchone()[0]
+    c.execute(f"UPDATE log_segments SET {column} = 'abc' WHERE group_id = ? AND {where}", (gid,))
+    assert c.changes() == 1
+    c.close()
+    for policy in RecoveryPolicy:  # each on its own copy (an open that drops a tail repairs the store)
+        shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-{policy.value}")
+        outcome_ = _outcome(tmp_path.parent / f"{tmp_path.name}-{policy.value}", policy)
+        if outcome_[0] == "opened":  # a documented drop of the damaged group's tail, reported (uncommitted
+            # entries under TRUNCATE_TAIL: the commit index is 5)
+            assert policy is not RecoveryPolicy.STRICT and outcome_[1] in ("partial", "truncated"), outcome_
+            assert [d["group"] for d in outcome_[2]] == ["g5"]
+        else:
+            assert outcome_[:2] == ("refused", "CorruptionError"), (policy, outcome_)
+
+
+def test_an_open_segment_overlapping_a_sealed_one_is_rebuilt_from_its_records(tmp_path, monkeypatch):
+    """Found by review: with the open segment's first index moved onto a sealed segment (damage), the
+    walk folds only the records after that sealed segment; the open segment's state must then be read
+    from its records (as before the all-groups open), not taken from the partial fold."""
+    build(tmp_path)
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    gid = c.execute("SELECT group_id FROM groups WHERE name='g5'").fetchone()[0]
+    c.execute("UPDATE log_segments SET first_index = 9 WHERE group_id = ? AND last_index IS NULL", (gid,))
+    c.close()
+    with open_store(tmp_path, segment_policy=POLICY) as s:
+        seg = s.kernel.group("g5").seg
+        assert (seg.first_index, seg.count) == (9, 12)  # records 9..20, as a re-read counts them

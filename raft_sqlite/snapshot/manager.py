@@ -211,7 +211,7 @@ class SnapshotManager:
             meta_arg("parent", parent)
         if structures is not None:
             structures = json.loads(json.dumps(structures))
-        self._kernel.ensure_group(self.group)
+        self._g()  # GroupNotFoundError once removed (a writer must never create the group again)
         return SnapshotWriter(self, index, term, kind=kind, parent=parent, structures=structures,
                               install=install, before_finalize=before_finalize)
 
