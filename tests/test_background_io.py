@@ -46,21 +46,31 @@ def test_checkpointer_copies_the_wal_off_the_commit_path_and_nothing_is_lost(tmp
         assert ck is not None and _threads("raft_sqlite-checkpoint-n1")
         lg = s.log("g")
         blob = os.urandom(4096)
-        for i in range(1, 401):  # single appends: each commit adds ~2 WAL frames, 256 wake the thread
+        lg.append([LogEntry(1, 1, blob + (1).to_bytes(4, "big"))])
+        salt0 = s.kernel.hwm.current()[0]
+        for i in range(2, 601):  # single appends: each commit adds 2-3 WAL frames (> 1,200 in all), 256 wake it
             lg.append([LogEntry(i, 1, blob + i.to_bytes(4, "big"))])
         assert _wait(lambda: ck.checkpoints >= 1), "the background checkpointer never ran"
-        assert _wait(lambda: ck.restarts >= 1), "the WAL was never restarted"
         assert s.kernel.conn.execute("PRAGMA wal_autocheckpoint").fetchall() == [(0,)]  # commits never copy
-        for i in range(401, 411):
+
+        def quiet():  # the thread's own stopping rule: nothing more it would copy or complete
+            _, mx, copied = s.kernel.hwm.current()
+            return mx - copied < ck.pages and (mx < ck.restart_pages or mx == copied)
+        assert _wait(quiet), f"the checkpointer left work undone: {s.kernel.hwm.current()[1:]}"
+        for i in range(601, 611):
             lg.append([LogEntry(i, 1, blob + i.to_bytes(4, "big"))])
-        assert s.kernel.hwm.current()[1] < 1000  # the WAL restarted from its beginning (not grown on)
+        # more frames were written than the WAL now holds: it restarted from its beginning (new salts; by
+        # the thread's FULL checkpoint or by a commit that found every frame copied: which of the two varies
+        # with the machine's load, so neither is asserted alone), and it never grew past its working size
+        salt, mx, _ = s.kernel.hwm.current()
+        assert salt != salt0 and mx < ck.restart_pages + 50, (mx, ck.checkpoints, ck.restarts)
     finally:
         s.close()
     assert not _threads("raft_sqlite-checkpoint-n1"), "the thread outlived the store"
     s = open_store(d, fsync=mode)
     try:
-        got = s.log("g").entries(1, 411)
-        assert [e.index for e in got] == list(range(1, 411))
+        got = s.log("g").entries(1, 611)
+        assert [e.index for e in got] == list(range(1, 611))
         assert all(e.data == blob + e.index.to_bytes(4, "big") for e in got)
     finally:
         s.close()
