@@ -17,7 +17,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -31,7 +31,7 @@ from .kernel import Kernel
 from .logscan import RecordScanner, SealedSegment, SegmentCheck, check_open_segment, check_segments
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized
-from .wal import INT, SPAN, cut_after, load_open_segment
+from .wal import INT, SPAN, Folded, cut_after, load_open_segment, open_segment_state
 
 log = logging.getLogger("raft_sqlite.recovery")
 
@@ -233,8 +233,6 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                                 "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     bad_snapshot_groups = recover_snapshots(store, conn, report)
     pre = _Preread(store, conn, {r[0]: r[2] for r in rows})
-    durable_of, segments_of, open_rows, sealed_of, checked = (pre.durable_of, pre.segments_of, pre.open_rows,
-                                                              pre.sealed_of, pre.checked)
     for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc, gcrc in rows:
         report.groups += 1
         if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
@@ -253,7 +251,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
             # PARTIAL: keep the values but never trust the vote; the node must rejoin as catch-up follower
             vote, partial = None, 1
             report.dropped.append({"group": name, "what": "vote", "reason": "metadata CRC mismatch"})
-        durable = durable_of.get(gid) or 0
+        durable = pre.durable_of.get(gid) or 0
         if durable != snap_idx:
             _problem(store, report, RecoveryRefused,
                      f"{where}: snapshot index {snap_idx} in the group record disagrees with the newest durable "
@@ -265,8 +263,9 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
         if wal_partial:
             partial = 1  # metadata may be stale: the node must not vote until it has caught up
         try:
-            last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first, segments_of.get(gid, []),
-                                                     sealed_of.get(gid, []), checked)
+            last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first,
+                                                     pre.segments_of.get(gid, []), pre.sealed_of.get(gid, []),
+                                                     pre.checked)
         except TypeError as exc:  # a segment row's bounds of the wrong type (text, a blob): only damage
             _problem(store, report, CorruptionError, f"{where}: a segment row holds a damaged index ({exc}); "
                      "run `raft-sqlite verify`", drop_ok=False)
@@ -299,9 +298,10 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                          (group_crc(gid, name, first, snap_idx, snap_term, 1), gid))
             conn.execute("UPDATE raft_meta SET voted_for=?, commit_index=?, crc32=? WHERE group_id=?",
                          (vote, commit, meta_crc(gid, term, vote, commit), gid))
-        opens = open_rows.get(gid, [])
+        opens = pre.open_rows.get(gid, [])
         if bad_at is None and len(opens) < 2:  # the one open segment read above, or none (unchanged since)
-            seg = load_open_segment(conn, gid, _walked(scanner, first), row=opens[0] if opens else None)
+            row = opens[0] if opens else None
+            seg = open_segment_state(conn, gid, row, None if row is None else scanner.folded(row[0], row[1], first))
         else:  # a tail dropped (segments changed), or several open segments (only damage makes them)
             seg = load_open_segment(conn, gid)
         store.kernel.groups.publish({name: GroupState(gid, name, first, last, last_term if last >= first else snap_term,
@@ -405,6 +405,18 @@ class _OpenScan:
         #: every record: the open segment's state can be taken from it only if that is its first index
         self.open_start: int | None = None
 
+    def folded(self, sid: int, lo: int, first: int) -> Folded | None:
+        """The open segment ``sid`` = ``lo..`` as this validation (which found nothing wrong) folded it: records,
+        bytes, sidecar (and content digest, when :func:`check_open_segment` computed it), if it covered the
+        segment from its first index (the walk is contiguous from the group's first index to its last record,
+        and a record naming another segment stops it); else None (the segment is then read again). A stretch
+        that began elsewhere (after a sealed segment overlapping the open one) folded only part of it: found
+        by review."""
+        if not _at_or_above(lo, first) or self.open_start != lo:
+            return None
+        checksum, records, nbytes = self.sc.sidecar(sid)
+        return records, nbytes, checksum, self.open_content.get(sid)
+
     @property
     def expect(self) -> int:
         """The next index to check (one above the last one accepted)."""
@@ -448,22 +460,6 @@ def _at_or_above(lo: object, first: object) -> bool:
     """``lo >= first`` for the integers they should be (a damaged column's value is never compared here: its
     segment is then checked record by record, which reports it)."""
     return lo.__class__ is int and first.__class__ is int and lo >= first
-
-
-def _walked(rs: _OpenScan, first: int) -> Callable[[int, int], tuple[int, int, int, int | None] | None]:
-    """For :func:`~raft_sqlite.wal.load_open_segment`: the open segment's records, bytes, sidecar (and content
-    digest, when :func:`check_open_segment` computed it) as the open's validation (which found nothing
-    wrong) folded them, when it covered the segment from its first index (the walk is contiguous from the
-    group's first index to its last record, and a record naming another segment stops it); else None (the
-    segment is then read again)."""
-    def walked(sid: int, lo: int) -> tuple[int, int, int, int | None] | None:
-        # (a stretch that began elsewhere, e.g. after a sealed segment overlapping the open one, folded only
-        # part of it: found by review)
-        if not _at_or_above(lo, first) or rs.open_start != lo:
-            return None
-        checksum, records, nbytes = rs.sc.sidecar(sid)
-        return records, nbytes, checksum, rs.open_content.get(sid)
-    return walked
 
 
 def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,

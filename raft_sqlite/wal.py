@@ -319,46 +319,45 @@ class WalWriter:
         return load_open_segment(conn, group_id)
 
 
-#: ``load_open_segment(row=...)`` default: read the open segment's row
-READ_ROW: Any = object()
+#: The state of an open segment's records as a caller has just folded them: (records, payload bytes, sidecar
+#: checksum, content digest or None)
+Folded = tuple[int, int, int, int | None]
 
 
-def load_open_segment(conn: apsw.Connection, group_id: int,
-                      walked: Callable[[int, int], tuple[int, int, int, int | None] | None] | None = None,
-                      row: Any = READ_ROW) -> OpenSegment | None:
+def load_open_segment(conn: apsw.Connection, group_id: int) -> OpenSegment | None:
     """Rebuild the in-memory state of the group's open segment from its records (at open, and after
-    truncation). Only the open segment is read: its size is bounded by the segment policy.
+    truncation). Only the open segment is read: its size is bounded by the segment policy."""
+    return open_segment_state(conn, group_id, conn.execute(
+        "SELECT segment_id, first_index, created_at FROM log_segments "
+        "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1", (group_id,)).fetchone())
 
-    ``walked(segment_id, first_index)``: the segment's ``(records, payload bytes, sidecar checksum, content
-    digest or None)`` if the caller has just checked every record from ``first_index`` on, in order and
-    contiguous (the open's validation), else None; the records are then not read a second time (nor their
-    content digest, when given). ``row``: the open segment's ``(segment_id, first_index, created_at)`` if the
-    caller read it (None: the group has no open segment), else it is read here."""
-    if row is READ_ROW:
-        row = conn.execute("SELECT segment_id, first_index, created_at FROM log_segments "
-                           "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1",
-                           (group_id,)).fetchone()
+
+def open_segment_state(conn: apsw.Connection, group_id: int, row: Sequence[Any] | None,
+                       folded: Folded | None = None) -> OpenSegment | None:
+    """:func:`load_open_segment` from the open segment's row ``(segment_id, first_index, created_at)`` (None:
+    the group has none). ``folded``: its records' state if the caller has just checked every record from its
+    first index on, in order and contiguous (the open's validation); they are then not read a second time
+    (nor their content digest, when given)."""
     if row is None:
         return None
     seg = OpenSegment(row[0], row[1], 0, 0, row[2], 0)
     base = group_id * SPAN
-    known = walked(seg.segment_id, seg.first_index) if walked is not None else None
-    content = None
-    if known is not None:
-        seg.count, seg.nbytes, seg.checksum, content = known
-    if content is not None:
-        seg.content = content
-        return seg
-    for idx, n, crc in () if known is not None else conn.execute(
-            f"SELECT {INT('idx')}, length(payload), {INT('crc32')} FROM log_entries WHERE key >= ? AND key < ? "
-            "ORDER BY key",
-            (base + seg.first_index, base + SPAN)):
-        if idx != seg.first_index + seg.count:
-            raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: open segment {seg.segment_id} has a gap "
-                                  f"at index {seg.first_index + seg.count} (found {idx})")
-        seg.count += 1
-        seg.nbytes += n
-        seg.checksum = chain_crc(seg.checksum, crc)
+    if folded is not None:
+        seg.count, seg.nbytes, seg.checksum, content = folded
+        if content is not None:
+            seg.content = content
+            return seg
+    else:
+        for idx, n, crc in conn.execute(
+                f"SELECT {INT('idx')}, length(payload), {INT('crc32')} FROM log_entries WHERE key >= ? AND key < ? "
+                "ORDER BY key",
+                (base + seg.first_index, base + SPAN)):
+            if idx != seg.first_index + seg.count:
+                raise CorruptionError(f"{layout.MAIN_DB}: group {group_id}: open segment {seg.segment_id} has a "
+                                      f"gap at index {seg.first_index + seg.count} (found {idx})")
+            seg.count += 1
+            seg.nbytes += n
+            seg.checksum = chain_crc(seg.checksum, crc)
     if seg.count:
         agg = conn.execute(f"SELECT {CONTENT_SQL} FROM log_entries WHERE key >= ? AND key < ?",
                            (base + seg.first_index, base + SPAN)).fetchone()
