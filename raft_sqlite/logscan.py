@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import array
 import bisect
+import json
 import os
 import struct
+import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -172,6 +175,119 @@ def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last
     except (OverflowError, TypeError, struct.error):  # a value outside what the record format holds
         return None
     return n, sum(map(len, payloads)), chain_crcs(0, stored), content_crc_batch(0, terms, kinds, payloads), terms[-1]
+
+
+#: Every open segment a clean close described (``close_digests``, see :data:`raft_sqlite.schema.close_digests`)
+#: for a range ``?2 <= segment_id < ?3`` of them, in ONE result row: the inner query computes over every record of
+#: the segment's group from its first index on what :data:`SEGMENT_CHECK_SQL` computes, and keeps the segments
+#: whose counts, key range (so every index is present), ``idx`` and ``segment`` columns, payload types and bytes
+#: agree with the digest; the outer one concatenates, for those, ``"sid records checksum content first_term
+#: last_term digest_length"`` (``info``, one per segment, ``,``-separated), the records' CRCs (``crcs``, ``;``
+#: between segments) and the rendered contents (``contents``), in the same order (every aggregate of one query
+#: steps over the same rows). One row, not one per segment: apsw takes the GIL back for every row, which made
+#: two threads checking halves as slow as one checking all. The plan walks the digests in segment order and each
+#: one's records in key order (no sort); that order only decides whether digests match, never whether a mismatch
+#: is accepted. Python then compares the content digests and sidecar checksums (:func:`check_close_digests`).
+CLOSE_CHECK_SQL = (
+    "SELECT string_agg(sid || ' ' || n || ' ' || length(content) || ' ' || nbytes || ' ' || checksum || ' ' "
+    "|| content_crc || ' ' || t1, ','), string_agg(crcs, ';'), CAST(string_agg(content, '') AS BLOB) "
+    # (a value that is not an integer, possibly text that is not UTF-8, must not fail the whole row: "x")
+    "FROM (SELECT d.segment_id AS sid, iif(typeof(d.checksum) = 'integer', d.checksum, 'x') AS checksum, "
+    "iif(typeof(d.content_crc) = 'integer', d.content_crc, 'x') AS content_crc, count(*) AS n, d.bytes AS nbytes, "
+    f"{CONTENT_SQL.replace('term', 'e.term').replace('kind', 'e.kind').replace('payload', 'e.payload')} AS content, "
+    "string_agg(e.crc32, ',') AS crcs, iif(typeof(max(e.term)) = 'integer', max(e.term), 'x') AS t1 "
+    "FROM close_digests d JOIN log_segments s ON s.segment_id = d.segment_id "
+    "JOIN log_entries e ON e.key >= s.group_id * ?1 + s.first_index AND e.key < (s.group_id + 1) * ?1 "
+    "WHERE s.last_index IS NULL AND d.segment_id >= ?2 AND d.segment_id < ?3 GROUP BY d.segment_id "
+    # every field of the info item non-NULL and one CRC per record (a NULL would drop an item from one
+    # concatenation and not from the others); n distinct keys from the first index up to first + n - 1: every
+    # index present; the rest as SEGMENT_CHECK_SQL (a NULL term or kind renders no content: digest mismatch)
+    "HAVING count(*) = d.entry_count AND count(e.crc32) = count(*) AND d.checksum IS NOT NULL "
+    "AND d.content_crc IS NOT NULL AND max(e.key) = s.group_id * ?1 + s.first_index + count(*) - 1 "
+    "AND sum(e.idx != e.key - s.group_id * ?1) = 0 AND sum(typeof(e.payload) != 'blob') = 0 "
+    "AND sum(e.segment != d.segment_id) = 0 AND sum(length(e.payload)) = d.bytes)")
+
+#: What :func:`check_close_digests` returns for an open segment that matches its close digest: (records,
+#: payload bytes, sidecar checksum, content digest, first term, last term)
+ClosedCheck = tuple[int, int, int, int, int, int]
+
+
+def _close_checks(conn: apsw.Connection, lo: int, hi: int) -> dict[int, ClosedCheck]:
+    """:func:`check_close_digests` for the digests of segments ``lo <= id < hi``, on ``conn``."""
+    out: dict[int, ClosedCheck] = {}
+    try:
+        row = conn.execute(CLOSE_CHECK_SQL, (SPAN, lo, hi)).fetchone()
+    except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8: every segment checks record by record
+        return out
+    assert row is not None  # an aggregate without GROUP BY always yields one row
+    info, crcs, contents = row
+    if info is None or crcs is None or contents is None:  # no segment agreed with its digest
+        return out
+    try:  # every CRC of the range at once (one C-level parse, not one per segment)
+        packed: array.array[int] | None = array.array("I", json.loads("[" + crcs.replace(";", ",") + "]"))
+    except (ValueError, TypeError, OverflowError):  # a CRC column that is not a 32-bit integer: see below
+        packed = None
+    per_segment = crcs.split(";") if packed is None else []
+    if packed is not None and sys.byteorder != "little":
+        packed.byteswap()  # the sidecar checksum is over little-endian CRCs
+    view, at, off = memoryview(contents), 0, 0
+    for k, item in enumerate(info.split(",")):
+        fields = item.split(" ")
+        sid, n, size = int(fields[0]), int(fields[1]), int(fields[2])  # id, count(*), length(): integers always
+        seg_content, off = view[off:off + size], off + size
+        seg_crcs: array.array[int] | memoryview
+        if packed is not None:
+            seg_crcs, at = memoryview(packed)[at:at + n], at + n
+        else:  # one CRC list (at least) failed to parse: parse each on its own, skip those that fail
+            try:
+                seg_crcs = array.array("I", map(int, per_segment[k].split(",")))
+            except (ValueError, OverflowError):
+                continue
+            if sys.byteorder != "little":
+                seg_crcs.byteswap()
+        try:
+            nbytes, checksum, content, t1 = map(int, fields[3:])
+        except ValueError:  # a digest or term column that is not an integer
+            continue
+        if content_digest(seg_content) == content and zlib.crc32(seg_crcs) == checksum:
+            # the digest proves every term as written (integers, non-decreasing: append refuses anything else);
+            # the first one opens the rendered content ("<term> <kind>\n<payload>...")
+            out[sid] = (n, nbytes, checksum, content, int(bytes(seg_content[:24]).split(b" ", 1)[0]), t1)
+    return out
+
+
+def check_close_digests(connect: Callable[[], apsw.Connection], conn: apsw.Connection) -> dict[int, ClosedCheck]:
+    """Check every open segment that the last clean close described in ``close_digests`` against its digest:
+    every record of its group from its first index on present, in order, with ``idx`` matching its key,
+    naming the segment, a BLOB payload, and the record count, payload bytes, content digest (every term,
+    kind and payload byte) and sidecar checksum (every stored record CRC) as the close recorded them (which
+    is what :func:`check_sealed_segment` proves of a sealed segment). Returns ``{segment_id: (records,
+    payload bytes, sidecar checksum, content digest, first term, last term)}`` for those that match; every
+    other open segment (no digest, or one that disagrees) is for the caller to check record by record.
+    Many digests are checked on ``CHECK_THREADS`` read connections from ``connect()`` (closed afterwards),
+    few on ``conn``."""
+    ids = [r[0] for r in conn.execute("SELECT segment_id FROM close_digests ORDER BY segment_id")]
+    if not ids:
+        return {}
+    threads = min(CHECK_THREADS, len(ids) // 256)
+    if threads <= 1:
+        return _close_checks(conn, ids[0], ids[-1] + 1)
+    cuts = [ids[len(ids) * k // threads] for k in range(threads)] + [ids[-1] + 1]
+
+    def run(k: int) -> dict[int, ClosedCheck]:
+        c = connect()
+        try:
+            return _close_checks(c, cuts[k], cuts[k + 1])
+        finally:
+            c.close()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[int, ClosedCheck] = {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
+        for res in pool.map(run, range(threads)):
+            out.update(res)
+    return out
 
 
 _NO_SEGMENT = object()  # "no segment looked up yet" (None is a segment column value: a damaged one)

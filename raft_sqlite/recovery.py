@@ -28,7 +28,16 @@ from .dbrows import db_row, db_rows, db_scalar
 from .errors import CorruptionError, RecoveryRefused
 from .groupstate import GroupState, group_crc, meta_crc
 from .kernel import Kernel
-from .logscan import RecordScanner, SealedSegment, SegmentCheck, check_open_segment, check_segments
+from .logscan import (
+    ClosedCheck,
+    OpenCheck,
+    RecordScanner,
+    SealedSegment,
+    SegmentCheck,
+    check_close_digests,
+    check_open_segment,
+    check_segments,
+)
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized
 from .wal import INT, SPAN, Folded, cut_after, load_open_segment, open_segment_state
@@ -210,6 +219,11 @@ class _Preread:
                                       [(g * SPAN, row) for g, segs in sealed_of.items()
                                        for row in segs if row[6] is not None and _at_or_above(row[1], firsts.get(g))],
                                       conn=conn)
+        # the open segments a clean close described, checked against their digests all at once (an open of
+        # 10,000 small groups spent ~0.5 s verifying their open segments' records one CRC at a time); then the
+        # digests are consumed: a crash from now on must not leave them to be trusted later
+        self.closed = check_close_digests(lambda: store.kernel.connect(store.path, query_only=True), conn)
+        conn.execute("DELETE FROM close_digests")
         self.segments_of, self.open_rows, self.sealed_of = segments_of, open_rows, sealed_of
 
 
@@ -233,6 +247,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                                 "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     bad_snapshot_groups = recover_snapshots(store, conn, report)
     pre = _Preread(store, conn, {r[0]: r[2] for r in rows})
+    states: dict[str, GroupState] = {}
     for gid, name, first, snap_idx, snap_term, partial, term, vote, commit, mcrc, gcrc in rows:
         report.groups += 1
         if group_crc(gid, name, first, snap_idx, snap_term, partial) != gcrc:
@@ -262,14 +277,18 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
                      drop_ok=False)
         if wal_partial:
             partial = 1  # metadata may be stale: the node must not vote until it has caught up
-        try:
-            last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first,
-                                                     pre.segments_of.get(gid, []), pre.sealed_of.get(gid, []),
-                                                     pre.checked)
-        except TypeError as exc:  # a segment row's bounds of the wrong type (text, a blob): only damage
-            _problem(store, report, CorruptionError, f"{where}: a segment row holds a damaged index ({exc}); "
-                     "run `raft-sqlite verify`", drop_ok=False)
-            raise  # (unreachable: drop_ok=False raises)
+        segs = pre.segments_of.get(gid, [])
+        folded = _closed_alone(pre, segs, first, report)
+        if folded is not None:
+            last, last_term, bad_at = first + folded[0] - 1, folded[4], None
+        else:
+            try:
+                last, last_term, bad_at, scanner = _scan(store, conn, report, gid, name, first, segs,
+                                                         pre.sealed_of.get(gid, []), pre.checked, pre.closed)
+            except TypeError as exc:  # a segment row's bounds of the wrong type (text, a blob): only damage
+                _problem(store, report, CorruptionError, f"{where}: a segment row holds a damaged index ({exc}); "
+                         "run `raft-sqlite verify`", drop_ok=False)
+                raise  # (unreachable: drop_ok=False raises)
         if bad_at is not None:
             # bad_at: first index that is corrupt or missing; the valid prefix ends at bad_at - 1
             if policy is RecoveryPolicy.STRICT or (policy is RecoveryPolicy.TRUNCATE_TAIL and bad_at <= commit):
@@ -301,11 +320,29 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
         opens = pre.open_rows.get(gid, [])
         if bad_at is None and len(opens) < 2:  # the one open segment read above, or none (unchanged since)
             row = opens[0] if opens else None
-            seg = open_segment_state(conn, gid, row, None if row is None else scanner.folded(row[0], row[1], first))
+            seg = open_segment_state(conn, gid, row, folded[:4] if folded is not None else
+                                     None if row is None else scanner.folded(row[0], row[1], first))
         else:  # a tail dropped (segments changed), or several open segments (only damage makes them)
             seg = load_open_segment(conn, gid)
-        store.kernel.groups.publish({name: GroupState(gid, name, first, last, last_term if last >= first else snap_term,
-                                                      snap_idx, snap_term, term, vote, commit, seg, bool(partial))})
+        states[name] = GroupState(gid, name, first, last, last_term if last >= first else snap_term, snap_idx, snap_term,
+                                  term, vote, commit, seg, bool(partial))
+    store.kernel.groups.publish(states)
+
+
+def _closed_alone(pre: _Preread, segs: Sequence[tuple[int, int, int | None]], first: object,
+                  report: RecoveryReport) -> tuple[int, int, int, int, int] | None:
+    """The usual shape of a small group: its only segment is open, starts at its first index and matches what
+    the last clean close recorded (:func:`check_close_digests`). Then returns ``(records, payload bytes,
+    sidecar checksum, content digest, last term)``, what :func:`_scan` would conclude, without building its
+    record walker (an open of 10,000 such groups spent a third of its time there), and counts the records
+    as validated; else None (the caller runs :func:`_scan`)."""
+    done = pre.closed.get(segs[0][0]) if len(segs) == 1 and segs[0][2] is None else None
+    if done is None or segs[0][1] != first or first.__class__ is not int:
+        return None
+    n, nbytes, checksum, content, _first_term, last_term = done
+    report.entries_validated += n
+    report.bytes_validated += nbytes
+    return n, nbytes, checksum, content, last_term
 
 
 def recover_snapshots(store: OpeningStore, conn: apsw.Connection,
@@ -464,7 +501,8 @@ def _at_or_above(lo: object, first: object) -> bool:
 
 def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gid: int, name: str,
           first: int, segments: Sequence[tuple[int, int, int | None]], sealed: Sequence[SealedSegment],
-          checked: Mapping[int, SegmentCheck | None]) -> tuple[int, int, int | None, _OpenScan]:
+          checked: Mapping[int, SegmentCheck | None],
+          closed: Mapping[int, ClosedCheck] | None = None) -> tuple[int, int, int | None, _OpenScan]:
     """Verify record CRCs, contiguity and sidecar checksums of the group's log from ``first`` on.
     Returns ``(last_index, last_term, first_bad_index_or_None, scan)``: on a problem, ``last_index`` is
     the end of the valid prefix.
@@ -476,7 +514,9 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
     group's last segment row and the checks reached its first index (:func:`check_open_segment`: one query,
     no Python loop per record), and walked only if that fails. ``segments``: every segment row of the group
     ``(segment_id, first_index, last_index)``; ``sealed``: its sealed ones ending at or above ``first``,
-    whole rows; ``checked``: the aggregate's result per sealed segment id (:func:`check_segments`)."""
+    whole rows; ``checked``: the aggregate's result per sealed segment id (:func:`check_segments`); ``closed``:
+    the open segments that match what the last clean close recorded (:func:`check_close_digests`), accepted
+    as a whole like a sealed segment whose aggregate checks out."""
     where = f"{store.path}: group {name!r}"
     rs = _OpenScan(store, conn, report, gid, name, first, segments)
     sc = rs.sc
@@ -509,7 +549,11 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
     if (tail is not None and tail[2] is None and tail[1] == rs.expect
             and (len(segments) < 2 or segments[-2][1] != tail[1])):
         # the open segment, last and alone at its first index (so every record from there on must name it)
-        whole = check_open_segment(conn, gid * SPAN, tail[0], tail[1], sc.last_term)
+        done = None if closed is None else closed.get(tail[0])
+        if done is not None and done[4] >= sc.last_term:
+            whole: OpenCheck | None = (*done[:4], done[5])
+        else:
+            whole = check_open_segment(conn, gid * SPAN, tail[0], tail[1], sc.last_term)
         if whole is not None:
             rs.open_start = tail[1]
             n, nbytes, checksum, content, last_term = whole

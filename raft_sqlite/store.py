@@ -39,7 +39,7 @@ from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recove
 from .restorestate import read_restore_state
 from .snapshot import SnapshotManager, SnapshotStore
 from .statemachine import StateMachineSnapshotManager
-from .wal import BLOB_PAYLOAD, SegmentPolicy
+from .wal import BLOB_PAYLOAD, SegmentPolicy, write_close_digests
 
 log = logging.getLogger("raft_sqlite.store")
 
@@ -557,9 +557,25 @@ class NodeStore:
         """Stop background work, close every connection, then release the data_dir lock. Idempotent."""
         if "kernel" not in self.__dict__ or self.kernel.closed:
             return
+        self._record_close_digests()
         self.kernel.mark_closed()  # stops the interval syncer, lets the current leader finish its commit
         self._close_connections()
         self._release_lock()  # only once every connection is closed
+
+    def _record_close_digests(self) -> None:
+        """Record every open segment's counts and digests for the next open (``wal.write_close_digests``: it
+        then checks them with one aggregate each instead of every record's CRC), in a commit of their own
+        through group commit, so that it is ordered after every write acknowledged before close. Skipped
+        after a storage fault (no more I/O) and inside a transaction block; a failure is logged and the
+        close goes on (the next open then checks the open segments record by record, as after a crash)."""
+        k = self.kernel
+        if k.fault is not None or k.in_transaction():
+            return
+        try:
+            k.raw(lambda conn: write_close_digests(conn, [g.seg for g in k.groups.states() if g.seg is not None]))
+        except RaftSqliteError as exc:
+            log.warning("%s: could not record the open segments' digests at close (the next open checks them "
+                        "record by record): %s", self.data_dir, exc)
 
     def _close_connections(self, failed_open: bool = False) -> None:
         # After a storage fault, never let SQLite checkpoint on close: that writes the database and

@@ -122,7 +122,7 @@ def content_crc_batch(crc: int, terms: Sequence[int], kinds: Sequence[int], payl
                                                                  payloads))), crc)
 
 
-def content_digest(rendered: bytes) -> int:
+def content_digest(rendered: bytes | memoryview) -> int:
     """The content digest of records rendered by :data:`CONTENT_SQL` (a segment's whole text)."""
     return zlib.crc32(rendered)
 
@@ -317,6 +317,21 @@ class WalWriter:
         ``index`` (if any) becomes the open one again. Returns the open segment."""
         cut_after(conn, group_id, index)
         return load_open_segment(conn, group_id)
+
+
+def write_close_digests(conn: apsw.Connection, segments: Iterable[OpenSegment]) -> int:
+    """Record the counts, sidecar checksum and content digest of each open segment in ``segments`` that holds
+    records into ``close_digests`` (replacing every row there), inside the caller's transaction: what a clean
+    close writes so that the next open checks each open segment with one SQLite aggregate instead of every
+    record's CRC in Python (:func:`raft_sqlite.logscan.check_close_digests`). ``segments`` are the groups'
+    published open segments: a row that no longer matches the records when the next open reads it (a write
+    committed after it, damage) only sends that segment to the record-by-record check. Returns the rows written."""
+    rows = [(g.segment_id, g.count, g.nbytes, g.checksum, g.content) for g in segments if g.count]
+    conn.execute("DELETE FROM close_digests")
+    if rows:
+        conn.executemany("INSERT INTO close_digests(segment_id, entry_count, bytes, checksum, content_crc) "
+                         "VALUES (?,?,?,?,?)", rows)
+    return len(rows)
 
 
 #: The state of an open segment's records as a caller has just folded them: (records, payload bytes, sidecar

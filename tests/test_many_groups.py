@@ -325,12 +325,22 @@ def _outcome(data_dir, policy):
         return ("refused", type(e).__name__, str(e))
 
 
+def no_digests(data_dir):
+    """Forget what the last clean close recorded (as a crash would have): every open segment is then checked
+    from its records."""
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    c.execute("DELETE FROM close_digests")
+    c.close()
+
+
 @pytest.mark.parametrize("sql", OPEN_DAMAGE)
 def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_path, monkeypatch, sql):
     """Every damage to an open segment gives the same verdict (refusal and its message, or what is dropped
-    and kept) whether the open segment is checked as a whole first or only walked record by record."""
+    and kept) whether the open segment is checked against what the last clean close recorded, checked as a
+    whole from its records, or only walked record by record."""
     build(tmp_path / "pristine")
     c = apsw.Connection(str(tmp_path / "pristine" / "raft.db"))
+    assert c.execute("SELECT count(*) FROM close_digests").fetchone()[0] == GROUPS  # the clean close wrote them
     gid = c.execute("SELECT group_id FROM groups WHERE name='g5'").fetchone()[0]
     if sql == "resign-term":
         term, kind, payload = c.execute("SELECT term, kind, payload FROM log_entries WHERE key=?",
@@ -341,22 +351,35 @@ def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_pa
     else:
         c.execute(sql.format(b=gid * SPAN, g=gid))
     c.close()
-    calls = []
-    real = logscan.check_open_segment
+    calls, accepted = [], []
+    real, real_digests = logscan.check_open_segment, logscan.check_close_digests
 
     def counted(*a):
         calls.append(a)
         return real(*a)
+
+    def digests(*a):
+        got = real_digests(*a)
+        accepted.append(len(got))
+        return got
+    monkeypatch.setattr("raft_sqlite.recovery.check_close_digests", digests)
     for policy in RecoveryPolicy:
-        fast, slow = tmp_path / f"fast-{policy.value}", tmp_path / f"slow-{policy.value}"
-        shutil.copytree(tmp_path / "pristine", fast)
-        shutil.copytree(tmp_path / "pristine", slow)
+        closed, fast, slow = (tmp_path / f"{mode}-{policy.value}" for mode in ("closed", "fast", "slow"))
+        for d in (closed, fast, slow):
+            shutil.copytree(tmp_path / "pristine", d)
+        no_digests(fast)
+        no_digests(slow)
+        monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", real)
+        got_closed = outcome(closed, policy)
         monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", counted)
         got_fast = outcome(fast, policy)
         monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", lambda *a: None)
         got_slow = outcome(slow, policy)
-        assert got_fast == got_slow, policy
-    assert calls  # the fast check ran (and, for g5, refused the damaged segment: the verdicts are equal)
+        assert got_closed == got_fast == got_slow, policy
+    assert calls  # the whole-segment check ran (and, for g5, refused the damaged segment: the verdicts are equal)
+    # the digests of the 11 intact groups were accepted (g5's only if the damage is outside its open segment's
+    # records and row: a second open segment row)
+    assert accepted[0] in (GROUPS - 1, GROUPS)
 
 
 def test_nothing_started_before_a_removal_brings_the_group_back(data_dir):
@@ -436,3 +459,205 @@ def test_an_open_segment_overlapping_a_sealed_one_is_rebuilt_from_its_records(tm
     with open_store(tmp_path, segment_policy=POLICY) as s:
         seg = s.kernel.group("g5").seg
         assert (seg.first_index, seg.count) == (9, 12)  # records 9..20, as a re-read counts them
+
+
+# ---------------------------------------------------------------------------------------------- what a clean close records
+def open_segments(data_dir):
+    """{group name: (open segment id, its records' count and payload bytes)}, read from the records."""
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    out = {name: (sid, *c.execute("SELECT count(*), sum(length(payload)) FROM log_entries WHERE key >= ? AND key < ?",
+                                  (gid * SPAN + lo, (gid + 1) * SPAN)).fetchone())
+           for name, gid, sid, lo in c.execute(
+               "SELECT g.name, g.group_id, s.segment_id, s.first_index FROM groups g JOIN log_segments s "
+               "USING (group_id) WHERE s.last_index IS NULL")}
+    c.close()
+    return out
+
+
+def digests(data_dir):
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    rows = {r[0]: r[1:] for r in c.execute("SELECT * FROM close_digests")}
+    c.close()
+    return rows
+
+
+def seg_state(s, name):
+    seg = s.kernel.group(name).seg
+    return (seg.segment_id, seg.first_index, seg.count, seg.nbytes, seg.checksum, seg.content)
+
+
+def spy_open_checks(monkeypatch):
+    """Record the group key base of every open segment checked from its records."""
+    calls = []
+    real = logscan.check_open_segment
+
+    def counted(conn, base, *a):
+        calls.append(base // SPAN)
+        return real(conn, base, *a)
+    monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", counted)
+    return calls
+
+
+def test_a_clean_close_records_each_open_segment_and_the_next_open_consumes_it(tmp_path, monkeypatch):
+    """A clean close writes one close_digests row per open segment holding records (its records, bytes,
+    sidecar checksum, content digest); the next open accepts each open segment that matches its row without
+    checking its records one by one, builds the same state as the record-by-record open, and deletes the rows
+    in its own commit (none is left while the node runs, so a crash leaves none to trust)."""
+    build(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    no_digests(tmp_path / "b")
+    rows, segs = digests(tmp_path / "a"), open_segments(tmp_path / "a")
+    assert sorted(rows) == sorted(sid for sid, _n, _b in segs.values())
+    assert {(sid, n, b) for sid, n, b in segs.values()} == {(sid, r[0], r[1]) for sid, r in rows.items()}
+    calls = spy_open_checks(monkeypatch)
+    with open_store(tmp_path / "a", segment_policy=POLICY) as a:
+        assert calls == []  # every open segment was taken from its digest
+        assert digests(tmp_path / "a") == {}  # consumed, durably, by the open's commit
+        assert a.recovery_report.entries_validated == GROUPS * PER_GROUP
+        with open_store(tmp_path / "b", segment_policy=POLICY) as b:
+            assert len(calls) == GROUPS  # no digests: every open segment checked from its records
+            for g in range(GROUPS):
+                assert seg_state(a, f"g{g}") == seg_state(b, f"g{g}")
+                assert group_state(a, f"g{g}") == group_state(b, f"g{g}")
+        a.log("g2").append([LogEntry(PER_GROUP + 1, 9, b"more")])
+    assert digests(tmp_path / "a")[open_segments(tmp_path / "a")["g2"][0]][0] == 5  # the close recorded the append
+
+
+DIGEST_DAMAGE = [
+    "UPDATE close_digests SET checksum = checksum + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET content_crc = content_crc + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET entry_count = entry_count + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET entry_count = entry_count - 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET bytes = bytes + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET checksum = 'x' WHERE segment_id = {sid}",
+    "UPDATE close_digests SET content_crc = CAST(x'ff' AS TEXT) WHERE segment_id = {sid}",
+    "DELETE FROM close_digests WHERE segment_id = {sid}",
+    "UPDATE close_digests SET bytes = 'many' WHERE segment_id = {sid}",
+    # g5's and g6's rows swapped
+    "UPDATE close_digests SET segment_id = -segment_id WHERE segment_id IN ({sid}, {sid6}); "
+    "UPDATE close_digests SET segment_id = {sid6} WHERE segment_id = -{sid}; "
+    "UPDATE close_digests SET segment_id = {sid} WHERE segment_id = -{sid6}",
+    "stale",  # the row an earlier close wrote, before 3 more records were appended and the node closed again
+]
+
+
+@pytest.mark.parametrize("sql", DIGEST_DAMAGE)
+def test_a_damaged_or_stale_digest_only_sends_its_segment_to_the_record_check(tmp_path, monkeypatch, sql):
+    """A close_digests row that disagrees with the records (damaged, swapped, or left by an earlier close) is
+    never trusted and never fails the open: that open segment is checked from its records, the state is the
+    record-by-record open's (proved by sealing the segment and reopening with nothing but its records), and
+    every entry is there."""
+    d = tmp_path / "s"
+    build(d)
+    extra = 0
+    if sql == "stale":
+        old = digests(d)
+        with open_store(d, segment_policy=POLICY) as s:
+            s.log("g5").append([LogEntry(i, 9, b"late") for i in range(PER_GROUP + 1, PER_GROUP + 4)])
+        extra = 3
+        sid = open_segments(d)["g5"][0]
+        c = apsw.Connection(str(d / "raft.db"))
+        c.execute("UPDATE close_digests SET entry_count=?, bytes=?, checksum=?, content_crc=? WHERE segment_id=?",
+                  (*old[sid], sid))
+        assert c.changes() == 1
+        c.close()
+    else:
+        segs = open_segments(d)
+        c = apsw.Connection(str(d / "raft.db"))
+        c.execute(sql.format(sid=segs["g5"][0], sid6=segs["g6"][0]))
+        c.close()
+    shutil.copytree(d, tmp_path / "ref")
+    no_digests(tmp_path / "ref")
+    calls = spy_open_checks(monkeypatch)
+    with open_store(d, segment_policy=POLICY) as s:
+        gid5 = s.kernel.group("g5").gid
+        damaged = {gid5, s.kernel.group("g6").gid} if "sid6" in sql else {gid5}
+        assert set(calls) == damaged, calls  # only the disagreeing rows' segments were checked record by record
+        assert s.recovery_report.outcome == "clean" and not s.recovery_report.problems
+        with open_store(tmp_path / "ref", segment_policy=POLICY) as ref:
+            for g in range(GROUPS):
+                assert seg_state(s, f"g{g}") == seg_state(ref, f"g{g}")
+        assert s.log("g5").last_index == PER_GROUP + extra
+        # fill g5's open segment until it seals: its recorded counts, sidecar and digest come from that state
+        last = s.log("g5").last_index
+        s.log("g5").append([LogEntry(i, 9, b"seal") for i in range(last + 1, last + 9)])
+    no_digests(d)
+    with open_store(d, segment_policy=POLICY) as s:
+        assert s.recovery_report.outcome == "clean" and not s.recovery_report.problems
+        assert s.log("g5").last_index == last + 8
+        assert [e.data for e in s.log("g5").entries(last + 1, last + 9)] == [b"seal"] * 8
+    assert verify(str(d)).ok
+
+
+MANY = 600
+
+
+@pytest.fixture(scope="module")
+def many_groups(tmp_path_factory):
+    """MANY groups of 3 records each (open segments only), closed cleanly."""
+    d = tmp_path_factory.mktemp("many") / "s"
+    with open_store(d, fsync=FsyncMode.OFF) as s, s.transaction():
+        for g in range(MANY):
+            s.log(f"g{g}").append([LogEntry(i, 1, f"g{g}:{i}".encode()) for i in range(1, 4)])
+    assert len(digests(d)) == MANY
+    return d
+
+
+@pytest.mark.parametrize("sql,message", [
+    (None, None),
+    ("UPDATE log_entries SET payload = x'00' WHERE key = {b} + 2", "CRC mismatch in log entry 2"),
+    ("UPDATE log_entries SET crc32 = 'x' WHERE key = {b} + 2", "CRC mismatch in log entry 2"),
+])
+def test_many_digests_are_checked_on_threads_and_damage_in_one_segment_is_still_found(
+        tmp_path, monkeypatch, many_groups, sql, message):
+    """Hundreds of digests are checked in slices on parallel read connections (one result row per slice);
+    damage in one group's open segment, even a CRC column no slice can parse, sends only that segment to the
+    record check, which names it."""
+    monkeypatch.setattr(logscan, "CHECK_THREADS", 4)
+    slices = []
+    real = logscan._close_checks
+
+    def counted(conn, lo, hi):
+        got = real(conn, lo, hi)
+        slices.append(len(got))
+        return got
+    monkeypatch.setattr(logscan, "_close_checks", counted)
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    c = apsw.Connection(str(d / "raft.db"))
+    gid = c.execute("SELECT group_id FROM groups WHERE name='g300'").fetchone()[0]
+    if sql:
+        c.execute(sql.format(b=gid * SPAN))
+        assert c.changes() == 1
+    c.close()
+    calls = spy_open_checks(monkeypatch)
+    if message is None:
+        with open_store(d) as s:
+            assert calls == [] and len(slices) == 2 and sum(slices) == MANY
+            assert [e.data for e in s.log("g599").entries(1, 4)] == [b"g599:1", b"g599:2", b"g599:3"]
+        return
+    with pytest.raises(CorruptionError, match=rf"group 'g300'.*{message}"):
+        open_store(d)
+    assert calls == [gid] and len(slices) == 2 and sum(slices) == MANY - 1
+
+
+def test_a_killed_node_leaves_no_digest_behind(tmp_path, monkeypatch):
+    """The open that follows a clean close consumes its digests in its own commit: a node killed afterwards
+    (no close) leaves none, and the next open checks every open segment from its records."""
+    build(tmp_path)
+    code = ("import os, signal, sys\n"
+            "from raft_sqlite import NodeStore, FsyncMode, LogEntry, SegmentPolicy\n"
+            "s = NodeStore.open(sys.argv[1], 'n1', cluster_id='c1', fsync=FsyncMode.FULL,"
+            " segment_policy=SegmentPolicy(max_entries=8))\n"
+            "s.log('g1').append([LogEntry(21, 9, b'acked')])\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = run_py(code, tmp_path)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    # (read through the store: a plain connection's close would checkpoint and delete the killed node's WAL)
+    found = []
+    real = logscan.check_close_digests
+    monkeypatch.setattr("raft_sqlite.recovery.check_close_digests", lambda *a: found.append(real(*a)) or found[-1])
+    calls = spy_open_checks(monkeypatch)
+    with open_store(tmp_path, segment_policy=POLICY) as s:
+        assert found == [{}] and len(calls) == GROUPS
+        assert s.log("g1").get(21).data == b"acked"

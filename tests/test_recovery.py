@@ -6,7 +6,15 @@ import logging
 import apsw
 import pytest
 
-from raft_sqlite import CorruptionError, EntryKind, LogEntry, RecoveryPolicy, RecoveryRefused, SegmentPolicy
+from raft_sqlite import (
+    CorruptionError,
+    EntryKind,
+    LogEntry,
+    RecoveryPolicy,
+    RecoveryRefused,
+    SegmentPolicy,
+    layout,
+)
 from raft_sqlite.metadata import group_crc, meta_crc
 from raft_sqlite.sqlobjects import GUARD_TRIGGER
 from tests.conftest import open_store
@@ -325,7 +333,7 @@ def test_store_from_before_segment_digests_is_upgraded_and_checked_record_by_rec
     with open_store(data_dir, recovery=RecoveryPolicy.PARTIAL) as s:
         assert s.log("g").last_index == 11
     c = apsw.Connection(str(data_dir / "raft.db"))
-    assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003_main_segment_content"
+    assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == layout.MAIN_HEAD
     assert "content_crc" in {r[1] for r in c.execute("PRAGMA table_info(log_segments)")}
     c.close()
 
