@@ -207,6 +207,9 @@ CLOSE_CHECK_SQL = (
     "AND sum(e.idx != e.key - s.group_id * ?1) = 0 AND sum(typeof(e.payload) != 'blob') = 0 "
     "AND sum(e.segment != d.segment_id) = 0 AND sum(length(e.payload)) = d.bytes)")
 
+#: Records below which :func:`check_close_digests` adds no thread (a thread and its read connection cost ~1 ms)
+CLOSE_CHECK_SLICE = 8192
+
 #: What :func:`check_close_digests` returns for an open segment that matches its close digest: (records,
 #: payload bytes, sidecar checksum, content digest, first term, last term)
 ClosedCheck = tuple[int, int, int, int, int, int]
@@ -264,15 +267,23 @@ def check_close_digests(connect: Callable[[], apsw.Connection], conn: apsw.Conne
     is what :func:`check_sealed_segment` proves of a sealed segment). Returns ``{segment_id: (records,
     payload bytes, sidecar checksum, content digest, first term, last term)}`` for those that match; every
     other open segment (no digest, or one that disagrees) is for the caller to check record by record.
-    Many digests are checked on ``CHECK_THREADS`` read connections from ``connect()`` (closed afterwards),
-    few on ``conn``."""
-    ids = [r[0] for r in conn.execute("SELECT segment_id FROM close_digests ORDER BY segment_id")]
-    if not ids:
+    Many records are checked in slices of about equal records on up to ``CHECK_THREADS`` read connections from
+    ``connect()`` (closed afterwards), few on ``conn``."""
+    rows = conn.execute("SELECT segment_id, entry_count FROM close_digests ORDER BY segment_id").fetchall()
+    if not rows:
         return {}
-    threads = min(CHECK_THREADS, len(ids) // 256)
-    if threads <= 1:
-        return _close_checks(conn, ids[0], ids[-1] + 1)
-    cuts = [ids[len(ids) * k // threads] for k in range(threads)] + [ids[-1] + 1]
+    # slices of about equal records (100 groups of 2,000 records are as much work as 10,000 of 20)
+    counts = [n if n.__class__ is int and n > 0 else 1 for _sid, n in rows]
+    total = sum(counts)
+    threads = max(1, min(CHECK_THREADS, len(rows), total // CLOSE_CHECK_SLICE))
+    if threads == 1:
+        return _close_checks(conn, rows[0][0], rows[-1][0] + 1)
+    cuts, acc = [rows[0][0]], 0
+    for (sid, _n), n in zip(rows, counts):
+        if acc >= total * len(cuts) // threads and len(cuts) < threads:
+            cuts.append(sid)
+        acc += n
+    cuts.append(rows[-1][0] + 1)
 
     def run(k: int) -> dict[int, ClosedCheck]:
         c = connect()
@@ -284,8 +295,8 @@ def check_close_digests(connect: Callable[[], apsw.Connection], conn: apsw.Conne
     from concurrent.futures import ThreadPoolExecutor
 
     out: dict[int, ClosedCheck] = {}
-    with ThreadPoolExecutor(threads, thread_name_prefix="raft_sqlite-check") as pool:
-        for res in pool.map(run, range(threads)):
+    with ThreadPoolExecutor(len(cuts) - 1, thread_name_prefix="raft_sqlite-check") as pool:
+        for res in pool.map(run, range(len(cuts) - 1)):
             out.update(res)
     return out
 

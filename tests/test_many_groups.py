@@ -610,10 +610,12 @@ def many_groups(tmp_path_factory):
 ])
 def test_many_digests_are_checked_on_threads_and_damage_in_one_segment_is_still_found(
         tmp_path, monkeypatch, many_groups, sql, message):
-    """Hundreds of digests are checked in slices on parallel read connections (one result row per slice);
+    """Many records' digests are checked in slices of about equal records on parallel read connections (one
+    result row per slice);
     damage in one group's open segment, even a CRC column no slice can parse, sends only that segment to the
     record check, which names it."""
     monkeypatch.setattr(logscan, "CHECK_THREADS", 4)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 500)  # 1,800 records: 3 slices of ~600
     slices = []
     real = logscan._close_checks
 
@@ -633,12 +635,12 @@ def test_many_digests_are_checked_on_threads_and_damage_in_one_segment_is_still_
     calls = spy_open_checks(monkeypatch)
     if message is None:
         with open_store(d) as s:
-            assert calls == [] and len(slices) == 2 and sum(slices) == MANY
+            assert calls == [] and len(slices) == 3 and sum(slices) == MANY
             assert [e.data for e in s.log("g599").entries(1, 4)] == [b"g599:1", b"g599:2", b"g599:3"]
         return
     with pytest.raises(CorruptionError, match=rf"group 'g300'.*{message}"):
         open_store(d)
-    assert calls == [gid] and len(slices) == 2 and sum(slices) == MANY - 1
+    assert calls == [gid] and len(slices) == 3 and sum(slices) == MANY - 1
 
 
 def test_a_killed_node_leaves_no_digest_behind(tmp_path, monkeypatch):
