@@ -23,7 +23,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import apsw
 
@@ -269,11 +269,13 @@ def check_close_digests(connect: Callable[[], apsw.Connection], conn: apsw.Conne
     other open segment (no digest, or one that disagrees) is for the caller to check record by record.
     Many records are checked in slices of about equal records on up to ``CHECK_THREADS`` read connections from
     ``connect()`` (closed afterwards), few on ``conn``."""
-    rows = conn.execute("SELECT segment_id, entry_count FROM close_digests ORDER BY segment_id").fetchall()
+    # (segment_id is the INTEGER PRIMARY KEY: always an int; entry_count is whatever the file holds)
+    rows = cast("list[tuple[int, object]]", conn.execute(
+        "SELECT segment_id, entry_count FROM close_digests ORDER BY segment_id").fetchall())
     if not rows:
         return {}
     # slices of about equal records (100 groups of 2,000 records are as much work as 10,000 of 20)
-    counts = [n if n.__class__ is int and n > 0 else 1 for _sid, n in rows]
+    counts = [n if isinstance(n, int) and n > 0 else 1 for _sid, n in rows]
     total = sum(counts)
     threads = max(1, min(CHECK_THREADS, len(rows), total // CLOSE_CHECK_SLICE))
     if threads == 1:
