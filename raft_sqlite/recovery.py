@@ -30,17 +30,24 @@ from .groupstate import GroupState, group_crc, meta_crc
 from .kernel import Kernel
 from .logscan import (
     ClosedCheck,
-    OpenCheck,
     RecordScanner,
     SealedSegment,
     SegmentCheck,
     check_close_digests,
-    check_open_segment,
     check_segments,
 )
 from .snapshot import SnapshotStore, manifest_fields_crc
 from .sqlobjects import DECLARED, normalized
-from .wal import INT, SPAN, Folded, cut_after, load_open_segment, open_segment_state
+from .wal import (
+    INT,
+    SPAN,
+    Folded,
+    OpenCheck,
+    check_open_segment,
+    cut_after,
+    load_open_segment,
+    open_segment_state,
+)
 
 log = logging.getLogger("raft_sqlite.recovery")
 
@@ -323,7 +330,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
             seg = open_segment_state(conn, gid, row, folded[:4] if folded is not None else
                                      None if row is None else scanner.folded(row[0], row[1], first))
         else:  # a tail dropped (segments changed), or several open segments (only damage makes them)
-            seg = load_open_segment(conn, gid)
+            seg = load_open_segment(conn, gid, check=False)  # (validated above)
         states[name] = GroupState(gid, name, first, last, last_term if last >= first else snap_term, snap_idx, snap_term,
                                   term, vote, commit, seg, bool(partial))
     store.kernel.groups.publish(states)

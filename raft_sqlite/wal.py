@@ -127,6 +127,44 @@ def content_digest(rendered: bytes | memoryview) -> int:
     return zlib.crc32(rendered)
 
 
+#: What :func:`check_open_segment` returns for an open segment that checks out: (records, payload bytes,
+#: sidecar checksum, content digest, last term)
+OpenCheck = tuple[int, int, int, int, int]
+
+
+def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last_term: int) -> OpenCheck | None:
+    """Check the open segment ``sid`` = ``lo..`` (every record of the group from ``lo`` on) in one query and
+    C-level passes over its columns, without a Python loop per record: every index from ``lo`` present and
+    in order with ``idx`` matching its key, each record naming ``sid``, a BLOB payload, integer columns,
+    terms non-decreasing from ``last_term`` and every record CRC verified (:func:`record_crcs`). Returns
+    ``(records, payload bytes, sidecar checksum, content digest, last term)`` if all of that holds, else
+    None: the caller then walks record by record (:class:`RecordScanner`), which finds and names the first
+    problem. The open segment has no recorded digest to compare with (it is written at seal), so every
+    record's own CRC is what proves it intact, as in the walk."""
+    try:
+        rows = conn.execute("SELECT key - ?1, idx, term, kind, payload, crc32, segment FROM log_entries "
+                            "WHERE key >= ?1 + ?2 AND key < ?1 + ?3 ORDER BY key", (base, lo, SPAN)).fetchall()
+    except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8
+        return None
+    if not rows:
+        return 0, 0, 0, 0, last_term
+    n = len(rows)
+    keys, idxs, terms, kinds, payloads, crcs, segs = zip(*rows)
+    if keys != tuple(range(lo, lo + n)) or idxs != keys or segs.count(sid) != n:
+        return None
+    if set(map(type, payloads)) != {bytes} or {*map(type, terms), *map(type, kinds), *map(type, crcs)} != {int}:
+        return None
+    if terms[0] < last_term or list(terms) != sorted(terms):
+        return None
+    try:
+        stored = array.array("I", crcs)
+        if stored != record_crcs(base // SPAN, idxs, terms, kinds, payloads):
+            return None
+    except (OverflowError, TypeError, struct.error):  # a value outside what the record format holds
+        return None
+    return n, sum(map(len, payloads)), chain_crcs(0, stored), content_crc_batch(0, terms, kinds, payloads), terms[-1]
+
+
 @dataclass
 class SegmentPolicy:
     """When the open segment of a group is sealed and a new one started."""
@@ -339,24 +377,39 @@ def write_close_digests(conn: apsw.Connection, segments: Iterable[OpenSegment]) 
 Folded = tuple[int, int, int, int | None]
 
 
-def load_open_segment(conn: apsw.Connection, group_id: int) -> OpenSegment | None:
-    """Rebuild the in-memory state of the group's open segment from its records (at open, and after
-    truncation). Only the open segment is read: its size is bounded by the segment policy."""
+def load_open_segment(conn: apsw.Connection, group_id: int, *, check: bool = True) -> OpenSegment | None:
+    """Rebuild the in-memory state of the group's open segment from its records (after truncation, and at
+    open when a tail was dropped). Only the open segment is read: its size is bounded by the segment policy.
+    ``check``: see :func:`open_segment_state`."""
     return open_segment_state(conn, group_id, conn.execute(
         "SELECT segment_id, first_index, created_at FROM log_segments "
-        "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1", (group_id,)).fetchone())
+        "WHERE group_id=? AND last_index IS NULL ORDER BY first_index DESC LIMIT 1", (group_id,)).fetchone(),
+        check=check)
 
 
 def open_segment_state(conn: apsw.Connection, group_id: int, row: Sequence[Any] | None,
-                       folded: Folded | None = None) -> OpenSegment | None:
+                       folded: Folded | None = None, *, check: bool = False) -> OpenSegment | None:
     """:func:`load_open_segment` from the open segment's row ``(segment_id, first_index, created_at)`` (None:
     the group has none). ``folded``: its records' state if the caller has just checked every record from its
     first index on, in order and contiguous (the open's validation); they are then not read a second time
-    (nor their content digest, when given)."""
+    (nor their content digest, when given). Otherwise the records are read and folded as stored: with
+    ``check`` they are first checked as the open checks an open segment (:func:`check_open_segment`: every
+    record CRC, contiguity, the segment each names, term order), and :class:`CorruptionError` names the first
+    bad one. The state is what a seal or a clean close records as the truth about those records, so a caller
+    that has not just validated them (a truncation reopening a sealed segment) must check: found by review, a
+    truncation into a segment whose records had been damaged while the node ran folded the damage, and the
+    close digest of that state then vouched for it. Open-time recovery has validated them (and keeps its own
+    verdicts on damaged segment rows), so it folds without checking."""
     if row is None:
         return None
     seg = OpenSegment(row[0], row[1], 0, 0, row[2], 0)
     base = group_id * SPAN
+    if folded is None and check:
+        whole = check_open_segment(conn, base, seg.segment_id, seg.first_index, 0)
+        if whole is None:
+            raise CorruptionError(_first_problem(conn, group_id, seg))
+        seg.count, seg.nbytes, seg.checksum, seg.content, _last_term = whole
+        return seg
     if folded is not None:
         seg.count, seg.nbytes, seg.checksum, content = folded
         if content is not None:
@@ -379,6 +432,27 @@ def open_segment_state(conn: apsw.Connection, group_id: int, row: Sequence[Any] 
         assert agg is not None  # an aggregate without GROUP BY always yields one row
         seg.content = content_digest(agg[0] or b"")
     return seg
+
+
+def _first_problem(conn: apsw.Connection, group_id: int, seg: OpenSegment) -> str:
+    """What is wrong with the records of open segment ``seg`` (which failed :func:`check_open_segment`): the
+    first gap, CRC mismatch, term decrease or record naming another segment, in index order."""
+    where = f"{layout.MAIN_DB}: group {group_id}: open segment {seg.segment_id}"
+    base, expect, last_term = group_id * SPAN, seg.first_index, 0
+    for idx, idx_col, term, kind, payload, crc, segment in conn.execute(
+            f"SELECT key - ?, {INT('idx')}, {INT('term')}, {INT('kind')}, {BLOB_PAYLOAD}, {INT('crc32')}, "
+            f"{INT('segment')} FROM log_entries WHERE key >= ? AND key < ? ORDER BY key",
+            (base, base + seg.first_index, base + SPAN)):
+        if idx != expect or idx_col != idx:
+            return f"{where} has a gap at index {expect} (found {idx_col})"
+        if not crc_matches(record_crc(group_id, idx, term, kind, payload), crc):
+            return f"{where}: CRC mismatch in log entry {idx}"
+        if term < last_term:
+            return f"{where}: term decreases at log entry {idx}"
+        if segment != seg.segment_id:
+            return f"{where}: log entry {idx} names segment {segment}"
+        expect, last_term = idx + 1, term
+    return f"{where} fails its check"  # (a value the record format cannot hold)
 
 
 class WalReader:
