@@ -42,19 +42,16 @@ from .wal import (
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
 #: computed inside SQLite. ``?1`` = the group's key base, ``?2``/``?3`` = first/last index, ``?4`` = segment.
 #: Keys are unique and bounded by the range, so the count proves every index present; the content digest
-#: covers every term, kind and payload byte as text, so the types are checked apart (:data:`TYPES_WRONG`): a
-#: payload turned into TEXT with the same bytes, a kind or CRC stored as text or a blob that renders the same,
-#: a NULL or text ``idx`` or ``segment`` (which ``!=`` would let pass: found by review).
+#: covers every term, kind and payload byte as text; a payload turned into TEXT with the same bytes is a change
+#: it cannot see, hence the typeof(); ``IS NOT`` (not ``!=``) so that a NULL ``idx`` or ``segment`` counts (found
+#: by review). Not seen, by design: a term, kind or CRC rewritten by SQL as a BLOB or TEXT spelling the same
+#: digits (no damage of the file does that, and checking every column's type costs 40% more per record); the
+#: first read of such a record fails its CRC check (``CorruptionError``), as the record walk would at open.
 log = logging.getLogger("raft_sqlite.store")  # the store's logger (the open's checks run here)
 
-#: True for a record any of whose columns is not of its type (only damage makes one; the per-record checks
-#: refuse each such record, so the aggregates must too). ``{e}`` is the table's alias prefix.
-_TYPES_WRONG = ("(typeof({e}idx) != 'integer' OR typeof({e}term) != 'integer' OR typeof({e}kind) != 'integer' "
-                "OR typeof({e}crc32) != 'integer' OR typeof({e}segment) != 'integer' OR typeof({e}payload) != 'blob')")
-TYPES_WRONG = _TYPES_WRONG.format(e="")
 SEGMENT_CHECK_SQL = (
-    f"SELECT count(*), sum({TYPES_WRONG} OR idx != key - ?1), 0, sum(length(payload)), "
-    f"{CONTENT_SQL}, string_agg(crc32, ','), sum(segment != ?4) FROM log_entries "
+    "SELECT count(*), sum(idx IS NOT key - ?1 OR typeof(payload) != 'blob'), 0, sum(length(payload)), "
+    f"{CONTENT_SQL}, string_agg(crc32, ','), sum(segment IS NOT ?4) FROM log_entries "
     "WHERE key >= ?1 + ?2 AND key <= ?1 + ?3")
 
 #: What :func:`check_sealed_segment` returns for a segment that checks out: (first term, last term, payload bytes)
@@ -156,13 +153,16 @@ def check_segments(connect: Callable[[], apsw.Connection], items: Sequence[tuple
 #: one's records in key order (no sort); that order only decides whether digests match, never whether a mismatch
 #: is accepted. Python then compares the content digests and sidecar checksums (:func:`check_close_digests`).
 CLOSE_CHECK_SQL = (
+    # (every item of the three concatenations is non-NULL, so they stay in line: a NULL would be skipped by one
+    # and not the others; a value that is not an integer, possibly text that is not UTF-8, must not fail the
+    # whole row: "x", which fails that segment's parse)
     "SELECT string_agg(sid || ' ' || n || ' ' || length(content) || ' ' || nbytes || ' ' || checksum || ' ' "
     "|| content_crc || ' ' || t1, ','), string_agg(crcs, ';'), CAST(string_agg(content, '') AS BLOB) "
-    # (a value that is not an integer, possibly text that is not UTF-8, must not fail the whole row: "x")
     "FROM (SELECT d.segment_id AS sid, iif(typeof(d.checksum) = 'integer', d.checksum, 'x') AS checksum, "
     "iif(typeof(d.content_crc) = 'integer', d.content_crc, 'x') AS content_crc, count(*) AS n, d.bytes AS nbytes, "
-    f"{CONTENT_SQL.replace('term', 'e.term').replace('kind', 'e.kind').replace('payload', 'e.payload')} AS content, "
-    "string_agg(e.crc32, ',') AS crcs, iif(typeof(max(e.term)) = 'integer', max(e.term), 'x') AS t1 "
+    f"coalesce({CONTENT_SQL.replace('term', 'e.term').replace('kind', 'e.kind').replace('payload', 'e.payload')}, "
+    "x'') AS content, "
+    "coalesce(string_agg(e.crc32, ','), 'x') AS crcs, iif(typeof(max(e.term)) = 'integer', max(e.term), 'x') AS t1 "
     "FROM close_digests d JOIN log_segments s ON s.segment_id = d.segment_id "
     "JOIN log_entries e ON e.key >= s.group_id * ?1 + s.first_index AND e.key < (s.group_id + 1) * ?1 "
     "WHERE s.last_index IS NULL AND d.segment_id >= ?2 AND d.segment_id < ?3 AND d.bytes <= ?4 * d.entry_count "
@@ -172,7 +172,7 @@ CLOSE_CHECK_SQL = (
     # index present; the rest as SEGMENT_CHECK_SQL (a NULL term or kind renders no content: digest mismatch)
     "HAVING count(*) = d.entry_count AND d.checksum IS NOT NULL AND d.content_crc IS NOT NULL "
     "AND max(e.key) = s.group_id * ?1 + s.first_index + count(*) - 1 "
-    f"AND sum({_TYPES_WRONG.format(e='e.')} OR e.idx != e.key - s.group_id * ?1 OR e.segment != d.segment_id) = 0 "
+    "AND sum(e.idx IS NOT e.key - s.group_id * ?1 OR e.segment IS NOT d.segment_id OR typeof(e.payload) != 'blob') = 0 "
     "AND sum(length(e.payload)) = d.bytes)")
 
 #: Records below which :func:`check_close_digests` adds no thread (a thread and its read connection cost ~1 ms)
