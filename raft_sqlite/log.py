@@ -264,7 +264,10 @@ class PersistentRaftLog:
     def truncate_after(self, index: int) -> None:
         """Remove every entry ``> index`` (conflict resolution). Refuses with
         :class:`LogConflictError` to cut at or below the commit index, and with
-        :class:`LogCompactedError` below the snapshot. A no-op when ``index >= last_index``."""
+        :class:`LogCompactedError` below the snapshot. A no-op when ``index >= last_index``. The segment
+        that holds ``index`` becomes the open one again, and its records are checked before their state is
+        rebuilt: if one was damaged since it was written, raises :class:`CorruptionError` naming it (nothing
+        written)."""
         index = _int("index", index)
         name = self.group
         kernel = self._kernel

@@ -554,7 +554,10 @@ class NodeStore:
                             self.chunks_path, exc)
 
     def close(self) -> None:
-        """Stop background work, close every connection, then release the data_dir lock. Idempotent."""
+        """Record each group's open segment for the next open (``close_digests``: one commit through group
+        commit, which commit listeners see; a storage error there makes the store fail-stop like any commit,
+        and the close goes on), stop background work, close every connection, then release the data_dir
+        lock. Idempotent."""
         if "kernel" not in self.__dict__ or self.kernel.closed:
             return
         self._record_close_digests()
