@@ -512,6 +512,19 @@ def spy_open_checks(monkeypatch):
     return calls
 
 
+def spy_slices(monkeypatch):
+    """Record, for each slice of close digests checked, how many of its open segments matched."""
+    slices = []
+    real = logscan._close_checks
+
+    def counted(conn, lo, hi):
+        got = real(conn, lo, hi)
+        slices.append(len(got))
+        return got
+    monkeypatch.setattr(logscan, "_close_checks", counted)
+    return slices
+
+
 def test_a_clean_close_records_each_open_segment_and_the_next_open_consumes_it(tmp_path, monkeypatch):
     """A clean close writes one close_digests row per open segment holding records (its records, bytes,
     sidecar checksum, content digest); the next open accepts each open segment that matches its row without
@@ -625,19 +638,11 @@ def many_groups(tmp_path_factory):
 def test_many_digests_are_checked_on_threads_and_damage_in_one_segment_is_still_found(
         tmp_path, monkeypatch, many_groups, sql, message):
     """Many records' digests are checked in slices of about equal records on parallel read connections (one
-    result row per slice);
-    damage in one group's open segment, even a CRC column no slice can parse, sends only that segment to the
-    record check, which names it."""
+    result row per slice); damage in one group's open segment, even a CRC column no slice can parse, sends
+    only that segment to the record check, which names it."""
     monkeypatch.setattr(logscan, "CHECK_THREADS", 4)
     monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 500)  # 1,800 records: 3 slices of ~600
-    slices = []
-    real = logscan._close_checks
-
-    def counted(conn, lo, hi):
-        got = real(conn, lo, hi)
-        slices.append(len(got))
-        return got
-    monkeypatch.setattr(logscan, "_close_checks", counted)
+    slices = spy_slices(monkeypatch)
     d = tmp_path / "s"
     shutil.copytree(many_groups, d)
     c = apsw.Connection(str(d / "raft.db"))
@@ -759,14 +764,7 @@ def test_open_segments_too_big_for_one_query_are_checked_in_slices_or_from_their
     someone deleted the digests. Slices are now bounded in bytes (a segment over the bound goes alone), and a
     query that fails anyway only sends its segments to the record check."""
     build(tmp_path)
-    slices = []
-    real = logscan._close_checks
-
-    def counted(conn, lo, hi):
-        got = real(conn, lo, hi)
-        slices.append(len(got))
-        return got
-    monkeypatch.setattr(logscan, "_close_checks", counted)
+    slices = spy_slices(monkeypatch)
     monkeypatch.setattr(logscan, "CLOSE_CHECK_MAX_BYTES", 150)  # ~2 segments of 4 records of ~12 B per slice
     calls = spy_open_checks(monkeypatch)
     with open_store(tmp_path, segment_policy=POLICY) as s:
