@@ -20,8 +20,6 @@ import bisect
 import json
 import logging
 import os
-import sys
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, cast
 
@@ -34,6 +32,7 @@ from .wal import (
     chain_crc,
     chain_crcs,
     content_digest,
+    content_sql,
     crc_matches,
     record_crc,
     sidecar_checksum,
@@ -160,8 +159,7 @@ CLOSE_CHECK_SQL = (
     "|| content_crc || ' ' || t1, ','), string_agg(crcs, ';'), CAST(string_agg(content, '') AS BLOB) "
     "FROM (SELECT d.segment_id AS sid, iif(typeof(d.checksum) = 'integer', d.checksum, 'x') AS checksum, "
     "iif(typeof(d.content_crc) = 'integer', d.content_crc, 'x') AS content_crc, count(*) AS n, d.bytes AS nbytes, "
-    f"coalesce({CONTENT_SQL.replace('term', 'e.term').replace('kind', 'e.kind').replace('payload', 'e.payload')}, "
-    "x'') AS content, "
+    f"coalesce({content_sql('e')}, x'') AS content, "
     "coalesce(string_agg(e.crc32, ','), 'x') AS crcs, iif(typeof(max(e.term)) = 'integer', max(e.term), 'x') AS t1 "
     "FROM close_digests d JOIN log_segments s ON s.segment_id = d.segment_id "
     "JOIN log_entries e ON e.key >= s.group_id * ?1 + s.first_index AND e.key < (s.group_id + 1) * ?1 "
@@ -185,7 +183,7 @@ CLOSE_CHECK_MAX_BYTES = 64 << 20
 CLOSE_CHECK_MAX_AVG = 512
 
 #: What :func:`check_close_digests` returns for an open segment that matches its close digest: (records,
-#: payload bytes, sidecar checksum, content digest, first term, last term)
+#: payload bytes, sidecar checksum, content digest, last term, first term): an :data:`OpenCheck` and its first term
 ClosedCheck = tuple[int, int, int, int, int, int]
 
 
@@ -210,15 +208,12 @@ def _close_checks(conn: apsw.Connection, lo: int, hi: int) -> dict[int, ClosedCh
     if packed is not None and len(packed) != sum(int(f[1]) for f in items):
         packed = None  # never slice CRCs that do not line up with their segments (found by review)
     per_segment = crcs.split(";") if packed is None else []
-    if packed is not None and sys.byteorder != "little":
-        packed.byteswap()  # the sidecar checksum is over little-endian CRCs
     view, at, off = memoryview(contents), 0, 0
     for k, fields in enumerate(items):
         sid, n, size = int(fields[0]), int(fields[1]), int(fields[2])  # id, count(*), length(): integers always
         seg_content, off = view[off:off + size], off + size
-        seg_crcs: array.array[int] | memoryview
         if packed is not None:
-            seg_crcs, at = memoryview(packed)[at:at + n], at + n
+            seg_crcs, at = packed[at:at + n], at + n
         else:  # parse each segment's list on its own, skip those that fail
             try:
                 seg_crcs = array.array("I", map(int, per_segment[k].split(",")))
@@ -226,16 +221,14 @@ def _close_checks(conn: apsw.Connection, lo: int, hi: int) -> dict[int, ClosedCh
                 continue
             if len(seg_crcs) != n:
                 continue
-            if sys.byteorder != "little":
-                seg_crcs.byteswap()
         try:
             nbytes, checksum, content, t1 = map(int, fields[3:])
         except ValueError:  # a digest or term column that is not an integer
             continue
-        if content_digest(seg_content) == content and zlib.crc32(seg_crcs) == checksum:
+        if content_digest(seg_content) == content and chain_crcs(0, seg_crcs) == checksum:
             # the digest proves every term as written (integers, non-decreasing: append refuses anything else);
             # the first one opens the rendered content ("<term> <kind>\n<payload>...")
-            out[sid] = (n, nbytes, checksum, content, int(bytes(seg_content[:24]).split(b" ", 1)[0]), t1)
+            out[sid] = (n, nbytes, checksum, content, t1, int(bytes(seg_content[:24]).split(b" ", 1)[0]))
     return out
 
 

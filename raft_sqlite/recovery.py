@@ -337,7 +337,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
 
 
 def _closed_alone(pre: _Preread, segs: Sequence[tuple[int, int, int | None]], first: object,
-                  report: RecoveryReport) -> tuple[int, int, int, int, int] | None:
+                  report: RecoveryReport) -> OpenCheck | None:
     """The usual shape of a small group: its only segment is open, starts at its first index and matches what
     the last clean close recorded (:func:`check_close_digests`). Then returns ``(records, payload bytes,
     sidecar checksum, content digest, last term)``, what :func:`_scan` would conclude, without building its
@@ -346,10 +346,9 @@ def _closed_alone(pre: _Preread, segs: Sequence[tuple[int, int, int | None]], fi
     done = pre.closed.get(segs[0][0]) if len(segs) == 1 and segs[0][2] is None else None
     if done is None or segs[0][1] != first or first.__class__ is not int:
         return None
-    n, nbytes, checksum, content, _first_term, last_term = done
-    report.entries_validated += n
-    report.bytes_validated += nbytes
-    return n, nbytes, checksum, content, last_term
+    report.entries_validated += done[0]
+    report.bytes_validated += done[1]
+    return done[:5]
 
 
 def recover_snapshots(store: OpeningStore, conn: apsw.Connection,
@@ -557,8 +556,8 @@ def _scan(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, gi
             and (len(segments) < 2 or segments[-2][1] != tail[1])):
         # the open segment, last and alone at its first index (so every record from there on must name it)
         done = None if closed is None else closed.get(tail[0])
-        if done is not None and done[4] >= sc.last_term:
-            whole: OpenCheck | None = (*done[:4], done[5])
+        if done is not None and done[5] >= sc.last_term:
+            whole: OpenCheck | None = done[:5]
         else:
             whole = check_open_segment(conn, gid * SPAN, tail[0], tail[1], sc.last_term)
         if whole is not None:

@@ -61,6 +61,11 @@ SPAN = layout.KEY_SPAN
 #: it inside SQLite with this expression over a rowid range (one aggregate, no Python loop per record),
 #: which is what makes opening and verifying millions of records fast.
 CONTENT_SQL = "CAST(string_agg(term || ' ' || kind || char(10) || payload, '') AS BLOB)"
+
+
+def content_sql(alias: str) -> str:
+    """:data:`CONTENT_SQL` over the columns of table alias ``alias`` (in a join)."""
+    return f"CAST(string_agg({alias}.term || ' ' || {alias}.kind || char(10) || {alias}.payload, '') AS BLOB)"
 _CONTENT_PREFIX: Callable[[tuple[int, int]], bytes] = b"%d %d\n".__mod__
 
 
