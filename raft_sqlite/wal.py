@@ -60,12 +60,13 @@ SPAN = layout.KEY_SPAN
 #: keeps it running from the bytes it was given (end to end, like the record CRCs); validation computes
 #: it inside SQLite with this expression over a rowid range (one aggregate, no Python loop per record),
 #: which is what makes opening and verifying millions of records fast.
-CONTENT_SQL = "CAST(string_agg(term || ' ' || kind || char(10) || payload, '') AS BLOB)"
+def content_sql(alias: str = "") -> str:
+    """:data:`CONTENT_SQL` over the columns of table alias ``alias`` (in a join; "": unqualified)."""
+    p = f"{alias}." if alias else ""
+    return f"CAST(string_agg({p}term || ' ' || {p}kind || char(10) || {p}payload, '') AS BLOB)"
 
 
-def content_sql(alias: str) -> str:
-    """:data:`CONTENT_SQL` over the columns of table alias ``alias`` (in a join)."""
-    return f"CAST(string_agg({alias}.term || ' ' || {alias}.kind || char(10) || {alias}.payload, '') AS BLOB)"
+CONTENT_SQL = content_sql()
 _CONTENT_PREFIX: Callable[[tuple[int, int]], bytes] = b"%d %d\n".__mod__
 
 
