@@ -55,17 +55,19 @@ _PACK_HEADER = RECORD_HEADER.pack
 _PACK_SIDECAR = _SIDECAR_ITEM.pack
 _DATA = operator.itemgetter(2)
 SPAN = layout.KEY_SPAN
-#: A sealed segment's *content digest* (``log_segments.content_crc``) is the CRC32 of its records in
-#: index order, each written as the ASCII text ``"<term> <kind>\n"`` followed by its payload. The writer
-#: keeps it running from the bytes it was given (end to end, like the record CRCs); validation computes
-#: it inside SQLite with this expression over a rowid range (one aggregate, no Python loop per record),
-#: which is what makes opening and verifying millions of records fast.
+
+
 def content_sql(alias: str = "") -> str:
     """:data:`CONTENT_SQL` over the columns of table alias ``alias`` (in a join; "": unqualified)."""
     p = f"{alias}." if alias else ""
     return f"CAST(string_agg({p}term || ' ' || {p}kind || char(10) || {p}payload, '') AS BLOB)"
 
 
+#: A sealed segment's *content digest* (``log_segments.content_crc``) is the CRC32 of its records in
+#: index order, each written as the ASCII text ``"<term> <kind>\n"`` followed by its payload. The writer
+#: keeps it running from the bytes it was given (end to end, like the record CRCs); validation computes
+#: it inside SQLite with this expression over a rowid range (one aggregate, no Python loop per record),
+#: which is what makes opening and verifying millions of records fast.
 CONTENT_SQL = content_sql()
 _CONTENT_PREFIX: Callable[[tuple[int, int]], bytes] = b"%d %d\n".__mod__
 
