@@ -149,10 +149,13 @@ def _wake(r: Request) -> None:
 class Request:
     """One write request: its ops, and (once ``done``) its ``result`` (one value per op) or ``error``."""
 
-    __slots__ = ("ops", "done", "result", "error", "wake", "chain", "woken")
+    __slots__ = ("ops", "done", "result", "error", "wake", "chain", "woken", "parts")
 
-    def __init__(self, ops: list[Op]) -> None:
+    def __init__(self, ops: list[Op], parts: list[Request] | None = None) -> None:
         self.ops = ops  # list of (group name, check, write)
+        #: a carrier (:meth:`CommitPipeline.submit_all`): the requests it queues as one writer, each validated,
+        #: written and answered on its own
+        self.parts = parts
         self.done = False
         self.result: list[Any] | None = None
         self.error: BaseException | None = None
@@ -175,10 +178,13 @@ class StoreStats:
 class Tx:
     """The state of one ``store.transaction()`` block: its ops, and the group states they have built."""
 
-    def __init__(self, groups: GroupTable) -> None:
+    def __init__(self, groups: GroupTable, *, validate: bool = True) -> None:
         self.groups = groups
         self.ops: list[Op] = []
         self.view: dict[str, GroupState] = {}
+        #: False for a capture (:meth:`CommitPipeline.capture`): ops are only recorded, and validated when
+        #: their request is applied, in queue order
+        self.validate = validate
 
     def group(self, name: str) -> GroupState:
         """The state of ``name`` as the transaction's ops so far leave it."""
@@ -191,7 +197,11 @@ class Tx:
         return g
 
     def add(self, name: str, check: Callable[[GroupState], R], write: Write) -> R:
-        """Validate an op now (on a trial copy) and queue it for the block's commit."""
+        """Validate an op now (on a trial copy) and queue it for the block's commit (a capture that does not
+        validate only records it, and returns None)."""
+        if not self.validate:
+            self.ops.append((name, check, write))
+            return None  # type: ignore[return-value]  # a capture's caller uses the request's results
         g = self.group(name)
         trial = g.copy()
         res = check(trial)
@@ -309,6 +319,40 @@ class CommitPipeline:
         self._tx.tx = None
         if tx.ops:
             self.submit(Request(tx.ops))
+
+    @contextlib.contextmanager
+    def capture(self, tx: Tx | None = None) -> Iterator[Tx]:
+        """Bind ``tx`` (default: a new one that records ops without validating them) to this thread for the
+        block: write calls made in it add their ops to ``tx`` (validated at once if ``tx.validate``) and
+        nothing is submitted on exit; the caller submits ``tx.ops`` itself (:meth:`submit_all`). The asyncio
+        facade builds its requests this way on the event loop's thread (no await inside the block)."""
+        if self._current_tx() is not None:
+            raise RaftSqliteError("this thread is inside store.transaction(): its writes belong to that block")
+        self.check_open()
+        if tx is None:
+            tx = Tx(self.groups, validate=False)
+        self._tx.tx = tx
+        try:
+            yield tx
+        finally:
+            self._tx.tx = None
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Submit ``reqs`` from this one thread as one writer of the queue: they join the same group commit,
+        in order, each validated, written and answered (``done`` with ``result`` or ``error``) on its own,
+        exactly as if each had its own thread. Returns when every one is answered; raises only an interrupt
+        of this thread (any request it left unanswered is answered "nothing written")."""
+        if not reqs:
+            return
+        carrier = Request([], reqs)
+        try:
+            self.submit(carrier)
+        finally:
+            for r in reqs:
+                if not r.done:
+                    r.error = r.error or RaftSqliteError("the committing thread was interrupted before this "
+                                                         "write ran; nothing of it was written")
+                    r.done = True
 
     def pending_group(self, name: str) -> GroupState:
         """The state of group ``name`` as this thread's open transaction leaves it (else the published one)."""
@@ -430,6 +474,14 @@ class CommitPipeline:
         batch gets :class:`StorageFault`, and every later write is refused until the store is
         reopened. A ``KeyboardInterrupt``/``SystemExit`` is re-raised in the leader after that.
         """
+        carriers = [r for r in batch if r.parts is not None]
+        if carriers:
+            try:
+                self._execute([p for r in batch for p in (r.parts if r.parts is not None else (r,))])
+            finally:  # a carrier is answered through its parts (submit_all): it has no result of its own
+                for c in carriers:
+                    c.result, c.done = [], True
+            return
         conn = self.conn
         if self.fault is not None or self.closed or conn is None:
             self._refuse(batch)

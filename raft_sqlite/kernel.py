@@ -11,6 +11,9 @@ etcd's ``Storage`` interface does:
 * :meth:`Kernel.read` — a function on a pooled read-only connection (a WAL reader: never blocks the
   writer, sees the last committed state).
 * :meth:`Kernel.raw` — a function on the write connection, serialised with every write.
+* :meth:`Kernel.capture` / :meth:`Kernel.submit_all` — record write calls as ops instead of running them,
+  then submit many op lists from one thread as separate requests of the same group commit (the asyncio
+  facade). Each request answered as :meth:`Kernel.run` would have.
 * :meth:`Kernel.group` / :meth:`Kernel.pending_group` — the published (committed) state of a group, or
   the one this thread's open transaction has built. Published states are never mutated.
 * :meth:`Kernel.fail` — fail-stop after a storage error outside a commit (a failed sync).
@@ -33,7 +36,17 @@ import apsw
 from . import fsio, layout
 from .args import text_arg
 from .checkpointer import CHECKPOINT_PAGES, Checkpointer
-from .commit import CommitListener, CommitPipeline, IntervalSyncer, R, StoreStats, Tx, Write, translate
+from .commit import (
+    CommitListener,
+    CommitPipeline,
+    IntervalSyncer,
+    R,
+    Request,
+    StoreStats,
+    Tx,
+    Write,
+    translate,
+)
 from .entry import LogEntry
 from .errors import CorruptionError, GroupNotFoundError, RaftSqliteError, StorageFault
 from .fsync import FsyncMode, pragmas_for
@@ -271,6 +284,26 @@ class Kernel:
     def in_transaction(self) -> bool:
         """True inside a ``store.transaction()`` block on this thread."""
         return self.pipeline.in_transaction()
+
+    def new_transaction(self) -> Tx:
+        """A transaction bound to no thread (the asyncio facade's ``async with store.transaction()``): bind it
+        with :meth:`capture` around each write call, then submit its ``ops`` as one request."""
+        self.check_open()
+        return Tx(self.groups)
+
+    def capture(self, tx: Tx | None = None) -> contextlib.AbstractContextManager[Tx]:
+        """Bind ``tx`` to this thread for the block: write calls add their ops to it instead of committing
+        (validated at once if ``tx.validate``; the default, a new ``Tx(validate=False)``, only records them,
+        to be validated in queue order when applied). Nothing is submitted on exit. No await (or other
+        coroutine's code) may run inside the block."""
+        return self.pipeline.capture(tx)
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Submit ``reqs`` (each ``Request(ops)``, ops recorded by :meth:`capture`) all from this thread, in this
+        order, through group commit: they share commits with each other and with every other writer, and each
+        is answered (``result``: one value per op, or ``error``) exactly as :meth:`run` would have returned
+        or raised for it. Returns once every one is answered."""
+        self.pipeline.submit_all(reqs)
 
     def append_records(self, conn: apsw.Connection, g: GroupState, entries: Sequence[LogEntry]) -> None:
         """Queue ``entries`` as records of group ``g`` (a deferred write op: inserted at commit) and tell

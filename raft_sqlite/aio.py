@@ -1,0 +1,672 @@
+"""asyncio facade: :class:`AsyncNodeStore`, the store from an event loop that never waits on the disk.
+
+Same contract and errors as :class:`~raft_sqlite.NodeStore`; every call that may touch the disk is awaited.
+
+How a write travels (``await log.append(...)``, ``append_next``, ``truncate_after``, ``set_term_and_vote``,
+``set_commit_index``, ``clear_recovered_partially``):
+
+1. On the loop's thread, the synchronous method runs inside :meth:`Kernel.capture`: its arguments are checked
+   (``TypeError``/``ValueError`` are raised at once, nothing queued) and its op is recorded, not run.
+2. The op list goes to the store's *committer thread* (:class:`_Committer`), which submits everything queued
+   while the previous commit ran as separate requests of ONE group commit (:meth:`Kernel.submit_all`): a
+   thousand coroutines appending at once share a handful of fsyncs, in the order their calls were made, and
+   each gets its own result or error, exactly as from :class:`~raft_sqlite.NodeStore`.
+3. The committer completes the batch's futures with one ``call_soon_threadsafe``.
+
+Reads, compaction, snapshots, replay and backups run on a small thread pool of the store (snapshot streams on
+a thread of their own, so that one stream's calls always run on one thread).
+
+Cancellation: a write is submitted when its coroutine starts running (before its first await). Cancelling
+the await after that does NOT withdraw it: it commits (or fails) like every other queued write, and
+:meth:`AsyncNodeStore.close` waits for it. A cancelled read or compaction finishes in its thread, its result
+dropped. A cancelled backup task stops the copy (:class:`~raft_sqlite.BackupCancelled`, nothing kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import contextvars
+import functools
+import itertools
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .backup import BackupInfo, HotBackupManager
+from .commit import Op, Request, Tx
+from .entry import EntryKind, LogEntry
+from .errors import RaftSqliteError
+from .groupstate import Vote
+from .kernel import Kernel
+from .log import PersistentRaftLog
+from .metadata import HardState, RaftMetadataStore
+from .snapshot import SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotReader, SnapshotWriter
+from .store import NodeStore
+
+__all__ = ["AsyncNodeStore", "AsyncRaftLog", "AsyncRaftMetadata", "AsyncSnapshotManager", "AsyncSnapshotReader",
+           "AsyncSnapshotWriter", "AsyncTransaction"]
+
+T = TypeVar("T")
+
+#: the async transaction of the running task (a task created inside the block inherits it, as contextvars do)
+_CURRENT_TX: contextvars.ContextVar[AsyncTransaction | None] = contextvars.ContextVar("raft_sqlite_aio_tx",
+                                                                                      default=None)
+
+#: worker threads of a store's pool (reads, compaction, replay, backup, snapshot metadata)
+POOL_THREADS = 4
+
+
+def _settle(items: list[tuple[Request, asyncio.Future[list[Any]]]]) -> None:
+    """On the loop: complete the futures of a committed batch (a cancelled one is skipped: its write stands)."""
+    for req, fut in items:
+        if fut.done():
+            continue
+        if req.error is not None:
+            fut.set_exception(req.error)
+        else:
+            fut.set_result(req.result if req.result is not None else [])
+
+
+class _Committer:
+    """The thread that submits the coroutines' writes: everything queued while it was committing goes, in
+    call order, into its next :meth:`Kernel.submit_all` (one group commit), and the loop is told once."""
+
+    def __init__(self, kernel: Kernel, loop: asyncio.AbstractEventLoop) -> None:
+        self._kernel = kernel
+        self._loop = loop
+        self._items: list[tuple[Request, asyncio.Future[list[Any]]]] = []
+        self._cv = threading.Condition(threading.Lock())
+        self._stopping = False
+        #: batches submitted and requests in them (benchmarks read them)
+        self.batches = 0
+        self.requests = 0
+        self._thread = threading.Thread(target=self._run, name=f"raft-sqlite-aio-committer:{kernel.node_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, ops: list[Op]) -> asyncio.Future[list[Any]]:
+        """Queue one request (on the loop's thread); its future gets the request's results or error."""
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
+        with self._cv:
+            if self._stopping:
+                raise RaftSqliteError("the store is closed")
+            self._items.append((Request(ops), fut))
+            if len(self._items) == 1:
+                self._cv.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._items and not self._stopping:
+                    self._cv.wait()
+                items, self._items = self._items, []
+            if not items:
+                return  # stopping, and nothing is left
+            reqs = [r for r, _ in items]
+            try:
+                self._kernel.submit_all(reqs)
+            except BaseException as exc:  # an interrupt of this thread: submit_all answered the rest
+                for r in reqs:
+                    if not r.done:
+                        r.error, r.done = RaftSqliteError(f"the committer was interrupted ({exc!r})"), True
+            self.batches += 1
+            self.requests += len(reqs)
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting (the writes stand)
+                self._loop.call_soon_threadsafe(_settle, items)
+
+    def stop(self) -> None:
+        """Refuse new writes, let the queued ones commit, and end the thread (blocking: run it off the loop)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join()
+
+
+class AsyncNodeStore:
+    """An open :class:`~raft_sqlite.NodeStore` driven from one asyncio event loop.
+
+    ``store = await AsyncNodeStore.open(data_dir, node_id, cluster_id=..., ...)`` takes the same arguments as
+    :meth:`NodeStore.open`; ``async with store:`` closes it. Use it from the loop it was opened on. The
+    underlying :attr:`sync` store may be used from other threads at the same time (it is thread-safe).
+    """
+
+    def __init__(self, store: NodeStore, loop: asyncio.AbstractEventLoop) -> None:  # use AsyncNodeStore.open()
+        self._store = store
+        self._kernel = store.kernel
+        self._loop = loop
+        self._pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="raft-sqlite-aio")
+        self._committer = _Committer(self._kernel, loop)
+        self._closed = False
+
+    @classmethod
+    async def open(cls, data_dir: str | os.PathLike[str], node_id: str, **kwargs: Any) -> AsyncNodeStore:
+        """Open (creating if needed) the store, in a worker thread: the arguments and errors of
+        :meth:`NodeStore.open` (recovery runs there too)."""
+        loop = asyncio.get_running_loop()
+        store = await asyncio.to_thread(functools.partial(NodeStore.open, data_dir, node_id, **kwargs))
+        return cls(store, loop)
+
+    @property
+    def sync(self) -> NodeStore:
+        """The synchronous store underneath (thread-safe; for calls this facade does not wrap)."""
+        return self._store
+
+    @property
+    def node_id(self) -> str:
+        """The node's id."""
+        return self._store.node_id
+
+    @property
+    def data_dir(self) -> str:
+        """The store's data_dir."""
+        return self._store.data_dir
+
+    @property
+    def committer_stats(self) -> tuple[int, int]:
+        """(batches, requests) the committer thread has submitted: requests / batches is the mean number of
+        coroutines' writes per group commit."""
+        return self._committer.batches, self._committer.requests
+
+    async def close(self) -> None:
+        """Let every write already submitted commit, then close the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._committer.stop)
+        try:
+            await asyncio.to_thread(self._store.close)
+        finally:
+            self._pool.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncNodeStore:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ plumbing
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the store's thread pool (any blocking call on :attr:`sync` or a view)."""
+        return await self._loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def _write(self, call: Callable[[], T]) -> T:
+        """Run the synchronous write ``call`` captured (see the module docstring): inside an async transaction,
+        validated now and added to it; otherwise submitted to the committer and awaited."""
+        atx = _CURRENT_TX.get()
+        if atx is not None and atx.store is self:
+            return atx.add(call)
+        if self._closed:
+            raise RaftSqliteError("the store is closed")
+        with self._kernel.capture() as cap:
+            value = call()
+        if not cap.ops:  # nothing to write (an empty append): the answer needed no commit
+            return value
+        result = await self._committer.submit(cap.ops)
+        out: T = result[-1]
+        return out
+
+    def _has_group(self, name: str) -> bool:
+        return name in self._kernel.groups
+
+    # ------------------------------------------------------------------ groups and views
+    def log(self, group: str | int = "default") -> AsyncRaftLog:
+        """The async view of ``group``'s log (the group is created by the first awaited call, if new)."""
+        return AsyncRaftLog(self, Kernel.name_of(group))
+
+    def metadata(self, group: str | int = "default") -> AsyncRaftMetadata:
+        """The async view of ``group``'s term, vote and commit index."""
+        return AsyncRaftMetadata(self, Kernel.name_of(group))
+
+    def snapshots(self, group: str | int = "default") -> AsyncSnapshotManager:
+        """The async view of ``group``'s snapshots."""
+        return AsyncSnapshotManager(self, Kernel.name_of(group))
+
+    def groups(self) -> list[str]:
+        """Names of the groups this node hosts (from memory: no await needed)."""
+        return self._store.groups()
+
+    async def remove_group(self, group: str | int) -> bool:
+        """:meth:`NodeStore.remove_group`, in a worker thread."""
+        return await self.run(self._store.remove_group, group)
+
+    def transaction(self) -> AsyncTransaction:
+        """``async with store.transaction():`` the writes awaited in the block (any groups) commit together,
+        atomically, with one fsync, when the block exits; each call validates at once against the state the
+        block has built (a bad call raises and is not added); an exception in the block writes nothing.
+        Bound to the running task (and tasks created inside the block), not to a thread. Does not nest."""
+        return AsyncTransaction(self)
+
+    async def pragmas(self) -> dict[str, object]:
+        """:meth:`NodeStore.pragmas`."""
+        return await self.run(self._store.pragmas)
+
+    # ------------------------------------------------------------------ replay and backup
+    async def replay(self, group: str | int = "default", apply: Callable[[LogEntry], object] | None = None, *,
+                     upto: int | None = None) -> int:
+        """:meth:`NodeStore.replay` in a worker thread (registered structures restored, then ``apply(entry)``
+        called there, in order). To apply on the loop instead, use :meth:`iter_replay`."""
+        return await self.run(self._store.replay, group, apply, upto=upto)
+
+    async def iter_replay(self, group: str | int = "default", *, upto: int | None = None, chunk: int = 8192,
+                          start: int | None = None) -> AsyncIterator[LogEntry]:
+        """``async for entry in store.iter_replay(group)``: :meth:`NodeStore.iter_replay`, read ``chunk``
+        entries at a time in a worker thread (the loop runs between chunks)."""
+        it = self._store.iter_replay(group, upto=upto, chunk=chunk, start=start)
+        while True:
+            batch = await self.run(lambda: list(itertools.islice(it, chunk)))
+            if not batch:
+                return
+            for e in batch:
+                yield e
+
+    def backup(self, backup_dir: str | os.PathLike[str], *,
+               progress: Callable[[str, int, int], None] | None = None, **options: Any) -> asyncio.Task[BackupInfo]:
+        """Start a hot backup (:class:`~raft_sqlite.HotBackupManager` with ``options``) as a task; await it for
+        the :class:`~raft_sqlite.BackupInfo`. ``progress(file, done, total)`` is called on the loop.
+        Cancelling the task stops the copy (nothing is kept) and waits until it has stopped. Bad options raise
+        here, before any task starts."""
+        mgr = HotBackupManager(self._store, backup_dir, **options)
+        cancel = threading.Event()
+        loop = self._loop
+
+        def report(*args: Any) -> None:
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, *args)
+
+        async def run() -> BackupInfo:
+            fut = loop.run_in_executor(self._pool, functools.partial(mgr.backup, progress=report, cancel=cancel))
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancel.set()
+                with contextlib.suppress(BaseException):  # its error (BackupCancelled) is the cancellation's
+                    await fut  # the copy stops at its next step and removes what it wrote
+                raise
+
+        return loop.create_task(run(), name=f"raft-sqlite backup of {self.node_id}")
+
+
+class AsyncTransaction:
+    """``async with store.transaction():`` (see :meth:`AsyncNodeStore.transaction`)."""
+
+    def __init__(self, store: AsyncNodeStore) -> None:
+        self.store = store
+        self._tx: Tx | None = None
+        self._token: contextvars.Token[AsyncTransaction | None] | None = None
+        self._ended = False
+
+    async def __aenter__(self) -> AsyncTransaction:
+        if _CURRENT_TX.get() is not None:
+            raise RaftSqliteError("store.transaction() does not nest")
+        if self._tx is not None or self._ended:
+            raise RaftSqliteError("this transaction was already used")
+        if self.store._closed:
+            raise RaftSqliteError("the store is closed")
+        self._tx = self.store.sync.kernel.new_transaction()
+        self._token = _CURRENT_TX.set(self)
+        return self
+
+    def add(self, call: Callable[[], T]) -> T:
+        """Validate the write ``call`` now against the block's state and add its op (on the loop's thread)."""
+        if self._ended or self._tx is None:
+            raise RaftSqliteError("this transaction has ended: its writes were already committed or discarded")
+        with self.store.sync.kernel.capture(self._tx):
+            return call()
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._token is not None and self._tx is not None  # set by __aenter__
+        _CURRENT_TX.reset(self._token)
+        self._ended = True
+        if et is not None or not self._tx.ops:
+            return  # an exception in the block: nothing is written
+        if self.store._closed:
+            raise RaftSqliteError("the store is closed")
+        await self.store._committer.submit(self._tx.ops)
+
+
+class AsyncRaftLog:
+    """The async view of one group's :class:`~raft_sqlite.PersistentRaftLog` (``store.log(group)``).
+
+    Positions (:attr:`first_index`, :attr:`last_index`, ...) are read from memory, without await."""
+
+    def __init__(self, store: AsyncNodeStore, name: str) -> None:
+        self._s = store
+        self.group = name
+        self._log: PersistentRaftLog | None = None
+
+    def _now(self) -> PersistentRaftLog | None:
+        """The sync view if the group exists (no I/O), else None (a group not created yet)."""
+        if self._log is None and self._s._has_group(self.group):
+            self._log = self._s.sync.log(self.group)
+        return self._log
+
+    async def _view(self) -> PersistentRaftLog:
+        v = self._now()
+        if v is None:  # creating the group is a commit: off the loop
+            v = self._log = await self._s.run(self._s.sync.log, self.group)
+        return v
+
+    @property
+    def first_index(self) -> int:
+        """Index of the first entry still held."""
+        v = self._now()
+        return v.first_index if v is not None else 1
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last entry (``first_index - 1`` when empty)."""
+        v = self._now()
+        return v.last_index if v is not None else 0
+
+    @property
+    def last_term(self) -> int:
+        """Term of the last entry (or of the snapshot; 0 at first)."""
+        v = self._now()
+        return v.last_term if v is not None else 0
+
+    @property
+    def snapshot_index(self) -> int:
+        """Index of the newest durable snapshot (0 if none)."""
+        v = self._now()
+        return v.snapshot_index if v is not None else 0
+
+    async def append(self, entries: Sequence[LogEntry]) -> int:
+        """:meth:`PersistentRaftLog.append`: durable when the await returns."""
+        v = self._log or await self._view()
+        return await self._s._write(lambda: v.append(entries))
+
+    async def append_next(self, term: int, payloads: Sequence[bytes], kind: EntryKind = EntryKind.NORMAL) -> int:
+        """:meth:`PersistentRaftLog.append_next`: the leader's path; concurrent coroutines share commits."""
+        v = self._log or await self._view()
+        return await self._s._write(lambda: v.append_next(term, payloads, kind))
+
+    async def truncate_after(self, index: int) -> None:
+        """:meth:`PersistentRaftLog.truncate_after`."""
+        v = self._log or await self._view()
+        await self._s._write(lambda: v.truncate_after(index))
+
+    async def compact(self, up_to: int) -> None:
+        """:meth:`PersistentRaftLog.compact` in a worker thread (it commits segment by segment, so it is not
+        part of an async transaction: refused inside one)."""
+        atx = _CURRENT_TX.get()
+        if atx is not None and atx.store is self._s:
+            raise RaftSqliteError("compact() cannot run inside store.transaction(): it commits segment by segment")
+        v = self._log or await self._view()
+        await self._s.run(v.compact, up_to)
+
+    async def get(self, index: int) -> LogEntry:
+        """:meth:`PersistentRaftLog.get`, in a worker thread."""
+        v = self._log or await self._view()
+        return await self._s.run(v.get, index)
+
+    async def term(self, index: int) -> int:
+        """:meth:`PersistentRaftLog.term`, in a worker thread."""
+        v = self._log or await self._view()
+        return await self._s.run(v.term, index)
+
+    async def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[LogEntry]:
+        """:meth:`PersistentRaftLog.entries`, in a worker thread."""
+        v = self._log or await self._view()
+        return await self._s.run(v.entries, lo, hi, max_bytes)
+
+    def __repr__(self) -> str:
+        return f"<AsyncRaftLog {self.group!r} first={self.first_index} last={self.last_index}>"
+
+
+class AsyncRaftMetadata:
+    """The async view of one group's :class:`~raft_sqlite.RaftMetadataStore` (``store.metadata(group)``)."""
+
+    def __init__(self, store: AsyncNodeStore, name: str) -> None:
+        self._s = store
+        self.group = name
+        self._meta: RaftMetadataStore | None = None
+
+    def _now(self) -> RaftMetadataStore | None:
+        if self._meta is None and self._s._has_group(self.group):
+            self._meta = self._s.sync.metadata(self.group)
+        return self._meta
+
+    async def _view(self) -> RaftMetadataStore:
+        v = self._now()
+        if v is None:
+            v = self._meta = await self._s.run(self._s.sync.metadata, self.group)
+        return v
+
+    @property
+    def hard_state(self) -> HardState:
+        """``HardState(current_term, voted_for, commit_index)`` read at one instant."""
+        v = self._now()
+        return v.hard_state if v is not None else HardState(0, None, 0)
+
+    @property
+    def current_term(self) -> int:
+        """The latest term this node has seen."""
+        return self.hard_state.current_term
+
+    @property
+    def voted_for(self) -> Vote:
+        """The candidate voted for in ``current_term``, or None."""
+        return self.hard_state.voted_for
+
+    @property
+    def commit_index(self) -> int:
+        """The highest index known to be committed."""
+        return self.hard_state.commit_index
+
+    @property
+    def recovered_partially(self) -> bool:
+        """:attr:`RaftMetadataStore.recovered_partially`."""
+        v = self._now()
+        return v.recovered_partially if v is not None else False
+
+    async def set_term_and_vote(self, term: int, voted_for: Vote = None) -> None:
+        """:meth:`RaftMetadataStore.set_term_and_vote`: durable when the await returns."""
+        v = self._meta or await self._view()
+        await self._s._write(lambda: v.set_term_and_vote(term, voted_for))
+
+    async def set_commit_index(self, index: int) -> None:
+        """:meth:`RaftMetadataStore.set_commit_index`."""
+        v = self._meta or await self._view()
+        await self._s._write(lambda: v.set_commit_index(index))
+
+    async def clear_recovered_partially(self) -> None:
+        """:meth:`RaftMetadataStore.clear_recovered_partially`."""
+        v = self._meta or await self._view()
+        await self._s._write(v.clear_recovered_partially)
+
+    def __repr__(self) -> str:
+        return f"<AsyncRaftMetadata {self.group!r} {self.hard_state}>"
+
+
+class _OwnThread:
+    """One thread for one stream: every call of a snapshot writer or reader runs on the same thread."""
+
+    def __init__(self, name: str) -> None:
+        self._ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._ex, functools.partial(fn, *args))
+
+    def shutdown(self) -> None:
+        self._ex.shutdown(wait=False)
+
+
+class AsyncSnapshotManager:
+    """The async view of one group's :class:`~raft_sqlite.SnapshotManager` (``store.snapshots(group)``)."""
+
+    def __init__(self, store: AsyncNodeStore, name: str) -> None:
+        self._s = store
+        self.group = name
+
+    async def _mgr(self) -> SnapshotManager:
+        return await self._s.run(self._s.sync.snapshots, self.group)
+
+    async def list(self) -> list[SnapshotMeta]:
+        """:meth:`SnapshotManager.list`."""
+        return await self._s.run(lambda: self._s.sync.snapshots(self.group).list())
+
+    async def latest(self) -> SnapshotMeta | None:
+        """:meth:`SnapshotManager.latest`."""
+        return await self._s.run(lambda: self._s.sync.snapshots(self.group).latest())
+
+    async def pending_install(self) -> SnapshotMeta | None:
+        """:meth:`SnapshotManager.pending_install`."""
+        return await self._s.run(lambda: self._s.sync.snapshots(self.group).pending_install())
+
+    async def verify(self, meta: SnapshotMeta | None = None) -> int:
+        """:meth:`SnapshotManager.verify`, in a worker thread."""
+        return await self._s.run(lambda: self._s.sync.snapshots(self.group).verify(meta))
+
+    async def retain(self, keep_chains: int | None = None) -> builtins.list[int]:
+        """:meth:`SnapshotManager.retain`."""
+        return await self._s.run(lambda: self._s.sync.snapshots(self.group).retain(keep_chains))
+
+    def write(self, index: int, term: int, *, kind: SnapshotKind = SnapshotKind.FULL,
+              parent: SnapshotMeta | None = None, structures: Any = None) -> AsyncSnapshotWriter:
+        """``async with snaps.write(index, term) as w: await w.write(data)``: :meth:`SnapshotManager.write`
+        as an async stream (same preconditions and errors, checked when the block is entered)."""
+        return AsyncSnapshotWriter(self, lambda m: m.write(index, term, kind=kind, parent=parent,
+                                                           structures=structures))
+
+    def install(self, index: int, term: int) -> AsyncSnapshotWriter:
+        """``async with snaps.install(index, term) as w``: :meth:`SnapshotManager.install` as an async stream
+        (``w.offset`` tells where the leader must continue)."""
+        return AsyncSnapshotWriter(self, lambda m: m.install(index, term))
+
+    def open(self, meta: SnapshotMeta, *, verify_digest: bool = True) -> AsyncSnapshotReader:
+        """``async with snaps.open(meta) as r``: :meth:`SnapshotManager.open` as an async stream."""
+        return AsyncSnapshotReader(self, lambda m: m.open(meta, verify_digest=verify_digest))
+
+
+class AsyncSnapshotWriter:
+    """An async :class:`~raft_sqlite.SnapshotWriter`: ``await w.write(data)``, ``await w.flush()``; the block's
+    clean exit finalizes it (:attr:`meta` is then set), an exception discards it (unless it was suspended). All its calls run on one
+    thread of its own."""
+
+    def __init__(self, mgr: AsyncSnapshotManager, make: Callable[[SnapshotManager], SnapshotWriter]) -> None:
+        self._mgr = mgr
+        self._make = make
+        self._w: SnapshotWriter | None = None
+        self._suspended = False
+        self._thread = _OwnThread("raft-sqlite-aio-snapshot")
+
+    def _writer(self) -> SnapshotWriter:
+        if self._w is None:
+            raise RaftSqliteError("use the snapshot writer inside `async with`")
+        return self._w
+
+    async def __aenter__(self) -> AsyncSnapshotWriter:
+        if _CURRENT_TX.get() is not None:
+            raise RaftSqliteError("a snapshot cannot be written inside store.transaction()")
+        try:
+            mgr = await self._mgr._mgr()
+            w = await self._thread.call(self._make, mgr)
+            self._w = await self._thread.call(w.__enter__)
+        except BaseException:
+            self._thread.shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            if not self._suspended:
+                await self._thread.call(self._writer().__exit__, et, ev, tb)
+        finally:
+            self._thread.shutdown()
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far (where the next write must start)."""
+        return self._writer().offset
+
+    @property
+    def durable_offset(self) -> int:
+        """Bytes known durable."""
+        return self._writer().durable_offset
+
+    @property
+    def meta(self) -> SnapshotMeta | None:
+        """The manifest once finalized (after the block), else None."""
+        return self._w.meta if self._w is not None else None
+
+    @property
+    def resumed(self) -> bool:
+        """True when an install resumed a partial one (see :meth:`SnapshotManager.install`)."""
+        return bool(self._writer().resumed)
+
+    async def write(self, data: bytes | bytearray | memoryview, offset: int | None = None) -> int:
+        """:meth:`SnapshotWriter.write`; returns the new :attr:`offset`."""
+        return await self._thread.call(self._writer().write, data, offset)
+
+    async def flush(self) -> int:
+        """:meth:`SnapshotWriter.flush`: everything written so far is durable when the await returns."""
+        return await self._thread.call(self._writer().flush)
+
+    async def suspend(self) -> int:
+        """:meth:`SnapshotWriter.suspend`: the install is kept for a later resume, and the block's exit then
+        leaves it as it is (neither finalized nor discarded)."""
+        off = await self._thread.call(self._writer().suspend)
+        self._suspended = True
+        return off
+
+
+class AsyncSnapshotReader:
+    """An async :class:`~raft_sqlite.SnapshotReader`: ``await r.read(n)``, ``async for chunk in r`` (chunks
+    CRC-checked, the sha256 verified at the end of a sequential read). All its calls run on one thread."""
+
+    def __init__(self, mgr: AsyncSnapshotManager, make: Callable[[SnapshotManager], SnapshotReader]) -> None:
+        self._mgr = mgr
+        self._make = make
+        self._r: SnapshotReader | None = None
+        self._thread = _OwnThread("raft-sqlite-aio-snapshot-reader")
+
+    def _reader(self) -> SnapshotReader:
+        if self._r is None:
+            raise RaftSqliteError("use the snapshot reader inside `async with`")
+        return self._r
+
+    async def __aenter__(self) -> AsyncSnapshotReader:
+        try:
+            mgr = await self._mgr._mgr()
+            self._r = await self._thread.call(self._make, mgr)
+        except BaseException:
+            self._thread.shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            await self._thread.call(self._reader().close)
+        finally:
+            self._thread.shutdown()
+
+    async def read(self, size: int | None = -1) -> bytes:
+        """:meth:`SnapshotReader.read`."""
+        return await self._thread.call(self._reader().read, size)
+
+    async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """:meth:`SnapshotReader.seek`."""
+        return await self._thread.call(self._reader().seek, offset, whence)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        it = self._reader().chunks()
+        done = object()
+        while True:
+            piece = await self._thread.call(next, it, done)
+            if piece is done:
+                return
+            assert isinstance(piece, bytes)
+            yield piece

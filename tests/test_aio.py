@@ -1,0 +1,498 @@
+"""The asyncio facade (raft_sqlite.aio): same contract and errors as NodeStore, group commit across coroutines,
+async transactions, cancellation, snapshots and backups as async streams and tasks, and a loop that never
+waits on the disk. Every test reopens the store synchronously and checks what is durable."""
+
+import asyncio
+import os
+import random
+import threading
+import time
+
+import apsw
+import pytest
+
+from raft_sqlite import (
+    FsyncMode,
+    GroupNotFoundError,
+    HardState,
+    LogCompactedError,
+    LogConflictError,
+    LogEntry,
+    LogGapError,
+    LogUnavailableError,
+    MetadataError,
+    RaftSqliteError,
+    SnapshotError,
+    StorageFault,
+    list_backups,
+)
+from raft_sqlite.aio import AsyncNodeStore
+from tests.conftest import open_store
+from tests.support.faultvfs import FaultVFS, quiet_injected_faults
+
+
+def aopen(path, **kw):
+    kw.setdefault("fsync", FsyncMode.OFF)
+    return AsyncNodeStore.open(path, "n1", cluster_id="c1", **kw)
+
+
+def entries_of(path, group="g"):
+    with open_store(path) as s:
+        lg = s.log(group)
+        return lg.entries(lg.first_index, lg.last_index + 1) if lg.last_index >= lg.first_index else []
+
+
+def test_contract_and_errors_match_the_sync_store(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log, meta = s.log("g"), s.metadata("g")
+            assert (log.first_index, log.last_index, log.last_term) == (1, 0, 0)  # a new group, not created yet
+            assert meta.hard_state == HardState(0, None, 0)
+            assert await log.append([LogEntry(1, 1, b"a"), LogEntry(2, 1, b"b")]) == 2
+            assert await log.append_next(2, [b"c", b"d"]) == 4
+            assert await log.append([]) == 4
+            with pytest.raises(LogGapError):
+                await log.append([LogEntry(9, 2, b"x")])
+            with pytest.raises(LogConflictError):
+                await log.append([LogEntry(3, 2, b"x")])
+            with pytest.raises(LogConflictError):
+                await log.append_next(1, [b"old term"])
+            with pytest.raises(TypeError):
+                await log.append([b"not an entry"])
+            with pytest.raises(ValueError):
+                await log.append([LogEntry(5, -1, b"x")])
+            with pytest.raises(ValueError):
+                await meta.set_term_and_vote(2**63, None)
+            await meta.set_term_and_vote(2, "n2")
+            with pytest.raises(MetadataError):
+                await meta.set_term_and_vote(2, "n3")
+            await meta.set_commit_index(3)
+            with pytest.raises(MetadataError):
+                await meta.set_commit_index(2)
+            with pytest.raises(MetadataError):
+                await meta.set_commit_index(99)
+            assert (await log.get(3)).data == b"c"
+            assert await log.term(4) == 2
+            assert [e.index for e in await log.entries(1, 5, max_bytes=2)] == [1, 2]
+            with pytest.raises(LogUnavailableError):
+                await log.get(5)
+            with pytest.raises(LogConflictError):
+                await log.truncate_after(2)  # below the commit index
+            await log.truncate_after(3)
+            assert log.last_index == 3 and meta.hard_state == HardState(2, "n2", 3)
+            with pytest.raises(LogCompactedError):
+                await log.get(0)
+            assert s.groups() == ["g"]
+    asyncio.run(main())
+    assert [(e.index, e.term, e.data) for e in entries_of(data_dir)] == [(1, 1, b"a"), (2, 1, b"b"), (3, 2, b"c")]
+    with open_store(data_dir) as s:
+        assert s.metadata("g").hard_state == HardState(2, "n2", 3)
+
+
+def test_a_thousand_coroutines_share_commits_in_call_order(data_dir):
+    n = 1000
+
+    async def main():
+        async with await aopen(data_dir, fsync=FsyncMode.FULL) as s:
+            log = s.log("g")
+            await log.append_next(1, [b"first"])
+            commits0 = s.sync.stats.commits
+            got = await asyncio.gather(*[log.append_next(1, [b"%d" % i]) for i in range(n)])
+            commits = s.sync.stats.commits - commits0
+            batches, reqs = s.committer_stats
+            return got, commits, batches, reqs
+    got, commits, batches, reqs = asyncio.run(main())
+    assert got == list(range(2, n + 2))  # the order the calls were made in, each its own index
+    assert commits < n // 10, commits  # shared fsyncs: a handful of commits, not one per coroutine
+    assert reqs == n + 1 and batches < n // 10
+    es = entries_of(data_dir)
+    assert [e.data for e in es[1:]] == [b"%d" % i for i in range(n)]
+
+
+def test_each_write_of_a_batch_fails_or_commits_on_its_own(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log("g")
+            await log.append([LogEntry(1, 1, b"a")])
+            return await asyncio.gather(
+                log.append([LogEntry(2, 1, b"b")]),
+                log.append([LogEntry(2, 1, b"dup")]),   # overlaps what the previous call appended
+                log.append([LogEntry(3, 1, b"c")]),
+                log.append([LogEntry(7, 1, b"gap")]),
+                s.metadata("g").set_commit_index(3),
+                s.metadata("g").set_commit_index(2),    # below the one just set
+                return_exceptions=True)
+    r = asyncio.run(main())
+    assert r[0] == 2 and isinstance(r[1], LogConflictError) and r[2] == 3 and isinstance(r[3], LogGapError)
+    assert r[4] is None and isinstance(r[5], MetadataError)
+    assert [e.data for e in entries_of(data_dir)] == [b"a", b"b", b"c"]
+    with open_store(data_dir) as s:
+        assert s.metadata("g").commit_index == 3
+
+
+OPS = ("append", "append_next", "truncate", "term_vote", "commit", "bad_append")
+
+
+def _random_ops(seed, n=120):
+    rnd = random.Random(seed)
+    return [(rnd.choice(OPS), rnd.randrange(1, 6), rnd.randrange(0, 40)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_concurrent_calls_give_the_results_of_running_them_in_call_order(tmp_path, seed):
+    """Launched together (one gather), the async calls validate at commit in the order they were made: each
+    result or error equals that of the same call made sequentially on a NodeStore, and so does the state.
+    The arguments are fixed up front (from the sequential run's positions), so both runs make the same calls."""
+    ops = _random_ops(seed)
+    calls, expected = [], []
+    with open_store(tmp_path / "sync") as s:
+        log, meta = s.log("g"), s.metadata("g")
+        for kind, a, b in ops:
+            if kind == "append":
+                i, t = log.last_index + 1, log.last_term
+                args = ("append", [LogEntry(i + k, t + (k == a - 1), b"s%d" % b) for k in range(a)])
+            elif kind == "append_next":
+                args = ("append_next", log.last_term + a % 2, [b"n%d" % k for k in range(a)])
+            elif kind == "truncate":
+                args = ("truncate_after", b)
+            elif kind == "term_vote":
+                args = ("set_term_and_vote", b // 4, f"n{a}")
+            elif kind == "commit":
+                args = ("set_commit_index", b)
+            else:
+                args = ("append", [LogEntry(b, 1, b"bad")])
+            calls.append(args)
+            target = meta if args[0].startswith("set_") else log
+            try:
+                expected.append(getattr(target, args[0])(*args[1:]))
+            except Exception as exc:
+                expected.append(type(exc))
+        want_state = (log.last_index, log.last_term, meta.hard_state)
+    want_entries = entries_of(tmp_path / "sync")
+
+    async def main():
+        async with await aopen(tmp_path / "async") as s:
+            log, meta = s.log("g"), s.metadata("g")
+            await log.append([])  # creates the group before the race (creation is a commit of its own)
+            coros = [getattr(meta if c[0].startswith("set_") else log, c[0])(*c[1:]) for c in calls]
+            got = await asyncio.gather(*coros, return_exceptions=True)
+            return [type(g) if isinstance(g, Exception) else g for g in got], \
+                (log.last_index, log.last_term, meta.hard_state)
+    got, state = asyncio.run(main())
+    assert got == expected
+    assert state == want_state
+    assert entries_of(tmp_path / "async") == want_entries
+
+
+def test_an_async_transaction_commits_once_atomically_across_awaits(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log, meta, other = s.log("g"), s.metadata("g"), s.log("h")
+            await log.append([])
+            await other.append([])
+            c0 = s.sync.stats.commits
+
+            go = asyncio.Event()
+
+            async def outsider():  # a task made before the block: its write is not part of the block
+                await go.wait()
+                await other.append_next(1, [b"outside"])
+            task = asyncio.create_task(outsider())
+
+            async with s.transaction():
+                assert await log.append([LogEntry(1, 1, b"a")]) == 1
+                go.set()
+                await task  # committed on its own while the block is open
+                assert other.last_index == 1 and log.last_index == 0
+                # a task made inside the block inherits it (contextvars): its writes join the block
+                assert await asyncio.gather(meta.set_term_and_vote(1, "n0")) == [None]
+                with pytest.raises(LogGapError):  # validated at once against the block's state; not added
+                    await log.append([LogEntry(5, 1, b"x")])
+                assert await log.append_next(1, [b"b"]) == 2  # sees the block's own first append
+                await meta.set_term_and_vote(2, "n1")
+                await meta.set_commit_index(2)
+                assert log.last_index == 0  # reads see the last committed state
+            assert log.last_index == 2 and meta.hard_state == HardState(2, "n1", 2)
+            assert other.last_index == 1
+            assert s.sync.stats.commits - c0 == 2  # the outsider's commit and the block's one
+
+            with pytest.raises(RuntimeError):
+                async with s.transaction():
+                    await log.append_next(1, [b"discarded"])
+                    raise RuntimeError("boom")
+            assert log.last_index == 2
+            async with s.transaction():
+                with pytest.raises(RaftSqliteError, match="nest"):
+                    async with s.transaction():
+                        pass
+                with pytest.raises(RaftSqliteError, match="compact"):
+                    await log.compact(1)
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir)] == [b"a", b"b"]
+    assert [e.data for e in entries_of(data_dir, "h")] == [b"outside"]
+
+
+def test_a_task_outliving_its_transaction_is_refused(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log("g")
+            await log.append([])
+            started, release = asyncio.Event(), asyncio.Event()
+
+            async def late():
+                started.set()
+                await release.wait()
+                await log.append_next(1, [b"late"])
+
+            async with s.transaction():
+                task = asyncio.create_task(late())  # inherits the block's context
+                await started.wait()
+                await log.append_next(1, [b"in"])
+            release.set()
+            with pytest.raises(RaftSqliteError, match="ended"):
+                await task
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir)] == [b"in"]
+
+
+def test_cancelled_writes_that_started_are_durable_and_unstarted_ones_are_not(data_dir):
+    async def main():
+        async with await aopen(data_dir, fsync=FsyncMode.FULL) as s:
+            log = s.log("g")
+            await log.append([])
+            started = [asyncio.create_task(log.append_next(1, [b"%d" % i])) for i in range(50)]
+            await asyncio.sleep(0)  # every task ran up to its first await: each write is submitted
+            for t in started:
+                t.cancel()
+            never = [asyncio.create_task(log.append_next(1, [b"never"])) for _ in range(5)]
+            for t in never:
+                t.cancel()  # cancelled before it ran: nothing was submitted
+            res = await asyncio.gather(*started, *never, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in res)
+        # close() waited for the submitted writes
+    asyncio.run(main())
+    assert sorted(e.data for e in entries_of(data_dir)) == sorted(b"%d" % i for i in range(50))
+
+
+class SlowSyncVFS(apsw.VFS):
+    """Every sync sleeps ``delay`` seconds (the GIL released), like a slow disk."""
+
+    def __init__(self, name, delay):
+        self.delay = delay
+        super().__init__(name, "")
+
+    def xOpen(self, name, flags):
+        return _SlowFile(self, name, flags)
+
+
+class _SlowFile(apsw.VFSFile):
+    def __init__(self, vfs, name, flags):
+        self.vfs = vfs
+        super().__init__("", name, flags)
+
+    def xSync(self, flags):
+        time.sleep(self.vfs.delay)
+        return super().xSync(flags)
+
+
+def test_the_loop_runs_while_a_commit_waits_for_the_disk(data_dir):
+    vfs = SlowSyncVFS("slowsync-aio", 0.2)
+
+    async def main():
+        async with await aopen(data_dir, fsync=FsyncMode.FULL, vfs="slowsync-aio") as s:
+            log = s.log("g")
+            await log.append([])
+            ticks = 0
+
+            async def heartbeat():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.005)
+                    ticks += 1
+            hb = asyncio.create_task(heartbeat())
+            await asyncio.sleep(0.02)
+            t0, ticks0 = time.perf_counter(), ticks
+            await log.append_next(1, [b"x"])  # its commit syncs the WAL: >= 0.2 s in this VFS
+            waited, beats = time.perf_counter() - t0, ticks - ticks0
+            hb.cancel()
+            return waited, beats
+    waited, beats = asyncio.run(main())
+    assert waited >= 0.2
+    # the loop kept running during the commit's sync: a blocked loop would have ticked at most once
+    assert beats >= 10, beats
+    assert [e.data for e in entries_of(data_dir)] == [b"x"]
+    assert vfs.delay == 0.2  # (keeps the VFS registered until here)
+
+
+def test_a_storage_fault_fails_the_batch_and_stops_later_writes(data_dir):
+    open_store(data_dir).close()
+    vfs = FaultVFS("fault-aio", root=str(data_dir))
+
+    async def main():
+        async with await aopen(data_dir, vfs="fault-aio") as s:
+            log = s.log("g")
+            await log.append_next(1, [b"ok"])
+            vfs.arm_error("write", 1, sticky=True)
+            with quiet_injected_faults():
+                res = await asyncio.gather(*[log.append_next(1, [b"lost"]) for _ in range(20)],
+                                           return_exceptions=True)
+                assert all(isinstance(r, StorageFault) for r in res), res
+                with pytest.raises(StorageFault):
+                    await log.append_next(1, [b"after"])
+                vfs.clear_faults()
+                with pytest.raises(StorageFault):  # fail-stop: refused until reopened
+                    await log.append_next(1, [b"after"])
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir)] == [b"ok"]
+
+
+def test_writes_after_close_are_refused(data_dir):
+    async def main():
+        s = await aopen(data_dir)
+        log = s.log("g")
+        await log.append_next(1, [b"a"])
+        await s.close()
+        await s.close()  # idempotent
+        with pytest.raises(RaftSqliteError, match="closed"):
+            await log.append_next(1, [b"b"])
+        with pytest.raises(RaftSqliteError, match="closed"):
+            async with s.transaction():
+                pass
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir)] == [b"a"]
+
+
+def test_replay_as_an_async_iterator_and_in_a_thread(data_dir):
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(i, 1, b"%d" % i) for i in range(1, 101)])
+        st.metadata("g").set_commit_index(80)
+
+    async def main():
+        async with await aopen(data_dir) as s:
+            got = [e.index async for e in s.iter_replay("g", chunk=7)]
+            seen = []
+            last = await s.replay("g", seen.append)
+            return got, [e.index for e in seen], last
+    got, seen, last = asyncio.run(main())
+    assert got == list(range(1, 81)) and seen == got and last == 80
+
+
+def test_snapshots_as_async_streams(data_dir):
+    payload = os.urandom(3 << 20)
+
+    async def main():
+        async with await aopen(data_dir) as s:
+            log, meta, snaps = s.log("g"), s.metadata("g"), s.snapshots("g")
+            await log.append([LogEntry(i, 1, b"e") for i in range(1, 11)])
+            await meta.set_commit_index(10)
+            async with snaps.write(10, 1) as w:
+                for k in range(0, len(payload), 1 << 19):
+                    await w.write(payload[k:k + (1 << 19)])
+                assert w.offset == len(payload)
+            assert w.meta is not None and w.meta.size == len(payload)
+            assert (await snaps.latest()) == w.meta
+            async with snaps.open(w.meta) as r:
+                assert b"".join([c async for c in r]) == payload
+            async with snaps.open(w.meta) as r:
+                assert await r.read(5) == payload[:5]
+                await r.seek(100)
+                assert await r.read(3) == payload[100:103]
+            with pytest.raises(RuntimeError):
+                async with snaps.write(10, 1) as w2:
+                    await w2.write(b"discarded")
+                    raise RuntimeError("boom")
+            assert [m.id for m in await snaps.list()] == [w.meta.id]
+            with pytest.raises(SnapshotError):  # not committed: refused when the block is entered
+                async with snaps.write(11, 1):
+                    pass
+            await log.compact(10)
+            assert log.first_index == 11
+            # a follower's install, suspended and resumed
+            async with snaps.install(50, 3) as w3:
+                await w3.write(payload[:1000], offset=0)
+                await w3.flush()
+                await w3.suspend()
+            assert (await snaps.pending_install()).index == 50
+            async with snaps.install(50, 3) as w4:
+                assert w4.resumed and w4.offset == 1000
+                await w4.write(payload[1000:], offset=1000)
+            assert w4.meta.index == 50 and log.first_index == 51 and await log.term(50) == 3
+            return w4.meta
+    m = asyncio.run(main())
+    with open_store(data_dir) as s, s.snapshots("g").open(m) as r:
+        assert r.read() == payload
+
+
+def test_backup_as_a_task_with_progress_on_the_loop_and_cancellation(tmp_path, data_dir):
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(i, 1, os.urandom(2000)) for i in range(1, 5001)])
+
+    async def main():
+        async with await aopen(data_dir) as s:
+            loop_thread = threading.get_ident()
+            calls = []
+            info = await s.backup(tmp_path / "bk", progress=lambda *a: calls.append(threading.get_ident()))
+            await asyncio.sleep(0)  # progress callbacks scheduled last are run
+            assert calls and set(calls) == {loop_thread}
+            task = s.backup(tmp_path / "bk2", step_pause=0.05, pages_per_step=1)
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(ValueError):
+                s.backup(tmp_path / "bk3", sync_bytes=-1)
+            return info
+    info = asyncio.run(main())
+    assert [b["path"] for b in list_backups(tmp_path / "bk")] == [info.path]
+    assert list_backups(tmp_path / "bk2") == []  # the cancelled copy was removed
+    left = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "bk2") for f in fs]
+    assert [os.path.basename(p) for p in left] == [".backup.lock"], left
+
+
+def test_groups_are_created_on_first_await_and_removed_views_refuse(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log(7)
+            assert s.groups() == []
+            await log.append_next(1, [b"a"])
+            assert s.groups() == ["7"]
+            assert await s.remove_group(7) is True
+            with pytest.raises(GroupNotFoundError):
+                await log.append_next(1, [b"b"])
+            fresh = s.log(7)
+            assert await fresh.append_next(1, [b"c"]) == 1
+            with pytest.raises(TypeError):
+                s.log(1.5)
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir, "7")] == [b"c"]
+
+
+CHILD = r"""
+import asyncio, sys
+from raft_sqlite import FsyncMode
+from raft_sqlite.aio import AsyncNodeStore
+path, mode = sys.argv[1], sys.argv[2]
+async def writer(s, g):
+    lg = s.log(g)
+    while True:
+        i = await lg.append_next(1, [f"{g}:{lg.last_index + 1}".encode()])
+        sys.stdout.write(f"{g} {i}\n"); sys.stdout.flush()
+async def main():
+    s = await AsyncNodeStore.open(path, "n1", cluster_id="c1", fsync=FsyncMode(mode))
+    await asyncio.gather(*[writer(s, f"g{k}") for k in range(40)])
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sigkill_never_loses_an_acknowledged_async_append(tmp_path, seed):
+    from tests.test_sigkill import run_and_kill
+    d = tmp_path / "node"
+    delay = random.Random(seed).uniform(0.8, 1.6)
+    acked = run_and_kill(d, FsyncMode.FULL, delay, child=CHILD)
+    assert acked, "nothing was acknowledged before the kill"
+    with open_store(d, fsync=FsyncMode.FULL) as s:
+        for g, top in acked.items():
+            lg = s.log(g)
+            assert lg.last_index >= top, (g, lg.last_index, top)
+            assert [e.data for e in lg.entries(1, top + 1)] == [f"{g}:{i}".encode() for i in range(1, top + 1)]
