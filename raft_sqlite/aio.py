@@ -80,7 +80,8 @@ class _Committer:
         self._kernel = kernel
         self._loop = loop
         self._items: list[tuple[Request, asyncio.Future[list[Any]]]] = []
-        self._cv = threading.Condition(threading.Lock())
+        self._mu = threading.Lock()
+        self._cv = threading.Condition(self._mu)
         self._stopping = False
         #: batches submitted and requests in them (benchmarks read them)
         self.batches = 0
@@ -92,7 +93,7 @@ class _Committer:
     def submit(self, ops: list[Op]) -> asyncio.Future[list[Any]]:
         """Queue one request (on the loop's thread); its future gets the request's results or error."""
         fut: asyncio.Future[list[Any]] = self._loop.create_future()
-        with self._cv:
+        with self._mu:
             if self._stopping:
                 raise RaftSqliteError("the store is closed")
             self._items.append((Request(ops), fut))
@@ -196,21 +197,23 @@ class AsyncNodeStore:
         """``fn(*args, **kwargs)`` on the store's thread pool (any blocking call on :attr:`sync` or a view)."""
         return await self._loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    async def _write(self, call: Callable[[], T]) -> T:
+    def _submit(self, call: Callable[[], Any]) -> asyncio.Future[list[Any]]:
         """Run the synchronous write ``call`` captured (see the module docstring): inside an async transaction,
-        validated now and added to it; otherwise submitted to the committer and awaited."""
+        validated now and added to it; otherwise submitted to the committer. Returns the future of its
+        results (already done when no commit is needed)."""
         atx = _CURRENT_TX.get()
-        if atx is not None and atx.store is self:
-            return atx.add(call)
-        if self._closed:
-            raise RaftSqliteError("the store is closed")
-        with self._kernel.capture() as cap:
-            value = call()
-        if not cap.ops:  # nothing to write (an empty append): the answer needed no commit
-            return value
-        result = await self._committer.submit(cap.ops)
-        out: T = result[-1]
-        return out
+        if atx is None or atx.store is not self:
+            if self._closed:
+                raise RaftSqliteError("the store is closed")
+            with self._kernel.capture() as cap:
+                value = call()
+            if cap.ops:
+                return self._committer.submit(cap.ops)
+        else:
+            value = atx.add(call)
+        done: asyncio.Future[list[Any]] = self._loop.create_future()
+        done.set_result([value])  # in a transaction: the block's tentative answer; else nothing to commit
+        return done
 
     def _has_group(self, name: str) -> bool:
         return name in self._kernel.groups
@@ -381,17 +384,19 @@ class AsyncRaftLog:
     async def append(self, entries: Sequence[LogEntry]) -> int:
         """:meth:`PersistentRaftLog.append`: durable when the await returns."""
         v = self._log or await self._view()
-        return await self._s._write(lambda: v.append(entries))
+        last: int = (await self._s._submit(lambda: v.append(entries)))[-1]
+        return last
 
     async def append_next(self, term: int, payloads: Sequence[bytes], kind: EntryKind = EntryKind.NORMAL) -> int:
         """:meth:`PersistentRaftLog.append_next`: the leader's path; concurrent coroutines share commits."""
         v = self._log or await self._view()
-        return await self._s._write(lambda: v.append_next(term, payloads, kind))
+        last: int = (await self._s._submit(lambda: v.append_next(term, payloads, kind)))[-1]
+        return last
 
     async def truncate_after(self, index: int) -> None:
         """:meth:`PersistentRaftLog.truncate_after`."""
         v = self._log or await self._view()
-        await self._s._write(lambda: v.truncate_after(index))
+        await self._s._submit(lambda: v.truncate_after(index))
 
     async def compact(self, up_to: int) -> None:
         """:meth:`PersistentRaftLog.compact` in a worker thread (it commits segment by segment, so it is not
@@ -470,17 +475,17 @@ class AsyncRaftMetadata:
     async def set_term_and_vote(self, term: int, voted_for: Vote = None) -> None:
         """:meth:`RaftMetadataStore.set_term_and_vote`: durable when the await returns."""
         v = self._meta or await self._view()
-        await self._s._write(lambda: v.set_term_and_vote(term, voted_for))
+        await self._s._submit(lambda: v.set_term_and_vote(term, voted_for))
 
     async def set_commit_index(self, index: int) -> None:
         """:meth:`RaftMetadataStore.set_commit_index`."""
         v = self._meta or await self._view()
-        await self._s._write(lambda: v.set_commit_index(index))
+        await self._s._submit(lambda: v.set_commit_index(index))
 
     async def clear_recovered_partially(self) -> None:
         """:meth:`RaftMetadataStore.clear_recovered_partially`."""
         v = self._meta or await self._view()
-        await self._s._write(v.clear_recovered_partially)
+        await self._s._submit(v.clear_recovered_partially)
 
     def __repr__(self) -> str:
         return f"<AsyncRaftMetadata {self.group!r} {self.hard_state}>"

@@ -210,6 +210,26 @@ class Tx:
         return res
 
 
+class Capture:
+    """The ``with`` block of :meth:`CommitPipeline.capture` (a plain class: it is on the asyncio write path)."""
+
+    __slots__ = ("pipeline", "tx")
+
+    def __init__(self, pipeline: CommitPipeline, tx: Tx) -> None:
+        self.pipeline, self.tx = pipeline, tx
+
+    def __enter__(self) -> Tx:
+        p = self.pipeline
+        if p._current_tx() is not None:
+            raise RaftSqliteError("this thread is inside store.transaction(): its writes belong to that block")
+        p.check_open()
+        p._tx.tx = self.tx
+        return self.tx
+
+    def __exit__(self, *exc: object) -> None:
+        self.pipeline._tx.tx = None
+
+
 class CommitPipeline:
     """Group commit for one store's write connection (see the module docstring).
 
@@ -320,22 +340,12 @@ class CommitPipeline:
         if tx.ops:
             self.submit(Request(tx.ops))
 
-    @contextlib.contextmanager
-    def capture(self, tx: Tx | None = None) -> Iterator[Tx]:
+    def capture(self, tx: Tx | None = None) -> Capture:
         """Bind ``tx`` (default: a new one that records ops without validating them) to this thread for the
-        block: write calls made in it add their ops to ``tx`` (validated at once if ``tx.validate``) and
-        nothing is submitted on exit; the caller submits ``tx.ops`` itself (:meth:`submit_all`). The asyncio
+        ``with`` block: write calls made in it add their ops to ``tx`` (validated at once if ``tx.validate``)
+        and nothing is submitted on exit; the caller submits ``tx.ops`` itself (:meth:`submit_all`). The asyncio
         facade builds its requests this way on the event loop's thread (no await inside the block)."""
-        if self._current_tx() is not None:
-            raise RaftSqliteError("this thread is inside store.transaction(): its writes belong to that block")
-        self.check_open()
-        if tx is None:
-            tx = Tx(self.groups, validate=False)
-        self._tx.tx = tx
-        try:
-            yield tx
-        finally:
-            self._tx.tx = None
+        return Capture(self, tx if tx is not None else Tx(self.groups, validate=False))
 
     def submit_all(self, reqs: list[Request]) -> None:
         """Submit ``reqs`` from this one thread as one writer of the queue: they join the same group commit,

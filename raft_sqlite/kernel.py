@@ -37,6 +37,7 @@ from . import fsio, layout
 from .args import text_arg
 from .checkpointer import CHECKPOINT_PAGES, Checkpointer
 from .commit import (
+    Capture,
     CommitListener,
     CommitPipeline,
     IntervalSyncer,
@@ -291,7 +292,7 @@ class Kernel:
         self.check_open()
         return Tx(self.groups)
 
-    def capture(self, tx: Tx | None = None) -> contextlib.AbstractContextManager[Tx]:
+    def capture(self, tx: Tx | None = None) -> Capture:
         """Bind ``tx`` to this thread for the block: write calls add their ops to it instead of committing
         (validated at once if ``tx.validate``; the default, a new ``Tx(validate=False)``, only records them,
         to be validated in queue order when applied). Nothing is submitted on exit. No await (or other

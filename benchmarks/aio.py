@@ -1,0 +1,214 @@
+"""The asyncio facade: group commit across coroutines, and the event loop's lag while the store works.
+
+    python benchmarks/aio.py [--seconds 2] [--coroutines 16,1000] [--payload 100] [--lag-seconds 1]
+                             [--snapshot-mib 256] [--backup-mb 200] [--rounds 3] [--quick] [--json PATH]
+
+Table 1, **group commit** (FULL, single-entry ``append_next`` to one group, for ``--seconds``, fresh store
+per row, same run): C coroutines on one event loop (``AsyncNodeStore``), each appending one entry at a time
+in a loop, against 1 and 8 threads on a ``NodeStore`` (the threaded rows of ``benchmarks/append.py``).
+Entries/s, latency p50/p99, entries per commit and the process's CPU per entry. Target (issue 17):
+1,000 coroutines >= the 8-thread rate.
+
+Table 2, **loop lag**: a coroutine sleeps 1 ms in a loop and records how late it wakes (the loop-lag
+monitor); p50/p99/max lag when the loop does nothing else, and while 16 coroutines append (FULL), an async
+snapshot stream of ``--snapshot-mib`` (1 MiB ``await w.write``s from the loop) and a hot backup task of the
+store (prefilled with ``--backup-mb`` of 4 KiB entries) run together; the window lasts until both the
+snapshot and the backup are done (at least ``--lag-seconds``). Target (issue 17): p99 lag < 1 ms.
+
+Rows go through the shared round runner (one untimed warm-up, interleaved rounds, medians). Targets are
+printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import append as append_bench  # noqa: E402
+from _common import Row, md_table, pct, print_rounds, print_table, run_rounds, target, us, workdir  # noqa: E402
+
+from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
+from raft_sqlite.aio import AsyncNodeStore  # noqa: E402
+
+
+def coroutines_row(d, n, seconds, payload):
+    """C coroutines, each appending single FULL entries to one group in a loop for ``seconds``."""
+    def measure():
+        path = os.path.join(d, f"co-{n}")
+
+        async def main():
+            async with await AsyncNodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL) as s:
+                log = s.log("g")
+                await log.append_next(1, [payload])  # untimed first call (creates the group)
+                c0, b0 = s.sync.stats.commits, s.committer_stats
+                lats: list[float] = []
+                stop = time.perf_counter() + seconds
+
+                async def writer():
+                    while time.perf_counter() < stop:
+                        t0 = time.perf_counter()
+                        await log.append_next(1, [payload])
+                        lats.append(time.perf_counter() - t0)
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                await asyncio.gather(*[writer() for _ in range(n)])
+                elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                commits = s.sync.stats.commits - c0
+                batches = s.committer_stats[0] - b0[0]
+            return {"rate": len(lats) / elapsed, "p50": pct(lats, 50), "p99": pct(lats, 99), "n": len(lats),
+                    "mean_batch": len(lats) / max(1, commits), "submits": len(lats) / max(1, batches),
+                    "cpu_us": cpu / len(lats) * 1e6}
+        try:
+            return asyncio.run(main())
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    return measure
+
+
+def prefill(path, mb):
+    """A store holding ``mb`` MB of 4 KiB entries (fsync OFF), closed."""
+    with NodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.OFF) as s:
+        lg, per, n = s.log("data"), 1000, mb * 1_000_000 // 4096
+        blob = os.urandom(4096)
+        for lo in range(1, n + 1, per):
+            lg.append([LogEntry(i, 1, blob) for i in range(lo, min(n, lo + per - 1) + 1)])
+
+
+async def lag_monitor(stop: asyncio.Event, lags: list[float], period: float = 0.001) -> None:
+    """Sleep ``period`` in a loop; record how late each wake-up is."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        await asyncio.sleep(period)
+        lags.append(max(0.0, time.perf_counter() - t0 - period))
+
+
+def lag_row(d, a, busy):
+    """Loop lag, idle (``busy`` False) or while 16 appenders, a snapshot stream and a backup task run."""
+    src = os.path.join(d, "lag-src")
+
+    def measure():
+        path = os.path.join(d, "lag")
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(src, path)
+        bk = os.path.join(d, "lag-backups")
+
+        async def main():
+            async with await AsyncNodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL) as s:
+                log = s.log("g")
+                await log.append_next(1, [b"x"])
+                await s.metadata("g").set_commit_index(1)
+                stop, lags = asyncio.Event(), []
+                mon = asyncio.create_task(lag_monitor(stop, lags))
+                counts = [0]
+                out = {}
+                t0 = time.perf_counter()
+                if not busy:
+                    await asyncio.sleep(a.lag_seconds)
+                else:
+                    done = asyncio.Event()
+
+                    async def appender():
+                        while not done.is_set():
+                            await log.append_next(1, [a.payload_bytes])
+                            counts[0] += 1
+
+                    async def snapshot():
+                        piece = os.urandom(1 << 20)
+                        ts = time.perf_counter()
+                        async with s.snapshots("g").write(1, 1) as w:
+                            for _ in range(a.snapshot_mib):
+                                await w.write(piece)
+                        out["snapshot_s"] = time.perf_counter() - ts
+
+                    async def backup():
+                        ts = time.perf_counter()
+                        info = await s.backup(bk)
+                        out["backup_s"], out["backup_mb"] = time.perf_counter() - ts, info.size / 1e6
+
+                    apps = [asyncio.create_task(appender()) for _ in range(16)]
+                    await asyncio.gather(snapshot(), backup(), asyncio.sleep(a.lag_seconds))
+                    done.set()
+                    await asyncio.gather(*apps)
+                window = time.perf_counter() - t0
+                stop.set()
+                await mon
+            return {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags), "n": len(lags), "window": window,
+                    "appends": counts[0], **out}
+        try:
+            return asyncio.run(main())
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(bk, ignore_errors=True)
+    return measure
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--coroutines", default="16,1000")
+    ap.add_argument("--payload", type=int, default=100)
+    ap.add_argument("--lag-seconds", type=float, default=1.0)
+    ap.add_argument("--snapshot-mib", type=int, default=256)
+    ap.add_argument("--backup-mb", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 0.3 s rows, 8 MiB snapshot, 8 MB backup, 1 round")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seconds, a.lag_seconds, a.snapshot_mib, a.backup_mb, a.rounds = 0.3, 0.3, 8, 8, 1
+    a.coroutines = [int(x) for x in a.coroutines.split(",")]
+    a.payload_bytes = b"x" * a.payload
+    d = workdir()
+    try:
+        prefill(os.path.join(d, "lag-src"), a.backup_mb)
+        rows = [Row("threads 1", lambda: append_bench.bench_concurrent(d, FsyncMode.FULL, 1, a.seconds,
+                                                                       a.payload_bytes, threads=1)),
+                Row("threads 8", lambda: append_bench.bench_concurrent(d, FsyncMode.FULL, 1, a.seconds,
+                                                                       a.payload_bytes, threads=8))]
+        rows += [Row(f"coroutines {c}", coroutines_row(d, c, a.seconds, a.payload_bytes)) for c in a.coroutines]
+        rows += [Row("lag idle", lag_row(d, a, False)), Row("lag busy", lag_row(d, a, True))]
+        res = run_rounds(rows, a.rounds)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print_rounds(res, [("rate", "entries/s", lambda v: f"{v:,.0f}"), ("p99", "p99 us", us),
+                       ("max", "max us", us)])
+    t8 = res["threads 8"].med("rate")
+    head1 = ["writers", "entries/s", "vs 8 threads", "p50 us", "p99 us", "entries per commit", "CPU us/entry"]
+    table1 = []
+    for name in ["threads 1", "threads 8", *[f"coroutines {c}" for c in a.coroutines]]:
+        r = res[name]
+        table1.append([name, f"{r.med('rate'):,.0f}", f"{r.med('rate') / t8:.2f}x", us(r.med("p50")),
+                       us(r.med("p99")), f"{r.med('mean_batch'):.1f}", f"{r.med('cpu_us'):.0f}"])
+    title1 = (f"group commit, FULL single-entry append_next to one group, {a.seconds} s per row, "
+              f"{a.rounds} interleaved rounds, medians")
+    print_table(title1, head1, table1)
+    head2 = ["loop", "lag p50 us", "lag p99 us", "lag max us", "work in the window"]
+    idle, busy = res["lag idle"], res["lag busy"]
+    table2 = [["idle (monitor alone)", us(idle.med("p50")), us(idle.med("p99")), us(idle.med("max")),
+               f"{idle.med('window'):.1f} s"],
+              ["16 appenders + snapshot + backup", us(busy.med("p50")), us(busy.med("p99")), us(busy.med("max")),
+               f"{busy.med('window'):.1f} s: {busy.med('appends'):,.0f} appends, snapshot {a.snapshot_mib} MiB in "
+               f"{busy.med('snapshot_s'):.2f} s, backup {busy.med('backup_mb'):,.0f} MB in {busy.med('backup_s'):.2f} s"]]
+    title2 = "event-loop lag (a 1 ms sleep's lateness), FULL"
+    print_table(title2, head2, table2)
+    cmax = a.coroutines[-1]
+    q = res[f"coroutines {cmax}"].med("rate") / t8
+    p99 = busy.med("p99")
+    targets = (f"targets: {target(q >= 1, f'{cmax:,} coroutines >= 8 threads ({q:.2f}x)')}; "
+               f"{target(p99 < 1e-3, f'loop lag p99 < 1 ms while appending, snapshotting and backing up ({p99 * 1e3:.2f} ms)')}")
+    print("\n" + targets)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({name: r.rounds for name, r in res.items()}, f, indent=1)
+    return f"{title1}:\n\n{md_table(head1, table1)}\n\n{title2}:\n\n{md_table(head2, table2)}\n\n{targets}.\n"
+
+
+if __name__ == "__main__":
+    main()
