@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .args import int_arg
 from .backup import BackupInfo, HotBackupManager
 from .commit import Op, Request, Tx
 from .entry import EntryKind, LogEntry
@@ -114,8 +115,9 @@ class _Committer:
                 self._kernel.submit_all(reqs)
             except BaseException as exc:  # an interrupt of this thread: submit_all answered the rest
                 for r in reqs:
-                    if not r.done:
-                        r.error, r.done = RaftSqliteError(f"the committer was interrupted ({exc!r})"), True
+                    if r.result is None and r.error is None:
+                        r.error = RaftSqliteError(f"the committer was interrupted ({exc!r}) before this write ran")
+                    r.done = True
             self.batches += 1
             self.requests += len(reqs)
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting (the writes stand)
@@ -144,13 +146,35 @@ class AsyncNodeStore:
         self._pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="raft-sqlite-aio")
         self._committer = _Committer(self._kernel, loop)
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], node_id: str, **kwargs: Any) -> AsyncNodeStore:
         """Open (creating if needed) the store, in a worker thread: the arguments and errors of
         :meth:`NodeStore.open` (recovery runs there too)."""
         loop = asyncio.get_running_loop()
-        store = await asyncio.to_thread(functools.partial(NodeStore.open, data_dir, node_id, **kwargs))
+        lock = threading.Lock()
+        state: dict[str, Any] = {"cancelled": False, "store": None}
+
+        def opener() -> NodeStore:
+            st = NodeStore.open(data_dir, node_id, **kwargs)
+            with lock:
+                abandoned = state["cancelled"]
+                state["store"] = st
+            if abandoned:  # the caller was cancelled while the open ran: nobody will close it
+                st.close()
+            return st
+
+        fut = loop.run_in_executor(None, opener)
+        try:
+            store = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            with lock:
+                state["cancelled"] = True
+                opened = state["store"]
+            if opened is not None:  # the open had finished: close it, off the loop (it releases the data_dir)
+                loop.run_in_executor(None, opened.close)
+            raise
         return cls(store, loop)
 
     @property
@@ -175,15 +199,20 @@ class AsyncNodeStore:
         return self._committer.batches, self._committer.requests
 
     async def close(self) -> None:
-        """Let every write already submitted commit, then close the store (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.to_thread(self._committer.stop)
+        """Refuse new calls, let every write already submitted commit and every call running in a worker thread
+        finish, then close the store. Idempotent; concurrent calls all wait for the one close; cancelling a
+        ``close()`` does not stop it (it completes in the background)."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(asyncio.to_thread(self._close_blocking))
+        await asyncio.shield(self._closing)
+
+    def _close_blocking(self) -> None:
         try:
-            await asyncio.to_thread(self._store.close)
+            self._committer.stop()
+            self._pool.shutdown(wait=True)  # reads, compactions, backups in the pool end first
         finally:
-            self._pool.shutdown(wait=False)
+            self._store.close()
 
     async def __aenter__(self) -> AsyncNodeStore:
         return self
@@ -195,19 +224,36 @@ class AsyncNodeStore:
     # ------------------------------------------------------------------ plumbing
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on the store's thread pool (any blocking call on :attr:`sync` or a view)."""
+        self._check_usable()
         return await self._loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    def _submit(self, call: Callable[[], Any]) -> asyncio.Future[list[Any]]:
+    def _check_usable(self) -> None:
+        """Raise unless the store is open and this is its event loop (before anything is queued)."""
+        if self._closed:
+            raise RaftSqliteError("the store is closed")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop:
+            raise RaftSqliteError("this AsyncNodeStore belongs to another event loop (or is used outside one); "
+                                  "use it from the loop it was opened on, or use store.sync from threads")
+
+    def _submit(self, call: Callable[[], Any], create: str | None = None) -> asyncio.Future[list[Any]]:
         """Run the synchronous write ``call`` captured (see the module docstring): inside an async transaction,
-        validated now and added to it; otherwise submitted to the committer. Returns the future of its
-        results (already done when no commit is needed)."""
+        validated now and added to it; otherwise submitted to the committer, after creating group ``create``
+        in the same request if it does not exist. Returns the future of its results (already done when no
+        commit is needed)."""
+        self._check_usable()
         atx = _CURRENT_TX.get()
-        if atx is None or atx.store is not self:
-            if self._closed:
-                raise RaftSqliteError("the store is closed")
+        if atx is None or atx.store is not self or (atx.ended and asyncio.current_task() is atx.task):
+            # (a block that ended while its task still carries it, e.g. one left inside an abandoned async
+            # generator: that task's writes are its own again)
             with self._kernel.capture() as cap:
                 value = call()
             if cap.ops:
+                if create is not None and create not in self._kernel.groups:  # the group's creation goes first,
+                    cap.ops.insert(0, (create, None, None))  # in the same request (ordered, atomic with the write)
                 return self._committer.submit(cap.ops)
         else:
             value = atx.add(call)
@@ -236,7 +282,10 @@ class AsyncNodeStore:
         return self._store.groups()
 
     async def remove_group(self, group: str | int) -> bool:
-        """:meth:`NodeStore.remove_group`, in a worker thread."""
+        """:meth:`NodeStore.remove_group`, in a worker thread (refused inside :meth:`transaction`, as there)."""
+        if _live_tx(self) is not None:
+            raise RaftSqliteError("remove_group() cannot run inside store.transaction(): its chunks are deleted "
+                                  "after its own commit")
         return await self.run(self._store.remove_group, group)
 
     def transaction(self) -> AsyncTransaction:
@@ -261,6 +310,8 @@ class AsyncNodeStore:
                           start: int | None = None) -> AsyncIterator[LogEntry]:
         """``async for entry in store.iter_replay(group)``: :meth:`NodeStore.iter_replay`, read ``chunk``
         entries at a time in a worker thread (the loop runs between chunks)."""
+        chunk = int_arg("chunk", chunk, 1, 1 << 30)
+        self._check_usable()
         it = self._store.iter_replay(group, upto=upto, chunk=chunk, start=start)
         while True:
             batch = await self.run(lambda: list(itertools.islice(it, chunk)))
@@ -275,6 +326,7 @@ class AsyncNodeStore:
         the :class:`~raft_sqlite.BackupInfo`. ``progress(file, done, total)`` is called on the loop.
         Cancelling the task stops the copy (nothing is kept) and waits until it has stopped. Bad options raise
         here, before any task starts."""
+        self._check_usable()
         mgr = HotBackupManager(self._store, backup_dir, **options)
         cancel = threading.Event()
         loop = self._loop
@@ -289,11 +341,20 @@ class AsyncNodeStore:
                 return await asyncio.shield(fut)
             except asyncio.CancelledError:
                 cancel.set()
-                with contextlib.suppress(BaseException):  # its error (BackupCancelled) is the cancellation's
-                    await fut  # the copy stops at its next step and removes what it wrote
+                while not fut.done():  # the copy stops at its next step and removes what it wrote; the task
+                    with contextlib.suppress(asyncio.CancelledError):  # ends only then, however often cancelled
+                        await asyncio.wait({fut})
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: its error (BackupCancelled) is the cancellation's
                 raise
 
         return loop.create_task(run(), name=f"raft-sqlite backup of {self.node_id}")
+
+
+def _live_tx(store: AsyncNodeStore) -> AsyncTransaction | None:
+    """The running task's open async transaction on ``store``, if any."""
+    atx = _CURRENT_TX.get()
+    return atx if atx is not None and atx.store is store and not atx.ended else None
 
 
 class AsyncTransaction:
@@ -303,153 +364,165 @@ class AsyncTransaction:
         self.store = store
         self._tx: Tx | None = None
         self._token: contextvars.Token[AsyncTransaction | None] | None = None
-        self._ended = False
+        #: True once the block exited (its writes committed or discarded): later writes bound to it from
+        #: another task (one created inside the block) are refused
+        self.ended = False
+        #: the task that entered the block
+        self.task: asyncio.Task[Any] | None = None
 
     async def __aenter__(self) -> AsyncTransaction:
-        if _CURRENT_TX.get() is not None:
+        if _live_tx(self.store) is not None:
             raise RaftSqliteError("store.transaction() does not nest")
-        if self._tx is not None or self._ended:
+        if self._tx is not None or self.ended:
             raise RaftSqliteError("this transaction was already used")
-        if self.store._closed:
-            raise RaftSqliteError("the store is closed")
+        self.store._check_usable()
         self._tx = self.store.sync.kernel.new_transaction()
+        self.task = asyncio.current_task()
         self._token = _CURRENT_TX.set(self)
         return self
 
     def add(self, call: Callable[[], T]) -> T:
         """Validate the write ``call`` now against the block's state and add its op (on the loop's thread)."""
-        if self._ended or self._tx is None:
-            raise RaftSqliteError("this transaction has ended: its writes were already committed or discarded")
+        if self.ended or self._tx is None:
+            raise RaftSqliteError("this transaction has ended: its writes were already committed or discarded "
+                                  "(a task created inside the block outlived it)")
         with self.store.sync.kernel.capture(self._tx):
             return call()
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
         assert self._token is not None and self._tx is not None  # set by __aenter__
-        _CURRENT_TX.reset(self._token)
-        self._ended = True
+        self.ended = True  # first: whatever happens below, nothing more joins this block
+        with contextlib.suppress(ValueError):  # exited in another context (an async generator finalized by
+            _CURRENT_TX.reset(self._token)  # another task): that context keeps the ended block, refusing writes
         if et is not None or not self._tx.ops:
             return  # an exception in the block: nothing is written
-        if self.store._closed:
-            raise RaftSqliteError("the store is closed")
+        self.store._check_usable()
         await self.store._committer.submit(self._tx.ops)
 
 
-class AsyncRaftLog:
-    """The async view of one group's :class:`~raft_sqlite.PersistentRaftLog` (``store.log(group)``).
-
-    Positions (:attr:`first_index`, :attr:`last_index`, ...) are read from memory, without await."""
+class _GroupView:
+    """What the log and metadata views share: the group's creation by the first write, and the write path."""
 
     def __init__(self, store: AsyncNodeStore, name: str) -> None:
         self._s = store
         self.group = name
-        self._log: PersistentRaftLog | None = None
+        self._seen = store._has_group(name)
 
-    def _now(self) -> PersistentRaftLog | None:
-        """The sync view if the group exists (no I/O), else None (a group not created yet)."""
-        if self._log is None and self._s._has_group(self.group):
-            self._log = self._s.sync.log(self.group)
-        return self._log
+    def _create(self) -> str | None:
+        """The group to create with the next write: this view's, if it never saw it exist (once seen, a removal
+        is final for the view: the sync view underneath raises GroupNotFoundError)."""
+        if not self._seen and self._s._has_group(self.group):
+            self._seen = True
+        return None if self._seen else self.group
 
-    async def _view(self) -> PersistentRaftLog:
-        v = self._now()
-        if v is None:  # creating the group is a commit: off the loop
-            v = self._log = await self._s.run(self._s.sync.log, self.group)
-        return v
+    async def _ensure(self) -> None:
+        """Create a group never seen, off the loop (before a read, or a write in a transaction, which validates
+        against existing groups)."""
+        if self._create() is not None:
+            await self._s.run(self._s.sync.log, self.group)
+            self._seen = True
+
+    async def _write(self, call: Callable[[], Any]) -> Any:
+        if _live_tx(self._s) is not None:
+            await self._ensure()
+        res = await self._s._submit(call, self._create())
+        self._create()  # a write that created the group: the view has seen it now (an empty append creates none)
+        return res[-1]
+
+
+class AsyncRaftLog(_GroupView):
+    """The async view of one group's :class:`~raft_sqlite.PersistentRaftLog` (``store.log(group)``).
+
+    Positions (:attr:`first_index`, :attr:`last_index`, ...) are read from memory, without await. A group that
+    does not exist yet reads as a new, empty one and is created by the view's first write, in the same commit
+    (by a read: first, as ``NodeStore.log(name)`` does); once the view has seen its group, a removal is final
+    for it (:class:`~raft_sqlite.GroupNotFoundError`), as for ``NodeStore`` views."""
+
+    def __init__(self, store: AsyncNodeStore, name: str) -> None:
+        super().__init__(store, name)
+        self._log = PersistentRaftLog(store.sync.kernel, name)
 
     @property
     def first_index(self) -> int:
         """Index of the first entry still held."""
-        v = self._now()
-        return v.first_index if v is not None else 1
+        return self._log.first_index if self._create() is None else 1
 
     @property
     def last_index(self) -> int:
         """Index of the last entry (``first_index - 1`` when empty)."""
-        v = self._now()
-        return v.last_index if v is not None else 0
+        return self._log.last_index if self._create() is None else 0
 
     @property
     def last_term(self) -> int:
         """Term of the last entry (or of the snapshot; 0 at first)."""
-        v = self._now()
-        return v.last_term if v is not None else 0
+        return self._log.last_term if self._create() is None else 0
 
     @property
     def snapshot_index(self) -> int:
         """Index of the newest durable snapshot (0 if none)."""
-        v = self._now()
-        return v.snapshot_index if v is not None else 0
+        return self._log.snapshot_index if self._create() is None else 0
 
     async def append(self, entries: Sequence[LogEntry]) -> int:
-        """:meth:`PersistentRaftLog.append`: durable when the await returns."""
-        v = self._log or await self._view()
-        last: int = (await self._s._submit(lambda: v.append(entries)))[-1]
+        """:meth:`PersistentRaftLog.append`: durable when the await returns. An empty ``entries`` answers the
+        last committed index at once."""
+        v = self._log
+        last: int = await self._write(lambda: v.append(entries))
         return last
 
     async def append_next(self, term: int, payloads: Sequence[bytes], kind: EntryKind = EntryKind.NORMAL) -> int:
-        """:meth:`PersistentRaftLog.append_next`: the leader's path; concurrent coroutines share commits."""
-        v = self._log or await self._view()
-        last: int = (await self._s._submit(lambda: v.append_next(term, payloads, kind)))[-1]
+        """:meth:`PersistentRaftLog.append_next`: the leader's path; concurrent coroutines share commits. Inside
+        :meth:`AsyncNodeStore.transaction` the index returned is the block's own view: another coroutine's
+        append to the same group that commits while the block is open comes first, and the block's entries
+        then follow it."""
+        v = self._log
+        last: int = await self._write(lambda: v.append_next(term, payloads, kind))
         return last
 
     async def truncate_after(self, index: int) -> None:
         """:meth:`PersistentRaftLog.truncate_after`."""
-        v = self._log or await self._view()
-        await self._s._submit(lambda: v.truncate_after(index))
+        v = self._log
+        await self._write(lambda: v.truncate_after(index))
 
     async def compact(self, up_to: int) -> None:
         """:meth:`PersistentRaftLog.compact` in a worker thread (it commits segment by segment, so it is not
         part of an async transaction: refused inside one)."""
-        atx = _CURRENT_TX.get()
-        if atx is not None and atx.store is self._s:
+        if _live_tx(self._s) is not None:
             raise RaftSqliteError("compact() cannot run inside store.transaction(): it commits segment by segment")
-        v = self._log or await self._view()
-        await self._s.run(v.compact, up_to)
+        await self._ensure()
+        await self._s.run(self._log.compact, up_to)
 
     async def get(self, index: int) -> LogEntry:
         """:meth:`PersistentRaftLog.get`, in a worker thread."""
-        v = self._log or await self._view()
-        return await self._s.run(v.get, index)
+        await self._ensure()
+        return await self._s.run(self._log.get, index)
 
     async def term(self, index: int) -> int:
         """:meth:`PersistentRaftLog.term`, in a worker thread."""
-        v = self._log or await self._view()
-        return await self._s.run(v.term, index)
+        await self._ensure()
+        return await self._s.run(self._log.term, index)
 
     async def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[LogEntry]:
         """:meth:`PersistentRaftLog.entries`, in a worker thread."""
-        v = self._log or await self._view()
-        return await self._s.run(v.entries, lo, hi, max_bytes)
+        await self._ensure()
+        return await self._s.run(self._log.entries, lo, hi, max_bytes)
 
     def __repr__(self) -> str:
-        return f"<AsyncRaftLog {self.group!r} first={self.first_index} last={self.last_index}>"
+        return f"<AsyncRaftLog {self.group!r}>"
 
 
-class AsyncRaftMetadata:
-    """The async view of one group's :class:`~raft_sqlite.RaftMetadataStore` (``store.metadata(group)``)."""
+class AsyncRaftMetadata(_GroupView):
+    """The async view of one group's :class:`~raft_sqlite.RaftMetadataStore` (``store.metadata(group)``); a
+    group is created by the first write, as for :class:`AsyncRaftLog`."""
 
     def __init__(self, store: AsyncNodeStore, name: str) -> None:
-        self._s = store
-        self.group = name
-        self._meta: RaftMetadataStore | None = None
-
-    def _now(self) -> RaftMetadataStore | None:
-        if self._meta is None and self._s._has_group(self.group):
-            self._meta = self._s.sync.metadata(self.group)
-        return self._meta
-
-    async def _view(self) -> RaftMetadataStore:
-        v = self._now()
-        if v is None:
-            v = self._meta = await self._s.run(self._s.sync.metadata, self.group)
-        return v
+        super().__init__(store, name)
+        self._meta = RaftMetadataStore(store.sync.kernel, name)
 
     @property
     def hard_state(self) -> HardState:
         """``HardState(current_term, voted_for, commit_index)`` read at one instant."""
-        v = self._now()
-        return v.hard_state if v is not None else HardState(0, None, 0)
+        return self._meta.hard_state if self._create() is None else HardState(0, None, 0)
 
     @property
     def current_term(self) -> int:
@@ -469,26 +542,24 @@ class AsyncRaftMetadata:
     @property
     def recovered_partially(self) -> bool:
         """:attr:`RaftMetadataStore.recovered_partially`."""
-        v = self._now()
-        return v.recovered_partially if v is not None else False
+        return self._meta.recovered_partially if self._create() is None else False
 
     async def set_term_and_vote(self, term: int, voted_for: Vote = None) -> None:
         """:meth:`RaftMetadataStore.set_term_and_vote`: durable when the await returns."""
-        v = self._meta or await self._view()
-        await self._s._submit(lambda: v.set_term_and_vote(term, voted_for))
+        v = self._meta
+        await self._write(lambda: v.set_term_and_vote(term, voted_for))
 
     async def set_commit_index(self, index: int) -> None:
         """:meth:`RaftMetadataStore.set_commit_index`."""
-        v = self._meta or await self._view()
-        await self._s._submit(lambda: v.set_commit_index(index))
+        v = self._meta
+        await self._write(lambda: v.set_commit_index(index))
 
     async def clear_recovered_partially(self) -> None:
         """:meth:`RaftMetadataStore.clear_recovered_partially`."""
-        v = self._meta or await self._view()
-        await self._s._submit(v.clear_recovered_partially)
+        await self._write(self._meta.clear_recovered_partially)
 
     def __repr__(self) -> str:
-        return f"<AsyncRaftMetadata {self.group!r} {self.hard_state}>"
+        return f"<AsyncRaftMetadata {self.group!r}>"
 
 
 class _OwnThread:
@@ -499,6 +570,21 @@ class _OwnThread:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._ex, functools.partial(fn, *args))
+
+    async def start(self, fn: Callable[[], T], undo: Callable[[T], object]) -> T:
+        """``fn()`` on the thread; if the await is cancelled, ``undo(result)`` runs there once ``fn`` has
+        finished (a stream started for a caller that is gone is closed, not left active), then the thread
+        ends."""
+        fut = asyncio.get_running_loop().run_in_executor(self._ex, fn)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            def cleanup(f: asyncio.Future[T]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._ex.submit(undo, f.result())
+                self._ex.shutdown(wait=False)
+            fut.add_done_callback(cleanup)
+            raise
 
     def shutdown(self) -> None:
         self._ex.shutdown(wait=False)
@@ -573,8 +659,22 @@ class AsyncSnapshotWriter:
             raise RaftSqliteError("a snapshot cannot be written inside store.transaction()")
         try:
             mgr = await self._mgr._mgr()
-            w = await self._thread.call(self._make, mgr)
-            self._w = await self._thread.call(w.__enter__)
+        except BaseException:
+            self._thread.shutdown()
+            raise
+
+        def start() -> SnapshotWriter:
+            return self._make(mgr).__enter__()
+
+        def undo(w: SnapshotWriter) -> None:  # a cancelled start: an install is kept for a resume, else discarded
+            if w.install:
+                w.suspend()
+            else:
+                w.abort()
+        try:
+            self._w = await self._thread.start(start, undo)
+        except asyncio.CancelledError:
+            raise  # (the thread ends after undo)
         except BaseException:
             self._thread.shutdown()
             raise
@@ -642,7 +742,13 @@ class AsyncSnapshotReader:
     async def __aenter__(self) -> AsyncSnapshotReader:
         try:
             mgr = await self._mgr._mgr()
-            self._r = await self._thread.call(self._make, mgr)
+        except BaseException:
+            self._thread.shutdown()
+            raise
+        try:
+            self._r = await self._thread.start(lambda: self._make(mgr), lambda r: r.close())
+        except asyncio.CancelledError:
+            raise  # (the thread ends after closing the reader)
         except BaseException:
             self._thread.shutdown()
             raise

@@ -191,6 +191,8 @@ class Tx:
         g = self.view.get(name)
         if g is None:
             base = self.groups.get(name)
+            if base is None and not self.validate:  # a capture of a group its request will create: new and empty
+                base = GroupState(0, name)
             if base is None:
                 raise GroupNotFoundError(f"group {name!r} does not exist (it was removed)")
             g = self.view[name] = base.copy()
@@ -357,12 +359,12 @@ class CommitPipeline:
         carrier = Request([], reqs)
         try:
             self.submit(carrier)
-        finally:
+        finally:  # after an interrupt: a part with a result and no error was committed (and published)
             for r in reqs:
-                if not r.done:
-                    r.error = r.error or RaftSqliteError("the committing thread was interrupted before this "
-                                                         "write ran; nothing of it was written")
-                    r.done = True
+                if r.result is None and r.error is None:
+                    r.error = RaftSqliteError("the committing thread was interrupted before this write ran; "
+                                              "nothing of it was written")
+                r.done = True
 
     def pending_group(self, name: str) -> GroupState:
         """The state of group ``name`` as this thread's open transaction leaves it (else the published one)."""

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import apsw
 
 from . import fsio, layout, migrate, reserve, sqlitewal
-from .args import float_arg, text_arg
+from .args import float_arg, int_arg, text_arg
 from .commit import StoreStats, Tx
 from .entry import KINDS, LogEntry
 from .errors import (
@@ -705,9 +705,10 @@ class NodeStore:
         """Yield the log entries a state machine must apply at start-up, in index order: those after the
         newest durable snapshot (``snapshot_index + 1``, or ``first_index``; or from ``start``) up to
         ``upto`` (default: the commit index; pass ``log.last_index`` to include uncommitted entries).
-        Entries are read ``chunk`` at a time (bounded memory). Their CRCs were verified when the store
+        Entries are read ``chunk`` (>= 1) at a time (bounded memory). Their CRCs were verified when the store
         was opened (and entries written since were written by this process), so they are not checked a
         second time. Raises :class:`LogCompactedError` if ``start`` is below ``first_index``."""
+        chunk = int_arg("chunk", chunk, 1, 1 << 30)
         name = self.kernel.ensure_group(group)
         new, kinds = tuple.__new__, KINDS
         for rows in self._replay_rows(name, upto, start, chunk):

@@ -3,6 +3,7 @@ async transactions, cancellation, snapshots and backups as async streams and tas
 waits on the disk. Every test reopens the store synchronously and checks what is durable."""
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -176,7 +177,8 @@ def test_concurrent_calls_give_the_results_of_running_them_in_call_order(tmp_pat
     async def main():
         async with await aopen(tmp_path / "async") as s:
             log, meta = s.log("g"), s.metadata("g")
-            await log.append([])  # creates the group before the race (creation is a commit of its own)
+            assert await log.append([]) == 0  # an empty append answers at once (and creates nothing)
+            assert s.groups() == []  # the first write below creates the group, in its own request
             coros = [getattr(meta if c[0].startswith("set_") else log, c[0])(*c[1:]) for c in calls]
             got = await asyncio.gather(*coros, return_exceptions=True)
             return [type(g) if isinstance(g, Exception) else g for g in got], \
@@ -191,8 +193,8 @@ def test_an_async_transaction_commits_once_atomically_across_awaits(data_dir):
     async def main():
         async with await aopen(data_dir) as s:
             log, meta, other = s.log("g"), s.metadata("g"), s.log("h")
-            await log.append([])
-            await other.append([])
+            await s.run(s.sync.log, "g")  # both groups exist before the block (creation is a commit of its own)
+            await s.run(s.sync.log, "h")
             c0 = s.sync.stats.commits
 
             go = asyncio.Event()
@@ -525,3 +527,264 @@ def test_sigkill_never_loses_an_acknowledged_async_append(tmp_path, seed):
             lg = s.log(g)
             assert lg.last_index >= top, (g, lg.last_index, top)
             assert [e.data for e in lg.entries(1, top + 1)] == [f"{g}:{i}".encode() for i in range(1, top + 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Found by an independent review (each failed before its fix)
+
+
+def test_a_transaction_left_in_an_abandoned_async_generator_never_swallows_a_write(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log("g")
+            await log.append_next(1, [b"a"])
+
+            async def batches():
+                async with s.transaction():
+                    await log.append_next(1, [b"in the block"])
+                    yield 1
+                    yield 2
+            async for _ in batches():
+                break  # the generator is finalized later, by another task
+            await asyncio.sleep(0.05)
+            assert await log.append_next(1, [b"after"]) == 2  # this task's own write again: committed
+            async with s.transaction():  # and it can open a block of its own
+                await log.append_next(1, [b"own block"])
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir)] == [b"a", b"after", b"own block"]
+
+
+def test_close_completes_even_when_cancelled_and_concurrent_closes_wait_for_it(data_dir):
+    async def main():
+        s = await aopen(data_dir)
+        await s.log("g").append_next(1, [b"a"])
+        t = asyncio.create_task(s.close())
+        await asyncio.sleep(0)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        await asyncio.gather(s.close(), s.close())
+        assert s.sync.kernel.closed
+    asyncio.run(main())
+    with open_store(data_dir) as s:  # the data_dir lock was released
+        assert s.log("g").last_index == 1
+
+
+def test_a_cancelled_open_releases_the_data_dir(data_dir):
+    open_store(data_dir).close()
+
+    async def main():
+        for delay in (0, 0.001, 0.005, 0.02, 0.1):
+            t = asyncio.create_task(aopen(data_dir))
+            await asyncio.sleep(delay)
+            t.cancel()
+            try:
+                s = await t
+            except asyncio.CancelledError:
+                s = None
+            if s is not None:
+                await s.close()
+            deadline = time.monotonic() + 20
+            while True:  # the abandoned open is closed in the background: the lock comes free
+                try:
+                    open_store(data_dir).close()
+                    break
+                except RaftSqliteError:
+                    assert time.monotonic() < deadline, "the cancelled open kept the data_dir locked"
+                    await asyncio.sleep(0.02)
+    asyncio.run(main())
+
+
+def test_first_writes_to_a_new_group_keep_call_order_and_started_ones_survive_cancel(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log("new")
+            got = await asyncio.gather(*[log.append([LogEntry(i, 1, b"%d" % i)]) for i in range(1, 9)],
+                                       return_exceptions=True)
+            assert got == list(range(1, 9))
+            other = s.log("other")
+            t = asyncio.create_task(other.append_next(1, [b"started"]))
+            await asyncio.sleep(0)
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir, "new")] == [b"%d" % i for i in range(1, 9)]
+    assert [e.data for e in entries_of(data_dir, "other")] == [b"started"]
+
+
+def _open_fds_under(path):
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(path)):
+                out.append(target)
+    return out
+
+
+def test_close_waits_for_reads_running_in_worker_threads(data_dir):
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(i, 1, b"x" * 1000) for i in range(1, 20001)])
+
+    async def main():
+        s = await aopen(data_dir)
+        log = s.log("g")
+        reads = [asyncio.create_task(log.entries(1, 20001)) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        await s.close()
+        assert all(t.done() for t in reads)
+        for t in reads:
+            assert len(t.result()) == 20000
+    asyncio.run(main())
+    assert _open_fds_under(data_dir) == []
+
+
+def test_a_backup_cancelled_twice_still_ends_only_once_the_copy_stopped(tmp_path, data_dir):
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(i, 1, os.urandom(2000)) for i in range(1, 5001)])
+
+    async def main():
+        async with await aopen(data_dir) as s:
+            task = s.backup(tmp_path / "bk", step_pause=0.05, pages_per_step=1)
+            await asyncio.sleep(0.2)
+            task.cancel()
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert list_backups(tmp_path / "bk") == []
+            left = [d for d in os.listdir(tmp_path / "bk" / "n1") if not d.startswith(".")]
+            assert left == [], left  # the partial folder was removed before the task ended
+            info = await s.backup(tmp_path / "bk")  # not BackupBusy: the first copy has let go
+            assert os.path.isdir(info.path)
+    asyncio.run(main())
+
+
+def test_an_interrupt_after_commit_does_not_report_a_durable_part_as_unwritten(data_dir):
+    from raft_sqlite.commit import Request
+    with open_store(data_dir, fsync=FsyncMode.FULL) as s:
+        k, log = s.kernel, s.log("g")
+        log.append_next(1, [b"a"])
+        reqs = []
+        for i in range(3):
+            with k.capture() as cap:
+                log.append_next(1, [b"%d" % i])
+            reqs.append(Request(cap.ops))
+        hwm = k.hwm
+        orig, fired = hwm.note, []
+
+        def note(*a):
+            if not fired:
+                fired.append(1)
+                raise KeyboardInterrupt  # lands after COMMIT, before the parts are marked done
+            return orig(*a)
+        hwm.note = note
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                k.submit_all(reqs)
+        finally:
+            hwm.note = orig
+        assert [(r.error, r.result) for r in reqs] == [(None, [2]), (None, [3]), (None, [4])]
+    assert [e.data for e in entries_of(data_dir)] == [b"a", b"0", b"1", b"2"]
+
+
+def test_a_snapshot_stream_cancelled_while_it_starts_is_not_left_active(data_dir, monkeypatch):
+    from raft_sqlite import SnapshotWriter
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(i, 1, b"e") for i in range(1, 11)])
+        st.metadata("g").set_commit_index(10)
+    begin = SnapshotWriter.begin
+
+    def slow_begin(self):  # the writer has started (WRITING manifest, active) when the cancel lands
+        started = begin(self)
+        time.sleep(0.3)
+        return started
+    monkeypatch.setattr(SnapshotWriter, "begin", slow_begin)
+
+    async def main():
+        async with await aopen(data_dir) as s:
+            sstore = s.sync.snapshots("g").chunk_store
+            for make in (lambda: s.snapshots("g").write(10, 1), lambda: s.snapshots("g").install(50, 2)):
+                async def enter():
+                    async with make() as w:
+                        await w.write(b"x")
+                t = asyncio.create_task(enter())
+                await asyncio.sleep(0.1)
+                assert sstore.busy()  # started, in its thread
+                t.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await t
+                deadline = time.monotonic() + 10
+                while sstore.busy():
+                    assert time.monotonic() < deadline, "a snapshot stream was left active after the cancel"
+                    await asyncio.sleep(0.01)
+            assert await s.snapshots("g").list() == []  # the local write was discarded
+            assert (await s.snapshots("g").pending_install()).index == 50  # the install kept for a resume
+            assert await s.remove_group("g") is True
+    asyncio.run(main())
+
+
+def test_another_event_loop_is_refused_before_anything_is_queued(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log("g")
+            await log.append_next(1, [b"a"])
+            errors = []
+
+            def elsewhere():
+                async def other():
+                    with pytest.raises(RaftSqliteError, match="another event loop"):
+                        await log.append_next(1, [b"from another loop"])
+                    with pytest.raises(RaftSqliteError, match="another event loop"):
+                        await log.get(1)
+                try:
+                    asyncio.run(other())
+                except BaseException as exc:
+                    errors.append(exc)
+            await asyncio.to_thread(elsewhere)
+            assert errors == []
+            assert log.last_index == 1
+    asyncio.run(main())
+    assert [e.data for e in entries_of(data_dir)] == [b"a"]
+
+
+def test_every_call_after_close_raises_the_stores_closed_error(tmp_path, data_dir):
+    async def main():
+        s = await aopen(data_dir)
+        log, meta, snaps = s.log("g"), s.metadata("g"), s.snapshots("g")
+        await log.append_next(1, [b"a"])
+        await s.close()
+        calls = [log.get(1), log.term(1), log.entries(1, 2), log.compact(0), log.append_next(1, [b"b"]),
+                 log.truncate_after(0), meta.set_commit_index(1), snaps.list(), snaps.latest(), s.pragmas(),
+                 s.replay("g"), s.remove_group("g"), s.run(len, [])]
+        for c in calls:
+            with pytest.raises(RaftSqliteError, match="closed"):
+                await c
+        with pytest.raises(RaftSqliteError, match="closed"):
+            s.backup(tmp_path / "bk")
+        with pytest.raises(RaftSqliteError, match="closed"):
+            async for _ in s.iter_replay("g"):
+                pass
+    asyncio.run(main())
+
+
+def test_transaction_rules_remove_group_nesting_across_stores_and_chunk(tmp_path):
+    async def main():
+        async with await aopen(tmp_path / "a") as a, await aopen(tmp_path / "b") as b:
+            await a.log("g").append_next(1, [b"a"])
+            async with a.transaction():
+                with pytest.raises(RaftSqliteError, match="remove_group"):
+                    await a.remove_group("g")
+                async with b.transaction():  # another store's block: not nesting
+                    await b.log("g").append_next(1, [b"b"])
+                await a.log("g").append_next(1, [b"a2"])
+            with pytest.raises(ValueError):
+                async for _ in a.iter_replay("g", chunk=0):
+                    pass
+        return True
+    assert asyncio.run(main())
+    assert [e.data for e in entries_of(tmp_path / "a")] == [b"a", b"a2"]
+    assert [e.data for e in entries_of(tmp_path / "b")] == [b"b"]
+    with open_store(tmp_path / "a") as s, pytest.raises(ValueError):
+        next(s.iter_replay("g", chunk=0))
