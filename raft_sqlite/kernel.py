@@ -53,7 +53,7 @@ from .errors import CorruptionError, GroupNotFoundError, RaftSqliteError, Storag
 from .fsync import FsyncMode, pragmas_for
 from .governor import IoGovernor
 from .groupstate import GroupState, GroupTable
-from .pacedvfs import paced_vfs
+from .pacedvfs import PacedVFS, paced_vfs, store_paced_vfs
 from .sqlitewal import HighWaterMark
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
@@ -106,6 +106,10 @@ class Kernel:
         #: enabled (off by default: see raft_sqlite.governor for the measured trade-off)
         self.governor = IoGovernor(enabled=False)
         self.pipeline.add_listener(self.governor)
+        #: the store's pinned descriptors (``PinnedFiles.fd``), set by the store before the checkpointer starts:
+        #: with SQLite's default VFS, the paced connection then syncs through them without the GIL
+        self.fd_of: Callable[[str], int] | None = None
+        self._paced: PacedVFS | None = None
 
     # ------------------------------------------------------------------ paths and state
     @property
@@ -364,7 +368,14 @@ class Kernel:
         ``paced``: for a background writer, its files sync every ``pacedvfs.SYNC_BYTES`` written (see
         :mod:`raft_sqlite.pacedvfs`)."""
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOMUTEX
-        vfs = paced_vfs(self.vfs) if paced and self.fsync is not FsyncMode.OFF else self.vfs
+        vfs = self.vfs
+        if paced and self.fsync is not FsyncMode.OFF:
+            if self.fd_of is not None and not self.vfs:
+                if self._paced is None:
+                    self._paced = store_paced_vfs(self.fd_of)
+                vfs = self._paced.registered_name
+            else:
+                vfs = paced_vfs(self.vfs)
         conn = apsw.Connection(path, flags=flags, vfs=vfs, statementcachesize=64)
         try:
             conn.setbusytimeout(10_000)
@@ -433,3 +444,7 @@ class Kernel:
                     c.close()
         self._all_readers.clear()
         self._readers.clear()
+        paced, self._paced = self._paced, None
+        if paced is not None:  # (the checkpointer's connection was closed when it stopped)
+            with contextlib.suppress(apsw.Error):
+                paced.unregister()

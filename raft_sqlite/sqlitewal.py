@@ -91,6 +91,14 @@ class PinnedFiles:
         f.seek(0)
         return f
 
+    def fd(self, path: str) -> int:
+        """The pinned read-only descriptor of ``path`` (opened on first use; OSError if it cannot be), for
+        syncs made outside SQLite (``os.fdatasync`` of it flushes the file, whichever descriptor wrote)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
     def close(self) -> None:
         """Close every pinned descriptor (only once SQLite has closed the files)."""
         fds, self._fds = self._fds, {}

@@ -172,6 +172,7 @@ class NodeStore:
                                       "the database is damaged") from exc
             self._start_hwm()  # only once the store is known good
             try:
+                k.fd_of = self._pins.fd  # the checkpointer's paced syncs go through pinned descriptors
                 k.start_checkpointer()
             except apsw.Error as exc:
                 raise k.translate(exc, "open") from exc
