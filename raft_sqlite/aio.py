@@ -31,9 +31,12 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import logging
 import os
+import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import types
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -41,7 +44,7 @@ from .args import int_arg
 from .backup import BackupInfo, HotBackupManager
 from .commit import Op, Request, Tx
 from .entry import EntryKind, LogEntry
-from .errors import RaftSqliteError
+from .errors import GroupNotFoundError, RaftSqliteError
 from .groupstate import Vote
 from .kernel import Kernel
 from .log import PersistentRaftLog
@@ -53,6 +56,7 @@ __all__ = ["AsyncNodeStore", "AsyncRaftLog", "AsyncRaftMetadata", "AsyncSnapshot
            "AsyncSnapshotWriter", "AsyncTransaction"]
 
 T = TypeVar("T")
+log = logging.getLogger("raft_sqlite.aio")
 
 #: the async transaction of the running task (a task created inside the block inherits it, as contextvars do)
 _CURRENT_TX: contextvars.ContextVar[AsyncTransaction | None] = contextvars.ContextVar("raft_sqlite_aio_tx",
@@ -60,6 +64,12 @@ _CURRENT_TX: contextvars.ContextVar[AsyncTransaction | None] = contextvars.Conte
 
 #: worker threads of a store's pool (reads, compaction, replay, backup, snapshot metadata)
 POOL_THREADS = 4
+
+
+def _log_abandoned(f: asyncio.Future[Any]) -> None:
+    """Retrieve (and log) the error of an open or close nobody awaits any more (a cancelled ``open()``)."""
+    if not f.cancelled() and f.exception() is not None:
+        log.warning("an abandoned open/close of an AsyncNodeStore failed: %r", f.exception())
 
 
 def _settle(items: list[tuple[Request, asyncio.Future[list[Any]]]]) -> None:
@@ -147,6 +157,8 @@ class AsyncNodeStore:
         self._committer = _Committer(self._kernel, loop)
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        self._streams: set[_OwnThread] = set()  # snapshot streams' threads (close waits for their calls)
+        self._backups: set[threading.Event] = set()  # cancel events of running backups (close sets them)
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], node_id: str, **kwargs: Any) -> AsyncNodeStore:
@@ -173,7 +185,9 @@ class AsyncNodeStore:
                 state["cancelled"] = True
                 opened = state["store"]
             if opened is not None:  # the open had finished: close it, off the loop (it releases the data_dir)
-                loop.run_in_executor(None, opened.close)
+                loop.run_in_executor(None, opened.close).add_done_callback(_log_abandoned)
+            else:
+                fut.add_done_callback(_log_abandoned)
             raise
         return cls(store, loop)
 
@@ -210,7 +224,11 @@ class AsyncNodeStore:
     def _close_blocking(self) -> None:
         try:
             self._committer.stop()
+            for cancel in list(self._backups):  # a running backup stops at its next step (and removes its copy)
+                cancel.set()
             self._pool.shutdown(wait=True)  # reads, compactions, backups in the pool end first
+            for stream in list(self._streams):  # and the call a snapshot stream is making
+                stream.wait()
         finally:
             self._store.close()
 
@@ -245,10 +263,8 @@ class AsyncNodeStore:
         in the same request if it does not exist. Returns the future of its results (already done when no
         commit is needed)."""
         self._check_usable()
-        atx = _CURRENT_TX.get()
-        if atx is None or atx.store is not self or (atx.ended and asyncio.current_task() is atx.task):
-            # (a block that ended while its task still carries it, e.g. one left inside an abandoned async
-            # generator: that task's writes are its own again)
+        atx = _block_for(self)
+        if atx is None:
             with self._kernel.capture() as cap:
                 value = call()
             if cap.ops:
@@ -283,7 +299,7 @@ class AsyncNodeStore:
 
     async def remove_group(self, group: str | int) -> bool:
         """:meth:`NodeStore.remove_group`, in a worker thread (refused inside :meth:`transaction`, as there)."""
-        if _live_tx(self) is not None:
+        if _block_for(self) is not None:
             raise RaftSqliteError("remove_group() cannot run inside store.transaction(): its chunks are deleted "
                                   "after its own commit")
         return await self.run(self._store.remove_group, group)
@@ -306,13 +322,15 @@ class AsyncNodeStore:
         called there, in order). To apply on the loop instead, use :meth:`iter_replay`."""
         return await self.run(self._store.replay, group, apply, upto=upto)
 
-    async def iter_replay(self, group: str | int = "default", *, upto: int | None = None, chunk: int = 8192,
-                          start: int | None = None) -> AsyncIterator[LogEntry]:
+    def iter_replay(self, group: str | int = "default", *, upto: int | None = None, chunk: int = 8192,
+                    start: int | None = None) -> AsyncIterator[LogEntry]:
         """``async for entry in store.iter_replay(group)``: :meth:`NodeStore.iter_replay`, read ``chunk``
         entries at a time in a worker thread (the loop runs between chunks)."""
         chunk = int_arg("chunk", chunk, 1, 1 << 30)
         self._check_usable()
-        it = self._store.iter_replay(group, upto=upto, chunk=chunk, start=start)
+        return self._replayed(self._store.iter_replay(group, upto=upto, chunk=chunk, start=start), chunk)
+
+    async def _replayed(self, it: Iterator[LogEntry], chunk: int) -> AsyncIterator[LogEntry]:
         while True:
             batch = await self.run(lambda: list(itertools.islice(it, chunk)))
             if not batch:
@@ -329,6 +347,7 @@ class AsyncNodeStore:
         self._check_usable()
         mgr = HotBackupManager(self._store, backup_dir, **options)
         cancel = threading.Event()
+        self._backups.add(cancel)
         loop = self._loop
 
         def report(*args: Any) -> None:
@@ -336,7 +355,12 @@ class AsyncNodeStore:
                 loop.call_soon_threadsafe(progress, *args)
 
         async def run() -> BackupInfo:
-            fut = loop.run_in_executor(self._pool, functools.partial(mgr.backup, progress=report, cancel=cancel))
+            try:
+                fut = loop.run_in_executor(self._pool, functools.partial(mgr.backup, progress=report, cancel=cancel))
+            except RuntimeError:  # the pool was shut down: the store closed before the task ran
+                self._backups.discard(cancel)
+                raise RaftSqliteError("the store is closed") from None
+            fut.add_done_callback(lambda _: self._backups.discard(cancel))
             try:
                 return await asyncio.shield(fut)
             except asyncio.CancelledError:
@@ -351,10 +375,30 @@ class AsyncNodeStore:
         return loop.create_task(run(), name=f"raft-sqlite backup of {self.node_id}")
 
 
-def _live_tx(store: AsyncNodeStore) -> AsyncTransaction | None:
-    """The running task's open async transaction on ``store``, if any."""
+def _block_for(store: AsyncNodeStore) -> AsyncTransaction | None:
+    """The open ``store.transaction()`` block this call is made in, or None.
+
+    "In" means awaited from the block's own frame: that frame is on the call stack (a coroutine's ``f_back``
+    is the coroutine that awaits it). The block's context variable alone is not enough: it stays set in its
+    task while an async generator that opened the block is suspended (or abandoned, until it is finalized),
+    and a write the task makes meanwhile, outside the block, must not join it (it would be discarded with
+    the block and its caller told it succeeded); and tasks created inside the block inherit it. So: the
+    block's frame on the stack: join it; the block's own task elsewhere: not in the block (commit alone); a
+    task that inherited an open block: refused (``RaftSqliteError``: await the write in the block itself, so
+    that it is atomic with it, or after it); an ended block: nothing."""
     atx = _CURRENT_TX.get()
-    return atx if atx is not None and atx.store is store and not atx.ended else None
+    if atx is None or atx.store is not store or atx.ended:
+        return None
+    f: types.FrameType | None = sys._getframe(1)
+    while f is not None:
+        if f is atx.frame:
+            return atx
+        f = f.f_back
+    if asyncio.current_task() is atx.task:
+        return None
+    raise RaftSqliteError("a write from a task created inside an open store.transaction() block: it is not part "
+                          "of the block (await the write in the block itself to make it atomic with it, or "
+                          "after the block)")
 
 
 class AsyncTransaction:
@@ -367,25 +411,26 @@ class AsyncTransaction:
         #: True once the block exited (its writes committed or discarded): later writes bound to it from
         #: another task (one created inside the block) are refused
         self.ended = False
-        #: the task that entered the block
+        #: the task that entered the block, and the frame of its ``async with``
         self.task: asyncio.Task[Any] | None = None
+        self.frame: types.FrameType | None = None
 
     async def __aenter__(self) -> AsyncTransaction:
-        if _live_tx(self.store) is not None:
+        if _block_for(self.store) is not None:
             raise RaftSqliteError("store.transaction() does not nest")
         if self._tx is not None or self.ended:
             raise RaftSqliteError("this transaction was already used")
         self.store._check_usable()
         self._tx = self.store.sync.kernel.new_transaction()
         self.task = asyncio.current_task()
+        self.frame = sys._getframe(1)  # the coroutine (or async generator) running the ``async with``
         self._token = _CURRENT_TX.set(self)
         return self
 
     def add(self, call: Callable[[], T]) -> T:
         """Validate the write ``call`` now against the block's state and add its op (on the loop's thread)."""
         if self.ended or self._tx is None:
-            raise RaftSqliteError("this transaction has ended: its writes were already committed or discarded "
-                                  "(a task created inside the block outlived it)")
+            raise RaftSqliteError("this transaction has ended: its writes were already committed or discarded")
         with self.store.sync.kernel.capture(self._tx):
             return call()
 
@@ -393,8 +438,9 @@ class AsyncTransaction:
                         tb: TracebackType | None) -> None:
         assert self._token is not None and self._tx is not None  # set by __aenter__
         self.ended = True  # first: whatever happens below, nothing more joins this block
+        self.frame = None
         with contextlib.suppress(ValueError):  # exited in another context (an async generator finalized by
-            _CURRENT_TX.reset(self._token)  # another task): that context keeps the ended block, refusing writes
+            _CURRENT_TX.reset(self._token)  # another task): that context keeps the ended block (ignored)
         if et is not None or not self._tx.ops:
             return  # an exception in the block: nothing is written
         self.store._check_usable()
@@ -424,7 +470,9 @@ class _GroupView:
             self._seen = True
 
     async def _write(self, call: Callable[[], Any]) -> Any:
-        if _live_tx(self._s) is not None:
+        if self._seen and not self._s._has_group(self.group):  # removed since this view saw it: final for the
+            raise GroupNotFoundError(f"{self._s.data_dir}: group {self.group!r} does not exist (it was removed)")
+        if _block_for(self._s) is not None:
             await self._ensure()
         res = await self._s._submit(call, self._create())
         self._create()  # a write that created the group: the view has seen it now (an empty append creates none)
@@ -487,7 +535,7 @@ class AsyncRaftLog(_GroupView):
     async def compact(self, up_to: int) -> None:
         """:meth:`PersistentRaftLog.compact` in a worker thread (it commits segment by segment, so it is not
         part of an async transaction: refused inside one)."""
-        if _live_tx(self._s) is not None:
+        if _block_for(self._s) is not None:
             raise RaftSqliteError("compact() cannot run inside store.transaction(): it commits segment by segment")
         await self._ensure()
         await self._s.run(self._log.compact, up_to)
@@ -563,10 +611,17 @@ class AsyncRaftMetadata(_GroupView):
 
 
 class _OwnThread:
-    """One thread for one stream: every call of a snapshot writer or reader runs on the same thread."""
+    """One thread for one stream: every call of a snapshot writer or reader runs on the same thread. Registered
+    with the store until shut down, so that ``close()`` waits for the call it is making."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, store: AsyncNodeStore, name: str) -> None:
+        self._store = store
         self._ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        store._streams.add(self)
+
+    def wait(self) -> None:
+        """Block until the call in progress (and any queued) has finished (from a worker thread)."""
+        self._ex.shutdown(wait=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._ex, functools.partial(fn, *args))
@@ -582,11 +637,12 @@ class _OwnThread:
             def cleanup(f: asyncio.Future[T]) -> None:
                 if not f.cancelled() and f.exception() is None:
                     self._ex.submit(undo, f.result())
-                self._ex.shutdown(wait=False)
+                self.shutdown()
             fut.add_done_callback(cleanup)
             raise
 
     def shutdown(self) -> None:
+        self._store._streams.discard(self)
         self._ex.shutdown(wait=False)
 
 
@@ -647,7 +703,7 @@ class AsyncSnapshotWriter:
         self._make = make
         self._w: SnapshotWriter | None = None
         self._suspended = False
-        self._thread = _OwnThread("raft-sqlite-aio-snapshot")
+        self._thread = _OwnThread(mgr._s, "raft-sqlite-aio-snapshot")
 
     def _writer(self) -> SnapshotWriter:
         if self._w is None:
@@ -655,7 +711,7 @@ class AsyncSnapshotWriter:
         return self._w
 
     async def __aenter__(self) -> AsyncSnapshotWriter:
-        if _CURRENT_TX.get() is not None:
+        if _block_for(self._mgr._s) is not None:
             raise RaftSqliteError("a snapshot cannot be written inside store.transaction()")
         try:
             mgr = await self._mgr._mgr()
@@ -732,7 +788,7 @@ class AsyncSnapshotReader:
         self._mgr = mgr
         self._make = make
         self._r: SnapshotReader | None = None
-        self._thread = _OwnThread("raft-sqlite-aio-snapshot-reader")
+        self._thread = _OwnThread(mgr._s, "raft-sqlite-aio-snapshot-reader")
 
     def _reader(self) -> SnapshotReader:
         if self._r is None:

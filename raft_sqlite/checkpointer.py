@@ -107,7 +107,12 @@ class Checkpointer:
         # a checkpoint on close is the write connection's job (and never after a fault: see NodeStore.close)
         conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         self._conn = conn
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # (e.g. "can't start new thread"): the connection must not outlive the failed open
+            self._conn = None
+            conn.close()
+            raise
 
     def on_commit(self, seconds: float, requests: int) -> None:
         """After each commit (on the committing thread): wake the thread if frames wait to be copied or
@@ -153,7 +158,8 @@ class Checkpointer:
                         conn.setbusytimeout(_BUSY_MS)
                     if not busy:
                         self.restarts += 1
-            except apsw.Error as exc:
+            except Exception as exc:  # apsw.Error, and an OSError from the paced VFS's own syncs (EIO): SQLite
+                # may have written raft.db partly; a thread that died silently would leave the WAL growing
                 self.host.fail(exc)
                 log.error("%s: background checkpoint failed, store is now fail-stop: %s", self.host.path, exc)
                 return

@@ -63,7 +63,7 @@ class PacedFile(apsw.VFSFile):
             self._unsynced = 0
             self.paced_syncs += 1
             if self._fd >= 0:
-                os.fdatasync(self._fd)  # (an OSError fails the write: the checkpoint fails, the store fail-stops)
+                os.fdatasync(self._fd)  # (an OSError fails the checkpoint: the checkpointer fail-stops the store)
             else:
                 super().xSync(apsw.SQLITE_SYNC_NORMAL)
 

@@ -78,6 +78,7 @@ class PinnedFiles:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._retired: list[int] = []  # descriptors of files replaced since they were pinned (closed by close())
 
     def open(self, path: str, mode: str = "rb") -> IO[bytes]:
         """A binary read-only file object for ``path`` over its pinned descriptor (FileNotFoundError
@@ -95,6 +96,11 @@ class PinnedFiles:
         """The pinned read-only descriptor of ``path`` (opened on first use; OSError if it cannot be), for
         syncs made outside SQLite (``os.fdatasync`` of it flushes the file, whichever descriptor wrote)."""
         fd = self._fds.get(path)
+        if fd is not None and os.fstat(fd).st_ino != os.stat(path).st_ino:
+            # the file was replaced since it was pinned (a migration's connection deleted the WAL and SQLite
+            # made a new one): pin the current file; the old descriptor is kept until close()
+            self._retired.append(fd)
+            fd = None
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         return fd
@@ -102,7 +108,8 @@ class PinnedFiles:
     def close(self) -> None:
         """Close every pinned descriptor (only once SQLite has closed the files)."""
         fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        retired, self._retired = self._retired, []
+        for fd in [*fds.values(), *retired]:
             with contextlib.suppress(OSError):
                 os.close(fd)
 

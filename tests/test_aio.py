@@ -209,8 +209,9 @@ def test_an_async_transaction_commits_once_atomically_across_awaits(data_dir):
                 go.set()
                 await task  # committed on its own while the block is open
                 assert other.last_index == 1 and log.last_index == 0
-                # a task made inside the block inherits it (contextvars): its writes join the block
-                assert await asyncio.gather(meta.set_term_and_vote(1, "n0")) == [None]
+                # a task made inside the block is not in it: its write is refused, loudly (nothing written)
+                with pytest.raises(RaftSqliteError, match="task created inside"):
+                    await asyncio.gather(meta.set_term_and_vote(1, "n0"))
                 with pytest.raises(LogGapError):  # validated at once against the block's state; not added
                     await log.append([LogEntry(5, 1, b"x")])
                 assert await log.append_next(1, [b"b"]) == 2  # sees the block's own first append
@@ -237,27 +238,30 @@ def test_an_async_transaction_commits_once_atomically_across_awaits(data_dir):
     assert [e.data for e in entries_of(data_dir, "h")] == [b"outside"]
 
 
-def test_a_task_outliving_its_transaction_is_refused(data_dir):
+def test_a_task_created_inside_a_block_is_refused_while_it_is_open_and_alone_after(data_dir):
     async def main():
         async with await aopen(data_dir) as s:
             log = s.log("g")
-            await log.append([])
+            await log.append_next(1, [b"first"])
             started, release = asyncio.Event(), asyncio.Event()
 
-            async def late():
+            async def child():
+                with pytest.raises(RaftSqliteError, match="task created inside"):
+                    await log.append_next(1, [b"during the block"])
                 started.set()
                 await release.wait()
-                await log.append_next(1, [b"late"])
+                return await log.append_next(1, [b"after the block"])  # an ended block is nothing to it
 
             async with s.transaction():
-                task = asyncio.create_task(late())  # inherits the block's context
+                task = asyncio.create_task(child())  # inherits the block's context
                 await started.wait()
                 await log.append_next(1, [b"in"])
             release.set()
-            with pytest.raises(RaftSqliteError, match="ended"):
-                await task
+            assert await task == 3
+            after = asyncio.create_task(log.append_next(1, [b"later task"]))  # made after the block ended
+            assert await after == 4
     asyncio.run(main())
-    assert [e.data for e in entries_of(data_dir)] == [b"in"]
+    assert [e.data for e in entries_of(data_dir)] == [b"first", b"in", b"after the block", b"later task"]
 
 
 def test_cancelled_writes_that_started_are_durable_and_unstarted_ones_are_not(data_dir):
@@ -544,14 +548,21 @@ def test_a_transaction_left_in_an_abandoned_async_generator_never_swallows_a_wri
                     await log.append_next(1, [b"in the block"])
                     yield 1
                     yield 2
-            async for _ in batches():
-                break  # the generator is finalized later, by another task
-            await asyncio.sleep(0.05)
-            assert await log.append_next(1, [b"after"]) == 2  # this task's own write again: committed
-            async with s.transaction():  # and it can open a block of its own
+            gen = batches()  # kept alive: the block stays open, suspended, until the generator is closed
+            async for _ in gen:
+                break
+            assert await log.append_next(1, [b"after"]) == 2  # outside the block: committed alone, at once
+            async with s.transaction():  # and a block of its own works
                 await log.append_next(1, [b"own block"])
+            assert log.last_index == 3
+            await gen.aclose()  # the abandoned block is discarded (its own write only)
+            async for _ in batches():  # a generator finalized later by another task: the same
+                break
+            await asyncio.sleep(0.05)
+            assert await log.append_next(1, [b"last"]) == 4
+            assert await asyncio.create_task(log.append_next(1, [b"child"])) == 5
     asyncio.run(main())
-    assert [e.data for e in entries_of(data_dir)] == [b"a", b"after", b"own block"]
+    assert [e.data for e in entries_of(data_dir)] == [b"a", b"after", b"own block", b"last", b"child"]
 
 
 def test_close_completes_even_when_cancelled_and_concurrent_closes_wait_for_it(data_dir):
@@ -788,3 +799,147 @@ def test_transaction_rules_remove_group_nesting_across_stores_and_chunk(tmp_path
     assert [e.data for e in entries_of(tmp_path / "b")] == [b"b"]
     with open_store(tmp_path / "a") as s, pytest.raises(ValueError):
         next(s.iter_replay("g", chunk=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Found by a second independent review (each failed before its fix)
+
+
+def test_an_eio_in_the_checkpointers_own_sync_fail_stops_the_store(data_dir, monkeypatch):
+    import errno
+
+    from raft_sqlite import pacedvfs
+
+    def eio(fd):
+        raise OSError(errno.EIO, "injected EIO")
+    with open_store(data_dir, fsync=FsyncMode.FULL) as s:
+        monkeypatch.setattr(pacedvfs.os, "fdatasync", eio)
+        lg = s.log("g")
+        deadline = time.monotonic() + 20
+        i = 0
+        while s.fault is None:
+            assert time.monotonic() < deadline, "the checkpointer's EIO never fail-stopped the store"
+            i += 1
+            try:
+                lg.append([LogEntry(i, 1, os.urandom(64 << 10))])
+            except StorageFault:
+                break
+            time.sleep(0.001)
+        assert isinstance(s.fault, OSError)
+        with pytest.raises(StorageFault):
+            lg.append([LogEntry(i + 1, 1, b"x")])
+
+
+def test_close_waits_for_a_snapshot_stream_call_and_leaves_no_connection(data_dir, monkeypatch):
+    from raft_sqlite.snapshot import SnapshotStore
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(1, 1, b"e")])
+        st.metadata("g").set_commit_index(1)
+    real = SnapshotStore.write_chunks
+
+    def slow(self, rows):  # a slow disk: close() certainly lands while a batch is being committed
+        time.sleep(0.3)
+        return real(self, rows)
+    monkeypatch.setattr(SnapshotStore, "write_chunks", slow)
+
+    async def main():
+        s = await aopen(data_dir, fsync=FsyncMode.FULL)
+        snaps = s.snapshots("g")
+        w = snaps.write(1, 1)
+        await w.__aenter__()
+        big = asyncio.create_task(w.write(os.urandom(8 << 20)))
+        await asyncio.sleep(0.1)
+        await s.close()
+        assert big.done()  # close() waited for the call the stream was making
+        with contextlib.suppress(Exception):
+            await w.__aexit__(None, None, None)
+    asyncio.run(main())
+    assert _open_fds_under(data_dir) == []
+
+
+def test_snapshot_streams_outside_a_block_of_the_same_store_are_allowed(tmp_path):
+    async def main():
+        async with await aopen(tmp_path / "a") as a, await aopen(tmp_path / "b") as b:
+            for s in (a, b):
+                await s.log("g").append_next(1, [b"e"])
+                await s.metadata("g").set_commit_index(1)
+            async with a.transaction():
+                async with b.snapshots("g").write(1, 1) as w:  # another store's block: allowed
+                    await w.write(b"b's state")
+                with pytest.raises(RaftSqliteError, match="inside store.transaction"):
+                    async with a.snapshots("g").write(1, 1):
+                        pass
+            async with a.snapshots("g").write(1, 1) as w2:  # the block ended: allowed
+                await w2.write(b"a's state")
+            return w.meta, w2.meta
+    mb, ma = asyncio.run(main())
+    assert mb is not None and ma is not None
+
+
+def test_an_empty_append_through_a_view_of_a_removed_group_raises_group_not_found(data_dir):
+    async def main():
+        async with await aopen(data_dir) as s:
+            log = s.log("g")
+            await log.append_next(1, [b"a"])
+            await s.remove_group("g")
+            for call in (lambda: log.append([]), lambda: log.append_next(1, []), lambda: log.append_next(1, [b"y"])):
+                with pytest.raises(GroupNotFoundError):
+                    await call()
+            assert s.groups() == []
+    asyncio.run(main())
+
+
+def test_a_pinned_descriptor_follows_a_replaced_file(tmp_path):
+    from raft_sqlite.sqlitewal import PinnedFiles
+    p = tmp_path / "f"
+    p.write_bytes(b"old")
+    pins = PinnedFiles()
+    try:
+        fd1 = pins.fd(str(p))
+        assert pins.fd(str(p)) == fd1
+        tmp = tmp_path / "g"
+        tmp.write_bytes(b"new")
+        os.replace(tmp, p)  # a new inode under the same name (a WAL deleted and made again)
+        fd2 = pins.fd(str(p))
+        assert fd2 != fd1 and os.fstat(fd2).st_ino == os.stat(p).st_ino
+        os.fstat(fd1)  # the old descriptor is kept open until close() (closing it early could drop locks)
+    finally:
+        pins.close()
+    with pytest.raises(OSError):
+        os.fstat(fd1)
+
+
+def test_a_checkpointer_that_cannot_start_leaves_no_connection_behind(data_dir, monkeypatch):
+    from raft_sqlite import checkpointer
+    open_store(data_dir, fsync=FsyncMode.FULL).close()
+    real = threading.Thread.start
+
+    def start(self):
+        if self.name.startswith("raft_sqlite-checkpoint"):
+            raise RuntimeError("can't start new thread")
+        return real(self)
+    monkeypatch.setattr(checkpointer.threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        open_store(data_dir, fsync=FsyncMode.FULL)
+    monkeypatch.setattr(checkpointer.threading.Thread, "start", real)
+    assert _open_fds_under(data_dir) == []
+    with open_store(data_dir, fsync=FsyncMode.FULL) as s:
+        assert s.groups() == []
+
+
+def test_close_stops_a_running_backup_instead_of_waiting_for_it(tmp_path, data_dir):
+    from raft_sqlite import BackupCancelled
+    with open_store(data_dir) as st:
+        st.log("g").append([LogEntry(i, 1, os.urandom(2000)) for i in range(1, 5001)])
+
+    async def main():
+        s = await aopen(data_dir)
+        task = s.backup(tmp_path / "bk", step_pause=0.05, pages_per_step=1)  # would take minutes
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await s.close()
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(BackupCancelled):
+            await task
+    asyncio.run(main())
+    assert list_backups(tmp_path / "bk") == []
