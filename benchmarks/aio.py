@@ -91,6 +91,20 @@ async def lag_monitor(stop: asyncio.Event, lags: list[float], period: float = 0.
         lags.append(max(0.0, time.perf_counter() - t0 - period))
 
 
+def lag_figures(lags, window):
+    """p50/p99/max of the monitor's lateness, and the window it covered."""
+    return {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags), "n": len(lags), "window": window}
+
+
+def run_and_clean(main, *paths):
+    """``asyncio.run(main())``, then remove ``paths``."""
+    try:
+        return asyncio.run(main())
+    finally:
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def lag_row(d, a, busy):
     """Loop lag, idle (``busy`` False) or while 16 appenders, a snapshot stream and a backup task run."""
     src = os.path.join(d, "lag-src")
@@ -142,13 +156,8 @@ def lag_row(d, a, busy):
                 window = time.perf_counter() - t0
                 stop.set()
                 await mon
-            return {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags), "n": len(lags), "window": window,
-                    "appends": counts[0], **out}
-        try:
-            return asyncio.run(main())
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-            shutil.rmtree(bk, ignore_errors=True)
+            return {**lag_figures(lags, window), "appends": counts[0], **out}
+        return run_and_clean(main, path, bk)
     return measure
 
 
@@ -214,12 +223,8 @@ def lag_elsewhere_row(d, a):
             window = time.perf_counter() - t0
             stop.set()
             await mon
-            return {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags), "n": len(lags), "window": window}
-        try:
-            return asyncio.run(main())
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-            shutil.rmtree(bk, ignore_errors=True)
+            return lag_figures(lags, window)
+        return run_and_clean(main, path, bk)
     return measure
 
 

@@ -434,22 +434,17 @@ class Kernel:
     def close_connections(self, *, no_checkpoint: bool) -> None:
         """Close every connection (readers, write, chunks). ``no_checkpoint``: forbid SQLite's checkpoint
         on close (after a fault, or a refused open: see NodeStore.close)."""
-        conns = [*self._all_readers, self.pipeline.conn]
-        for c in conns:
+        def close(c: apsw.Connection | None) -> None:
             if c is not None:
                 if no_checkpoint:
                     with contextlib.suppress(apsw.Error):
                         c.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
                 with contextlib.suppress(apsw.Error):
                     c.close()
+        for c in [*self._all_readers, self.pipeline.conn]:
+            close(c)
         with self.chunks_lock:  # a snapshot batch being committed on another thread finishes first (closing a
-            c = self._chunks_conn  # busy connection fails, and it would then outlive the pins and their locks)
-            if c is not None:
-                if no_checkpoint:
-                    with contextlib.suppress(apsw.Error):
-                        c.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-                with contextlib.suppress(apsw.Error):
-                    c.close()
+            close(self._chunks_conn)  # busy connection fails; it would then outlive the pins and their locks)
         self._all_readers.clear()
         self._readers.clear()
         paced, self._paced = self._paced, None
