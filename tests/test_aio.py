@@ -943,3 +943,37 @@ def test_close_stops_a_running_backup_instead_of_waiting_for_it(tmp_path, data_d
             await task
     asyncio.run(main())
     assert list_backups(tmp_path / "bk") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# anyio users (on its asyncio backend; trio is not supported: the facade uses asyncio futures)
+
+
+def test_anyio_task_groups_and_cancel_scopes_on_the_asyncio_backend(data_dir):
+    anyio = pytest.importorskip("anyio")
+
+    async def main():
+        async with await aopen(data_dir, fsync=FsyncMode.FULL) as s:
+            log = s.log("g")
+            got = []
+
+            async def writer(i):
+                got.append(await log.append_next(1, [b"%d" % i]))
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(writer, i)
+            assert sorted(got) == list(range(1, 201))
+            with anyio.move_on_after(0):  # cancelled at its first await: a started write still commits
+                await log.append_next(1, [b"cancelled but submitted"])
+            async with s.transaction():
+                await log.append_next(1, [b"in block"])
+                with pytest.raises(ExceptionGroup) as ei:
+                    async with anyio.create_task_group() as tg:  # a child task is not in the block
+                        tg.start_soon(writer, 999)
+                assert ei.group_contains(RaftSqliteError, match="task created inside")
+            with anyio.fail_after(30):
+                return await s.snapshots("g").latest(), log.last_index
+    latest, last = anyio.run(main, backend="asyncio")
+    assert latest is None and last == 202
+    datas = [e.data for e in entries_of(data_dir)]
+    assert datas[200:] == [b"cancelled but submitted", b"in block"]
