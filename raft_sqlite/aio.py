@@ -121,13 +121,8 @@ class _Committer:
             if not items:
                 return  # stopping, and nothing is left
             reqs = [r for r, _ in items]
-            try:
-                self._kernel.submit_all(reqs)
-            except BaseException as exc:  # an interrupt of this thread: submit_all answered the rest
-                for r in reqs:
-                    if r.result is None and r.error is None:
-                        r.error = RaftSqliteError(f"the committer was interrupted ({exc!r}) before this write ran")
-                    r.done = True
+            with contextlib.suppress(BaseException):  # an interrupt of this thread: submit_all answered every
+                self._kernel.submit_all(reqs)  # request all the same (those it left unwritten: "nothing written")
             self.batches += 1
             self.requests += len(reqs)
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting (the writes stand)
@@ -627,11 +622,13 @@ class _OwnThread:
         return await asyncio.get_running_loop().run_in_executor(self._ex, functools.partial(fn, *args))
 
     async def start(self, fn: Callable[[], T], undo: Callable[[T], object]) -> T:
-        """``fn()`` on the thread; if the await is cancelled, ``undo(result)`` runs there once ``fn`` has
+        """Start the stream: ``fn()`` on the thread (the store open and this its loop, else RaftSqliteError).
+        If ``fn`` fails, the thread ends. If the await is cancelled, ``undo(result)`` runs there once ``fn`` has
         finished (a stream started for a caller that is gone is closed, not left active), then the thread
         ends."""
-        fut = asyncio.get_running_loop().run_in_executor(self._ex, fn)
         try:
+            self._store._check_usable()
+            fut = asyncio.get_running_loop().run_in_executor(self._ex, fn)
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             def cleanup(f: asyncio.Future[T]) -> None:
@@ -639,6 +636,9 @@ class _OwnThread:
                     self._ex.submit(undo, f.result())
                 self.shutdown()
             fut.add_done_callback(cleanup)
+            raise
+        except BaseException:
+            self.shutdown()
             raise
 
     def shutdown(self) -> None:
@@ -653,28 +653,29 @@ class AsyncSnapshotManager:
         self._s = store
         self.group = name
 
-    async def _mgr(self) -> SnapshotManager:
-        return await self._s.run(self._s.sync.snapshots, self.group)
+    def _sync(self) -> SnapshotManager:
+        """The synchronous manager underneath (blocking: creates the group if new; called off the loop)."""
+        return self._s.sync.snapshots(self.group)
 
     async def list(self) -> list[SnapshotMeta]:
         """:meth:`SnapshotManager.list`."""
-        return await self._s.run(lambda: self._s.sync.snapshots(self.group).list())
+        return await self._s.run(lambda: self._sync().list())
 
     async def latest(self) -> SnapshotMeta | None:
         """:meth:`SnapshotManager.latest`."""
-        return await self._s.run(lambda: self._s.sync.snapshots(self.group).latest())
+        return await self._s.run(lambda: self._sync().latest())
 
     async def pending_install(self) -> SnapshotMeta | None:
         """:meth:`SnapshotManager.pending_install`."""
-        return await self._s.run(lambda: self._s.sync.snapshots(self.group).pending_install())
+        return await self._s.run(lambda: self._sync().pending_install())
 
     async def verify(self, meta: SnapshotMeta | None = None) -> int:
         """:meth:`SnapshotManager.verify`, in a worker thread."""
-        return await self._s.run(lambda: self._s.sync.snapshots(self.group).verify(meta))
+        return await self._s.run(lambda: self._sync().verify(meta))
 
     async def retain(self, keep_chains: int | None = None) -> builtins.list[int]:
         """:meth:`SnapshotManager.retain`."""
-        return await self._s.run(lambda: self._s.sync.snapshots(self.group).retain(keep_chains))
+        return await self._s.run(lambda: self._sync().retain(keep_chains))
 
     def write(self, index: int, term: int, *, kind: SnapshotKind = SnapshotKind.FULL,
               parent: SnapshotMeta | None = None, structures: Any = None) -> AsyncSnapshotWriter:
@@ -712,28 +713,15 @@ class AsyncSnapshotWriter:
 
     async def __aenter__(self) -> AsyncSnapshotWriter:
         if _block_for(self._mgr._s) is not None:
-            raise RaftSqliteError("a snapshot cannot be written inside store.transaction()")
-        try:
-            mgr = await self._mgr._mgr()
-        except BaseException:
             self._thread.shutdown()
-            raise
-
-        def start() -> SnapshotWriter:
-            return self._make(mgr).__enter__()
+            raise RaftSqliteError("a snapshot cannot be written inside store.transaction()")
 
         def undo(w: SnapshotWriter) -> None:  # a cancelled start: an install is kept for a resume, else discarded
             if w.install:
                 w.suspend()
             else:
                 w.abort()
-        try:
-            self._w = await self._thread.start(start, undo)
-        except asyncio.CancelledError:
-            raise  # (the thread ends after undo)
-        except BaseException:
-            self._thread.shutdown()
-            raise
+        self._w = await self._thread.start(lambda: self._make(self._mgr._sync()).__enter__(), undo)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -796,18 +784,7 @@ class AsyncSnapshotReader:
         return self._r
 
     async def __aenter__(self) -> AsyncSnapshotReader:
-        try:
-            mgr = await self._mgr._mgr()
-        except BaseException:
-            self._thread.shutdown()
-            raise
-        try:
-            self._r = await self._thread.start(lambda: self._make(mgr), lambda r: r.close())
-        except asyncio.CancelledError:
-            raise  # (the thread ends after closing the reader)
-        except BaseException:
-            self._thread.shutdown()
-            raise
+        self._r = await self._thread.start(lambda: self._make(self._mgr._sync()), lambda r: r.close())
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,

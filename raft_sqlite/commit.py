@@ -213,7 +213,8 @@ class Tx:
 
 
 class Capture:
-    """The ``with`` block of :meth:`CommitPipeline.capture` (a plain class: it is on the asyncio write path)."""
+    """The ``with`` block of :meth:`CommitPipeline.capture`, and of ``store.transaction()`` (a plain class: it is
+    on the asyncio write path)."""
 
     __slots__ = ("pipeline", "tx")
 
@@ -223,7 +224,8 @@ class Capture:
     def __enter__(self) -> Tx:
         p = self.pipeline
         if p._current_tx() is not None:
-            raise RaftSqliteError("this thread is inside store.transaction(): its writes belong to that block")
+            raise RaftSqliteError("this thread is already inside store.transaction() (blocks do not nest; its "
+                                  "writes belong to that block)")
         p.check_open()
         p._tx.tx = self.tx
         return self.tx
@@ -328,17 +330,8 @@ class CommitPipeline:
         block exits; if the block raises, nothing is written. Reads inside the block see the last
         *committed* state. Transactions do not nest.
         """
-        if self._current_tx() is not None:
-            raise RaftSqliteError("store.transaction() does not nest")
-        self.check_open()
-        tx = Tx(self.groups)
-        self._tx.tx = tx
-        try:
+        with self.capture(Tx(self.groups)) as tx:
             yield tx
-        except BaseException:
-            self._tx.tx = None
-            raise
-        self._tx.tx = None
         if tx.ops:
             self.submit(Request(tx.ops))
 
