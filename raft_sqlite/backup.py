@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,7 +51,7 @@ from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import apsw
 
-from . import fsio, layout
+from . import fsio, layout, objectstore
 from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
 from .lock import DataDirLock
@@ -63,7 +64,7 @@ from .recovery import (  # noqa: F401 (re-exported)
 )
 from .restorestate import is_placeholder, read_restore_state
 from .status import read_group_status
-from .store import NodeStore
+from .store import NodeStore, node_crc
 from .version import __version__
 
 log = logging.getLogger("raft_sqlite.backup")
@@ -113,6 +114,9 @@ class BackupInfo:
     #: seconds per phase: ``copy`` (online backup steps), ``sha256`` and ``fsync`` (run on helper threads,
     #: overlapping the copy of the next file and each other), ``wait`` (for them after the last copy)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: True when ``skip_unchanged`` found nothing new since the newest backup (``path``/``manifest``
+    #: are that backup's; nothing was written but the store's record of the check)
+    skipped: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,15 +321,38 @@ class HotBackupManager:
 
     def __init__(self, store: Any, backup_dir: _Path, *,  # store: the lead types this as Kernel
                  pages_per_step: int | None = None, step_pause: float = 0.0005, nice: int = 10,
-                 sync_bytes: int = 1 << 20) -> None:
+                 sync_bytes: int = 1 << 20, skip_unchanged: bool = False, compression: str = "zstd",
+                 storage_options: dict[str, Any] | None = None, max_upload_rate: float | None = None,
+                 part_size: int = objectstore.PART_SIZE, stale_after: float = 3600.0) -> None:
         if pages_per_step is not None:
             pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
         self.sync_bytes = int_arg("sync_bytes", sync_bytes, 0, layout.MAX_SIZE)
         step_pause = float_arg("step_pause", step_pause, 0.0, 60.0)
         self.nice = int_arg("nice", nice, 0, 19)
+        if compression not in objectstore.COMPRESSIONS:
+            raise ValueError(f"compression must be one of {sorted(objectstore.COMPRESSIONS)}, not {compression!r}")
+        if max_upload_rate is not None:
+            max_upload_rate = float_arg("max_upload_rate", max_upload_rate, 0.0, 1e15, lo_open=True)
+        #: bytes per uploaded part (S3 multipart parts are at least 5 MiB)
+        self.part_size = int_arg("part_size", part_size, 5 << 20, 5 << 30)
+        #: seconds after which prune treats an unfinished remote upload (no manifest) as dead
+        self.stale_after = float_arg("stale_after", stale_after, 0.0, 1e12)
+        self.skip_unchanged = bool(skip_unchanged)
+        self.compression = compression
+        self.max_upload_rate = max_upload_rate
         self.store = store
-        self.backup_dir = os.path.abspath(os.fspath(backup_dir))
-        self.node_dir = os.path.join(self.backup_dir, _safe_component(store.node_id))
+        node = _safe_component(store.node_id)
+        #: the object-store destination when ``backup_dir`` is a URL (see :mod:`raft_sqlite.objectstore`)
+        self.remote: objectstore.Remote | None = None
+        if objectstore.is_url(backup_dir):
+            self.remote = objectstore.Remote(str(backup_dir), storage_options)
+            self.backup_dir = self.remote.url
+            self.node_dir = self.remote.path(node)
+        else:
+            if storage_options is not None:
+                raise ValueError("storage_options apply to URL destinations only")
+            self.backup_dir = os.path.abspath(os.fspath(backup_dir))
+            self.node_dir = os.path.join(self.backup_dir, node)
         self.pages_per_step = pages_per_step
         self.step_pause = step_pause
 
@@ -333,8 +360,15 @@ class HotBackupManager:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         try:
-            _make_dirs(self.node_dir)
-            fd = fsio.open(os.path.join(self.node_dir, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+            if self.remote is None:
+                _make_dirs(self.node_dir)
+                lock_path = os.path.join(self.node_dir, _LOCK_NAME)
+            else:
+                # an object store has no locks: backups of one node to one URL exclude each other on this
+                # machine (a scheduler and a cron job); see docs/backup.md for several machines
+                key = hashlib.sha256(f"{self.backup_dir}\0{self.store.node_id}".encode()).hexdigest()[:32]
+                lock_path = os.path.join(tempfile.gettempdir(), f"raft_sqlite-backup-{os.getuid()}-{key}.lock")
+            fd = fsio.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise BackupError(f"cannot create backup folder {self.node_dir}: {exc}") from exc
         try:
@@ -374,25 +408,27 @@ class HotBackupManager:
         t0 = time.monotonic()
         self.store.kernel.check_open()
         with self._exclusive():
+            if self.remote is not None:
+                return self._backup_remote(t0, progress, cancel)
             seen = self._highest_seq()
+            newest = self._newest_fingerprint() if self.skip_unchanged else None
             try:
                 folder = self._new_folder()
             except OSError as exc:
                 raise BackupError(f"cannot create a backup folder in {self.node_dir}: {exc}") from exc
             try:
                 phases = {"copy": 0.0, "sha256": 0.0, "fsync": 0.0, "wait": 0.0}
-                manifest, size = self._on_worker(
-                    lambda stop: self._copy(folder, progress, (cancel, stop), phases, seen))
+                copied = self._on_worker(
+                    lambda stop: self._copy(folder, progress, (cancel, stop), phases, seen, newest))
             except BaseException as exc:
                 with contextlib.suppress(OSError):  # best effort: the disk may be failing (or gone)
                     fsio.rmtree(folder, ignore_errors=True)
-                if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
-                    raise
-                if isinstance(exc, apsw.Error):
-                    raise self.store.kernel.translate(exc, "backup") from exc
-                if isinstance(exc, OSError):
-                    raise BackupError(f"backup into {folder} failed: {exc}") from exc
-                raise
+                raise self._backup_error(exc, folder) from exc
+            if copied is None:  # nothing new since the newest backup
+                fsio.rmtree(folder, ignore_errors=True)
+                assert newest is not None, "only skipped when there is a newest backup"
+                return self._skipped(newest, t0)
+            manifest, size = copied
             try:
                 fsio.sync_dir(self.node_dir)  # the folder's name: from here on the backup survives power loss
             except OSError as exc:
@@ -402,6 +438,39 @@ class HotBackupManager:
         self._record(info)
         log.info("%s: backup %s done: %d bytes in %.2f s", self.store.data_dir, folder, size, duration)
         return info
+
+    def _backup_error(self, exc: BaseException, where: str) -> BaseException:
+        """What a failed backup raises: our own errors and interrupts as they are, SQLite's translated by
+        the store, OS errors as :class:`BackupError`."""
+        if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
+            return exc
+        if isinstance(exc, apsw.Error):
+            return self.store.kernel.translate(exc, "backup")  # type: ignore[no-any-return]
+        if isinstance(exc, OSError):
+            return BackupError(f"backup into {where} failed: {exc}")
+        return exc
+
+    def _skipped(self, newest: tuple[str, _Json], t0: float) -> BackupInfo:
+        path, manifest = newest
+        info = BackupInfo(path, manifest, 0, time.monotonic() - t0, {}, skipped=True)
+        self._record(info, at=time.time())
+        log.info("%s: nothing new since backup %s: skipped", self.store.data_dir, path)
+        return info
+
+    def _newest_fingerprint(self) -> tuple[str, _Json] | None:
+        """``(path, manifest)`` of this node's newest complete local backup if its manifest has a
+        fingerprint (see :func:`_fingerprint`)."""
+        for e in _scan_node_dir(self.node_dir, verify=False):
+            if e["status"] == "complete":
+                m = verify_backup(e["path"], checksums=False)
+                return (e["path"], m) if isinstance(m.get("fingerprint"), str) else None
+        return None
+
+    def _scan(self, *, verify: bool) -> builtins.list[_Json]:
+        if self.remote is not None:
+            with self.remote.errors(f"cannot list the backups in {self.remote.url_of(self.node_dir)}"):
+                return _scan_remote_node(self.remote, self.node_dir, verify=verify)
+        return _scan_node_dir(self.node_dir, verify=verify)
 
     def _on_worker(self, fn: Callable[[threading.Event], _T]) -> _T:
         """Run ``fn(stop_event)`` on a low-priority worker thread and return its result (re-raising its
@@ -451,25 +520,34 @@ class HotBackupManager:
             return p
         raise BackupError(f"cannot find a free folder name under {self.node_dir}")
 
+    def _pin(self, sources: builtins.list[apsw.Connection]) -> tuple[apsw.Connection, apsw.Connection, float,
+                                                                    tuple[str | None, float]]:
+        """Open a read-only connection to each file (appended to ``sources``, closed by the caller) and pin
+        one committed snapshot of each (a WAL read transaction) while no chunk can be deleted: raft.db at
+        T1, chunks.db at T2 >= T1, nothing garbage-collected in between. Returns both connections, the
+        wall-clock instant and the boot clock (:func:`_boot_clock`) of the pin."""
+        store = self.store
+        main_src = store.kernel.connect(store.path, query_only=True)
+        sources.append(main_src)
+        chunks_src = store.kernel.connect(store.chunks_path, query_only=True)
+        sources.append(chunks_src)
+        with store.gc_lock:
+            main_src.execute("BEGIN")
+            main_src.execute("SELECT count(*) FROM node").fetchall()
+            chunks_src.execute("BEGIN")
+            chunks_src.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            return main_src, chunks_src, time.time(), _boot_clock()
+
     def _copy(self, folder: str, progress: ProgressFn | None, cancel: tuple[threading.Event | None, ...],
-              phases: dict[str, float], seen: int) -> tuple[_Json, int]:
+              phases: dict[str, float], seen: int, newest: tuple[str, _Json] | None) -> tuple[_Json, int] | None:
         store = self.store
         sources: list[apsw.Connection] = []
         checks: list[_FileCheck] = []
         try:
-            main_src = store.kernel.connect(store.path, query_only=True)
-            sources.append(main_src)
-            chunks_src = store.kernel.connect(store.chunks_path, query_only=True)
-            sources.append(chunks_src)
-            # Pin one committed snapshot of each file (a WAL read transaction) while no chunk can be
-            # deleted: raft.db at T1, chunks.db at T2 >= T1, nothing garbage-collected in between.
-            with store.gc_lock:
-                main_src.execute("BEGIN")
-                main_src.execute("SELECT count(*) FROM node").fetchall()
-                chunks_src.execute("BEGIN")
-                chunks_src.execute("SELECT count(*) FROM sqlite_master").fetchall()
-                at = time.time()
-                boot_id, boot_seconds = _boot_clock()
+            main_src, chunks_src, at, (boot_id, boot_seconds) = self._pin(sources)
+            fingerprint = _fingerprint(main_src)
+            if newest is not None and newest[1].get("fingerprint") == fingerprint:
+                return None
             facts: _Facts | None = None
             chunk_counts: dict[int, int] | None = None
             for name, src in ((layout.MAIN_DB, main_src), (layout.CHUNKS_DB, chunks_src)):
@@ -532,12 +610,134 @@ class HotBackupManager:
             "seq": seen + 1,
             "clock": {"boot_id": boot_id, "seconds": boot_seconds},
             "source_data_dir": os.path.abspath(store.data_dir),
+            "fingerprint": fingerprint,
             "groups": groups,
             "files": files,
         }
         fsio.sync_dir(folder)  # the copies' names, before the manifest that makes them a backup
         _write_json_atomically(folder, MANIFEST, manifest)
         return manifest, total
+
+    # -------------------------------------------------------------- object-store destination
+    def _backup_remote(self, t0: float, progress: ProgressFn | None, cancel: threading.Event | None) -> BackupInfo:
+        """:meth:`backup` to a URL (called under the backup lock): each file streamed into one compressed
+        object (:mod:`raft_sqlite.objectstore`), then the manifest, written last."""
+        remote = self.remote
+        assert remote is not None, "only called for URL destinations"
+        with remote.errors(f"cannot list the backups in {remote.url_of(self.node_dir)}"):
+            entries = _scan_remote_node(remote, self.node_dir, verify=False)
+        seen = max((e["seq"] for e in entries if e.get("seq") is not None), default=0)
+        newest = None
+        if self.skip_unchanged:
+            newest = next(((e["path"], e["manifest"]) for e in entries if e["status"] == "complete"
+                           and isinstance(e["manifest"].get("fingerprint"), str)), None)
+        names = {e["path"].rsplit("/", 1)[-1] for e in entries}
+        base = _utc_stamp(time.time())
+        name = next(n for n in (base if i == 0 else f"{base}-{i}" for i in range(len(names) + 1)) if n not in names)
+        folder = f"{self.node_dir}/{name}"
+        url = remote.url_of(folder)
+        phases = {"copy": 0.0, "finish": 0.0}
+        try:
+            with remote.errors(f"cannot create {url}"):
+                remote.make_folder(folder)
+            copied = self._on_worker(
+                lambda stop: self._copy_remote(folder, progress, (cancel, stop), phases, seen, newest))
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                remote.remove(folder)
+            raise self._backup_error(exc, url) from exc
+        if copied is None:
+            with contextlib.suppress(Exception):
+                remote.remove(folder)
+            assert newest is not None, "only skipped when there is a newest backup"
+            return self._skipped(newest, t0)
+        manifest, size = copied
+        info = BackupInfo(url, manifest, size, time.monotonic() - t0, phases)
+        self._record(info)
+        stored = sum(f["object_size"] for f in manifest["files"])
+        log.info("%s: backup %s done: %d bytes (%d stored) in %.2f s", self.store.data_dir, url, size, stored,
+                 info.duration)
+        return info
+
+    def _copy_remote(self, folder: str, progress: ProgressFn | None, cancel: tuple[threading.Event | None, ...],
+                     phases: dict[str, float], seen: int,
+                     newest: tuple[str, _Json] | None) -> tuple[_Json, int] | None:
+        remote = self.remote
+        assert remote is not None, "only called for URL destinations"
+        store = self.store
+        sources: list[apsw.Connection] = []
+        sinks: list[objectstore.ObjectSink] = []
+        suffix = objectstore.COMPRESSIONS[self.compression]
+        files: list[_Json] = []
+        try:
+            main_src, chunks_src, at, (boot_id, boot_seconds) = self._pin(sources)
+            fingerprint = _fingerprint(main_src)
+            if newest is not None and newest[1].get("fingerprint") == fingerprint:
+                return None
+            # what the manifest says, read from the pinned snapshots themselves (what is copied)
+            node_id, cluster_id, fmt, groups, durable = _describe(main_src)
+            row = main_src.execute("SELECT value FROM settings WHERE key=?", (SEQ_SETTING,)).fetchone()
+            if row is not None and str(row[0]).isdigit():
+                seen = max(seen, int(row[0]))
+            for sid, need in durable:
+                have = chunks_src.execute("SELECT count(*) FROM snapshot_chunks WHERE key >= ? AND key < ?",
+                                          (sid * layout.CHUNK_SEQ_SPAN, (sid + 1) * layout.CHUNK_SEQ_SPAN)).fetchone()
+                if have is None or have[0] < need:
+                    raise BackupError(f"backup is inconsistent: DURABLE snapshot {sid} has {have and have[0]} of its "
+                                      f"{need} chunks in the pinned chunks.db")
+            for name, src in ((layout.MAIN_DB, main_src), (layout.CHUNKS_DB, chunks_src)):
+                obj = name + suffix
+                t = time.perf_counter()
+                sink = objectstore.ObjectSink(remote, f"{folder}/{obj}", compression=self.compression,
+                                              part_size=self.part_size, max_rate=self.max_upload_rate)
+                sinks.append(sink)
+                row = src.execute("PRAGMA page_size").fetchone()
+                assert row is not None, "PRAGMA page_size always returns one row"
+                page_size = int(row[0])
+                step = self.pages_per_step or max(1, _DEFAULT_STEP_BYTES // page_size)
+                size = objectstore.stream_online_backup(
+                    src, name, sink, pages_per_step=step, progress=progress,
+                    cancelled=lambda: any(c is not None and c.is_set() for c in cancel),
+                    on_cancel=lambda: BackupCancelled("backup cancelled"))
+                src.execute("COMMIT")  # release the snapshot: the store's checkpoints may proceed
+                phases["copy"] += time.perf_counter() - t
+                t = time.perf_counter()
+                stats = sink.finish()
+                phases["finish"] += time.perf_counter() - t
+                if stats["size"] != size:
+                    raise BackupError(f"{name}: {stats['size']} bytes streamed for a {size}-byte file")
+                files.append({"name": name, "object": obj, "compression": self.compression,
+                              "layout": objectstore.LAYOUT_PAGE1_LAST, "page_size": page_size, **stats})
+            # completeness, checked where the backup lives: every object present with the size uploaded
+            with remote.errors(f"cannot list {remote.url_of(folder)}"):
+                present = {n: sz for n, kind, sz in remote.children(folder) if kind == "file"}
+            for f in files:
+                have = present.get(f["object"])
+                if have != f["object_size"]:
+                    what = "missing" if have is None else f"{have} bytes"
+                    raise BackupError(f"{remote.url_of(folder)}: {f['object']} is {what} after its upload of "
+                                      f"{f['object_size']} bytes")
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
+        finally:
+            for conn in sources:
+                with contextlib.suppress(apsw.Error):
+                    conn.close()
+        if node_id != store.node_id or cluster_id != store.cluster_id:
+            raise BackupError(f"raft.db names node {node_id!r}/{cluster_id!r}, not the store's")
+        manifest = {
+            "manifest_version": MANIFEST_VERSION, "node_id": node_id, "cluster_id": cluster_id,
+            "format_version": fmt, "library_version": __version__, "created_at": _iso(at), "created_at_unix": at,
+            "seq": seen + 1, "clock": {"boot_id": boot_id, "seconds": boot_seconds},
+            "source_data_dir": os.path.abspath(store.data_dir), "fingerprint": fingerprint, "groups": groups,
+            "files": files,
+        }
+        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        with remote.errors(f"cannot write the manifest of {remote.url_of(folder)}"):
+            remote.write_small(folder, MANIFEST, data)
+        return manifest, sum(f["size"] for f in files)
 
     def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress: ProgressFn | None,
                      cancel: tuple[threading.Event | None, ...]) -> None:
@@ -583,10 +783,13 @@ class HotBackupManager:
         finally:
             dest.close()
 
-    def _record(self, info: BackupInfo) -> None:
-        with open(os.path.join(info.path, MANIFEST), "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        row = (info.path, info.manifest["created_at_unix"], info.size, info.duration, digest)
+    def _record(self, info: BackupInfo, at: float | None = None) -> None:
+        """Record ``info`` in the store's ``backups`` table (the age metric and ``status`` read it) and raise
+        the store's backup counter. ``at`` (a skipped backup: the instant the newest backup was found to
+        still describe the store) replaces the backup's own instant."""
+        digest = hashlib.sha256((json.dumps(info.manifest, indent=2, sort_keys=True) + "\n").encode()).hexdigest()
+        created = info.manifest["created_at_unix"] if at is None else at
+        row = (info.path, created, info.size, info.duration, digest)
 
         seq = info.manifest["seq"]
 
@@ -627,16 +830,23 @@ class HotBackupManager:
         backup with one and are ordered by timestamp. Ages are measured as :func:`_ages` says: on the
         kernel's boot-time clock between backups of the same boot, so setting the wall clock back or
         forward neither deletes the newest backup nor ages any backup; only across a reboot does the
-        wall clock count (a step back counts as 0). Incomplete folders (no manifest: interrupted backups) are always removed:
-        prune holds the same lock as :meth:`backup`, so none of them is in progress. Folders whose
+        wall clock count (a step back counts as 0). Incomplete folders (no manifest: interrupted backups)
+        are always removed locally: prune holds the same lock as :meth:`backup`, so none of them is in
+        progress. At a URL (where another machine may be uploading) they are removed once ``stale_after``
+        seconds old, and so are the unfinished multipart uploads under the node's prefix (S3), which no
+        listing shows and which are billed until aborted; their keys are returned too. Folders whose
         manifest is unreadable (*corrupt*) are left for the operator and logged.
         """
         keep, max_age = _retention_args(keep, max_age)
         removed: builtins.list[str] = []
+        remote = self.remote
         with self._exclusive():
-            entries = _scan_node_dir(self.node_dir, verify=False)
+            entries = self._scan(verify=False)
             complete = sorted((e for e in entries if e["status"] == "complete"), key=_order_key, reverse=True)
-            doomed = [e for e in entries if e["status"] == "incomplete"]
+            # locally, the lock proves that no folder is being written; an object store has no lock (another
+            # machine may be uploading), so an unfinished upload is removed once it is stale_after old
+            doomed = [e for e in entries if e["status"] == "incomplete"
+                      and (remote is None or e["age"] >= self.stale_after)]
             ages = _ages(complete, time.time(), _boot_clock())
             for i, e in enumerate(complete):
                 if i == 0:
@@ -647,11 +857,23 @@ class HotBackupManager:
                 if e["status"] == "corrupt":
                     log.warning("backup %s is corrupt (%s); prune leaves it for the operator", e["path"], e["error"])
             for e in doomed:
-                fsio.rmtree(e["path"])
+                if remote is None:
+                    fsio.rmtree(e["path"])
+                else:
+                    with remote.errors(f"cannot remove {e['path']}"):
+                        remote.remove(f"{self.node_dir}/{e['path'].rsplit('/', 1)[-1]}")
                 removed.append(e["path"])
                 log.info("pruned %s backup %s", e["status"], e["path"])
-            if removed:
-                fsio.sync_dir(self.node_dir)
+            if remote is None:
+                if removed:
+                    fsio.sync_dir(self.node_dir)
+            else:
+                # multipart uploads a killed backup left behind: invisible in listings, but billed
+                with remote.errors(f"cannot list the unfinished uploads under {remote.url_of(self.node_dir)}"):
+                    for key, upload_id in remote.stale_uploads(self.node_dir + "/", self.stale_after):
+                        remote.abort_upload(key, upload_id)
+                        removed.append(f"{remote.url_of(key)} (unfinished upload {upload_id})")
+                        log.info("aborted the unfinished upload %s of %s", upload_id, remote.url_of(key))
         return removed
 
 
@@ -736,6 +958,33 @@ class _FileCheck:
 #: What :func:`_describe` reads: node_id, cluster_id, format_version, the groups (manifest shape) and
 #: (snapshot_id, chunk_count) of every DURABLE snapshot.
 _Facts = tuple[str, str, int, list[_Json], list[tuple[int, int]]]
+
+
+def _fingerprint(conn: apsw.Connection) -> str:
+    """sha256 over what changes when a node writes anything a backup holds: the node record, every
+    group's row and hard state, every group's last log record (key, term, CRC: an append, a truncation
+    and a rewrite change it; compaction changes ``first_index``), every snapshot manifest and the
+    settings (the backup counter aside). Two backups with the same fingerprint hold the same Raft
+    state: a backup with ``skip_unchanged`` is skipped when the newest one has its fingerprint."""
+    span = layout.KEY_SPAN
+    queries = (
+        "SELECT node_id, cluster_id, format_version, created_at FROM node",
+        "SELECT group_id, name, first_index, snapshot_index, snapshot_term, recovered_partially FROM groups "
+        "ORDER BY group_id",
+        "SELECT group_id, current_term, typeof(voted_for), voted_for, commit_index FROM raft_meta ORDER BY group_id",
+        f"SELECT g.group_id, (SELECT key || ' ' || term || ' ' || crc32 FROM log_entries WHERE key BETWEEN "
+        f"g.group_id * {span} AND g.group_id * {span} + {span - 1} ORDER BY key DESC LIMIT 1) FROM groups g "
+        "ORDER BY g.group_id",
+        "SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, checksum, structures "
+        "FROM snapshots ORDER BY snapshot_id",
+        f"SELECT key, value FROM settings WHERE key <> '{SEQ_SETTING}' ORDER BY key",
+    )
+    h = hashlib.sha256()
+    for q in queries:
+        for row in conn.execute(q):
+            h.update(repr(row).encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _describe(conn: apsw.Connection) -> _Facts:
@@ -895,11 +1144,142 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[_Json]:
             e["created_at"] = os.stat(p).st_mtime
         e["age"] = now - e["created_at"]
         out.append(e)
+    return _ordered(out, now)
+
+
+def _ordered(out: list[_Json], now: float) -> list[_Json]:
+    """A node's listing, newest first, each complete backup's age measured as :func:`_ages` says."""
     out.sort(key=_order_key, reverse=True)
     complete = [e for e in out if e["status"] == "complete"]
     for e, age in zip(complete, _ages(complete, now, _boot_clock()), strict=True):
         e["age"] = age
     return out
+
+
+def _scan_remote_node(remote: objectstore.Remote, node_dir: str, *, verify: bool) -> list[_Json]:
+    """:func:`_scan_node_dir` at a URL: the backups under ``node_dir`` (a path on ``remote.fs``). Each
+    complete or corrupt entry also carries the parsed ``manifest`` (None if unreadable)."""
+    out: list[_Json] = []
+    node_id = node_dir.rsplit("/", 1)[-1]
+    now = time.time()
+    for name, kind, _ in remote.children(node_dir):
+        created = _stamp_time(name)
+        if kind != "directory" or name.startswith(".") or created is None:
+            continue
+        folder = f"{node_dir}/{name}"
+        present = {n: size for n, k, size in remote.children(folder) if k == "file"}
+        e: _Json = {"path": remote.url_of(folder), "node_id": node_id, "created_at": created, "status": "incomplete",
+                    "size": None, "error": None, "seq": None, "clock": None, "manifest": None}
+        if MANIFEST in present:
+            m: Any = None
+            try:
+                m = _read_remote_manifest(remote, folder)
+                _verify_remote(remote, folder, m, checksums=verify, present=present)
+            except BackupError as exc:
+                e.update(status="corrupt", error=str(exc), manifest=m if isinstance(m, dict) else None,
+                         seq=manifest_seq(m) if isinstance(m, dict) else None)
+            else:
+                e.update(status="complete", created_at=m["created_at_unix"], node_id=m["node_id"],
+                         cluster_id=m["cluster_id"], size=sum(f["size"] for f in m["files"]),
+                         stored_size=sum(f["object_size"] for f in m["files"]), groups=len(m["groups"]),
+                         seq=manifest_seq(m), clock=_clock_of(m), manifest=m)
+        e["age"] = now - e["created_at"]
+        out.append(e)
+    return _ordered(out, now)
+
+
+def _read_remote_manifest(remote: objectstore.Remote, folder: str) -> Any:
+    mpath = f"{folder}/{MANIFEST}"
+    try:
+        data = remote.read(mpath, _MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise BackupError(f"{remote.url_of(folder)}: no {MANIFEST}: the backup is incomplete (interrupted) and "
+                          "cannot be used") from None
+    except BackupError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the backend's own errors
+        raise BackupError(f"cannot read {remote.url_of(mpath)}: {objectstore.describe_error(remote.url, exc)}") from exc
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BackupError(f"{remote.url_of(mpath)} is not valid JSON: {exc}") from None
+
+
+def _check_object_files(mpath: str, files: Any) -> None:
+    """Check the ``files`` of a URL backup's manifest: exactly :data:`DB_FILES`, each once, each with its
+    object name (the file name plus the compression's suffix), compression, layout, page size, sizes and
+    sha256 digests of the raw stream and of the object."""
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise BackupError(f"{mpath}: files must be a list of objects")
+    seen = set()
+    for f in files:
+        problem = _file_name_problem(f.get("name"))
+        if problem:
+            raise BackupError(f"{mpath}: {problem}")
+        name = f["name"]
+        if name in seen:
+            raise BackupError(f"{mpath}: file {name!r} is listed twice")
+        seen.add(name)
+        comp = f.get("compression")
+        if not isinstance(comp, str) or comp not in objectstore.COMPRESSIONS:
+            raise BackupError(f"{mpath}: file {name!r}: unknown compression {comp!r}")
+        if f.get("object") != name + objectstore.COMPRESSIONS[comp]:
+            raise BackupError(f"{mpath}: file {name!r}: object must be {name + objectstore.COMPRESSIONS[comp]!r}, "
+                              f"not {f.get('object')!r}")
+        if f.get("layout") != objectstore.LAYOUT_PAGE1_LAST:
+            raise BackupError(f"{mpath}: file {name!r}: unknown layout {f.get('layout')!r}")
+        ps = f.get("page_size")
+        if type(ps) is not int or ps < 512 or ps > 65536 or ps & (ps - 1):
+            raise BackupError(f"{mpath}: file {name!r}: page_size must be a power of two in 512..65536")
+        for k in ("size", "object_size"):
+            if type(f.get(k)) is not int or f[k] < 0:
+                raise BackupError(f"{mpath}: file {name!r}: {k} must be a non-negative integer")
+        for k in ("stream_sha256", "object_sha256"):
+            if not isinstance(f.get(k), str) or not re.fullmatch(r"[0-9a-f]{64}", f[k]):
+                raise BackupError(f"{mpath}: file {name!r}: {k} must be 64 lowercase hex digits")
+    if seen != set(DB_FILES):
+        raise BackupError(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+
+
+def _verify_remote(remote: objectstore.Remote, folder: str, manifest: Any, *, checksums: bool,
+                   present: dict[str, int] | None = None, scratch_dir: str | None = None) -> list[_Json] | None:
+    """:func:`verify_backup` for the backup ``folder`` at a URL, whose parsed manifest is ``manifest``:
+    the manifest's shape, every object present with its recorded size and, with ``checksums``, every
+    object downloaded (into a temporary folder in ``scratch_dir``) and checked as a restore checks it
+    (object and data sha256, then :func:`check_backup_data`). Returns the groups read from the data
+    (None without checksums)."""
+    mpath = remote.url_of(f"{folder}/{MANIFEST}")
+    _check_manifest_header(mpath, manifest)
+    _check_object_files(mpath, manifest["files"])
+    if present is None:
+        with remote.errors(f"cannot list {remote.url_of(folder)}"):
+            present = {n: size for n, k, size in remote.children(folder) if k == "file"}
+    for f in manifest["files"]:
+        if f["object"] not in present:
+            raise BackupError(f"{remote.url_of(folder)}: {f['object']} is missing")
+        if present[f["object"]] != f["object_size"]:
+            raise BackupError(f"{remote.url_of(folder)}: {f['object']} has {present[f['object']]} bytes, the manifest "
+                              f"says {f['object_size']}")
+    if not checksums:
+        return None
+    with tempfile.TemporaryDirectory(prefix=".raft_sqlite-verify-", dir=scratch_dir) as tmp:
+        local = _fetch_backup(remote, folder, manifest, tmp, None)
+        return check_backup_data(tmp, local)
+
+
+def _fetch_backup(remote: objectstore.Remote, folder: str, manifest: _Json, dest_dir: str,
+                  progress: ProgressFn | None) -> _Json:
+    """Download the backup ``folder`` (manifest checked by :func:`_verify_remote`) into the empty local
+    folder ``dest_dir`` as a local backup folder (its files, then its manifest, whose ``files`` now give
+    each file's own size and sha256, and whose ``origin`` is the URL). Returns that manifest."""
+    files = []
+    for f in manifest["files"]:
+        digest = objectstore.fetch_file(remote, f"{folder}/{f['object']}", os.path.join(dest_dir, f["name"]), f,
+                                        progress)
+        files.append({"name": f["name"], "size": f["size"], "sha256": digest})
+    local = dict(manifest, files=files, origin=remote.url_of(folder))
+    _write_json_atomically(dest_dir, MANIFEST, local)
+    return local
 
 
 def _clock_of(manifest: _Json) -> _Json | None:
@@ -910,7 +1290,8 @@ def _clock_of(manifest: _Json) -> _Json | None:
     return None
 
 
-def list_backups(backup_dir: _Path, *, verify: bool = False) -> list[_Json]:
+def list_backups(backup_dir: _Path, *, verify: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> list[_Json]:
     """Every backup under ``backup_dir``: node by node (sorted by node_id), each node's newest first.
 
     Newest is by the manifest's ``seq``, not by the wall clock (see :meth:`HotBackupManager.prune`).
@@ -921,9 +1302,23 @@ def list_backups(backup_dir: _Path, *, verify: bool = False) -> list[_Json]:
     valid, every file present with its recorded size; with ``verify=True`` also its sha256),
     ``"incomplete"`` (no manifest: interrupted, never restorable) or ``"corrupt"`` (a manifest that does
     not verify; ``error`` says why). A missing ``backup_dir`` lists as empty.
+
+    ``backup_dir`` may be a URL (``s3://bucket/prefix``...; ``storage_options`` go to fsspec): the same
+    listing of the backups written there, each also with ``stored_size`` (bytes of its compressed
+    objects); ``verify=True`` then downloads and checks every backup.
     """
+    if objectstore.is_url(backup_dir):
+        remote = objectstore.Remote(str(backup_dir), storage_options)
+        out = []
+        with remote.errors(f"cannot list the backups in {remote.url}"):
+            for name, kind, _ in sorted(remote.children(remote.root)):
+                if kind == "directory" and not name.startswith("."):
+                    out.extend(_scan_remote_node(remote, remote.path(name), verify=verify))
+        for e in out:
+            e.pop("manifest", None)
+        return out
     root = os.path.abspath(os.fspath(backup_dir))
-    out: list[_Json] = []
+    out = []
     try:
         nodes = sorted(os.listdir(root))
     except FileNotFoundError:
@@ -1168,8 +1563,20 @@ def _remove_names(target: str, names: Iterable[str]) -> None:
 
 
 def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = False, mode: str | None = None,
-            progress: ProgressFn | None = None, vfs: str | None = None) -> RestoreInfo:
+            progress: ProgressFn | None = None, vfs: str | None = None, latest: bool = False,
+            node: str | None = None, node_id: str | None = None, storage_options: dict[str, Any] | None = None,
+            scratch_dir: _Path | None = None) -> RestoreInfo:
     """Restore the backup folder ``backup_path`` into a fresh ``data_dir`` and return a :class:`RestoreInfo`.
+
+    Where from. ``backup_path`` is one backup: a local folder, or the URL of a backup written to object
+    storage (``s3://bucket/prefix/n1/20261203T101500.000000Z``; ``storage_options`` go to fsspec). With
+    ``latest=True`` it is instead a backup root (the path or URL given to the backups) and ``node`` names
+    the node: its newest backup that verifies is restored (a newer one that does not is logged and
+    skipped). A URL backup is downloaded into a private folder in ``scratch_dir`` (default: the parent
+    of ``data_dir``) and verified there whole, every object's and every file's sha256, before step (3);
+    its files are then moved into place. ``node_id`` re-identifies the restored node (a replacement
+    joining under a new identity): the node record gets that id, and the restore event records the old
+    one (``reidentified_from``); open the result with the new id.
 
     Order of work: (1) ``data_dir`` must not exist or be an empty directory (or hold the leftovers of an
     interrupted restore, which are removed), else :class:`BackupError`;
@@ -1208,9 +1615,112 @@ def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = Fa
     kind = _restore_kind(mode, bool(allow_quorum_loss))
     if vfs is not None and not isinstance(vfs, str):
         raise TypeError(f"vfs must be a str (a registered apsw VFS name) or None, not {type(vfs).__name__}")
-    src = os.path.abspath(os.fspath(backup_path))
+    new_id = None if node_id is None else _checked_node_id(node_id)
+    if latest and node is None:
+        raise ValueError("latest=True needs node= (the node_id whose newest backup is restored)")
+    if node is not None and not latest:
+        raise ValueError("node= names the node for latest=True; without it backup_path is one backup")
     target = os.path.abspath(os.fspath(data_dir))
+    _refuse_target(target)  # before anything is read or downloaded
+    if objectstore.is_url(backup_path):
+        remote = objectstore.Remote(str(backup_path), storage_options)
+        return _restore_remote(remote, target, kind, node if latest else None, progress, vfs, new_id, scratch_dir,
+                               t0)
+    if storage_options is not None:
+        raise ValueError("storage_options apply to URL backups only")
+    src = os.path.abspath(os.fspath(backup_path))
+    verified = None
+    if latest:
+        assert node is not None, "checked above"
+        src, verified = _latest_local(src, node)
+    return _restore_folder(src, target, kind, progress, vfs, new_id, src, False, verified, t0)
 
+
+def _checked_node_id(node_id: object) -> str:
+    if not isinstance(node_id, str):
+        raise TypeError(f"node_id must be a str, not {type(node_id).__name__}")
+    if not node_id or "\0" in node_id or node_id != node_id.strip() or len(node_id) > 1024:
+        raise ValueError(f"node_id must be a non-empty string without NUL or surrounding spaces, not {node_id!r}")
+    return node_id
+
+
+def _refuse_target(target: str) -> None:
+    """Refuse a restore target that exists and is not a directory, or holds anything but the leftovers
+    of an interrupted restore (never restore over data)."""
+    if os.path.lexists(target):
+        if os.path.islink(target) or not os.path.isdir(target):
+            raise BackupError(f"restore target {target} exists and is not a directory")
+        if read_restore_state(target).restore_leftovers() is None:
+            raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
+                              "(move the old data away first)")
+
+
+def _latest_local(root: str, node: str) -> tuple[str, tuple[_Json, list[_Json] | None]]:
+    """The newest backup of ``node`` under the local backup root ``root`` that verifies (with checksums),
+    and its verification; older ones are tried when a newer one does not verify (logged)."""
+    problems = []
+    for e in _scan_node_dir(os.path.join(root, _safe_component(node)), verify=False):
+        if e["status"] != "complete":
+            continue
+        try:
+            return e["path"], _verify_backup(e["path"], checksums=True)
+        except BackupError as exc:
+            log.warning("backup %s does not verify (%s); trying the next older one", e["path"], exc)
+            problems.append(f"{e['path']}: {exc}")
+    raise BackupError(f"no backup of node {node!r} in {root} verifies" + (": " + "; ".join(problems) if problems else
+                                                                            " (there is none)"))
+
+
+def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: str | None,
+                    progress: ProgressFn | None, vfs: str | None, new_id: str | None, scratch_dir: _Path | None,
+                    t0: float) -> RestoreInfo:
+    """:func:`restore` from a URL: ``remote.url`` is one backup, or with ``node`` the backup root whose
+    newest backup of ``node`` that verifies is taken. Each candidate is downloaded into a private scratch
+    folder (in ``scratch_dir``, default the target's parent: the same file system, so that the verified
+    files are moved into place, not copied) and verified whole there before the target is touched."""
+    if node is None:
+        candidates = [remote.root]
+    else:
+        node_dir = remote.path(_safe_component(node))
+        with remote.errors(f"cannot list the backups of node {node!r} in {remote.url}"):
+            candidates = [f"{node_dir}/{e['path'].rsplit('/', 1)[-1]}"
+                          for e in _scan_remote_node(remote, node_dir, verify=False) if e["status"] == "complete"]
+    parent = os.path.abspath(os.fspath(scratch_dir)) if scratch_dir is not None else os.path.dirname(target)
+    problems = []
+    for folder in candidates:
+        try:
+            _make_dirs(parent)
+            scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.fetch-", dir=parent)
+        except OSError as exc:
+            raise BackupError(f"cannot create a download folder in {parent}: {exc}") from exc
+        try:
+            try:
+                manifest = _read_remote_manifest(remote, folder)
+                _verify_remote(remote, folder, manifest, checksums=False)
+                _fetch_backup(remote, folder, manifest, scratch, progress)
+                verified = _verify_backup(scratch, checksums=True)
+            except OSError as exc:
+                raise BackupError(f"cannot download {remote.url_of(folder)} into {scratch}: {exc}") from exc
+            except BackupError as exc:
+                if node is None:
+                    raise
+                log.warning("backup %s does not verify (%s); trying the next older one", remote.url_of(folder), exc)
+                problems.append(f"{remote.url_of(folder)}: {exc}")
+                continue
+            return _restore_folder(scratch, target, kind, progress, vfs, new_id, remote.url_of(folder), True,
+                                   verified, t0)
+        finally:
+            fsio.rmtree(scratch, ignore_errors=True)
+    raise BackupError(f"no backup of node {node!r} in {remote.url} verifies" + (": " + "; ".join(problems) if problems
+                                                                                else " (there is none)"))
+
+
+def _restore_folder(src: str, target: str, kind: str, progress: ProgressFn | None, vfs: str | None,
+                    new_id: str | None, origin: str, consume: bool,
+                    verified: tuple[_Json, list[_Json] | None] | None, t0: float) -> RestoreInfo:
+    """:func:`restore` of the local backup folder ``src`` into ``target`` (its steps (1)-(7)). ``origin``
+    is what the restore event names as the backup; ``consume`` moves the files out of ``src`` (a private
+    download folder) instead of copying them; ``verified`` is ``src``'s verification if already made."""
     def leftovers_or_refuse() -> list[str]:
         # the same reading of an interrupted restore as NodeStore.open's refusal (restorestate)
         names = read_restore_state(target).restore_leftovers()
@@ -1223,7 +1733,8 @@ def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = Fa
         if os.path.islink(target) or not os.path.isdir(target):
             raise BackupError(f"restore target {target} exists and is not a directory")
         leftovers_or_refuse()
-    manifest, groups = _verify_backup(src, checksums=True)
+    manifest, groups = verified if verified is not None else _verify_backup(src, checksums=True)
+    final_id = manifest["node_id"] if new_id is None else new_id
     created_dir = not os.path.exists(target)
     if created_dir:
         try:
@@ -1232,7 +1743,7 @@ def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = Fa
             raise BackupError(f"cannot create restore target {target}: {exc}") from exc
     # Held until the end, so that no NodeStore.open (or second restore) can use the half-written
     # data_dir; DataDirLocked (naming the holder) if a store has it open already.
-    lock = DataDirLock.acquire(target, node_id=manifest["node_id"])
+    lock = DataDirLock.acquire(target, node_id=final_id)
     try:
         stale = leftovers_or_refuse()  # again, now that nobody else can write into it
     except BaseException:
@@ -1252,18 +1763,22 @@ def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = Fa
         tmps: dict[str, str] = {}
         for f in manifest["files"]:
             tmp = os.path.join(target, f".{f['name']}.restoring")
-            _copy_verified(os.path.join(src, f["name"]), tmp, f, progress)
+            if consume:
+                _move_verified(os.path.join(src, f["name"]), tmp, f, progress)
+            else:
+                _copy_verified(os.path.join(src, f["name"]), tmp, f, progress)
             tmps[f["name"]] = tmp
         # The event is committed (SQLite syncs it) before the file gets its real name: a restored store
         # never opens without it (the Raft layer must learn it was restored, or it may vote twice).
         assert groups is not None, "_verify_backup with checksums reads them"
-        event = _record_restore_event(tmps[layout.MAIN_DB], kind, src, manifest, groups, vfs)
+        event = _record_restore_event(tmps[layout.MAIN_DB], kind, origin, manifest, groups, vfs,
+                                      None if final_id == manifest["node_id"] else final_id)
         fsio.rename(tmps[layout.CHUNKS_DB], os.path.join(target, layout.CHUNKS_DB))
         fsio.sync_dir(target)
         fsio.replace(tmps[layout.MAIN_DB], main_db)  # the restored store appears in one step
         fsio.sync_dir(target)
         try:
-            NodeStore.open(target, manifest["node_id"], cluster_id=manifest["cluster_id"],
+            NodeStore.open(target, final_id, cluster_id=manifest["cluster_id"],
                            recovery=RecoveryPolicy.STRICT, lock=lock, vfs=vfs).close()
         except RaftSqliteError as exc:
             raise BackupError(f"restored data in {target} does not open under STRICT recovery: {exc}") from exc
@@ -1290,9 +1805,23 @@ def restore(backup_path: _Path, data_dir: _Path, *, allow_quorum_loss: bool = Fa
         raise
     finally:
         lock.release()
-    info = RestoreInfo(target, src, kind, manifest, event, time.monotonic() - t0)
-    log.info("%s restored from backup %s (created %s) as a %s", target, src, manifest["created_at"], kind)
+    info = RestoreInfo(target, origin, kind, manifest, event, time.monotonic() - t0)
+    log.info("%s restored from backup %s (created %s) as a %s", target, origin, manifest["created_at"], kind)
     return info
+
+
+def _move_verified(src: str, dst: str, f: _Json, progress: ProgressFn | None) -> None:
+    """Move the verified (and fsynced) download ``src`` to ``dst``; copy it (checking it again) when the two
+    are on different file systems."""
+    try:
+        fsio.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_verified(src, dst, f, progress)
+        return
+    if progress is not None:
+        progress(f["name"], f["size"], f["size"])
 
 
 def _copy_verified(src: str, dst: str, f: _Json, progress: ProgressFn | None) -> None:
@@ -1318,10 +1847,11 @@ def _copy_verified(src: str, dst: str, f: _Json, progress: ProgressFn | None) ->
 
 
 def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: _Json, groups: list[_Json],
-                          vfs: str | None = None) -> _Json:
+                          vfs: str | None = None, new_id: str | None = None) -> _Json:
     """Record the restore in the restored raft.db. Per-group values come from ``groups``, read from the
     restored data itself (:func:`check_backup_data`), so :attr:`NodeStore.restored_from` reports what
-    was restored, not what a manifest claims."""
+    was restored, not what a manifest claims. With ``new_id`` the node record is given that node_id (its
+    CRC recomputed) in the same transaction, and the event records the identity it had."""
     details = {
         "backup_path": backup_path,
         "backup_created_at": manifest["created_at"],
@@ -1336,11 +1866,24 @@ def _record_restore_event(raft_db: str, kind: str, backup_path: str, manifest: _
     else:
         details["action"] = ("rejoin as the same node and catch up from the leader; do not vote in any term "
                              "that may have been voted in after the backup point")
+    if new_id is not None:
+        details["node_id"] = new_id
+        details["reidentified_from"] = manifest["node_id"]
+        details["action"] = (f"join the cluster as the new member {new_id!r} (a membership change adds it; remove "
+                             f"{manifest['node_id']!r}); it has cast no vote under its new identity")
     conn = apsw.Connection(raft_db, vfs=vfs)
     try:
         conn.execute("PRAGMA synchronous=FULL").fetchall()
-        conn.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) VALUES (?,?,?,?,?,?)",
-                     (time.time(), kind, None, "restored", None, json.dumps(details, sort_keys=True)))
+        with conn:
+            if new_id is not None:
+                row = conn.execute("SELECT cluster_id, format_version, created_at FROM node WHERE id=1").fetchone()
+                if row is None:
+                    raise BackupError(f"{raft_db} has no node record to re-identify")
+                conn.execute("UPDATE node SET node_id=?, crc32=? WHERE id=1",
+                             (new_id, node_crc(new_id, row[0], row[1], row[2])))
+            conn.execute("INSERT INTO recovery_events(at, kind, policy, outcome, duration, details) "
+                         "VALUES (?,?,?,?,?,?)",
+                         (time.time(), kind, None, "restored", None, json.dumps(details, sort_keys=True)))
     finally:
         conn.close()
     return details

@@ -52,6 +52,7 @@ from .errors import (
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
 from .migrate import current_revision
+from .objectstore import is_url
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -926,52 +927,100 @@ class _BackupProgress:
             self._prog.stop()
 
 
+def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` pairs as fsspec storage options (VALUE read as JSON when it is JSON:
+    ``anon=true``, ``client_kwargs={"region_name": "eu-west-1"}``; else kept as a string)."""
+    if not pairs:
+        return None
+    opts: dict[str, Any] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise CliError(f"--storage-option wants KEY=VALUE, not {p!r}", EXIT_USAGE)
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    return opts
+
+
+STORAGE_OPT = click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+                           help="An fsspec storage option for a URL destination (repeatable), e.g. "
+                                "endpoint_url=http://127.0.0.1:9000, key=..., secret=.... Without them each "
+                                "backend reads its usual environment and config files (AWS_* for S3).")
+
+
 @cli.command()
 @DATA_DIR
-@click.argument("backup_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dest", metavar="DEST")
 @click.option("--keep", type=click.IntRange(min=1), help="Then prune: keep this many newest backups of the node.")
 @click.option("--max-age", type=click.FloatRange(min=0), help="Then prune: remove backups older than this many "
               "seconds (the newest is always kept).")
+@click.option("--skip-unchanged", is_flag=True, help="Take no backup when nothing changed since the newest one "
+              "(the check is recorded, so the backup age stays fresh).")
+@click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
+              help="Compression of the objects of a URL backup (a local folder is never compressed).")
+@click.option("--max-upload-rate", type=click.FloatRange(min=0, min_open=True), metavar="BYTES_PER_S",
+              help="Pace the upload of a URL backup (compressed bytes per second).")
+@click.option("--stale-after", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="URL backups: prune removes unfinished uploads older than this many seconds.")
+@STORAGE_OPT
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def backup(data_dir: str, backup_dir: str, keep: int | None, max_age: float | None, quiet: bool,
-           as_json: bool) -> None:
-    """Take a point-in-time backup of a stopped node into BACKUP_DIR/<node_id>/<UTC timestamp>/
-    (raft.db, chunks.db, manifest.json written last). A running node takes hot backups in-process
-    with HotBackupManager / HotBackupScheduler. Refused while another process has the store open."""
+def backup(data_dir: str, dest: str, keep: int | None, max_age: float | None, skip_unchanged: bool,
+           compression: str, max_upload_rate: float | None, stale_after: float, storage_option: tuple[str, ...],
+           quiet: bool, as_json: bool) -> None:
+    """Take a point-in-time backup of a stopped node into DEST: a local folder (DEST/<node_id>/<UTC
+    timestamp>/ with raft.db, chunks.db and manifest.json, written last) or a URL (s3://bucket/prefix,
+    gs://..., file:///...: one compressed object per file, streamed, then the manifest). A running node
+    takes hot backups in-process with HotBackupManager / HotBackupScheduler. Refused while another
+    process has the store open."""
     mod = _backup_module()
+    opts = _storage_options(storage_option)
+    if opts is not None and not is_url(dest):
+        raise CliError("--storage-option applies to URL destinations only", EXIT_USAGE)
     with _open_store_for_write(data_dir) as store:
-        mgr = mod.HotBackupManager(store, backup_dir)
+        mgr = mod.HotBackupManager(store, dest, skip_unchanged=skip_unchanged, compression=compression,
+                                   max_upload_rate=max_upload_rate, stale_after=stale_after, storage_options=opts)
         with _BackupProgress(quiet or as_json) as bar:
             info = mgr.backup(progress=bar.callback)
-        pruned = mgr.prune(keep=keep, max_age=max_age) if (keep or max_age is not None) else []
+        pruned = mgr.prune(keep=keep, max_age=max_age) if (keep or max_age is not None or mgr.remote) else []
+    stored = sum(f.get("object_size", f["size"]) for f in info.manifest["files"])
     if as_json:
-        _dump_json({"path": info.path, "size": info.size, "duration": info.duration, "pruned": pruned,
-                    "manifest": info.manifest})
+        _dump_json({"path": info.path, "size": info.size, "stored_size": stored, "skipped": info.skipped,
+                    "duration": info.duration, "pruned": pruned, "manifest": info.manifest})
         return
-    out.print(f"backup {_esc(info.path)}")
-    out.print(f"  {_size(info.size)} in {info.duration:.2f} s; point in time {info.manifest['created_at']}")
-    for g in info.manifest["groups"]:
-        out.print(f"  group {_esc(g['name'])}: term {g['term']}, commit {g['commit_index']}, log "
-                  f"{g['first_index']}..{g['last_index']}, snapshot {g['snapshot_index']}")
+    if info.skipped:
+        out.print(f"nothing changed since backup {_esc(info.path)} (point in time {info.manifest['created_at']}): "
+                  "no new backup")
+    else:
+        out.print(f"backup {_esc(info.path)}")
+        ratio = f" ({_size(stored)} stored, {info.size / max(stored, 1):.1f}x smaller)" if stored != info.size else ""
+        out.print(f"  {_size(info.size)}{ratio} in {info.duration:.2f} s; point in time {info.manifest['created_at']}")
+        for g in info.manifest["groups"]:
+            out.print(f"  group {_esc(g['name'])}: term {g['term']}, commit {g['commit_index']}, log "
+                      f"{g['first_index']}..{g['last_index']}, snapshot {g['snapshot_index']}")
     for p in pruned:
         out.print(f"  pruned {_esc(p)}")
 
 
 @cli.command()
-@click.argument("backup_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--verify", "check", is_flag=True, help="Also check every file's sha256 (reads every backup).")
+@click.argument("backup_dir", metavar="DEST")
+@click.option("--verify", "check", is_flag=True, help="Also check every file's sha256 (reads every backup; "
+              "downloads every backup at a URL).")
+@STORAGE_OPT
 @JSON_OPT
 @friendly
-def backups(backup_dir: str, check: bool, as_json: bool) -> None:
-    """List the backups in BACKUP_DIR (node by node, newest first by sequence number, not by the clock)
-    with age and status: complete, incomplete (no manifest: interrupted, never restorable) or corrupt
-    (the manifest does not verify)."""
+def backups(backup_dir: str, check: bool, storage_option: tuple[str, ...], as_json: bool) -> None:
+    """List the backups in DEST, a folder or a URL (node by node, newest first by sequence number, not by
+    the clock) with age and status: complete, incomplete (no manifest: interrupted, never restorable) or
+    corrupt (the manifest does not verify)."""
     mod = _backup_module()
-    if not os.path.isdir(backup_dir):
+    opts = _storage_options(storage_option)
+    if not is_url(backup_dir) and not os.path.isdir(backup_dir):
         raise CliError(f"backup_dir {backup_dir!r} does not exist", EXIT_NOT_FOUND)
-    rows = mod.list_backups(backup_dir, verify=check)
+    rows = mod.list_backups(backup_dir, verify=check, storage_options=opts)
     if as_json:
         _dump_json(rows)
         return
@@ -982,14 +1031,22 @@ def backups(backup_dir: str, check: bool, as_json: bool) -> None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b["created_at"]))
         status = {"complete": "[green]complete[/]", "incomplete": "[yellow]incomplete[/]"}.get(
             b["status"], f"[bold red]{b['status']}[/]: {_esc(b['error'] or '')}")
-        t.add_row(_esc(b["node_id"]), "-" if b["seq"] is None else str(b["seq"]), created, _age(b["age"]), status, "-" if b["size"] is None else _size(b["size"]),
-                  _esc(b["path"]))
+        size = "-" if b["size"] is None else _size(b["size"])
+        if b.get("stored_size") is not None:
+            size += f" ({_size(b['stored_size'])} stored)"
+        t.add_row(_esc(b["node_id"]), "-" if b["seq"] is None else str(b["seq"]), created, _age(b["age"]), status,
+                  size, _esc(b["path"]))
     out.print(t)
 
 
 @cli.command()
-@click.argument("backup_path", type=click.Path(path_type=str))
+@click.argument("backup_path", metavar="BACKUP")
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--latest", is_flag=True, help="BACKUP is a backup root (the folder or URL given to `backup`): "
+              "restore the newest backup of --node that verifies.")
+@click.option("--node", metavar="NODE_ID", help="With --latest: whose backup to restore.")
+@click.option("--node-id", "node_id", metavar="NEW_NODE_ID", help="Re-identify the restored node (a replacement "
+              "joining under a new identity); recorded in the restore event. Open it with this id.")
 @click.option("--quorum-loss", "--allow-quorum-loss", "allow_quorum_loss", is_flag=True,
               help="State that a majority of the cluster is permanently lost: the restore is recorded as a "
                    "quorum_loss_restore and every group must re-bootstrap its membership from this node "
@@ -997,25 +1054,34 @@ def backups(backup_dir: str, check: bool, as_json: bool) -> None:
                    "replacement: the node rejoins its surviving cluster and catches up.")
 @click.option("--mode", type=click.Choice(["node-replacement", "quorum-loss"]),
               help="Name the restore kind explicitly; quorum-loss still requires --quorum-loss.")
+@STORAGE_OPT
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
 @friendly
-def restore(backup_path: str, data_dir: str, allow_quorum_loss: bool, mode: str | None, quiet: bool,
+def restore(backup_path: str, data_dir: str, latest: bool, node: str | None, node_id: str | None,
+            allow_quorum_loss: bool, mode: str | None, storage_option: tuple[str, ...], quiet: bool,
             as_json: bool) -> None:
-    """Restore BACKUP_PATH (a backup folder) into a new or empty DATA_DIR: the manifest and every
-    checksum are verified before anything is written, then the result is opened with STRICT recovery."""
+    """Restore BACKUP (a backup folder or the URL of one; with --latest a backup root and --node) into a new
+    or empty DATA_DIR: the manifest and every checksum are verified before anything is written (a URL
+    backup is downloaded and verified first), then the result is opened with STRICT recovery."""
     mod = _backup_module()
-    if not os.path.exists(backup_path):
+    if latest != (node is not None):
+        raise CliError("--latest and --node go together", EXIT_USAGE)
+    if not is_url(backup_path) and not os.path.exists(backup_path):
         raise CliError(f"backup {backup_path!r} does not exist", EXIT_NOT_FOUND)
     with _BackupProgress(quiet or as_json) as bar:
         info = mod.restore(backup_path, data_dir, allow_quorum_loss=allow_quorum_loss,
-                           mode=None if mode is None else mode.replace("-", "_"), progress=bar.callback)
+                           mode=None if mode is None else mode.replace("-", "_"), progress=bar.callback,
+                           latest=latest, node=node, node_id=node_id,
+                           storage_options=_storage_options(storage_option))
     if as_json:
         _dump_json({"data_dir": info.data_dir, "backup_path": info.backup_path, "kind": info.kind,
                     "duration": info.duration, "event": info.event})
         return
     out.print(f"restored {_esc(info.backup_path)} into {_esc(info.data_dir)} as a [bold]{info.kind}[/] "
               f"(backup point {info.manifest['created_at']}) in {info.duration:.2f} s")
+    if "reidentified_from" in info.event:
+        out.print(f"  node {_esc(info.event['reidentified_from'])} re-identified as {_esc(info.event['node_id'])}")
     out.print(f"  next: {_esc(info.event['action'])}")
 
 
