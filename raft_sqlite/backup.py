@@ -47,14 +47,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Self, TypedDict, TypeVar, Unpack
+from typing import Any, Protocol, Self, TypedDict, TypeVar, Unpack
 
 import apsw
 
 from . import fsio, layout, objectstore
 from .args import float_arg, int_arg
 from .errors import BackupError, RaftSqliteError
-from .lock import DataDirLock
+from .lock import GC_PIN_WAIT, DataDirLock, gc_pin
 from .recovery import (  # noqa: F401 (re-exported)
     NODE_REPLACEMENT,
     QUORUM_LOSS_RESTORE,
@@ -299,6 +299,133 @@ def _write_json_atomically(folder: str, name: str, obj: _Json) -> bytes:
     return data
 
 
+# ---------------------------------------------------------------------------------------------- sources
+class BackupSource(Protocol):
+    """What :class:`HotBackupManager` backs up: an open store in this process (:class:`_StoreSource`) or a
+    running node's data_dir read from another process (:class:`LiveSource`)."""
+
+    node_id: str
+    cluster_id: str
+    data_dir: str
+    path: str
+    chunks_path: str
+    vfs: str | None
+
+    def check_open(self) -> None:
+        """Raise if the source can no longer be backed up (a closed store)."""
+
+    def connect(self, path: str) -> apsw.Connection:
+        """A read-only connection on ``path`` that never checkpoints (a backup's pinned source)."""
+
+    def gc_pin(self) -> contextlib.AbstractContextManager[object]:
+        """Held while both read snapshots are pinned: no snapshot chunk is deleted meanwhile."""
+
+    def translate(self, exc: apsw.Error) -> BaseException:
+        """The error a backup raises for an SQLite error of the source."""
+
+    def record(self, write: Callable[[apsw.Connection], None]) -> bool:
+        """Run ``write`` in a transaction of the store (recording a backup); False if the source cannot."""
+
+    def read(self, fn: Callable[[apsw.Connection], _T]) -> _T:
+        """Run ``fn`` on a read connection of the store."""
+
+
+class _StoreSource:
+    """:class:`BackupSource` of an open :class:`~raft_sqlite.NodeStore` of this process."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.node_id, self.cluster_id = store.node_id, store.cluster_id
+        self.data_dir, self.path, self.chunks_path, self.vfs = store.data_dir, store.path, store.chunks_path, store.vfs
+
+    def check_open(self) -> None:
+        self.store.kernel.check_open()
+
+    def connect(self, path: str) -> apsw.Connection:
+        return self.store.kernel.connect(path, query_only=True)  # type: ignore[no-any-return]
+
+    def gc_pin(self) -> contextlib.AbstractContextManager[object]:
+        return self.store.gc_lock  # type: ignore[no-any-return]
+
+    def translate(self, exc: apsw.Error) -> BaseException:
+        return self.store.kernel.translate(exc, "backup")  # type: ignore[no-any-return]
+
+    def record(self, write: Callable[[apsw.Connection], None]) -> bool:
+        self.store.kernel.raw(write)
+        return True
+
+    def read(self, fn: Callable[[apsw.Connection], _T]) -> _T:
+        return self.store.kernel.read(fn)  # type: ignore[no-any-return]
+
+
+class LiveSource:
+    """A running node's ``data_dir``, backed up from *another* process without stopping or blocking the
+    node (``raft-sqlite backup DATA_DIR DEST`` on a running node; ``HotBackupManager(LiveSource(d), dest)``).
+
+    The copy reads both database files through read-only connections that never checkpoint and never
+    delete a WAL (the node owns them), each holding a WAL read transaction for its copy: the node's
+    writers are never blocked. The two snapshots are pinned while holding the node's gc pin
+    (:func:`raft_sqlite.lock.gc_pin`, an flock the node also takes to delete snapshot chunks), so the
+    copied chunks.db holds every chunk the copied raft.db names; that is also checked on the copy, so a
+    node that does not honour the pin (an older library, a pin wait that timed out) makes the backup
+    fail, never wrong. The backup cannot be recorded in the node's ``backups`` table (the node owns the
+    store): it is listed from the backup folder, and its ``seq`` continues the folder's and the store's
+    counters."""
+
+    vfs: str | None = None
+
+    def __init__(self, data_dir: _Path) -> None:
+        self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self.path = os.path.join(self.data_dir, layout.MAIN_DB)
+        self.chunks_path = os.path.join(self.data_dir, layout.CHUNKS_DB)
+        for p in (self.path, self.chunks_path):
+            if not os.path.isfile(p):
+                raise BackupError(f"{self.data_dir} is not a node's data_dir: {os.path.basename(p)} is missing")
+        row = self.read(lambda c: c.execute("SELECT node_id, cluster_id FROM node").fetchone())
+        if row is None:
+            raise BackupError(f"{self.path} has no node record")
+        self.node_id, self.cluster_id = str(row[0]), str(row[1])
+
+    def check_open(self) -> None:
+        return None
+
+    def connect(self, path: str) -> apsw.Connection:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOMUTEX)
+        try:
+            # never checkpoint on close: if the node dies meanwhile, this connection may be the last one,
+            # and must not copy or delete the node's WAL behind its high-water mark (see sqlitewal)
+            conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+            conn.setbusytimeout(10_000)
+            conn.execute("PRAGMA query_only=1").fetchall()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.contextmanager
+    def gc_pin(self) -> Iterator[object]:
+        try:
+            with gc_pin(self.data_dir):
+                yield self
+        except TimeoutError:
+            raise BackupBusy(f"{self.data_dir}: the node held its gc pin (deleting snapshot chunks) for more than "
+                             f"{GC_PIN_WAIT} s; try again") from None
+
+    def translate(self, exc: apsw.Error) -> BaseException:
+        return BackupError(f"backup of the running node in {self.data_dir} failed: SQLite: "
+                           f"{type(exc).__name__}: {exc}")
+
+    def record(self, write: Callable[[apsw.Connection], None]) -> bool:
+        return False
+
+    def read(self, fn: Callable[[apsw.Connection], _T]) -> _T:
+        conn = self.connect(self.path)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+
 # ---------------------------------------------------------------------------------------------- backup
 class HotBackupManager:
     """Point-in-time backups of one open :class:`~raft_sqlite.NodeStore` into ``backup_dir``.
@@ -341,6 +468,9 @@ class HotBackupManager:
         self.compression = compression
         self.max_upload_rate = max_upload_rate
         self.store = store
+        #: what is backed up: the open store, or a :class:`LiveSource` (a running node's data_dir, read from
+        #: this process)
+        self.source: BackupSource = store if isinstance(store, LiveSource) else _StoreSource(store)
         node = _safe_component(store.node_id)
         #: the object-store destination when ``backup_dir`` is a URL (see :mod:`raft_sqlite.objectstore`)
         self.remote: objectstore.Remote | None = None
@@ -406,7 +536,7 @@ class HotBackupManager:
         manifest, which is never used and which the next :meth:`prune` removes.
         """
         t0 = time.monotonic()
-        self.store.kernel.check_open()
+        self.source.check_open()
         with self._exclusive():
             if self.remote is not None:
                 return self._backup_remote(t0, progress, cancel)
@@ -436,7 +566,7 @@ class HotBackupManager:
         duration = time.monotonic() - t0
         info = BackupInfo(folder, manifest, size, duration, phases)
         self._record(info)
-        log.info("%s: backup %s done: %d bytes in %.2f s", self.store.data_dir, folder, size, duration)
+        log.info("%s: backup %s done: %d bytes in %.2f s", self.source.data_dir, folder, size, duration)
         return info
 
     def _backup_error(self, exc: BaseException, where: str) -> BaseException:
@@ -445,7 +575,7 @@ class HotBackupManager:
         if isinstance(exc, (RaftSqliteError, KeyboardInterrupt, SystemExit)):
             return exc
         if isinstance(exc, apsw.Error):
-            return self.store.kernel.translate(exc, "backup")  # type: ignore[no-any-return]
+            return self.source.translate(exc)
         if isinstance(exc, OSError):
             return BackupError(f"backup into {where} failed: {exc}")
         return exc
@@ -454,7 +584,7 @@ class HotBackupManager:
         path, manifest = newest
         info = BackupInfo(path, manifest, 0, time.monotonic() - t0, {}, skipped=True)
         self._record(info, at=time.time())
-        log.info("%s: nothing new since backup %s: skipped", self.store.data_dir, path)
+        log.info("%s: nothing new since backup %s: skipped", self.source.data_dir, path)
         return info
 
     def _newest_fingerprint(self) -> tuple[str, _Json] | None:
@@ -526,12 +656,12 @@ class HotBackupManager:
         one committed snapshot of each (a WAL read transaction) while no chunk can be deleted: raft.db at
         T1, chunks.db at T2 >= T1, nothing garbage-collected in between. Returns both connections, the
         wall-clock instant and the boot clock (:func:`_boot_clock`) of the pin."""
-        store = self.store
-        main_src = store.kernel.connect(store.path, query_only=True)
+        src = self.source
+        main_src = src.connect(src.path)
         sources.append(main_src)
-        chunks_src = store.kernel.connect(store.chunks_path, query_only=True)
+        chunks_src = src.connect(src.chunks_path)
         sources.append(chunks_src)
-        with store.gc_lock:
+        with src.gc_pin():
             main_src.execute("BEGIN")
             main_src.execute("SELECT count(*) FROM node").fetchall()
             chunks_src.execute("BEGIN")
@@ -556,7 +686,7 @@ class HotBackupManager:
                 self._online_copy(src, dest_path, name, progress, cancel)
                 src.execute("COMMIT")  # release the snapshot: the store's checkpoints may proceed
                 phases["copy"] += time.perf_counter() - t
-                dest = apsw.Connection(dest_path, flags=apsw.SQLITE_OPEN_READONLY, vfs=store.vfs)
+                dest = apsw.Connection(dest_path, flags=apsw.SQLITE_OPEN_READONLY, vfs=self.source.vfs)
                 try:
                     if name == layout.MAIN_DB:
                         facts = _describe(dest)
@@ -609,7 +739,7 @@ class HotBackupManager:
             "created_at_unix": at,
             "seq": seen + 1,
             "clock": {"boot_id": boot_id, "seconds": boot_seconds},
-            "source_data_dir": os.path.abspath(store.data_dir),
+            "source_data_dir": os.path.abspath(self.source.data_dir),
             "fingerprint": fingerprint,
             "groups": groups,
             "files": files,
@@ -655,7 +785,7 @@ class HotBackupManager:
         info = BackupInfo(url, manifest, size, time.monotonic() - t0, phases)
         self._record(info)
         stored = sum(f["object_size"] for f in manifest["files"])
-        log.info("%s: backup %s done: %d bytes (%d stored) in %.2f s", self.store.data_dir, url, size, stored,
+        log.info("%s: backup %s done: %d bytes (%d stored) in %.2f s", self.source.data_dir, url, size, stored,
                  info.duration)
         return info
 
@@ -731,7 +861,7 @@ class HotBackupManager:
             "manifest_version": MANIFEST_VERSION, "node_id": node_id, "cluster_id": cluster_id,
             "format_version": fmt, "library_version": __version__, "created_at": _iso(at), "created_at_unix": at,
             "seq": seen + 1, "clock": {"boot_id": boot_id, "seconds": boot_seconds},
-            "source_data_dir": os.path.abspath(store.data_dir), "fingerprint": fingerprint, "groups": groups,
+            "source_data_dir": os.path.abspath(self.source.data_dir), "fingerprint": fingerprint, "groups": groups,
             "files": files,
         }
         data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
@@ -742,7 +872,7 @@ class HotBackupManager:
     def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress: ProgressFn | None,
                      cancel: tuple[threading.Event | None, ...]) -> None:
         fsio.close(fsio.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        dest = apsw.Connection(dest_path, vfs=self.store.vfs)
+        dest = apsw.Connection(dest_path, vfs=self.source.vfs)
         try:
             # No journal, no syncs while copying: an interrupted copy is an incomplete backup anyway (no
             # manifest), and the finished file gets one fsync.
@@ -800,10 +930,12 @@ class HotBackupManager:
             if old is None or not str(old[0]).isdigit() or int(old[0]) < seq:
                 conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (SEQ_SETTING, str(seq)))
         try:
-            self.store.kernel.raw(write)
+            if not self.source.record(write):
+                log.info("%s: backup %s is complete; the running node owns its store, so the backup is recorded "
+                         "only in the backup folder", self.source.data_dir, info.path)
         except RaftSqliteError as exc:
             log.warning("%s: backup %s is complete but could not be recorded in the store: %s",
-                        self.store.data_dir, info.path, exc)
+                        self.source.data_dir, info.path, exc)
 
     # -------------------------------------------------------------- listing and retention
     def list(self, *, verify: bool = False) -> builtins.list[_Json]:
@@ -813,7 +945,7 @@ class HotBackupManager:
     def last_backup(self) -> _Json | None:
         """The newest backup recorded in the store's ``backups`` table (the last one recorded, whatever the
         clock said) as ``{path, created_at, age, size, duration}``, or None."""
-        row = self.store.kernel.read(lambda c: c.execute(
+        row = self.source.read(lambda c: c.execute(
             "SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC LIMIT 1").fetchone())
         if row is None:
             return None

@@ -971,21 +971,34 @@ STORAGE_OPT = click.option("--storage-option", "storage_option", multiple=True, 
 def backup(data_dir: str, dest: str, keep: int | None, max_age: float | None, skip_unchanged: bool,
            compression: str, max_upload_rate: float | None, stale_after: float, storage_option: tuple[str, ...],
            quiet: bool, as_json: bool) -> None:
-    """Take a point-in-time backup of a stopped node into DEST: a local folder (DEST/<node_id>/<UTC
-    timestamp>/ with raft.db, chunks.db and manifest.json, written last) or a URL (s3://bucket/prefix,
-    gs://..., file:///...: one compressed object per file, streamed, then the manifest). A running node
-    takes hot backups in-process with HotBackupManager / HotBackupScheduler. Refused while another
-    process has the store open."""
+    """Take a point-in-time backup of a node into DEST: a local folder (DEST/<node_id>/<UTC timestamp>/
+    with raft.db, chunks.db and manifest.json, written last) or a URL (s3://bucket/prefix, gs://...,
+    file:///...: one compressed object per file, streamed, then the manifest). On a running node it is a
+    live backup from this process: read-only, never blocking the node (its point in time is one commit of
+    the node); on a stopped node the store is opened and the backup recorded in it."""
     mod = _backup_module()
     opts = _storage_options(storage_option)
     if opts is not None and not is_url(dest):
         raise CliError("--storage-option applies to URL destinations only", EXIT_USAGE)
-    with _open_store_for_write(data_dir) as store:
-        mgr = mod.HotBackupManager(store, dest, skip_unchanged=skip_unchanged, compression=compression,
+    checked = _check_dir(data_dir)
+    who = store_holder(checked)
+
+    def run(source: Any) -> tuple[Any, list[str]]:
+        mgr = mod.HotBackupManager(source, dest, skip_unchanged=skip_unchanged, compression=compression,
                                    max_upload_rate=max_upload_rate, stale_after=stale_after, storage_options=opts)
         with _BackupProgress(quiet or as_json) as bar:
             info = mgr.backup(progress=bar.callback)
-        pruned = mgr.prune(keep=keep, max_age=max_age) if (keep or max_age is not None or mgr.remote) else []
+        return info, mgr.prune(keep=keep, max_age=max_age) if (keep or max_age is not None or mgr.remote) else []
+
+    if who is not None:
+        # the node is running: a live backup from this process (read-only, the node is never blocked)
+        if not as_json:
+            err.print(f"{_esc(checked)} is in use by {_esc(who.describe())}: taking a live backup (read-only; "
+                      "recorded in the backup folder, not in the node's store)")
+        info, pruned = run(mod.LiveSource(checked))
+    else:
+        with _open_store_for_write(data_dir) as store:
+            info, pruned = run(store)
     stored = sum(f.get("object_size", f["size"]) for f in info.manifest["files"])
     if as_json:
         _dump_json({"path": info.path, "size": info.size, "stored_size": stored, "skipped": info.skipped,

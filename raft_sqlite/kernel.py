@@ -53,6 +53,7 @@ from .errors import CorruptionError, GroupNotFoundError, RaftSqliteError, Storag
 from .fsync import FsyncMode, pragmas_for
 from .governor import IoGovernor
 from .groupstate import GroupState, GroupTable
+from .lock import GcLock
 from .pacedvfs import PacedVFS, paced_vfs, store_paced_vfs
 from .sqlitewal import HighWaterMark
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
@@ -92,9 +93,10 @@ class Kernel:
         self.groups = GroupTable()
         self.pipeline = CommitPipeline(data_dir, self.groups, self.writer, slow_commit_warning=slow_commit_warning)
         self._chunks_conn: apsw.Connection | None = None
-        #: Held by a hot backup while it copies; snapshot retention/orphan removal take it before
-        #: deleting chunks, so a backup's chunks.db holds every chunk its raft.db manifests name.
-        self.gc_lock = threading.RLock()
+        #: Held by a hot backup while it pins its read snapshots (also from another process: a flock);
+        #: snapshot retention/orphan removal take it before deleting chunks, so a backup's chunks.db
+        #: holds every chunk its raft.db manifests name.
+        self.gc_lock = GcLock(os.path.join(data_dir, layout.GC_LOCK_FILE))
         #: Serialises use of ``chunks_conn``.
         self.chunks_lock = threading.RLock()
         self._readers: list[apsw.Connection] = []
@@ -447,6 +449,7 @@ class Kernel:
             close(self._chunks_conn)  # busy connection fails; it would then outlive the pins and their locks)
         self._all_readers.clear()
         self._readers.clear()
+        self.gc_lock.close()
         paced, self._paced = self._paced, None
         if paced is not None:  # (the checkpointer's connection was closed when it stopped)
             with contextlib.suppress(apsw.Error):

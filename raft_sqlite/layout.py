@@ -11,6 +11,9 @@ MAIN_DB = "raft.db"
 CHUNKS_DB = "chunks.db"
 #: the data_dir lock file (flock, holder record inside): see :mod:`raft_sqlite.lock`. Never backed up.
 LOCK_FILE = "raft.lock"
+#: the gc pin (flock): held by whoever deletes snapshot chunks, and briefly by a backup taken from another
+#: process while it pins its read snapshots (see :class:`raft_sqlite.lock.GcLock`). Never backed up.
+GC_LOCK_FILE = "raft.gc.lock"
 #: log key = group_id * KEY_SPAN + index: one b-tree, no secondary index on the append path.
 KEY_SHIFT = 40
 KEY_SPAN = 1 << KEY_SHIFT

@@ -26,7 +26,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -211,3 +213,98 @@ def holder(data_dir: str | os.PathLike[str]) -> Holder | None:
         return None  # we got it: nobody holds it (closing fd releases our probe)
     finally:
         os.close(fd)
+
+
+class GcLock:
+    """The store's garbage-collection lock (``kernel.gc_lock``): whoever deletes snapshot chunks holds it,
+    and so does a hot backup while it pins its two read snapshots (raft.db, then chunks.db), so that
+    every chunk a pinned raft.db names is still in the pinned chunks.db.
+
+    In the process it is a re-entrant thread lock. While a thread holds it (outermost level) it also
+    holds ``flock(LOCK_EX)`` on ``data_dir/raft.gc.lock``, which a backup taken by *another process*
+    (``raft-sqlite backup`` on a running node, :class:`raft_sqlite.backup.LiveSource`) takes for the
+    microseconds of its pin. The store waits for that flock at most :data:`GC_PIN_WAIT` seconds and then
+    goes on without it (logged): a stuck or stopped backup process must never stall the node's snapshot
+    retention. The backup still checks on what it pinned that no chunk it needs is missing, so a pin
+    that was not honoured fails that backup, never the store. Without the lock file (a read-only
+    data_dir) the lock is in-process only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._rlock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None  # opened at the first use (the store creates data_dir after this)
+        self._closed = False
+
+    def _file(self) -> int | None:
+        if self._fd is None and not self._closed:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                log.debug("%s: no cross-process gc lock (%s)", self.path, exc)
+        return self._fd
+
+    def __enter__(self) -> GcLock:
+        self._rlock.acquire()
+        if self._depth == 0 and self._file() is not None:
+            assert self._fd is not None, "opened by _file()"
+            try:
+                _flock_within(self._fd, GC_PIN_WAIT)
+            except TimeoutError:
+                log.warning("%s: a backup in another process held the gc pin for more than %.1f s; going on "
+                            "without it (that backup will fail its consistency check)", self.path, GC_PIN_WAIT)
+            except OSError as exc:
+                log.warning("%s: cannot take the gc pin (%s); going on without it", self.path, exc)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._rlock.release()
+
+    def close(self) -> None:
+        """Close the lock file (releasing its flock). Idempotent."""
+        with self._rlock:
+            fd, self._fd, self._closed = self._fd, None, True
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+#: Longest wait (seconds) for the gc pin: by the store for a backup in another process, and by such a
+#: backup for the store.
+GC_PIN_WAIT = 2.0
+
+
+def _flock_within(fd: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            raise TimeoutError
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+@contextlib.contextmanager
+def gc_pin(data_dir: str) -> Iterator[None]:
+    """Hold the gc pin of the store in ``data_dir`` (see :class:`GcLock`) from another process: while held,
+    the store deletes no snapshot chunk. Waits at most :data:`GC_PIN_WAIT` seconds, then raises
+    :class:`TimeoutError`. Creates the lock file if the store never did (an older store: nothing honours
+    the pin then, which the backup's own consistency check covers)."""
+    fd = os.open(os.path.join(data_dir, layout.GC_LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        _flock_within(fd, GC_PIN_WAIT)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

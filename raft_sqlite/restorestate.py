@@ -82,6 +82,6 @@ def read_restore_state(data_dir: str) -> RestoreState:
     (``data_dir`` or ``raft.db`` unreadable, ``data_dir`` missing) is raised as it is: the caller
     decides what it means (``restore`` lets it through, ``NodeStore.open`` makes it a StorageFault)."""
     head = read_main_head(os.path.join(data_dir, layout.MAIN_DB))
-    names = [n for n in os.listdir(data_dir) if n != layout.LOCK_FILE]
+    names = [n for n in os.listdir(data_dir) if n not in (layout.LOCK_FILE, layout.GC_LOCK_FILE)]
     return RestoreState(head, tuple(sorted(n for n in names if _TEMP_RE.match(n))),
                         tuple(sorted(n for n in names if not _TEMP_RE.match(n))))

@@ -32,7 +32,7 @@ from .fsync import FSYNC_MODES, FsyncMode, pragmas_for
 from .governor import IoGovernor
 from .groupstate import GroupState, delete_group_rows
 from .kernel import Kernel
-from .lock import DataDirLock, check_data_dir
+from .lock import DataDirLock, GcLock, check_data_dir
 from .log import PersistentRaftLog
 from .metadata import RaftMetadataStore
 from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recover_groups, recover_sql_objects
@@ -213,9 +213,10 @@ class NodeStore:
         return self.kernel.stats
 
     @property
-    def gc_lock(self) -> threading.RLock:
-        """Held by a hot backup while it copies; snapshot retention and orphan removal take it before
-        deleting chunks, so a backup's chunks.db holds every chunk its raft.db manifests name."""
+    def gc_lock(self) -> GcLock:
+        """Held by a hot backup while it pins its read snapshots (a backup in another process takes its
+        flock); snapshot retention and orphan removal take it before deleting chunks, so a backup's
+        chunks.db holds every chunk its raft.db manifests name (see :class:`~raft_sqlite.lock.GcLock`)."""
         return self.kernel.gc_lock
 
     @property

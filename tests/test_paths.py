@@ -43,9 +43,9 @@ def _check(store):
 
 def _assert_only_db_files(d):
     """data_dir holds only the store's own files (raft.db, chunks.db and their -wal/-shm/-hwm companions,
-    the lock file, the disk reserve, dot-files)."""
-    extra = [n for n in os.listdir(d)
-             if not n.startswith((".", "raft.db", "chunks.db")) and n not in (layout.LOCK_FILE, layout.RESERVE_FILE)]
+    the lock files, the disk reserve, dot-files)."""
+    extra = [n for n in os.listdir(d) if not n.startswith((".", "raft.db", "chunks.db"))
+             and n not in (layout.LOCK_FILE, layout.GC_LOCK_FILE, layout.RESERVE_FILE)]
     assert not extra, extra
 
 
