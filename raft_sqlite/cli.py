@@ -992,7 +992,7 @@ def backup(data_dir: str, dest: str, keep: int | None, max_age: float | None, sk
 
     if who is not None:
         # the node is running: a live backup from this process (read-only, the node is never blocked)
-        if not as_json:
+        if not quiet:  # (on stderr: --json output stays clean)
             err.print(f"{_esc(checked)} is in use by {_esc(who.describe())}: taking a live backup (read-only; "
                       "recorded in the backup folder, not in the node's store)")
         info, pruned = run(mod.LiveSource(checked))
@@ -1002,6 +1002,7 @@ def backup(data_dir: str, dest: str, keep: int | None, max_age: float | None, sk
     stored = sum(f.get("object_size", f["size"]) for f in info.manifest["files"])
     if as_json:
         _dump_json({"path": info.path, "size": info.size, "stored_size": stored, "skipped": info.skipped,
+                    "live": who is not None,
                     "duration": info.duration, "pruned": pruned, "manifest": info.manifest})
         return
     if info.skipped:

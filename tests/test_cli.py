@@ -191,11 +191,14 @@ def test_status_and_sql_while_another_process_appends(tmp_path):
         r = cli("sql", d, "PRAGMA wal_checkpoint")  # a checkpoint attempt beside a live node: a clean refusal
         assert r.returncode == 5 and "read-only" in r.stderr
         no_traceback(r)
-        # compaction and backup (writes) are refused while the node runs, naming it
+        # compaction (a write) is refused while the node runs, naming it
         r = cli("compact", d, "--up-to", "1")
         assert r.returncode == 5 and f"process {p.pid}" in r.stderr
-        r = cli("backup", d, tmp_path / "bk")
-        assert r.returncode == 5 and f"process {p.pid}" in r.stderr and not (tmp_path / "bk").exists()
+        # a backup is a live one, read-only beside the node (naming it), and restores
+        r = cli("backup", d, tmp_path / "bk", "--json")
+        assert r.returncode == 0 and f"process {p.pid}" in r.stderr and "live backup" in r.stderr, r.stderr
+        assert json.loads(r.stdout)["live"] is True
+        assert cli("restore", json.loads(r.stdout)["path"], tmp_path / "restored").returncode == 0
         stop.touch()
         out, errs = p.communicate(timeout=60)
     finally:

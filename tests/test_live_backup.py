@@ -95,7 +95,7 @@ def test_cli_backup_of_a_running_node_in_another_process(tmp_path):
             dest = str(tmp_path / "bk") if k % 2 == 0 else f"file://{tmp_path}/remote"
             res = runner.invoke(cli, ["backup", str(tmp_path / "node"), dest, "--json"])
             assert res.exit_code == 0, res.output
-            results.append((dest, json.loads(res.output)))
+            results.append((dest, json.loads(res.stdout)))
             time.sleep(0.05)
             with lock:
                 assert acked != before, "the node kept acknowledging appends while the backup ran"
