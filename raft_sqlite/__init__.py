@@ -11,12 +11,14 @@ from .backup import (
                      BackupInfo,
                      HotBackupManager,
                      HotBackupScheduler,
+                     LiveSource,
                      RestoreInfo,
                      list_backups,
                      restore,
                      verify_backup,
 )
 from .errors import (
+                     BackupCorrupt,
                      BackupError,
                      CompactionError,
                      CorruptionError,
@@ -55,10 +57,10 @@ from .version import __version__
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 __all__ = [
-    "BackupBusy", "BackupCancelled", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",
+    "BackupBusy", "BackupCancelled", "BackupCorrupt", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",
     "DataDirError", "DataDirLocked", "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "GroupNotFoundError",
     "HardState",
-    "HotBackupManager", "HotBackupScheduler",
+    "HotBackupManager", "HotBackupScheduler", "LiveSource",
     "LogCompactedError", "LogConflictError", "LogEntry", "LogGapError", "LogUnavailableError", "MetadataError",
     "NodeIdentityMismatch", "NodeStore", "PersistentRaftLog", "RECOVERY_POLICIES", "RaftMetadataStore",
     "RaftSqliteError", "RecoveryPolicy", "RecoveryReport", "RecoveryRefused", "RestoreInfo", "SegmentPolicy",

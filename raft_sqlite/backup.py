@@ -53,7 +53,7 @@ import apsw
 
 from . import fsio, layout, objectstore
 from .args import float_arg, int_arg
-from .errors import BackupError, RaftSqliteError
+from .errors import BackupCorrupt, BackupError, RaftSqliteError
 from .lock import GC_PIN_WAIT, DataDirLock, gc_pin
 from .recovery import (  # noqa: F401 (re-exported)
     NODE_REPLACEMENT,
@@ -799,6 +799,10 @@ class HotBackupManager:
         sinks: list[objectstore.ObjectSink] = []
         suffix = objectstore.COMPRESSIONS[self.compression]
         files: list[_Json] = []
+
+        def check_cancel() -> None:  # also while the upload queue drains and while pacing waits
+            if any(c is not None and c.is_set() for c in cancel):
+                raise BackupCancelled("backup cancelled")
         try:
             main_src, chunks_src, at, (boot_id, boot_seconds) = self._pin(sources)
             fingerprint = _fingerprint(main_src)
@@ -819,7 +823,8 @@ class HotBackupManager:
                 obj = name + suffix
                 t = time.perf_counter()
                 sink = objectstore.ObjectSink(remote, f"{folder}/{obj}", compression=self.compression,
-                                              part_size=self.part_size, max_rate=self.max_upload_rate)
+                                              part_size=self.part_size, max_rate=self.max_upload_rate,
+                                              check_cancel=check_cancel)
                 sinks.append(sink)
                 row = src.execute("PRAGMA page_size").fetchone()
                 assert row is not None, "PRAGMA page_size always returns one row"
@@ -940,6 +945,11 @@ class HotBackupManager:
     # -------------------------------------------------------------- listing and retention
     def list(self, *, verify: bool = False) -> builtins.list[_Json]:
         """This node's backups, newest first (see :func:`list_backups`)."""
+        if self.remote is not None:  # through the manager's own file system (its storage_options)
+            rows = self._scan(verify=verify)
+            for e in rows:
+                e.pop("manifest", None)
+            return [b for b in rows if b["node_id"] == self.store.node_id]
         return [b for b in list_backups(self.backup_dir, verify=verify) if b["node_id"] == self.store.node_id]
 
     def last_backup(self) -> _Json | None:
@@ -1307,7 +1317,7 @@ def _scan_remote_node(remote: objectstore.Remote, node_dir: str, *, verify: bool
             try:
                 m = _read_remote_manifest(remote, folder)
                 _verify_remote(remote, folder, m, checksums=verify, present=present)
-            except BackupError as exc:
+            except BackupCorrupt as exc:
                 e.update(status="corrupt", error=str(exc), manifest=m if isinstance(m, dict) else None,
                          seq=manifest_seq(m) if isinstance(m, dict) else None)
             else:
@@ -1325,16 +1335,16 @@ def _read_remote_manifest(remote: objectstore.Remote, folder: str) -> Any:
     try:
         data = remote.read(mpath, _MAX_MANIFEST_BYTES)
     except FileNotFoundError:
-        raise BackupError(f"{remote.url_of(folder)}: no {MANIFEST}: the backup is incomplete (interrupted) and "
+        raise BackupCorrupt(f"{remote.url_of(folder)}: no {MANIFEST}: the backup is incomplete (interrupted) and "
                           "cannot be used") from None
     except BackupError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the backend's own errors
+    except Exception as exc:  # noqa: BLE001 - the backend's own errors (network, permissions): not the backup's
         raise BackupError(f"cannot read {remote.url_of(mpath)}: {objectstore.describe_error(remote.url, exc)}") from exc
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BackupError(f"{remote.url_of(mpath)} is not valid JSON: {exc}") from None
+        raise BackupCorrupt(f"{remote.url_of(mpath)} is not valid JSON: {exc}") from None
 
 
 def _check_object_files(mpath: str, files: Any) -> None:
@@ -1342,35 +1352,35 @@ def _check_object_files(mpath: str, files: Any) -> None:
     object name (the file name plus the compression's suffix), compression, layout, page size, sizes and
     sha256 digests of the raw stream and of the object."""
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        raise BackupError(f"{mpath}: files must be a list of objects")
+        raise BackupCorrupt(f"{mpath}: files must be a list of objects")
     seen = set()
     for f in files:
         problem = _file_name_problem(f.get("name"))
         if problem:
-            raise BackupError(f"{mpath}: {problem}")
+            raise BackupCorrupt(f"{mpath}: {problem}")
         name = f["name"]
         if name in seen:
-            raise BackupError(f"{mpath}: file {name!r} is listed twice")
+            raise BackupCorrupt(f"{mpath}: file {name!r} is listed twice")
         seen.add(name)
         comp = f.get("compression")
         if not isinstance(comp, str) or comp not in objectstore.COMPRESSIONS:
-            raise BackupError(f"{mpath}: file {name!r}: unknown compression {comp!r}")
+            raise BackupCorrupt(f"{mpath}: file {name!r}: unknown compression {comp!r}")
         if f.get("object") != name + objectstore.COMPRESSIONS[comp]:
-            raise BackupError(f"{mpath}: file {name!r}: object must be {name + objectstore.COMPRESSIONS[comp]!r}, "
+            raise BackupCorrupt(f"{mpath}: file {name!r}: object must be {name + objectstore.COMPRESSIONS[comp]!r}, "
                               f"not {f.get('object')!r}")
         if f.get("layout") != objectstore.LAYOUT_PAGE1_LAST:
-            raise BackupError(f"{mpath}: file {name!r}: unknown layout {f.get('layout')!r}")
+            raise BackupCorrupt(f"{mpath}: file {name!r}: unknown layout {f.get('layout')!r}")
         ps = f.get("page_size")
         if type(ps) is not int or ps < 512 or ps > 65536 or ps & (ps - 1):
-            raise BackupError(f"{mpath}: file {name!r}: page_size must be a power of two in 512..65536")
+            raise BackupCorrupt(f"{mpath}: file {name!r}: page_size must be a power of two in 512..65536")
         for k in ("size", "object_size"):
             if type(f.get(k)) is not int or f[k] < 0:
-                raise BackupError(f"{mpath}: file {name!r}: {k} must be a non-negative integer")
+                raise BackupCorrupt(f"{mpath}: file {name!r}: {k} must be a non-negative integer")
         for k in ("stream_sha256", "object_sha256"):
             if not isinstance(f.get(k), str) or not re.fullmatch(r"[0-9a-f]{64}", f[k]):
-                raise BackupError(f"{mpath}: file {name!r}: {k} must be 64 lowercase hex digits")
+                raise BackupCorrupt(f"{mpath}: file {name!r}: {k} must be 64 lowercase hex digits")
     if seen != set(DB_FILES):
-        raise BackupError(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+        raise BackupCorrupt(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
 
 
 def _verify_remote(remote: objectstore.Remote, folder: str, manifest: Any, *, checksums: bool,
@@ -1388,15 +1398,18 @@ def _verify_remote(remote: objectstore.Remote, folder: str, manifest: Any, *, ch
             present = {n: size for n, k, size in remote.children(folder) if k == "file"}
     for f in manifest["files"]:
         if f["object"] not in present:
-            raise BackupError(f"{remote.url_of(folder)}: {f['object']} is missing")
+            raise BackupCorrupt(f"{remote.url_of(folder)}: {f['object']} is missing")
         if present[f["object"]] != f["object_size"]:
-            raise BackupError(f"{remote.url_of(folder)}: {f['object']} has {present[f['object']]} bytes, the manifest "
+            raise BackupCorrupt(f"{remote.url_of(folder)}: {f['object']} has {present[f['object']]} bytes, the manifest "
                               f"says {f['object_size']}")
     if not checksums:
         return None
-    with tempfile.TemporaryDirectory(prefix=".raft_sqlite-verify-", dir=scratch_dir) as tmp:
-        local = _fetch_backup(remote, folder, manifest, tmp, None)
-        return check_backup_data(tmp, local)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".raft_sqlite-verify-", dir=scratch_dir) as tmp:
+            local = _fetch_backup(remote, folder, manifest, tmp, None)
+            return check_backup_data(tmp, local)
+    except OSError as exc:  # the local scratch space: not the backup's fault
+        raise BackupError(f"cannot verify {remote.url_of(folder)}: local download folder: {exc}") from exc
 
 
 def _fetch_backup(remote: objectstore.Remote, folder: str, manifest: _Json, dest_dir: str,
@@ -1498,7 +1511,7 @@ def _verify_backup(backup_path: _Path, checksums: bool) -> tuple[_Json, list[_Js
     """:func:`verify_backup`, also returning the groups read from the data (None without checksums)."""
     folder = os.path.abspath(os.fspath(backup_path))
     if not os.path.isdir(folder):
-        raise BackupError(f"{folder} is not a backup folder")
+        raise BackupCorrupt(f"{folder} is not a backup folder")
     mpath = os.path.join(folder, MANIFEST)
     manifest = _read_manifest(folder, mpath)
     _check_manifest_header(mpath, manifest)
@@ -1518,64 +1531,64 @@ def _read_manifest(folder: str, mpath: str) -> Any:
     try:
         st = os.lstat(mpath)
     except FileNotFoundError:
-        raise BackupError(f"{folder}: no {MANIFEST}: the backup is incomplete (interrupted) and cannot be "
+        raise BackupCorrupt(f"{folder}: no {MANIFEST}: the backup is incomplete (interrupted) and cannot be "
                           "used") from None
     if not stat.S_ISREG(st.st_mode):
-        raise BackupError(f"{mpath} is not a regular file")
+        raise BackupCorrupt(f"{mpath} is not a regular file")
     if st.st_size > _MAX_MANIFEST_BYTES:
-        raise BackupError(f"{mpath} is implausibly large ({st.st_size} bytes)")
+        raise BackupCorrupt(f"{mpath} is implausibly large ({st.st_size} bytes)")
     try:
         with open(mpath, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BackupError(f"{mpath} is not valid JSON: {exc}") from None
+        raise BackupCorrupt(f"{mpath} is not valid JSON: {exc}") from None
 
 
 def _check_manifest_header(mpath: str, manifest: Any) -> None:
     """Check that ``manifest`` is an object with every key of :data:`REQUIRED_KEYS`, a supported manifest
     and data format version and sane types of its top-level fields (``files`` aside)."""
     if not isinstance(manifest, dict):
-        raise BackupError(f"{mpath} is not a JSON object")
+        raise BackupCorrupt(f"{mpath} is not a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise BackupError(f"{mpath} lacks required keys: {', '.join(missing)}")
+        raise BackupCorrupt(f"{mpath} lacks required keys: {', '.join(missing)}")
     if manifest["manifest_version"] != MANIFEST_VERSION:
-        raise BackupError(f"{mpath}: manifest version {manifest['manifest_version']!r} is not supported "
+        raise BackupCorrupt(f"{mpath}: manifest version {manifest['manifest_version']!r} is not supported "
                           f"(this raft_sqlite reads {MANIFEST_VERSION})")
     for k in ("node_id", "cluster_id"):
         if not isinstance(manifest[k], str) or not manifest[k]:
-            raise BackupError(f"{mpath}: {k} must be a non-empty string")
+            raise BackupCorrupt(f"{mpath}: {k} must be a non-empty string")
     fmt = manifest["format_version"]
     if type(fmt) is not int:
-        raise BackupError(f"{mpath}: format_version must be an integer")
+        raise BackupCorrupt(f"{mpath}: format_version must be an integer")
     if fmt > layout.FORMAT_VERSION:
-        raise BackupError(f"{mpath}: data format {fmt} is newer than this raft_sqlite supports "
+        raise BackupCorrupt(f"{mpath}: data format {fmt} is newer than this raft_sqlite supports "
                           f"({layout.FORMAT_VERSION}); restore with a newer raft_sqlite")
     if not isinstance(manifest["created_at_unix"], (int, float)) or not isinstance(manifest["groups"], list):
-        raise BackupError(f"{mpath}: created_at_unix must be a number and groups a list")
+        raise BackupCorrupt(f"{mpath}: created_at_unix must be a number and groups a list")
     if "seq" in manifest and manifest_seq(manifest) is None:
-        raise BackupError(f"{mpath}: seq must be a positive integer (got {manifest['seq']!r})")
+        raise BackupCorrupt(f"{mpath}: seq must be a positive integer (got {manifest['seq']!r})")
 
 
 def _check_manifest_files(mpath: str, files: Any) -> None:
     """Check the manifest's ``files``: a list of objects naming exactly :data:`DB_FILES`, each once, as a
     plain file name (:func:`_file_name_problem`), with a non-negative integer size and a sha256 in hex."""
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        raise BackupError(f"{mpath}: files must be a list of objects")
+        raise BackupCorrupt(f"{mpath}: files must be a list of objects")
     seen = set()
     for f in files:
         problem = _file_name_problem(f.get("name"))
         if problem:
-            raise BackupError(f"{mpath}: {problem}")
+            raise BackupCorrupt(f"{mpath}: {problem}")
         if f["name"] in seen:
-            raise BackupError(f"{mpath}: file {f['name']!r} is listed twice")
+            raise BackupCorrupt(f"{mpath}: file {f['name']!r} is listed twice")
         seen.add(f["name"])
         if type(f.get("size")) is not int or f["size"] < 0:
-            raise BackupError(f"{mpath}: file {f['name']!r}: size must be a non-negative integer")
+            raise BackupCorrupt(f"{mpath}: file {f['name']!r}: size must be a non-negative integer")
         if not isinstance(f.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
-            raise BackupError(f"{mpath}: file {f['name']!r}: sha256 must be 64 lowercase hex digits")
+            raise BackupCorrupt(f"{mpath}: file {f['name']!r}: sha256 must be 64 lowercase hex digits")
     if seen != set(DB_FILES):
-        raise BackupError(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+        raise BackupCorrupt(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
 
 
 def _check_backup_files(folder: str, files: list[_Json]) -> None:
@@ -1587,15 +1600,15 @@ def _check_backup_files(folder: str, files: list[_Json]) -> None:
         try:
             st = os.lstat(p)
         except FileNotFoundError:
-            raise BackupError(f"{folder}: {f['name']} is missing") from None
+            raise BackupCorrupt(f"{folder}: {f['name']} is missing") from None
         if stat.S_ISLNK(st.st_mode):
-            raise BackupError(f"{folder}: {f['name']} is a symlink: it may escape the backup folder")
+            raise BackupCorrupt(f"{folder}: {f['name']} is a symlink: it may escape the backup folder")
         if not stat.S_ISREG(st.st_mode):
-            raise BackupError(f"{folder}: {f['name']} is not a regular file")
+            raise BackupCorrupt(f"{folder}: {f['name']} is not a regular file")
         if os.path.dirname(os.path.realpath(p)) != real_folder:
-            raise BackupError(f"{folder}: {f['name']} resolves outside the backup folder")
+            raise BackupCorrupt(f"{folder}: {f['name']} resolves outside the backup folder")
         if st.st_size != f["size"]:
-            raise BackupError(f"{folder}: {f['name']} has {st.st_size} bytes, the manifest says {f['size']}")
+            raise BackupCorrupt(f"{folder}: {f['name']} has {st.st_size} bytes, the manifest says {f['size']}")
 
 
 def _check_backup_sha256(folder: str, files: list[_Json]) -> None:
@@ -1603,7 +1616,7 @@ def _check_backup_sha256(folder: str, files: list[_Json]) -> None:
     for f in files:
         _, digest = _sha256_file(os.path.join(folder, f["name"]))
         if digest != f["sha256"]:
-            raise BackupError(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
+            raise BackupCorrupt(f"{folder}: {f['name']} fails its sha256 check (corrupted backup file)")
 
 
 #: Per-group manifest fields that must equal the backup's raft.db (the Raft hard state and indexes a
@@ -1636,31 +1649,31 @@ def check_backup_data(backup_path: _Path, manifest: _Json) -> list[_Json]:
         finally:
             conn.close()
     except (apsw.Error, TypeError) as exc:
-        raise BackupError(f"{path}: cannot read the backup's raft.db to check it against {MANIFEST}: {exc}") from None
+        raise BackupCorrupt(f"{path}: cannot read the backup's raft.db to check it against {MANIFEST}: {exc}") from None
     for key, have in (("node_id", node_id), ("cluster_id", cluster_id), ("format_version", fmt)):
         if not _same(manifest[key], have):
-            raise BackupError(f"{mpath}: {key} is {manifest[key]!r} but the backup's raft.db holds {have!r}")
+            raise BackupCorrupt(f"{mpath}: {key} is {manifest[key]!r} but the backup's raft.db holds {have!r}")
     listed: dict[str, _Json] = {}
     for g in manifest["groups"]:
         if not isinstance(g, dict) or not isinstance(g.get("name"), str):
-            raise BackupError(f"{mpath}: every entry of groups must be an object with a string name; got {g!r}")
+            raise BackupCorrupt(f"{mpath}: every entry of groups must be an object with a string name; got {g!r}")
         if g["name"] in listed:
-            raise BackupError(f"{mpath}: group {g['name']!r} is listed twice")
+            raise BackupCorrupt(f"{mpath}: group {g['name']!r} is listed twice")
         listed[g["name"]] = g
     actual = {g["name"]: g for g in groups}
     for name in sorted(set(listed) | set(actual)):
         if name not in actual:
-            raise BackupError(f"{mpath}: group {name!r} is in the manifest but not in the backup's raft.db")
+            raise BackupCorrupt(f"{mpath}: group {name!r} is in the manifest but not in the backup's raft.db")
         if name not in listed:
-            raise BackupError(f"{mpath}: group {name!r} is in the backup's raft.db but not in the manifest")
+            raise BackupCorrupt(f"{mpath}: group {name!r} is in the backup's raft.db but not in the manifest")
         m, a = listed[name], actual[name]
         for field in GROUP_FIELDS + _OPTIONAL_GROUP_FIELDS:
             if field not in m:
                 if field in GROUP_FIELDS:
-                    raise BackupError(f"{mpath}: group {name!r} lacks {field}")
+                    raise BackupCorrupt(f"{mpath}: group {name!r} lacks {field}")
                 continue
             if not _same(m[field], a[field]):
-                raise BackupError(f"{mpath}: group {name!r}: {field} is {m[field]!r} in the manifest but "
+                raise BackupCorrupt(f"{mpath}: group {name!r}: {field} is {m[field]!r} in the manifest but "
                                   f"{a[field]!r} in the backup's raft.db")
     return groups
 
@@ -1796,7 +1809,7 @@ def _latest_local(root: str, node: str) -> tuple[str, tuple[_Json, list[_Json] |
             continue
         try:
             return e["path"], _verify_backup(e["path"], checksums=True)
-        except BackupError as exc:
+        except BackupCorrupt as exc:
             log.warning("backup %s does not verify (%s); trying the next older one", e["path"], exc)
             problems.append(f"{e['path']}: {exc}")
     raise BackupError(f"no backup of node {node!r} in {root} verifies" + (": " + "; ".join(problems) if problems else
@@ -1818,11 +1831,16 @@ def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: st
             candidates = [f"{node_dir}/{e['path'].rsplit('/', 1)[-1]}"
                           for e in _scan_remote_node(remote, node_dir, verify=False) if e["status"] == "complete"]
     parent = os.path.abspath(os.fspath(scratch_dir)) if scratch_dir is not None else os.path.dirname(target)
+    prefix = f".{os.path.basename(target)}.fetch-"
     problems = []
     for folder in candidates:
         try:
             _make_dirs(parent)
-            scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.fetch-", dir=parent)
+            _remove_abandoned_downloads(parent, prefix)
+            scratch = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            # held while the folder is in use: a later restore removes the folder only if it can take this
+            lock_fd = fsio.open(os.path.join(scratch, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
         except OSError as exc:
             raise BackupError(f"cannot create a download folder in {parent}: {exc}") from exc
         try:
@@ -1831,9 +1849,9 @@ def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: st
                 _verify_remote(remote, folder, manifest, checksums=False)
                 _fetch_backup(remote, folder, manifest, scratch, progress)
                 verified = _verify_backup(scratch, checksums=True)
-            except OSError as exc:
+            except OSError as exc:  # the local disk: never a reason to take an older backup
                 raise BackupError(f"cannot download {remote.url_of(folder)} into {scratch}: {exc}") from exc
-            except BackupError as exc:
+            except BackupCorrupt as exc:  # only the backup's own fault makes the next older one the answer
                 if node is None:
                     raise
                 log.warning("backup %s does not verify (%s); trying the next older one", remote.url_of(folder), exc)
@@ -1843,8 +1861,31 @@ def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: st
                                    verified, t0)
         finally:
             fsio.rmtree(scratch, ignore_errors=True)
+            fsio.close(lock_fd)
+    none = " (there is none)" if remote.exists() else f" ({remote.url} does not exist)"
     raise BackupError(f"no backup of node {node!r} in {remote.url} verifies" + (": " + "; ".join(problems) if problems
-                                                                                else " (there is none)"))
+                                                                                else none))
+
+
+def _remove_abandoned_downloads(parent: str, prefix: str) -> None:
+    """Remove the download folders (``prefix`` + random) that restores killed mid-download left in
+    ``parent``: those whose lock nobody holds (a running restore holds its own)."""
+    for name in os.listdir(parent):
+        p = os.path.join(parent, name)
+        if not name.startswith(prefix) or os.path.islink(p) or not os.path.isdir(p):
+            continue
+        try:
+            fd = fsio.open(os.path.join(p, _LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not one of ours (or just being created): left alone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # in use by a running restore
+        finally:
+            fsio.close(fd)
+        fsio.rmtree(p, ignore_errors=True)
+        log.info("removed %s, the download folder of a restore that did not finish", p)
 
 
 def _restore_folder(src: str, target: str, kind: str, progress: ProgressFn | None, vfs: str | None,

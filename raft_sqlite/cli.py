@@ -52,7 +52,7 @@ from .errors import (
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
 from .migrate import current_revision
-from .objectstore import is_url
+from .objectstore import Remote, is_url
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -1034,6 +1034,8 @@ def backups(backup_dir: str, check: bool, storage_option: tuple[str, ...], as_js
     opts = _storage_options(storage_option)
     if not is_url(backup_dir) and not os.path.isdir(backup_dir):
         raise CliError(f"backup_dir {backup_dir!r} does not exist", EXIT_NOT_FOUND)
+    if is_url(backup_dir) and not Remote(backup_dir, opts).exists():
+        raise CliError(f"{backup_dir!r} does not exist (no such bucket or folder)", EXIT_NOT_FOUND)
     rows = mod.list_backups(backup_dir, verify=check, storage_options=opts)
     if as_json:
         _dump_json(rows)

@@ -59,6 +59,13 @@ class BackupError(RaftSqliteError):
     """A backup could not be taken, or a restore was refused."""
 
 
+class BackupCorrupt(BackupError):
+    """The backup itself fails verification: incomplete (no manifest, a missing piece), a manifest that is
+    malformed or disagrees with the data, a size or sha256 that does not match. Other causes of a failed
+    restore (the target, the local disk, the network) are plain :class:`BackupError` or ``OSError``:
+    ``restore(latest=True)`` falls back to an older backup only on this one."""
+
+
 class StorageFault(RaftSqliteError):
     """The disk failed (I/O error, disk full). The store is now fail-stop: it refuses every further
     write until it is closed and reopened; the outcome of the failed write is unknown until then."""

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import apsw
 
 from . import fsio
-from .errors import BackupError
+from .errors import BackupCorrupt, BackupError
 
 #: How an object's stream is laid out: the database file with its first page moved to its end.
 LAYOUT_PAGE1_LAST = "page1-last"
@@ -56,6 +56,8 @@ QUEUE_BYTES = 16 << 20
 _PIECE = 1 << 20
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _VFS_NAME = "raft_sqlite_stream"
+#: SQLite's lock byte (PENDING_BYTE): the page holding it is never written or read as data
+_PENDING_BYTE = 0x40000000
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -138,12 +140,21 @@ class Remote:
             out.append((name, str(e.get("type", "file")), int(e.get("size") or 0)))
         return out
 
+    def exists(self) -> bool:
+        """Whether the root's container exists: the folder on a local file system, else the first path
+        component (the bucket or container). An existing bucket with no backups under the prefix yet
+        exists."""
+        if self.local:
+            return os.path.isdir(self.root)
+        with self.errors(f"cannot reach {self.url}"):
+            return bool(self.fs.exists(self.root.split("/", 1)[0]))
+
     def read(self, path: str, limit: int) -> bytes:
         """The content of the object ``path`` (at most ``limit`` bytes; a longer one raises)."""
         with self.fs.open(path, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise BackupError(f"{self.url_of(path)} is larger than {limit} bytes")
+            raise BackupCorrupt(f"{self.url_of(path)} is larger than {limit} bytes")
         return bytes(data)
 
     def write_small(self, folder: str, name: str, data: bytes) -> None:
@@ -192,19 +203,24 @@ class Remote:
         """``(key, upload_id)`` of the unfinished multipart uploads whose key starts with ``prefix`` (a
         path on this file system) and that were started more than ``older_than`` seconds ago. Only S3
         (s3fs) has such uploads; elsewhere the list is empty."""
-        lister = getattr(self.fs, "list_multipart_uploads", None)
-        if lister is None or self.local:
+        call = getattr(self.fs, "call_s3", None)
+        if call is None or self.local:
             return []
         bucket, _, key_prefix = prefix.partition("/")
         now = time.time()
         out = []
-        for u in lister(bucket) or []:
-            key = str(u.get("Key", ""))
-            started = u.get("Initiated")
-            age = now - started.timestamp() if hasattr(started, "timestamp") else float("inf")
-            if key.startswith(key_prefix) and age >= older_than:
-                out.append((f"{bucket}/{key}", str(u["UploadId"])))
-        return out
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix}
+        while True:  # one page holds at most 1,000 uploads: follow the markers
+            page = call("list_multipart_uploads", **kw)
+            for u in page.get("Uploads") or []:
+                key = str(u.get("Key", ""))
+                started = u.get("Initiated")
+                age = now - started.timestamp() if hasattr(started, "timestamp") else float("inf")
+                if key.startswith(key_prefix) and age >= older_than:
+                    out.append((f"{bucket}/{key}", str(u["UploadId"])))
+            if not page.get("IsTruncated"):
+                return out
+            kw["KeyMarker"], kw["UploadIdMarker"] = page.get("NextKeyMarker"), page.get("NextUploadIdMarker")
 
     def abort_upload(self, path: str, upload_id: str) -> None:
         """Abort the multipart upload ``upload_id`` of ``path`` (its parts stop being billed)."""
@@ -228,7 +244,8 @@ class ObjectSink:
     upload is aborted, not completed)."""
 
     def __init__(self, remote: Remote, path: str, *, compression: str = "zstd", level: int = ZSTD_LEVEL,
-                 part_size: int = PART_SIZE, queue_bytes: int = QUEUE_BYTES, max_rate: float | None = None) -> None:
+                 part_size: int = PART_SIZE, queue_bytes: int = QUEUE_BYTES, max_rate: float | None = None,
+                 check_cancel: Callable[[], None] | None = None) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, not {compression!r}")
         self.remote, self.path, self.compression = remote, path, compression
@@ -239,6 +256,8 @@ class ObjectSink:
         self._pending = bytearray()
         self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=max(1, queue_bytes // _PIECE))
         self._error: BaseException | None = None
+        self._stop = threading.Event()  # abort(): the uploader stops writing and pacing at once
+        self._check_cancel = check_cancel or (lambda: None)
         self._rate = max_rate
         self._file: Any = None
         self._compressor: Any = None
@@ -261,14 +280,14 @@ class ObjectSink:
                 piece = self._q.get()
                 if piece is None:
                     return
-                if self._error is not None:
+                if self._error is not None or self._stop.is_set():
                     continue  # drain: the producer is told at its next write
                 self._file.write(piece)
                 sent += len(piece)
                 if self._rate:
                     ahead = sent / self._rate - (time.monotonic() - t0)
                     if ahead > 0:
-                        time.sleep(ahead)
+                        self._stop.wait(ahead)
         except BaseException as exc:  # noqa: BLE001 - reported to the producer
             self._error = exc
             while self._q.get() is not None:  # unblock the producer until it finishes or aborts
@@ -284,10 +303,24 @@ class ObjectSink:
             del self._pending[:_PIECE]
             self._put(piece)
 
+    def _raise_error(self) -> None:
+        err = self._error
+        if err is None:
+            return
+        if isinstance(err, BackupError):
+            raise err
+        raise BackupError(f"upload of {self.remote.url_of(self.path)} failed: "
+                          f"{describe_error(self.remote.url, err)}") from err
+
     def _put(self, item: bytes | None) -> None:
-        if self._error is not None:
-            raise self._error
-        self._q.put(item)
+        while True:  # a full queue blocks the copy, but never past a cancel or an upload error
+            self._raise_error()
+            self._check_cancel()
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def write(self, data: bytes) -> None:
         """Append ``data`` to the raw stream."""
@@ -302,9 +335,11 @@ class ObjectSink:
         else:
             self._emit(b"", final=True)
         self._put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            self._raise_error()
+            self._check_cancel()
+        self._raise_error()
         with self.remote.errors(f"cannot complete the upload of {self.remote.url_of(self.path)}"):
             self._file.close()
             if self.remote.local:
@@ -315,6 +350,7 @@ class ObjectSink:
     def abort(self) -> None:
         """Stop the upload and discard what was sent (best effort; never raises)."""
         self._error = self._error or BackupError("upload aborted")
+        self._stop.set()
         with contextlib.suppress(BaseException):
             while True:
                 self._q.get_nowait()
@@ -324,10 +360,13 @@ class ObjectSink:
         f = self._file
         if f is None:
             return
-        with contextlib.suppress(BaseException):
-            if hasattr(f, "discard"):
-                f.discard()  # aborts an S3 multipart upload instead of completing it
-            f.closed = True  # never completed by a later close() or by garbage collection
+        try:
+            with contextlib.suppress(BaseException):
+                if hasattr(f, "discard"):
+                    f.discard()  # aborts an S3 multipart upload instead of completing it
+        finally:
+            with contextlib.suppress(BaseException):
+                f.closed = True  # never completed by a later close() or by garbage collection
         with contextlib.suppress(BaseException):
             self.remote.fs.rm_file(self.path)
 
@@ -343,6 +382,8 @@ class PageStream:
         self.name, self.page_size, self.sink = name, page_size, sink
         self.page1: bytes | None = None
         self.next = page_size  # byte offset the next streamed page must have
+        #: offset of the page SQLite leaves unwritten in files over 1 GiB (it holds the lock byte)
+        self.lock_page = (_PENDING_BYTE // page_size) * page_size
         self.error: str | None = None
 
     def _fail(self, msg: str) -> BackupError:
@@ -362,7 +403,12 @@ class PageStream:
             raise self._fail(f"write of {len(data)} bytes at offset {offset} (page size {self.page_size})")
         if offset == 0:
             self.page1 = bytes(data)
-        elif offset == self.next:
+            return
+        if offset == self.next + self.page_size and self.next == self.lock_page:
+            # SQLite never writes the page holding the lock byte (offset 2**30): a hole that reads as zeros
+            self.sink.write(bytes(self.page_size))
+            self.next += self.page_size
+        if offset == self.next:
             self.sink.write(bytes(data))
             self.next += self.page_size
         else:
@@ -516,36 +562,56 @@ def fetch_file(remote: Remote, object_path: str, dest_path: str, entry: dict[str
                progress: ProgressFn | None = None) -> str:
     """Download the object ``object_path`` described by the manifest ``entry`` into the new local file
     ``dest_path`` (0600, fsynced): decompress, put page 1 back in front, and check the object's size and
-    sha256 and the raw stream's size and sha256 against ``entry``. Returns the file's sha256. Raises
-    :class:`BackupError` on any mismatch (the partial file is left for the caller to remove)."""
+    sha256 and the raw stream's size and sha256 against ``entry``. Returns the file's sha256.
+
+    Errors, by whose fault: the backup's (a missing object, undecodable or extra data, a size or sha256
+    that does not match) raise :class:`BackupCorrupt`; the backend's (network, permissions) raise
+    :class:`BackupError`; the local disk's (``ENOSPC``, ``EIO``) raise ``OSError``. The partial file is
+    left for the caller to remove."""
+    url = remote.url_of(object_path)
     size = int(entry["size"])
     page_size = int(entry["page_size"])
     if size < page_size or size % page_size:
-        raise BackupError(f"{remote.url_of(object_path)}: size {size} is not a whole number of {page_size}-byte pages")
+        raise BackupCorrupt(f"{url}: size {size} is not a whole number of {page_size}-byte pages")
     decompressor = None
+    decode_errors: tuple[type[BaseException], ...] = ()
     if entry["compression"] == "zstd":
         try:
             import zstandard
         except ImportError as exc:
             raise _missing_package(remote.url, exc) from None
         decompressor = zstandard.ZstdDecompressor()
+        decode_errors = (zstandard.ZstdError,)
     raw = hashlib.sha256()
     n = 0
+    body = size - page_size
+
+    def read_from(reader: Any) -> bytes:
+        try:
+            return bytes(reader.read(_PIECE))
+        except decode_errors as exc:
+            raise BackupCorrupt(f"{url}: the compressed data does not decode ({exc})") from exc
+        except BackupError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the backend's own errors (network, permissions)
+            raise BackupError(f"cannot read backup object {url}: {describe_error(remote.url, exc)}") from exc
+
+    try:
+        f = remote.fs.open(object_path, "rb", block_size=PART_SIZE)
+    except FileNotFoundError:
+        raise BackupCorrupt(f"{url} is missing") from None
+    except Exception as exc:  # noqa: BLE001
+        raise BackupError(f"cannot read backup object {url}: {describe_error(remote.url, exc)}") from exc
     fd = fsio.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
-        with remote.fs.open(object_path, "rb", block_size=PART_SIZE) as f:
+        with f:
             src = _HashingReader(f)
             reader: Any = (decompressor.stream_reader(src, read_size=_PIECE, closefd=False)  # type: ignore[arg-type]
                            if decompressor is not None else src)
-            body = size - page_size
-            while True:
-                b = reader.read(_PIECE)
-                if not b:
-                    break
+            while b := read_from(reader):
                 raw.update(b)
                 if n + len(b) > size:
-                    raise BackupError(f"{remote.url_of(object_path)} holds more than the {size} bytes its "
-                                      "manifest records")
+                    raise BackupCorrupt(f"{url} holds more than the {size} bytes its manifest records")
                 head = max(0, min(len(b), body - n))  # bytes of pages 2..N, then page 1
                 if head:
                     fsio.pwrite(fd, b[:head], page_size + n)
@@ -554,26 +620,18 @@ def fetch_file(remote: Remote, object_path: str, dest_path: str, entry: dict[str
                 n += len(b)
                 if progress is not None:
                     progress(str(entry["name"]), n, size)
-            while src.read(_PIECE):  # bytes after the compressed data: hashed, so the object check fails
+            while read_from(src):  # bytes after the compressed data: hashed, so the object check fails
                 pass
-            with contextlib.suppress(Exception):
-                reader.close()
         fsio.fsync(fd)
-    except BackupError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - decompression and backend errors
-        raise BackupError(f"cannot read backup object {remote.url_of(object_path)}: "
-                          f"{describe_error(remote.url, exc)}") from exc
     finally:
         fsio.close(fd)
     if src.n != entry["object_size"] or src.sha.hexdigest() != entry["object_sha256"]:
-        raise BackupError(f"{remote.url_of(object_path)}: the object's size/sha256 ({src.n} bytes) do not match "
-                          "the manifest: it was changed or damaged after the backup was written")
+        raise BackupCorrupt(f"{url}: the object's size/sha256 ({src.n} bytes) do not match the manifest: it was "
+                            "changed or damaged after the backup was written")
     if n != size or raw.hexdigest() != entry["stream_sha256"]:
-        raise BackupError(f"{remote.url_of(object_path)}: the decompressed data ({n} bytes) does not match the "
-                          "manifest's size/sha256")
+        raise BackupCorrupt(f"{url}: the decompressed data ({n} bytes) does not match the manifest's size/sha256")
     h = hashlib.sha256()
     with open(dest_path, "rb", buffering=0) as fin:
-        while b := fin.read(4 << 20):
-            h.update(b)
+        while chunk := fin.read(4 << 20):
+            h.update(chunk)
     return h.hexdigest()

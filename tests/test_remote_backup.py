@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -18,7 +19,7 @@ import apsw
 import pytest
 from click.testing import CliRunner
 
-from raft_sqlite import BackupError, LogEntry, NodeIdentityMismatch
+from raft_sqlite import BackupCancelled, BackupCorrupt, BackupError, LogEntry, NodeIdentityMismatch
 from raft_sqlite import objectstore as objectstore_mod
 from raft_sqlite.backup import HotBackupManager, list_backups, restore
 from raft_sqlite.cli import cli
@@ -515,3 +516,216 @@ def test_cli_backup_backups_restore_with_urls(s3, tmp_path):
     assert res.exit_code == 2 and "URL destinations only" in res.output
     res = runner.invoke(cli, ["backups", s3 + "/c", "--storage-option", "novalue"])
     assert res.exit_code == 2 and "KEY=VALUE" in res.output
+
+
+# ------------------------------------------------------------------------------------------- review regressions
+def test_the_unwritten_lock_byte_page_of_a_file_over_1gib_streams_as_zeros():
+    got = []
+
+    class Sink:
+        def write(self, data):
+            got.append(data)
+
+    ps = 65536
+    st = PageStream("chunks.db", ps, Sink())
+    st.next = st.lock_page  # pages 2.. up to the one holding byte 2**30 were streamed
+    assert st.lock_page == 1 << 30
+    st.xWrite(b"\x07" * ps, st.lock_page + ps)  # SQLite skips the lock-byte page
+    assert got == [bytes(ps), b"\x07" * ps] and st.next == st.lock_page + 2 * ps
+    with pytest.raises(BackupError, match="expected next"):  # any other gap is still refused
+        PageStream("raft.db", ps, Sink()).xWrite(b"\0" * ps, 3 * ps)
+
+
+@pytest.mark.slow
+def test_a_database_over_1gib_backs_up_and_restores_through_a_url(tmp_path):
+    s = open_store(tmp_path / "node")
+    for k in range(11):
+        s.log("a").append([LogEntry(k * 100 + i, 1, os.urandom(1 << 20)) for i in range(1, 101)])
+    last = s.log("a").last_index
+    info = HotBackupManager(s, f"file://{tmp_path}/remote", compression="none").backup()
+    s.close()
+    assert info.manifest["files"][0]["size"] > 1 << 30
+    restore(info.path, tmp_path / "r")
+    s2 = open_store(tmp_path / "r")
+    try:
+        assert s2.log("a").last_index == last
+        c = apsw.Connection(str(tmp_path / "r" / "raft.db"), flags=apsw.SQLITE_OPEN_READONLY)
+        assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        c.close()
+    finally:
+        s2.close()
+
+
+def _two_backups(tmp_path, url):
+    s = _source_with_snapshot(tmp_path / "node")
+    m = HotBackupManager(s, url)
+    old = m.backup()
+    s.log("a").append([LogEntry(122 + i, 2, os.urandom(64 << 10)) for i in range(80)])
+    new = m.backup()
+    s.close()
+    return old, new
+
+
+def test_latest_never_falls_back_because_of_the_local_disk(root, tmp_path, monkeypatch):
+    import errno
+
+    old, new = _two_backups(tmp_path, root)
+    real = objectstore_mod.fsio.pwrite
+
+    def pwrite(fd, data, off):
+        if off + len(data) > (2 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, off)
+
+    monkeypatch.setattr(objectstore_mod.fsio, "pwrite", pwrite)
+    with pytest.raises(BackupError, match="No space left"):
+        restore(root, tmp_path / "r", latest=True, node="n1")
+    assert not os.path.exists(tmp_path / "r")
+    assert not [n for n in os.listdir(tmp_path) if ".fetch-" in n]
+    monkeypatch.undo()
+    assert restore(root, tmp_path / "r", latest=True, node="n1").backup_path == new.path
+
+
+def test_latest_never_falls_back_because_of_the_network(s3, tmp_path, monkeypatch):
+    old, new = _two_backups(tmp_path, s3 + "/b")
+    real, failed = objectstore_mod.Remote.read, []
+
+    def read(self, path, limit):
+        if new.path.split("://")[1] in path and not failed:
+            failed.append(path)
+            raise ConnectionError("Connection reset by peer")
+        return real(self, path, limit)
+
+    monkeypatch.setattr(objectstore_mod.Remote, "read", read)
+    with pytest.raises(BackupError, match="Connection reset") as ei:
+        restore(s3 + "/b", tmp_path / "r", latest=True, node="n1")
+    assert not isinstance(ei.value, BackupCorrupt)
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_a_network_error_during_the_upload_is_a_backup_error(s3, tmp_path, monkeypatch):
+    s = _source_with_snapshot(tmp_path / "node", n=120, big=True)
+
+    class EndpointConnectionError(Exception):  # what botocore raises when the server goes away
+        pass
+
+    def boom(self, piece):
+        raise EndpointConnectionError("Could not connect to the endpoint URL")
+
+    import s3fs
+
+    monkeypatch.setattr(s3fs.core.S3File, "write", boom)
+    with pytest.raises(BackupError, match="Could not connect"):
+        HotBackupManager(s, s3 + "/b", compression="none").backup()
+    monkeypatch.undo()
+    assert list_backups(s3 + "/b") == []
+    s.close()
+
+
+def test_list_uses_the_managers_storage_options(s3_endpoint, s3, tmp_path, monkeypatch):
+    import s3fs
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
+    s = _source_with_snapshot(tmp_path / "node")
+    try:
+        m = HotBackupManager(s, s3 + "/o", storage_options=opts)
+        info = m.backup()
+        assert [b["path"] for b in m.list()] == [info.path]
+        assert [b["path"] for b in list_backups(s3 + "/o", storage_options=opts)] == [info.path]
+    finally:
+        s.close()
+    assert restore(info.path, tmp_path / "r", storage_options=opts).backup_path == info.path
+
+
+def test_cancel_is_prompt_even_while_a_paced_upload_drains(tmp_path):
+    s = _source_with_snapshot(tmp_path / "node", n=190, big=True)  # ~12 MiB of incompressible bytes
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    m = HotBackupManager(s, f"file://{tmp_path}/remote", compression="none", max_upload_rate=1 << 20)
+    t = time.monotonic()
+    with pytest.raises(BackupCancelled):
+        m.backup(cancel=cancel)
+    took = time.monotonic() - t
+    assert took < 6, f"{took:.1f} s after a cancel at 1 s (unpaced by the cancel it takes ~12 s)"
+    assert list_backups(f"file://{tmp_path}/remote") == []
+    s.close()
+
+
+def test_an_abort_whose_discard_fails_never_completes_the_upload(s3, tmp_path, monkeypatch):
+    import gc
+
+    import s3fs
+
+    s = _source_with_snapshot(tmp_path / "node", n=200, big=True)
+    real_write = s3fs.core.S3File.write
+    sent = []
+
+    def write(self, data):
+        sent.append(len(data))
+        if sum(sent) > 7 << 20:
+            raise OSError("connection reset by peer")
+        return real_write(self, data)
+
+    def bad_discard(self):
+        raise RuntimeError("abort failed")
+
+    monkeypatch.setattr(s3fs.core.S3File, "write", write)
+    monkeypatch.setattr(s3fs.core.S3File, "discard", bad_discard)
+    with pytest.raises(BackupError):
+        HotBackupManager(s, s3 + "/b", compression="none").backup()
+    monkeypatch.undo()
+    gc.collect()
+    fs = s3fs.S3FileSystem()
+    assert [p for p in fs.find(s3.split("://")[1]) if p.endswith("raft.db")] == []
+    s.close()
+
+
+def test_a_killed_restores_download_folder_is_removed_by_the_next(s3, tmp_path):
+    import fcntl
+
+    s = _source_with_snapshot(tmp_path / "node")
+    info = HotBackupManager(s, s3 + "/b").backup()
+    s.close()
+    abandoned = tmp_path / ".r.fetch-abc12345"
+    abandoned.mkdir()
+    (abandoned / ".backup.lock").write_bytes(b"")
+    (abandoned / "raft.db").write_bytes(b"x" * 1000)
+    busy = tmp_path / ".r.fetch-busy0000"
+    busy.mkdir()
+    (busy / ".backup.lock").write_bytes(b"")
+    fd = os.open(busy / ".backup.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a restore still running
+    try:
+        restore(info.path, tmp_path / "r")
+    finally:
+        os.close(fd)
+    assert not abandoned.exists() and busy.exists()
+
+
+def test_a_missing_bucket_is_not_found_not_empty(s3, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["backups", "s3://no-such-bucket-here/x"])
+    assert res.exit_code == 3 and "does not exist" in res.output, res.output
+    with pytest.raises(BackupError, match="does not exist"):
+        restore("s3://no-such-bucket-here/x", tmp_path / "r", latest=True, node="n1")
+
+
+def test_stale_uploads_are_matched_by_node_prefix(s3, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = s3.split("://")[1]
+    for key in ("b/n1/x/raft.db", "b/n10/x/raft.db"):
+        fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    s = open_store(tmp_path / "node")
+    fill(s, "a", 3)
+    try:
+        removed = HotBackupManager(s, s3 + "/b", stale_after=0).prune()
+    finally:
+        s.close()
+    assert len(removed) == 1 and "/b/n1/x/raft.db" in removed[0]
+    assert [u["Key"] for u in fs.list_multipart_uploads(bucket)] == ["b/n10/x/raft.db"]
