@@ -9,10 +9,12 @@ from .backup import (
                      BackupBusy,
                      BackupCancelled,
                      BackupInfo,
+                     DrillReport,
                      HotBackupManager,
                      HotBackupScheduler,
                      LiveSource,
                      RestoreInfo,
+                     drill,
                      list_backups,
                      restore,
                      verify_backup,
@@ -57,7 +59,7 @@ from .version import __version__
 from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 __all__ = [
-    "BackupBusy", "BackupCancelled", "BackupCorrupt", "BackupError", "BackupInfo", "CompactionError", "CorruptionError",
+    "BackupBusy", "BackupCancelled", "BackupCorrupt", "BackupError", "BackupInfo", "DrillReport", "CompactionError", "CorruptionError",
     "DataDirError", "DataDirLocked", "DeltaSnapshot", "EntryKind", "FSYNC_MODES", "FsyncMode", "GroupNotFoundError",
     "HardState",
     "HotBackupManager", "HotBackupScheduler", "LiveSource",
@@ -66,6 +68,6 @@ __all__ = [
     "RaftSqliteError", "RecoveryPolicy", "RecoveryReport", "RecoveryRefused", "RestoreInfo", "SegmentPolicy",
     "SnapshotChain", "SnapshotError", "SnapshotKind", "SnapshotManager", "SnapshotMeta", "SnapshotReader",
     "SnapshotScheduler", "SnapshotStore", "SnapshotWriter", "StateMachineSnapshotManager", "StorageFault",
-    "StructureMismatchError", "WalCompactor", "WalReader", "WalWriter", "__version__", "list_backups", "restore",
+    "StructureMismatchError", "WalCompactor", "WalReader", "WalWriter", "__version__", "drill", "list_backups", "restore",
     "verify_backup",
 ]

@@ -65,6 +65,7 @@ from .recovery import (  # noqa: F401 (re-exported)
 from .restorestate import is_placeholder, read_restore_state
 from .status import read_group_status
 from .store import NodeStore, node_crc
+from .verify import verify as run_verify
 from .version import __version__
 
 log = logging.getLogger("raft_sqlite.backup")
@@ -474,6 +475,7 @@ class HotBackupManager:
         node = _safe_component(store.node_id)
         #: the object-store destination when ``backup_dir`` is a URL (see :mod:`raft_sqlite.objectstore`)
         self.remote: objectstore.Remote | None = None
+        self.storage_options = storage_options
         if objectstore.is_url(backup_dir):
             self.remote = objectstore.Remote(str(backup_dir), storage_options)
             self.backup_dir = self.remote.url
@@ -942,6 +944,23 @@ class HotBackupManager:
             log.warning("%s: backup %s is complete but could not be recorded in the store: %s",
                         self.source.data_dir, info.path, exc)
 
+    # -------------------------------------------------------------- restore drill
+    def drill(self, *, scratch_dir: _Path | None = None, progress: ProgressFn | None = None) -> DrillReport:
+        """Run :func:`drill` on this node's newest backup and record the result in the store (``settings``
+        key :data:`DRILL_SETTING`, read by the metrics ``raft_sqlite_restore_drill_*``; a live source
+        cannot record)."""
+        report = drill(self.backup_dir, self.store.node_id, storage_options=self.storage_options,
+                       scratch_dir=scratch_dir, progress=progress)
+        data = json.dumps(report.to_dict(), sort_keys=True)
+
+        def write(conn: apsw.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?,?)", (DRILL_SETTING, data))
+        try:
+            self.source.record(write)
+        except RaftSqliteError as exc:
+            log.warning("%s: restore drill done but not recorded in the store: %s", self.source.data_dir, exc)
+        return report
+
     # -------------------------------------------------------------- listing and retention
     def list(self, *, verify: bool = False) -> builtins.list[_Json]:
         """This node's backups, newest first (see :func:`list_backups`)."""
@@ -1168,6 +1187,12 @@ class _ManagerOptions(TypedDict, total=False):
     step_pause: float
     nice: int
     sync_bytes: int
+    skip_unchanged: bool
+    compression: str
+    storage_options: dict[str, Any] | None
+    max_upload_rate: float | None
+    part_size: int
+    stale_after: float
 
 
 class HotBackupScheduler:
@@ -1183,9 +1208,15 @@ class HotBackupScheduler:
 
     def __init__(self, store: Any, backup_dir: _Path, interval: float, *,  # store: the lead types this as Kernel
                  keep: int | None = None, max_age: float | None = None, run_at_start: bool = False,
+                 drill_every: int | None = None, drill_scratch_dir: _Path | None = None,
                  **manager_kw: Unpack[_ManagerOptions]) -> None:
         interval = float_arg("interval", interval, 0.0, 365 * 86400.0, lo_open=True)
         keep, max_age = _retention_args(keep, max_age)
+        #: run a restore drill (:func:`drill`) after every this many backups taken (None: never)
+        self.drill_every = None if drill_every is None else int_arg("drill_every", drill_every, 1, layout.MAX_INT64)
+        self.drill_scratch_dir = drill_scratch_dir
+        #: the newest drill's :class:`DrillReport` (also recorded in the store for the metrics)
+        self.last_drill: DrillReport | None = None
         self.manager = HotBackupManager(store, backup_dir, **manager_kw)
         self.interval = interval
         self.keep, self.max_age = keep, max_age
@@ -1232,6 +1263,15 @@ class HotBackupScheduler:
             self.manager.prune(keep=self.keep, max_age=self.max_age)
         except Exception as exc:  # noqa: BLE001
             self._failed(exc, what="prune")
+        if self.drill_every is not None and not info.skipped and self.successes % self.drill_every == 0:
+            try:
+                self.last_drill = self.manager.drill(scratch_dir=self.drill_scratch_dir)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc, what="restore drill")
+            else:
+                if not self.last_drill.ok:
+                    log.error("restore drill of node %r failed: %s", self.manager.store.node_id,
+                              self.last_drill.error)
         return info
 
     def _failed(self, exc: BaseException, what: str = "backup") -> None:
@@ -1473,6 +1513,106 @@ def list_backups(backup_dir: _Path, *, verify: bool = False,
         if not n.startswith(".") and os.path.isdir(p) and not os.path.islink(p):
             out.extend(_scan_node_dir(p, verify=verify))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- drill
+#: ``settings`` key in raft.db holding the newest restore drill's :meth:`DrillReport.to_dict` (JSON).
+DRILL_SETTING = "restore_drill"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrillReport:
+    """The outcome of a restore drill (:func:`drill`): ``ok``, the drilled backup (``backup_path``,
+    ``backup_created_at`` and its ``backup_age`` when drilled; None if there was none), ``size`` (bytes
+    restored), ``duration`` (seconds), ``at`` (when the drill ended, unix seconds), ``error`` (why it
+    failed) and ``verify`` (the full verify's counts and problems)."""
+
+    ok: bool
+    node_id: str
+    backup_path: str | None
+    backup_created_at: float | None
+    backup_age: float | None
+    size: int
+    duration: float
+    at: float
+    error: str | None = None
+    verify: _Json | None = None
+
+    def to_dict(self) -> _Json:
+        return dataclasses.asdict(self)
+
+    def metrics_text(self) -> str:
+        """The report as Prometheus text (for node_exporter's textfile collector): the same
+        ``raft_sqlite_restore_drill_*`` gauges the store's metrics export."""
+        return "".join(f"# HELP {name} {doc}\n# TYPE {name} gauge\n{name}{{node_id={json.dumps(self.node_id)}}} "
+                       f"{value!r}\n" for name, doc, value in drill_gauges(self.to_dict()))
+
+
+def drill_gauges(report: _Json) -> list[tuple[str, str, float]]:
+    """``(name, help, value)`` of the ``raft_sqlite_restore_drill_*`` gauges for a drill report (as
+    :meth:`DrillReport.to_dict` gives it)."""
+    out = [("raft_sqlite_restore_drill_success", "1 if the newest restore drill restored, opened (STRICT) and "
+            "verified the newest backup, else 0.", 1.0 if report.get("ok") else 0.0),
+           ("raft_sqlite_restore_drill_timestamp_seconds", "When the newest restore drill ended (unix time).",
+            float(report.get("at") or 0.0)),
+           ("raft_sqlite_restore_drill_duration_seconds", "Duration of the newest restore drill.",
+            float(report.get("duration") or 0.0)),
+           ("raft_sqlite_restore_drill_bytes", "Bytes the newest restore drill restored.",
+            float(report.get("size") or 0))]
+    if report.get("backup_age") is not None:
+        out.append(("raft_sqlite_restore_drill_backup_age_seconds", "Age of the drilled backup when it was drilled.",
+                    float(report["backup_age"])))
+    return out
+
+
+def drill(backup_root: _Path, node_id: str, *, storage_options: dict[str, Any] | None = None,
+          scratch_dir: _Path | None = None, progress: ProgressFn | None = None) -> DrillReport:
+    """Prove that the newest backup of ``node_id`` under ``backup_root`` (a folder or a URL) restores:
+    restore it (the same verification as :func:`restore`) into a new folder in ``scratch_dir`` (default:
+    the system's temporary directory), which opens it under STRICT recovery, run the full
+    :func:`raft_sqlite.verify.verify` on the result, remove the folder and report. Never raises for a
+    backup that fails: the :class:`DrillReport` says why (``ok=False``). The newest backup is the newest
+    by ``seq`` that is complete *or corrupt*: a corrupt newest backup fails the drill (it is not passed
+    over for an older one: that is what the drill is for)."""
+    t0 = time.monotonic()
+    node = _safe_component(node_id)
+
+    def report(ok: bool, entry: _Json | None, size: int = 0, error: str | None = None,
+               verified: _Json | None = None) -> DrillReport:
+        now = time.time()
+        return DrillReport(ok, node, None if entry is None else entry["path"],
+                           None if entry is None else entry["created_at"],
+                           None if entry is None else entry["age"], size, time.monotonic() - t0, now, error, verified)
+
+    rows = [b for b in list_backups(backup_root, storage_options=storage_options)
+            if b["node_id"] == node and b["status"] in ("complete", "corrupt")]
+    if not rows:
+        return report(False, None, error=f"no backup of node {node!r} in {backup_root}")
+    newest = rows[0]
+    if newest["status"] == "corrupt":
+        return report(False, newest, error=f"the newest backup is corrupt: {newest['error']}")
+    parent = tempfile.gettempdir() if scratch_dir is None else os.path.abspath(os.fspath(scratch_dir))
+    try:
+        _make_dirs(parent)
+        scratch = tempfile.mkdtemp(prefix=".raft_sqlite-drill-", dir=parent)
+    except OSError as exc:
+        return report(False, newest, error=f"cannot create a scratch folder in {parent}: {exc}")
+    try:
+        target = os.path.join(scratch, node)
+        try:
+            info = restore(newest["path"], target, storage_options=storage_options, scratch_dir=scratch,
+                           progress=progress)
+            rep = run_verify(target)
+        except (RaftSqliteError, OSError) as exc:
+            return report(False, newest, error=f"{type(exc).__name__}: {exc}")
+        size = sum(f["size"] for f in info.manifest["files"])
+        summary = {k: v for k, v in rep.to_dict().items() if k != "data_dir"}
+        if not rep.ok:
+            problems = "; ".join(f"{p.kind}: {p.message}" for p in rep.problems[:5])
+            return report(False, newest, size, f"the restored store fails verify: {problems}", summary)
+        return report(True, newest, size, None, summary)
+    finally:
+        fsio.rmtree(scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- restore

@@ -1101,6 +1101,47 @@ def restore(backup_path: str, data_dir: str, latest: bool, node: str | None, nod
     out.print(f"  next: {_esc(info.event['action'])}")
 
 
+@cli.command()
+@click.argument("dest", metavar="DEST")
+@click.option("--node", "node_id", required=True, metavar="NODE_ID", help="Whose newest backup to drill.")
+@click.option("--scratch-dir", type=click.Path(file_okay=False, path_type=str),
+              help="Where to restore (a new folder in it, removed afterwards; default: the temporary directory).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the raft_sqlite_restore_drill_* gauges there (Prometheus text, atomically: for "
+                   "node_exporter's textfile collector).")
+@STORAGE_OPT
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@JSON_OPT
+@friendly
+def drill(dest: str, node_id: str, scratch_dir: str | None, metrics_file: str | None,
+          storage_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+    """Restore drill: restore the newest backup of --node from DEST (a folder or a URL) into a scratch folder,
+    open it under STRICT recovery, run the full verify, report age, size and result. Exit 0 if it
+    restored and verified, 1 if not."""
+    mod = _backup_module()
+    with _BackupProgress(quiet or as_json) as bar:
+        rep = mod.drill(dest, node_id, storage_options=_storage_options(storage_option), scratch_dir=scratch_dir,
+                        progress=bar.callback)
+    if metrics_file is not None:
+        folder = os.path.dirname(os.path.abspath(metrics_file))
+        tmp = os.path.join(folder, f".{os.path.basename(metrics_file)}.tmp")
+        with open(tmp, "w") as f:
+            f.write(rep.metrics_text())
+        os.replace(tmp, metrics_file)
+    if as_json:
+        _dump_json(rep.to_dict())
+    else:
+        where = "-" if rep.backup_path is None else _esc(rep.backup_path)
+        age = "-" if rep.backup_age is None else _age(rep.backup_age)
+        if rep.ok:
+            out.print(f"[bold green]OK[/]: {where} (age {age}, {_size(rep.size)}) restored, opened under STRICT "
+                      f"and verified in {rep.duration:.2f} s")
+        else:
+            out.print(f"[bold red]FAILED[/]: {where} (age {age}): {_esc(rep.error or '')}")
+    if not rep.ok:
+        sys.exit(EXIT_PROBLEMS)
+
+
 # ---------------------------------------------------------------------------------------------- demo
 @cli.command("_demo-node", hidden=True)
 @click.argument("data_dir")

@@ -44,6 +44,11 @@ Metrics (labels in braces):
 ``raft_sqlite_backup_age_seconds``              gauge      age of the newest backup (absent: never backed up)
 ``raft_sqlite_backup_duration_seconds``         gauge      duration of the newest backup
 ``raft_sqlite_backup_bytes``                    gauge      size of the newest backup
+``raft_sqlite_restore_drill_success``           gauge      1 if the newest restore drill passed, else 0 (absent: none)
+``raft_sqlite_restore_drill_timestamp_seconds`` gauge      when the newest restore drill ended (unix time)
+``raft_sqlite_restore_drill_duration_seconds``  gauge      duration of the newest restore drill
+``raft_sqlite_restore_drill_bytes``             gauge      bytes the newest restore drill restored
+``raft_sqlite_restore_drill_backup_age_seconds`` gauge     age of the drilled backup when it was drilled
 ``raft_sqlite_recovery_duration_seconds``       gauge      duration of the last recovery on open
 ``raft_sqlite_recovery_outcome{outcome}``       gauge      1 for the last recovery's outcome, 0 for the others
 ==============================================  =========  ======================================================
@@ -73,6 +78,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import layout
+from .backup import DRILL_SETTING, drill_gauges
 from .entry import LogEntry
 from .errors import RaftSqliteError
 from .status import GroupStatus, read_group_status
@@ -108,6 +114,8 @@ class _State:
     last_backup: tuple[float, float, int] | None
     #: last recovery on open: (outcome, duration, details JSON), None if none recorded
     recovery: tuple[str, float | None, str | None] | None
+    #: the newest restore drill's report (``backup.DrillReport.to_dict``), None if none recorded
+    drill: dict[str, object] | None = None
 
 
 class _StateCollector(Collector):
@@ -140,9 +148,14 @@ def _read_state(conn: apsw.Connection) -> _State:
                                    "LIMIT 1").fetchone()
         ev = conn.execute("SELECT outcome, duration, details FROM recovery_events WHERE kind='open' "
                           "ORDER BY event_id DESC LIMIT 1").fetchone()
+        drill_row = conn.execute("SELECT value FROM settings WHERE key=?", (DRILL_SETTING,)).fetchone()
     finally:
         conn.execute("COMMIT")
-    return _State(now, groups, count[0], last_backup, ev)
+    drill = None
+    if drill_row is not None:
+        with contextlib.suppress(ValueError, TypeError):
+            drill = json.loads(drill_row[0])
+    return _State(now, groups, count[0], last_backup, ev, drill if isinstance(drill, dict) else None)
 
 
 def _families(st: _State, include_validation: bool) -> Iterator[Metric]:
@@ -192,6 +205,9 @@ def _families(st: _State, include_validation: bool) -> Iterator[Metric]:
         yield GaugeMetricFamily("raft_sqlite_backup_duration_seconds", "Duration of the newest backup.",
                                 value=lb[1])
         yield GaugeMetricFamily("raft_sqlite_backup_bytes", "Size of the newest backup.", value=lb[2])
+    if st.drill is not None:
+        for name, doc, value in drill_gauges(st.drill):
+            yield GaugeMetricFamily(name, doc, value=value)
     ev = st.recovery
     if ev is not None:
         outcome, duration, details = ev

@@ -729,3 +729,66 @@ def test_stale_uploads_are_matched_by_node_prefix(s3, tmp_path):
         s.close()
     assert len(removed) == 1 and "/b/n1/x/raft.db" in removed[0]
     assert [u["Key"] for u in fs.list_multipart_uploads(bucket)] == ["b/n10/x/raft.db"]
+
+
+# ------------------------------------------------------------------------------------------- restore drill
+def test_drill_restores_opens_and_verifies_the_newest_backup(root, tmp_path):
+    s = _source_with_snapshot(tmp_path / "node")
+    m = HotBackupManager(s, root)
+    m.backup()
+    s.log("a").append([LogEntry(122, 2, b"newest")])
+    newest = m.backup()
+    rep = m.drill(scratch_dir=tmp_path / "scratch")
+    assert rep.ok and rep.error is None and rep.backup_path == newest.path
+    assert rep.size == newest.size and rep.backup_age is not None and rep.backup_age >= 0
+    assert rep.verify["entries_checked"] > 0 and rep.verify["problems"] == []
+    assert os.listdir(tmp_path / "scratch") == []  # the drill's restore is removed
+    from raft_sqlite.metrics import render_data_dir
+
+    s.close()
+    text = render_data_dir(tmp_path / "node")  # recorded in the store: the metrics show it
+    assert "raft_sqlite_restore_drill_success 1.0" in text
+    assert "raft_sqlite_restore_drill_backup_age_seconds" in text
+
+
+def test_a_corrupt_newest_backup_fails_the_drill_and_is_not_passed_over(root, tmp_path):
+    s = _source_with_snapshot(tmp_path / "node")
+    m = HotBackupManager(s, root)
+    m.backup()
+    s.log("a").append([LogEntry(122, 2, b"newest")])
+    newest = m.backup()
+    fs, r = _fs(newest.path)
+    blob = bytearray(fs.cat_file(r.root + "/raft.db.zst"))
+    blob[100] ^= 0xFF
+    fs.pipe_file(r.root + "/raft.db.zst", bytes(blob))
+    rep = m.drill()
+    assert not rep.ok and rep.backup_path == newest.path and "raft.db" in rep.error
+    s.close()
+    from raft_sqlite.metrics import render_data_dir
+
+    assert "raft_sqlite_restore_drill_success 0.0" in render_data_dir(tmp_path / "node")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["drill", root, "--node", "n1", "--metrics-file", str(tmp_path / "drill.prom")])
+    assert res.exit_code == 1 and "FAILED" in res.output, res.output
+    assert 'raft_sqlite_restore_drill_success{node_id="n1"} 0.0' in (tmp_path / "drill.prom").read_text()
+    res = runner.invoke(cli, ["drill", root, "--node", "nobody", "--json"])
+    assert res.exit_code == 1 and "no backup of node 'nobody'" in json.loads(res.stdout)["error"]
+
+
+def test_the_scheduler_drills_every_n_backups(tmp_path):
+    from raft_sqlite.backup import HotBackupScheduler
+
+    s = _source_with_snapshot(tmp_path / "node")
+    sched = HotBackupScheduler(s, f"file://{tmp_path}/remote", interval=3600, drill_every=2)
+    try:
+        sched.run_once()
+        assert sched.last_drill is None
+        s.log("a").append([LogEntry(122, 2, b"x")])
+        sched.run_once()
+        assert sched.last_drill is not None and sched.last_drill.ok, sched.last_drill
+        assert sched.last_drill.backup_path == sched.last_backup.path
+        res = CliRunner().invoke(cli, ["drill", f"file://{tmp_path}/remote", "--node", "n1", "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
+    finally:
+        sched.stop()
+        s.close()
