@@ -451,7 +451,8 @@ class HotBackupManager:
                  pages_per_step: int | None = None, step_pause: float = 0.0005, nice: int = 10,
                  sync_bytes: int = 1 << 20, skip_unchanged: bool = False, compression: str = "zstd",
                  storage_options: dict[str, Any] | None = None, max_upload_rate: float | None = None,
-                 part_size: int = objectstore.PART_SIZE, stale_after: float = 3600.0) -> None:
+                 part_size: int = objectstore.PART_SIZE, stale_after: float = 3600.0,
+                 compression_level: int = objectstore.ZSTD_LEVEL) -> None:
         if pages_per_step is not None:
             pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
         self.sync_bytes = int_arg("sync_bytes", sync_bytes, 0, layout.MAX_SIZE)
@@ -467,6 +468,8 @@ class HotBackupManager:
         self.stale_after = float_arg("stale_after", stale_after, 0.0, 1e12)
         self.skip_unchanged = bool(skip_unchanged)
         self.compression = compression
+        #: zstd level of URL backups (1 = fastest, 19 = smallest; see objectstore.ZSTD_LEVEL)
+        self.compression_level = int_arg("compression_level", compression_level, 1, 19)
         self.max_upload_rate = max_upload_rate
         self.store = store
         #: what is backed up: the open store, or a :class:`LiveSource` (a running node's data_dir, read from
@@ -663,6 +666,8 @@ class HotBackupManager:
         sources.append(main_src)
         chunks_src = src.connect(src.chunks_path)
         sources.append(chunks_src)
+        for conn in sources:  # each page is read once: no cache worth its memory
+            conn.execute(f"PRAGMA cache_size=-{objectstore.COPY_CACHE_KIB}").fetchall()
         with src.gc_pin():
             main_src.execute("BEGIN")
             main_src.execute("SELECT count(*) FROM node").fetchall()
@@ -825,7 +830,8 @@ class HotBackupManager:
                 obj = name + suffix
                 t = time.perf_counter()
                 sink = objectstore.ObjectSink(remote, f"{folder}/{obj}", compression=self.compression,
-                                              part_size=self.part_size, max_rate=self.max_upload_rate,
+                                              level=self.compression_level, part_size=self.part_size,
+                                              max_rate=self.max_upload_rate,
                                               check_cancel=check_cancel)
                 sinks.append(sink)
                 row = src.execute("PRAGMA page_size").fetchone()
@@ -885,6 +891,7 @@ class HotBackupManager:
             # manifest), and the finished file gets one fsync.
             dest.execute("PRAGMA synchronous=OFF").fetchall()
             dest.execute("PRAGMA journal_mode=OFF").fetchall()
+            dest.execute(f"PRAGMA cache_size=-{objectstore.COPY_CACHE_KIB}").fetchall()
             row = src.execute("PRAGMA page_size").fetchone()
             assert row is not None, "PRAGMA page_size always returns one row"
             page_size = row[0]
@@ -1193,6 +1200,7 @@ class _ManagerOptions(TypedDict, total=False):
     max_upload_rate: float | None
     part_size: int
     stale_after: float
+    compression_level: int
 
 
 class HotBackupScheduler:
@@ -1987,8 +1995,10 @@ def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: st
             try:
                 manifest = _read_remote_manifest(remote, folder)
                 _verify_remote(remote, folder, manifest, checksums=False)
-                _fetch_backup(remote, folder, manifest, scratch, progress)
-                verified = _verify_backup(scratch, checksums=True)
+                local = _fetch_backup(remote, folder, manifest, scratch, progress)
+                # the files' sha256 were just computed from what was written (fetch_file): check the rest
+                _verify_backup(scratch, checksums=False)
+                verified = (local, check_backup_data(scratch, local))
             except OSError as exc:  # the local disk: never a reason to take an older backup
                 raise BackupError(f"cannot download {remote.url_of(folder)} into {scratch}: {exc}") from exc
             except BackupCorrupt as exc:  # only the backup's own fault makes the next older one the answer

@@ -960,6 +960,8 @@ STORAGE_OPT = click.option("--storage-option", "storage_option", multiple=True, 
               "(the check is recorded, so the backup age stays fresh).")
 @click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
               help="Compression of the objects of a URL backup (a local folder is never compressed).")
+@click.option("--compression-level", type=click.IntRange(1, 19), default=1, show_default=True,
+              help="zstd level of a URL backup (1: fastest; higher: smaller and slower).")
 @click.option("--max-upload-rate", type=click.FloatRange(min=0, min_open=True), metavar="BYTES_PER_S",
               help="Pace the upload of a URL backup (compressed bytes per second).")
 @click.option("--stale-after", type=click.FloatRange(min=0), default=3600.0, show_default=True,
@@ -969,8 +971,8 @@ STORAGE_OPT = click.option("--storage-option", "storage_option", multiple=True, 
 @JSON_OPT
 @friendly
 def backup(data_dir: str, dest: str, keep: int | None, max_age: float | None, skip_unchanged: bool,
-           compression: str, max_upload_rate: float | None, stale_after: float, storage_option: tuple[str, ...],
-           quiet: bool, as_json: bool) -> None:
+           compression: str, compression_level: int, max_upload_rate: float | None, stale_after: float,
+           storage_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Take a point-in-time backup of a node into DEST: a local folder (DEST/<node_id>/<UTC timestamp>/
     with raft.db, chunks.db and manifest.json, written last) or a URL (s3://bucket/prefix, gs://...,
     file:///...: one compressed object per file, streamed, then the manifest). On a running node it is a
@@ -985,7 +987,8 @@ def backup(data_dir: str, dest: str, keep: int | None, max_age: float | None, sk
 
     def run(source: Any) -> tuple[Any, list[str]]:
         mgr = mod.HotBackupManager(source, dest, skip_unchanged=skip_unchanged, compression=compression,
-                                   max_upload_rate=max_upload_rate, stale_after=stale_after, storage_options=opts)
+                                   compression_level=compression_level, max_upload_rate=max_upload_rate,
+                                   stale_after=stale_after, storage_options=opts)
         with _BackupProgress(quiet or as_json) as bar:
             info = mgr.backup(progress=bar.callback)
         return info, mgr.prune(keep=keep, max_age=max_age) if (keep or max_age is not None or mgr.remote) else []

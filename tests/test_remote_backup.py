@@ -283,7 +283,8 @@ def test_hostile_arguments_are_refused_before_anything_is_written(tmp_path, s3):
     try:
         for kw, exc in (({"compression": "lz4"}, ValueError), ({"max_upload_rate": 0}, ValueError),
                         ({"part_size": 1 << 20}, ValueError), ({"stale_after": -1}, ValueError),
-                        ({"max_upload_rate": float("nan")}, ValueError), ({"part_size": "8M"}, TypeError)):
+                        ({"max_upload_rate": float("nan")}, ValueError), ({"part_size": "8M"}, TypeError),
+                        ({"compression_level": 0}, ValueError), ({"compression_level": 20}, ValueError)):
             with pytest.raises(exc):
                 HotBackupManager(s, s3 + "/x", **kw)
         with pytest.raises(ValueError, match="URL"):
