@@ -1145,7 +1145,7 @@ def _fingerprint(conn: apsw.Connection) -> str:
         "ORDER BY g.group_id",
         "SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, checksum, structures "
         "FROM snapshots ORDER BY snapshot_id",
-        f"SELECT key, value FROM settings WHERE key <> '{SEQ_SETTING}' ORDER BY key",
+        f"SELECT key, value FROM settings WHERE key NOT IN ('{SEQ_SETTING}', '{DRILL_SETTING}') ORDER BY key",
     )
     h = hashlib.sha256()
     for q in queries:
@@ -1230,6 +1230,8 @@ class HotBackupScheduler:
         self.keep, self.max_age = keep, max_age
         self.run_at_start = run_at_start
         self.successes = 0
+        #: backups actually taken (``successes`` minus those skipped as unchanged): what ``drill_every`` counts
+        self.taken = 0
         self.failures = 0
         self.skipped = 0
         self.last_error: BaseException | None = None
@@ -1271,7 +1273,9 @@ class HotBackupScheduler:
             self.manager.prune(keep=self.keep, max_age=self.max_age)
         except Exception as exc:  # noqa: BLE001
             self._failed(exc, what="prune")
-        if self.drill_every is not None and not info.skipped and self.successes % self.drill_every == 0:
+        if not info.skipped:
+            self.taken += 1
+        if self.drill_every is not None and not info.skipped and self.taken % self.drill_every == 0:
             try:
                 self.last_drill = self.manager.drill(scratch_dir=self.drill_scratch_dir)
             except Exception as exc:  # noqa: BLE001
@@ -1323,7 +1327,7 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[_Json]:
             try:
                 m = verify_backup(p, checksums=verify)
             except BackupError as exc:
-                e.update(status="corrupt", error=str(exc))
+                e.update(status="corrupt", error=str(exc), seq=_read_seq(p))
             else:
                 e.update(status="complete", created_at=m["created_at_unix"], node_id=m["node_id"],
                          cluster_id=m["cluster_id"], size=sum(f["size"] for f in m["files"]),
@@ -1552,8 +1556,9 @@ class DrillReport:
     def metrics_text(self) -> str:
         """The report as Prometheus text (for node_exporter's textfile collector): the same
         ``raft_sqlite_restore_drill_*`` gauges the store's metrics export."""
-        return "".join(f"# HELP {name} {doc}\n# TYPE {name} gauge\n{name}{{node_id={json.dumps(self.node_id)}}} "
-                       f"{value!r}\n" for name, doc, value in drill_gauges(self.to_dict()))
+        label = self.node_id.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return "".join(f'# HELP {name} {doc}\n# TYPE {name} gauge\n{name}{{node_id="{label}"}} {value!r}\n'
+                       for name, doc, value in drill_gauges(self.to_dict()))
 
 
 def drill_gauges(report: _Json) -> list[tuple[str, str, float]]:
@@ -1592,17 +1597,23 @@ def drill(backup_root: _Path, node_id: str, *, storage_options: dict[str, Any] |
                            None if entry is None else entry["created_at"],
                            None if entry is None else entry["age"], size, time.monotonic() - t0, now, error, verified)
 
-    rows = [b for b in list_backups(backup_root, storage_options=storage_options)
-            if b["node_id"] == node and b["status"] in ("complete", "corrupt")]
+    try:
+        rows = [b for b in list_backups(backup_root, storage_options=storage_options)
+                if b["node_id"] == node and b["status"] in ("complete", "corrupt")]
+    except (BackupError, OSError) as exc:
+        return report(False, None, error=f"cannot list the backups in {backup_root}: {exc}")
     if not rows:
         return report(False, None, error=f"no backup of node {node!r} in {backup_root}")
-    newest = rows[0]
+    newest = _newest_for_drill(rows)
     if newest["status"] == "corrupt":
         return report(False, newest, error=f"the newest backup is corrupt: {newest['error']}")
     parent = tempfile.gettempdir() if scratch_dir is None else os.path.abspath(os.fspath(scratch_dir))
     try:
         _make_dirs(parent)
-        scratch = tempfile.mkdtemp(prefix=".raft_sqlite-drill-", dir=parent)
+        _remove_abandoned_downloads(parent, _DRILL_PREFIX)  # of drills that were killed
+        scratch = tempfile.mkdtemp(prefix=_DRILL_PREFIX, dir=parent)
+        lock_fd = fsio.open(os.path.join(scratch, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
     except OSError as exc:
         return report(False, newest, error=f"cannot create a scratch folder in {parent}: {exc}")
     try:
@@ -1621,6 +1632,31 @@ def drill(backup_root: _Path, node_id: str, *, storage_options: dict[str, Any] |
         return report(True, newest, size, None, summary)
     finally:
         fsio.rmtree(scratch, ignore_errors=True)
+        fsio.close(lock_fd)
+
+
+_DRILL_PREFIX = ".raft_sqlite-drill-"
+
+
+def _newest_for_drill(rows: list[_Json]) -> _Json:
+    """The newest of a node's complete and corrupt backups: by ``seq`` where both have one; a corrupt
+    backup whose manifest gives no ``seq`` counts as newer than the newest complete one if its folder is
+    newer (its name is its start time): a drill must not pass over a damaged newest backup."""
+    complete = [r for r in rows if r["status"] == "complete"]
+    if not complete:
+        return rows[0]
+    best = complete[0]
+    for r in rows:
+        if r["status"] != "corrupt":
+            continue
+        if r.get("seq") is not None and best.get("seq") is not None:
+            newer = r["seq"] > best["seq"]
+        else:
+            stamp = _stamp_time(r["path"].rstrip("/").rsplit("/", 1)[-1])
+            newer = stamp is not None and stamp > (best["created_at"] or 0.0)
+        if newer:
+            return r
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- restore

@@ -2,8 +2,10 @@
 
 Read commands (``status``, ``sql``, ``log``, ``verify``, ``metrics``) open the database files read-only
 (``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the node's identity and
-are safe while the node runs in another process. Write commands (``compact``, ``backup``, ``restore``)
-refuse to run while a store holds the data_dir lock (:mod:`raft_sqlite.lock`), naming the holder. Every read command takes ``--json``.
+are safe while the node runs in another process. Write commands (``compact``, ``remove-group``,
+``restore``) refuse to run while a store holds the data_dir lock (:mod:`raft_sqlite.lock`), naming the
+holder; ``backup`` then takes a live, read-only backup beside the running node (``backup.LiveSource``).
+Every read command takes ``--json``.
 
 Exit codes (see :data:`EXIT_CODES`): 0 success; 1 problems found (``verify`` found corruption, ``demo``
 lost an acknowledged entry); 2 usage error; 3 data_dir (or group, backup) not found; 4 the store is

@@ -246,15 +246,23 @@ class GcLock:
 
     def __enter__(self) -> GcLock:
         self._rlock.acquire()
-        if self._depth == 0 and self._file() is not None:
-            assert self._fd is not None, "opened by _file()"
-            try:
-                _flock_within(self._fd, GC_PIN_WAIT)
-            except TimeoutError:
-                log.warning("%s: a backup in another process held the gc pin for more than %.1f s; going on "
-                            "without it (that backup will fail its consistency check)", self.path, GC_PIN_WAIT)
-            except OSError as exc:
-                log.warning("%s: cannot take the gc pin (%s); going on without it", self.path, exc)
+        try:
+            if self._depth == 0 and self._file() is not None:
+                assert self._fd is not None, "opened by _file()"
+                try:
+                    _flock_within(self._fd, GC_PIN_WAIT)
+                except TimeoutError:
+                    log.warning("%s: a backup in another process held the gc pin for more than %.1f s; going "
+                                "on without it (that backup will fail its consistency check)", self.path,
+                                GC_PIN_WAIT)
+                except OSError as exc:
+                    log.warning("%s: cannot take the gc pin (%s); going on without it", self.path, exc)
+        except BaseException:  # an interrupt while waiting: leave the lock as it was found
+            if self._depth == 0 and self._fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._rlock.release()
+            raise
         self._depth += 1
         return self
 
@@ -301,8 +309,16 @@ def gc_pin(data_dir: str) -> Iterator[None]:
     the store deletes no snapshot chunk. Waits at most :data:`GC_PIN_WAIT` seconds, then raises
     :class:`TimeoutError`. Creates the lock file if the store never did (an older store: nothing honours
     the pin then, which the backup's own consistency check covers)."""
-    fd = os.open(os.path.join(data_dir, layout.GC_LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+    path = os.path.join(data_dir, layout.GC_LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        try:  # a read-only view of data_dir (a backup sidecar's mount): flock works on a read-only descriptor
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            log.warning("%s: cannot open the gc pin (%s); the backup relies on its chunk check alone", path, exc)
+            yield
+            return
     try:
         _flock_within(fd, GC_PIN_WAIT)
         yield

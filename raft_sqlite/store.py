@@ -550,7 +550,13 @@ class NodeStore:
                     # nor at close (SQLite's checkpoint-on-close would do just that); the next open retries
                     c.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
                     return
-                c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                # a reader in another process (a live backup's pinned snapshot) must not hold the open up
+                # for the connection's 10 s busy timeout: this is best effort, retried at the next open
+                c.setbusytimeout(100)
+                try:
+                    c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                finally:
+                    c.setbusytimeout(10_000)
             except (apsw.Error, OSError) as exc:
                 log.warning("%s: could not give the space of dropped snapshot data back yet (%s)",
                             self.chunks_path, exc)

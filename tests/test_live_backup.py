@@ -15,8 +15,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from raft_sqlite import BackupError, LogEntry
 from raft_sqlite import lock as lock_mod
-from raft_sqlite.backup import HotBackupManager, LiveSource, list_backups, restore
+from raft_sqlite.backup import HotBackupManager, HotBackupScheduler, LiveSource, list_backups, restore
 from raft_sqlite.cli import cli
 from tests.conftest import ROOT, open_store
 from tests.test_backup import fill, snapshot
@@ -182,3 +183,141 @@ def test_live_source_refuses_what_is_not_a_data_dir(tmp_path):
     with pytest.raises(BackupError, match="raft.db is missing"):
         LiveSource(tmp_path / "empty")
     assert os.listdir(tmp_path / "empty") == []
+
+
+# ------------------------------------------------------------------------------------------- review regressions
+def _small_store(p):
+    s = open_store(p)
+    s.log("a").append([LogEntry(i, 1, b"x" * 100) for i in range(1, 50)])
+    s.metadata("a").set_commit_index(49)
+    return s
+
+
+@pytest.mark.parametrize("damage", ["truncate_raft_db", "bad_manifest_json"])
+def test_drill_does_not_pass_over_a_corrupt_newest_local_backup(tmp_path, damage):
+    s = _small_store(tmp_path / "node")
+    m = HotBackupManager(s, tmp_path / "bk")
+    m.backup()
+    s.log("a").append([LogEntry(50, 1, b"newest")])
+    new = m.backup()
+    if damage == "truncate_raft_db":
+        os.truncate(os.path.join(new.path, "raft.db"), 4096)
+    else:
+        with open(os.path.join(new.path, "manifest.json"), "w") as f:
+            f.write('{"trunc')
+    rep = m.drill()
+    s.close()
+    assert rep.backup_path == new.path and not rep.ok
+
+
+def test_drill_every_counts_backups_taken_not_skipped(tmp_path):
+    s = _small_store(tmp_path / "node")
+    lg = s.log("a")
+    sched = HotBackupScheduler(s, tmp_path / "bk", interval=3600, drill_every=2, skip_unchanged=True)
+    try:
+        for tick in range(8):
+            if tick % 2 == 0:
+                lg.append([LogEntry(lg.last_index + 1, 1, b"x")])
+            sched.run_once()
+        assert sched.taken == 4 and sched.last_drill is not None and sched.last_drill.ok
+    finally:
+        s.close()
+
+
+def test_a_drill_does_not_defeat_skip_unchanged(tmp_path):
+    s = _small_store(tmp_path / "node")
+    m = HotBackupManager(s, tmp_path / "bk", skip_unchanged=True)
+    try:
+        m.backup()
+        assert m.backup().skipped
+        assert m.drill().ok
+        assert m.backup().skipped
+    finally:
+        s.close()
+
+
+def test_an_interrupt_while_waiting_for_the_pin_leaves_the_gc_lock_free(tmp_path):
+    s = _small_store(tmp_path / "node")
+    try:
+        for i in (10, 20):
+            snapshot(s, "a", i, 1, os.urandom(1000))
+        with lock_mod.gc_pin(str(tmp_path / "node")):
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                s.snapshots("a").retain(1)
+        got = threading.Event()
+
+        def take():
+            with s.gc_lock:
+                got.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        assert got.wait(5), "the gc lock was left held by the interrupted thread"
+    finally:
+        s.close()
+
+
+def test_the_gc_pin_works_through_a_read_only_view(tmp_path, monkeypatch):
+    import errno
+
+    s = _small_store(tmp_path / "node")
+    s.close()
+    real_open = os.open
+
+    def ro_open(path, flags, *a):
+        if str(path).endswith("raft.gc.lock") and flags & (os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(lock_mod.os, "open", ro_open)
+    info = HotBackupManager(LiveSource(tmp_path / "node"), tmp_path / "bk").backup()
+    monkeypatch.undo()
+    restore(info.path, tmp_path / "r")
+
+
+def test_a_killed_drills_scratch_folder_is_removed_by_the_next(tmp_path):
+    s = _small_store(tmp_path / "node")
+    m = HotBackupManager(s, tmp_path / "bk")
+    m.backup()
+    abandoned = tmp_path / "scratch" / ".raft_sqlite-drill-abcd1234"
+    abandoned.mkdir(parents=True)
+    (abandoned / ".backup.lock").write_bytes(b"")
+    (abandoned / "big").write_bytes(b"x" * 10000)
+    try:
+        assert m.drill(scratch_dir=tmp_path / "scratch").ok
+    finally:
+        s.close()
+    assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_a_live_backups_reader_does_not_hold_up_the_nodes_next_open(tmp_path):
+    import apsw
+
+    s = _small_store(tmp_path / "node")
+    snapshot(s, "a", 10, 1, os.urandom(200_000))
+    s.close()
+    reader = apsw.Connection(str(tmp_path / "node" / "chunks.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM snapshot_chunks").fetchall()  # a pinned snapshot, as a backup holds
+    try:
+        os.unlink(tmp_path / "node" / "disk-reserve")  # the open then reclaims chunks.db's WAL space
+        t = time.monotonic()
+        open_store(tmp_path / "node").close()
+        assert time.monotonic() - t < 5, "the best-effort checkpoint waited out its busy timeout (10 s)"
+    finally:
+        reader.close()
+
+
+def test_drill_reports_a_listing_failure_as_a_failed_drill(tmp_path, monkeypatch):
+    from raft_sqlite import backup as backup_mod
+
+    def boom(*a, **k):
+        raise BackupError("cannot reach s3://b/p: EndpointConnectionError")
+
+    monkeypatch.setattr(backup_mod, "list_backups", boom)
+    rep = backup_mod.drill("s3://b/p", "n1")
+    assert not rep.ok and "cannot reach" in rep.error
+    res = CliRunner().invoke(cli, ["drill", "s3://b/p", "--node", "n1", "--json", "--metrics-file",
+                                   str(tmp_path / "d.prom")])
+    assert res.exit_code == 1 and json.loads(res.stdout)["ok"] is False
+    assert 'raft_sqlite_restore_drill_success{node_id="n1"} 0.0' in (tmp_path / "d.prom").read_text()
