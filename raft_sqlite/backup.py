@@ -156,25 +156,9 @@ def _fsync_file(path: str) -> None:
 
 
 def _make_dirs(path: str) -> None:
-    """Create the directory ``path`` (0700) and its missing parents, each new name made durable by a
-    sync of its parent: a backup whose call returned must not vanish with its folder's name after a
-    power cut. An existing directory is left alone."""
-    missing = []
-    p = path
-    while not os.path.isdir(p):
-        missing.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    for d in reversed(missing):
-        try:
-            fsio.mkdir(d, 0o700)
-        except FileExistsError:
-            if not os.path.isdir(d):
-                raise
-            continue
-        fsio.sync_dir(os.path.dirname(d))
+    """Create the directory ``path`` (0700) and its missing parents durably (:func:`fsio.make_dirs`; the
+    syncs go through this module's ``fsio``, which the power-loss campaign's sabotage test replaces)."""
+    fsio.make_dirs(path, 0o700, sync=fsio.sync_dir)
 
 
 def _sha256_file(path: str, progress: ProgressFn | None = None, phase: str = "sha256") -> tuple[int, str]:
@@ -1400,26 +1384,17 @@ def _read_remote_manifest(remote: objectstore.Remote, folder: str) -> Any:
 
 
 def _check_object_files(mpath: str, files: Any) -> None:
-    """Check the ``files`` of a URL backup's manifest: exactly :data:`DB_FILES`, each once, each with its
-    object name (the file name plus the compression's suffix), compression, layout, page size, sizes and
-    sha256 digests of the raw stream and of the object."""
-    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        raise BackupCorrupt(f"{mpath}: files must be a list of objects")
-    seen = set()
-    for f in files:
-        problem = _file_name_problem(f.get("name"))
-        if problem:
-            raise BackupCorrupt(f"{mpath}: {problem}")
+    """Check the ``files`` of a URL backup's manifest (:func:`_check_files_list`): each with its object name
+    (the file name plus the compression's suffix), compression, layout, page size, sizes and sha256 digests
+    of the raw stream and of the object."""
+    def entry(f: _Json) -> None:
         name = f["name"]
-        if name in seen:
-            raise BackupCorrupt(f"{mpath}: file {name!r} is listed twice")
-        seen.add(name)
         comp = f.get("compression")
         if not isinstance(comp, str) or comp not in objectstore.COMPRESSIONS:
             raise BackupCorrupt(f"{mpath}: file {name!r}: unknown compression {comp!r}")
         if f.get("object") != name + objectstore.COMPRESSIONS[comp]:
             raise BackupCorrupt(f"{mpath}: file {name!r}: object must be {name + objectstore.COMPRESSIONS[comp]!r}, "
-                              f"not {f.get('object')!r}")
+                                f"not {f.get('object')!r}")
         if f.get("layout") != objectstore.LAYOUT_PAGE1_LAST:
             raise BackupCorrupt(f"{mpath}: file {name!r}: unknown layout {f.get('layout')!r}")
         ps = f.get("page_size")
@@ -1431,8 +1406,7 @@ def _check_object_files(mpath: str, files: Any) -> None:
         for k in ("stream_sha256", "object_sha256"):
             if not isinstance(f.get(k), str) or not re.fullmatch(r"[0-9a-f]{64}", f[k]):
                 raise BackupCorrupt(f"{mpath}: file {name!r}: {k} must be 64 lowercase hex digits")
-    if seen != set(DB_FILES):
-        raise BackupCorrupt(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+    _check_files_list(mpath, files, entry)
 
 
 def _verify_remote(remote: objectstore.Remote, folder: str, manifest: Any, *, checksums: bool,
@@ -1754,9 +1728,9 @@ def _check_manifest_header(mpath: str, manifest: Any) -> None:
         raise BackupCorrupt(f"{mpath}: seq must be a positive integer (got {manifest['seq']!r})")
 
 
-def _check_manifest_files(mpath: str, files: Any) -> None:
-    """Check the manifest's ``files``: a list of objects naming exactly :data:`DB_FILES`, each once, as a
-    plain file name (:func:`_file_name_problem`), with a non-negative integer size and a sha256 in hex."""
+def _check_files_list(mpath: str, files: Any, check_entry: Callable[[_Json], None]) -> None:
+    """Check a manifest's ``files``: a list of objects naming exactly :data:`DB_FILES`, each once, as a
+    plain file name (:func:`_file_name_problem`); ``check_entry`` checks the rest of each entry."""
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise BackupCorrupt(f"{mpath}: files must be a list of objects")
     seen = set()
@@ -1767,12 +1741,20 @@ def _check_manifest_files(mpath: str, files: Any) -> None:
         if f["name"] in seen:
             raise BackupCorrupt(f"{mpath}: file {f['name']!r} is listed twice")
         seen.add(f["name"])
+        check_entry(f)
+    if seen != set(DB_FILES):
+        raise BackupCorrupt(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+
+
+def _check_manifest_files(mpath: str, files: Any) -> None:
+    """Check the local manifest's ``files`` (:func:`_check_files_list`): each with a non-negative integer
+    size and a sha256 in hex."""
+    def entry(f: _Json) -> None:
         if type(f.get("size")) is not int or f["size"] < 0:
             raise BackupCorrupt(f"{mpath}: file {f['name']!r}: size must be a non-negative integer")
         if not isinstance(f.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
             raise BackupCorrupt(f"{mpath}: file {f['name']!r}: sha256 must be 64 lowercase hex digits")
-    if seen != set(DB_FILES):
-        raise BackupCorrupt(f"{mpath}: files must be exactly {', '.join(DB_FILES)}; got {', '.join(sorted(seen))}")
+    _check_files_list(mpath, files, entry)
 
 
 def _check_backup_files(folder: str, files: list[_Json]) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -199,3 +199,27 @@ def makedirs(path: str, mode: int = 0o700, exist_ok: bool = False) -> None:
 
 def rmtree(path: str, ignore_errors: bool = False) -> None:
     _backend.rmtree(path, ignore_errors)
+
+
+def make_dirs(path: str, mode: int = 0o700, sync: Callable[[str], None] | None = None) -> None:
+    """Create the directory ``path`` (``mode``) and its missing parents, each new name made durable by a
+    sync of its parent (``sync``, default :func:`sync_dir`: a backup whose call returned must not vanish
+    with its folder's name after a power cut). An existing directory is left alone; an existing
+    non-directory raises ``FileExistsError``."""
+    sync = sync or sync_dir
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            mkdir(d, mode)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue
+        sync(os.path.dirname(d))

@@ -182,18 +182,7 @@ class Remote:
         """Create ``folder`` (a real directory on a local file system, synced into its parents; object
         stores have no folders, so nothing)."""
         if self.local:
-            missing = []
-            p = folder
-            while not os.path.isdir(p):
-                missing.append(p)
-                parent = os.path.dirname(p)
-                if parent == p:
-                    break
-                p = parent
-            for d in reversed(missing):
-                with contextlib.suppress(FileExistsError):
-                    fsio.mkdir(d, 0o700)
-                    fsio.sync_dir(os.path.dirname(d))
+            fsio.make_dirs(folder, 0o700)
 
     def remove(self, path: str) -> None:
         """Remove the folder (or object) ``path`` and everything under it."""
