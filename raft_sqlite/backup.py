@@ -185,6 +185,13 @@ def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _folder_names(t: float, n: int) -> Iterator[str]:
+    """The ``n`` names a backup started at ``t`` tries, in order: its UTC stamp, then ``stamp-1``, ``-2``..."""
+    base = _utc_stamp(t)
+    for i in range(n):
+        yield base if i == 0 else f"{base}-{i}"
+
+
 def _stamp_time(name: str) -> float | None:
     if not _TS_RE.match(name):
         return None
@@ -263,23 +270,18 @@ def _safe_component(node_id: str) -> str:
 
 
 def _write_file_atomically(folder: str, name: str, data: bytes) -> None:
-    """Write ``folder/name`` so that after a power cut it is either absent (or its previous content) or
-    complete: a temporary name, fsync, rename, fsync of ``folder``."""
-    tmp = os.path.join(folder, f".{name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        fsio.unlink(tmp)  # a leftover of an interrupted earlier attempt
-    fd = fsio.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    try:
-        fsio.write_all(fd, data)
-        fsio.fsync(fd)
-    finally:
-        fsio.close(fd)
-    fsio.replace(tmp, os.path.join(folder, name))
-    fsio.sync_dir(folder)
+    """:func:`fsio.write_file_atomically` (a name of its own here: the restore campaign's sabotage test
+    replaces it)."""
+    fsio.write_file_atomically(folder, name, data)
+
+
+def _manifest_bytes(obj: _Json) -> bytes:
+    """A manifest as written (and as its sha256 in the store's ``backups`` table is taken)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _write_json_atomically(folder: str, name: str, obj: _Json) -> bytes:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    data = _manifest_bytes(obj)
     _write_file_atomically(folder, name, data)
     return data
 
@@ -442,8 +444,6 @@ class HotBackupManager:
         self.sync_bytes = int_arg("sync_bytes", sync_bytes, 0, layout.MAX_SIZE)
         step_pause = float_arg("step_pause", step_pause, 0.0, 60.0)
         self.nice = int_arg("nice", nice, 0, 19)
-        if compression not in objectstore.COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(objectstore.COMPRESSIONS)}, not {compression!r}")
         if max_upload_rate is not None:
             max_upload_rate = float_arg("max_upload_rate", max_upload_rate, 0.0, 1e15, lo_open=True)
         #: bytes per uploaded part (S3 multipart parts are at least 5 MiB)
@@ -451,7 +451,7 @@ class HotBackupManager:
         #: seconds after which prune treats an unfinished remote upload (no manifest) as dead
         self.stale_after = float_arg("stale_after", stale_after, 0.0, 1e12)
         self.skip_unchanged = bool(skip_unchanged)
-        self.compression = compression
+        self.compression = objectstore.compression_arg(compression)
         #: zstd level of URL backups (1 = fastest, 19 = smallest; see objectstore.ZSTD_LEVEL)
         self.compression_level = int_arg("compression_level", compression_level, 1, 19)
         self.max_upload_rate = max_upload_rate
@@ -530,7 +530,7 @@ class HotBackupManager:
             if self.remote is not None:
                 return self._backup_remote(t0, progress, cancel)
             seen = self._highest_seq()
-            newest = self._newest_fingerprint() if self.skip_unchanged else None
+            newest = _newest_fingerprinted(self._scan(verify=False)) if self.skip_unchanged else None
             try:
                 folder = self._new_folder()
             except OSError as exc:
@@ -576,15 +576,6 @@ class HotBackupManager:
         log.info("%s: nothing new since backup %s: skipped", self.source.data_dir, path)
         return info
 
-    def _newest_fingerprint(self) -> tuple[str, _Json] | None:
-        """``(path, manifest)`` of this node's newest complete local backup if its manifest has a
-        fingerprint (see :func:`_fingerprint`)."""
-        for e in _scan_node_dir(self.node_dir, verify=False):
-            if e["status"] == "complete":
-                m = verify_backup(e["path"], checksums=False)
-                return (e["path"], m) if isinstance(m.get("fingerprint"), str) else None
-        return None
-
     def _scan(self, *, verify: bool) -> builtins.list[_Json]:
         if self.remote is not None:
             with self.remote.errors(f"cannot list the backups in {self.remote.url_of(self.node_dir)}"):
@@ -626,10 +617,7 @@ class HotBackupManager:
         return max((q for q in seqs if q is not None), default=0)
 
     def _new_folder(self) -> str:
-        now = time.time()
-        base = _utc_stamp(now)
-        for i in range(1000):
-            name = base if i == 0 else f"{base}-{i}"
+        for name in _folder_names(time.time(), 1000):
             p = os.path.join(self.node_dir, name)
             try:
                 fsio.mkdir(p, 0o700)
@@ -748,13 +736,9 @@ class HotBackupManager:
         with remote.errors(f"cannot list the backups in {remote.url_of(self.node_dir)}"):
             entries = _scan_remote_node(remote, self.node_dir, verify=False)
         seen = max((e["seq"] for e in entries if e.get("seq") is not None), default=0)
-        newest = None
-        if self.skip_unchanged:
-            newest = next(((e["path"], e["manifest"]) for e in entries if e["status"] == "complete"
-                           and isinstance(e["manifest"].get("fingerprint"), str)), None)
+        newest = _newest_fingerprinted(entries) if self.skip_unchanged else None
         names = {e["path"].rsplit("/", 1)[-1] for e in entries}
-        base = _utc_stamp(time.time())
-        name = next(n for n in (base if i == 0 else f"{base}-{i}" for i in range(len(names) + 1)) if n not in names)
+        name = next(n for n in _folder_names(time.time(), len(names) + 1) if n not in names)
         folder = f"{self.node_dir}/{name}"
         url = remote.url_of(folder)
         phases = {"copy": 0.0, "finish": 0.0}
@@ -790,10 +774,7 @@ class HotBackupManager:
         sinks: list[objectstore.ObjectSink] = []
         suffix = objectstore.COMPRESSIONS[self.compression]
         files: list[_Json] = []
-
-        def check_cancel() -> None:  # also while the upload queue drains and while pacing waits
-            if any(c is not None and c.is_set() for c in cancel):
-                raise BackupCancelled("backup cancelled")
+        check_cancel = _cancel_check(cancel)
         try:
             main_src, chunks_src, at, (boot_id, boot_seconds) = self._pin(sources)
             fingerprint = _fingerprint(main_src)
@@ -818,14 +799,8 @@ class HotBackupManager:
                                               max_rate=self.max_upload_rate,
                                               check_cancel=check_cancel)
                 sinks.append(sink)
-                row = src.execute("PRAGMA page_size").fetchone()
-                assert row is not None, "PRAGMA page_size always returns one row"
-                page_size = int(row[0])
-                step = self.pages_per_step or max(1, _DEFAULT_STEP_BYTES // page_size)
-                size = objectstore.stream_online_backup(
-                    src, name, sink, pages_per_step=step, progress=progress,
-                    cancelled=lambda: any(c is not None and c.is_set() for c in cancel),
-                    on_cancel=lambda: BackupCancelled("backup cancelled"))
+                size, page_size = objectstore.stream_online_backup(
+                    src, name, sink, pages_per_step=self.pages_per_step, progress=progress, check_cancel=check_cancel)
                 src.execute("COMMIT")  # release the snapshot: the store's checkpoints may proceed
                 phases["copy"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -861,9 +836,8 @@ class HotBackupManager:
             "source_data_dir": os.path.abspath(self.source.data_dir), "fingerprint": fingerprint, "groups": groups,
             "files": files,
         }
-        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         with remote.errors(f"cannot write the manifest of {remote.url_of(folder)}"):
-            remote.write_small(folder, MANIFEST, data)
+            remote.write_small(folder, MANIFEST, _manifest_bytes(manifest))
         return manifest, sum(f["size"] for f in files)
 
     def _online_copy(self, src: apsw.Connection, dest_path: str, name: str, progress: ProgressFn | None,
@@ -882,6 +856,7 @@ class HotBackupManager:
             step = self.pages_per_step or max(1, (self.sync_bytes or _DEFAULT_STEP_BYTES) // page_size)
             wfd = fsio.open(dest_path, os.O_RDONLY)
             unsynced = 0
+            check_cancel = _cancel_check(cancel)
             try:
                 with dest.backup("main", src, "main") as b:
                     # no IoGovernor pacing here (unlike snapshots): the copy holds a read snapshot, so every
@@ -899,8 +874,7 @@ class HotBackupManager:
                             _start_writeback(wfd)
                         if progress is not None:
                             progress(name, (b.pagecount - b.remaining) * page_size, b.pagecount * page_size)
-                        if any(c is not None and c.is_set() for c in cancel):
-                            raise BackupCancelled("backup cancelled")
+                        check_cancel()
                         if self.step_pause and not b.done:
                             time.sleep(self.step_pause)
             finally:
@@ -915,7 +889,7 @@ class HotBackupManager:
         """Record ``info`` in the store's ``backups`` table (the age metric and ``status`` read it) and raise
         the store's backup counter. ``at`` (a skipped backup: the instant the newest backup was found to
         still describe the store) replaces the backup's own instant."""
-        digest = hashlib.sha256((json.dumps(info.manifest, indent=2, sort_keys=True) + "\n").encode()).hexdigest()
+        digest = hashlib.sha256(_manifest_bytes(info.manifest)).hexdigest()
         created = info.manifest["created_at_unix"] if at is None else at
         row = (info.path, created, info.size, info.duration, digest)
 
@@ -956,10 +930,7 @@ class HotBackupManager:
     def list(self, *, verify: bool = False) -> builtins.list[_Json]:
         """This node's backups, newest first (see :func:`list_backups`)."""
         if self.remote is not None:  # through the manager's own file system (its storage_options)
-            rows = self._scan(verify=verify)
-            for e in rows:
-                e.pop("manifest", None)
-            return [b for b in rows if b["node_id"] == self.store.node_id]
+            return [b for b in _listed(self._scan(verify=verify)) if b["node_id"] == self.store.node_id]
         return [b for b in list_backups(self.backup_dir, verify=verify) if b["node_id"] == self.store.node_id]
 
     def last_backup(self) -> _Json | None:
@@ -1043,7 +1014,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
 #: Bytes per backup step when neither ``pages_per_step`` nor ``sync_bytes`` says.
-_DEFAULT_STEP_BYTES = 1 << 20
+_DEFAULT_STEP_BYTES = objectstore.STEP_BYTES
 
 
 def _lower_priority(nice: int) -> None:
@@ -1161,6 +1132,15 @@ def _describe(conn: apsw.Connection) -> _Facts:
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
+def _cancel_check(cancel: tuple[threading.Event | None, ...]) -> Callable[[], None]:
+    """A function that raises :class:`BackupCancelled` once any of the ``cancel`` events is set (checked
+    between backup steps, while an upload queue drains and while pacing waits)."""
+    def check() -> None:
+        if any(c is not None and c.is_set() for c in cancel):
+            raise BackupCancelled("backup cancelled")
+    return check
+
+
 def _retention_args(keep: int | None, max_age: float | None) -> tuple[int | None, float | None]:
     """Checked retention settings: ``keep`` an int >= 1 (the newest backup is always kept) or None,
     ``max_age`` a finite number of seconds > 0 or None."""
@@ -1294,6 +1274,8 @@ class HotBackupScheduler:
 
 # ---------------------------------------------------------------------------------------------- listing
 def _scan_node_dir(node_dir: str, *, verify: bool) -> list[_Json]:
+    """The backups in the local folder ``node_dir``, newest first (the rows of :func:`list_backups`; each
+    complete one also carries its parsed ``manifest``, which :func:`_listed` drops)."""
     out: list[_Json] = []
     try:
         names = sorted(os.listdir(node_dir))
@@ -1315,7 +1297,7 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[_Json]:
             else:
                 e.update(status="complete", created_at=m["created_at_unix"], node_id=m["node_id"],
                          cluster_id=m["cluster_id"], size=sum(f["size"] for f in m["files"]),
-                         groups=len(m["groups"]), seq=manifest_seq(m), clock=_clock_of(m))
+                         groups=len(m["groups"]), seq=manifest_seq(m), clock=_clock_of(m), manifest=m)
         elif e["created_at"] is None:
             continue  # not a backup folder
         if e["created_at"] is None:
@@ -1323,6 +1305,23 @@ def _scan_node_dir(node_dir: str, *, verify: bool) -> list[_Json]:
         e["age"] = now - e["created_at"]
         out.append(e)
     return _ordered(out, now)
+
+
+def _newest_fingerprinted(entries: list[_Json]) -> tuple[str, _Json] | None:
+    """``(path, manifest)`` of the newest complete backup of a node's listing (newest first) if its manifest
+    has a fingerprint (see :func:`_fingerprint`), else None."""
+    for e in entries:
+        if e["status"] == "complete":
+            m = e["manifest"]
+            return (e["path"], m) if isinstance(m.get("fingerprint"), str) else None
+    return None
+
+
+def _listed(entries: list[_Json]) -> list[_Json]:
+    """A scan's entries as :func:`list_backups` returns them (without the parsed manifests)."""
+    for e in entries:
+        e.pop("manifest", None)
+    return entries
 
 
 def _ordered(out: list[_Json], now: float) -> list[_Json]:
@@ -1485,9 +1484,7 @@ def list_backups(backup_dir: _Path, *, verify: bool = False,
             for name, kind, _ in sorted(remote.children(remote.root)):
                 if kind == "directory" and not name.startswith("."):
                     out.extend(_scan_remote_node(remote, remote.path(name), verify=verify))
-        for e in out:
-            e.pop("manifest", None)
-        return out
+        return _listed(out)
     root = os.path.abspath(os.fspath(backup_dir))
     out = []
     try:
@@ -1498,7 +1495,7 @@ def list_backups(backup_dir: _Path, *, verify: bool = False,
         p = os.path.join(root, n)
         if not n.startswith(".") and os.path.isdir(p) and not os.path.islink(p):
             out.extend(_scan_node_dir(p, verify=verify))
-    return out
+    return _listed(out)
 
 
 # ---------------------------------------------------------------------------------------------- drill
@@ -1583,30 +1580,22 @@ def drill(backup_root: _Path, node_id: str, *, storage_options: dict[str, Any] |
         return report(False, newest, error=f"the newest backup is corrupt: {newest['error']}")
     parent = tempfile.gettempdir() if scratch_dir is None else os.path.abspath(os.fspath(scratch_dir))
     try:
-        _make_dirs(parent)
-        _remove_abandoned_downloads(parent, _DRILL_PREFIX)  # of drills that were killed
-        scratch = tempfile.mkdtemp(prefix=_DRILL_PREFIX, dir=parent)
-        lock_fd = fsio.open(os.path.join(scratch, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-    except OSError as exc:
-        return report(False, newest, error=f"cannot create a scratch folder in {parent}: {exc}")
-    try:
-        target = os.path.join(scratch, node)
-        try:
-            info = restore(newest["path"], target, storage_options=storage_options, scratch_dir=scratch,
-                           progress=progress)
-            rep = run_verify(target)
-        except (RaftSqliteError, OSError) as exc:
-            return report(False, newest, error=f"{type(exc).__name__}: {exc}")
-        size = sum(f["size"] for f in info.manifest["files"])
-        summary = {k: v for k, v in rep.to_dict().items() if k != "data_dir"}
-        if not rep.ok:
-            problems = "; ".join(f"{p.kind}: {p.message}" for p in rep.problems[:5])
-            return report(False, newest, size, f"the restored store fails verify: {problems}", summary)
-        return report(True, newest, size, None, summary)
-    finally:
-        fsio.rmtree(scratch, ignore_errors=True)
-        fsio.close(lock_fd)
+        with _locked_scratch(parent, _DRILL_PREFIX) as scratch:  # (also removes those of killed drills)
+            target = os.path.join(scratch, node)
+            try:
+                info = restore(newest["path"], target, storage_options=storage_options, scratch_dir=scratch,
+                               progress=progress)
+                rep = run_verify(target)
+            except (RaftSqliteError, OSError) as exc:
+                return report(False, newest, error=f"{type(exc).__name__}: {exc}")
+            size = sum(f["size"] for f in info.manifest["files"])
+            summary = {k: v for k, v in rep.to_dict().items() if k != "data_dir"}
+            if not rep.ok:
+                problems = "; ".join(f"{p.kind}: {p.message}" for p in rep.problems[:5])
+                return report(False, newest, size, f"the restored store fails verify: {problems}", summary)
+            return report(True, newest, size, None, summary)
+    except BackupError as exc:  # the scratch folder could not be made (the body returns its own errors)
+        return report(False, newest, error=str(exc))
 
 
 _DRILL_PREFIX = ".raft_sqlite-drill-"
@@ -1961,9 +1950,17 @@ def _refuse_target(target: str) -> None:
     if os.path.lexists(target):
         if os.path.islink(target) or not os.path.isdir(target):
             raise BackupError(f"restore target {target} exists and is not a directory")
-        if read_restore_state(target).restore_leftovers() is None:
-            raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
-                              "(move the old data away first)")
+        _restore_leftovers(target)
+
+
+def _restore_leftovers(target: str) -> list[str]:
+    """The names an interrupted restore left in the directory ``target`` (the same reading as
+    ``NodeStore.open``'s refusal, :mod:`raft_sqlite.restorestate`); refuses anything else."""
+    names = read_restore_state(target).restore_leftovers()
+    if names is None:
+        raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
+                          "(move the old data away first)")
+    return names
 
 
 def _latest_local(root: str, node: str) -> tuple[str, tuple[_Json, list[_Json] | None]]:
@@ -1978,8 +1975,7 @@ def _latest_local(root: str, node: str) -> tuple[str, tuple[_Json, list[_Json] |
         except BackupCorrupt as exc:
             log.warning("backup %s does not verify (%s); trying the next older one", e["path"], exc)
             problems.append(f"{e['path']}: {exc}")
-    raise BackupError(f"no backup of node {node!r} in {root} verifies" + (": " + "; ".join(problems) if problems else
-                                                                            " (there is none)"))
+    raise _none_verifies(node, root, problems, " (there is none)")
 
 
 def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: str | None,
@@ -2000,16 +1996,7 @@ def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: st
     prefix = f".{os.path.basename(target)}.fetch-"
     problems = []
     for folder in candidates:
-        try:
-            _make_dirs(parent)
-            _remove_abandoned_downloads(parent, prefix)
-            scratch = tempfile.mkdtemp(prefix=prefix, dir=parent)
-            # held while the folder is in use: a later restore removes the folder only if it can take this
-            lock_fd = fsio.open(os.path.join(scratch, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            raise BackupError(f"cannot create a download folder in {parent}: {exc}") from exc
-        try:
+        with _locked_scratch(parent, prefix) as scratch:
             try:
                 manifest = _read_remote_manifest(remote, folder)
                 _verify_remote(remote, folder, manifest, checksums=False)
@@ -2027,12 +2014,39 @@ def _restore_remote(remote: objectstore.Remote, target: str, kind: str, node: st
                 continue
             return _restore_folder(scratch, target, kind, progress, vfs, new_id, remote.url_of(folder), True,
                                    verified, t0)
-        finally:
-            fsio.rmtree(scratch, ignore_errors=True)
-            fsio.close(lock_fd)
     none = " (there is none)" if remote.exists() else f" ({remote.url} does not exist)"
-    raise BackupError(f"no backup of node {node!r} in {remote.url} verifies" + (": " + "; ".join(problems) if problems
-                                                                                else none))
+    raise _none_verifies(node, remote.url, problems, none)
+
+
+def _none_verifies(node: str | None, root: str, problems: list[str], none: str) -> BackupError:
+    """The refusal of ``restore(latest=True)`` when no backup of ``node`` in ``root`` verifies: each
+    candidate's problem, or ``none`` when there was no candidate."""
+    return BackupError(f"no backup of node {node!r} in {root} verifies" + (": " + "; ".join(problems) if problems
+                                                                         else none))
+
+
+@contextlib.contextmanager
+def _locked_scratch(parent: str, prefix: str) -> Iterator[str]:
+    """A new private folder ``parent/prefix<random>`` (0700; ``parent`` created if missing), removed at the
+    end. A lock file inside is held meanwhile, so that a later call removes the folders that calls killed
+    mid-way left behind (:func:`_remove_abandoned_downloads`), never one in use. A folder that cannot
+    be made raises :class:`BackupError`."""
+    folder = None
+    try:
+        _make_dirs(parent)
+        _remove_abandoned_downloads(parent, prefix)
+        folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        lock_fd = fsio.open(os.path.join(folder, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        if folder is not None:
+            fsio.rmtree(folder, ignore_errors=True)
+        raise BackupError(f"cannot create a scratch folder in {parent}: {exc}") from exc
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        fsio.rmtree(folder, ignore_errors=True)
+        fsio.close(lock_fd)
 
 
 def _remove_abandoned_downloads(parent: str, prefix: str) -> None:
@@ -2062,18 +2076,7 @@ def _restore_folder(src: str, target: str, kind: str, progress: ProgressFn | Non
     """:func:`restore` of the local backup folder ``src`` into ``target`` (its steps (1)-(7)). ``origin``
     is what the restore event names as the backup; ``consume`` moves the files out of ``src`` (a private
     download folder) instead of copying them; ``verified`` is ``src``'s verification if already made."""
-    def leftovers_or_refuse() -> list[str]:
-        # the same reading of an interrupted restore as NodeStore.open's refusal (restorestate)
-        names = read_restore_state(target).restore_leftovers()
-        if names is None:
-            raise BackupError(f"restore target {target} is not empty: restore only into a new or empty data_dir "
-                              "(move the old data away first)")
-        return names
-
-    if os.path.lexists(target):
-        if os.path.islink(target) or not os.path.isdir(target):
-            raise BackupError(f"restore target {target} exists and is not a directory")
-        leftovers_or_refuse()
+    _refuse_target(target)  # again: a download may have taken long
     manifest, groups = verified if verified is not None else _verify_backup(src, checksums=True)
     final_id = manifest["node_id"] if new_id is None else new_id
     created_dir = not os.path.exists(target)
@@ -2086,7 +2089,7 @@ def _restore_folder(src: str, target: str, kind: str, progress: ProgressFn | Non
     # data_dir; DataDirLocked (naming the holder) if a store has it open already.
     lock = DataDirLock.acquire(target, node_id=final_id)
     try:
-        stale = leftovers_or_refuse()  # again, now that nobody else can write into it
+        stale = _restore_leftovers(target)  # again, now that nobody else can write into it
     except BaseException:
         lock.release()
         raise

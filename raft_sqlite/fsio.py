@@ -223,3 +223,19 @@ def make_dirs(path: str, mode: int = 0o700, sync: Callable[[str], None] | None =
                 raise
             continue
         sync(os.path.dirname(d))
+
+
+def write_file_atomically(folder: str, name: str, data: bytes) -> None:
+    """Write ``folder/name`` so that after a power cut it is either absent (or its previous content) or
+    complete: a temporary name, fsync, rename, fsync of ``folder``."""
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        unlink(tmp)  # a leftover of an interrupted earlier attempt
+    fd = open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        write_all(fd, data)
+        fsync(fd)
+    finally:
+        close(fd)
+    replace(tmp, os.path.join(folder, name))
+    sync_dir(folder)

@@ -55,16 +55,27 @@ ZSTD_LEVEL = 1
 #: SQLite page cache (KiB) of a backup's source and destination connections: every page is read and written
 #: once, so a cache buys nothing (with the store's 32 MiB and SQLite's default, a backup held ~96 MiB).
 COPY_CACHE_KIB = 1024
+#: Bytes per online-backup step (cancel and progress are checked between steps)
+STEP_BYTES = 1 << 20
 #: Default size of one uploaded part (S3 multipart: at least 5 MiB) and of the upload queue.
 PART_SIZE = 8 << 20
 QUEUE_BYTES = 16 << 20
 _PIECE = 1 << 20
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _VFS_NAME = "raft_sqlite_stream"
+#: the (non-existent) folder of the file names :class:`StreamVFS` gives its streams
+_STREAM_DIR = "/raft-sqlite-stream/"
 #: SQLite's lock byte (PENDING_BYTE): the page holding it is never written or read as data
 _PENDING_BYTE = 0x40000000
 
 ProgressFn = Callable[[str, int, int], None]
+
+
+def compression_arg(compression: object) -> str:
+    """``compression`` if it names one of :data:`COMPRESSIONS`, else ValueError."""
+    if not isinstance(compression, str) or compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, not {compression!r}")
+    return compression
 
 
 def is_url(dest: object) -> bool:
@@ -166,15 +177,7 @@ class Remote:
         """Write the object ``folder/name`` whole: on a local file system atomically and durably (temp
         name, fsync, rename, fsync of the folder), elsewhere as one PUT (atomic by itself)."""
         if self.local:
-            tmp = f"{folder}/.{name}.tmp"
-            fd = fsio.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-            try:
-                fsio.write_all(fd, data)
-                fsio.fsync(fd)
-            finally:
-                fsio.close(fd)
-            fsio.replace(tmp, f"{folder}/{name}")
-            fsio.sync_dir(folder)
+            fsio.write_file_atomically(folder, name, data)
             return
         self.fs.pipe_file(f"{folder}/{name}", data)
 
@@ -231,8 +234,8 @@ class ObjectSink:
     """One object being written as a stream: ``write(raw)`` hashes the raw stream, compresses it and
     queues the result; an uploader thread writes the queue into ``remote.fs.open(path, "wb")``.
 
-    Memory is bounded by ``queue_bytes`` plus one part (``part_size``) plus the compressor's window. A
-    full queue blocks ``write`` (backpressure on the copy). ``max_rate`` (bytes per second of
+    Memory is bounded by ``queue_bytes``, the part being sent (``part_size``; s3fs keeps it in its buffer
+    and sends a copy) and the compressor's window. A full queue blocks ``write`` (backpressure on the copy). ``max_rate`` (bytes per second of
     compressed data, None: unpaced) paces the upload. :meth:`finish` completes the object and returns
     ``{size, stream_sha256, object_size, object_sha256}``; :meth:`abort` discards it (an S3 multipart
     upload is aborted, not completed)."""
@@ -240,9 +243,7 @@ class ObjectSink:
     def __init__(self, remote: Remote, path: str, *, compression: str = "zstd", level: int = ZSTD_LEVEL,
                  part_size: int = PART_SIZE, queue_bytes: int = QUEUE_BYTES, max_rate: float | None = None,
                  check_cancel: Callable[[], None] | None = None) -> None:
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, not {compression!r}")
-        self.remote, self.path, self.compression = remote, path, compression
+        self.remote, self.path, self.compression = remote, path, compression_arg(compression)
         self.size = 0
         self.object_size = 0
         self._raw = hashlib.sha256()
@@ -480,7 +481,7 @@ class StreamVFS(apsw.VFS):
     @contextlib.contextmanager
     def target(self, stream: PageStream) -> Iterator[str]:
         """Register ``stream`` under a fresh file name (yielded) for the duration of the block."""
-        name = f"/raft-sqlite-stream/{uuid.uuid4().hex}/{stream.name}"
+        name = f"{_STREAM_DIR}{uuid.uuid4().hex}/{stream.name}"
         with self._targets_lock:
             self._targets[name] = stream
         try:
@@ -498,24 +499,27 @@ class StreamVFS(apsw.VFS):
         return super().xOpen(name, flags)
 
     def xAccess(self, pathname: str, flags: int) -> bool:  # noqa: N802
-        if pathname.startswith("/raft-sqlite-stream/"):
+        if pathname.startswith(_STREAM_DIR):
             return False  # no journal, no -wal beside a stream
         return bool(super().xAccess(pathname, flags))
 
     def xDelete(self, filename: str, syncdir: bool) -> None:  # noqa: N802
-        if filename.startswith("/raft-sqlite-stream/"):
+        if filename.startswith(_STREAM_DIR):
             return None
         return super().xDelete(filename, syncdir)
 
 
-def stream_online_backup(src: apsw.Connection, name: str, sink: _Writable, *, pages_per_step: int,
-                         progress: ProgressFn | None, cancelled: Callable[[], bool],
-                         on_cancel: Callable[[], BaseException]) -> int:
+def stream_online_backup(src: apsw.Connection, name: str, sink: _Writable, *, pages_per_step: int | None,
+                         progress: ProgressFn | None, check_cancel: Callable[[], None]) -> tuple[int, int]:
     """Copy the database of ``src`` (which holds its read transaction) into ``sink`` through the online
-    backup API and :class:`StreamVFS`. Returns the file's size in bytes."""
+    backup API and :class:`StreamVFS`, ``pages_per_step`` pages per step (None: :data:`STEP_BYTES` worth);
+    ``check_cancel()`` runs after every step and raises to stop. Returns the file's size in bytes and its
+    page size."""
     row = src.execute("PRAGMA page_size").fetchone()
     assert row is not None, "PRAGMA page_size always returns one row"
-    stream = PageStream(name, int(row[0]), sink)
+    page_size = int(row[0])
+    step = pages_per_step or max(1, STEP_BYTES // page_size)
+    stream = PageStream(name, page_size, sink)
     vfs = StreamVFS.get()
     with vfs.target(stream) as fname:
         dest = apsw.Connection(fname, vfs=_VFS_NAME)
@@ -526,19 +530,17 @@ def stream_online_backup(src: apsw.Connection, name: str, sink: _Writable, *, pa
             try:
                 with dest.backup("main", src, "main") as b:
                     while not b.done:
-                        b.step(pages_per_step)
+                        b.step(step)
                         if progress is not None:
-                            progress(name, (b.pagecount - b.remaining) * stream.page_size,
-                                     b.pagecount * stream.page_size)
-                        if cancelled():
-                            raise on_cancel()
+                            progress(name, (b.pagecount - b.remaining) * page_size, b.pagecount * page_size)
+                        check_cancel()
             except apsw.Error as exc:
                 if stream.error is not None:
                     raise BackupError(stream.error) from exc
                 raise
         finally:
             dest.close()
-    return stream.finish()
+    return stream.finish(), page_size
 
 
 # ---------------------------------------------------------------------------------------------- download

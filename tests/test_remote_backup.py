@@ -148,10 +148,10 @@ def test_streamed_copy_is_a_valid_database_for_any_page_size(tmp_path):
             def write(self, data):
                 chunks.append(data)
 
-        size = objectstore_mod.stream_online_backup(reader, "x.db", Sink(), pages_per_step=7, progress=None,
-                                                    cancelled=lambda: False, on_cancel=lambda: BackupError("no"))
+        size, got_page_size = objectstore_mod.stream_online_backup(reader, "x.db", Sink(), pages_per_step=7,
+                                                                   progress=None, check_cancel=lambda: None)
         raw = b"".join(chunks)
-        assert len(raw) == size and size % page_size == 0
+        assert len(raw) == size and size % page_size == 0 and got_page_size == page_size
         out = tmp_path / f"out{page_size}.db"
         out.write_bytes(raw[-page_size:] + raw[:-page_size])
         c = apsw.Connection(str(out))
