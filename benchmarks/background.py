@@ -1,8 +1,8 @@
-"""Background-work isolation: does a snapshot, a hot backup, a compaction or a checkpoint stall the log?
+"""Background-work isolation: does a snapshot, a hot backup, a prune, a compaction or a checkpoint stall the log?
 
     python benchmarks/background.py [--snapshot-mib 512] [--backup-mb 300] [--compact-segments 32]
                                     [--checkpoint-mib 128] [--idle-seconds 1] [--conc-seconds 1.5]
-                                    [--rounds 3] [--split-fsync] [--json PATH] [--quick]
+                                    [--rounds 3] [--split-fsync] [--shrink-step BYTES] [--json PATH] [--quick]
 
 One table, every figure a same-run ratio. The foreground is one thread of single-entry FULL appends
 (``backup.Appender``: the loop of benchmarks/backup.py) on group ``bench`` of a store opened with the
@@ -11,7 +11,11 @@ defaults, measured while each of these runs on another thread of the same proces
 * **idle**: nothing (``--idle-seconds``); the baseline of every ratio below;
 * **snapshot**: ``store.snapshots(g).write(...)`` of ``--snapshot-mib`` MiB with the manager's defaults
   (chunk size, commit bytes), unpaced;
-* **backup**: ``HotBackupManager(store, dir).backup()`` (defaults) of a store of ``--backup-mb`` MB;
+* **backup**: ``HotBackupManager(store, dir).backup()`` (defaults) of a store of ``--backup-mb`` MB (the
+  copy is removed after the window);
+* **prune**: ``HotBackupManager(store, dir).prune(keep=1)`` removing one older backup of that store (a
+  newer one is taken before the window): the removal of a few hundred MB of files next to the node, with
+  ``fsio.SHRINK_STEP_BYTES`` (``--shrink-step``; 0: a plain unlink);
 * **compaction**: ``log.compact(up_to)`` of another group whose log holds ``--compact-segments`` sealed
   segments of the default SegmentPolicy, all covered by a durable snapshot (the store is a fresh fsynced
   copy of a template built once);
@@ -22,6 +26,9 @@ defaults, measured while each of these runs on another thread of the same proces
   ``PRAGMA wal_checkpoint(TRUNCATE)`` on a second connection (``pragma``, which holds the writer lock
   for the whole copy: no store does that on its own). The window starts when the reader lets go, so an
   append that runs SQLite's own autocheckpoint of that WAL is counted too.
+
+Between episodes the previous one's files are removed and ``os.sync()`` runs (then 0.2 s of rest), so
+that no episode pays for another's leftovers.
 
 An append counts in a window if it overlaps it (one that straddles the end is the stall). Figures per
 row: p50, p99, max (worst stall), n (appends in the window, printed); targets: p99 <= 2x idle, max <= 20 ms.
@@ -82,16 +89,23 @@ from _common import (  # noqa: E402
     workdir,
 )
 
-from raft_sqlite import FsyncMode, HotBackupManager, LogEntry, NodeStore, SegmentPolicy  # noqa: E402
+from raft_sqlite import FsyncMode, HotBackupManager, LogEntry, NodeStore, SegmentPolicy, fsio  # noqa: E402
 
 MiB = 1 << 20
-KINDS = ("idle", "snapshot", "backup", "compaction", "checkpoint")
+KINDS = ("idle", "snapshot", "backup", "prune", "compaction", "checkpoint")
 FG_APP, FG_RAW = "appends", "raw fdatasync"
 STALL_TARGET = 0.020
 VFS_NAME = "rsq-bench-timing"
 
 
 # ---------------------------------------------------------------------------------------- evidence
+def settle():
+    """Between episodes: flush what the previous one left (its files' removal included) so that no
+    episode pays for another's leftovers."""
+    os.sync()
+    time.sleep(0.2)
+
+
 def wait_backfilled(s, salts0, deadline):
     """Wait until every frame of raft.db's WAL generation ``salts0`` is in raft.db (or a new WAL
     generation began, which SQLite starts only after a complete checkpoint), as read from the -shm index:
@@ -244,6 +258,8 @@ class Bench:
         backup_bench.build(self.backup_src, a.backup_mb, 4096, 4)
         self.backup_store = self.open(self.backup_src)
         self.backup_dir = os.path.join(d, "backups")
+        self.made = []
+        HotBackupManager(self.backup_store, self.backup_dir).backup()  # the first one the prune row removes
         self.compact_tpl = os.path.join(d, "compact-template")
         self.build_compaction_template()
         print(f"fixtures built in {time.perf_counter() - t0:.1f} s: backup store "
@@ -311,14 +327,36 @@ class Bench:
         t0 = time.perf_counter()
         info = HotBackupManager(self.backup_store, self.backup_dir).backup()
         t = time.perf_counter() - t0
-        shutil.rmtree(info.path)
+        self.made.append(info.path)  # removed after the window (its removal is the prune row's work)
         return {"bg_s": t, "bg_bytes": info.size}
+
+    def remove_made(self):
+        while self.made:
+            fsio.rmtree(self.made.pop())
+        settle()
+
+    def prune(self):
+        """The prune row: a backup is taken before the window (outside it); the window is
+        ``prune(keep=1)`` removing the previous one (one backup of the backup store's size)."""
+        m = HotBackupManager(self.backup_store, self.backup_dir)
+        m.backup()
+        settle()
+        size = m.list()[-1]["size"]
+
+        def work():
+            t0 = time.perf_counter()
+            removed = m.prune(keep=1)
+            assert len(removed) == 1, removed
+            return {"bg_s": time.perf_counter() - t0, "bg_bytes": size}
+        return work
 
     def prepare(self, kind):
         """(store, work, cleanup) of one episode; ``work()`` runs the background work and returns its
         figures."""
         if kind == "backup":
-            return self.backup_store, self.backup, lambda: None
+            return self.backup_store, self.backup, self.remove_made
+        if kind == "prune":
+            return self.backup_store, self.prune(), settle
         if kind == "compaction":
             path = self.copy_template()
             s = self.open(path)
@@ -371,12 +409,14 @@ class Bench:
                 def cleanup():
                     reader.close()
                     s.close()
-                    shutil.rmtree(path)
+                    fsio.rmtree(path)
+                    settle()
                 return s, work, cleanup
 
         def cleanup():
             s.close()
-            shutil.rmtree(path)
+            fsio.rmtree(path)
+            settle()
         return s, work, cleanup
 
     def episode(self, kind, fg):
@@ -463,6 +503,9 @@ def bg_cell(kind, r, b):
         return f"snapshot {b.a.snapshot_mib} MiB in {r.med('bg_s'):.2f} s ({mb(r):,.0f} MB/s)"
     if kind == "backup":
         return f"backup {r.med('bg_bytes') / 1e6:,.0f} MB in {r.med('bg_s'):.2f} s ({mb(r):,.0f} MB/s)"
+    if kind == "prune":
+        step = f"in {fsio.SHRINK_STEP_BYTES >> 20} MiB steps" if fsio.SHRINK_STEP_BYTES else "plain unlink"
+        return f"prune(keep=1): 1 backup of {r.med('bg_bytes') / 1e6:,.0f} MB removed ({step}) in {r.med('bg_s'):.2f} s"
     if kind == "compaction":
         return (f"compact {b.a.compact_segments} segments ({r.med('bg_entries'):,.0f} entries) in "
                 f"{r.med('bg_s'):.2f} s")
@@ -537,6 +580,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; the median is kept")
     ap.add_argument("--split-fsync", action="store_true",
                     help="open the stores through a timing VFS and split each append into WAL fdatasync / rest")
+    ap.add_argument("--shrink-step", type=int, default=None, metavar="BYTES",
+                    help="fsio.SHRINK_STEP_BYTES for this run: big files are truncated in steps of BYTES before they "
+                    "are unlinked (default: the library's; 0: a plain unlink, the code before issue 13's prune fix)")
     ap.add_argument("--json", metavar="PATH", help="write every figure and every round's values to PATH")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 32 MiB snapshot, 32 MB backup, 2 segments, 16 MiB WAL, 0.3 s windows, 2 rounds")
@@ -544,6 +590,8 @@ def main(argv=None):
     if a.quick:
         a.snapshot_mib, a.backup_mb, a.compact_segments, a.checkpoint_mib = 32, 32, 2, 16
         a.idle_seconds, a.conc_seconds, a.rounds = 0.3, 0.3, 2
+    if a.shrink_step is not None:
+        fsio.SHRINK_STEP_BYTES = a.shrink_step
     d = workdir()
     b = None
     try:

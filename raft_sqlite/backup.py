@@ -980,11 +980,21 @@ class HotBackupManager:
                 if e["status"] == "corrupt":
                     log.warning("backup %s is corrupt (%s); prune leaves it for the operator", e["path"], e["error"])
             for e in doomed:
+                # The manifest goes first (and durably): a prune killed half-way through a folder then
+                # leaves an incomplete folder, which the next prune removes, never a backup whose listing
+                # says complete (or corrupt, left for the operator) while its files are half gone.
                 if remote is None:
+                    manifest = os.path.join(e["path"], MANIFEST)
+                    if os.path.lexists(manifest):
+                        fsio.unlink(manifest)
+                        fsio.sync_dir(e["path"])
                     fsio.rmtree(e["path"])
                 else:
+                    folder = f"{self.node_dir}/{e['path'].rsplit('/', 1)[-1]}"
                     with remote.errors(f"cannot remove {e['path']}"):
-                        remote.remove(f"{self.node_dir}/{e['path'].rsplit('/', 1)[-1]}")
+                        if e["status"] != "incomplete":
+                            remote.remove(f"{folder}/{MANIFEST}")
+                        remote.remove(folder)
                 removed.append(e["path"])
                 log.info("pruned %s backup %s", e["status"], e["path"])
             if remote is None:

@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -197,7 +199,56 @@ def makedirs(path: str, mode: int = 0o700, exist_ok: bool = False) -> None:
     _backend.makedirs(path, mode, exist_ok)
 
 
+#: Bytes by which :func:`rmtree` shrinks a big file per step before it unlinks it. Unlinking a big file
+#: frees all its blocks in one file-system transaction, and every fdatasync of the node that comes next
+#: waits for the journal commit that carries it (on ext4 mounted with ``discard`` that commit also trims
+#: every freed block). Measured (issue 13, a 356 MB backup deleted next to single FULL appends): the
+#: worst append 37-100 ms with a plain unlink, 25-31 ms in steps of 64 MiB, 16-22 ms of 32 MiB, 7-11 ms
+#: of 8 MiB and 4.5-7 ms of 2 MiB (the deletion then takes ~2.4x as long: ~460 instead of ~190 ms).
+SHRINK_STEP_BYTES = 2 << 20
+#: Pause between two shrink steps (seconds), so that the node's commits find short journal commits.
+SHRINK_PAUSE = 0.001
+
+
+def shrink_gradually(path: str, step: int | None = None, pause: float | None = None) -> None:
+    """Truncate the regular file ``path`` to zero from its end, ``step`` bytes at a time (default
+    :data:`SHRINK_STEP_BYTES`; 0 turns shrinking off) with ``pause`` seconds between steps (default
+    :data:`SHRINK_PAUSE`), so that its blocks are freed in small file-system transactions. Only a file
+    with no other hard link is touched (truncating one would empty every name of it), never through a
+    symlink; it does nothing to anything else, and best effort: any ``OSError`` leaves the file as it is
+    (the unlink that follows reports what matters)."""
+    step = SHRINK_STEP_BYTES if step is None else step
+    pause = SHRINK_PAUSE if pause is None else pause
+    if step <= 0:
+        return
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size <= step:
+            return
+        fd = open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        while size > step:
+            size -= step
+            ftruncate(fd, size)
+            if pause:
+                time.sleep(pause)
+    except OSError:
+        pass
+    finally:
+        close(fd)
+
+
 def rmtree(path: str, ignore_errors: bool = False) -> None:
+    """Remove the directory tree ``path`` (``shutil.rmtree``; a symlink ``path`` is refused), its big
+    files first shrunk by :func:`shrink_gradually`, so that removing a backup or a restore's scratch
+    copy next to a running node does not stall the node's commits behind one huge journal commit."""
+    if not os.path.islink(path):
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                shrink_gradually(os.path.join(root, name))
     _backend.rmtree(path, ignore_errors)
 
 

@@ -190,7 +190,11 @@ class Remote:
     def remove(self, path: str) -> None:
         """Remove the folder (or object) ``path`` and everything under it."""
         if self.local:
-            fsio.rmtree(path, ignore_errors=False)
+            if os.path.isdir(path) and not os.path.islink(path):
+                fsio.rmtree(path, ignore_errors=False)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    fsio.unlink(path)
             fsio.sync_dir(os.path.dirname(path))
             return
         with contextlib.suppress(FileNotFoundError):
