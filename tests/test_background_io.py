@@ -411,7 +411,8 @@ def test_backup_sync_bytes_is_checked(tmp_path, store, kw, exc):
     assert not (tmp_path / "bk").exists()
 
 
-def test_compaction_pauses_between_segments_and_removes_them_all(tmp_path, monkeypatch):
+@pytest.mark.parametrize("busy", [False, True])
+def test_compaction_pauses_between_segments_while_the_log_is_busy_and_removes_them_all(tmp_path, monkeypatch, busy):
     import raft_sqlite.kernel as kernel_mod
 
     s = open_store(tmp_path / "n", segment_policy=SegmentPolicy(max_entries=100))
@@ -423,6 +424,7 @@ def test_compaction_pauses_between_segments_and_removes_them_all(tmp_path, monke
             w.write(b"state")
         pauses = []
         real_sleep = time.sleep
+        other = s.log("other")
 
         class _Time:  # the kernel's view of the time module: sleeps are recorded
             def __getattr__(self, name):
@@ -433,15 +435,28 @@ def test_compaction_pauses_between_segments_and_removes_them_all(tmp_path, monke
                 pauses.append(t)
                 real_sleep(t)
 
+        if busy:  # another group's commit lands between every two segments
+            real_read = s.kernel.read
+
+            def read(fn):
+                other.append_next(1, [b"x"])
+                return real_read(fn)
+
+            monkeypatch.setattr(s.kernel, "read", read)
         monkeypatch.setattr(kernel_mod, "time", _Time())
         lg.compact(900)
         assert lg.first_index == 901
-        left = s.kernel.read(lambda c: c.execute("SELECT min(idx), count(*) FROM log_entries").fetchone())
+        gid = s.kernel.group("g").gid
+        left = s.kernel.read(lambda c: c.execute("SELECT min(idx), count(*) FROM log_entries WHERE group_id=?",
+                                                 (gid,)).fetchone())
         assert left == (901, 100)
-        # nine segments removed (1..900), one commit each: no pause before the first, one after each
-        # of the others' predecessors, each as long as the commit before it, capped
-        assert len(pauses) == 9 and pauses[0] == 0.0
-        assert all(0 < p <= kernel_mod.COMPACTION_PAUSE_MAX for p in pauses[1:])
+        if busy:
+            # nine segments removed (1..900), one commit each: a pause before each but the first, each
+            # COMPACTION_PAUSE_FACTOR times the commit before it, capped
+            assert len(pauses) == 8
+            assert all(0 < p <= kernel_mod.COMPACTION_PAUSE_MAX for p in pauses)
+        else:
+            assert pauses == []  # a quiet log: full speed
     finally:
         s.close()
 
