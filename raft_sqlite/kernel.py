@@ -60,7 +60,7 @@ from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 T = TypeVar("T")
 
-#: While the log is busy (other commits ran since the previous segment's), :meth:`Kernel.compact_segments`
+#: While the log is busy (other requests committed since the previous segment's), :meth:`Kernel.compact_segments`
 #: pauses this many times the previous segment's commit time before the next segment, so that its commits
 #: (each holds every append queued behind it) take at most ~1/9 of the log's time and delay under 1% of a
 #: busy log's appends. Measured (benchmarks/background.py, 32 segments of 4,096 entries next to single FULL
@@ -333,20 +333,20 @@ class Kernel:
     def compact_segments(self, name: str) -> int:
         """Physically delete the sealed segments of ``name`` that lie below ``first_index``, one segment
         per commit. A commit that deletes a segment holds every append queued behind it (measured: ~7 ms
-        for 4,096 records), so while the log is busy (other commits ran since the previous segment's) each
-        segment waits :data:`COMPACTION_PAUSE_FACTOR` times the previous one's commit time (at most
+        for 4,096 records), so while the log is busy (other requests committed since the previous segment's,
+        or in the same commit) each segment waits :data:`COMPACTION_PAUSE_FACTOR` times the previous one's commit time (at most
         :data:`COMPACTION_PAUSE_MAX` seconds): the log's own commits go through in between. Returns
         records removed."""
         removed = 0
         pause = 0.0
-        commits_after = 0
+        requests = self.stats.requests
         while True:
             g = self.group(name)  # GroupNotFoundError once removed
             gid = g.gid
             segs = self.read(lambda c: self.compactor.removable(c, gid, g.first_index - 1))
             if not segs:
                 return removed
-            if pause and self.stats.commits != commits_after:  # the log committed since our last segment
+            if pause:
                 time.sleep(pause)
             box: list[int] = []
 
@@ -356,8 +356,12 @@ class Kernel:
 
             t = time.perf_counter()
             self.run(name, lambda g: None, write)
-            commits_after = self.stats.commits
-            pause = min(COMPACTION_PAUSE_FACTOR * (time.perf_counter() - t), COMPACTION_PAUSE_MAX)
+            dt = time.perf_counter() - t
+            # busy: other requests committed since the previous segment, before ours or in our own batch
+            # (those waited for this segment's commit); the next segment then waits, a quiet log's does not
+            busy = self.stats.requests - requests > 1
+            requests = self.stats.requests
+            pause = min(COMPACTION_PAUSE_FACTOR * dt, COMPACTION_PAUSE_MAX) if busy else 0.0
             removed += box[0] if box else 0
 
     # ------------------------------------------------------------------ listeners
