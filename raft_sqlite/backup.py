@@ -958,7 +958,10 @@ class HotBackupManager:
         progress. At a URL (where another machine may be uploading) they are removed once ``stale_after``
         seconds old, and so are the unfinished multipart uploads under the node's prefix (S3), which no
         listing shows and which are billed until aborted; their keys are returned too. Folders whose
-        manifest is unreadable (*corrupt*) are left for the operator and logged.
+        manifest is unreadable (*corrupt*) are left for the operator and logged. A folder's manifest is
+        removed first (durably), so a prune killed half-way leaves an incomplete folder, and its big files
+        are shrunk in steps before they are unlinked (:func:`fsio.rmtree`), so that the removal does not
+        stall the node's commits.
         """
         keep, max_age = _retention_args(keep, max_age)
         removed: builtins.list[str] = []
