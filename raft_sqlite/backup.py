@@ -2064,10 +2064,17 @@ def _locked_scratch(parent: str, prefix: str) -> Iterator[str]:
 
 def _remove_abandoned_downloads(parent: str, prefix: str) -> None:
     """Remove the download folders (``prefix`` + random) that restores killed mid-download left in
-    ``parent``: those whose lock nobody holds (a running restore holds its own)."""
+    ``parent``: those whose lock nobody holds (a running restore holds its own), and only folders this
+    user owns (``parent`` may be a shared temporary directory where anyone can make such a name)."""
     for name in os.listdir(parent):
         p = os.path.join(parent, name)
-        if not name.startswith(prefix) or os.path.islink(p) or not os.path.isdir(p):
+        if not name.startswith(prefix):
+            continue
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             continue
         try:
             fd = fsio.open(os.path.join(p, _LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW)

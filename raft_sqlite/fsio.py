@@ -210,26 +210,34 @@ SHRINK_STEP_BYTES = 2 << 20
 SHRINK_PAUSE = 0.001
 
 
-def shrink_gradually(path: str, step: int | None = None, pause: float | None = None) -> None:
+def shrink_gradually(path: str, step: int | None = None, pause: float | None = None,
+                     expect: os.stat_result | None = None) -> None:
     """Truncate the regular file ``path`` to zero from its end, ``step`` bytes at a time (default
     :data:`SHRINK_STEP_BYTES`; 0 turns shrinking off) with ``pause`` seconds between steps (default
-    :data:`SHRINK_PAUSE`), so that its blocks are freed in small file-system transactions. Only a file
-    with no other hard link is touched (truncating one would empty every name of it), never through a
-    symlink; it does nothing to anything else, and best effort: any ``OSError`` leaves the file as it is
-    (the unlink that follows reports what matters)."""
+    :data:`SHRINK_PAUSE`), so that its blocks are freed in small file-system transactions.
+
+    Only the very file seen is touched: ``expect`` (default: ``lstat(path)``) must be a regular file with
+    one link (truncating a file with another name would empty that name too), and the file opened
+    (``O_NOFOLLOW | O_NONBLOCK``: never through a final symlink, never blocking on a FIFO) must be that
+    inode, still with one link; a name or a parent directory swapped meanwhile leads elsewhere and the
+    file is left alone. Best effort: any ``OSError`` leaves the file as it is (the unlink that follows
+    reports what matters)."""
     step = SHRINK_STEP_BYTES if step is None else step
     pause = SHRINK_PAUSE if pause is None else pause
     if step <= 0:
         return
     try:
-        st = os.lstat(path)
+        st = os.lstat(path) if expect is None else expect
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size <= step:
             return
-        fd = open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        fd = open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return
     try:
-        size = os.fstat(fd).st_size
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode) or now.st_nlink != 1:
+            return
+        size = now.st_size
         while size > step:
             size -= step
             ftruncate(fd, size)
@@ -242,13 +250,21 @@ def shrink_gradually(path: str, step: int | None = None, pause: float | None = N
 
 
 def rmtree(path: str, ignore_errors: bool = False) -> None:
-    """Remove the directory tree ``path`` (``shutil.rmtree``; a symlink ``path`` is refused), its big
+    """Remove the directory tree ``path`` (``shutil.rmtree``: a symlink ``path`` is refused), its big
     files first shrunk by :func:`shrink_gradually`, so that removing a backup or a restore's scratch
-    copy next to a running node does not stall the node's commits behind one huge journal commit."""
-    if not os.path.islink(path):
-        for root, _dirs, files in os.walk(path):
-            for name in files:
-                shrink_gradually(os.path.join(root, name))
+    copy next to a running node does not stall the node's commits behind one huge journal commit. The
+    tree is walked like ``shutil.rmtree`` walks it: each directory opened relative to its parent's
+    descriptor, never through a symlink (``os.fwalk``), and each file checked by its directory
+    descriptor before it is opened (see :func:`shrink_gradually`)."""
+    if not os.path.islink(path.rstrip("/") or "/"):
+        with contextlib.suppress(OSError):
+            for root, _dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):
+                for name in files:
+                    try:
+                        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    except OSError:
+                        continue
+                    shrink_gradually(os.path.join(root, name), expect=st)
     _backend.rmtree(path, ignore_errors)
 
 

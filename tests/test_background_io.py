@@ -383,6 +383,159 @@ def test_rmtree_never_shrinks_what_another_name_still_shows(tmp_path, monkeypatc
     assert not tree.exists()
 
 
+class _SwapOnOpen(fsio.OsFileSystem):
+    """Runs ``hook(path)`` once, just before the first open of a path matching ``when``: the window
+    between shrink_gradually's lstat and its open (or, for the parent-swap case, between two files)."""
+
+    def __init__(self, when, hook):
+        self.when, self.hook, self.done = when, hook, False
+
+    def open(self, path, flags, mode=0o600):
+        if not self.done and self.when(path):
+            self.done = True
+            self.hook(path)
+        return super().open(path, flags, mode)
+
+
+def test_rmtree_never_shrinks_a_hard_link_swapped_in_after_the_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsio, "SHRINK_PAUSE", 0)
+    # (found by review) lstat says "regular, one link"; before the open the name is replaced by a hard link
+    # to a file outside the tree: the opened file must be checked again (same inode, one link).
+    data = os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1)
+    outside = tmp_path / "raft.db"
+    outside.write_bytes(data)
+    tree = tmp_path / "bk"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1))
+
+    def swap(path):
+        os.link(outside, str(tree / "tmp"))
+        os.replace(str(tree / "tmp"), path)
+
+    with fsio.installed(_SwapOnOpen(lambda p: p.endswith("/big"), swap)):
+        fsio.rmtree(str(tree))
+    assert not tree.exists()
+    assert outside.read_bytes() == data, f"outside file truncated to {outside.stat().st_size} bytes"
+
+
+def test_rmtree_never_shrinks_through_a_directory_swapped_for_a_symlink(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsio, "SHRINK_PAUSE", 0)
+    # (found by review) O_NOFOLLOW guards only the last component: once a directory of the tree is replaced
+    # by a symlink while its files are being shrunk, a file's path resolves outside the tree.
+    keep = tmp_path / "keep" / "deep"
+    keep.mkdir(parents=True)
+    outside = {n: os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1) for n in ("a", "b")}
+    for n, d in outside.items():
+        (keep / n).write_bytes(d)
+    tree = tmp_path / "bk"
+    deep = tree / "sub" / "deep"
+    deep.mkdir(parents=True)
+    for n in outside:
+        (deep / n).write_bytes(os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1))
+
+    def swap(_path):
+        os.rename(str(tree / "sub"), str(tmp_path / "moved"))
+        os.symlink(str(tmp_path / "keep"), str(tree / "sub"))
+
+    with fsio.installed(_SwapOnOpen(lambda p: "/deep/" in p, swap)):
+        fsio.rmtree(str(tree), ignore_errors=True)
+    sizes = {n: (keep / n).stat().st_size for n in outside}
+    assert sizes == {n: len(d) for n, d in outside.items()}, f"outside files truncated: {sizes}"
+
+
+def test_rmtree_does_not_block_on_a_fifo_swapped_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsio, "SHRINK_PAUSE", 0)
+    # (found by review) open(O_WRONLY) without O_NONBLOCK blocks forever on a FIFO with no reader: a prune
+    # (holding the backup lock) would hang.
+    tree = tmp_path / "bk"
+    tree.mkdir()
+    (tree / "big").write_bytes(b"x" * (2 * fsio.SHRINK_STEP_BYTES + 1))
+
+    def swap(path):
+        os.unlink(path)
+        os.mkfifo(path)
+
+    done = threading.Event()
+
+    def run():
+        with fsio.installed(_SwapOnOpen(lambda p: p.endswith("/big"), swap)):
+            fsio.rmtree(str(tree))
+        done.set()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    finished = done.wait(3)
+    if not finished:  # unblock the writer so the thread can end
+        fd = os.open(str(tree / "big"), os.O_RDONLY | os.O_NONBLOCK)
+        th.join(3)
+        os.close(fd)
+    assert finished, "fsio.rmtree blocked opening a FIFO for writing"
+
+
+class _SwapAfterOpen(fsio.OsFileSystem):
+    """Runs ``hook()`` once, right after the first open of a path matching ``when`` (an attacker who times
+    the swap while the first big file is being shrunk: SHRINK_PAUSE x steps gives a wide window)."""
+
+    def __init__(self, when, hook):
+        self.when, self.hook, self.done = when, hook, False
+
+    def open(self, path, flags, mode=0o600):
+        fd = super().open(path, flags, mode)
+        if not self.done and self.when(path):
+            self.done = True
+            self.hook()
+        return fd
+
+
+def test_abandoned_drill_folders_planted_in_a_shared_tmp_cannot_reach_a_live_node(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsio, "SHRINK_PAUSE", 0)
+    # (found by review) drill()'s scratch parent defaults to the temporary directory (world-writable), where
+    # _remove_abandoned_downloads removes ".raft_sqlite-drill-*" folders nobody locks. One planted there
+    # (here by this user: folders of other users are skipped anyway) whose directory is swapped for a
+    # symlink to a live node's parent while its first big file is shrunk must not reach the node's files.
+    from raft_sqlite import backup
+
+
+    shared = tmp_path / "tmp"  # stands for /tmp
+    shared.mkdir()
+    node_parent = tmp_path / "var-lib-raft"
+    data_dir = node_parent / "node1"
+    data_dir.mkdir(parents=True)
+    live = {n: os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1) for n in ("raft.db", "chunks.db")}
+    for n, d in live.items():
+        (data_dir / n).write_bytes(d)
+    evil = shared / ".raft_sqlite-drill-evil"
+    deep = evil / "sub" / "node1"
+    deep.mkdir(parents=True)
+    (evil / backup._LOCK_NAME).write_bytes(b"")
+    for n in live:
+        (deep / n).write_bytes(b"\0" * (2 * fsio.SHRINK_STEP_BYTES + 1))
+
+    def swap():
+        os.rename(str(evil / "sub"), str(shared / "elsewhere"))
+        os.symlink(str(node_parent), str(evil / "sub"))
+
+    with fsio.installed(_SwapAfterOpen(lambda p: "/sub/node1/" in p, swap)):
+        backup._remove_abandoned_downloads(str(shared), backup._DRILL_PREFIX)
+    sizes = {n: (data_dir / n).stat().st_size for n in live}
+    assert sizes == {n: len(d) for n, d in live.items()}, f"the live node's files were truncated: {sizes}"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
+def test_abandoned_download_folders_of_other_users_are_left_alone(tmp_path):
+    from raft_sqlite import backup
+
+    theirs = tmp_path / (backup._DRILL_PREFIX + "theirs")
+    theirs.mkdir()
+    (theirs / backup._LOCK_NAME).write_bytes(b"")
+    os.chown(theirs, 65534, 65534)
+    ours = tmp_path / (backup._DRILL_PREFIX + "ours")
+    ours.mkdir()
+    (ours / backup._LOCK_NAME).write_bytes(b"")
+    backup._remove_abandoned_downloads(str(tmp_path), backup._DRILL_PREFIX)
+    assert theirs.exists() and not ours.exists()
+
+
 def test_prune_removes_the_manifest_first_so_a_killed_prune_leaves_an_incomplete_folder(tmp_path):
     s = _filled(tmp_path / "n", n=100)
     try:
