@@ -335,7 +335,9 @@ class Kernel:
         per commit. A commit that deletes a segment holds every append queued behind it (measured: ~7 ms
         for 4,096 records), so while the log is busy (other requests committed since the previous segment's,
         or in the same commit) each segment waits :data:`COMPACTION_PAUSE_FACTOR` times the previous one's commit time (at most
-        :data:`COMPACTION_PAUSE_MAX` seconds): the log's own commits go through in between. Returns
+        :data:`COMPACTION_PAUSE_MAX` seconds): the log's own commits go through in between. It runs on the
+        caller's thread, which a busy store therefore holds up to ~9x as long as the deletes take (32
+        segments of 4,096 records: ~2 s instead of ~0.3 s): call it off a latency-critical thread. Returns
         records removed."""
         removed = 0
         pause = 0.0
@@ -359,8 +361,9 @@ class Kernel:
             dt = time.perf_counter() - t
             # busy: other requests committed since the previous segment, before ours or in our own batch
             # (those waited for this segment's commit); the next segment then waits, a quiet log's does not
-            busy = self.stats.requests - requests > 1
-            requests = self.stats.requests
+            now = self.stats.requests
+            busy = now - requests > 1
+            requests = now
             pause = min(COMPACTION_PAUSE_FACTOR * dt, COMPACTION_PAUSE_MAX) if busy else 0.0
             removed += box[0] if box else 0
 
