@@ -555,6 +555,31 @@ def _gated(tmp_path):
     return j, fake, gate
 
 
+def test_fail_stop_answers_even_the_callbacks_pysyncobj_dropped(tmp_path, monkeypatch):
+    # Seen as a rare CI failure: a commit outside sync() failed first, the next journal write of the tick
+    # raised after PySyncObj had taken the commands out of its queue, and those callbacks were held nowhere
+    # _answer_pending looks, so their clients waited forever. The gate answers every callback it wrapped.
+    j, fake, gate = _gated(tmp_path)
+    answers = []
+    gate.callback(lambda res, err: answers.append(("dropped", err)))  # wrapped, then held by nobody
+    kept = gate.callback(lambda res, err: answers.append(("kept", err)))
+    done = gate.callback(lambda res, err: answers.append(("done", res, err)))
+    done("ok", None)  # answered normally before the failure
+    assert answers == [("done", "ok", None)]
+
+    def failing_sync():
+        raise OSError("injected")
+
+    monkeypatch.setattr(j, "sync", failing_sync)
+    assert gate.sync() is False and gate.dead is not None
+    assert sorted(answers[1:]) == [("dropped", FAIL_REASON.UNKNOWN_OUTCOME), ("kept", FAIL_REASON.UNKNOWN_OUTCOME)]
+    kept("late", None)  # PySyncObj calling it afterwards: still answered once
+    late = gate.callback(lambda res, err: answers.append(("late", err)))  # wrapped after the death
+    assert answers[-1] == ("late", FAIL_REASON.UNKNOWN_OUTCOME) and len(answers) == 4
+    late(None, None)
+    assert len(answers) == 4 and not gate._unanswered
+
+
 def test_gate_holds_messages_until_the_writes_are_durable(tmp_path):
     j, fake, gate = _gated(tmp_path)
     j.add(NOOP, 1, 0)

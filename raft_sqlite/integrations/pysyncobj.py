@@ -1022,6 +1022,10 @@ class _DurabilityGate:
         self.dead: BaseException | None = None
         self.released = 0  # messages handed to the transport
         self.syncs = 0  # sync() calls that committed something
+        # every client callback wrapped by callback() and not answered yet: on fail-stop each is answered
+        # from here, including those PySyncObj dropped (a tick that raised after taking commands out of its
+        # queue, e.g. a journal write refused because a commit outside sync() failed first)
+        self._unanswered: dict[int, _DurableCallback] = {}
 
     def send(self, node: Any, message: Any) -> bool:
         """The transport's ``send`` while the gate is installed: hold the message until the next release,
@@ -1057,8 +1061,21 @@ class _DurabilityGate:
             if self._stop is not None:
                 with contextlib.suppress(ReferenceError):
                     self._stop()
+            self.answer_unanswered()
             return False
         return True
+
+    def answer_unanswered(self) -> None:
+        """Answer ``UNKNOWN_OUTCOME`` to every callback of :meth:`callback` not answered yet (fail-stop)."""
+        while self._unanswered:
+            try:
+                cb = self._unanswered.popitem()[1]
+            except KeyError:  # emptied by another thread meanwhile
+                break
+            try:
+                cb.answer(None, _UNKNOWN_OUTCOME)
+            except Exception:  # noqa: BLE001 - a client's callback must not stop the others from being answered
+                log.exception("client callback raised")
 
     def release(self) -> None:
         """Sync, then hand every held message to the transport, in the order they were sent."""
@@ -1084,7 +1101,11 @@ class _DurabilityGate:
 
     def callback(self, fn: _Callback) -> _DurableCallback:
         """``fn`` wrapped to run only once the journal's queued writes are durable, and only once."""
-        return _DurableCallback(self, fn)
+        cb = _DurableCallback(self, fn)
+        self._unanswered[id(cb)] = cb
+        if self.dead is not None:  # died meanwhile: sync() may have answered the others already
+            self.answer_unanswered()
+        return cb
 
     def holding(self) -> bool:
         """True while messages are held (some may depend on the journal's queued writes)."""
@@ -1111,6 +1132,7 @@ class _DurableCallback:
         """Call the client's callback with ``(res, err)`` unless it was answered already (any thread)."""
         fn = self.__dict__.pop("fn", None)  # atomic: of two threads, one gets it
         if fn is not None:
+            self.gate._unanswered.pop(id(self), None)
             fn(res, err)
 
 
