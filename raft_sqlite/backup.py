@@ -2045,17 +2045,24 @@ def _locked_scratch(parent: str, prefix: str) -> Iterator[str]:
     mid-way left behind (:func:`_remove_abandoned_downloads`), never one in use. A folder that cannot
     be made raises :class:`BackupError`."""
     folder = None
+    lock_fd = None
     try:
         _make_dirs(parent)
         _remove_abandoned_downloads(parent, prefix)
         folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
-        lock_fd = fsio.open(os.path.join(folder, _LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+        # the lock file gets the name other calls look for only once it is locked: between a plain
+        # create and the flock, another call could take it for a killed call's folder and remove it
+        new_lock = os.path.join(folder, _LOCK_NAME + ".new")
+        lock_fd = fsio.open(new_lock, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        fsio.rename(new_lock, os.path.join(folder, _LOCK_NAME))
     except OSError as exc:
+        if lock_fd is not None:
+            fsio.close(lock_fd)
         if folder is not None:
             fsio.rmtree(folder, ignore_errors=True)
         raise BackupError(f"cannot create a scratch folder in {parent}: {exc}") from exc
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         yield folder
     finally:
         fsio.rmtree(folder, ignore_errors=True)
@@ -2074,7 +2081,7 @@ def _remove_abandoned_downloads(parent: str, prefix: str) -> None:
             st = os.lstat(p)
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             continue
         try:
             fd = fsio.open(os.path.join(p, _LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW)

@@ -249,13 +249,14 @@ def shrink_gradually(path: str, step: int | None = None, pause: float | None = N
         close(fd)
 
 
-def rmtree(path: str, ignore_errors: bool = False) -> None:
+def rmtree(path: str | os.PathLike[str], ignore_errors: bool = False) -> None:
     """Remove the directory tree ``path`` (``shutil.rmtree``: a symlink ``path`` is refused), its big
     files first shrunk by :func:`shrink_gradually`, so that removing a backup or a restore's scratch
     copy next to a running node does not stall the node's commits behind one huge journal commit. The
     tree is walked like ``shutil.rmtree`` walks it: each directory opened relative to its parent's
     descriptor, never through a symlink (``os.fwalk``), and each file checked by its directory
     descriptor before it is opened (see :func:`shrink_gradually`)."""
+    path = os.fspath(path)
     if not os.path.islink(path.rstrip("/") or "/"):
         with contextlib.suppress(OSError):
             for root, _dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):

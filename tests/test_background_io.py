@@ -536,6 +536,37 @@ def test_abandoned_download_folders_of_other_users_are_left_alone(tmp_path):
     assert theirs.exists() and not ours.exists()
 
 
+def test_rmtree_takes_a_path_object_like_shutil(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsio, "SHRINK_PAUSE", 0)
+    tree = tmp_path / "bk"
+    tree.mkdir()
+    (tree / "big").write_bytes(b"x" * (fsio.SHRINK_STEP_BYTES + 1))
+    fsio.rmtree(tree)  # (found by review) a pathlib.Path, as shutil.rmtree takes
+    assert not tree.exists()
+
+
+def test_a_new_scratch_folder_is_never_taken_for_an_abandoned_one(tmp_path, monkeypatch):
+    # (found by review) between creating its lock file and locking it, another restore starting in the same
+    # parent took the new folder for a killed restore's and removed it
+    import fcntl
+
+    from raft_sqlite import backup
+
+    real_flock = fcntl.flock
+    raced = []
+
+    def flock(fd, op):
+        if not raced and op == fcntl.LOCK_EX:
+            raced.append(1)
+            backup._remove_abandoned_downloads(str(tmp_path), "dl-")  # another restore starting
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(backup.fcntl, "flock", flock)
+    with backup._locked_scratch(str(tmp_path), "dl-") as folder:
+        assert raced and os.path.isdir(folder), "the scratch folder of a running restore was removed"
+    assert not os.path.exists(folder)
+
+
 def test_prune_removes_the_manifest_first_so_a_killed_prune_leaves_an_incomplete_folder(tmp_path):
     s = _filled(tmp_path / "n", n=100)
     try:
