@@ -383,6 +383,16 @@ def test_rmtree_never_shrinks_what_another_name_still_shows(tmp_path, monkeypatc
     assert not tree.exists()
 
 
+def _big_files(folder, *names):
+    """Create ``folder`` (and parents) holding a random file of just over two shrink steps per name;
+    returns {name: content}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {n: os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1) for n in names}
+    for n, d in out.items():
+        (folder / n).write_bytes(d)
+    return out
+
+
 class _SwapOnOpen(fsio.OsFileSystem):
     """Runs ``hook(path)`` once, just before the first open of a path matching ``when``: the window
     between shrink_gradually's lstat and its open (or, for the parent-swap case, between two files)."""
@@ -423,15 +433,10 @@ def test_rmtree_never_shrinks_through_a_directory_swapped_for_a_symlink(tmp_path
     # (found by review) O_NOFOLLOW guards only the last component: once a directory of the tree is replaced
     # by a symlink while its files are being shrunk, a file's path resolves outside the tree.
     keep = tmp_path / "keep" / "deep"
-    keep.mkdir(parents=True)
-    outside = {n: os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1) for n in ("a", "b")}
-    for n, d in outside.items():
-        (keep / n).write_bytes(d)
+    outside = _big_files(keep, "a", "b")
     tree = tmp_path / "bk"
     deep = tree / "sub" / "deep"
-    deep.mkdir(parents=True)
-    for n in outside:
-        (deep / n).write_bytes(os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1))
+    _big_files(deep, *outside)
 
     def swap(_path):
         os.rename(str(tree / "sub"), str(tmp_path / "moved"))
@@ -500,16 +505,10 @@ def test_abandoned_drill_folders_planted_in_a_shared_tmp_cannot_reach_a_live_nod
     shared.mkdir()
     node_parent = tmp_path / "var-lib-raft"
     data_dir = node_parent / "node1"
-    data_dir.mkdir(parents=True)
-    live = {n: os.urandom(2 * fsio.SHRINK_STEP_BYTES + 1) for n in ("raft.db", "chunks.db")}
-    for n, d in live.items():
-        (data_dir / n).write_bytes(d)
+    live = _big_files(data_dir, "raft.db", "chunks.db")
     evil = shared / ".raft_sqlite-drill-evil"
-    deep = evil / "sub" / "node1"
-    deep.mkdir(parents=True)
+    _big_files(evil / "sub" / "node1", *live)
     (evil / backup._LOCK_NAME).write_bytes(b"")
-    for n in live:
-        (deep / n).write_bytes(b"\0" * (2 * fsio.SHRINK_STEP_BYTES + 1))
 
     def swap():
         os.rename(str(evil / "sub"), str(shared / "elsewhere"))
