@@ -30,6 +30,15 @@ class BenchmarkError(RuntimeError):
     """A benchmark could not measure what it claims to (e.g. a cold-cache drop that left pages cached)."""
 
 
+def fsync_path(path):
+    """fsync the file ``path`` (the baselines' "+ fsync": what makes a copy durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def pct(samples, p):
     """The p-th percentile (0-100) of ``samples`` (nearest rank)."""
     s = sorted(samples)

@@ -79,6 +79,7 @@ import backup as backup_bench  # noqa: E402
 import snapshot as snapshot_bench  # noqa: E402
 from _common import (  # noqa: E402
     Row,
+    fsync_path,
     latency_figures,
     md_table,
     pct,
@@ -306,12 +307,8 @@ class Bench:
         for name in os.listdir(path):
             p = os.path.join(path, name)
             if os.path.isfile(p):
-                fd = os.open(p, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+                fsync_path(p)
+        fsync_path(path)  # the directory: the copies' names
         return path
 
     def checkpoint_how(self):

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import contextlib
 
-from _common import Row, md_table, pct, print_rounds, run_rounds, target, us, workdir  # noqa: E402
+from _common import Row, fsync_path, md_table, pct, print_rounds, run_rounds, target, us, workdir  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 from raft_sqlite.backup import HotBackupManager  # noqa: E402
@@ -71,9 +71,7 @@ def raw_copy(src_dir, dst_dir, *, sha256=False):
             with open(dst, "rb", buffering=0) as f:
                 while b := f.read(4 << 20):
                     h.update(b)
-        fd = os.open(dst, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        fsync_path(dst)
         total += os.path.getsize(dst)
     return total, time.perf_counter() - t0
 

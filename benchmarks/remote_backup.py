@@ -64,7 +64,7 @@ import apsw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Row, md_table, print_rounds, print_table, run_rounds, workdir  # noqa: E402
+from _common import Row, fsync_path, md_table, print_rounds, print_table, run_rounds, workdir  # noqa: E402
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore, objectstore  # noqa: E402
 from raft_sqlite.backup import HotBackupManager, restore  # noqa: E402
@@ -257,14 +257,6 @@ class Usage:
                 "s": self.s}
 
 
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def stored(info):
     return sum(f["object_size"] for f in info.manifest["files"])
 
@@ -425,16 +417,20 @@ def run(a, d, moto, levels):
 
         lfs = __import__("fsspec").filesystem("file")
 
-        def file_copy():
-            dst = fresh("plain")
+        def copy_each(label, copy, sources, nbytes):
+            """``copy(src, out)`` of every source into a fresh folder, each copy fsync'ed; the row's figures."""
+            dst = fresh(label)
             os.makedirs(dst)
             with Usage(moto) as u:
-                for f in raw_files:
-                    out = os.path.join(dst, os.path.basename(f))
-                    lfs.put_file(f, out)
+                for src in sources:
+                    out = os.path.join(dst, os.path.basename(src))
+                    copy(src, out)
                     fsync_path(out)
             shutil.rmtree(dst)
-            return u.figures(raw, raw)
+            return u.figures(raw, nbytes)
+
+        def file_copy():
+            return copy_each("plain", lfs.put_file, raw_files, raw)
 
         def restore_row(url):
             def measure():
@@ -451,17 +447,7 @@ def run(a, d, moto, levels):
             return measure
 
         def s3_get(objects, nbytes):
-            def measure():
-                dst = fresh("got")
-                os.makedirs(dst)
-                with Usage(moto) as u:
-                    for o in objects:
-                        out = os.path.join(dst, os.path.basename(o))
-                        fs.get_file(o, out)
-                        fsync_path(out)
-                shutil.rmtree(dst)
-                return u.figures(raw, nbytes)
-            return measure
+            return lambda: copy_each("got", fs.get_file, objects, nbytes)
 
         def s3_read_seq():
             n = 0

@@ -30,17 +30,9 @@ import zlib
 import apsw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, print_rounds, print_table, run_rounds, workdir  # noqa: E402
+from _common import Row, fsync_path, print_rounds, print_table, run_rounds, workdir  # noqa: E402
 
 MiB = 1 << 20
-
-
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ceiling:
@@ -62,7 +54,7 @@ class Ceiling:
                 c.execute("INSERT INTO t VALUES(?, ?)", (i, blob))
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         c.close()
-        _fsync_path(self.src_db)
+        fsync_path(self.src_db)
         self.src_bytes = os.path.getsize(self.src_db)
 
     def raw_write(self):
@@ -92,7 +84,7 @@ class Ceiling:
                 with c:
                     c.execute("INSERT INTO t VALUES(?, ?, ?)", (i, zlib.crc32(b), b))
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            _fsync_path(p)
+            fsync_path(p)
             t = time.perf_counter() - t0
             c.close()
             for f in (p, p + "-wal", p + "-shm"):
@@ -105,7 +97,7 @@ class Ceiling:
         dst = os.path.join(self.d, "copy.bin")
         t0 = time.perf_counter()
         shutil.copyfile(self.src_db, dst)
-        _fsync_path(dst)
+        fsync_path(dst)
         t = time.perf_counter() - t0
         os.unlink(dst)
         return {"s": t, "bytes": self.src_bytes}
@@ -121,7 +113,7 @@ class Ceiling:
             while not b.done:
                 b.step(256)
         dest.close()
-        _fsync_path(dst)
+        fsync_path(dst)
         t = time.perf_counter() - t0
         src.close()
         os.unlink(dst)
