@@ -733,12 +733,17 @@ def test_stale_uploads_are_matched_by_node_prefix(s3, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- restore drill
-def test_drill_restores_opens_and_verifies_the_newest_backup(root, tmp_path):
+def _older_and_newest_backup(root, tmp_path):
+    """A source store (open) with two backups at ``root``: (store, manager, the newest BackupInfo)."""
     s = _source_with_snapshot(tmp_path / "node")
     m = HotBackupManager(s, root)
     m.backup()
     s.log("a").append([LogEntry(122, 2, b"newest")])
-    newest = m.backup()
+    return s, m, m.backup()
+
+
+def test_drill_restores_opens_and_verifies_the_newest_backup(root, tmp_path):
+    s, m, newest = _older_and_newest_backup(root, tmp_path)
     rep = m.drill(scratch_dir=tmp_path / "scratch")
     assert rep.ok and rep.error is None and rep.backup_path == newest.path
     assert rep.size == newest.size and rep.backup_age is not None and rep.backup_age >= 0
@@ -753,11 +758,7 @@ def test_drill_restores_opens_and_verifies_the_newest_backup(root, tmp_path):
 
 
 def test_a_corrupt_newest_backup_fails_the_drill_and_is_not_passed_over(root, tmp_path):
-    s = _source_with_snapshot(tmp_path / "node")
-    m = HotBackupManager(s, root)
-    m.backup()
-    s.log("a").append([LogEntry(122, 2, b"newest")])
-    newest = m.backup()
+    s, m, newest = _older_and_newest_backup(root, tmp_path)
     fs, r = _fs(newest.path)
     blob = bytearray(fs.cat_file(r.root + "/raft.db.zst"))
     blob[100] ^= 0xFF
