@@ -60,8 +60,8 @@ from .wal import SegmentPolicy, WalCompactor, WalReader, WalWriter
 
 T = TypeVar("T")
 
-#: While the log is busy (other requests committed since the previous segment's), :meth:`Kernel.compact_segments`
-#: pauses this many times the previous segment's commit time before the next segment, so that its commits
+#: While the log is busy (other requests committed since the previous segment's),
+#: :meth:`Kernel.compact_segments` pauses this many times the previous segment's commit time before the next segment, so that its commits
 #: (each holds every append queued behind it) take at most ~1/9 of the log's time and delay under 1% of a
 #: busy log's appends. Measured (benchmarks/background.py, 32 segments of 4,096 entries next to single FULL
 #: appends): a pause of 1x the commit gave an append p99 of 18.3x idle, 4x gave 2.8x, 8x gave 1.3x; the
@@ -333,9 +333,10 @@ class Kernel:
     def compact_segments(self, name: str) -> int:
         """Physically delete the sealed segments of ``name`` that lie below ``first_index``, one segment
         per commit. A commit that deletes a segment holds every append queued behind it (measured: ~7 ms
-        for 4,096 records), so while the log is busy (other requests committed since the previous segment's,
-        or in the same commit) each segment waits :data:`COMPACTION_PAUSE_FACTOR` times the previous one's commit time (at most
-        :data:`COMPACTION_PAUSE_MAX` seconds): the log's own commits go through in between. It runs on the
+        for 4,096 records), so while the log is busy (other requests committed since the previous
+        segment's, or in the same commit) each segment waits :data:`COMPACTION_PAUSE_FACTOR` times the
+        previous one's commit time (at most :data:`COMPACTION_PAUSE_MAX` seconds): the log's own commits
+        go through in between. It runs on the
         caller's thread, which a busy store therefore holds up to ~9x as long as the deletes take (32
         segments of 4,096 records: ~2 s instead of ~0.3 s): call it off a latency-critical thread. Returns
         records removed."""
