@@ -53,8 +53,10 @@ from .errors import (
 )
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
+from .maintenance import file_space
 from .migrate import current_revision
 from .objectstore import Remote, is_url
+from .recovery import RecoveryPolicy
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -76,10 +78,56 @@ EXIT_CODES = {
     EXIT_UNAVAILABLE: "an optional component is missing (prometheus_client, backup support)",
 }
 
-# piped output (scripts, tests, docs) gets wide tables instead of rich's 80-column default
-out = Console(highlight=False, width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200")))
-err = Console(stderr=True, highlight=False,
-              width=None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", "200")))
+
+
+class TrimmedLines:
+    """What rich writes to a pipe, through this stream: each line without the trailing spaces rich pads
+    tables and lines with (scripts, ``diff`` and docs see clean lines). Writes go to ``sys.<name>`` as it
+    is at write time (click's test runner swaps it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._tail = ""
+
+    @property
+    def stream(self) -> IO[str]:
+        return cast(IO[str], getattr(sys, self.name))
+
+    def write(self, s: str) -> int:
+        *lines, self._tail = (self._tail + s).split("\n")
+        if lines:
+            self.stream.write("".join(ln.rstrip(" ") + "\n" for ln in lines))
+        return len(s)
+
+    def flush(self) -> None:
+        if self._tail:  # a line printed without its newline (end=""): kept as printed
+            self.stream.write(self._tail)
+            self._tail = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def _console(name: str) -> Console:
+    """rich's console for ``sys.stdout``/``sys.stderr``. On a terminal, rich's defaults. Piped (scripts,
+    tests, docs): tables as wide as ``COLUMNS`` (default 200) instead of 80, text never wrapped
+    (``soft_wrap``: a message or a path stays on one line for grep), no trailing spaces (:class:`TrimmedLines`)."""
+    if getattr(sys, name).isatty():
+        return Console(stderr=name == "stderr", highlight=False)
+    return Console(file=cast(IO[str], TrimmedLines(name)), highlight=False, soft_wrap=True,
+                   width=int(os.environ.get("COLUMNS", "200")))
+
+
+out = _console("stdout")
+err = _console("stderr")
 KIND_NAMES = {0: "NORMAL", 1: "CONFIG", 2: "NOOP"}
 
 
@@ -256,6 +304,7 @@ def collect_status(data_dir: str) -> dict[str, Any]:
         conn.execute("BEGIN")
         now = time.time()
         node = _node_record(conn, path)
+        space = {layout.MAIN_DB: _space(conn)}
         settings = dict(conn.execute("SELECT key, value FROM settings"))
         mode = settings.get("fsync_mode")
         st = {
@@ -272,6 +321,7 @@ def collect_status(data_dir: str) -> dict[str, Any]:
             "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in sorted(os.listdir(data_dir))
                       if os.path.isfile(os.path.join(data_dir, n))},
             "groups": [_group_status(conn, g, now) for g in read_group_status(conn)],
+            "space": space,
         }
         # the last backup recorded (by row id: the wall clock may have been set back since)
         b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
@@ -287,7 +337,17 @@ def collect_status(data_dir: str) -> dict[str, Any]:
         conn.execute("COMMIT")
     finally:
         conn.close()
+    chunks = os.path.join(data_dir, layout.CHUNKS_DB)
+    if os.path.isfile(chunks):
+        with contextlib.suppress(apsw.Error), contextlib.closing(open_readonly(chunks)) as cc:
+            space[layout.CHUNKS_DB] = _space(cc)
     return st
+
+
+def _space(conn: apsw.Connection) -> dict[str, int]:
+    """Size and free (reusable, not yet given back: ``raft-sqlite vacuum``) bytes of ``conn``'s main file."""
+    page_size, pages, free = file_space(conn)
+    return {"size": page_size * pages, "free_bytes": page_size * free, "page_size": page_size}
 
 
 def _event(e: tuple[Any, ...], now: float) -> dict[str, Any]:
@@ -369,9 +429,7 @@ def status(data_dir: str, as_json: bool) -> None:
         _dump_json(st)
         return
     n = st["node"]
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column()
+    head = _Fields()
     head.add_row("data_dir", _esc(st["data_dir"]))  # table cells are rich markup: a '[' in a path is text
     head.add_row("node / cluster", f"{_esc(n['node_id'])} / {_esc(n['cluster_id'])}")
     head.add_row("format / schema", f"{n['format_version']} / {st['schema_revision']}")
@@ -382,6 +440,9 @@ def status(data_dir: str, as_json: bool) -> None:
                  else Holder(**st["in_use_by"]).describe())
     files = st["files"]
     head.add_row("files", ", ".join(f"{k} {_size(v)}" for k, v in files.items()))
+    head.add_row("free space", ", ".join(f"{k} {_size(v['free_bytes'])} of {_size(v['size'])}"
+                                         for k, v in st["space"].items()) + " (reused as the log grows; "
+                 "`raft-sqlite vacuum` gives it back)")
     lb = st["last_backup"]
     head.add_row("last backup", "never" if lb is None else f"{_age(lb['age_s'])} ago, {_size(lb['size'])}, "
                  f"took {lb['duration_s']:.2f} s -> {_esc(lb['path'])}")
@@ -390,7 +451,7 @@ def status(data_dir: str, as_json: bool) -> None:
         head.add_row("last recovery", f"{ev['outcome']} ({ev['kind']}, policy {ev['policy']}) {_age(ev['age_s'])} ago "
                      f"in {ev['duration_s'] * 1000 if ev['duration_s'] is not None else 0:.1f} ms: "
                      f"{ev.get('entries_validated', '?')} entries validated, {len(ev.get('dropped', []))} dropped")
-    out.print(head)
+    head.print()
     t = Table(title="groups  (segs: count (sealed); snapshot: #base_id@index [+deltas -> newest index])",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     flags = any(g["recovered_partially"] for g in st["groups"])
@@ -518,6 +579,30 @@ def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str) -
                 t.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in r))
             print_wide(t)
             out.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", style="dim")
+
+
+class _Fields:
+    """``name  value`` lines (the head of ``status``). On a terminal a rich grid (values wrap at the
+    window's edge); piped, one line per field whatever its length (grep, docs)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    def add_row(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+
+    def print(self) -> None:
+        if out.is_terminal:
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold")
+            grid.add_column()
+            for name, value in self.rows:
+                grid.add_row(name, value)
+            out.print(grid)
+            return
+        width = max((len(name) for name, _ in self.rows), default=0)
+        for name, value in self.rows:
+            out.print(f"[bold]{_esc(name.ljust(width))}[/]  {value}")
 
 
 def print_wide(table: Table) -> None:
@@ -725,11 +810,22 @@ def groups_cmd(data_dir: str, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- write commands
-def _open_store_for_write(data_dir: str) -> NodeStore:
-    """Open the store as its own node (identity read from the node record, last fsync mode), refusing
-    if another process has it open."""
+#: ``--recovery`` of the commands that open the store as its node (README: "Repair").
+RECOVERY_OPT = click.option(
+    "--recovery", type=click.Choice(["strict", "truncate-tail", "partial"], case_sensitive=False),
+    default="strict", show_default=True,
+    help="Recovery policy of the open: strict refuses damaged data (exit 4); truncate-tail drops a damaged "
+         "tail; partial also drops damaged committed entries (marked recovered_partially). See `repair`.")
+
+
+def _policy(name: str) -> RecoveryPolicy:
+    return RecoveryPolicy(name.upper().replace("-", "_"))
+
+
+def _node_identity(data_dir: str) -> tuple[str, str, FsyncMode]:
+    """(node_id, cluster_id, last fsync mode) of a stopped node, refusing (exit 5) if a process has it open."""
     data_dir = _check_dir(data_dir)
-    who = store_holder(data_dir)  # NodeStore.open below refuses too (DataDirLocked); this says it first
+    who = store_holder(data_dir)  # NodeStore.open refuses too (DataDirLocked); this says it first
     if who is not None:
         raise CliError(f"refused: {data_dir} is in use by {who.describe()} (is the node running?); stop it "
                        "first, or do this from inside the node process", EXIT_REFUSED)
@@ -739,21 +835,29 @@ def _open_store_for_write(data_dir: str) -> NodeStore:
         mode = (conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone() or ("FULL",))[0]
     finally:
         conn.close()
-    return NodeStore.open(data_dir, node["node_id"], cluster_id=node["cluster_id"],
-                          fsync=FsyncMode(mode) if mode in FsyncMode.__members__ else FsyncMode.FULL)
+    return (node["node_id"], node["cluster_id"],
+            FsyncMode(mode) if mode in FsyncMode.__members__ else FsyncMode.FULL)
+
+
+def _open_store_for_write(data_dir: str, recovery: str = "strict") -> NodeStore:
+    """Open the store as its own node (identity read from the node record, last fsync mode) under the
+    recovery policy ``recovery`` (a ``--recovery`` choice), refusing if another process has it open."""
+    node_id, cluster_id, fsync = _node_identity(data_dir)
+    return NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=fsync, recovery=_policy(recovery))
 
 
 @cli.command("remove-group")
 @DATA_DIR
 @click.argument("group")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@RECOVERY_OPT
 @JSON_OPT
 @friendly
-def remove_group_cmd(data_dir: str, group: str, yes: bool, as_json: bool) -> None:
+def remove_group_cmd(data_dir: str, group: str, yes: bool, recovery: str, as_json: bool) -> None:
     """Remove GROUP and everything the node stores for it (log, term/vote/commit, snapshots), in one atomic
     commit (NodeStore.remove_group). Asks for confirmation unless --yes. Refused while another process
     has the store open (exit 5); exit 3 if there is no such group."""
-    with _open_store_for_write(data_dir) as store:
+    with _open_store_for_write(data_dir, recovery) as store:
         if group not in store.groups():
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups()) or 'none'})",
                            EXIT_NOT_FOUND)
@@ -773,13 +877,14 @@ def remove_group_cmd(data_dir: str, group: str, yes: bool, as_json: bool) -> Non
 @DATA_DIR
 @click.option("--group", "-g", help="Group name (optional when the store holds one group).")
 @click.option("--up-to", type=click.IntRange(min=0), required=True, help="Discard entries <= this index.")
+@RECOVERY_OPT
 @JSON_OPT
 @friendly
-def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None:
+def compact(data_dir: str, group: str | None, up_to: int, recovery: str, as_json: bool) -> None:
     """Compact a group's log up to an index: the guarded compaction (refused, exit 5, unless a DURABLE
     snapshot covers it). first_index moves at once; sealed segments below it are deleted. Refused
     while another process has the store open."""
-    with _open_store_for_write(data_dir) as store:
+    with _open_store_for_write(data_dir, recovery) as store:
         if group is None:
             gs = store.groups()
             if len(gs) != 1:
@@ -802,6 +907,92 @@ def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None
     else:
         out.print(f"group {group!r}: first index {before} -> {res['first_index']} (snapshot {res['snapshot_index']}, "
                   f"last {res['last_index']}); {res['segments_removed']} sealed segment(s) deleted")
+
+
+@cli.command()
+@DATA_DIR
+@click.option("--recovery", type=click.Choice(["truncate-tail", "partial"], case_sensitive=False), required=True,
+              help="truncate-tail: drop a damaged tail (entries above the commit index, after the first bad "
+                   "record). partial: also drop damaged committed entries; the group is then marked "
+                   "recovered_partially and must catch up from its leader.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@JSON_OPT
+@friendly
+def repair(data_dir: str, recovery: str, yes: bool, as_json: bool) -> None:
+    """Open a stopped node's store under a non-strict recovery policy, so that what fails validation is
+    dropped (and recorded in recovery_log), then close it: the node then opens under STRICT again. First
+    runs `verify` and shows what is wrong; asks before dropping anything unless --yes. Exit 0 when the
+    store is clean or was repaired; 5 when refused (node running, not confirmed, or the policy cannot
+    repair the damage)."""
+    _node_identity(data_dir)  # refuses while the node runs, before the long verify
+    rep = run_verify(_check_dir(data_dir))
+    if rep.ok:
+        res = {"repaired": False, "problems": [], "recovery": None}
+        if as_json:
+            _dump_json(res)
+        else:
+            out.print("[green]the store verifies clean: nothing to repair[/]")
+        return
+    if not as_json:
+        out.print(f"verify found {len(rep.problems)} problem(s):")
+        for p in rep.problems:
+            out.print(f"  {_esc(str(p))}")
+    if not yes and not click.confirm(f"open {data_dir} under {recovery.upper()} and drop what fails validation? "
+                                     "This cannot be undone (take a backup first)", default=False):
+        raise CliError("not repaired", EXIT_REFUSED)
+    try:
+        with _open_store_for_write(data_dir, recovery) as store:
+            report = store.recovery_report
+    except (CorruptionError, RecoveryRefused) as exc:
+        hint = ("; --recovery partial can drop damaged committed entries (the group then catches up from its "
+                "leader)" if recovery.lower() == "truncate-tail" else "; restore from a backup")
+        raise CliError(f"refused: {recovery.upper()} cannot repair this store: {exc}{hint}", EXIT_REFUSED) from None
+    res = {"repaired": True, "problems": [str(p) for p in rep.problems], "recovery": json.loads(report.to_json())}
+    if as_json:
+        _dump_json(res)
+        return
+    out.print(_esc(report.summary()))
+    for d in report.dropped:
+        out.print(f"  dropped: {_esc(json.dumps(d, sort_keys=True))}")
+    for d in report.repaired:
+        out.print(f"  repaired: {_esc(json.dumps(d, sort_keys=True))}")
+    out.print("next: `raft-sqlite verify` it; the node now opens under STRICT")
+
+
+@cli.command("vacuum")
+@DATA_DIR
+@RECOVERY_OPT
+@JSON_OPT
+@friendly
+def vacuum_cmd(data_dir: str, recovery: str, as_json: bool) -> None:
+    """Give the free pages of a stopped node's raft.db and chunks.db back to the file system (SQLite
+    VACUUM, then a WAL truncation); `status` shows how much is free. Validates the store first
+    (--recovery). Refused while the node runs (exit 5) or when the disk lacks room for VACUUM's
+    temporary copy and WAL (nothing changed). Crash-safe: a crash leaves the old or the new file."""
+    from .maintenance import vacuum
+
+    node_id, cluster_id, fsync = _node_identity(data_dir)
+    with contextlib.ExitStack() as stack:
+        status = None if as_json or not err.is_terminal else stack.enter_context(err.status("opening the store"))
+
+        def progress(name: str) -> None:
+            if status is not None:
+                status.update(f"VACUUM {name}")
+
+        try:
+            rep = vacuum(data_dir, node_id, cluster_id=cluster_id, fsync=fsync, recovery=_policy(recovery),
+                         progress=progress)
+        except StorageFault as exc:
+            if "nothing was changed" in str(exc):
+                raise CliError(f"refused: {exc}", EXIT_REFUSED) from None
+            raise
+    if as_json:
+        _dump_json(rep.to_dict())
+        return
+    for b, a in zip(rep.before, rep.after):
+        out.print(f"{b.name}: {_size(b.size)} ({_size(b.free_bytes)} free) -> {_size(a.size)} "
+                  f"({_size(a.free_bytes)} free)")
+    out.print(f"reclaimed {_size(rep.reclaimed)} in {rep.duration:.2f} s")
 
 
 @cli.command()
