@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from urllib.parse import quote
@@ -83,15 +83,16 @@ EXIT_CODES = {
 class TrimmedLines:
     """What rich writes to a pipe, through this stream: each line without the trailing spaces rich pads
     tables and lines with (scripts, ``diff`` and docs see clean lines). Writes go to ``sys.<name>`` as it
-    is at write time (click's test runner swaps it)."""
+    is at write time (click's test runner swaps it), or to a file (``sql``'s ``.output FILE``)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str | IO[str]):
+        self.target = name
         self._tail = ""
 
     @property
     def stream(self) -> IO[str]:
-        return cast(IO[str], getattr(sys, self.name))
+        """``sys.<name>`` now, or the file given."""
+        return cast(IO[str], getattr(sys, self.target)) if isinstance(self.target, str) else self.target
 
     def write(self, s: str) -> int:
         *lines, self._tail = (self._tail + s).split("\n")
@@ -559,26 +560,42 @@ def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[t
     return sets
 
 
-def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str) -> None:
+@dataclasses.dataclass
+class Sink:
+    """Where query results go: ``console`` for tables, ``write`` for CSV/JSON text (exact bytes: no
+    trimming, no wrapping)."""
+
+    console: Console
+    write: Callable[[str], None]
+
+
+def _stdout_write(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str, *, headers: bool = True,
+                sink: Sink | None = None) -> None:
+    sink = sink or Sink(out, _stdout_write)
     if fmt == "json":
         docs = [[dict(zip(cols, r)) for r in rows] for cols, rows in sets]
-        _dump_json(docs[0] if len(docs) == 1 else docs)
+        sink.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, default=_json_default) + "\n")
         return
     for cols, rows in sets:
         if fmt == "csv":
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
-            w.writerow(cols)
+            if headers:
+                w.writerow(cols)
             w.writerows(rows)
-            click.echo(buf.getvalue(), nl=False)
+            sink.write(buf.getvalue())
         else:
-            t = Table(show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False)
+            t = Table(show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False, show_header=headers)
             for c in cols:
                 t.add_column(c, overflow="fold")
             for r in rows:
                 t.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in r))
-            print_wide(t)
-            out.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", style="dim")
+            print_wide(t, sink.console)
+            sink.console.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", style="dim")
 
 
 class _Fields:
@@ -605,72 +622,260 @@ class _Fields:
             out.print(f"[bold]{_esc(name.ljust(width))}[/]  {value}")
 
 
-def print_wide(table: Table) -> None:
+def print_wide(table: Table, console: Console | None = None) -> None:
     """Print ``table`` at its natural width when that is wider than the console (up to 400 columns):
     query results stay one row per line instead of folding every cell."""
-    want = Measurement.get(out, out.options.update_width(400), table).maximum
-    if want <= out.width:
-        out.print(table)
+    con = console or out
+    want = Measurement.get(con, con.options.update_width(400), table).maximum
+    if want <= con.width:
+        con.print(table)
         return
-    saved = out.width
-    out.width = min(want, 400)  # Console.print(width=) cannot exceed the console's width
+    saved = con.width
+    con.width = min(want, 400)  # Console.print(width=) cannot exceed the console's width
     try:
-        out.print(table, crop=False)
+        con.print(table, crop=False)
     finally:
-        out.width = saved
+        con.width = saved
 
 
 _REPL_HELP = """.tables              tables and views (chunks.* is chunks.db)
 .schema [NAME]       CREATE statement(s)
+.dump [TABLE ...]    the store (or those tables) as SQL text: CREATE and INSERT statements, read in one
+                     read transaction (load it with sqlite3 into a new file to look at a copy)
 .mode table|csv|json output format
+.headers on|off      column names in table and csv output
+.output [FILE]       send results to FILE (not inside the data_dir), or back to stdout without FILE
+.read FILE           run the statements and dot-commands in FILE
+.timer on|off        print the run time of each statement
 .quit                leave (or Ctrl-D)
 Statements end with ';'. Views: group_status, snapshot_chain, segments, backup_history, recovery_log."""
 
 
-def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
+def dump_sql(conn: apsw.Connection, tables: list[str] | None = None) -> Iterator[str]:
+    """The main schema of ``conn`` (or only ``tables``) as SQL text, like the sqlite3 shell's ``.dump``:
+    tables with their rows as INSERTs (values spelled by SQLite's ``quote()``, so BLOBs, REALs and TEXT
+    round-trip exactly), then indexes, triggers and views. Read in one read transaction (a consistent
+    copy while the node writes); never takes a write lock (apsw's own ``.dump`` begins IMMEDIATE)."""
+    def ident(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    conn.execute("BEGIN")
+    try:
+        yield "PRAGMA foreign_keys=OFF;"
+        yield "BEGIN TRANSACTION;"
+        objs = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE sql IS NOT NULL "
+                            "ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 WHEN 'trigger' THEN 2 "
+                            "ELSE 3 END, rowid").fetchall()
+        wanted = None if not tables else set(tables)
+        for row in objs:
+            kind, name, tbl, sql_text = (str(v) for v in row)  # sqlite_master's columns are TEXT
+            if wanted is not None and tbl not in wanted:
+                continue
+            if kind == "table" and name == "sqlite_sequence":
+                yield "DELETE FROM sqlite_sequence;"
+            elif kind == "table" and not name.startswith("sqlite_"):
+                yield sql_text + ";"
+            elif kind != "table" and not name.startswith("sqlite_"):
+                yield sql_text + ";"
+                continue
+            else:
+                continue
+            cols = [str(r[1]) for r in conn.execute(f"PRAGMA table_info({ident(name)})")]
+            values = " || ',' || ".join(f"quote({ident(c)})" for c in cols)
+            for (line,) in conn.execute(f"SELECT 'INSERT INTO {ident(name).replace(chr(39), chr(39) * 2)} "
+                                        f"VALUES(' || {values} || ');' FROM {ident(name)}"):
+                yield str(line)
+        yield "COMMIT;"
+    finally:
+        conn.execute("COMMIT")
+
+
+class SqlShell:
+    """The statements and sqlite3-style dot-commands of ``raft-sqlite sql``: at its prompt, from stdin and
+    from ``.read FILE``. Read-only like the connection it is given; the only file it writes is the one
+    named by ``.output``, which may not be inside the data_dir."""
+
+    def __init__(self, conn: apsw.Connection, data_dir: str, fmt: str, raw: bool):
+        self.conn, self.data_dir, self.fmt, self.raw = conn, os.path.realpath(data_dir), fmt, raw
+        self.headers, self.timer = True, False
+        self.sink: Sink | None = None  # None: stdout
+        self._file: IO[str] | None = None
+        self._depth = 0
+
+    def close(self) -> None:
+        self._set_output(None)
+
+    def _set_output(self, path: str | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file, self.sink = None, None
+        if path is None:
+            return
+        target = os.path.realpath(path)
+        if os.path.commonpath([target, self.data_dir]) == self.data_dir:
+            raise CliError(f"refused: .output {path!r} is inside the data_dir; write results elsewhere", EXIT_REFUSED)
+        try:
+            f = open(target, "w", encoding="utf-8", newline="")  # noqa: SIM115  (closed by _set_output/close)
+        except OSError as exc:
+            raise CliError(f".output: cannot write {path!r}: {exc.strerror or exc}", EXIT_USAGE) from None
+        con = Console(file=cast(IO[str], TrimmedLines(f)), highlight=False, soft_wrap=True, no_color=True,
+                      width=int(os.environ.get("COLUMNS", "200")))
+
+        def write(text: str) -> None:
+            f.write(text)
+
+        self._file, self.sink = f, Sink(con, write)
+
+    def _write(self, text: str) -> None:
+        (self.sink.write if self.sink is not None else _stdout_write)(text)
+
+    def statement(self, query: str) -> None:
+        t0 = time.perf_counter()
+        sets = run_query(self.conn, query, raw=self.raw)
+        _print_sets(sets, self.fmt, headers=self.headers, sink=self.sink)
+        if self.timer:
+            err.print(f"Run Time: real {time.perf_counter() - t0:.3f}")
+
+    def run(self, lines: Iterator[str | None], *, bail: bool) -> bool:
+        """Run ``lines`` (statements end with ';', dot-commands on a line of their own; None drops the
+        statement begun). Errors stop the run when ``bail`` (a script), else are printed (the prompt).
+        Returns False after ``.quit``."""
+        buf = ""
+        for line in lines:
+            if line is None:
+                buf = ""
+                continue
+            if not buf and line.strip().startswith("."):
+                try:
+                    if not self.dot(line.strip()):
+                        return False
+                except CliError as exc:
+                    if bail:
+                        raise
+                    exc.show()
+                continue
+            buf += line + "\n"
+            if apsw.complete(buf):
+                try:
+                    self.statement(buf)
+                except CliError as exc:
+                    if bail:
+                        raise
+                    exc.show()
+                buf = ""
+        if buf.strip():
+            if bail:  # the end of a script: run what is left, as sqlite3 does
+                self.statement(buf)
+            else:
+                err.print("incomplete statement ignored (no ';')")
+        return True
+
+    def dot(self, line: str) -> bool:
+        """One dot-command; False for ``.quit``. Bad usage raises :class:`CliError` (exit 2)."""
+        import shlex
+
+        try:
+            cmd, *args = shlex.split(line)
+        except ValueError as exc:
+            raise CliError(f"{line}: {exc}", EXIT_USAGE) from None
+        if cmd in (".quit", ".exit", ".q"):
+            return False
+        fn = self._DOTS.get(cmd)
+        if fn is None:
+            raise CliError(f"unknown command {line!r}; .help lists them", EXIT_USAGE)
+        return fn(self, cmd, args) is not False
+
+    @staticmethod
+    def _on_off(cmd: str, args: list[str]) -> bool:
+        if len(args) != 1 or args[0].lower() not in ("on", "off", "1", "0", "yes", "no"):
+            raise CliError(f"usage: {cmd} on|off", EXIT_USAGE)
+        return args[0].lower() in ("on", "1", "yes")
+
+    def _help(self, cmd: str, args: list[str]) -> None:
+        err.print(_REPL_HELP, markup=False)
+
+    def _mode(self, cmd: str, args: list[str]) -> None:
+        if len(args) != 1 or args[0] not in ("table", "csv", "json"):
+            raise CliError("usage: .mode table|csv|json", EXIT_USAGE)
+        self.fmt = args[0]
+
+    def _headers(self, cmd: str, args: list[str]) -> None:
+        self.headers = self._on_off(cmd, args)
+
+    def _timer(self, cmd: str, args: list[str]) -> None:
+        self.timer = self._on_off(cmd, args)
+
+    def _output(self, cmd: str, args: list[str]) -> None:
+        if len(args) > 1:
+            raise CliError("usage: .output [FILE]", EXIT_USAGE)
+        self._set_output(args[0] if args and args[0] not in ("stdout", "-") else None)
+
+    def _read(self, cmd: str, args: list[str]) -> bool:
+        if len(args) != 1:
+            raise CliError("usage: .read FILE", EXIT_USAGE)
+        if self._depth >= 16:
+            raise CliError(".read: nested more than 16 deep (does a file read itself?)", EXIT_USAGE)
+        try:
+            with open(args[0], encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f".read: cannot read {args[0]!r}: {getattr(exc, 'strerror', None) or exc}",
+                           EXIT_USAGE) from None
+        self._depth += 1
+        try:
+            return self.run(iter(text.splitlines()), bail=True)
+        finally:
+            self._depth -= 1
+
+    def _dump(self, cmd: str, args: list[str]) -> None:
+        try:
+            for stmt in dump_sql(self.conn, args or None):
+                self._write(stmt + "\n")
+        except apsw.Error as exc:
+            raise CliError(f".dump failed: {exc}", EXIT_CORRUPT) from None
+
+    def _tables(self, cmd: str, args: list[str]) -> None:
+        q = ("SELECT type, name FROM sqlite_master WHERE type IN ('table','view') UNION ALL "
+             "SELECT type, 'chunks.' || name FROM chunks.sqlite_master WHERE type='table' ORDER BY 1, 2")
+        try:
+            sets = run_query(self.conn, q)
+        except CliError:  # chunks.db not attached
+            sets = run_query(self.conn, q.split(" UNION ALL")[0])
+        _print_sets(sets, self.fmt, headers=self.headers, sink=self.sink)
+
+    def _schema(self, cmd: str, args: list[str]) -> None:
+        q = "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL" + (" AND name = ?" if args else "")
+        for (text,) in self.conn.execute(q, tuple(args[:1])):
+            self._write(text + ";\n")
+
+    _DOTS: dict[str, Callable[[SqlShell, str, list[str]], bool | None]] = {
+        ".help": _help, ".mode": _mode, ".headers": _headers, ".header": _headers, ".timer": _timer,
+        ".output": _output, ".read": _read, ".dump": _dump, ".tables": _tables, ".schema": _schema}
+
+
+def _prompt_lines() -> Iterator[str | None]:
+    """Lines typed at the prompt (readline editing and history when available) until Ctrl-D; None after
+    Ctrl-C, which drops the statement being typed."""
     with contextlib.suppress(ImportError):  # deferred: optional module, line editing and history when available
         import readline  # noqa: F401
     err.print(f"raft-sqlite sql (read-only). Type .help for help. {_REPL_HELP.splitlines()[-1]}")
     buf = ""
     while True:
         try:
-            line = input("raft-sqlite> " if not buf else "        ...> ")
+            line = input("        ...> " if buf.strip() else "raft-sqlite> ")
         except EOFError:
             err.print()
             return
         except KeyboardInterrupt:
             err.print()
             buf = ""
+            yield None
             continue
-        if not buf and line.strip().startswith("."):
-            cmd, *args = line.strip().split()
-            if cmd in (".quit", ".exit", ".q"):
-                return
-            if cmd == ".help":
-                err.print(_REPL_HELP)
-            elif cmd == ".mode" and args and args[0] in ("table", "csv", "json"):
-                fmt = args[0]
-            elif cmd == ".tables":
-                q = ("SELECT type, name FROM sqlite_master WHERE type IN ('table','view') UNION ALL "
-                     "SELECT type, 'chunks.' || name FROM chunks.sqlite_master WHERE type='table' ORDER BY 1, 2")
-                try:
-                    _print_sets(run_query(conn, q), fmt)
-                except CliError:
-                    _print_sets(run_query(conn, q.split(" UNION ALL")[0]), fmt)
-            elif cmd == ".schema":
-                q = "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL" + (" AND name = ?" if args else "")
-                for (s,) in conn.execute(q, tuple(args[:1])):
-                    out.print(s + ";")
-            else:
-                err.print(f"unknown command {line.strip()!r}; .help lists them")
-            continue
-        buf += line + "\n"
-        if apsw.complete(buf):
-            try:
-                _print_sets(run_query(conn, buf, raw=raw), fmt)
-            except CliError as exc:
-                exc.show()
-            buf = ""
+        yield line
+        if buf or not line.strip().startswith("."):
+            buf += line + "\n"
+            if apsw.complete(buf):
+                buf = ""
 
 
 @cli.command()
@@ -684,7 +889,9 @@ def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
 def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: bool) -> None:
     """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`).
 
-    Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. The
+    Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. At the prompt
+    and in scripts, sqlite3's dot-commands .tables .schema .dump .mode .headers .output .read .timer
+    (.help lists them). The
     connection is opened read-only with query_only, an authorizer and a statement guard:
     INSERT/UPDATE/DELETE, DDL, ATTACH, VACUUM, ANALYZE, checkpoints and setting PRAGMAs are refused
     with exit code 5 before they run. Views: group_status, snapshot_chain, segments,
@@ -692,16 +899,21 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
     if as_json:
         fmt = "json"
     conn = open_sql_connection(data_dir)
+    shell = SqlShell(conn, data_dir, fmt, raw_payload)
     try:
         if query is None:
             if sys.stdin.isatty():
-                _repl(conn, fmt, raw_payload)
+                shell.run(_prompt_lines(), bail=False)
                 return
             query = sys.stdin.read()
         if not query.strip():
             raise click.UsageError("empty query")
-        _print_sets(run_query(conn, query, raw=raw_payload), fmt)
+        if any(ln.strip().startswith(".") for ln in query.splitlines()):  # a script with dot-commands
+            shell.run(iter(query.splitlines()), bail=True)
+        else:
+            shell.statement(query)
     finally:
+        shell.close()
         conn.close()
 
 

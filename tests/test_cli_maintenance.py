@@ -180,3 +180,67 @@ def test_piped_output_has_no_trailing_spaces_and_unwrapped_messages(tmp_path):
     r = subprocess.run([sys.executable, "-m", "raft_sqlite.cli", "log", str(d), "-g", "nope" * 20],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1 and len(r.stderr) > 80, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- sql dot-commands
+def sql_script(d, script, **kw):
+    return subprocess.run([sys.executable, "-m", "raft_sqlite.cli", "sql", str(d)], input=script, capture_output=True,
+                          text=True, env=ENV, timeout=60, **kw)
+
+
+def rows_of(conn, table):
+    return sorted(conn.execute(f'SELECT * FROM "{table}"').fetchall(), key=repr)
+
+
+def test_sql_dump_loads_into_an_identical_database(tmp_path):
+    d = make_store(tmp_path / "n", snapshot_at=100)
+    with open_store(d) as s:  # bytes that need quoting: NUL, quotes, non-UTF-8
+        s.log("b").append([LogEntry(121, 3, b"\x00'\"\xff;\n--")])
+    r = sql_script(d, ".dump\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\n") and r.stdout.endswith("COMMIT;\n")
+    copy = apsw.Connection(str(tmp_path / "copy.db"))
+    copy.execute(r.stdout)
+    src = apsw.Connection(f"file:{d / 'raft.db'}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    q = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+    assert copy.execute(q).fetchall() == src.execute(q).fetchall()
+    tables = [n for (n,) in src.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert "log_entries" in tables and "sqlite_sequence" in tables
+    for t in tables:
+        assert rows_of(copy, t) == rows_of(src, t), t
+    # one table only
+    r = sql_script(d, ".dump groups\n")
+    assert r.returncode == 0 and "CREATE TABLE groups" in r.stdout and "log_entries" not in r.stdout
+
+
+def test_sql_headers_mode_timer_output_and_read(tmp_path):
+    d = make_store(tmp_path / "n")
+    r = sql_script(d, ".headers off\n.mode csv\nSELECT name FROM groups ORDER BY name;\n")
+    assert r.returncode == 0 and r.stdout == "a\nb\n", r.stdout + r.stderr
+    r = sql_script(d, ".mode csv\n.timer on\nSELECT count(*) AS n FROM log_entries;\n")
+    assert r.stdout == "n\n240\n" and "Run Time: real " in r.stderr, r.stdout + r.stderr
+    out_file = tmp_path / "out.txt"
+    script = tmp_path / "s.sql"
+    script.write_text(f".output {out_file}\nSELECT name, group_id FROM groups ORDER BY name;\n.output\n"
+                      "SELECT 'back on stdout' AS x;\n")
+    r = sql_script(d, f".read {script}\n")
+    assert r.returncode == 0, r.stderr
+    text = out_file.read_text()
+    assert " a " in text and "(2 rows)" in text and "\x1b[" not in text and "back on stdout" not in text, text
+    assert all(ln == ln.rstrip() for ln in text.splitlines())
+    assert "back on stdout" in r.stdout and " a " not in r.stdout
+    # read-only still: a write inside a .read file is refused, and the script stops there
+    script.write_text("SELECT 1;\nDELETE FROM groups;\nSELECT 'not reached';\n")
+    r = sql_script(d, f".read {script}\n")
+    assert r.returncode == 5 and "not reached" not in r.stdout, r.stdout + r.stderr
+    # .output refuses the data_dir, and bad usage is a usage error
+    r = sql_script(d, f".output {d / 'raft.db-copy'}\n")
+    assert r.returncode == 5 and "inside the data_dir" in r.stderr and not (d / "raft.db-copy").exists()
+    for bad in (".headers maybe\n", ".mode yaml\n", ".read\n", ".frobnicate\n", f".read {tmp_path / 'missing'}\n"):
+        r = sql_script(d, bad)
+        no_traceback(r)
+        assert r.returncode == 2, (bad, r.stderr)
+    # a file that reads itself stops at a depth limit instead of recursing forever
+    script.write_text(f".read {script}\n")
+    r = sql_script(d, f".read {script}\n")
+    assert r.returncode == 2 and "nested" in r.stderr, r.stderr
