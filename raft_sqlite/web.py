@@ -44,12 +44,11 @@ from . import layout
 from .errors import RaftSqliteError
 
 #: bytes of a BLOB shown as UTF-8 text / as hex in a cell
-PREVIEW_TEXT_BYTES = 64
+PREVIEW_TEXT_BYTES = 96
 PREVIEW_HEX_BYTES = 32
 #: Datasette database names (the file names without ``.db``)
 MAIN_NAME = os.path.splitext(layout.MAIN_DB)[0]
 CHUNKS_NAME = os.path.splitext(layout.CHUNKS_DB)[0]
-_SPAN = layout.KEY_SPAN
 _KIND = "CASE e.kind WHEN 0 THEN 'NORMAL' WHEN 1 THEN 'CONFIG' WHEN 2 THEN 'NOOP' ELSE e.kind END"
 
 #: name -> Datasette canned query on raft.db (all read-only SELECTs on the tables and views). The names differ
@@ -68,7 +67,7 @@ CANNED_QUERIES: dict[str, dict[str, Any]] = {
         "sql": f"""SELECT e.idx AS "index", e.term, {_KIND} AS kind, length(e.payload) AS size,
        printf('%08x', e.crc32) AS crc32, e.segment, e.idx < g.first_index AS compacted, e.payload
 FROM groups g JOIN log_entries e
-  ON e.key >= g.group_id * {_SPAN} AND e.key < (g.group_id + 1) * {_SPAN}
+  ON e.key >= (g.group_id << {layout.KEY_SHIFT}) AND e.key < ((g.group_id + 1) << {layout.KEY_SHIFT})
 WHERE g.name = :group
 ORDER BY e.key DESC
 LIMIT 100""",
@@ -212,6 +211,15 @@ def _register_plugin() -> None:
         pm.register(RaftSqliteWebHooks, name=_PLUGIN_NAME)
 
 
+def _quiet_handled_errors() -> None:
+    """Datasette prints every exception it turns into an error page (a 404, a refused write statement) to
+    the server's console as a rich traceback with local variables, when rich is importable (it is: the CLI
+    uses it). The page already says what went wrong; the console stays quiet."""
+    import datasette.handle_exception  # deferred: optional extra ``web``
+
+    datasette.handle_exception.rich = None
+
+
 # ---------------------------------------------------------------------------------------------- app
 def metadata(title: str) -> dict[str, Any]:
     """Datasette metadata: title, descriptions, the canned queries, log entries newest first."""
@@ -236,6 +244,7 @@ def build_app(data_dir: str, *, title: str) -> ASGIApp:
     opened ``mode=ro`` (never immutable: the node is live). :class:`WebUnavailable` without Datasette."""
     ds_app, _ = require()
     _register_plugin()
+    _quiet_handled_errors()
     files = [os.path.abspath(os.path.join(data_dir, name)) for name in (layout.MAIN_DB, layout.CHUNKS_DB)
              if os.path.isfile(os.path.join(data_dir, name))]
     ds = ds_app.Datasette(
