@@ -1284,8 +1284,8 @@ def serve(data_dir: str, host: str, port: int, allow_remote: bool) -> None:
     """A read-only browser view of the node (Datasette; extra `web`): tables, inspection views and canned
     queries (group status, log tail per group, snapshot chains, recovery history, backups) of
     raft.db and chunks.db, payloads shown as size, UTF-8 preview and hex. Files are opened read-only
-    (never immutable: it shows the live node), only GET requests and SELECTs are served, and a browser
-    page never holds a read transaction: safe while the node runs. Runs until Ctrl-C."""
+    (never immutable: it shows the live node), only GET requests and SELECTs are served, and each query
+    is one short read transaction (at most 1 s): safe while the node runs. Runs until Ctrl-C."""
     from . import web  # deferred: the optional extra `web` is imported only by this command
 
     try:
