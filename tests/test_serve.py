@@ -263,6 +263,25 @@ def test_not_a_store(tmp_path):
     assert r.exit_code == 3 and "not a raft_sqlite data_dir" in r.output
 
 
+def test_busy_port_is_exit_2_and_sigterm_stops_cleanly(tmp_path):
+    need_server()
+    d = tmp_path / "node"
+    with open_store(d) as s:
+        s.log("g").append([LogEntry(1, 1, b"x")])
+    srv = Server(d)
+    try:
+        port = int(srv.url.rsplit(":", 1)[1].strip("/"))
+        r = subprocess.run([sys.executable, "-m", "raft_sqlite.cli", "serve", str(d), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60, env=ENV)
+        assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=30) == 0
+        srv.reader.join(10)
+    assert "stopped" in "".join(srv.lines.queue)
+
+
 def test_payload_preview():
     assert web.payload_preview(b"") == "0 B"
     assert web.payload_preview(b"hello") == "5 B | utf-8: hello | hex: 68656c6c6f"
