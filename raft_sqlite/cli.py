@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from urllib.parse import quote
@@ -46,15 +46,19 @@ from .errors import (
     CompactionError,
     CorruptionError,
     DataDirLocked,
+    GroupNotFoundError,
     NodeIdentityMismatch,
     RaftSqliteError,
     RecoveryRefused,
+    SnapshotError,
     StorageFault,
 )
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
 from .migrate import current_revision
 from .objectstore import Remote, is_url
+from .snapshot import SnapshotKind, SnapshotMeta
+from .snapview import SnapshotNotFoundError, SnapshotView
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -722,6 +726,231 @@ def groups_cmd(data_dir: str, as_json: bool) -> None:
                   str(g["snapshot_index"]))
     print_wide(t)
     out.print(f"{len(res)} group(s)")
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+@cli.group("snapshot")
+def snapshot_group() -> None:
+    """Snapshots: list the chains, show one manifest and its structures, export one to a file, verify.
+
+    Read-only like `verify` (raft.db and chunks.db opened with SQLITE_OPEN_READONLY and query_only, one
+    read transaction per command): safe while the node runs. ID is a snapshot id from `snapshot list`
+    (unique in the node; --group only narrows)."""
+
+
+@contextlib.contextmanager
+def _snapshot_view(data_dir: str) -> Iterator[SnapshotView]:
+    """A :class:`SnapshotView` of ``data_dir``; an unknown group or snapshot becomes exit 3."""
+    open_main_readonly(data_dir).close()  # the store checks and messages every read command gives
+    view = SnapshotView(data_dir)
+    try:
+        yield view
+    except (SnapshotNotFoundError, GroupNotFoundError) as exc:
+        raise CliError(str(exc), EXIT_NOT_FOUND) from None
+    finally:
+        view.close()
+
+
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _structure_names(structures: list[Any] | None) -> str:
+    if structures is None:
+        return "-"
+    names = [str(e.get("name")) for e in structures if isinstance(e, dict)]
+    return f"{len(names)}: {', '.join(names)}" if names else "0"
+
+
+def _byte_progress(bar: _BackupProgress, what: str) -> Callable[[int, int], None] | None:
+    """``progress(done, total)`` feeding ``bar`` as phase ``what`` (None when the bar is off)."""
+    cb = bar.callback
+    if cb is None:
+        return None
+
+    def progress(done: int, total: int) -> None:
+        cb(what, done, total)
+
+    return progress
+
+
+def snapshot_dict(m: SnapshotMeta) -> dict[str, Any]:
+    """One manifest as ``raft-sqlite snapshot --json`` prints it."""
+    return {"id": m.id, "group": m.group, "index": m.index, "term": m.term, "kind": m.kind.value,
+            "parent_id": m.parent_id, "status": m.status, "source": m.source, "size": m.size,
+            "chunk_count": m.chunk_count, "sha256": m.checksum, "created_at": m.created_at,
+            "finished_at": m.finished_at, "state_machine": m.structures is not None,
+            "structures": None if m.structures is None else m.structures.get("structures")}
+
+
+@snapshot_group.command("list")
+@DATA_DIR
+@click.option("--group", "-g", help="Only this group (default: every group).")
+@JSON_OPT
+@friendly
+def snapshot_list(data_dir: str, group: str | None, as_json: bool) -> None:
+    """Snapshot chains per group, newest chain first, each from its FULL base through its deltas: id,
+    index, term, kind, status, size, chunks, created time and the structures of a state-machine
+    snapshot. Snapshots still being written (or interrupted installs) are listed as WRITING."""
+    with _snapshot_view(data_dir) as v, v.consistent():
+        names = [group] if group is not None else list(v.groups())
+        res: list[dict[str, Any]] = []
+        for g in names:
+            chains = v.chains(g)
+            writing = [m for m in v.manifests(g, status=None) if m.status != "DURABLE"]
+            res.append({"group": g, "chains": [{"base_id": c[0].id, "head_id": c[-1].id, "length": len(c),
+                                                 "complete": c[0].kind is SnapshotKind.FULL,
+                                                 "snapshots": [snapshot_dict(m) for m in c]} for c in chains],
+                        "writing": [snapshot_dict(m) for m in writing]})
+    if as_json:
+        _dump_json({"groups": res})
+        return
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("group", "id", "index", "term", "kind", "status", "size", "chunks", "created (UTC)", "structures"):
+        t.add_column(col, no_wrap=True, justify="right" if col in ("index", "term", "size", "chunks") else "left")
+    count = 0
+    for grp in res:
+        for c in grp["chains"]:
+            for i, m in enumerate(c["snapshots"]):
+                last = i == len(c["snapshots"]) - 1
+                sid = str(m["id"]) if i == 0 else ("└ " if last else "├ ") + str(m["id"])
+                kind = m["kind"] if c["complete"] or i else f"[bold red]{m['kind']} (parent {m['parent_id']} missing)[/]"
+                t.add_row(_esc(grp["group"]), sid, str(m["index"]), str(m["term"]), kind, m["status"],
+                          _size(m["size"]), str(m["chunk_count"]), _utc(m["created_at"]),
+                          _esc(_structure_names(m["structures"])))
+                count += 1
+        for m in grp["writing"]:
+            t.add_row(_esc(grp["group"]), str(m["id"]), str(m["index"]), str(m["term"]), m["kind"],
+                      f"[yellow]{m['status']}[/]", _size(m["size"]), str(m["chunk_count"]), _utc(m["created_at"]), "-")
+            count += 1
+    if count:
+        print_wide(t)
+    nchains = sum(len(g["chains"]) for g in res)
+    out.print(f"{count} snapshot(s) in {nchains} chain(s), {len(res)} group(s)")
+
+
+@snapshot_group.command("show")
+@DATA_DIR
+@click.argument("snapshot_id", metavar="ID", type=click.IntRange(min=0))
+@click.option("--group", "-g", help="The group ID belongs to (optional: ids are unique in the node).")
+@JSON_OPT
+@friendly
+def snapshot_show(data_dir: str, snapshot_id: int, group: str | None, as_json: bool) -> None:
+    """One snapshot's manifest, its chain (the FULL base and the deltas up to it, links verified) and, for
+    a state-machine snapshot, its structures table (name, mode full/delta, offset, length, sha256)."""
+    with _snapshot_view(data_dir) as v, v.consistent():
+        m = v.find(snapshot_id, group)
+        chain: list[SnapshotMeta] = []
+        chain_error = None
+        try:
+            chain = v.chain(m).metas()
+        except SnapshotError as exc:
+            chain_error = str(exc)
+    doc = {"snapshot": snapshot_dict(m), "chain": [snapshot_dict(c) for c in chain], "chain_error": chain_error}
+    if as_json:
+        _dump_json(doc)
+        return
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("snapshot", f"{m.id} of group {_esc(m.group)!r}")
+    head.add_row("index / term", f"{m.index} / {m.term}")
+    head.add_row("kind", m.kind.value + ("" if m.parent_id is None else f" (parent {m.parent_id})"))
+    head.add_row("status / source", f"{m.status} / {m.source}")
+    head.add_row("size", f"{_size(m.size)} ({m.size} bytes) in {m.chunk_count} chunk(s)")
+    head.add_row("sha256", m.checksum or "-")
+    head.add_row("created / finished", f"{_utc(m.created_at)} / {_utc(m.finished_at)} UTC")
+    head.add_row("chain", " -> ".join(f"#{c.id} {c.kind.value}@{c.index}" for c in chain) if chain_error is None
+                 else f"[bold red]BROKEN[/]: {_esc(chain_error)}")
+    head.add_row("state machine", "no (raw bytes)" if m.structures is None else "yes")
+    out.print(head)
+    if m.structures is not None:
+        t = Table(title="structures", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("name", "mode", "offset", "length", "sha256"):
+            t.add_column(col, no_wrap=True, justify="right" if col in ("offset", "length") else "left")
+        for e in m.structures.get("structures", []):
+            t.add_row(_esc(str(e.get("name"))), str(e.get("mode")), str(e.get("offset")), str(e.get("length")),
+                      str(e.get("sha256")))
+        print_wide(t)
+
+
+@snapshot_group.command("export")
+@DATA_DIR
+@click.argument("snapshot_id", metavar="ID", type=click.IntRange(min=0))
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True, path_type=str))
+@click.option("--group", "-g", help="The group ID belongs to (optional: ids are unique in the node).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@JSON_OPT
+@friendly
+def snapshot_export(data_dir: str, snapshot_id: int, file: str, group: str | None, quiet: bool,
+                    as_json: bool) -> None:
+    """Write snapshot ID's bytes to FILE (`-`: stdout), verified while read (CRC32 per chunk, sha256 of
+    the whole). FILE is written atomically: a temporary file beside it, fsync'ed, then renamed; on any
+    failure nothing is left behind and an existing FILE is untouched (exit 4 for a damaged snapshot).
+    To stdout the bytes stream as verified: check the exit status before using them."""
+    to_stdout = file == "-"
+    if to_stdout and as_json:
+        raise click.UsageError("--json prints a summary on stdout: it cannot go with FILE '-'")
+    with _snapshot_view(data_dir) as v, v.consistent():
+        m = v.find(snapshot_id, group)
+        with _BackupProgress(quiet or as_json or to_stdout) as bar:
+            progress = _byte_progress(bar, f"snapshot {m.id}")
+            if to_stdout:
+                stream = sys.stdout.buffer
+                n = v.export(m, stream, progress)
+                stream.flush()
+            else:
+                try:
+                    n = v.export_file(m, file, progress)
+                except OSError as exc:
+                    raise CliError(f"cannot write {file}: {exc.strerror or exc}", EXIT_USAGE) from None
+    doc = {"snapshot_id": m.id, "group": m.group, "index": m.index, "term": m.term, "kind": m.kind.value,
+           "path": None if to_stdout else os.path.abspath(file), "size": n, "sha256": m.checksum}
+    if as_json:
+        _dump_json(doc)
+    elif not quiet:
+        (err if to_stdout else out).print(
+            f"exported snapshot {m.id} (group {_esc(m.group)!r}, index {m.index}, {m.kind.value}) to "
+            f"{'stdout' if to_stdout else _esc(file)}: {n} bytes, CRC32 and sha256 verified")
+
+
+@snapshot_group.command("verify")
+@DATA_DIR
+@click.argument("snapshot_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
+@click.option("--group", "-g", help="Only this group's snapshots (or: the group ID belongs to).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@JSON_OPT
+@friendly
+def snapshot_verify(data_dir: str, snapshot_id: int | None, group: str | None, quiet: bool, as_json: bool) -> None:
+    """Check one snapshot (ID) or every durable one: manifest CRC, chain links, every chunk (CRC32,
+    sequence, count, size, sha256) and, for a state-machine snapshot, the structures table and each
+    structure's sha256. Exit 1 if anything is wrong. Read-only: safe while the node runs (a snapshot
+    retention removes meanwhile is reported as gone, not as a problem)."""
+    with _snapshot_view(data_dir) as v, _BackupProgress(quiet or as_json) as bar:
+        checks = v.verify(snapshot_id, group, _byte_progress(bar, "verify snapshots"))
+    bad = [c for c in checks if not c.ok]
+    total = sum(c.size or 0 for c in checks if not c.gone)
+    if as_json:
+        _dump_json({"ok": not bad, "checked": len(checks), "bytes": total, "problems": sum(len(c.problems) for c in bad),
+                    "snapshots": [c.to_dict() for c in checks]})
+    else:
+        if checks:
+            t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+            for col in ("group", "id", "index", "kind", "size", "structures", "result"):
+                t.add_column(col, no_wrap=col != "result", overflow="fold",
+                             justify="right" if col in ("id", "index", "size") else "left")
+            for c in checks:
+                result = ("[dim]gone (removed by retention meanwhile)[/]" if c.gone else "[green]ok[/]" if c.ok else
+                          "[bold red]" + "; ".join(f"{k}: {_esc(msg)}" for k, msg in c.problems) + "[/]")
+                t.add_row(_esc(c.group), str(c.snapshot_id), "-" if c.index is None else str(c.index), c.kind or "-",
+                          _size(c.size), "yes" if c.state_machine else "-", result)
+            print_wide(t)
+        if bad:
+            out.print(f"[bold red]snapshot verify FAILED: {len(bad)} of {len(checks)} snapshot(s) have problems[/]")
+        else:
+            out.print(f"[green]snapshot verify OK: {len(checks)} snapshot(s), {_size(total)} checked[/]")
+    if bad:
+        sys.exit(EXIT_PROBLEMS)
 
 
 # ---------------------------------------------------------------------------------------------- write commands
