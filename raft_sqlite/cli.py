@@ -19,11 +19,14 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import importlib
 import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
@@ -41,6 +44,7 @@ from rich.table import Table
 from . import layout
 from .dbrows import db_scalar
 from .demo import DEMO_CLUSTER, DEMO_NODE, DemoError, demo_payload, run_demo, run_demo_node  # noqa: F401  re-exported: defined here before demo.py
+from .entry import EntryKind, LogEntry
 from .errors import (
     BackupError,
     CompactionError,
@@ -625,65 +629,261 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
 
 
 # ---------------------------------------------------------------------------------------------- log
+#: What ``raft-sqlite log --decoder`` calls: ``decode(entry)`` with a :class:`~raft_sqlite.LogEntry`.
+Decoder = Callable[[LogEntry], object]
+
+
+def load_decoder(spec: str) -> Decoder:
+    """The callable named by ``--decoder MODULE:FUNCTION`` (``FUNCTION`` may be dotted: ``Class.method``).
+    The current directory is searched last, after the installed packages, so a decoder module next to
+    the operator works as with ``python -m``. Raises :class:`click.BadParameter` (exit 2) when the
+    module cannot be imported or has no such callable."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not MODULE:FUNCTION (e.g. myapp.codec:decode_entry)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the user's module is a usage error here
+        raise click.BadParameter(f"cannot import module {mod_name!r} ({type(exc).__name__}: {exc})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.BadParameter(f"module {mod_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise click.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a callable")
+    return cast(Decoder, obj)
+
+
+def _decoder_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Decoder | None:
+    return None if value is None else load_decoder(value)
+
+
+def _decode(decoder: Decoder, entry: LogEntry) -> tuple[str | None, str | None]:
+    """``(decoded text, None)`` or ``(None, "ExcType: message")`` when the decoder raised for this entry."""
+    try:
+        got = decoder(entry)
+    except Exception as exc:  # noqa: BLE001 -- the user's decoder failing on one entry marks that entry only
+        return None, f"{type(exc).__name__}: {exc}"
+    return ("" if got is None else got if isinstance(got, str) else str(got)), None
+
+
+def read_log_rows(conn: apsw.Connection, gid: int, lo: int, hi: int, *, newest: bool, limit: int,
+                  term: int | None = None, kind: int | None = None, payload_bytes: int = 16,
+                  decoder: Decoder | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Up to ``limit`` log records of group ``gid`` with index in ``lo..hi`` (the newest ones when
+    ``newest``), optionally only of ``term``/``kind``, in index order, as ``raft-sqlite log`` shows them;
+    and whether more matched. Stored records below ``first_index`` (compacted, awaiting deletion) are
+    included and flagged ``compacted`` by the caller's range. Run inside the caller's read transaction."""
+    base = gid * SPAN
+    where = "key >= ?1 + ?2 AND key <= ?1 + ?3"
+    args: list[int] = [base, max(lo, 0), max(hi, -1)]
+    if term is not None:
+        args.append(term)
+        where += f" AND term = ?{len(args)}"
+    if kind is not None:
+        args.append(kind)
+        where += f" AND kind = ?{len(args)}"
+    args.append(limit + 1)
+    rows: list[dict[str, Any]] = []
+    for idx, idx_col, t, k, payload, ptype, crc, seg in conn.execute(
+            f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), typeof(payload), "
+            f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE {where} "
+            f"ORDER BY key {'DESC' if newest else 'ASC'} LIMIT ?{len(args)}", tuple(args)):
+        payload = bytes(payload or b"")
+        ok = ptype == "blob" and crc_matches(record_crc(gid, idx_col, t, k, payload), crc)
+        r = {"index": idx, "term": t, "kind": KIND_NAMES.get(k, str(k)), "size": len(payload),
+             "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
+             "payload_prefix": payload[:payload_bytes].hex()}
+        if decoder is not None:
+            entry = LogEntry(idx, t, payload, EntryKind(k) if k in KIND_NAMES else k)
+            r["decoded"], r["decode_error"] = _decode(decoder, entry)
+        rows.append(r)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if newest:
+        rows.reverse()
+    return rows, more
+
+
+def log_hint(name: str, first: int, last: int, snap: int, lo: int, hi: int, found: bool,
+             filters: str = "") -> str | None:
+    """What to tell the operator about the requested range ``lo..hi`` of a log holding ``first..last``
+    (``found``: some entry was shown): why it is empty, or which part of it does not exist."""
+    if last < first and not found:
+        if first > 1:
+            return (f"the log of group {name!r} is empty: entries 1..{first - 1} were compacted (snapshot at {snap}); "
+                    f"the next entry will be {first}")
+        return f"group {name!r} has no entries"
+    if hi < lo:
+        return f"the range {lo}..{hi} is empty"
+    hints = []
+    if lo < first and not found:
+        hints.append(f"entries {lo}..{min(hi, first - 1)} were compacted; the log starts at {first}")
+    elif lo < first and lo < first - 1 and hi >= first:
+        hints.append(f"entries {lo}..{first - 1} were compacted; the log starts at {first}")
+    if hi > last:
+        hints.append(f"range {max(lo, last + 1)}..{hi} is past the last index {last}" if lo > last or not found
+                     else f"the last index is {last}")
+    if not found and not hints:
+        hints.append(f"no entry in {lo}..{hi} matches {filters}" if filters else f"no entry stored in {lo}..{hi}")
+    return "; ".join(hints) or None
+
+
+def _log_cells(r: dict[str, Any], payload_bytes: int, first: int, decoded: bool) -> list[str]:
+    payload = r["payload_prefix"] + ("..." if r["size"] > payload_bytes else "") if payload_bytes else ""
+    if r["index"] < first:
+        payload = (payload + " (compacted)").strip()
+    cells = [str(r["index"]), str(r["term"]), r["kind"], str(r["size"]), r["crc32"],
+             "ok" if r["crc_ok"] else "[bold red]BAD[/]", str(r["segment"]), payload]
+    if decoded:
+        cells.append(_esc(r["decoded"]) if r["decode_error"] is None
+                     else f"[bold red]<decoder error: {_esc(r['decode_error'])}>[/]")
+    return cells
+
+
+_LOG_COLS = ("index", "term", "kind", "size", "crc32", "crc", "segment", "payload")
+_LOG_RIGHT = {"index", "term", "size", "segment"}
+
+
+def _follow(conn: apsw.Connection, name: str, gid: int, after: int, interval: float, as_json: bool,
+            emit: Callable[[list[dict[str, Any]], int], None], **filters: Any) -> int:
+    """Poll the log of group ``gid`` for records after index ``after`` every ``interval`` seconds, read-only,
+    and ``emit(rows, first_index)`` them; return on Ctrl-C or SIGTERM (the number of CRC failures seen).
+    A log cut back below ``after`` (a new leader overwrote it) is said and followed from its new end."""
+    bad = 0
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        while True:
+            time.sleep(interval)
+            with conn:  # one read transaction per poll
+                row = conn.execute("SELECT first_index FROM groups WHERE group_id=? AND name=?", (gid, name)).fetchone()
+                if row is None:
+                    raise CliError(f"group {name!r} was removed while following", EXIT_NOT_FOUND)
+                first = row[0]
+                last = read_last_index(conn, gid, first)
+                if last < after:
+                    note = f"log of group {name!r} cut back to {last} (was {after}); following from {last + 1}"
+                    if as_json:
+                        click.echo(json.dumps({"group": name, "notice": note}))
+                    else:
+                        err.print(_esc(note))
+                    after = last
+                    continue
+                rows, more = read_log_rows(conn, gid, after + 1, last, newest=False, limit=10_000, **filters)
+            if rows:
+                emit(rows, first)
+                bad += sum(not r["crc_ok"] for r in rows)
+            after = rows[-1]["index"] if more else last
+    except KeyboardInterrupt:
+        return bad
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, stop)
+
+
 @cli.command("log")
 @DATA_DIR
 @click.option("--group", "-g", help="Group name (optional when the store holds one group).")
 @click.option("--from", "lo", type=click.IntRange(min=0), help="First index (inclusive).")
 @click.option("--to", "hi", type=click.IntRange(min=0), help="Last index (inclusive).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
-              help="At most this many entries (without --from/--to: the newest ones).")
+              help="At most this many entries (without --from: the newest ones).")
+@click.option("--term", "term", type=click.IntRange(min=0), help="Only entries of this term.")
+@click.option("--kind", "kind", type=click.Choice(list(KIND_NAMES.values()), case_sensitive=False),
+              help="Only entries of this kind.")
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Bytes of each payload shown (hex; 0: none).")
+@click.option("--decoder", "decoder", metavar="MODULE:FUNCTION", callback=_decoder_option,
+              help="Show decoder(entry) in a `decoded` column: a callable taking a raft_sqlite.LogEntry (index, "
+                   "term, data, kind) and returning a str. An exception marks that entry only.")
+@click.option("--follow", "-f", is_flag=True, help="After the newest entries, keep printing new ones as they are "
+              "appended (like tail -f; read-only). Stop with Ctrl-C. With --json: one JSON object per line.")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="--follow: seconds between polls.")
 @JSON_OPT
 @friendly
-def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, limit: int, as_json: bool) -> None:
-    """Log entries of a group with term, kind, size, CRC and whether the CRC verifies."""
+def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, limit: int, term: int | None,
+            kind: str | None, payload_bytes: int, decoder: Decoder | None, follow: bool, interval: float,
+            as_json: bool) -> None:
+    """Log entries of a group with term, kind, size, CRC and whether the CRC verifies, a payload preview
+    and optionally a decoded form (--decoder). An empty or compacted range says why. Read-only."""
+    if follow and hi is not None:
+        raise click.UsageError("--follow prints entries as they come: it takes no --to")
+    kind_no = None if kind is None else next(k for k, v in KIND_NAMES.items() if v == kind.upper())
+    filters: dict[str, Any] = {"term": term, "kind": kind_no, "payload_bytes": payload_bytes, "decoder": decoder}
+    described = " and ".join(x for x in (f"term {term}" if term is not None else "",
+                                          f"kind {kind.upper()}" if kind else "") if x)
     conn = open_main_readonly(data_dir)
     try:
-        conn.execute("BEGIN")
-        name, gid = _pick_group(conn, group)
-        row = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()
-        assert row is not None  # _pick_group found the group in this read transaction
-        first = row[0]
-        base = gid * SPAN
-        last = read_last_index(conn, gid, first)
-        if lo is None:
-            hi = last if hi is None else hi
-            lo = max(first, hi - limit + 1)
-        elif hi is None:
-            hi = min(last, lo + limit - 1)
-        clipped = hi - lo + 1 > limit
-        if clipped:
-            hi = lo + limit - 1
-        rows = []
-        for idx, idx_col, term, kind, payload, ptype, crc, seg in conn.execute(
-                f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), typeof(payload), "
-                f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
-                "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
-            payload = payload or b""
-            ok = ptype == "blob" and crc_matches(record_crc(gid, idx_col, term, kind, payload), crc)
-            rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
-                         "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
-                         "compacted": idx < first,
-                         "payload_prefix": payload[:16].hex()})
-        conn.execute("COMMIT")
+        with conn:  # one read transaction: a consistent view while the node writes
+            name, gid = _pick_group(conn, group)
+            row = conn.execute("SELECT first_index, snapshot_index FROM groups WHERE group_id=?", (gid,)).fetchone()
+            assert row is not None  # _pick_group found the group in this read transaction
+            first, snap = row
+            last = read_last_index(conn, gid, first)
+            want_lo = first if lo is None else lo
+            want_hi = last if hi is None else hi
+            rows, clipped = read_log_rows(conn, gid, want_lo, want_hi, newest=lo is None, limit=limit, **filters)
+        hint = log_hint(name, first, last, snap, want_lo, want_hi, bool(rows), described)
+        bad = sum(not r["crc_ok"] for r in rows)
+        shown = (rows[0]["index"], rows[-1]["index"]) if rows else (want_lo, want_hi)
+        for r in rows:
+            r["compacted"] = r["index"] < first
+        if follow:
+            header = [f"{c:>{w}}" if c in _LOG_RIGHT else f"{c:<{w}}" for c, w in
+                      zip(_LOG_COLS, (10, 6, 6, 8, 8, 3, 7, 0), strict=True)] + (["decoded"] if decoder else [])
+
+            def emit(batch: list[dict[str, Any]], first_now: int) -> None:
+                for r in batch:
+                    if as_json:
+                        click.echo(json.dumps({"group": name, **r, "compacted": r["index"] < first_now}))
+                    else:
+                        cells = _log_cells(r, payload_bytes, first_now, decoder is not None)
+                        out.print("  ".join(f"{c:>{w}}" if i in (0, 1, 3, 6) else f"{c:<{w}}" for i, (c, w) in
+                                            enumerate(zip(cells, (10, 6, 6, 8, 8, 3, 7, 0, 0), strict=False))))
+                sys.stdout.flush()
+
+            if not as_json:
+                out.print(f"group {name!r}: first {first}, last {last}; following"
+                          + (f" ({described})" if described else "") + "; Ctrl-C to stop", style="dim")
+                out.print("  ".join(header).rstrip(), style="bold")
+                if hint and not rows:
+                    out.print(f"({_esc(hint)})", style="dim")
+            emit(rows, first)
+            after = rows[-1]["index"] if rows and lo is not None and clipped else max(last, want_lo - 1)
+            bad += _follow(conn, name, gid, after, interval, as_json, emit, **filters)
+        elif as_json:
+            _dump_json({"group": name, "first_index": first, "last_index": last, "from": shown[0], "to": shown[1],
+                        "filters": {"term": term, "kind": kind.upper() if kind else None}, "entries": rows,
+                        "crc_failures": bad, "hint": hint})
+        else:
+            t = Table(title=f"group {name!r}: first {first}, last {last}; showing {shown[0]}..{shown[1]}"
+                      + (f" ({described})" if described else ""), title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+            for c in _LOG_COLS + (("decoded",) if decoder else ()):
+                t.add_column(c, justify="right" if c in _LOG_RIGHT else "left")
+            for r in rows:
+                t.add_row(*_log_cells(r, payload_bytes, first, decoder is not None))
+            if rows:
+                print_wide(t)
+            else:
+                out.print(t.title or "")
+            if hint:
+                out.print(f"({_esc(hint)})", style="dim")
+            if clipped:
+                out.print(f"(limited to {limit} entries; use --limit)", style="dim")
     finally:
         conn.close()
-    bad = sum(not r["crc_ok"] for r in rows)
-    if as_json:
-        _dump_json({"group": name, "first_index": first, "last_index": last, "from": lo, "to": hi,
-                    "entries": rows, "crc_failures": bad})
-    else:
-        t = Table(title=f"group {name!r}: first {first}, last {last}; showing {lo}..{hi}", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-        for c in ("index", "term", "kind", "size", "crc32", "crc", "segment", "payload"):
-            t.add_column(c, justify="right" if c in ("index", "term", "size", "segment") else "left")
-        for r in rows:
-            t.add_row(str(r["index"]), str(r["term"]), r["kind"], str(r["size"]), r["crc32"],
-                      "ok" if r["crc_ok"] else "[bold red]BAD[/]", str(r["segment"]),
-                      r["payload_prefix"] + ("..." if r["size"] > 16 else "") + (" (compacted)" if r["compacted"]
-                                                                                  else ""))
-        out.print(t)
-        if clipped:
-            out.print(f"(limited to {limit} entries; use --limit)", style="dim")
     if bad:
         raise CliError(f"{bad} entr{'y' if bad == 1 else 'ies'} in the range fail(s) the CRC check; "
                        "run `raft-sqlite verify`", EXIT_CORRUPT)
