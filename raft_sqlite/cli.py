@@ -727,8 +727,9 @@ def log_hint(name: str, first: int, last: int, snap: int, lo: int, hi: int, foun
     if hi > last:
         hints.append(f"range {max(lo, last + 1)}..{hi} is past the last index {last}" if lo > last or not found
                      else f"the last index is {last}")
-    if not found and not hints:
-        hints.append(f"no entry in {lo}..{hi} matches {filters}" if filters else f"no entry stored in {lo}..{hi}")
+    a, b = max(lo, first), min(hi, last)
+    if not found and a <= b:  # part of the range is in the log, yet nothing was shown
+        hints.insert(0, f"no entry in {a}..{b} matches {filters}" if filters else f"no entry stored in {a}..{b}")
     return "; ".join(hints) or None
 
 
@@ -748,20 +749,30 @@ _LOG_COLS = ("index", "term", "kind", "size", "crc32", "crc", "segment", "payloa
 _LOG_RIGHT = {"index", "term", "size", "segment"}
 
 
-def _follow(conn: apsw.Connection, name: str, gid: int, after: int, interval: float, as_json: bool,
-            emit: Callable[[list[dict[str, Any]], int], None], **filters: Any) -> int:
-    """Poll the log of group ``gid`` for records after index ``after`` every ``interval`` seconds, read-only,
-    and ``emit(rows, first_index)`` them; return on Ctrl-C or SIGTERM (the number of CRC failures seen).
-    A log cut back below ``after`` (a new leader overwrote it) is said and followed from its new end."""
-    bad = 0
-    stop = signal.getsignal(signal.SIGTERM)
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt for the block (a follower stops cleanly on either), on the main
+    thread only (signal handlers can be set nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, on_term)
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _follow(conn: apsw.Connection, name: str, gid: int, after: int, interval: float, as_json: bool,
+            emit: Callable[[list[dict[str, Any]], int], None], **filters: Any) -> int:
+    """Poll the log of group ``gid`` for records after index ``after`` every ``interval`` seconds, read-only,
+    and ``emit(rows, first_index)`` them; return on Ctrl-C (the number of CRC failures seen).
+    A log cut back below ``after`` (a new leader overwrote it) is said and followed from its new end."""
+    bad = 0
     try:
         while True:
             time.sleep(interval)
@@ -786,9 +797,6 @@ def _follow(conn: apsw.Connection, name: str, gid: int, after: int, interval: fl
             after = rows[-1]["index"] if more else last
     except KeyboardInterrupt:
         return bad
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, stop)
 
 
 @cli.command("log")
@@ -824,6 +832,7 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
     described = " and ".join(x for x in (f"term {term}" if term is not None else "",
                                           f"kind {kind.upper()}" if kind else "") if x)
     conn = open_main_readonly(data_dir)
+    stack = contextlib.ExitStack()
     try:
         with conn:  # one read transaction: a consistent view while the node writes
             name, gid = _pick_group(conn, group)
@@ -840,6 +849,7 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
         for r in rows:
             r["compacted"] = r["index"] < first
         if follow:
+            stack.enter_context(_sigterm_interrupts())
             header = [f"{c:>{w}}" if c in _LOG_RIGHT else f"{c:<{w}}" for c, w in
                       zip(_LOG_COLS, (10, 6, 6, 8, 8, 3, 7, 0), strict=True)] + (["decoded"] if decoder else [])
 
@@ -853,15 +863,19 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
                                             enumerate(zip(cells, (10, 6, 6, 8, 8, 3, 7, 0, 0), strict=False))))
                 sys.stdout.flush()
 
-            if not as_json:
-                out.print(f"group {name!r}: first {first}, last {last}; following"
-                          + (f" ({described})" if described else "") + "; Ctrl-C to stop", style="dim")
-                out.print("  ".join(header).rstrip(), style="bold")
-                if hint and not rows:
-                    out.print(f"({_esc(hint)})", style="dim")
-            emit(rows, first)
             after = rows[-1]["index"] if rows and lo is not None and clipped else max(last, want_lo - 1)
-            bad += _follow(conn, name, gid, after, interval, as_json, emit, **filters)
+            try:
+                if not as_json:
+                    out.print(f"group {name!r}: first {first}, last {last}; following"
+                              + (f" ({described})" if described else "") + "; Ctrl-C to stop", style="dim")
+                    out.print("  ".join(header).rstrip(), style="bold")
+                    if hint and not rows:
+                        out.print(f"({_esc(hint)})", style="dim")
+                emit(rows, first)
+            except KeyboardInterrupt:  # stopped before the first poll
+                interval = -1.0
+            if interval > 0:
+                bad += _follow(conn, name, gid, after, interval, as_json, emit, **filters)
         elif as_json:
             _dump_json({"group": name, "first_index": first, "last_index": last, "from": shown[0], "to": shown[1],
                         "filters": {"term": term, "kind": kind.upper() if kind else None}, "entries": rows,
@@ -883,6 +897,7 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
             if clipped:
                 out.print(f"(limited to {limit} entries; use --limit)", style="dim")
     finally:
+        stack.close()
         conn.close()
     if bad:
         raise CliError(f"{bad} entr{'y' if bad == 1 else 'ies'} in the range fail(s) the CRC check; "
