@@ -850,8 +850,9 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
             r["compacted"] = r["index"] < first
         if follow:
             stack.enter_context(_sigterm_interrupts())
+            widths = (10, 6, 6, 8, 8, 3, 7, 2 * payload_bytes + 3 if decoder else 0, 0)  # one line per entry
             header = [f"{c:>{w}}" if c in _LOG_RIGHT else f"{c:<{w}}" for c, w in
-                      zip(_LOG_COLS, (10, 6, 6, 8, 8, 3, 7, 0), strict=True)] + (["decoded"] if decoder else [])
+                      zip(_LOG_COLS, widths, strict=False)] + (["decoded"] if decoder else [])
 
             def emit(batch: list[dict[str, Any]], first_now: int) -> None:
                 for r in batch:
@@ -860,7 +861,7 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
                     else:
                         cells = _log_cells(r, payload_bytes, first_now, decoder is not None)
                         out.print("  ".join(f"{c:>{w}}" if i in (0, 1, 3, 6) else f"{c:<{w}}" for i, (c, w) in
-                                            enumerate(zip(cells, (10, 6, 6, 8, 8, 3, 7, 0, 0), strict=False))))
+                                            enumerate(zip(cells, widths, strict=False))))
                 sys.stdout.flush()
 
             after = rows[-1]["index"] if rows and lo is not None and clipped else max(last, want_lo - 1)
