@@ -1,7 +1,7 @@
 """The ``raft-sqlite`` command line: inspect, verify and operate a node's ``data_dir``.
 
-Read commands (``status``, ``sql``, ``log``, ``verify``, ``metrics``) open the database files read-only
-(``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the node's identity and
+Read commands (``status``, ``sql``, ``log``, ``verify``, ``snapshot``, ``metrics``) open the database files
+read-only (``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the node's identity and
 are safe while the node runs in another process. Write commands (``compact``, ``remove-group``,
 ``restore``) refuse to run while a store holds the data_dir lock (:mod:`raft_sqlite.lock`), naming the
 holder; ``backup`` then takes a live, read-only backup beside the running node (``backup.LiveSource``).
@@ -76,7 +76,7 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, 
 #: exit code -> meaning (printed by ``raft-sqlite --help`` and documented in docs/operations.md).
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_PROBLEMS: "problems found (verify: corruption; demo: an acknowledged entry was lost)",
+    EXIT_PROBLEMS: "problems found (verify, snapshot verify: corruption; demo: an acknowledged entry was lost)",
     EXIT_USAGE: "usage error (bad option or argument)",
     EXIT_NOT_FOUND: "data_dir, group or backup not found",
     EXIT_CORRUPT: "the store is corrupt or unreadable",
