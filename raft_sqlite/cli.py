@@ -1,8 +1,8 @@
 """The ``raft-sqlite`` command line: inspect, verify and operate a node's ``data_dir``.
 
-Read commands (``status``, ``sql``, ``log``, ``verify``, ``snapshot``, ``metrics``) open the database files
-read-only (``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the node's identity and
-are safe while the node runs in another process. Write commands (``compact``, ``remove-group``,
+Read commands (``status``, ``sql``, ``log``, ``verify``, ``snapshot``, ``metrics``) open the database
+files read-only (``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the
+node's identity and are safe while the node runs in another process. Write commands (``compact``, ``remove-group``,
 ``restore``) refuse to run while a store holds the data_dir lock (:mod:`raft_sqlite.lock`), naming the
 holder; ``backup`` then takes a live, read-only backup beside the running node (``backup.LiveSource``).
 Every read command takes ``--json``.
@@ -1013,7 +1013,10 @@ def snapshot_list(data_dir: str, group: str | None, as_json: bool) -> None:
         res: list[dict[str, Any]] = []
         for g in names:
             chains = v.chains(g)
-            writing = [m for m in v.manifests(g, status=None) if m.status != "DURABLE"]
+            # WRITING: bytes and chunks durably received so far (the manifest's own count comes at finalize)
+            writing = [dataclasses.replace(m, size=sum(n for _, n in shape), chunk_count=len(shape))
+                       for m in v.manifests(g, status=None) if m.status != "DURABLE"
+                       for shape in (v.chunk_shape(m.id),)]
             res.append({"group": g, "chains": [{"base_id": c[0].id, "head_id": c[-1].id, "length": len(c),
                                                  "complete": c[0].kind is SnapshotKind.FULL,
                                                  "snapshots": [snapshot_dict(m) for m in c]} for c in chains],

@@ -270,17 +270,20 @@ class SnapshotView:
                 targets = [int(r[0]) for g in gids.values() for r in self._main.execute(
                     "SELECT snapshot_id FROM snapshots WHERE group_id=? AND status='DURABLE' ORDER BY snapshot_id",
                     (g,))]
-        total = 0
+            sizes = {int(r[0]): r[1] for r in self._main.execute(
+                f"SELECT snapshot_id, size FROM snapshots WHERE snapshot_id IN ({','.join(map(str, targets))})")}
+        grand = sum(n for n in sizes.values() if isinstance(n, int))  # for the progress bar only
+        done = 0
         out: list[SnapshotCheck] = []
         for t in targets:
-            check = self._check_once(t, progress, total)
+            check = self._check_once(t, progress, done, grand)
             if not check.ok:  # a snapshot finalized or removed beside a running node: look again, fresh
-                check = self._check_once(t, progress, total)
-            total += check.size or 0
+                check = self._check_once(t, progress, done, grand)
+            done += check.size or 0
             out.append(check)
         return out
 
-    def _check_once(self, sid: int, progress: ByteProgress | None, base: int) -> SnapshotCheck:
+    def _check_once(self, sid: int, progress: ByteProgress | None, base: int, grand: int) -> SnapshotCheck:
         with self.consistent():
             rows = self._rows("snapshot_id=?", (sid,))
             if not rows or rows[0][6] != "DURABLE":
@@ -315,7 +318,7 @@ class SnapshotView:
                         for data in r.chunks():
                             done += len(data)
                             if progress is not None:
-                                progress(base + done, base + meta.size)
+                                progress(base + done, max(grand, base + done))
             except StructureTableError as exc:
                 check.problems.append(("structures", str(exc)))
             except CorruptionError as exc:
@@ -323,5 +326,5 @@ class SnapshotView:
             except SnapshotError as exc:  # a stream that is not a state-machine snapshot, yet has a table
                 check.problems.append(("structures", str(exc)))
             if progress is not None:
-                progress(base + meta.size, base + meta.size)
+                progress(base + meta.size, max(grand, base + meta.size))
             return check

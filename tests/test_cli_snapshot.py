@@ -263,3 +263,25 @@ def test_read_only_beside_a_running_node(node, tmp_path):
                            capture_output=True, env=ENV, timeout=60)
         assert r.returncode == 0 and r.stdout == RAW
         s.log("g2").append([LogEntry(42, 1, b"still writable")])  # the node was never blocked
+
+
+def test_a_snapshot_being_received_is_listed_as_writing(tmp_path):
+    d = tmp_path / "w"
+    with open_store(d) as s:
+        s.log("g").append([LogEntry(i, 1, b"x") for i in range(1, 11)])
+        w = s.snapshots("g").install(50, 2)
+        w.begin()
+        try:
+            w.write(b"y" * 3000)
+            w.flush()  # durable: what a resume would start from
+            doc = json.loads(run("snapshot", "list", d, "--json").stdout)
+            (g,) = doc["groups"]
+            assert g["chains"] == [] and [(m["id"], m["status"], m["source"], m["size"], m["chunk_count"])
+                                          for m in g["writing"]] == [(1, "WRITING", "install", 3000, 1)]
+            assert "WRITING" in run("snapshot", "list", d).stdout
+            for args in (("export", "1", tmp_path / "f.bin"), ("verify", "1")):
+                r = run("snapshot", args[0], d, *args[1:])
+                assert r.exit_code == 3 and "WRITING" in r.output
+            assert not (tmp_path / "f.bin").exists()
+        finally:
+            w.abort()
