@@ -722,7 +722,7 @@ def log_hint(name: str, first: int, last: int, snap: int, lo: int, hi: int, foun
     hints = []
     if lo < first and not found:
         hints.append(f"entries {lo}..{min(hi, first - 1)} were compacted; the log starts at {first}")
-    elif lo < first and lo < first - 1 and hi >= first:
+    elif lo < first <= hi:
         hints.append(f"entries {lo}..{first - 1} were compacted; the log starts at {first}")
     if hi > last:
         hints.append(f"range {max(lo, last + 1)}..{hi} is past the last index {last}" if lo > last or not found

@@ -86,6 +86,7 @@ class _GroupSnapshots:
         self._metas = metas
 
     def list(self) -> list[SnapshotMeta]:
+        """The group's durable snapshots (as read when this was made)."""
         return list(self._metas)
 
 
