@@ -1,8 +1,8 @@
 """The ``raft-sqlite`` command line: inspect, verify and operate a node's ``data_dir``.
 
-Read commands (``status``, ``sql``, ``log``, ``verify``, ``metrics``) open the database files read-only
-(``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the node's identity and
-are safe while the node runs in another process. Write commands (``compact``, ``remove-group``,
+Read commands (``status``, ``sql``, ``log``, ``verify``, ``snapshot``, ``metrics``) open the database
+files read-only (``SQLITE_OPEN_READONLY`` + ``PRAGMA query_only``): they never write, never take the
+node's identity and are safe while the node runs in another process. Write commands (``compact``, ``remove-group``,
 ``restore``) refuse to run while a store holds the data_dir lock (:mod:`raft_sqlite.lock`), naming the
 holder; ``backup`` then takes a live, read-only backup beside the running node (``backup.LiveSource``).
 Every read command takes ``--json``.
@@ -19,11 +19,14 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import importlib
 import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
@@ -41,14 +44,17 @@ from rich.table import Table
 from . import layout
 from .dbrows import db_scalar
 from .demo import DEMO_CLUSTER, DEMO_NODE, DemoError, demo_payload, run_demo, run_demo_node  # noqa: F401  re-exported: defined here before demo.py
+from .entry import EntryKind, LogEntry
 from .errors import (
     BackupError,
     CompactionError,
     CorruptionError,
     DataDirLocked,
+    GroupNotFoundError,
     NodeIdentityMismatch,
     RaftSqliteError,
     RecoveryRefused,
+    SnapshotError,
     StorageFault,
 )
 from .fsync import FSYNC_MODES, FsyncMode
@@ -57,6 +63,8 @@ from .maintenance import file_space
 from .migrate import current_revision
 from .objectstore import Remote, is_url
 from .recovery import RecoveryPolicy
+from .snapshot import SnapshotKind, SnapshotMeta
+from .snapview import SnapshotNotFoundError, SnapshotView
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -70,7 +78,7 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, 
 #: exit code -> meaning (printed by ``raft-sqlite --help`` and documented in docs/operations.md).
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_PROBLEMS: "problems found (verify: corruption; demo: an acknowledged entry was lost)",
+    EXIT_PROBLEMS: "problems found (verify, snapshot verify: corruption; demo: an acknowledged entry was lost)",
     EXIT_USAGE: "usage error (bad option or argument, SQL syntax error, bad dot-command)",
     EXIT_NOT_FOUND: "data_dir, group or backup not found",
     EXIT_CORRUPT: "the store is corrupt or unreadable",
@@ -919,65 +927,277 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
 
 
 # ---------------------------------------------------------------------------------------------- log
+#: What ``raft-sqlite log --decoder`` calls: ``decode(entry)`` with a :class:`~raft_sqlite.LogEntry`.
+Decoder = Callable[[LogEntry], object]
+
+
+def load_decoder(spec: str) -> Decoder:
+    """The callable named by ``--decoder MODULE:FUNCTION`` (``FUNCTION`` may be dotted: ``Class.method``).
+    The current directory is searched last, after the installed packages, so a decoder module next to
+    the operator works as with ``python -m``. Raises :class:`click.BadParameter` (exit 2) when the
+    module cannot be imported or has no such callable."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not MODULE:FUNCTION (e.g. myapp.codec:decode_entry)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the user's module is a usage error here
+        raise click.BadParameter(f"cannot import module {mod_name!r} ({type(exc).__name__}: {exc})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.BadParameter(f"module {mod_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise click.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a callable")
+    return cast(Decoder, obj)
+
+
+def _decoder_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Decoder | None:
+    return None if value is None else load_decoder(value)
+
+
+def _decode(decoder: Decoder, entry: LogEntry) -> tuple[str | None, str | None]:
+    """``(decoded text, None)`` or ``(None, "ExcType: message")`` when the decoder raised for this entry."""
+    try:
+        got = decoder(entry)
+    except Exception as exc:  # noqa: BLE001 -- the user's decoder failing on one entry marks that entry only
+        return None, f"{type(exc).__name__}: {exc}"
+    return ("" if got is None else got if isinstance(got, str) else str(got)), None
+
+
+def read_log_rows(conn: apsw.Connection, gid: int, lo: int, hi: int, *, newest: bool, limit: int,
+                  term: int | None = None, kind: int | None = None, payload_bytes: int = 16,
+                  decoder: Decoder | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Up to ``limit`` log records of group ``gid`` with index in ``lo..hi`` (the newest ones when
+    ``newest``), optionally only of ``term``/``kind``, in index order, as ``raft-sqlite log`` shows them;
+    and whether more matched. Stored records below ``first_index`` (compacted, awaiting deletion) are
+    included and flagged ``compacted`` by the caller's range. Run inside the caller's read transaction."""
+    base = gid * SPAN
+    where = "key >= ?1 + ?2 AND key <= ?1 + ?3"
+    args: list[int] = [base, max(lo, 0), max(hi, -1)]
+    if term is not None:
+        args.append(term)
+        where += f" AND term = ?{len(args)}"
+    if kind is not None:
+        args.append(kind)
+        where += f" AND kind = ?{len(args)}"
+    args.append(limit + 1)
+    rows: list[dict[str, Any]] = []
+    for idx, idx_col, t, k, payload, ptype, crc, seg in conn.execute(
+            f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), typeof(payload), "
+            f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE {where} "
+            f"ORDER BY key {'DESC' if newest else 'ASC'} LIMIT ?{len(args)}", tuple(args)):
+        payload = bytes(payload or b"")
+        ok = ptype == "blob" and crc_matches(record_crc(gid, idx_col, t, k, payload), crc)
+        r = {"index": idx, "term": t, "kind": KIND_NAMES.get(k, str(k)), "size": len(payload),
+             "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
+             "payload_prefix": payload[:payload_bytes].hex()}
+        if decoder is not None:
+            entry = LogEntry(idx, t, payload, EntryKind(k) if k in KIND_NAMES else k)
+            r["decoded"], r["decode_error"] = _decode(decoder, entry)
+        rows.append(r)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if newest:
+        rows.reverse()
+    return rows, more
+
+
+def log_hint(name: str, first: int, last: int, snap: int, lo: int, hi: int, found: bool,
+             filters: str = "") -> str | None:
+    """What to tell the operator about the requested range ``lo..hi`` of a log holding ``first..last``
+    (``found``: some entry was shown): why it is empty, or which part of it does not exist."""
+    if last < first and not found:
+        if first > 1:
+            return (f"the log of group {name!r} is empty: entries 1..{first - 1} were compacted (snapshot at {snap}); "
+                    f"the next entry will be {first}")
+        return f"group {name!r} has no entries"
+    if hi < lo:
+        return f"the range {lo}..{hi} is empty"
+    hints = []
+    if lo < first and not found:
+        hints.append(f"entries {lo}..{min(hi, first - 1)} were compacted; the log starts at {first}")
+    elif lo < first <= hi:
+        hints.append(f"entries {lo}..{first - 1} were compacted; the log starts at {first}")
+    if hi > last:
+        hints.append(f"range {max(lo, last + 1)}..{hi} is past the last index {last}" if lo > last or not found
+                     else f"the last index is {last}")
+    a, b = max(lo, first), min(hi, last)
+    if not found and a <= b:  # part of the range is in the log, yet nothing was shown
+        hints.insert(0, f"no entry in {a}..{b} matches {filters}" if filters else f"no entry stored in {a}..{b}")
+    return "; ".join(hints) or None
+
+
+def _log_cells(r: dict[str, Any], payload_bytes: int, first: int, decoded: bool) -> list[str]:
+    payload = r["payload_prefix"] + ("..." if r["size"] > payload_bytes else "") if payload_bytes else ""
+    if r["index"] < first:
+        payload = (payload + " (compacted)").strip()
+    cells = [str(r["index"]), str(r["term"]), r["kind"], str(r["size"]), r["crc32"],
+             "ok" if r["crc_ok"] else "[bold red]BAD[/]", str(r["segment"]), payload]
+    if decoded:
+        cells.append(_esc(r["decoded"]) if r["decode_error"] is None
+                     else f"[bold red]<decoder error: {_esc(r['decode_error'])}>[/]")
+    return cells
+
+
+_LOG_COLS = ("index", "term", "kind", "size", "crc32", "crc", "segment", "payload")
+_LOG_RIGHT = {"index", "term", "size", "segment"}
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt for the block (a follower stops cleanly on either), on the main
+    thread only (signal handlers can be set nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _follow(conn: apsw.Connection, name: str, gid: int, after: int, interval: float, as_json: bool,
+            emit: Callable[[list[dict[str, Any]], int], None], **filters: Any) -> int:
+    """Poll the log of group ``gid`` for records after index ``after`` every ``interval`` seconds, read-only,
+    and ``emit(rows, first_index)`` them; return on Ctrl-C (the number of CRC failures seen).
+    A log cut back below ``after`` (a new leader overwrote it) is said and followed from its new end."""
+    bad = 0
+    try:
+        while True:
+            time.sleep(interval)
+            with conn:  # one read transaction per poll
+                row = conn.execute("SELECT first_index FROM groups WHERE group_id=? AND name=?", (gid, name)).fetchone()
+                if row is None:
+                    raise CliError(f"group {name!r} was removed while following", EXIT_NOT_FOUND)
+                first = row[0]
+                last = read_last_index(conn, gid, first)
+                if last < after:
+                    note = f"log of group {name!r} cut back to {last} (was {after}); following from {last + 1}"
+                    if as_json:
+                        click.echo(json.dumps({"group": name, "notice": note}))
+                    else:
+                        err.print(_esc(note))
+                    after = last
+                    continue
+                rows, more = read_log_rows(conn, gid, after + 1, last, newest=False, limit=10_000, **filters)
+            if rows:
+                emit(rows, first)
+                bad += sum(not r["crc_ok"] for r in rows)
+            after = rows[-1]["index"] if more else last
+    except KeyboardInterrupt:
+        return bad
+
+
 @cli.command("log")
 @DATA_DIR
 @click.option("--group", "-g", help="Group name (optional when the store holds one group).")
 @click.option("--from", "lo", type=click.IntRange(min=0), help="First index (inclusive).")
 @click.option("--to", "hi", type=click.IntRange(min=0), help="Last index (inclusive).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
-              help="At most this many entries (without --from/--to: the newest ones).")
+              help="At most this many entries (without --from: the newest ones).")
+@click.option("--term", "term", type=click.IntRange(min=0), help="Only entries of this term.")
+@click.option("--kind", "kind", type=click.Choice(list(KIND_NAMES.values()), case_sensitive=False),
+              help="Only entries of this kind.")
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Bytes of each payload shown (hex; 0: none).")
+@click.option("--decoder", "decoder", metavar="MODULE:FUNCTION", callback=_decoder_option,
+              help="Show decoder(entry) in a `decoded` column: a callable taking a raft_sqlite.LogEntry (index, "
+                   "term, data, kind) and returning a str. An exception marks that entry only.")
+@click.option("--follow", "-f", is_flag=True, help="After the newest entries, keep printing new ones as they are "
+              "appended (like tail -f; read-only). Stop with Ctrl-C. With --json: one JSON object per line.")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="--follow: seconds between polls.")
 @JSON_OPT
 @friendly
-def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, limit: int, as_json: bool) -> None:
-    """Log entries of a group with term, kind, size, CRC and whether the CRC verifies."""
+def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, limit: int, term: int | None,
+            kind: str | None, payload_bytes: int, decoder: Decoder | None, follow: bool, interval: float,
+            as_json: bool) -> None:
+    """Log entries of a group with term, kind, size, CRC and whether the CRC verifies, a payload preview
+    and optionally a decoded form (--decoder). An empty or compacted range says why. Read-only."""
+    if follow and hi is not None:
+        raise click.UsageError("--follow prints entries as they come: it takes no --to")
+    kind_no = None if kind is None else next(k for k, v in KIND_NAMES.items() if v == kind.upper())
+    filters: dict[str, Any] = {"term": term, "kind": kind_no, "payload_bytes": payload_bytes, "decoder": decoder}
+    described = " and ".join(x for x in (f"term {term}" if term is not None else "",
+                                          f"kind {kind.upper()}" if kind else "") if x)
     conn = open_main_readonly(data_dir)
+    stack = contextlib.ExitStack()
     try:
-        conn.execute("BEGIN")
-        name, gid = _pick_group(conn, group)
-        row = conn.execute("SELECT first_index FROM groups WHERE group_id=?", (gid,)).fetchone()
-        assert row is not None  # _pick_group found the group in this read transaction
-        first = row[0]
-        base = gid * SPAN
-        last = read_last_index(conn, gid, first)
-        if lo is None:
-            hi = last if hi is None else hi
-            lo = max(first, hi - limit + 1)
-        elif hi is None:
-            hi = min(last, lo + limit - 1)
-        clipped = hi - lo + 1 > limit
-        if clipped:
-            hi = lo + limit - 1
-        rows = []
-        for idx, idx_col, term, kind, payload, ptype, crc, seg in conn.execute(
-                f"SELECT key - ?1, {INT('idx')}, {INT('term')}, {INT('kind')}, CAST(payload AS BLOB), typeof(payload), "
-                f"{INT('crc32')}, {INT('segment')} FROM log_entries WHERE key >= ?1 + ?2 AND key <= ?1 + ?3 "
-                "ORDER BY key", (base, max(lo, 0), max(hi, -1))):
-            payload = payload or b""
-            ok = ptype == "blob" and crc_matches(record_crc(gid, idx_col, term, kind, payload), crc)
-            rows.append({"index": idx, "term": term, "kind": KIND_NAMES.get(kind, str(kind)), "size": len(payload),
-                         "crc32": f"{crc:08x}" if crc is not None else "-", "crc_ok": ok, "segment": seg,
-                         "compacted": idx < first,
-                         "payload_prefix": payload[:16].hex()})
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    bad = sum(not r["crc_ok"] for r in rows)
-    if as_json:
-        _dump_json({"group": name, "first_index": first, "last_index": last, "from": lo, "to": hi,
-                    "entries": rows, "crc_failures": bad})
-    else:
-        t = Table(title=f"group {name!r}: first {first}, last {last}; showing {lo}..{hi}", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-        for c in ("index", "term", "kind", "size", "crc32", "crc", "segment", "payload"):
-            t.add_column(c, justify="right" if c in ("index", "term", "size", "segment") else "left")
+        with conn:  # one read transaction: a consistent view while the node writes
+            name, gid = _pick_group(conn, group)
+            row = conn.execute("SELECT first_index, snapshot_index FROM groups WHERE group_id=?", (gid,)).fetchone()
+            assert row is not None  # _pick_group found the group in this read transaction
+            first, snap = row
+            last = read_last_index(conn, gid, first)
+            want_lo = first if lo is None else lo
+            want_hi = last if hi is None else hi
+            rows, clipped = read_log_rows(conn, gid, want_lo, want_hi, newest=lo is None, limit=limit, **filters)
+        hint = log_hint(name, first, last, snap, want_lo, want_hi, bool(rows), described)
+        bad = sum(not r["crc_ok"] for r in rows)
+        shown = (rows[0]["index"], rows[-1]["index"]) if rows else (want_lo, want_hi)
         for r in rows:
-            t.add_row(str(r["index"]), str(r["term"]), r["kind"], str(r["size"]), r["crc32"],
-                      "ok" if r["crc_ok"] else "[bold red]BAD[/]", str(r["segment"]),
-                      r["payload_prefix"] + ("..." if r["size"] > 16 else "") + (" (compacted)" if r["compacted"]
-                                                                                  else ""))
-        out.print(t)
-        if clipped:
-            out.print(f"(limited to {limit} entries; use --limit)", style="dim")
+            r["compacted"] = r["index"] < first
+        if follow:
+            stack.enter_context(_sigterm_interrupts())
+            widths = (10, 6, 6, 8, 8, 3, 7, 2 * payload_bytes + 3 if decoder else 0, 0)  # one line per entry
+            header = [f"{c:>{w}}" if c in _LOG_RIGHT else f"{c:<{w}}" for c, w in
+                      zip(_LOG_COLS, widths, strict=False)] + (["decoded"] if decoder else [])
+
+            def emit(batch: list[dict[str, Any]], first_now: int) -> None:
+                for r in batch:
+                    if as_json:
+                        click.echo(json.dumps({"group": name, **r, "compacted": r["index"] < first_now}))
+                    else:
+                        cells = _log_cells(r, payload_bytes, first_now, decoder is not None)
+                        out.print("  ".join(f"{c:>{w}}" if i in (0, 1, 3, 6) else f"{c:<{w}}" for i, (c, w) in
+                                            enumerate(zip(cells, widths, strict=False))))
+                sys.stdout.flush()
+
+            after = rows[-1]["index"] if rows and lo is not None and clipped else max(last, want_lo - 1)
+            try:
+                if not as_json:
+                    out.print(f"group {name!r}: first {first}, last {last}; following"
+                              + (f" ({described})" if described else "") + "; Ctrl-C to stop", style="dim")
+                    out.print("  ".join(header).rstrip(), style="bold")
+                    if hint and not rows:
+                        out.print(f"({_esc(hint)})", style="dim")
+                emit(rows, first)
+            except KeyboardInterrupt:  # stopped before the first poll
+                interval = -1.0
+            if interval > 0:
+                bad += _follow(conn, name, gid, after, interval, as_json, emit, **filters)
+        elif as_json:
+            _dump_json({"group": name, "first_index": first, "last_index": last, "from": shown[0], "to": shown[1],
+                        "filters": {"term": term, "kind": kind.upper() if kind else None}, "entries": rows,
+                        "crc_failures": bad, "hint": hint})
+        else:
+            t = Table(title=f"group {name!r}: first {first}, last {last}; showing {shown[0]}..{shown[1]}"
+                      + (f" ({described})" if described else ""), title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+            for c in _LOG_COLS + (("decoded",) if decoder else ()):
+                t.add_column(c, justify="right" if c in _LOG_RIGHT else "left")
+            for r in rows:
+                t.add_row(*_log_cells(r, payload_bytes, first, decoder is not None))
+            if rows:
+                print_wide(t)
+            else:
+                out.print(t.title or "")
+            if hint:
+                out.print(f"({_esc(hint)})", style="dim")
+            if clipped:
+                out.print(f"(limited to {limit} entries; use --limit)", style="dim")
+    finally:
+        stack.close()
+        conn.close()
     if bad:
         raise CliError(f"{bad} entr{'y' if bad == 1 else 'ies'} in the range fail(s) the CRC check; "
                        "run `raft-sqlite verify`", EXIT_CORRUPT)
@@ -1020,6 +1240,234 @@ def groups_cmd(data_dir: str, as_json: bool) -> None:
                   str(g["snapshot_index"]))
     print_wide(t)
     out.print(f"{len(res)} group(s)")
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+@cli.group("snapshot")
+def snapshot_group() -> None:
+    """Snapshots: list the chains, show one manifest and its structures, export one to a file, verify.
+
+    Read-only like `verify` (raft.db and chunks.db opened with SQLITE_OPEN_READONLY and query_only, one
+    read transaction per command): safe while the node runs. ID is a snapshot id from `snapshot list`
+    (unique in the node; --group only narrows)."""
+
+
+@contextlib.contextmanager
+def _snapshot_view(data_dir: str) -> Iterator[SnapshotView]:
+    """A :class:`SnapshotView` of ``data_dir``; an unknown group or snapshot becomes exit 3."""
+    open_main_readonly(data_dir).close()  # the store checks and messages every read command gives
+    view = SnapshotView(data_dir)
+    try:
+        yield view
+    except (SnapshotNotFoundError, GroupNotFoundError) as exc:
+        raise CliError(str(exc), EXIT_NOT_FOUND) from None
+    finally:
+        view.close()
+
+
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _structure_names(structures: list[Any] | None) -> str:
+    if structures is None:
+        return "-"
+    names = [str(e.get("name")) for e in structures if isinstance(e, dict)]
+    return f"{len(names)}: {', '.join(names)}" if names else "0"
+
+
+def _byte_progress(bar: _BackupProgress, what: str) -> Callable[[int, int], None] | None:
+    """``progress(done, total)`` feeding ``bar`` as phase ``what`` (None when the bar is off)."""
+    cb = bar.callback
+    if cb is None:
+        return None
+
+    def progress(done: int, total: int) -> None:
+        cb(what, done, total)
+
+    return progress
+
+
+def snapshot_dict(m: SnapshotMeta) -> dict[str, Any]:
+    """One manifest as ``raft-sqlite snapshot --json`` prints it."""
+    return {"id": m.id, "group": m.group, "index": m.index, "term": m.term, "kind": m.kind.value,
+            "parent_id": m.parent_id, "status": m.status, "source": m.source, "size": m.size,
+            "chunk_count": m.chunk_count, "sha256": m.checksum, "created_at": m.created_at,
+            "finished_at": m.finished_at, "state_machine": m.structures is not None,
+            "structures": None if m.structures is None else m.structures.get("structures")}
+
+
+@snapshot_group.command("list")
+@DATA_DIR
+@click.option("--group", "-g", help="Only this group (default: every group).")
+@JSON_OPT
+@friendly
+def snapshot_list(data_dir: str, group: str | None, as_json: bool) -> None:
+    """Snapshot chains per group, newest chain first, each from its FULL base through its deltas: id,
+    index, term, kind, status, size, chunks, created time and the structures of a state-machine
+    snapshot. Snapshots still being written (or interrupted installs) are listed as WRITING."""
+    with _snapshot_view(data_dir) as v, v.consistent():
+        names = [group] if group is not None else list(v.groups())
+        res: list[dict[str, Any]] = []
+        for g in names:
+            chains = v.chains(g)
+            # WRITING: bytes and chunks durably received so far (the manifest's own count comes at finalize)
+            writing = [dataclasses.replace(m, size=sum(n for _, n in shape), chunk_count=len(shape))
+                       for m in v.manifests(g, status=None) if m.status != "DURABLE"
+                       for shape in (v.chunk_shape(m.id),)]
+            res.append({"group": g, "chains": [{"base_id": c[0].id, "head_id": c[-1].id, "length": len(c),
+                                                 "complete": c[0].kind is SnapshotKind.FULL,
+                                                 "snapshots": [snapshot_dict(m) for m in c]} for c in chains],
+                        "writing": [snapshot_dict(m) for m in writing]})
+    if as_json:
+        _dump_json({"groups": res})
+        return
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("group", "id", "index", "term", "kind", "status", "size", "chunks", "created (UTC)", "structures"):
+        t.add_column(col, no_wrap=True, justify="right" if col in ("index", "term", "size", "chunks") else "left")
+    count = 0
+    for grp in res:
+        for c in grp["chains"]:
+            for i, m in enumerate(c["snapshots"]):
+                last = i == len(c["snapshots"]) - 1
+                sid = str(m["id"]) if i == 0 else ("└ " if last else "├ ") + str(m["id"])
+                kind = m["kind"] if c["complete"] or i else f"[bold red]{m['kind']} (parent {m['parent_id']} missing)[/]"
+                t.add_row(_esc(grp["group"]), sid, str(m["index"]), str(m["term"]), kind, m["status"],
+                          _size(m["size"]), str(m["chunk_count"]), _utc(m["created_at"]),
+                          _esc(_structure_names(m["structures"])))
+                count += 1
+        for m in grp["writing"]:
+            t.add_row(_esc(grp["group"]), str(m["id"]), str(m["index"]), str(m["term"]), m["kind"],
+                      f"[yellow]{m['status']}[/]", _size(m["size"]), str(m["chunk_count"]), _utc(m["created_at"]), "-")
+            count += 1
+    if count:
+        print_wide(t)
+    nchains = sum(len(g["chains"]) for g in res)
+    out.print(f"{count} snapshot(s) in {nchains} chain(s), {len(res)} group(s)")
+
+
+@snapshot_group.command("show")
+@DATA_DIR
+@click.argument("snapshot_id", metavar="ID", type=click.IntRange(min=0))
+@click.option("--group", "-g", help="The group ID belongs to (optional: ids are unique in the node).")
+@JSON_OPT
+@friendly
+def snapshot_show(data_dir: str, snapshot_id: int, group: str | None, as_json: bool) -> None:
+    """One snapshot's manifest, its chain (the FULL base and the deltas up to it, links verified) and, for
+    a state-machine snapshot, its structures table (name, mode full/delta, offset, length, sha256)."""
+    with _snapshot_view(data_dir) as v, v.consistent():
+        m = v.find(snapshot_id, group)
+        chain: list[SnapshotMeta] = []
+        chain_error = None
+        try:
+            chain = v.chain(m).metas()
+        except SnapshotError as exc:
+            chain_error = str(exc)
+    doc = {"snapshot": snapshot_dict(m), "chain": [snapshot_dict(c) for c in chain], "chain_error": chain_error}
+    if as_json:
+        _dump_json(doc)
+        return
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("snapshot", f"{m.id} of group {_esc(m.group)!r}")
+    head.add_row("index / term", f"{m.index} / {m.term}")
+    head.add_row("kind", m.kind.value + ("" if m.parent_id is None else f" (parent {m.parent_id})"))
+    head.add_row("status / source", f"{m.status} / {m.source}")
+    head.add_row("size", f"{_size(m.size)} ({m.size} bytes) in {m.chunk_count} chunk(s)")
+    head.add_row("sha256", m.checksum or "-")
+    head.add_row("created / finished", f"{_utc(m.created_at)} / {_utc(m.finished_at)} UTC")
+    head.add_row("chain", " -> ".join(f"#{c.id} {c.kind.value}@{c.index}" for c in chain) if chain_error is None
+                 else f"[bold red]BROKEN[/]: {_esc(chain_error)}")
+    head.add_row("state machine", "no (raw bytes)" if m.structures is None else "yes")
+    out.print(head)
+    if m.structures is not None:
+        t = Table(title="structures", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("name", "mode", "offset", "length", "sha256"):
+            t.add_column(col, no_wrap=True, justify="right" if col in ("offset", "length") else "left")
+        for e in m.structures.get("structures", []):
+            t.add_row(_esc(str(e.get("name"))), str(e.get("mode")), str(e.get("offset")), str(e.get("length")),
+                      str(e.get("sha256")))
+        print_wide(t)
+
+
+@snapshot_group.command("export")
+@DATA_DIR
+@click.argument("snapshot_id", metavar="ID", type=click.IntRange(min=0))
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True, path_type=str))
+@click.option("--group", "-g", help="The group ID belongs to (optional: ids are unique in the node).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@JSON_OPT
+@friendly
+def snapshot_export(data_dir: str, snapshot_id: int, file: str, group: str | None, quiet: bool,
+                    as_json: bool) -> None:
+    """Write snapshot ID's bytes to FILE (`-`: stdout), verified while read (CRC32 per chunk, sha256 of
+    the whole). FILE is written atomically: a temporary file beside it, fsync'ed, then renamed; on any
+    failure nothing is left behind and an existing FILE is untouched (exit 4 for a damaged snapshot).
+    To stdout the bytes stream as verified: check the exit status before using them."""
+    to_stdout = file == "-"
+    if to_stdout and as_json:
+        raise click.UsageError("--json prints a summary on stdout: it cannot go with FILE '-'")
+    with _snapshot_view(data_dir) as v, v.consistent():
+        m = v.find(snapshot_id, group)
+        with _BackupProgress(quiet or as_json or to_stdout) as bar:
+            progress = _byte_progress(bar, f"snapshot {m.id}")
+            if to_stdout:
+                stream = sys.stdout.buffer
+                n = v.export(m, stream, progress)
+                stream.flush()
+            else:
+                try:
+                    n = v.export_file(m, file, progress)
+                except OSError as exc:
+                    raise CliError(f"cannot write {file}: {exc.strerror or exc}", EXIT_USAGE) from None
+    doc = {"snapshot_id": m.id, "group": m.group, "index": m.index, "term": m.term, "kind": m.kind.value,
+           "path": None if to_stdout else os.path.abspath(file), "size": n, "sha256": m.checksum}
+    if as_json:
+        _dump_json(doc)
+    elif not quiet:
+        (err if to_stdout else out).print(
+            f"exported snapshot {m.id} (group {_esc(m.group)!r}, index {m.index}, {m.kind.value}) to "
+            f"{'stdout' if to_stdout else _esc(file)}: {n} bytes, CRC32 and sha256 verified")
+
+
+@snapshot_group.command("verify")
+@DATA_DIR
+@click.argument("snapshot_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
+@click.option("--group", "-g", help="Only this group's snapshots (or: the group ID belongs to).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@JSON_OPT
+@friendly
+def snapshot_verify(data_dir: str, snapshot_id: int | None, group: str | None, quiet: bool, as_json: bool) -> None:
+    """Check one snapshot (ID) or every durable one: manifest CRC, chain links, every chunk (CRC32,
+    sequence, count, size, sha256) and, for a state-machine snapshot, the structures table and each
+    structure's sha256. Exit 1 if anything is wrong. Read-only: safe while the node runs (a snapshot
+    retention removes meanwhile is reported as gone, not as a problem)."""
+    with _snapshot_view(data_dir) as v, _BackupProgress(quiet or as_json) as bar:
+        checks = v.verify(snapshot_id, group, _byte_progress(bar, "verify snapshots"))
+    bad = [c for c in checks if not c.ok]
+    total = sum(c.size or 0 for c in checks if not c.gone)
+    if as_json:
+        _dump_json({"ok": not bad, "checked": len(checks), "bytes": total, "problems": sum(len(c.problems) for c in bad),
+                    "snapshots": [c.to_dict() for c in checks]})
+    else:
+        if checks:
+            t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+            for col in ("group", "id", "index", "kind", "size", "structures", "result"):
+                t.add_column(col, no_wrap=col != "result", overflow="fold",
+                             justify="right" if col in ("id", "index", "size") else "left")
+            for c in checks:
+                result = ("[dim]gone (removed by retention meanwhile)[/]" if c.gone else "[green]ok[/]" if c.ok else
+                          "[bold red]" + "; ".join(f"{k}: {_esc(msg)}" for k, msg in c.problems) + "[/]")
+                t.add_row(_esc(c.group), str(c.snapshot_id), "-" if c.index is None else str(c.index), c.kind or "-",
+                          _size(c.size), "yes" if c.state_machine else "-", result)
+            print_wide(t)
+        if bad:
+            out.print(f"[bold red]snapshot verify FAILED: {len(bad)} of {len(checks)} snapshot(s) have problems[/]")
+        else:
+            out.print(f"[green]snapshot verify OK: {len(checks)} snapshot(s), {_size(total)} checked[/]")
+    if bad:
+        sys.exit(EXIT_PROBLEMS)
 
 
 # ---------------------------------------------------------------------------------------------- write commands

@@ -27,7 +27,14 @@ import threading
 from typing import Any, Protocol
 
 from .errors import CorruptionError, SnapshotError
-from .snapshot import SnapshotChain, SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotWriter
+from .snapshot import (
+    SnapshotChain,
+    SnapshotKind,
+    SnapshotManager,
+    SnapshotMeta,
+    SnapshotReader,
+    SnapshotWriter,
+)
 
 log = logging.getLogger("raft_sqlite.statemachine")
 
@@ -62,6 +69,12 @@ class StructureMismatchError(SnapshotError):
     :meth:`StateMachineSnapshotManager.restore` raises it at once instead of trying older chains."""
 
 
+class StructureTableError(CorruptionError):
+    """A state-machine snapshot's bytes verify, but its structure table does not: the trailer differs
+    from the manifest's table or names another index/term, or a structure fails its sha256
+    (:func:`verify_stream`)."""
+
+
 def read_table(stream: SeekableReader, size: int, where: str) -> Table:
     """Parse the structure table from the trailer of a state-machine snapshot stream of ``size``
     bytes (seekable). Raises :class:`SnapshotError` if the stream is not one."""
@@ -86,6 +99,49 @@ def read_table(stream: SeekableReader, size: int, where: str) -> Table:
         end += e["length"]
     if end != size - _TRAILER.size - n:
         raise SnapshotError(f"{where}: structure table does not describe the stream")
+    return table
+
+
+def verify_stream(reader: SnapshotReader, meta: SnapshotMeta, where: str) -> Table:
+    """Read the state-machine snapshot ``meta`` through ``reader`` (a fresh :class:`SnapshotReader` of it,
+    which checks each chunk's CRC32 and the sha256 of the whole stream) and check its structure table:
+    the trailer parses (:func:`read_table`), equals the manifest's table and names the manifest's
+    index/term, and every structure's bytes match their sha256. Returns the table. Raises
+    :class:`CorruptionError` for damaged bytes, :class:`StructureTableError` when the bytes verify but
+    the table does not, :class:`SnapshotError` for a stream that is not a state-machine snapshot;
+    messages start with ``where``. Memory: one chunk (structures are hashed as they stream by)."""
+    spans = [(e["offset"], e["offset"] + e["length"], hashlib.sha256()) for e in
+             (meta.structures or {}).get("structures", [])
+             if isinstance(e, dict) and isinstance(e.get("offset"), int) and isinstance(e.get("length"), int)]
+    pos = 0
+    for data in reader.chunks():
+        end = pos + len(data)
+        for lo, hi, h in spans:
+            if lo < end and hi > pos:
+                h.update(data[max(lo, pos) - pos:min(hi, end) - pos])
+        pos = end
+    table = read_table(reader, meta.size, where)
+    if meta.structures is not None and meta.structures != table:
+        raise StructureTableError(f"{where}: structure table in the stream differs from the manifest")
+    if (table.get("index"), table.get("term")) != (meta.index, meta.term):
+        raise StructureTableError(f"{where}: stream was taken at {table.get('index')}/{table.get('term')}, manifest "
+                              f"says {meta.index}/{meta.term}")
+    if meta.structures is None:  # the table came from the stream only: hash each structure now (seeking)
+        spans = []
+        for e in table["structures"]:
+            h = hashlib.sha256()
+            reader.seek(e["offset"])
+            left = e["length"]
+            while left > 0:
+                piece = reader.read(min(left, 1 << 20))
+                if not piece:
+                    break
+                h.update(piece)
+                left -= len(piece)
+            spans.append((e["offset"], e["offset"] + e["length"], h))
+    for e, (_, _, h) in zip(table["structures"], spans, strict=True):
+        if h.hexdigest() != e["sha256"]:
+            raise StructureTableError(f"{where}: structure {e['name']!r} fails its sha256 check")
     return table
 
 
@@ -331,4 +387,4 @@ class StateMachineSnapshotManager:
 
 
 __all__ = ["FORMAT", "MAGIC", "SeekableReader", "StateMachineSnapshotManager", "Structure",
-           "StructureMismatchError", "Table", "read_table"]
+           "StructureMismatchError", "StructureTableError", "Table", "read_table", "verify_stream"]

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 
-from .chain import DeltaSnapshot, SnapshotChain
+from .chain import DeltaSnapshot, SnapshotChain, chains_of
 from .chunks import CHUNKS_CACHE_KIB as CHUNKS_CACHE_KIB
 from .chunks import SnapshotStore
 from .manager import (
@@ -54,8 +54,15 @@ from .manager import (
            SnapshotManager,
 )
 from .manager import MAX_CHUNK_SIZE as MAX_CHUNK_SIZE
-from .manifest import SnapshotKind, SnapshotMeta, manifest_crc, manifest_fields_crc
-from .reader import SnapshotReader
+from .manifest import (
+           MANIFEST_COLUMNS,
+           SnapshotKind,
+           SnapshotMeta,
+           manifest_crc,
+           manifest_fields_crc,
+           meta_from_row,
+)
+from .reader import ChunkSource, SnapshotReader
 from .scheduler import SnapshotScheduler
 from .writer import SnapshotWriter
 
@@ -63,6 +70,6 @@ from .writer import SnapshotWriter
 log = logging.getLogger("raft_sqlite.snapshot")
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_COMMIT_BYTES", "DEFAULT_KEEP_CHAINS", "DEFAULT_MAX_CHAIN_LENGTH",
+__all__ = ["MANIFEST_COLUMNS", "ChunkSource", "chains_of", "meta_from_row", "DEFAULT_CHUNK_SIZE", "DEFAULT_COMMIT_BYTES", "DEFAULT_KEEP_CHAINS", "DEFAULT_MAX_CHAIN_LENGTH",
            "DeltaSnapshot", "SnapshotChain", "SnapshotKind", "SnapshotManager", "SnapshotMeta", "SnapshotReader",
            "SnapshotScheduler", "SnapshotStore", "SnapshotWriter", "manifest_crc", "manifest_fields_crc"]

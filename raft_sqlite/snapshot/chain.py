@@ -54,6 +54,29 @@ class DeltaSnapshot:
             raise SnapshotError(f"{where}: out of order (parent index {p.index}, child index {m.index})")
 
 
+def chains_of(metas: builtins.list[SnapshotMeta]) -> builtins.list[builtins.list[SnapshotMeta]]:
+    """``metas`` (one group's durable snapshots) grouped into chains, each list base first, newest chain
+    first (see :meth:`SnapshotManager.chains <raft_sqlite.snapshot.SnapshotManager.chains>`). A snapshot
+    whose parent is not among ``metas`` starts a (broken) chain of its own."""
+    by_id = {m.id: m for m in metas}
+    root: dict[int, int] = {}
+
+    def root_of(m: SnapshotMeta) -> int:
+        r = root.get(m.id)
+        if r is None:
+            p = by_id.get(m.parent_id) if m.kind is SnapshotKind.DELTA and m.parent_id is not None else None
+            r = m.id if p is None or p.id >= m.id else root_of(p)
+            root[m.id] = r
+        return r
+
+    groups: dict[int, builtins.list[SnapshotMeta]] = {}
+    for m in metas:
+        groups.setdefault(root_of(m), []).append(m)
+    out = [sorted(v, key=lambda m: m.id) for v in groups.values()]
+    out.sort(key=lambda c: max((m.index, m.id) for m in c), reverse=True)
+    return out
+
+
 class SnapshotChain:
     """A FULL base snapshot plus its ordered deltas, oldest first: restoring applies ``base`` and then
     every delta in order. Build with :meth:`load` (which verifies every link)."""

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import weakref
 from collections import Counter
@@ -18,15 +17,14 @@ from .. import fsio, layout
 from ..errors import CorruptionError, RaftSqliteError, SnapshotError, StorageFault
 from ..fsync import CHUNKS_PRAGMAS, FsyncMode
 from ..kernel import Kernel
-from .manifest import SnapshotKind, SnapshotMeta, manifest_fields_crc
+from .manifest import MANIFEST_COLUMNS, SnapshotMeta, meta_from_row
 
 #: Page cache of the chunk connections (KiB; from :data:`~raft_sqlite.fsync.CHUNKS_PRAGMAS`).
 CHUNKS_CACHE_KIB = -int(CHUNKS_PRAGMAS["cache_size"])
 _SEQ_SPAN = layout.CHUNK_SEQ_SPAN
 _T = TypeVar("_T")
 
-_COLS = ("snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, checksum, structures, "
-         "created_at, finished_at, crc32, source")
+_COLS = MANIFEST_COLUMNS
 
 _STORES: weakref.WeakKeyDictionary[Kernel, SnapshotStore] = weakref.WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
@@ -69,6 +67,11 @@ class SnapshotStore:
             return s
 
     # ---------------------------------------------------------------- chunks.db
+    @property
+    def chunks_path(self) -> str:
+        """The path of ``chunks.db`` (for messages)."""
+        return self.kernel.chunks_path
+
     def _error_for(self, exc: apsw.Error, what: str) -> RaftSqliteError:
         if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
             return CorruptionError(f"{self.kernel.chunks_path}: SQLite reports corruption during {what}: {exc}")
@@ -230,13 +233,7 @@ class SnapshotStore:
 
     # ---------------------------------------------------------------- manifests
     def _row_to_meta(self, row: Any, group: str) -> SnapshotMeta:  # row: one apsw result row of _COLS
-        (sid, gid, idx, term, kind, parent, status, size, count, checksum, structures, created, finished, crc,
-         source) = row
-        if status == "DURABLE" and manifest_fields_crc(sid, gid, idx, term, kind, parent, status, size, count, checksum,
-                                                structures, source) != crc:
-            raise CorruptionError(f"{self.kernel.path}: group {group!r}: snapshot {sid} manifest fails its CRC check")
-        return SnapshotMeta(sid, group, idx, term, SnapshotKind(kind), size, parent, status, count, checksum,
-                            json.loads(structures) if structures else None, source, created, finished)
+        return meta_from_row(row, group, self.kernel.path)
 
     def manifests(self, group: str, gid: int, status: str | None = "DURABLE") -> list[SnapshotMeta]:
         """Manifests of group ``group`` (id ``gid``) ordered by (index, id); ``status`` None: all."""

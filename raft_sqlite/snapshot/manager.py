@@ -18,7 +18,7 @@ from ..dbrows import db_scalar
 from ..errors import SnapshotError
 from ..groupstate import GroupState
 from ..kernel import Kernel
-from .chain import SnapshotChain
+from .chain import SnapshotChain, chains_of
 from .chunks import SnapshotStore
 from .manifest import SnapshotKind, SnapshotMeta, meta_arg
 from .reader import SnapshotReader
@@ -132,24 +132,7 @@ class SnapshotManager:
     def chains(self) -> builtins.list[builtins.list[SnapshotMeta]]:
         """Durable snapshots grouped into chains (each list base first), newest chain first. A
         snapshot whose parent is gone forms a (broken) chain of its own."""
-        ms = self.list()
-        by_id = {m.id: m for m in ms}
-        root: dict[int, int] = {}
-
-        def root_of(m: SnapshotMeta) -> int:
-            r = root.get(m.id)
-            if r is None:
-                p = by_id.get(m.parent_id) if m.kind is SnapshotKind.DELTA and m.parent_id is not None else None
-                r = m.id if p is None or p.id >= m.id else root_of(p)
-                root[m.id] = r
-            return r
-
-        groups: dict[int, list[SnapshotMeta]] = {}
-        for m in ms:
-            groups.setdefault(root_of(m), []).append(m)
-        out = [sorted(v, key=lambda m: m.id) for v in groups.values()]
-        out.sort(key=lambda c: max((m.index, m.id) for m in c), reverse=True)
-        return out
+        return chains_of(self.list())
 
     def next_kind(self) -> tuple[SnapshotKind, SnapshotMeta | None]:
         """The chain policy: ``(DELTA, parent)`` when the newest snapshot's chain is shorter than

@@ -5,6 +5,7 @@ call is one the store can hold."""
 from __future__ import annotations
 
 import enum
+import json
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ import apsw
 
 from .. import layout
 from ..args import int_arg
+from ..errors import CorruptionError
 
 
 class SnapshotKind(str, enum.Enum):
@@ -38,6 +40,11 @@ def manifest_crc(conn: apsw.Connection, sid: int) -> int | None:
     row = conn.execute("SELECT snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, "
                        "checksum, structures, source FROM snapshots WHERE snapshot_id=?", (sid,)).fetchone()
     return None if row is None else manifest_fields_crc(*row)
+
+
+#: The columns of a manifest row, in the order :func:`meta_from_row` takes them.
+MANIFEST_COLUMNS = ("snapshot_id, group_id, idx, term, kind, parent_id, status, size, chunk_count, checksum, "
+                    "structures, created_at, finished_at, crc32, source")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,22 @@ class SnapshotMeta:
     source: str = "local"
     created_at: float = 0.0
     finished_at: float | None = None
+
+
+def meta_from_row(row: Any, group: str, where: str) -> SnapshotMeta:
+    """The :class:`SnapshotMeta` of one manifest row (the :data:`MANIFEST_COLUMNS` of ``raft.db``'s
+    ``snapshots``, as apsw returns them) of group ``group``. A DURABLE row must carry the CRC32 of its
+    fields, else :class:`~raft_sqlite.errors.CorruptionError` (its message starts with ``where``)."""
+    (sid, gid, idx, term, kind, parent, status, size, count, checksum, structures, created, finished, crc,
+     source) = row
+    if status == "DURABLE" and manifest_fields_crc(sid, gid, idx, term, kind, parent, status, size, count, checksum,
+                                                   structures, source) != crc:
+        raise CorruptionError(f"{where}: group {group!r}: snapshot {sid} manifest fails its CRC check")
+    try:
+        return SnapshotMeta(sid, group, idx, term, SnapshotKind(kind), size, parent, status, count, checksum,
+                            json.loads(structures) if structures else None, source, created, finished)
+    except ValueError as exc:  # a kind or a structures table that is not one (only a WRITING row is unchecked)
+        raise CorruptionError(f"{where}: group {group!r}: snapshot {sid} manifest is malformed ({exc})") from None
 
 
 def meta_arg(name: str, meta: object) -> SnapshotMeta:

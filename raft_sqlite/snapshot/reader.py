@@ -10,14 +10,40 @@ import queue
 import threading
 import zlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import CorruptionError
-from .chunks import SnapshotStore
 from .manifest import SnapshotMeta
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer  # typeshed-only name (what io.RawIOBase.readinto accepts)
+
+
+class ChunkSource(Protocol):
+    """Where a :class:`SnapshotReader` reads chunks from: the node's
+    :class:`~raft_sqlite.snapshot.SnapshotStore`, or a read-only view of a data_dir
+    (:class:`raft_sqlite.snapview.SnapshotView`, which ``raft-sqlite snapshot`` uses beside a running node)."""
+
+    @property
+    def chunks_path(self) -> str:
+        """The path of ``chunks.db`` (for messages)."""
+        ...
+
+    def chunk_shape(self, sid: int) -> list[tuple[int, int]]:
+        """``(seq, length)`` of every chunk of snapshot ``sid``, in order."""
+        ...
+
+    def read_chunk(self, sid: int, seq: int) -> tuple[bytes, int] | None:
+        """``(data, crc32)`` of one chunk, or None if it does not exist."""
+        ...
+
+    def pin(self, sid: int) -> None:
+        """Snapshot ``sid`` is being read (retention must keep it)."""
+        ...
+
+    def unpin(self, sid: int) -> None:
+        """Release one :meth:`pin`."""
+        ...
 
 
 class SnapshotReader(io.RawIOBase):
@@ -30,13 +56,13 @@ class SnapshotReader(io.RawIOBase):
     the stream is closed. ``read(n)`` returns exactly ``n`` bytes unless the end is reached.
     """
 
-    def __init__(self, sstore: SnapshotStore, meta: SnapshotMeta, *, size: int | None = None,
+    def __init__(self, sstore: ChunkSource, meta: SnapshotMeta, *, size: int | None = None,
                  checksum: str | None = None, shape: list[tuple[int, int]] | None = None,
                  verify_digest: bool = True):
         super().__init__()
         self._s = sstore
         self.meta = meta
-        self._where = f"{sstore.kernel.chunks_path}: group {meta.group!r}: snapshot {meta.id}"
+        self._where = f"{sstore.chunks_path}: group {meta.group!r}: snapshot {meta.id}"
         sstore.pin(meta.id)
         self._pinned = True
         try:
