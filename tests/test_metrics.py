@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import apsw
 import pytest
@@ -16,12 +17,16 @@ from tests.conftest import ROOT, open_store, run_py
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def samples(text):
-    """{(sample name, frozenset(labels)): value} of a text exposition."""
+def samples(text, node="n1"):
+    """{(sample name, frozenset(labels)): value} of a text exposition. With ``node``, every sample must
+    carry ``node_id=node`` (then left out of the key); ``node=None`` keeps every label."""
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
+            labels = dict(s.labels)
+            if node is not None:
+                assert labels.pop("node_id", None) == node, s
+            out[(s.name, frozenset(labels.items()))] = s.value
     return out
 
 
@@ -43,6 +48,7 @@ def workload(store, groups=("a", "b"), n=60):
 
 def test_store_metrics_after_a_workload(tmp_path):
     d = tmp_path / "n"
+    t0 = time.time()
     with open_store(d, segment_policy=SegmentPolicy(max_entries=20)) as s:
         seen = []
         s.on_commit = lambda sec, n: seen.append(n)  # an existing hook keeps working
@@ -51,6 +57,7 @@ def test_store_metrics_after_a_workload(tmp_path):
         with s.snapshots("a").write(30, 1) as w:
             w.write(b"x" * 5000)
         text = m.text()
+        t1 = time.time()
         st = s.stats
         commits = st.commits
         before_close = list(seen)  # (the close commits once more: what it records for the next open)
@@ -68,11 +75,13 @@ def test_store_metrics_after_a_workload(tmp_path):
         assert val(x, "raft_sqlite_log_last_index", group=g) == 60
         assert val(x, "raft_sqlite_commit_index", group=g) == 55
         assert val(x, "raft_sqlite_segments", group=g) == 3
-        assert val(x, "raft_sqlite_oldest_segment_age_seconds", group=g) >= 0
+        assert t0 <= val(x, "raft_sqlite_oldest_segment_timestamp_seconds", group=g) <= t1
     assert val(x, "raft_sqlite_log_stored_bytes", group="a") + val(x, "raft_sqlite_log_stored_bytes", group="b") == total
     assert val(x, "raft_sqlite_snapshot_index", group="a") == 30
     assert val(x, "raft_sqlite_snapshot_bytes", group="a") == 5000
     assert val(x, "raft_sqlite_snapshot_duration_seconds", group="a") >= 0
+    assert t0 <= val(x, "raft_sqlite_snapshot_timestamp_seconds", group="a") <= t1
+    assert not any("age_seconds" in k[0] for k in x)  # ages freeze in a textfile: timestamps only
     assert ("raft_sqlite_snapshot_bytes", frozenset({("group", "b")})) not in x
     assert val(x, "raft_sqlite_recovery_outcome", outcome="created") == 1
     assert val(x, "raft_sqlite_recovery_outcome", outcome="clean") == 0
@@ -191,7 +200,8 @@ def test_metrics_cli_after_a_workload(tmp_path):
     assert val(x, "raft_sqlite_segments", group="g2") == 3
     assert val(x, "raft_sqlite_recovery_outcome", outcome="created") == 1
     assert val(x, "raft_sqlite_recovery_duration_seconds") > 0
-    assert "# TYPE raft_sqlite_oldest_segment_age_seconds gauge" in r.stdout
+    assert "# TYPE raft_sqlite_oldest_segment_timestamp_seconds gauge" in r.stdout
+    assert "_age_seconds" not in r.stdout
 
 
 BLOCK = "import sys; sys.modules['prometheus_client'] = None\n"
