@@ -87,11 +87,11 @@ class CommitListener(Protocol):
 
 
 class SyncListener(Protocol):
-    """Told about every explicit sync the store makes itself, outside SQLite (metrics): ``file`` is
-    ``"wal"`` (NORMAL mode's interval sync), ``"db"`` (raft.db when a checkpoint becomes durable) or
-    ``"hwm"`` (the WAL high-water mark). The WAL syncs SQLite makes inside COMMIT (FULL/EXTRA) are not
-    reported: they are part of the commit's duration. Same rules as :class:`CommitListener`, and it may
-    be called from any of the store's threads."""
+    """Told about every sync the store issues itself, outside COMMIT (metrics): ``file`` is ``"wal"``
+    (NORMAL mode's interval sync, the background checkpointer's WAL sync), ``"db"`` (raft.db: the
+    checkpointer's paced syncs, a checkpoint recorded as durable) or ``"hwm"`` (the WAL high-water mark).
+    The WAL sync SQLite makes inside COMMIT (FULL/EXTRA) is not reported: it is part of the commit's
+    duration. Same rules as :class:`CommitListener`, and it may be called from any of the store's threads."""
 
     def on_sync(self, file: str, seconds: float) -> None: ...
 

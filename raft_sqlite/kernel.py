@@ -396,7 +396,7 @@ class Kernel:
         if paced and self.fsync is not FsyncMode.OFF:
             if self.fd_of is not None and not self.vfs:
                 if self._paced is None:
-                    self._paced = store_paced_vfs(self.fd_of)
+                    self._paced = store_paced_vfs(self.fd_of, on_sync=self.pipeline.synced)
                 vfs = self._paced.registered_name
             else:
                 vfs = paced_vfs(self.vfs)

@@ -22,7 +22,10 @@ Cost: the append path pays one listener call per commit (``on_commit``, through 
 plus one dict insert per append call (the counting happens in the commit listener); every state metric
 (entries, bytes, segments, snapshots, backups, recovery) is read from the database when Prometheus scrapes,
 on a pooled read connection, with bounded queries. The fsync histogram adds nothing to the append path:
-it times only the syncs the store makes itself, outside SQLite (see ``raft_sqlite_fsync_seconds``).
+it times only the syncs the store issues from Python, outside COMMIT (see ``raft_sqlite_fsync_seconds``).
+In FULL/EXTRA the WAL sync of each commit happens inside SQLite's COMMIT and is part of
+``raft_sqlite_commit_seconds``: timing it alone would need a Python VFS on the write connection, one Python
+call per read and write of every commit (see :mod:`raft_sqlite.pacedvfs` for what that cost when measured).
 
 Metrics (every series also carries ``node_id``; other labels in braces):
 
@@ -32,11 +35,13 @@ Metrics (every series also carries ``node_id``; other labels in braces):
                                                                 last open and the schema (alembic) revision
 ``raft_sqlite_commit_seconds``                       histogram  duration of each group commit (BEGIN..COMMIT; in
                                                                 FULL/EXTRA this includes SQLite's WAL fsync)
-``raft_sqlite_fsync_seconds{file}``                  histogram  each sync the store issues itself: ``wal`` (NORMAL's
-                                                                interval sync of the WAL), ``db`` (raft.db when a
-                                                                checkpoint becomes durable), ``hwm`` (the WAL
-                                                                high-water mark). Not SQLite's own WAL sync inside
-                                                                COMMIT (FULL/EXTRA): that one is in commit_seconds
+``raft_sqlite_fsync_seconds{file}``                  histogram  each sync the store issues itself, outside COMMIT:
+                                                                ``wal`` (NORMAL's interval sync; the background
+                                                                checkpointer's WAL sync), ``db`` (raft.db: the
+                                                                checkpointer's paced syncs, a checkpoint recorded
+                                                                as durable), ``hwm`` (the WAL high-water mark).
+                                                                Not SQLite's WAL sync inside COMMIT (FULL/EXTRA):
+                                                                that one is in commit_seconds
 ``raft_sqlite_group_commit_batch_size``              histogram  write requests coalesced into one commit
 ``raft_sqlite_entries_appended_total``               counter    log entries appended (all groups) since attach
 ``raft_sqlite_bytes_appended_total``                 counter    payload bytes appended since attach
@@ -84,7 +89,6 @@ import json
 import os
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -273,40 +277,48 @@ def _families(states: list[_State], include_validation: bool) -> Iterator[Metric
         per_node("raft_sqlite_backup_duration_seconds", "Duration of the newest backup.", backup(1)),
         per_node("raft_sqlite_backup_bytes", "Size of the newest backup.", backup(2)),
     ]
-    drills: dict[str, GaugeMetricFamily] = {}
-    for st in states:
-        for name, doc, value in (drill_gauges(st.drill) if st.drill is not None else []):
-            if name not in drills:
-                drills[name] = GaugeMetricFamily(name, doc, labels=node)
-            drills[name].add_metric([st.node_id], value)
-    out += drills.values()
+    out += _drill_families(states)
     out += [per_node("raft_sqlite_recovery_timestamp_seconds", "When the last recovery on open ran (unix time).",
                      recovery(lambda ev: ev[3])),
             per_node("raft_sqlite_recovery_duration_seconds", "Duration of the last recovery on open.",
                      recovery(lambda ev: ev[1] or 0.0))]
+    out += _recovery_families(states, include_validation)
+    yield from (f for f in out if f.samples)
+
+
+def _drill_families(states: list[_State]) -> list[Metric]:
+    drills: dict[str, GaugeMetricFamily] = {}
+    for st in states:
+        for name, doc, value in (drill_gauges(st.drill) if st.drill is not None else []):
+            if name not in drills:
+                drills[name] = GaugeMetricFamily(name, doc, labels=[NODE_LABEL])
+            drills[name].add_metric([st.node_id], value)
+    return list(drills.values())
+
+
+def _recovery_families(states: list[_State], include_validation: bool) -> list[Metric]:
     outcome = GaugeMetricFamily("raft_sqlite_recovery_outcome", "1 for the outcome of the last recovery on open.",
-                                labels=[*node, "outcome"])
+                                labels=[NODE_LABEL, "outcome"])
     for st in states:
         if st.recovery is not None:
             for o in sorted(set(RECOVERY_OUTCOMES) | {st.recovery[0]}):
                 outcome.add_metric([st.node_id, o], 1.0 if o == st.recovery[0] else 0.0)
-    out.append(outcome)
-    if include_validation:
-        c = CounterMetricFamily("raft_sqlite_validation_errors", "Problems found by the last recovery on "
-                                "open, by kind.", labels=[*node, "kind"])
-        for st in states:
-            details = None if st.recovery is None else st.recovery[2]
-            counts: dict[str, int] = {}
-            try:
-                for p in (json.loads(details).get("problems", []) if details else []):
-                    k = classify_problem(str(p))
-                    counts[k] = counts.get(k, 0) + 1
-            except (ValueError, AttributeError):
-                pass
-            for k in sorted(counts):
-                c.add_metric([st.node_id, k], counts[k])
-        out.append(c)
-    yield from (f for f in out if f.samples)
+    if not include_validation:
+        return [outcome]
+    c = CounterMetricFamily("raft_sqlite_validation_errors", "Problems found by the last recovery on open, by "
+                            "kind.", labels=[NODE_LABEL, "kind"])
+    for st in states:
+        details = None if st.recovery is None else st.recovery[2]
+        counts: dict[str, int] = {}
+        try:
+            for p in (json.loads(details).get("problems", []) if details else []):
+                k = classify_problem(str(p))
+                counts[k] = counts.get(k, 0) + 1
+        except (ValueError, AttributeError):
+            pass
+        for k in sorted(counts):
+            c.add_metric([st.node_id, k], counts[k])
+    return [outcome, c]
 
 
 class _Shared:
@@ -318,10 +330,11 @@ class _Shared:
         self.commit_seconds = Histogram("raft_sqlite_commit_seconds", "Duration of each group commit "
                                         "(transaction; in FULL/EXTRA including SQLite's WAL fsync).", node,
                                         buckets=COMMIT_BUCKETS, registry=r)
-        self.fsync_seconds = Histogram("raft_sqlite_fsync_seconds", "Each sync the store issues itself, by file "
-                                       "(wal: NORMAL's interval sync; db: raft.db when a checkpoint becomes "
-                                       "durable; hwm: the WAL high-water mark). SQLite's WAL sync inside COMMIT "
-                                       "(FULL/EXTRA) is in raft_sqlite_commit_seconds.", [*node, "file"],
+        self.fsync_seconds = Histogram("raft_sqlite_fsync_seconds", "Each sync the store issues itself outside "
+                                       "COMMIT, by file (wal: NORMAL's interval sync, the checkpointer's WAL sync; "
+                                       "db: raft.db, by the checkpointer; hwm: the WAL high-water mark). SQLite's "
+                                       "WAL sync inside COMMIT (FULL/EXTRA) is in raft_sqlite_commit_seconds.",
+                                       [*node, "file"],
                                        buckets=FSYNC_BUCKETS, registry=r)
         self.batch_size = Histogram("raft_sqlite_group_commit_batch_size", "Write requests coalesced into one "
                                     "commit.", node, buckets=BATCH_BUCKETS, registry=r)
@@ -390,10 +403,7 @@ class StoreMetrics:
 
     @staticmethod
     def _sync_files(store: NodeStore) -> tuple[str, ...]:
-        mode = FsyncMode(store.fsync)
-        if mode is FsyncMode.OFF:
-            return ()
-        return SYNC_FILES if mode is FsyncMode.NORMAL else ("db", "hwm")
+        return () if FsyncMode(store.fsync) is FsyncMode.OFF else SYNC_FILES  # OFF never syncs
 
     def on_append(self, group_id: int, entries: Sequence[LogEntry]) -> None:
         """Record listener: ``entries`` of ``group_id`` are in the commit being built."""
