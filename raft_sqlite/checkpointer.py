@@ -43,7 +43,7 @@ import apsw
 from .governor import IoGovernor
 from .sqlitewal import HighWaterMark
 
-log = logging.getLogger("raft_sqlite")
+log = logging.getLogger("raft_sqlite.checkpointer")
 
 #: Frames (4 KiB pages of raft.db) waiting to be copied that start a background checkpoint: 1 MiB.
 CHECKPOINT_PAGES = 256

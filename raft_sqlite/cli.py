@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from urllib.parse import quote
@@ -53,8 +53,10 @@ from .errors import (
 )
 from .fsync import FSYNC_MODES, FsyncMode
 from .lock import Holder, holder
+from .maintenance import file_space
 from .migrate import current_revision
 from .objectstore import Remote, is_url
+from .recovery import RecoveryPolicy
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -76,10 +78,57 @@ EXIT_CODES = {
     EXIT_UNAVAILABLE: "an optional component is missing (prometheus_client, backup support)",
 }
 
-# piped output (scripts, tests, docs) gets wide tables instead of rich's 80-column default
-out = Console(highlight=False, width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200")))
-err = Console(stderr=True, highlight=False,
-              width=None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", "200")))
+
+
+class TrimmedLines:
+    """What rich writes to a pipe, through this stream: each line without the trailing spaces rich pads
+    tables and lines with (scripts, ``diff`` and docs see clean lines). Writes go to ``sys.<name>`` as it
+    is at write time (click's test runner swaps it), or to a file (``sql``'s ``.output FILE``)."""
+
+    def __init__(self, name: str | IO[str]):
+        self.target = name
+        self._tail = ""
+
+    @property
+    def stream(self) -> IO[str]:
+        """``sys.<name>`` now, or the file given."""
+        return cast(IO[str], getattr(sys, self.target)) if isinstance(self.target, str) else self.target
+
+    def write(self, s: str) -> int:
+        *lines, self._tail = (self._tail + s).split("\n")
+        if lines:
+            self.stream.write("".join(ln.rstrip(" ") + "\n" for ln in lines))
+        return len(s)
+
+    def flush(self) -> None:
+        if self._tail:  # a line printed without its newline (end=""): kept as printed
+            self.stream.write(self._tail)
+            self._tail = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def _console(name: str) -> Console:
+    """rich's console for ``sys.stdout``/``sys.stderr``. On a terminal, rich's defaults. Piped (scripts,
+    tests, docs): tables as wide as ``COLUMNS`` (default 200) instead of 80, text never wrapped
+    (``soft_wrap``: a message or a path stays on one line for grep), no trailing spaces (:class:`TrimmedLines`)."""
+    if getattr(sys, name).isatty():
+        return Console(stderr=name == "stderr", highlight=False)
+    return Console(file=cast(IO[str], TrimmedLines(name)), highlight=False, soft_wrap=True,
+                   width=int(os.environ.get("COLUMNS", "200")))
+
+
+out = _console("stdout")
+err = _console("stderr")
 KIND_NAMES = {0: "NORMAL", 1: "CONFIG", 2: "NOOP"}
 
 
@@ -256,6 +305,7 @@ def collect_status(data_dir: str) -> dict[str, Any]:
         conn.execute("BEGIN")
         now = time.time()
         node = _node_record(conn, path)
+        space = {layout.MAIN_DB: _space(conn)}
         settings = dict(conn.execute("SELECT key, value FROM settings"))
         mode = settings.get("fsync_mode")
         st = {
@@ -272,6 +322,7 @@ def collect_status(data_dir: str) -> dict[str, Any]:
             "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in sorted(os.listdir(data_dir))
                       if os.path.isfile(os.path.join(data_dir, n))},
             "groups": [_group_status(conn, g, now) for g in read_group_status(conn)],
+            "space": space,
         }
         # the last backup recorded (by row id: the wall clock may have been set back since)
         b = conn.execute("SELECT path, created_at, size, duration FROM backups ORDER BY backup_id DESC "
@@ -287,7 +338,17 @@ def collect_status(data_dir: str) -> dict[str, Any]:
         conn.execute("COMMIT")
     finally:
         conn.close()
+    chunks = os.path.join(data_dir, layout.CHUNKS_DB)
+    if os.path.isfile(chunks):
+        with contextlib.suppress(apsw.Error), contextlib.closing(open_readonly(chunks)) as cc:
+            space[layout.CHUNKS_DB] = _space(cc)
     return st
+
+
+def _space(conn: apsw.Connection) -> dict[str, int]:
+    """Size and free (reusable, not yet given back: ``raft-sqlite vacuum``) bytes of ``conn``'s main file."""
+    page_size, pages, free = file_space(conn)
+    return {"size": page_size * pages, "free_bytes": page_size * free, "page_size": page_size}
 
 
 def _event(e: tuple[Any, ...], now: float) -> dict[str, Any]:
@@ -369,9 +430,7 @@ def status(data_dir: str, as_json: bool) -> None:
         _dump_json(st)
         return
     n = st["node"]
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column()
+    head = _Fields()
     head.add_row("data_dir", _esc(st["data_dir"]))  # table cells are rich markup: a '[' in a path is text
     head.add_row("node / cluster", f"{_esc(n['node_id'])} / {_esc(n['cluster_id'])}")
     head.add_row("format / schema", f"{n['format_version']} / {st['schema_revision']}")
@@ -382,6 +441,9 @@ def status(data_dir: str, as_json: bool) -> None:
                  else Holder(**st["in_use_by"]).describe())
     files = st["files"]
     head.add_row("files", ", ".join(f"{k} {_size(v)}" for k, v in files.items()))
+    head.add_row("free space", ", ".join(f"{k} {_size(v['free_bytes'])} of {_size(v['size'])}"
+                                         for k, v in st["space"].items()) + " (reused as the log grows; "
+                 "`raft-sqlite vacuum` gives it back)")
     lb = st["last_backup"]
     head.add_row("last backup", "never" if lb is None else f"{_age(lb['age_s'])} ago, {_size(lb['size'])}, "
                  f"took {lb['duration_s']:.2f} s -> {_esc(lb['path'])}")
@@ -390,7 +452,7 @@ def status(data_dir: str, as_json: bool) -> None:
         head.add_row("last recovery", f"{ev['outcome']} ({ev['kind']}, policy {ev['policy']}) {_age(ev['age_s'])} ago "
                      f"in {ev['duration_s'] * 1000 if ev['duration_s'] is not None else 0:.1f} ms: "
                      f"{ev.get('entries_validated', '?')} entries validated, {len(ev.get('dropped', []))} dropped")
-    out.print(head)
+    head.print()
     t = Table(title="groups  (segs: count (sealed); snapshot: #base_id@index [+deltas -> newest index])",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     flags = any(g["recovered_partially"] for g in st["groups"])
@@ -498,94 +560,322 @@ def run_query(conn: apsw.Connection, query: str, *, raw: bool = False) -> list[t
     return sets
 
 
-def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str) -> None:
+@dataclasses.dataclass
+class Sink:
+    """Where query results go: ``console`` for tables, ``write`` for CSV/JSON text (exact bytes: no
+    trimming, no wrapping)."""
+
+    console: Console
+    write: Callable[[str], None]
+
+
+def _stdout_write(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+def _print_sets(sets: list[tuple[list[str], list[tuple[Any, ...]]]], fmt: str, *, headers: bool = True,
+                sink: Sink | None = None) -> None:
+    sink = sink or Sink(out, _stdout_write)
     if fmt == "json":
         docs = [[dict(zip(cols, r)) for r in rows] for cols, rows in sets]
-        _dump_json(docs[0] if len(docs) == 1 else docs)
+        sink.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, default=_json_default) + "\n")
         return
     for cols, rows in sets:
         if fmt == "csv":
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
-            w.writerow(cols)
+            if headers:
+                w.writerow(cols)
             w.writerows(rows)
-            click.echo(buf.getvalue(), nl=False)
+            sink.write(buf.getvalue())
         else:
-            t = Table(show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False)
+            t = Table(show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False, show_header=headers)
             for c in cols:
                 t.add_column(c, overflow="fold")
             for r in rows:
                 t.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in r))
-            print_wide(t)
-            out.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", style="dim")
+            print_wide(t, sink.console)
+            sink.console.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", style="dim")
 
 
-def print_wide(table: Table) -> None:
+class _Fields:
+    """``name  value`` lines (the head of ``status``). On a terminal a rich grid (values wrap at the
+    window's edge); piped, one line per field whatever its length (grep, docs)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    def add_row(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+
+    def print(self) -> None:
+        if out.is_terminal:
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold")
+            grid.add_column()
+            for name, value in self.rows:
+                grid.add_row(name, value)
+            out.print(grid)
+            return
+        width = max((len(name) for name, _ in self.rows), default=0)
+        for name, value in self.rows:
+            out.print(f"[bold]{_esc(name.ljust(width))}[/]  {value}")
+
+
+def print_wide(table: Table, console: Console | None = None) -> None:
     """Print ``table`` at its natural width when that is wider than the console (up to 400 columns):
     query results stay one row per line instead of folding every cell."""
-    want = Measurement.get(out, out.options.update_width(400), table).maximum
-    if want <= out.width:
-        out.print(table)
+    con = console or out
+    want = Measurement.get(con, con.options.update_width(400), table).maximum
+    if want <= con.width:
+        con.print(table)
         return
-    saved = out.width
-    out.width = min(want, 400)  # Console.print(width=) cannot exceed the console's width
+    saved = con.width
+    con.width = min(want, 400)  # Console.print(width=) cannot exceed the console's width
     try:
-        out.print(table, crop=False)
+        con.print(table, crop=False)
     finally:
-        out.width = saved
+        con.width = saved
 
 
 _REPL_HELP = """.tables              tables and views (chunks.* is chunks.db)
 .schema [NAME]       CREATE statement(s)
+.dump [TABLE ...]    the store (or those tables) as SQL text: CREATE and INSERT statements, read in one
+                     read transaction (load it with sqlite3 into a new file to look at a copy)
 .mode table|csv|json output format
+.headers on|off      column names in table and csv output
+.output [FILE]       send results to FILE (not inside the data_dir), or back to stdout without FILE
+.read FILE           run the statements and dot-commands in FILE
+.timer on|off        print the run time of each statement
 .quit                leave (or Ctrl-D)
 Statements end with ';'. Views: group_status, snapshot_chain, segments, backup_history, recovery_log."""
 
 
-def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
+def dump_sql(conn: apsw.Connection, tables: list[str] | None = None) -> Iterator[str]:
+    """The main schema of ``conn`` (or only ``tables``) as SQL text, like the sqlite3 shell's ``.dump``:
+    tables with their rows as INSERTs (values spelled by SQLite's ``quote()``, so BLOBs, REALs and TEXT
+    round-trip exactly), then indexes, triggers and views. Read in one read transaction (a consistent
+    copy while the node writes); never takes a write lock (apsw's own ``.dump`` begins IMMEDIATE)."""
+    def ident(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    conn.execute("BEGIN")
+    try:
+        yield "PRAGMA foreign_keys=OFF;"
+        yield "BEGIN TRANSACTION;"
+        objs = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE sql IS NOT NULL "
+                            "ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 WHEN 'trigger' THEN 2 "
+                            "ELSE 3 END, rowid").fetchall()
+        wanted = None if not tables else set(tables)
+        for row in objs:
+            kind, name, tbl, sql_text = (str(v) for v in row)  # sqlite_master's columns are TEXT
+            if wanted is not None and tbl not in wanted:
+                continue
+            if kind == "table" and name == "sqlite_sequence":
+                yield "DELETE FROM sqlite_sequence;"
+            elif kind == "table" and not name.startswith("sqlite_"):
+                yield sql_text + ";"
+            elif kind != "table" and not name.startswith("sqlite_"):
+                yield sql_text + ";"
+                continue
+            else:
+                continue
+            cols = [str(r[1]) for r in conn.execute(f"PRAGMA table_info({ident(name)})")]
+            values = " || ',' || ".join(f"quote({ident(c)})" for c in cols)
+            for (line,) in conn.execute(f"SELECT 'INSERT INTO {ident(name).replace(chr(39), chr(39) * 2)} "
+                                        f"VALUES(' || {values} || ');' FROM {ident(name)}"):
+                yield str(line)
+        yield "COMMIT;"
+    finally:
+        conn.execute("COMMIT")
+
+
+class SqlShell:
+    """The statements and sqlite3-style dot-commands of ``raft-sqlite sql``: at its prompt, from stdin and
+    from ``.read FILE``. Read-only like the connection it is given; the only file it writes is the one
+    named by ``.output``, which may not be inside the data_dir."""
+
+    def __init__(self, conn: apsw.Connection, data_dir: str, fmt: str, raw: bool):
+        self.conn, self.data_dir, self.fmt, self.raw = conn, os.path.realpath(data_dir), fmt, raw
+        self.headers, self.timer = True, False
+        self.sink: Sink | None = None  # None: stdout
+        self._file: IO[str] | None = None
+        self._depth = 0
+
+    def close(self) -> None:
+        self._set_output(None)
+
+    def _set_output(self, path: str | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file, self.sink = None, None
+        if path is None:
+            return
+        target = os.path.realpath(path)
+        if os.path.commonpath([target, self.data_dir]) == self.data_dir:
+            raise CliError(f"refused: .output {path!r} is inside the data_dir; write results elsewhere", EXIT_REFUSED)
+        try:
+            f = open(target, "w", encoding="utf-8", newline="")  # noqa: SIM115  (closed by _set_output/close)
+        except OSError as exc:
+            raise CliError(f".output: cannot write {path!r}: {exc.strerror or exc}", EXIT_USAGE) from None
+        con = Console(file=cast(IO[str], TrimmedLines(f)), highlight=False, soft_wrap=True, no_color=True,
+                      width=int(os.environ.get("COLUMNS", "200")))
+
+        def write(text: str) -> None:
+            f.write(text)
+
+        self._file, self.sink = f, Sink(con, write)
+
+    def _write(self, text: str) -> None:
+        (self.sink.write if self.sink is not None else _stdout_write)(text)
+
+    def statement(self, query: str) -> None:
+        t0 = time.perf_counter()
+        sets = run_query(self.conn, query, raw=self.raw)
+        _print_sets(sets, self.fmt, headers=self.headers, sink=self.sink)
+        if self.timer:
+            err.print(f"Run Time: real {time.perf_counter() - t0:.3f}")
+
+    def run(self, lines: Iterator[str | None], *, bail: bool) -> bool:
+        """Run ``lines`` (statements end with ';', dot-commands on a line of their own; None drops the
+        statement begun). Errors stop the run when ``bail`` (a script), else are printed (the prompt).
+        Returns False after ``.quit``."""
+        buf = ""
+        for line in lines:
+            if line is None:
+                buf = ""
+                continue
+            if not buf and line.strip().startswith("."):
+                try:
+                    if not self.dot(line.strip()):
+                        return False
+                except CliError as exc:
+                    if bail:
+                        raise
+                    exc.show()
+                continue
+            buf += line + "\n"
+            if apsw.complete(buf):
+                try:
+                    self.statement(buf)
+                except CliError as exc:
+                    if bail:
+                        raise
+                    exc.show()
+                buf = ""
+        if buf.strip():
+            if bail:  # the end of a script: run what is left, as sqlite3 does
+                self.statement(buf)
+            else:
+                err.print("incomplete statement ignored (no ';')")
+        return True
+
+    def dot(self, line: str) -> bool:
+        """One dot-command; False for ``.quit``. Bad usage raises :class:`CliError` (exit 2)."""
+        import shlex
+
+        try:
+            cmd, *args = shlex.split(line)
+        except ValueError as exc:
+            raise CliError(f"{line}: {exc}", EXIT_USAGE) from None
+        if cmd in (".quit", ".exit", ".q"):
+            return False
+        fn = self._DOTS.get(cmd)
+        if fn is None:
+            raise CliError(f"unknown command {line!r}; .help lists them", EXIT_USAGE)
+        return fn(self, cmd, args) is not False
+
+    @staticmethod
+    def _on_off(cmd: str, args: list[str]) -> bool:
+        if len(args) != 1 or args[0].lower() not in ("on", "off", "1", "0", "yes", "no"):
+            raise CliError(f"usage: {cmd} on|off", EXIT_USAGE)
+        return args[0].lower() in ("on", "1", "yes")
+
+    def _help(self, cmd: str, args: list[str]) -> None:
+        err.print(_REPL_HELP, markup=False)
+
+    def _mode(self, cmd: str, args: list[str]) -> None:
+        if len(args) != 1 or args[0] not in ("table", "csv", "json"):
+            raise CliError("usage: .mode table|csv|json", EXIT_USAGE)
+        self.fmt = args[0]
+
+    def _headers(self, cmd: str, args: list[str]) -> None:
+        self.headers = self._on_off(cmd, args)
+
+    def _timer(self, cmd: str, args: list[str]) -> None:
+        self.timer = self._on_off(cmd, args)
+
+    def _output(self, cmd: str, args: list[str]) -> None:
+        if len(args) > 1:
+            raise CliError("usage: .output [FILE]", EXIT_USAGE)
+        self._set_output(args[0] if args and args[0] not in ("stdout", "-") else None)
+
+    def _read(self, cmd: str, args: list[str]) -> bool:
+        if len(args) != 1:
+            raise CliError("usage: .read FILE", EXIT_USAGE)
+        if self._depth >= 16:
+            raise CliError(".read: nested more than 16 deep (does a file read itself?)", EXIT_USAGE)
+        try:
+            with open(args[0], encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f".read: cannot read {args[0]!r}: {getattr(exc, 'strerror', None) or exc}",
+                           EXIT_USAGE) from None
+        self._depth += 1
+        try:
+            return self.run(iter(text.splitlines()), bail=True)
+        finally:
+            self._depth -= 1
+
+    def _dump(self, cmd: str, args: list[str]) -> None:
+        try:
+            for stmt in dump_sql(self.conn, args or None):
+                self._write(stmt + "\n")
+        except apsw.Error as exc:
+            raise CliError(f".dump failed: {exc}", EXIT_CORRUPT) from None
+
+    def _tables(self, cmd: str, args: list[str]) -> None:
+        q = ("SELECT type, name FROM sqlite_master WHERE type IN ('table','view') UNION ALL "
+             "SELECT type, 'chunks.' || name FROM chunks.sqlite_master WHERE type='table' ORDER BY 1, 2")
+        try:
+            sets = run_query(self.conn, q)
+        except CliError:  # chunks.db not attached
+            sets = run_query(self.conn, q.split(" UNION ALL")[0])
+        _print_sets(sets, self.fmt, headers=self.headers, sink=self.sink)
+
+    def _schema(self, cmd: str, args: list[str]) -> None:
+        q = "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL" + (" AND name = ?" if args else "")
+        for (text,) in self.conn.execute(q, tuple(args[:1])):
+            self._write(text + ";\n")
+
+    _DOTS: dict[str, Callable[[SqlShell, str, list[str]], bool | None]] = {
+        ".help": _help, ".mode": _mode, ".headers": _headers, ".header": _headers, ".timer": _timer,
+        ".output": _output, ".read": _read, ".dump": _dump, ".tables": _tables, ".schema": _schema}
+
+
+def _prompt_lines() -> Iterator[str | None]:
+    """Lines typed at the prompt (readline editing and history when available) until Ctrl-D; None after
+    Ctrl-C, which drops the statement being typed."""
     with contextlib.suppress(ImportError):  # deferred: optional module, line editing and history when available
         import readline  # noqa: F401
     err.print(f"raft-sqlite sql (read-only). Type .help for help. {_REPL_HELP.splitlines()[-1]}")
     buf = ""
     while True:
         try:
-            line = input("raft-sqlite> " if not buf else "        ...> ")
+            line = input("        ...> " if buf.strip() else "raft-sqlite> ")
         except EOFError:
             err.print()
             return
         except KeyboardInterrupt:
             err.print()
             buf = ""
+            yield None
             continue
-        if not buf and line.strip().startswith("."):
-            cmd, *args = line.strip().split()
-            if cmd in (".quit", ".exit", ".q"):
-                return
-            if cmd == ".help":
-                err.print(_REPL_HELP)
-            elif cmd == ".mode" and args and args[0] in ("table", "csv", "json"):
-                fmt = args[0]
-            elif cmd == ".tables":
-                q = ("SELECT type, name FROM sqlite_master WHERE type IN ('table','view') UNION ALL "
-                     "SELECT type, 'chunks.' || name FROM chunks.sqlite_master WHERE type='table' ORDER BY 1, 2")
-                try:
-                    _print_sets(run_query(conn, q), fmt)
-                except CliError:
-                    _print_sets(run_query(conn, q.split(" UNION ALL")[0]), fmt)
-            elif cmd == ".schema":
-                q = "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL" + (" AND name = ?" if args else "")
-                for (s,) in conn.execute(q, tuple(args[:1])):
-                    out.print(s + ";")
-            else:
-                err.print(f"unknown command {line.strip()!r}; .help lists them")
-            continue
-        buf += line + "\n"
-        if apsw.complete(buf):
-            try:
-                _print_sets(run_query(conn, buf, raw=raw), fmt)
-            except CliError as exc:
-                exc.show()
-            buf = ""
+        yield line
+        if buf or not line.strip().startswith("."):
+            buf += line + "\n"
+            if apsw.complete(buf):
+                buf = ""
 
 
 @cli.command()
@@ -599,7 +889,9 @@ def _repl(conn: apsw.Connection, fmt: str, raw: bool) -> None:
 def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: bool) -> None:
     """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`).
 
-    Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. The
+    Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. At the prompt
+    and in scripts, sqlite3's dot-commands .tables .schema .dump .mode .headers .output .read .timer
+    (.help lists them). The
     connection is opened read-only with query_only, an authorizer and a statement guard:
     INSERT/UPDATE/DELETE, DDL, ATTACH, VACUUM, ANALYZE, checkpoints and setting PRAGMAs are refused
     with exit code 5 before they run. Views: group_status, snapshot_chain, segments,
@@ -607,16 +899,21 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
     if as_json:
         fmt = "json"
     conn = open_sql_connection(data_dir)
+    shell = SqlShell(conn, data_dir, fmt, raw_payload)
     try:
         if query is None:
             if sys.stdin.isatty():
-                _repl(conn, fmt, raw_payload)
+                shell.run(_prompt_lines(), bail=False)
                 return
             query = sys.stdin.read()
         if not query.strip():
             raise click.UsageError("empty query")
-        _print_sets(run_query(conn, query, raw=raw_payload), fmt)
+        if any(ln.strip().startswith(".") for ln in query.splitlines()):  # a script with dot-commands
+            shell.run(iter(query.splitlines()), bail=True)
+        else:
+            shell.statement(query)
     finally:
+        shell.close()
         conn.close()
 
 
@@ -725,11 +1022,22 @@ def groups_cmd(data_dir: str, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- write commands
-def _open_store_for_write(data_dir: str) -> NodeStore:
-    """Open the store as its own node (identity read from the node record, last fsync mode), refusing
-    if another process has it open."""
+#: ``--recovery`` of the commands that open the store as its node (README: "Repair").
+RECOVERY_OPT = click.option(
+    "--recovery", type=click.Choice(["strict", "truncate-tail", "partial"], case_sensitive=False),
+    default="strict", show_default=True,
+    help="Recovery policy of the open: strict refuses damaged data (exit 4); truncate-tail drops a damaged "
+         "tail; partial also drops damaged committed entries (marked recovered_partially). See `repair`.")
+
+
+def _policy(name: str) -> RecoveryPolicy:
+    return RecoveryPolicy(name.upper().replace("-", "_"))
+
+
+def _node_identity(data_dir: str) -> tuple[str, str, FsyncMode]:
+    """(node_id, cluster_id, last fsync mode) of a stopped node, refusing (exit 5) if a process has it open."""
     data_dir = _check_dir(data_dir)
-    who = store_holder(data_dir)  # NodeStore.open below refuses too (DataDirLocked); this says it first
+    who = store_holder(data_dir)  # NodeStore.open refuses too (DataDirLocked); this says it first
     if who is not None:
         raise CliError(f"refused: {data_dir} is in use by {who.describe()} (is the node running?); stop it "
                        "first, or do this from inside the node process", EXIT_REFUSED)
@@ -739,21 +1047,29 @@ def _open_store_for_write(data_dir: str) -> NodeStore:
         mode = (conn.execute("SELECT value FROM settings WHERE key='fsync_mode'").fetchone() or ("FULL",))[0]
     finally:
         conn.close()
-    return NodeStore.open(data_dir, node["node_id"], cluster_id=node["cluster_id"],
-                          fsync=FsyncMode(mode) if mode in FsyncMode.__members__ else FsyncMode.FULL)
+    return (node["node_id"], node["cluster_id"],
+            FsyncMode(mode) if mode in FsyncMode.__members__ else FsyncMode.FULL)
+
+
+def _open_store_for_write(data_dir: str, recovery: str = "strict") -> NodeStore:
+    """Open the store as its own node (identity read from the node record, last fsync mode) under the
+    recovery policy ``recovery`` (a ``--recovery`` choice), refusing if another process has it open."""
+    node_id, cluster_id, fsync = _node_identity(data_dir)
+    return NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=fsync, recovery=_policy(recovery))
 
 
 @cli.command("remove-group")
 @DATA_DIR
 @click.argument("group")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@RECOVERY_OPT
 @JSON_OPT
 @friendly
-def remove_group_cmd(data_dir: str, group: str, yes: bool, as_json: bool) -> None:
+def remove_group_cmd(data_dir: str, group: str, yes: bool, recovery: str, as_json: bool) -> None:
     """Remove GROUP and everything the node stores for it (log, term/vote/commit, snapshots), in one atomic
     commit (NodeStore.remove_group). Asks for confirmation unless --yes. Refused while another process
     has the store open (exit 5); exit 3 if there is no such group."""
-    with _open_store_for_write(data_dir) as store:
+    with _open_store_for_write(data_dir, recovery) as store:
         if group not in store.groups():
             raise CliError(f"no group {group!r} in this store (groups: {', '.join(store.groups()) or 'none'})",
                            EXIT_NOT_FOUND)
@@ -773,13 +1089,14 @@ def remove_group_cmd(data_dir: str, group: str, yes: bool, as_json: bool) -> Non
 @DATA_DIR
 @click.option("--group", "-g", help="Group name (optional when the store holds one group).")
 @click.option("--up-to", type=click.IntRange(min=0), required=True, help="Discard entries <= this index.")
+@RECOVERY_OPT
 @JSON_OPT
 @friendly
-def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None:
+def compact(data_dir: str, group: str | None, up_to: int, recovery: str, as_json: bool) -> None:
     """Compact a group's log up to an index: the guarded compaction (refused, exit 5, unless a DURABLE
     snapshot covers it). first_index moves at once; sealed segments below it are deleted. Refused
     while another process has the store open."""
-    with _open_store_for_write(data_dir) as store:
+    with _open_store_for_write(data_dir, recovery) as store:
         if group is None:
             gs = store.groups()
             if len(gs) != 1:
@@ -802,6 +1119,92 @@ def compact(data_dir: str, group: str | None, up_to: int, as_json: bool) -> None
     else:
         out.print(f"group {group!r}: first index {before} -> {res['first_index']} (snapshot {res['snapshot_index']}, "
                   f"last {res['last_index']}); {res['segments_removed']} sealed segment(s) deleted")
+
+
+@cli.command()
+@DATA_DIR
+@click.option("--recovery", type=click.Choice(["truncate-tail", "partial"], case_sensitive=False), required=True,
+              help="truncate-tail: drop a damaged tail (entries above the commit index, after the first bad "
+                   "record). partial: also drop damaged committed entries; the group is then marked "
+                   "recovered_partially and must catch up from its leader.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@JSON_OPT
+@friendly
+def repair(data_dir: str, recovery: str, yes: bool, as_json: bool) -> None:
+    """Open a stopped node's store under a non-strict recovery policy, so that what fails validation is
+    dropped (and recorded in recovery_log), then close it: the node then opens under STRICT again. First
+    runs `verify` and shows what is wrong; asks before dropping anything unless --yes. Exit 0 when the
+    store is clean or was repaired; 5 when refused (node running, not confirmed, or the policy cannot
+    repair the damage)."""
+    _node_identity(data_dir)  # refuses while the node runs, before the long verify
+    rep = run_verify(_check_dir(data_dir))
+    if rep.ok:
+        res = {"repaired": False, "problems": [], "recovery": None}
+        if as_json:
+            _dump_json(res)
+        else:
+            out.print("[green]the store verifies clean: nothing to repair[/]")
+        return
+    if not as_json:
+        out.print(f"verify found {len(rep.problems)} problem(s):")
+        for p in rep.problems:
+            out.print(f"  {_esc(str(p))}")
+    if not yes and not click.confirm(f"open {data_dir} under {recovery.upper()} and drop what fails validation? "
+                                     "This cannot be undone (take a backup first)", default=False):
+        raise CliError("not repaired", EXIT_REFUSED)
+    try:
+        with _open_store_for_write(data_dir, recovery) as store:
+            report = store.recovery_report
+    except (CorruptionError, RecoveryRefused) as exc:
+        hint = ("; --recovery partial can drop damaged committed entries (the group then catches up from its "
+                "leader)" if recovery.lower() == "truncate-tail" else "; restore from a backup")
+        raise CliError(f"refused: {recovery.upper()} cannot repair this store: {exc}{hint}", EXIT_REFUSED) from None
+    res = {"repaired": True, "problems": [str(p) for p in rep.problems], "recovery": json.loads(report.to_json())}
+    if as_json:
+        _dump_json(res)
+        return
+    out.print(_esc(report.summary()))
+    for d in report.dropped:
+        out.print(f"  dropped: {_esc(json.dumps(d, sort_keys=True))}")
+    for d in report.repaired:
+        out.print(f"  repaired: {_esc(json.dumps(d, sort_keys=True))}")
+    out.print("next: `raft-sqlite verify` it; the node now opens under STRICT")
+
+
+@cli.command("vacuum")
+@DATA_DIR
+@RECOVERY_OPT
+@JSON_OPT
+@friendly
+def vacuum_cmd(data_dir: str, recovery: str, as_json: bool) -> None:
+    """Give the free pages of a stopped node's raft.db and chunks.db back to the file system (SQLite
+    VACUUM, then a WAL truncation); `status` shows how much is free. Validates the store first
+    (--recovery). Refused while the node runs (exit 5) or when the disk lacks room for VACUUM's
+    temporary copy and WAL (nothing changed). Crash-safe: a crash leaves the old or the new file."""
+    from .maintenance import vacuum
+
+    node_id, cluster_id, fsync = _node_identity(data_dir)
+    with contextlib.ExitStack() as stack:
+        status = None if as_json or not err.is_terminal else stack.enter_context(err.status("opening the store"))
+
+        def progress(name: str) -> None:
+            if status is not None:
+                status.update(f"VACUUM {name}")
+
+        try:
+            rep = vacuum(data_dir, node_id, cluster_id=cluster_id, fsync=fsync, recovery=_policy(recovery),
+                         progress=progress)
+        except StorageFault as exc:
+            if "nothing was changed" in str(exc):
+                raise CliError(f"refused: {exc}", EXIT_REFUSED) from None
+            raise
+    if as_json:
+        _dump_json(rep.to_dict())
+        return
+    for b, a in zip(rep.before, rep.after):
+        out.print(f"{b.name}: {_size(b.size)} ({_size(b.free_bytes)} free) -> {_size(a.size)} "
+                  f"({_size(a.free_bytes)} free)")
+    out.print(f"reclaimed {_size(rep.reclaimed)} in {rep.duration:.2f} s")
 
 
 @cli.command()

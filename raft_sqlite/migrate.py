@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import apsw
@@ -23,6 +25,14 @@ if TYPE_CHECKING:  # imported lazily at run time (see the module docstring)
 
     from alembic.config import Config
     from alembic.script import ScriptDirectory
+
+log = logging.getLogger("raft_sqlite.migrate")
+
+#: Alembic's loggers that narrate every run at INFO (plugins set up, "Context impl", one line per
+#: revision). While raft_sqlite runs alembic they are held back to DEBUG on ``raft_sqlite.migrate``: a
+#: library must not print 15 lines because a store was created. A real upgrade of a node's file is
+#: still logged, once, at INFO.
+_ALEMBIC_LOGGERS = ("alembic.runtime.migration", "alembic.runtime.plugins")
 
 BRANCHES = {layout.MAIN_DB: ("main", layout.MAIN_HEAD), layout.CHUNKS_DB: ("chunks", layout.CHUNKS_HEAD)}
 
@@ -50,7 +60,8 @@ def _script_directory() -> tuple[Config, ScriptDirectory]:
 
 def heads() -> dict[str, str]:
     """Head revision per branch as the migration scripts say (used by tests and `status`)."""
-    _, script = _script_directory()
+    with _alembic_quiet():
+        _, script = _script_directory()
     return {next(iter(script.get_revision(h).branch_labels)): h for h in script.get_heads()}
 
 
@@ -87,7 +98,8 @@ def upgrade(path: str, db_name: str) -> bool:
     from sqlalchemy.exc import DBAPIError
 
     try:
-        return _upgrade(path, db_name)
+        with _alembic_quiet():  # also around alembic's imports, which log its plugins
+            return _upgrade(path, db_name)
     except (sqlite3.Error, DBAPIError) as exc:
         orig = getattr(exc, "orig", None) or exc
         if isinstance(orig, sqlite3.OperationalError) and ("disk I/O" in str(orig) or "full" in str(orig)):
@@ -216,4 +228,34 @@ def _upgrade(path: str, db_name: str) -> bool:
             command.upgrade(cfg, f"{branch}@head")
     finally:
         engine.dispose()
+    if rev is not None:  # a node's existing file moved to a newer schema: worth one line
+        log.info("%s: schema upgraded from %s to %s", path, rev, head)
     return True
+
+
+class _ToDebug(logging.Filter):
+    """Drops the INFO records alembic logs on this thread and re-logs them at DEBUG on our logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or record.levelno > logging.INFO:
+            return True  # another thread's alembic, or a warning: untouched
+        log.debug("alembic: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _alembic_quiet() -> Iterator[None]:
+    """Alembic's INFO narration of this thread's run goes to DEBUG (see :data:`_ALEMBIC_LOGGERS`)."""
+    f = _ToDebug()
+    loggers = [logging.getLogger(n) for n in _ALEMBIC_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)

@@ -479,16 +479,30 @@ def test_interactive_prompt(tmp_path, monkeypatch, capsys):
 
     d = make_store(tmp_path / "n", n=12, groups=("a",))
     lines = iter([".help", "SELECT count(*) AS n", "FROM log_entries;", ".mode json", "SELECT 41 + 1 AS answer;",
-                  "DELETE FROM node;", ".tables", ".schema settings", ".bogus", ".quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+                  "DELETE FROM node;", ".tables", ".schema settings", ".bogus", "SELECT 'dropped'", KeyboardInterrupt,
+                  ".timer on", ".mode csv", ".headers off", "SELECT 'x' || 'y';", ".quit"])
+    prompts = []
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        line = next(lines)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr("builtins.input", fake_input)
     conn = cli_mod.open_sql_connection(str(d))
+    shell = cli_mod.SqlShell(conn, str(d), "table", False)
     try:
-        cli_mod._repl(conn, "table", False)
+        shell.run(cli_mod._prompt_lines(), bail=False)
     finally:
+        shell.close()
         conn.close()
     o = capsys.readouterr()
     assert "12" in o.out and '"answer": 42' in o.out and "group_status" in o.out and "CREATE TABLE settings" in o.out
-    assert "read-only" in o.err and "unknown command '.bogus'" in o.err
+    assert "read-only" in o.err and "unknown command '.bogus'" in o.err and ".dump" in o.err
+    assert "dropped" not in o.out and o.out.endswith("xy\n") and "Run Time: real" in o.err  # Ctrl-C dropped it
+    assert prompts[2].strip() == "...>" and prompts[10].strip() == "...>" and prompts[11] == "raft-sqlite> "
     with open_store(d) as s:
         assert s.log("a").last_index == 12
 

@@ -20,7 +20,7 @@ from raft_sqlite import (
     schema,
 )
 from raft_sqlite.fsync import SYNCHRONOUS_LEVELS, pragmas_for
-from tests.conftest import open_store
+from tests.conftest import open_store, run_py
 
 
 def test_create_layout_permissions_and_node_record(data_dir):
@@ -269,3 +269,36 @@ def test_recovery_event_written_on_every_open(data_dir):
     c = apsw.Connection(str(data_dir / "raft.db"))
     rows = c.execute("SELECT kind, policy, outcome FROM recovery_events ORDER BY event_id").fetchall()
     assert rows == [("open", "STRICT", "created"), ("open", "STRICT", "clean"), ("open", "STRICT", "clean")]
+
+
+def test_creating_and_upgrading_a_store_logs_one_line_not_alembics_narration(tmp_path):
+    # Issue 15: creating a store printed 15 alembic INFO lines through the application's logging. A fresh
+    # process (alembic not imported yet), logging at INFO: creation says one raft_sqlite line; a real
+    # upgrade of an existing file says which revisions, once; alembic's own lines are at DEBUG only.
+    code = r'''
+import logging, sys
+records = []
+class H(logging.Handler):
+    def emit(self, r): records.append((r.name, r.levelno, r.getMessage()))
+logging.basicConfig(level=logging.INFO, handlers=[H()])
+import apsw
+from raft_sqlite import NodeStore
+d = sys.argv[1]
+NodeStore.open(d, node_id="n", cluster_id="c").close()
+created = list(records); records.clear()
+c = apsw.Connection(d + "/raft.db")
+c.execute("DROP TABLE close_digests; UPDATE alembic_version SET version_num = '0003_main_segment_content'")
+c.close()
+NodeStore.open(d, node_id="n", cluster_id="c").close()
+for phase, recs in (("created", created), ("upgraded", records)):
+    for name, level, msg in recs:
+        print(phase, name, level, msg.replace("\n", " "))
+'''
+    r = run_py(code, tmp_path / "n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert not [ln for ln in lines if " alembic" in ln], lines
+    created = [ln for ln in lines if ln.startswith("created ")]
+    assert len(created) == 1 and "recovery created" in created[0], lines
+    upgraded = [ln for ln in lines if ln.startswith("upgraded raft_sqlite.migrate")]
+    assert len(upgraded) == 1 and "from 0003_main_segment_content to 0004_main_close_digests" in upgraded[0], lines

@@ -1,0 +1,145 @@
+"""Maintenance of a stopped node: give back the free pages of its database files (``VACUUM``).
+
+After compaction and snapshot retention, ``raft.db`` and ``chunks.db`` keep their freed pages for reuse
+(SQLite never shrinks a file by itself; 20% free pages were measured after a compaction). That is the
+right default for a running node (reusing pages is cheaper than growing the file), but an operator who
+compacted a big log, or removed groups, may want the space back. :func:`vacuum` does it for a node that
+is **not running**: it opens the store as its node (taking the data_dir lock, so the node cannot start
+meanwhile, and validating it under the given recovery policy, so nothing damaged is rewritten into a
+fresh-looking file), runs ``VACUUM`` on each file, truncates the WAL, and closes the store cleanly.
+
+Crash safety is SQLite's: ``VACUUM`` in WAL mode is one write transaction (the rebuilt pages are
+committed to the WAL, then checkpointed), so a crash at any point leaves either the old or the new
+file. It needs free space for a temporary copy of the file (in SQLite's temporary directory) and for
+the WAL that carries the new pages; :func:`vacuum` checks both before it starts and refuses with
+:class:`~raft_sqlite.errors.StorageFault` rather than fill the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import apsw
+
+from . import layout
+from .errors import StorageFault
+from .fsync import FsyncMode
+from .recovery import RecoveryPolicy
+from .store import NodeStore
+
+#: Extra free space asked for beyond the estimate (copy + WAL), as a fraction of the file's size.
+SPACE_MARGIN = 0.1
+
+
+@dataclass
+class FileSpace:
+    """Size and free pages of one database file (``PRAGMA page_count`` / ``freelist_count``)."""
+
+    name: str
+    page_size: int
+    pages: int
+    free_pages: int
+
+    @property
+    def size(self) -> int:
+        return self.page_size * self.pages
+
+    @property
+    def free_bytes(self) -> int:
+        return self.page_size * self.free_pages
+
+
+def file_space(conn: apsw.Connection, schema: str = "main") -> tuple[int, int, int]:
+    """``(page_size, page_count, freelist_count)`` of ``schema`` on ``conn`` (read-only queries)."""
+    def one(pragma: str) -> int:
+        row = conn.execute(f"PRAGMA {schema}.{pragma}").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    return one("page_size"), one("page_count"), one("freelist_count")
+
+
+@dataclass
+class VacuumReport:
+    """What :func:`vacuum` did: each file before and after, the recovery summary of its open, the time."""
+
+    before: list[FileSpace] = field(default_factory=list)
+    after: list[FileSpace] = field(default_factory=list)
+    recovery: str = ""
+    duration: float = 0.0
+
+    @property
+    def reclaimed(self) -> int:
+        """Bytes the database files shrank by."""
+        return sum(b.size for b in self.before) - sum(a.size for a in self.after)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": [asdict(b) | {"size": b.size, "free_bytes": b.free_bytes} for b in self.before],
+                "after": [asdict(a) | {"size": a.size, "free_bytes": a.free_bytes} for a in self.after],
+                "reclaimed_bytes": self.reclaimed, "recovery": self.recovery, "duration_s": self.duration}
+
+
+def _check_room(path: str, space: FileSpace) -> None:
+    """Refuse before writing anything when the disks cannot hold VACUUM's copy and WAL."""
+    need = int((space.size - space.free_bytes) * (1 + SPACE_MARGIN))
+    tmp = tempfile.gettempdir()
+    here = os.path.dirname(path)
+    try:
+        same = os.stat(tmp).st_dev == os.stat(here).st_dev
+        free_here = shutil.disk_usage(here).free
+        free_tmp = free_here if same else shutil.disk_usage(tmp).free
+    except OSError as exc:
+        raise StorageFault(f"{path}: cannot tell the free disk space ({exc.strerror or exc})") from exc
+    if same and free_here < 2 * need:
+        raise StorageFault(f"{path}: VACUUM needs about {2 * need} bytes free (a temporary copy and the WAL, "
+                           f"both on this file system) but {free_here} are; nothing was changed")
+    if not same and (free_here < need or free_tmp < need):
+        raise StorageFault(f"{path}: VACUUM needs about {need} bytes free next to the file and in {tmp} "
+                           f"(its temporary copy) but {free_here} and {free_tmp} are; nothing was changed "
+                           "(TMPDIR / SQLITE_TMPDIR choose the temporary directory)")
+
+
+def vacuum(data_dir: str, node_id: str, *, cluster_id: str, fsync: FsyncMode = FsyncMode.FULL,
+           recovery: RecoveryPolicy = RecoveryPolicy.STRICT,
+           progress: Callable[[str], None] | None = None) -> VacuumReport:
+    """``VACUUM`` ``raft.db`` and ``chunks.db`` of the stopped node at ``data_dir`` (see the module
+    docstring). Opens the store with ``NodeStore.open(data_dir, node_id, cluster_id=, fsync=,
+    recovery=)``, so it raises what that raises (:class:`~raft_sqlite.errors.DataDirLocked` while the node
+    runs, :class:`~raft_sqlite.errors.CorruptionError` on damage under STRICT, ...), and
+    :class:`~raft_sqlite.errors.StorageFault` when there is not enough free space (nothing changed) or
+    the VACUUM itself fails (the file is then as before: the transaction rolled back). ``progress(name)``
+    is called before each file. Nothing else may use the store meanwhile: it is opened and closed here.
+    """
+    t0 = time.monotonic()
+    report = VacuumReport()
+    store = NodeStore.open(data_dir, node_id, cluster_id=cluster_id, fsync=fsync, recovery=recovery)
+    try:
+        report.recovery = store.recovery_report.summary()
+        for name, path in ((layout.MAIN_DB, store.path), (layout.CHUNKS_DB, store.chunks_path)):
+            if not os.path.isfile(path):
+                continue
+            conn = store.kernel.connect(path)
+            try:
+                before = FileSpace(name, *file_space(conn))
+                report.before.append(before)
+                if before.free_pages:
+                    _check_room(path, before)
+                    if progress is not None:
+                        progress(name)
+                    conn.execute("VACUUM")
+                # the rebuilt file went through the WAL: copy it back and give the WAL's space back too
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                report.after.append(FileSpace(name, *file_space(conn)))
+            except apsw.Error as exc:
+                raise store.kernel.translate(exc, f"VACUUM of {name}") from exc
+            finally:
+                conn.close()
+    finally:
+        store.close()
+    report.duration = time.monotonic() - t0
+    return report
