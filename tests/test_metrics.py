@@ -288,7 +288,7 @@ def test_two_stores_share_one_registry(tmp_path):
             assert val(x, "raft_sqlite_log_entries", node_id="n1", group="g") == 1
             m3.detach()
         m2.detach()
-    # the process-wide default registry works the same way (and is left clean)
+    # the process-wide default registry works the same way (a detached store's state metrics leave it)
     from prometheus_client import REGISTRY, generate_latest
 
     with open_store(tmp_path / "d", node_id="n9") as s4:
