@@ -71,10 +71,11 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_REFUSED, 
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_PROBLEMS: "problems found (verify: corruption; demo: an acknowledged entry was lost)",
-    EXIT_USAGE: "usage error (bad option or argument)",
+    EXIT_USAGE: "usage error (bad option or argument, SQL syntax error, bad dot-command)",
     EXIT_NOT_FOUND: "data_dir, group or backup not found",
     EXIT_CORRUPT: "the store is corrupt or unreadable",
-    EXIT_REFUSED: "refused (write statement in sql, compaction not covered by a snapshot, node running)",
+    EXIT_REFUSED: "refused (write statement in sql, compaction not covered by a snapshot, node running, not "
+                  "confirmed, not enough disk space)",
     EXIT_UNAVAILABLE: "an optional component is missing (prometheus_client, backup support)",
 }
 

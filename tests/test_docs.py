@@ -122,6 +122,7 @@ PRELUDES["store"] = PRELUDES["node"] + '''
 store = NodeStore.open("data/n1", "n1", cluster_id="c1")
 log = store.log("g")
 '''
+PRELUDES["none"] = ""  # a block that stands alone, as a reader copies it
 EPILOGUE = '''
 for _name in ("sched",):
     if _name in globals():
@@ -171,3 +172,38 @@ def test_sql_block_runs(block, tmp_path):
     finally:
         c.close()
     assert rows, f"{_id(block)}: the queries returned nothing on a populated store"
+
+
+# ---------------------------------------------------------------------------------------------- drift
+def _readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_exit_codes_are_the_clis():
+    from raft_sqlite.cli import EXIT_CODES
+
+    for doc in ("README.md", os.path.join("docs", "operations.md")):
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            table = f.read().split("| exit code | meaning |", 1)[1].split("\n\n", 1)[0]
+        rows = dict(re.findall(r"^\| (\d) \| (.+?) \|$", table, re.M))
+        assert {int(k): v.replace("`", "") for k, v in rows.items()} == EXIT_CODES, doc
+
+
+def test_readme_logging_table_names_every_logger():
+    import glob
+
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "raft_sqlite", "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            names |= set(re.findall(r'getLogger\("(raft_sqlite[\w.]*)"\)', f.read()))
+    section = _readme().split("### Logging", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(raft_sqlite[\w.]*)` \|", section, re.M))
+    assert names and names == documented, (sorted(names - documented), sorted(documented - names))
+
+
+def test_readme_status_example_shows_the_current_schema():
+    from raft_sqlite import layout
+
+    shown = re.findall(r"^format / schema\s+\d+ / (\S+)$", _readme(), re.M)
+    assert shown and set(shown) == {layout.MAIN_HEAD}
