@@ -207,3 +207,17 @@ def test_readme_status_example_shows_the_current_schema():
 
     shown = re.findall(r"^format / schema\s+\d+ / (\S+)$", _readme(), re.M)
     assert shown and set(shown) == {layout.MAIN_HEAD}
+
+
+def test_every_operations_transcript_has_its_generator():
+    # README's CLI transcripts are pasted by scripts/ops_tour.py; a marker without a generator (or the
+    # reverse) would be an example nobody can re-run
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ops_tour", os.path.join(ROOT, "scripts", "ops_tour.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = _readme()
+    names = mod.transcripts("/tmp/ops")
+    assert sorted(re.findall(r"<!-- transcript:([\w-]+) -->", readme)) == sorted(names)
+    assert mod.splice(readme, {n: "x\n" for n in names}).count("```\nx\n```") == len(names)
