@@ -106,7 +106,7 @@ def run_block(cmds: list[str], d: str, env: dict[str, str]) -> str:
 
 
 def splice(readme: str, blocks: dict[str, str]) -> str:
-    marks = re.findall(r"<!-- transcript:([\w-]+) -->", readme)
+    marks = re.findall(r"^<!-- transcript:([\w-]+) -->$", readme, re.M)
     if sorted(marks) != sorted(blocks):
         raise SystemExit(f"README transcript markers {sorted(marks)} != transcripts {sorted(blocks)}")
     for name, text in blocks.items():

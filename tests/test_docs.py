@@ -219,5 +219,5 @@ def test_every_operations_transcript_has_its_generator():
     spec.loader.exec_module(mod)
     readme = _readme()
     names = mod.transcripts("/tmp/ops")
-    assert sorted(re.findall(r"<!-- transcript:([\w-]+) -->", readme)) == sorted(names)
+    assert sorted(re.findall(r"^<!-- transcript:([\w-]+) -->$", readme, re.M)) == sorted(names)
     assert mod.splice(readme, {n: "x\n" for n in names}).count("```\nx\n```") == len(names)
