@@ -10,7 +10,7 @@ Every read command takes ``--json``.
 Exit codes (see :data:`EXIT_CODES`): 0 success; 1 problems found (``verify`` found corruption, ``demo``
 lost an acknowledged entry); 2 usage error; 3 data_dir (or group, backup) not found; 4 the store is
 corrupt or unreadable; 5 refused (a write statement in ``sql``, compaction not covered by a snapshot,
-the node is running); 6 an optional component is missing (prometheus_client, backup support).
+the node is running); 6 an optional component is missing (prometheus_client, backup support, datasette).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ EXIT_CODES = {
     EXIT_CORRUPT: "the store is corrupt or unreadable",
     EXIT_REFUSED: "refused (write statement in sql, compaction not covered by a snapshot, node running, not "
                   "confirmed, not enough disk space)",
-    EXIT_UNAVAILABLE: "an optional component is missing (prometheus_client, backup support)",
+    EXIT_UNAVAILABLE: "an optional component is missing (prometheus_client, backup support, datasette)",
 }
 
 
@@ -1283,6 +1283,53 @@ def metrics(data_dir: str, output: str | None, as_json: bool) -> None:
         mod.write_textfile(output, text)
     except OSError as exc:
         raise CliError(f"cannot write {output}: {exc}", EXIT_USAGE) from None
+
+
+@cli.command()
+@DATA_DIR
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. A non-loopback address needs --allow-remote (there is no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+              help="Port to listen on (0: pick a free one; the URL is printed).")
+@click.option("--allow-remote", is_flag=True, help="Allow a --host that other machines can reach (prints a warning).")
+@friendly
+def serve(data_dir: str, host: str, port: int, allow_remote: bool) -> None:
+    """A read-only browser view of the node (Datasette; extra `web`): tables, inspection views and canned
+    queries (group status, log tail per group, snapshot chains, recovery history, backups) of
+    raft.db and chunks.db, payloads shown as size, UTF-8 preview and hex. Files are opened read-only
+    (never immutable: it shows the live node), only GET requests and SELECTs are served, and each query
+    is one short read transaction (at most 1 s): safe while the node runs. Runs until Ctrl-C."""
+    from . import web  # deferred: the optional extra `web` is imported only by this command
+
+    try:
+        web.require()
+        remote = web.check_host(host, allow_remote)
+    except web.WebUnavailable as exc:
+        raise CliError(str(exc), EXIT_UNAVAILABLE) from None
+    except (web.RemoteRefused, web.ListenError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    checked = _check_dir(data_dir)
+    conn = open_main_readonly(checked)  # exit 3/4 before listening: not a store, unreadable, corrupt
+    try:
+        node = _node_record(conn, os.path.join(checked, layout.MAIN_DB))
+    finally:
+        conn.close()  # closed before the server opens the files through another SQLite library
+    if remote:
+        err.print(f"[bold yellow]warning:[/] serving on {_esc(host)}, reachable from other machines: anyone who "
+                  "can connect can read this node's data (read-only, no authentication)")
+
+    def ready(s: web.Serving) -> None:
+        out.print(f"serving {_esc(os.path.abspath(checked))} ({', '.join(s.files)}; node {_esc(node['node_id'])}, "
+                  f"cluster {_esc(node['cluster_id'])}) read-only at {s.url}", soft_wrap=True)
+        out.print("press Ctrl-C to stop", soft_wrap=True)
+        sys.stdout.flush()
+
+    try:
+        web.serve(checked, host=host, port=port, on_ready=ready,
+                  title=f"raft_sqlite node {node['node_id']} (cluster {node['cluster_id']})")
+    except web.ListenError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    out.print("stopped")
 
 
 def _backup_module() -> ModuleType:

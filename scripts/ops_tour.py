@@ -63,6 +63,9 @@ def transcripts(d: str) -> dict[str, list[str]]:
             f".output {d}/groups.txt\\n.mode table\\n.headers on\\nSELECT name, entries FROM group_status;\\n"
             f".output\\n.dump backups\\n' | raft-sqlite sql {node}",
             f"cat {d}/groups.txt"],
+        # the browser view runs until Ctrl-C: `timeout -s INT` is that Ctrl-C, 5 s after the start
+        "serve": [f"timeout --preserve-status -s INT 5 raft-sqlite serve {node}; echo rc=$?",
+                  f"raft-sqlite serve {node} --host 0.0.0.0; echo rc=$?"],
         "log-verify": [f"raft-sqlite log {node} --group g1 --from 998 --to 1003",
                        f"raft-sqlite verify {node}; echo rc=$?"],
         "vacuum": [f"raft-sqlite vacuum {node}", f"raft-sqlite status {node} | grep 'free space'"],
