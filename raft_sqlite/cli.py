@@ -1706,18 +1706,31 @@ def verify(data_dir: str, as_json: bool, quiet: bool) -> None:
 
 @cli.command()
 @DATA_DIR
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="Write to FILE instead of stdout, atomically (a temporary file in FILE's folder, fsynced, mode "
+                   "0644, renamed over FILE): for node_exporter's textfile collector (name it *.prom). Nothing "
+                   "is written if reading the store fails.")
+@JSON_OPT
 @friendly
-def metrics(data_dir: str) -> None:
-    """Print the Prometheus text format of a (stopped) node's metrics, read from its files. Counters of
-    a running process (commit latency, appends) exist only in that process: mount
-    raft_sqlite.metrics.StoreMetrics there."""
+def metrics(data_dir: str, output: str | None, as_json: bool) -> None:
+    """Print the Prometheus text format (or --json) of a (stopped or running) node's metrics, read from its
+    files. Points in time are *_timestamp_seconds (unix time): a textfile does not go stale. Histograms
+    and counters of a running process (commit and fsync latency, appends) exist only in that process and
+    are not persisted: mount raft_sqlite.metrics.StoreMetrics there."""
     try:
-        from .metrics import render_data_dir  # deferred: optional dependency prometheus_client (exit 6)
-        text = render_data_dir(_check_dir(data_dir))
+        from . import metrics as mod  # deferred: optional dependency prometheus_client (exit 6)
     except ImportError as exc:
         raise CliError(f"metrics need prometheus_client: pip install 'raft_sqlite[metrics]' ({exc})",
                        EXIT_UNAVAILABLE) from None
-    click.echo(text, nl=False)
+    families = mod.collect_data_dir(_check_dir(data_dir))
+    text = json.dumps(mod.to_json(families), indent=2) + "\n" if as_json else mod.to_text(families)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        mod.write_textfile(output, text)
+    except OSError as exc:
+        raise CliError(f"cannot write {output}: {exc}", EXIT_USAGE) from None
 
 
 @cli.command()

@@ -86,6 +86,16 @@ class CommitListener(Protocol):
     def on_commit(self, seconds: float, requests: int) -> None: ...
 
 
+class SyncListener(Protocol):
+    """Told about every sync the store issues itself, outside COMMIT (metrics): ``file`` is ``"wal"``
+    (NORMAL mode's interval sync, the background checkpointer's WAL sync), ``"db"`` (raft.db: the
+    checkpointer's paced syncs, a checkpoint recorded as durable) or ``"hwm"`` (the WAL high-water mark).
+    The WAL sync SQLite makes inside COMMIT (FULL/EXTRA) is not reported: it is part of the commit's
+    duration. Same rules as :class:`CommitListener`, and it may be called from any of the store's threads."""
+
+    def on_sync(self, file: str, seconds: float) -> None: ...
+
+
 class _Replay(Exception):
     """Internal: drop ``req`` from the batch (its SQL already ran) and replay the rest."""
 
@@ -272,6 +282,18 @@ class CommitPipeline:
     def remove_listener(self, listener: CommitListener) -> None:
         """Stop calling ``listener`` (a no-op if it is not attached)."""
         self._listeners = [x for x in self._listeners if x is not listener]
+
+    def synced(self, file: str, seconds: float) -> None:
+        """Tell the listeners that have an ``on_sync`` (:class:`SyncListener`) about a sync of ``file``
+        that took ``seconds`` (never raises)."""
+        for listener in self._listeners:
+            fn = getattr(listener, "on_sync", None)
+            if fn is None:
+                continue
+            try:
+                fn(file, seconds)
+            except Exception:  # a metrics listener must never fail a sync's caller
+                log.exception("%s: sync listener %r failed", self.data_dir, listener)
 
     def fail(self, exc: BaseException) -> None:
         """Make the pipeline fail-stop after ``exc`` (a failed sync outside a commit, e.g. a directory sync
@@ -750,8 +772,10 @@ class IntervalSyncer(threading.Thread):
         hw = self.pipeline.hwm
         state = hw.current() if hw is not None else None
         try:
+            t0 = time.perf_counter()
             if not fsio.fdatasync_path(wal):
                 return
+            self.pipeline.synced("wal", time.perf_counter() - t0)
             self.pipeline.stats.interval_syncs += 1
             if hw is not None:
                 hw.note(state)  # everything up to the state read before the sync is durable

@@ -177,6 +177,8 @@ class Kernel:
 
     @hwm.setter
     def hwm(self, mark: HighWaterMark | None) -> None:
+        if mark is not None:
+            mark.on_sync = self.pipeline.synced  # its syncs reach the listeners (metrics)
         self.pipeline.hwm = mark
 
     def mark_open(self) -> None:
@@ -370,7 +372,8 @@ class Kernel:
 
     # ------------------------------------------------------------------ listeners
     def add_listener(self, listener: CommitListener | RecordListener) -> None:
-        """Attach an observer: one with ``on_commit`` is told of every commit, one with ``on_append`` /
+        """Attach an observer: one with ``on_commit`` is told of every commit (and, if it also has
+        ``on_sync``, of the store's own syncs: ``commit.SyncListener``), one with ``on_append`` /
         ``on_seal`` of what each commit writes to the record stream (it may have both)."""
         if hasattr(listener, "on_commit"):
             self.pipeline.add_listener(listener)  # type: ignore[arg-type]  # checked by hasattr just above
@@ -393,7 +396,7 @@ class Kernel:
         if paced and self.fsync is not FsyncMode.OFF:
             if self.fd_of is not None and not self.vfs:
                 if self._paced is None:
-                    self._paced = store_paced_vfs(self.fd_of)
+                    self._paced = store_paced_vfs(self.fd_of, on_sync=self.pipeline.synced)
                 vfs = self._paced.registered_name
             else:
                 vfs = paced_vfs(self.vfs)

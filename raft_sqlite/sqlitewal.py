@@ -43,6 +43,7 @@ import mmap
 import os
 import struct
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from typing import IO, Literal, NamedTuple
@@ -174,6 +175,8 @@ class HighWaterMark:
         self._last: tuple[bytes, int, bool, bool] | None = None
         #: set while the store's background checkpointer runs: every mark written carries BACKGROUND
         self.background = False
+        #: called with ``("db" | "hwm", seconds)`` after each sync :meth:`note` makes (metrics)
+        self.on_sync: Callable[[str, float], None] | None = None
 
     def current(self) -> tuple[bytes, int, int]:
         """(salts, mxFrame, nBackfill) of the WAL now, from the -shm index."""
@@ -190,12 +193,19 @@ class HighWaterMark:
         if rec == self._last and not sync:
             return
         if done:
-            fsio.fdatasync(self._db_fd)
+            self._sync("db", self._db_fd)
         body = MAGIC + _REC.pack(salts, mx, (CHECKPOINTED if done else 0) | (BACKGROUND if self.background else 0))
         fsio.pwrite(self.fd, body + struct.pack("<I", zlib.crc32(body)), 0)
         if done or sync:
-            fsio.fdatasync(self.fd)
+            self._sync("hwm", self.fd)
         self._last = rec
+
+    def _sync(self, what: str, fd: int) -> None:
+        t0 = time.perf_counter()
+        fsio.fdatasync(fd)
+        cb = self.on_sync
+        if cb is not None:
+            cb(what, time.perf_counter() - t0)
 
     def anchor(self) -> None:
         """After a successful open (the WAL is durable up to its current end): record the state now and

@@ -69,6 +69,14 @@ def transcripts(d: str) -> dict[str, list[str]]:
         "log-verify": [f"raft-sqlite log {node} --group g1 --from 998 --to 1003",
                        f"raft-sqlite verify {node}; echo rc=$?"],
         "vacuum": [f"raft-sqlite vacuum {node}", f"raft-sqlite status {node} | grep 'free space'"],
+        "metrics": [
+            f"raft-sqlite metrics {node} | grep -E '^raft_sqlite_(info|log_entries|oldest_segment_timestamp_seconds|"
+            "snapshot_index|snapshot_timestamp_seconds|backup_timestamp_seconds|recovery_timestamp_seconds|"
+            "recovery_outcome)'",
+            f"mkdir -p {d}/textfile && raft-sqlite metrics {node} --output {d}/textfile/raft_node.prom && "
+            f"stat -c '%a %n' {d}/textfile/*",
+            f"raft-sqlite metrics {d}/nope --output {d}/textfile/raft_node.prom; echo rc=$?; ls -A {d}/textfile",
+            f"raft-sqlite metrics {node} --json | head -19"],
         "repair": [f"raft-sqlite repair {d}/damaged --recovery truncate-tail --yes; echo rc=$?",
                    f"raft-sqlite repair {d}/damaged --recovery partial --yes; echo rc=$?",
                    f"raft-sqlite status {d}/damaged | tail -4"],

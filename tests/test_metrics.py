@@ -1,9 +1,11 @@
 """Prometheus metrics (StoreMetrics, `raft-sqlite metrics`) and the library's logging."""
 
+import json
 import logging
 import os
 import subprocess
 import sys
+import time
 
 import apsw
 import pytest
@@ -16,12 +18,16 @@ from tests.conftest import ROOT, open_store, run_py
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def samples(text):
-    """{(sample name, frozenset(labels)): value} of a text exposition."""
+def samples(text, node="n1"):
+    """{(sample name, frozenset(labels)): value} of a text exposition. With ``node``, every sample must
+    carry ``node_id=node`` (then left out of the key); ``node=None`` keeps every label."""
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
+            labels = dict(s.labels)
+            if node is not None:
+                assert labels.pop("node_id", None) == node, s
+            out[(s.name, frozenset(labels.items()))] = s.value
     return out
 
 
@@ -43,6 +49,7 @@ def workload(store, groups=("a", "b"), n=60):
 
 def test_store_metrics_after_a_workload(tmp_path):
     d = tmp_path / "n"
+    t0 = time.time()
     with open_store(d, segment_policy=SegmentPolicy(max_entries=20)) as s:
         seen = []
         s.on_commit = lambda sec, n: seen.append(n)  # an existing hook keeps working
@@ -51,6 +58,7 @@ def test_store_metrics_after_a_workload(tmp_path):
         with s.snapshots("a").write(30, 1) as w:
             w.write(b"x" * 5000)
         text = m.text()
+        t1 = time.time()
         st = s.stats
         commits = st.commits
         before_close = list(seen)  # (the close commits once more: what it records for the next open)
@@ -68,11 +76,13 @@ def test_store_metrics_after_a_workload(tmp_path):
         assert val(x, "raft_sqlite_log_last_index", group=g) == 60
         assert val(x, "raft_sqlite_commit_index", group=g) == 55
         assert val(x, "raft_sqlite_segments", group=g) == 3
-        assert val(x, "raft_sqlite_oldest_segment_age_seconds", group=g) >= 0
+        assert t0 <= val(x, "raft_sqlite_oldest_segment_timestamp_seconds", group=g) <= t1
     assert val(x, "raft_sqlite_log_stored_bytes", group="a") + val(x, "raft_sqlite_log_stored_bytes", group="b") == total
     assert val(x, "raft_sqlite_snapshot_index", group="a") == 30
     assert val(x, "raft_sqlite_snapshot_bytes", group="a") == 5000
     assert val(x, "raft_sqlite_snapshot_duration_seconds", group="a") >= 0
+    assert t0 <= val(x, "raft_sqlite_snapshot_timestamp_seconds", group="a") <= t1
+    assert not any("age_seconds" in k[0] for k in x)  # ages freeze in a textfile: timestamps only
     assert ("raft_sqlite_snapshot_bytes", frozenset({("group", "b")})) not in x
     assert val(x, "raft_sqlite_recovery_outcome", outcome="created") == 1
     assert val(x, "raft_sqlite_recovery_outcome", outcome="clean") == 0
@@ -191,7 +201,167 @@ def test_metrics_cli_after_a_workload(tmp_path):
     assert val(x, "raft_sqlite_segments", group="g2") == 3
     assert val(x, "raft_sqlite_recovery_outcome", outcome="created") == 1
     assert val(x, "raft_sqlite_recovery_duration_seconds") > 0
-    assert "# TYPE raft_sqlite_oldest_segment_age_seconds gauge" in r.stdout
+    assert "# TYPE raft_sqlite_oldest_segment_timestamp_seconds gauge" in r.stdout
+    assert "_age_seconds" not in r.stdout
+
+
+def cli_metrics(*args):
+    return subprocess.run([sys.executable, "-m", "raft_sqlite.cli", "metrics", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=60, check=False)
+
+
+def test_info_metric_live_and_in_the_cli(tmp_path):
+    from raft_sqlite import FsyncMode, __version__
+    from raft_sqlite.migrate import heads
+
+    d = tmp_path / "n"
+    with open_store(d, node_id="n7", cluster_id="blue", fsync=FsyncMode.NORMAL) as s:
+        s.log("a").append([LogEntry(1, 1, b"x")])
+        live = samples(StoreMetrics(s).text(), node="n7")
+    r = cli_metrics(d)
+    assert r.returncode == 0, r.stderr
+    for x in (live, samples(r.stdout, node="n7")):
+        [(labels, v)] = [(dict(k[1]), v) for k, v in x.items() if k[0] == "raft_sqlite_info"]
+        assert v == 1 and labels.pop("schema") in heads().values()
+        assert labels == {"cluster_id": "blue", "version": __version__, "fsync_mode": "NORMAL"}
+
+
+def test_fsync_histogram_times_the_stores_own_syncs(tmp_path):
+    """NORMAL: the interval WAL sync; FULL: the background checkpointer's syncs. Never SQLite's COMMIT."""
+    from raft_sqlite import FsyncMode
+
+    with open_store(tmp_path / "normal", fsync=FsyncMode.NORMAL, fsync_interval=0.01) as s:
+        m = StoreMetrics(s)
+        x = samples(m.text())
+        assert val(x, "raft_sqlite_fsync_seconds_count", file="wal") == 0  # shown before the first sync
+        deadline = time.monotonic() + 10
+        while s.stats.interval_syncs == 0 and time.monotonic() < deadline:
+            s.log("a").append([LogEntry(s.log("a").last_index + 1, 1, b"y" * 100)])
+            time.sleep(0.005)
+        syncs = s.stats.interval_syncs
+        x = samples(m.text())
+    assert syncs > 0 and val(x, "raft_sqlite_fsync_seconds_count", file="wal") >= syncs
+    assert val(x, "raft_sqlite_fsync_seconds_sum", file="wal") > 0
+    with open_store(tmp_path / "full", fsync=FsyncMode.FULL) as s:
+        m = StoreMetrics(s)
+        log = s.log("a")
+        for i in range(1, 2001):  # ~2000 WAL pages: the background checkpointer runs (and syncs) meanwhile
+            log.append([LogEntry(i, 1, b"z" * 300)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            x = samples(m.text())
+            if val(x, "raft_sqlite_fsync_seconds_count", file="db") > 0:
+                break
+            time.sleep(0.05)
+    assert val(x, "raft_sqlite_fsync_seconds_count", file="db") > 0
+    # the WAL sync of each commit is inside SQLite's COMMIT: not counted (one commit per append)
+    assert val(x, "raft_sqlite_fsync_seconds_count", file="wal") < val(x, "raft_sqlite_commit_seconds_count") / 10
+    with open_store(tmp_path / "off") as s:  # OFF never syncs: no series
+        assert not any(k[0].startswith("raft_sqlite_fsync") for k in samples(StoreMetrics(s).text()))
+
+
+def test_two_stores_share_one_registry(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    with open_store(tmp_path / "a", node_id="n1") as s1, open_store(tmp_path / "b", node_id="n2") as s2:
+        m1, m2 = StoreMetrics(s1, reg), StoreMetrics(s2, reg)
+        s1.log("g").append([LogEntry(i, 1, b"a") for i in range(1, 4)])
+        s2.log("g").append([LogEntry(i, 1, b"bb") for i in range(1, 6)])
+        text = m1.text()
+        assert text == m2.text()  # one registry, one exposition
+        x = samples(text, node=None)
+        assert val(x, "raft_sqlite_entries_appended_total", node_id="n1") == 3
+        assert val(x, "raft_sqlite_entries_appended_total", node_id="n2") == 5
+        assert val(x, "raft_sqlite_log_entries", node_id="n1", group="g") == 3
+        assert val(x, "raft_sqlite_log_entries", node_id="n2", group="g") == 5
+        assert text.count("# TYPE raft_sqlite_log_entries gauge") == 1  # one family, both nodes' samples
+        assert {dict(k[1])["node_id"] for k in x if k[0] == "raft_sqlite_info"} == {"n1", "n2"}
+        with open_store(tmp_path / "c", node_id="n1") as s3:  # (another cluster's n1)
+            with pytest.raises(ValueError, match="already has a StoreMetrics for node_id 'n1'"):
+                StoreMetrics(s3, reg)
+            m1.detach()  # then n1's series may come from the other store, its counters continuing
+            m3 = StoreMetrics(s3, reg)
+            s3.log("g").append([LogEntry(1, 1, b"c")])
+            x = samples(m3.text(), node=None)
+            assert val(x, "raft_sqlite_entries_appended_total", node_id="n1") == 4
+            assert val(x, "raft_sqlite_log_entries", node_id="n1", group="g") == 1
+            m3.detach()
+        m2.detach()
+    # the process-wide default registry works the same way (a detached store's state metrics leave it)
+    from prometheus_client import REGISTRY, generate_latest
+
+    with open_store(tmp_path / "d", node_id="n9") as s4:
+        m4 = StoreMetrics(s4, REGISTRY)
+        s4.log("g").append([LogEntry(1, 1, b"d")])
+        assert 'raft_sqlite_log_entries{group="g",node_id="n9"} 1.0' in generate_latest(REGISTRY).decode()
+        m4.detach()
+    assert "raft_sqlite_log_entries" not in generate_latest(REGISTRY).decode()
+
+
+def test_metrics_cli_timestamps_output_file_and_json(tmp_path):
+    from raft_sqlite.backup import HotBackupManager
+
+    d = tmp_path / "n"
+    t0 = time.time()
+    with open_store(d) as s:
+        workload(s, groups=("g",), n=9)
+        with s.snapshots("g").write(4, 1) as w:
+            w.write(b"s" * 100)
+        HotBackupManager(s, tmp_path / "bk").backup()
+    t1 = time.time()
+    r = cli_metrics(d)
+    assert r.returncode == 0, r.stderr
+    x = samples(r.stdout)
+    for name, labels in (("raft_sqlite_oldest_segment_timestamp_seconds", {"group": "g"}),
+                         ("raft_sqlite_snapshot_timestamp_seconds", {"group": "g"}),
+                         ("raft_sqlite_backup_timestamp_seconds", {}), ("raft_sqlite_recovery_timestamp_seconds", {})):
+        assert t0 <= val(x, name, **labels) <= t1, name
+    assert not any(k[0].endswith("_age_seconds") for k in x)
+    assert not any(k[0].startswith(("raft_sqlite_commit_seconds", "raft_sqlite_fsync")) for k in x)  # live only
+    # --output: the same text, written atomically (mode 0644, no temporary file left)
+    out = tmp_path / "prom" / "raft.prom"
+    out.parent.mkdir()
+    r = cli_metrics(d, "--output", out)
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert samples(out.read_text()).keys() == x.keys()
+    assert (out.stat().st_mode & 0o777) == 0o644 and os.listdir(out.parent) == ["raft.prom"]
+    # on an error nothing is written: the previous file stays, no temporary file
+    out.write_text("previous\n")
+    r = cli_metrics(tmp_path / "missing", "--output", out)
+    assert r.returncode == 3 and out.read_text() == "previous\n" and os.listdir(out.parent) == ["raft.prom"]
+    r = cli_metrics(d, "--output", tmp_path / "no-such-dir" / "raft.prom")
+    assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr
+    # --json: the same families and samples
+    r = cli_metrics(d, "--json")
+    assert r.returncode == 0, r.stderr
+    fams = json.loads(r.stdout)
+    by_name = {f["name"]: f for f in fams}
+    assert by_name["raft_sqlite_info"]["type"] == "gauge" and by_name["raft_sqlite_info"]["help"]
+    js = {(smp["name"], frozenset((k, v) for k, v in smp["labels"].items() if k != "node_id")): smp["value"]
+          for f in fams for smp in f["samples"]}
+    assert js == x
+    r = cli_metrics(d, "--json", "--output", out)  # both: the JSON goes to the file
+    assert r.returncode == 0 and json.loads(out.read_text()) == fams
+
+
+def test_write_textfile_leaves_nothing_behind_when_the_write_fails(tmp_path, monkeypatch):
+    from raft_sqlite import fsio
+    from raft_sqlite.metrics import write_textfile
+
+    target = tmp_path / "x.prom"
+    target.write_text("old\n")
+
+    def boom(fd):
+        raise OSError(5, "injected EIO")
+
+    monkeypatch.setattr(fsio, "fsync", boom)
+    with pytest.raises(OSError, match="injected"):
+        write_textfile(target, "new\n")
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["x.prom"]
+    monkeypatch.undo()
+    write_textfile(target, "new\n")
+    assert target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o644
 
 
 BLOCK = "import sys; sys.modules['prometheus_client'] = None\n"

@@ -753,7 +753,7 @@ def test_drill_restores_opens_and_verifies_the_newest_backup(root, tmp_path):
 
     s.close()
     text = render_data_dir(tmp_path / "node")  # recorded in the store: the metrics show it
-    assert "raft_sqlite_restore_drill_success 1.0" in text
+    assert 'raft_sqlite_restore_drill_success{node_id="n1"} 1.0' in text
     assert "raft_sqlite_restore_drill_backup_age_seconds" in text
 
 
@@ -768,7 +768,7 @@ def test_a_corrupt_newest_backup_fails_the_drill_and_is_not_passed_over(root, tm
     s.close()
     from raft_sqlite.metrics import render_data_dir
 
-    assert "raft_sqlite_restore_drill_success 0.0" in render_data_dir(tmp_path / "node")
+    assert 'raft_sqlite_restore_drill_success{node_id="n1"} 0.0' in render_data_dir(tmp_path / "node")
     runner = CliRunner()
     res = runner.invoke(cli, ["drill", root, "--node", "n1", "--metrics-file", str(tmp_path / "drill.prom")])
     assert res.exit_code == 1 and "FAILED" in res.output, res.output
