@@ -42,7 +42,7 @@ c.close()
 
 def transcripts(d: str) -> dict[str, list[str]]:
     """NAME -> the shell commands of its block, in order (run from the data_dir's parent)."""
-    node, backups = f"{d}/node", f"{d}/backups"
+    node = f"{d}/node"
     return {
         "errors": [f"raft-sqlite status {d}/nope; echo rc=$?",
                    f"raft-sqlite compact {node} --group g1 --up-to 100; echo rc=$?"],
