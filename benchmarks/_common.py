@@ -218,12 +218,19 @@ def loadavg():
         return float("nan")
 
 
-def run_meta(script, argv, load_before):
-    """What a ``--json`` file says about its run: script, arguments, date (UTC), commit, 1-min load
-    average before and after, CPU count (the figures of a busy or small machine are labelled so)."""
-    return {"script": script, "argv": list(sys.argv[1:] if argv is None else argv),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": git_commit(), "load_before": load_before, "load_after": loadavg(), "cpus": os.cpu_count()}
+def run_start():
+    """What a run records at its start, for :func:`run_meta`: date (UTC), commit of the code that measures
+    (``+dirty`` if tracked files differ from it), 1-min load average."""
+    return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "load_before": loadavg()}
+
+
+def run_meta(script, argv, start):
+    """What a ``--json`` file says about its run: script, arguments, then ``start`` (:func:`run_start`:
+    date, commit, load before) and the load after and CPU count (the figures of a busy or small machine
+    are labelled so)."""
+    return {"script": script, "argv": list(sys.argv[1:] if argv is None else argv), **start,
+            "load_after": loadavg(), "cpus": os.cpu_count()}
 
 
 def write_json(path, doc):
@@ -369,8 +376,7 @@ def workdir():
     return tempfile.mkdtemp(prefix="rsq-bench-", dir=os.environ.get("BENCH_DIR"))
 
 
-__all__ = ["QUANTILE_LEVELS", "BenchmarkError", "Result", "Row", "data_files", "drop_cache",
-           "fsync_loop_baseline", "git_commit", "latency_figures", "loadavg", "md_table", "pct", "print_rounds",
-           "print_table", "quantiles", "resident_fraction", "results_json", "round_order", "run_meta", "run_rounds",
-           "set_cache", "spread", "statistics", "target", "timed_loop", "us", "warm_cache", "workdir",
-           "write_json"]
+__all__ = ["QUANTILE_LEVELS", "BenchmarkError", "Result", "Row", "data_files", "drop_cache", "fsync_loop_baseline",
+           "git_commit", "latency_figures", "loadavg", "md_table", "pct", "print_rounds", "print_table",
+           "quantiles", "resident_fraction", "results_json", "round_order", "run_meta", "run_rounds", "run_start",
+           "set_cache", "spread", "statistics", "target", "timed_loop", "us", "warm_cache", "workdir", "write_json"]

@@ -51,7 +51,6 @@ from _common import (  # noqa: E402
     Row,
     fsync_loop_baseline,
     latency_figures,
-    loadavg,
     md_table,
     pct,
     print_rounds,
@@ -59,6 +58,7 @@ from _common import (  # noqa: E402
     results_json,
     run_meta,
     run_rounds,
+    run_start,
     target,
     timed_loop,
     us,
@@ -323,7 +323,7 @@ def main(argv=None):
     payload = os.urandom(a.payload)
     modes = [FsyncMode(x) for x in a.modes.split(",")]
     d = workdir()
-    load0 = loadavg()
+    start = run_start()
     try:
         t0 = time.perf_counter()
         rows, info = build_rows(d, a, payload, modes, batches)
@@ -338,7 +338,7 @@ def main(argv=None):
           f"{a.warmup_seconds:g} s warm-up per row; median of the rounds ({elapsed:.0f} s)\n\n{t1}\n\n{t2}\n")
     print("\n" + md)
     if a.json:
-        write_json(a.json, {"meta": run_meta("benchmarks/append.py", argv, load0), "args": vars(a),
+        write_json(a.json, {"meta": run_meta("benchmarks/append.py", argv, start), "args": vars(a),
                             "elapsed_s": elapsed, "batch_sizes": batches, "modes": [m.value for m in modes],
                             "quantile_levels": QUANTILE_LEVELS, "row_info": info, "rows": results_json(res)})
     return md

@@ -82,12 +82,12 @@ from _common import (  # noqa: E402
     Row,
     fsync_path,
     latency_figures,
-    loadavg,
     md_table,
     pct,
     print_rounds,
     run_meta,
     run_rounds,
+    run_start,
     target,
     us,
     workdir,
@@ -595,7 +595,7 @@ def main(argv=None):
         fsio.SHRINK_STEP_BYTES = a.shrink_step
     d = workdir()
     b = None
-    load0 = loadavg()
+    start = run_start()
     try:
         t0 = time.perf_counter()
         b = Bench(a, d)
@@ -615,7 +615,7 @@ def main(argv=None):
           f"Dirty/Writeback are machine-wide\n\n{t}\n")
     print("\n" + md)
     if a.json:
-        write_json(a.json, {"meta": run_meta("benchmarks/background.py", argv, load0), "args": vars(a),
+        write_json(a.json, {"meta": run_meta("benchmarks/background.py", argv, start), "args": vars(a),
                             "elapsed_s": elapsed, "kinds": list(KINDS), "summary": summary,
                             "rows": {name: {"rounds": r.rounds,
                                             "median": {k: r.med(k) for k in r.rounds[0]

@@ -40,12 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     Row,
     data_files,
-    loadavg,
     md_table,
     print_rounds,
     results_json,
     run_meta,
     run_rounds,
+    run_start,
     set_cache,
     target,
     workdir,
@@ -128,7 +128,7 @@ def main(argv=None):
     payload = os.urandom(a.payload)
     sizes = [int(x) for x in a.sizes.split(",")]
     d = workdir()
-    load0 = loadavg()
+    start = run_start()
     try:
         rows, info = [], {}
         for n in sizes:
@@ -174,7 +174,7 @@ def main(argv=None):
           + ("n/a" if worst is None else f"{worst:.1%}") + f" left cached)\n\n{t1}\n\n{t2}\n")
     print("\n" + md)
     if a.json:
-        write_json(a.json, {"meta": run_meta("benchmarks/recovery.py", argv, load0), "args": vars(a),
+        write_json(a.json, {"meta": run_meta("benchmarks/recovery.py", argv, start), "args": vars(a),
                             "elapsed_s": elapsed, "sizes": sizes, "payload": a.payload, "snapshot_at": SNAP_AT,
                             "row_info": info, "rows": results_json(res)})
     return md

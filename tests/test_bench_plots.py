@@ -31,7 +31,7 @@ def lat(base, batch=1):
 
 
 def meta(script):
-    return _common.run_meta(script, ["--quick"], 0.5)
+    return _common.run_meta(script, ["--quick"], _common.run_start())
 
 
 def append_doc():
