@@ -63,7 +63,7 @@ MODE_STYLE = {"OFF": ("tab:gray", ":"), "NORMAL": ("tab:blue", "--"), "FULL": ("
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def caption(doc, quick=False):
+def caption(doc):
     """The caption line of a plot: date, commit and command of the measurement, and the machine caveat."""
     m = doc.get("meta", {})
     argv = list(m.get("argv", []))
@@ -74,7 +74,7 @@ def caption(doc, quick=False):
     lb, la = m.get("load_before"), m.get("load_after")
     cav = CAVEAT.format(cpus=m.get("cpus", "?"), lb=lb if lb is not None else float("nan"),
                         la=la if la is not None else float("nan"))
-    q = "QUICK (smoke sizes, figures meaningless); " if quick or "--quick" in m.get("argv", []) else ""
+    q = "QUICK (smoke sizes, figures meaningless); " if "--quick" in m.get("argv", []) else ""
     return f"{q}measured {m.get('date', '?')}, commit {m.get('commit', '?')}: {cmd}\n{cav}"
 
 
