@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime
+import json
+import math
 import mmap
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +51,16 @@ def pct(samples, p):
         return float("nan")
     k = min(len(s) - 1, max(0, int(round(p / 100 * (len(s) - 1)))))
     return s[k]
+
+
+#: The percentile levels kept of a latency sample for a CDF (``--json`` of append.py): every 1% to 90, every
+#: 0.5% to 99, then the tail (99.5, 99.9, 100): 112 numbers per row and round instead of every sample.
+QUANTILE_LEVELS = [float(p) for p in range(0, 90)] + [90 + k / 2 for k in range(19)] + [99.5, 99.9, 100.0]
+
+
+def quantiles(samples, levels=QUANTILE_LEVELS):
+    """``[pct(samples, p) for p in levels]``: a compact latency distribution (enough to draw a CDF)."""
+    return [pct(samples, p) for p in levels]
 
 
 def timed_loop(fn, seconds, min_iters=20):
@@ -161,6 +176,77 @@ def print_rounds(results, figures, title="per-round values"):
             if res.rounds and key in res.rounds[0]:
                 vals = res.values(key)
                 print(f"  {res.name:<55} {label:<12} [{', '.join(fmt(v) for v in vals)}]  {spread(vals, fmt)}")
+
+
+def results_json(results):
+    """``{row name: {"rounds": [...], "median": {...}}}`` of ``run_rounds``' results, for ``--json``: every
+    round's figures as measured, and the median over the rounds of each numeric figure; a figure that is a
+    list of numbers (e.g. :func:`quantiles`) gets the element-wise median over the rounds (the suite's one
+    selection rule, applied per quantile level)."""
+    out = {}
+    for name, r in results.items():
+        med = {}
+        for k in r.rounds[0] if r.rounds else ():
+            vals = [x.get(k) for x in r.rounds]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                med[k] = statistics.median(vals)
+            elif all(isinstance(v, list) and len(v) == len(vals[0]) for v in vals):
+                med[k] = [statistics.median(col) for col in zip(*vals)]
+        out[name] = {"rounds": r.rounds, "median": med}
+    return out
+
+
+def git_commit(mark_dirty=True):
+    """The short hash of the checkout's HEAD, with ``+dirty`` if tracked files differ and ``mark_dirty``
+    ("unknown" without git)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+        dirty = mark_dirty and subprocess.run(["git", "-C", here, "diff", "--quiet", "HEAD", "--"],
+                                              capture_output=True, check=False).returncode == 1
+    except OSError:
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def loadavg():
+    """The 1-minute load average (NaN where unavailable)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def run_start():
+    """What a run records at its start, for :func:`run_meta`: date (UTC), commit of the code that measures
+    (``+dirty`` if tracked files differ from it), 1-min load average."""
+    return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "load_before": loadavg()}
+
+
+def run_meta(script, argv, start):
+    """What a ``--json`` file says about its run: script, arguments, then ``start`` (:func:`run_start`:
+    date, commit, load before) and the load after and CPU count (the figures of a busy or small machine
+    are labelled so)."""
+    return {"script": script, "argv": list(sys.argv[1:] if argv is None else argv), **start,
+            "load_after": loadavg(), "cpus": os.cpu_count()}
+
+
+def write_json(path, doc):
+    """Write ``doc`` to ``path`` as compact JSON: floats to 6 significant digits (far beyond what a timing
+    resolves), NaN and infinities as null (strict JSON readers accept the file)."""
+    def clean(x):
+        if isinstance(x, float):
+            return float(f"{x:.6g}") if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    with open(path, "w") as f:
+        json.dump(clean(doc), f, separators=(",", ":"))
+        f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------- page cache
@@ -290,7 +376,7 @@ def workdir():
     return tempfile.mkdtemp(prefix="rsq-bench-", dir=os.environ.get("BENCH_DIR"))
 
 
-__all__ = ["BenchmarkError", "Result", "Row", "data_files", "drop_cache", "fsync_loop_baseline",
-           "latency_figures", "md_table", "pct", "print_rounds", "print_table", "resident_fraction",
-           "round_order", "run_rounds", "set_cache", "spread", "statistics", "target", "timed_loop", "us",
-           "warm_cache", "workdir"]
+__all__ = ["QUANTILE_LEVELS", "BenchmarkError", "Result", "Row", "data_files", "drop_cache", "fsync_loop_baseline",
+           "git_commit", "latency_figures", "loadavg", "md_table", "pct", "print_rounds", "print_table",
+           "quantiles", "resident_fraction", "results_json", "round_order", "run_meta", "run_rounds", "run_start",
+           "set_cache", "spread", "statistics", "target", "timed_loop", "us", "warm_cache", "workdir", "write_json"]

@@ -1,6 +1,7 @@
 """Append throughput and latency of raft_sqlite vs baselines measured in the same run.
 
-    python benchmarks/append.py [--seconds 1.5] [--payload 100] [--rounds 3] [--quick]
+    python benchmarks/append.py [--seconds 1.5] [--payload 100] [--rounds 3] [--batch-sizes 1,64,1024]
+                                [--json FILE] [--quick]
 
 Baselines: the physical limit (4 KiB overwrite + fdatasync loop on a pre-written file: what a WAL commit
 does), bare apsw inserting the same rows (executemany, one transaction per batch, WAL + synchronous=FULL),
@@ -16,6 +17,14 @@ mode; "mean batch" is entries per commit (the store's stats: requests / commits;
 commit is one WAL fsync, so 1 / mean batch is the WAL fsyncs per entry); "CPU us/entry" is the process's CPU
 time (user + system, every thread) per entry, whose inverse is the rate at which the CPU alone would be the
 limit (the Python of the writers is serialised by the GIL).
+
+``--batch-sizes`` (default 1,64,1024; 1 is required: it is the single-entry row every ratio to the
+physical limit uses) sets the batches of the bare apsw rows and of every mode's raft_sqlite rows, e.g.
+``1,4,16,64,256,1024`` for a throughput-vs-batch-size curve (benchmarks/plots.py). ``--json FILE`` writes
+every row's rounds and medians (``_common.results_json``), a compact latency distribution per latency row
+and round (``q``: the per-call latency at each of ``quantile_levels`` percent; its median over the rounds
+per level is the row's CDF), which row is which (``row_info``: kind, batch, mode) and the run's date,
+commit and load (``meta``).
 
 Targets (not asserted): FULL single-entry p50 <= 1.3x the physical limit's; FULL batch-1024 >= 0.5x bare
 apsw's rate; 8 concurrent writers (FULL, 1 group) >= 4x one writer.
@@ -38,17 +47,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
+    QUANTILE_LEVELS,
     Row,
     fsync_loop_baseline,
     latency_figures,
     md_table,
     pct,
     print_rounds,
+    quantiles,
+    results_json,
+    run_meta,
     run_rounds,
+    run_start,
     target,
     timed_loop,
     us,
     workdir,
+    write_json,
 )
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
@@ -207,34 +222,42 @@ SQL3 = "baseline: stdlib sqlite3, 1 row/txn (WAL, FULL)"
 PSO = "baseline: PySyncObj FileJournal add+flush"
 
 
-def build_rows(d, a, payload, modes):
+def measured(lat, per_call):
+    """A latency row's figures: rate, p50, p99, n, and ``q``, the latency at each of QUANTILE_LEVELS (for
+    ``--json``'s CDFs)."""
+    return {**latency_figures(lat, per_call), "q": quantiles(lat)}
+
+
+def build_rows(d, a, payload, modes, batches=BATCHES):
     """The rows of both tables (one run_rounds call: the concurrency rows' ratio needs the single-writer
-    rows of the same run)."""
-    rows = []
+    rows of the same run), and ``{row name: {kind, batch, mode}}`` (``--json``'s ``row_info``)."""
+    rows, info = [], {}
 
-    def add(name, fn, per_call=1):
-        rows.append(Row(name, lambda: latency_figures(fn(a.seconds), per_call),
-                        lambda: fn(a.warmup_seconds)))
+    def add(name, fn, per_call=1, **what):
+        rows.append(Row(name, lambda: measured(fn(a.seconds), per_call), lambda: fn(a.warmup_seconds)))
+        info[name] = {"batch": per_call, **what}
 
-    add(PHYS, lambda sec: fsync_loop_baseline(d, sec))
-    for b in BATCHES:
-        add(f"{APSW} b{b}", lambda sec, b=b: bench_apsw(d, b, sec, payload), b)
-    add(SQL3, lambda sec: bench_sqlite3(d, sec, payload))
+    add(PHYS, lambda sec: fsync_loop_baseline(d, sec), kind="fsync")
+    for b in batches:
+        add(f"{APSW} b{b}", lambda sec, b=b: bench_apsw(d, b, sec, payload), b, kind="apsw")
+    add(SQL3, lambda sec: bench_sqlite3(d, sec, payload), kind="sqlite3")
     if have_pysyncobj():
-        add(PSO, lambda sec: bench_pysyncobj(d, sec, payload))
+        add(PSO, lambda sec: bench_pysyncobj(d, sec, payload), kind="pysyncobj")
     for m in modes:
-        for b in BATCHES:
-            add(f"raft_sqlite {m.value} b{b}", lambda sec, m=m, b=b: bench_store(d, m, b, sec, payload), b)
+        for b in batches:
+            add(f"raft_sqlite {m.value} b{b}", lambda sec, m=m, b=b: bench_store(d, m, b, sec, payload), b,
+                kind="store", mode=m.value)
     for m in modes:
         if m is FsyncMode.OFF:
             continue
         for g in (1, 8):
             rows.append(Row(f"conc {m.value} g{g}", lambda m=m, g=g: bench_concurrent(d, m, g, a.seconds, payload),
                             lambda m=m, g=g: bench_concurrent(d, m, g, a.warmup_seconds, payload)))
-    return rows
+            info[f"conc {m.value} g{g}"] = {"kind": "concurrent", "mode": m.value, "groups": g, "writers": 8}
+    return rows, info
 
 
-def tables(res, a, modes):
+def tables(res, a, modes, batches=BATCHES):
     """The README tables (markdown) from the run's results, plus the raw rows for the console."""
     phys = res[PHYS]
     rows = []
@@ -243,14 +266,14 @@ def tables(res, a, modes):
         rows.append([name, batch, f"{r.med('rate'):,.0f}", us(r.med("p50")), us(r.med("p99")), ratio_cell, tgt])
 
     lat_row(PHYS, phys, 1, "1.00x")
-    for b in BATCHES:
+    for b in batches:
         r = res[f"{APSW} b{b}"]
         lat_row(APSW, r, b, f"{r.ratio('p50', phys):.2f}x" if b == 1 else "")
     lat_row(SQL3, res[SQL3], 1, f"{res[SQL3].ratio('p50', phys):.2f}x")
     if PSO in res:
         lat_row(PSO, res[PSO], 1, f"{res[PSO].ratio('p50', phys):.2f}x")
     for m in modes:
-        for b in BATCHES:
+        for b in batches:
             r = res[f"raft_sqlite {m.value} b{b}"]
             if b == 1:
                 q = r.ratio("p50", phys)
@@ -287,25 +310,37 @@ def main(argv=None):
     ap.add_argument("--payload", type=int, default=100, help="payload bytes per entry")
     ap.add_argument("--modes", default="OFF,NORMAL,FULL,EXTRA")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; the median is kept")
+    ap.add_argument("--batch-sizes", default=",".join(map(str, BATCHES)),
+                    help="entries per append call of the bare apsw and raft_sqlite rows (must include 1)")
+    ap.add_argument("--json", metavar="FILE", help="also write every row's rounds, medians and latency quantiles")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.2 s per row, 0.05 s warm-up, 2 rounds")
     a = ap.parse_args(argv)
     if a.quick:
         a.seconds, a.warmup_seconds, a.rounds = 0.2, 0.05, 2
+    batches = sorted({int(x) for x in a.batch_sizes.split(",")})
+    if 1 not in batches or batches[0] < 1:
+        ap.error("--batch-sizes must include 1 and be positive")
     payload = os.urandom(a.payload)
     modes = [FsyncMode(x) for x in a.modes.split(",")]
     d = workdir()
+    start = run_start()
     try:
         t0 = time.perf_counter()
-        res = run_rounds(build_rows(d, a, payload, modes), a.rounds)
+        rows, info = build_rows(d, a, payload, modes, batches)
+        res = run_rounds(rows, a.rounds)
         elapsed = time.perf_counter() - t0
     finally:
         shutil.rmtree(d, ignore_errors=True)
     print_rounds(res, [("rate", "entries/s", lambda v: f"{v:,.0f}"), ("p50", "p50 us", us),
                        ("mean_batch", "mean batch", lambda v: f"{v:.1f}")])
-    t1, t2 = tables(res, a, modes)
+    t1, t2 = tables(res, a, modes, batches)
     md = (f"{a.payload}-byte entries; {a.rounds} interleaved rounds of {a.seconds:g} s per row after one "
           f"{a.warmup_seconds:g} s warm-up per row; median of the rounds ({elapsed:.0f} s)\n\n{t1}\n\n{t2}\n")
     print("\n" + md)
+    if a.json:
+        write_json(a.json, {"meta": run_meta("benchmarks/append.py", argv, start), "args": vars(a),
+                            "elapsed_s": elapsed, "batch_sizes": batches, "modes": [m.value for m in modes],
+                            "quantile_levels": QUANTILE_LEVELS, "row_info": info, "rows": results_json(res)})
     return md
 
 

@@ -54,7 +54,9 @@ Then the throughput rows: snapshot write alone vs a raw write + fsync of the sam
 
 Every row is measured by the shared round runner (_common.run_rounds: one untimed warm-up per row,
 ``--rounds`` interleaved rounds with the order rotating, medians; ratios are ratios of medians).
-``--json PATH`` writes every figure and every round's values.
+``--json PATH`` writes every figure and every round's values (``rows``: per row name, e.g. ``appends |
+snapshot``, its rounds and medians), ``summary`` (per background kind: p50, p99, max and p99 vs idle of the
+appends and of the raw fdatasync probe) and the run's date, commit and load (``meta``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -84,10 +85,13 @@ from _common import (  # noqa: E402
     md_table,
     pct,
     print_rounds,
+    run_meta,
     run_rounds,
+    run_start,
     target,
     us,
     workdir,
+    write_json,
 )
 
 from raft_sqlite import FsyncMode, HotBackupManager, LogEntry, NodeStore, SegmentPolicy, fsio  # noqa: E402
@@ -591,6 +595,7 @@ def main(argv=None):
         fsio.SHRINK_STEP_BYTES = a.shrink_step
     d = workdir()
     b = None
+    start = run_start()
     try:
         t0 = time.perf_counter()
         b = Bench(a, d)
@@ -610,12 +615,12 @@ def main(argv=None):
           f"Dirty/Writeback are machine-wide\n\n{t}\n")
     print("\n" + md)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "elapsed_s": elapsed, "summary": summary,
-                       "rows": {name: {"rounds": r.rounds,
-                                       "median": {k: r.med(k) for k in r.rounds[0]
-                                                  if all(isinstance(x.get(k), (int, float)) for x in r.rounds)}}
-                                for name, r in res.items()}}, f, indent=1)
+        write_json(a.json, {"meta": run_meta("benchmarks/background.py", argv, start), "args": vars(a),
+                            "elapsed_s": elapsed, "kinds": list(KINDS), "summary": summary,
+                            "rows": {name: {"rounds": r.rounds,
+                                            "median": {k: r.med(k) for k in r.rounds[0]
+                                                       if all(isinstance(x.get(k), (int, float)) for x in r.rounds)}}
+                                     for name, r in res.items()}})
     return md
 
 

@@ -1,7 +1,7 @@
 """Recovery benchmark: open + validate + replay, and `verify` throughput, beside raw reads in the same run,
 each with a warm and a cold page cache.
 
-    python benchmarks/recovery.py [--sizes 100000,1000000] [--payload 100] [--rounds 3] [--quick]
+    python benchmarks/recovery.py [--sizes 100000,1000000] [--payload 100] [--rounds 3] [--json FILE] [--quick]
 
 For each size N, a store holds a durable snapshot at index 1000 and N entries past it (all committed).
 Measured: NodeStore.open (node/metadata CRCs, sidecar checksums, every record CRC of the replay range),
@@ -18,6 +18,10 @@ Each of the three is measured twice, labelled:
 
 Rows are measured by the shared round runner (_common.run_rounds: one untimed warm-up per row,
 interleaved rounds with the order rotating, medians; ratios are ratios of medians of this run).
+``--json FILE`` also writes every row's rounds and medians (``_common.results_json``: open, replay and total
+seconds of each open+replay row, seconds and bytes of each raw read and verify), which row is which
+(``row_info``: size, what, cache) and the run's date, commit and load (``meta``).
+
 Targets (not asserted): 1M entries open+validate+replay <= 2 s (warm and cold reported; the target was
 set on the warm figure); verify >= 200 MB/s.
 """
@@ -33,7 +37,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Row, data_files, md_table, print_rounds, run_rounds, set_cache, target, workdir  # noqa: E402
+from _common import (  # noqa: E402
+    Row,
+    data_files,
+    md_table,
+    print_rounds,
+    results_json,
+    run_meta,
+    run_rounds,
+    run_start,
+    set_cache,
+    target,
+    workdir,
+    write_json,
+)
 
 from raft_sqlite import FsyncMode, LogEntry, NodeStore  # noqa: E402
 from raft_sqlite.verify import verify  # noqa: E402
@@ -103,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--payload", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; the median is kept")
+    ap.add_argument("--json", metavar="FILE", help="also write every row's rounds and medians to FILE")
     ap.add_argument("--quick", action="store_true", help="smoke run: sizes 20000,100000, 2 rounds")
     a = ap.parse_args(argv)
     if a.quick:
@@ -110,8 +128,9 @@ def main(argv=None):
     payload = os.urandom(a.payload)
     sizes = [int(x) for x in a.sizes.split(",")]
     d = workdir()
+    start = run_start()
     try:
-        rows = []
+        rows, info = [], {}
         for n in sizes:
             path = os.path.join(d, f"s{n}")
             build(path, n, payload)
@@ -119,6 +138,8 @@ def main(argv=None):
                 rows += [Row(f"{n:,} raw read {label}", lambda p=path, c=cold: raw_read(p, c)),
                          Row(f"{n:,} open+replay {label}", lambda p=path, n=n, c=cold: open_replay(p, n, c)),
                          Row(f"{n:,} verify {label}", lambda p=path, c=cold: verify_run(p, c))]
+                for what in ("raw read", "open+replay", "verify"):
+                    info[f"{n:,} {what} {label}"] = {"size": n, "what": what, "cache": label}
         t0 = time.perf_counter()
         res = run_rounds(rows, a.rounds)
         elapsed = time.perf_counter() - t0
@@ -152,6 +173,10 @@ def main(argv=None):
           f"fsynced and dropped with POSIX_FADV_DONTNEED just before (mincore: at most "
           + ("n/a" if worst is None else f"{worst:.1%}") + f" left cached)\n\n{t1}\n\n{t2}\n")
     print("\n" + md)
+    if a.json:
+        write_json(a.json, {"meta": run_meta("benchmarks/recovery.py", argv, start), "args": vars(a),
+                            "elapsed_s": elapsed, "sizes": sizes, "payload": a.payload, "snapshot_at": SNAP_AT,
+                            "row_info": info, "rows": results_json(res)})
     return md
 
 

@@ -21,13 +21,14 @@ import datetime
 import importlib
 import os
 import re
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+
+from _common import git_commit, loadavg  # noqa: E402
 
 #: (name, module, heading, README arguments). The README arguments are the scripts' defaults spelled
 #: out, so that the heading states them even if a default changes later.
@@ -96,14 +97,6 @@ def blocks_of(out_text):
     return blocks
 
 
-def loadavg():
-    """The 1-minute load average (NaN where unavailable)."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 def main(argv=None):
     """Run the selected benchmarks; print (and optionally write) the README markdown; returns it."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,11 +124,7 @@ def main(argv=None):
     only = set(a.only.split(",")) if a.only else None
     if only and only - {b[0] for b in BENCHMARKS}:
         ap.error(f"unknown benchmark(s): {sorted(only - {b[0] for b in BENCHMARKS})}")
-    try:
-        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit(mark_dirty=False)
     load0, t0 = loadavg(), time.perf_counter()
     blocks, parts = {}, []
     for name, module, heading, args in BENCHMARKS:
