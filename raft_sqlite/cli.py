@@ -24,8 +24,10 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +43,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from . import layout
+from . import fsio, layout
 from .dbrows import db_scalar
 from .demo import DEMO_CLUSTER, DEMO_NODE, DemoError, demo_payload, run_demo, run_demo_node  # noqa: F401  re-exported: defined here before demo.py
 from .entry import EntryKind, LogEntry
@@ -52,6 +54,7 @@ from .errors import (
     DataDirLocked,
     GroupNotFoundError,
     NodeIdentityMismatch,
+    OutputRefused,
     RaftSqliteError,
     RecoveryRefused,
     SnapshotError,
@@ -423,6 +426,10 @@ def cli() -> None:
     """
 
 
+#: A non-negative integer SQLite can hold (signed 64 bits): a larger one is a usage error (exit 2), not an
+#: OverflowError deep in a query.
+U64 = click.IntRange(min=0, max=2**63 - 1)
+
 DATA_DIR = click.argument("data_dir", type=click.Path(file_okay=False, path_type=str))
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 
@@ -668,7 +675,9 @@ def dump_sql(conn: apsw.Connection, tables: list[str] | None = None) -> Iterator
     def ident(name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
 
-    conn.execute("BEGIN")
+    own = not conn.in_transaction  # inside the prompt's own BEGIN: read in that transaction
+    if own:
+        conn.execute("BEGIN")
     try:
         yield "PRAGMA foreign_keys=OFF;"
         yield "BEGIN TRANSACTION;"
@@ -696,7 +705,8 @@ def dump_sql(conn: apsw.Connection, tables: list[str] | None = None) -> Iterator
                 yield str(line)
         yield "COMMIT;"
     finally:
-        conn.execute("COMMIT")
+        if own:
+            conn.execute("COMMIT")
 
 
 class SqlShell:
@@ -723,6 +733,10 @@ class SqlShell:
         target = os.path.realpath(path)
         if os.path.commonpath([target, self.data_dir]) == self.data_dir:
             raise CliError(f"refused: .output {path!r} is inside the data_dir; write results elsewhere", EXIT_REFUSED)
+        try:
+            fsio.check_output_path(target)  # nor into another node's data_dir, nor over a database
+        except OutputRefused as exc:
+            raise CliError(str(exc), EXIT_REFUSED) from None
         try:
             f = open(target, "w", encoding="utf-8", newline="")  # noqa: SIM115  (closed by _set_output/close)
         except OSError as exc:
@@ -1100,14 +1114,14 @@ def _follow(conn: apsw.Connection, name: str, gid: int, after: int, interval: fl
 @cli.command("log")
 @DATA_DIR
 @click.option("--group", "-g", help="Group name (optional when the store holds one group).")
-@click.option("--from", "lo", type=click.IntRange(min=0), help="First index (inclusive).")
-@click.option("--to", "hi", type=click.IntRange(min=0), help="Last index (inclusive).")
+@click.option("--from", "lo", type=U64, help="First index (inclusive).")
+@click.option("--to", "hi", type=U64, help="Last index (inclusive).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="At most this many entries (without --from: the newest ones).")
-@click.option("--term", "term", type=click.IntRange(min=0), help="Only entries of this term.")
+@click.option("--term", "term", type=U64, help="Only entries of this term.")
 @click.option("--kind", "kind", type=click.Choice(list(KIND_NAMES.values()), case_sensitive=False),
               help="Only entries of this kind.")
-@click.option("--payload-bytes", type=click.IntRange(min=0), default=16, show_default=True,
+@click.option("--payload-bytes", type=U64, default=16, show_default=True,
               help="Bytes of each payload shown (hex; 0: none).")
 @click.option("--decoder", "decoder", metavar="MODULE:FUNCTION", callback=_decoder_option,
               help="Show decoder(entry) in a `decoded` column: a callable taking a raft_sqlite.LogEntry (index, "
@@ -1180,7 +1194,7 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
                         "filters": {"term": term, "kind": kind.upper() if kind else None}, "entries": rows,
                         "crc_failures": bad, "hint": hint})
         else:
-            t = Table(title=f"group {name!r}: first {first}, last {last}; showing {shown[0]}..{shown[1]}"
+            t = Table(title=f"group {_esc(repr(name))}: first {first}, last {last}; showing {shown[0]}..{shown[1]}"
                       + (f" ({described})" if described else ""), title_justify="left", box=box.SIMPLE_HEAD,
                       pad_edge=False)
             for c in _LOG_COLS + (("decoded",) if decoder else ()):
@@ -1348,7 +1362,7 @@ def snapshot_list(data_dir: str, group: str | None, as_json: bool) -> None:
 
 @snapshot_group.command("show")
 @DATA_DIR
-@click.argument("snapshot_id", metavar="ID", type=click.IntRange(min=0))
+@click.argument("snapshot_id", metavar="ID", type=U64)
 @click.option("--group", "-g", help="The group ID belongs to (optional: ids are unique in the node).")
 @JSON_OPT
 @friendly
@@ -1393,7 +1407,7 @@ def snapshot_show(data_dir: str, snapshot_id: int, group: str | None, as_json: b
 
 @snapshot_group.command("export")
 @DATA_DIR
-@click.argument("snapshot_id", metavar="ID", type=click.IntRange(min=0))
+@click.argument("snapshot_id", metavar="ID", type=U64)
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True, path_type=str))
 @click.option("--group", "-g", help="The group ID belongs to (optional: ids are unique in the node).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
@@ -1404,23 +1418,29 @@ def snapshot_export(data_dir: str, snapshot_id: int, file: str, group: str | Non
     """Write snapshot ID's bytes to FILE (`-`: stdout), verified while read (CRC32 per chunk, sha256 of
     the whole). FILE is written atomically: a temporary file beside it, fsync'ed, then renamed; on any
     failure nothing is left behind and an existing FILE is untouched (exit 4 for a damaged snapshot).
-    To stdout the bytes stream as verified: check the exit status before using them."""
+    FILE inside a data_dir, or over an SQLite database, is refused (exit 5). To stdout: a copy staged in a
+    temporary file, verified before its first byte is written."""
     to_stdout = file == "-"
     if to_stdout and as_json:
         raise click.UsageError("--json prints a summary on stdout: it cannot go with FILE '-'")
-    with _snapshot_view(data_dir) as v, v.consistent():
-        m = v.find(snapshot_id, group)
-        with _BackupProgress(quiet or as_json or to_stdout) as bar:
-            progress = _byte_progress(bar, f"snapshot {m.id}")
-            if to_stdout:
-                stream = sys.stdout.buffer
-                n = v.export(m, stream, progress)
-                stream.flush()
-            else:
+    # Reading holds one read transaction on the node's files, which its checkpoints cannot pass: it lasts
+    # as long as the local write does, never as long as a slow consumer of stdout (a pipe, ssh) takes.
+    # So stdout gets a staged, verified copy (an unnamed temporary file) after the transaction ended.
+    with contextlib.ExitStack() as stack:
+        staged = stack.enter_context(tempfile.TemporaryFile()) if to_stdout else None
+        with _snapshot_view(data_dir) as v, v.consistent():
+            m = v.find(snapshot_id, group)
+            with _BackupProgress(quiet or as_json or to_stdout) as bar:
+                progress = _byte_progress(bar, f"snapshot {m.id}")
                 try:
-                    n = v.export_file(m, file, progress)
+                    n = v.export(m, staged, progress) if staged is not None else v.export_file(m, file, progress)
                 except OSError as exc:
-                    raise CliError(f"cannot write {file}: {exc.strerror or exc}", EXIT_USAGE) from None
+                    raise CliError(f"cannot write {'a temporary copy' if staged is not None else file}: "
+                                   f"{exc.strerror or exc}", EXIT_USAGE) from None
+        if staged is not None:
+            staged.seek(0)
+            shutil.copyfileobj(staged, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
     doc = {"snapshot_id": m.id, "group": m.group, "index": m.index, "term": m.term, "kind": m.kind.value,
            "path": None if to_stdout else os.path.abspath(file), "size": n, "sha256": m.checksum}
     if as_json:
@@ -1433,7 +1453,7 @@ def snapshot_export(data_dir: str, snapshot_id: int, file: str, group: str | Non
 
 @snapshot_group.command("verify")
 @DATA_DIR
-@click.argument("snapshot_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
+@click.argument("snapshot_id", metavar="[ID]", required=False, type=U64)
 @click.option("--group", "-g", help="Only this group's snapshots (or: the group ID belongs to).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @JSON_OPT
@@ -1537,7 +1557,7 @@ def remove_group_cmd(data_dir: str, group: str, yes: bool, recovery: str, as_jso
 @cli.command()
 @DATA_DIR
 @click.option("--group", "-g", help="Group name (optional when the store holds one group).")
-@click.option("--up-to", type=click.IntRange(min=0), required=True, help="Discard entries <= this index.")
+@click.option("--up-to", type=U64, required=True, help="Discard entries <= this index.")
 @RECOVERY_OPT
 @JSON_OPT
 @friendly
@@ -1587,17 +1607,25 @@ def repair(data_dir: str, recovery: str, yes: bool, as_json: bool) -> None:
     repair the damage)."""
     _node_identity(data_dir)  # refuses while the node runs, before the long verify
     rep = run_verify(_check_dir(data_dir))
-    if rep.ok:
-        res = {"repaired": False, "problems": [], "recovery": None}
+    problems = [str(p) for p in rep.problems]
+    if not problems:
+        # verify reads the files; the node's own open also checks evidence verify cannot see (the WAL
+        # high-water mark): only an open that succeeds under STRICT means there is nothing to repair
+        try:
+            _open_store_for_write(data_dir).close()
+        except (CorruptionError, RecoveryRefused) as exc:
+            problems = [f"[open] {exc}"]
+    if not problems:
+        res: dict[str, Any] = {"repaired": False, "problems": [], "recovery": None}
         if as_json:
             _dump_json(res)
         else:
-            out.print("[green]the store verifies clean: nothing to repair[/]")
+            out.print("[green]the store verifies clean and opens under STRICT: nothing to repair[/]")
         return
     if not as_json:
-        out.print(f"verify found {len(rep.problems)} problem(s):")
-        for p in rep.problems:
-            out.print(f"  {_esc(str(p))}")
+        out.print(f"found {len(problems)} problem(s):")
+        for p in problems:
+            out.print(f"  {_esc(p)}")
     if not yes and not click.confirm(f"open {data_dir} under {recovery.upper()} and drop what fails validation? "
                                      "This cannot be undone (take a backup first)", default=False):
         raise CliError("not repaired", EXIT_REFUSED)
@@ -1608,16 +1636,21 @@ def repair(data_dir: str, recovery: str, yes: bool, as_json: bool) -> None:
         hint = ("; --recovery partial can drop damaged committed entries (the group then catches up from its "
                 "leader)" if recovery.lower() == "truncate-tail" else "; restore from a backup")
         raise CliError(f"refused: {recovery.upper()} cannot repair this store: {exc}{hint}", EXIT_REFUSED) from None
-    res = {"repaired": True, "problems": [str(p) for p in rep.problems], "recovery": json.loads(report.to_json())}
+    left = [str(p) for p in run_verify(data_dir).problems]  # what the policy could not drop (e.g. a snapshot)
+    res = {"repaired": not left, "problems": problems, "remaining": left, "recovery": json.loads(report.to_json())}
     if as_json:
         _dump_json(res)
-        return
-    out.print(_esc(report.summary()))
-    for d in report.dropped:
-        out.print(f"  dropped: {_esc(json.dumps(d, sort_keys=True))}")
-    for d in report.repaired:
-        out.print(f"  repaired: {_esc(json.dumps(d, sort_keys=True))}")
-    out.print("next: `raft-sqlite verify` it; the node now opens under STRICT")
+    else:
+        out.print(_esc(report.summary()))
+        for d in report.dropped:
+            out.print(f"  dropped: {_esc(json.dumps(d, sort_keys=True))}")
+        for d in report.repaired:
+            out.print(f"  repaired: {_esc(json.dumps(d, sort_keys=True))}")
+        if not left:
+            out.print("verify now finds no problem; the node opens under STRICT again")
+    if left:
+        raise CliError(f"not repaired: {recovery.upper()} left {len(left)} problem(s) that verify still finds: "
+                       f"{'; '.join(left[:3])}{' ...' if len(left) > 3 else ''} (restore from a backup)", EXIT_REFUSED)
 
 
 @cli.command("vacuum")
@@ -1649,11 +1682,15 @@ def vacuum_cmd(data_dir: str, recovery: str, as_json: bool) -> None:
             raise
     if as_json:
         _dump_json(rep.to_dict())
-        return
-    for b, a in zip(rep.before, rep.after):
-        out.print(f"{b.name}: {_size(b.size)} ({_size(b.free_bytes)} free) -> {_size(a.size)} "
-                  f"({_size(a.free_bytes)} free)")
-    out.print(f"reclaimed {_size(rep.reclaimed)} in {rep.duration:.2f} s")
+    else:
+        for b, a in zip(rep.before, rep.after):
+            out.print(f"{b.name}: {_size(b.file_bytes)} + WAL {_size(b.wal_bytes)} ({_size(b.free_bytes)} free) -> "
+                      f"{_size(a.file_bytes)} + WAL {_size(a.wal_bytes)} ({_size(a.free_bytes)} free)")
+        out.print(f"reclaimed {_size(rep.reclaimed)} on disk in {rep.duration:.2f} s")
+    if rep.held_back:
+        raise CliError(f"vacuumed, but a reader in another process (a `sql` prompt, `serve`, a backup) held the WAL "
+                       f"of {', '.join(rep.held_back)}: the file shrinks at the node's next complete checkpoint; "
+                       "stop the reader and run vacuum again to give the space back now", EXIT_REFUSED)
 
 
 @cli.command()
@@ -1775,7 +1812,7 @@ def serve(data_dir: str, host: str, port: int, allow_remote: bool) -> None:
     try:
         web.serve(checked, host=host, port=port, on_ready=ready,
                   title=f"raft_sqlite node {node['node_id']} (cluster {node['cluster_id']})")
-    except web.ListenError as exc:
+    except (web.ListenError, web.PathRefused) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     out.print("stopped")
 
@@ -2039,12 +2076,11 @@ def drill(dest: str, node_id: str, scratch_dir: str | None, metrics_file: str | 
     with _BackupProgress(quiet or as_json) as bar:
         rep = mod.drill(dest, node_id, storage_options=_storage_options(storage_option), scratch_dir=scratch_dir,
                         progress=bar.callback)
-    if metrics_file is not None:
-        folder = os.path.dirname(os.path.abspath(metrics_file))
-        tmp = os.path.join(folder, f".{os.path.basename(metrics_file)}.tmp")
-        with open(tmp, "w") as f:
-            f.write(rep.metrics_text())
-        os.replace(tmp, metrics_file)
+    if metrics_file is not None:  # atomic, fsync'ed, 0644: what node_exporter's textfile collector reads
+        try:
+            fsio.write_output_atomically(metrics_file, rep.metrics_text().encode())
+        except OSError as exc:
+            raise CliError(f"cannot write {metrics_file}: {exc.strerror or exc}", EXIT_USAGE) from None
     if as_json:
         _dump_json(rep.to_dict())
     else:

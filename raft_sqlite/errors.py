@@ -78,6 +78,12 @@ class GroupNotFoundError(RaftSqliteError):
     (``store.log(name)``) creates a new, empty one."""
 
 
+class OutputRefused(RaftSqliteError, ValueError):
+    """A file an operator named for output (``metrics --output``, ``snapshot export``, ``sql``'s
+    ``.output``) would be written into a node's data_dir or over an SQLite database: refused, nothing
+    written (replacing ``raft.db`` with a metrics text file destroys the store, even a running one)."""
+
+
 class DataDirError(RaftSqliteError):
     """The data_dir cannot be used: it exists but is not a directory (a regular file, a dangling
     symlink), or it or its lock file cannot be created or opened (permissions)."""

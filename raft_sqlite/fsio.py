@@ -22,6 +22,7 @@ Durability contract of each operation (what a backend must model):
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shutil
@@ -291,6 +292,69 @@ def make_dirs(path: str, mode: int = 0o700, sync: Callable[[str], None] | None =
                 raise
             continue
         sync(os.path.dirname(d))
+
+
+builtins_open = builtins.open  # this module's open() is the seam's, for descriptors
+
+#: The first 16 bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: A folder holding a file of this name is a node's data_dir (``layout.MAIN_DB``; kept here as a literal:
+#: the seam imports nothing of the library but the error types).
+_MAIN_DB = "raft.db"
+
+
+def check_output_path(path: str | os.PathLike[str]) -> str:
+    """The absolute real path of ``path``, an output file an operator named, after refusing
+    (:class:`~raft_sqlite.errors.OutputRefused`) one that lies in a node's data_dir (its folder holds
+    ``raft.db``, at any depth of the real path) or that is an existing SQLite database: writing there could
+    replace a node's own files. Checked before anything is written."""
+    from .errors import OutputRefused
+
+    real = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(real)
+    d = folder
+    while True:
+        if os.path.isfile(os.path.join(d, _MAIN_DB)):
+            raise OutputRefused(f"refused to write {os.fspath(path)!r}: {d} is a raft_sqlite data_dir (it holds "
+                                f"{_MAIN_DB}); write outputs outside it")
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    try:
+        with builtins_open(real, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        head = b""
+    if head == SQLITE_HEADER:
+        raise OutputRefused(f"refused to write {os.fspath(path)!r}: it is an SQLite database; pick another name")
+    return real
+
+
+def write_output_atomically(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path``, an output file an operator named (a metrics textfile, an export),
+    atomically: :func:`check_output_path` first, then a hidden temporary name in the same folder
+    (``.NAME.<random>.tmp``, which node_exporter's textfile collector ignores), written, ``mode``, fsync'ed,
+    renamed over ``path``, the folder fsync'ed. On any failure the temporary file is removed and ``path`` is
+    left as it was (the OSError propagates)."""
+    import tempfile
+
+    real = check_output_path(path)
+    folder, name = os.path.split(real)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        try:
+            write_all(fd, data)
+            os.fchmod(fd, mode)
+            fsync(fd)
+        finally:
+            os.close(fd)
+        replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    sync_dir(folder)
 
 
 def write_file_atomically(folder: str, name: str, data: bytes) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,12 +38,16 @@ SPACE_MARGIN = 0.1
 
 @dataclass
 class FileSpace:
-    """Size and free pages of one database file (``PRAGMA page_count`` / ``freelist_count``)."""
+    """Size and free pages of one database file (``PRAGMA page_count`` / ``freelist_count``), and the bytes
+    the file and its WAL take on disk (``os.path.getsize``: a file shrinks only once a checkpoint copied
+    the vacuumed pages back)."""
 
     name: str
     page_size: int
     pages: int
     free_pages: int
+    file_bytes: int = 0
+    wal_bytes: int = 0
 
     @property
     def size(self) -> int:
@@ -72,22 +75,43 @@ class VacuumReport:
     after: list[FileSpace] = field(default_factory=list)
     recovery: str = ""
     duration: float = 0.0
+    #: files whose WAL could not be checkpointed back (a reader in another process held it): vacuumed,
+    #: but the file shrinks only at the node's next complete checkpoint
+    held_back: list[str] = field(default_factory=list)
 
     @property
     def reclaimed(self) -> int:
-        """Bytes the database files shrank by."""
-        return sum(b.size for b in self.before) - sum(a.size for a in self.after)
+        """Bytes the database files and their WALs take less on disk than before (negative while a
+        reader held a checkpoint back)."""
+        return (sum(b.file_bytes + b.wal_bytes for b in self.before)
+                - sum(a.file_bytes + a.wal_bytes for a in self.after))
 
     def to_dict(self) -> dict[str, Any]:
         return {"before": [asdict(b) | {"size": b.size, "free_bytes": b.free_bytes} for b in self.before],
                 "after": [asdict(a) | {"size": a.size, "free_bytes": a.free_bytes} for a in self.after],
-                "reclaimed_bytes": self.reclaimed, "recovery": self.recovery, "duration_s": self.duration}
+                "reclaimed_bytes": self.reclaimed, "held_back": self.held_back, "recovery": self.recovery,
+                "duration_s": self.duration}
+
+
+def sqlite_tmpdir() -> str:
+    """The folder SQLite puts VACUUM's temporary copy in on Unix: ``SQLITE_TMPDIR``, ``TMPDIR``,
+    ``/var/tmp``, ``/usr/tmp``, ``/tmp``, the first that is a writable folder, else the current one."""
+    for d in (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"), "/var/tmp", "/usr/tmp", "/tmp"):
+        if d and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+            return d
+    return "."
+
+
+def _on_disk(space: FileSpace, path: str) -> FileSpace:
+    space.file_bytes = os.path.getsize(path)
+    space.wal_bytes = os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+    return space
 
 
 def _check_room(path: str, space: FileSpace) -> None:
     """Refuse before writing anything when the disks cannot hold VACUUM's copy and WAL."""
     need = int((space.size - space.free_bytes) * (1 + SPACE_MARGIN))
-    tmp = tempfile.gettempdir()
+    tmp = sqlite_tmpdir()
     here = os.path.dirname(path)
     try:
         same = os.stat(tmp).st_dev == os.stat(here).st_dev
@@ -102,6 +126,27 @@ def _check_room(path: str, space: FileSpace) -> None:
         raise StorageFault(f"{path}: VACUUM needs about {need} bytes free next to the file and in {tmp} "
                            f"(its temporary copy) but {free_here} and {free_tmp} are; nothing was changed "
                            "(TMPDIR / SQLITE_TMPDIR choose the temporary directory)")
+
+
+def _checkpoint_back(store: NodeStore, conn: apsw.Connection, name: str) -> bool:
+    """Copy the vacuumed pages from the WAL back into the file (which shrinks) and give the WAL's space
+    back; False when a reader in another process holds the WAL (then nothing is truncated).
+
+    raft.db's WAL is watched by the store's high-water mark (``raft.db-hwm``: how much of the WAL is
+    durable, and whether it was checkpointed), which an open checks against the WAL it finds. Truncating
+    the WAL behind the mark's back would make the next open see durable frames gone and refuse the store.
+    So: a FULL checkpoint; then the mark records "checkpointed" (raft.db synced first); only then the
+    TRUNCATE. chunks.db has no mark."""
+    busy = conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()[0][0]
+    if busy:
+        return False
+    mark = store.kernel.hwm if name == layout.MAIN_DB else None
+    if mark is not None:
+        try:
+            mark.note(sync=True)
+        except OSError as exc:
+            raise StorageFault(f"{store.path}-hwm: cannot record the checkpoint ({exc.strerror or exc})") from exc
+    return not conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
 
 
 def vacuum(data_dir: str, node_id: str, *, cluster_id: str, fsync: FsyncMode = FsyncMode.FULL,
@@ -125,16 +170,19 @@ def vacuum(data_dir: str, node_id: str, *, cluster_id: str, fsync: FsyncMode = F
                 continue
             conn = store.kernel.connect(path)
             try:
-                before = FileSpace(name, *file_space(conn))
+                # the temporary copy on disk (the store's pragmas keep temporary data in memory: a copy of
+                # a big file would take as much RAM); its room is checked by _check_room
+                conn.execute("PRAGMA temp_store=FILE")
+                before = _on_disk(FileSpace(name, *file_space(conn)), path)
                 report.before.append(before)
                 if before.free_pages:
                     _check_room(path, before)
                     if progress is not None:
                         progress(name)
                     conn.execute("VACUUM")
-                # the rebuilt file went through the WAL: copy it back and give the WAL's space back too
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                report.after.append(FileSpace(name, *file_space(conn)))
+                if not _checkpoint_back(store, conn, name):
+                    report.held_back.append(name)
+                report.after.append(_on_disk(FileSpace(name, *file_space(conn)), path))
             except apsw.Error as exc:
                 raise store.kernel.translate(exc, f"VACUUM of {name}") from exc
             finally:

@@ -87,7 +87,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -512,20 +511,6 @@ def write_textfile(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically, as node_exporter's textfile collector expects: a temporary
     file in the same directory (a hidden name ending in ``.tmp``, which the collector ignores), written and
     fsynced, mode 0644, renamed over ``path``, then the directory fsynced. On any error the temporary file
-    is removed and ``path`` is left as it was (OSError propagates)."""
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        try:
-            fsio.write_all(fd, text.encode())
-            os.fchmod(fd, 0o644)  # mkstemp creates 0600; the collector may run as another user
-            fsio.fsync(fd)
-        finally:
-            os.close(fd)
-        fsio.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsio.sync_dir(folder)
+    is removed and ``path`` is left as it was (OSError propagates). A path inside a node's data_dir, or an
+    existing SQLite database, is refused first (:class:`~raft_sqlite.errors.OutputRefused`)."""
+    fsio.write_output_atomically(path, text.encode(), 0o644)

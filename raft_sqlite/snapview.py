@@ -232,8 +232,10 @@ class SnapshotView:
     def export_file(self, meta: SnapshotMeta, path: str, progress: ByteProgress | None = None) -> int:
         """:meth:`export` into the file ``path`` atomically: a temporary file beside it, fsync'ed, then
         renamed over ``path`` and the folder fsync'ed. On any failure the temporary file is removed and
-        ``path`` is untouched."""
-        folder = os.path.dirname(os.path.abspath(path)) or "."
+        ``path`` is untouched. A path inside a node's data_dir, or an existing SQLite database, is refused
+        first (:class:`~raft_sqlite.errors.OutputRefused`)."""
+        path = fsio.check_output_path(path)
+        folder = os.path.dirname(path) or "."
         tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
         try:
             with open(tmp, "xb") as f:

@@ -101,6 +101,12 @@ class RemoteRefused(RaftSqliteError):
     """The address to listen on is not a loopback address and remote access was not allowed."""
 
 
+class PathRefused(RaftSqliteError):
+    """The data_dir's path holds a character Datasette would read as part of an SQLite URI (``?``, ``#``,
+    ``%``): it builds ``file:PATH?mode=ro`` without escaping, so such a path could open another file, or
+    open read-write. Refused rather than served wrong."""
+
+
 class ListenError(RaftSqliteError):
     """The address could not be resolved or bound (in use, not an address of this machine)."""
 
@@ -242,6 +248,11 @@ def metadata(title: str) -> dict[str, Any]:
 def build_app(data_dir: str, *, title: str) -> ASGIApp:
     """The read-only ASGI application serving ``data_dir`` (raft.db and, when present, chunks.db),
     opened ``mode=ro`` (never immutable: the node is live). :class:`WebUnavailable` without Datasette."""
+    bad = sorted(set("?#%") & set(os.path.abspath(data_dir)))
+    if bad:
+        raise PathRefused(f"cannot serve {data_dir!r}: its path holds {' '.join(bad)}, which Datasette would read as "
+                          "part of the SQLite URI it builds (another file, or opened read-write); move or symlink the "
+                          "data_dir to a plain path")
     ds_app, _ = require()
     _register_plugin()
     _quiet_handled_errors()
