@@ -102,6 +102,16 @@ def read_table(stream: SeekableReader, size: int, where: str) -> Table:
     return table
 
 
+def check_table(table: Table, meta: SnapshotMeta, where: str) -> None:
+    """Refuse (:class:`StructureTableError`) a stream's structure table that differs from the manifest's or
+    was taken at another index/term than the manifest says."""
+    if meta.structures is not None and meta.structures != table:
+        raise StructureTableError(f"{where}: structure table in the stream differs from the manifest")
+    if (table.get("index"), table.get("term")) != (meta.index, meta.term):
+        raise StructureTableError(f"{where}: stream was taken at {table.get('index')}/{table.get('term')}, manifest "
+                                  f"says {meta.index}/{meta.term}")
+
+
 def verify_stream(reader: SnapshotReader, meta: SnapshotMeta, where: str) -> Table:
     """Read the state-machine snapshot ``meta`` through ``reader`` (a fresh :class:`SnapshotReader` of it,
     which checks each chunk's CRC32 and the sha256 of the whole stream) and check its structure table:
@@ -121,11 +131,7 @@ def verify_stream(reader: SnapshotReader, meta: SnapshotMeta, where: str) -> Tab
                 h.update(data[max(lo, pos) - pos:min(hi, end) - pos])
         pos = end
     table = read_table(reader, meta.size, where)
-    if meta.structures is not None and meta.structures != table:
-        raise StructureTableError(f"{where}: structure table in the stream differs from the manifest")
-    if (table.get("index"), table.get("term")) != (meta.index, meta.term):
-        raise StructureTableError(f"{where}: stream was taken at {table.get('index')}/{table.get('term')}, manifest "
-                              f"says {meta.index}/{meta.term}")
+    check_table(table, meta, where)
     if meta.structures is None:  # the table came from the stream only: hash each structure now (seeking)
         spans = []
         for e in table["structures"]:
@@ -273,11 +279,7 @@ class StateMachineSnapshotManager:
             for _ in r.chunks():
                 pass
             table = read_table(r, meta.size, where)
-        if meta.structures is not None and meta.structures != table:
-            raise CorruptionError(f"{where}: structure table in the stream differs from the manifest")
-        if (table.get("index"), table.get("term")) != (meta.index, meta.term):
-            raise CorruptionError(f"{where}: stream was taken at {table.get('index')}/{table.get('term')}, manifest "
-                                  f"says {meta.index}/{meta.term}")
+        check_table(table, meta, where)
         self._check_names(table, meta)
         for e in table["structures"]:
             if e["mode"] == "delta":
@@ -387,4 +389,4 @@ class StateMachineSnapshotManager:
 
 
 __all__ = ["FORMAT", "MAGIC", "SeekableReader", "StateMachineSnapshotManager", "Structure",
-           "StructureMismatchError", "StructureTableError", "Table", "read_table", "verify_stream"]
+           "StructureMismatchError", "StructureTableError", "Table", "check_table", "read_table", "verify_stream"]
