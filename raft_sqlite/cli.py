@@ -44,7 +44,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from . import fsio, layout
-from .dbrows import db_scalar
+from .dbrows import READ_PRAGMAS, db_scalar, read_only_authorizer
 from .demo import DEMO_CLUSTER, DEMO_NODE, DemoError, demo_payload, run_demo, run_demo_node  # noqa: F401  re-exported: defined here before demo.py
 from .entry import EntryKind, LogEntry
 from .errors import (
@@ -489,19 +489,8 @@ def status(data_dir: str, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sql
-_READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
-                 "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check", "function_list",
-                 "pragma_list", "collation_list", "database_list", "compile_options", "module_list"}
-_ALLOWED_OPS = {apsw.SQLITE_READ, apsw.SQLITE_SELECT, apsw.SQLITE_FUNCTION, apsw.SQLITE_RECURSIVE,
-                apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT}
-
-
-def _authorizer(op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None) -> int:
-    if op in _ALLOWED_OPS:
-        return apsw.SQLITE_OK
-    if op == apsw.SQLITE_PRAGMA and (p2 is None or (p1 or "").lower() in _READ_PRAGMAS):
-        return apsw.SQLITE_OK  # reading a pragma; setting one is refused
-    return apsw.SQLITE_DENY
+#: the `sql` command may also run the checks that only read
+_authorizer = read_only_authorizer(READ_PRAGMAS | {"foreign_key_check", "integrity_check", "quick_check"})
 
 
 #: statements SQLite does not call read-only (sqlite3_stmt_readonly) that only read here
@@ -687,17 +676,13 @@ def dump_sql(conn: apsw.Connection, tables: list[str] | None = None) -> Iterator
         wanted = None if not tables else set(tables)
         for row in objs:
             kind, name, tbl, sql_text = (str(v) for v in row)  # sqlite_master's columns are TEXT
-            if wanted is not None and tbl not in wanted:
+            if (wanted is not None and tbl not in wanted) or (name.startswith("sqlite_") and name != "sqlite_sequence"):
                 continue
-            if kind == "table" and name == "sqlite_sequence":
-                yield "DELETE FROM sqlite_sequence;"
-            elif kind == "table" and not name.startswith("sqlite_"):
-                yield sql_text + ";"
-            elif kind != "table" and not name.startswith("sqlite_"):
+            if kind != "table":  # an index, trigger or view: its statement only
                 yield sql_text + ";"
                 continue
-            else:
-                continue
+            # sqlite_sequence exists once a table uses AUTOINCREMENT: its rows are restored, not its table
+            yield "DELETE FROM sqlite_sequence;" if name == "sqlite_sequence" else sql_text + ";"
             cols = [str(r[1]) for r in conn.execute(f"PRAGMA table_info({ident(name)})")]
             values = " || ',' || ".join(f"quote({ident(c)})" for c in cols)
             for (line,) in conn.execute(f"SELECT 'INSERT INTO {ident(name).replace(chr(39), chr(39) * 2)} "
@@ -712,10 +697,10 @@ def dump_sql(conn: apsw.Connection, tables: list[str] | None = None) -> Iterator
 class SqlShell:
     """The statements and sqlite3-style dot-commands of ``raft-sqlite sql``: at its prompt, from stdin and
     from ``.read FILE``. Read-only like the connection it is given; the only file it writes is the one
-    named by ``.output``, which may not be inside the data_dir."""
+    named by ``.output``, which may not be inside a data_dir (:func:`raft_sqlite.fsio.check_output_path`)."""
 
-    def __init__(self, conn: apsw.Connection, data_dir: str, fmt: str, raw: bool):
-        self.conn, self.data_dir, self.fmt, self.raw = conn, os.path.realpath(data_dir), fmt, raw
+    def __init__(self, conn: apsw.Connection, fmt: str, raw: bool):
+        self.conn, self.fmt, self.raw = conn, fmt, raw
         self.headers, self.timer = True, False
         self.sink: Sink | None = None  # None: stdout
         self._file: IO[str] | None = None
@@ -730,11 +715,8 @@ class SqlShell:
             self._file, self.sink = None, None
         if path is None:
             return
-        target = os.path.realpath(path)
-        if os.path.commonpath([target, self.data_dir]) == self.data_dir:
-            raise CliError(f"refused: .output {path!r} is inside the data_dir; write results elsewhere", EXIT_REFUSED)
         try:
-            fsio.check_output_path(target)  # nor into another node's data_dir, nor over a database
+            target = fsio.check_output_path(path)  # never into a data_dir (this one or another), nor over a database
         except OutputRefused as exc:
             raise CliError(str(exc), EXIT_REFUSED) from None
         try:
@@ -922,7 +904,7 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
     if as_json:
         fmt = "json"
     conn = open_sql_connection(data_dir)
-    shell = SqlShell(conn, data_dir, fmt, raw_payload)
+    shell = SqlShell(conn, fmt, raw_payload)
     try:
         if query is None:
             if sys.stdin.isatty():
@@ -1172,8 +1154,8 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
                         click.echo(json.dumps({"group": name, **r, "compacted": r["index"] < first_now}))
                     else:
                         cells = _log_cells(r, payload_bytes, first_now, decoder is not None)
-                        out.print("  ".join(f"{c:>{w}}" if i in (0, 1, 3, 6) else f"{c:<{w}}" for i, (c, w) in
-                                            enumerate(zip(cells, widths, strict=False))))
+                        out.print("  ".join(f"{c:>{w}}" if col in _LOG_RIGHT else f"{c:<{w}}" for col, c, w in
+                                            zip((*_LOG_COLS, "decoded"), cells, widths, strict=False)))
                 sys.stdout.flush()
 
             after = rows[-1]["index"] if rows and lo is not None and clipped else max(last, want_lo - 1)
@@ -1381,9 +1363,7 @@ def snapshot_show(data_dir: str, snapshot_id: int, group: str | None, as_json: b
     if as_json:
         _dump_json(doc)
         return
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column()
+    head = _Fields()
     head.add_row("snapshot", f"{m.id} of group {_esc(m.group)!r}")
     head.add_row("index / term", f"{m.index} / {m.term}")
     head.add_row("kind", m.kind.value + ("" if m.parent_id is None else f" (parent {m.parent_id})"))
@@ -1394,7 +1374,7 @@ def snapshot_show(data_dir: str, snapshot_id: int, group: str | None, as_json: b
     head.add_row("chain", " -> ".join(f"#{c.id} {c.kind.value}@{c.index}" for c in chain) if chain_error is None
                  else f"[bold red]BROKEN[/]: {_esc(chain_error)}")
     head.add_row("state machine", "no (raw bytes)" if m.structures is None else "yes")
-    out.print(head)
+    head.print()
     if m.structures is not None:
         t = Table(title="structures", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("name", "mode", "offset", "length", "sha256"):

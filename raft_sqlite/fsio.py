@@ -315,8 +315,8 @@ def check_output_path(path: str | os.PathLike[str]) -> str:
     d = folder
     while True:
         if os.path.isfile(os.path.join(d, _MAIN_DB)):
-            raise OutputRefused(f"refused to write {os.fspath(path)!r}: {d} is a raft_sqlite data_dir (it holds "
-                                f"{_MAIN_DB}); write outputs outside it")
+            raise OutputRefused(f"refused to write {os.fspath(path)!r}: it is inside the data_dir {d} (a folder "
+                                f"holding {_MAIN_DB}); write outputs outside it")
         parent = os.path.dirname(d)
         if parent == d:
             break

@@ -41,6 +41,7 @@ from types import ModuleType
 from typing import Any
 
 from . import layout
+from .dbrows import read_only_authorizer
 from .errors import RaftSqliteError
 
 #: bytes of a BLOB shown as UTF-8 text / as hex in a cell
@@ -143,23 +144,10 @@ def payload_preview(value: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- read-only
-_ALLOWED_OPS = {sqlite3.SQLITE_READ, sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
-                sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT}
-#: pragmas that only read even when given an argument (``PRAGMA table_info(t)``)
-_READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
-                 "foreign_key_list", "function_list", "pragma_list", "collation_list", "database_list",
-                 "compile_options", "module_list"}
-
-
-def authorizer(op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None) -> int:
-    """SQLite authorizer of the served connections: reading, functions, recursive CTEs and read
-    transactions are allowed, reading a PRAGMA too; everything else (INSERT/UPDATE/DELETE, DDL, ATTACH,
-    setting a PRAGMA) is denied before the statement runs."""
-    if op in _ALLOWED_OPS:
-        return sqlite3.SQLITE_OK
-    if op == sqlite3.SQLITE_PRAGMA and (p2 is None or (p1 or "").lower() in _READ_PRAGMAS):
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
+#: The served connections' authorizer: reading, functions, recursive CTEs, read transactions and reading
+#: a PRAGMA are allowed; everything else (INSERT/UPDATE/DELETE, DDL, ATTACH, setting a PRAGMA) is denied
+#: before the statement runs. One with the `sql` command's (``dbrows.read_only_authorizer``).
+authorizer = read_only_authorizer()
 
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],

@@ -492,7 +492,7 @@ def test_interactive_prompt(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr("builtins.input", fake_input)
     conn = cli_mod.open_sql_connection(str(d))
-    shell = cli_mod.SqlShell(conn, str(d), "table", False)
+    shell = cli_mod.SqlShell(conn, "table", False)
     try:
         shell.run(cli_mod._prompt_lines(), bail=False)
     finally:

@@ -10,7 +10,6 @@ Screenshots for README (docs/screenshots/serve-*.png) are (re)taken only when RA
 file is missing, so a normal run never changes the tree.
 """
 
-import hashlib
 import os
 import queue
 import shutil
@@ -29,6 +28,7 @@ from click.testing import CliRunner
 from raft_sqlite import HotBackupManager, LogEntry, web
 from raft_sqlite.cli import EXIT_UNAVAILABLE, cli
 from tests.conftest import ROOT, open_store
+from tests.test_cli import files_digest
 
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="200")
 REQUIRE = os.environ.get("RAFT_SQLITE_REQUIRE_BROWSER") == "1"
@@ -361,16 +361,6 @@ def test_server_opens_the_database_files_read_only(tmp_path):
         finally:
             srv.stop()
     assert modes == {"raft.db": {os.O_RDONLY}, "chunks.db": {os.O_RDONLY}}, modes
-
-
-def files_digest(d):
-    out = {}
-    for name in sorted(os.listdir(d)):
-        p = os.path.join(d, name)
-        if os.path.isfile(p) and not name.endswith("-shm"):
-            with open(p, "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def test_serving_a_stopped_node_changes_no_file(tmp_path):
