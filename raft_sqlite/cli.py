@@ -107,25 +107,30 @@ class TrimmedLines:
         return cast(IO[str], getattr(sys, self.target)) if isinstance(self.target, str) else self.target
 
     def write(self, s: str) -> int:
+        """Pass on every complete line of ``s`` without its trailing spaces; keep a partial last line."""
         *lines, self._tail = (self._tail + s).split("\n")
         if lines:
             self.stream.write("".join(ln.rstrip(" ") + "\n" for ln in lines))
         return len(s)
 
     def flush(self) -> None:
+        """Write the kept partial line as it is, then flush the stream."""
         if self._tail:  # a line printed without its newline (end=""): kept as printed
             self.stream.write(self._tail)
             self._tail = ""
         self.stream.flush()
 
     def isatty(self) -> bool:
+        """Never a terminal (rich then prints no colours or cursor moves)."""
         return False
 
     @property
     def encoding(self) -> str:
+        """The stream's encoding (utf-8 when it has none)."""
         return getattr(self.stream, "encoding", None) or "utf-8"
 
     def fileno(self) -> int:
+        """The stream's file descriptor."""
         return self.stream.fileno()
 
 
@@ -707,6 +712,7 @@ class SqlShell:
         self._depth = 0
 
     def close(self) -> None:
+        """Close the ``.output`` file, if any."""
         self._set_output(None)
 
     def _set_output(self, path: str | None) -> None:
@@ -735,6 +741,9 @@ class SqlShell:
         (self.sink.write if self.sink is not None else _stdout_write)(text)
 
     def statement(self, query: str) -> None:
+        """Run ``query`` (one or more SQL statements) and print its result sets per ``.mode``/``.headers``
+        to the current output (``.timer``: its run time on stderr). Refusals and errors raise
+        :class:`CliError`."""
         t0 = time.perf_counter()
         sets = run_query(self.conn, query, raw=self.raw)
         _print_sets(sets, self.fmt, headers=self.headers, sink=self.sink)

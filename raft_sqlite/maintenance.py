@@ -51,10 +51,12 @@ class FileSpace:
 
     @property
     def size(self) -> int:
+        """Bytes of the database's pages (what the file holds once checkpointed)."""
         return self.page_size * self.pages
 
     @property
     def free_bytes(self) -> int:
+        """Bytes of free pages: reused as the log grows, given back by :func:`vacuum`."""
         return self.page_size * self.free_pages
 
 
@@ -87,6 +89,7 @@ class VacuumReport:
                 - sum(a.file_bytes + a.wal_bytes for a in self.after))
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as ``raft-sqlite vacuum --json`` prints it."""
         return {"before": [asdict(b) | {"size": b.size, "free_bytes": b.free_bytes} for b in self.before],
                 "after": [asdict(a) | {"size": a.size, "free_bytes": a.free_bytes} for a in self.after],
                 "reclaimed_bytes": self.reclaimed, "held_back": self.held_back, "recovery": self.recovery,
