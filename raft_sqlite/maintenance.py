@@ -27,6 +27,7 @@ from typing import Any
 import apsw
 
 from . import layout
+from .dbrows import db_scalar
 from .errors import StorageFault
 from .fsync import FsyncMode
 from .recovery import RecoveryPolicy
@@ -62,11 +63,9 @@ class FileSpace:
 
 def file_space(conn: apsw.Connection, schema: str = "main") -> tuple[int, int, int]:
     """``(page_size, page_count, freelist_count)`` of ``schema`` on ``conn`` (read-only queries)."""
-    def one(pragma: str) -> int:
-        row = conn.execute(f"PRAGMA {schema}.{pragma}").fetchone()
-        return int(row[0]) if row is not None else 0
-
-    return one("page_size"), one("page_count"), one("freelist_count")
+    page_size, pages, free = (int(db_scalar(conn.execute(f"PRAGMA {schema}.{p}")))
+                              for p in ("page_size", "page_count", "freelist_count"))
+    return page_size, pages, free
 
 
 @dataclass
