@@ -9,6 +9,15 @@ A *structure* is any object with
 
 Each of those calls restarts the structure's change tracking from its current state.
 
+A *streaming* structure (one whose state is too big for one ``bytes``, e.g. the SQL state database of
+:mod:`raft_sqlite.sqlstate`) has instead
+
+* ``snapshot_into(write, index, term)``: call ``write(piece)`` with its whole state at ``index``/``term``;
+* ``restore_from(read, length, index, term)``: replace its state with the ``length`` bytes ``read(n)``
+  returns (the blob's sha256 is checked before its last byte is returned);
+* optionally ``delta_into(write, index, term) -> bool`` (False, having written nothing: store it whole)
+  and ``apply_delta_from(read, length, index, term)``.
+
 Stream format of one snapshot: the structures' blobs one after the other (each written and dropped
 before the next is asked for, so memory holds one structure at a time), then a trailer: the JSON table
 ``{"format": 1, "kind", "index", "term", "structures": [{"name", "mode": "full"|"delta", "offset",
@@ -151,6 +160,36 @@ def verify_stream(reader: SnapshotReader, meta: SnapshotMeta, where: str) -> Tab
     return table
 
 
+_PAIRS = (("snapshot", "restore"), ("delta", "apply_delta"))
+_STREAM_PAIRS = (("snapshot_into", "restore_from"), ("delta_into", "apply_delta_from"))
+
+
+def _is_streaming(structure: object) -> bool:
+    return callable(getattr(structure, "snapshot_into", None))
+
+
+class _CheckedBlob:
+    """``length`` bytes of a seekable reader from its position, handed out by :meth:`read`; their sha256 is
+    checked before the last byte is returned (a structure never receives a whole damaged blob)."""
+
+    def __init__(self, r: SeekableReader, length: int, sha256: str, where: str) -> None:
+        self._r, self.left, self._want, self._where = r, length, sha256, where
+        self._h = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        n = min(int(n), self.left)
+        if n <= 0:
+            return b""
+        data = self._r.read(n)
+        if len(data) != n:
+            raise CorruptionError(f"{self._where}: the blob ends {self.left - len(data)} bytes early")
+        self._h.update(data)
+        self.left -= n
+        if not self.left and self._h.hexdigest() != self._want:
+            raise CorruptionError(f"{self._where}: fails its sha256 check")
+        return data
+
+
 class StateMachineSnapshotManager:
     """Registry of named structures of one group's state machine, and their snapshots.
 
@@ -178,11 +217,12 @@ class StateMachineSnapshotManager:
         all. Registering changes what a snapshot must contain, so the next capture is FULL."""
         if not isinstance(name, str) or not name:
             raise TypeError("structure name must be a non-empty str")
-        for attr in ("snapshot", "restore"):
+        pairs = _STREAM_PAIRS if _is_streaming(structure) else _PAIRS
+        for attr in pairs[0]:
             if not callable(getattr(structure, attr, None)):
                 raise TypeError(f"structure {name!r} has no callable {attr}()")
-        if callable(getattr(structure, "delta", None)) != callable(getattr(structure, "apply_delta", None)):
-            raise TypeError(f"structure {name!r}: delta() and apply_delta() come together")
+        if callable(getattr(structure, pairs[1][0], None)) != callable(getattr(structure, pairs[1][1], None)):
+            raise TypeError(f"structure {name!r}: {pairs[1][0]}() and {pairs[1][1]}() come together")
         with self._lock:
             if name in self._structures:
                 raise ValueError(f"group {self.group!r}: a structure named {name!r} is already registered")
@@ -234,6 +274,12 @@ class StateMachineSnapshotManager:
                 entries = []
                 for name in self.names():
                     s = self._structures[name]
+                    off = w.offset
+                    if _is_streaming(s):
+                        mode, digest = self._stream_structure(w, name, s, parent is not None, index, term)
+                        entries.append({"name": name, "mode": mode, "offset": off, "length": w.offset - off,
+                                        "sha256": digest})
+                        continue
                     data: bytes | None = None
                     mode = "full"
                     delta = getattr(s, "delta", None)  # optional (register() checked its apply_delta)
@@ -245,7 +291,6 @@ class StateMachineSnapshotManager:
                     if not isinstance(data, (bytes, bytearray, memoryview)):
                         raise SnapshotError(f"group {self.group!r}: structure {name!r} returned "
                                             f"{type(data).__name__}, not bytes")
-                    off = w.offset
                     w.write(data)
                     entries.append({"name": name, "mode": mode, "offset": off, "length": len(data),
                                     "sha256": hashlib.sha256(data).hexdigest()})
@@ -259,6 +304,29 @@ class StateMachineSnapshotManager:
             assert meta is not None, "set by the writer's finish() when the with block ended cleanly"
             self._base_id = meta.id
             return meta
+
+    def _stream_structure(self, w: SnapshotWriter, name: str, s: Any, delta_ok: bool, index: int,
+                          term: int) -> tuple[str, str]:
+        """Write streaming structure ``s`` into ``w`` (its delta when ``delta_ok`` and it gives one); returns
+        its mode and sha256."""
+        h = hashlib.sha256()
+        start = w.offset
+
+        def write(piece: bytes) -> None:
+            if not isinstance(piece, (bytes, bytearray, memoryview)):
+                raise SnapshotError(f"group {self.group!r}: structure {name!r} wrote {type(piece).__name__}, "
+                                    "not bytes")
+            h.update(piece)
+            w.write(piece)
+
+        delta_into = getattr(s, "delta_into", None)
+        if delta_ok and callable(delta_into):
+            if delta_into(write, index, term):
+                return "delta", h.hexdigest()
+            if w.offset != start:
+                raise SnapshotError(f"group {self.group!r}: structure {name!r} wrote data and then declined a delta")
+        s.snapshot_into(write, index, term)
+        return "full", h.hexdigest()
 
     # ------------------------------------------------------------ restore
     def _check_names(self, table: Table, meta: SnapshotMeta) -> None:
@@ -285,8 +353,10 @@ class StateMachineSnapshotManager:
             if e["mode"] == "delta":
                 if first:
                     raise SnapshotError(f"{where}: the base of a chain holds a delta for {e['name']!r}")
-                if not callable(getattr(self._structures[e["name"]], "apply_delta", None)):
-                    raise SnapshotError(f"{where}: structure {e['name']!r} has a delta but no apply_delta()")
+                s = self._structures[e["name"]]
+                want = "apply_delta_from" if _is_streaming(s) else "apply_delta"
+                if not callable(getattr(s, want, None)):
+                    raise SnapshotError(f"{where}: structure {e['name']!r} has a delta but no {want}()")
         return table
 
     def restore(self) -> SnapshotMeta | None:
@@ -330,16 +400,27 @@ class StateMachineSnapshotManager:
         with self.snapshots.open(meta) as r:
             for e in table["structures"]:
                 r.seek(e["offset"])
+                s: Any = self._structures[e["name"]]  # a Structure, or a streaming one (found by getattr)
+                if _is_streaming(s):
+                    blob = _CheckedBlob(r, e["length"], e["sha256"],
+                                        f"group {self.group!r}: snapshot {meta.id}: structure {e['name']!r}")
+                    if e["mode"] == "full":
+                        s.restore_from(blob.read, e["length"], meta.index, meta.term)
+                    else:
+                        s.apply_delta_from(blob.read, e["length"], meta.index, meta.term)
+                    if blob.left:
+                        raise SnapshotError(f"group {self.group!r}: snapshot {meta.id}: structure {e['name']!r} "
+                                            f"left {blob.left} bytes of its blob unread")
+                    continue
                 data = r.read(e["length"])
                 if len(data) != e["length"] or hashlib.sha256(data).hexdigest() != e["sha256"]:
                     raise CorruptionError(f"group {self.group!r}: snapshot {meta.id}: structure {e['name']!r} "
                                           "fails its sha256 check")
-                s = self._structures[e["name"]]
                 if e["mode"] == "full":
                     s.restore(data)
                 else:
                     # optional, not in the Structure protocol: _verified_table checked it is there
-                    s.apply_delta(data)  # type: ignore[attr-defined]
+                    s.apply_delta(data)
                 del data
 
     # ------------------------------------------------------------ install

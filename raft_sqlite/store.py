@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import operator
 import os
+import re
 import threading
 import time
 import zlib
@@ -38,6 +39,7 @@ from .metadata import RaftMetadataStore
 from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recover_groups, recover_sql_objects
 from .restorestate import read_restore_state
 from .snapshot import SnapshotManager, SnapshotStore
+from .sqlstate import STATE_DIR, ApplyFn, Schema, SqlStateMachine, state_file
 from .statemachine import StateMachineSnapshotManager
 from .wal import BLOB_PAYLOAD, SegmentPolicy, write_close_digests
 
@@ -76,6 +78,7 @@ class NodeStore:
 
     def __init__(self) -> None:  # use NodeStore.open()
         self._views: dict[tuple[str, str], Any] = {}
+        self._state_lock = threading.Lock()
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -166,6 +169,7 @@ class NodeStore:
                                 "retrying", self.data_dir, exc.__cause__ or exc, freed)
                     self._recover()
                 self._reclaim_orphan_space()
+                self._sweep_orphan_states()
                 reserve.ensure(self.data_dir)
             except UnicodeDecodeError as exc:  # a TEXT column (name, vote, manifest) holds bytes that are not UTF-8
                 raise CorruptionError(f"{self.data_dir}: a text column holds bytes that are not UTF-8 ({exc}); "
@@ -526,6 +530,19 @@ class NodeStore:
                 self.kernel.fail(exc)
                 raise StorageFault(f"{self.data_dir}: WAL sync failed while opening ({exc})") from exc
 
+    def _sweep_orphan_states(self) -> None:
+        """Delete the state databases of groups that no longer exist (a crash after ``remove_group``'s commit
+        left them): before any new group can be given the same id."""
+        folder = os.path.join(self.data_dir, STATE_DIR)
+        if not os.path.isdir(folder):
+            return
+        live = {g.gid for g in self.kernel.groups.states()}
+        for fn in sorted(os.listdir(folder)):
+            m = _STATE_NAME.fullmatch(fn)
+            if m and int(m.group(1)) not in live:
+                log.warning("%s: deleting the state database of removed group id %s", self.data_dir, m.group(1))
+                _remove_state_files(os.path.join(folder, f"group-{m.group(1)}.db"))
+
     def _reclaim_orphan_space(self) -> None:
         """After a recovery that dropped an orphan (partial) snapshot, or when the disk reserve is
         missing: checkpoint chunks.db and truncate its WAL, so the disk space the partial snapshot's
@@ -569,6 +586,8 @@ class NodeStore:
         if "kernel" not in self.__dict__ or self.kernel.closed:
             return
         self._record_close_digests()
+        for key in [k for k in self._views if k[0] == "sql"]:
+            self._views[key].close()
         self.kernel.mark_closed()  # stops the interval syncer, lets the current leader finish its commit
         self._close_connections()
         self._release_lock()  # only once every connection is closed
@@ -664,10 +683,14 @@ class NodeStore:
             def write(conn: apsw.Connection, st: GroupState, _: object) -> None:
                 deleted.extend(delete_group_rows(conn, st.gid))
 
+            sql = self._views.get(("sql", name))
             k.run(name, check, write)
             if deleted:
                 sstore.delete_chunks(deleted)
-        for kind in ("log", "meta", "snap", "sm"):
+            if sql is not None:
+                sql.close()
+            _remove_state_files(state_file(self.data_dir, gid))  # after a crash first: the next open's sweep
+        for kind in ("log", "meta", "snap", "sm", "sql"):
             self._views.pop((kind, name), None)
         log.info("%s: group %r removed (%d snapshot(s))", self.data_dir, name, len(deleted))
         return True
@@ -687,6 +710,33 @@ class NodeStore:
     def state_machine(self, group: str | int = "default") -> StateMachineSnapshotManager:
         """The :class:`~raft_sqlite.statemachine.StateMachineSnapshotManager` of ``group``."""
         return self._view("sm", group, lambda name: StateMachineSnapshotManager(self, name))
+
+    def state(self, group: str | int = "default", *, schema: Schema = None, apply: ApplyFn | None = None,
+              durable: bool = False, deltas: bool = True) -> SqlStateMachine:
+        """The SQL state machine of ``group`` (:class:`~raft_sqlite.sqlstate.SqlStateMachine`): its state is the
+        SQLite database ``data_dir/state/group-<id>.db``, created on first use with the tables of ``schema``
+        (a SQLAlchemy ``MetaData``, a DDL string or a list of them; run once, when the file is created).
+        ``apply(conn, entry)`` applies one committed entry inside the batch's transaction, which also records
+        the applied index and term. ``durable`` syncs every applied batch (default: no; the log is the
+        durable record, and an applied batch lost to power loss is applied again). ``deltas`` records the
+        changes between snapshots with SQLite's session extension so that snapshots can be DELTAs.
+
+        Opening checks the database (its identity, the CRC of its applied position, and that the log holds
+        what it applied: :class:`RecoveryRefused` otherwise) and registers it as structure ``"sql"`` of
+        :meth:`state_machine`. Later calls return the same object (arguments given again must not differ)."""
+        name = self.kernel.ensure_group(group)
+        cur: SqlStateMachine | None = self._views.get(("sql", name))
+        if cur is not None:
+            if not cur.opened_with(schema, apply):
+                raise ValueError(f"group {name!r}: the state machine is already open with another schema or apply")
+            return cur
+        with self._state_lock:
+            cur = self._views.get(("sql", name))
+            if cur is None:
+                cur = SqlStateMachine(self, name, self.kernel.group(name).gid, schema=schema, apply=apply,
+                                      durable=durable, deltas=deltas)
+                self._views[("sql", name)] = cur
+            return cur
 
     def _view(self, kind: str, group: str | int, factory: Callable[[str], V]) -> V:
         name = self.kernel.ensure_group(group)
@@ -764,6 +814,9 @@ class NodeStore:
         to be used and the log no longer holds the entries after it, raises
         :class:`LogCompactedError`."""
         name = self.kernel.ensure_group(group)
+        if ("sql", name) in self._views:
+            raise RaftSqliteError(f"group {name!r} has a SQL state machine: resume it with "
+                                  "store.state(group).catch_up(), not replay()")
         sm = self._views.get(("sm", name))
         start = None
         last = self.kernel.group(name).snapshot_index
@@ -798,6 +851,21 @@ class NodeStore:
         After a node replacement the node may have voted, after that point, in any term from the
         group's backup ``term`` on: it must not grant votes until it has caught up (see docs/backup.md)."""
         return self.kernel.read(read_restore_event)
+
+
+_STATE_NAME = re.compile(r"group-(\d+)\.db(?:-wal|-shm)?")
+
+
+def _remove_state_files(path: str) -> None:
+    """Delete a state database and its WAL/shm (a removed group's); a failure is logged (the next open's sweep
+    retries)."""
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: could not delete the state of a removed group: %s", p, exc)
 
 
 class _CallbackListener:

@@ -1,0 +1,741 @@
+"""A transactional SQL state machine: ``store.state(group, schema=..., apply=...)``.
+
+The state of one Raft group is a SQLite database of its own (``data_dir/state/group-<id>.db``) whose tables
+the application declares (SQLAlchemy Core ``MetaData`` or DDL text). Committed log entries are applied to it
+by the application's ``apply(conn, entry)``, and the index and term of the last applied entry are written in
+the **same** SQLite transaction (table ``raft_applied``). So after any crash the database holds the state of
+applying entries ``1..last_applied`` exactly once, and :meth:`SqlStateMachine.catch_up` resumes at
+``last_applied + 1``: no double apply, no replay from a snapshot.
+
+Snapshots of the state go through the group's snapshot store as the registered structure ``"sql"`` of
+``store.state_machine(group)`` (so chains, compaction rules and "no structure silently skipped" are the
+existing ones):
+
+* a FULL snapshot is the state database copied by SQLite's online backup API from a read transaction that
+  pins the state at ``last_applied`` (apply goes on meanwhile: WAL readers do not block the writer);
+* a DELTA is a changeset of the session extension, recorded on the apply connection since the parent
+  snapshot (a schema change, a restart or a restore makes the next capture FULL);
+* restoring replaces the state atomically: a FULL is written to a temporary file, checked
+  (``integrity_check``, its ``raft_applied`` row, its cluster and group) and copied into the live database
+  in one transaction by the backup API; a DELTA is applied in one transaction that must end at the
+  snapshot's index and term (any conflict aborts it).
+
+Reads (:meth:`SqlStateMachine.read`) run on read-only connections in a read transaction, so they see the
+state after some whole batch, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import apsw
+
+from . import fsio
+from .args import int_arg
+from .entry import LogEntry
+from .errors import (
+    CorruptionError,
+    LogCompactedError,
+    LogConflictError,
+    LogGapError,
+    NodeIdentityMismatch,
+    RaftSqliteError,
+    RecoveryRefused,
+    SnapshotError,
+)
+from .objectstore import stream_online_backup
+from .snapshot import SnapshotManager, SnapshotMeta
+
+log = logging.getLogger("raft_sqlite.sqlstate")
+
+#: folder of the state databases inside a data_dir
+STATE_DIR = "state"
+#: the structure name of the state database in ``store.state_machine(group)``
+STRUCTURE_NAME = "sql"
+#: format of the state database's bookkeeping rows
+STATE_FORMAT = 1
+#: tables the state machine owns inside the state database (user tables must not use these names)
+RESERVED_TABLES = ("raft_applied", "raft_state_identity")
+#: header of a FULL snapshot blob: magic, page size; then pages 2..N, then page 1 (the online backup
+#: writes page 1 last, with its header final)
+_FULL_MAGIC = b"RSQLST01"
+_FULL_HEAD = struct.Struct("<8sI")
+_DELTA_MAGIC = b"RSQLCS01"
+
+_BOOKKEEPING_DDL = (
+    "CREATE TABLE raft_state_identity(id INTEGER PRIMARY KEY CHECK (id = 1), cluster_id TEXT NOT NULL, "
+    "node_id TEXT NOT NULL, group_name TEXT NOT NULL, format INTEGER NOT NULL, created_at REAL NOT NULL)",
+    "CREATE TABLE raft_applied(id INTEGER PRIMARY KEY CHECK (id = 1), applied_index INTEGER NOT NULL, "
+    "applied_term INTEGER NOT NULL, crc32 INTEGER NOT NULL)",
+)
+
+#: SQLite authorizer codes refused inside ``apply`` (see :meth:`SqlStateMachine._authorize`)
+_DENIED_OPS = {apsw.SQLITE_TRANSACTION: "BEGIN/COMMIT/ROLLBACK", apsw.SQLITE_ATTACH: "ATTACH",
+               apsw.SQLITE_DETACH: "DETACH"}
+#: pragmas refused inside ``apply``: they change durability, locking or the schema behind SQLite's back
+#: (the session extension itself reads ``table_info``-like pragmas, which stay allowed)
+_DENIED_PRAGMAS = frozenset({"journal_mode", "synchronous", "locking_mode", "wal_checkpoint", "wal_autocheckpoint",
+                             "writable_schema", "query_only", "schema_version", "fullfsync", "checkpoint_fullfsync",
+                             "auto_vacuum", "incremental_vacuum", "page_size", "ignore_check_constraints",
+                             "foreign_keys", "defer_foreign_keys", "journal_size_limit", "temp_store", "mmap_size"})
+_WRITE_OPS = (apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE, apsw.SQLITE_DROP_TABLE,
+              apsw.SQLITE_ALTER_TABLE, apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_CREATE_INDEX)
+
+ApplyFn = Callable[[apsw.Connection, LogEntry], object]
+Schema = Any  # sqlalchemy.MetaData | str | Sequence[str] | None
+
+
+def applied_crc(index: int, term: int) -> int:
+    """CRC32 of the ``raft_applied`` row (index and term)."""
+    return zlib.crc32(f"{index}|{term}".encode())
+
+
+def state_file(data_dir: str, gid: int) -> str:
+    """Path of the state database of group id ``gid`` in ``data_dir``."""
+    return os.path.join(data_dir, STATE_DIR, f"group-{gid}.db")
+
+
+class StateHost(Protocol):
+    """What the state machine needs of its store (a :class:`~raft_sqlite.NodeStore`)."""
+
+    data_dir: str
+    node_id: str
+    cluster_id: str
+
+    kernel: Any  # the store's Kernel: ``kernel.group(name)`` is the group's published state
+
+    def log(self, group: str) -> Any: ...
+
+    def snapshots(self, group: str) -> SnapshotManager: ...
+
+    def state_machine(self, group: str) -> Any: ...
+
+    def iter_replay(self, group: str, *, upto: int | None = None, chunk: int = 8192,
+                    start: int | None = None) -> Iterator[LogEntry]: ...
+
+
+class ApplyError(RaftSqliteError):
+    """The application's ``apply`` raised (or broke the transaction) for an entry: the whole batch was rolled
+    back, nothing of it is applied, ``last_applied`` is unchanged. ``index`` is the entry's index; the
+    original exception is ``__cause__``."""
+
+    def __init__(self, msg: str, index: int) -> None:
+        super().__init__(msg)
+        self.index = index
+
+
+def _ddl_of(schema: Schema) -> list[str]:
+    """The CREATE statements of ``schema`` (SQLAlchemy ``MetaData``, one DDL string, or a sequence of them)."""
+    if schema is None:
+        return []
+    if isinstance(schema, str):
+        return [schema]
+    if isinstance(schema, (list, tuple)):
+        if not all(isinstance(s, str) for s in schema):
+            raise TypeError("schema: a sequence of DDL statements must hold only str")
+        return list(schema)
+    sorted_tables = getattr(schema, "sorted_tables", None)
+    if sorted_tables is None:
+        raise TypeError(f"schema must be a sqlalchemy MetaData, a DDL str or a list of them, not "
+                        f"{type(schema).__name__}")
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateIndex, CreateTable
+    dialect = sqlite.dialect()
+    out = []
+    for t in sorted_tables:
+        out.append(str(CreateTable(t).compile(dialect=dialect)).strip())
+        out.extend(str(CreateIndex(ix).compile(dialect=dialect)).strip() for ix in t.indexes)
+    return out
+
+
+def _one(conn: apsw.Connection, sql: str, bindings: Sequence[Any] = ()) -> Any:
+    row = conn.execute(sql, bindings).fetchone()
+    return None if row is None else row[0]
+
+
+class _Slice:
+    """``length`` bytes of a structure's blob (``read`` checks its sha256 before handing out its last byte,
+    see ``statemachine``): a short read is corruption."""
+
+    def __init__(self, read: Callable[[int], bytes], length: int) -> None:
+        self._read, self.left = read, length
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.left)
+        if n <= 0:
+            return b""
+        data = self._read(n)
+        if len(data) != n:
+            raise CorruptionError(f"state snapshot blob ends {self.left - len(data)} bytes early")
+        self.left -= n
+        return data
+
+
+class SqlStateMachine:
+    """The SQL state machine of one group (use ``store.state(group, schema=..., apply=...)``).
+
+    Thread-safety: every method may be called from any thread; applies, restores and the start of a
+    snapshot are serialised; reads run in parallel with them on their own connections.
+    """
+
+    def __init__(self, host: StateHost, group: str, gid: int, *, schema: Schema = None,
+                 apply: ApplyFn | None = None, durable: bool = False, deltas: bool = True) -> None:
+        if apply is not None and not callable(apply):
+            raise TypeError(f"apply must be callable (conn, entry), not {type(apply).__name__}")
+        self._host, self.group, self.gid = host, group, gid
+        self._ddl = _ddl_of(schema)
+        self._schema_arg = schema
+        self._apply_fn = apply
+        self.durable = bool(durable)
+        self.deltas = bool(deltas)
+        self.path = state_file(host.data_dir, gid)
+        self._lock = threading.RLock()  # the write connection, the applied position, the session
+        self._snap_lock = threading.Lock()
+        self._readers: list[apsw.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._in_apply = False
+        self._session: apsw.Session | None = None
+        self._session_schema: str | None = None
+        self._pinned: tuple[apsw.Connection, int, int, str | None] | None = None
+        self._conn = self._open()
+        self._applied = self._read_applied(self._conn, self.path)
+        self._check_against_log()
+        self._restart_session()
+        sm = host.state_machine(group)
+        if STRUCTURE_NAME not in sm.names():
+            sm.register(STRUCTURE_NAME, _StateStructure(self))
+
+    # ------------------------------------------------------------------ open and checks
+    def _connect(self, path: str, *, readonly: bool = False) -> apsw.Connection:
+        flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+        conn = apsw.Connection(path, flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+        conn.set_busy_timeout(60_000)
+        return conn
+
+    def _open(self) -> apsw.Connection:
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fsio.sync_dir(self._host.data_dir)
+        if not os.path.exists(self.path) and os.path.exists(self.path + "-wal"):
+            # SQLite would replay the orphaned WAL into a new empty file: a torn state passed as a real one
+            raise CorruptionError(f"{self.path}: the state database is missing but its WAL is present; move "
+                                  f"{self.path}-wal away to rebuild the state from the log")
+        created = not os.path.exists(self.path)
+        conn = self._connect(self.path)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            # why NORMAL by default: every entry applied is already durable in the Raft log, and the
+            # applied index commits atomically with the state, so a power loss that drops the newest state
+            # transactions only makes the next catch_up apply them again from the log, exactly once
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}").fetchall()
+            conn.execute("PRAGMA foreign_keys=ON").fetchall()
+            if created or _one(conn, "SELECT count(*) FROM sqlite_schema WHERE name='raft_applied'") == 0:
+                self._create(conn)
+                fsio.sync_dir(os.path.dirname(self.path))
+            self._check_identity(conn, self.path, exact_node=True)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _create(self, conn: apsw.Connection) -> None:
+        h = self._host
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for ddl in _BOOKKEEPING_DDL:
+                conn.execute(ddl)
+            conn.execute("INSERT INTO raft_state_identity VALUES (1,?,?,?,?,?)",
+                         (h.cluster_id, h.node_id, self.group, STATE_FORMAT, time.time()))
+            conn.execute("INSERT INTO raft_applied VALUES (1,0,0,?)", (applied_crc(0, 0),))
+            for ddl in self._ddl:
+                conn.execute(ddl)
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        log.info("%s: state database of group %r created (%d schema statements)", self.path, self.group,
+                 len(self._ddl))
+
+    def _check_identity(self, conn: apsw.Connection, where: str, *, exact_node: bool) -> None:
+        try:
+            row = conn.execute("SELECT cluster_id, node_id, group_name, format FROM raft_state_identity "
+                               "WHERE id=1").fetchone()
+        except apsw.SQLError as exc:
+            raise CorruptionError(f"{where}: not a raft_sqlite state database ({exc})") from None
+        if row is None:
+            raise CorruptionError(f"{where}: the state database has no identity row")
+        cluster, node, group, fmt = row
+        h = self._host
+        if fmt != STATE_FORMAT:
+            raise NodeIdentityMismatch(f"{where}: state database format {fmt!r}, this code knows {STATE_FORMAT}")
+        if cluster != h.cluster_id or group != self.group or (exact_node and node != h.node_id):
+            raise NodeIdentityMismatch(
+                f"{where}: state database of node {node!r} cluster {cluster!r} group {group!r}, not of node "
+                f"{h.node_id!r} cluster {h.cluster_id!r} group {self.group!r}")
+
+    @staticmethod
+    def _read_applied(conn: apsw.Connection, where: str) -> tuple[int, int]:
+        try:
+            row = conn.execute("SELECT applied_index, applied_term, crc32 FROM raft_applied WHERE id=1").fetchone()
+        except apsw.SQLError as exc:
+            raise CorruptionError(f"{where}: the state database has no raft_applied table ({exc})") from None
+        if row is None:
+            raise CorruptionError(f"{where}: the state database has no raft_applied row")
+        index, term, crc = row
+        if not (isinstance(index, int) and isinstance(term, int)) or index < 0 or term < 0 \
+                or crc != applied_crc(index, term):
+            raise CorruptionError(f"{where}: the raft_applied row fails its CRC32 check ({row!r})")
+        return index, term
+
+    def _check_against_log(self) -> None:
+        """Fail closed when the state holds entries the log does not: applied beyond the log's last index
+        (the log lost entries the state applied), or a different term at the applied index (a fork)."""
+        index, term = self._applied
+        if index == 0:
+            return
+        g = self._host.kernel.group(self.group)
+        if index > g.last_index and index > g.snapshot_index:
+            raise RecoveryRefused(
+                f"{self.path}: the state has applied entries up to {index}, but the log of group {self.group!r} "
+                f"ends at {g.last_index}: the log lost entries the state applied. Delete the state database "
+                f"to rebuild it from the log and snapshots, or restore the log.")
+        actual = None
+        if g.first_index <= index <= g.last_index:
+            actual = self._host.log(self.group).term(index)
+        elif index == g.snapshot_index:
+            actual = g.snapshot_term
+        if actual is not None and actual != term:
+            raise RecoveryRefused(
+                f"{self.path}: the state applied entry {index} of term {term}, but the log of group "
+                f"{self.group!r} has term {actual} there: the state and the log have forked")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RaftSqliteError(f"{self.path}: the state machine of group {self.group!r} is closed")
+
+    def opened_with(self, schema: Schema, apply: ApplyFn | None) -> bool:
+        """Whether ``schema`` and ``apply`` (None: not given) are the ones this state machine was opened with."""
+        return (schema is None or schema is self._schema_arg) and (apply is None or apply is self._apply_fn)
+
+    # ------------------------------------------------------------------ positions
+    @property
+    def last_applied(self) -> int:
+        """Index of the last entry applied to the state (0: none)."""
+        return self._applied[0]
+
+    @property
+    def applied(self) -> tuple[int, int]:
+        """``(index, term)`` of the last entry applied (``(0, 0)``: none)."""
+        return self._applied
+
+    # ------------------------------------------------------------------ apply
+    def _authorize(self, op: int, p1: str | None, p2: str | None, dbname: str | None,
+                   trigger: str | None) -> int:
+        """Inside ``apply``: no transaction control, ATTACH/DETACH or pragmas that change durability or
+        locking (they would break the batch's one transaction or its durability), and no write to the
+        bookkeeping tables."""
+        if op in _DENIED_OPS or (op == apsw.SQLITE_PRAGMA and (p1 or "").lower() in _DENIED_PRAGMAS):
+            return apsw.SQLITE_DENY
+        if op in _WRITE_OPS and p1 in RESERVED_TABLES:
+            return apsw.SQLITE_DENY
+        return apsw.SQLITE_OK
+
+    def apply(self, entries: Iterable[LogEntry], fn: ApplyFn | None = None) -> int:
+        """Apply ``entries`` (committed log entries, in index order) in ONE transaction that also records the
+        last one's index and term; returns how many were applied.
+
+        Entries at or below :attr:`last_applied` are skipped (that is what makes a replay after a crash
+        apply each entry exactly once); the one AT ``last_applied`` must have its recorded term
+        (:class:`LogConflictError` otherwise: a fork). The first new entry must be ``last_applied + 1`` and
+        they must be contiguous (:class:`LogGapError`). ``fn`` (default: the ``apply`` given to
+        ``store.state``) is called as ``fn(conn, entry)`` for each new entry, inside the transaction; it must
+        not run BEGIN/COMMIT/ROLLBACK, ATTACH or pragmas such as journal_mode/synchronous, nor write the ``raft_*`` tables (refused by an
+        authorizer). If it raises, the whole batch is rolled back and :class:`ApplyError` raised."""
+        fn = fn if fn is not None else self._apply_fn
+        if fn is None:
+            raise TypeError(f"group {self.group!r}: no apply function (pass apply= to store.state() or fn=)")
+        with self._lock:
+            self._check_open()
+            if self._in_apply:
+                raise RaftSqliteError(f"group {self.group!r}: apply() called from inside apply()")
+            conn = self._conn
+            index, term = self._applied
+            n = 0
+            cur: LogEntry | None = None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._in_apply = True
+                for e in entries:
+                    if not isinstance(e, LogEntry):
+                        raise TypeError(f"entries must be LogEntry, not {type(e).__name__}")
+                    ei = e.index
+                    if ei <= index:
+                        if ei == index and e.term != term:
+                            raise LogConflictError(f"group {self.group!r}: entry {ei} has term {e.term}, the state "
+                                                   f"applied term {term} there")
+                        continue
+                    if ei != index + 1:
+                        raise LogGapError(f"group {self.group!r}: entry {ei} does not follow the last applied "
+                                          f"{index}")
+                    if e.term < term:
+                        raise LogConflictError(f"group {self.group!r}: entry {ei} has term {e.term}, below the "
+                                               f"term {term} of entry {index}")
+                    cur = e
+                    conn.authorizer = self._authorize
+                    try:
+                        fn(conn, e)
+                    finally:
+                        conn.authorizer = None
+                    if conn.get_autocommit():
+                        raise RaftSqliteError("apply ended the batch's transaction")
+                    index, term = ei, e.term
+                    n += 1
+                    cur = None
+                if n:
+                    conn.execute("UPDATE raft_applied SET applied_index=?, applied_term=?, crc32=? WHERE id=1",
+                                 (index, term, applied_crc(index, term)))
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                self._in_apply = False
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+                if cur is not None and isinstance(exc, Exception):
+                    raise ApplyError(f"group {self.group!r}: apply of entry {cur.index} failed: {exc!r}; the batch "
+                                     "was rolled back", cur.index) from exc
+                raise
+            self._in_apply = False
+            self._applied = (index, term)
+            return n
+
+    def catch_up(self, upto: int | None = None, *, batch: int = 1024,
+                 progress: Callable[[int, int], object] | None = None) -> int:
+        """Apply the group's committed entries after :attr:`last_applied` (up to ``upto``, default the commit
+        index), ``batch`` entries per transaction; returns :attr:`last_applied`. When the log no longer
+        holds ``last_applied + 1`` (compacted behind a snapshot), the newest snapshot chain is restored
+        first (:meth:`restore_snapshot`). ``progress(applied, target)`` is called after each batch."""
+        batch = int_arg("batch", batch, 1, 1 << 20)
+        g = self._host.kernel.group(self.group)
+        hi = g.commit if upto is None else int_arg("upto", upto)
+        if hi > g.commit:
+            raise ValueError(f"group {self.group!r}: upto={hi} is beyond the commit index {g.commit}; only "
+                             "committed entries may be applied")
+        if self.last_applied + 1 < g.first_index and self.last_applied < hi:
+            self.restore_snapshot()
+            if self.last_applied + 1 < g.first_index:
+                raise LogCompactedError(f"group {self.group!r}: the state is at {self.last_applied}, the log starts "
+                                        f"at {g.first_index} and no snapshot covers the gap")
+        buf: list[LogEntry] = []
+        if self.last_applied >= hi:
+            return self.last_applied
+        for e in self._host.iter_replay(self.group, start=self.last_applied + 1, upto=hi, chunk=batch):
+            buf.append(e)
+            if len(buf) >= batch:
+                self.apply(buf)
+                buf = []
+                if progress is not None:
+                    progress(self.last_applied, hi)
+        if buf:
+            self.apply(buf)
+            if progress is not None:
+                progress(self.last_applied, hi)
+        return self.last_applied
+
+    def apply_command(self, index: int, term: int, fn: Callable[[apsw.Connection], Any]) -> tuple[bool, Any]:
+        """For frameworks that apply one command at a time (PySyncObj's ``@replicated``): run ``fn(conn)`` as
+        entry ``index``/``term`` unless that entry is already applied. Returns ``(True, fn's result)``, or
+        ``(False, None)`` when the entry was applied before (a replay after restart). Same rules and
+        errors as :meth:`apply`."""
+        index = int_arg("index", index)
+        term = int_arg("term", term)
+        out: list[Any] = []
+        n = self.apply([LogEntry(index, term, b"")], lambda conn, e: out.append(fn(conn)))
+        return (True, out[0]) if n else (False, None)
+
+    # ------------------------------------------------------------------ reads
+    @contextlib.contextmanager
+    def read(self) -> Iterator[apsw.Connection]:
+        """A read-only connection inside a read transaction for the block: every query sees the same state,
+        the state after some whole applied batch (never half of one). Apply goes on meanwhile."""
+        self._check_open()
+        with self._readers_lock:
+            conn = self._readers.pop() if self._readers else None
+        if conn is None:
+            conn = self._connect(self.path, readonly=True)
+            conn.execute("PRAGMA query_only=1").fetchall()
+        ok = False
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT applied_index FROM raft_applied").fetchall()  # the snapshot starts here
+            yield conn
+            ok = True
+        finally:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            with self._readers_lock:
+                pooled = ok and not self._closed and len(self._readers) < 8
+                if pooled:
+                    self._readers.append(conn)
+            if not pooled:
+                conn.close()
+
+    def query(self, sql: str, bindings: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read-only query (in its own read transaction)."""
+        with self.read() as conn:
+            return [tuple(r) for r in conn.execute(sql, bindings)]
+
+    # ------------------------------------------------------------------ snapshots
+    def _schema_text(self, conn: apsw.Connection) -> str:
+        return str(_one(conn, "SELECT group_concat(type || ':' || name || ':' || coalesce(sql, ''), char(10)) "
+                              "FROM (SELECT * FROM sqlite_schema ORDER BY type, name)") or "")
+
+    def _restart_session(self) -> None:
+        """Start recording changes from the current state (the base of the next DELTA). Under ``_lock``."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        self._session_schema = None
+        if not self.deltas:
+            return
+        s = apsw.Session(self._conn, "main")
+        # rowid tables without a PRIMARY KEY are recorded by rowid: no table is left out of a delta
+        s.config(apsw.SQLITE_SESSION_OBJCONFIG_ROWID, 1)
+        s.attach()
+        self._session = s
+        self._session_schema = self._schema_text(self._conn)
+
+    def snapshot(self, *, kind: Any = None) -> SnapshotMeta:
+        """Take a durable snapshot of the state at :attr:`last_applied` through
+        ``store.state_machine(group).capture`` (FULL or DELTA by the chain policy, or ``kind``); apply is
+        blocked only while the state is pinned (a read transaction begins and the session's changeset is
+        taken), not while the copy is written. Returns the snapshot's :class:`SnapshotMeta`."""
+        with self._snap_lock:
+            self._check_open()
+            reader = self._connect(self.path, readonly=True)
+            try:
+                with self._lock:
+                    reader.execute("BEGIN")
+                    index, term = self._read_applied(reader, self.path)
+                    if index == 0:
+                        raise SnapshotError(f"group {self.group!r}: nothing is applied yet, no state to snapshot")
+                    delta = self._take_delta()
+                    self._pinned = (reader, index, term, delta)
+                try:
+                    meta: SnapshotMeta = self._host.state_machine(self.group).capture(index, term, kind=kind)
+                finally:
+                    self._pinned = None
+                    if delta is not None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(delta)
+                return meta
+            finally:
+                if not reader.get_autocommit():
+                    reader.execute("ROLLBACK")
+                reader.close()
+
+    def _take_delta(self) -> str | None:
+        """Under ``_lock``: the session's changeset since the last capture (a temporary file's path), and
+        a new session from now; None when no DELTA is possible (deltas off, schema changed)."""
+        s, schema = self._session, self._session_schema
+        path = None
+        if s is not None and schema == self._schema_text(self._conn):
+            fd, path = tempfile.mkstemp(prefix=".raft_sqlite-delta-", dir=os.path.dirname(self.path))
+            with os.fdopen(fd, "wb") as f:
+
+                def out(piece: memoryview) -> None:
+                    f.write(piece)
+
+                s.changeset_stream(out)
+        self._restart_session()
+        return path
+
+    def _snapshot_into(self, write: Callable[[bytes], object], index: int, term: int) -> None:
+        pinned = self._pinned
+        own = None
+        if pinned is None or pinned[1:3] != (index, term):
+            own = self._connect(self.path, readonly=True)
+            own.execute("BEGIN")
+            got = self._read_applied(own, self.path)
+            if got != (index, term):
+                own.execute("ROLLBACK")
+                own.close()
+                raise SnapshotError(f"group {self.group!r}: the state is at {got[0]}/{got[1]}, not {index}/{term}: "
+                                    "take state snapshots with store.state(group).snapshot()")
+            src = own
+        else:
+            src = pinned[0]
+        try:
+            page_size = int(_one(src, "PRAGMA page_size"))
+            write(_FULL_HEAD.pack(_FULL_MAGIC, page_size))
+
+            class _Sink:
+                def write(self, data: bytes) -> None:
+                    write(data)
+
+            try:
+                stream_online_backup(src, os.path.basename(self.path), _Sink(), pages_per_step=None, progress=None,
+                                     check_cancel=lambda: None)
+            except apsw.Error as exc:
+                raise SnapshotError(f"{self.path}: the online backup of the state failed: {exc}") from exc
+        finally:
+            if own is not None:
+                if not own.get_autocommit():
+                    own.execute("ROLLBACK")
+                own.close()
+
+    def _delta_into(self, write: Callable[[bytes], object], index: int, term: int) -> bool:
+        pinned = self._pinned
+        if pinned is None or pinned[1:3] != (index, term) or pinned[3] is None:
+            return False
+        write(_DELTA_MAGIC)
+        with open(pinned[3], "rb") as f:
+            while piece := f.read(1 << 20):
+                write(piece)
+        return True
+
+    def _restore_full(self, src: _Slice, length: int, index: int, term: int) -> None:
+        head = src.read(_FULL_HEAD.size)
+        magic, page_size = _FULL_HEAD.unpack(head) if len(head) == _FULL_HEAD.size else (b"", 0)
+        body = length - _FULL_HEAD.size
+        if magic != _FULL_MAGIC or page_size < 512 or page_size > 65536 or body < page_size or body % page_size:
+            raise CorruptionError(f"group {self.group!r}: snapshot at {index}: not a state database copy")
+        folder = os.path.dirname(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=".raft_sqlite-restore-", suffix=".db", dir=folder)
+        try:
+            with os.fdopen(fd, "r+b") as f:
+                f.seek(page_size)
+                left = body - page_size
+                while left > 0:
+                    piece = src.read(min(left, 1 << 20))
+                    f.write(piece)
+                    left -= len(piece)
+                first = src.read(page_size)
+                f.seek(0)
+                f.write(first)
+            t = self._connect(tmp)
+            try:
+                if _one(t, "PRAGMA integrity_check") != "ok":
+                    raise CorruptionError(f"group {self.group!r}: snapshot at {index}: the state copy fails "
+                                          "integrity_check")
+                self._check_identity(t, f"snapshot at {index}", exact_node=False)
+                got = self._read_applied(t, f"snapshot at {index}")
+                if got != (index, term):
+                    raise CorruptionError(f"group {self.group!r}: snapshot at {index}/{term} holds the state at "
+                                          f"{got[0]}/{got[1]}")
+                # this node's identity, written in the copy before it replaces the state (one atomic step)
+                t.execute("UPDATE raft_state_identity SET node_id=? WHERE id=1", (self._host.node_id,))
+                with self._lock:
+                    self._check_open()
+                    try:
+                        with self._conn.backup("main", t, "main") as b:
+                            b.step(-1)
+                    except apsw.Error as exc:
+                        raise SnapshotError(f"{self.path}: replacing the state failed: {exc}") from exc
+                    self._applied = self._read_applied(self._conn, self.path)
+                    self._restart_session()
+            finally:
+                t.close()
+        finally:
+            for p in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+        log.info("%s: group %r state restored from a full snapshot at %d/%d", self.path, self.group, index, term)
+
+    def _restore_delta(self, src: _Slice, length: int, index: int, term: int) -> None:
+        if src.read(len(_DELTA_MAGIC)) != _DELTA_MAGIC:
+            raise CorruptionError(f"group {self.group!r}: snapshot at {index}: not a state changeset")
+        data = src.read(length - len(_DELTA_MAGIC))
+
+        def conflict(reason: int, change: Any) -> int:
+            raise CorruptionError(f"group {self.group!r}: the delta at {index} does not apply to this state "
+                                  f"(conflict {reason} on table {change.name!r})")
+
+        with self._lock:
+            self._check_open()
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                apsw.Changeset.apply(data, conn, conflict=conflict,
+                                     flags=apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT)
+                got = self._read_applied(conn, self.path)
+                if got != (index, term):
+                    raise CorruptionError(f"group {self.group!r}: the delta at {index}/{term} leaves the state at "
+                                          f"{got[0]}/{got[1]}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+                raise
+            self._applied = got
+            self._restart_session()
+
+    def restore_snapshot(self) -> SnapshotMeta | None:
+        """Replace the state with the newest valid snapshot chain of the group (verified before anything is
+        touched; see ``StateMachineSnapshotManager.restore``); returns its head, or None if there is none."""
+        meta: SnapshotMeta | None = self._host.state_machine(self.group).restore()
+        return meta
+
+    def verify(self) -> None:
+        """Check the state database: SQLite's ``integrity_check``, its identity and ``raft_applied`` rows, and
+        that it does not hold entries the log lacks. Raises :class:`CorruptionError` (or
+        :class:`RecoveryRefused`)."""
+        with self.read() as conn:
+            bad = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            if bad != ["ok"]:
+                raise CorruptionError(f"{self.path}: integrity_check: {'; '.join(map(str, bad[:5]))}")
+            self._check_identity(conn, self.path, exact_node=True)
+            self._read_applied(conn, self.path)
+        self._check_against_log()
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Close the state database's connections (the store's close does it). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+            with self._readers_lock:
+                readers, self._readers = self._readers, []
+            for c in readers:
+                c.close()
+            self._conn.close()
+
+    def __repr__(self) -> str:
+        return f"<SqlStateMachine {self.group!r} {self.path} applied={self._applied[0]}>"
+
+
+class _StateStructure:
+    """The state database as a streaming structure of ``store.state_machine(group)``."""
+
+    def __init__(self, sm: SqlStateMachine) -> None:
+        self._sm = sm
+
+    def snapshot_into(self, write: Callable[[bytes], object], index: int, term: int) -> None:
+        self._sm._snapshot_into(write, index, term)
+
+    def delta_into(self, write: Callable[[bytes], object], index: int, term: int) -> bool:
+        return self._sm._delta_into(write, index, term)
+
+    def restore_from(self, read: Callable[[int], bytes], length: int, index: int, term: int) -> None:
+        self._sm._restore_full(_Slice(read, length), length, index, term)
+
+    def apply_delta_from(self, read: Callable[[int], bytes], length: int, index: int, term: int) -> None:
+        self._sm._restore_delta(_Slice(read, length), length, index, term)
+
+
+__all__ = ["RESERVED_TABLES", "STATE_DIR", "STRUCTURE_NAME", "ApplyError", "SqlStateMachine", "applied_crc",
+           "state_file"]
