@@ -520,7 +520,10 @@ class SqlStateMachine:
         ``store.state_machine(group).capture`` (FULL or DELTA by the chain policy, or ``kind``); apply is
         blocked only while the state is pinned (a read transaction begins and the session's changeset is
         taken), not while the copy is written. Returns the snapshot's :class:`SnapshotMeta`."""
-        with self._snap_lock:
+        sm = self._host.state_machine(self.group)
+        # the manager's capture lock first: no other capture of the group can move the chain's head (the
+        # parent of a DELTA) between the pin below and this capture
+        with self._snap_lock, sm.snapshots.capture_lock:
             self._check_open()
             reader = self._connect(self.path, readonly=True)
             try:
@@ -532,7 +535,7 @@ class SqlStateMachine:
                     delta = self._take_delta()
                     self._pinned = (reader, index, term, delta)
                 try:
-                    meta: SnapshotMeta = self._host.state_machine(self.group).capture(index, term, kind=kind)
+                    meta: SnapshotMeta = sm.capture(index, term, kind=kind)
                 finally:
                     self._pinned = None
                     if delta is not None:
@@ -564,9 +567,14 @@ class SqlStateMachine:
         pinned = self._pinned
         own = None
         if pinned is None or pinned[1:3] != (index, term):
+            # a capture not started by snapshot(): pin here, and restart the change tracking at the same
+            # point (a later DELTA on this FULL must hold the changes since this very state)
             own = self._connect(self.path, readonly=True)
-            own.execute("BEGIN")
-            got = self._read_applied(own, self.path)
+            with self._lock:
+                own.execute("BEGIN")
+                got = self._read_applied(own, self.path)
+                if got == (index, term):
+                    self._restart_session()
             if got != (index, term):
                 own.execute("ROLLBACK")
                 own.close()
