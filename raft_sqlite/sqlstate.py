@@ -51,6 +51,7 @@ from .errors import (
     RaftSqliteError,
     RecoveryRefused,
     SnapshotError,
+    StorageFault,
 )
 from .objectstore import stream_online_backup
 from .snapshot import SnapshotManager, SnapshotMeta
@@ -61,6 +62,8 @@ log = logging.getLogger("raft_sqlite.sqlstate")
 STATE_DIR = "state"
 #: the structure name of the state database in ``store.state_machine(group)``
 STRUCTURE_NAME = "sql"
+#: prefix of the temporary files in the state folder (a restore's copy, a capture's changeset)
+STATE_TEMP_PREFIX = ".raft_sqlite-"
 #: format of the state database's bookkeeping rows
 STATE_FORMAT = 1
 #: tables the state machine owns inside the state database (user tables must not use these names)
@@ -110,6 +113,7 @@ class StateHost(Protocol):
     data_dir: str
     node_id: str
     cluster_id: str
+    vfs: str | None  #: the apsw VFS the store's files go through (the fault-injection seam): the state's too
 
     kernel: Any  # the store's Kernel: ``kernel.group(name)`` is the group's published state
 
@@ -203,6 +207,7 @@ class SqlStateMachine:
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._fault: BaseException | None = None
         self._in_apply = False
         self._session: apsw.Session | None = None
         self._session_schema: str | None = None
@@ -218,20 +223,23 @@ class SqlStateMachine:
     # ------------------------------------------------------------------ open and checks
     def _connect(self, path: str, *, readonly: bool = False) -> apsw.Connection:
         flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-        conn = apsw.Connection(path, flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+        vfs = {"vfs": self._host.vfs} if self._host.vfs else {}
+        conn = apsw.Connection(path, flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, **vfs)
         conn.set_busy_timeout(60_000)
         return conn
 
     def _open(self) -> apsw.Connection:
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fsio.makedirs(folder, mode=0o700, exist_ok=True)
             fsio.sync_dir(self._host.data_dir)
         if not os.path.exists(self.path) and os.path.exists(self.path + "-wal"):
             # SQLite would replay the orphaned WAL into a new empty file: a torn state passed as a real one
             raise CorruptionError(f"{self.path}: the state database is missing but its WAL is present; move "
                                   f"{self.path}-wal away to rebuild the state from the log")
         created = not os.path.exists(self.path)
+        if created:  # mode 0600 like the store's files (SQLite gives its -wal/-shm the database's mode)
+            fsio.close(fsio.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         conn = self._connect(self.path)
         try:
             conn.execute("PRAGMA journal_mode=WAL").fetchall()
@@ -324,6 +332,17 @@ class SqlStateMachine:
     def _check_open(self) -> None:
         if self._closed:
             raise RaftSqliteError(f"{self.path}: the state machine of group {self.group!r} is closed")
+        if self._fault is not None:
+            raise StorageFault(f"{self.path}: the state machine of group {self.group!r} stopped after a storage "
+                               f"error ({self._fault!r}); reopen the store") from self._fault
+
+    def _note_fault(self, exc: BaseException) -> None:
+        """Fail-stop after an I/O error on the state database: what a failed write or sync left on disk is
+        unknown (a retried fsync can report success for data the kernel dropped). The log stays the durable
+        record: reopening the store resumes from whatever the state database then holds."""
+        if isinstance(exc, apsw.IOError) and self._fault is None:
+            self._fault = exc
+            log.error("%s: storage error, the state machine of group %r stops: %r", self.path, self.group, exc)
 
     def opened_with(self, schema: Schema, apply: ApplyFn | None) -> bool:
         """Whether ``schema`` and ``apply`` (None: not given) are the ones this state machine was opened with."""
@@ -409,6 +428,7 @@ class SqlStateMachine:
                 conn.execute("COMMIT")
             except BaseException as exc:
                 self._in_apply = False
+                self._note_fault(exc)
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
                 if cur is not None and isinstance(exc, Exception):
@@ -553,7 +573,7 @@ class SqlStateMachine:
         s, schema = self._session, self._session_schema
         path = None
         if s is not None and schema == self._schema_text(self._conn):
-            fd, path = tempfile.mkstemp(prefix=".raft_sqlite-delta-", dir=os.path.dirname(self.path))
+            fd, path = tempfile.mkstemp(prefix=STATE_TEMP_PREFIX + "delta-", dir=os.path.dirname(self.path))
             with os.fdopen(fd, "wb") as f:
 
                 def out(piece: memoryview) -> None:
@@ -619,7 +639,7 @@ class SqlStateMachine:
         if magic != _FULL_MAGIC or page_size < 512 or page_size > 65536 or body < page_size or body % page_size:
             raise CorruptionError(f"group {self.group!r}: snapshot at {index}: not a state database copy")
         folder = os.path.dirname(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=".raft_sqlite-restore-", suffix=".db", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=STATE_TEMP_PREFIX + "restore-", suffix=".db", dir=folder)
         try:
             with os.fdopen(fd, "r+b") as f:
                 f.seek(page_size)
@@ -745,5 +765,5 @@ class _StateStructure:
         self._sm._restore_delta(_Slice(read, length), length, index, term)
 
 
-__all__ = ["RESERVED_TABLES", "STATE_DIR", "STRUCTURE_NAME", "ApplyError", "SqlStateMachine", "applied_crc",
-           "state_file"]
+__all__ = ["RESERVED_TABLES", "STATE_DIR", "STATE_TEMP_PREFIX", "STRUCTURE_NAME", "ApplyError", "SqlStateMachine",
+           "applied_crc", "state_file"]

@@ -39,7 +39,7 @@ from .metadata import RaftMetadataStore
 from .recovery import RecoveryPolicy, RecoveryReport, read_restore_event, recover_groups, recover_sql_objects
 from .restorestate import read_restore_state
 from .snapshot import SnapshotManager, SnapshotStore
-from .sqlstate import STATE_DIR, ApplyFn, Schema, SqlStateMachine, state_file
+from .sqlstate import STATE_DIR, STATE_TEMP_PREFIX, ApplyFn, Schema, SqlStateMachine, state_file
 from .statemachine import StateMachineSnapshotManager
 from .wal import BLOB_PAYLOAD, SegmentPolicy, write_close_digests
 
@@ -532,12 +532,16 @@ class NodeStore:
 
     def _sweep_orphan_states(self) -> None:
         """Delete the state databases of groups that no longer exist (a crash after ``remove_group``'s commit
-        left them): before any new group can be given the same id."""
+        left them), before any new group can be given the same id, and temporary files a crash left in the
+        state folder."""
         folder = os.path.join(self.data_dir, STATE_DIR)
         if not os.path.isdir(folder):
             return
         live = {g.gid for g in self.kernel.groups.states()}
         for fn in sorted(os.listdir(folder)):
+            if fn.startswith(STATE_TEMP_PREFIX):  # a restore's or a capture's temporary file, left by a crash
+                _remove_state_files(os.path.join(folder, fn))
+                continue
             m = _STATE_NAME.fullmatch(fn)
             if m and int(m.group(1)) not in live:
                 log.warning("%s: deleting the state database of removed group id %s", self.data_dir, m.group(1))

@@ -4,6 +4,7 @@ session changeset) through the structure registry, restore/install, and fail-clo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -497,3 +498,95 @@ def test_closed_store_closes_the_state(tmp_path):
         sm.catch_up()
     with pytest.raises(RaftSqliteError):
         sm.query("SELECT 1")
+
+
+# ---------------------------------------------------------------------------------------------- faults
+try:
+    import torture as T
+except ImportError:  # run from the repository root
+    from tests import torture as T
+
+from raft_sqlite import fsio  # noqa: E402
+from raft_sqlite.errors import StorageFault  # noqa: E402
+
+
+def state_workload(st: NodeStore, sm, rng) -> None:
+    """Apply 60 entries in random batches, snapshotting and compacting on the way."""
+    while sm.last_applied < 60:
+        sm.catch_up(upto=min(60, sm.last_applied + rng.randint(1, 12)), batch=rng.randint(1, 8))
+        if rng.random() < 0.4:
+            meta = sm.snapshot()
+            st.log("g").compact(meta.index)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_power_loss_at_every_sync_keeps_the_state_exactly_once(tmp_path, durable):
+    """Power fails at each sync of a workload of applies, snapshots and compactions (state database,
+    log and chunks in the fault model); every crash image, in every mode, reopens to the exact state of
+    applying the 60 committed entries once."""
+    import random
+    template = str(tmp_path / "template")
+    with open_store(template) as st:
+        fill(st, 60)
+    probe = T.copy_store(template, str(tmp_path / "probe"))
+    vfs = T.new_vfs(probe)
+    with T.quiet(), fsio.installed(vfs.fs), NodeStore.open(probe, "n1", cluster_id="c", vfs=vfs.name) as st:
+        state_workload(st, st.state("g", schema=SCHEMA, apply=apply_cmd, durable=durable), random.Random(1))
+    n_sync = vfs.counters["syncs"]
+    vfs.unregister()
+    images = crashed = 0
+    for at in range(1, n_sync + 1, max(1, n_sync // 25)):
+        run = T.copy_store(template, str(tmp_path / f"run{at}"))
+        vfs = T.new_vfs(run)
+        try:
+            with T.quiet(), fsio.installed(vfs.fs):
+                st = NodeStore.open(run, "n1", cluster_id="c", vfs=vfs.name)
+                vfs.arm_crash(at_sync=at)
+                try:
+                    state_workload(st, st.state("g", schema=SCHEMA, apply=apply_cmd, durable=durable),
+                                   random.Random(1))
+                except (StorageFault, apsw.Error, OSError, RaftSqliteError):
+                    pass
+                finally:
+                    with contextlib.suppress(Exception):
+                        st.close()
+            crashed += vfs.crashed
+            for mode in ("lose", "subset", "garble"):
+                img = str(tmp_path / f"img{at}-{mode}")
+                vfs.write_crash_image(img, mode, seed=at)
+                with open_store(img) as st2:
+                    sm = st2.state("g", schema=SCHEMA, apply=apply_cmd, durable=durable)
+                    assert sm.catch_up() == 60, (at, mode)
+                    assert state_of(sm) == expected(60), (at, mode)
+                    sm.verify()
+                images += 1
+                shutil.rmtree(img)
+        finally:
+            vfs.unregister()
+            shutil.rmtree(run)
+    assert crashed >= 10 and images >= 30, (crashed, images)
+
+
+def test_an_io_error_in_apply_stops_the_state_machine_until_reopened(tmp_path):
+    d = str(tmp_path / "n")
+    with open_store(d) as st:
+        fill(st, 30)
+    vfs = T.new_vfs(d)
+    try:
+        with T.quiet(), fsio.installed(vfs.fs), NodeStore.open(d, "n1", cluster_id="c", vfs=vfs.name) as st:
+            sm = st.state("g", schema=SCHEMA, apply=apply_cmd, durable=True)
+            sm.catch_up(upto=10)
+            vfs.arm_error("sync", 1)
+            with pytest.raises((apsw.IOError, ApplyError)):
+                sm.catch_up(upto=20)
+            with pytest.raises(StorageFault):
+                sm.catch_up()
+            with pytest.raises(StorageFault):
+                sm.query("SELECT 1")
+    finally:
+        vfs.unregister()
+    with open_store(d) as st:
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        assert sm.last_applied in (10, 20)
+        assert sm.catch_up() == 30
+        assert state_of(sm) == expected(30)
