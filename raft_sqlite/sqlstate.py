@@ -223,8 +223,9 @@ class SqlStateMachine:
     # ------------------------------------------------------------------ open and checks
     def _connect(self, path: str, *, readonly: bool = False) -> apsw.Connection:
         flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-        vfs = {"vfs": self._host.vfs} if self._host.vfs else {}
-        conn = apsw.Connection(path, flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, **vfs)
+        flags |= apsw.SQLITE_OPEN_NOFOLLOW
+        vfs = self._host.vfs
+        conn = apsw.Connection(path, flags=flags, vfs=vfs) if vfs else apsw.Connection(path, flags=flags)
         conn.set_busy_timeout(60_000)
         return conn
 
