@@ -243,16 +243,25 @@ class SqlStateMachine:
             fsio.close(fsio.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         conn = self._connect(self.path)
         try:
+            # a file this code created and a crash left before its first commit holds no table at all; any
+            # other database is checked (read only) before anything is written to it: one without the
+            # bookkeeping tables is not ours and is never adopted
+            fresh = created or _one(conn, "SELECT count(*) FROM sqlite_schema") == 0
+            if not fresh:
+                self._check_identity(conn, self.path, exact_node=True)
             conn.execute("PRAGMA journal_mode=WAL").fetchall()
             # why NORMAL by default: every entry applied is already durable in the Raft log, and the
             # applied index commits atomically with the state, so a power loss that drops the newest state
             # transactions only makes the next catch_up apply them again from the log, exactly once
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}").fetchall()
             conn.execute("PRAGMA foreign_keys=ON").fetchall()
-            if created or _one(conn, "SELECT count(*) FROM sqlite_schema WHERE name='raft_applied'") == 0:
+            if fresh:
                 self._create(conn)
                 fsio.sync_dir(os.path.dirname(self.path))
-            self._check_identity(conn, self.path, exact_node=True)
+        except (apsw.NotADBError, apsw.CorruptError) as exc:
+            conn.close()
+            raise CorruptionError(f"{self.path}: the state database is damaged ({exc}); delete it to rebuild the "
+                                  "state from the log and snapshots") from exc
         except BaseException:
             conn.close()
             raise

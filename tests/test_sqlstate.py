@@ -434,6 +434,19 @@ def test_a_foreign_or_damaged_state_database_is_refused(tmp_path):
         c.execute("UPDATE raft_applied SET applied_index=4")  # CRC no longer matches
     with open_store(a, "A") as st, pytest.raises(CorruptionError, match="CRC32"):
         st.state("g", schema=SCHEMA, apply=apply_cmd)
+    # another SQLite database in its place is never adopted (nor written)
+    os.unlink(a / "state" / "group-1.db")
+    with sqlite3.connect(a / "state" / "group-1.db") as c:
+        c.execute("CREATE TABLE acc(k TEXT PRIMARY KEY, v INTEGER)")
+    c.close()
+    before = (a / "state" / "group-1.db").read_bytes()
+    with open_store(a, "A") as st, pytest.raises(CorruptionError, match="not a raft_sqlite state database"):
+        st.state("g", schema=SCHEMA, apply=apply_cmd)
+    assert (a / "state" / "group-1.db").read_bytes() == before
+    # not a database at all
+    (a / "state" / "group-1.db").write_bytes(b"garbage" * 1000)
+    with open_store(a, "A") as st, pytest.raises(CorruptionError, match="damaged"):
+        st.state("g", schema=SCHEMA, apply=apply_cmd)
     # the database file lost but its WAL present: refused rather than replaying the WAL into a new file
     os.unlink(a / "state" / "group-1.db")
     with open(a / "state" / "group-1.db-wal", "wb") as f:
