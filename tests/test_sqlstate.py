@@ -603,3 +603,43 @@ def test_an_io_error_in_apply_stops_the_state_machine_until_reopened(tmp_path):
         assert sm.last_applied in (10, 20)
         assert sm.catch_up() == 30
         assert state_of(sm) == expected(30)
+
+
+def test_apply_goes_on_while_a_full_snapshot_is_written(tmp_path, monkeypatch):
+    """The FULL copy is written from a pinned read transaction: while it is being written (held here in
+    the middle of the stream), batches apply and commit, and the snapshot still holds the pinned state."""
+    from raft_sqlite.snapshot import SnapshotWriter
+    d = tmp_path / "n"
+    with open_store(d) as st:
+        fill(st, 200, commit=100)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.catch_up()
+        inside, release = threading.Event(), threading.Event()
+        orig = SnapshotWriter.write
+
+        def held_write(self, data, offset=None):
+            if not inside.is_set():
+                inside.set()
+                assert release.wait(20)
+            return orig(self, data, offset)
+
+        monkeypatch.setattr(SnapshotWriter, "write", held_write)
+        out = []
+        t = threading.Thread(target=lambda: out.append(sm.snapshot()))
+        t.start()
+        assert inside.wait(20)
+        st.metadata("g").set_commit_index(200)
+        assert sm.catch_up(batch=10) == 200  # ten commits while the copy is held mid-stream
+        release.set()
+        t.join(20)
+        monkeypatch.undo()
+        assert out and out[0].index == 100
+        st.log("g").compact(100)
+    for p in os.listdir(d / "state"):
+        os.unlink(d / "state" / p)
+    with open_store(d) as st:
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.restore_snapshot()
+        assert state_of(sm) == expected(100)  # the pinned state, not what was applied during the copy
+        assert sm.catch_up() == 200
+        assert state_of(sm) == expected(200)
