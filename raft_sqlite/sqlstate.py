@@ -166,6 +166,35 @@ def _one(conn: apsw.Connection, sql: str, bindings: Sequence[Any] = ()) -> Any:
     return None if row is None else row[0]
 
 
+def read_identity(conn: apsw.Connection, where: str) -> tuple[Any, Any, Any, Any]:
+    """``(cluster_id, node_id, group_name, format)`` of a state database. :class:`CorruptionError` if it has
+    no identity (not a raft_sqlite state database)."""
+    try:
+        row = conn.execute("SELECT cluster_id, node_id, group_name, format FROM raft_state_identity "
+                           "WHERE id=1").fetchone()
+    except apsw.SQLError as exc:
+        raise CorruptionError(f"{where}: not a raft_sqlite state database ({exc})") from None
+    if row is None:
+        raise CorruptionError(f"{where}: the state database has no identity row")
+    return row[0], row[1], row[2], row[3]
+
+
+def read_applied(conn: apsw.Connection, where: str) -> tuple[int, int]:
+    """``(index, term)`` of the last entry applied to a state database, CRC-checked
+    (:class:`CorruptionError` otherwise)."""
+    try:
+        row = conn.execute("SELECT applied_index, applied_term, crc32 FROM raft_applied WHERE id=1").fetchone()
+    except apsw.SQLError as exc:
+        raise CorruptionError(f"{where}: the state database has no raft_applied table ({exc})") from None
+    if row is None:
+        raise CorruptionError(f"{where}: the state database has no raft_applied row")
+    index, term, crc = row
+    if not (isinstance(index, int) and isinstance(term, int)) or index < 0 or term < 0 \
+            or crc != applied_crc(index, term):
+        raise CorruptionError(f"{where}: the raft_applied row fails its CRC32 check ({tuple(row)!r})")
+    return index, term
+
+
 class _Slice:
     """``length`` bytes of a structure's blob (``read`` checks its sha256 before handing out its last byte,
     see ``statemachine``): a short read is corruption."""
@@ -213,7 +242,7 @@ class SqlStateMachine:
         self._session_schema: str | None = None
         self._pinned: tuple[apsw.Connection, int, int, str | None] | None = None
         self._conn = self._open()
-        self._applied = self._read_applied(self._conn, self.path)
+        self._applied = read_applied(self._conn, self.path)
         self._check_against_log()
         self._restart_session()
         sm = host.state_machine(group)
@@ -287,14 +316,7 @@ class SqlStateMachine:
                  len(self._ddl))
 
     def _check_identity(self, conn: apsw.Connection, where: str, *, exact_node: bool) -> None:
-        try:
-            row = conn.execute("SELECT cluster_id, node_id, group_name, format FROM raft_state_identity "
-                               "WHERE id=1").fetchone()
-        except apsw.SQLError as exc:
-            raise CorruptionError(f"{where}: not a raft_sqlite state database ({exc})") from None
-        if row is None:
-            raise CorruptionError(f"{where}: the state database has no identity row")
-        cluster, node, group, fmt = row
+        cluster, node, group, fmt = read_identity(conn, where)
         h = self._host
         if fmt != STATE_FORMAT:
             raise NodeIdentityMismatch(f"{where}: state database format {fmt!r}, this code knows {STATE_FORMAT}")
@@ -302,20 +324,6 @@ class SqlStateMachine:
             raise NodeIdentityMismatch(
                 f"{where}: state database of node {node!r} cluster {cluster!r} group {group!r}, not of node "
                 f"{h.node_id!r} cluster {h.cluster_id!r} group {self.group!r}")
-
-    @staticmethod
-    def _read_applied(conn: apsw.Connection, where: str) -> tuple[int, int]:
-        try:
-            row = conn.execute("SELECT applied_index, applied_term, crc32 FROM raft_applied WHERE id=1").fetchone()
-        except apsw.SQLError as exc:
-            raise CorruptionError(f"{where}: the state database has no raft_applied table ({exc})") from None
-        if row is None:
-            raise CorruptionError(f"{where}: the state database has no raft_applied row")
-        index, term, crc = row
-        if not (isinstance(index, int) and isinstance(term, int)) or index < 0 or term < 0 \
-                or crc != applied_crc(index, term):
-            raise CorruptionError(f"{where}: the raft_applied row fails its CRC32 check ({row!r})")
-        return index, term
 
     def _check_against_log(self) -> None:
         """Fail closed when the state holds entries the log does not: applied beyond the log's last index
@@ -559,7 +567,7 @@ class SqlStateMachine:
             try:
                 with self._lock:
                     reader.execute("BEGIN")
-                    index, term = self._read_applied(reader, self.path)
+                    index, term = read_applied(reader, self.path)
                     if index == 0:
                         raise SnapshotError(f"group {self.group!r}: nothing is applied yet, no state to snapshot")
                     delta = self._take_delta()
@@ -602,7 +610,7 @@ class SqlStateMachine:
             own = self._connect(self.path, readonly=True)
             with self._lock:
                 own.execute("BEGIN")
-                got = self._read_applied(own, self.path)
+                got = read_applied(own, self.path)
                 if got == (index, term):
                     self._restart_session()
             if got != (index, term):
@@ -667,7 +675,7 @@ class SqlStateMachine:
                     raise CorruptionError(f"group {self.group!r}: snapshot at {index}: the state copy fails "
                                           "integrity_check")
                 self._check_identity(t, f"snapshot at {index}", exact_node=False)
-                got = self._read_applied(t, f"snapshot at {index}")
+                got = read_applied(t, f"snapshot at {index}")
                 if got != (index, term):
                     raise CorruptionError(f"group {self.group!r}: snapshot at {index}/{term} holds the state at "
                                           f"{got[0]}/{got[1]}")
@@ -680,7 +688,7 @@ class SqlStateMachine:
                             b.step(-1)
                     except apsw.Error as exc:
                         raise SnapshotError(f"{self.path}: replacing the state failed: {exc}") from exc
-                    self._applied = self._read_applied(self._conn, self.path)
+                    self._applied = read_applied(self._conn, self.path)
                     self._restart_session()
             finally:
                 t.close()
@@ -706,7 +714,7 @@ class SqlStateMachine:
             try:
                 apsw.Changeset.apply(data, conn, conflict=conflict,
                                      flags=apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT)
-                got = self._read_applied(conn, self.path)
+                got = read_applied(conn, self.path)
                 if got != (index, term):
                     raise CorruptionError(f"group {self.group!r}: the delta at {index}/{term} leaves the state at "
                                           f"{got[0]}/{got[1]}")
@@ -733,7 +741,7 @@ class SqlStateMachine:
             if bad != ["ok"]:
                 raise CorruptionError(f"{self.path}: integrity_check: {'; '.join(map(str, bad[:5]))}")
             self._check_identity(conn, self.path, exact_node=True)
-            self._read_applied(conn, self.path)
+            read_applied(conn, self.path)
         self._check_against_log()
 
     # ------------------------------------------------------------------ close
@@ -776,4 +784,4 @@ class _StateStructure:
 
 
 __all__ = ["RESERVED_TABLES", "STATE_DIR", "STATE_TEMP_PREFIX", "STRUCTURE_NAME", "ApplyError", "SqlStateMachine",
-           "applied_crc", "state_file"]
+           "applied_crc", "read_applied", "read_identity", "state_file"]

@@ -16,7 +16,9 @@ checks more than the recovery done on open (which validates only what it must re
   newest DURABLE snapshot, ``first_index - 1`` is covered by it, ``commit_index <= last_index``;
 * every snapshot chunk's CRC32, chunk sequence and count, size and sha256 of DURABLE snapshots
   (``snapshot_chunk``, ``snapshot``), the manifest CRC when :mod:`raft_sqlite.snapshot` provides
-  ``manifest_crc``, and delta chains (``snapshot_chain``).
+  ``manifest_crc``, and delta chains (``snapshot_chain``);
+* every SQL state database (``state/group-<id>.db``): ``quick_check``, its identity, the CRC of its
+  applied position, and that the log holds what it applied (``state``).
 
 Anything found is a :class:`Problem` in the returned :class:`VerifyReport`; harmless oddities (orphan
 chunks of an abandoned snapshot, a snapshot still being written) are ``warnings``. On a running node,
@@ -39,14 +41,16 @@ import apsw
 
 from . import layout, migrate
 from .dbrows import db_row, db_rows, db_scalar
+from .errors import CorruptionError
 from .logscan import Finding, RecordScanner, check_sealed_segments
 from .metadata import group_crc, meta_crc
 from .recovery import check_sql_objects
+from .sqlstate import STATE_DIR, read_applied, read_identity
 from .wal import SPAN
 
 #: Problem kinds (also the ``kind`` label of ``raft_sqlite_validation_errors_total``).
 PROBLEM_KINDS = ("integrity", "node", "schema", "metadata", "record_crc", "gap", "term", "sidecar", "segment",
-                 "shape", "snapshot_chunk", "snapshot", "snapshot_chain")
+                 "shape", "snapshot_chunk", "snapshot", "snapshot_chain", "state")
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -260,6 +264,7 @@ class _Verifier:
             self._node(main_path)
             self._groups(main_path)
             self._snapshots(main_path, chunks_path, started)
+            self._states(os.path.dirname(main_path))
         finally:
             c.execute("COMMIT")
             if self.chunks is not None:
@@ -327,6 +332,51 @@ class _Verifier:
             if commit > last:
                 self.problem("shape", layout.MAIN_DB,
                              f"{where}: commit index {commit} is beyond the last index {last}", name, commit)
+
+    def _states(self, data_dir: str) -> None:
+        """Each SQL state database (``state/group-<id>.db``, :mod:`raft_sqlite.sqlstate`): SQLite's
+        ``quick_check``, its identity (this node and cluster, the group of that id), the CRC of its applied
+        position, and that the log holds what it applied (kind ``state``)."""
+        folder = os.path.join(data_dir, STATE_DIR)
+        if not os.path.isdir(folder):
+            return
+        c = self._main
+        node = db_row(c.execute("SELECT node_id, cluster_id FROM node"))
+        groups = {int(r[0]): r[1:] for r in db_rows(c.execute(
+            "SELECT group_id, name, snapshot_index, coalesce((SELECT max(key) FROM log_entries WHERE key BETWEEN "
+            "group_id * ?1 AND group_id * ?1 + ?1 - 1) - group_id * ?1, 0) FROM groups", (layout.KEY_SPAN,)))}
+        for fn in sorted(os.listdir(folder)):
+            if not (fn.startswith("group-") and fn.endswith(".db")):
+                continue
+            path = os.path.join(folder, fn)
+            name = f"{STATE_DIR}/{fn}"
+            gid_text = fn[len("group-"):-len(".db")]
+            g = groups.get(int(gid_text)) if gid_text.isdigit() else None
+            if g is None:
+                self.rep.warnings.append(f"{path}: state database of no existing group (deleted at the next open)")
+                continue
+            conn = self._open(path, name)
+            if conn is None:
+                continue
+            try:
+                conn.execute("BEGIN")
+                rows = [r[0] for r in conn.execute("PRAGMA quick_check(20)")]
+                if rows != ["ok"]:
+                    self.problem("state", name, f"{path}: quick_check: {'; '.join(map(str, rows[:5]))}", g[0])
+                cluster, nid, group, _fmt = read_identity(conn, path)
+                if node is not None and (nid, cluster) != tuple(node) or group != g[0]:
+                    self.problem("state", name, f"{path}: state database of node {nid!r} cluster {cluster!r} "
+                                 f"group {group!r}, not of this node's group {g[0]!r}", g[0])
+                index, _term = read_applied(conn, path)
+                if index > max(g[1], g[2]):
+                    self.problem("state", name, f"{path}: applied up to {index}, beyond the log's last index {g[2]}",
+                                 g[0], index)
+            except CorruptionError as exc:
+                self.problem("state", name, str(exc), g[0])
+            except apsw.Error as exc:
+                self._unreadable(path, name, exc)
+            finally:
+                conn.close()
 
     def _log(self, where: str, gid: int, name: str, first: int) -> int:
         """Check every stored record of the group and its segments; returns the last index.

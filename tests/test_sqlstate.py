@@ -643,3 +643,23 @@ def test_apply_goes_on_while_a_full_snapshot_is_written(tmp_path, monkeypatch):
         assert state_of(sm) == expected(100)  # the pinned state, not what was applied during the copy
         assert sm.catch_up() == 200
         assert state_of(sm) == expected(200)
+
+
+def test_verify_checks_the_state_databases(tmp_path):
+    from raft_sqlite.verify import verify
+    d = tmp_path / "n"
+    with open_store(d) as st:
+        fill(st, 20)
+        st.state("g", schema=SCHEMA, apply=apply_cmd).catch_up()
+        fill(st, 5, group="h")
+        st.state("h", schema=SCHEMA, apply=apply_cmd).catch_up()
+    rep = verify(d)
+    assert rep.ok, rep.problems
+    with sqlite3.connect(d / "state" / "group-2.db") as c:
+        c.execute("UPDATE raft_applied SET applied_term=7")
+    c.close()
+    shutil.copy(d / "state" / "group-1.db", d / "state" / "group-9.db")
+    rep = verify(d)
+    assert [(p.kind, p.group) for p in rep.problems] == [("state", "h")], rep.problems
+    assert "CRC32" in rep.problems[0].message
+    assert any("group-9.db" in w for w in rep.warnings)
