@@ -414,6 +414,9 @@ class SqlStateMachine:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._in_apply = True
+                # once per batch: setting an authorizer expires every prepared statement (re-prepared, and
+                # so re-authorized, on their next use)
+                conn.authorizer = self._authorize
                 for e in entries:
                     if not isinstance(e, LogEntry):
                         raise TypeError(f"entries must be LogEntry, not {type(e).__name__}")
@@ -430,22 +433,20 @@ class SqlStateMachine:
                         raise LogConflictError(f"group {self.group!r}: entry {ei} has term {e.term}, below the "
                                                f"term {term} of entry {index}")
                     cur = e
-                    conn.authorizer = self._authorize
-                    try:
-                        fn(conn, e)
-                    finally:
-                        conn.authorizer = None
+                    fn(conn, e)
                     if conn.get_autocommit():
                         raise RaftSqliteError("apply ended the batch's transaction")
                     index, term = ei, e.term
                     n += 1
                     cur = None
+                conn.authorizer = None
                 if n:
                     conn.execute("UPDATE raft_applied SET applied_index=?, applied_term=?, crc32=? WHERE id=1",
                                  (index, term, applied_crc(index, term)))
                 conn.execute("COMMIT")
             except BaseException as exc:
                 self._in_apply = False
+                conn.authorizer = None
                 self._note_fault(exc)
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
