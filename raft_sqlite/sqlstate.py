@@ -41,7 +41,7 @@ import apsw
 
 from . import fsio
 from .args import int_arg
-from .entry import LogEntry
+from .entry import EntryKind, LogEntry
 from .errors import (
     CorruptionError,
     LogCompactedError,
@@ -494,13 +494,41 @@ class SqlStateMachine:
     def apply_command(self, index: int, term: int, fn: Callable[[apsw.Connection], Any]) -> tuple[bool, Any]:
         """For frameworks that apply one command at a time (PySyncObj's ``@replicated``): run ``fn(conn)`` as
         entry ``index``/``term`` unless that entry is already applied. Returns ``(True, fn's result)``, or
-        ``(False, None)`` when the entry was applied before (a replay after restart). Same rules and
-        errors as :meth:`apply`."""
+        ``(False, None)`` when the entry was applied before (a replay after restart). Entries of the log
+        between :attr:`last_applied` and ``index`` that are NOOP or CONFIG (which engines apply without
+        calling the application, e.g. a new leader's no-op) are recorded as applied in the same transaction;
+        a NORMAL one there raises :class:`LogGapError`. Otherwise the same rules and errors as :meth:`apply`."""
         index = int_arg("index", index)
         term = int_arg("term", term)
         out: list[Any] = []
-        n = self.apply([LogEntry(index, term, b"")], lambda conn, e: out.append(fn(conn)))
-        return (True, out[0]) if n else (False, None)
+        with self._lock:
+            batch = self._gap_entries(index) + [LogEntry(index, term, b"")]
+
+            def run(conn: apsw.Connection, e: LogEntry) -> None:
+                if e.index == index:
+                    out.append(fn(conn))
+
+            self.apply(batch, run)
+        return (True, out[0]) if out else (False, None)
+
+    def _gap_entries(self, index: int) -> list[LogEntry]:
+        """The log's entries between :attr:`last_applied` and ``index`` when all of them are NOOP or CONFIG
+        entries (an engine applies those without calling the application: they are recorded as applied,
+        with nothing to do); [] when there is no gap; :class:`LogGapError` when a NORMAL entry, or one the
+        log no longer holds, lies in it."""
+        lo = self._applied[0] + 1
+        if index <= lo:
+            return []
+        lg = self._host.log(self.group)
+        if lo < lg.first_index or index - 1 > lg.last_index:
+            raise LogGapError(f"group {self.group!r}: entry {index} does not follow the last applied {lo - 1}, and "
+                              f"the log does not hold the entries in between")
+        gap = lg.entries(lo, index)
+        normal = [e.index for e in gap if e.kind is EntryKind.NORMAL]
+        if normal:
+            raise LogGapError(f"group {self.group!r}: entry {index} does not follow the last applied {lo - 1}: entry "
+                              f"{normal[0]} in between is a NORMAL entry that was not applied")
+        return gap
 
     # ------------------------------------------------------------------ reads
     @contextlib.contextmanager
@@ -564,6 +592,13 @@ class SqlStateMachine:
         # parent of a DELTA) between the pin below and this capture
         with self._snap_lock, sm.snapshots.capture_lock:
             self._check_open()
+            latest = sm.snapshots.latest()
+            if latest is not None and latest.structures is None:
+                # one owner per group's snapshots: a state snapshot on top of another writer's (e.g. the
+                # PySyncObj journal's dumps) would make each unreadable to the other
+                raise SnapshotError(f"group {self.group!r}: its snapshots are written by another user of the "
+                                    f"group (snapshot {latest.id} holds no structure table, e.g. a PySyncObj "
+                                    "dump); state snapshots need a group of their own snapshots")
             reader = self._connect(self.path, readonly=True)
             try:
                 with self._lock:

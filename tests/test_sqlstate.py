@@ -200,6 +200,28 @@ def test_apply_command_runs_once_per_index(tmp_path):
         assert sm.query("SELECT v FROM acc") == [(6,)]
 
 
+def test_apply_command_records_the_engines_own_entries_in_between(tmp_path):
+    from raft_sqlite.entry import EntryKind
+    with open_store(tmp_path / "n") as st:
+        st.log("g").append([LogEntry(1, 1, b"", EntryKind.NOOP), LogEntry(2, 1, b"add k1 2"),
+                            LogEntry(3, 2, b"", EntryKind.NOOP), LogEntry(4, 2, b"", EntryKind.CONFIG),
+                            LogEntry(5, 2, b"add k1 5"), LogEntry(6, 2, b"add k1 6"), LogEntry(7, 2, b"add k1 7")])
+        sm = st.state("g", schema=SCHEMA)
+
+        def add(v):
+            return lambda conn: conn.execute("INSERT INTO acc VALUES ('k1', ?) ON CONFLICT(k) DO UPDATE SET "
+                                             "v = v + excluded.v", (v,))
+
+        assert sm.apply_command(2, 1, add(2))[0] and sm.applied == (2, 1)  # the no-op at 1 is recorded as applied
+        assert sm.apply_command(5, 2, add(5))[0] and sm.applied == (5, 2)  # so are 3 (NOOP) and 4 (CONFIG)
+        with pytest.raises(LogGapError, match="NORMAL"):
+            sm.apply_command(7, 2, add(7))  # entry 6 is a command that was never applied
+        with pytest.raises(LogGapError):
+            sm.apply_command(9, 2, add(9))  # beyond what the log holds
+        assert sm.applied == (5, 2)
+        assert sm.query("SELECT v FROM acc") == [(7,)]
+
+
 def test_reads_never_see_half_a_batch(tmp_path):
     with open_store(tmp_path / "n") as st:
         fill(st, 40)
@@ -663,3 +685,15 @@ def test_verify_checks_the_state_databases(tmp_path):
     assert [(p.kind, p.group) for p in rep.problems] == [("state", "h")], rep.problems
     assert "CRC32" in rep.problems[0].message
     assert any("group-9.db" in w for w in rep.warnings)
+
+
+def test_a_group_whose_snapshots_belong_to_another_writer_refuses_state_snapshots(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        fill(st, 10)
+        with st.snapshots("g").write(5, 1) as w:  # e.g. the PySyncObj journal's dump
+            w.write(b"someone else's bytes")
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.catch_up()
+        with pytest.raises(SnapshotError, match="another user"):
+            sm.snapshot()
+        assert [m.index for m in st.snapshots("g").list()] == [5]
