@@ -68,6 +68,7 @@ from .objectstore import Remote, is_url
 from .recovery import RecoveryPolicy
 from .snapshot import SnapshotKind, SnapshotMeta
 from .snapview import SnapshotNotFoundError, SnapshotView
+from .sqlstate import RESERVED_TABLES, state_file
 from .status import GroupStatus, read_group_status, read_last_index
 from .store import NodeStore, node_crc
 from .verify import NotAStoreError, open_readonly
@@ -359,7 +360,23 @@ def collect_status(data_dir: str) -> dict[str, Any]:
     if os.path.isfile(chunks):
         with contextlib.suppress(apsw.Error), contextlib.closing(open_readonly(chunks)) as cc:
             space[layout.CHUNKS_DB] = _space(cc)
+    _add_applied(data_dir, cast(list[dict[str, Any]], st["groups"]))
     return st
+
+
+def _add_applied(data_dir: str, groups: list[dict[str, Any]]) -> None:
+    """Set each group's ``applied``: the applied index of its state database (``store.state``), None when it
+    has none; ``state_error`` too when the file cannot be read."""
+    applied = state_applied(data_dir, [g["group_id"] for g in groups])
+    for g in groups:
+        a = applied.get(g["group_id"])
+        g["applied"] = a if isinstance(a, int) else None
+        if isinstance(a, str):
+            g["state_error"] = a
+
+
+def _applied_cell(g: dict[str, Any]) -> str:
+    return "?" if "state_error" in g else "" if g["applied"] is None else str(g["applied"])
 
 
 def _space(conn: apsw.Connection) -> dict[str, int]:
@@ -445,7 +462,8 @@ JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (for
 @friendly
 def status(data_dir: str, as_json: bool) -> None:
     """Node and cluster ids, fsync mode, and per group: term, vote, commit, log bounds, entries and bytes,
-    segments, snapshot chain, last backup and last recovery. Safe while the node runs."""
+    segments, snapshot chain, the applied index of its SQL state database (store.state; column `applied`, shown
+    when a group has one), last backup and last recovery. Safe while the node runs."""
     st = collect_status(data_dir)
     if as_json:
         _dump_json(st)
@@ -477,8 +495,9 @@ def status(data_dir: str, as_json: bool) -> None:
     t = Table(title="groups  (segs: count (sealed); snapshot: #base_id@index [+deltas -> newest index])",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     flags = any(g["recovered_partially"] for g in st["groups"])
+    states = any(g["applied"] is not None or "state_error" in g for g in st["groups"])
     for col in ("group", "term", "vote", "commit", "log", "entries", "bytes", "segs", "oldest seg", "snapshot",
-                "snap age") + (("flags",) if flags else ()):
+                "snap age") + (("applied",) if states else ()) + (("flags",) if flags else ()):
         t.add_column(col, no_wrap=True,
                      justify="left" if col in ("group", "vote", "log", "snapshot", "flags") else "right")
     for g in st["groups"]:
@@ -489,6 +508,7 @@ def status(data_dir: str, as_json: bool) -> None:
                   str(g["commit_index"]), f"{g['first_index']}..{g['last_index']}", str(g["entries"]),
                   _size(g["stored_bytes"]), f"{g['segments']['count']} ({g['segments']['sealed']})",
                   _age(g["segments"]["oldest_age_s"]), chain, _age(s["age_s"]) if s else "-",
+                  *((_applied_cell(g),) if states else ()),
                   *(("recovered_partially" if g["recovered_partially"] else "",) if flags else ()))
     print_wide(t)
 
@@ -532,6 +552,129 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
     conn.authorizer = _authorizer
     conn.exec_trace = _exec_guard
     return conn
+
+
+# ---------------------------------------------------------------------------------------------- state databases
+def open_state_readonly(path: str) -> tuple[apsw.Connection, bool]:
+    """A read-only connection on the state database ``path`` (``store.state(group)``, WAL mode) that creates
+    and writes nothing, and whether it reads the live WAL. The state database keeps no WAL file while no
+    connection has it open (unlike raft.db): a plain read-only open would then create ``-wal`` and ``-shm``
+    files (and a stray ``-wal`` beside a state database deleted later reads as an orphaned WAL). So:
+
+    * ``-wal`` present (a node has the state open, or it stopped without closing it): ``SQLITE_OPEN_READONLY``
+      like raft.db, one more WAL reader (SQLite may create the ``-shm`` index, as for raft.db);
+    * no ``-wal``: every committed change is in the database file itself and no connection has it open:
+      read as ``immutable=1`` (no WAL, no locks, no file created). A node that opens the state while this
+      connection is open writes to its WAL, which this connection does not see (:class:`StateShell` reopens
+      between statements when the file changes).
+
+    ``query_only`` is set; :class:`NotAStoreError` if the file is missing, ``apsw.NotADBError`` if it is not
+    a database."""
+    live = os.path.exists(path + "-wal")
+    if live or not os.path.isfile(path):
+        return open_readonly(path), live
+    conn = apsw.Connection(f"file:{quote(os.path.abspath(path))}?mode=ro&immutable=1",
+                           flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    try:
+        conn.execute("PRAGMA query_only=1")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # NotADBError on a garbage file
+    except BaseException:
+        conn.close()
+        raise
+    return conn, False
+
+
+def _file_version(path: str) -> tuple[int, int, int, bool]:
+    """What changes when a closed state database is opened or written: its inode, size and mtime, and
+    whether its WAL exists."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (0, 0, 0, False)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, os.path.exists(path + "-wal"))
+
+
+def state_path(data_dir: str, group: str) -> tuple[int, str]:
+    """The group id and the state database path of ``group``: :class:`CliError` (exit 3) when the store has no
+    such group or the group has no state database (nothing is created)."""
+    conn = open_main_readonly(data_dir)
+    try:
+        _, gid = _pick_group(conn, group)
+    finally:
+        conn.close()
+    path = state_file(data_dir, gid)
+    if not os.path.isfile(path):
+        wal = (f"; its WAL {path}-wal is there without it (an orphaned WAL: see store.state)"
+               if os.path.exists(path + "-wal") else "")
+        raise CliError(f"group {group!r} has no state database ({path} does not exist; store.state({group!r}) "
+                       f"creates it){wal}", EXIT_NOT_FOUND)
+    return gid, path
+
+
+def open_state_sql_connection(path: str, group: str | None = None) -> tuple[apsw.Connection, bool]:
+    """:func:`open_state_readonly` checked to be a state database (of ``group`` when given: else a warning),
+    with the authorizer and statement guard of :func:`open_sql_connection`. :class:`CliError` when the file
+    is not a readable state database (exit 4)."""
+    try:
+        conn, live = open_state_readonly(path)
+    except (apsw.NotADBError, apsw.CorruptError) as exc:
+        raise CliError(f"{path} is not readable as a SQLite database ({exc}); delete it to rebuild the state "
+                       "from the log (store.state), or restore a snapshot", EXIT_CORRUPT) from None
+    except apsw.CantOpenError as exc:
+        raise CliError(f"cannot open {path}: {exc} (permissions?)", EXIT_NOT_FOUND) from None
+    try:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        owner = (conn.execute("SELECT group_name FROM raft_state_identity WHERE id=1").fetchone()
+                 if set(RESERVED_TABLES) <= names else None)
+    except apsw.Error as exc:
+        conn.close()
+        raise CliError(f"{path} is not readable ({type(exc).__name__}: {exc})", EXIT_CORRUPT) from None
+    if owner is None:
+        conn.close()
+        raise CliError(f"{path} is not a raft_sqlite state database (tables {', '.join(RESERVED_TABLES)} or its "
+                       "identity row missing)", EXIT_CORRUPT)
+    if group is not None and owner[0] != group:
+        err.print(f"warning: {_esc(path)} is the state database of group {_esc(repr(owner[0]))}, not "
+                  f"{_esc(repr(group))}")
+    conn.authorizer = _authorizer
+    conn.exec_trace = _exec_guard
+    return conn, live
+
+
+def read_state_applied(data_dir: str, gid: int) -> int | None:
+    """The applied index of group ``gid``'s state database (``raft_applied``), None when it has none. Opened
+    as :func:`open_state_readonly` (nothing created); apsw errors propagate."""
+    path = state_file(data_dir, gid)
+    if not os.path.isfile(path):
+        return None
+    conn, _ = open_state_readonly(path)
+    try:
+        row = conn.execute("SELECT applied_index FROM raft_applied WHERE id=1").fetchone()
+    finally:
+        conn.close()
+    return None if row is None else int(cast(int, row[0]))
+
+
+def state_applied(data_dir: str, gids: list[int]) -> dict[int, int | str]:
+    """Applied index per group id that has a state database (the ``applied`` of ``status`` and ``groups``):
+    an int, or the error text when the file cannot be read. One directory listing, one open per state file."""
+    folder = os.path.dirname(state_file(data_dir, 0))
+    try:
+        present = set(os.listdir(folder))
+    except OSError:
+        return {}
+    res: dict[int, int | str] = {}
+    for gid in gids:
+        if os.path.basename(state_file(data_dir, gid)) not in present:
+            continue
+        try:
+            applied = read_state_applied(data_dir, gid)
+        except (apsw.Error, RaftSqliteError, ValueError, TypeError) as exc:
+            res[gid] = f"unreadable: {type(exc).__name__}: {exc}"
+            continue
+        if applied is not None:
+            res[gid] = applied
+    return res
 
 
 def _cell(v: Any, raw: bool) -> Any:
@@ -867,12 +1010,47 @@ class SqlShell:
         ".output": _output, ".read": _read, ".dump": _dump, ".tables": _tables, ".schema": _schema}
 
 
-def _prompt_lines() -> Iterator[str | None]:
+class StateShell(SqlShell):
+    """:class:`SqlShell` on a state database (``raft-sqlite sql --state GROUP``). A state database read as an
+    immutable file (closed: :func:`open_state_readonly`) is reopened before a statement or dot-command when
+    the file changed since (a node opened or wrote it), outside a transaction begun at the prompt: a
+    statement never reads a stale page cache mixed with new pages."""
+
+    def __init__(self, path: str, group: str, fmt: str, raw: bool):
+        self._version = _file_version(path)  # before opening: a change in between is seen at the next statement
+        conn, self.live = open_state_sql_connection(path, group)
+        super().__init__(conn, fmt, raw)
+        self.path, self.group = path, group
+
+    def _fresh(self) -> None:
+        version = _file_version(self.path)
+        if self.live or self.conn.in_transaction or version == self._version:
+            return
+        if not os.path.isfile(self.path):
+            raise CliError(f"{self.path} was removed meanwhile (group {self.group!r} has no state database now)",
+                           EXIT_NOT_FOUND)
+        conn, live = open_state_sql_connection(self.path, self.group)
+        self.conn.close()
+        self.conn, self.live, self._version = conn, live, version
+
+    def statement(self, query: str) -> None:
+        """:meth:`SqlShell.statement` on a fresh connection (see the class)."""
+        self._fresh()
+        super().statement(query)
+
+    def dot(self, line: str) -> bool:
+        """:meth:`SqlShell.dot` on a fresh connection (see the class)."""
+        self._fresh()
+        return super().dot(line)
+
+
+def _prompt_lines(what: str = "") -> Iterator[str | None]:
     """Lines typed at the prompt (readline editing and history when available) until Ctrl-D; None after
-    Ctrl-C, which drops the statement being typed."""
+    Ctrl-C, which drops the statement being typed. ``what``: the banner's tail (default: raft.db's views)."""
     with contextlib.suppress(ImportError):  # deferred: optional module, line editing and history when available
         import readline  # noqa: F401
-    err.print(f"raft-sqlite sql (read-only). Type .help for help. {_REPL_HELP.splitlines()[-1]}")
+    err.print(f"raft-sqlite sql (read-only). Type .help for help. {what or _REPL_HELP.splitlines()[-1]}",
+              markup=False)
     buf = ""
     while True:
         try:
@@ -899,9 +1077,12 @@ def _prompt_lines() -> Iterator[str | None]:
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--raw-payload", is_flag=True, help="Print BLOBs (payloads, chunks) as full hex instead of "
               "'<length B> hexprefix'.")
+@click.option("--state", "state", metavar="GROUP", help="Query GROUP's state database (store.state(GROUP): "
+              "state/group-<id>.db, its tables and raft_applied) instead of raft.db; same read-only rules.")
 @friendly
-def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: bool) -> None:
-    """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`).
+def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: bool, state: str | None) -> None:
+    """Run a read-only SQL QUERY against the store (raft.db; chunks.db attached as `chunks`), or with
+    --state GROUP against that group's SQL state database.
 
     Without QUERY: an interactive prompt on a terminal, else the query is read from stdin. At the prompt
     and in scripts, sqlite3's dot-commands .tables .schema .dump .mode .headers .output .read .timer
@@ -909,15 +1090,26 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
     connection is opened read-only with query_only, an authorizer and a statement guard:
     INSERT/UPDATE/DELETE, DDL, ATTACH, VACUUM, ANALYZE, checkpoints and setting PRAGMAs are refused
     with exit code 5 before they run. Views: group_status, snapshot_chain, segments,
-    backup_history, recovery_log."""
+    backup_history, recovery_log.
+
+    --state GROUP: the group's state database (store.state): its tables, raft_applied (applied index and
+    term) and raft_state_identity, under the same rules; nothing is created beside it (read as an
+    immutable file while no process has it open). An unknown group, or one without a state database, is
+    exit code 3."""
     if as_json:
         fmt = "json"
-    conn = open_sql_connection(data_dir)
-    shell = SqlShell(conn, fmt, raw_payload)
+    shell: SqlShell
+    if state is None:
+        shell = SqlShell(open_sql_connection(data_dir), fmt, raw_payload)
+        banner = ""
+    else:
+        _, path = state_path(data_dir, state)
+        shell = StateShell(path, state, fmt, raw_payload)
+        banner = f"State database of group {state!r} ({os.path.relpath(path, data_dir)}): .tables lists its tables."
     try:
         if query is None:
             if sys.stdin.isatty():
-                shell.run(_prompt_lines(), bail=False)
+                shell.run(_prompt_lines(banner), bail=False)
                 return
             query = sys.stdin.read()
         if not query.strip():
@@ -928,7 +1120,7 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
             shell.statement(query)
     finally:
         shell.close()
-        conn.close()
+        shell.conn.close()
 
 
 # ---------------------------------------------------------------------------------------------- log
@@ -1213,8 +1405,9 @@ def log_cmd(data_dir: str, group: str | None, lo: int | None, hi: int | None, li
 @JSON_OPT
 @friendly
 def groups_cmd(data_dir: str, as_json: bool) -> None:
-    """List the node's groups: id, log bounds, term, vote, commit index and newest snapshot index. Cheap
-    with thousands of groups (one query, plus one index lookup per group); safe while the node runs."""
+    """List the node's groups: id, log bounds, term, vote, commit index, newest snapshot index and, for a
+    group with a SQL state database (store.state), its applied index. Cheap with thousands of groups (one
+    query, plus one index lookup per group and one open per state database); safe while the node runs."""
     conn = open_main_readonly(data_dir)
     try:
         with conn:  # one read transaction: a consistent listing while the node writes
@@ -1233,16 +1426,18 @@ def groups_cmd(data_dir: str, as_json: bool) -> None:
                             "voted_for": vote, "commit_index": commit, "snapshot_index": snap})
     finally:
         conn.close()
+    _add_applied(data_dir, res)
     if as_json:
         _dump_json(res)
         return
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("group", "id", "log", "term", "vote", "commit", "snapshot"):
+    states = any(g["applied"] is not None or "state_error" in g for g in res)
+    for col in ("group", "id", "log", "term", "vote", "commit", "snapshot") + (("applied",) if states else ()):
         t.add_column(col, no_wrap=True, justify="left" if col in ("group", "log", "vote") else "right")
     for g in res:
         t.add_row(_esc(str(g["name"])), str(g["group_id"]), f"{g['first_index']}..{g['last_index']}", str(g["term"]),
                   "-" if g["voted_for"] is None else _esc(str(g["voted_for"])), str(g["commit_index"]),
-                  str(g["snapshot_index"]))
+                  str(g["snapshot_index"]), *((_applied_cell(g),) if states else ()))
     print_wide(t)
     out.print(f"{len(res)} group(s)")
 
@@ -1772,7 +1967,12 @@ def serve(data_dir: str, host: str, port: int, allow_remote: bool) -> None:
     queries (group status, log tail per group, snapshot chains, recovery history, backups) of
     raft.db and chunks.db, payloads shown as size, UTF-8 preview and hex. Files are opened read-only
     (never immutable: it shows the live node), only GET requests and SELECTs are served, and each query
-    is one short read transaction (at most 1 s): safe while the node runs. Runs until Ctrl-C."""
+    is one short read transaction (at most 1 s): safe while the node runs. Runs until Ctrl-C.
+
+    Each group's SQL state database (store.state) is served too, as `state-<group>` (`state-g<id>` when the
+    name is not plain letters, digits, _ and -, or looks like g<digits>), with the canned query
+    raft_applied_position; one that no process has open (no WAL file) is read as an immutable file, so
+    that nothing is created beside it."""
     from . import web  # deferred: the optional extra `web` is imported only by this command
 
     try:
@@ -1786,6 +1986,7 @@ def serve(data_dir: str, host: str, port: int, allow_remote: bool) -> None:
     conn = open_main_readonly(checked)  # exit 3/4 before listening: not a store, unreadable, corrupt
     try:
         node = _node_record(conn, os.path.join(checked, layout.MAIN_DB))
+        groups = _groups(conn)  # whose state databases to serve too
     finally:
         conn.close()  # closed before the server opens the files through another SQLite library
     if remote:
@@ -1799,7 +2000,7 @@ def serve(data_dir: str, host: str, port: int, allow_remote: bool) -> None:
         sys.stdout.flush()
 
     try:
-        web.serve(checked, host=host, port=port, on_ready=ready,
+        web.serve(checked, host=host, port=port, on_ready=ready, groups=groups,
                   title=f"raft_sqlite node {node['node_id']} (cluster {node['cluster_id']})")
     except (web.ListenError, web.PathRefused) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

@@ -1,7 +1,9 @@
 """``raft-sqlite serve``: a read-only browser view of a (live) node, built on Datasette.
 
 What it serves: ``raft.db`` (tables, the inspection views of :mod:`raft_sqlite.sqlobjects` and the
-:data:`CANNED_QUERIES`: group status, log tail per group, snapshot chains, recovery history, backups) and ``chunks.db`` (snapshot chunk blobs), each as its own Datasette database. BLOB cells
+:data:`CANNED_QUERIES`: group status, log tail per group, snapshot chains, recovery history, backups), ``chunks.db``
+(snapshot chunk blobs) and every group's SQL state database (``store.state(group)``, named as
+:func:`state_db_name`, with :data:`STATE_QUERIES`), each as its own Datasette database. BLOB cells
 (payloads, chunks) are shown as size + UTF-8 preview + hex prefix (:func:`payload_preview`), as text: never
 rendered as HTML, never executed.
 
@@ -12,7 +14,9 @@ Why it is safe beside a running node, in layers:
 * Datasette: only SELECT statements run (its own check), downloads of whole database files are off.
 * SQLite: every file is opened ``mode=ro`` (Datasette's mode for a *mutable* file: it reads the live WAL;
   ``immutable=1`` would read stale or torn data while the node writes), each connection sets
-  ``PRAGMA query_only`` and an authorizer (:func:`authorizer`) that denies anything but reading.
+  ``PRAGMA query_only`` and an authorizer (:func:`authorizer`) that denies anything but reading. A state
+  database without a WAL file (no process has it open; unlike raft.db it keeps no WAL when closed) is served
+  ``immutable=1`` instead: ``mode=ro`` would create its ``-wal`` and ``-shm`` files (see :class:`StateDb`).
 * Locks: a reader never takes the write lock and never checkpoints; each query runs in its own short
   read transaction, bounded by Datasette's time limit (``sql_time_limit_ms``, 1 s), so the node's
   checkpoints are delayed by at most that long and never blocked by an idle browser page.
@@ -31,11 +35,12 @@ import codecs
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import socket
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -43,6 +48,7 @@ from typing import Any
 from . import layout
 from .dbrows import read_only_authorizer
 from .errors import RaftSqliteError
+from .sqlstate import STATE_DIR, state_file
 
 #: bytes of a BLOB shown as UTF-8 text / as hex in a cell
 PREVIEW_TEXT_BYTES = 96
@@ -92,6 +98,63 @@ LIMIT 100""",
         "sql": "SELECT * FROM backup_history ORDER BY backup_id DESC",
     },
 }
+
+
+#: Datasette names of the state databases start with this (raft.db and chunks.db are ``raft`` and ``chunks``)
+STATE_PREFIX = "state-"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID_NAME = re.compile(r"g[0-9]+")
+
+#: name -> Datasette canned query on every state database (names in the ``raft_`` namespace of the state
+#: machine's own tables, so that they hide no application table of that name but a reserved one)
+STATE_QUERIES: dict[str, dict[str, Any]] = {
+    "raft_applied_position": {
+        "title": "Applied position",
+        "description": "The last log entry applied to this state (index and term, committed in the same "
+                       "transaction as its changes) and whose state it is.",
+        "sql": "SELECT a.applied_index, a.applied_term, i.group_name, i.node_id, i.cluster_id, i.format, "
+               "datetime(i.created_at, 'unixepoch') AS created_utc FROM raft_applied a, raft_state_identity i",
+    },
+}
+
+
+def state_db_name(group: str, gid: int) -> str:
+    """The Datasette name of group ``group``'s state database: ``state-<group>`` when the name is plain
+    (letters, digits, ``_``, ``-``; at most 64) and not of the form ``g<digits>``, else ``state-g<gid>``. The
+    two forms never meet, so every group gets its own name whatever the names of the others."""
+    if _PLAIN_NAME.fullmatch(group) and not _ID_NAME.fullmatch(group):
+        return STATE_PREFIX + group
+    return f"{STATE_PREFIX}g{gid}"
+
+
+@dataclass(frozen=True)
+class StateDb:
+    """A state database served: its Datasette ``name``, its group, the file, and ``live``: its WAL file
+    exists (a process has it open, or stopped without closing it), so it is served ``mode=ro`` through the
+    WAL like raft.db. Else every change is in the file and nothing has it open: served ``immutable=1``,
+    which creates no file (``mode=ro`` would create ``-wal`` and ``-shm``); a node that opens the state
+    after the server started is then not seen until the server restarts."""
+
+    name: str
+    group: str
+    group_id: int
+    path: str
+    live: bool
+
+
+def state_databases(data_dir: str, groups: Mapping[str, int]) -> list[StateDb]:
+    """The state databases of ``groups`` (name -> group id, from raft.db) present in ``data_dir``, by name."""
+    found = []
+    for group, gid in groups.items():
+        path = os.path.abspath(state_file(data_dir, gid))
+        if os.path.isfile(path):
+            found.append(StateDb(state_db_name(group, gid), group, gid, path, os.path.exists(path + "-wal")))
+    return sorted(found, key=lambda d: d.name)
+
+
+def is_served(database: str) -> bool:
+    """Whether ``database`` is one this module serves (the hooks act on these only)."""
+    return database in (MAIN_NAME, CHUNKS_NAME) or database.startswith(STATE_PREFIX)
 
 
 class WebUnavailable(RaftSqliteError):
@@ -178,15 +241,16 @@ class RaftSqliteWebHooks:
 
     @staticmethod
     def render_cell(value: Any, database: str) -> str | None:
-        """BLOB cells of raft.db / chunks.db as :func:`payload_preview` (plain text: Datasette escapes it)."""
-        if database in (MAIN_NAME, CHUNKS_NAME) and isinstance(value, (bytes, bytearray, memoryview)):
+        """BLOB cells of raft.db / chunks.db / state databases as :func:`payload_preview` (plain text:
+        Datasette escapes it)."""
+        if is_served(database) and isinstance(value, (bytes, bytearray, memoryview)):
             return payload_preview(bytes(value))
         return None
 
     @staticmethod
     def prepare_connection(conn: sqlite3.Connection, database: str) -> None:
-        """``query_only`` and :func:`authorizer` on every connection to raft.db / chunks.db."""
-        if database in (MAIN_NAME, CHUNKS_NAME):
+        """``query_only`` and :func:`authorizer` on every connection to raft.db / chunks.db / a state database."""
+        if is_served(database):
             conn.execute("PRAGMA query_only=1")
             conn.set_authorizer(authorizer)
 
@@ -215,9 +279,9 @@ def _quiet_handled_errors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- app
-def metadata(title: str) -> dict[str, Any]:
+def metadata(title: str, states: list[StateDb] | None = None) -> dict[str, Any]:
     """Datasette metadata: title, descriptions, the canned queries, log entries newest first."""
-    return {
+    meta: dict[str, Any] = {
         "title": title,
         "description": "Read-only view of a raft_sqlite node (raft-sqlite serve). Payloads are shown as "
                        "size | utf-8 preview | hex prefix. Nothing here can write to the node.",
@@ -231,11 +295,23 @@ def metadata(title: str) -> dict[str, Any]:
             CHUNKS_NAME: {"description": "Snapshot chunk blobs (snapshot_id, seq, data, crc32)."},
         },
     }
+    for st in states or ():
+        meta["databases"][st.name] = {
+            "description": f"SQL state database of group {st.group!r} (id {st.group_id}, "
+                           f"{os.path.join(STATE_DIR, os.path.basename(st.path))}): the application's tables, "
+                           "raft_applied (the last applied entry) and raft_state_identity. "
+                           + ("Live: read through its WAL." if st.live else
+                              "No process had it open when the server started: served as an immutable file "
+                              "(restart the server to see a state a node opened since)."),
+            "queries": STATE_QUERIES,
+        }
+    return meta
 
 
-def build_app(data_dir: str, *, title: str) -> ASGIApp:
+def build_app(data_dir: str, *, title: str, groups: Mapping[str, int] | None = None) -> ASGIApp:
     """The read-only ASGI application serving ``data_dir`` (raft.db and, when present, chunks.db),
-    opened ``mode=ro`` (never immutable: the node is live). :class:`WebUnavailable` without Datasette."""
+    opened ``mode=ro`` (never immutable: the node is live), and the state databases of ``groups`` (name ->
+    group id) that exist (:class:`StateDb`). :class:`WebUnavailable` without Datasette."""
     bad = sorted(set("?#%") & set(os.path.abspath(data_dir)))
     if bad:
         raise PathRefused(f"cannot serve {data_dir!r}: its path holds {' '.join(bad)}, which Datasette would read as "
@@ -246,11 +322,16 @@ def build_app(data_dir: str, *, title: str) -> ASGIApp:
     _quiet_handled_errors()
     files = [os.path.abspath(os.path.join(data_dir, name)) for name in (layout.MAIN_DB, layout.CHUNKS_DB)
              if os.path.isfile(os.path.join(data_dir, name))]
+    states = state_databases(data_dir, groups or {})
     ds = ds_app.Datasette(
-        files=files, metadata=metadata(title), cors=False,
+        files=files, metadata=metadata(title, states), cors=False,
         settings={"allow_download": False, "default_cache_ttl": 0, "suggest_facets": False,
                   "sql_time_limit_ms": 1000},
     )
+    from datasette.database import Database  # deferred: optional extra ``web``
+
+    for st in states:
+        ds.add_database(Database(ds, path=st.path, is_mutable=st.live), name=st.name)
     app: ASGIApp = ds.app()
     return read_only_asgi(app)
 
@@ -312,17 +393,20 @@ class Serving:
 
 
 def serve(data_dir: str, *, host: str = "127.0.0.1", port: int = 8001, title: str = "raft_sqlite node",
-          on_ready: Callable[[Serving], None] | None = None) -> None:
+          on_ready: Callable[[Serving], None] | None = None, groups: Mapping[str, int] | None = None) -> None:
     """Serve ``data_dir`` read-only on ``host:port`` until interrupted (Ctrl-C / SIGINT, SIGTERM: a
-    graceful shutdown). ``on_ready`` is called once the socket listens (``port=0``: the URL has the
-    port chosen). The caller checks the host first (:func:`check_host`)."""
+    graceful shutdown); ``groups`` (name -> group id): whose state databases to serve too. ``on_ready`` is
+    called once the socket listens (``port=0``: the URL has the port chosen). The caller checks the host
+    first (:func:`check_host`)."""
     _, uvicorn = require()
-    app = build_app(data_dir, title=title)
+    app = build_app(data_dir, title=title, groups=groups)
     sock = bind(host, port)
     try:
         if on_ready is not None:
-            on_ready(Serving(url_of(sock), [n for n in (layout.MAIN_DB, layout.CHUNKS_DB)
-                                            if os.path.isfile(os.path.join(data_dir, n))]))
+            files = [n for n in (layout.MAIN_DB, layout.CHUNKS_DB) if os.path.isfile(os.path.join(data_dir, n))]
+            files += [os.path.join(STATE_DIR, os.path.basename(st.path))
+                      for st in state_databases(data_dir, groups or {})]
+            on_ready(Serving(url_of(sock), files))
         server = _server_class(uvicorn)(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         server.run(sockets=[sock])
     finally:

@@ -231,8 +231,8 @@ def test_allow_remote_warns(tmp_path, monkeypatch):
         s.log("g").append([LogEntry(1, 1, b"x")])
     called = {}
 
-    def fake_serve(data_dir, *, host, port, title, on_ready):
-        called.update(host=host, port=port, title=title)
+    def fake_serve(data_dir, *, host, port, title, on_ready, groups):
+        called.update(host=host, port=port, title=title, groups=groups)
         on_ready(web.Serving(f"http://{host}:{port}/", ["raft.db"]))
 
     monkeypatch.setattr(web, "require", lambda: (None, None))
@@ -242,7 +242,7 @@ def test_allow_remote_warns(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "warning" in r.output and "reachable from other machines" in r.output
     assert "read-only at http://0.0.0.0:8123/" in r.output
-    assert called == {"host": "0.0.0.0", "port": 8123, "title": "raft_sqlite node n1 (cluster c1)"}
+    assert called == {"host": "0.0.0.0", "port": 8123, "title": "raft_sqlite node n1 (cluster c1)", "groups": {"g": 1}}
 
 
 def test_missing_datasette_exits_6(tmp_path, monkeypatch):
@@ -487,3 +487,138 @@ def test_node_keeps_appending_while_browsed_and_its_wal_checkpoints(live):
     assert busy == 0 and frames == copied
     assert os.path.getsize(d / "raft.db-wal") == 0
     assert f"background {last}" in dom(q(url, "raft/log_tail", group="live"))  # still serving, still live
+
+
+# ---------------------------------------------------------------------------------------------- state databases
+STATE_SCHEMA = ["CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, blob BLOB)"]
+
+
+def kv_apply(conn, entry):
+    k, v = entry.data.decode().split("=", 1)
+    conn.execute("INSERT INTO kv(k, v, blob) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                 (k, v, b"\x00\xffblob " + k.encode()))
+
+
+def kv_entries(store, group, lo, hi):
+    store.log(group).append([LogEntry(i, 1, f"k{i}=v{i} ✓".encode()) for i in range(lo, hi + 1)])
+    store.metadata(group).set_commit_index(hi)
+    store.state(group, schema=STATE_SCHEMA, apply=kv_apply).catch_up()
+
+
+def json_of(url, path, **params):
+    import json
+
+    status, body = http(q(url, path, **params))
+    assert status == 200, (path, status, body[:500])
+    return json.loads(body)
+
+
+def state_folder(d):
+    folder = os.path.join(d, "state")
+    res = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            res[name] = f.read()
+    return res
+
+
+def test_state_db_names():
+    assert web.state_db_name("orders", 3) == "state-orders"
+    assert web.state_db_name("Orders_2-b", 3) == "state-Orders_2-b"
+    for odd in ("a b", "a/b", "räft", "x.y", "", "x" * 65, "g7", "g0"):  # not plain, or an id's form
+        assert web.state_db_name(odd, 9) == "state-g9", odd
+    names = [("g1", 5), ("g5", 1), ("a b", 2), ("ok", 3), ("state", 4)]
+    assert len({web.state_db_name(n, i) for n, i in names}) == len(names)  # never two the same
+    assert web.is_served("state-orders") and web.is_served("raft") and not web.is_served("_internal")
+
+
+def test_state_databases_served_read_only_beside_a_live_node(tmp_path):
+    """The state databases of a node open in this process: served by name, live (new applies are seen),
+    their canned query, BLOB previews; every write refused; opened O_RDONLY."""
+    need_server()
+    d = tmp_path / "node"
+    with open_store(d) as s:
+        kv_entries(s, "orders", 1, 30)
+        kv_entries(s, "a b", 1, 3)  # a name that is not plain: state-g<id>
+        s.log("plain").append([LogEntry(1, 1, b"no state")])
+        odd = s.kernel.group("a b").gid
+        orders = s.state("orders", schema=STATE_SCHEMA, apply=kv_apply)
+        srv = Server(d)
+        try:
+            index = json_of(srv.url, ".json")
+            assert {"raft", "chunks", "state-orders", f"state-g{odd}"} <= set(index), sorted(index)
+            assert not any(name.startswith("state-plain") for name in index)
+            rows = json_of(srv.url, "state-orders/kv.json", _shape="array", _sort="k")
+            assert len(rows) == 30 and {"k": "k1", "v": "v1 ✓"}.items() <= rows[0].items()
+            assert json_of(srv.url, f"state-g{odd}.json", sql="SELECT count(*) AS n FROM kv",
+                           _shape="array") == [{"n": 3}]
+            (pos,) = json_of(srv.url, "state-orders/raft_applied_position.json", _shape="array")
+            assert (pos["applied_index"], pos["applied_term"], pos["group_name"], pos["node_id"]) == (30, 1, "orders",
+                                                                                                      "n1")
+            before = orders.query("SELECT * FROM kv ORDER BY k")
+            for path in ("state-orders", "state-orders/kv", "state-orders/raft_applied_position"):
+                status, body = http(srv.url + path, data=b"sql=DELETE+FROM+kv", method="POST")
+                assert status == 405 and "read-only" in body, (path, status)
+            for sql in ("DELETE FROM kv", "WITH a AS (SELECT 1) DELETE FROM kv",
+                        "WITH a AS (SELECT 1) UPDATE raft_applied SET applied_index = 0",
+                        "UPDATE kv SET v = 'x'", "DROP TABLE kv", "PRAGMA journal_mode=DELETE",
+                        "PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "ATTACH 'x.db' AS x"):
+                status, body = http(q(srv.url, "state-orders", sql=sql))
+                assert status == 400, (sql, status)
+                assert "not authorized" in body or "must be a SELECT" in body or "disallowed PRAGMA" in body, (sql,
+                                                                                                               body)
+            assert http(srv.url + "state-orders.db")[0] in (403, 404)  # no download
+            assert orders.query("SELECT * FROM kv ORDER BY k") == before and orders.last_applied == 30
+            kv_entries(s, "orders", 31, 32)  # the node still applies, and the page shows it (live)
+            assert json_of(srv.url, "state-orders.json", sql="SELECT applied_index FROM raft_applied",
+                           _shape="array") == [{"applied_index": 32}]
+            if sys.platform.startswith("linux"):
+                modes = set()
+                for fd in os.listdir(f"/proc/{srv.proc.pid}/fd"):
+                    try:
+                        target = os.readlink(f"/proc/{srv.proc.pid}/fd/{fd}")
+                        with open(f"/proc/{srv.proc.pid}/fdinfo/{fd}") as f:
+                            flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+                    except (OSError, StopIteration):
+                        continue
+                    if target == orders.path:
+                        modes.add(flags & os.O_ACCMODE)
+                assert modes == {os.O_RDONLY}, modes
+            if CHROMIUM is not None:
+                page = dom(q(srv.url, "state-orders/kv", _sort="k"))
+                assert "v1 ✓" in page and "state-orders" in page
+                assert "9 B | hex: 00ff626c6f62206b31" in page  # BLOBs previewed like payloads
+                page = dom(srv.url)
+                assert 'href="/state-orders"' in page and f'href="/state-g{odd}"' in page
+                page = dom(q(srv.url, "state-orders", sql="DELETE FROM kv"))
+                assert "Statement must be a SELECT" in page
+                assert orders.last_applied == 32 and orders.query("SELECT count(*) FROM kv") == [(32,)]
+        finally:
+            out = srv.stop()
+    assert "stopped" in out
+
+
+def test_serving_a_stopped_nodes_state_creates_nothing(tmp_path):
+    """A stopped node's state database (no WAL file: nothing has it open) is served as an immutable file: no
+    -wal or -shm is created beside it, its bytes do not change; the CLI names the file it serves."""
+    need_server()
+    d = tmp_path / "node"
+    with open_store(d) as s:
+        kv_entries(s, "orders", 1, 12)
+    before = state_folder(d)
+    assert len(before) == 1  # closed: the database file alone
+    srv = Server(d)
+    try:
+        rows = json_of(srv.url, "state-orders/kv.json", _shape="array", _sort="k")
+        assert [r["k"] for r in rows][:3] == ["k1", "k10", "k11"] and len(rows) == 12
+        assert json_of(srv.url, "state-orders/raft_applied_position.json", _shape="array")[0]["applied_index"] == 12
+        for path in ("", "state-orders", "state-orders/raft_applied", "state-orders/raft_state_identity"):
+            assert http(srv.url + path)[0] == 200, path
+        status, body = http(q(srv.url, "state-orders", sql="WITH a AS (SELECT 1) DELETE FROM kv"))
+        assert status == 400 and "not authorized" in body
+        assert state_folder(d) == before
+    finally:
+        srv.stop()
+    assert state_folder(d) == before
+    with open_store(d) as s:  # and the node opens it as before
+        assert s.state("orders", schema=STATE_SCHEMA, apply=kv_apply).last_applied == 12
