@@ -555,45 +555,6 @@ def open_sql_connection(data_dir: str, *, attach_chunks: bool = True) -> apsw.Co
 
 
 # ---------------------------------------------------------------------------------------------- state databases
-def open_state_readonly(path: str) -> tuple[apsw.Connection, bool]:
-    """A read-only connection on the state database ``path`` (``store.state(group)``, WAL mode) that creates
-    and writes nothing, and whether it reads the live WAL. The state database keeps no WAL file while no
-    connection has it open (unlike raft.db): a plain read-only open would then create ``-wal`` and ``-shm``
-    files (and a stray ``-wal`` beside a state database deleted later reads as an orphaned WAL). So:
-
-    * ``-wal`` present (a node has the state open, or it stopped without closing it): ``SQLITE_OPEN_READONLY``
-      like raft.db, one more WAL reader (SQLite may create the ``-shm`` index, as for raft.db);
-    * no ``-wal``: every committed change is in the database file itself and no connection has it open:
-      read as ``immutable=1`` (no WAL, no locks, no file created). A node that opens the state while this
-      connection is open writes to its WAL, which this connection does not see (:class:`StateShell` reopens
-      between statements when the file changes).
-
-    ``query_only`` is set; :class:`NotAStoreError` if the file is missing, ``apsw.NotADBError`` if it is not
-    a database."""
-    live = os.path.exists(path + "-wal")
-    if live or not os.path.isfile(path):
-        return open_readonly(path), live
-    conn = apsw.Connection(f"file:{quote(os.path.abspath(path))}?mode=ro&immutable=1",
-                           flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
-    try:
-        conn.execute("PRAGMA query_only=1")
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # NotADBError on a garbage file
-    except BaseException:
-        conn.close()
-        raise
-    return conn, False
-
-
-def _file_version(path: str) -> tuple[int, int, int, bool]:
-    """What changes when a closed state database is opened or written: its inode, size and mtime, and
-    whether its WAL exists."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return (0, 0, 0, False)
-    return (st.st_ino, st.st_size, st.st_mtime_ns, os.path.exists(path + "-wal"))
-
-
 def state_path(data_dir: str, group: str) -> tuple[int, str]:
     """The group id and the state database path of ``group``: :class:`CliError` (exit 3) when the store has no
     such group or the group has no state database (nothing is created)."""
@@ -611,12 +572,13 @@ def state_path(data_dir: str, group: str) -> tuple[int, str]:
     return gid, path
 
 
-def open_state_sql_connection(path: str, group: str | None = None) -> tuple[apsw.Connection, bool]:
-    """:func:`open_state_readonly` checked to be a state database (of ``group`` when given: else a warning),
-    with the authorizer and statement guard of :func:`open_sql_connection`. :class:`CliError` when the file
-    is not a readable state database (exit 4)."""
+def open_state_sql_connection(path: str, group: str | None = None) -> apsw.Connection:
+    """A read-only connection (:func:`open_readonly`, like raft.db's: the state database keeps its WAL file
+    across opens, so nothing is created) checked to be a state database (of ``group`` when given: else a
+    warning), with the authorizer and statement guard of :func:`open_sql_connection`. :class:`CliError` when
+    the file is not a readable state database (exit 4)."""
     try:
-        conn, live = open_state_readonly(path)
+        conn = open_readonly(path)
     except (apsw.NotADBError, apsw.CorruptError) as exc:
         raise CliError(f"{path} is not readable as a SQLite database ({exc}); delete it to rebuild the state "
                        "from the log (store.state), or restore a snapshot", EXIT_CORRUPT) from None
@@ -638,16 +600,16 @@ def open_state_sql_connection(path: str, group: str | None = None) -> tuple[apsw
                   f"{_esc(repr(group))}")
     conn.authorizer = _authorizer
     conn.exec_trace = _exec_guard
-    return conn, live
+    return conn
 
 
 def read_state_applied(data_dir: str, gid: int) -> int | None:
     """The applied index of group ``gid``'s state database (``raft_applied``), None when it has none. Opened
-    as :func:`open_state_readonly` (nothing created); apsw errors propagate."""
+    read-only (:func:`open_readonly`); apsw errors propagate."""
     path = state_file(data_dir, gid)
     if not os.path.isfile(path):
         return None
-    conn, _ = open_state_readonly(path)
+    conn = open_readonly(path)
     try:
         row = conn.execute("SELECT applied_index FROM raft_applied WHERE id=1").fetchone()
     finally:
@@ -1010,40 +972,6 @@ class SqlShell:
         ".output": _output, ".read": _read, ".dump": _dump, ".tables": _tables, ".schema": _schema}
 
 
-class StateShell(SqlShell):
-    """:class:`SqlShell` on a state database (``raft-sqlite sql --state GROUP``). A state database read as an
-    immutable file (closed: :func:`open_state_readonly`) is reopened before a statement or dot-command when
-    the file changed since (a node opened or wrote it), outside a transaction begun at the prompt: a
-    statement never reads a stale page cache mixed with new pages."""
-
-    def __init__(self, path: str, group: str, fmt: str, raw: bool):
-        self._version = _file_version(path)  # before opening: a change in between is seen at the next statement
-        conn, self.live = open_state_sql_connection(path, group)
-        super().__init__(conn, fmt, raw)
-        self.path, self.group = path, group
-
-    def _fresh(self) -> None:
-        version = _file_version(self.path)
-        if self.live or self.conn.in_transaction or version == self._version:
-            return
-        if not os.path.isfile(self.path):
-            raise CliError(f"{self.path} was removed meanwhile (group {self.group!r} has no state database now)",
-                           EXIT_NOT_FOUND)
-        conn, live = open_state_sql_connection(self.path, self.group)
-        self.conn.close()
-        self.conn, self.live, self._version = conn, live, version
-
-    def statement(self, query: str) -> None:
-        """:meth:`SqlShell.statement` on a fresh connection (see the class)."""
-        self._fresh()
-        super().statement(query)
-
-    def dot(self, line: str) -> bool:
-        """:meth:`SqlShell.dot` on a fresh connection (see the class)."""
-        self._fresh()
-        return super().dot(line)
-
-
 def _prompt_lines(what: str = "") -> Iterator[str | None]:
     """Lines typed at the prompt (readline editing and history when available) until Ctrl-D; None after
     Ctrl-C, which drops the statement being typed. ``what``: the banner's tail (default: raft.db's views)."""
@@ -1093,9 +1021,8 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
     backup_history, recovery_log.
 
     --state GROUP: the group's state database (store.state): its tables, raft_applied (applied index and
-    term) and raft_state_identity, under the same rules; nothing is created beside it (read as an
-    immutable file while no process has it open). An unknown group, or one without a state database, is
-    exit code 3."""
+    term) and raft_state_identity, under the same rules. An unknown group, or one without a state
+    database, is exit code 3."""
     if as_json:
         fmt = "json"
     shell: SqlShell
@@ -1104,7 +1031,7 @@ def sql(data_dir: str, query: str | None, fmt: str, as_json: bool, raw_payload: 
         banner = ""
     else:
         _, path = state_path(data_dir, state)
-        shell = StateShell(path, state, fmt, raw_payload)
+        shell = SqlShell(open_state_sql_connection(path, state), fmt, raw_payload)
         banner = f"State database of group {state!r} ({os.path.relpath(path, data_dir)}): .tables lists its tables."
     try:
         if query is None:

@@ -27,6 +27,7 @@ state after some whole batch, never half of one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import struct
@@ -279,6 +280,10 @@ class SqlStateMachine:
             if not fresh:
                 self._check_identity(conn, self.path, exact_node=True)
             conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            # keep the WAL file across opens (as raft.db does): a read-only reader (`raft-sqlite sql --state`,
+            # `serve`, any SQLite client) of a closed state database then never has to create it
+            one = ctypes.c_int(1)
+            conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(one))
             # why NORMAL by default: every entry applied is already durable in the Raft log, and the
             # applied index commits atomically with the state, so a power loss that drops the newest state
             # transactions only makes the next catch_up apply them again from the log, exactly once
@@ -289,8 +294,8 @@ class SqlStateMachine:
                 fsio.sync_dir(os.path.dirname(self.path))
         except (apsw.NotADBError, apsw.CorruptError) as exc:
             conn.close()
-            raise CorruptionError(f"{self.path}: the state database is damaged ({exc}); delete it to rebuild the "
-                                  "state from the log and snapshots") from exc
+            raise CorruptionError(f"{self.path}: the state database is damaged ({exc}); delete it (and its -wal, "
+                                  "-shm) to rebuild the state from the log and snapshots") from exc
         except BaseException:
             conn.close()
             raise
@@ -336,7 +341,7 @@ class SqlStateMachine:
             raise RecoveryRefused(
                 f"{self.path}: the state has applied entries up to {index}, but the log of group {self.group!r} "
                 f"ends at {g.last_index}: the log lost entries the state applied. Delete the state database "
-                f"to rebuild it from the log and snapshots, or restore the log.")
+                f"(and its -wal, -shm) to rebuild it from the log and snapshots, or restore the log.")
         actual = None
         if g.first_index <= index <= g.last_index:
             actual = self._host.log(self.group).term(index)
@@ -523,7 +528,7 @@ class SqlStateMachine:
         if lo < lg.first_index or index - 1 > lg.last_index:
             raise LogGapError(f"group {self.group!r}: entry {index} does not follow the last applied {lo - 1}, and "
                               f"the log does not hold the entries in between")
-        gap = lg.entries(lo, index)
+        gap: list[LogEntry] = lg.entries(lo, index)
         normal = [e.index for e in gap if e.kind is EntryKind.NORMAL]
         if normal:
             raise LogGapError(f"group {self.group!r}: entry {index} does not follow the last applied {lo - 1}: entry "

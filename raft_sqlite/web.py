@@ -14,9 +14,8 @@ Why it is safe beside a running node, in layers:
 * Datasette: only SELECT statements run (its own check), downloads of whole database files are off.
 * SQLite: every file is opened ``mode=ro`` (Datasette's mode for a *mutable* file: it reads the live WAL;
   ``immutable=1`` would read stale or torn data while the node writes), each connection sets
-  ``PRAGMA query_only`` and an authorizer (:func:`authorizer`) that denies anything but reading. A state
-  database without a WAL file (no process has it open; unlike raft.db it keeps no WAL when closed) is served
-  ``immutable=1`` instead: ``mode=ro`` would create its ``-wal`` and ``-shm`` files (see :class:`StateDb`).
+  ``PRAGMA query_only`` and an authorizer (:func:`authorizer`) that denies anything but reading (the state
+  databases too).
 * Locks: a reader never takes the write lock and never checkpoints; each query runs in its own short
   read transaction, bounded by Datasette's time limit (``sql_time_limit_ms``, 1 s), so the node's
   checkpoints are delayed by at most that long and never blocked by an idle browser page.
@@ -129,17 +128,13 @@ def state_db_name(group: str, gid: int) -> str:
 
 @dataclass(frozen=True)
 class StateDb:
-    """A state database served: its Datasette ``name``, its group, the file, and ``live``: its WAL file
-    exists (a process has it open, or stopped without closing it), so it is served ``mode=ro`` through the
-    WAL like raft.db. Else every change is in the file and nothing has it open: served ``immutable=1``,
-    which creates no file (``mode=ro`` would create ``-wal`` and ``-shm``); a node that opens the state
-    after the server started is then not seen until the server restarts."""
+    """A state database served: its Datasette ``name``, its group and the file (served ``mode=ro`` through its
+    WAL like raft.db: a state database keeps its WAL file across opens, so nothing is created)."""
 
     name: str
     group: str
     group_id: int
     path: str
-    live: bool
 
 
 def state_databases(data_dir: str, groups: Mapping[str, int]) -> list[StateDb]:
@@ -148,7 +143,7 @@ def state_databases(data_dir: str, groups: Mapping[str, int]) -> list[StateDb]:
     for group, gid in groups.items():
         path = os.path.abspath(state_file(data_dir, gid))
         if os.path.isfile(path):
-            found.append(StateDb(state_db_name(group, gid), group, gid, path, os.path.exists(path + "-wal")))
+            found.append(StateDb(state_db_name(group, gid), group, gid, path))
     return sorted(found, key=lambda d: d.name)
 
 
@@ -299,10 +294,7 @@ def metadata(title: str, states: list[StateDb] | None = None) -> dict[str, Any]:
         meta["databases"][st.name] = {
             "description": f"SQL state database of group {st.group!r} (id {st.group_id}, "
                            f"{os.path.join(STATE_DIR, os.path.basename(st.path))}): the application's tables, "
-                           "raft_applied (the last applied entry) and raft_state_identity. "
-                           + ("Live: read through its WAL." if st.live else
-                              "No process had it open when the server started: served as an immutable file "
-                              "(restart the server to see a state a node opened since)."),
+                           "raft_applied (the last applied entry) and raft_state_identity.",
             "queries": STATE_QUERIES,
         }
     return meta
@@ -331,7 +323,7 @@ def build_app(data_dir: str, *, title: str, groups: Mapping[str, int] | None = N
     from datasette.database import Database  # deferred: optional extra ``web``
 
     for st in states:
-        ds.add_database(Database(ds, path=st.path, is_mutable=st.live), name=st.name)
+        ds.add_database(Database(ds, path=st.path, is_mutable=True), name=st.name)
     app: ASGIApp = ds.app()
     return read_only_asgi(app)
 
