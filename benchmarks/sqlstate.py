@@ -23,26 +23,34 @@ Every row starts from a fresh, empty state database (untimed); the warm-up of ev
 the entries.
 
 **restart**: a log of each size of ``--log-entries`` (built with ``FsyncMode.OFF`` for speed: durability of
-the build is not what is measured), all committed and applied (``catch_up``), the store closed cleanly.
-Timed: ``NodeStore.open`` (FULL) + ``store.state(...)`` + ``catch_up()`` with nothing to apply, and the same
-when the state is ``--resume-tail`` entries behind (its database put back from a copy, untimed). The open
-is reported apart: it validates the log (record CRCs of the entries after the last snapshot), which is
-the store's recovery, not the state machine's.
+the build is not what is measured), all committed and applied (``catch_up``), the store closed cleanly; in
+two data_dirs: without a snapshot (the whole log kept), and with a state snapshot (``state.snapshot()``) at
+the last index and the log compacted to its last ``--resume-tail`` entries. Timed: ``NodeStore.open``
+(FULL) + ``store.state(...)`` + ``catch_up()`` with nothing to apply, and the same when the state is
+``--resume-tail`` entries behind (its database put back from a copy, untimed). The open is reported apart
+(with the entries it validated): it validates the log's record CRCs, which is the store's recovery, not
+the state machine's, and is what grows with the log when nothing is compacted.
 
 **snapshot**: a state database of ``--state-mib`` MiB (rows of 1000 random bytes, 4 per 4 KiB page, loaded
 through ``state.apply`` by entries that each insert 4096 rows with a recursive CTE) in a store opened with
 ``FsyncMode.FULL``. Rows:
 
 * raw copy + fsync of the state database file (the baseline of a FULL snapshot);
+* ``store.snapshots(g).write`` of the same bytes (read from the file in chunk-sized pieces) to another group:
+  the snapshot store alone, default settings, to tell its cost from the state machine's;
 * ``state.snapshot(kind=FULL)`` while another thread appends single entries (FULL) to another group of the
   same store and a third applies one state entry (an UPDATE of 100 rows) every 10 ms: snapshot time,
   append p50/p99 and apply max during the snapshot;
 * the same appends with no snapshot for ``--append-seconds`` (idle p50/p99);
 * ``state.snapshot(kind=DELTA)`` after applying entries that change ``--delta-pct`` % of the rows (the
-  apply untimed).
+  apply untimed, and an untimed DELTA first that takes what the FULL rows' updater applied).
+
+Reported once, outside the rounds: the first FULL snapshot after the load (the session extension holds
+every row loaded), its time and the slowest apply during it.
 
 ``--json FILE`` writes every row's rounds and medians and the run's date, commit and load (``meta``).
-Targets (printed, not asserted): apply with deltas >= 50% of bare apsw at b=1024; resume 1M / 10k <= 2x;
+Targets (printed, not asserted): apply with deltas >= 50% of bare apsw at b=1024; resume 1M / 10k <= 2x
+(with the snapshot and compaction);
 FULL snapshot >= 50% of a raw copy; append p99 during the snapshot <= 2x idle.
 """
 
