@@ -55,7 +55,7 @@ from .errors import (
     StorageFault,
 )
 from .objectstore import stream_online_backup
-from .snapshot import SnapshotManager, SnapshotMeta
+from .snapshot import SnapshotKind, SnapshotManager, SnapshotMeta
 
 log = logging.getLogger("raft_sqlite.sqlstate")
 
@@ -65,6 +65,9 @@ STATE_DIR = "state"
 STRUCTURE_NAME = "sql"
 #: prefix of the temporary files in the state folder (a restore's copy, a capture's changeset)
 STATE_TEMP_PREFIX = ".raft_sqlite-"
+#: memory the session extension may hold for the changes since the last capture; beyond it they are no longer
+#: recorded and the next capture stores the state whole
+SESSION_MAX_BYTES = 64 << 20
 #: format of the state database's bookkeeping rows
 STATE_FORMAT = 1
 #: tables the state machine owns inside the state database (user tables must not use these names)
@@ -461,6 +464,11 @@ class SqlStateMachine:
                 raise
             self._in_apply = False
             self._applied = (index, term)
+            if self._session is not None and self._session.memory_used > SESSION_MAX_BYTES:
+                # the changes since the last capture outgrew a DELTA's worth: stop recording them (the next
+                # capture stores the state whole, and recording starts again there)
+                self._session.close()
+                self._session = None
             return n
 
     def catch_up(self, upto: int | None = None, *, batch: int = 1024,
@@ -483,7 +491,7 @@ class SqlStateMachine:
         buf: list[LogEntry] = []
         if self.last_applied >= hi:
             return self.last_applied
-        for e in self._host.iter_replay(self.group, start=self.last_applied + 1, upto=hi, chunk=batch):
+        for e in self._host.iter_replay(self.group, start=self.last_applied + 1, upto=hi, chunk=max(batch, 1024)):
             buf.append(e)
             if len(buf) >= batch:
                 self.apply(buf)
@@ -572,6 +580,11 @@ class SqlStateMachine:
         return str(_one(conn, "SELECT group_concat(type || ':' || name || ':' || coalesce(sql, ''), char(10)) "
                               "FROM (SELECT * FROM sqlite_schema ORDER BY type, name)") or "")
 
+    @staticmethod
+    def _has_table_without_key(conn: apsw.Connection) -> bool:
+        return bool(_one(conn, "SELECT count(*) FROM sqlite_schema s WHERE s.type = 'table' AND s.name NOT LIKE "
+                               "'sqlite_%' AND NOT EXISTS (SELECT 1 FROM pragma_table_info(s.name) WHERE pk > 0)"))
+
     def _restart_session(self) -> None:
         """Start recording changes from the current state (the base of the next DELTA). Under ``_lock``."""
         if self._session is not None:
@@ -580,12 +593,16 @@ class SqlStateMachine:
         self._session_schema = None
         if not self.deltas:
             return
+        schema = self._schema_text(self._conn)
+        if self._has_table_without_key(self._conn):
+            # the session extension ignores tables without a PRIMARY KEY, and its rowid mode loses changes
+            # (SQLite 3.54: inserts forgotten after ~127 changes, so a DELTA deletes rows its parent never
+            # had): such a schema is snapshotted whole, every time
+            return
         s = apsw.Session(self._conn, "main")
-        # rowid tables without a PRIMARY KEY are recorded by rowid: no table is left out of a delta
-        s.config(apsw.SQLITE_SESSION_OBJCONFIG_ROWID, 1)
         s.attach()
         self._session = s
-        self._session_schema = self._schema_text(self._conn)
+        self._session_schema = schema
 
     def snapshot(self, *, kind: Any = None) -> SnapshotMeta:
         """Take a durable snapshot of the state at :attr:`last_applied` through
@@ -611,7 +628,14 @@ class SqlStateMachine:
                     index, term = read_applied(reader, self.path)
                     if index == 0:
                         raise SnapshotError(f"group {self.group!r}: nothing is applied yet, no state to snapshot")
-                    delta = self._take_delta()
+                    # the changeset is written only when the capture will be a DELTA (its size follows the
+                    # changes since the last capture, and apply waits meanwhile)
+                    want = SnapshotKind(kind) if kind is not None else None
+                    delta: str | None = None
+                    if want is SnapshotKind.DELTA or (want is None and sm.delta_parent(index) is not None):
+                        delta = self._take_delta()
+                    else:
+                        self._restart_session()
                     self._pinned = (reader, index, term, delta)
                 try:
                     meta: SnapshotMeta = sm.capture(index, term, kind=kind)

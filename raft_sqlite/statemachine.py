@@ -260,12 +260,8 @@ class StateMachineSnapshotManager:
             parent: SnapshotMeta | None = None
             want = SnapshotKind(kind) if kind is not None else None
             if want is not SnapshotKind.FULL:
-                k, head = mgr.next_kind()
-                if k is SnapshotKind.DELTA and head is not None and head.id == self._base_id \
-                        and head.index <= index and sorted(e["name"] for e in (head.structures or {}).get(
-                            "structures", [])) == self.names():
-                    parent = head
-                elif want is SnapshotKind.DELTA:
+                parent = self.delta_parent(index)
+                if parent is None and want is SnapshotKind.DELTA:
                     raise SnapshotError(f"group {self.group!r}: a DELTA is not possible now (no suitable parent)")
             skind = SnapshotKind.DELTA if parent is not None else SnapshotKind.FULL
             self._base_id = None  # until this capture is durable
@@ -304,6 +300,16 @@ class StateMachineSnapshotManager:
             assert meta is not None, "set by the writer's finish() when the with block ended cleanly"
             self._base_id = meta.id
             return meta
+
+    def delta_parent(self, index: int) -> SnapshotMeta | None:
+        """The snapshot a capture at ``index`` (``kind`` None) would be a DELTA on, or None (it would be FULL):
+        the newest snapshot, when the chain policy allows a DELTA on it, it is the one the structures'
+        change tracking is relative to, it is not above ``index`` and it holds the registered structures."""
+        k, head = self.snapshots.next_kind()
+        if k is SnapshotKind.DELTA and head is not None and head.id == self._base_id and head.index <= index \
+                and sorted(e["name"] for e in (head.structures or {}).get("structures", [])) == self.names():
+            return head
+        return None
 
     def _stream_structure(self, w: SnapshotWriter, name: str, s: Any, delta_ok: bool, index: int,
                           term: int) -> tuple[str, str]:

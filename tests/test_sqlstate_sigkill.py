@@ -15,9 +15,10 @@ earlier kill (what a power loss may do to a ``durable=False`` state); when the l
 copy, the restart must restore the snapshot chain (FULL + DELTAs) before applying the log. A third campaign
 aims its kills at ``state.snapshot()`` and at the restore, deletes the state database before restarts
 (node replacement of the state) and rebuilds it from the snapshot chain and the log.
-CI: 15-20 kills per campaign; ``-m slow``: 200 (``SQLSTATE_KILLS``), also with a table without a PRIMARY KEY
-(xfail: see :func:`test_delta_of_a_table_without_primary_key`). Two bugs the campaign found are pinned by
-strict xfail tests at the end of this file.
+CI: 15-20 kills per campaign; ``-m slow``: 200 (``SQLSTATE_KILLS``), also with a table without a PRIMARY KEY.
+Two bugs the campaign found (fixed) are pinned by the tests at the end of this file: DELTAs of a table without
+a PRIMARY KEY (such a schema is now snapshotted whole), and temporary files a kill left in the state folder
+(removed at the next open).
 """
 
 from __future__ import annotations
@@ -281,9 +282,7 @@ def test_sqlstate_kills_in_snapshot_then_state_lost(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nopk", [False, pytest.param(True, marks=pytest.mark.xfail(
-    reason="DELTAs of tables without a PRIMARY KEY are wrong after 127+ changes (see "
-           "test_delta_of_a_table_without_primary_key)", strict=False))], ids=["pk", "nopk"])
+@pytest.mark.parametrize("nopk", [False, True], ids=["pk", "nopk"])
 def test_sqlstate_exactly_once_sigkill_slow(tmp_path, nopk):
     kills = int(os.environ.get("SQLSTATE_KILLS", "200"))
     tally = campaign(tmp_path, kills=kills, durable=False, seed=21, name=f"exactly-once SIGKILL (slow{', nopk' * nopk})",
@@ -311,10 +310,6 @@ def _put(conn, e):
         conn.execute("DELETE FROM t WHERE v = ?", (v,))
 
 
-@pytest.mark.xfail(strict=True, reason="bug (found by the slow campaign): the session extension's changeset of a "
-                   "rowid table (SQLITE_SESSION_OBJCONFIG_ROWID) loses an INSERT once the table has 127+ changes in "
-                   "the session, so the DELTA holds a DELETE of a row its parent never had and the chain cannot "
-                   "be restored")
 def test_delta_of_a_table_without_primary_key(tmp_path):
     """A row inserted and deleted between two snapshots, with 130 other rows inserted in between, in a table
     without a PRIMARY KEY: the DELTA must restore (FULL + DELTA rebuild the state after the log is compacted)."""
@@ -368,9 +363,6 @@ else:  # SIGKILL while a FULL snapshot is restored (its copy is in a temporary d
 """
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a SIGKILL inside state.snapshot() or inside the restore of a FULL "
-                   "leaves .raft_sqlite-delta-* / .raft_sqlite-restore-*.db in data_dir/state/ for ever (nothing "
-                   "removes them at open or later)")
 def test_kills_leave_no_temporary_files_in_state(tmp_path):
     data_dir = str(tmp_path / "node")
     ap = lambda conn, e: conn.execute("INSERT INTO t(i) VALUES (?)", (e.index,))  # noqa: E731
