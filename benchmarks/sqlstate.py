@@ -199,7 +199,7 @@ def apply_part(d, a, payload):
     out = []
     for b in batches:
         base = res[f"b={b} bare apsw"]
-        for kind, label in APPLY_KINDS:
+        for _kind, label in APPLY_KINDS:
             r = res[f"b={b} {label}"]
             out.append([f"{b:,}", f"{sizes[b]:,}", label, f"{r.med('rate'):,.0f}", f"{r.ratio('rate', base):.2f}x"])
     table = md_table(["entries / txn", "entries", "applied by", "entries/s", "vs bare apsw"], out)
