@@ -87,15 +87,26 @@ _BOOKKEEPING_DDL = (
 
 #: SQLite authorizer codes refused inside ``apply`` (see :meth:`SqlStateMachine._authorize`)
 _DENIED_OPS = {apsw.SQLITE_TRANSACTION: "BEGIN/COMMIT/ROLLBACK", apsw.SQLITE_ATTACH: "ATTACH",
-               apsw.SQLITE_DETACH: "DETACH"}
+               apsw.SQLITE_DETACH: "DETACH",
+               # TEMP objects live in the connection, not in the state: replicas and restarts would differ
+               apsw.SQLITE_CREATE_TEMP_TABLE: "CREATE TEMP TABLE", apsw.SQLITE_CREATE_TEMP_TRIGGER: "CREATE TEMP TRIGGER",
+               apsw.SQLITE_CREATE_TEMP_VIEW: "CREATE TEMP VIEW", apsw.SQLITE_CREATE_TEMP_INDEX: "CREATE TEMP INDEX"}
+#: ops whose table is ``p2`` (``p1``: the trigger or index)
+_ON_TABLE_OPS = (apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_DROP_TRIGGER, apsw.SQLITE_CREATE_INDEX,
+                 apsw.SQLITE_DROP_INDEX)
+#: pragmas refused inside ``apply`` when they set a value: kept in the file header, not in any table, so a
+#: DELTA (a changeset of rows) would not carry them
+_DENIED_PRAGMA_WRITES = frozenset({"user_version", "application_id"})
 #: pragmas refused inside ``apply``: they change durability, locking or the schema behind SQLite's back
 #: (the session extension itself reads ``table_info``-like pragmas, which stay allowed)
 _DENIED_PRAGMAS = frozenset({"journal_mode", "synchronous", "locking_mode", "wal_checkpoint", "wal_autocheckpoint",
                              "writable_schema", "query_only", "schema_version", "fullfsync", "checkpoint_fullfsync",
                              "auto_vacuum", "incremental_vacuum", "page_size", "ignore_check_constraints",
-                             "foreign_keys", "defer_foreign_keys", "journal_size_limit", "temp_store", "mmap_size"})
+                             "foreign_keys", "defer_foreign_keys", "journal_size_limit", "temp_store", "mmap_size",
+                             # connection behaviour that is not part of the state (replicas would differ)
+                             "recursive_triggers", "case_sensitive_like", "reverse_unordered_selects"})
 _WRITE_OPS = (apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE, apsw.SQLITE_DROP_TABLE,
-              apsw.SQLITE_ALTER_TABLE, apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_CREATE_INDEX)
+              apsw.SQLITE_ALTER_TABLE)
 
 ApplyFn = Callable[[apsw.Connection, LogEntry], object]
 Schema = Any  # sqlalchemy.MetaData | str | Sequence[str] | None
@@ -163,6 +174,17 @@ def _ddl_of(schema: Schema) -> list[str]:
         out.append(str(CreateTable(t).compile(dialect=dialect)).strip())
         out.extend(str(CreateIndex(ix).compile(dialect=dialect)).strip() for ix in t.indexes)
     return out
+
+
+def _reader_authorizer(op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None) -> int:
+    """Pooled readers: no ATTACH/DETACH, no TEMP object (either would stay on the connection for the next
+    ``read()``)."""
+    return apsw.SQLITE_DENY if op in _DENIED_OPS and op != apsw.SQLITE_TRANSACTION else apsw.SQLITE_OK
+
+
+def _ident(name: str) -> str:
+    """``name`` quoted as an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _one(conn: apsw.Connection, sql: str, bindings: Sequence[Any] = ()) -> Any:
@@ -240,12 +262,16 @@ class SqlStateMachine:
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._commit_ok = False
+        self._epoch = 0  # +1 at every restore: a capture pinned before one must not be a DELTA
         self._fault: BaseException | None = None
         self._in_apply = False
         self._session: apsw.Session | None = None
-        self._session_schema: str | None = None
-        self._pinned: tuple[apsw.Connection, int, int, str | None] | None = None
+        self._session_schema: int | None = None  # schema_version when the session started
+        # a capture's pin (snapshot()): reader in its read transaction, index, term, changeset file, epoch
+        self._pinned: tuple[apsw.Connection, int, int, str | None, int] | None = None
         self._conn = self._open()
+        self._conn.set_commit_hook(self._commit_hook)
         self._applied = read_applied(self._conn, self.path)
         self._check_against_log()
         self._restart_session()
@@ -355,6 +381,34 @@ class SqlStateMachine:
                 f"{self.path}: the state applied entry {index} of term {term}, but the log of group "
                 f"{self.group!r} has term {actual} there: the state and the log have forked")
 
+    def _resync_applied(self) -> None:
+        """Read the applied position back from the write connection (after an error or an interrupt)."""
+        try:
+            self._applied = read_applied(self._conn, self.path)
+        except (apsw.Error, CorruptionError) as exc:
+            self._note_fault(exc)
+
+    def _check_replace(self) -> None:
+        """Under ``_lock``, before a restore replaces the state: open, and not from inside ``apply``."""
+        self._check_open()
+        if self._in_apply:
+            raise RaftSqliteError(f"group {self.group!r}: the state cannot be restored from inside apply()")
+
+    @contextlib.contextmanager
+    def _committing(self) -> Iterator[None]:
+        """The state machine's own commit on the write connection (see :meth:`_commit_hook`)."""
+        self._commit_ok = True
+        try:
+            yield
+        finally:
+            self._commit_ok = False
+
+    def _commit_hook(self) -> bool:
+        """Veto (True) every commit of the write connection but the state machine's own: a statement that ends
+        the batch's transaction inside ``apply`` (INSERT OR ROLLBACK, RAISE(ROLLBACK)) must not let the
+        writes after it autocommit outside any batch, nor may a connection kept by the application."""
+        return not self._commit_ok
+
     def _check_open(self) -> None:
         if self._closed:
             raise RaftSqliteError(f"{self.path}: the state machine of group {self.group!r} is closed")
@@ -370,9 +424,11 @@ class SqlStateMachine:
             self._fault = exc
             log.error("%s: storage error, the state machine of group %r stops: %r", self.path, self.group, exc)
 
-    def opened_with(self, schema: Schema, apply: ApplyFn | None) -> bool:
-        """Whether ``schema`` and ``apply`` (None: not given) are the ones this state machine was opened with."""
-        return (schema is None or schema is self._schema_arg) and (apply is None or apply is self._apply_fn)
+    def opened_with(self, schema: Schema, apply: ApplyFn | None, durable: bool | None = None,
+                    deltas: bool | None = None) -> bool:
+        """Whether the arguments given (None: not given) are the ones this state machine was opened with."""
+        return (schema is None or schema is self._schema_arg) and (apply is None or apply is self._apply_fn) \
+            and (durable is None or bool(durable) == self.durable) and (deltas is None or bool(deltas) == self.deltas)
 
     # ------------------------------------------------------------------ positions
     @property
@@ -391,9 +447,15 @@ class SqlStateMachine:
         """Inside ``apply``: no transaction control, ATTACH/DETACH or pragmas that change durability or
         locking (they would break the batch's one transaction or its durability), and no write to the
         bookkeeping tables."""
-        if op in _DENIED_OPS or (op == apsw.SQLITE_PRAGMA and (p1 or "").lower() in _DENIED_PRAGMAS):
+        if op in _DENIED_OPS:
             return apsw.SQLITE_DENY
+        if op == apsw.SQLITE_PRAGMA:
+            name = (p1 or "").lower()
+            if name in _DENIED_PRAGMAS or (p2 is not None and name in _DENIED_PRAGMA_WRITES):
+                return apsw.SQLITE_DENY
         if op in _WRITE_OPS and p1 in RESERVED_TABLES:
+            return apsw.SQLITE_DENY
+        if op in _ON_TABLE_OPS and p2 in RESERVED_TABLES:  # a trigger or an index: p2 names its table
             return apsw.SQLITE_DENY
         return apsw.SQLITE_OK
 
@@ -419,8 +481,8 @@ class SqlStateMachine:
             index, term = self._applied
             n = 0
             cur: LogEntry | None = None
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 self._in_apply = True
                 # once per batch: setting an authorizer expires every prepared statement (re-prepared, and
                 # so re-authorized, on their next use)
@@ -442,7 +504,7 @@ class SqlStateMachine:
                                                f"term {term} of entry {index}")
                     cur = e
                     fn(conn, e)
-                    if conn.get_autocommit():
+                    if conn.get_autocommit():  # e.g. INSERT OR ROLLBACK: the batch is gone
                         raise RaftSqliteError("apply ended the batch's transaction")
                     index, term = ei, e.term
                     n += 1
@@ -451,18 +513,22 @@ class SqlStateMachine:
                 if n:
                     conn.execute("UPDATE raft_applied SET applied_index=?, applied_term=?, crc32=? WHERE id=1",
                                  (index, term, applied_crc(index, term)))
-                conn.execute("COMMIT")
+                with self._committing():
+                    conn.execute("COMMIT")
             except BaseException as exc:
-                self._in_apply = False
                 conn.authorizer = None
                 self._note_fault(exc)
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
+                # the applied position is what the database says: an interrupt (KeyboardInterrupt) may land
+                # after the COMMIT returned, and the batch is then applied
+                self._resync_applied()
                 if cur is not None and isinstance(exc, Exception):
                     raise ApplyError(f"group {self.group!r}: apply of entry {cur.index} failed: {exc!r}; the batch "
                                      "was rolled back", cur.index) from exc
                 raise
-            self._in_apply = False
+            finally:
+                self._in_apply = False
             self._applied = (index, term)
             if self._session is not None and self._session.memory_used > SESSION_MAX_BYTES:
                 # the changes since the last capture outgrew a DELTA's worth: stop recording them (the next
@@ -510,11 +576,17 @@ class SqlStateMachine:
         ``(False, None)`` when the entry was applied before (a replay after restart). Entries of the log
         between :attr:`last_applied` and ``index`` that are NOOP or CONFIG (which engines apply without
         calling the application, e.g. a new leader's no-op) are recorded as applied in the same transaction;
-        a NORMAL one there raises :class:`LogGapError`. Otherwise the same rules and errors as :meth:`apply`."""
+        a NORMAL one there raises :class:`LogGapError`. When the log holds ``index``, its term there must be
+        ``term`` (:class:`LogConflictError`). Otherwise the same rules and errors as :meth:`apply`."""
         index = int_arg("index", index)
         term = int_arg("term", term)
         out: list[Any] = []
         with self._lock:
+            if index > self._applied[0]:
+                lg = self._host.log(self.group)
+                if lg.first_index <= index <= lg.last_index and lg.term(index) != term:
+                    raise LogConflictError(f"group {self.group!r}: entry {index} has term {lg.term(index)} in the "
+                                           f"log, not {term}")
             batch = self._gap_entries(index) + [LogEntry(index, term, b"")]
 
             def run(conn: apsw.Connection, e: LogEntry) -> None:
@@ -554,6 +626,7 @@ class SqlStateMachine:
         if conn is None:
             conn = self._connect(self.path, readonly=True)
             conn.execute("PRAGMA query_only=1").fetchall()
+            conn.authorizer = _reader_authorizer  # pooled: nothing a query does may outlive its block
         ok = False
         try:
             conn.execute("BEGIN")
@@ -576,33 +649,68 @@ class SqlStateMachine:
             return [tuple(r) for r in conn.execute(sql, bindings)]
 
     # ------------------------------------------------------------------ snapshots
-    def _schema_text(self, conn: apsw.Connection) -> str:
-        return str(_one(conn, "SELECT group_concat(type || ':' || name || ':' || coalesce(sql, ''), char(10)) "
-                              "FROM (SELECT * FROM sqlite_schema ORDER BY type, name)") or "")
+    @staticmethod
+    def _schema_version(conn: apsw.Connection) -> int:
+        """SQLite's schema cookie: it changes with every DDL statement (a DROP and a CREATE of the same text
+        too), which a changeset of rows does not carry."""
+        return int(_one(conn, "PRAGMA schema_version"))
 
     @staticmethod
-    def _has_table_without_key(conn: apsw.Connection) -> bool:
-        return bool(_one(conn, "SELECT count(*) FROM sqlite_schema s WHERE s.type = 'table' AND s.name NOT LIKE "
-                               "'sqlite_%' AND NOT EXISTS (SELECT 1 FROM pragma_table_info(s.name) WHERE pk > 0)"))
+    def delta_unsafe(conn: apsw.Connection) -> str | None:
+        """Why a changeset of the session extension could restore this schema wrongly (then every capture
+        stores the state whole), or None. Each rule was found by a test that restored a wrong or an
+        unrestorable state:
+
+        * a table without a PRIMARY KEY: the session ignores it, and its rowid mode loses inserts (SQLite
+          3.54: after ~127 changes a DELTA deletes rows its parent never had);
+        * a row whose primary key is NULL (rowid tables allow it unless the column is NOT NULL; the session
+          ignores such rows: checked when the recording starts and when the changeset is taken, one index
+          lookup per table; a composite key whose columns may be NULL is refused outright) or a key that
+          compares with a collation other than BINARY (a delete of 'a' and an insert of 'A' conflict);
+        * AUTOINCREMENT (``sqlite_sequence`` has no primary key: its counters would not follow);
+        * a trigger, or a foreign key with an ON DELETE/UPDATE action: applying the changeset would run
+          them a second time over rows the changeset already holds."""
+        if _one(conn, "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'"):
+            return "a trigger"
+        if _one(conn, "SELECT count(*) FROM sqlite_schema WHERE name = 'sqlite_sequence'"):
+            return "AUTOINCREMENT"
+        tables = [r[0] for r in conn.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND "
+                                             "type = 'table' AND name NOT LIKE 'sqlite_%'") if r]
+        rowid = {r[0]: not r[1] for r in conn.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' "
+                                                      "AND type = 'table'")}
+        for t in tables:
+            pk = [(r[0], str(r[1] or "").upper(), r[2]) for r in
+                  conn.execute("SELECT name, type, \"notnull\" FROM pragma_table_info(?) WHERE pk > 0", (t,))]
+            if not pk:
+                return f"table {t!r} has no PRIMARY KEY"
+            alias = rowid.get(t, True) and len(pk) == 1 and pk[0][1] == "INTEGER"  # the rowid itself
+            if not alias and rowid.get(t, True) and len(pk) > 1 and any(not notnull for _, _, notnull in pk):
+                return f"table {t!r} has a composite PRIMARY KEY whose columns may be NULL"
+            if not alias and rowid.get(t, True) and not pk[0][2]:  # TEXT PRIMARY KEY and the like
+                q = f"SELECT 1 FROM {_ident(t)} WHERE {_ident(pk[0][0])} IS NULL LIMIT 1"  # the key's index
+                if _one(conn, q):
+                    return f"table {t!r} has a row whose PRIMARY KEY is NULL"
+            if _one(conn, "SELECT count(*) FROM pragma_index_list(?) l, pragma_index_xinfo(l.name) x WHERE "
+                          "l.origin = 'pk' AND x.key = 1 AND upper(x.coll) != 'BINARY'", (t,)):
+                return f"table {t!r} has a PRIMARY KEY with a collation other than BINARY"
+            if _one(conn, "SELECT count(*) FROM pragma_foreign_key_list(?) WHERE upper(on_delete) != 'NO ACTION' "
+                          "OR upper(on_update) != 'NO ACTION'", (t,)):
+                return f"table {t!r} has a foreign key with an ON DELETE/UPDATE action"
+        return None
 
     def _restart_session(self) -> None:
-        """Start recording changes from the current state (the base of the next DELTA). Under ``_lock``."""
+        """Start recording changes from the current state (the base of the next DELTA), unless deltas are off
+        or the schema is one a changeset cannot carry (:meth:`delta_unsafe`). Under ``_lock``."""
         if self._session is not None:
             self._session.close()
             self._session = None
         self._session_schema = None
-        if not self.deltas:
-            return
-        schema = self._schema_text(self._conn)
-        if self._has_table_without_key(self._conn):
-            # the session extension ignores tables without a PRIMARY KEY, and its rowid mode loses changes
-            # (SQLite 3.54: inserts forgotten after ~127 changes, so a DELTA deletes rows its parent never
-            # had): such a schema is snapshotted whole, every time
+        if not self.deltas or self.delta_unsafe(self._conn) is not None:
             return
         s = apsw.Session(self._conn, "main")
         s.attach()
         self._session = s
-        self._session_schema = schema
+        self._session_schema = self._schema_version(self._conn)
 
     def snapshot(self, *, kind: Any = None) -> SnapshotMeta:
         """Take a durable snapshot of the state at :attr:`last_applied` through
@@ -624,6 +732,9 @@ class SqlStateMachine:
             reader = self._connect(self.path, readonly=True)
             try:
                 with self._lock:
+                    if self._in_apply:  # this thread is inside apply: the batch is not committed
+                        raise SnapshotError(f"group {self.group!r}: snapshot() cannot run from inside apply()")
+                    epoch = self._epoch
                     reader.execute("BEGIN")
                     index, term = read_applied(reader, self.path)
                     if index == 0:
@@ -636,11 +747,15 @@ class SqlStateMachine:
                         delta = self._take_delta()
                     else:
                         self._restart_session()
-                    self._pinned = (reader, index, term, delta)
+                    self._pinned = (reader, index, term, delta, epoch)
                 try:
                     meta: SnapshotMeta = sm.capture(index, term, kind=kind)
                 finally:
                     self._pinned = None
+                    if self._epoch != epoch:
+                        # a restore replaced the state after the pin: the change tracking now starts from the
+                        # restored state, not from this capture (the next capture is FULL)
+                        sm.forget_tracking()
                     if delta is not None:
                         with contextlib.suppress(OSError):
                             os.unlink(delta)
@@ -655,7 +770,7 @@ class SqlStateMachine:
         a new session from now; None when no DELTA is possible (deltas off, schema changed)."""
         s, schema = self._session, self._session_schema
         path = None
-        if s is not None and schema == self._schema_text(self._conn):
+        if s is not None and schema == self._schema_version(self._conn) and self.delta_unsafe(self._conn) is None:
             fd, path = tempfile.mkstemp(prefix=STATE_TEMP_PREFIX + "delta-", dir=os.path.dirname(self.path))
             with os.fdopen(fd, "wb") as f:
 
@@ -707,7 +822,7 @@ class SqlStateMachine:
 
     def _delta_into(self, write: Callable[[bytes], object], index: int, term: int) -> bool:
         pinned = self._pinned
-        if pinned is None or pinned[1:3] != (index, term) or pinned[3] is None:
+        if pinned is None or pinned[1:3] != (index, term) or pinned[3] is None or pinned[4] != self._epoch:
             return False
         write(_DELTA_MAGIC)
         with open(pinned[3], "rb") as f:
@@ -747,14 +862,16 @@ class SqlStateMachine:
                 # this node's identity, written in the copy before it replaces the state (one atomic step)
                 t.execute("UPDATE raft_state_identity SET node_id=? WHERE id=1", (self._host.node_id,))
                 with self._lock:
-                    self._check_open()
+                    self._check_replace()
                     try:
-                        with self._conn.backup("main", t, "main") as b:
+                        with self._committing(), self._conn.backup("main", t, "main") as b:
                             b.step(-1)
                     except apsw.Error as exc:
                         raise SnapshotError(f"{self.path}: replacing the state failed: {exc}") from exc
-                    self._applied = read_applied(self._conn, self.path)
-                    self._restart_session()
+                    finally:
+                        self._epoch += 1
+                        self._resync_applied()
+                        self._restart_session()
             finally:
                 t.close()
         finally:
@@ -773,29 +890,43 @@ class SqlStateMachine:
                                   f"(conflict {reason} on table {change.name!r})")
 
         with self._lock:
-            self._check_open()
+            self._check_replace()
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 apsw.Changeset.apply(data, conn, conflict=conflict,
                                      flags=apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT)
                 got = read_applied(conn, self.path)
                 if got != (index, term):
                     raise CorruptionError(f"group {self.group!r}: the delta at {index}/{term} leaves the state at "
                                           f"{got[0]}/{got[1]}")
-                conn.execute("COMMIT")
+                with self._committing():
+                    conn.execute("COMMIT")
             except BaseException:
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
+                self._resync_applied()
+                self._epoch += 1
+                self._restart_session()
                 raise
             self._applied = got
+            self._epoch += 1
             self._restart_session()
 
-    def restore_snapshot(self) -> SnapshotMeta | None:
+    def restore_snapshot(self, *, force: bool = False) -> SnapshotMeta | None:
         """Replace the state with the newest valid snapshot chain of the group (verified before anything is
-        touched; see ``StateMachineSnapshotManager.restore``); returns its head, or None if there is none."""
-        meta: SnapshotMeta | None = self._host.state_machine(self.group).restore()
-        return meta
+        touched; see ``StateMachineSnapshotManager.restore``); returns its head, or None if there is none.
+        Forward only unless ``force``: when the newest snapshot is not beyond :attr:`last_applied`, nothing is
+        touched and None is returned. Each snapshot of the chain is applied in one transaction, so a chain
+        that fails half-way (a DELTA that does not apply) leaves the state of an earlier snapshot of it,
+        consistent with its applied position; the error propagates."""
+        sm = self._host.state_machine(self.group)
+        with self._snap_lock:
+            latest = sm.snapshots.latest()
+            if latest is None or (not force and latest.index <= self.last_applied):
+                return None
+            meta: SnapshotMeta | None = sm.restore()
+            return meta
 
     def verify(self) -> None:
         """Check the state database: SQLite's ``integrity_check``, its identity and ``raft_applied`` rows, and

@@ -301,6 +301,12 @@ class StateMachineSnapshotManager:
             self._base_id = meta.id
             return meta
 
+    def forget_tracking(self) -> None:
+        """Forget which snapshot the structures' change tracking is relative to: the next capture is FULL
+        (a structure whose state was replaced behind a capture's back calls it)."""
+        with self._lock:
+            self._base_id = None
+
     def delta_parent(self, index: int) -> SnapshotMeta | None:
         """The snapshot a capture at ``index`` (``kind`` None) would be a DELTA on, or None (it would be FULL):
         the newest snapshot, when the chain policy allows a DELTA on it, it is the one the structures'

@@ -716,29 +716,32 @@ class NodeStore:
         return self._view("sm", group, lambda name: StateMachineSnapshotManager(self, name))
 
     def state(self, group: str | int = "default", *, schema: Schema = None, apply: ApplyFn | None = None,
-              durable: bool = False, deltas: bool = True) -> SqlStateMachine:
+              durable: bool | None = None, deltas: bool | None = None) -> SqlStateMachine:
         """The SQL state machine of ``group`` (:class:`~raft_sqlite.sqlstate.SqlStateMachine`): its state is the
         SQLite database ``data_dir/state/group-<id>.db``, created on first use with the tables of ``schema``
         (a SQLAlchemy ``MetaData``, a DDL string or a list of them; run once, when the file is created).
         ``apply(conn, entry)`` applies one committed entry inside the batch's transaction, which also records
         the applied index and term. ``durable`` syncs every applied batch (default: no; the log is the
-        durable record, and an applied batch lost to power loss is applied again). ``deltas`` records the
-        changes between snapshots with SQLite's session extension so that snapshots can be DELTAs.
+        durable record, and an applied batch lost to power loss is applied again). ``deltas`` (default: yes)
+        records the changes between snapshots with SQLite's session extension so that snapshots can be
+        DELTAs (a schema a changeset cannot carry is stored whole: ``SqlStateMachine.delta_unsafe``).
 
         Opening checks the database (its identity, the CRC of its applied position, and that the log holds
         what it applied: :class:`RecoveryRefused` otherwise) and registers it as structure ``"sql"`` of
-        :meth:`state_machine`. Later calls return the same object (arguments given again must not differ)."""
+        :meth:`state_machine`. Later calls return the same object (arguments given again must not differ:
+        ValueError)."""
         name = self.kernel.ensure_group(group)
         cur: SqlStateMachine | None = self._views.get(("sql", name))
         if cur is not None:
-            if not cur.opened_with(schema, apply):
-                raise ValueError(f"group {name!r}: the state machine is already open with another schema or apply")
+            if not cur.opened_with(schema, apply, durable, deltas):
+                raise ValueError(f"group {name!r}: the state machine is already open with other arguments (schema, "
+                                 "apply, durable or deltas)")
             return cur
         with self._state_lock:
             cur = self._views.get(("sql", name))
             if cur is None:
                 cur = SqlStateMachine(self, name, self.kernel.group(name).gid, schema=schema, apply=apply,
-                                      durable=durable, deltas=deltas)
+                                      durable=bool(durable), deltas=True if deltas is None else bool(deltas))
                 self._views[("sql", name)] = cur
             return cur
 

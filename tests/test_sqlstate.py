@@ -737,3 +737,251 @@ def test_a_group_whose_snapshots_belong_to_another_writer_refuses_state_snapshot
         with pytest.raises(SnapshotError, match="another user"):
             sm.snapshot()
         assert [m.index for m in st.snapshots("g").list()] == [5]
+
+
+# ---------------------------------------------------------------------------------------------- review findings
+def sql_apply(conn: apsw.Connection, e: LogEntry) -> None:
+    """Each entry's data: SQL statements separated by ';;'."""
+    for stmt in e.data.decode().split(";;"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
+def sql_fill(st: NodeStore, cmds: list[str], start: int) -> None:
+    st.log("g").append([LogEntry(start + i, 1, c.encode()) for i, c in enumerate(cmds)])
+    if st.metadata("g").current_term < 1:
+        st.metadata("g").set_term_and_vote(1, None)
+    st.metadata("g").set_commit_index(start + len(cmds) - 1)
+
+
+def whole_state(sm) -> dict:
+    """Every row of every table (sqlite_sequence too) and the header values a DELTA could miss."""
+    tables = [r[0] for r in sm.query("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
+    out = {t: sorted(sm.query(f'SELECT * FROM "{t}"'), key=repr) for t in tables if t != "raft_state_identity"}
+    out["user_version"] = sm.query("PRAGMA user_version")
+    return out
+
+
+#: schema, commands before the first snapshot, commands between the two (each schema once made a DELTA that
+#: restored a wrong state or could not be restored)
+DELTA_CASES = {
+    "fk_cascade": (["CREATE TABLE p(id INTEGER PRIMARY KEY, v)",
+                    "CREATE TABLE c(id INTEGER PRIMARY KEY, pid REFERENCES p(id) ON DELETE CASCADE)"],
+                   ["INSERT INTO p VALUES (1,'a');;INSERT INTO p VALUES (2,'b')", "INSERT INTO c VALUES (10,1)"],
+                   ["INSERT INTO c VALUES (11,1)", "DELETE FROM p WHERE id=1"]),
+    "fk_set_null": (["CREATE TABLE p(id INTEGER PRIMARY KEY, v)",
+                     "CREATE TABLE c(id INTEGER PRIMARY KEY, pid REFERENCES p(id) ON DELETE SET NULL)"],
+                    ["INSERT INTO p VALUES (1,'a');;INSERT INTO c VALUES (10,1)"],
+                    ["UPDATE p SET v='q';;DELETE FROM p WHERE id=1"]),
+    "trigger": (["CREATE TABLE a(id INTEGER PRIMARY KEY, v)", "CREATE TABLE audit(n INTEGER PRIMARY KEY, what)",
+                 "CREATE TRIGGER ta AFTER INSERT ON a BEGIN INSERT INTO audit(what) VALUES ('ins ' || new.id); END"],
+                ["INSERT INTO a VALUES (1,'x')"], ["INSERT INTO a VALUES (2,'y')", "INSERT INTO a VALUES (3,'z')"]),
+    "autoincrement": (["CREATE TABLE ev(id INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT)"],
+                      ["INSERT INTO ev(what) VALUES ('a')"],
+                      ["INSERT INTO ev(what) VALUES ('b');;INSERT INTO ev(what) VALUES ('c')",
+                       "DELETE FROM ev WHERE what IN ('b','c')"]),
+    "null_in_text_key": (["CREATE TABLE n(k TEXT PRIMARY KEY, v)"], ["INSERT INTO n VALUES (NULL,1)"],
+                         ["INSERT INTO n VALUES (NULL,2);;UPDATE n SET v=3 WHERE k IS NULL"]),
+    "nocase_key": (["CREATE TABLE t(k TEXT PRIMARY KEY COLLATE NOCASE, v)"], ["INSERT INTO t VALUES ('a',1)"],
+                   ["DELETE FROM t WHERE k='A';;INSERT INTO t VALUES ('A',2)"]),
+    "drop_and_recreate": (["CREATE TABLE t(id INTEGER PRIMARY KEY, v)"],
+                          ["INSERT INTO t VALUES (1,'a');;INSERT INTO t VALUES (2,'b')"],
+                          ["DROP TABLE t;;CREATE TABLE t(id INTEGER PRIMARY KEY, v)", "INSERT INTO t VALUES (3,'c')"]),
+    "without_rowid_and_generated": (["CREATE TABLE w(a TEXT, b INT, v, PRIMARY KEY(a,b)) WITHOUT ROWID",
+                                     "CREATE TABLE g(id INTEGER PRIMARY KEY, v, s AS (v*2) STORED)"],
+                                    ["INSERT INTO w VALUES ('x',1,1);;INSERT INTO g(id,v) VALUES (1,1)"],
+                                    ["INSERT INTO w VALUES ('y',2,2);;UPDATE w SET v=9 WHERE a='x';;"
+                                     "UPDATE g SET v=7 WHERE id=1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DELTA_CASES))
+def test_a_delta_chain_restores_exactly_the_live_state(tmp_path, case):
+    schema, first, second = DELTA_CASES[case]
+    d = tmp_path / "n"
+    with open_store(d) as st:
+        sm = st.state("g", schema=schema, apply=sql_apply)
+        sql_fill(st, first, 1)
+        sm.catch_up()
+        sm.snapshot()
+        sql_fill(st, second, len(first) + 1)
+        sm.catch_up()
+        meta = sm.snapshot()
+        assert meta.kind is SnapshotKind.DELTA
+        live = whole_state(sm)
+        st.log("g").compact(meta.index)
+    for p in os.listdir(d / "state"):
+        os.unlink(d / "state" / p)
+    with open_store(d) as st:
+        sm = st.state("g", schema=schema, apply=sql_apply)
+        assert sm.catch_up() == meta.index
+        assert whole_state(sm) == live
+        if case in ("without_rowid_and_generated",):
+            assert sql_mode(meta) == "delta"  # a schema a changeset carries keeps its deltas
+
+
+def test_text_keys_without_nulls_keep_their_deltas(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        sm = st.state("g", schema=["CREATE TABLE t(k TEXT PRIMARY KEY, v)"], apply=sql_apply)
+        sql_fill(st, ["INSERT INTO t VALUES ('a', 1)"], 1)
+        sm.catch_up()
+        sm.snapshot()
+        sql_fill(st, ["INSERT INTO t VALUES ('b', 2)"], 2)
+        sm.catch_up()
+        assert sql_mode(sm.snapshot()) == "delta"
+
+
+@pytest.mark.parametrize("sql", ["PRAGMA user_version=7", "PRAGMA application_id=7", "PRAGMA recursive_triggers=1",
+                                 "CREATE TEMP TRIGGER tt AFTER INSERT ON t BEGIN SELECT 1; END",
+                                 "CREATE TEMP TABLE x(a)",
+                                 "CREATE TRIGGER tb AFTER UPDATE ON raft_applied BEGIN SELECT 1; END",
+                                 "CREATE INDEX ib ON raft_applied(applied_term)"])
+def test_apply_cannot_change_what_a_replica_or_a_restart_would_not_have(tmp_path, sql):
+    with open_store(tmp_path / "n") as st:
+        sm = st.state("g", schema=["CREATE TABLE t(id INTEGER PRIMARY KEY)"], apply=sql_apply)
+        sql_fill(st, ["INSERT INTO t VALUES (1)", sql], 1)
+        with pytest.raises(ApplyError) as ei:
+            sm.catch_up(batch=1)
+        assert isinstance(ei.value.__cause__, apsw.AuthError) and ei.value.index == 2
+        assert sm.applied == (1, 1)
+    with open_store(tmp_path / "n") as st:
+        sm = st.state("g", schema=["CREATE TABLE t(id INTEGER PRIMARY KEY)"], apply=sql_apply)
+        # reading those pragmas stays allowed
+        assert sm.apply_command(2, 1, lambda c: c.execute("PRAGMA user_version").fetchall()) == (True, [(0,)])
+
+
+def test_writes_after_a_statement_that_rolls_the_batch_back_do_not_escape(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        sm = st.state("g", schema=["CREATE TABLE t(id INTEGER PRIMARY KEY ON CONFLICT ROLLBACK, v)"])
+        kept = []
+
+        def fn(conn):
+            kept.append(conn)
+            conn.execute("INSERT INTO t VALUES (1, 'a')")
+            with contextlib.suppress(apsw.ConstraintError):
+                conn.execute("INSERT INTO t VALUES (1, 'again')")  # rolls the whole transaction back
+            conn.execute("INSERT INTO t VALUES (2, 'escaped?')")  # would autocommit
+
+        for _ in range(3):
+            with pytest.raises((ApplyError, apsw.Error)):
+                sm.apply_command(1, 1, fn)
+        assert sm.query("SELECT * FROM t") == [] and sm.applied == (0, 0)
+        with pytest.raises(apsw.ConstraintError):  # a connection kept for later cannot commit either
+            kept[0].execute("INSERT INTO t VALUES (3, 'later')")
+        assert sm.query("SELECT * FROM t") == []
+
+
+def test_an_interrupt_after_the_commit_keeps_the_position_right(tmp_path, monkeypatch):
+    """KeyboardInterrupt (any async exception) landing after COMMIT returned: the batch is applied, and the
+    next call must not apply it again; one landing after BEGIN must not leave the transaction open."""
+    from raft_sqlite import sqlstate
+    with open_store(tmp_path / "n") as st:
+        fill(st, 20)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        orig = sqlstate.SqlStateMachine._committing
+
+        @contextlib.contextmanager
+        def interrupted(self):
+            with orig(self):
+                yield
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(sqlstate.SqlStateMachine, "_committing", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sm.catch_up(upto=10)
+        monkeypatch.undo()
+        assert sm.applied == (10, 1)
+        assert sm.catch_up() == 20
+        assert state_of(sm) == expected(20)
+
+        def interrupt(conn, e):
+            raise KeyboardInterrupt
+
+        fill(st, 25, start=21)
+        with pytest.raises(KeyboardInterrupt):
+            sm.apply([LogEntry(21, 1, cmd(21))], interrupt)
+        assert sm.applied == (20, 1)
+        assert sm.catch_up() == 25 and state_of(sm) == expected(25)
+
+
+def test_snapshot_or_restore_from_inside_apply_is_refused(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        fill(st, 10)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.catch_up(upto=5)
+        sm.snapshot()
+        with pytest.raises(ApplyError) as ei:
+            sm.apply_command(6, 1, lambda c: sm.snapshot())
+        assert isinstance(ei.value.__cause__, SnapshotError)
+        with pytest.raises(ApplyError):
+            sm.apply_command(6, 1, lambda c: sm.restore_snapshot(force=True))
+        assert sm.applied == (5, 1)
+
+
+def test_a_restore_between_a_captures_pin_and_its_write_makes_the_next_capture_full(tmp_path):
+    d = tmp_path / "n"
+    with open_store(d) as st:
+        fill(st, 40, commit=10)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.catch_up()
+        sm.snapshot()
+        st.metadata("g").set_commit_index(20)
+        sm.catch_up()
+        reg = st.state_machine("g")
+        orig = reg.capture
+
+        def capture(*a, **k):  # another thread restores the state after the pin (an install's restore does)
+            t = threading.Thread(target=reg.restore)
+            t.start()
+            t.join()
+            assert sm.applied == (10, 1)
+            return orig(*a, **k)
+
+        reg.capture = capture
+        sm.snapshot()  # at 20, from its pin
+        reg.capture = orig
+        st.metadata("g").set_commit_index(30)
+        sm.catch_up()  # 11..30 from the restored state at 10
+        meta = sm.snapshot()
+        assert sql_mode(meta) == "full"  # the changes since the restore are not relative to the capture at 20
+        st.log("g").compact(30)
+    for p in os.listdir(d / "state"):
+        os.unlink(d / "state" / p)
+    with open_store(d) as st:
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        assert sm.catch_up() == 30 and state_of(sm) == expected(30)
+
+
+def test_restore_snapshot_goes_forward_only_unless_forced(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        fill(st, 20, commit=10)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.catch_up()
+        sm.snapshot()
+        st.metadata("g").set_commit_index(20)
+        sm.catch_up()
+        assert sm.restore_snapshot() is None and sm.applied == (20, 1)
+        assert sm.restore_snapshot(force=True).index == 10 and sm.applied == (10, 1)
+        assert sm.catch_up() == 20 and state_of(sm) == expected(20)
+
+
+def test_apply_command_checks_the_term_the_log_has(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        fill(st, 3)
+        sm = st.state("g", schema=SCHEMA)
+        with pytest.raises(LogConflictError):
+            sm.apply_command(1, 2, lambda c: None)
+        assert sm.apply_command(1, 1, lambda c: None) == (True, None)
+
+
+def test_state_arguments_given_again_must_match_and_readers_cannot_attach(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        sm = st.state("g", schema=SCHEMA, durable=True)
+        assert st.state("g") is sm and st.state("g", durable=True) is sm
+        with pytest.raises(ValueError):
+            st.state("g", durable=False)
+        with pytest.raises(ValueError):
+            st.state("g", deltas=False)
+        with pytest.raises(apsw.AuthError):
+            sm.query(f"ATTACH '{tmp_path / 'x.db'}' AS x")
+        assert [r[1] for r in sm.query("PRAGMA database_list")] == ["main"]
