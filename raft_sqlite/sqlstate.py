@@ -88,6 +88,8 @@ _BOOKKEEPING_DDL = (
 #: SQLite authorizer codes refused inside ``apply`` (see :meth:`SqlStateMachine._authorize`)
 _DENIED_OPS = {apsw.SQLITE_TRANSACTION: "BEGIN/COMMIT/ROLLBACK", apsw.SQLITE_ATTACH: "ATTACH",
                apsw.SQLITE_DETACH: "DETACH",
+               # statistics tables have no key: a DELTA would not carry them, and replicas would plan differently
+               apsw.SQLITE_ANALYZE: "ANALYZE",
                # TEMP objects live in the connection, not in the state: replicas and restarts would differ
                apsw.SQLITE_CREATE_TEMP_TABLE: "CREATE TEMP TABLE", apsw.SQLITE_CREATE_TEMP_TRIGGER: "CREATE TEMP TRIGGER",
                apsw.SQLITE_CREATE_TEMP_VIEW: "CREATE TEMP VIEW", apsw.SQLITE_CREATE_TEMP_INDEX: "CREATE TEMP INDEX"}
@@ -104,7 +106,8 @@ _DENIED_PRAGMAS = frozenset({"journal_mode", "synchronous", "locking_mode", "wal
                              "auto_vacuum", "incremental_vacuum", "page_size", "ignore_check_constraints",
                              "foreign_keys", "defer_foreign_keys", "journal_size_limit", "temp_store", "mmap_size",
                              # connection behaviour that is not part of the state (replicas would differ)
-                             "recursive_triggers", "case_sensitive_like", "reverse_unordered_selects"})
+                             "recursive_triggers", "case_sensitive_like", "reverse_unordered_selects",
+                             "optimize", "analysis_limit"})
 _WRITE_OPS = (apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE, apsw.SQLITE_DROP_TABLE,
               apsw.SQLITE_ALTER_TABLE)
 
@@ -180,11 +183,6 @@ def _reader_authorizer(op: int, p1: str | None, p2: str | None, dbname: str | No
     """Pooled readers: no ATTACH/DETACH, no TEMP object (either would stay on the connection for the next
     ``read()``)."""
     return apsw.SQLITE_DENY if op in _DENIED_OPS and op != apsw.SQLITE_TRANSACTION else apsw.SQLITE_OK
-
-
-def _ident(name: str) -> str:
-    """``name`` quoted as an SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _one(conn: apsw.Connection, sql: str, bindings: Sequence[Any] = ()) -> Any:
@@ -268,6 +266,7 @@ class SqlStateMachine:
         self._in_apply = False
         self._session: apsw.Session | None = None
         self._session_schema: int | None = None  # schema_version when the session started
+        self._unsafe_cache: tuple[int, str | None] | None = None  # (schema_version, delta_unsafe)
         # a capture's pin (snapshot()): reader in its read transaction, index, term, changeset file, epoch
         self._pinned: tuple[apsw.Connection, int, int, str | None, int] | None = None
         self._conn = self._open()
@@ -478,11 +477,16 @@ class SqlStateMachine:
             if self._in_apply:
                 raise RaftSqliteError(f"group {self.group!r}: apply() called from inside apply()")
             conn = self._conn
-            index, term = self._applied
+            self._commit_ok = False
             n = 0
             cur: LogEntry | None = None
             try:
+                if not conn.get_autocommit():  # left open by an interrupt in an earlier call's error path
+                    conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
+                # the position is read inside the transaction, never taken from memory: an interrupt can
+                # land between a COMMIT and the update of the cached position
+                index, term = read_applied(conn, self.path)
                 self._in_apply = True
                 # once per batch: setting an authorizer expires every prepared statement (re-prepared, and
                 # so re-authorized, on their next use)
@@ -657,39 +661,36 @@ class SqlStateMachine:
 
     @staticmethod
     def delta_unsafe(conn: apsw.Connection) -> str | None:
-        """Why a changeset of the session extension could restore this schema wrongly (then every capture
-        stores the state whole), or None. Each rule was found by a test that restored a wrong or an
-        unrestorable state:
+        """Why a changeset of the session extension could restore this schema differently from the live state
+        (then every capture stores the state whole), or None. It depends on the schema alone. Each rule was
+        found by a test whose restored state differed or could not be restored:
 
-        * a table without a PRIMARY KEY: the session ignores it, and its rowid mode loses inserts (SQLite
-          3.54: after ~127 changes a DELTA deletes rows its parent never had);
-        * a row whose primary key is NULL (rowid tables allow it unless the column is NOT NULL; the session
-          ignores such rows: checked when the recording starts and when the changeset is taken, one index
-          lookup per table; a composite key whose columns may be NULL is refused outright) or a key that
-          compares with a collation other than BINARY (a delete of 'a' and an insert of 'A' conflict);
-        * AUTOINCREMENT (``sqlite_sequence`` has no primary key: its counters would not follow);
+        * a rowid table whose PRIMARY KEY is not the rowid itself (anything but a column declared
+          ``INTEGER PRIMARY KEY``; ``INTEGER PRIMARY KEY DESC`` is not an alias either): a changeset does not
+          carry the hidden rowid, so a restored replica numbers its rows differently, and later entries that
+          read ``rowid`` or scan in rowid order (a query without ORDER BY) give other results; such a key may
+          also hold NULL, which the session ignores. Declare such tables ``WITHOUT ROWID`` to keep DELTAs;
+        * a table without a PRIMARY KEY (the session ignores it; its rowid mode loses inserts);
+        * a key that compares with a collation other than BINARY (a delete of 'a' and an insert of 'A'
+          conflict);
+        * AUTOINCREMENT (``sqlite_sequence`` has no primary key: its counters would not follow), and the
+          ``sqlite_stat*`` tables of ANALYZE (no key either; ANALYZE is refused inside ``apply``);
         * a trigger, or a foreign key with an ON DELETE/UPDATE action: applying the changeset would run
           them a second time over rows the changeset already holds."""
         if _one(conn, "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'"):
             return "a trigger"
         if _one(conn, "SELECT count(*) FROM sqlite_schema WHERE name = 'sqlite_sequence'"):
             return "AUTOINCREMENT"
-        tables = [r[0] for r in conn.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND "
-                                             "type = 'table' AND name NOT LIKE 'sqlite_%'") if r]
-        rowid = {r[0]: not r[1] for r in conn.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' "
-                                                      "AND type = 'table'")}
-        for t in tables:
-            pk = [(r[0], str(r[1] or "").upper(), r[2]) for r in
-                  conn.execute("SELECT name, type, \"notnull\" FROM pragma_table_info(?) WHERE pk > 0", (t,))]
-            if not pk:
+        if _one(conn, "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'sqlite_stat%'"):
+            return "ANALYZE statistics"
+        for t, wr in conn.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND type = 'table' "
+                                  "AND name NOT LIKE 'sqlite_%'").fetchall():
+            if not _one(conn, "SELECT count(*) FROM pragma_table_info(?) WHERE pk > 0", (t,)):
                 return f"table {t!r} has no PRIMARY KEY"
-            alias = rowid.get(t, True) and len(pk) == 1 and pk[0][1] == "INTEGER"  # the rowid itself
-            if not alias and rowid.get(t, True) and len(pk) > 1 and any(not notnull for _, _, notnull in pk):
-                return f"table {t!r} has a composite PRIMARY KEY whose columns may be NULL"
-            if not alias and rowid.get(t, True) and not pk[0][2]:  # TEXT PRIMARY KEY and the like
-                q = f"SELECT 1 FROM {_ident(t)} WHERE {_ident(pk[0][0])} IS NULL LIMIT 1"  # the key's index
-                if _one(conn, q):
-                    return f"table {t!r} has a row whose PRIMARY KEY is NULL"
+            # only a true rowid alias has no index of origin 'pk'
+            key_index = [r[0] for r in conn.execute("SELECT name FROM pragma_index_list(?) WHERE origin = 'pk'", (t,))]
+            if not wr and key_index:
+                return f"table {t!r} is a rowid table whose PRIMARY KEY is not the rowid (declare it WITHOUT ROWID)"
             if _one(conn, "SELECT count(*) FROM pragma_index_list(?) l, pragma_index_xinfo(l.name) x WHERE "
                           "l.origin = 'pk' AND x.key = 1 AND upper(x.coll) != 'BINARY'", (t,)):
                 return f"table {t!r} has a PRIMARY KEY with a collation other than BINARY"
@@ -698,6 +699,13 @@ class SqlStateMachine:
                 return f"table {t!r} has a foreign key with an ON DELETE/UPDATE action"
         return None
 
+    def _delta_unsafe_cached(self) -> str | None:
+        """:meth:`delta_unsafe` of the write connection, computed once per schema version. Under ``_lock``."""
+        version = self._schema_version(self._conn)
+        if self._unsafe_cache is None or self._unsafe_cache[0] != version:
+            self._unsafe_cache = (version, self.delta_unsafe(self._conn))
+        return self._unsafe_cache[1]
+
     def _restart_session(self) -> None:
         """Start recording changes from the current state (the base of the next DELTA), unless deltas are off
         or the schema is one a changeset cannot carry (:meth:`delta_unsafe`). Under ``_lock``."""
@@ -705,7 +713,7 @@ class SqlStateMachine:
             self._session.close()
             self._session = None
         self._session_schema = None
-        if not self.deltas or self.delta_unsafe(self._conn) is not None:
+        if not self.deltas or self._delta_unsafe_cached() is not None:
             return
         s = apsw.Session(self._conn, "main")
         s.attach()
@@ -770,15 +778,26 @@ class SqlStateMachine:
         a new session from now; None when no DELTA is possible (deltas off, schema changed)."""
         s, schema = self._session, self._session_schema
         path = None
-        if s is not None and schema == self._schema_version(self._conn) and self.delta_unsafe(self._conn) is None:
-            fd, path = tempfile.mkstemp(prefix=STATE_TEMP_PREFIX + "delta-", dir=os.path.dirname(self.path))
-            with os.fdopen(fd, "wb") as f:
+        try:
+            if s is not None and schema == self._schema_version(self._conn):
+                fd, path = tempfile.mkstemp(prefix=STATE_TEMP_PREFIX + "delta-", dir=os.path.dirname(self.path))
+                with os.fdopen(fd, "wb") as f:
 
-                def out(piece: memoryview) -> None:
-                    f.write(piece)
+                    def out(piece: memoryview) -> None:
+                        f.write(piece)
 
-                s.changeset_stream(out)
-        self._restart_session()
+                    s.changeset_stream(out)
+        except apsw.Error as exc:
+            # a session in an error state (e.g. an interrupt while it read a table's layout): no DELTA this
+            # time; the capture stores the state whole and recording starts again below
+            log.warning("%s: group %r: no changeset for this capture (%r); storing the state whole", self.path,
+                        self.group, exc)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            path = None
+        finally:
+            self._restart_session()
         return path
 
     def _snapshot_into(self, write: Callable[[bytes], object], index: int, term: int) -> None:

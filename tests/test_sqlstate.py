@@ -30,7 +30,7 @@ from raft_sqlite.errors import (
 from raft_sqlite.snapshot import SnapshotKind
 from raft_sqlite.sqlstate import ApplyError, state_file
 
-SCHEMA = ["CREATE TABLE acc(k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
+SCHEMA = ["CREATE TABLE acc(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID",
           "CREATE TABLE ops(id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
           "INSERT INTO ops VALUES (1, 0)"]
 
@@ -787,6 +787,12 @@ DELTA_CASES = {
     "drop_and_recreate": (["CREATE TABLE t(id INTEGER PRIMARY KEY, v)"],
                           ["INSERT INTO t VALUES (1,'a');;INSERT INTO t VALUES (2,'b')"],
                           ["DROP TABLE t;;CREATE TABLE t(id INTEGER PRIMARY KEY, v)", "INSERT INTO t VALUES (3,'c')"]),
+    "integer_key_desc_with_nulls": (["CREATE TABLE t(id INTEGER PRIMARY KEY DESC, v)"], ["INSERT INTO t VALUES (1,'a')"],
+                                    ["INSERT INTO t VALUES (NULL,'b');;INSERT INTO t VALUES (NULL,'c')"]),
+    "rowid_of_a_text_key": (["CREATE TABLE t(k TEXT PRIMARY KEY, v)", "CREATE TABLE seen(n INTEGER PRIMARY KEY, r)"],
+                            ["INSERT INTO t VALUES ('z',1)"],
+                            ["INSERT INTO t VALUES ('a',2);;INSERT INTO t VALUES ('q',3);;DELETE FROM t WHERE k='z'",
+                             "INSERT OR REPLACE INTO t VALUES ('a',9)"]),
     "without_rowid_and_generated": (["CREATE TABLE w(a TEXT, b INT, v, PRIMARY KEY(a,b)) WITHOUT ROWID",
                                      "CREATE TABLE g(id INTEGER PRIMARY KEY, v, s AS (v*2) STORED)"],
                                     ["INSERT INTO w VALUES ('x',1,1);;INSERT INTO g(id,v) VALUES (1,1)"],
@@ -820,18 +826,24 @@ def test_a_delta_chain_restores_exactly_the_live_state(tmp_path, case):
             assert sql_mode(meta) == "delta"  # a schema a changeset carries keeps its deltas
 
 
-def test_text_keys_without_nulls_keep_their_deltas(tmp_path):
+@pytest.mark.parametrize("ddl, mode", [("CREATE TABLE t(k TEXT PRIMARY KEY, v)", "full"),
+                                       ("CREATE TABLE t(k INTEGER PRIMARY KEY DESC, v)", "full"),
+                                       ("CREATE TABLE t(k INTEGER PRIMARY KEY, v)", "delta"),
+                                       ("CREATE TABLE t(k TEXT PRIMARY KEY, v) WITHOUT ROWID", "delta")])
+def test_only_tables_keyed_by_their_rowid_or_without_rowid_keep_deltas(tmp_path, ddl, mode):
+    """A changeset does not carry the hidden rowid of a rowid table keyed otherwise: a restored replica would
+    number rows differently, and later entries reading rowid or scanning in rowid order would differ."""
     with open_store(tmp_path / "n") as st:
-        sm = st.state("g", schema=["CREATE TABLE t(k TEXT PRIMARY KEY, v)"], apply=sql_apply)
-        sql_fill(st, ["INSERT INTO t VALUES ('a', 1)"], 1)
+        sm = st.state("g", schema=[ddl], apply=sql_apply)
+        sql_fill(st, ["INSERT INTO t VALUES (1, 'a')"], 1)
         sm.catch_up()
         sm.snapshot()
-        sql_fill(st, ["INSERT INTO t VALUES ('b', 2)"], 2)
+        sql_fill(st, ["INSERT INTO t VALUES (2, 'b')"], 2)
         sm.catch_up()
-        assert sql_mode(sm.snapshot()) == "delta"
+        assert sql_mode(sm.snapshot()) == mode
 
 
-@pytest.mark.parametrize("sql", ["PRAGMA user_version=7", "PRAGMA application_id=7", "PRAGMA recursive_triggers=1",
+@pytest.mark.parametrize("sql", ["ANALYZE", "PRAGMA optimize", "PRAGMA user_version=7", "PRAGMA application_id=7", "PRAGMA recursive_triggers=1",
                                  "CREATE TEMP TRIGGER tt AFTER INSERT ON t BEGIN SELECT 1; END",
                                  "CREATE TEMP TABLE x(a)",
                                  "CREATE TRIGGER tb AFTER UPDATE ON raft_applied BEGIN SELECT 1; END",
@@ -985,3 +997,55 @@ def test_state_arguments_given_again_must_match_and_readers_cannot_attach(tmp_pa
         with pytest.raises(apsw.AuthError):
             sm.query(f"ATTACH '{tmp_path / 'x.db'}' AS x")
         assert [r[1] for r in sm.query("PRAGMA database_list")] == ["main"]
+
+
+def test_a_second_interrupt_in_the_error_path_cannot_make_an_entry_apply_twice(tmp_path, monkeypatch):
+    """An interrupt after COMMIT, then another before the position is read back: the next apply reads the
+    position inside its own transaction, so nothing is applied twice."""
+    from raft_sqlite import sqlstate
+    with open_store(tmp_path / "n") as st:
+        fill(st, 20)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        orig = sqlstate.SqlStateMachine._committing
+
+        @contextlib.contextmanager
+        def interrupted(self):
+            with orig(self):
+                yield
+            raise KeyboardInterrupt
+
+        def resync(self):
+            raise KeyboardInterrupt  # the second interrupt, before the position is read back
+
+        monkeypatch.setattr(sqlstate.SqlStateMachine, "_committing", interrupted)
+        monkeypatch.setattr(sqlstate.SqlStateMachine, "_resync_applied", resync)
+        with pytest.raises(KeyboardInterrupt):
+            sm.catch_up(upto=10)
+        monkeypatch.undo()
+        assert sm.catch_up() == 20
+        assert state_of(sm) == expected(20)
+
+
+def test_a_session_left_in_an_error_state_costs_one_delta_not_every_snapshot(tmp_path):
+    with open_store(tmp_path / "n") as st:
+        fill(st, 30, commit=10)
+        sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
+        sm.catch_up()
+        sm.snapshot()
+        st.metadata("g").set_commit_index(20)
+        sm.catch_up()
+
+        class Broken:
+            def changeset_stream(self, out):
+                raise apsw.AuthError("authorization denied")
+
+            def close(self):
+                pass
+
+        with sm._lock:
+            sm._session.close()
+            sm._session = Broken()
+        assert sql_mode(sm.snapshot()) == "full"  # this capture stores the state whole ...
+        st.metadata("g").set_commit_index(30)
+        sm.catch_up()
+        assert sql_mode(sm.snapshot()) == "delta"  # ... and recording started again
