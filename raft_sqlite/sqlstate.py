@@ -219,24 +219,6 @@ def read_applied(conn: apsw.Connection, where: str) -> tuple[int, int]:
     return index, term
 
 
-class _Slice:
-    """``length`` bytes of a structure's blob (``read`` checks its sha256 before handing out its last byte,
-    see ``statemachine``): a short read is corruption."""
-
-    def __init__(self, read: Callable[[int], bytes], length: int) -> None:
-        self._read, self.left = read, length
-
-    def read(self, n: int) -> bytes:
-        n = min(n, self.left)
-        if n <= 0:
-            return b""
-        data = self._read(n)
-        if len(data) != n:
-            raise CorruptionError(f"state snapshot blob ends {self.left - len(data)} bytes early")
-        self.left -= n
-        return data
-
-
 class SqlStateMachine:
     """The SQL state machine of one group (use ``store.state(group, schema=..., apply=...)``).
 
@@ -443,9 +425,10 @@ class SqlStateMachine:
     # ------------------------------------------------------------------ apply
     def _authorize(self, op: int, p1: str | None, p2: str | None, dbname: str | None,
                    trigger: str | None) -> int:
-        """Inside ``apply``: no transaction control, ATTACH/DETACH or pragmas that change durability or
-        locking (they would break the batch's one transaction or its durability), and no write to the
-        bookkeeping tables."""
+        """Inside ``apply``: nothing that would break the batch's one transaction or its durability (transaction
+        control, ATTACH/DETACH, durability and locking pragmas), nothing a replica or a restart would not have
+        (TEMP objects, ANALYZE, connection-behaviour pragmas, ``user_version``/``application_id`` writes), and
+        no write, trigger or index on the bookkeeping tables."""
         if op in _DENIED_OPS:
             return apsw.SQLITE_DENY
         if op == apsw.SQLITE_PRAGMA:
@@ -466,9 +449,9 @@ class SqlStateMachine:
         apply each entry exactly once); the one AT ``last_applied`` must have its recorded term
         (:class:`LogConflictError` otherwise: a fork). The first new entry must be ``last_applied + 1`` and
         they must be contiguous (:class:`LogGapError`). ``fn`` (default: the ``apply`` given to
-        ``store.state``) is called as ``fn(conn, entry)`` for each new entry, inside the transaction; it must
-        not run BEGIN/COMMIT/ROLLBACK, ATTACH or pragmas such as journal_mode/synchronous, nor write the ``raft_*`` tables (refused by an
-        authorizer). If it raises, the whole batch is rolled back and :class:`ApplyError` raised."""
+        ``store.state``) is called as ``fn(conn, entry)`` for each new entry, inside the transaction; what it
+        may not do is refused by an authorizer (:meth:`_authorize`), and a commit hook vetoes any commit but
+        the batch's own. If it raises, the whole batch is rolled back and :class:`ApplyError` raised."""
         fn = fn if fn is not None else self._apply_fn
         if fn is None:
             raise TypeError(f"group {self.group!r}: no apply function (pass apply= to store.state() or fn=)")
@@ -586,11 +569,10 @@ class SqlStateMachine:
         term = int_arg("term", term)
         out: list[Any] = []
         with self._lock:
-            if index > self._applied[0]:
-                lg = self._host.log(self.group)
-                if lg.first_index <= index <= lg.last_index and lg.term(index) != term:
-                    raise LogConflictError(f"group {self.group!r}: entry {index} has term {lg.term(index)} in the "
-                                           f"log, not {term}")
+            lg = self._host.log(self.group)
+            if self._applied[0] < index and lg.first_index <= index <= lg.last_index \
+                    and (logged := lg.term(index)) != term:
+                raise LogConflictError(f"group {self.group!r}: entry {index} has term {logged} in the log, not {term}")
             batch = self._gap_entries(index) + [LogEntry(index, term, b"")]
 
             def run(conn: apsw.Connection, e: LogEntry) -> None:
@@ -775,7 +757,8 @@ class SqlStateMachine:
 
     def _take_delta(self) -> str | None:
         """Under ``_lock``: the session's changeset since the last capture (a temporary file's path), and
-        a new session from now; None when no DELTA is possible (deltas off, schema changed)."""
+        a new session from now; None when no DELTA is possible (deltas off, an unsafe schema, a schema change,
+        a session in an error state)."""
         s, schema = self._session, self._session_schema
         path = None
         try:
@@ -849,8 +832,8 @@ class SqlStateMachine:
                 write(piece)
         return True
 
-    def _restore_full(self, src: _Slice, length: int, index: int, term: int) -> None:
-        head = src.read(_FULL_HEAD.size)
+    def _restore_full(self, read: Callable[[int], bytes], length: int, index: int, term: int) -> None:
+        head = read(_FULL_HEAD.size)
         magic, page_size = _FULL_HEAD.unpack(head) if len(head) == _FULL_HEAD.size else (b"", 0)
         body = length - _FULL_HEAD.size
         if magic != _FULL_MAGIC or page_size < 512 or page_size > 65536 or body < page_size or body % page_size:
@@ -862,10 +845,10 @@ class SqlStateMachine:
                 f.seek(page_size)
                 left = body - page_size
                 while left > 0:
-                    piece = src.read(min(left, 1 << 20))
+                    piece = read(min(left, 1 << 20))
                     f.write(piece)
                     left -= len(piece)
-                first = src.read(page_size)
+                first = read(page_size)
                 f.seek(0)
                 f.write(first)
             t = self._connect(tmp)
@@ -899,10 +882,10 @@ class SqlStateMachine:
                     os.unlink(p)
         log.info("%s: group %r state restored from a full snapshot at %d/%d", self.path, self.group, index, term)
 
-    def _restore_delta(self, src: _Slice, length: int, index: int, term: int) -> None:
-        if src.read(len(_DELTA_MAGIC)) != _DELTA_MAGIC:
+    def _restore_delta(self, read: Callable[[int], bytes], length: int, index: int, term: int) -> None:
+        if read(len(_DELTA_MAGIC)) != _DELTA_MAGIC:
             raise CorruptionError(f"group {self.group!r}: snapshot at {index}: not a state changeset")
-        data = src.read(length - len(_DELTA_MAGIC))
+        data = read(length - len(_DELTA_MAGIC))
 
         def conflict(reason: int, change: Any) -> int:
             raise CorruptionError(f"group {self.group!r}: the delta at {index} does not apply to this state "
@@ -924,13 +907,11 @@ class SqlStateMachine:
             except BaseException:
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
-                self._resync_applied()
-                self._epoch += 1
-                self._restart_session()
                 raise
-            self._applied = got
-            self._epoch += 1
-            self._restart_session()
+            finally:
+                self._epoch += 1
+                self._resync_applied()
+                self._restart_session()
 
     def restore_snapshot(self, *, force: bool = False) -> SnapshotMeta | None:
         """Replace the state with the newest valid snapshot chain of the group (verified before anything is
@@ -991,11 +972,13 @@ class _StateStructure:
     def delta_into(self, write: Callable[[bytes], object], index: int, term: int) -> bool:
         return self._sm._delta_into(write, index, term)
 
+    # ``read`` is the registry's checked blob reader: it hands out at most ``length`` bytes, raises
+    # CorruptionError on a short read and checks the blob's sha256 before its last byte
     def restore_from(self, read: Callable[[int], bytes], length: int, index: int, term: int) -> None:
-        self._sm._restore_full(_Slice(read, length), length, index, term)
+        self._sm._restore_full(read, length, index, term)
 
     def apply_delta_from(self, read: Callable[[int], bytes], length: int, index: int, term: int) -> None:
-        self._sm._restore_delta(_Slice(read, length), length, index, term)
+        self._sm._restore_delta(read, length, index, term)
 
 
 __all__ = ["RESERVED_TABLES", "STATE_DIR", "STATE_TEMP_PREFIX", "STRUCTURE_NAME", "ApplyError", "SqlStateMachine",
