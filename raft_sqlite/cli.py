@@ -258,18 +258,23 @@ def _check_dir(data_dir: str) -> str:
     return data_dir
 
 
+def _open_readonly_cli(path: str, damaged: str) -> apsw.Connection:
+    """:func:`open_readonly` of ``path``, its expected failures as :class:`CliError`: not a SQLite database
+    (exit 4; ``damaged`` says what to do), cannot be opened (exit 3)."""
+    try:
+        return open_readonly(path)
+    except (apsw.NotADBError, apsw.CorruptError) as exc:
+        raise CliError(f"{path} is not readable as a SQLite database ({exc}); {damaged}", EXIT_CORRUPT) from None
+    except apsw.CantOpenError as exc:
+        raise CliError(f"cannot open {path}: {exc} (permissions?)", EXIT_NOT_FOUND) from None
+
+
 def open_main_readonly(data_dir: str) -> apsw.Connection:
     """Read-only connection on ``data_dir/raft.db`` after checking it is a raft_sqlite store; expected
     failures become :class:`CliError` (not found: exit 3; unreadable or not a store: exit 4)."""
     data_dir = _check_dir(data_dir)
     path = os.path.join(data_dir, layout.MAIN_DB)
-    try:
-        conn = open_readonly(path)
-    except (apsw.NotADBError, apsw.CorruptError) as exc:
-        raise CliError(f"{path} is not readable as a SQLite database ({exc}); the store is corrupt: "
-                       "run `raft-sqlite verify` and restore from a backup", EXIT_CORRUPT) from None
-    except apsw.CantOpenError as exc:
-        raise CliError(f"cannot open {path}: {exc} (permissions?)", EXIT_NOT_FOUND) from None
+    conn = _open_readonly_cli(path, "the store is corrupt: run `raft-sqlite verify` and restore from a backup")
     try:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     except apsw.Error as exc:
@@ -577,13 +582,8 @@ def open_state_sql_connection(path: str, group: str | None = None) -> apsw.Conne
     across opens, so nothing is created) checked to be a state database (of ``group`` when given: else a
     warning), with the authorizer and statement guard of :func:`open_sql_connection`. :class:`CliError` when
     the file is not a readable state database (exit 4)."""
-    try:
-        conn = open_readonly(path)
-    except (apsw.NotADBError, apsw.CorruptError) as exc:
-        raise CliError(f"{path} is not readable as a SQLite database ({exc}); delete it to rebuild the state "
-                       "from the log (store.state), or restore a snapshot", EXIT_CORRUPT) from None
-    except apsw.CantOpenError as exc:
-        raise CliError(f"cannot open {path}: {exc} (permissions?)", EXIT_NOT_FOUND) from None
+    conn = _open_readonly_cli(path, "delete it to rebuild the state from the log (store.state), or restore a "
+                                    "snapshot")
     try:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         owner = (conn.execute("SELECT group_name FROM raft_state_identity WHERE id=1").fetchone()
