@@ -57,6 +57,7 @@ FULL snapshot >= 50% of a raw copy; append p99 during the snapshot <= 2x idle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import struct
@@ -69,6 +70,7 @@ import apsw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import backup as backup_bench  # noqa: E402
 from _common import (  # noqa: E402
     Row,
     fsync_path,
@@ -320,29 +322,17 @@ def snap_apply(conn, e):
         conn.execute("UPDATE kv SET v = randomblob(?) WHERE k BETWEEN ? AND ?", (ROW_BYTES, lo, hi))
 
 
-class Appender:
-    """Single-entry appends (FULL) to group ``app`` in a thread; latencies with their start times."""
-
-    def __init__(self, s):
-        self.lg, self.payload, self.samples = s.log("app"), os.urandom(100), []
-        self.stop = threading.Event()
-        self.t = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        lg, p = self.lg, self.payload
-        while not self.stop.is_set():
-            i = lg.last_index + 1
-            t0 = time.perf_counter()
-            lg.append([LogEntry(i, 1, p)])
-            self.samples.append((t0, time.perf_counter() - t0))
-
-    def __enter__(self):
-        self.t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.t.join()
+@contextlib.contextmanager
+def appending(s):
+    """Single-entry appends (FULL) to group ``bench`` in a thread for the block (``backup.Appender``, the loop
+    the other benchmarks measure with); yields it: its ``samples`` are (start time, latency)."""
+    ap = backup_bench.Appender(s, s.log("bench").last_index + 1)
+    ap.start()
+    try:
+        yield ap
+    finally:
+        ap.stop_evt.set()
+        ap.join()
 
 
 class Updater:
@@ -369,7 +359,7 @@ class Updater:
 
 
 class SnapFixture:
-    """The store of the snapshot part: group ``state`` holds the state database, group ``app`` the appends."""
+    """The store of the snapshot part: group ``state`` holds the state database, group ``bench`` the appends."""
 
     def __init__(self, d, a):
         self.path = os.path.join(d, "snap")
@@ -380,7 +370,7 @@ class SnapFixture:
         nupd = 20_000 + 2 * self.delta_entries * (a.rounds + 1)
         self.s = s = open_store(self.path)
         s.metadata("state").set_term_and_vote(1, None)
-        s.metadata("app").set_term_and_vote(1, None)
+        s.metadata("bench").set_term_and_vote(1, None)
         ents = [LogEntry(k + 1, 1, BULK.pack(b"B", k * ROWS_PER_BULK + 1, min(self.rows, (k + 1) * ROWS_PER_BULK)))
                 for k in range(nbulk)]
         span = max(1, self.rows - ROWS_PER_UPDATE)
@@ -390,7 +380,7 @@ class SnapFixture:
         for lo in range(0, len(ents), 10_000):
             s.log("state").append(ents[lo:lo + 10_000])
         s.metadata("state").set_commit_index(len(ents))
-        s.log("app").append([LogEntry(1, 1, b"x")])
+        s.log("bench").append([LogEntry(1, 1, b"x")])
         self.last = len(ents)
         t0 = time.perf_counter()
         self.st = s.state("state", schema=KV, apply=snap_apply)
@@ -432,7 +422,7 @@ class SnapFixture:
         return {"s": dt, "bytes": w.meta.size}
 
     def full(self):
-        with Appender(self.s) as ap, Updater(self.st, self.last) as up:
+        with appending(self.s) as ap, Updater(self.st, self.last) as up:
             time.sleep(0.05)
             t0 = time.perf_counter()
             meta = self.st.snapshot(kind=SnapshotKind.FULL)
@@ -444,7 +434,7 @@ class SnapFixture:
                 "apply_max": max(up.lat, default=float("nan")), "applies": len(up.lat)}
 
     def idle(self, seconds):
-        with Appender(self.s) as ap:
+        with appending(self.s) as ap:
             time.sleep(seconds)
         lat = [x for _, x in ap.samples]
         return {"p50": pct(lat, 50), "p99": pct(lat, 99), "n": len(lat)}
