@@ -883,22 +883,27 @@ def test_writes_after_a_statement_that_rolls_the_batch_back_do_not_escape(tmp_pa
         assert sm.query("SELECT * FROM t") == []
 
 
+def interrupt_after_commits(monkeypatch) -> None:
+    """Make every commit of the state machine return into a KeyboardInterrupt (one landing right after COMMIT)."""
+    from raft_sqlite import sqlstate
+    orig = sqlstate.SqlStateMachine._committing
+
+    @contextlib.contextmanager
+    def interrupted(self):
+        with orig(self):
+            yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqlstate.SqlStateMachine, "_committing", interrupted)
+
+
 def test_an_interrupt_after_the_commit_keeps_the_position_right(tmp_path, monkeypatch):
     """KeyboardInterrupt (any async exception) landing after COMMIT returned: the batch is applied, and the
     next call must not apply it again; one landing after BEGIN must not leave the transaction open."""
-    from raft_sqlite import sqlstate
     with open_store(tmp_path / "n") as st:
         fill(st, 20)
         sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
-        orig = sqlstate.SqlStateMachine._committing
-
-        @contextlib.contextmanager
-        def interrupted(self):
-            with orig(self):
-                yield
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(sqlstate.SqlStateMachine, "_committing", interrupted)
+        interrupt_after_commits(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             sm.catch_up(upto=10)
         monkeypatch.undo()
@@ -1006,18 +1011,11 @@ def test_a_second_interrupt_in_the_error_path_cannot_make_an_entry_apply_twice(t
     with open_store(tmp_path / "n") as st:
         fill(st, 20)
         sm = st.state("g", schema=SCHEMA, apply=apply_cmd)
-        orig = sqlstate.SqlStateMachine._committing
-
-        @contextlib.contextmanager
-        def interrupted(self):
-            with orig(self):
-                yield
-            raise KeyboardInterrupt
 
         def resync(self):
             raise KeyboardInterrupt  # the second interrupt, before the position is read back
 
-        monkeypatch.setattr(sqlstate.SqlStateMachine, "_committing", interrupted)
+        interrupt_after_commits(monkeypatch)
         monkeypatch.setattr(sqlstate.SqlStateMachine, "_resync_applied", resync)
         with pytest.raises(KeyboardInterrupt):
             sm.catch_up(upto=10)
