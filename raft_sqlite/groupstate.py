@@ -7,9 +7,10 @@ always see a committed state without taking a lock.
 
 from __future__ import annotations
 
+import operator
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import apsw
 
@@ -29,6 +30,25 @@ def group_crc(group_id: int, name: str, first_index: int, snapshot_index: int, s
     """CRC32 stored with a ``groups`` row (the transient ``truncate_permit`` is not covered)."""
     return zlib.crc32(f"{group_id}|{name}|{first_index}|{snapshot_index}|{snapshot_term}|"
                       f"{int(bool(recovered_partially))}".encode())
+
+
+def group_crcs(group_ids: Iterable[int], names: Iterable[str], first_indexes: Iterable[int],
+               snapshot_indexes: Iterable[int], snapshot_terms: Iterable[int],
+               recovered_partially: Iterable[bool | int]) -> list[int]:
+    """:func:`group_crc` of many rows at once (C-level passes: an open of 10,000 groups spent ~25 ms calling
+    :func:`group_crc` and :func:`meta_crc`). Same text, so the same CRCs, for any values (``"{}".format(x)`` and
+    ``f"{x}"`` both format ``x`` with ``format(x, "")``)."""
+    return list(map(zlib.crc32, map(str.encode, map("{}|{}|{}|{}|{}|{}".format, group_ids, names, first_indexes,
+                                                    snapshot_indexes, snapshot_terms,
+                                                    map(int, map(bool, recovered_partially))))))
+
+
+def meta_crcs(group_ids: Iterable[int], terms: Iterable[int], votes: Iterable[Vote], commits: Iterable[int]) -> list[int]:
+    """:func:`meta_crc` of many rows at once (see :func:`group_crcs`)."""
+    votes = list(votes)
+    return list(map(zlib.crc32, map(str.encode, map("{}|{}|{}:{}|{}".format, group_ids, terms,
+                                                    map(operator.attrgetter("__name__"), map(type, votes)), votes,
+                                                    commits))))
 
 
 class GroupState:

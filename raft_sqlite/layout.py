@@ -5,7 +5,7 @@ opening a store does not import SQLAlchemy (it is only needed when a migration r
 #: Data format written into the node record. A store whose format is newer is refused.
 FORMAT_VERSION = 1
 #: alembic head revisions this code knows (checked against the migrations by the tests).
-MAIN_HEAD = "0004_main_close_digests"
+MAIN_HEAD = "0005_main_close_digest_spans"
 CHUNKS_HEAD = "0001_chunks"
 MAIN_DB = "raft.db"
 CHUNKS_DB = "chunks.db"

@@ -119,7 +119,11 @@ log_segments = Table(
 #: of every record's CRC in Python, then deletes every row in its own transaction: a row is only ever trusted
 #: by the open right after the close that wrote it (a crash leaves none, and the records are then checked
 #: one by one). A row that disagrees with the records (damage, or an old library appending since) only sends
-#: that segment to the record-by-record check. Created by revision 0004.
+#: that segment to the record-by-record check. Created by revision 0004. Revision 0005 added ``span_crc``,
+#: ``span_bytes`` and ``last_term``: the segment's span digest over every column of its records, continued over
+#: the row's other fields (:func:`raft_sqlite.wal.close_span_digest`), and the bytes its records render to, NULL
+#: if the writer did not know them; with them the next open checks the open segments of many small groups in one
+#: range scan (see :func:`raft_sqlite.logscan.check_close_digests`).
 close_digests = Table(
     "close_digests", metadata,
     Column("segment_id", Integer, primary_key=True),
@@ -127,6 +131,9 @@ close_digests = Table(
     Column("bytes", BigInteger, nullable=False),
     Column("checksum", BigInteger, nullable=False),
     Column("content_crc", BigInteger, nullable=False),
+    Column("span_crc", BigInteger, nullable=True),
+    Column("span_bytes", BigInteger, nullable=True),
+    Column("last_term", BigInteger, nullable=True),
 )
 
 raft_meta = Table(

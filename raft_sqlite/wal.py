@@ -130,14 +130,47 @@ def content_crc_batch(crc: int, terms: Sequence[int], kinds: Sequence[int], payl
                                                                  payloads))), crc)
 
 
+#: An open segment's *span digest* (what a clean close records in ``close_digests.span_crc``, with a trailer: see
+#: :func:`close_span_digest`) is the CRC32 of its records in index order, each written as the ASCII text
+#: ``"<key> <segment> <crc32> <term> <kind>\n"`` followed by its payload: every column of the record, so that one
+#: SQLite string over many small groups' records (this expression over a key range) proves them all as written,
+#: with no per-record list to parse (see :func:`raft_sqlite.logscan.check_close_digests`). The writer keeps it
+#: running from what it inserts (:attr:`OpenSegment.span`).
+SPAN_RECORD_SQL = "key || ' ' || segment || ' ' || crc32 || ' ' || term || ' ' || kind || char(10) || payload"
+_SPAN_PREFIX: Callable[[tuple[int, int, int, int, int]], bytes] = b"%d %d %d %d %d\n".__mod__
+_SPAN_TRAILER: Callable[[tuple[int, int, int, int, int]], bytes] = b"%d %d %d %d %d".__mod__
+
+
+def span_crc_batch(crc: int, keys: Iterable[int], segment_id: int, crcs: Iterable[int], terms: Iterable[int],
+                   kinds: Iterable[int], payloads: Sequence[bytes]) -> tuple[int, int]:
+    """Fold records (in index order) into a running span digest (see :data:`SPAN_RECORD_SQL`) at once: the new
+    digest and the bytes the records rendered to."""
+    heads = map(_SPAN_PREFIX, zip(keys, itertools.repeat(segment_id), crcs, terms, kinds))
+    text = b"".join(itertools.chain.from_iterable(zip(heads, payloads)))
+    return zlib.crc32(text, crc), len(text)
+
+
+def span_trailer(count: int, nbytes: int, checksum: int, content: int, last_term: int) -> bytes:
+    """What a close digest's span digest covers after the records: the digest row's other fields, so that a
+    span check proves them too (:func:`close_span_digest`)."""
+    return _SPAN_TRAILER((count, nbytes, checksum, content, last_term))
+
+
+def close_span_digest(running: int, count: int, nbytes: int, checksum: int, content: int, last_term: int) -> int:
+    """The span digest a clean close records for an open segment: its running span digest continued over
+    :func:`span_trailer`."""
+    return zlib.crc32(span_trailer(count, nbytes, checksum, content, last_term), running)
+
+
 def content_digest(rendered: bytes | memoryview) -> int:
     """The content digest of records rendered by :data:`CONTENT_SQL` (a segment's whole text)."""
     return zlib.crc32(rendered)
 
 
 #: What :func:`check_open_segment` returns for an open segment that checks out: (records, payload bytes,
-#: sidecar checksum, content digest, last term)
-OpenCheck = tuple[int, int, int, int, int]
+#: sidecar checksum, content digest, last term, span digest and its bytes (:attr:`OpenSegment.span`), the last
+#: two None where not computed)
+OpenCheck = tuple[int, int, int, int, int, int | None, int | None]
 
 
 def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last_term: int) -> OpenCheck | None:
@@ -145,7 +178,8 @@ def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last
     C-level passes over its columns, without a Python loop per record: every index from ``lo`` present and
     in order with ``idx`` matching its key, each record naming ``sid``, a BLOB payload, integer columns,
     terms non-decreasing from ``last_term`` and every record CRC verified (:func:`record_crcs`). Returns
-    ``(records, payload bytes, sidecar checksum, content digest, last term)`` if all of that holds, else
+    ``(records, payload bytes, sidecar checksum, content digest, last term, span digest, its bytes)`` if all of that
+    holds, else
     None: the caller then walks record by record (:class:`RecordScanner`), which finds and names the first
     problem. The open segment has no recorded digest to compare with (it is written at seal), so every
     record's own CRC is what proves it intact, as in the walk."""
@@ -155,7 +189,7 @@ def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last
     except UnicodeDecodeError:  # a column turned into TEXT that is not UTF-8
         return None
     if not rows:
-        return 0, 0, 0, 0, last_term
+        return 0, 0, 0, 0, last_term, 0, 0
     n = len(rows)
     keys, idxs, terms, kinds, payloads, crcs, segs = zip(*rows)
     if keys != tuple(range(lo, lo + n)) or idxs != keys or segs.count(sid) != n:
@@ -170,7 +204,9 @@ def check_open_segment(conn: apsw.Connection, base: int, sid: int, lo: int, last
             return None
     except (OverflowError, TypeError, struct.error):  # a value outside what the record format holds
         return None
-    return n, sum(map(len, payloads)), chain_crcs(0, stored), content_crc_batch(0, terms, kinds, payloads), terms[-1]
+    span, span_bytes = span_crc_batch(0, range(base + lo, base + lo + n), sid, crcs, terms, kinds, payloads)
+    return (n, sum(map(len, payloads)), chain_crcs(0, stored), content_crc_batch(0, terms, kinds, payloads), terms[-1],
+            span, span_bytes)
 
 
 @dataclass
@@ -200,18 +236,23 @@ class SegmentPolicy:
 class OpenSegment:
     """In-memory state of a group's open (unsealed) segment."""
 
-    __slots__ = ("segment_id", "first_index", "count", "nbytes", "created_at", "checksum", "content")
+    __slots__ = ("segment_id", "first_index", "count", "nbytes", "created_at", "checksum", "content", "span",
+                 "span_bytes")
 
     def __init__(self, segment_id: int, first_index: int, count: int = 0, nbytes: int = 0, created_at: float = 0.0,
-                 checksum: int = 0, content: int = 0) -> None:
+                 checksum: int = 0, content: int = 0, span: int | None = 0, span_bytes: int | None = 0) -> None:
         self.segment_id, self.first_index, self.count = segment_id, first_index, count
         self.nbytes, self.created_at, self.checksum = nbytes, created_at, checksum
         self.content = content  #: running content digest (see :data:`CONTENT_SQL`)
+        #: running span digest (see :data:`SPAN_RECORD_SQL`) and the bytes its records rendered to, or None where
+        #: unknown (an open that checked the segment one by one against its close digest does not compute it;
+        #: the next close then records none, and the open after checks it one by one again)
+        self.span, self.span_bytes = span, span_bytes
 
     def copy(self) -> OpenSegment:
         """An independent copy (the store keeps one to roll back to when a transaction aborts)."""
         return OpenSegment(self.segment_id, self.first_index, self.count, self.nbytes, self.created_at,
-                           self.checksum, self.content)
+                           self.checksum, self.content, self.span, self.span_bytes)
 
     def __repr__(self) -> str:
         return (f"OpenSegment(id={self.segment_id}, first={self.first_index}, count={self.count}, "
@@ -317,6 +358,10 @@ class WalWriter:
             seg.nbytes += nbytes
             seg.checksum = crc32(_PACK_SIDECAR(crc), seg.checksum)
             seg.content = crc32(d, crc32(_CONTENT_PREFIX((t, k)), seg.content))
+            if seg.span is not None and seg.span_bytes is not None:
+                head = _SPAN_PREFIX((base + i, sid, crc, t, k))
+                seg.span = crc32(d, crc32(head, seg.span))
+                seg.span_bytes += len(head) + nbytes
             return seg
         # a batch: build the rows with map/zip (C-level loops), not a Python loop per entry
         idxs, terms, datas, kinds = zip(*entries)
@@ -331,6 +376,10 @@ class WalWriter:
         seg.nbytes += nbytes
         seg.checksum = chain_crcs(seg.checksum, crcs)
         seg.content = content_crc_batch(seg.content, terms, kinds, datas)
+        if seg.span is not None and seg.span_bytes is not None:
+            seg.span, added = span_crc_batch(seg.span, range(base + idxs[0], base + idxs[0] + len(idxs)), sid, crcs,
+                                             terms, kinds, datas)
+            seg.span_bytes += added
         return seg
 
     def _append_rotating(self, conn: apsw.Connection, group_id: int, seg: OpenSegment, entries: Sequence[LogEntry],
@@ -355,6 +404,10 @@ class WalWriter:
             seg.nbytes += n
             seg.checksum = chain_crc(seg.checksum, crc)
             seg.content = content_crc(seg.content, e.term, e.kind, payload)
+            if seg.span is not None and seg.span_bytes is not None:
+                head = _SPAN_PREFIX((base + e.index, seg.segment_id, crc, e.term, e.kind))
+                seg.span = zlib.crc32(payload, zlib.crc32(head, seg.span))
+                seg.span_bytes += len(head) + n
         conn.executemany(self.INSERT, rows)
         return seg
 
@@ -365,24 +418,29 @@ class WalWriter:
         return load_open_segment(conn, group_id)
 
 
-def write_close_digests(conn: apsw.Connection, segments: Iterable[OpenSegment]) -> int:
-    """Record the counts, sidecar checksum and content digest of each open segment in ``segments`` that holds
+def write_close_digests(conn: apsw.Connection, segments: Iterable[tuple[OpenSegment, int]]) -> int:
+    """Record the counts, sidecar checksum, content digest, span digest (with its trailer: :func:`close_span_digest`)
+    and last term of each open segment in ``segments`` (``(segment, its group's last term)`` pairs) that holds
     records into ``close_digests`` (replacing every row there), inside the caller's transaction: what a clean
-    close writes so that the next open checks each open segment with one SQLite aggregate instead of every
-    record's CRC in Python (:func:`raft_sqlite.logscan.check_close_digests`). ``segments`` are the groups'
-    published open segments: a row that no longer matches the records when the next open reads it (a write
-    committed after it, damage) only sends that segment to the record-by-record check. Returns the rows written."""
-    rows = [(g.segment_id, g.count, g.nbytes, g.checksum, g.content) for g in segments if g.count]
+    close writes so that the next open checks each open segment with SQLite aggregates instead of every record's
+    CRC in Python (:func:`raft_sqlite.logscan.check_close_digests`). ``segments`` are the groups' published open
+    segments: a row that no longer matches the records when the next open reads it (a write committed after it,
+    damage) only sends that segment to the record-by-record check. Returns the rows written."""
+    rows = [(g.segment_id, g.count, g.nbytes, g.checksum, g.content,
+             None if g.span is None or g.span_bytes is None else
+             close_span_digest(g.span, g.count, g.nbytes, g.checksum, g.content, last_term),
+             None if g.span is None else g.span_bytes, last_term) for g, last_term in segments if g.count]
     conn.execute("DELETE FROM close_digests")
     if rows:
-        conn.executemany("INSERT INTO close_digests(segment_id, entry_count, bytes, checksum, content_crc) "
-                         "VALUES (?,?,?,?,?)", rows)
+        conn.executemany("INSERT INTO close_digests(segment_id, entry_count, bytes, checksum, content_crc, span_crc, "
+                         "span_bytes, last_term) VALUES (?,?,?,?,?,?,?,?)", rows)
     return len(rows)
 
 
 #: The state of an open segment's records as a caller has just folded them: (records, payload bytes, sidecar
-#: checksum, content digest or None)
-Folded = tuple[int, int, int, int | None]
+#: checksum, content digest or None, span digest or None, its bytes or None; the last three are read from the
+#: records when the content digest is None)
+Folded = tuple[int, int, int, int | None, int | None, int | None]
 
 
 def load_open_segment(conn: apsw.Connection, group_id: int, *, check: bool = True) -> OpenSegment | None:
@@ -416,12 +474,12 @@ def open_segment_state(conn: apsw.Connection, group_id: int, row: Sequence[Any] 
         whole = check_open_segment(conn, base, seg.segment_id, seg.first_index, 0)
         if whole is None:
             raise CorruptionError(_first_problem(conn, group_id, seg))
-        seg.count, seg.nbytes, seg.checksum, seg.content, _last_term = whole
+        seg.count, seg.nbytes, seg.checksum, seg.content, _last_term, seg.span, seg.span_bytes = whole
         return seg
     if folded is not None:
-        seg.count, seg.nbytes, seg.checksum, content = folded
+        seg.count, seg.nbytes, seg.checksum, content, span, span_bytes = folded
         if content is not None:
-            seg.content = content
+            seg.content, seg.span, seg.span_bytes = content, span, span_bytes
             return seg
     else:
         for idx, n, crc in conn.execute(
@@ -435,10 +493,11 @@ def open_segment_state(conn: apsw.Connection, group_id: int, row: Sequence[Any] 
             seg.nbytes += n
             seg.checksum = chain_crc(seg.checksum, crc)
     if seg.count:
-        agg = conn.execute(f"SELECT {CONTENT_SQL} FROM log_entries WHERE key >= ? AND key < ?",
-                           (base + seg.first_index, base + SPAN)).fetchone()
+        agg = conn.execute(f"SELECT {CONTENT_SQL}, CAST(string_agg({SPAN_RECORD_SQL}, '') AS BLOB) FROM log_entries "
+                           "WHERE key >= ? AND key < ?", (base + seg.first_index, base + SPAN)).fetchone()
         assert agg is not None  # an aggregate without GROUP BY always yields one row
         seg.content = content_digest(agg[0] or b"")
+        seg.span, seg.span_bytes = zlib.crc32(agg[1] or b""), len(agg[1] or b"")
     return seg
 
 

@@ -365,18 +365,13 @@ def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_pa
     else:
         c.execute(sql.format(b=gid * SPAN, g=gid))
     c.close()
-    calls, accepted = [], []
-    real, real_digests = wal.check_open_segment, logscan.check_close_digests
+    calls = []
+    real = wal.check_open_segment
 
     def counted(*a):
         calls.append(a)
         return real(*a)
-
-    def digests(*a):
-        got = real_digests(*a)
-        accepted.append(len(got))
-        return got
-    monkeypatch.setattr("raft_sqlite.recovery.check_close_digests", digests)
+    found = spy_digest_checks(monkeypatch)
     for policy in RecoveryPolicy:
         closed, fast, slow = (tmp_path / f"{mode}-{policy.value}" for mode in ("closed", "fast", "slow"))
         for d in (closed, fast, slow):
@@ -393,7 +388,7 @@ def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_pa
     assert calls  # the whole-segment check ran (and, for g5, refused the damaged segment: the verdicts are equal)
     # the digests of the 11 intact groups were accepted (g5's only if the damage is outside its open segment's
     # records and row: a second open segment row)
-    assert accepted[0] in (GROUPS - 1, GROUPS)
+    assert len(found[0].closed) in (GROUPS - 1, GROUPS)
 
 
 def test_nothing_started_before_a_removal_brings_the_group_back(data_dir):
@@ -513,16 +508,44 @@ def spy_open_checks(monkeypatch):
 
 
 def spy_slices(monkeypatch):
-    """Record, for each slice of close digests checked, how many of its open segments matched."""
+    """Record, for each slice of close digests checked segment by segment, how many of its open segments
+    matched."""
     slices = []
     real = logscan._close_checks
 
-    def counted(conn, lo, hi):
-        got = real(conn, lo, hi)
+    def counted(conn, sids):
+        got = real(conn, sids)
         slices.append(len(got))
         return got
     monkeypatch.setattr(logscan, "_close_checks", counted)
     return slices
+
+
+def spy_spans(monkeypatch):
+    """Record, for each span of small groups checked together, its size and whether it matched."""
+    spans = []
+    real = logscan._span_checks
+
+    def counted(conn, span):
+        got = real(conn, span)
+        spans.append((len(span), got is not None))
+        return got
+    monkeypatch.setattr(logscan, "_span_checks", counted)
+    return spans
+
+
+def spy_digest_checks(monkeypatch):
+    """Record what every check of the close digests found (:class:`logscan.CloseChecks`)."""
+    found = []
+    real = logscan.CloseDigestCheck.result
+
+    def result(self):
+        got = real(self)
+        if not any(f is got for f in found):
+            found.append(got)
+        return got
+    monkeypatch.setattr(logscan.CloseDigestCheck, "result", result)
+    return found
 
 
 def test_a_clean_close_records_each_open_segment_and_the_next_open_consumes_it(tmp_path, monkeypatch):
@@ -584,8 +607,8 @@ def test_a_damaged_or_stale_digest_only_sends_its_segment_to_the_record_check(tm
         extra = 3
         sid = open_segments(d)["g5"][0]
         c = apsw.Connection(str(d / "raft.db"))
-        c.execute("UPDATE close_digests SET entry_count=?, bytes=?, checksum=?, content_crc=? WHERE segment_id=?",
-                  (*old[sid], sid))
+        c.execute("UPDATE close_digests SET entry_count=?, bytes=?, checksum=?, content_crc=?, span_crc=?, "
+                  "span_bytes=?, last_term=? WHERE segment_id=?", (*old[sid], sid))
         assert c.changes() == 1
         c.close()
     else:
@@ -630,19 +653,23 @@ def many_groups(tmp_path_factory):
     return d
 
 
+@pytest.mark.parametrize("spans", [True, False])
 @pytest.mark.parametrize("sql,message", [
     (None, None),
     ("UPDATE log_entries SET payload = x'00' WHERE key = {b} + 2", "CRC mismatch in log entry 2"),
     ("UPDATE log_entries SET crc32 = 'x' WHERE key = {b} + 2", "CRC mismatch in log entry 2"),
 ])
 def test_many_digests_are_checked_on_threads_and_damage_in_one_segment_is_still_found(
-        tmp_path, monkeypatch, many_groups, sql, message):
-    """Many records' digests are checked in slices of about equal records on parallel read connections (one
-    result row per slice); damage in one group's open segment, even a CRC column no slice can parse, sends
-    only that segment to the record check, which names it."""
+        tmp_path, monkeypatch, many_groups, sql, message, spans):
+    """Many records' digests are checked on parallel read connections, each taking a range of groups: by spans
+    of consecutive small groups (one range scan each), or segment by segment (``spans=False``: one result row
+    per slice). Damage in one group's open segment, even a CRC column no slice can parse, fails its span, whose
+    segments are then checked one by one; only the damaged one goes to the record check, which names it."""
     monkeypatch.setattr(logscan, "CHECK_THREADS", 4)
-    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 500)  # 1,800 records: 3 slices of ~600
-    slices = spy_slices(monkeypatch)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 500)  # 1,800 records: 3 ranges of 200 groups
+    if not spans:
+        monkeypatch.setattr(logscan, "CLOSE_SPAN_MIN", 10 ** 9)
+    slices, checked, found = spy_slices(monkeypatch), spy_spans(monkeypatch), spy_digest_checks(monkeypatch)
     d = tmp_path / "s"
     shutil.copytree(many_groups, d)
     c = apsw.Connection(str(d / "raft.db"))
@@ -654,12 +681,21 @@ def test_many_digests_are_checked_on_threads_and_damage_in_one_segment_is_still_
     calls = spy_open_checks(monkeypatch)
     if message is None:
         with open_store(d) as s:
-            assert calls == [] and len(slices) == 3 and sum(slices) == MANY
+            assert calls == [] and len(found[0].closed) == MANY
+            if spans:
+                assert slices == [] and checked == [(200, True)] * 3 and len(found[0].alone) == MANY
+            else:
+                assert checked == [] and len(slices) == 3 and sum(slices) == MANY and found[0].alone == {}
             assert [e.data for e in s.log("g599").entries(1, 4)] == [b"g599:1", b"g599:2", b"g599:3"]
         return
     with pytest.raises(CorruptionError, match=rf"group 'g300'.*{message}"):
         open_store(d)
-    assert calls == [gid] and len(slices) == 3 and sum(slices) == MANY - 1
+    assert calls == [gid] and len(found[0].closed) == MANY - 1
+    if spans:  # the damaged span's 200 groups, one by one
+        assert sorted(checked) == [(200, False), (200, True), (200, True)] and slices == [199]
+        assert len(found[0].alone) == 400
+    else:
+        assert len(slices) == 3 and sum(slices) == MANY - 1
 
 
 def test_a_killed_node_leaves_no_digest_behind(tmp_path, monkeypatch):
@@ -675,12 +711,10 @@ def test_a_killed_node_leaves_no_digest_behind(tmp_path, monkeypatch):
     r = run_py(code, tmp_path)
     assert r.returncode == -signal.SIGKILL, r.stderr
     # (read through the store: a plain connection's close would checkpoint and delete the killed node's WAL)
-    found = []
-    real = logscan.check_close_digests
-    monkeypatch.setattr("raft_sqlite.recovery.check_close_digests", lambda *a: found.append(real(*a)) or found[-1])
+    found = spy_digest_checks(monkeypatch)
     calls = spy_open_checks(monkeypatch)
     with open_store(tmp_path, segment_policy=POLICY) as s:
-        assert found == [{}] and len(calls) == GROUPS
+        assert [(f.closed, f.alone) for f in found] == [({}, {})] and len(calls) == GROUPS
         assert s.log("g1").get(21).data == b"acked"
 
 
@@ -771,7 +805,7 @@ def test_open_segments_too_big_for_one_query_are_checked_in_slices_or_from_their
         assert calls == [] and sum(slices) == GROUPS and len(slices) >= GROUPS // 3
         assert s.recovery_report.outcome == "clean"
     # a query SQLite refuses (here: a blob over its length limit, as a 1 GB slice was)
-    monkeypatch.setattr(logscan, "CLOSE_CHECK_SQL", "SELECT zeroblob(2000000000), ?, ?, ?, ?")
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SQL", "SELECT zeroblob(2000000000), ?, ?, ?")
     calls.clear()
     with open_store(tmp_path, segment_policy=POLICY) as s:
         assert len(calls) == GROUPS and s.recovery_report.outcome == "clean"

@@ -301,4 +301,4 @@ for phase, recs in (("created", created), ("upgraded", records)):
     created = [ln for ln in lines if ln.startswith("created ")]
     assert len(created) == 1 and "recovery created" in created[0], lines
     upgraded = [ln for ln in lines if ln.startswith("upgraded raft_sqlite.migrate")]
-    assert len(upgraded) == 1 and "from 0003_main_segment_content to 0004_main_close_digests" in upgraded[0], lines
+    assert len(upgraded) == 1 and "from 0003_main_segment_content to 0005_main_close_digest_spans" in upgraded[0], lines
