@@ -199,7 +199,7 @@ CLOSE_SPAN_SQL = (
 CLOSE_SPAN_GROUPS_SQL = (
     "SELECT '[' || coalesce(string_agg(iif(ok, '[' || group_id || ',' || segment_id || ',' || first_index || ',' "
     "|| entry_count || ',' || bytes || ',' || checksum || ',' || content_crc || ',' || span_crc || ',' || span_bytes "
-    "|| ',' || last_term || ',' || printf('%.17g', created_at) || ',1]', '[' || group_id || ',0]'), ','), '') || ']' "
+    "|| ',' || last_term || ',' || printf('%!.17g', created_at) || ',1]', '[' || group_id || ',0]'), ','), '') || ']' "
     "FROM (SELECT s.group_id, s.segment_id, s.first_index, d.entry_count, d.bytes, d.checksum, d.content_crc, "
     "d.span_crc, d.span_bytes, d.last_term, s.created_at, "
     "count(*) = 1 AND s.last_index IS NULL AND s.first_index IS g.first_index "

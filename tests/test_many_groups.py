@@ -12,6 +12,7 @@ import pytest
 
 from raft_sqlite import (
     CorruptionError,
+    EntryKind,
     FsyncMode,
     GroupNotFoundError,
     LogEntry,
@@ -23,6 +24,7 @@ from raft_sqlite import (
     logscan,
     wal,
 )
+from raft_sqlite.groupstate import meta_crc
 from raft_sqlite.verify import verify
 from raft_sqlite.wal import SPAN, record_crc
 from tests.conftest import open_store, run_py
@@ -824,3 +826,208 @@ def test_open_segments_of_big_records_are_checked_from_their_records(tmp_path, m
     with open_store(tmp_path) as s:
         assert calls == [big]
         assert s.log("big").get(10).data == b"b" * 2048
+
+
+# ---------------------------------------------------------------------------------------------- spans of small groups
+SMALL = 40  # groups whose only segment is open: a clean close lets the next open check them by spans
+BIG_POLICY = SegmentPolicy(max_entries=64)
+
+
+def build_small(data_dir):
+    """SMALL groups of 6 records (8 before a truncation), written through every append path the writer has
+    (one entry, a batch, a batch inside a transaction with another group's, after a truncation), with terms of
+    one and two digits, every kind, and payloads holding spaces, newlines and bytes that are not UTF-8."""
+    with open_store(data_dir, segment_policy=BIG_POLICY) as s:
+        for g in range(SMALL):
+            lg = s.log(f"s{g}")
+            lg.append([LogEntry(1, 1, b"first one")])
+            lg.append([LogEntry(i, 1 + 5 * (i // 3), bytes([i, 32, 10, 255, g]) * (i + g % 3), EntryKind(i % 3))
+                       for i in range(2, 9)])
+            lg.truncate_after(5)
+            lg.append_next(12, [b"after\nthe cut"])
+            s.metadata(f"s{g}").set_term_and_vote(12, "n1")
+            s.metadata(f"s{g}").set_commit_index(3)
+        with s.transaction():
+            s.log("s3").append([LogEntry(7, 12, b"tx")])
+            s.log("s4").append([LogEntry(7, 12, b"tx too")])
+
+
+def small_outcome(data_dir, policy):
+    """What an open under ``policy`` gives for the small groups, as text with data_dir's path taken out."""
+    try:
+        with open_store(data_dir, segment_policy=BIG_POLICY, recovery=policy) as s:
+            rep = s.recovery_report
+            got = ("opened", rep.outcome, rep.dropped, rep.problems,
+                   {g: (s.log(g).last_index, s.log(g).last_term, s.metadata(g).commit_index,
+                        s.metadata(g).voted_for) for g in s.groups()},
+                   {g: [e.data for e in s.log(g).entries(1, s.log(g).last_index + 1)] for g in ("s20", "s21")})
+    except RaftSqliteError as e:
+        got = ("refused", type(e).__name__, str(e))
+    return repr(got).replace(str(data_dir), "DIR")
+
+
+def span_seg_state(s, name):
+    seg = s.kernel.group(name).seg
+    return (*seg_state(s, name), seg.created_at, seg.span, seg.span_bytes)
+
+
+def test_spans_check_many_small_groups_and_build_the_record_checks_state(tmp_path, monkeypatch):
+    """After a clean close, runs of small groups are checked by spans (one range scan each, no record checked
+    one by one), and the state built is the record check's to the last field, the running span digest
+    included; the writer carries that digest on through every append path, so the next clean close's spans
+    check out again."""
+    build_small(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    no_digests(tmp_path / "b")
+    found, spans, calls = spy_digest_checks(monkeypatch), spy_spans(monkeypatch), spy_open_checks(monkeypatch)
+    with open_store(tmp_path / "a", segment_policy=BIG_POLICY) as a:
+        assert calls == [] and spans == [(SMALL, True)] and len(found[0].alone) == SMALL
+        assert a.recovery_report.outcome == "clean" and a.recovery_report.entries_validated == SMALL * 6 + 2
+        with open_store(tmp_path / "b", segment_policy=BIG_POLICY) as b:
+            assert len(calls) == SMALL and len(spans) == 1  # no digests: every open segment from its records
+            for g in range(SMALL):
+                assert span_seg_state(a, f"s{g}") == span_seg_state(b, f"s{g}")
+                assert group_state(a, f"s{g}") == group_state(b, f"s{g}")
+        for g in range(0, SMALL, 3):  # every append path again, on the state the spans built
+            lg = a.log(f"s{g}")
+            lg.append([LogEntry(lg.last_index + 1, 13, b"one more")])
+            lg.append([LogEntry(lg.last_index + 1 + i, 14, b"and a batch %d" % i, EntryKind.NOOP) for i in range(3)])
+            lg.truncate_after(lg.last_index - 1)
+        a.log("s1").append_next(15, [b"x"] * 5)
+    calls.clear()
+    with open_store(tmp_path / "a", segment_policy=BIG_POLICY) as a:
+        assert calls == [] and spans[-1] == (SMALL, True) and len(found[-1].alone) == SMALL
+        assert a.log("s0").last_index == 9 and a.log("s0").get(8).data == b"and a batch 0"
+        assert a.log("s1").last_index == 11 and a.log("s3").last_index == 10
+    assert verify(str(tmp_path / "a")).ok
+
+
+def _resign(c, key, term):
+    """Rewrite record ``key`` with ``term`` and a CRC recomputed to match (only order or digests tell)."""
+    gid, idx, kind, payload = c.execute("SELECT group_id, idx, kind, payload FROM log_entries WHERE key=?", (key,)).fetchone()
+    c.execute("UPDATE log_entries SET term=?, crc32=? WHERE key=?", (term, record_crc(gid, idx, term, kind, payload), key))
+
+
+PERMIT = "UPDATE groups SET truncate_permit = 0 WHERE group_id = {g}; {sql}; UPDATE groups SET truncate_permit = NULL WHERE group_id = {g}"
+SPAN_DAMAGE = [  # group s20's open segment holds 1..6 (s21's too); {b}/{b21}: their key bases, {sid}: s20's segment
+    "UPDATE log_entries SET payload = CAST(x'01' || payload AS BLOB) WHERE key = {b} + 3",
+    "UPDATE log_entries SET payload = CAST(payload AS TEXT) WHERE key = {b} + 1",
+    "UPDATE log_entries SET payload = CAST(payload AS BLOB) WHERE key = {b} + 2",  # (rewritten as it was: passes)
+    "UPDATE log_entries SET term = term + 1 WHERE key = {b} + 4",
+    "UPDATE log_entries SET kind = 1 WHERE key = {b} + 1",
+    "UPDATE log_entries SET crc32 = crc32 + 1 WHERE key = {b} + 5",
+    "PRAGMA ignore_check_constraints=1; UPDATE log_entries SET crc32 = '5' WHERE key = {b} + 5",
+    "PRAGMA ignore_check_constraints=1; UPDATE log_entries SET idx = 99 WHERE key = {b} + 2",
+    "UPDATE log_entries SET segment = segment + 1 WHERE key = {b} + 6",
+    "UPDATE log_entries SET segment = CAST(segment AS TEXT) WHERE key = {b} + 6",
+    "UPDATE log_entries SET term = CAST(x'ff' AS TEXT) WHERE key = {b} + 2",
+    PERMIT.format(g="{g}", sql="DELETE FROM log_entries WHERE key = {b} + 4"),  # (above the commit index: 3)
+    PERMIT.format(g="{g}", sql="DELETE FROM log_entries WHERE key = {b} + 6"),
+    "INSERT INTO log_entries SELECT key + 2, group_id, idx + 2, term, kind, payload, crc32, segment FROM log_entries "
+    "WHERE key = {b} + 6",  # a record after a gap
+    "INSERT INTO log_entries SELECT key + 1, group_id, idx + 1, term, kind, payload, crc32, segment FROM log_entries "
+    "WHERE key = {b} + 6",  # a record after the last, its CRC made for another index
+    # every record of s20 one key up (idx too): same text in the same order, only the keys tell
+    "PRAGMA ignore_check_constraints=1; UPDATE log_entries SET key = -key WHERE key >= {b} AND key < {b} + 100; "
+    "UPDATE log_entries SET key = 1 - key, idx = idx + 1 WHERE key < 0",
+    # s20's last record moved to s21, below its first index: same text in the same order
+    "PRAGMA ignore_check_constraints=1; UPDATE log_entries SET key = {b21}, idx = 0 WHERE key = {b} + 6",
+    "UPDATE log_entries SET payload = (SELECT payload FROM log_entries WHERE key = {b} + 4) WHERE key = {b} + 5",
+    "resign-last",  # s20's last record re-signed with a lower term: only the term order tells
+    "UPDATE close_digests SET span_crc = span_crc + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET span_bytes = span_bytes + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET span_bytes = span_bytes - 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET span_bytes = 0 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET last_term = last_term - 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET last_term = 'x' WHERE segment_id = {sid}",
+    "UPDATE close_digests SET bytes = bytes + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET entry_count = entry_count + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET checksum = checksum + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET content_crc = content_crc + 1 WHERE segment_id = {sid}",
+    "UPDATE close_digests SET span_crc = NULL WHERE segment_id = {sid}",
+    # s20's and s21's rows swapped
+    "UPDATE close_digests SET segment_id = -segment_id WHERE segment_id IN ({sid}, {sid21}); "
+    "UPDATE close_digests SET segment_id = {sid21} WHERE segment_id = -{sid}; "
+    "UPDATE close_digests SET segment_id = {sid} WHERE segment_id = -{sid21}",
+    "INSERT INTO log_segments(group_id, first_index, created_at) VALUES ({g}, 4, 0)",  # a second open segment
+    "UPDATE log_segments SET first_index = 2 WHERE segment_id = {sid}",
+    "UPDATE log_segments SET created_at = 'x' WHERE segment_id = {sid}",
+    "UPDATE groups SET first_index = 2 WHERE group_id = {g}",
+    "commit-beyond",  # s20's commit index above its last record (its metadata CRC recomputed)
+]
+
+
+@pytest.mark.parametrize("sql", SPAN_DAMAGE)
+def test_span_damage_same_verdict_as_the_segment_and_record_checks(tmp_path, monkeypatch, sql):
+    """Every damage to a small group's records, its close digest, its segment rows or its group rows gives the
+    same verdict (refusal and its message, or what is dropped and kept, and every entry) whether the open checks
+    the small groups by spans, their open segments one by one against their digests, or from their records: a
+    span accepts all its groups or none, and one that fails is checked one by one."""
+    build_small(tmp_path / "pristine")
+    c = apsw.Connection(str(tmp_path / "pristine" / "raft.db"))
+    assert len(digests(tmp_path / "pristine")) == SMALL
+    (g, sid), (g21, sid21) = (c.execute("SELECT g.group_id, s.segment_id FROM groups g JOIN log_segments s "
+                                        "USING (group_id) WHERE g.name=?", (n,)).fetchone() for n in ("s20", "s21"))
+    if sql == "resign-last":
+        _resign(c, g * SPAN + 6, 1)
+    elif sql == "commit-beyond":
+        term, vote = c.execute("SELECT current_term, voted_for FROM raft_meta WHERE group_id=?", (g,)).fetchone()
+        c.execute("UPDATE raft_meta SET commit_index=9, crc32=? WHERE group_id=?", (meta_crc(g, term, vote, 9), g))
+    else:
+        c.execute(sql.format(b=g * SPAN, b21=g21 * SPAN, g=g, sid=sid, sid21=sid21))
+    c.close()
+    found = spy_digest_checks(monkeypatch)
+    for policy in RecoveryPolicy:
+        spans, one_by_one, records = (tmp_path / f"{mode}-{policy.value}" for mode in ("spans", "one", "records"))
+        for d in (spans, one_by_one, records):
+            shutil.copytree(tmp_path / "pristine", d)
+        no_digests(records)
+        monkeypatch.setattr(logscan, "CLOSE_SPAN_MIN", 16)
+        got_spans = small_outcome(spans, policy)
+        monkeypatch.setattr(logscan, "CLOSE_SPAN_MIN", 10 ** 9)
+        got_one = small_outcome(one_by_one, policy)
+        got_records = small_outcome(records, policy)
+        assert got_spans == got_one == got_records, policy
+    # the undamaged groups were still accepted, by a span or one by one (s20's and s21's digests may not be)
+    assert len(found[0].closed) >= SMALL - 2
+    if "CAST(payload AS BLOB)" in sql:  # rewritten as it was: nothing to find, every group by its span
+        assert len(found[0].alone) == SMALL and "('opened', 'clean', [], []" in got_spans
+
+
+def test_a_short_run_or_a_big_group_between_small_ones_is_checked_one_by_one(tmp_path, monkeypatch):
+    """Spans only cover runs of at least CLOSE_SPAN_MIN consecutive small groups: a group with sealed segments
+    cuts a run (its keys are not in any span), and a short run is checked segment by segment."""
+    with open_store(tmp_path, segment_policy=SegmentPolicy(max_entries=4)) as s:
+        for g in range(40):
+            s.log(f"g{g:02}").append([LogEntry(i, 1, b"x%d" % i) for i in range(1, 10 if g in (10, 30) else 4)])
+    found, spans, calls = spy_digest_checks(monkeypatch), spy_spans(monkeypatch), spy_open_checks(monkeypatch)
+    with open_store(tmp_path, segment_policy=SegmentPolicy(max_entries=4)) as s:
+        assert calls == [] and sorted(spans) == [(19, True)]  # g11..g29; g00..g09 and g31..g39 are too short
+        assert len(found[0].alone) == 19 and len(found[0].closed) == 40
+        assert s.log("g10").get(9).data == b"x9" and s.log("g39").get(3).data == b"x3"
+
+
+def test_a_store_of_the_previous_revision_is_upgraded_and_its_digests_dropped(tmp_path):
+    """Revision 0005 recreates close_digests with the span columns: the rows a 0004 close wrote are dropped (the
+    open that upgrades checks every open segment from its records, as after a crash), and the next clean close
+    writes span digests that the open after accepts."""
+    build_small(tmp_path)
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    c.execute("DROP TABLE close_digests; CREATE TABLE close_digests (segment_id INTEGER NOT NULL PRIMARY KEY, "
+              "entry_count BIGINT NOT NULL, bytes BIGINT NOT NULL, checksum BIGINT NOT NULL, content_crc BIGINT NOT NULL); "
+              "INSERT INTO close_digests SELECT segment_id, 6, 1, 2, 3 FROM log_segments; "
+              "UPDATE alembic_version SET version_num = '0004_main_close_digests'")
+    c.close()
+    with open_store(tmp_path, segment_policy=BIG_POLICY) as s:
+        assert s.recovery_report.outcome == "clean" and s.log("s7").get(6).data == b"after\nthe cut"
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0005_main_close_digest_spans"
+    assert c.execute("SELECT count(*), count(span_crc), count(last_term) FROM close_digests").fetchone() == (SMALL,) * 3
+    c.close()
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        found = spy_digest_checks(monkeypatch)
+        with open_store(tmp_path, segment_policy=BIG_POLICY) as s:
+            assert len(found[0].alone) == SMALL and s.recovery_report.outcome == "clean"
+    finally:
+        monkeypatch.undo()
