@@ -340,7 +340,8 @@ def _spans(conn: apsw.Connection, lo: int, hi: int) -> tuple[list[list[SpanDiges
         row = conn.execute(CLOSE_SPAN_GROUPS_SQL, (CLOSE_CHECK_MAX_AVG, lo, hi)).fetchone()
         assert row is not None  # an aggregate without GROUP BY always yields one row
         groups = cast("list[SpanDigest]", json.loads(row[0]))
-    except (UnicodeDecodeError, ValueError) as exc:  # a group id that is not an integer (damage): no spans here
+    except (UnicodeDecodeError, ValueError, apsw.Error) as exc:  # a group id that is not an integer (damage):
+        # no spans here (and a query SQLite refuses costs these groups the segment-by-segment check, no more)
         log.debug("no spans among groups %d..%d: %r", lo, hi, exc)
         return [], set()
     runs: list[list[SpanDigest]] = []
@@ -377,10 +378,31 @@ def _cut(items: Sequence[T], sizes: Iterable[int], most: int | None = None) -> l
     return parts
 
 
+#: Most groups one part of a thread's range covers (the spans' list of groups is read as one string)
+CLOSE_SPAN_GROUPS = 8192
+
+
 def _check_range(conn: apsw.Connection, lo: int, hi: int) -> CloseChecks:
-    """:func:`check_close_digests` for the open segments of the groups with ids ``lo <= id < hi``, on ``conn``:
-    runs of small groups by spans (a span that fails, segment by segment), every other digest segment by
-    segment, in parts of at most :data:`CLOSE_CHECK_MAX_BYTES` rendered."""
+    """:func:`check_close_digests` for the open segments of the groups with ids ``lo <= id < hi``, on ``conn``, in
+    parts of :data:`CLOSE_SPAN_GROUPS` groups (so that what is read at once stays bounded however many groups
+    the node has)."""
+    out = CloseChecks({}, {})
+    at = lo
+    while at < hi:
+        nxt = conn.execute("SELECT group_id FROM groups WHERE group_id >= ? AND group_id < ? ORDER BY group_id "
+                           "LIMIT 1 OFFSET ?", (at, hi, CLOSE_SPAN_GROUPS)).fetchone()
+        end = hi if nxt is None or nxt[0].__class__ is not int or nxt[0] <= at else nxt[0]
+        got = _check_part(conn, at, end)
+        out.closed.update(got.closed)
+        out.alone.update(got.alone)
+        at = end
+    return out
+
+
+def _check_part(conn: apsw.Connection, lo: int, hi: int) -> CloseChecks:
+    """:func:`_check_range` for the groups with ids ``lo <= id < hi``: runs of small groups by spans (a span that
+    fails, segment by segment), every other digest segment by segment, in parts of at most
+    :data:`CLOSE_CHECK_MAX_BYTES` rendered."""
     out = CloseChecks({}, {})
     runs, in_spans = _spans(conn, lo, hi)
     for run in runs:
@@ -449,15 +471,18 @@ class CloseDigestCheck:
         try:
             for _ in range(len(cuts) - 1):
                 conns.append(connect())
+            while conns:
+                t = threading.Thread(target=self._run, args=(conns[0], cuts[len(self._threads)],
+                                                             cuts[len(self._threads) + 1]),
+                                     name=f"raft_sqlite-check_{len(self._threads)}", daemon=True)
+                t.start()  # (from here on, the thread closes the connection)
+                self._threads.append(t)
+                conns.pop(0)
         except BaseException:
             for c in conns:
                 c.close()
+            self.result_or_none()  # the threads started wait for nothing: let them finish
             raise
-        for k, c in enumerate(conns):
-            t = threading.Thread(target=self._run, args=(c, cuts[k], cuts[k + 1]), name=f"raft_sqlite-check_{k}",
-                                 daemon=True)
-            self._threads.append(t)
-            t.start()
 
     def _run(self, conn: apsw.Connection, lo: int, hi: int) -> None:
         try:
@@ -468,6 +493,13 @@ class CloseDigestCheck:
             self._error = exc
         finally:
             conn.close()
+
+    def result_or_none(self) -> CloseChecks | None:
+        """Wait for the check; None if it failed (its error dropped: for a caller that is failing already)."""
+        try:
+            return self.result()
+        except BaseException:
+            return None
 
     def result(self) -> CloseChecks:
         """Wait for the check: :class:`CloseChecks` (for the segments that match, ``{segment_id: (records,

@@ -13,7 +13,6 @@ problems are found by the shared record scanner (:mod:`raft_sqlite.logscan`, als
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import logging
@@ -261,8 +260,7 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
     try:
         states = _recover_groups(store, conn, report, wal_partial, rows, closed)
     finally:
-        with contextlib.suppress(BaseException):
-            closed.result()  # never leave the check running past the open (its error, if any, was raised)
+        closed.result_or_none()  # never leave the check running past the open (its error, if any, was raised)
     store.kernel.groups.publish(states)
 
 

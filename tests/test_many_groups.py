@@ -1031,3 +1031,14 @@ def test_a_store_of_the_previous_revision_is_upgraded_and_its_digests_dropped(tm
             assert len(found[0].alone) == SMALL and s.recovery_report.outcome == "clean"
     finally:
         monkeypatch.undo()
+
+
+def test_a_thread_reads_its_groups_in_parts(tmp_path, monkeypatch):
+    """A thread's range of groups is read in parts of CLOSE_SPAN_GROUPS groups (so what is read at once stays
+    bounded however many groups a node has): a run cut by a part's end becomes two spans."""
+    build_small(tmp_path)
+    monkeypatch.setattr(logscan, "CLOSE_SPAN_GROUPS", 20)
+    found, spans, calls = spy_digest_checks(monkeypatch), spy_spans(monkeypatch), spy_open_checks(monkeypatch)
+    with open_store(tmp_path, segment_policy=BIG_POLICY) as s:
+        assert calls == [] and spans == [(20, True), (20, True)] and len(found[0].alone) == SMALL
+        assert s.log("s39").get(6).data == b"after\nthe cut"
