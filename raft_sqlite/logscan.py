@@ -41,6 +41,7 @@ from .wal import (
     crc_matches,
     record_crc,
     sidecar_checksum,
+    span_record_sql,
     span_trailer,
 )
 
@@ -165,10 +166,14 @@ CLOSE_CHECK_SQL = (
     # and not the others; a value that is not an integer, possibly text that is not UTF-8, must not fail the
     # whole row: "x", which fails that segment's parse)
     "SELECT string_agg(sid || ' ' || n || ' ' || length(content) || ' ' || nbytes || ' ' || checksum || ' ' "
-    "|| content_crc || ' ' || t1, ','), string_agg(crcs, ';'), CAST(string_agg(content, '') AS BLOB) "
+    "|| content_crc || ' ' || t1 || ' ' || length(span), ','), string_agg(crcs, ';'), "
+    "CAST(string_agg(content, '') AS BLOB), CAST(string_agg(span, '') AS BLOB) "
     "FROM (SELECT d.segment_id AS sid, iif(typeof(d.checksum) = 'integer', d.checksum, 'x') AS checksum, "
     "iif(typeof(d.content_crc) = 'integer', d.content_crc, 'x') AS content_crc, count(*) AS n, d.bytes AS nbytes, "
     f"coalesce({content_sql('e')}, x'') AS content, "
+    # (the records' span digest too, for the state the writer goes on from: without it the next close records
+    # none, and every later open checks the segment one by one again; found by review)
+    f"coalesce(CAST(string_agg({span_record_sql('e')}, '') AS BLOB), x'') AS span, "
     "coalesce(string_agg(e.crc32, ','), 'x') AS crcs, iif(typeof(max(e.term)) = 'integer', max(e.term), 'x') AS t1 "
     "FROM close_digests d JOIN log_segments s ON s.segment_id = d.segment_id "
     "JOIN log_entries e ON e.key >= s.group_id * ?1 + s.first_index AND e.key < (s.group_id + 1) * ?1 "
@@ -190,8 +195,9 @@ CLOSE_CHECK_SQL = (
 #: compares each part with its span digest (:func:`_span_checks`). Much cheaper than :data:`CLOSE_CHECK_SQL` over
 #: many small groups: no join, no grouping, no list of CRCs to parse.
 CLOSE_SPAN_SQL = (
-    "SELECT count(*), sum(idx IS NOT (key & ?1) OR typeof(payload) != 'blob'), "
-    f"CAST(coalesce(string_agg({SPAN_RECORD_SQL}, ''), x'') AS BLOB) FROM log_entries WHERE key >= ?2 AND key < ?3")
+    "SELECT count(*), sum(idx IS NOT (key & ?1) OR typeof(payload) != 'blob' OR typeof(segment) != 'integer' "
+    f"OR typeof(term) != 'integer'), CAST(coalesce(string_agg({SPAN_RECORD_SQL}, ''), x'') AS BLOB) "
+    "FROM log_entries WHERE key >= ?2 AND key < ?3")
 #: The segment rows of every group ``?2 <= group_id < ?3`` in group order, as ONE row: a JSON list of a
 #: :data:`SpanDigest` for each group that may be in a span, ``[group_id, 0]`` for every other (bare columns of a
 #: one-row group are that row's). One row, not one per group: a thread fetching rows takes the GIL back for each,
@@ -258,8 +264,8 @@ def _close_checks(conn: apsw.Connection, sids: Sequence[int]) -> dict[int, Close
         log.debug("close digests of %d segment(s) not checked: %r", len(sids), exc)
         return out
     assert row is not None  # an aggregate without GROUP BY always yields one row
-    info, crcs, contents = row
-    if info is None or crcs is None or contents is None:  # no segment agreed with its digest
+    info, crcs, contents, spans = row
+    if info is None or crcs is None or contents is None or spans is None:  # no segment agreed with its digest
         return out
     items = [item.split(" ") for item in info.split(",")]
     try:  # every CRC of the slice at once (one C-level parse, not one per segment)
@@ -270,9 +276,12 @@ def _close_checks(conn: apsw.Connection, sids: Sequence[int]) -> dict[int, Close
         packed = None  # never slice CRCs that do not line up with their segments (found by review)
     per_segment = crcs.split(";") if packed is None else []
     view, at, off = memoryview(contents), 0, 0
+    span_view, span_off = memoryview(spans), 0
     for k, fields in enumerate(items):
         sid, n, size = int(fields[0]), int(fields[1]), int(fields[2])  # id, count(*), length(): integers always
         seg_content, off = view[off:off + size], off + size
+        span_size = int(fields[7])  # length(): an integer always
+        seg_span, span_off = span_view[span_off:span_off + span_size], span_off + span_size
         if packed is not None:
             seg_crcs, at = packed[at:at + n], at + n
         else:  # parse each segment's list on its own, skip those that fail
@@ -283,13 +292,13 @@ def _close_checks(conn: apsw.Connection, sids: Sequence[int]) -> dict[int, Close
             if len(seg_crcs) != n:
                 continue
         try:
-            nbytes, checksum, content, t1 = map(int, fields[3:])
+            nbytes, checksum, content, t1 = map(int, fields[3:7])
         except ValueError:  # a digest or term column that is not an integer
             continue
         if content_digest(seg_content) == content and chain_crcs(0, seg_crcs) == checksum:
             # the digest proves every term as written (integers, non-decreasing: append refuses anything else);
             # the first one opens the rendered content ("<term> <kind>\n<payload>...")
-            out[sid] = (n, nbytes, checksum, content, t1, None, None, _first_term(seg_content))
+            out[sid] = (n, nbytes, checksum, content, t1, zlib.crc32(seg_span), span_size, _first_term(seg_content))
     return out
 
 
@@ -312,6 +321,8 @@ def _span_checks(conn: apsw.Connection, span: Sequence[SpanDigest]) -> dict[int,
     C-level ``map`` passes, not a Python loop (10,000 segments: the loop cost more than the scan)."""
     lo = span[0][0] * SPAN + span[0][2]
     hi = (span[-1][0] + 1) * SPAN
+    if lo < 0 or hi > _MAX_KEY:  # (bounds SQLite cannot take: a damaged first index, or group ids near 2**23)
+        return None
     try:
         row = conn.execute(CLOSE_SPAN_SQL, (SPAN - 1, lo, hi)).fetchone()
     except (UnicodeDecodeError, apsw.Error) as exc:
@@ -319,13 +330,13 @@ def _span_checks(conn: apsw.Connection, span: Sequence[SpanDigest]) -> dict[int,
         return None
     assert row is not None  # an aggregate without GROUP BY always yields one row
     n, bad, contents = row
-    _g, sids, _f, counts, sizes, checksums, digests, spans, span_bytes, last_terms, _created, _ok = zip(*span)
+    gids, sids, firsts, counts, sizes, checksums, digests, spans, span_bytes, last_terms, _created, _ok = zip(*span)
     if bad or n != sum(counts) or len(contents) != sum(span_bytes):
         return None
     view = memoryview(contents)
     ends = list(itertools.accumulate(span_bytes))
     running = list(map(zlib.crc32, map(view.__getitem__, map(slice, [0, *ends[:-1]], ends))))
-    trailers = map(span_trailer, counts, sizes, checksums, digests, last_terms)
+    trailers = map(span_trailer, sids, gids, firsts, counts, sizes, checksums, digests, last_terms)
     if list(map(zlib.crc32, trailers, running)) != list(spans):
         return None
     return dict(zip(sids, zip(counts, sizes, checksums, digests, last_terms, running, span_bytes,
@@ -377,6 +388,8 @@ def _cut(items: Sequence[T], sizes: Iterable[int], most: int | None = None) -> l
         parts.append(part)
     return parts
 
+
+_MAX_KEY = (1 << 63) - 1
 
 #: Most groups one part of a thread's range covers (the spans' list of groups is read as one string)
 CLOSE_SPAN_GROUPS = 8192
@@ -450,7 +463,8 @@ class CloseDigestCheck:
         self._out = CloseChecks({}, {})
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
-        row = conn.execute("SELECT count(*), sum(entry_count) FROM close_digests").fetchone()
+        # (total(), not sum(): a damaged count must not overflow the open; found by review)
+        row = conn.execute("SELECT count(*), CAST(min(total(entry_count), 1e18) AS INTEGER) FROM close_digests").fetchone()
         assert row is not None  # an aggregate without GROUP BY always yields one row
         digests, records = row
         if not digests:
@@ -495,11 +509,19 @@ class CloseDigestCheck:
             conn.close()
 
     def result_or_none(self) -> CloseChecks | None:
-        """Wait for the check; None if it failed (its error dropped: for a caller that is failing already)."""
-        try:
-            return self.result()
-        except BaseException:
-            return None
+        """Wait for the check; None if it failed (its error dropped: for a caller that is failing already). A
+        KeyboardInterrupt while waiting is raised once the threads are done (none is left running; found by
+        review: a second Ctrl-C was swallowed and left a thread behind)."""
+        interrupted: BaseException | None = None
+        while any(t.is_alive() for t in self._threads):
+            try:
+                for t in self._threads:
+                    t.join()
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+        return self._out if self._error is None else None
 
     def result(self) -> CloseChecks:
         """Wait for the check: :class:`CloseChecks` (for the segments that match, ``{segment_id: (records,

@@ -606,7 +606,7 @@ class NodeStore:
         if k.fault is not None or k.in_transaction():
             return
         try:
-            k.raw(lambda conn: write_close_digests(conn, [(g.seg, g.last_term) for g in k.groups.states()
+            k.raw(lambda conn: write_close_digests(conn, [(g.seg, g.gid, g.last_term) for g in k.groups.states()
                                                           if g.seg is not None]))
         except RaftSqliteError as exc:
             log.warning("%s: could not record the open segments' digests at close (the next open checks them "

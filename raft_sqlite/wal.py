@@ -136,30 +136,48 @@ def content_crc_batch(crc: int, terms: Sequence[int], kinds: Sequence[int], payl
 #: SQLite string over many small groups' records (this expression over a key range) proves them all as written,
 #: with no per-record list to parse (see :func:`raft_sqlite.logscan.check_close_digests`). The writer keeps it
 #: running from what it inserts (:attr:`OpenSegment.span`).
-SPAN_RECORD_SQL = "key || ' ' || segment || ' ' || crc32 || ' ' || term || ' ' || kind || char(10) || payload"
+def span_record_sql(alias: str = "") -> str:
+    """:data:`SPAN_RECORD_SQL` over the columns of table alias ``alias`` (in a join; "": unqualified)."""
+    p = f"{alias}." if alias else ""
+    return (f"{p}key || ' ' || {p}segment || ' ' || {p}crc32 || ' ' || {p}term || ' ' || {p}kind || char(10) "
+            f"|| {p}payload")
+
+
+SPAN_RECORD_SQL = span_record_sql()
 _SPAN_PREFIX: Callable[[tuple[int, int, int, int, int]], bytes] = b"%d %d %d %d %d\n".__mod__
-_SPAN_TRAILER: Callable[[tuple[int, int, int, int, int]], bytes] = b"%d %d %d %d %d".__mod__
+_SPAN_TRAILER: Callable[[tuple[int, ...]], bytes] = b"%d %d %d %d %d %d %d %d".__mod__
+_INT_TEXT: Callable[[int], bytes] = b"%d".__mod__
 
 
-def span_crc_batch(crc: int, keys: Iterable[int], segment_id: int, crcs: Iterable[int], terms: Iterable[int],
-                   kinds: Iterable[int], payloads: Sequence[bytes]) -> tuple[int, int]:
+def span_crc_batch(crc: int, keys: Iterable[int], segment_id: int, crcs: Iterable[int], terms: Sequence[int],
+                   kinds: Sequence[int], payloads: Sequence[bytes]) -> tuple[int, int]:
     """Fold records (in index order) into a running span digest (see :data:`SPAN_RECORD_SQL`) at once: the new
-    digest and the bytes the records rendered to."""
-    heads = map(_SPAN_PREFIX, zip(keys, itertools.repeat(segment_id), crcs, terms, kinds))
-    text = b"".join(itertools.chain.from_iterable(zip(heads, payloads)))
+    digest and the bytes the records rendered to. (C-level passes; one term and all NORMAL, the usual batch,
+    formats two integers per record instead of five.)"""
+    mid = b" %d " % segment_id
+    if terms[0] == terms[-1] and kinds.count(0) == len(kinds):
+        tails: Iterable[bytes] = itertools.repeat(b" %d 0\n" % terms[0])
+    else:
+        tails = map(b" %d %d\n".__mod__, zip(terms, kinds))
+    text = b"".join(itertools.chain.from_iterable(zip(map(_INT_TEXT, keys), itertools.repeat(mid),
+                                                      map(_INT_TEXT, crcs), tails, payloads)))
     return zlib.crc32(text, crc), len(text)
 
 
-def span_trailer(count: int, nbytes: int, checksum: int, content: int, last_term: int) -> bytes:
-    """What a close digest's span digest covers after the records: the digest row's other fields, so that a
-    span check proves them too (:func:`close_span_digest`)."""
-    return _SPAN_TRAILER((count, nbytes, checksum, content, last_term))
+def span_trailer(segment_id: int, group_id: int, first_index: int, count: int, nbytes: int, checksum: int,
+                 content: int, last_term: int) -> bytes:
+    """What a close digest's span digest covers after the records: the segment's identity and the digest row's
+    other fields, so that a span check proves them too (:func:`close_span_digest`): a segment row given another
+    id (with its digest row) fails it, not only a damaged count or digest (found by review)."""
+    return _SPAN_TRAILER((segment_id, group_id, first_index, count, nbytes, checksum, content, last_term))
 
 
-def close_span_digest(running: int, count: int, nbytes: int, checksum: int, content: int, last_term: int) -> int:
-    """The span digest a clean close records for an open segment: its running span digest continued over
-    :func:`span_trailer`."""
-    return zlib.crc32(span_trailer(count, nbytes, checksum, content, last_term), running)
+def close_span_digest(seg: OpenSegment, group_id: int, last_term: int) -> int:
+    """The span digest a clean close records for open segment ``seg`` of group ``group_id``: its running span
+    digest continued over :func:`span_trailer`."""
+    assert seg.span is not None
+    return zlib.crc32(span_trailer(seg.segment_id, group_id, seg.first_index, seg.count, seg.nbytes, seg.checksum,
+                                   seg.content, last_term), seg.span)
 
 
 def content_digest(rendered: bytes | memoryview) -> int:
@@ -418,18 +436,17 @@ class WalWriter:
         return load_open_segment(conn, group_id)
 
 
-def write_close_digests(conn: apsw.Connection, segments: Iterable[tuple[OpenSegment, int]]) -> int:
+def write_close_digests(conn: apsw.Connection, segments: Iterable[tuple[OpenSegment, int, int]]) -> int:
     """Record the counts, sidecar checksum, content digest, span digest (with its trailer: :func:`close_span_digest`)
-    and last term of each open segment in ``segments`` (``(segment, its group's last term)`` pairs) that holds
-    records into ``close_digests`` (replacing every row there), inside the caller's transaction: what a clean
-    close writes so that the next open checks each open segment with SQLite aggregates instead of every record's
-    CRC in Python (:func:`raft_sqlite.logscan.check_close_digests`). ``segments`` are the groups' published open
-    segments: a row that no longer matches the records when the next open reads it (a write committed after it,
-    damage) only sends that segment to the record-by-record check. Returns the rows written."""
+    and last term of each open segment in ``segments`` (``(segment, its group's id, its group's last term)``)
+    that holds records into ``close_digests`` (replacing every row there), inside the caller's transaction: what
+    a clean close writes so that the next open checks each open segment with SQLite aggregates instead of every
+    record's CRC in Python (:func:`raft_sqlite.logscan.check_close_digests`). ``segments`` are the groups'
+    published open segments: a row that no longer matches the records when the next open reads it (a write
+    committed after it, damage) only sends that segment to the record-by-record check. Returns the rows written."""
     rows = [(g.segment_id, g.count, g.nbytes, g.checksum, g.content,
-             None if g.span is None or g.span_bytes is None else
-             close_span_digest(g.span, g.count, g.nbytes, g.checksum, g.content, last_term),
-             None if g.span is None else g.span_bytes, last_term) for g, last_term in segments if g.count]
+             None if g.span is None or g.span_bytes is None else close_span_digest(g, gid, last_term),
+             None if g.span is None else g.span_bytes, last_term) for g, gid, last_term in segments if g.count]
     conn.execute("DELETE FROM close_digests")
     if rows:
         conn.executemany("INSERT INTO close_digests(segment_id, entry_count, bytes, checksum, content_crc, span_crc, "

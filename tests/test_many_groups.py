@@ -949,6 +949,21 @@ SPAN_DAMAGE = [  # group s20's open segment holds 1..6 (s21's too); {b}/{b21}: t
     "UPDATE close_digests SET segment_id = -segment_id WHERE segment_id IN ({sid}, {sid21}); "
     "UPDATE close_digests SET segment_id = {sid21} WHERE segment_id = -{sid}; "
     "UPDATE close_digests SET segment_id = {sid} WHERE segment_id = -{sid21}",
+    # (found by review) s20's segment given another id in both its row and its digest row: the records still name
+    # the old one; then s20's and s21's ids swapped the same way
+    "UPDATE log_segments SET segment_id = 999999 WHERE segment_id = {sid}; "
+    "UPDATE close_digests SET segment_id = 999999 WHERE segment_id = {sid}",
+    "UPDATE log_segments SET segment_id = -segment_id WHERE segment_id IN ({sid}, {sid21}); "
+    "UPDATE log_segments SET segment_id = {sid21} WHERE segment_id = -{sid}; "
+    "UPDATE log_segments SET segment_id = {sid} WHERE segment_id = -{sid21}; "
+    "UPDATE close_digests SET segment_id = -segment_id WHERE segment_id IN ({sid}, {sid21}); "
+    "UPDATE close_digests SET segment_id = {sid21} WHERE segment_id = -{sid}; "
+    "UPDATE close_digests SET segment_id = {sid} WHERE segment_id = -{sid21}",
+    # (found by review) a BLOB spelling the same digits: the rendered text is the same
+    "UPDATE log_entries SET segment = CAST(segment AS BLOB) WHERE key = {b} + 2",
+    "UPDATE log_entries SET term = CAST(term AS BLOB) WHERE key = {b} + 6",
+    # (found by review) counts whose sum overflows a 64-bit integer
+    "UPDATE close_digests SET entry_count = 9223372036854775807 WHERE segment_id IN ({sid}, {sid21})",
     "INSERT INTO log_segments(group_id, first_index, created_at) VALUES ({g}, 4, 0)",  # a second open segment
     "UPDATE log_segments SET first_index = 2 WHERE segment_id = {sid}",
     "UPDATE log_segments SET created_at = 'x' WHERE segment_id = {sid}",
@@ -1042,3 +1057,65 @@ def test_a_thread_reads_its_groups_in_parts(tmp_path, monkeypatch):
     with open_store(tmp_path, segment_policy=BIG_POLICY) as s:
         assert calls == [] and spans == [(20, True), (20, True)] and len(found[0].alone) == SMALL
         assert s.log("s39").get(6).data == b"after\nthe cut"
+
+
+def test_a_group_id_or_first_index_out_of_the_key_range_is_a_typed_refusal(tmp_path):
+    """Found by review: a span whose keys SQLite cannot bind (the last group's id at or above 2**23, or a first
+    index near 2**63) raised OverflowError out of NodeStore.open; it is now checked one by one, and refused
+    with the record check's CorruptionError."""
+    build_small(tmp_path / "a")
+    c = apsw.Connection(str(tmp_path / "a" / "raft.db"))
+    g = c.execute("SELECT group_id FROM groups WHERE name='s39'").fetchone()[0]
+    new = 9_000_000
+    c.execute("PRAGMA ignore_check_constraints=1")
+    for table in ("groups", "raft_meta", "log_segments"):
+        c.execute(f"UPDATE {table} SET group_id=? WHERE group_id=?", (new, g))
+    c.close()  # (its records stay where they are: no key can hold a group id this high)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    no_digests(tmp_path / "b")
+    for policy in RecoveryPolicy:
+        assert small_outcome(tmp_path / "a", policy) == small_outcome(tmp_path / "b", policy)
+    with pytest.raises(CorruptionError, match="group row 9000000"):
+        open_store(tmp_path / "a", segment_policy=BIG_POLICY)
+
+
+def test_groups_checked_one_by_one_get_their_span_digests_back(tmp_path, monkeypatch):
+    """Found by review: a span that failed (here: one damaged digest row) had its groups checked one by one,
+    which did not compute their span digests; the next clean close then recorded none, and every later open
+    checked them one by one again. The segment-by-segment check computes them too, so the open after the next
+    clean close checks every group by its span again."""
+    build_small(tmp_path)
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    c.execute("UPDATE close_digests SET checksum = checksum + 1 WHERE segment_id = "
+              "(SELECT segment_id FROM log_segments JOIN groups USING (group_id) WHERE name = 's20')")
+    c.close()
+    found, spans = spy_digest_checks(monkeypatch), spy_spans(monkeypatch)
+    with open_store(tmp_path, segment_policy=BIG_POLICY) as s:
+        assert spans == [(SMALL, False)] and found[0].alone == {} and len(found[0].closed) == SMALL - 1
+        s.log("s7").append_next(13, [b"more"])
+    assert len(digests(tmp_path)) == SMALL and all(r[4] is not None for r in digests(tmp_path).values())
+    with open_store(tmp_path, segment_policy=BIG_POLICY) as s:
+        assert spans[-1] == (SMALL, True) and len(found[-1].alone) == SMALL
+        assert s.log("s7").get(7).data == b"more"
+
+
+def test_an_interrupt_while_the_open_waits_for_its_check_leaves_no_thread(tmp_path, monkeypatch):
+    """Found by review: a KeyboardInterrupt while a failing open waited for its check threads was swallowed and
+    left a thread running; it is now raised once the threads are done."""
+    import _thread
+
+    build_small(tmp_path)
+    real = logscan._check_range
+
+    def slow(conn, lo, hi):
+        time.sleep(0.6)
+        return real(conn, lo, hi)
+    monkeypatch.setattr(logscan, "_check_range", slow)
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    check = logscan.CloseDigestCheck(lambda: apsw.Connection(str(tmp_path / "raft.db")), c)
+    threading.Timer(0.2, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        check.result_or_none()
+    assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
+    assert len(check.result().alone) == SMALL
+    c.close()
