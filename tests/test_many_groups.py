@@ -341,6 +341,14 @@ def _outcome(data_dir, policy):
         return ("refused", type(e).__name__, str(e))
 
 
+def pristine_copies(tmp_path, policy, *modes):
+    """A copy of ``tmp_path / "pristine"`` for each of ``modes`` (named after it and ``policy``)."""
+    copies = [tmp_path / f"{mode}-{policy.value}" for mode in modes]
+    for d in copies:
+        shutil.copytree(tmp_path / "pristine", d)
+    return copies
+
+
 def no_digests(data_dir):
     """Forget what the last clean close recorded (as a crash would have): every open segment is then checked
     from its records."""
@@ -375,9 +383,7 @@ def test_open_segment_damage_same_verdict_with_and_without_the_fast_check(tmp_pa
         return real(*a)
     found = spy_digest_checks(monkeypatch)
     for policy in RecoveryPolicy:
-        closed, fast, slow = (tmp_path / f"{mode}-{policy.value}" for mode in ("closed", "fast", "slow"))
-        for d in (closed, fast, slow):
-            shutil.copytree(tmp_path / "pristine", d)
+        closed, fast, slow = pristine_copies(tmp_path, policy, "closed", "fast", "slow")
         no_digests(fast)
         no_digests(slow)
         monkeypatch.setattr("raft_sqlite.recovery.check_open_segment", real)
@@ -993,9 +999,7 @@ def test_span_damage_same_verdict_as_the_segment_and_record_checks(tmp_path, mon
     c.close()
     found = spy_digest_checks(monkeypatch)
     for policy in RecoveryPolicy:
-        spans, one_by_one, records = (tmp_path / f"{mode}-{policy.value}" for mode in ("spans", "one", "records"))
-        for d in (spans, one_by_one, records):
-            shutil.copytree(tmp_path / "pristine", d)
+        spans, one_by_one, records = pristine_copies(tmp_path, policy, "spans", "one", "records")
         no_digests(records)
         monkeypatch.setattr(logscan, "CLOSE_SPAN_MIN", 16)
         got_spans = small_outcome(spans, policy)
