@@ -298,7 +298,11 @@ def _close_checks(conn: apsw.Connection, sids: Sequence[int]) -> dict[int, Close
         if content_digest(seg_content) == content and chain_crcs(0, seg_crcs) == checksum:
             # the digest proves every term as written (integers, non-decreasing: append refuses anything else);
             # the first one opens the rendered content ("<term> <kind>\n<payload>...")
-            out[sid] = (n, nbytes, checksum, content, t1, zlib.crc32(seg_span), span_size, _first_term(seg_content))
+            try:
+                first_term = _first_term(seg_content)
+            except ValueError:  # a first term that is no integer (damage the digest was made to match; review)
+                continue
+            out[sid] = (n, nbytes, checksum, content, t1, zlib.crc32(seg_span), span_size, first_term)
     return out
 
 
@@ -321,7 +325,8 @@ def _span_checks(conn: apsw.Connection, span: Sequence[SpanDigest]) -> dict[int,
     C-level ``map`` passes, not a Python loop (10,000 segments: the loop cost more than the scan)."""
     lo = span[0][0] * SPAN + span[0][2]
     hi = (span[-1][0] + 1) * SPAN
-    if lo < 0 or hi > _MAX_KEY:  # (bounds SQLite cannot take: a damaged first index, or group ids near 2**23)
+    if not 0 <= lo <= _MAX_KEY or hi > _MAX_KEY:  # (bounds SQLite cannot take: a damaged first index, or group
+        # ids near 2**23; found by review)
         return None
     try:
         row = conn.execute(CLOSE_SPAN_SQL, (SPAN - 1, lo, hi)).fetchone()

@@ -1081,6 +1081,18 @@ def test_a_group_id_or_first_index_out_of_the_key_range_is_a_typed_refusal(tmp_p
         assert small_outcome(tmp_path / "a", policy) == small_outcome(tmp_path / "b", policy)
     with pytest.raises(CorruptionError, match="group row 9000000"):
         open_store(tmp_path / "a", segment_policy=BIG_POLICY)
+    # the first group of a run with a first index near 2**63 (found by the second review)
+    build_small(tmp_path / "c")
+    c = apsw.Connection(str(tmp_path / "c" / "raft.db"))
+    c.execute("UPDATE groups SET first_index = 9223372036854775807 WHERE name = 's0'; UPDATE log_segments SET "
+              "first_index = 9223372036854775807 WHERE group_id = (SELECT group_id FROM groups WHERE name = 's0')")
+    c.close()
+    shutil.copytree(tmp_path / "c", tmp_path / "d")
+    no_digests(tmp_path / "d")
+    for policy in RecoveryPolicy:
+        assert small_outcome(tmp_path / "c", policy) == small_outcome(tmp_path / "d", policy)
+    with pytest.raises(CorruptionError, match="group row 1 .'s0'. fails its CRC check"):
+        open_store(tmp_path / "c", segment_policy=BIG_POLICY)
 
 
 def test_groups_checked_one_by_one_get_their_span_digests_back(tmp_path, monkeypatch):
