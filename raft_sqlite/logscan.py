@@ -53,8 +53,8 @@ from .wal import (
 #: by review). Not seen, by design: a term, kind or CRC rewritten by SQL as a BLOB or TEXT spelling the same
 #: digits (no damage of the file does that, and checking every column's type costs 40% more per record); the
 #: first read of such a record fails its CRC check (``CorruptionError``), as the record walk would at open.
-log = logging.getLogger("raft_sqlite.store")
-T = TypeVar("T")  # the store's logger (the open's checks run here)
+log = logging.getLogger("raft_sqlite.store")  # the store's logger (the open's checks run here)
+T = TypeVar("T")
 
 SEGMENT_CHECK_SQL = (
     "SELECT count(*), sum(idx IS NOT key - ?1 OR typeof(payload) != 'blob'), 0, sum(length(payload)), "

@@ -130,12 +130,6 @@ def content_crc_batch(crc: int, terms: Sequence[int], kinds: Sequence[int], payl
                                                                  payloads))), crc)
 
 
-#: An open segment's *span digest* (what a clean close records in ``close_digests.span_crc``, with a trailer: see
-#: :func:`close_span_digest`) is the CRC32 of its records in index order, each written as the ASCII text
-#: ``"<key> <segment> <crc32> <term> <kind>\n"`` followed by its payload: every column of the record, so that one
-#: SQLite string over many small groups' records (this expression over a key range) proves them all as written,
-#: with no per-record list to parse (see :func:`raft_sqlite.logscan.check_close_digests`). The writer keeps it
-#: running from what it inserts (:attr:`OpenSegment.span`).
 def span_record_sql(alias: str = "") -> str:
     """:data:`SPAN_RECORD_SQL` over the columns of table alias ``alias`` (in a join; "": unqualified)."""
     p = f"{alias}." if alias else ""
@@ -143,6 +137,12 @@ def span_record_sql(alias: str = "") -> str:
             f"|| {p}payload")
 
 
+#: An open segment's *span digest* (what a clean close records in ``close_digests.span_crc``, with a trailer: see
+#: :func:`close_span_digest`) is the CRC32 of its records in index order, each written as the ASCII text
+#: ``"<key> <segment> <crc32> <term> <kind>\n"`` followed by its payload: every column of the record, so that one
+#: SQLite string over many small groups' records (this expression over a key range) proves them all as written,
+#: with no per-record list to parse (see :func:`raft_sqlite.logscan.check_close_digests`). The writer keeps it
+#: running from what it inserts (:attr:`OpenSegment.span`).
 SPAN_RECORD_SQL = span_record_sql()
 _SPAN_PREFIX: Callable[[tuple[int, int, int, int, int]], bytes] = b"%d %d %d %d %d\n".__mod__
 _SPAN_TRAILER: Callable[[tuple[int, ...]], bytes] = b"%d %d %d %d %d %d %d %d".__mod__
@@ -263,8 +263,8 @@ class OpenSegment:
         self.nbytes, self.created_at, self.checksum = nbytes, created_at, checksum
         self.content = content  #: running content digest (see :data:`CONTENT_SQL`)
         #: running span digest (see :data:`SPAN_RECORD_SQL`) and the bytes its records rendered to, or None where
-        #: unknown (an open that checked the segment one by one against its close digest does not compute it;
-        #: the next close then records none, and the open after checks it one by one again)
+        #: unknown (every open path computes them today; with None the next close records no span digest, and the
+        #: open after checks the segment one by one)
         self.span, self.span_bytes = span, span_bytes
 
     def copy(self) -> OpenSegment:

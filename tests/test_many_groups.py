@@ -1063,36 +1063,37 @@ def test_a_thread_reads_its_groups_in_parts(tmp_path, monkeypatch):
         assert s.log("s39").get(6).data == b"after\nthe cut"
 
 
+def _same_refusal_with_and_without_digests(data_dir, sql, match):
+    """Damage a small-groups store with ``sql`` (statements on a plain connection, check constraints off): every
+    policy gives the same outcome with its close digests and without, and STRICT refuses it as ``match`` says."""
+    build_small(data_dir / "a")
+    c = apsw.Connection(str(data_dir / "a" / "raft.db"))
+    c.execute("PRAGMA ignore_check_constraints=1")
+    c.execute(sql)
+    c.close()
+    shutil.copytree(data_dir / "a", data_dir / "b")
+    no_digests(data_dir / "b")
+    for policy in RecoveryPolicy:
+        assert small_outcome(data_dir / "a", policy) == small_outcome(data_dir / "b", policy)
+    with pytest.raises(CorruptionError, match=match):
+        open_store(data_dir / "a", segment_policy=BIG_POLICY)
+
+
 def test_a_group_id_or_first_index_out_of_the_key_range_is_a_typed_refusal(tmp_path):
     """Found by review: a span whose keys SQLite cannot bind (the last group's id at or above 2**23, or a first
     index near 2**63) raised OverflowError out of NodeStore.open; it is now checked one by one, and refused
     with the record check's CorruptionError."""
-    build_small(tmp_path / "a")
-    c = apsw.Connection(str(tmp_path / "a" / "raft.db"))
-    g = c.execute("SELECT group_id FROM groups WHERE name='s39'").fetchone()[0]
-    new = 9_000_000
-    c.execute("PRAGMA ignore_check_constraints=1")
-    for table in ("groups", "raft_meta", "log_segments"):
-        c.execute(f"UPDATE {table} SET group_id=? WHERE group_id=?", (new, g))
-    c.close()  # (its records stay where they are: no key can hold a group id this high)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    no_digests(tmp_path / "b")
-    for policy in RecoveryPolicy:
-        assert small_outcome(tmp_path / "a", policy) == small_outcome(tmp_path / "b", policy)
-    with pytest.raises(CorruptionError, match="group row 9000000"):
-        open_store(tmp_path / "a", segment_policy=BIG_POLICY)
+    # s39's rows moved to group id 9,000,000 (its records stay where they are: no key can hold a group id this high)
+    _same_refusal_with_and_without_digests(
+        tmp_path / "id", "; ".join(f"UPDATE {table} SET group_id = 9000000 WHERE group_id = "
+                                   "(SELECT group_id FROM groups WHERE name = 's39')"
+                                   for table in ("raft_meta", "log_segments", "groups")), "group row 9000000")
     # the first group of a run with a first index near 2**63 (found by the second review)
-    build_small(tmp_path / "c")
-    c = apsw.Connection(str(tmp_path / "c" / "raft.db"))
-    c.execute("UPDATE groups SET first_index = 9223372036854775807 WHERE name = 's0'; UPDATE log_segments SET "
-              "first_index = 9223372036854775807 WHERE group_id = (SELECT group_id FROM groups WHERE name = 's0')")
-    c.close()
-    shutil.copytree(tmp_path / "c", tmp_path / "d")
-    no_digests(tmp_path / "d")
-    for policy in RecoveryPolicy:
-        assert small_outcome(tmp_path / "c", policy) == small_outcome(tmp_path / "d", policy)
-    with pytest.raises(CorruptionError, match="group row 1 .'s0'. fails its CRC check"):
-        open_store(tmp_path / "c", segment_policy=BIG_POLICY)
+    _same_refusal_with_and_without_digests(
+        tmp_path / "first", "UPDATE log_segments SET first_index = 9223372036854775807 WHERE group_id = "
+        "(SELECT group_id FROM groups WHERE name = 's0'); "
+        "UPDATE groups SET first_index = 9223372036854775807 WHERE name = 's0'",
+        "group row 1 .'s0'. fails its CRC check")
 
 
 def test_groups_checked_one_by_one_get_their_span_digests_back(tmp_path, monkeypatch):
