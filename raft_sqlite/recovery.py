@@ -30,7 +30,6 @@ from .errors import CorruptionError, RecoveryRefused
 from .groupstate import GroupState, group_crc, group_crcs, meta_crc, meta_crcs
 from .kernel import Kernel
 from .logscan import (
-    CloseChecks,
     ClosedCheck,
     CloseDigestCheck,
     RecordScanner,
@@ -248,53 +247,64 @@ def recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryR
         report.dropped.append({"group": "*", "what": "committed WAL frames SQLite would not use (damaged, truncated, lost or replaced WAL)", "reason": msg})
         report.outcome = "partial"
         wal_partial = True
-    # every group's rows, read before the check below starts (this thread fetching one row at a time while the
-    # check's threads run Python would wait for the GIL at every row)
-    rows = db_rows(conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
-                                "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, "
-                                "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     # the open segments a clean close described, checked against their digests (:func:`check_close_digests`) on
-    # threads of their own while this one checks every group's rows (an open of 10,000 small groups spent a
-    # third of its time on those, after the check)
+    # threads of their own while this one reads and checks every group's rows (started first: this thread's own
+    # work, an open of 10,000 groups spent a third of its time on it, then runs beside it on the other core)
     closed = CloseDigestCheck(lambda: store.kernel.connect(store.path, query_only=True), conn)
     try:
-        states = _recover_groups(store, conn, report, wal_partial, rows, closed)
+        states = _recover_groups(store, conn, report, wal_partial, closed)
     finally:
         closed.result_or_none()  # never leave the check running past the open (its error, if any, was raised)
     store.kernel.groups.publish(states)
 
 
 def _recover_groups(store: OpeningStore, conn: apsw.Connection, report: RecoveryReport, wal_partial: bool,
-                    rows: list[tuple[Any, ...]], closed: CloseDigestCheck) -> dict[str, GroupState]:
-    """:func:`recover_groups` from its group rows on: every group's validated state, by name."""
+                    closed: CloseDigestCheck) -> dict[str, GroupState]:
+    """:func:`recover_groups` while ``closed`` runs: every group's validated state, by name."""
     bad_snapshot_groups = recover_snapshots(store, conn, report)
+    rows = db_rows(conn.execute("SELECT g.group_id, g.name, g.first_index, g.snapshot_index, g.snapshot_term, "
+                                "g.recovered_partially, m.current_term, m.voted_for, m.commit_index, m.crc32, "
+                                "g.crc32 FROM groups g LEFT JOIN raft_meta m USING (group_id) ORDER BY g.group_id"))
     durable_of: dict[int, int] = dict(cast("list[tuple[int, int]]", conn.execute(
         "SELECT group_id, max(idx) FROM snapshots WHERE status='DURABLE' GROUP BY group_id").fetchall()))
     # every row's CRCs (C-level passes, in parts: a C-level pass holds the GIL throughout, and the check's threads
-    # wait for it after every statement), and the state of every group whose rows hold nothing to report but its
-    # log, all while the check runs; the loop below compares them in group order
+    # wait for it after every statement)
     group_ok: list[bool] = []
     meta_ok: list[bool] = []
     for k in range(0, len(rows), 1024):
         cols = list(zip(*rows[k:k + 1024]))
         group_ok += map(operator.eq, group_crcs(*cols[:6]), cols[10])
         meta_ok += map(operator.eq, meta_crcs(cols[0], cols[6], cols[7], cols[8]), cols[9])
-    ready = [_clean_group(row, durable_of, bad_snapshot_groups) if g_ok and m_ok and not wal_partial else None
-             for row, g_ok, m_ok in zip(rows, group_ok, meta_ok)]
+    # the groups whose rows hold nothing to report, by id: their states are built from what the check proves of
+    # their logs as it goes (part by part), the rest through every check one by one below, in group order
+    quiet = {} if wal_partial else {
+        row[0]: k for k, row in enumerate(rows)
+        if group_ok[k] and meta_ok[k] and _quiet(row, durable_of, bad_snapshot_groups)}
+    spanned: dict[int, tuple[GroupState, int, int]] = {}  # {row position: (state, records, payload bytes)}
+    for part in closed.completed():
+        for gid, alone in part.alone.items():
+            at = quiet.get(gid)
+            got = None if at is None else _spanned_state(rows[at], alone, part.closed.get(alone[0]))
+            if at is not None and got is not None:
+                spanned[at] = got
     checks = closed.result()
     # the digests are consumed: a crash from now on must not leave them to be trusted later (the check read them
     # in its own read transaction)
     conn.execute("DELETE FROM close_digests")
     pre: _Preread | None = None  # read when a group needs more than its close digest (never, after a clean close)
     states: dict[str, GroupState] = {}
-    for row, g_ok, m_ok, state in zip(rows, group_ok, meta_ok, ready):
+    for k, row in enumerate(rows):
         report.groups += 1
-        if state is not None and _with_alone_segment(state, checks, report):
-            states[state.name] = state
+        got = spanned.get(k)
+        if got is not None:
+            states[got[0].name] = got[0]
+            report.entries_validated += got[1]
+            report.bytes_validated += got[2]
             continue
         if pre is None:
             pre = _Preread(store, conn, {r[0]: r[2] for r in rows}, durable_of, checks.closed)
-        states[row[1]] = _check_group(store, conn, report, pre, row, g_ok, m_ok, bad_snapshot_groups, wal_partial)
+        states[row[1]] = _check_group(store, conn, report, pre, row, group_ok[k], meta_ok[k], bad_snapshot_groups,
+                                      wal_partial)
     return states
 
 
@@ -306,7 +316,7 @@ def _check_group(store: OpeningStore, conn: apsw.Connection, report: RecoveryRep
     its state; raises :class:`CorruptionError`/:class:`RecoveryRefused` per policy."""
     policy = store.recovery_policy
     path = store.path
-    gid, name, first, snap_idx, snap_term, partial, term, vote, commit, _mcrc, _gcrc = group_row
+    gid, name, first, snap_idx, snap_term, partial, term, vote, commit, _mcrc, _gcrc = group_row[:11]
     if not g_ok:
         # its first index and snapshot point cannot be trusted: no policy can repair that locally
         _problem(store, report, CorruptionError, f"{path}: group row {gid} ({name!r}) fails its CRC check",
@@ -385,37 +395,35 @@ def _check_group(store: OpeningStore, conn: apsw.Connection, report: RecoveryRep
                       term, vote, commit, seg, bool(partial))
 
 
-def _clean_group(row: Sequence[Any], durable_of: Mapping[int, int], bad_snapshot_groups: set[int]) -> GroupState | None:
-    """The state of a group whose group and metadata rows passed their CRC checks (with no WAL problem) and hold
-    nothing to report, as far as they tell (its log is added by :func:`_with_alone_segment`); else None, and
-    :func:`recover_groups` goes through every check of the group one by one. Nothing to report: metadata present,
-    not recovered partially, its snapshot point agreeing with its newest durable snapshot and covering what its
-    first index dropped."""
-    gid, name, first, snap_idx, snap_term, partial, term, vote, commit = row[:9]
-    if (term is None or partial or gid in bad_snapshot_groups or first.__class__ is not int
-            or snap_idx.__class__ is not int or commit.__class__ is not int
-            or (durable_of.get(gid) or 0) != snap_idx or (first > 1 and snap_idx < first - 1)):
+def _quiet(row: Sequence[Any], durable_of: Mapping[int, int], bad_snapshot_groups: set[int]) -> bool:
+    """Whether a group's rows (``row``, whose CRCs passed) hold nothing to report, as far as they tell: metadata
+    present, not recovered partially, its first, snapshot and commit indexes integers, its snapshot point agreeing
+    with its newest durable snapshot and covering what its first index dropped. Its state is then built from
+    what the check of the close digests proves of its log (:func:`_spanned_state`); every other group goes
+    through every check one by one (:func:`_check_group`)."""
+    gid, _name, first, snap_idx, _snap_term, partial, term, _vote, commit = row[:9]
+    return not (term is None or partial or gid in bad_snapshot_groups or first.__class__ is not int
+                or snap_idx.__class__ is not int or commit.__class__ is not int
+                or (durable_of.get(gid) or 0) != snap_idx or (first > 1 and snap_idx < first - 1))
+
+
+def _spanned_state(row: Sequence[Any], alone: tuple[int, float], done: ClosedCheck | None) -> tuple[GroupState, int, int] | None:
+    """The state of a group whose rows hold nothing to report (``row``, see :func:`_quiet`) and whose log
+    has the usual shape of a small group: its only segment row is open, starts at its first index and matches
+    what the last clean close recorded (``alone``, ``(segment_id, created_at)`` from the check of the close
+    digests by spans, and ``done``, that segment's :data:`ClosedCheck`), and its commit index is within its
+    records; with the records and payload bytes validated (for the report). None for any other shape:
+    :func:`recover_groups` then checks the group one by one. Exactly what that would conclude for such a
+    group, without its steps (an open of 10,000 small groups spent half its Python time there): no problem,
+    nothing dropped or repaired, nothing written."""
+    if done is None:
         return None
-    return GroupState(gid, name, first, first - 1, snap_term, snap_idx, snap_term, term, vote, commit, None, False)
-
-
-def _with_alone_segment(state: GroupState, checks: CloseChecks, report: RecoveryReport) -> bool:
-    """Complete ``state`` (from :func:`_clean_group`) with its log in the usual shape of a small group, and count
-    its records as validated: its only segment row is open, starts at its first index and matches what the last
-    clean close recorded (``checks.alone``, from the check of the close digests by spans), and its commit index is
-    within its records. False (nothing changed) for any other shape: :func:`recover_groups` then checks the group
-    one by one. Exactly what that would conclude for such a group, without its steps (an open of 10,000 small
-    groups spent half its Python time there): no problem, nothing dropped or repaired, nothing written."""
-    alone = checks.alone.get(state.gid)
-    done = None if alone is None else checks.closed.get(alone[0])
-    if alone is None or done is None or state.first_index + done[0] - 1 < state.commit:
-        return False
-    state.seg = OpenSegment(alone[0], state.first_index, done[0], done[1], alone[1], done[2], done[3], done[5],
-                            done[6])
-    state.last_index, state.last_term = state.first_index + done[0] - 1, done[4]
-    report.entries_validated += done[0]
-    report.bytes_validated += done[1]
-    return True
+    gid, name, first, snap_idx, snap_term, _partial, term, vote, commit = row[:9]
+    if first + done[0] - 1 < commit:
+        return None
+    seg = OpenSegment(alone[0], first, done[0], done[1], alone[1], done[2], done[3], done[5], done[6])
+    return (GroupState(gid, name, first, first + done[0] - 1, done[4], snap_idx, snap_term, term, vote, commit, seg,
+                       False), done[0], done[1])
 
 
 def _closed_alone(pre: _Preread, segs: Sequence[tuple[int, int, int | None]], first: object,
