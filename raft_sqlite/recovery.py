@@ -280,26 +280,41 @@ def _recover_groups(store: OpeningStore, conn: apsw.Connection, report: Recovery
     quiet = {} if wal_partial else {
         row[0]: k for k, row in enumerate(rows)
         if group_ok[k] and meta_ok[k] and _quiet(row, durable_of, bad_snapshot_groups)}
-    spanned: dict[int, tuple[GroupState, int, int]] = {}  # {row position: (state, records, payload bytes)}
+    # a quiet group whose log has the usual shape of a small group (its only segment row open, starting at its
+    # first index, matching what the last clean close recorded: ``alone``, from the check by spans, and that
+    # segment's ClosedCheck) and whose commit index is within its records: its state, built here, is exactly
+    # what :func:`_check_group` would conclude, without its steps (no problem, nothing dropped or repaired,
+    # nothing written; an open of 10,000 small groups spent half its Python time in them). Inline, not a call
+    # per group: this loop is most of this thread's work in such an open.
+    spanned: list[GroupState | None] = [None] * len(rows)  # by row position
     for part in closed.completed():
-        for gid, alone in part.alone.items():
+        found = part.closed
+        for gid, (sid, created) in part.alone.items():
             at = quiet.get(gid)
-            got = None if at is None else _spanned_state(rows[at], alone, part.closed.get(alone[0]))
-            if at is not None and got is not None:
-                spanned[at] = got
+            done = None if at is None else found.get(sid)
+            if done is None:
+                continue
+            row = rows[cast("int", at)]
+            first, n = row[2], done[0]
+            if first + n > row[8]:  # (the commit index within its records)
+                spanned[cast("int", at)] = GroupState(
+                    gid, row[1], first, first + n - 1, done[4], row[3], row[4], row[6], row[7], row[8],
+                    OpenSegment(sid, first, n, done[1], created, done[2], done[3], done[5], done[6]), False)
+                report.entries_validated += n
+                report.bytes_validated += done[1]
     checks = closed.result()
     # the digests are consumed: a crash from now on must not leave them to be trusted later (the check read them
     # in its own read transaction)
     conn.execute("DELETE FROM close_digests")
+    report.groups += len(rows)
+    if None not in spanned:  # (the usual open after a clean close: every group built above)
+        done_states = cast("list[GroupState]", spanned)
+        return dict(zip(map(operator.attrgetter("name"), done_states), done_states))
     pre: _Preread | None = None  # read when a group needs more than its close digest (never, after a clean close)
     states: dict[str, GroupState] = {}
-    for k, row in enumerate(rows):
-        report.groups += 1
-        got = spanned.get(k)
-        if got is not None:
-            states[got[0].name] = got[0]
-            report.entries_validated += got[1]
-            report.bytes_validated += got[2]
+    for k, (row, state) in enumerate(zip(rows, spanned)):
+        if state is not None:
+            states[state.name] = state
             continue
         if pre is None:
             pre = _Preread(store, conn, {r[0]: r[2] for r in rows}, durable_of, checks.closed)
@@ -399,31 +414,12 @@ def _quiet(row: Sequence[Any], durable_of: Mapping[int, int], bad_snapshot_group
     """Whether a group's rows (``row``, whose CRCs passed) hold nothing to report, as far as they tell: metadata
     present, not recovered partially, its first, snapshot and commit indexes integers, its snapshot point agreeing
     with its newest durable snapshot and covering what its first index dropped. Its state is then built from
-    what the check of the close digests proves of its log (:func:`_spanned_state`); every other group goes
+    what the check of the close digests proves of its log (in :func:`_recover_groups`); every other group goes
     through every check one by one (:func:`_check_group`)."""
     gid, _name, first, snap_idx, _snap_term, partial, term, _vote, commit = row[:9]
     return not (term is None or partial or gid in bad_snapshot_groups or first.__class__ is not int
                 or snap_idx.__class__ is not int or commit.__class__ is not int
                 or (durable_of.get(gid) or 0) != snap_idx or (first > 1 and snap_idx < first - 1))
-
-
-def _spanned_state(row: Sequence[Any], alone: tuple[int, float], done: ClosedCheck | None) -> tuple[GroupState, int, int] | None:
-    """The state of a group whose rows hold nothing to report (``row``, see :func:`_quiet`) and whose log
-    has the usual shape of a small group: its only segment row is open, starts at its first index and matches
-    what the last clean close recorded (``alone``, ``(segment_id, created_at)`` from the check of the close
-    digests by spans, and ``done``, that segment's :data:`ClosedCheck`), and its commit index is within its
-    records; with the records and payload bytes validated (for the report). None for any other shape:
-    :func:`recover_groups` then checks the group one by one. Exactly what that would conclude for such a
-    group, without its steps (an open of 10,000 small groups spent half its Python time there): no problem,
-    nothing dropped or repaired, nothing written."""
-    if done is None:
-        return None
-    gid, name, first, snap_idx, snap_term, _partial, term, vote, commit = row[:9]
-    if first + done[0] - 1 < commit:
-        return None
-    seg = OpenSegment(alone[0], first, done[0], done[1], alone[1], done[2], done[3], done[5], done[6])
-    return (GroupState(gid, name, first, first + done[0] - 1, done[4], snap_idx, snap_term, term, vote, commit, seg,
-                       False), done[0], done[1])
 
 
 def _closed_alone(pre: _Preread, segs: Sequence[tuple[int, int, int | None]], first: object,

@@ -1136,3 +1136,106 @@ def test_an_interrupt_while_the_open_waits_for_its_check_leaves_no_thread(tmp_pa
     assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
     assert len(check.result().alone) == SMALL
     c.close()
+
+
+def check_parts(monkeypatch, data_dir, fail_at=None):
+    """Run a :class:`logscan.CloseDigestCheck` over ``data_dir`` on 2 threads with parts of 60 groups or fewer;
+    returns (the check, the ranges its threads took, with the thread's name, in order, the parts
+    :meth:`completed` yielded, or the error it raised). ``fail_at``: the part (by order taken) that raises."""
+    monkeypatch.setattr(logscan, "CHECK_THREADS", 2)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)  # 1,800 records: 10 parts of about 60 groups
+    real = logscan._check_range
+    taken = []
+    lock = threading.Lock()
+
+    def spy(conn, lo, hi):
+        with lock:
+            taken.append((lo, hi, threading.current_thread().name))
+            k = len(taken) - 1
+        if k == fail_at:
+            raise RuntimeError(f"part {k} failed")
+        time.sleep(0.01 * (k % 3))  # parts of uneven cost
+        return real(conn, lo, hi)
+    monkeypatch.setattr(logscan, "_check_range", spy)
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    try:
+        check = logscan.CloseDigestCheck(lambda: apsw.Connection(str(data_dir / "raft.db")), c)
+        try:
+            got = list(check.completed())
+        except RuntimeError as exc:
+            got = exc
+        return check, taken, got
+    finally:
+        c.close()
+
+
+def test_the_check_hands_each_part_over_as_it_finishes_and_threads_take_parts_in_turn(tmp_path, monkeypatch,
+                                                                                     many_groups):
+    """The groups are cut into parts (ranges of group ids) that the check's threads take in turn, so a thread
+    that drew cheap parts takes more; :meth:`completed` yields each part's findings as it finishes. Together
+    they are exactly :meth:`result`: every group of the store in exactly one part, every open segment matched."""
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    check, taken, parts = check_parts(monkeypatch, d)
+    assert len(taken) == 10 and len(parts) == 10 and {t[2] for t in taken} == {"raft_sqlite-check_0",
+                                                                                "raft_sqlite-check_1"}
+    ranges = sorted(t[:2] for t in taken)
+    assert ranges[0][0] == 0 and ranges[-1][1] == SPAN
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+    gids = [r[0] for r in apsw.Connection(str(d / "raft.db")).execute("SELECT group_id FROM groups")]
+    per_part = [sum(lo <= g < hi for g in gids) for lo, hi in ranges]
+    assert sum(per_part) == MANY and max(per_part) <= 61
+    whole = check.result()
+    assert len(whole.alone) == MANY and len(whole.closed) == MANY
+    seen: dict[int, tuple[int, float]] = {}
+    for part in parts:
+        assert not set(part.alone) & set(seen)  # each group in one part only
+        seen.update(part.alone)
+        assert all(part.closed[sid] == whole.closed[sid] for sid, _ in part.alone.values())
+    assert seen == whole.alone
+    assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
+
+
+def test_a_failing_part_stops_the_check_and_is_raised_once_its_threads_are_done(tmp_path, monkeypatch,
+                                                                              many_groups):
+    """A part that raises ends the check: the other thread takes no new part, :meth:`completed` raises the error
+    after the parts already running are done (none is left running), and so does :meth:`result`; through
+    the open, the store is not opened and stays as it was."""
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    check, taken, got = check_parts(monkeypatch, d, fail_at=3)
+    assert isinstance(got, RuntimeError) and str(got) == "part 3 failed"
+    assert len(taken) <= 5  # the failing part and at most one more already taken by the other thread
+    with pytest.raises(RuntimeError, match="part 3 failed"):
+        check.result()
+    assert check.result_or_none() is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
+    before = digests(d)
+    monkeypatch.setattr(logscan, "_check_range", lambda conn, lo, hi: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        open_store(d)
+    assert digests(d) == before  # the open rolled back: the digests are still there for the next one
+    monkeypatch.undo()
+    with open_store(d) as s:
+        assert s.recovery_report.outcome == "clean" and s.log("g599").last_index == 3
+
+
+def test_a_check_thread_reads_with_a_small_page_cache(tmp_path, monkeypatch, many_groups):
+    """The connections the check opens for its threads read each page once: they get a page cache of
+    CHECK_CACHE_PAGES pages, not the store's 32 MiB (a fresh buffer for every page read made the scans ~25%
+    slower)."""
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    sizes = []
+    real = logscan._check_range
+
+    def spy(conn, lo, hi):
+        sizes.append(conn.execute("PRAGMA cache_size").fetchone()[0])
+        return real(conn, lo, hi)
+    monkeypatch.setattr(logscan, "_check_range", spy)
+    monkeypatch.setattr(logscan, "CHECK_THREADS", 2)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 500)
+    with open_store(d) as s:
+        assert s.recovery_report.outcome == "clean"
+        assert s.kernel.conn.execute("PRAGMA cache_size").fetchone()[0] == -32768
+    assert sizes and set(sizes) == {logscan.CHECK_CACHE_PAGES}
