@@ -469,22 +469,28 @@ def _check_part(conn: apsw.Connection, lo: int, hi: int) -> CloseChecks:
 class CloseDigestCheck:
     """The check of every open segment that the last clean close described in ``close_digests`` against its
     digest, started at construction on threads of its own (the caller goes on meanwhile); :meth:`completed`
-    yields what it found part by part as it goes, :meth:`result` waits for all of it. Every record of each
-    segment's group from its first index on present, in order, with ``idx`` matching its key, naming the
-    segment, a BLOB payload, and the record count, payload bytes, content digest (every term, kind and payload
-    byte) and sidecar checksum (every stored record CRC) as the close recorded them (which is what
-    :func:`check_sealed_segment` proves of a sealed segment).
+    yields what it found part by part as it goes (the caller's thread checking parts too meanwhile),
+    :meth:`result` waits for all of it. Every record of each segment's group from its first index on present,
+    in order, with ``idx`` matching its key, naming the segment, a BLOB payload, and the record count, payload
+    bytes, content digest (every term, kind and payload byte) and sidecar checksum (every stored record CRC) as
+    the close recorded them (which is what :func:`check_sealed_segment` proves of a sealed segment).
 
     The open segments of runs of small groups (each group's only segment) are checked by spans, one range
     scan each (:func:`_span_checks`); a span that fails, and every other digest, segment by segment
-    (:data:`CLOSE_CHECK_SQL`). The groups are cut into parts (ranges of group ids with as many groups, about
-    :data:`CLOSE_CHECK_SLICE` records each, at most :data:`CLOSE_CHECK_PARTS`), which up to ``CHECK_THREADS``
-    threads take in turn, each with its own read connection from ``connect()`` (closed afterwards): a thread
-    that drew cheap parts takes more, so no thread waits for another at the end (with one fixed range per
-    thread, one finished ~40 ms after the other in an open of 10,000 groups). Few records are checked on one
-    thread. Each thread fetches few rows: a thread fetching rows takes the GIL back at each, and waits for it
-    while the caller's thread runs Python; so the connections are opened here, before the threads start (their
-    pragmas are statements too)."""
+    (:data:`CLOSE_CHECK_SQL`). The groups are cut into parts (ranges of group ids, about
+    :data:`CLOSE_CHECK_SLICE` records each, at most :data:`CLOSE_CHECK_PARTS`), which the check's threads take
+    in turn, each with its own read connection from ``connect()`` (closed afterwards): a thread that drew cheap
+    parts takes more, so none waits for another at the end (with one fixed range per thread, one finished ~40 ms
+    after the other in an open of 10,000 groups).
+
+    With many records, ``CHECK_THREADS`` take parts: ``CHECK_THREADS - 1`` threads of the check's own from the
+    start, and the caller's thread from when it asks for the findings (:meth:`completed`) until no part is left.
+    The caller has its own work to do first (an open reads and checks every group's rows): with a thread of
+    the check for each core, that work and the check's threads shared the cores, and the open took as long as
+    with the caller's work done after the whole check (measured on 2 cores, 10,000 groups). Few records are
+    checked on one thread of the check's own. Each thread fetches few rows: a thread fetching rows takes the GIL
+    back at each, and waits for it while another thread runs Python; so the connections are opened here, before
+    the threads start (their pragmas are statements too)."""
 
     def __init__(self, connect: Callable[[], apsw.Connection], conn: apsw.Connection) -> None:
         """``conn``: a connection of the caller's thread (used here only, to plan the check)."""
@@ -494,7 +500,8 @@ class CloseDigestCheck:
         self._done: list[CloseChecks] = []  # each part's findings, in the order the parts finished
         self._ready = threading.Condition()
         self._parts: list[tuple[int, int]] = []
-        self._next = 0  # the next part a thread takes (under ``_ready``)
+        self._next = 0  # the next part to take (under ``_ready``)
+        self._helper: apsw.Connection | None = None  # the caller's thread's connection for taking parts
         # (total(), not sum(): a damaged count must not overflow the open; found by review)
         row = conn.execute("SELECT count(*), CAST(min(total(entry_count), 1e18) AS INTEGER) FROM close_digests").fetchone()
         assert row is not None  # an aggregate without GROUP BY always yields one row
@@ -513,13 +520,15 @@ class CloseDigestCheck:
             assert bounds is not None  # an aggregate without GROUP BY always yields one row
             low, high = bounds
             if low.__class__ is int and high.__class__ is int and 0 <= low < high < SPAN:
-                cuts += [low + (high + 1 - low) * k // parts for k in range(1, parts)]
+                cuts += [cut for cut in (low + (high + 1 - low) * k // parts for k in range(1, parts)) if cut > 0]
         cuts.append(SPAN)
         self._parts = list(zip(cuts, cuts[1:]))
         conns: list[apsw.Connection] = []
         try:
-            for _ in range(min(threads, len(self._parts))):
+            for _ in range(threads):
                 conns.append(_check_connection(connect))
+            if threads > 1:
+                self._helper = conns.pop()
             while conns:
                 t = threading.Thread(target=self._run, args=(conns[0],), name=f"raft_sqlite-check_{len(self._threads)}",
                                      daemon=True)
@@ -529,52 +538,84 @@ class CloseDigestCheck:
         except BaseException:
             for c in conns:
                 c.close()
-            with self._ready:
-                self._next = len(self._parts)  # the threads started take no more parts
-            self.result_or_none()  # let them finish what they took
+            self.result_or_none()  # the threads started take no more parts and finish what they took
             raise
+
+    def _take(self) -> tuple[int, int] | None:
+        """The next part to check, or None (every part taken, or the check failed)."""
+        with self._ready:
+            if self._next >= len(self._parts) or self._error is not None:
+                return None
+            self._next += 1
+            return self._parts[self._next - 1]
+
+    def _check(self, conn: apsw.Connection, lo: int, hi: int) -> None:
+        got = _check_range(conn, lo, hi)
+        with self._ready:
+            self._out.closed.update(got.closed)
+            self._out.alone.update(got.alone)
+            self._done.append(got)
+            self._ready.notify_all()
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._ready:
+            if self._error is None:
+                self._error = exc  # raised again in the thread that asks for the result
+            self._ready.notify_all()
 
     def _run(self, conn: apsw.Connection) -> None:
         try:
-            while True:
-                with self._ready:
-                    if self._next >= len(self._parts) or self._error is not None:
-                        return
-                    lo, hi = self._parts[self._next]
-                    self._next += 1
-                got = _check_range(conn, lo, hi)
-                with self._ready:
-                    self._out.closed.update(got.closed)
-                    self._out.alone.update(got.alone)
-                    self._done.append(got)
-                    self._ready.notify_all()
-        except BaseException as exc:  # raised again in the thread that asks for the result
-            with self._ready:
-                if self._error is None:
-                    self._error = exc
-                self._ready.notify_all()
+            while (part := self._take()) is not None:
+                self._check(conn, *part)
+        except BaseException as exc:
+            self._failed(exc)
         finally:
             conn.close()
 
     def completed(self) -> Iterator[CloseChecks]:
         """What each part found (the same as :meth:`result`, cut by parts), as soon as the part is done, for the
-        caller to use while the rest is checked; raises what the check raised, once every part is done."""
+        caller to use while the rest is checked; between them, this thread checks parts too while any is left.
+        Raises what the check raised, once every part taken is done."""
         taken = 0
         while True:
+            part = None
             with self._ready:
-                while taken == len(self._done) and any(t.is_alive() for t in self._threads):
-                    self._ready.wait(0.05)  # (a timeout: a thread that died without notifying ends the wait)
+                if taken == len(self._done):
+                    part = self._take() if self._helper is not None else None
+                    if part is None:
+                        while taken == len(self._done) and any(t.is_alive() for t in self._threads):
+                            self._ready.wait(0.05)  # (a timeout: a thread that died without notifying ends the wait)
                 new = self._done[taken:]
+            if part is not None:
+                assert self._helper is not None  # (a part is taken only with it)
+                try:
+                    self._check(self._helper, *part)
+                except Exception as exc:  # (an interrupt goes up at once: the caller then waits for the threads)
+                    self._failed(exc)
+                continue
             taken += len(new)
             if not new:
                 break
             yield from new
         self.result()  # (joins the threads; raises their error)
 
+    def _stop(self) -> None:
+        """Let no thread take another part (the check fails if one was left), and close this thread's connection
+        (the caller's thread only)."""
+        with self._ready:
+            if self._next < len(self._parts) and self._error is None:
+                self._error = RuntimeError("the check of the close digests was stopped before its end")
+            self._next = len(self._parts)
+        if self._helper is not None:
+            self._helper.close()
+            self._helper = None
+
     def result_or_none(self) -> CloseChecks | None:
-        """Wait for the check; None if it failed (its error dropped: for a caller that is failing already). A
-        KeyboardInterrupt while waiting is raised once the threads are done (none is left running; found by
-        review: a second Ctrl-C was swallowed and left a thread behind)."""
+        """Wait for the check; None if it failed or was not finished (its error dropped: for a caller that is
+        failing already). No part is started after this is called. A KeyboardInterrupt while waiting is raised
+        once the threads are done (none is left running; found by review: a second Ctrl-C was swallowed and left
+        a thread behind)."""
+        self._stop()
         interrupted: BaseException | None = None
         while any(t.is_alive() for t in self._threads):
             try:
@@ -582,8 +623,6 @@ class CloseDigestCheck:
                     t.join()
             except KeyboardInterrupt as exc:
                 interrupted = exc
-                with self._ready:
-                    self._next = len(self._parts)  # (the threads take no more parts)
         if interrupted is not None:
             raise interrupted
         return self._out if self._error is None else None
@@ -592,9 +631,15 @@ class CloseDigestCheck:
         """Wait for the check: :class:`CloseChecks` (for the segments that match, ``{segment_id: (records,
         payload bytes, sidecar checksum, content digest, last term, span digest, span bytes, first term)}``;
         every other open segment, no digest or one that disagrees, is for the caller to check record by
-        record). Raises what the check raised."""
+        record). Raises what the check raised. This thread checks the parts no thread has taken yet."""
+        while self._helper is not None and (part := self._take()) is not None:
+            try:
+                self._check(self._helper, *part)
+            except Exception as exc:
+                self._failed(exc)
         for t in self._threads:
-            t.join()
+            t.join()  # (they end when no part is left)
+        self._stop()
         if self._error is not None:
             raise self._error
         return self._out

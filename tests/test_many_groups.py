@@ -1138,11 +1138,11 @@ def test_an_interrupt_while_the_open_waits_for_its_check_leaves_no_thread(tmp_pa
     c.close()
 
 
-def check_parts(monkeypatch, data_dir, fail_at=None):
-    """Run a :class:`logscan.CloseDigestCheck` over ``data_dir`` on 2 threads with parts of 60 groups or fewer;
-    returns (the check, the ranges its threads took, with the thread's name, in order, the parts
+def check_parts(monkeypatch, data_dir, fail_at=None, threads=2):
+    """Run a :class:`logscan.CloseDigestCheck` over ``data_dir`` on ``threads`` threads with parts of 60 groups
+    or fewer; returns (the check, the ranges its threads took, with the thread's name, in order, the parts
     :meth:`completed` yielded, or the error it raised). ``fail_at``: the part (by order taken) that raises."""
-    monkeypatch.setattr(logscan, "CHECK_THREADS", 2)
+    monkeypatch.setattr(logscan, "CHECK_THREADS", threads)
     monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)  # 1,800 records: 10 parts of about 60 groups
     real = logscan._check_range
     taken = []
@@ -1169,16 +1169,20 @@ def check_parts(monkeypatch, data_dir, fail_at=None):
         c.close()
 
 
+@pytest.mark.parametrize("threads,names", [
+    (1, {"raft_sqlite-check_0"}),
+    (2, {"raft_sqlite-check_0", "MainThread"}),  # the caller's thread takes parts from when it asks for them
+    (3, {"raft_sqlite-check_0", "raft_sqlite-check_1", "MainThread"}),
+])
 def test_the_check_hands_each_part_over_as_it_finishes_and_threads_take_parts_in_turn(tmp_path, monkeypatch,
-                                                                                     many_groups):
+                                                                                     many_groups, threads, names):
     """The groups are cut into parts (ranges of group ids) that the check's threads take in turn, so a thread
     that drew cheap parts takes more; :meth:`completed` yields each part's findings as it finishes. Together
     they are exactly :meth:`result`: every group of the store in exactly one part, every open segment matched."""
     d = tmp_path / "s"
     shutil.copytree(many_groups, d)
-    check, taken, parts = check_parts(monkeypatch, d)
-    assert len(taken) == 10 and len(parts) == 10 and {t[2] for t in taken} == {"raft_sqlite-check_0",
-                                                                                "raft_sqlite-check_1"}
+    check, taken, parts = check_parts(monkeypatch, d, threads=threads)
+    assert len(taken) == 10 and len(parts) == 10 and {t[2] for t in taken} == names
     ranges = sorted(t[:2] for t in taken)
     assert ranges[0][0] == 0 and ranges[-1][1] == SPAN
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
@@ -1239,3 +1243,18 @@ def test_a_check_thread_reads_with_a_small_page_cache(tmp_path, monkeypatch, man
         assert s.recovery_report.outcome == "clean"
         assert s.kernel.conn.execute("PRAGMA cache_size").fetchone()[0] == -32768
     assert sizes and set(sizes) == {logscan.CHECK_CACHE_PAGES}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_asking_for_the_whole_result_at_once_waits_for_every_part(tmp_path, monkeypatch, many_groups, threads):
+    """:meth:`result` without :meth:`completed` (``check_close_digests``) returns every part's findings, the
+    parts no thread had taken yet checked by the caller's thread or waited for."""
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    monkeypatch.setattr(logscan, "CHECK_THREADS", threads)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)
+    c = apsw.Connection(str(d / "raft.db"))
+    got = logscan.check_close_digests(lambda: apsw.Connection(str(d / "raft.db")), c)
+    c.close()
+    assert len(got.alone) == MANY and len(got.closed) == MANY
+    assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
