@@ -10,7 +10,8 @@ from __future__ import annotations
 import operator
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import apsw
 
@@ -32,23 +33,28 @@ def group_crc(group_id: int, name: str, first_index: int, snapshot_index: int, s
                       f"{int(bool(recovered_partially))}".encode())
 
 
+# (``%s`` formats as ``f"{x}"`` does, ``str(x)``, for every value SQLite can hold: int, float, str, bytes, None;
+# "%" of a tuple was ~15% faster than str.format of the columns)
+_GROUP_TEXT: Callable[[tuple[Any, ...]], str] = "%s|%s|%s|%s|%s|%s".__mod__
+_META_TEXT: Callable[[tuple[Any, ...]], str] = "%s|%s|%s:%s|%s".__mod__
+
+
 def group_crcs(group_ids: Iterable[int], names: Iterable[str], first_indexes: Iterable[int],
                snapshot_indexes: Iterable[int], snapshot_terms: Iterable[int],
                recovered_partially: Iterable[bool | int]) -> list[int]:
     """:func:`group_crc` of many rows at once (C-level passes: an open of 10,000 groups spent ~25 ms calling
-    :func:`group_crc` and :func:`meta_crc`). Same text, so the same CRCs, for any values (``"{}".format(x)`` and
-    ``f"{x}"`` both format ``x`` with ``format(x, "")``)."""
-    return list(map(zlib.crc32, map(str.encode, map("{}|{}|{}|{}|{}|{}".format, group_ids, names, first_indexes,
-                                                    snapshot_indexes, snapshot_terms,
-                                                    map(int, map(bool, recovered_partially))))))
+    :func:`group_crc` and :func:`meta_crc`). Same text, so the same CRCs, for any value SQLite can hold (tested)."""
+    return list(map(zlib.crc32, map(str.encode, map(_GROUP_TEXT, zip(group_ids, names, first_indexes, snapshot_indexes,
+                                                                    snapshot_terms,
+                                                                    map(int, map(bool, recovered_partially)))))))
 
 
 def meta_crcs(group_ids: Iterable[int], terms: Iterable[int], votes: Iterable[Vote], commits: Iterable[int]) -> list[int]:
     """:func:`meta_crc` of many rows at once (see :func:`group_crcs`)."""
     votes = list(votes)
-    return list(map(zlib.crc32, map(str.encode, map("{}|{}|{}:{}|{}".format, group_ids, terms,
-                                                    map(operator.attrgetter("__name__"), map(type, votes)), votes,
-                                                    commits))))
+    return list(map(zlib.crc32, map(str.encode, map(_META_TEXT, zip(group_ids, terms,
+                                                                   map(operator.attrgetter("__name__"), map(type, votes)),
+                                                                   votes, commits)))))
 
 
 class GroupState:

@@ -42,7 +42,7 @@ from .wal import (
     record_crc,
     sidecar_checksum,
     span_record_sql,
-    span_trailer,
+    span_trailers,
 )
 
 #: One aggregate per sealed segment (a rowid range): everything recovery must know about its records,
@@ -360,7 +360,7 @@ def _span_checks(conn: apsw.Connection, span: Sequence[SpanDigest]) -> dict[int,
     view = memoryview(contents)
     ends = list(itertools.accumulate(span_bytes))
     running = list(map(zlib.crc32, map(view.__getitem__, map(slice, [0, *ends[:-1]], ends))))
-    trailers = map(span_trailer, sids, gids, firsts, counts, sizes, checksums, digests, last_terms)
+    trailers = span_trailers(sids, gids, firsts, counts, sizes, checksums, digests, last_terms)
     if list(map(zlib.crc32, trailers, running)) != list(spans):
         return None
     return dict(zip(sids, zip(counts, sizes, checksums, digests, last_terms, running, span_bytes,
