@@ -1140,12 +1140,12 @@ def test_an_interrupt_while_the_open_waits_for_its_check_leaves_no_thread(tmp_pa
     c.close()
 
 
-def check_parts(monkeypatch, data_dir, fail_at=None, threads=2):
+def check_parts(monkeypatch, data_dir, fail_at=None, threads=2, records_per_part=180):
     """Run a :class:`logscan.CloseDigestCheck` over ``data_dir`` on ``threads`` threads with parts of 60 groups
     or fewer; returns (the check, the ranges its threads took, with the thread's name, in order, the parts
     :meth:`completed` yielded, or the error it raised). ``fail_at``: the part (by order taken) that raises."""
     monkeypatch.setattr(logscan, "CHECK_THREADS", threads)
-    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)  # 1,800 records: 10 parts of about 60 groups
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", records_per_part)  # 1,800 records: 10 parts of about 60 groups
     real = logscan._check_range
     taken = []
     lock = threading.Lock()
@@ -1400,3 +1400,65 @@ def test_the_bulk_row_crcs_are_the_one_row_crcs_for_any_value(rows):
     cols = list(zip(*rows)) or [()] * 9
     assert group_crcs(*cols[:6]) == [group_crc(*r[:6]) for r in rows]
     assert meta_crcs(cols[0], cols[6], cols[7], cols[8]) == [meta_crc(r[0], r[6], r[7], r[8]) for r in rows]
+
+
+@pytest.mark.parametrize("how", ["completed", "result"])
+def test_an_interrupt_in_the_last_part_the_caller_checks_fails_the_check(tmp_path, monkeypatch, many_groups, how):
+    """The case the fix above is for (found by the second review: the test above passed without it): the part
+    the caller's thread was checking when interrupted is the last one, so no part was left to mark the check
+    stopped. The check fails; it never returns the findings without that part."""
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    monkeypatch.setattr(logscan, "CHECK_THREADS", 2)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)
+    real = logscan._check_range
+
+    def spy(conn, lo, hi):
+        if threading.current_thread() is threading.main_thread():
+            if hi == SPAN:
+                raise KeyboardInterrupt
+        else:
+            time.sleep(0.2)  # (the caller's thread takes every part but the first, the last one included)
+        return real(conn, lo, hi)
+    monkeypatch.setattr(logscan, "_check_range", spy)
+    c = apsw.Connection(str(d / "raft.db"))
+    check = logscan.CloseDigestCheck(lambda: apsw.Connection(str(d / "raft.db")), c)
+    with pytest.raises(KeyboardInterrupt):
+        list(check.completed()) if how == "completed" else check.result()
+    c.close()
+    assert check.result_or_none() is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
+
+
+def test_parts_are_cut_by_digests_not_by_groups(tmp_path, monkeypatch):
+    """Groups without a digest (no records) cost the check nothing: the parts hold about as many digests each
+    (found by review: cut by counts of all groups, 100 groups with records before 300 empty ones made one part
+    of 66 digests, one of 34 and four empty ones)."""
+    with open_store(tmp_path, fsync=FsyncMode.OFF) as s, s.transaction():
+        for g in range(100):
+            s.log(f"g{g}").append([LogEntry(i, 1, b"x") for i in range(1, 4)])
+        for g in range(300):
+            s.metadata(f"e{g}").set_term_and_vote(1, "n1")
+    # 300 records, 10 per part: 30 parts, then 6 for 16 digests at least in each
+    check, taken, parts = check_parts(monkeypatch, tmp_path, records_per_part=10)
+    assert not isinstance(parts, Exception) and len(check.result().alone) == 100
+    c = apsw.Connection(str(tmp_path / "raft.db"))
+    gids = [r[0] for r in c.execute("SELECT s.group_id FROM close_digests JOIN log_segments s USING (segment_id)")]
+    c.close()
+    per_part = sorted(sum(lo <= g < hi for g in gids) for lo, hi, _ in taken)
+    assert len(taken) == 6 and per_part[0] >= logscan.CLOSE_SPAN_MIN and sum(per_part) == 100
+
+
+def test_no_thread_or_connection_beyond_the_parts(tmp_path, monkeypatch, many_groups):
+    """Threads (and their connections) are as many as the parts that were cut, not as the parts planned (found by
+    review: digests whose segment rows are gone planned 10 parts, cut one, and opened 4 connections)."""
+    d = tmp_path / "s"
+    shutil.copytree(many_groups, d)
+    c = apsw.Connection(str(d / "raft.db"))
+    c.execute("DELETE FROM log_segments WHERE group_id > (SELECT min(group_id) + 9 FROM groups)")
+    monkeypatch.setattr(logscan, "CHECK_THREADS", 4)
+    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)
+    opened = []
+    check = logscan.CloseDigestCheck(lambda: opened.append(1) or apsw.Connection(str(d / "raft.db")), c)
+    assert len(check.result().closed) == 10 and len(opened) == 1
+    c.close()
