@@ -573,6 +573,18 @@ class CloseDigestCheck:
                 self._error = exc  # raised again in the thread that asks for the result
             self._ready.notify_all()
 
+    def _check_here(self, part: tuple[int, int]) -> None:
+        """Check ``part`` on this (the caller's) thread. A failure fails the check: the part is lost, and the check
+        must not pass without it (found by review); an interrupt also goes up at once (the caller then waits for
+        the threads)."""
+        assert self._helper is not None  # (a part is taken here only with it)
+        try:
+            self._check(self._helper, *part)
+        except BaseException as exc:
+            self._failed(exc)
+            if not isinstance(exc, Exception):
+                raise
+
     def _run(self, conn: apsw.Connection) -> None:
         try:
             while (part := self._take()) is not None:
@@ -597,13 +609,7 @@ class CloseDigestCheck:
                             self._ready.wait(0.05)  # (a timeout: a thread that died without notifying ends the wait)
                 new = self._done[taken:]
             if part is not None:
-                assert self._helper is not None  # (a part is taken only with it)
-                try:
-                    self._check(self._helper, *part)
-                except BaseException as exc:
-                    self._failed(exc)  # (the part is lost: the check must not pass without it; found by review)
-                    if not isinstance(exc, Exception):
-                        raise  # (an interrupt goes up at once: the caller then waits for the threads)
+                self._check_here(part)
                 continue
             taken += len(new)
             if not new:
@@ -646,12 +652,7 @@ class CloseDigestCheck:
         record). Raises what the check raised. This thread checks the parts no thread has taken yet."""
         try:
             while self._helper is not None and (part := self._take()) is not None:
-                try:
-                    self._check(self._helper, *part)
-                except BaseException as exc:
-                    self._failed(exc)
-                    if not isinstance(exc, Exception):
-                        raise
+                self._check_here(part)
             for t in self._threads:
                 t.join()  # (they end when no part is left)
         except BaseException:

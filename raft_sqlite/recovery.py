@@ -295,13 +295,15 @@ def _recover_groups(store: OpeningStore, conn: apsw.Connection, report: Recovery
         found = part.closed
         for gid, (sid, created) in part.alone.items():
             at = quiet.get(gid)
-            done = None if at is None else found.get(sid)
+            if at is None:
+                continue
+            done = found.get(sid)
             if done is None:
                 continue
-            row = rows[cast("int", at)]
+            row = rows[at]
             first, n = row[2], done[0]
             if first + n > row[8]:  # (the commit index within its records)
-                spanned[cast("int", at)] = GroupState(
+                spanned[at] = GroupState(
                     gid, row[1], first, first + n - 1, done[4], row[3], row[4], row[6], row[7], row[8],
                     OpenSegment(sid, first, n, done[1], created, done[2], done[3], done[5], done[6]), False)
                 report.entries_validated += n

@@ -1290,33 +1290,43 @@ def test_the_caller_gets_parts_while_a_thread_still_checks_one(tmp_path, monkeyp
     assert sum(len(p.alone) for _, p in got) == MANY
 
 
-def test_an_interrupt_in_a_part_the_caller_checks_fails_the_check(tmp_path, monkeypatch, many_groups):
-    """Found by review: a KeyboardInterrupt while the caller's thread checked a part of its own went up (as it
-    should) but left the part neither done nor failed, so :meth:`result` then returned the findings without
-    it. Now the check fails with it, and no thread is left running."""
-    import _thread  # noqa: F401 (the interrupt is raised as the main thread would get it)
-
-    d = tmp_path / "s"
-    shutil.copytree(many_groups, d)
+def interrupted_in_the_callers_parts(monkeypatch, tmp_path, many_groups, last_only, worker_sleep):
+    """Copy ``many_groups`` and make the caller's (main) thread raise KeyboardInterrupt in the parts it checks
+    itself (``last_only``: only in the last part), on 2 threads with 10 parts, the check's own thread sleeping
+    ``worker_sleep`` s per part; returns a read-write connection on the copy and a function making a
+    :class:`logscan.CloseDigestCheck` of it on that connection."""
+    data_dir = tmp_path / "s"
+    shutil.copytree(many_groups, data_dir)
     monkeypatch.setattr(logscan, "CHECK_THREADS", 2)
     monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)
     real = logscan._check_range
 
     def spy(conn, lo, hi):
         if threading.current_thread() is threading.main_thread():
-            raise KeyboardInterrupt
-        time.sleep(0.02)
+            if hi == SPAN or not last_only:
+                raise KeyboardInterrupt
+        else:
+            time.sleep(worker_sleep)
         return real(conn, lo, hi)
     monkeypatch.setattr(logscan, "_check_range", spy)
-    c = apsw.Connection(str(d / "raft.db"))
-    check = logscan.CloseDigestCheck(lambda: apsw.Connection(str(d / "raft.db")), c)
+    c = apsw.Connection(str(data_dir / "raft.db"))
+    return c, lambda: logscan.CloseDigestCheck(lambda: apsw.Connection(str(data_dir / "raft.db")), c)
+
+
+def test_an_interrupt_in_a_part_the_caller_checks_fails_the_check(tmp_path, monkeypatch, many_groups):
+    """Found by review: a KeyboardInterrupt while the caller's thread checked a part of its own went up (as it
+    should) but left the part neither done nor failed, so :meth:`result` then returned the findings without
+    it. Now the check fails with it, and no thread is left running."""
+    c, new_check = interrupted_in_the_callers_parts(monkeypatch, tmp_path, many_groups, last_only=False,
+                                                    worker_sleep=0.02)
+    check = new_check()
     with pytest.raises(KeyboardInterrupt):
         list(check.completed())
     assert check.result_or_none() is None
     with pytest.raises(KeyboardInterrupt):
         check.result()
     assert not [t for t in threading.enumerate() if t.name.startswith("raft_sqlite-check")]
-    check = logscan.CloseDigestCheck(lambda: apsw.Connection(str(d / "raft.db")), c)
+    check = new_check()
     with pytest.raises(KeyboardInterrupt):
         check.result()  # (the caller checks what no thread took yet: the same)
     assert check.result_or_none() is None
@@ -1407,22 +1417,10 @@ def test_an_interrupt_in_the_last_part_the_caller_checks_fails_the_check(tmp_pat
     """The case the fix above is for (found by the second review: the test above passed without it): the part
     the caller's thread was checking when interrupted is the last one, so no part was left to mark the check
     stopped. The check fails; it never returns the findings without that part."""
-    d = tmp_path / "s"
-    shutil.copytree(many_groups, d)
-    monkeypatch.setattr(logscan, "CHECK_THREADS", 2)
-    monkeypatch.setattr(logscan, "CLOSE_CHECK_SLICE", 180)
-    real = logscan._check_range
-
-    def spy(conn, lo, hi):
-        if threading.current_thread() is threading.main_thread():
-            if hi == SPAN:
-                raise KeyboardInterrupt
-        else:
-            time.sleep(0.2)  # (the caller's thread takes every part but the first, the last one included)
-        return real(conn, lo, hi)
-    monkeypatch.setattr(logscan, "_check_range", spy)
-    c = apsw.Connection(str(d / "raft.db"))
-    check = logscan.CloseDigestCheck(lambda: apsw.Connection(str(d / "raft.db")), c)
+    # (the check's thread sleeping, the caller's thread takes every part but the first, the last one included)
+    c, new_check = interrupted_in_the_callers_parts(monkeypatch, tmp_path, many_groups, last_only=True,
+                                                    worker_sleep=0.2)
+    check = new_check()
     with pytest.raises(KeyboardInterrupt):
         list(check.completed()) if how == "completed" else check.result()
     c.close()
