@@ -51,6 +51,7 @@ from .log import PersistentRaftLog
 from .metadata import HardState, RaftMetadataStore
 from .snapshot import SnapshotKind, SnapshotManager, SnapshotMeta, SnapshotReader, SnapshotWriter
 from .store import NodeStore
+from .threadprio import IDLE, Priority, lower_current_thread, priority_arg
 
 __all__ = ["AsyncNodeStore", "AsyncRaftLog", "AsyncRaftMetadata", "AsyncSnapshotManager", "AsyncSnapshotReader",
            "AsyncSnapshotWriter", "AsyncTransaction"]
@@ -144,8 +145,11 @@ class AsyncNodeStore:
     underlying :attr:`sync` store may be used from other threads at the same time (it is thread-safe).
     """
 
-    def __init__(self, store: NodeStore, loop: asyncio.AbstractEventLoop) -> None:  # use AsyncNodeStore.open()
+    def __init__(self, store: NodeStore, loop: asyncio.AbstractEventLoop,  # use AsyncNodeStore.open()
+                 background: Priority = IDLE) -> None:
         self._store = store
+        #: CPU priority of the store's background threads: snapshot streams and backups
+        self.background: Priority = priority_arg("background", background)
         self._kernel = store.kernel
         self._loop = loop
         self._pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="raft-sqlite-aio")
@@ -156,9 +160,16 @@ class AsyncNodeStore:
         self._backups: set[threading.Event] = set()  # cancel events of running backups (close sets them)
 
     @classmethod
-    async def open(cls, data_dir: str | os.PathLike[str], node_id: str, **kwargs: Any) -> AsyncNodeStore:
+    async def open(cls, data_dir: str | os.PathLike[str], node_id: str, *, background: Priority = IDLE,
+                   **kwargs: Any) -> AsyncNodeStore:
         """Open (creating if needed) the store, in a worker thread: the arguments and errors of
-        :meth:`NodeStore.open` (recovery runs there too)."""
+        :meth:`NodeStore.open` (recovery runs there too).
+
+        ``background`` is the CPU priority of the threads that stream snapshots and copy backups
+        (:mod:`raft_sqlite.threadprio`): ``"idle"`` (the default: Linux's ``SCHED_IDLE``, so that the event
+        loop and the committer get a CPU as soon as they wake; on a machine whose CPUs are saturated that
+        work only gets their idle time), or a nice increment 0..19 (0: the loop's own priority)."""
+        background = priority_arg("background", background)
         loop = asyncio.get_running_loop()
         lock = threading.Lock()
         state: dict[str, Any] = {"cancelled": False, "store": None}
@@ -184,7 +195,7 @@ class AsyncNodeStore:
             else:
                 fut.add_done_callback(_log_abandoned)
             raise
-        return cls(store, loop)
+        return cls(store, loop, background)
 
     @property
     def sync(self) -> NodeStore:
@@ -338,8 +349,10 @@ class AsyncNodeStore:
         """Start a hot backup (:class:`~raft_sqlite.HotBackupManager` with ``options``) as a task; await it for
         the :class:`~raft_sqlite.BackupInfo`. ``progress(file, done, total)`` is called on the loop.
         Cancelling the task stops the copy (nothing is kept) and waits until it has stopped. Bad options raise
-        here, before any task starts."""
+        here, before any task starts. The copy's threads run at the store's ``background`` priority unless
+        ``nice`` is given."""
         self._check_usable()
+        options.setdefault("nice", self.background)
         mgr = HotBackupManager(self._store, backup_dir, **options)
         cancel = threading.Event()
         self._backups.add(cancel)
@@ -606,12 +619,14 @@ class AsyncRaftMetadata(_GroupView):
 
 
 class _OwnThread:
-    """One thread for one stream: every call of a snapshot writer or reader runs on the same thread. Registered
+    """One thread for one stream: every call of a snapshot writer or reader runs on the same thread, at the
+    store's ``background`` priority (and so do the threads it starts: a writer's batch commits). Registered
     with the store until shut down, so that ``close()`` waits for the call it is making."""
 
     def __init__(self, store: AsyncNodeStore, name: str) -> None:
         self._store = store
-        self._ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._ex = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=name, initializer=functools.partial(lower_current_thread, store.background))
         store._streams.add(self)
 
     def wait(self) -> None:

@@ -65,6 +65,7 @@ from .recovery import (  # noqa: F401 (re-exported)
 from .restorestate import is_placeholder, read_restore_state
 from .status import read_group_status
 from .store import NodeStore, node_crc
+from .threadprio import Priority, lower_current_thread, priority_arg
 from .verify import verify as run_verify
 from .version import __version__
 
@@ -426,7 +427,8 @@ class HotBackupManager:
     worth of pages of each file) and the copier sleeps ``step_pause`` seconds between steps, leaving the
     disk and the CPU to the store's committer. The
     copy, checksum and fsync run on worker threads whose scheduling priority is lowered by ``nice``
-    (Linux: per-thread ``setpriority``; 0 disables), so the node's own threads win the CPU.
+    (Linux: per-thread ``setpriority``; 0 disables; ``"idle"``: the ``SCHED_IDLE`` class, preempted at once by
+    any normal thread that wakes, see :mod:`raft_sqlite.threadprio`), so the node's own threads win the CPU.
 
     At most one backup of a node runs at a time, across threads and processes (an ``flock`` on
     ``backup_dir/<node_id>/.backup.lock``); a second concurrent ``backup()`` raises :class:`BackupError`
@@ -434,7 +436,7 @@ class HotBackupManager:
     """
 
     def __init__(self, store: Any, backup_dir: _Path, *,  # store: the lead types this as Kernel
-                 pages_per_step: int | None = None, step_pause: float = 0.0005, nice: int = 10,
+                 pages_per_step: int | None = None, step_pause: float = 0.0005, nice: Priority = 10,
                  sync_bytes: int = 1 << 20, skip_unchanged: bool = False, compression: str = "zstd",
                  storage_options: dict[str, Any] | None = None, max_upload_rate: float | None = None,
                  part_size: int = objectstore.PART_SIZE, stale_after: float = 3600.0,
@@ -443,7 +445,7 @@ class HotBackupManager:
             pages_per_step = int_arg("pages_per_step", pages_per_step, 1, 2**31 - 1)
         self.sync_bytes = int_arg("sync_bytes", sync_bytes, 0, layout.MAX_SIZE)
         step_pause = float_arg("step_pause", step_pause, 0.0, 60.0)
-        self.nice = int_arg("nice", nice, 0, 19)
+        self.nice = priority_arg("nice", nice)
         if max_upload_rate is not None:
             max_upload_rate = float_arg("max_upload_rate", max_upload_rate, 0.0, 1e15, lo_open=True)
         #: bytes per uploaded part (S3 multipart parts are at least 5 MiB)
@@ -590,7 +592,7 @@ class HotBackupManager:
         error: builtins.list[BaseException] = []
 
         def target() -> None:
-            _lower_priority(self.nice)
+            lower_current_thread(self.nice)
             try:
                 result.append(fn(stop))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
@@ -1030,17 +1032,6 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _DEFAULT_STEP_BYTES = objectstore.STEP_BYTES
 
 
-def _lower_priority(nice: int) -> None:
-    """Lower the calling thread's CPU priority by ``nice`` (Linux: setpriority on the thread id)."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:
-        pass
-
-
 def _start_writeback(fd: int) -> None:
     """Start (not wait for) writeback of the copy's dirty pages (Linux ``sync_file_range(WRITE)``; used
     when ``sync_bytes`` is 0). A no-op where unavailable."""
@@ -1052,7 +1043,7 @@ class _FileCheck:
     """sha256 and fsync of one finished copy, each on its own thread (hashlib and fsync release the
     GIL), so that they overlap each other and the copy of the next file."""
 
-    def __init__(self, path: str, name: str, progress: ProgressFn | None, nice: int) -> None:
+    def __init__(self, path: str, name: str, progress: ProgressFn | None, nice: Priority) -> None:
         self.path, self.name, self._nice = path, name, nice
         self.hash_seconds = self.sync_seconds = 0.0
         self._out: dict[str, Any] = {}  # "hash": (size, sha256), "sync": None, or the error either raised
@@ -1063,7 +1054,7 @@ class _FileCheck:
             th.start()
 
     def _guard(self, key: str, fn: Callable[[], object]) -> None:
-        _lower_priority(self._nice)
+        lower_current_thread(self._nice)
         try:
             self._out[key] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised by result()
@@ -1169,7 +1160,7 @@ class _ManagerOptions(TypedDict, total=False):
 
     pages_per_step: int | None
     step_pause: float
-    nice: int
+    nice: Priority
     sync_bytes: int
     skip_unchanged: bool
     compression: str

@@ -977,3 +977,86 @@ def test_anyio_task_groups_and_cancel_scopes_on_the_asyncio_backend(data_dir):
     assert latest is None and last == 202
     datas = [e.data for e in entries_of(data_dir)]
     assert datas[200:] == [b"cancelled but submitted", b"in block"]
+
+
+def _priority_recorder(monkeypatch, cls, name, seen):
+    """Wrap ``cls.name`` so that each call records the calling thread's CPU priority in ``seen``."""
+    from raft_sqlite.threadprio import current_thread_priority
+    orig = getattr(cls, name)
+
+    def wrapped(*a, **kw):
+        seen.append(current_thread_priority())
+        return orig(*a, **kw)
+    monkeypatch.setattr(cls, name, wrapped)
+
+
+@pytest.mark.parametrize("background", ["idle", 0, 5])
+def test_snapshot_streams_and_backups_run_at_the_background_priority_and_nothing_else_does(
+        tmp_path, data_dir, monkeypatch, background):
+    """Snapshot streams (the stream's thread and the batch-commit threads it starts) and a backup's copy run
+    at the store's ``background`` priority; the loop, the committer and the read pool keep theirs."""
+    from raft_sqlite import HotBackupManager, SnapshotWriter
+    from raft_sqlite.snapshot import chunks
+    from raft_sqlite.threadprio import current_thread_priority
+    base = current_thread_priority()
+    assert base.startswith("nice+"), "the test needs a normal thread to start from"
+    n0 = int(base[5:])
+    want = "idle" if background == "idle" else f"nice+{min(19, n0 + background)}"
+    streams, batches, copies, reads = [], [], [], []
+    _priority_recorder(monkeypatch, SnapshotWriter, "write", streams)
+    _priority_recorder(monkeypatch, chunks.SnapshotStore, "write_chunks", batches)
+    _priority_recorder(monkeypatch, HotBackupManager, "_copy", copies)
+    payload = os.urandom(20 << 20)  # > 2 batches of 8 MiB: batch commits on threads the stream starts
+
+    async def main():
+        async with await aopen(data_dir, background=background) as s:
+            assert s.background == background
+            log = s.log("g")
+            await log.append([LogEntry(i, 1, b"e") for i in range(1, 11)])
+            await s.metadata("g").set_commit_index(10)
+            async with s.snapshots("g").write(10, 1) as w:
+                for k in range(0, len(payload), 1 << 20):
+                    await w.write(payload[k:k + (1 << 20)])
+            async with s.snapshots("g").open(w.meta) as r:
+                reads.append(await s.run(current_thread_priority))  # the pool: unchanged
+                assert await r.read(4) == payload[:4]
+            await s.backup(tmp_path / "bk")
+            await s.backup(tmp_path / "bk2", nice=0)  # an explicit nice wins over the store's
+            await log.append_next(1, [b"after"])
+            reads.append(await s.run(current_thread_priority))
+            reads.append(current_thread_priority())  # the loop's own thread
+            return w.meta
+    meta = asyncio.run(main())
+    assert streams and set(streams) == {want}, streams
+    assert len(batches) >= 2 and set(batches) == {want}, batches
+    assert copies == [want, base], copies
+    assert reads == [base, base, base]
+    with open_store(data_dir) as s, s.snapshots("g").open(meta) as r:  # what was streamed is durable
+        assert r.read() == payload
+    assert len(list_backups(tmp_path / "bk")) == 1 and len(list_backups(tmp_path / "bk2")) == 1
+
+
+def test_a_bad_background_priority_is_refused_before_anything_is_created(tmp_path):
+    for bad, err in (("low", ValueError), (20, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(err):
+            asyncio.run(aopen(tmp_path / "n", background=bad))
+        assert not (tmp_path / "n").exists()
+
+
+def test_a_sync_backup_at_idle_priority_lowers_only_its_own_workers(tmp_path, data_dir):
+    """``HotBackupManager(nice="idle")``: the copy, sha256 and fsync threads run in SCHED_IDLE (progress is
+    called from them); the caller's thread is left as it was."""
+    from raft_sqlite import HotBackupManager
+    from raft_sqlite.threadprio import current_thread_priority
+    base = current_thread_priority()
+    with open_store(data_dir) as s:
+        s.log("g").append([LogEntry(i, 1, os.urandom(1000)) for i in range(1, 2001)])
+        seen = set()
+        info = HotBackupManager(s, tmp_path / "bk", nice="idle").backup(
+            progress=lambda *a: seen.add((threading.get_ident(), current_thread_priority())))
+        assert info.size > 0
+        assert {p for _, p in seen} == {"idle"} and len({t for t, _ in seen}) >= 2, seen
+        assert current_thread_priority() == base
+        for bad in ("IDLE", "", 20, -1):
+            with pytest.raises(ValueError):
+                HotBackupManager(s, tmp_path / "bk", nice=bad)
