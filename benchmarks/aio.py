@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import selectors
 import shutil
 import sys
 import time
@@ -98,18 +99,24 @@ def lag_figures(lags, window):
     return {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags), "n": len(lags), "window": window}
 
 
-def run_and_clean(main, *paths):
-    """``asyncio.run(main())``, then remove ``paths``."""
+def run_and_clean(main, *paths, fine_timers=False):
+    """``asyncio.run(main())`` (``fine_timers``: on a loop whose selector waits with microsecond timeouts,
+    ``select()``, instead of the default epoll, which rounds every timeout up to whole milliseconds), then
+    remove ``paths``."""
     try:
-        return asyncio.run(main())
+        if not fine_timers:
+            return asyncio.run(main())
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as r:
+            return r.run(main())
     finally:
         for p in paths:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def lag_row(d, a, busy, background=True):
+def lag_row(d, a, busy, background=True, fine_timers=False):
     """Loop lag, idle (``busy`` False) or while 16 appenders run, with a snapshot stream and a backup task
-    (``background``) or without (the facade's own share: the appenders' Python on the loop, its GIL)."""
+    (``background``) or without (the facade's own share: the appenders' Python on the loop, its GIL); on the
+    default loop or on one with microsecond timer waits (``fine_timers``, see :func:`run_and_clean`)."""
     src = os.path.join(d, "lag-src")
 
     def measure():
@@ -161,7 +168,7 @@ def lag_row(d, a, busy, background=True):
                 stop.set()
                 await mon
             return {**lag_figures(lags, window), "appends": counts[0], **out}
-        return run_and_clean(main, path, bk)
+        return run_and_clean(main, path, bk, fine_timers=fine_timers)
     return measure
 
 
@@ -259,7 +266,8 @@ def main(argv=None):
                                                                        a.payload_bytes, threads=8))]
         rows += [Row(f"coroutines {c}", coroutines_row(d, c, a.seconds, a.payload_bytes)) for c in a.coroutines]
         rows += [Row("lag idle", lag_row(d, a, False)), Row("lag appenders", lag_row(d, a, True, False)),
-                 Row("lag busy", lag_row(d, a, True)), Row("lag floor", lag_elsewhere_row(d, a))]
+                 Row("lag busy", lag_row(d, a, True)), Row("lag busy fine", lag_row(d, a, True, fine_timers=True)),
+                 Row("lag floor", lag_elsewhere_row(d, a))]
         res = run_rounds(rows, a.rounds)
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -276,7 +284,8 @@ def main(argv=None):
               f"{a.rounds} interleaved rounds, medians")
     print_table(title1, head1, table1)
     head2 = ["loop", "lag p50 us", "lag p99 us", "lag max us", "work in the window"]
-    idle, apps, busy, floor = res["lag idle"], res["lag appenders"], res["lag busy"], res["lag floor"]
+    idle, apps, busy, fine, floor = (res["lag idle"], res["lag appenders"], res["lag busy"], res["lag busy fine"],
+                                     res["lag floor"])
     table2 = [["idle (monitor alone)", us(idle.med("p50")), us(idle.med("p99")), us(idle.med("max")),
                f"{idle.med('window'):.1f} s"],
               ["16 appenders alone", us(apps.med("p50")), us(apps.med("p99")), us(apps.med("max")),
@@ -284,6 +293,9 @@ def main(argv=None):
               ["16 appenders + snapshot + backup", us(busy.med("p50")), us(busy.med("p99")), us(busy.med("max")),
                f"{busy.med('window'):.1f} s: {busy.med('appends'):,.0f} appends, snapshot {a.snapshot_mib} MiB in "
                f"{busy.med('snapshot_s'):.2f} s, backup {busy.med('backup_mb'):,.0f} MB in {busy.med('backup_s'):.2f} s"],
+              ["the same, on a loop with microsecond timer waits (select)", us(fine.med("p50")),
+               us(fine.med("p99")), us(fine.med("max")), f"{fine.med('window'):.1f} s: {fine.med('appends'):,.0f} "
+               f"appends, snapshot in {fine.med('snapshot_s'):.2f} s, backup in {fine.med('backup_s'):.2f} s"],
               ["floor: monitor alone, the same work on a NodeStore in another process", us(floor.med("p50")),
                us(floor.med("p99")), us(floor.med("max")), f"{floor.med('window'):.1f} s (no GIL shared, snapshot and "
                "backup threads in SCHED_IDLE as the facade runs them: the machine's own wake-up delay under that load)"]]
@@ -291,11 +303,11 @@ def main(argv=None):
     print_table(title2, head2, table2)
     cmax = a.coroutines[-1]
     q = res[f"coroutines {cmax}"].med("rate") / t8
-    p99 = busy.med("p99")
-    fp = floor.med("p99")
+    p99, fp, fine99 = busy.med("p99"), floor.med("p99"), fine.med("p99")
     targets = (f"targets: {target(q >= 1, f'{cmax:,} coroutines >= 8 threads ({q:.2f}x)')}; "
                + target(p99 < 1e-3, f"loop lag p99 < 1 ms while appending, snapshotting and backing up ({p99 * 1e3:.2f} ms; "
-                        f"the same work in another process leaves the loop {fp * 1e3:.2f} ms, {p99 / fp:.2f}x that)"))
+                        f"{fine99 * 1e3:.2f} ms on a loop with microsecond timer waits; the same work in another "
+                        f"process leaves the loop {fp * 1e3:.2f} ms)"))
     print("\n" + targets)
     if a.json:
         with open(a.json, "w") as f:
