@@ -619,36 +619,81 @@ class AsyncRaftMetadata(_GroupView):
 
 
 class _OwnThread:
-    """One thread for one stream: every call of a snapshot writer or reader runs on the same thread, at the
-    store's ``background`` priority (and so do the threads it starts: a writer's batch commits). Registered
-    with the store until shut down, so that ``close()`` waits for the call it is making."""
+    """The threads of one snapshot stream, and the order of its calls.
+
+    Its data calls (``write``, ``flush``, ``read``, ``seek``, the chunks of ``async for``) run on one thread at
+    the store's ``background`` priority, and so do the threads that thread starts (a writer's batch commits).
+    Its control calls (the start, ``suspend``, the block's exit: finalize, abort, close) run on a second thread
+    at the loop's own priority: they commit to raft.db through the group commit, where the thread that
+    submits first leads the commit of every write queued behind it (the committer's too), and a leader in
+    ``SCHED_IDLE`` would hold them all up whenever the CPUs are busy.
+
+    The calls run one at a time and in the order they were made, whichever thread runs them (a number per
+    call, taken on the loop's thread); a call that was made runs even if its await is cancelled (its result
+    is dropped), so that the calls made after it can run. Registered with the store until shut down, so that
+    ``close()`` waits for the call it is making."""
 
     def __init__(self, store: AsyncNodeStore, name: str) -> None:
         self._store = store
-        self._ex = concurrent.futures.ThreadPoolExecutor(
+        self._data = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=name, initializer=functools.partial(lower_current_thread, store.background))
+        self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-control")
+        self._turn = threading.Condition()
+        self._made = 0  # calls made (on the loop's thread)
+        self._ran = 0  # calls finished: the call made as number ``_ran`` runs next
         store._streams.add(self)
+
+    def _submit(self, ex: concurrent.futures.ThreadPoolExecutor, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        n = self._made
+
+        def in_turn() -> T:
+            with self._turn:
+                while self._ran != n:
+                    self._turn.wait()
+            try:
+                return fn()
+            finally:
+                with self._turn:
+                    self._ran += 1
+                    self._turn.notify_all()
+        fut = ex.submit(in_turn)  # RuntimeError once shut down: then no number was taken
+        self._made += 1
+        return fut
+
+    async def _await(self, ex: concurrent.futures.ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        inner = asyncio.wrap_future(self._submit(ex, fn))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            inner.add_done_callback(lambda f: f.cancelled() or f.exception())  # dropped, and retrieved
+            raise
 
     def wait(self) -> None:
         """Block until the call in progress (and any queued) has finished (from a worker thread)."""
-        self._ex.shutdown(wait=True)
+        self._control.shutdown(wait=True)
+        self._data.shutdown(wait=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._ex, functools.partial(fn, *args))
+        """A data call, on the background thread."""
+        return await self._await(self._data, functools.partial(fn, *args))
+
+    async def control(self, fn: Callable[..., T], *args: Any) -> T:
+        """A control call, on the thread at the loop's priority."""
+        return await self._await(self._control, functools.partial(fn, *args))
 
     async def start(self, fn: Callable[[], T], undo: Callable[[T], object]) -> T:
-        """Start the stream: ``fn()`` on the thread (the store open and this its loop, else RaftSqliteError).
-        If ``fn`` fails, the thread ends. If the await is cancelled, ``undo(result)`` runs there once ``fn`` has
-        finished (a stream started for a caller that is gone is closed, not left active), then the thread
-        ends."""
+        """Start the stream: ``fn()`` as a control call (the store open and this its loop, else
+        RaftSqliteError). If ``fn`` fails, the threads end. If the await is cancelled, ``undo(result)`` runs
+        once ``fn`` has finished (a stream started for a caller that is gone is closed, not left active), then
+        the threads end."""
         try:
             self._store._check_usable()
-            fut = asyncio.get_running_loop().run_in_executor(self._ex, fn)
+            fut = asyncio.wrap_future(self._submit(self._control, fn))
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             def cleanup(f: asyncio.Future[T]) -> None:
                 if not f.cancelled() and f.exception() is None:
-                    self._ex.submit(undo, f.result())
+                    self._submit(self._control, functools.partial(undo, f.result()))
                 self.shutdown()
             fut.add_done_callback(cleanup)
             raise
@@ -658,7 +703,8 @@ class _OwnThread:
 
     def shutdown(self) -> None:
         self._store._streams.discard(self)
-        self._ex.shutdown(wait=False)
+        self._control.shutdown(wait=False)
+        self._data.shutdown(wait=False)
 
 
 class AsyncSnapshotManager:
@@ -711,8 +757,9 @@ class AsyncSnapshotManager:
 
 class AsyncSnapshotWriter:
     """An async :class:`~raft_sqlite.SnapshotWriter`: ``await w.write(data)``, ``await w.flush()``; the block's
-    clean exit finalizes it (:attr:`meta` is then set), an exception discards it (unless it was suspended). All its calls run on one
-    thread of its own."""
+    clean exit finalizes it (:attr:`meta` is then set), an exception discards it (unless it was suspended). Its
+    calls run one at a time, in order: the data (``write``, ``flush``) on a thread at the store's ``background``
+    priority, the start, ``suspend`` and the exit (which commit to raft.db) on one at the loop's."""
 
     def __init__(self, mgr: AsyncSnapshotManager, make: Callable[[SnapshotManager], SnapshotWriter]) -> None:
         self._mgr = mgr
@@ -743,7 +790,7 @@ class AsyncSnapshotWriter:
                         tb: TracebackType | None) -> None:
         try:
             if not self._suspended:
-                await self._thread.call(self._writer().__exit__, et, ev, tb)
+                await self._thread.control(self._writer().__exit__, et, ev, tb)
         finally:
             self._thread.shutdown()
 
@@ -778,14 +825,15 @@ class AsyncSnapshotWriter:
     async def suspend(self) -> int:
         """:meth:`SnapshotWriter.suspend`: the install is kept for a later resume, and the block's exit then
         leaves it as it is (neither finalized nor discarded)."""
-        off = await self._thread.call(self._writer().suspend)
+        off = await self._thread.control(self._writer().suspend)
         self._suspended = True
         return off
 
 
 class AsyncSnapshotReader:
     """An async :class:`~raft_sqlite.SnapshotReader`: ``await r.read(n)``, ``async for chunk in r`` (chunks
-    CRC-checked, the sha256 verified at the end of a sequential read). All its calls run on one thread."""
+    CRC-checked, the sha256 verified at the end of a sequential read). Its calls run one at a time, in order:
+    reads on a thread at the store's ``background`` priority, the start and close on one at the loop's."""
 
     def __init__(self, mgr: AsyncSnapshotManager, make: Callable[[SnapshotManager], SnapshotReader]) -> None:
         self._mgr = mgr
@@ -805,7 +853,7 @@ class AsyncSnapshotReader:
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
         try:
-            await self._thread.call(self._reader().close)
+            await self._thread.control(self._reader().close)
         finally:
             self._thread.shutdown()
 

@@ -4,6 +4,7 @@ waits on the disk. Every test reopens the store synchronously and checks what is
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -1002,8 +1003,10 @@ def test_snapshot_streams_and_backups_run_at_the_background_priority_and_nothing
     assert base.startswith("nice+"), "the test needs a normal thread to start from"
     n0 = int(base[5:])
     want = "idle" if background == "idle" else f"nice+{min(19, n0 + background)}"
-    streams, batches, copies, reads = [], [], [], []
+    streams, batches, copies, reads, controls = [], [], [], [], []
     _priority_recorder(monkeypatch, SnapshotWriter, "write", streams)
+    _priority_recorder(monkeypatch, SnapshotWriter, "begin", controls)  # they commit to raft.db: never lowered
+    _priority_recorder(monkeypatch, SnapshotWriter, "finish", controls)
     _priority_recorder(monkeypatch, chunks.SnapshotStore, "write_chunks", batches)
     _priority_recorder(monkeypatch, HotBackupManager, "_copy", copies)
     payload = os.urandom(20 << 20)  # > 2 batches of 8 MiB: batch commits on threads the stream starts
@@ -1031,6 +1034,7 @@ def test_snapshot_streams_and_backups_run_at_the_background_priority_and_nothing
     assert len(batches) >= 2 and set(batches) == {want}, batches
     assert copies == [want, base], copies
     assert reads == [base, base, base]
+    assert controls == [base, base], controls
     with open_store(data_dir) as s, s.snapshots("g").open(meta) as r:  # what was streamed is durable
         assert r.read() == payload
     assert len(list_backups(tmp_path / "bk")) == 1 and len(list_backups(tmp_path / "bk2")) == 1
@@ -1060,3 +1064,33 @@ def test_a_sync_backup_at_idle_priority_lowers_only_its_own_workers(tmp_path, da
         for bad in ("IDLE", "", 20, -1):
             with pytest.raises(ValueError):
                 HotBackupManager(s, tmp_path / "bk", nice=bad)
+
+
+def test_a_streams_calls_run_in_call_order_and_a_cancelled_one_still_runs(data_dir):
+    """A stream's calls run on two threads (data and control) but one at a time, in the order they were made;
+    a call whose await was cancelled still runs in its place, and the calls after it are not held up."""
+    pieces = [bytes([i]) * (700 + i) for i in range(40)]
+
+    async def main():
+        async with await aopen(data_dir) as s:
+            await s.log("g").append([LogEntry(1, 1, b"e")])
+            await s.metadata("g").set_commit_index(1)
+            async with s.snapshots("g").write(1, 1) as w:
+                offsets = await asyncio.gather(*[w.write(p) for p in pieces[:20]])
+                t = asyncio.create_task(w.write(pieces[20]))
+                await asyncio.sleep(0)  # the call is made
+                t.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await t
+                for p in pieces[21:]:
+                    last = await w.write(p)
+                assert offsets == list(itertools.accumulate(len(p) for p in pieces[:20]))
+                assert last == w.offset == sum(map(len, pieces))
+                # the exit (a control call) made while data calls are still queued runs after them
+                late = [asyncio.ensure_future(w.write(p)) for p in pieces]
+                await asyncio.sleep(0)  # each task has made its call (a task not started yet has made none)
+            assert [t.result() for t in late][-1] == 2 * sum(map(len, pieces))
+            return w.meta
+    meta = asyncio.run(main())
+    with open_store(data_dir) as s, s.snapshots("g").open(meta) as r:
+        assert r.read() == b"".join(pieces) * 2
