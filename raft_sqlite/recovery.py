@@ -337,7 +337,7 @@ def _check_group(store: OpeningStore, conn: apsw.Connection, report: RecoveryRep
     its state; raises :class:`CorruptionError`/:class:`RecoveryRefused` per policy."""
     policy = store.recovery_policy
     path = store.path
-    gid, name, first, snap_idx, snap_term, partial, term, vote, commit, _mcrc, _gcrc = group_row[:11]
+    gid, name, first, snap_idx, snap_term, partial, term, vote, commit, _mcrc, _gcrc = group_row
     if not g_ok:
         # its first index and snapshot point cannot be trusted: no policy can repair that locally
         _problem(store, report, CorruptionError, f"{path}: group row {gid} ({name!r}) fails its CRC check",

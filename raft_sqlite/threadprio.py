@@ -42,34 +42,32 @@ def priority_arg(name: str, value: object) -> Priority:
     return int_arg(name, value, 0, 19)
 
 
-def lower_current_thread(priority: Priority) -> str:
-    """Lower the calling thread's CPU priority to ``priority`` (see the module docstring); returns what was
-    applied: ``"idle"``, ``"nice+N"`` or ``"unchanged"`` (0, or an OS without the call, or refused)."""
+def lower_current_thread(priority: Priority) -> None:
+    """Lower the calling thread's CPU priority to ``priority`` (see the module docstring). Best effort: where
+    the OS lacks the call or refuses it, the thread is left as it was."""
     priority = priority_arg("priority", priority)
     if priority == IDLE:
         sched_idle = getattr(os, "SCHED_IDLE", None)
         if sched_idle is not None:
             try:
                 os.sched_setscheduler(0, sched_idle, os.sched_param(0))  # 0: the calling thread (Linux)
-                return IDLE
+                return
             except OSError:
                 pass
         priority = 19  # no SCHED_IDLE here: the lowest nice value instead
     assert isinstance(priority, int)
     if priority <= 0 or not hasattr(os, "setpriority"):
-        return "unchanged"
+        return
     try:
         tid = threading.get_native_id()
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + priority))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority))
     except OSError:
-        return "unchanged"
-    return f"nice+{priority}"
+        pass
 
 
 def current_thread_priority() -> str:
-    """The calling thread's class and nice value as :func:`lower_current_thread` names them (tests, logs):
-    ``"idle"`` or ``"nice+N"`` (N: its nice value; ``"nice+0"`` for a normal thread)."""
+    """The calling thread's scheduling class and nice value (tests, logs): ``"idle"`` (``SCHED_IDLE``) or
+    ``"nice+N"`` (N: its nice value; ``"nice+0"`` for a normal thread)."""
     sched_idle = getattr(os, "SCHED_IDLE", None)
     if sched_idle is not None and os.sched_getscheduler(0) == sched_idle:
         return IDLE
