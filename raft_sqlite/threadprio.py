@@ -1,7 +1,9 @@
 """CPU priority of the library's background threads (backup copies, async snapshot streams).
 
-A priority is data: an ``int`` 0..19 lowers the calling thread's nice value by that much (0: unchanged), and
-:data:`IDLE` puts it in Linux's ``SCHED_IDLE`` class. Why both:
+A priority is data: an ``int`` 0..19 puts the calling thread at the process's nice value (its main thread's)
+plus that much, never raising it (0: unchanged), and :data:`IDLE` puts it in Linux's ``SCHED_IDLE`` class.
+Lowering is idempotent: a thread already that low (one started by a lowered thread, which inherits its
+priority) is left as it is, so helper threads that lower themselves again do not end up lower. Why both:
 
 * A nice value only weighs the thread's CPU share. On Linux's EEVDF scheduler a normal thread that wakes (an
   event loop's timer, the committer after an fsync) may still wait for the running low-priority thread's
@@ -60,7 +62,9 @@ def lower_current_thread(priority: Priority) -> None:
         return
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority))
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + priority)  # the main thread's + priority
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
     except OSError:
         pass
 

@@ -1047,23 +1047,59 @@ def test_a_bad_background_priority_is_refused_before_anything_is_created(tmp_pat
         assert not (tmp_path / "n").exists()
 
 
-def test_a_sync_backup_at_idle_priority_lowers_only_its_own_workers(tmp_path, data_dir):
-    """``HotBackupManager(nice="idle")``: the copy, sha256 and fsync threads run in SCHED_IDLE (progress is
-    called from them); the caller's thread is left as it was."""
+@pytest.mark.parametrize("nice", ["idle", 5])
+def test_a_sync_backup_lowers_only_its_own_workers_and_each_to_the_priority_given(tmp_path, data_dir, nice):
+    """``HotBackupManager(nice=...)``: the copy, sha256 and fsync threads run at that priority (progress is
+    called from them), the sha256 and fsync threads too although the already lowered copy thread starts them
+    and they lower themselves again (nice 5 stays 5, not 10); the caller's thread is left as it was."""
     from raft_sqlite import HotBackupManager
     from raft_sqlite.threadprio import current_thread_priority
     base = current_thread_priority()
+    assert base.startswith("nice+"), "the test needs a normal thread to start from"
+    want = "idle" if nice == "idle" else f"nice+{min(19, int(base[5:]) + nice)}"
     with open_store(data_dir) as s:
         s.log("g").append([LogEntry(i, 1, os.urandom(1000)) for i in range(1, 2001)])
         seen = set()
-        info = HotBackupManager(s, tmp_path / "bk", nice="idle").backup(
+        info = HotBackupManager(s, tmp_path / "bk", nice=nice).backup(
             progress=lambda *a: seen.add((threading.get_ident(), current_thread_priority())))
         assert info.size > 0
-        assert {p for _, p in seen} == {"idle"} and len({t for t, _ in seen}) >= 2, seen
+        assert {p for _, p in seen} == {want} and len({t for t, _ in seen}) >= 2, seen
         assert current_thread_priority() == base
         for bad in ("IDLE", "", 20, -1):
             with pytest.raises(ValueError):
                 HotBackupManager(s, tmp_path / "bk", nice=bad)
+
+
+def test_lowering_a_thread_is_idempotent_and_never_raises_it():
+    """``lower_current_thread(n)`` puts a thread at the process's nice + n: again in the same thread, or in a
+    thread started by a lowered one (which inherits its priority), it changes nothing; a smaller n never
+    raises a thread back."""
+    from raft_sqlite.threadprio import current_thread_priority, lower_current_thread
+    base = current_thread_priority()
+    assert base.startswith("nice+"), "the test needs a normal thread to start from"
+    n0 = int(base[5:])
+    seen = []
+
+    def child():
+        seen.append(current_thread_priority())  # inherited
+        lower_current_thread(4)
+        seen.append(current_thread_priority())
+        lower_current_thread(2)  # smaller: unchanged (a thread cannot raise itself back anyway)
+        seen.append(current_thread_priority())
+
+    def parent():
+        lower_current_thread(4)
+        seen.append(current_thread_priority())
+        lower_current_thread(4)
+        seen.append(current_thread_priority())
+        t = threading.Thread(target=child)
+        t.start()
+        t.join()
+    t = threading.Thread(target=parent)
+    t.start()
+    t.join()
+    assert seen == [f"nice+{min(19, n0 + 4)}"] * 5, seen
+    assert current_thread_priority() == base
 
 
 def test_a_streams_calls_run_in_call_order_and_a_cancelled_one_still_runs(data_dir):
