@@ -17,7 +17,9 @@ window lasts until both the snapshot and the backup are done (at least ``--lag-s
 17): p99 lag < 1 ms. Beside it, the machine's floor: the monitor alone on the loop while the same work runs
 on a ``NodeStore`` in another process (no GIL shared; its snapshot and backup threads in ``SCHED_IDLE``, as
 ``AsyncNodeStore`` runs them by default), i.e. the wake-up delay the OS gives a thread under that CPU and
-I/O load.
+I/O load. Between the two, the best the facade could give by moving its background work out of the process:
+the monitor and the 16 appending coroutines here, the same snapshot and backup on a NodeStore of another
+data_dir in another process, on both loops.
 
 Rows go through the shared round runner (one untimed warm-up, interleaved rounds, medians). Targets are
 printed, not asserted.

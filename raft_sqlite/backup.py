@@ -427,7 +427,7 @@ class HotBackupManager:
     worth of pages of each file) and the copier sleeps ``step_pause`` seconds between steps, leaving the
     disk and the CPU to the store's committer. The
     copy, checksum and fsync run on worker threads whose scheduling priority is lowered by ``nice``
-    (Linux: per-thread ``setpriority``; 0 disables; ``"idle"``: the ``SCHED_IDLE`` class, preempted at once by
+    (Linux: per-thread ``setpriority`` to the process's nice value plus ``nice``; 0 disables; ``"idle"``: the ``SCHED_IDLE`` class, preempted at once by
     any normal thread that wakes, see :mod:`raft_sqlite.threadprio`), so the node's own threads win the CPU.
 
     At most one backup of a node runs at a time, across threads and processes (an ``flock`` on
