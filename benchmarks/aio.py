@@ -115,10 +115,13 @@ def run_and_clean(main, *paths, fine_timers=False):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def lag_row(d, a, busy, background=True, fine_timers=False):
+def lag_row(d, a, busy, background=True, fine_timers=False, elsewhere=False):
     """Loop lag, idle (``busy`` False) or while 16 appenders run, with a snapshot stream and a backup task
     (``background``) or without (the facade's own share: the appenders' Python on the loop, its GIL); on the
-    default loop or on one with microsecond timer waits (``fine_timers``, see :func:`run_and_clean`)."""
+    default loop or on one with microsecond timer waits (``fine_timers``, see :func:`run_and_clean`).
+    ``elsewhere``: the snapshot and the backup run at the same time on a NodeStore of another data_dir in another
+    process (the WORKER below, SCHED_IDLE), not here: the best an in-process facade could do by moving its
+    background work out."""
     src = os.path.join(d, "lag-src")
 
     def measure():
@@ -128,6 +131,7 @@ def lag_row(d, a, busy, background=True, fine_timers=False):
         bk = os.path.join(d, "lag-backups")
 
         async def main():
+            worker = await start_worker(d, a, "lag-split-proc", 0) if elsewhere else None
             async with await AsyncNodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL) as s:
                 log = s.log("g")
                 await log.append_next(1, [b"x"])
@@ -162,7 +166,10 @@ def lag_row(d, a, busy, background=True, fine_timers=False):
                         out["backup_s"], out["backup_mb"] = time.perf_counter() - ts, info.size / 1e6
 
                     apps = [asyncio.create_task(appender()) for _ in range(16)]
-                    work = [snapshot(), backup()] if background else []
+                    if worker is not None:
+                        work = [go_and_wait(worker)]
+                    else:
+                        work = [snapshot(), backup()] if background else []
                     await asyncio.gather(*work, asyncio.sleep(a.lag_seconds))
                     done.set()
                     await asyncio.gather(*apps)
@@ -170,7 +177,7 @@ def lag_row(d, a, busy, background=True, fine_timers=False):
                 stop.set()
                 await mon
             return {**lag_figures(lags, window), "appends": counts[0], **out}
-        return run_and_clean(main, path, bk, fine_timers=fine_timers)
+        return run_and_clean(main, path, bk, *worker_paths(d, "lag-split-proc"), fine_timers=fine_timers)
     return measure
 
 
@@ -212,9 +219,14 @@ with NodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL) as 
 """
 
 
+def worker_paths(d, name):
+    """The data_dir and backup folder of the WORKER process ``name``."""
+    return os.path.join(d, name), os.path.join(d, f"{name}-backups")
+
+
 async def start_worker(d, a, name, appenders):
-    """The WORKER process on a copy of the prefilled store in ``d/name``, ready; returns it and its paths."""
-    path, bk = os.path.join(d, name), os.path.join(d, f"{name}-backups")
+    """The WORKER process on a copy of the prefilled store in ``d/name``, ready to go."""
+    path, bk = worker_paths(d, name)
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(os.path.join(d, "lag-src"), path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +234,7 @@ async def start_worker(d, a, name, appenders):
                                              str(a.lag_seconds), root, str(appenders), stdin=asyncio.subprocess.PIPE,
                                              stdout=asyncio.subprocess.PIPE)
     assert (await p.stdout.readline()).strip() == b"ready"
-    return p, path, bk
+    return p
 
 
 async def go_and_wait(p):
@@ -236,11 +248,8 @@ def lag_elsewhere_row(d, a):
     """The machine's floor: the loop-lag monitor alone on this process's loop while the same work (16 appending
     threads, the snapshot, the backup) runs on a NodeStore in another process (no GIL shared)."""
     def measure():
-        paths = []
-
         async def main():
-            p, *own = await start_worker(d, a, "lag-proc", 16)
-            paths.extend(own)
+            p = await start_worker(d, a, "lag-proc", 16)
             stop, lags = asyncio.Event(), []
             t0 = time.perf_counter()
             mon = asyncio.create_task(lag_monitor(stop, lags))
@@ -249,54 +258,7 @@ def lag_elsewhere_row(d, a):
             stop.set()
             await mon
             return lag_figures(lags, window)
-        try:
-            return run_and_clean(main)
-        finally:
-            for q in paths:
-                shutil.rmtree(q, ignore_errors=True)
-    return measure
-
-
-def lag_split_row(d, a, fine_timers=False):
-    """The best an in-process facade could do by moving its background work out: the monitor and the 16
-    appending coroutines on this loop (an AsyncNodeStore), the snapshot and the backup on a NodeStore of
-    another data_dir in another process (SCHED_IDLE, as above), at the same time."""
-    src = os.path.join(d, "lag-src")
-
-    def measure():
-        path = os.path.join(d, "lag-split")
-        shutil.rmtree(path, ignore_errors=True)
-        shutil.copytree(src, path)
-        paths = [path]
-
-        async def main():
-            p, *own = await start_worker(d, a, "lag-split-proc", 0)
-            paths.extend(own)
-            async with await AsyncNodeStore.open(path, "bench", cluster_id="bench", fsync=FsyncMode.FULL) as s:
-                log = s.log("g")
-                await log.append_next(1, [b"x"])
-                await asyncio.sleep(0.5)
-                stop, lags, counts, done = asyncio.Event(), [], [0], asyncio.Event()
-                t0 = time.perf_counter()
-                mon = asyncio.create_task(lag_monitor(stop, lags))
-
-                async def appender():
-                    while not done.is_set():
-                        await log.append_next(1, [a.payload_bytes])
-                        counts[0] += 1
-                apps = [asyncio.create_task(appender()) for _ in range(16)]
-                await asyncio.gather(go_and_wait(p), asyncio.sleep(a.lag_seconds))
-                done.set()
-                await asyncio.gather(*apps)
-                window = time.perf_counter() - t0
-                stop.set()
-                await mon
-            return {**lag_figures(lags, window), "appends": counts[0]}
-        try:
-            return run_and_clean(main, fine_timers=fine_timers)
-        finally:
-            for q in paths:
-                shutil.rmtree(q, ignore_errors=True)
+        return run_and_clean(main, *worker_paths(d, "lag-proc"))
     return measure
 
 
@@ -326,7 +288,8 @@ def main(argv=None):
         rows += [Row(f"coroutines {c}", coroutines_row(d, c, a.seconds, a.payload_bytes)) for c in a.coroutines]
         rows += [Row("lag idle", lag_row(d, a, False)), Row("lag appenders", lag_row(d, a, True, False)),
                  Row("lag busy", lag_row(d, a, True)), Row("lag busy fine", lag_row(d, a, True, fine_timers=True)),
-                 Row("lag split", lag_split_row(d, a)), Row("lag split fine", lag_split_row(d, a, fine_timers=True)),
+                 Row("lag split", lag_row(d, a, True, elsewhere=True)),
+                 Row("lag split fine", lag_row(d, a, True, fine_timers=True, elsewhere=True)),
                  Row("lag floor", lag_elsewhere_row(d, a))]
         res = run_rounds(rows, a.rounds)
     finally:

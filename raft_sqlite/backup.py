@@ -425,10 +425,10 @@ class HotBackupManager:
     them would otherwise wait for all the copy's data still in the cache (see README, "Background work
     and the log's tail"). ``pages_per_step`` pages are copied per backup step (default: ``sync_bytes``
     worth of pages of each file) and the copier sleeps ``step_pause`` seconds between steps, leaving the
-    disk and the CPU to the store's committer. The
-    copy, checksum and fsync run on worker threads whose scheduling priority is lowered by ``nice``
-    (Linux: per-thread ``setpriority`` to the process's nice value plus ``nice``; 0 disables; ``"idle"``: the ``SCHED_IDLE`` class, preempted at once by
-    any normal thread that wakes, see :mod:`raft_sqlite.threadprio`), so the node's own threads win the CPU.
+    disk and the CPU to the store's committer. The copy, checksum and fsync run on worker threads whose
+    scheduling priority is lowered by ``nice`` (Linux: per-thread ``setpriority`` to the process's nice value
+    plus ``nice``; 0 disables; ``"idle"``: the ``SCHED_IDLE`` class, preempted at once by any normal thread that
+    wakes, see :mod:`raft_sqlite.threadprio`), so the node's own threads win the CPU.
 
     At most one backup of a node runs at a time, across threads and processes (an ``flock`` on
     ``backup_dir/<node_id>/.backup.lock``); a second concurrent ``backup()`` raises :class:`BackupError`
